@@ -1,0 +1,103 @@
+//! [`Bus`]: one connection to a provider, from which topics, subscriptions,
+//! dead-letter places, streams and the topology are opened by name. This is what
+//! `cloudbus::connect(url)` returns, so service code does not change with the cloud.
+
+use std::sync::Arc;
+
+use crate::consumer::{Consumer, ConsumerOptions};
+use crate::dead_letters::DeadLetters;
+use crate::driver::{BusDriver, SubscriptionSpec};
+use crate::error::Result;
+use crate::publisher::{Publisher, PublisherOptions};
+use crate::stream::StreamConsumer;
+
+/// A connection to one provider.
+///
+/// ```
+/// # async fn demo(bus: cloudbus_core::Bus) -> cloudbus_core::Result<()> {
+/// use cloudbus_core::{EventBuilder, SubscriptionSpec};
+/// bus.ensure_topic("orders").await?;
+/// bus.ensure_subscription(&SubscriptionSpec::new("orders", "billing")).await?;
+/// let publisher = bus.publisher("orders").await?;
+/// let consumer = bus.consumer("orders", "billing").await?;
+/// publisher.publish(EventBuilder::new("order.created", "/shop").build()?).await?;
+/// consumer.receive().await?.ack().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Bus {
+    driver: Arc<dyn BusDriver>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("scheme", &self.driver.scheme())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// Wraps a provider's bus driver.
+    pub fn new(driver: Arc<dyn BusDriver>) -> Self {
+        Bus { driver }
+    }
+    /// The URL scheme of the provider.
+    pub fn scheme(&self) -> &str {
+        self.driver.scheme()
+    }
+    /// A publisher for `topic` with default options.
+    pub async fn publisher(&self, topic: &str) -> Result<Publisher> {
+        Ok(Publisher::new(self.driver.topic(topic).await?))
+    }
+    /// A publisher for `topic`.
+    pub async fn publisher_with(&self, topic: &str, options: PublisherOptions) -> Result<Publisher> {
+        Ok(Publisher::with_options(self.driver.topic(topic).await?, options))
+    }
+    /// A consumer of `subscription` on `topic`, named after the subscription.
+    pub async fn consumer(&self, topic: &str, subscription: &str) -> Result<Consumer> {
+        Ok(Consumer::new(
+            self.driver.subscription(topic, subscription).await?,
+            subscription,
+        ))
+    }
+    /// A consumer with options.
+    pub async fn consumer_with(
+        &self,
+        topic: &str,
+        subscription: &str,
+        mut options: ConsumerOptions,
+    ) -> Result<Consumer> {
+        options.name.get_or_insert_with(|| subscription.to_owned());
+        Ok(Consumer::with_options(
+            self.driver.subscription(topic, subscription).await?,
+            options,
+        ))
+    }
+    /// The dead-letter place of `subscription` on `topic`.
+    pub async fn dead_letters(&self, topic: &str, subscription: &str) -> Result<DeadLetters> {
+        Ok(DeadLetters::new(
+            self.driver.dead_letters(topic, subscription).await?,
+        ))
+    }
+    /// A stream consumer group over the partitioned log `stream`.
+    pub async fn stream_consumer(&self, stream: &str, group: &str) -> Result<StreamConsumer> {
+        Ok(StreamConsumer::new(self.driver.stream(stream).await?, group))
+    }
+    /// Makes sure `topic` exists.
+    pub async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.driver.topology().ensure_topic(topic).await
+    }
+    /// Makes sure the subscription exists as specified.
+    pub async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        self.driver.topology().ensure_subscription(spec).await
+    }
+    /// Deletes a subscription if it exists.
+    pub async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        self.driver.topology().delete_subscription(topic, name).await
+    }
+    /// The provider's bus driver, for escape hatches.
+    pub fn driver(&self) -> &Arc<dyn BusDriver> {
+        &self.driver
+    }
+}

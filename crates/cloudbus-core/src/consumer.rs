@@ -1,0 +1,564 @@
+//! The portable consumer: pull deliveries, settle them (`ack`, `nack(delay)`,
+//! `dead_letter(reason)`, `extend(lease)`), with settlements of concurrent callers
+//! coalesced into batches, malformed messages dead-lettered with their reason, an
+//! optional in-process filter, the dead-letter polyfill for providers without a
+//! dead-letter place, and the consumption metrics.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::capabilities::Capabilities;
+use crate::codec::RawMessage;
+use crate::driver::{AckToken, Payload, ReceivedMessage, Settlement, SubscriptionDriver};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event};
+use crate::filter::Filter;
+use crate::publisher::Publisher;
+use crate::telemetry;
+use crate::worker::{Handler, Worker, WorkerOptions};
+
+/// Consumer settings.
+#[derive(Clone, Debug, Default)]
+pub struct ConsumerOptions {
+    /// Name used in metrics (`consumer` label) and logs; defaults to the subscription.
+    pub name: Option<String>,
+    /// Evaluate this filter after receipt and ack what does not match (for providers
+    /// whose native filters are missing or not trusted, such as the Pub/Sub emulator).
+    pub filter: Option<Filter>,
+}
+
+/// Pulls deliveries from one subscription or queue. Cheap to clone.
+///
+/// ```
+/// # async fn demo(consumer: cloudbus_core::Consumer) -> cloudbus_core::Result<()> {
+/// let delivery = consumer.receive().await?;
+/// println!("{} (attempt {})", delivery.event().ty(), delivery.attempt());
+/// delivery.ack().await?;
+/// # Ok(()) }
+/// # use cloudbus_core::AttributesReader;
+/// ```
+#[derive(Clone)]
+pub struct Consumer {
+    pub(crate) inner: Arc<ConsumerInner>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct ConsumerInner {
+    driver: Arc<dyn SubscriptionDriver>,
+    pub(crate) caps: Capabilities,
+    pub(crate) name: Arc<str>,
+    closed: AtomicBool,
+    filter: Option<Filter>,
+    dead_letter_sink: Mutex<Option<Publisher>>,
+    settler: Settler,
+}
+
+impl Consumer {
+    /// A consumer over `driver`, named `name` in metrics and logs.
+    pub fn new(driver: Arc<dyn SubscriptionDriver>, name: impl Into<String>) -> Self {
+        Self::with_options(
+            driver,
+            ConsumerOptions {
+                name: Some(name.into()),
+                filter: None,
+            },
+        )
+    }
+
+    /// A consumer over `driver` with options.
+    pub fn with_options(driver: Arc<dyn SubscriptionDriver>, options: ConsumerOptions) -> Self {
+        let caps = driver.capabilities();
+        Consumer {
+            inner: Arc::new(ConsumerInner {
+                settler: Settler::new(driver.clone(), caps.max_batch_count.max(1)),
+                driver,
+                caps,
+                name: options.name.unwrap_or_else(|| "consumer".into()).into(),
+                closed: AtomicBool::new(false),
+                filter: options.filter,
+                dead_letter_sink: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Where `dead_letter` sends events when the provider has no dead-letter place of
+    /// its own: the event is published there with a `deadletterreason` extension,
+    /// then acked.
+    pub fn dead_letter_to(self, sink: Publisher) -> Self {
+        if let Ok(mut s) = self.inner.dead_letter_sink.lock() {
+            *s = Some(sink);
+        }
+        self
+    }
+
+    /// The consumer's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// What the provider supports.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    /// The driver, for escape hatches.
+    pub fn driver(&self) -> &Arc<dyn SubscriptionDriver> {
+        &self.inner.driver
+    }
+
+    /// Waits for the next delivery.
+    pub async fn receive(&self) -> Result<Delivery> {
+        loop {
+            let mut batch = self.receive_batch(1, Duration::from_secs(5)).await?;
+            if let Some(d) = batch.pop() {
+                return Ok(d);
+            }
+        }
+    }
+
+    /// Receives up to `max` deliveries, waiting up to `wait` for the first.
+    /// Malformed messages never reach the caller: they are dead-lettered with the
+    /// decode error as the reason.
+    pub async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::closed("consumer is closed"));
+        }
+        let received = self.inner.driver.receive_batch(max.max(1), wait).await?;
+        let mut out = Vec::with_capacity(received.len());
+        let mut filtered_out = Vec::new();
+        for msg in received {
+            let ReceivedMessage {
+                event,
+                token,
+                attempt,
+                lease,
+                ordering_key,
+                size,
+                ..
+            } = msg;
+            match event {
+                Ok(event) => {
+                    if self.inner.filter.as_ref().is_some_and(|f| !f.matches(&event)) {
+                        filtered_out.push((token, Settlement::Ack));
+                        continue;
+                    }
+                    out.push(Delivery {
+                        event,
+                        token,
+                        attempt,
+                        lease,
+                        ordering_key,
+                        size,
+                        settled: AtomicBool::new(false),
+                        consumer: self.inner.clone(),
+                        received_at: Instant::now(),
+                    });
+                }
+                Err((raw, decode_error)) => {
+                    let reason = format!("malformed: {decode_error}");
+                    tracing::warn!(consumer = %self.inner.name, %reason, "dead-lettering a message that is not a valid CloudEvent");
+                    self.inner
+                        .dead_letter_raw(token, raw, reason)
+                        .await?;
+                }
+            }
+        }
+        if !filtered_out.is_empty() {
+            for r in self.inner.driver.settle_batch(&filtered_out).await? {
+                r?;
+            }
+        }
+        if let Some(first) = out.first() {
+            telemetry::record_lag(&self.inner.name, &first.event);
+        }
+        Ok(out)
+    }
+
+    /// Settles many deliveries the same way in as few provider calls as possible.
+    /// One result per delivery; a delivery settled before gets [`ErrorKind::AlreadySettled`].
+    pub async fn settle_all(&self, deliveries: &[Delivery], settlement: Settlement) -> Vec<Result<()>> {
+        let mut results: Vec<Option<Result<()>>> = (0..deliveries.len()).map(|_| None).collect();
+        let mut items = Vec::with_capacity(deliveries.len());
+        let mut idx = Vec::with_capacity(deliveries.len());
+        for (i, d) in deliveries.iter().enumerate() {
+            match d.mark(&settlement) {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok(()) => {
+                    items.push((d.token.clone(), settlement.clone()));
+                    idx.push(i);
+                }
+            }
+        }
+        let count_by_type = |ok: &[bool]| {
+            let mut groups: Vec<(&str, u64)> = Vec::new();
+            for (pos, &i) in idx.iter().enumerate() {
+                if !ok[pos] {
+                    continue;
+                }
+                let ty = deliveries[i].event.ty();
+                match groups.iter_mut().find(|(t, _)| *t == ty) {
+                    Some(g) => g.1 += 1,
+                    None => groups.push((ty, 1)),
+                }
+            }
+            groups
+        };
+        match self.inner.driver.settle_batch(&items).await {
+            Ok(per) => {
+                let ok: Vec<bool> = per.iter().map(Result::is_ok).collect();
+                for (ty, n) in count_by_type(&ok) {
+                    telemetry::record_consumed_n(&self.inner.name, ty, settlement.status(), n);
+                }
+                for (&i, r) in idx.iter().zip(per) {
+                    if r.as_ref().is_err_and(|e| e.is_retryable()) {
+                        deliveries[i].settled.store(false, Ordering::Release);
+                    }
+                    results[i] = Some(r);
+                }
+            }
+            Err(e) => {
+                for &i in &idx {
+                    if e.is_retryable() {
+                        deliveries[i].settled.store(false, Ordering::Release);
+                    }
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "no result"))))
+            .collect()
+    }
+
+    /// Acks many deliveries in as few calls as possible.
+    pub async fn ack_all(&self, deliveries: &[Delivery]) -> Vec<Result<()>> {
+        self.settle_all(deliveries, Settlement::Ack).await
+    }
+
+    /// Runs `handler` over deliveries with the worker loop (concurrency, flow
+    /// control, retries, dead-lettering, lease extension, graceful shutdown).
+    pub fn subscribe<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
+        Worker::start(self.clone(), Arc::new(handler), options)
+    }
+
+    /// Publishes the current queue depth to the `event_queue_depth` gauge, when the
+    /// provider can tell.
+    pub async fn report_queue_depth(&self) -> Option<u64> {
+        let depth = self.inner.driver.queue_depth().await?;
+        telemetry::record_queue_depth(&self.inner.name, depth);
+        Some(depth)
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Stops receiving; later receives fail with [`ErrorKind::Closed`]. Deliveries
+    /// already received can still be settled.
+    pub async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.inner.driver.close().await
+    }
+}
+
+impl ConsumerInner {
+    fn sink(&self) -> Option<Publisher> {
+        self.dead_letter_sink.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Settles one delivery, with the dead-letter polyfill and metrics.
+    async fn settle(&self, token: &AckToken, settlement: Settlement, event: &Event) -> Result<()> {
+        let settlement = match settlement {
+            Settlement::DeadLetter {
+                reason,
+                description,
+            } if !self.caps.native_dead_letter => {
+                let Some(sink) = self.sink() else {
+                    return Err(Error::unsupported(
+                        "this provider has no dead-letter place: give the consumer one with dead_letter_to",
+                    ));
+                };
+                let mut copy = event.clone();
+                copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
+                sink.publish(copy).await?;
+                telemetry::record_dead_lettered(&self.name, &reason);
+                tracing::debug!(%reason, %description, "dead-lettered through the polyfill");
+                Settlement::Ack
+            }
+            other => other,
+        };
+        let status = settlement.status();
+        let reason = match &settlement {
+            Settlement::DeadLetter { reason, .. } => Some(reason.clone()),
+            _ => None,
+        };
+        self.settler.settle(token.clone(), settlement).await?;
+        if status != "extend" {
+            telemetry::record_consumed_n(&self.name, event.ty(), status, 1);
+        }
+        if let Some(reason) = reason {
+            telemetry::record_dead_lettered(&self.name, &reason);
+        }
+        Ok(())
+    }
+
+    /// Dead-letters a message that could not be decoded.
+    async fn dead_letter_raw(&self, token: AckToken, raw: RawMessage, reason: String) -> Result<()> {
+        if !self.caps.native_dead_letter {
+            let Some(sink) = self.sink() else {
+                // Nothing may be lost: leave it unsettled so the provider redelivers it
+                // (or moves it to its own dead-letter place by policy).
+                return Err(Error::new(
+                    ErrorKind::Malformed,
+                    format!("{reason}; no dead-letter place configured, message left unsettled"),
+                ));
+            };
+            let raw = raw.with_attribute(EXT_DEAD_LETTER_REASON, reason.clone());
+            sink.publish_raw(raw).await?;
+            self.settler.settle(token, Settlement::Ack).await?;
+        } else {
+            self.settler
+                .settle(
+                    token,
+                    Settlement::DeadLetter {
+                        reason: reason.clone(),
+                        description: String::new(),
+                    },
+                )
+                .await?;
+        }
+        telemetry::record_dead_lettered(&self.name, &reason);
+        Ok(())
+    }
+}
+
+/// One received event and its settlement. Settling a second time returns
+/// [`ErrorKind::AlreadySettled`]; an unsettled delivery that is dropped comes back
+/// when its lease expires.
+pub struct Delivery {
+    event: Arc<Event>,
+    token: AckToken,
+    attempt: u32,
+    lease: Option<Duration>,
+    ordering_key: Option<String>,
+    size: usize,
+    settled: AtomicBool,
+    consumer: Arc<ConsumerInner>,
+    received_at: Instant,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.event.id())
+            .field("type", &self.event.ty())
+            .field("attempt", &self.attempt)
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+    /// The event, shared.
+    pub fn event_arc(&self) -> Arc<Event> {
+        self.event.clone()
+    }
+    /// Delivery attempt, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// The lease granted with this delivery, if the provider has leases.
+    pub fn lease(&self) -> Option<Duration> {
+        self.lease
+    }
+    /// The ordering key, if any.
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.ordering_key.as_deref()
+    }
+    /// Estimated size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    /// How long ago it was received.
+    pub fn age(&self) -> Duration {
+        self.received_at.elapsed()
+    }
+    /// Whether it has been acked, nacked or dead-lettered.
+    pub fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+    /// The provider token, for escape hatches.
+    pub fn token(&self) -> &AckToken {
+        &self.token
+    }
+
+    /// Processed: remove it.
+    pub async fn ack(&self) -> Result<()> {
+        self.settle(Settlement::Ack).await
+    }
+    /// Not processed: deliver again after `delay` (zero: at once).
+    pub async fn nack(&self, delay: Duration) -> Result<()> {
+        self.settle(Settlement::Nack { delay }).await
+    }
+    /// Move to the dead-letter place with `reason`.
+    pub async fn dead_letter(&self, reason: impl Into<String>) -> Result<()> {
+        self.dead_letter_with(reason, "").await
+    }
+    /// Move to the dead-letter place with a reason and a longer description.
+    pub async fn dead_letter_with(
+        &self,
+        reason: impl Into<String>,
+        description: impl Into<String>,
+    ) -> Result<()> {
+        self.settle(Settlement::DeadLetter {
+            reason: reason.into(),
+            description: description.into(),
+        })
+        .await
+    }
+    /// Keep the lease for `lease` from now.
+    pub async fn extend(&self, lease: Duration) -> Result<()> {
+        self.settle(Settlement::Extend { lease }).await
+    }
+
+    fn mark(&self, settlement: &Settlement) -> Result<()> {
+        let already = if settlement.is_final() {
+            self.settled.swap(true, Ordering::AcqRel)
+        } else {
+            self.settled.load(Ordering::Acquire)
+        };
+        if already {
+            return Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!("delivery of event {} was settled already", self.event.id()),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn settle(&self, settlement: Settlement) -> Result<()> {
+        self.mark(&settlement)?;
+        let is_final = settlement.is_final();
+        let result = self
+            .consumer
+            .settle(&self.token, settlement, &self.event)
+            .await;
+        if let Err(e) = &result
+            && is_final
+            && (e.is_retryable() || e.kind() == ErrorKind::Unsupported)
+        {
+            // A transient failure leaves the delivery settleable again.
+            self.settled.store(false, Ordering::Release);
+        }
+        result
+    }
+}
+
+/// Coalesces settlements from concurrent callers into `settle_batch` calls: the first
+/// caller starts a flush task; callers arriving meanwhile join the next batch.
+struct Settler {
+    driver: Arc<dyn SubscriptionDriver>,
+    max_batch: usize,
+    queue: Arc<Mutex<SettleQueue>>,
+}
+
+#[derive(Default)]
+struct SettleQueue {
+    items: Vec<(AckToken, Settlement, oneshot::Sender<Result<()>>)>,
+    flushing: bool,
+}
+
+impl Settler {
+    fn new(driver: Arc<dyn SubscriptionDriver>, max_batch: usize) -> Self {
+        Settler {
+            driver,
+            max_batch,
+            queue: Arc::new(Mutex::new(SettleQueue::default())),
+        }
+    }
+
+    async fn settle(&self, token: AckToken, settlement: Settlement) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let start_flush = {
+            let mut q = self
+                .queue
+                .lock()
+                .map_err(|_| Error::new(ErrorKind::Internal, "settler lock poisoned"))?;
+            q.items.push((token, settlement, tx));
+            !std::mem::replace(&mut q.flushing, true)
+        };
+        if start_flush {
+            // A task of its own, so that a caller that is cancelled cannot strand the queue.
+            let driver = self.driver.clone();
+            let queue = self.queue.clone();
+            let max = self.max_batch;
+            tokio::spawn(async move {
+                loop {
+                    let batch: Vec<_> = {
+                        let Ok(mut q) = queue.lock() else { return };
+                        if q.items.is_empty() {
+                            q.flushing = false;
+                            return;
+                        }
+                        let n = q.items.len().min(max);
+                        q.items.drain(..n).collect()
+                    };
+                    let (items, replies): (Vec<_>, Vec<_>) =
+                        batch.into_iter().map(|(t, s, r)| ((t, s), r)).unzip();
+                    match driver.settle_batch(&items).await {
+                        Ok(per) if per.len() == replies.len() => {
+                            for (reply, r) in replies.into_iter().zip(per) {
+                                let _ = reply.send(r);
+                            }
+                        }
+                        Ok(_) => {
+                            for reply in replies {
+                                let _ = reply.send(Err(Error::new(
+                                    ErrorKind::Internal,
+                                    "driver returned the wrong number of settlement results",
+                                )));
+                            }
+                        }
+                        Err(e) => {
+                            for reply in replies {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Internal, "settlement task ended")))
+    }
+}
+
+/// Payload of a dead letter as text, for logs and examples.
+pub fn describe_payload(payload: &Payload) -> String {
+    match payload {
+        Payload::Event(e) => format!("{} {} from {}", e.ty(), e.id(), e.source()),
+        Payload::Raw(r) => format!(
+            "raw message ({} bytes): {}",
+            r.body.len(),
+            String::from_utf8_lossy(&r.body[..r.body.len().min(60)])
+        ),
+    }
+}

@@ -1,0 +1,376 @@
+//! The provider-facing driver traits: small and batch-first (send a batch, receive a
+//! batch, settle a batch). Providers implement these; users work with the portable
+//! [`Publisher`](crate::Publisher), [`Consumer`](crate::Consumer),
+//! [`DeadLetters`](crate::DeadLetters) and [`StreamConsumer`](crate::StreamConsumer),
+//! which add batching, concurrency, retries, dead-lettering, metrics and tracing once.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::capabilities::Capabilities;
+use crate::codec::{DecodeError, RawMessage};
+use crate::error::Result;
+use crate::event::{AttributesReader, Event, EventExt};
+use crate::filter::Filter;
+
+/// Per-event publish options.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// Ordering key; defaults to the event's `partitionkey` extension.
+    pub ordering_key: Option<String>,
+    /// Deduplication id; defaults to the CloudEvent id.
+    pub dedup_id: Option<String>,
+    /// Deliver no earlier than this long after publishing.
+    pub delay: Option<Duration>,
+}
+
+impl PublishOptions {
+    /// Options with an ordering key.
+    pub fn ordered(key: impl Into<String>) -> Self {
+        PublishOptions {
+            ordering_key: Some(key.into()),
+            ..Default::default()
+        }
+    }
+    /// Options with a delay.
+    pub fn delayed(delay: Duration) -> Self {
+        PublishOptions {
+            delay: Some(delay),
+            ..Default::default()
+        }
+    }
+}
+
+/// What travels through a driver: a CloudEvent, or a raw message (a foreign message
+/// injected by tests or bridges, or one that failed to decode).
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// A CloudEvent.
+    Event(Arc<Event>),
+    /// Bytes and attributes that are not (or not yet) a CloudEvent.
+    Raw(RawMessage),
+}
+
+impl Payload {
+    /// The event, if this is one.
+    pub fn event(&self) -> Option<&Arc<Event>> {
+        match self {
+            Payload::Event(e) => Some(e),
+            Payload::Raw(_) => None,
+        }
+    }
+    /// Estimated size in bytes.
+    pub fn size(&self) -> usize {
+        match self {
+            Payload::Event(e) => crate::event::estimated_size(e),
+            Payload::Raw(r) => r.size(),
+        }
+    }
+}
+
+/// One event handed to [`TopicDriver::send_batch`], with its options resolved.
+#[derive(Clone, Debug)]
+pub struct OutgoingMessage {
+    /// What to send.
+    pub payload: Payload,
+    /// Resolved ordering key (explicit option, else the `partitionkey` extension).
+    pub ordering_key: Option<String>,
+    /// Resolved dedup id (explicit option, else the CloudEvent id).
+    pub dedup_id: Option<String>,
+    /// Delivery delay.
+    pub delay: Option<Duration>,
+    /// Estimated size in bytes (computed once).
+    pub size: usize,
+}
+
+impl OutgoingMessage {
+    /// Resolves options against the event.
+    pub fn new(event: Arc<Event>, options: PublishOptions) -> Self {
+        let ordering_key = options
+            .ordering_key
+            .or_else(|| event.partition_key().map(str::to_owned));
+        let dedup_id = options.dedup_id.or_else(|| Some(event.id().to_owned()));
+        let size = crate::event::estimated_size(&event);
+        OutgoingMessage {
+            payload: Payload::Event(event),
+            ordering_key,
+            dedup_id,
+            delay: options.delay,
+            size,
+        }
+    }
+    /// A raw message (no CloudEvent), for bridges and tests of malformed input.
+    pub fn raw(raw: RawMessage) -> Self {
+        let size = raw.size();
+        OutgoingMessage {
+            payload: Payload::Raw(raw),
+            ordering_key: None,
+            dedup_id: None,
+            delay: None,
+            size,
+        }
+    }
+    /// The event's id, or `"<raw>"`.
+    pub fn id(&self) -> &str {
+        match &self.payload {
+            Payload::Event(e) => e.id(),
+            Payload::Raw(_) => "<raw>",
+        }
+    }
+}
+
+/// Result of a batch send: one entry per message, in order. An `Err` for the whole
+/// call means nothing is known to have been sent.
+pub type BatchResults = Vec<Result<()>>;
+
+/// Sends batches of events to one topic, queue or stream.
+#[async_trait]
+pub trait TopicDriver: Send + Sync + 'static {
+    /// Sends `batch` (already within the capability limits) and reports each message.
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults>;
+    /// What this entity supports, including its batch limits.
+    fn capabilities(&self) -> Capabilities;
+    /// Releases resources; later sends may fail with [`ErrorKind::Closed`](crate::ErrorKind::Closed).
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The underlying client, for escape hatches (downcast with `Any`).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// An opaque handle that settles one received message (a receipt handle, an ack id,
+/// a lock token, a sequence number).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AckToken {
+    /// A numeric token.
+    Number(u64),
+    /// A textual token.
+    Text(String),
+}
+
+impl AckToken {
+    /// The numeric token, if it is one.
+    pub fn as_number(&self) -> Option<u64> {
+        match self {
+            AckToken::Number(n) => Some(*n),
+            AckToken::Text(_) => None,
+        }
+    }
+    /// The textual token, if it is one.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            AckToken::Text(s) => Some(s),
+            AckToken::Number(_) => None,
+        }
+    }
+}
+
+/// How a received message is settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    /// Processed: remove it.
+    Ack,
+    /// Not processed: deliver again after `delay`.
+    Nack {
+        /// How long to wait before redelivery (zero: at once).
+        delay: Duration,
+    },
+    /// Move to the dead-letter place, keeping the reason.
+    DeadLetter {
+        /// A short reason (Service Bus `DeadLetterReason`).
+        reason: String,
+        /// A longer description.
+        description: String,
+    },
+    /// Keep the lease for `lease` from now (not final).
+    Extend {
+        /// New lease length.
+        lease: Duration,
+    },
+}
+
+impl Settlement {
+    /// Ack, nack and dead-letter end a delivery; extend does not.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Settlement::Extend { .. })
+    }
+    /// The status label used in metrics.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Settlement::Ack => "ack",
+            Settlement::Nack { .. } => "nack",
+            Settlement::DeadLetter { .. } => "dead_letter",
+            Settlement::Extend { .. } => "extend",
+        }
+    }
+}
+
+/// One message as a driver received it.
+#[derive(Debug)]
+pub struct ReceivedMessage {
+    /// The decoded event, or the raw message and why it could not be decoded.
+    pub event: std::result::Result<Arc<Event>, (RawMessage, DecodeError)>,
+    /// Settles this message.
+    pub token: AckToken,
+    /// Delivery attempt, starting at 1.
+    pub attempt: u32,
+    /// Lease length granted with this receipt, if the provider has leases.
+    pub lease: Option<Duration>,
+    /// When the provider accepted the message, if known.
+    pub published_at: Option<DateTime<Utc>>,
+    /// The ordering key the provider reports, if any.
+    pub ordering_key: Option<String>,
+    /// Estimated size in bytes, for flow control.
+    pub size: usize,
+}
+
+/// Receives and settles messages of one subscription or queue.
+#[async_trait]
+pub trait SubscriptionDriver: Send + Sync + 'static {
+    /// Receives up to `max` messages, waiting up to `wait` for the first.
+    async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>>;
+    /// Settles messages; one result per item, in order.
+    async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults>;
+    /// What this entity supports.
+    fn capabilities(&self) -> Capabilities;
+    /// Messages waiting, if the provider can tell (for `event_queue_depth`).
+    async fn queue_depth(&self) -> Option<u64> {
+        None
+    }
+    /// Releases resources.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The underlying client, for escape hatches.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// One message kept in a dead-letter place.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The event, or the raw message when it was malformed.
+    pub payload: Payload,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
+    /// The longer description.
+    pub description: Option<String>,
+    /// Where it came from (queue or subscription).
+    pub source_entity: Option<String>,
+    /// How many deliveries it had.
+    pub attempts: u32,
+    /// When it was dead-lettered, if known.
+    pub dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+/// Reads and manages a dead-letter place.
+#[async_trait]
+pub trait DeadLetterDriver: Send + Sync + 'static {
+    /// Up to `max` dead letters, without removing them.
+    async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>>;
+    /// Moves up to `max` (all when `None`) back to their source; returns how many.
+    async fn redrive(&self, max: Option<usize>) -> Result<usize>;
+    /// Deletes all dead letters; returns how many.
+    async fn purge(&self) -> Result<usize>;
+    /// The underlying client.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Declares the entities a service needs, idempotently.
+#[async_trait]
+pub trait TopologyDriver: Send + Sync + 'static {
+    /// Makes sure a topic (or queue, or stream) exists.
+    async fn ensure_topic(&self, topic: &str) -> Result<()>;
+    /// Makes sure a subscription exists with this configuration.
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()>;
+    /// Deletes a subscription if it exists.
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()>;
+}
+
+/// A subscription as a service declares it.
+///
+/// ```
+/// use cloudbus_core::{Filter, SubscriptionSpec};
+/// let spec = SubscriptionSpec::new("orders", "email")
+///     .filter(Filter::prefix("type", "com.example.order."))
+///     .max_delivery_attempts(5);
+/// assert_eq!(spec.max_delivery_attempts, Some(5));
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubscriptionSpec {
+    /// The topic it reads.
+    pub topic: String,
+    /// Its name.
+    pub name: String,
+    /// Only events that match.
+    pub filter: Option<Filter>,
+    /// Dead-letter after this many deliveries (the provider's policy).
+    pub max_delivery_attempts: Option<u32>,
+    /// Lease (ack deadline, visibility timeout, lock duration).
+    pub ack_deadline: Duration,
+    /// Deliver events with the same ordering key in order.
+    pub ordered: bool,
+}
+
+impl SubscriptionSpec {
+    /// A subscription `name` on `topic`, 30 s leases, ordered, no filter.
+    pub fn new(topic: impl Into<String>, name: impl Into<String>) -> Self {
+        SubscriptionSpec {
+            topic: topic.into(),
+            name: name.into(),
+            filter: None,
+            max_delivery_attempts: None,
+            ack_deadline: Duration::from_secs(30),
+            ordered: true,
+        }
+    }
+    /// Sets the filter.
+    pub fn filter(mut self, filter: Filter) -> Self {
+        self.filter = Some(filter);
+        self
+    }
+    /// Sets the provider's dead-letter threshold.
+    pub fn max_delivery_attempts(mut self, n: u32) -> Self {
+        self.max_delivery_attempts = Some(n);
+        self
+    }
+    /// Sets the lease length.
+    pub fn ack_deadline(mut self, d: Duration) -> Self {
+        self.ack_deadline = d;
+        self
+    }
+    /// Sets ordered delivery.
+    pub fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
+    }
+}
+
+/// A connection to one provider: opens its entities by name.
+///
+/// The facade's `cloudbus::connect(url)` returns one of these wrapped in a `Bus`.
+#[async_trait]
+pub trait BusDriver: Send + Sync + 'static {
+    /// The URL scheme (`mem`, `sqs`, ...).
+    fn scheme(&self) -> &str;
+    /// A sender for `topic`. Opening is lazy: a missing topic fails on first send.
+    async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>>;
+    /// A receiver for `subscription` of `topic`.
+    async fn subscription(&self, topic: &str, subscription: &str)
+    -> Result<Arc<dyn SubscriptionDriver>>;
+    /// The dead-letter place of `subscription` of `topic`.
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn DeadLetterDriver>>;
+    /// Declares entities.
+    fn topology(&self) -> Arc<dyn TopologyDriver>;
+    /// A partitioned log reader for `stream`, where the provider has logs.
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn crate::stream::StreamDriver>>;
+    /// The underlying client.
+    fn as_any(&self) -> &dyn Any;
+}

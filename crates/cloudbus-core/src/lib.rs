@@ -1,0 +1,56 @@
+//! cloudbus-core: the parts every cloudbus provider plugs into.
+//!
+//! - [`event`]: the CloudEvents 1.0 envelope ([`Event`], [`EventBuilder`], [`EventExt`]).
+//! - [`codec`]: structured JSON and binary (attribute) modes with an attribute budget.
+//! - [`driver`]: the small, batch-first traits a provider implements.
+//! - [`Publisher`], [`Consumer`], [`Delivery`], [`Worker`], [`DeadLetters`],
+//!   [`StreamConsumer`], [`Bus`]: the portable types users work with, which add
+//!   batching, concurrency, flow control, retries, dead-lettering, metrics and
+//!   tracing once for all providers.
+//! - [`Filter`], [`Capabilities`], [`Error`].
+//! - `conformance` (feature): the suite every provider runs from its tests.
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod capabilities;
+pub mod codec;
+pub mod consumer;
+pub mod dead_letters;
+pub mod driver;
+pub mod error;
+pub mod event;
+pub mod filter;
+pub mod idempotency;
+pub mod publisher;
+pub mod retry;
+pub mod stream;
+pub mod telemetry;
+pub mod worker;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use bus::Bus;
+pub use capabilities::{Capabilities, FilterSupport};
+pub use codec::{BinaryCodec, DecodeError, DecodeErrorKind, RawMessage};
+pub use consumer::{Consumer, ConsumerOptions, Delivery, describe_payload};
+pub use dead_letters::DeadLetters;
+pub use driver::{
+    AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, OutgoingMessage, Payload, PublishOptions,
+    ReceivedMessage, Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver,
+    TopologyDriver,
+};
+pub use error::{Error, ErrorKind, Result};
+pub use event::{
+    AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventExt, ExtensionValue,
+};
+pub use filter::Filter;
+pub use idempotency::{Claim, DedupStore, Idempotent, MemoryDedupStore};
+pub use publisher::{PublishHandle, Publisher, PublisherOptions};
+pub use retry::RetryPolicy;
+pub use stream::{
+    CheckpointStore, MemoryCheckpointStore, PartitionInfo, PollReport, ReadBatch, StartPosition,
+    StreamConsumer, StreamDriver, StreamRecord,
+};
+pub use telemetry::TraceContext;
+pub use worker::{Handler, HandlerContext, HandlerError, Worker, WorkerOptions, WorkerReport};

@@ -1,0 +1,586 @@
+//! The portable publisher: validation and size checks before any network call, trace
+//! context injection, batching by count and bytes, per-key lanes that keep ordering
+//! keys in order while unrelated events go in parallel, retries of just the failed
+//! part of a batch, metrics, and a close that flushes everything accepted.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::capabilities::Capabilities;
+use crate::codec::RawMessage;
+use crate::driver::{OutgoingMessage, Payload, PublishOptions, TopicDriver};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{AttributesReader, Event};
+use crate::retry::RetryPolicy;
+use crate::telemetry;
+
+/// Publisher settings.
+#[derive(Clone, Debug)]
+pub struct PublisherOptions {
+    /// Parallel send lanes; events with one ordering key always share a lane.
+    pub lanes: usize,
+    /// How long a lane waits to fill a batch before sending (zero: send what is there).
+    pub linger: Duration,
+    /// Retries of failed sends.
+    pub retry: RetryPolicy,
+    /// Most events accepted but not yet sent; beyond it `publish` fails with
+    /// [`ErrorKind::ResourceExhausted`].
+    pub max_pending: usize,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> Self {
+        PublisherOptions {
+            lanes: 4,
+            linger: Duration::ZERO,
+            retry: RetryPolicy::default().max_attempts(4),
+            max_pending: 100_000,
+        }
+    }
+}
+
+struct Job {
+    msg: OutgoingMessage,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+struct Lanes {
+    senders: Vec<mpsc::UnboundedSender<Job>>,
+    tasks: Vec<JoinHandle<()>>,
+    closed: bool,
+}
+
+struct Inner {
+    driver: Arc<dyn TopicDriver>,
+    caps: Capabilities,
+    options: PublisherOptions,
+    lanes: Mutex<Lanes>,
+    pending: Arc<AtomicUsize>,
+    next_lane: AtomicUsize,
+}
+
+/// Publishes CloudEvents to one topic, queue or stream. Cheap to clone.
+///
+/// ```
+/// # async fn demo(publisher: cloudbus_core::Publisher) -> cloudbus_core::Result<()> {
+/// use cloudbus_core::EventBuilder;
+/// let event = EventBuilder::new("com.example.order.created", "/orders").build()?;
+/// publisher.publish(event).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("capabilities", &self.inner.caps)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// A publisher over `driver` with default options.
+    pub fn new(driver: Arc<dyn TopicDriver>) -> Self {
+        Self::with_options(driver, PublisherOptions::default())
+    }
+
+    /// A publisher over `driver`.
+    pub fn with_options(driver: Arc<dyn TopicDriver>, options: PublisherOptions) -> Self {
+        let caps = driver.capabilities();
+        Publisher {
+            inner: Arc::new(Inner {
+                driver,
+                caps,
+                options,
+                lanes: Mutex::new(Lanes {
+                    senders: Vec::new(),
+                    tasks: Vec::new(),
+                    closed: false,
+                }),
+                pending: Arc::new(AtomicUsize::new(0)),
+                next_lane: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// What the underlying provider supports.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.inner.caps
+    }
+
+    /// The driver, for escape hatches: `publisher.driver().as_any().downcast_ref::<T>()`.
+    pub fn driver(&self) -> &Arc<dyn TopicDriver> {
+        &self.inner.driver
+    }
+
+    /// Publishes one event. The event is accepted at once (validated, given a
+    /// `traceparent`, queued); the returned handle resolves when the provider has it.
+    pub fn publish(&self, event: Event) -> PublishHandle {
+        self.publish_with(event, PublishOptions::default())
+    }
+
+    /// Publishes one event with options (ordering key, dedup id, delay).
+    pub fn publish_with(&self, mut event: Event, options: PublishOptions) -> PublishHandle {
+        telemetry::inject(&mut event);
+        let msg = OutgoingMessage::new(Arc::new(event), options);
+        self.enqueue(msg)
+    }
+
+    /// Publishes bytes that are not a CloudEvent (bridges, and tests of malformed input).
+    pub fn publish_raw(&self, raw: RawMessage) -> PublishHandle {
+        if !self.inner.caps.raw_messages {
+            return PublishHandle::ready(Err(Error::unsupported(
+                "this provider does not accept raw messages",
+            )));
+        }
+        self.enqueue(OutgoingMessage::raw(raw))
+    }
+
+    fn enqueue(&self, msg: OutgoingMessage) -> PublishHandle {
+        if let Err(e) = check(&self.inner.caps, &msg) {
+            return PublishHandle::ready(Err(e));
+        }
+        let pending = self.inner.pending.fetch_add(1, Ordering::Relaxed);
+        if pending >= self.inner.options.max_pending {
+            self.inner.pending.fetch_sub(1, Ordering::Relaxed);
+            return PublishHandle::ready(Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "{} events are waiting to be sent (max_pending)",
+                    self.inner.options.max_pending
+                ),
+            )));
+        }
+        let sender = match self.lane_for(msg.ordering_key.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                self.inner.pending.fetch_sub(1, Ordering::Relaxed);
+                return PublishHandle::ready(Err(e));
+            }
+        };
+        let (reply, rx) = oneshot::channel();
+        if sender.send(Job { msg, reply }).is_err() {
+            self.inner.pending.fetch_sub(1, Ordering::Relaxed);
+            return PublishHandle::ready(Err(Error::closed("publisher is closed")));
+        }
+        PublishHandle {
+            state: HandleState::Waiting(rx),
+        }
+    }
+
+    fn lane_index(&self, key: Option<&str>) -> usize {
+        let n = self.inner.options.lanes.max(1);
+        match key {
+            Some(k) => (fxhash(k.as_bytes()) % n as u64) as usize,
+            None => self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % n,
+        }
+    }
+
+    fn lane_for(&self, key: Option<&str>) -> Result<mpsc::UnboundedSender<Job>> {
+        let index = self.lane_index(key);
+        let mut lanes = self
+            .inner
+            .lanes
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Internal, "publisher lock poisoned"))?;
+        if lanes.closed {
+            return Err(Error::closed("publisher is closed"));
+        }
+        if lanes.senders.is_empty() {
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                Error::new(
+                    ErrorKind::Internal,
+                    "publishing needs a Tokio runtime (call from async code)",
+                )
+            })?;
+            for _ in 0..self.inner.options.lanes.max(1) {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let lane = LaneWorker {
+                    driver: self.inner.driver.clone(),
+                    caps: self.inner.caps.clone(),
+                    options: self.inner.options.clone(),
+                    pending: self.inner.pending.clone(),
+                };
+                lanes.senders.push(tx);
+                lanes.tasks.push(runtime.spawn(lane.run(rx)));
+            }
+        }
+        Ok(lanes.senders[index].clone())
+    }
+
+    /// Publishes many events: chunked by the provider's count and byte limits, lanes
+    /// sent in parallel, failed events retried alone. One result per event, in order.
+    pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<()>> {
+        let msgs = events
+            .into_iter()
+            .map(|mut e| {
+                telemetry::inject(&mut e);
+                OutgoingMessage::new(Arc::new(e), PublishOptions::default())
+            })
+            .collect();
+        self.publish_messages(msgs).await
+    }
+
+    /// [`publish_batch`](Self::publish_batch) with options per event.
+    pub async fn publish_batch_with(&self, events: Vec<(Event, PublishOptions)>) -> Vec<Result<()>> {
+        let msgs = events
+            .into_iter()
+            .map(|(mut e, o)| {
+                telemetry::inject(&mut e);
+                OutgoingMessage::new(Arc::new(e), o)
+            })
+            .collect();
+        self.publish_messages(msgs).await
+    }
+
+    async fn publish_messages(&self, msgs: Vec<OutgoingMessage>) -> Vec<Result<()>> {
+        let total = msgs.len();
+        let mut results: Vec<Option<Result<()>>> = (0..total).map(|_| None).collect();
+        if self.is_closed() {
+            return (0..total)
+                .map(|_| Err(Error::closed("publisher is closed")))
+                .collect();
+        }
+        let lanes = self.inner.options.lanes.max(1);
+        let mut per_lane: Vec<Vec<(usize, OutgoingMessage)>> = (0..lanes).map(|_| Vec::new()).collect();
+        for (i, msg) in msgs.into_iter().enumerate() {
+            match check(&self.inner.caps, &msg) {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok(()) => {
+                    let lane = self.lane_index(msg.ordering_key.as_deref());
+                    per_lane[lane].push((i, msg));
+                }
+            }
+        }
+        let span = tracing::debug_span!("cloudbus.publish_batch", events = total);
+        let sends = per_lane.into_iter().filter(|l| !l.is_empty()).map(|lane| {
+            let driver = self.inner.driver.clone();
+            let caps = &self.inner.caps;
+            let retry = &self.inner.options.retry;
+            async move {
+                let mut out = Vec::with_capacity(lane.len());
+                for chunk in chunk_by_limits(lane, caps) {
+                    let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) = chunk.into_iter().unzip();
+                    let res = send_with_retry(driver.as_ref(), &msgs, retry).await;
+                    record_published(&msgs, &res);
+                    out.extend(indices.into_iter().zip(res));
+                }
+                out
+            }
+        });
+        for lane_results in futures::future::join_all(sends).instrument(span).await {
+            for (i, r) in lane_results {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "event was not sent"))))
+            .collect()
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.lanes.lock().map(|l| l.closed).unwrap_or(true)
+    }
+
+    /// Stops accepting events, sends everything already accepted, then closes the
+    /// driver. Later publishes fail with [`ErrorKind::Closed`].
+    pub async fn close(&self) -> Result<()> {
+        let tasks = {
+            let mut lanes = self
+                .inner
+                .lanes
+                .lock()
+                .map_err(|_| Error::new(ErrorKind::Internal, "publisher lock poisoned"))?;
+            if lanes.closed {
+                return Ok(());
+            }
+            lanes.closed = true;
+            lanes.senders.clear();
+            std::mem::take(&mut lanes.tasks)
+        };
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "publisher lane task failed");
+            }
+        }
+        self.inner.driver.close().await
+    }
+}
+
+/// Checks an event against the provider's limits before any network call.
+fn check(caps: &Capabilities, msg: &OutgoingMessage) -> Result<()> {
+    if msg.size > caps.max_message_bytes {
+        return Err(Error::new(
+            ErrorKind::TooLarge,
+            format!(
+                "event {} is about {} bytes; the provider accepts at most {}",
+                msg.id(),
+                msg.size,
+                caps.max_message_bytes
+            ),
+        ));
+    }
+    if let Some(delay) = msg.delay.filter(|d| !d.is_zero()) {
+        match caps.max_delay {
+            None => {
+                return Err(Error::unsupported(
+                    "this provider cannot delay delivery",
+                ));
+            }
+            Some(max) if delay > max => {
+                return Err(Error::invalid(format!(
+                    "delay {delay:?} is over the provider's maximum of {max:?}"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Splits a lane's messages into chunks within the count and byte limits.
+fn chunk_by_limits<T: HasSize>(items: Vec<T>, caps: &Capabilities) -> Vec<Vec<T>> {
+    let max_count = caps.max_batch_count.max(1);
+    let mut chunks = Vec::new();
+    let mut current: Vec<T> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let size = item.size();
+        if !current.is_empty() && (current.len() >= max_count || bytes + size > caps.max_batch_bytes) {
+            chunks.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(item);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+trait HasSize {
+    fn size(&self) -> usize;
+}
+impl HasSize for (usize, OutgoingMessage) {
+    fn size(&self) -> usize {
+        self.1.size
+    }
+}
+
+/// Sends one chunk, retrying the whole call on a retryable failure and then only the
+/// events that failed retryably, with backoff. One result per message.
+pub(crate) async fn send_with_retry(
+    driver: &dyn TopicDriver,
+    msgs: &[OutgoingMessage],
+    retry: &RetryPolicy,
+) -> Vec<Result<()>> {
+    let mut results: Vec<Option<Result<()>>> = (0..msgs.len()).map(|_| None).collect();
+    let mut todo: Vec<usize> = (0..msgs.len()).collect();
+    let mut attempt = 1;
+    loop {
+        let batch: Vec<OutgoingMessage> = if todo.len() == msgs.len() {
+            Vec::new()
+        } else {
+            todo.iter().map(|&i| msgs[i].clone()).collect()
+        };
+        let slice: &[OutgoingMessage] = if batch.is_empty() { msgs } else { &batch };
+        let outcome = driver.send_batch(slice).await;
+        let mut again = Vec::new();
+        match outcome {
+            Ok(per) if per.len() == todo.len() => {
+                for (&i, r) in todo.iter().zip(per) {
+                    match r {
+                        Err(e) if e.is_retryable() && retry.should_retry(attempt) => again.push(i),
+                        other => results[i] = Some(other),
+                    }
+                }
+            }
+            Ok(per) => {
+                let e = Error::new(
+                    ErrorKind::Internal,
+                    format!("driver returned {} results for {} events", per.len(), todo.len()),
+                );
+                for &i in &todo {
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+            Err(e) if e.is_retryable() && retry.should_retry(attempt) => again = todo.clone(),
+            Err(e) => {
+                for &i in &todo {
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+        if again.is_empty() {
+            break;
+        }
+        tracing::debug!(attempt, retrying = again.len(), "retrying failed publishes");
+        tokio::time::sleep(retry.backoff(attempt)).await;
+        attempt += 1;
+        todo = again;
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "no result"))))
+        .collect()
+}
+
+/// Counts published events per (source, type), once per group, not once per event.
+fn record_published(msgs: &[OutgoingMessage], results: &[Result<()>]) {
+    let mut groups: Vec<(&Event, u64)> = Vec::new();
+    for (m, r) in msgs.iter().zip(results) {
+        if let (Payload::Event(e), Ok(())) = (&m.payload, r) {
+            match groups
+                .iter_mut()
+                .find(|(g, _)| g.ty() == e.ty() && g.source() == e.source())
+            {
+                Some(g) => g.1 += 1,
+                None => groups.push((e, 1)),
+            }
+        }
+    }
+    for (e, n) in groups {
+        telemetry::record_published_n(e, n);
+    }
+}
+
+struct LaneWorker {
+    driver: Arc<dyn TopicDriver>,
+    caps: Capabilities,
+    options: PublisherOptions,
+    pending: Arc<AtomicUsize>,
+}
+
+impl LaneWorker {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        let max_count = self.caps.max_batch_count.max(1);
+        let mut carry: Option<Job> = None;
+        loop {
+            let first = match carry.take() {
+                Some(j) => j,
+                None => match rx.recv().await {
+                    Some(j) => j,
+                    None => break,
+                },
+            };
+            let mut bytes = first.msg.size;
+            let mut batch = vec![first];
+            let linger_until = tokio::time::Instant::now() + self.options.linger;
+            while batch.len() < max_count {
+                let next = match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(mpsc::error::TryRecvError::Empty) if !self.options.linger.is_zero() => {
+                        tokio::time::timeout_at(linger_until, rx.recv())
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                    Err(_) => None,
+                };
+                let Some(job) = next else { break };
+                if bytes + job.msg.size > self.caps.max_batch_bytes {
+                    carry = Some(job);
+                    break;
+                }
+                bytes += job.msg.size;
+                batch.push(job);
+            }
+            let (msgs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.msg, j.reply)).unzip();
+            let span = tracing::debug_span!("cloudbus.publish", events = msgs.len());
+            let results = send_with_retry(self.driver.as_ref(), &msgs, &self.options.retry)
+                .instrument(span)
+                .await;
+            record_published(&msgs, &results);
+            self.pending.fetch_sub(msgs.len(), Ordering::Relaxed);
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+/// Resolves when the provider has accepted (or refused) one published event.
+#[must_use = "a publish is only known to have succeeded when its handle resolves Ok"]
+pub struct PublishHandle {
+    state: HandleState,
+}
+
+enum HandleState {
+    Ready(Option<Result<()>>),
+    Waiting(oneshot::Receiver<Result<()>>),
+}
+
+impl PublishHandle {
+    fn ready(r: Result<()>) -> Self {
+        PublishHandle {
+            state: HandleState::Ready(Some(r)),
+        }
+    }
+}
+
+impl Future for PublishHandle {
+    type Output = Result<()>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        match &mut self.state {
+            HandleState::Ready(r) => Poll::Ready(
+                r.take()
+                    .unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "handle polled after completion"))),
+            ),
+            HandleState::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| Err(Error::closed("publisher stopped before sending")))
+            }),
+        }
+    }
+}
+
+/// FNV-1a: a stable hash so that one ordering key always maps to one lane.
+fn fxhash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventBuilder;
+
+    #[test]
+    fn chunks_respect_count_and_bytes() {
+        let caps = Capabilities {
+            max_batch_count: 3,
+            max_batch_bytes: 1000,
+            ..Capabilities::default()
+        };
+        let items: Vec<(usize, OutgoingMessage)> = (0..7)
+            .map(|i| {
+                let e = EventBuilder::new("t", "/s")
+                    .data("text/plain", "x".repeat(300))
+                    .build()
+                    .unwrap();
+                (i, OutgoingMessage::new(Arc::new(e), PublishOptions::default()))
+            })
+            .collect();
+        let chunks = chunk_by_limits(items, &caps);
+        assert!(chunks.iter().all(|c| c.len() <= 3));
+        assert!(chunks.iter().all(|c| c.iter().map(|x| x.1.size).sum::<usize>() <= 1000));
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 7);
+    }
+}

@@ -1,0 +1,365 @@
+//! Partitioned logs (Kinesis shards, the memory broker's log): partitions, cursor
+//! positions, checkpoints through a pluggable [`CheckpointStore`], replay from a
+//! position or a time. Consumption is checkpoint-based, not ack-based: a
+//! [`StreamConsumer`] hands records to a handler in order per partition, retries
+//! failures with backoff, dead-letters what still fails (never skipping silently),
+//! and checkpoints after each batch. Parents are read to their end before children.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::codec::{DecodeError, RawMessage};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{EXT_DEAD_LETTER_REASON, Event};
+use crate::publisher::Publisher;
+use crate::retry::RetryPolicy;
+use crate::telemetry::TraceContext;
+use crate::worker::{Handler, HandlerContext, HandlerError};
+
+/// Where reading a partition starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest record kept.
+    Earliest,
+    /// Only records written from now on.
+    Latest,
+    /// The record with this sequence number.
+    AtSequence(String),
+    /// The record after this sequence number (how checkpoints resume).
+    AfterSequence(String),
+    /// The first record written at or after this time.
+    AtTime(DateTime<Utc>),
+}
+
+/// One partition (shard) of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// Its id.
+    pub id: String,
+    /// Partitions it was split or merged from; they are read to their end first.
+    pub parents: Vec<String>,
+    /// Closed partitions take no new records.
+    pub closed: bool,
+}
+
+/// One record read from a partition.
+#[derive(Clone, Debug)]
+pub struct StreamRecord {
+    /// The partition it came from.
+    pub partition: String,
+    /// Its sequence number (ordered within the partition).
+    pub sequence: String,
+    /// When the stream accepted it.
+    pub timestamp: DateTime<Utc>,
+    /// The event, or the raw record and why it is not a CloudEvent.
+    pub event: std::result::Result<Arc<Event>, (RawMessage, DecodeError)>,
+}
+
+/// What one read returned.
+#[derive(Clone, Debug)]
+pub struct ReadBatch {
+    /// Records, in order.
+    pub records: Vec<StreamRecord>,
+    /// The cursor to read next; `None` when the partition is closed and fully read.
+    pub next: Option<String>,
+}
+
+/// A partitioned log, as a provider exposes it.
+#[async_trait]
+pub trait StreamDriver: Send + Sync + 'static {
+    /// The partitions, including closed ones still holding records.
+    async fn partitions(&self) -> Result<Vec<PartitionInfo>>;
+    /// A cursor (shard iterator) for `partition` at `at`.
+    async fn cursor(&self, partition: &str, at: &StartPosition) -> Result<String>;
+    /// Up to `max` records from `cursor`.
+    async fn read(&self, cursor: &str, max: usize) -> Result<ReadBatch>;
+    /// The underlying client.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Stores the last processed sequence number per (group, partition).
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// The checkpoint, if any.
+    async fn load(&self, group: &str, partition: &str) -> Result<Option<String>>;
+    /// Saves a checkpoint.
+    async fn save(&self, group: &str, partition: &str, sequence: &str) -> Result<()>;
+}
+
+/// Checkpoints in memory (lost with the process).
+#[derive(Default)]
+pub struct MemoryCheckpointStore {
+    map: Mutex<HashMap<(String, String), String>>,
+}
+
+impl MemoryCheckpointStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for MemoryCheckpointStore {
+    async fn load(&self, group: &str, partition: &str) -> Result<Option<String>> {
+        let map = self
+            .map
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Internal, "checkpoint lock poisoned"))?;
+        Ok(map.get(&(group.to_owned(), partition.to_owned())).cloned())
+    }
+    async fn save(&self, group: &str, partition: &str, sequence: &str) -> Result<()> {
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Internal, "checkpoint lock poisoned"))?;
+        map.insert((group.to_owned(), partition.to_owned()), sequence.to_owned());
+        Ok(())
+    }
+}
+
+/// Counts of one [`StreamConsumer::poll`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PollReport {
+    /// Records handled successfully.
+    pub handled: usize,
+    /// Records dead-lettered after their last attempt (or malformed).
+    pub dead_lettered: usize,
+    /// Partitions read to their end during this poll.
+    pub partitions_finished: usize,
+}
+
+/// Reads every partition of a stream with checkpoints.
+///
+/// ```
+/// # async fn demo(driver: std::sync::Arc<dyn cloudbus_core::StreamDriver>) -> cloudbus_core::Result<()> {
+/// use std::sync::Arc;
+/// use cloudbus_core::{Event, HandlerContext, HandlerError, StartPosition, StreamConsumer};
+/// let mut reader = StreamConsumer::new(driver, "analytics").start_at(StartPosition::Earliest);
+/// let handler = |e: Arc<Event>, _c: HandlerContext| async move { Ok::<(), HandlerError>(()) };
+/// let report = reader.poll(&handler).await?;
+/// println!("handled {}", report.handled);
+/// # Ok(()) }
+/// ```
+pub struct StreamConsumer {
+    driver: Arc<dyn StreamDriver>,
+    group: String,
+    store: Arc<dyn CheckpointStore>,
+    start: StartPosition,
+    retry: RetryPolicy,
+    batch: usize,
+    dead_letter: Option<Publisher>,
+    cursors: HashMap<String, String>,
+    finished: HashSet<String>,
+    replaying: Option<StartPosition>,
+    name: Arc<str>,
+}
+
+impl StreamConsumer {
+    /// A consumer group `group` over `driver`, starting at `Latest` where it has no
+    /// checkpoint, with in-memory checkpoints.
+    pub fn new(driver: Arc<dyn StreamDriver>, group: impl Into<String>) -> Self {
+        let group = group.into();
+        StreamConsumer {
+            driver,
+            name: group.clone().into(),
+            group,
+            store: Arc::new(MemoryCheckpointStore::new()),
+            start: StartPosition::Latest,
+            retry: RetryPolicy::default().max_attempts(3),
+            batch: 500,
+            dead_letter: None,
+            cursors: HashMap::new(),
+            finished: HashSet::new(),
+            replaying: None,
+        }
+    }
+    /// Where partitions without a checkpoint start.
+    pub fn start_at(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+    /// The checkpoint store.
+    pub fn checkpoints(mut self, store: Arc<dyn CheckpointStore>) -> Self {
+        self.store = store;
+        self
+    }
+    /// Attempts per record before it is dead-lettered.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+    /// Records per read.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
+        self
+    }
+    /// Where records go that fail every attempt or are malformed. Without it, such a
+    /// record stops the partition with an error (nothing is skipped silently).
+    pub fn dead_letter_to(mut self, sink: Publisher) -> Self {
+        self.dead_letter = Some(sink);
+        self
+    }
+
+    /// Forgets the positions and reads every partition again from `from`, ignoring
+    /// checkpoints (they are updated as the replay proceeds).
+    pub fn replay(&mut self, from: StartPosition) {
+        self.start = from.clone();
+        self.cursors.clear();
+        self.finished.clear();
+        self.replaying = Some(from);
+    }
+
+    /// One pass: reads one batch from every readable partition and handles it.
+    pub async fn poll<H: Handler + ?Sized>(&mut self, handler: &H) -> Result<PollReport> {
+        let partitions = self.driver.partitions().await?;
+        let known: HashSet<&str> = partitions.iter().map(|p| p.id.as_str()).collect();
+        let mut report = PollReport::default();
+        for p in &partitions {
+            if self.finished.contains(&p.id) {
+                continue;
+            }
+            // A child waits until its parents (those still in the stream) are read out.
+            let parents_done = p
+                .parents
+                .iter()
+                .all(|parent| !known.contains(parent.as_str()) || self.finished.contains(parent));
+            if !parents_done {
+                continue;
+            }
+            let cursor = match self.cursors.get(&p.id) {
+                Some(c) => c.clone(),
+                None => {
+                    let at = self.initial_position(&p.id).await?;
+                    self.driver.cursor(&p.id, &at).await?
+                }
+            };
+            let batch = self.driver.read(&cursor, self.batch).await?;
+            let mut last = None;
+            for record in &batch.records {
+                if self.handle_record(handler, record).await? {
+                    report.handled += 1;
+                } else {
+                    report.dead_lettered += 1;
+                }
+                last = Some(record.sequence.clone());
+            }
+            if let Some(seq) = last {
+                self.store.save(&self.group, &p.id, &seq).await?;
+            }
+            match batch.next {
+                Some(next) => {
+                    self.cursors.insert(p.id.clone(), next);
+                }
+                None => {
+                    self.cursors.remove(&p.id);
+                    self.finished.insert(p.id.clone());
+                    report.partitions_finished += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Polls until `shutdown` resolves, pausing `idle` when nothing came.
+    pub async fn run<H: Handler + ?Sized>(
+        &mut self,
+        handler: &H,
+        idle: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let report = tokio::select! {
+                r = self.poll(handler) => r?,
+                _ = &mut shutdown => return Ok(()),
+            };
+            if report.handled + report.dead_lettered == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => {},
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+        }
+    }
+
+    async fn initial_position(&self, partition: &str) -> Result<StartPosition> {
+        if let Some(from) = &self.replaying {
+            return Ok(from.clone());
+        }
+        Ok(match self.store.load(&self.group, partition).await? {
+            Some(seq) => StartPosition::AfterSequence(seq),
+            None => self.start.clone(),
+        })
+    }
+
+    /// Handles one record with retries; `Ok(false)` when it was dead-lettered.
+    async fn handle_record<H: Handler + ?Sized>(&self, handler: &H, record: &StreamRecord) -> Result<bool> {
+        let event = match &record.event {
+            Ok(e) => e.clone(),
+            Err((raw, err)) => {
+                self.dead_letter_raw(record, raw, format!("malformed: {err}")).await?;
+                return Ok(false);
+            }
+        };
+        let trace = TraceContext::from_event(&event)
+            .map(|c| c.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let mut attempt = 1;
+        loop {
+            let ctx = HandlerContext {
+                attempt,
+                consumer: self.name.clone(),
+                trace,
+            };
+            let outcome = trace.scope(handler.handle(event.clone(), ctx)).await;
+            let reason = match outcome {
+                Ok(()) => return Ok(true),
+                Err(HandlerError::Reject { reason }) => format!("rejected: {reason}"),
+                Err(HandlerError::Retry { message, delay }) => {
+                    if self.retry.should_retry(attempt) {
+                        let d = delay.unwrap_or_else(|| self.retry.backoff(attempt));
+                        tokio::time::sleep(d).await;
+                        attempt += 1;
+                        continue;
+                    }
+                    format!(
+                        "max delivery attempts ({}) exceeded: {message}",
+                        self.retry.max_attempts
+                    )
+                }
+            };
+            let Some(sink) = &self.dead_letter else {
+                return Err(Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "record {} of partition {} failed ({reason}) and no dead-letter place is configured; stopping here",
+                        record.sequence, record.partition
+                    ),
+                ));
+            };
+            let mut copy = (*event).clone();
+            copy.set_extension(EXT_DEAD_LETTER_REASON, reason);
+            sink.publish(copy).await?;
+            return Ok(false);
+        }
+    }
+
+    async fn dead_letter_raw(&self, record: &StreamRecord, raw: &RawMessage, reason: String) -> Result<()> {
+        let Some(sink) = &self.dead_letter else {
+            return Err(Error::new(
+                ErrorKind::Malformed,
+                format!(
+                    "record {} of partition {}: {reason}; no dead-letter place is configured",
+                    record.sequence, record.partition
+                ),
+            ));
+        };
+        sink.publish_raw(raw.clone().with_attribute(EXT_DEAD_LETTER_REASON, reason))
+            .await
+    }
+}

@@ -1,0 +1,203 @@
+//! Observability in one place: the metric names of the seed (recorded through the
+//! `metrics` facade, so any exporter works) and W3C trace context carried inside the
+//! event's `traceparent` extension, with the current context kept per task so that
+//! events published while handling an event continue its trace.
+
+use std::fmt;
+
+use crate::event::{AttributesReader, EXT_TRACEPARENT, Event, EventExt};
+
+/// Metric names, as the seed defines them.
+pub mod names {
+    /// Counter: events accepted by a provider. Labels: `source`, `event_type`.
+    pub const EVENTS_PUBLISHED_TOTAL: &str = "events_published_total";
+    /// Counter: deliveries settled. Labels: `consumer`, `event_type`, `status`.
+    pub const EVENTS_CONSUMED_TOTAL: &str = "events_consumed_total";
+    /// Histogram: handler time in seconds. Labels: `consumer`, `event_type`.
+    pub const EVENT_PROCESSING_DURATION_SECONDS: &str = "event_processing_duration_seconds";
+    /// Gauge: messages waiting in the queue or subscription. Label: `consumer`.
+    pub const EVENT_QUEUE_DEPTH: &str = "event_queue_depth";
+    /// Counter: messages moved to a dead-letter place. Labels: `consumer`, `reason`.
+    pub const DLQ_MESSAGES_TOTAL: &str = "dlq_messages_total";
+    /// Histogram: seconds from the event's `time` to its receipt. Label: `consumer`.
+    pub const EVENT_LAG_SECONDS: &str = "event_lag_seconds";
+}
+
+pub(crate) fn record_published_n(event: &Event, n: u64) {
+    metrics::counter!(names::EVENTS_PUBLISHED_TOTAL,
+        "source" => event.source().to_string(),
+        "event_type" => event.ty().to_owned())
+    .increment(n);
+}
+
+pub(crate) fn record_consumed_n(consumer: &str, event_type: &str, status: &'static str, n: u64) {
+    metrics::counter!(names::EVENTS_CONSUMED_TOTAL,
+        "consumer" => consumer.to_owned(),
+        "event_type" => event_type.to_owned(),
+        "status" => status)
+    .increment(n);
+}
+
+pub(crate) fn record_processing(consumer: &str, event_type: &str, seconds: f64) {
+    metrics::histogram!(names::EVENT_PROCESSING_DURATION_SECONDS,
+        "consumer" => consumer.to_owned(),
+        "event_type" => event_type.to_owned())
+    .record(seconds);
+}
+
+pub(crate) fn record_queue_depth(consumer: &str, depth: u64) {
+    metrics::gauge!(names::EVENT_QUEUE_DEPTH, "consumer" => consumer.to_owned()).set(depth as f64);
+}
+
+pub(crate) fn record_dead_lettered(consumer: &str, reason: &str) {
+    // The reason label is the short category before any ':' to bound cardinality.
+    let category = reason.split(':').next().unwrap_or(reason).trim().to_owned();
+    metrics::counter!(names::DLQ_MESSAGES_TOTAL,
+        "consumer" => consumer.to_owned(),
+        "reason" => category)
+    .increment(1);
+}
+
+pub(crate) fn record_lag(consumer: &str, event: &Event) {
+    if let Some(t) = event.time() {
+        let lag = (chrono::Utc::now() - *t).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        metrics::histogram!(names::EVENT_LAG_SECONDS, "consumer" => consumer.to_owned())
+            .record(lag.max(0.0));
+    }
+}
+
+/// A W3C trace context (`traceparent`): trace id, parent span id and flags.
+///
+/// ```
+/// use cloudbus_core::TraceContext;
+/// let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+/// let ctx = TraceContext::parse(tp).unwrap();
+/// assert_eq!(ctx.to_string(), tp);
+/// let child = ctx.child();
+/// assert_eq!(child.trace_id(), ctx.trace_id());
+/// assert_ne!(child.span_id(), ctx.span_id());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    trace_id: u128,
+    span_id: u64,
+    flags: u8,
+}
+
+impl TraceContext {
+    /// A new trace (random ids, sampled).
+    pub fn new_root() -> Self {
+        TraceContext {
+            trace_id: fastrand::u128(1..),
+            span_id: fastrand::u64(1..),
+            flags: 1,
+        }
+    }
+    /// A new span in the same trace.
+    pub fn child(&self) -> Self {
+        TraceContext {
+            span_id: fastrand::u64(1..),
+            ..*self
+        }
+    }
+    /// Parses a version-00 `traceparent`; `None` when it is not valid.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.trim().split('-');
+        let (v, t, p, f) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || v != "00" || t.len() != 32 || p.len() != 16 || f.len() != 2
+        {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(t, 16).ok()?;
+        let span_id = u64::from_str_radix(p, 16).ok()?;
+        let flags = u8::from_str_radix(f, 16).ok()?;
+        if trace_id == 0 || span_id == 0 || t.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+    /// The span id as 16 lowercase hex digits.
+    pub fn span_id(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+    /// The context of the event, if it carries a valid `traceparent`.
+    pub fn from_event(event: &Event) -> Option<Self> {
+        event.traceparent().and_then(Self::parse)
+    }
+    /// The context of the task currently handling an event, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT_TRACE.try_with(|c| *c).ok()
+    }
+    /// Runs `fut` with `self` as the current context.
+    pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
+        CURRENT_TRACE.scope(self, fut).await
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+}
+
+tokio::task_local! {
+    static CURRENT_TRACE: TraceContext;
+}
+
+/// Gives the event a `traceparent` if it has none: a child of the current task's
+/// context (an event published while handling another continues its trace), else a
+/// new trace. Returns the context the event carries.
+pub fn inject(event: &mut Event) -> Option<TraceContext> {
+    if let Some(ctx) = TraceContext::from_event(event) {
+        return Some(ctx);
+    }
+    let ctx = TraceContext::current()
+        .map(|c| c.child())
+        .unwrap_or_else(TraceContext::new_root);
+    event.set_extension(EXT_TRACEPARENT, ctx.to_string());
+    Some(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventBuilder;
+
+    #[test]
+    fn rejects_bad_traceparents() {
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn inject_continues_the_current_trace() {
+        let parent = TraceContext::new_root();
+        let mut e = EventBuilder::new("t", "/s").build().unwrap();
+        let got = parent.scope(async { inject(&mut e) }).await.unwrap();
+        assert_eq!(got.trace_id(), parent.trace_id());
+        assert_eq!(TraceContext::from_event(&e), Some(got));
+        let mut fresh = EventBuilder::new("t", "/s").build().unwrap();
+        let root = inject(&mut fresh).unwrap();
+        assert_ne!(root.trace_id(), parent.trace_id());
+    }
+}

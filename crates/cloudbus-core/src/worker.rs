@@ -1,0 +1,492 @@
+//! The worker loop behind [`Consumer::subscribe`](crate::Consumer::subscribe):
+//! bounded concurrency, flow control by outstanding deliveries and bytes (nothing is
+//! pulled that cannot be handled at once, so no lease expires in a local buffer),
+//! per-key ordering, retries through nack delays with exponential backoff and jitter,
+//! dead-lettering after the last attempt, lease extension while a handler runs, and
+//! graceful shutdown with a deadline.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::consumer::{Consumer, Delivery};
+use crate::error::Error;
+use crate::event::{AttributesReader, Event};
+use crate::retry::RetryPolicy;
+use crate::telemetry::{self, TraceContext};
+
+/// What a handler knows about the delivery it handles.
+#[derive(Clone, Debug)]
+pub struct HandlerContext {
+    /// Delivery attempt, starting at 1.
+    pub attempt: u32,
+    /// The consumer's name.
+    pub consumer: Arc<str>,
+    /// The trace context of this handling (a child of the event's `traceparent`).
+    pub trace: TraceContext,
+}
+
+/// Why a handler did not process an event.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// A transient failure: try again later (after `delay`, or the policy's backoff).
+    Retry {
+        /// What went wrong.
+        message: String,
+        /// Explicit delay before the next attempt.
+        delay: Option<Duration>,
+    },
+    /// The event can never be processed: dead-letter it now with this reason.
+    Reject {
+        /// The reason kept with the dead letter.
+        reason: String,
+    },
+}
+
+impl HandlerError {
+    /// A transient failure.
+    pub fn retry(message: impl std::fmt::Display) -> Self {
+        HandlerError::Retry {
+            message: message.to_string(),
+            delay: None,
+        }
+    }
+    /// A transient failure, retried after `delay`.
+    pub fn retry_after(message: impl std::fmt::Display, delay: Duration) -> Self {
+        HandlerError::Retry {
+            message: message.to_string(),
+            delay: Some(delay),
+        }
+    }
+    /// A permanent failure: dead-letter now.
+    pub fn reject(reason: impl std::fmt::Display) -> Self {
+        HandlerError::Reject {
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<Error> for HandlerError {
+    /// cloudbus errors are retried when retryable and rejected otherwise.
+    fn from(e: Error) -> Self {
+        if e.is_retryable() {
+            HandlerError::retry(e)
+        } else {
+            HandlerError::reject(e)
+        }
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerError::Retry { message, .. } => write!(f, "retry: {message}"),
+            HandlerError::Reject { reason } => write!(f, "reject: {reason}"),
+        }
+    }
+}
+
+/// Handles one event. Implemented for async closures
+/// `Fn(Arc<Event>, HandlerContext) -> impl Future<Output = Result<(), HandlerError>>`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cloudbus_core::{Event, HandlerContext, HandlerError, Handler};
+/// fn assert_handler<H: Handler>(_: H) {}
+/// assert_handler(|event: Arc<Event>, ctx: HandlerContext| async move {
+///     if ctx.attempt > 3 { return Err(HandlerError::reject("gave up")) }
+///     Ok::<(), HandlerError>(())
+/// });
+/// ```
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Processes `event`; `Ok` acks it.
+    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError>;
+}
+
+#[async_trait]
+impl<F, Fut> Handler for F
+where
+    F: Fn(Arc<Event>, HandlerContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
+        (self)(event, ctx).await
+    }
+}
+
+#[async_trait]
+impl<H: Handler + ?Sized> Handler for Arc<H> {
+    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
+        (**self).handle(event, ctx).await
+    }
+}
+
+/// Worker settings.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Handlers running at once; also the most deliveries outstanding.
+    pub concurrency: usize,
+    /// Most bytes of deliveries outstanding.
+    pub max_outstanding_bytes: usize,
+    /// Most messages per receive call (capped by `concurrency`).
+    pub receive_batch: usize,
+    /// How long one receive call waits for messages.
+    pub receive_wait: Duration,
+    /// Attempts and backoff: failed attempts are nacked with the backoff as delay, and
+    /// the last one is dead-lettered with the reason.
+    pub retry: RetryPolicy,
+    /// Extend the lease while a handler runs (when the provider grants leases).
+    pub extend_leases: bool,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            concurrency: 16,
+            max_outstanding_bytes: 64 * 1024 * 1024,
+            receive_batch: 16,
+            receive_wait: Duration::from_millis(500),
+            retry: RetryPolicy::default(),
+            extend_leases: true,
+        }
+    }
+}
+
+impl WorkerOptions {
+    /// Sets the concurrency (and the receive batch to match).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self.receive_batch = self.concurrency;
+        self
+    }
+    /// Sets the retry policy.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+    /// Sets the receive wait.
+    pub fn receive_wait(mut self, d: Duration) -> Self {
+        self.receive_wait = d;
+        self
+    }
+}
+
+/// Counts kept by a running worker.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Handled and acked.
+    pub acked: AtomicU64,
+    /// Failed and nacked for another attempt.
+    pub retried: AtomicU64,
+    /// Dead-lettered (rejected or out of attempts).
+    pub dead_lettered: AtomicU64,
+    /// In flight at the shutdown deadline, nacked for prompt redelivery.
+    pub abandoned: AtomicU64,
+    /// Settlements that failed (the lease will expire and the event come back).
+    pub settle_errors: AtomicU64,
+}
+
+/// A snapshot of [`WorkerStats`], returned by [`Worker::shutdown`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Handled and acked.
+    pub acked: u64,
+    /// Nacked for another attempt.
+    pub retried: u64,
+    /// Dead-lettered.
+    pub dead_lettered: u64,
+    /// Abandoned at the deadline.
+    pub abandoned: u64,
+    /// Failed settlements.
+    pub settle_errors: u64,
+}
+
+impl WorkerStats {
+    fn report(&self) -> WorkerReport {
+        WorkerReport {
+            acked: self.acked.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
+            settle_errors: self.settle_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A running subscription. Stop it with [`shutdown`](Worker::shutdown); dropping it
+/// stops pulling too, and lets the handlers in flight finish.
+#[must_use = "dropping a Worker stops it"]
+pub struct Worker {
+    stop_pulling: watch::Sender<bool>,
+    hard_stop: watch::Sender<bool>,
+    main: tokio::task::JoinHandle<()>,
+    stats: Arc<WorkerStats>,
+}
+
+type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Permits)>>>>;
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+
+impl Worker {
+    pub(crate) fn start(consumer: Consumer, handler: Arc<dyn Handler>, options: WorkerOptions) -> Worker {
+        let (stop_pulling, stop_rx) = watch::channel(false);
+        let (hard_stop, hard_rx) = watch::channel(false);
+        let stats = Arc::new(WorkerStats::default());
+        let run = WorkerLoop {
+            consumer,
+            handler,
+            options,
+            stats: stats.clone(),
+            hard_stop: hard_rx,
+            lanes: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let main = tokio::spawn(run.run(stop_rx));
+        Worker {
+            stop_pulling,
+            hard_stop,
+            main,
+            stats,
+        }
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> WorkerReport {
+        self.stats.report()
+    }
+
+    /// Stops pulling, lets handlers in flight finish and settle until `deadline`, then
+    /// nacks whatever still runs (so it is redelivered promptly) and returns the counts.
+    pub async fn shutdown(self, deadline: Duration) -> WorkerReport {
+        let _ = self.stop_pulling.send(true);
+        let mut main = self.main;
+        if tokio::time::timeout(deadline, &mut main).await.is_err() {
+            let _ = self.hard_stop.send(true);
+            let _ = main.await;
+        }
+        self.stats.report()
+    }
+}
+
+struct WorkerLoop {
+    consumer: Consumer,
+    handler: Arc<dyn Handler>,
+    options: WorkerOptions,
+    stats: Arc<WorkerStats>,
+    hard_stop: watch::Receiver<bool>,
+    lanes: Lanes,
+}
+
+impl WorkerLoop {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let concurrency = self.options.concurrency.max(1);
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let kib = (self.options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
+        let bytes = Arc::new(Semaphore::new(kib));
+        let this = Arc::new(self);
+        let mut tasks = JoinSet::new();
+        let mut failures = 0u32;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => break,
+            };
+            let mut permits = vec![first];
+            let want = this.options.receive_batch.clamp(1, concurrency);
+            while permits.len() < want {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            // Reap finished tasks so the JoinSet does not grow.
+            while tasks.try_join_next().is_some() {}
+            let received = this
+                .consumer
+                .receive_batch(permits.len(), this.options.receive_wait)
+                .await;
+            let deliveries = match received {
+                Ok(d) => {
+                    failures = 0;
+                    d
+                }
+                Err(e) if e.kind() == crate::ErrorKind::Closed => break,
+                Err(e) => {
+                    failures += 1;
+                    let pause = this.options.retry.backoff(failures.min(8));
+                    tracing::warn!(consumer = %this.consumer.name(), error = %e, ?pause, "receive failed; pausing");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {},
+                        _ = stop.changed() => break,
+                    }
+                    continue;
+                }
+            };
+            for (delivery, slot) in deliveries.into_iter().zip(permits.drain(..)) {
+                let need = (delivery.size() / 1024).clamp(1, kib) as u32;
+                let byte_permit = bytes.clone().acquire_many_owned(need).await.ok();
+                let permits: Permits = (slot, byte_permit);
+                let key = if this.consumer.capabilities().ordering {
+                    delivery.ordering_key().map(str::to_owned)
+                } else {
+                    None
+                };
+                match key {
+                    None => {
+                        let w = this.clone();
+                        tasks.spawn(async move { w.process(delivery, permits).await });
+                    }
+                    Some(key) => {
+                        let busy = {
+                            let Ok(mut lanes) = this.lanes.lock() else { break };
+                            match lanes.get_mut(&key) {
+                                Some(q) => {
+                                    q.push_back((delivery, permits));
+                                    None
+                                }
+                                None => {
+                                    lanes.insert(key.clone(), VecDeque::new());
+                                    Some((delivery, permits))
+                                }
+                            }
+                        };
+                        if let Some((delivery, permits)) = busy {
+                            let w = this.clone();
+                            tasks.spawn(async move { w.run_lane(key, delivery, permits).await });
+                        }
+                    }
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Handles the deliveries of one ordering key one after another.
+    async fn run_lane(self: Arc<Self>, key: String, first: Delivery, permits: Permits) {
+        let mut next = Some((first, permits));
+        while let Some((delivery, permits)) = next.take() {
+            self.process(delivery, permits).await;
+            let Ok(mut lanes) = self.lanes.lock() else { return };
+            match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(item) => next = Some(item),
+                None => {
+                    lanes.remove(&key);
+                }
+            }
+        }
+    }
+
+    async fn process(&self, delivery: Delivery, _permits: Permits) {
+        let event = delivery.event_arc();
+        let consumer: Arc<str> = self.consumer.inner.name.clone();
+        let trace = TraceContext::from_event(&event)
+            .map(|c| c.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let span = tracing::info_span!(
+            "cloudbus.handle",
+            consumer = %consumer,
+            event_type = %event.ty(),
+            event_id = %event.id(),
+            attempt = delivery.attempt(),
+            trace_id = %trace.trace_id(),
+        );
+        let ctx = HandlerContext {
+            attempt: delivery.attempt(),
+            consumer: consumer.clone(),
+            trace,
+        };
+        let started = Instant::now();
+        let handling = std::panic::AssertUnwindSafe(trace.scope(self.handler.handle(event.clone(), ctx)))
+            .catch_unwind()
+            .instrument(span.clone());
+        let mut hard_stop = self.hard_stop.clone();
+        let outcome = tokio::select! {
+            r = handling => Some(r),
+            _ = self.extend_while_running(&delivery) => None,
+            _ = async {
+                if hard_stop.wait_for(|stop| *stop).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => None,
+        };
+        telemetry::record_processing(&consumer, event.ty(), started.elapsed().as_secs_f64());
+        let _enter = span.enter();
+        let settled = match outcome {
+            None => {
+                self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("shutdown deadline reached; nacking for redelivery");
+                delivery.nack(Duration::ZERO).await
+            }
+            Some(Ok(Ok(()))) => {
+                self.stats.acked.fetch_add(1, Ordering::Relaxed);
+                delivery.ack().await
+            }
+            Some(Ok(Err(HandlerError::Reject { reason }))) => {
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%reason, "handler rejected the event; dead-lettering");
+                delivery.dead_letter(format!("rejected: {reason}")).await
+            }
+            Some(Ok(Err(HandlerError::Retry { message, delay }))) => {
+                self.retry_or_dead_letter(&delivery, message, delay).await
+            }
+            Some(Err(_panic)) => {
+                self.retry_or_dead_letter(&delivery, "handler panicked".into(), None)
+                    .await
+            }
+        };
+        if let Err(e) = settled {
+            self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "settlement failed; the event will come back when its lease expires");
+        }
+    }
+
+    async fn retry_or_dead_letter(
+        &self,
+        delivery: &Delivery,
+        message: String,
+        delay: Option<Duration>,
+    ) -> crate::Result<()> {
+        let attempt = delivery.attempt();
+        let max = self.options.retry.max_attempts;
+        if attempt >= max {
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(attempt, %message, "last attempt failed; dead-lettering");
+            delivery
+                .dead_letter_with(
+                    format!("max delivery attempts ({max}) exceeded"),
+                    message,
+                )
+                .await
+        } else {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            let delay = delay.unwrap_or_else(|| self.options.retry.backoff(attempt));
+            tracing::debug!(attempt, %message, ?delay, "handler failed; nacking for a retry");
+            delivery.nack(delay).await
+        }
+    }
+
+    /// Extends the lease at half its length for as long as the handler runs; never returns.
+    async fn extend_while_running(&self, delivery: &Delivery) {
+        let lease = match delivery.lease() {
+            Some(l) if self.options.extend_leases && self.consumer.capabilities().lease_extension => l,
+            _ => return std::future::pending().await,
+        };
+        let every = (lease / 2).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = delivery.extend(lease).await {
+                tracing::warn!(error = %e, "lease extension failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! cloudbus-memory: the embedded, in-process broker that cloudbus uses by default.
+//!
+//! Topics fan out to subscriptions (each with an optional [`Filter`]); consumers of
+//! one subscription compete for its messages; leases (ack deadlines) expire into
+//! redelivery; delivery attempts are counted; a dead-letter list per subscription
+//! supports peek, redrive and purge; ordering keys are delivered in order per key and
+//! in parallel across keys; publishing can delay delivery; partitioned logs support
+//! replay by offset or time. Everything is bounded: a full subscription, dead-letter
+//! list or log partition refuses work with [`ErrorKind::ResourceExhausted`].
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use cloudbus_core::{EventBuilder, SubscriptionSpec};
+//! use cloudbus_memory::MemoryBroker;
+//! let bus = MemoryBroker::new().bus();
+//! bus.ensure_topic("orders").await.unwrap();
+//! bus.ensure_subscription(&SubscriptionSpec::new("orders", "billing")).await.unwrap();
+//! let publisher = bus.publisher("orders").await.unwrap();
+//! publisher.publish(EventBuilder::new("order.created", "/shop").build().unwrap()).await.unwrap();
+//! let delivery = bus.consumer("orders", "billing").await.unwrap().receive().await.unwrap();
+//! delivery.ack().await.unwrap();
+//! # });
+//! ```
+
+mod log;
+mod queue;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use cloudbus_core::{
+    AckToken, BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetter,
+    DeadLetterDriver, Error, ErrorKind, OutgoingMessage, Payload, ReceivedMessage, Result,
+    Settlement, StreamDriver, SubscriptionDriver, SubscriptionSpec, TopicDriver, TopologyDriver,
+};
+use tokio::sync::Notify;
+
+pub use cloudbus_core::Filter;
+
+use crate::log::{Log, LogReader};
+use crate::queue::{Limits, Msg, SubState};
+
+/// Limits and sizes of a [`MemoryBroker`].
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Messages a subscription holds (ready, delayed, in flight) before publishing fails.
+    pub max_messages_per_subscription: usize,
+    /// Bytes a subscription holds before publishing fails.
+    pub max_bytes_per_subscription: usize,
+    /// Dead letters a subscription keeps before dead-lettering fails.
+    pub max_dead_letters: usize,
+    /// Largest event accepted.
+    pub max_message_bytes: usize,
+    /// Most events per send.
+    pub max_batch_count: usize,
+    /// Most bytes per send.
+    pub max_batch_bytes: usize,
+    /// Records a log partition holds before appends fail.
+    pub max_log_records_per_partition: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_messages_per_subscription: 1_000_000,
+            max_bytes_per_subscription: 1024 * 1024 * 1024,
+            max_dead_letters: 100_000,
+            max_message_bytes: 1024 * 1024,
+            max_batch_count: 1000,
+            max_batch_bytes: 16 * 1024 * 1024,
+            max_log_records_per_partition: 1_000_000,
+        }
+    }
+}
+
+struct Subscription {
+    name: String,
+    state: Mutex<SubState>,
+    notify: Notify,
+}
+
+impl Subscription {
+    fn lock(&self) -> Result<MutexGuard<'_, SubState>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Internal, "subscription lock poisoned"))
+    }
+}
+
+struct Topic {
+    subscriptions: RwLock<Vec<Arc<Subscription>>>,
+}
+
+struct BrokerInner {
+    config: BrokerConfig,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    logs: RwLock<HashMap<String, Arc<Log>>>,
+    codec: BinaryCodec,
+}
+
+/// An in-process broker. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<BrokerInner>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn poisoned() -> Error {
+    Error::new(ErrorKind::Internal, "memory broker lock poisoned")
+}
+
+impl MemoryBroker {
+    /// A broker with default limits.
+    pub fn new() -> Self {
+        Self::with_config(BrokerConfig::default())
+    }
+
+    /// A broker with these limits.
+    pub fn with_config(config: BrokerConfig) -> Self {
+        MemoryBroker {
+            inner: Arc::new(BrokerInner {
+                config,
+                topics: RwLock::new(HashMap::new()),
+                logs: RwLock::new(HashMap::new()),
+                codec: BinaryCodec::default(),
+            }),
+        }
+    }
+
+    /// The process-wide broker called `name` (what `mem://name` opens), created on
+    /// first use.
+    pub fn named(name: &str) -> MemoryBroker {
+        static REGISTRY: OnceLock<Mutex<HashMap<String, MemoryBroker>>> = OnceLock::new();
+        let registry = REGISTRY.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = match registry.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// The limits.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// A [`Bus`] over this broker.
+    pub fn bus(&self) -> Bus {
+        Bus::new(Arc::new(MemoryBus {
+            broker: self.clone(),
+        }))
+    }
+
+    /// What the broker supports.
+    pub fn capabilities(&self) -> Capabilities {
+        let c = &self.inner.config;
+        Capabilities::all(c.max_message_bytes, c.max_batch_count, c.max_batch_bytes)
+    }
+
+    /// Creates the partitioned log `name` with `partitions` partitions, if missing.
+    /// Publishers opened on `name` then append to it.
+    pub fn ensure_log(&self, name: &str, partitions: usize) -> Result<()> {
+        let mut logs = self.inner.logs.write().map_err(|_| poisoned())?;
+        logs.entry(name.to_owned()).or_insert_with(|| {
+            Arc::new(Log::new(
+                partitions,
+                self.inner.config.max_log_records_per_partition,
+            ))
+        });
+        Ok(())
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        self.inner
+            .topics
+            .read()
+            .map_err(|_| poisoned())?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("topic {name:?} does not exist")))
+    }
+
+    fn log(&self, name: &str) -> Result<Option<Arc<Log>>> {
+        Ok(self.inner.logs.read().map_err(|_| poisoned())?.get(name).cloned())
+    }
+
+    fn subscription(&self, topic: &str, name: &str) -> Result<Arc<Subscription>> {
+        let t = self.topic(topic)?;
+        let subs = t.subscriptions.read().map_err(|_| poisoned())?;
+        subs.iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found(format!("subscription {name:?} of topic {topic:?} does not exist"))
+            })
+    }
+
+    fn limits(&self) -> Limits {
+        let c = &self.inner.config;
+        Limits {
+            max_messages: c.max_messages_per_subscription,
+            max_bytes: c.max_bytes_per_subscription,
+            max_dead_letters: c.max_dead_letters,
+        }
+    }
+
+    /// Fans a batch out to every subscription whose filter matches, all or nothing:
+    /// when any subscription lacks room, nothing is added and every event fails with
+    /// a retryable [`ErrorKind::ResourceExhausted`].
+    fn publish(&self, topic: &str, batch: &[OutgoingMessage]) -> Result<BatchResults> {
+        if let Some(log) = self.log(topic)? {
+            return Ok(log.append(batch));
+        }
+        let topic = self.topic(topic)?;
+        let max = self.inner.config.max_message_bytes;
+        let results: Vec<Result<()>> = batch
+            .iter()
+            .map(|m| {
+                if m.size > max {
+                    Err(Error::new(
+                        ErrorKind::TooLarge,
+                        format!("event {} is {} bytes, over {max}", m.id(), m.size),
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
+            .collect();
+        let subs = topic.subscriptions.read().map_err(|_| poisoned())?.clone();
+        // Lock every subscription (always in the same order) so the check and the
+        // insert are one step.
+        let mut guards = Vec::with_capacity(subs.len());
+        for s in &subs {
+            guards.push(s.lock()?);
+        }
+        let accepted = || batch.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(m, _)| m);
+        for (s, g) in subs.iter().zip(&guards) {
+            let (n, bytes) = accepted()
+                .filter(|m| matches_filter(&g.spec, m))
+                .fold((0, 0), |(n, b), m| (n + 1, b + m.size));
+            if !g.has_room(n, bytes) {
+                return Ok(batch
+                    .iter()
+                    .map(|_| {
+                        Err(Error::new(
+                            ErrorKind::ResourceExhausted,
+                            format!("subscription {:?} is full", s.name),
+                        ))
+                    })
+                    .collect());
+            }
+        }
+        let now = Instant::now();
+        let published_at = Utc::now();
+        let mut woke = vec![false; subs.len()];
+        for (i, g) in guards.iter_mut().enumerate() {
+            for (seq, m) in accepted().enumerate() {
+                if !matches_filter(&g.spec, m) {
+                    continue;
+                }
+                let msg = Msg {
+                    payload: m.payload.clone(),
+                    size: m.size,
+                    key: m.ordering_key.as_deref().map(Arc::from),
+                    attempts: 0,
+                    not_before: m.delay.filter(|d| !d.is_zero()).map(|d| now + d),
+                    is_head: false,
+                    seq: seq as u64,
+                    published_at,
+                };
+                woke[i] |= g.publish(msg, now);
+            }
+        }
+        drop(guards);
+        for (s, w) in subs.iter().zip(woke) {
+            if w {
+                s.notify.notify_waiters();
+            }
+        }
+        Ok(results)
+    }
+}
+
+fn matches_filter(spec: &SubscriptionSpec, m: &OutgoingMessage) -> bool {
+    match (&spec.filter, &m.payload) {
+        (Some(f), Payload::Event(e)) => f.matches(e),
+        // Raw messages cannot be filtered; they reach the consumer, which dead-letters them.
+        _ => true,
+    }
+}
+
+struct MemoryBus {
+    broker: MemoryBroker,
+}
+
+#[async_trait]
+impl BusDriver for MemoryBus {
+    fn scheme(&self) -> &str {
+        "mem"
+    }
+    async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>> {
+        Ok(Arc::new(MemoryTopic {
+            broker: self.broker.clone(),
+            name: topic.to_owned(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+    async fn subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn SubscriptionDriver>> {
+        Ok(Arc::new(MemorySubscription {
+            broker: self.broker.clone(),
+            topic: topic.to_owned(),
+            name: subscription.to_owned(),
+            resolved: OnceLock::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn DeadLetterDriver>> {
+        Ok(Arc::new(MemoryDeadLetters {
+            sub: self.broker.subscription(topic, subscription)?,
+            source: format!("{topic}/{subscription}"),
+        }))
+    }
+    fn topology(&self) -> Arc<dyn TopologyDriver> {
+        Arc::new(MemoryTopology {
+            broker: self.broker.clone(),
+        })
+    }
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
+        let log = self
+            .broker
+            .log(stream)?
+            .ok_or_else(|| Error::not_found(format!("log {stream:?} does not exist")))?;
+        Ok(Arc::new(LogReader {
+            log,
+            codec: self.broker.inner.codec.clone(),
+        }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        &self.broker
+    }
+}
+
+/// The topic driver: sends to a topic (or a log of the same name).
+pub struct MemoryTopic {
+    broker: MemoryBroker,
+    name: String,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl TopicDriver for MemoryTopic {
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::closed("topic is closed"));
+        }
+        self.broker.publish(&self.name, batch)
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.broker.capabilities()
+    }
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl MemoryTopic {
+    /// The broker behind this topic (escape hatch).
+    pub fn broker(&self) -> &MemoryBroker {
+        &self.broker
+    }
+}
+
+/// The subscription driver.
+pub struct MemorySubscription {
+    broker: MemoryBroker,
+    topic: String,
+    name: String,
+    resolved: OnceLock<Arc<Subscription>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl MemorySubscription {
+    fn sub(&self) -> Result<&Arc<Subscription>> {
+        if let Some(s) = self.resolved.get() {
+            return Ok(s);
+        }
+        let s = self.broker.subscription(&self.topic, &self.name)?;
+        Ok(self.resolved.get_or_init(|| s))
+    }
+
+    fn lock_live(&self) -> Result<MutexGuard<'_, SubState>> {
+        let state = self.sub()?.lock()?;
+        if state.deleted {
+            return Err(Error::not_found(format!(
+                "subscription {:?} was deleted",
+                self.name
+            )));
+        }
+        Ok(state)
+    }
+
+    /// The broker behind this subscription (escape hatch).
+    pub fn broker(&self) -> &MemoryBroker {
+        &self.broker
+    }
+}
+
+#[async_trait]
+impl SubscriptionDriver for MemorySubscription {
+    async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        let deadline = Instant::now() + wait;
+        let sub = self.sub()?.clone();
+        loop {
+            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(Error::closed("subscription is closed"));
+            }
+            let notified = sub.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = Instant::now();
+            let (taken, lease, next_wake) = {
+                let mut state = self.lock_live()?;
+                let taken = state.take(max, now);
+                (taken, state.spec.ack_deadline, state.next_wake())
+            };
+            if !taken.is_empty() {
+                let codec = &self.broker.inner.codec;
+                return Ok(taken
+                    .into_iter()
+                    .map(|t| ReceivedMessage {
+                        event: match t.payload {
+                            Payload::Event(e) => Ok(e),
+                            Payload::Raw(raw) => match codec.decode(&raw) {
+                                Ok(e) => Ok(Arc::new(e)),
+                                Err(err) => Err((raw, err)),
+                            },
+                        },
+                        token: AckToken::Number(t.token),
+                        attempt: t.attempt,
+                        lease: Some(lease),
+                        published_at: Some(t.published_at),
+                        ordering_key: t.key.map(|k| k.to_string()),
+                        size: t.size,
+                    })
+                    .collect());
+            }
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let wake = next_wake.map_or(deadline, |w| w.min(deadline));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        let sub = self.sub()?;
+        let now = Instant::now();
+        let mut woke = false;
+        let results = {
+            let mut state = self.lock_live()?;
+            items
+                .iter()
+                .map(|(token, s)| {
+                    let t = token
+                        .as_number()
+                        .ok_or_else(|| Error::invalid("not a memory broker token"))?;
+                    let w = state.settle(t, s, now)?;
+                    woke |= w;
+                    Ok(())
+                })
+                .collect()
+        };
+        if woke {
+            sub.notify.notify_waiters();
+        }
+        Ok(results)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.broker.capabilities()
+    }
+
+    async fn queue_depth(&self) -> Option<u64> {
+        self.lock_live().ok().map(|s| s.depth() as u64)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(s) = self.resolved.get() {
+            s.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct MemoryDeadLetters {
+    sub: Arc<Subscription>,
+    source: String,
+}
+
+#[async_trait]
+impl DeadLetterDriver for MemoryDeadLetters {
+    async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>> {
+        Ok(self.sub.lock()?.peek_dead(max, &self.source))
+    }
+    async fn redrive(&self, max: Option<usize>) -> Result<usize> {
+        let (n, woke) = self.sub.lock()?.redrive(max, Instant::now())?;
+        if woke {
+            self.sub.notify.notify_waiters();
+        }
+        Ok(n)
+    }
+    async fn purge(&self) -> Result<usize> {
+        Ok(self.sub.lock()?.purge_dead())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct MemoryTopology {
+    broker: MemoryBroker,
+}
+
+#[async_trait]
+impl TopologyDriver for MemoryTopology {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        let mut topics = self.broker.inner.topics.write().map_err(|_| poisoned())?;
+        topics.entry(topic.to_owned()).or_insert_with(|| {
+            Arc::new(Topic {
+                subscriptions: RwLock::new(Vec::new()),
+            })
+        });
+        Ok(())
+    }
+
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        if spec.ack_deadline.is_zero() {
+            return Err(Error::invalid("ack_deadline must be positive"));
+        }
+        if spec.max_delivery_attempts == Some(0) {
+            return Err(Error::invalid("max_delivery_attempts must be at least 1"));
+        }
+        let topic = self.broker.topic(&spec.topic)?;
+        let mut subs = topic.subscriptions.write().map_err(|_| poisoned())?;
+        if let Some(existing) = subs.iter().find(|s| s.name == spec.name) {
+            existing.lock()?.spec = spec.clone();
+            return Ok(());
+        }
+        subs.push(Arc::new(Subscription {
+            name: spec.name.clone(),
+            state: Mutex::new(SubState::new(spec.clone(), self.broker.limits())),
+            notify: Notify::new(),
+        }));
+        Ok(())
+    }
+
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        let topic = self.broker.topic(topic)?;
+        let mut subs = topic.subscriptions.write().map_err(|_| poisoned())?;
+        if let Some(pos) = subs.iter().position(|s| s.name == name) {
+            let sub = subs.remove(pos);
+            sub.lock()?.deleted = true;
+            sub.notify.notify_waiters();
+        }
+        Ok(())
+    }
+}

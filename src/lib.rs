@@ -1,0 +1,2 @@
+//! placeholder
+pub use cloudbus_core::*;
