@@ -1,1 +1,308 @@
+//! The memory broker against the conformance suite, plus its own cases: bounds,
+//! log replay, URL opening and metrics names.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudbus::conformance::Harness;
+use cloudbus::memory::{BrokerConfig, MemoryBroker};
+use cloudbus::{
+    Bus, Capabilities, ErrorKind, Event, EventBuilder, HandlerContext, HandlerError,
+    MemoryCheckpointStore, RetryPolicy, StartPosition, SubscriptionSpec,
+};
+
+struct MemoryHarness {
+    broker: MemoryBroker,
+}
+
+impl MemoryHarness {
+    fn new() -> Self {
+        MemoryHarness {
+            broker: MemoryBroker::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    async fn bus(&self) -> cloudbus::Result<Bus> {
+        Ok(self.broker.bus())
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.broker.capabilities()
+    }
+    fn patience(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+    fn short_lease(&self) -> Duration {
+        Duration::from_millis(400)
+    }
+}
+
+mod conformance {
+    use super::*;
+    cloudbus::conformance_suite!(MemoryHarness::new());
+}
+
+fn ev(n: usize) -> Event {
+    EventBuilder::new("test.event", "/tests")
+        .subject(n.to_string())
+        .build()
+        .expect("valid event")
+}
+
+#[tokio::test]
+async fn full_subscription_refuses_with_resource_exhausted() {
+    let broker = MemoryBroker::with_config(BrokerConfig {
+        max_messages_per_subscription: 3,
+        ..BrokerConfig::default()
+    });
+    let bus = broker.bus();
+    bus.ensure_topic("t").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("t", "s")).await.unwrap();
+    let p = bus
+        .publisher_with(
+            "t",
+            cloudbus::PublisherOptions {
+                retry: RetryPolicy::none(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for r in p.publish_batch((0..3).map(ev).collect()).await {
+        r.unwrap();
+    }
+    let err = p.publish(ev(4)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
+    assert!(err.is_retryable());
+    // Acking makes room again.
+    let c = bus.consumer("t", "s").await.unwrap();
+    let d = c.receive().await.unwrap();
+    d.ack().await.unwrap();
+    p.publish(ev(5)).await.unwrap();
+}
+
+#[tokio::test]
+async fn full_log_partition_refuses() {
+    let broker = MemoryBroker::with_config(BrokerConfig {
+        max_log_records_per_partition: 2,
+        ..BrokerConfig::default()
+    });
+    broker.ensure_log("clicks", 1).unwrap();
+    let p = broker
+        .bus()
+        .publisher_with(
+            "clicks",
+            cloudbus::PublisherOptions {
+                retry: RetryPolicy::none(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    p.publish(ev(1)).await.unwrap();
+    p.publish(ev(2)).await.unwrap();
+    assert_eq!(
+        p.publish(ev(3)).await.unwrap_err().kind(),
+        ErrorKind::ResourceExhausted
+    );
+}
+
+#[tokio::test]
+async fn log_checkpoints_and_replay_by_position_and_time() {
+    let broker = MemoryBroker::new();
+    broker.ensure_log("clicks", 3).unwrap();
+    let bus = broker.bus();
+    let p = bus.publisher("clicks").await.unwrap();
+    for i in 0..30 {
+        let e = EventBuilder::new("click", "/web")
+            .subject(i.to_string())
+            .partition_key(format!("user-{}", i % 5))
+            .build()
+            .unwrap();
+        p.publish(e).await.unwrap();
+    }
+    let middle = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for i in 30..40 {
+        p.publish(ev(i)).await.unwrap();
+    }
+    let store = Arc::new(MemoryCheckpointStore::new());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let handler = move |e: Arc<Event>, _c: HandlerContext| {
+        let s = s2.clone();
+        async move {
+            s.lock().unwrap().push(e.subject().unwrap_or("").to_owned());
+            Ok::<(), HandlerError>(())
+        }
+    };
+    use cloudbus::AttributesReader;
+    let mut reader = bus
+        .stream_consumer("clicks", "analytics")
+        .await
+        .unwrap()
+        .checkpoints(store.clone())
+        .start_at(StartPosition::Earliest);
+    while reader.poll(&handler).await.unwrap().handled > 0 {}
+    assert_eq!(seen.lock().unwrap().len(), 40);
+    // Per key order holds within a partition.
+    let order_for = |key: usize| -> Vec<usize> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s.parse::<usize>().ok())
+            .filter(|n| *n < 30 && n % 5 == key)
+            .collect()
+    };
+    for k in 0..5 {
+        let o = order_for(k);
+        assert!(o.windows(2).all(|w| w[0] < w[1]), "key {k}: {o:?}");
+    }
+    // A new reader of the same group resumes after the checkpoints: nothing new.
+    let mut again = bus
+        .stream_consumer("clicks", "analytics")
+        .await
+        .unwrap()
+        .checkpoints(store.clone())
+        .start_at(StartPosition::Earliest);
+    assert_eq!(again.poll(&handler).await.unwrap().handled, 0);
+    // Replay from a time gives exactly the 10 later events.
+    seen.lock().unwrap().clear();
+    again.replay(StartPosition::AtTime(middle));
+    while again.poll(&handler).await.unwrap().handled > 0 {}
+    let mut got: Vec<usize> = seen.lock().unwrap().iter().map(|s| s.parse().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, (30..40).collect::<Vec<_>>());
+    // Replay from the start gives all 40 again.
+    seen.lock().unwrap().clear();
+    again.replay(StartPosition::Earliest);
+    while again.poll(&handler).await.unwrap().handled > 0 {}
+    assert_eq!(seen.lock().unwrap().len(), 40);
+}
+
+#[tokio::test]
+async fn stream_failures_are_dead_lettered_not_skipped() {
+    let broker = MemoryBroker::new();
+    broker.ensure_log("s", 1).unwrap();
+    let bus = broker.bus();
+    bus.ensure_topic("s-dlq").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("s-dlq", "inspect")).await.unwrap();
+    let p = bus.publisher("s").await.unwrap();
+    p.publish(ev(1)).await.unwrap();
+    p.publish_raw(cloudbus::RawMessage::new("not an event")).await.unwrap();
+    p.publish(ev(2)).await.unwrap();
+    let failing = |e: Arc<Event>, _c: HandlerContext| async move {
+        use cloudbus::AttributesReader;
+        if e.subject() == Some("1") {
+            Err(HandlerError::retry("downstream down"))
+        } else {
+            Ok(())
+        }
+    };
+    // Without a dead-letter place the reader stops at the failing record.
+    let mut strict = bus
+        .stream_consumer("s", "g1")
+        .await
+        .unwrap()
+        .start_at(StartPosition::Earliest)
+        .retry(RetryPolicy::default().max_attempts(2).initial_backoff(Duration::from_millis(1)));
+    assert!(strict.poll(&failing).await.is_err());
+    // With one, both bad records go there with their reasons and the rest is handled.
+    let mut reader = bus
+        .stream_consumer("s", "g2")
+        .await
+        .unwrap()
+        .start_at(StartPosition::Earliest)
+        .retry(RetryPolicy::default().max_attempts(2).initial_backoff(Duration::from_millis(1)))
+        .dead_letter_to(bus.publisher("s-dlq").await.unwrap());
+    let report = reader.poll(&failing).await.unwrap();
+    assert_eq!((report.handled, report.dead_lettered), (1, 2));
+    let dlq = bus.consumer("s-dlq", "inspect").await.unwrap();
+    // The raw record is not a CloudEvent, so the DLQ consumer dead-letters it in turn;
+    // the failed event arrives with its reason.
+    let d = dlq.receive().await.unwrap();
+    use cloudbus::EventExt;
+    let reason = d.event().extension_str("deadletterreason").unwrap().to_owned();
+    assert!(reason.contains("max delivery attempts (2) exceeded"), "{reason}");
+    d.ack().await.unwrap();
+    let rest = dlq.receive_batch(10, Duration::from_millis(200)).await.unwrap();
+    assert!(rest.is_empty(), "the raw record must not reach the caller");
+    let raw_letters = bus.dead_letters("s-dlq", "inspect").await.unwrap().peek(10).await.unwrap();
+    assert_eq!(raw_letters.len(), 1);
+    match &raw_letters[0].payload {
+        cloudbus::Payload::Raw(r) => assert!(r.attributes["deadletterreason"].contains("not a CloudEvent")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn urls_open_named_brokers_and_name_missing_features() {
+    let a = cloudbus::connect("mem://url-test").await.unwrap();
+    a.ensure_topic("t").await.unwrap();
+    a.ensure_subscription(&SubscriptionSpec::new("t", "s")).await.unwrap();
+    // The same name is the same broker.
+    let b = cloudbus::connect("mem://url-test").await.unwrap();
+    b.publisher("t").await.unwrap().publish(ev(1)).await.unwrap();
+    assert!(a.consumer("t", "s").await.unwrap().receive().await.is_ok());
+    // Another name is another broker.
+    let c = cloudbus::connect("mem://other").await.unwrap();
+    let err = c.publisher("t").await.unwrap().publish(ev(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err = cloudbus::connect("sqs://queue").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    assert!(err.to_string().contains("`sqs`"), "{err}");
+    let err = cloudbus::connect("kafka://x").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(cloudbus::connect("not a url").await.is_err());
+}
+
+#[tokio::test]
+async fn worker_records_the_seed_metrics() {
+    use metrics_util::debugging::DebuggingRecorder;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _ = metrics::set_global_recorder(recorder);
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("m").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("m", "metered")).await.unwrap();
+    let p = bus.publisher("m").await.unwrap();
+    p.publish(ev(1)).await.unwrap();
+    p.publish(ev(2)).await.unwrap();
+    let c = bus.consumer("m", "metered").await.unwrap();
+    c.report_queue_depth().await;
+    let worker = c.subscribe(
+        |e: Arc<Event>, _c: HandlerContext| async move {
+            use cloudbus::AttributesReader;
+            if e.subject() == Some("2") {
+                Err(HandlerError::reject("bad"))
+            } else {
+                Ok(())
+            }
+        },
+        cloudbus::WorkerOptions::default(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while worker.stats().acked + worker.stats().dead_lettered < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    worker.shutdown(Duration::from_secs(1)).await;
+    let names: std::collections::HashSet<String> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, _)| key.key().name().to_owned())
+        .collect();
+    for want in [
+        "events_published_total",
+        "events_consumed_total",
+        "event_processing_duration_seconds",
+        "event_queue_depth",
+        "dlq_messages_total",
+        "event_lag_seconds",
+    ] {
+        assert!(names.contains(want), "metric {want} missing from {names:?}");
+    }
+}

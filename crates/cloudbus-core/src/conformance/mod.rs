@@ -1,1 +1,108 @@
-//! placeholder
+//! The conformance suite every provider runs from its tests (feature `conformance`).
+//!
+//! A provider implements [`Harness`] (a [`Bus`] on which the suite may create
+//! uniquely named topics and subscriptions) and calls [`conformance_suite!`] with it,
+//! which generates one `#[tokio::test]` per case, named after the case. Cases that
+//! need a capability the provider lacks print a SKIPPED line naming it and pass; every
+//! other failure fails the test.
+//!
+//! The cases cover Go CDK's drivertest, Watermill's pubsub tests and Dapr's
+//! conformance suite (see `cases`), plus dead-lettering, redrive, ordering, filters,
+//! delays, malformed input, publisher close and graceful shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::bus::Bus;
+use crate::capabilities::Capabilities;
+use crate::error::Result;
+
+pub mod cases;
+
+/// What a provider gives the suite.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// A bus on which the suite creates uniquely named topics and subscriptions.
+    async fn bus(&self) -> Result<Bus>;
+    /// The capabilities of the entities the suite creates.
+    fn capabilities(&self) -> Capabilities;
+    /// How long to wait for asynchronous delivery (emulators can be slow).
+    fn patience(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+    /// The shortest lease (ack deadline, visibility timeout) the provider honours.
+    fn short_lease(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    /// How subscriptions get their names made unique (some clouds limit length).
+    fn unique(&self, prefix: &str) -> String {
+        format!("{prefix}-{:08x}", fastrand::u32(..))
+    }
+}
+
+/// How a case ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// All checks held.
+    Passed,
+    /// The provider lacks a capability the case needs.
+    Skipped(String),
+}
+
+/// A boxed case future.
+pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome>> + Send + 'a>>;
+
+/// Runs one case and panics with its name and the error when it fails.
+pub async fn run_case<H: Harness>(name: &str, harness: &H, case: for<'a> fn(&'a dyn Harness) -> CaseFuture<'a>) {
+    match case(harness).await {
+        Ok(Outcome::Passed) => {}
+        Ok(Outcome::Skipped(why)) => {
+            eprintln!("SKIPPED conformance case {name}: the provider lacks {why}");
+        }
+        Err(e) => panic!("conformance case {name} failed: {e}"),
+    }
+}
+
+/// Generates one `#[tokio::test]` per conformance case over the harness that
+/// `$make` evaluates to (inside an async fn, so it may `.await`).
+///
+/// ```ignore
+/// cloudbus_core::conformance_suite!(MyHarness::new());
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!($make;
+            send_receive_one, publish_subscribe_100, json_text_and_binary_bodies,
+            metadata_round_trip, fan_out_two_subscriptions, competing_consumers_share_work,
+            nack_redelivers_with_next_attempt, nack_delay_is_honoured, double_ack_is_an_error,
+            unacked_is_redelivered_after_lease, extend_keeps_the_lease,
+            closed_publisher_fails, closed_consumer_fails, receive_can_be_cancelled,
+            send_to_missing_topic_is_not_found, receive_from_missing_subscription_is_not_found,
+            explicit_dead_letter_keeps_reason, dead_letter_after_max_attempts,
+            redrive_returns_to_source, purge_empties_dead_letters,
+            ordering_per_key_under_concurrency, filter_routing, delayed_delivery,
+            foreign_message_dead_lettered, broken_json_dead_lettered,
+            missing_required_attributes_dead_lettered, publisher_close_loses_none_of_10000,
+            graceful_shutdown_finishes_in_flight, failing_handler_is_retried_then_succeeds,
+            worker_dead_letters_after_max_attempts, topic_isolation,
+            continue_after_consumer_close, batch_reports_per_event_failures,
+            idempotent_consumer_skips_duplicates, trace_context_propagates
+        );
+    };
+    ($make:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $make;
+                $crate::conformance::run_case(stringify!($case), &harness, |h| {
+                    Box::pin($crate::conformance::cases::$case(h))
+                })
+                .await;
+            }
+        )+
+    };
+}
