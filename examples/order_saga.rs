@@ -47,7 +47,10 @@ struct Timeline {
 
 impl Timeline {
     fn log(&self, service: &str, line: impl std::fmt::Display) {
-        println!("[{:>6.1} ms] {service:<9} {line}", self.start.elapsed().as_secs_f64() * 1e3);
+        println!(
+            "[{:>6.1} ms] {service:<9} {line}",
+            self.start.elapsed().as_secs_f64() * 1e3
+        );
     }
 }
 
@@ -56,7 +59,12 @@ fn order_of(e: &Event) -> Result<Order, HandlerError> {
         .map_err(|err| HandlerError::reject(format!("unreadable order: {err}")))
 }
 
-fn follow_up(parent: &Event, name: &str, source: &str, order: &Order) -> Result<Event, HandlerError> {
+fn follow_up(
+    parent: &Event,
+    name: &str,
+    source: &str,
+    order: &Order,
+) -> Result<Event, HandlerError> {
     EventBuilder::new(ty(name), source)
         .subject(order.order_id.clone())
         .partition_key(order.order_id.clone())
@@ -77,32 +85,57 @@ struct Outcomes {
 #[tokio::main]
 async fn main() -> cloudbus::Result<()> {
     let bus = cloudbus::connect_from_env("mem://order-saga").await?;
-    let timeline = Timeline { start: Instant::now() };
+    let timeline = Timeline {
+        start: Instant::now(),
+    };
     println!("cloudbus order saga on {}://", bus.scheme());
     declare_topology(&bus).await?;
     let publisher = bus.publisher(TOPIC).await?;
     let outcomes = Arc::new(Outcomes::default());
     let legacy_currency_supported = Arc::new(AtomicBool::new(false));
-    let fast_retry = WorkerOptions::default()
-        .concurrency(8)
-        .retry(RetryPolicy::default().max_attempts(3).initial_backoff(Duration::from_millis(20)));
+    let fast_retry = WorkerOptions::default().concurrency(8).retry(
+        RetryPolicy::default()
+            .max_attempts(3)
+            .initial_backoff(Duration::from_millis(20)),
+    );
 
     // Payment: charges each order once (idempotent), declines some cards.
     let payment = {
-        let (p, t, legacy) = (publisher.clone(), timeline.clone(), legacy_currency_supported.clone());
+        let (p, t, legacy) = (
+            publisher.clone(),
+            timeline.clone(),
+            legacy_currency_supported.clone(),
+        );
         Idempotent::new(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let (p, t, legacy) = (p.clone(), t.clone(), legacy.clone());
                 async move {
                     let order = order_of(&e)?;
                     if order.currency != "EUR" && !legacy.load(Ordering::SeqCst) {
-                        t.log("payment", format!("{} REJECTED: currency {} unsupported", order.order_id, order.currency));
-                        return Err(HandlerError::reject(format!("unsupported currency {}", order.currency)));
+                        t.log(
+                            "payment",
+                            format!(
+                                "{} REJECTED: currency {} unsupported",
+                                order.order_id, order.currency
+                            ),
+                        );
+                        return Err(HandlerError::reject(format!(
+                            "unsupported currency {}",
+                            order.currency
+                        )));
                     }
                     let declined = order.amount_cents > 50_000;
-                    let next = if declined { "PaymentFailed" } else { "PaymentSucceeded" };
-                    t.log("payment", format!("{} {} cents -> {next}", order.order_id, order.amount_cents));
-                    p.publish(follow_up(&e, next, SOURCE_PAYMENT, &order)?).await?;
+                    let next = if declined {
+                        "PaymentFailed"
+                    } else {
+                        "PaymentSucceeded"
+                    };
+                    t.log(
+                        "payment",
+                        format!("{} {} cents -> {next}", order.order_id, order.amount_cents),
+                    );
+                    p.publish(follow_up(&e, next, SOURCE_PAYMENT, &order)?)
+                        .await?;
                     Ok(())
                 }
             },
@@ -110,7 +143,10 @@ async fn main() -> cloudbus::Result<()> {
         )
     };
     let duplicates = payment.duplicates();
-    let payment_worker = bus.consumer(TOPIC, "payment").await?.subscribe(payment, fast_retry.clone());
+    let payment_worker = bus
+        .consumer(TOPIC, "payment")
+        .await?
+        .subscribe(payment, fast_retry.clone());
 
     // Inventory: reserves stock for paid orders.
     let inventory_worker = {
@@ -121,7 +157,8 @@ async fn main() -> cloudbus::Result<()> {
                 async move {
                     let order = order_of(&e)?;
                     t.log("inventory", format!("{} stock reserved", order.order_id));
-                    p.publish(follow_up(&e, "StockReserved", SOURCE_INVENTORY, &order)?).await?;
+                    p.publish(follow_up(&e, "StockReserved", SOURCE_INVENTORY, &order)?)
+                        .await?;
                     Ok(())
                 }
             },
@@ -142,7 +179,8 @@ async fn main() -> cloudbus::Result<()> {
                     } else {
                         ("OrderCancelled", &o.cancelled)
                     };
-                    p.publish(follow_up(&e, next, SOURCE_ORDERS, &order)?).await?;
+                    p.publish(follow_up(&e, next, SOURCE_ORDERS, &order)?)
+                        .await?;
                     counter.fetch_add(1, Ordering::SeqCst);
                     t.log("order", format!("{} -> {next}", order.order_id));
                     Ok(())
@@ -161,8 +199,18 @@ async fn main() -> cloudbus::Result<()> {
                 async move {
                     let order = order_of(&e)?;
                     o.emails.fetch_add(1, Ordering::SeqCst);
-                    let what = if e.ty() == ty("OrderConfirmed") { "confirmed" } else { "cancelled" };
-                    t.log("email", format!("to {}: your order {} is {what}", order.customer, order.order_id));
+                    let what = if e.ty() == ty("OrderConfirmed") {
+                        "confirmed"
+                    } else {
+                        "cancelled"
+                    };
+                    t.log(
+                        "email",
+                        format!(
+                            "to {}: your order {} is {what}",
+                            order.customer, order.order_id
+                        ),
+                    );
                     Ok(())
                 }
             },
@@ -178,7 +226,8 @@ async fn main() -> cloudbus::Result<()> {
                 let o = o.clone();
                 async move {
                     if let Ok(mut m) = o.per_type.lock() {
-                        *m.entry(e.ty().trim_start_matches("com.example.saga.").to_owned()).or_default() += 1;
+                        *m.entry(e.ty().trim_start_matches("com.example.saga.").to_owned())
+                            .or_default() += 1;
                     }
                     Ok::<(), HandlerError>(())
                 }
@@ -193,7 +242,11 @@ async fn main() -> cloudbus::Result<()> {
         let order = Order {
             order_id: format!("order-{i}"),
             customer: format!("customer-{}", i % 3),
-            amount_cents: if i % 4 == 0 { 90_000 } else { 1_000 * u64::from(i) },
+            amount_cents: if i % 4 == 0 {
+                90_000
+            } else {
+                1_000 * u64::from(i)
+            },
             // The poison order: a currency Payment does not handle yet.
             currency: if i == 5 { "XTS".into() } else { "EUR".into() },
         };
@@ -202,13 +255,25 @@ async fn main() -> cloudbus::Result<()> {
             .partition_key(order.order_id.clone())
             .json(&order)?
             .build()?;
-        timeline.log("order", format!("{} created ({} cents {})", order.order_id, order.amount_cents, order.currency));
+        timeline.log(
+            "order",
+            format!(
+                "{} created ({} cents {})",
+                order.order_id, order.amount_cents, order.currency
+            ),
+        );
         publish(&publisher, event.clone()).await?;
         first_order.get_or_insert(event);
     }
     // At-least-once delivery means duplicates happen: send one on purpose.
     if let Some(dup) = first_order {
-        timeline.log("order", format!("{} published AGAIN (same id: a duplicate)", dup.subject().unwrap_or("?")));
+        timeline.log(
+            "order",
+            format!(
+                "{} published AGAIN (same id: a duplicate)",
+                dup.subject().unwrap_or("?")
+            ),
+        );
         publish(&publisher, dup).await?;
     }
 
@@ -216,7 +281,10 @@ async fn main() -> cloudbus::Result<()> {
     wait_for(&outcomes, ORDERS - 1, Duration::from_secs(10)).await;
     let dlq = bus.dead_letters(TOPIC, "payment").await?;
     let letters = dlq.peek(10).await?;
-    println!("\n--- payment dead-letter queue: {} message(s)", letters.len());
+    println!(
+        "\n--- payment dead-letter queue: {} message(s)",
+        letters.len()
+    );
     for l in &letters {
         println!(
             "    {} | reason: {} | attempts: {}",
@@ -232,19 +300,38 @@ async fn main() -> cloudbus::Result<()> {
     // Let email and analytics see the last events.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let mut dead_lettered = letters.len() as u64;
-    for w in [payment_worker, inventory_worker, order_worker, email_worker, analytics_worker] {
+    // Every worker finishes its in-flight work; their dead-letter counts add up.
+    let mut dead_lettered = 0;
+    for w in [
+        payment_worker,
+        inventory_worker,
+        order_worker,
+        email_worker,
+        analytics_worker,
+    ] {
         let report = w.shutdown(Duration::from_secs(5)).await;
-        dead_lettered = dead_lettered.max(report.dead_lettered);
+        dead_lettered += report.dead_lettered;
     }
     publisher.close().await?;
 
     println!("\n=== summary");
     println!("orders:          {ORDERS}");
-    println!("confirmed:       {}", outcomes.confirmed.load(Ordering::SeqCst));
-    println!("cancelled:       {}", outcomes.cancelled.load(Ordering::SeqCst));
-    println!("emails sent:     {}", outcomes.emails.load(Ordering::SeqCst));
-    println!("duplicates skipped by payment: {}", duplicates.load(Ordering::SeqCst));
+    println!(
+        "confirmed:       {}",
+        outcomes.confirmed.load(Ordering::SeqCst)
+    );
+    println!(
+        "cancelled:       {}",
+        outcomes.cancelled.load(Ordering::SeqCst)
+    );
+    println!(
+        "emails sent:     {}",
+        outcomes.emails.load(Ordering::SeqCst)
+    );
+    println!(
+        "duplicates skipped by payment: {}",
+        duplicates.load(Ordering::SeqCst)
+    );
     println!("dead-lettered:   {dead_lettered}");
     println!("redriven:        {redriven}");
     println!("events per type:");
@@ -253,7 +340,8 @@ async fn main() -> cloudbus::Result<()> {
             println!("  {t:<18} {n}");
         }
     }
-    let done = outcomes.confirmed.load(Ordering::SeqCst) + outcomes.cancelled.load(Ordering::SeqCst);
+    let done =
+        outcomes.confirmed.load(Ordering::SeqCst) + outcomes.cancelled.load(Ordering::SeqCst);
     if done != u64::from(ORDERS) {
         return Err(cloudbus::Error::new(
             cloudbus::ErrorKind::Timeout,
@@ -268,13 +356,23 @@ async fn declare_topology(bus: &Bus) -> cloudbus::Result<()> {
     let subs = [
         ("payment", Filter::eq("type", ty("OrderCreated"))),
         ("inventory", Filter::eq("type", ty("PaymentSucceeded"))),
-        ("order", Filter::one_of("type", [ty("StockReserved"), ty("PaymentFailed")])),
-        ("email", Filter::one_of("type", [ty("OrderConfirmed"), ty("OrderCancelled")])),
+        (
+            "order",
+            Filter::one_of("type", [ty("StockReserved"), ty("PaymentFailed")]),
+        ),
+        (
+            "email",
+            Filter::one_of("type", [ty("OrderConfirmed"), ty("OrderCancelled")]),
+        ),
         ("analytics", Filter::prefix("type", "com.example.saga.")),
     ];
     for (name, filter) in subs {
-        bus.ensure_subscription(&SubscriptionSpec::new(TOPIC, name).filter(filter).max_delivery_attempts(5))
-            .await?;
+        bus.ensure_subscription(
+            &SubscriptionSpec::new(TOPIC, name)
+                .filter(filter)
+                .max_delivery_attempts(5),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -285,7 +383,8 @@ async fn publish(p: &Publisher, e: Event) -> cloudbus::Result<()> {
 
 async fn wait_for(outcomes: &Outcomes, finished: u32, patience: Duration) {
     let until = Instant::now() + patience;
-    while outcomes.confirmed.load(Ordering::SeqCst) + outcomes.cancelled.load(Ordering::SeqCst) < u64::from(finished)
+    while outcomes.confirmed.load(Ordering::SeqCst) + outcomes.cancelled.load(Ordering::SeqCst)
+        < u64::from(finished)
         && Instant::now() < until
     {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -67,7 +67,10 @@ pub async fn connect(url: &str) -> Result<Bus> {
     match scheme {
         #[cfg(feature = "memory")]
         "mem" => {
-            let name = parsed.host_str().filter(|h| !h.is_empty()).unwrap_or("default");
+            let name = parsed
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .unwrap_or("default");
             Ok(memory::MemoryBroker::named(name).bus())
         }
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(

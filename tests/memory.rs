@@ -60,7 +60,9 @@ async fn full_subscription_refuses_with_resource_exhausted() {
     });
     let bus = broker.bus();
     bus.ensure_topic("t").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("t", "s")).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("t", "s"))
+        .await
+        .unwrap();
     let p = bus
         .publisher_with(
             "t",
@@ -173,7 +175,12 @@ async fn log_checkpoints_and_replay_by_position_and_time() {
     seen.lock().unwrap().clear();
     again.replay(StartPosition::AtTime(middle));
     while again.poll(&handler).await.unwrap().handled > 0 {}
-    let mut got: Vec<usize> = seen.lock().unwrap().iter().map(|s| s.parse().unwrap()).collect();
+    let mut got: Vec<usize> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
     got.sort();
     assert_eq!(got, (30..40).collect::<Vec<_>>());
     // Replay from the start gives all 40 again.
@@ -189,10 +196,14 @@ async fn stream_failures_are_dead_lettered_not_skipped() {
     broker.ensure_log("s", 1).unwrap();
     let bus = broker.bus();
     bus.ensure_topic("s-dlq").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("s-dlq", "inspect")).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("s-dlq", "inspect"))
+        .await
+        .unwrap();
     let p = bus.publisher("s").await.unwrap();
     p.publish(ev(1)).await.unwrap();
-    p.publish_raw(cloudbus::RawMessage::new("not an event")).await.unwrap();
+    p.publish_raw(cloudbus::RawMessage::new("not an event"))
+        .await
+        .unwrap();
     p.publish(ev(2)).await.unwrap();
     let failing = |e: Arc<Event>, _c: HandlerContext| async move {
         use cloudbus::AttributesReader;
@@ -208,7 +219,11 @@ async fn stream_failures_are_dead_lettered_not_skipped() {
         .await
         .unwrap()
         .start_at(StartPosition::Earliest)
-        .retry(RetryPolicy::default().max_attempts(2).initial_backoff(Duration::from_millis(1)));
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(2)
+                .initial_backoff(Duration::from_millis(1)),
+        );
     assert!(strict.poll(&failing).await.is_err());
     // With one, both bad records go there with their reasons and the rest is handled.
     let mut reader = bus
@@ -216,7 +231,11 @@ async fn stream_failures_are_dead_lettered_not_skipped() {
         .await
         .unwrap()
         .start_at(StartPosition::Earliest)
-        .retry(RetryPolicy::default().max_attempts(2).initial_backoff(Duration::from_millis(1)))
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(2)
+                .initial_backoff(Duration::from_millis(1)),
+        )
         .dead_letter_to(bus.publisher("s-dlq").await.unwrap());
     let report = reader.poll(&failing).await.unwrap();
     assert_eq!((report.handled, report.dead_lettered), (1, 2));
@@ -225,15 +244,33 @@ async fn stream_failures_are_dead_lettered_not_skipped() {
     // the failed event arrives with its reason.
     let d = dlq.receive().await.unwrap();
     use cloudbus::EventExt;
-    let reason = d.event().extension_str("deadletterreason").unwrap().to_owned();
-    assert!(reason.contains("max delivery attempts (2) exceeded"), "{reason}");
+    let reason = d
+        .event()
+        .extension_str("deadletterreason")
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("max delivery attempts (2) exceeded"),
+        "{reason}"
+    );
     d.ack().await.unwrap();
-    let rest = dlq.receive_batch(10, Duration::from_millis(200)).await.unwrap();
+    let rest = dlq
+        .receive_batch(10, Duration::from_millis(200))
+        .await
+        .unwrap();
     assert!(rest.is_empty(), "the raw record must not reach the caller");
-    let raw_letters = bus.dead_letters("s-dlq", "inspect").await.unwrap().peek(10).await.unwrap();
+    let raw_letters = bus
+        .dead_letters("s-dlq", "inspect")
+        .await
+        .unwrap()
+        .peek(10)
+        .await
+        .unwrap();
     assert_eq!(raw_letters.len(), 1);
     match &raw_letters[0].payload {
-        cloudbus::Payload::Raw(r) => assert!(r.attributes["deadletterreason"].contains("not a CloudEvent")),
+        cloudbus::Payload::Raw(r) => {
+            assert!(r.attributes["deadletterreason"].contains("not a CloudEvent"))
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -242,14 +279,27 @@ async fn stream_failures_are_dead_lettered_not_skipped() {
 async fn urls_open_named_brokers_and_name_missing_features() {
     let a = cloudbus::connect("mem://url-test").await.unwrap();
     a.ensure_topic("t").await.unwrap();
-    a.ensure_subscription(&SubscriptionSpec::new("t", "s")).await.unwrap();
+    a.ensure_subscription(&SubscriptionSpec::new("t", "s"))
+        .await
+        .unwrap();
     // The same name is the same broker.
     let b = cloudbus::connect("mem://url-test").await.unwrap();
-    b.publisher("t").await.unwrap().publish(ev(1)).await.unwrap();
+    b.publisher("t")
+        .await
+        .unwrap()
+        .publish(ev(1))
+        .await
+        .unwrap();
     assert!(a.consumer("t", "s").await.unwrap().receive().await.is_ok());
     // Another name is another broker.
     let c = cloudbus::connect("mem://other").await.unwrap();
-    let err = c.publisher("t").await.unwrap().publish(ev(1)).await.unwrap_err();
+    let err = c
+        .publisher("t")
+        .await
+        .unwrap()
+        .publish(ev(1))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     let err = cloudbus::connect("sqs://queue").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported);
@@ -267,7 +317,9 @@ async fn worker_records_the_seed_metrics() {
     let _ = metrics::set_global_recorder(recorder);
     let bus = MemoryBroker::new().bus();
     bus.ensure_topic("m").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("m", "metered")).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("m", "metered"))
+        .await
+        .unwrap();
     let p = bus.publisher("m").await.unwrap();
     p.publish(ev(1)).await.unwrap();
     p.publish(ev(2)).await.unwrap();
@@ -285,7 +337,9 @@ async fn worker_records_the_seed_metrics() {
         cloudbus::WorkerOptions::default(),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while worker.stats().acked + worker.stats().dead_lettered < 2 && std::time::Instant::now() < deadline {
+    while worker.stats().acked + worker.stats().dead_lettered < 2
+        && std::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     worker.shutdown(Duration::from_secs(1)).await;

@@ -51,8 +51,15 @@ impl Bus {
         Ok(Publisher::new(self.driver.topic(topic).await?))
     }
     /// A publisher for `topic`.
-    pub async fn publisher_with(&self, topic: &str, options: PublisherOptions) -> Result<Publisher> {
-        Ok(Publisher::with_options(self.driver.topic(topic).await?, options))
+    pub async fn publisher_with(
+        &self,
+        topic: &str,
+        options: PublisherOptions,
+    ) -> Result<Publisher> {
+        Ok(Publisher::with_options(
+            self.driver.topic(topic).await?,
+            options,
+        ))
     }
     /// A consumer of `subscription` on `topic`, named after the subscription.
     pub async fn consumer(&self, topic: &str, subscription: &str) -> Result<Consumer> {
@@ -82,7 +89,10 @@ impl Bus {
     }
     /// A stream consumer group over the partitioned log `stream`.
     pub async fn stream_consumer(&self, stream: &str, group: &str) -> Result<StreamConsumer> {
-        Ok(StreamConsumer::new(self.driver.stream(stream).await?, group))
+        Ok(StreamConsumer::new(
+            self.driver.stream(stream).await?,
+            group,
+        ))
     }
     /// Makes sure `topic` exists.
     pub async fn ensure_topic(&self, topic: &str) -> Result<()> {
@@ -94,7 +104,10 @@ impl Bus {
     }
     /// Deletes a subscription if it exists.
     pub async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
-        self.driver.topology().delete_subscription(topic, name).await
+        self.driver
+            .topology()
+            .delete_subscription(topic, name)
+            .await
     }
     /// The provider's bus driver, for escape hatches.
     pub fn driver(&self) -> &Arc<dyn BusDriver> {

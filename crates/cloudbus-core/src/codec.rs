@@ -458,7 +458,9 @@ mod tests {
         let codec = BinaryCodec::default();
         let foreign = codec.decode(&RawMessage::new("hello")).unwrap_err();
         assert_eq!(foreign.kind, DecodeErrorKind::NotACloudEvent);
-        let broken = codec.decode(&RawMessage::new("{\"specversion\":")).unwrap_err();
+        let broken = codec
+            .decode(&RawMessage::new("{\"specversion\":"))
+            .unwrap_err();
         assert_eq!(broken.kind, DecodeErrorKind::InvalidJson);
         let plain_json = codec.decode(&RawMessage::new("{\"a\":1}")).unwrap_err();
         assert_eq!(plain_json.kind, DecodeErrorKind::NotACloudEvent);
@@ -494,7 +496,8 @@ mod tests {
     #[test]
     fn structured_json_is_spec_shaped() {
         let e = rich_event();
-        let v: serde_json::Value = serde_json::from_slice(&to_structured_json(&e).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&to_structured_json(&e).unwrap()).unwrap();
         assert_eq!(v["specversion"], "1.0");
         assert_eq!(v["partitionkey"], "k1");
         assert_eq!(v["data"]["a"][2]["b"], "c");

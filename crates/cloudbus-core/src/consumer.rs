@@ -148,7 +148,12 @@ impl Consumer {
             } = msg;
             match event {
                 Ok(event) => {
-                    if self.inner.filter.as_ref().is_some_and(|f| !f.matches(&event)) {
+                    if self
+                        .inner
+                        .filter
+                        .as_ref()
+                        .is_some_and(|f| !f.matches(&event))
+                    {
                         filtered_out.push((token, Settlement::Ack));
                         continue;
                     }
@@ -167,9 +172,7 @@ impl Consumer {
                 Err((raw, decode_error)) => {
                     let reason = format!("malformed: {decode_error}");
                     tracing::warn!(consumer = %self.inner.name, %reason, "dead-lettering a message that is not a valid CloudEvent");
-                    self.inner
-                        .dead_letter_raw(token, raw, reason)
-                        .await?;
+                    self.inner.dead_letter_raw(token, raw, reason).await?;
                 }
             }
         }
@@ -186,7 +189,11 @@ impl Consumer {
 
     /// Settles many deliveries the same way in as few provider calls as possible.
     /// One result per delivery; a delivery settled before gets [`ErrorKind::AlreadySettled`].
-    pub async fn settle_all(&self, deliveries: &[Delivery], settlement: Settlement) -> Vec<Result<()>> {
+    pub async fn settle_all(
+        &self,
+        deliveries: &[Delivery],
+        settlement: Settlement,
+    ) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = (0..deliveries.len()).map(|_| None).collect();
         let mut items = Vec::with_capacity(deliveries.len());
         let mut idx = Vec::with_capacity(deliveries.len());
@@ -317,7 +324,12 @@ impl ConsumerInner {
     }
 
     /// Dead-letters a message that could not be decoded.
-    async fn dead_letter_raw(&self, token: AckToken, raw: RawMessage, reason: String) -> Result<()> {
+    async fn dead_letter_raw(
+        &self,
+        token: AckToken,
+        raw: RawMessage,
+        reason: String,
+    ) -> Result<()> {
         if !self.caps.native_dead_letter {
             let Some(sink) = self.sink() else {
                 // Nothing may be lost: leave it unsettled so the provider redelivers it

@@ -359,8 +359,11 @@ pub trait BusDriver: Send + Sync + 'static {
     /// A sender for `topic`. Opening is lazy: a missing topic fails on first send.
     async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>>;
     /// A receiver for `subscription` of `topic`.
-    async fn subscription(&self, topic: &str, subscription: &str)
-    -> Result<Arc<dyn SubscriptionDriver>>;
+    async fn subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn SubscriptionDriver>>;
     /// The dead-letter place of `subscription` of `topic`.
     async fn dead_letters(
         &self,

@@ -338,7 +338,10 @@ impl EventExt for Event {
         result.map_err(|e| {
             Error::with_source(
                 ErrorKind::InvalidArgument,
-                format!("data of event {} does not match the expected type", self.id()),
+                format!(
+                    "data of event {} does not match the expected type",
+                    self.id()
+                ),
                 e,
             )
         })

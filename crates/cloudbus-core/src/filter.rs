@@ -137,8 +137,9 @@ impl Filter {
     /// Evaluates the filter against an event, in process.
     pub fn matches(&self, event: &Event) -> bool {
         match self {
-            Filter::Equals { attribute, values } => attribute_text(event, attribute)
-                .is_some_and(|v| values.iter().any(|x| *x == v)),
+            Filter::Equals { attribute, values } => {
+                attribute_text(event, attribute).is_some_and(|v| values.contains(&v))
+            }
             Filter::Prefix { attribute, prefix } => {
                 attribute_text(event, attribute).is_some_and(|v| v.starts_with(prefix.as_str()))
             }
@@ -154,8 +155,9 @@ impl Filter {
             Filter::Exists { attribute, present } => {
                 attribute_text(event, attribute).is_some() == *present
             }
-            Filter::AnythingBut { attribute, values } => attribute_text(event, attribute)
-                .is_some_and(|v| values.iter().all(|x| *x != v)),
+            Filter::AnythingBut { attribute, values } => {
+                attribute_text(event, attribute).is_some_and(|v| values.iter().all(|x| *x != v))
+            }
             Filter::And(all) => all.iter().all(|f| f.matches(event)),
             Filter::Or(any) => any.iter().any(|f| f.matches(event)),
         }

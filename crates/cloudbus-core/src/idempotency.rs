@@ -192,14 +192,29 @@ mod tests {
     #[tokio::test]
     async fn claims_expire_and_bound_holds() {
         let s = MemoryDedupStore::new(2);
-        assert_eq!(s.claim("a", Duration::from_millis(1)).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            s.claim("a", Duration::from_millis(1)).await.unwrap(),
+            Claim::Claimed
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(s.claim("a", Duration::from_secs(9)).await.unwrap(), Claim::Claimed);
-        assert_eq!(s.claim("a", Duration::from_secs(9)).await.unwrap(), Claim::InProgress);
-        assert_eq!(s.claim("b", Duration::from_secs(9)).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            s.claim("a", Duration::from_secs(9)).await.unwrap(),
+            Claim::Claimed
+        );
+        assert_eq!(
+            s.claim("a", Duration::from_secs(9)).await.unwrap(),
+            Claim::InProgress
+        );
+        assert_eq!(
+            s.claim("b", Duration::from_secs(9)).await.unwrap(),
+            Claim::Claimed
+        );
         let err = s.claim("c", Duration::from_secs(9)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
         s.release("a").await.unwrap();
-        assert_eq!(s.claim("c", Duration::from_secs(9)).await.unwrap(), Claim::Claimed);
+        assert_eq!(
+            s.claim("c", Duration::from_secs(9)).await.unwrap(),
+            Claim::Claimed
+        );
     }
 }

@@ -36,8 +36,8 @@ pub use codec::{BinaryCodec, DecodeError, DecodeErrorKind, RawMessage};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, describe_payload};
 pub use dead_letters::DeadLetters;
 pub use driver::{
-    AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, OutgoingMessage, Payload, PublishOptions,
-    ReceivedMessage, Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver,
+    AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, OutgoingMessage, Payload,
+    PublishOptions, ReceivedMessage, Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver,
     TopologyDriver,
 };
 pub use error::{Error, ErrorKind, Result};

@@ -233,7 +233,10 @@ impl Publisher {
     }
 
     /// [`publish_batch`](Self::publish_batch) with options per event.
-    pub async fn publish_batch_with(&self, events: Vec<(Event, PublishOptions)>) -> Vec<Result<()>> {
+    pub async fn publish_batch_with(
+        &self,
+        events: Vec<(Event, PublishOptions)>,
+    ) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
             .map(|(mut e, o)| {
@@ -253,7 +256,8 @@ impl Publisher {
                 .collect();
         }
         let lanes = self.inner.options.lanes.max(1);
-        let mut per_lane: Vec<Vec<(usize, OutgoingMessage)>> = (0..lanes).map(|_| Vec::new()).collect();
+        let mut per_lane: Vec<Vec<(usize, OutgoingMessage)>> =
+            (0..lanes).map(|_| Vec::new()).collect();
         for (i, msg) in msgs.into_iter().enumerate() {
             match check(&self.inner.caps, &msg) {
                 Err(e) => results[i] = Some(Err(e)),
@@ -271,7 +275,8 @@ impl Publisher {
             async move {
                 let mut out = Vec::with_capacity(lane.len());
                 for chunk in chunk_by_limits(lane, caps) {
-                    let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) = chunk.into_iter().unzip();
+                    let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) =
+                        chunk.into_iter().unzip();
                     let res = send_with_retry(driver.as_ref(), &msgs, retry).await;
                     record_published(&msgs, &res);
                     out.extend(indices.into_iter().zip(res));
@@ -286,7 +291,9 @@ impl Publisher {
         }
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "event was not sent"))))
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "event was not sent")))
+            })
             .collect()
     }
 
@@ -336,9 +343,7 @@ fn check(caps: &Capabilities, msg: &OutgoingMessage) -> Result<()> {
     if let Some(delay) = msg.delay.filter(|d| !d.is_zero()) {
         match caps.max_delay {
             None => {
-                return Err(Error::unsupported(
-                    "this provider cannot delay delivery",
-                ));
+                return Err(Error::unsupported("this provider cannot delay delivery"));
             }
             Some(max) if delay > max => {
                 return Err(Error::invalid(format!(
@@ -359,7 +364,9 @@ fn chunk_by_limits<T: HasSize>(items: Vec<T>, caps: &Capabilities) -> Vec<Vec<T>
     let mut bytes = 0;
     for item in items {
         let size = item.size();
-        if !current.is_empty() && (current.len() >= max_count || bytes + size > caps.max_batch_bytes) {
+        if !current.is_empty()
+            && (current.len() >= max_count || bytes + size > caps.max_batch_bytes)
+        {
             chunks.push(std::mem::take(&mut current));
             bytes = 0;
         }
@@ -412,7 +419,11 @@ pub(crate) async fn send_with_retry(
             Ok(per) => {
                 let e = Error::new(
                     ErrorKind::Internal,
-                    format!("driver returned {} results for {} events", per.len(), todo.len()),
+                    format!(
+                        "driver returned {} results for {} events",
+                        per.len(),
+                        todo.len()
+                    ),
                 );
                 for &i in &todo {
                     results[i] = Some(Err(e.clone()));
@@ -499,7 +510,8 @@ impl LaneWorker {
                 bytes += job.msg.size;
                 batch.push(job);
             }
-            let (msgs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|j| (j.msg, j.reply)).unzip();
+            let (msgs, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|j| (j.msg, j.reply)).unzip();
             let span = tracing::debug_span!("cloudbus.publish", events = msgs.len());
             let results = send_with_retry(self.driver.as_ref(), &msgs, &self.options.retry)
                 .instrument(span)
@@ -536,10 +548,12 @@ impl Future for PublishHandle {
     type Output = Result<()>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         match &mut self.state {
-            HandleState::Ready(r) => Poll::Ready(
-                r.take()
-                    .unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "handle polled after completion"))),
-            ),
+            HandleState::Ready(r) => Poll::Ready(r.take().unwrap_or_else(|| {
+                Err(Error::new(
+                    ErrorKind::Internal,
+                    "handle polled after completion",
+                ))
+            })),
             HandleState::Waiting(rx) => Pin::new(rx).poll(cx).map(|r| {
                 r.unwrap_or_else(|_| Err(Error::closed("publisher stopped before sending")))
             }),
@@ -575,12 +589,19 @@ mod tests {
                     .data("text/plain", "x".repeat(300))
                     .build()
                     .unwrap();
-                (i, OutgoingMessage::new(Arc::new(e), PublishOptions::default()))
+                (
+                    i,
+                    OutgoingMessage::new(Arc::new(e), PublishOptions::default()),
+                )
             })
             .collect();
         let chunks = chunk_by_limits(items, &caps);
         assert!(chunks.iter().all(|c| c.len() <= 3));
-        assert!(chunks.iter().all(|c| c.iter().map(|x| x.1.size).sum::<usize>() <= 1000));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c.iter().map(|x| x.1.size).sum::<usize>() <= 1000)
+        );
         assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 7);
     }
 }

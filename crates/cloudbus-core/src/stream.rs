@@ -117,7 +117,10 @@ impl CheckpointStore for MemoryCheckpointStore {
             .map
             .lock()
             .map_err(|_| Error::new(ErrorKind::Internal, "checkpoint lock poisoned"))?;
-        map.insert((group.to_owned(), partition.to_owned()), sequence.to_owned());
+        map.insert(
+            (group.to_owned(), partition.to_owned()),
+            sequence.to_owned(),
+        );
         Ok(())
     }
 }
@@ -298,11 +301,16 @@ impl StreamConsumer {
     }
 
     /// Handles one record with retries; `Ok(false)` when it was dead-lettered.
-    async fn handle_record<H: Handler + ?Sized>(&self, handler: &H, record: &StreamRecord) -> Result<bool> {
+    async fn handle_record<H: Handler + ?Sized>(
+        &self,
+        handler: &H,
+        record: &StreamRecord,
+    ) -> Result<bool> {
         let event = match &record.event {
             Ok(e) => e.clone(),
             Err((raw, err)) => {
-                self.dead_letter_raw(record, raw, format!("malformed: {err}")).await?;
+                self.dead_letter_raw(record, raw, format!("malformed: {err}"))
+                    .await?;
                 return Ok(false);
             }
         };
@@ -349,7 +357,12 @@ impl StreamConsumer {
         }
     }
 
-    async fn dead_letter_raw(&self, record: &StreamRecord, raw: &RawMessage, reason: String) -> Result<()> {
+    async fn dead_letter_raw(
+        &self,
+        record: &StreamRecord,
+        raw: &RawMessage,
+        reason: String,
+    ) -> Result<()> {
         let Some(sink) = &self.dead_letter else {
             return Err(Error::new(
                 ErrorKind::Malformed,

@@ -104,8 +104,7 @@ impl TraceContext {
     pub fn parse(s: &str) -> Option<Self> {
         let mut parts = s.trim().split('-');
         let (v, t, p, f) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || v != "00" || t.len() != 32 || p.len() != 16 || f.len() != 2
-        {
+        if parts.next().is_some() || v != "00" || t.len() != 32 || p.len() != 16 || f.len() != 2 {
             return None;
         }
         let trace_id = u128::from_str_radix(t, 16).ok()?;

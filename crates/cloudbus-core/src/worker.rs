@@ -236,7 +236,11 @@ type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Permits)>>>>;
 type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
 impl Worker {
-    pub(crate) fn start(consumer: Consumer, handler: Arc<dyn Handler>, options: WorkerOptions) -> Worker {
+    pub(crate) fn start(
+        consumer: Consumer,
+        handler: Arc<dyn Handler>,
+        options: WorkerOptions,
+    ) -> Worker {
         let (stop_pulling, stop_rx) = watch::channel(false);
         let (hard_stop, hard_rx) = watch::channel(false);
         let stats = Arc::new(WorkerStats::default());
@@ -348,7 +352,9 @@ impl WorkerLoop {
                     }
                     Some(key) => {
                         let busy = {
-                            let Ok(mut lanes) = this.lanes.lock() else { break };
+                            let Ok(mut lanes) = this.lanes.lock() else {
+                                break;
+                            };
                             match lanes.get_mut(&key) {
                                 Some(q) => {
                                     q.push_back((delivery, permits));
@@ -376,7 +382,9 @@ impl WorkerLoop {
         let mut next = Some((first, permits));
         while let Some((delivery, permits)) = next.take() {
             self.process(delivery, permits).await;
-            let Ok(mut lanes) = self.lanes.lock() else { return };
+            let Ok(mut lanes) = self.lanes.lock() else {
+                return;
+            };
             match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
                 Some(item) => next = Some(item),
                 None => {
@@ -406,9 +414,10 @@ impl WorkerLoop {
             trace,
         };
         let started = Instant::now();
-        let handling = std::panic::AssertUnwindSafe(trace.scope(self.handler.handle(event.clone(), ctx)))
-            .catch_unwind()
-            .instrument(span.clone());
+        let handling =
+            std::panic::AssertUnwindSafe(trace.scope(self.handler.handle(event.clone(), ctx)))
+                .catch_unwind()
+                .instrument(span.clone());
         let mut hard_stop = self.hard_stop.clone();
         let outcome = tokio::select! {
             r = handling => Some(r),
@@ -462,10 +471,7 @@ impl WorkerLoop {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(attempt, %message, "last attempt failed; dead-lettering");
             delivery
-                .dead_letter_with(
-                    format!("max delivery attempts ({max}) exceeded"),
-                    message,
-                )
+                .dead_letter_with(format!("max delivery attempts ({max}) exceeded"), message)
                 .await
         } else {
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
@@ -478,7 +484,11 @@ impl WorkerLoop {
     /// Extends the lease at half its length for as long as the handler runs; never returns.
     async fn extend_while_running(&self, delivery: &Delivery) {
         let lease = match delivery.lease() {
-            Some(l) if self.options.extend_leases && self.consumer.capabilities().lease_extension => l,
+            Some(l)
+                if self.options.extend_leases && self.consumer.capabilities().lease_extension =>
+            {
+                l
+            }
             _ => return std::future::pending().await,
         };
         let every = (lease / 2).max(Duration::from_millis(50));

@@ -198,7 +198,13 @@ impl MemoryBroker {
     }
 
     fn log(&self, name: &str) -> Result<Option<Arc<Log>>> {
-        Ok(self.inner.logs.read().map_err(|_| poisoned())?.get(name).cloned())
+        Ok(self
+            .inner
+            .logs
+            .read()
+            .map_err(|_| poisoned())?
+            .get(name)
+            .cloned())
     }
 
     fn subscription(&self, topic: &str, name: &str) -> Result<Arc<Subscription>> {
@@ -208,7 +214,9 @@ impl MemoryBroker {
             .find(|s| s.name == name)
             .cloned()
             .ok_or_else(|| {
-                Error::not_found(format!("subscription {name:?} of topic {topic:?} does not exist"))
+                Error::not_found(format!(
+                    "subscription {name:?} of topic {topic:?} does not exist"
+                ))
             })
     }
 
@@ -250,7 +258,13 @@ impl MemoryBroker {
         for s in &subs {
             guards.push(s.lock()?);
         }
-        let accepted = || batch.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(m, _)| m);
+        let accepted = || {
+            batch
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(m, _)| m)
+        };
         for (s, g) in subs.iter().zip(&guards) {
             let (n, bytes) = accepted()
                 .filter(|m| matches_filter(&g.spec, m))
@@ -384,7 +398,8 @@ impl TopicDriver for MemoryTopic {
         self.broker.capabilities()
     }
     async fn close(&self) -> Result<()> {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
     fn as_any(&self) -> &dyn Any {
@@ -517,7 +532,8 @@ impl SubscriptionDriver for MemorySubscription {
     }
 
     async fn close(&self) -> Result<()> {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(s) = self.resolved.get() {
             s.notify.notify_waiters();
         }

@@ -24,7 +24,9 @@ pub(crate) struct Log {
 impl Log {
     pub fn new(partitions: usize, max_records_per_partition: usize) -> Self {
         Log {
-            partitions: (0..partitions.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            partitions: (0..partitions.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             max_records_per_partition,
         }
     }

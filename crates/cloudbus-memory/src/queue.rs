@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use cloudbus_core::{
-    DeadLetter, Error, ErrorKind, Payload, Result, Settlement, SubscriptionSpec,
-};
+use cloudbus_core::{DeadLetter, Error, ErrorKind, Payload, Result, Settlement, SubscriptionSpec};
 
 /// One message as the subscription keeps it.
 #[derive(Clone, Debug)]
@@ -274,9 +272,16 @@ impl SubState {
                 description,
             } => match self.dead_letter(flight.msg, reason.clone(), description.clone(), now) {
                 Ok(woke) => woke,
-                Err((msg, e)) => {
+                Err(refused) => {
+                    let (msg, e) = *refused;
                     // The dead-letter list is full: keep the message in flight.
-                    self.inflight.insert(token, InFlight { msg, deadline: flight.deadline });
+                    self.inflight.insert(
+                        token,
+                        InFlight {
+                            msg,
+                            deadline: flight.deadline,
+                        },
+                    );
                     return Err(e);
                 }
             },
@@ -302,8 +307,8 @@ impl SubState {
             let reason = format!("max delivery attempts ({max}) exceeded");
             return match self.dead_letter(msg, reason, format!("last delivery {why}"), now) {
                 Ok(woke) => woke,
-                Err((msg, _)) => {
-                    self.ready.push_front(msg);
+                Err(refused) => {
+                    self.ready.push_front(refused.0);
                     true
                 }
             };
@@ -327,9 +332,9 @@ impl SubState {
         reason: String,
         description: String,
         now: Instant,
-    ) -> std::result::Result<bool, (Msg, Error)> {
+    ) -> std::result::Result<bool, Box<(Msg, Error)>> {
         if self.dead.len() >= self.limits.max_dead_letters {
-            return Err((
+            return Err(Box::new((
                 msg,
                 Error::new(
                     ErrorKind::ResourceExhausted,
@@ -338,7 +343,7 @@ impl SubState {
                         self.limits.max_dead_letters
                     ),
                 ),
-            ));
+            )));
         }
         self.count -= 1;
         self.bytes -= msg.size;
@@ -373,7 +378,9 @@ impl SubState {
         let mut moved = 0;
         let mut woke = false;
         while moved < limit {
-            let Some(front) = self.dead.front() else { break };
+            let Some(front) = self.dead.front() else {
+                break;
+            };
             if !self.has_room(1, front.msg.size) {
                 if moved == 0 {
                     return Err(Error::new(
@@ -383,7 +390,9 @@ impl SubState {
                 }
                 break;
             }
-            let Some(entry) = self.dead.pop_front() else { break };
+            let Some(entry) = self.dead.pop_front() else {
+                break;
+            };
             let mut msg = entry.msg;
             msg.attempts = 0;
             msg.is_head = false;

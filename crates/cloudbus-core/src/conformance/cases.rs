@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Harness, Outcome};
+use crate::Bus;
 use crate::capabilities::FilterSupport;
 use crate::codec::RawMessage;
 use crate::consumer::{Consumer, Delivery};
@@ -18,7 +19,6 @@ use crate::publisher::Publisher;
 use crate::retry::RetryPolicy;
 use crate::telemetry::TraceContext;
 use crate::worker::{HandlerContext, HandlerError, WorkerOptions};
-use crate::Bus;
 
 macro_rules! check {
     ($cond:expr, $($msg:tt)+) => {
@@ -45,12 +45,16 @@ struct Fixture {
     consumer: Consumer,
 }
 
-async fn fixture(h: &dyn Harness, tune: impl FnOnce(SubscriptionSpec) -> SubscriptionSpec) -> Result<Fixture> {
+async fn fixture(
+    h: &dyn Harness,
+    tune: impl FnOnce(SubscriptionSpec) -> SubscriptionSpec,
+) -> Result<Fixture> {
     let bus = h.bus().await?;
     let topic = h.unique("t");
     let sub = h.unique("s");
     bus.ensure_topic(&topic).await?;
-    bus.ensure_subscription(&tune(SubscriptionSpec::new(&topic, &sub))).await?;
+    bus.ensure_subscription(&tune(SubscriptionSpec::new(&topic, &sub)))
+        .await?;
     let publisher = bus.publisher(&topic).await?;
     let consumer = bus.consumer(&topic, &sub).await?;
     Ok(Fixture {
@@ -91,7 +95,11 @@ async fn quiet(consumer: &Consumer, window: Duration) -> Result<Vec<Delivery>> {
     let mut out = Vec::new();
     while Instant::now() < until {
         let left = until.saturating_duration_since(Instant::now());
-        out.extend(consumer.receive_batch(10, left.min(Duration::from_millis(500))).await?);
+        out.extend(
+            consumer
+                .receive_batch(10, left.min(Duration::from_millis(500)))
+                .await?,
+        );
     }
     Ok(out)
 }
@@ -123,7 +131,11 @@ pub async fn send_receive_one(h: &dyn Harness) -> Result<Outcome> {
     check!(got.len() == 1, "expected one delivery, got {}", got.len());
     check!(got[0].event().id() == e.id(), "id changed");
     check!(got[0].event().data() == e.data(), "data changed");
-    check!(got[0].attempt() == 1, "first attempt is {}", got[0].attempt());
+    check!(
+        got[0].attempt() == 1,
+        "first attempt is {}",
+        got[0].attempt()
+    );
     got[0].ack().await?;
     Ok(Outcome::Passed)
 }
@@ -135,11 +147,19 @@ pub async fn publish_subscribe_100(h: &dyn Harness) -> Result<Outcome> {
     let want: HashSet<String> = evs.iter().map(|e| e.id().to_owned()).collect();
     publish_all(&f.publisher, evs).await?;
     let got = drain(&f.consumer, 100, h.patience()).await?;
-    check!(ids(&got) == want, "received {} distinct of 100", ids(&got).len());
+    check!(
+        ids(&got) == want,
+        "received {} distinct of 100",
+        ids(&got).len()
+    );
     check!(got.len() == 100, "{} deliveries for 100 events", got.len());
     ack_all(&f.consumer, &got).await?;
     let extra = quiet(&f.consumer, Duration::from_millis(500)).await?;
-    check!(extra.is_empty(), "{} unexpected redeliveries after ack", extra.len());
+    check!(
+        extra.is_empty(),
+        "{} unexpected redeliveries after ack",
+        extra.len()
+    );
     Ok(Outcome::Passed)
 }
 
@@ -154,7 +174,10 @@ pub async fn json_text_and_binary_bodies(h: &dyn Harness) -> Result<Outcome> {
             .data("text/plain", "héllo, wörld")
             .build()?,
         EventBuilder::new("conformance.body", "/c")
-            .data("application/octet-stream", vec![0u8, 0xff, 0xfe, 0x80, 10, 13])
+            .data(
+                "application/octet-stream",
+                vec![0u8, 0xff, 0xfe, 0x80, 10, 13],
+            )
             .build()?,
     ];
     for e in &sent {
@@ -164,10 +187,21 @@ pub async fn json_text_and_binary_bodies(h: &dyn Harness) -> Result<Outcome> {
     check!(got.len() == 3, "got {}", got.len());
     for e in &sent {
         let Some(d) = got.iter().find(|d| d.event().id() == e.id()) else {
-            return Err(Error::new(ErrorKind::Internal, format!("event {} missing", e.id())));
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("event {} missing", e.id()),
+            ));
         };
-        check!(d.event().data() == e.data(), "data of {} changed: {:?}", e.id(), d.event().data());
-        check!(d.event().datacontenttype() == e.datacontenttype(), "content type changed");
+        check!(
+            d.event().data() == e.data(),
+            "data of {} changed: {:?}",
+            e.id(),
+            d.event().data()
+        );
+        check!(
+            d.event().datacontenttype() == e.datacontenttype(),
+            "content type changed"
+        );
     }
     ack_all(&f.consumer, &got).await?;
     Ok(Outcome::Passed)
@@ -194,7 +228,10 @@ pub async fn metadata_round_trip(h: &dyn Harness) -> Result<Outcome> {
     check!(got.len() == 1, "got {}", got.len());
     let r = got[0].event();
     check!(*r == e, "event changed in transit:\nsent {e:?}\ngot  {r:?}");
-    check!(r.extensions_text() == e.extensions_text(), "extensions changed");
+    check!(
+        r.extensions_text() == e.extensions_text(),
+        "extensions changed"
+    );
     got[0].ack().await?;
     Ok(Outcome::Passed)
 }
@@ -204,14 +241,21 @@ pub async fn fan_out_two_subscriptions(h: &dyn Harness) -> Result<Outcome> {
     need!(h.capabilities().fan_out, "fan-out");
     let f = fixture(h, |s| s).await?;
     let second = h.unique("s2");
-    f.bus.ensure_subscription(&SubscriptionSpec::new(&f.topic, &second)).await?;
+    f.bus
+        .ensure_subscription(&SubscriptionSpec::new(&f.topic, &second))
+        .await?;
     let other = f.bus.consumer(&f.topic, &second).await?;
     let evs = events("conformance.fanout", 10)?;
     let want: HashSet<String> = evs.iter().map(|e| e.id().to_owned()).collect();
     publish_all(&f.publisher, evs).await?;
     for c in [&f.consumer, &other] {
         let got = drain(c, 10, h.patience()).await?;
-        check!(ids(&got) == want, "{} got {} of 10", c.name(), ids(&got).len());
+        check!(
+            ids(&got) == want,
+            "{} got {} of 10",
+            c.name(),
+            ids(&got).len()
+        );
         ack_all(c, &got).await?;
     }
     Ok(Outcome::Passed)
@@ -229,7 +273,10 @@ pub async fn competing_consumers_share_work(h: &dyn Harness) -> Result<Outcome> 
             let mut got = Vec::new();
             let until = Instant::now() + patience;
             while Instant::now() < until {
-                let batch = f.consumer.receive_batch(5, Duration::from_millis(300)).await?;
+                let batch = f
+                    .consumer
+                    .receive_batch(5, Duration::from_millis(300))
+                    .await?;
                 if batch.is_empty() && !got.is_empty() {
                     break;
                 }
@@ -256,7 +303,12 @@ pub async fn competing_consumers_share_work(h: &dyn Harness) -> Result<Outcome> 
     );
     let (a, b) = (a?, b?);
     let all: HashSet<&String> = a.iter().chain(b.iter()).collect();
-    check!(a.len() + b.len() == 50, "{} + {} deliveries for 50 events", a.len(), b.len());
+    check!(
+        a.len() + b.len() == 50,
+        "{} + {} deliveries for 50 events",
+        a.len(),
+        b.len()
+    );
     check!(all.len() == 50, "{} distinct of 50", all.len());
     Ok(Outcome::Passed)
 }
@@ -270,8 +322,15 @@ pub async fn nack_redelivers_with_next_attempt(h: &dyn Harness) -> Result<Outcom
     first[0].nack(Duration::ZERO).await?;
     let again = drain(&f.consumer, 1, h.patience()).await?;
     check!(again.len() == 1, "not redelivered after nack");
-    check!(again[0].event().id() == first[0].event().id(), "a different event came back");
-    check!(again[0].attempt() == 2, "attempt after one nack is {}", again[0].attempt());
+    check!(
+        again[0].event().id() == first[0].event().id(),
+        "a different event came back"
+    );
+    check!(
+        again[0].attempt() == 2,
+        "attempt after one nack is {}",
+        again[0].attempt()
+    );
     again[0].ack().await?;
     Ok(Outcome::Passed)
 }
@@ -280,17 +339,27 @@ pub async fn nack_redelivers_with_next_attempt(h: &dyn Harness) -> Result<Outcom
 pub async fn nack_delay_is_honoured(h: &dyn Harness) -> Result<Outcome> {
     need!(h.capabilities().nack_delay, "nack delays");
     let f = fixture(h, |s| s).await?;
-    f.publisher.publish(event("conformance.nackdelay", 0)?).await?;
+    f.publisher
+        .publish(event("conformance.nackdelay", 0)?)
+        .await?;
     let first = drain(&f.consumer, 1, h.patience()).await?;
     check!(first.len() == 1, "got {}", first.len());
     let delay = Duration::from_secs(2);
     let nacked_at = Instant::now();
     first[0].nack(delay).await?;
     let early = quiet(&f.consumer, Duration::from_millis(1000)).await?;
-    check!(early.is_empty(), "redelivered {:?} after nack({delay:?})", nacked_at.elapsed());
+    check!(
+        early.is_empty(),
+        "redelivered {:?} after nack({delay:?})",
+        nacked_at.elapsed()
+    );
     let again = drain(&f.consumer, 1, h.patience()).await?;
     check!(again.len() == 1, "never redelivered");
-    check!(nacked_at.elapsed() >= delay - Duration::from_millis(100), "redelivered after {:?}", nacked_at.elapsed());
+    check!(
+        nacked_at.elapsed() >= delay - Duration::from_millis(100),
+        "redelivered after {:?}",
+        nacked_at.elapsed()
+    );
     again[0].ack().await?;
     Ok(Outcome::Passed)
 }
@@ -303,11 +372,20 @@ pub async fn double_ack_is_an_error(h: &dyn Harness) -> Result<Outcome> {
     check!(got.len() == 1, "got {}", got.len());
     got[0].ack().await?;
     let twice = got[0].ack().await;
-    check!(matches!(&twice, Err(e) if e.kind() == ErrorKind::AlreadySettled), "second ack: {twice:?}");
+    check!(
+        matches!(&twice, Err(e) if e.kind() == ErrorKind::AlreadySettled),
+        "second ack: {twice:?}"
+    );
     let nack = got[0].nack(Duration::ZERO).await;
-    check!(matches!(&nack, Err(e) if e.kind() == ErrorKind::AlreadySettled), "nack after ack: {nack:?}");
+    check!(
+        matches!(&nack, Err(e) if e.kind() == ErrorKind::AlreadySettled),
+        "nack after ack: {nack:?}"
+    );
     let dl = got[0].dead_letter("late").await;
-    check!(matches!(&dl, Err(e) if e.kind() == ErrorKind::AlreadySettled), "dead-letter after ack: {dl:?}");
+    check!(
+        matches!(&dl, Err(e) if e.kind() == ErrorKind::AlreadySettled),
+        "dead-letter after ack: {dl:?}"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -322,7 +400,11 @@ pub async fn unacked_is_redelivered_after_lease(h: &dyn Harness) -> Result<Outco
     drop(first);
     let again = drain(&f.consumer, 1, h.patience() + lease).await?;
     check!(again.len() == 1, "not redelivered after the lease expired");
-    check!(took.elapsed() >= lease - Duration::from_millis(100), "redelivered after only {:?}", took.elapsed());
+    check!(
+        took.elapsed() >= lease - Duration::from_millis(100),
+        "redelivered after only {:?}",
+        took.elapsed()
+    );
     check!(again[0].attempt() == 2, "attempt is {}", again[0].attempt());
     again[0].ack().await?;
     Ok(Outcome::Passed)
@@ -340,7 +422,10 @@ pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Result<Outcome> {
     while Instant::now() < until {
         got[0].extend(lease).await?;
         let stolen = f.consumer.receive_batch(1, lease / 3).await?;
-        check!(stolen.is_empty(), "redelivered while its lease was being extended");
+        check!(
+            stolen.is_empty(),
+            "redelivered while its lease was being extended"
+        );
     }
     got[0].ack().await?;
     Ok(Outcome::Passed)
@@ -351,9 +436,19 @@ pub async fn closed_publisher_fails(h: &dyn Harness) -> Result<Outcome> {
     let f = fixture(h, |s| s).await?;
     f.publisher.close().await?;
     let r = f.publisher.publish(event("conformance.closed", 0)?).await;
-    check!(matches!(&r, Err(e) if e.kind() == ErrorKind::Closed), "publish after close: {r:?}");
-    let b = f.publisher.publish_batch(events("conformance.closed", 2)?).await;
-    check!(b.iter().all(|r| matches!(r, Err(e) if e.kind() == ErrorKind::Closed)), "batch after close: {b:?}");
+    check!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::Closed),
+        "publish after close: {r:?}"
+    );
+    let b = f
+        .publisher
+        .publish_batch(events("conformance.closed", 2)?)
+        .await;
+    check!(
+        b.iter()
+            .all(|r| matches!(r, Err(e) if e.kind() == ErrorKind::Closed)),
+        "batch after close: {b:?}"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -361,8 +456,14 @@ pub async fn closed_publisher_fails(h: &dyn Harness) -> Result<Outcome> {
 pub async fn closed_consumer_fails(h: &dyn Harness) -> Result<Outcome> {
     let f = fixture(h, |s| s).await?;
     f.consumer.close().await?;
-    let r = f.consumer.receive_batch(1, Duration::from_millis(100)).await;
-    check!(matches!(&r, Err(e) if e.kind() == ErrorKind::Closed), "receive after close: {r:?}");
+    let r = f
+        .consumer
+        .receive_batch(1, Duration::from_millis(100))
+        .await;
+    check!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::Closed),
+        "receive after close: {r:?}"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -370,10 +471,16 @@ pub async fn closed_consumer_fails(h: &dyn Harness) -> Result<Outcome> {
 pub async fn receive_can_be_cancelled(h: &dyn Harness) -> Result<Outcome> {
     let f = fixture(h, |s| s).await?;
     let r = tokio::time::timeout(Duration::from_millis(200), f.consumer.receive()).await;
-    check!(r.is_err(), "receive on an empty subscription returned {r:?}");
+    check!(
+        r.is_err(),
+        "receive on an empty subscription returned {r:?}"
+    );
     f.publisher.publish(event("conformance.cancel", 0)?).await?;
     let got = drain(&f.consumer, 1, h.patience()).await?;
-    check!(got.len() == 1, "consumer unusable after a cancelled receive");
+    check!(
+        got.len() == 1,
+        "consumer unusable after a cancelled receive"
+    );
     got[0].ack().await?;
     Ok(Outcome::Passed)
 }
@@ -383,7 +490,10 @@ pub async fn send_to_missing_topic_is_not_found(h: &dyn Harness) -> Result<Outco
     let bus = h.bus().await?;
     let p = bus.publisher(&h.unique("missing")).await?;
     let r = p.publish(event("conformance.missing", 0)?).await;
-    check!(matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound), "send to a missing topic: {r:?}");
+    check!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound),
+        "send to a missing topic: {r:?}"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -392,11 +502,18 @@ pub async fn receive_from_missing_subscription_is_not_found(h: &dyn Harness) -> 
     let f = fixture(h, |s| s).await?;
     let c = f.bus.consumer(&f.topic, &h.unique("nosub")).await?;
     let r = c.receive_batch(1, Duration::from_millis(200)).await;
-    check!(matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound), "receive from a missing subscription: {r:?}");
+    check!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound),
+        "receive from a missing subscription: {r:?}"
+    );
     Ok(Outcome::Passed)
 }
 
-async fn dead_letters_of(f: &Fixture, want: usize, patience: Duration) -> Result<Vec<crate::DeadLetter>> {
+async fn dead_letters_of(
+    f: &Fixture,
+    want: usize,
+    patience: Duration,
+) -> Result<Vec<crate::DeadLetter>> {
     let dlq = f.bus.dead_letters(&f.topic, &f.sub).await?;
     let until = Instant::now() + patience;
     loop {
@@ -410,18 +527,30 @@ async fn dead_letters_of(f: &Fixture, want: usize, patience: Duration) -> Result
 
 /// Dapr dead letter: an explicit dead-letter keeps the event and the reason.
 pub async fn explicit_dead_letter_keeps_reason(h: &dyn Harness) -> Result<Outcome> {
-    need!(h.capabilities().native_dead_letter, "a native dead-letter place");
+    need!(
+        h.capabilities().native_dead_letter,
+        "a native dead-letter place"
+    );
     let f = fixture(h, |s| s).await?;
     let e = event("conformance.dlq", 0)?;
     f.publisher.publish(e.clone()).await?;
     let got = drain(&f.consumer, 1, h.patience()).await?;
     check!(got.len() == 1, "got {}", got.len());
-    got[0].dead_letter_with("bad-data", "field x is missing").await?;
+    got[0]
+        .dead_letter_with("bad-data", "field x is missing")
+        .await?;
     let letters = dead_letters_of(&f, 1, h.patience()).await?;
     check!(letters.len() == 1, "{} dead letters", letters.len());
-    check!(matches!(&letters[0].payload, Payload::Event(x) if x.id() == e.id()), "wrong dead letter");
+    check!(
+        matches!(&letters[0].payload, Payload::Event(x) if x.id() == e.id()),
+        "wrong dead letter"
+    );
     if h.capabilities().dead_letter_reason {
-        check!(letters[0].reason.as_deref() == Some("bad-data"), "reason {:?}", letters[0].reason);
+        check!(
+            letters[0].reason.as_deref() == Some("bad-data"),
+            "reason {:?}",
+            letters[0].reason
+        );
     }
     let after = quiet(&f.consumer, Duration::from_millis(300)).await?;
     check!(after.is_empty(), "dead-lettered event was delivered again");
@@ -430,13 +559,23 @@ pub async fn explicit_dead_letter_keeps_reason(h: &dyn Harness) -> Result<Outcom
 
 /// Dapr dead letter: after N failed deliveries the provider dead-letters the event.
 pub async fn dead_letter_after_max_attempts(h: &dyn Harness) -> Result<Outcome> {
-    need!(h.capabilities().max_delivery_attempts, "a max delivery attempts policy");
+    need!(
+        h.capabilities().max_delivery_attempts,
+        "a max delivery attempts policy"
+    );
     let f = fixture(h, |s| s.max_delivery_attempts(3)).await?;
-    f.publisher.publish(event("conformance.maxattempts", 0)?).await?;
+    f.publisher
+        .publish(event("conformance.maxattempts", 0)?)
+        .await?;
     for attempt in 1..=3 {
         let got = drain(&f.consumer, 1, h.patience()).await?;
         check!(got.len() == 1, "attempt {attempt} not delivered");
-        check!(got[0].attempt() == attempt, "attempt {} reported as {}", attempt, got[0].attempt());
+        check!(
+            got[0].attempt() == attempt,
+            "attempt {} reported as {}",
+            attempt,
+            got[0].attempt()
+        );
         got[0].nack(Duration::ZERO).await?;
     }
     let fourth = quiet(&f.consumer, Duration::from_millis(500)).await?;
@@ -448,7 +587,10 @@ pub async fn dead_letter_after_max_attempts(h: &dyn Harness) -> Result<Outcome> 
 
 /// Redrive moves dead letters back to the source subscription.
 pub async fn redrive_returns_to_source(h: &dyn Harness) -> Result<Outcome> {
-    need!(h.capabilities().native_dead_letter, "a native dead-letter place");
+    need!(
+        h.capabilities().native_dead_letter,
+        "a native dead-letter place"
+    );
     let f = fixture(h, |s| s).await?;
     let e = event("conformance.redrive", 0)?;
     f.publisher.publish(e.clone()).await?;
@@ -460,15 +602,24 @@ pub async fn redrive_returns_to_source(h: &dyn Harness) -> Result<Outcome> {
     let moved = dlq.redrive_all().await?;
     check!(moved == 1, "redrove {moved}");
     let back = drain(&f.consumer, 1, h.patience()).await?;
-    check!(back.len() == 1 && back[0].event().id() == e.id(), "redriven event not delivered");
+    check!(
+        back.len() == 1 && back[0].event().id() == e.id(),
+        "redriven event not delivered"
+    );
     back[0].ack().await?;
-    check!(dlq.peek(10).await?.is_empty(), "dead letter still there after redrive");
+    check!(
+        dlq.peek(10).await?.is_empty(),
+        "dead letter still there after redrive"
+    );
     Ok(Outcome::Passed)
 }
 
 /// Purge deletes every dead letter.
 pub async fn purge_empties_dead_letters(h: &dyn Harness) -> Result<Outcome> {
-    need!(h.capabilities().native_dead_letter, "a native dead-letter place");
+    need!(
+        h.capabilities().native_dead_letter,
+        "a native dead-letter place"
+    );
     let f = fixture(h, |s| s).await?;
     publish_all(&f.publisher, events("conformance.purge", 3)?).await?;
     let got = drain(&f.consumer, 3, h.patience()).await?;
@@ -480,7 +631,10 @@ pub async fn purge_empties_dead_letters(h: &dyn Harness) -> Result<Outcome> {
     let dlq = f.bus.dead_letters(&f.topic, &f.sub).await?;
     let purged = dlq.purge().await?;
     check!(purged == 3, "purged {purged}");
-    check!(dlq.peek(10).await?.is_empty(), "dead letters left after purge");
+    check!(
+        dlq.peek(10).await?.is_empty(),
+        "dead letters left after purge"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -513,7 +667,9 @@ pub async fn ordering_per_key_under_concurrency(h: &dyn Harness) -> Result<Outco
                 tokio::time::sleep(Duration::from_micros(fastrand::u64(0..2000))).await;
                 let n: usize = e.subject().unwrap_or("0").parse().unwrap_or(usize::MAX);
                 if let Ok(mut s) = seen.lock() {
-                    s.entry(e.partition_key().unwrap_or("").to_owned()).or_default().push(n);
+                    s.entry(e.partition_key().unwrap_or("").to_owned())
+                        .or_default()
+                        .push(n);
                 }
                 Ok::<(), HandlerError>(())
             }
@@ -522,39 +678,58 @@ pub async fn ordering_per_key_under_concurrency(h: &dyn Harness) -> Result<Outco
     );
     let until = Instant::now() + h.patience();
     loop {
-        let total: usize = seen.lock().map(|s| s.values().map(Vec::len).sum()).unwrap_or(0);
+        let total: usize = seen
+            .lock()
+            .map(|s| s.values().map(Vec::len).sum())
+            .unwrap_or(0);
         if total >= keys.len() * per_key || Instant::now() > until {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.shutdown(Duration::from_secs(5)).await;
-    let seen = seen.lock().map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?.clone();
+    let seen = seen
+        .lock()
+        .map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?
+        .clone();
     for k in keys {
         let got = seen.get(k).cloned().unwrap_or_default();
         let want: Vec<usize> = (0..per_key).collect();
-        check!(got == want, "key {k} handled out of order or incompletely: {got:?}");
+        check!(
+            got == want,
+            "key {k} handled out of order or incompletely: {got:?}"
+        );
     }
     Ok(Outcome::Passed)
 }
 
 /// Filters route each event to the subscriptions whose filter it matches.
 pub async fn filter_routing(h: &dyn Harness) -> Result<Outcome> {
-    need!(h.capabilities().filtering != FilterSupport::None, "subscription filters");
+    need!(
+        h.capabilities().filtering != FilterSupport::None,
+        "subscription filters"
+    );
     let bus = h.bus().await?;
     let topic = h.unique("t");
     bus.ensure_topic(&topic).await?;
     let orders = h.unique("orders");
     let vip = h.unique("vip");
-    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &orders).filter(Filter::prefix("type", "com.example.order.")))
-        .await?;
+    bus.ensure_subscription(
+        &SubscriptionSpec::new(&topic, &orders)
+            .filter(Filter::prefix("type", "com.example.order.")),
+    )
+    .await?;
     bus.ensure_subscription(&SubscriptionSpec::new(&topic, &vip).filter(Filter::and([
         Filter::eq("tier", "vip"),
         Filter::anything_but("type", ["com.example.order.cancelled"]),
     ])))
     .await?;
     let publisher = bus.publisher(&topic).await?;
-    let mk = |ty: &str, tier: &str| EventBuilder::new(ty, "/c").extension("tier", tier.to_owned()).build();
+    let mk = |ty: &str, tier: &str| {
+        EventBuilder::new(ty, "/c")
+            .extension("tier", tier.to_owned())
+            .build()
+    };
     let sent = vec![
         mk("com.example.order.created", "vip")?,
         mk("com.example.order.cancelled", "vip")?,
@@ -563,7 +738,10 @@ pub async fn filter_routing(h: &dyn Harness) -> Result<Outcome> {
         mk("com.example.payment.done", "basic")?,
     ];
     let expect = |f: &Filter| -> HashSet<String> {
-        sent.iter().filter(|e| f.matches(e)).map(|e| e.id().to_owned()).collect()
+        sent.iter()
+            .filter(|e| f.matches(e))
+            .map(|e| e.id().to_owned())
+            .collect()
     };
     let want_orders = expect(&Filter::prefix("type", "com.example.order."));
     let want_vip = expect(&Filter::and([
@@ -575,7 +753,12 @@ pub async fn filter_routing(h: &dyn Harness) -> Result<Outcome> {
         let c = bus.consumer(&topic, sub).await?;
         let mut got = drain(&c, want.len(), h.patience()).await?;
         got.extend(quiet(&c, Duration::from_millis(500)).await?);
-        check!(ids(&got) == want, "subscription {sub} got {:?}, wanted {:?}", ids(&got), want);
+        check!(
+            ids(&got) == want,
+            "subscription {sub} got {:?}, wanted {:?}",
+            ids(&got),
+            want
+        );
         ack_all(&c, &got).await?;
     }
     Ok(Outcome::Passed)
@@ -588,43 +771,76 @@ pub async fn delayed_delivery(h: &dyn Harness) -> Result<Outcome> {
     let delay = Duration::from_secs(2);
     let sent_at = Instant::now();
     f.publisher
-        .publish_with(event("conformance.delay", 0)?, PublishOptions::delayed(delay))
+        .publish_with(
+            event("conformance.delay", 0)?,
+            PublishOptions::delayed(delay),
+        )
         .await?;
     let early = quiet(&f.consumer, Duration::from_millis(1000)).await?;
-    check!(early.is_empty(), "delivered after {:?} with a {delay:?} delay", sent_at.elapsed());
+    check!(
+        early.is_empty(),
+        "delivered after {:?} with a {delay:?} delay",
+        sent_at.elapsed()
+    );
     let got = drain(&f.consumer, 1, h.patience() + delay).await?;
     check!(got.len() == 1, "never delivered");
-    check!(sent_at.elapsed() >= delay - Duration::from_millis(100), "delivered after {:?}", sent_at.elapsed());
+    check!(
+        sent_at.elapsed() >= delay - Duration::from_millis(100),
+        "delivered after {:?}",
+        sent_at.elapsed()
+    );
     got[0].ack().await?;
     Ok(Outcome::Passed)
 }
 
 async fn malformed_case(h: &dyn Harness, raw: RawMessage, want_reason: &str) -> Result<Outcome> {
-    need!(h.capabilities().raw_messages, "raw (non-CloudEvent) publishing");
-    need!(h.capabilities().native_dead_letter, "a native dead-letter place");
+    need!(
+        h.capabilities().raw_messages,
+        "raw (non-CloudEvent) publishing"
+    );
+    need!(
+        h.capabilities().native_dead_letter,
+        "a native dead-letter place"
+    );
     let f = fixture(h, |s| s).await?;
     f.publisher.publish_raw(raw.clone()).await?;
     let good = event("conformance.afterbad", 0)?;
     f.publisher.publish(good.clone()).await?;
     // The consumer never hands the malformed message to the caller...
     let got = drain(&f.consumer, 1, h.patience()).await?;
-    check!(got.len() == 1 && got[0].event().id() == good.id(), "expected only the good event, got {got:?}");
+    check!(
+        got.len() == 1 && got[0].event().id() == good.id(),
+        "expected only the good event, got {got:?}"
+    );
     ack_all(&f.consumer, &got).await?;
     // ...it lands in the dead-letter place with the reason.
     let letters = dead_letters_of(&f, 1, h.patience()).await?;
     check!(letters.len() == 1, "{} dead letters", letters.len());
     let reason = letters[0].reason.clone().unwrap_or_default();
-    check!(reason.contains(want_reason), "reason {reason:?} does not say {want_reason:?}");
+    check!(
+        reason.contains(want_reason),
+        "reason {reason:?} does not say {want_reason:?}"
+    );
     match &letters[0].payload {
         Payload::Raw(r) => check!(r.body == raw.body, "body changed"),
-        Payload::Event(e) => return Err(Error::new(ErrorKind::Internal, format!("dead letter decoded as {e:?}"))),
+        Payload::Event(e) => {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("dead letter decoded as {e:?}"),
+            ));
+        }
     }
     Ok(Outcome::Passed)
 }
 
 /// A foreign message (not a CloudEvent at all) is dead-lettered with its reason.
 pub async fn foreign_message_dead_lettered(h: &dyn Harness) -> Result<Outcome> {
-    malformed_case(h, RawMessage::new("just some bytes").with_attribute("origin", "legacy"), "not a CloudEvent").await
+    malformed_case(
+        h,
+        RawMessage::new("just some bytes").with_attribute("origin", "legacy"),
+        "not a CloudEvent",
+    )
+    .await
 }
 
 /// Broken structured JSON is dead-lettered with its reason.
@@ -656,7 +872,9 @@ pub async fn publisher_close_loses_none_of_10000(h: &dyn Harness) -> Result<Outc
     let mut handles = Vec::with_capacity(n);
     let mut want = HashSet::with_capacity(n);
     for i in 0..n {
-        let e = EventBuilder::new("conformance.close", "/c").subject(i.to_string()).build()?;
+        let e = EventBuilder::new("conformance.close", "/c")
+            .subject(i.to_string())
+            .build()?;
         want.insert(e.id().to_owned());
         handles.push(f.publisher.publish(e));
     }
@@ -667,7 +885,10 @@ pub async fn publisher_close_loses_none_of_10000(h: &dyn Harness) -> Result<Outc
     let mut got = HashSet::with_capacity(n);
     let until = Instant::now() + h.patience() * 6;
     while got.len() < n && Instant::now() < until {
-        let batch = f.consumer.receive_batch(1000, Duration::from_millis(500)).await?;
+        let batch = f
+            .consumer
+            .receive_batch(1000, Duration::from_millis(500))
+            .await?;
         ack_all(&f.consumer, &batch).await?;
         got.extend(batch.iter().map(|d| d.event().id().to_owned()));
     }
@@ -698,12 +919,27 @@ pub async fn graceful_shutdown_finishes_in_flight(h: &dyn Harness) -> Result<Out
     while started.load(Ordering::SeqCst) < 4 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    check!(started.load(Ordering::SeqCst) == 4, "only {} handlers started", started.load(Ordering::SeqCst));
+    check!(
+        started.load(Ordering::SeqCst) == 4,
+        "only {} handlers started",
+        started.load(Ordering::SeqCst)
+    );
     let report = worker.shutdown(Duration::from_secs(10)).await;
-    check!(finished.load(Ordering::SeqCst) == 4, "{} of 4 finished", finished.load(Ordering::SeqCst));
-    check!(report.acked == 4 && report.abandoned == 0, "report {report:?}");
+    check!(
+        finished.load(Ordering::SeqCst) == 4,
+        "{} of 4 finished",
+        finished.load(Ordering::SeqCst)
+    );
+    check!(
+        report.acked == 4 && report.abandoned == 0,
+        "report {report:?}"
+    );
     let again = quiet(&f.consumer, Duration::from_millis(500)).await?;
-    check!(again.is_empty(), "{} events redelivered after a graceful shutdown", again.len());
+    check!(
+        again.is_empty(),
+        "{} events redelivered after a graceful shutdown",
+        again.len()
+    );
     Ok(Outcome::Passed)
 }
 
@@ -721,18 +957,21 @@ pub async fn failing_handler_is_retried_then_succeeds(h: &dyn Harness) -> Result
                     m.insert(e.id().to_owned(), ctx.attempt);
                 }
                 // Even-numbered events fail twice.
-                let n: usize = e.data_json::<serde_json::Value>()
+                let n: usize = e
+                    .data_json::<serde_json::Value>()
                     .ok()
                     .and_then(|v| v["n"].as_u64())
                     .unwrap_or(0) as usize;
-                if n % 2 == 0 && ctx.attempt < 3 {
+                if n.is_multiple_of(2) && ctx.attempt < 3 {
                     return Err(HandlerError::retry("flaky dependency"));
                 }
                 Ok(())
             }
         },
         WorkerOptions::default().concurrency(4).retry(
-            RetryPolicy::default().max_attempts(5).initial_backoff(Duration::from_millis(50)),
+            RetryPolicy::default()
+                .max_attempts(5)
+                .initial_backoff(Duration::from_millis(50)),
         ),
     );
     let until = Instant::now() + h.patience() * 2;
@@ -745,30 +984,56 @@ pub async fn failing_handler_is_retried_then_succeeds(h: &dyn Harness) -> Result
     }
     let report = worker.shutdown(Duration::from_secs(5)).await;
     check!(report.acked == 6, "report {report:?}");
-    check!(report.retried == 6, "3 events x 2 retries expected, report {report:?}");
-    let attempts = attempts.lock().map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?.clone();
-    check!(attempts.values().filter(|a| **a == 3).count() == 3, "attempts {attempts:?}");
+    check!(
+        report.retried == 6,
+        "3 events x 2 retries expected, report {report:?}"
+    );
+    let attempts = attempts
+        .lock()
+        .map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?
+        .clone();
+    check!(
+        attempts.values().filter(|a| **a == 3).count() == 3,
+        "attempts {attempts:?}"
+    );
     Ok(Outcome::Passed)
 }
 
 /// The worker dead-letters an event whose last attempt failed, with the reason.
 pub async fn worker_dead_letters_after_max_attempts(h: &dyn Harness) -> Result<Outcome> {
-    need!(h.capabilities().native_dead_letter, "a native dead-letter place");
+    need!(
+        h.capabilities().native_dead_letter,
+        "a native dead-letter place"
+    );
     let f = fixture(h, |s| s).await?;
     f.publisher.publish(event("conformance.poison", 0)?).await?;
     let worker = f.consumer.subscribe(
-        |_e: Arc<Event>, _c: HandlerContext| async { Err::<(), _>(HandlerError::retry("always fails")) },
+        |_e: Arc<Event>, _c: HandlerContext| async {
+            Err::<(), _>(HandlerError::retry("always fails"))
+        },
         WorkerOptions::default().retry(
-            RetryPolicy::default().max_attempts(3).initial_backoff(Duration::from_millis(20)),
+            RetryPolicy::default()
+                .max_attempts(3)
+                .initial_backoff(Duration::from_millis(20)),
         ),
     );
     let letters = dead_letters_of(&f, 1, h.patience() * 2).await?;
     let report = worker.shutdown(Duration::from_secs(5)).await;
-    check!(letters.len() == 1, "{} dead letters, report {report:?}", letters.len());
-    check!(report.retried == 2 && report.dead_lettered == 1, "report {report:?}");
+    check!(
+        letters.len() == 1,
+        "{} dead letters, report {report:?}",
+        letters.len()
+    );
+    check!(
+        report.retried == 2 && report.dead_lettered == 1,
+        "report {report:?}"
+    );
     if h.capabilities().dead_letter_reason {
         let reason = letters[0].reason.clone().unwrap_or_default();
-        check!(reason.contains("max delivery attempts (3) exceeded"), "reason {reason:?}");
+        check!(
+            reason.contains("max delivery attempts (3) exceeded"),
+            "reason {reason:?}"
+        );
     }
     Ok(Outcome::Passed)
 }
@@ -782,7 +1047,11 @@ pub async fn topic_isolation(h: &dyn Harness) -> Result<Outcome> {
     check!(got_a.len() == 5, "topic A got {}", got_a.len());
     ack_all(&a.consumer, &got_a).await?;
     let got_b = quiet(&b.consumer, Duration::from_millis(500)).await?;
-    check!(got_b.is_empty(), "topic B got {} events of topic A", got_b.len());
+    check!(
+        got_b.is_empty(),
+        "topic B got {} events of topic A",
+        got_b.len()
+    );
     Ok(Outcome::Passed)
 }
 
@@ -812,10 +1081,23 @@ pub async fn batch_reports_per_event_failures(h: &dyn Harness) -> Result<Outcome
         .data("text/plain", "x".repeat(max + 1))
         .max_bytes(usize::MAX)
         .build()?;
-    let (a, c) = (event("conformance.small", 1)?, event("conformance.small", 2)?);
-    let results = f.publisher.publish_batch(vec![a.clone(), big, c.clone()]).await;
-    check!(results[0].is_ok() && results[2].is_ok(), "small events failed: {results:?}");
-    check!(matches!(&results[1], Err(e) if e.kind() == ErrorKind::TooLarge), "oversize: {:?}", results[1]);
+    let (a, c) = (
+        event("conformance.small", 1)?,
+        event("conformance.small", 2)?,
+    );
+    let results = f
+        .publisher
+        .publish_batch(vec![a.clone(), big, c.clone()])
+        .await;
+    check!(
+        results[0].is_ok() && results[2].is_ok(),
+        "small events failed: {results:?}"
+    );
+    check!(
+        matches!(&results[1], Err(e) if e.kind() == ErrorKind::TooLarge),
+        "oversize: {:?}",
+        results[1]
+    );
     let got = drain(&f.consumer, 2, h.patience()).await?;
     let want: HashSet<String> = [a.id().to_owned(), c.id().to_owned()].into();
     check!(ids(&got) == want, "got {:?}", ids(&got));
@@ -829,7 +1111,13 @@ pub async fn idempotent_consumer_skips_duplicates(h: &dyn Harness) -> Result<Out
     let e = event("conformance.dup", 0)?;
     f.publisher.publish(e.clone()).await?;
     f.publisher
-        .publish_with(e.clone(), PublishOptions { dedup_id: Some(format!("{}-again", e.id())), ..Default::default() })
+        .publish_with(
+            e.clone(),
+            PublishOptions {
+                dedup_id: Some(format!("{}-again", e.id())),
+                ..Default::default()
+            },
+        )
         .await?;
     let handled = Arc::new(AtomicU64::new(0));
     let h2 = handled.clone();
@@ -851,8 +1139,16 @@ pub async fn idempotent_consumer_skips_duplicates(h: &dyn Harness) -> Result<Out
     }
     let report = worker.shutdown(Duration::from_secs(5)).await;
     check!(report.acked == 2, "report {report:?}");
-    check!(handled.load(Ordering::SeqCst) == 1, "handled {} times", handled.load(Ordering::SeqCst));
-    check!(dups.load(Ordering::SeqCst) == 1, "duplicates {}", dups.load(Ordering::SeqCst));
+    check!(
+        handled.load(Ordering::SeqCst) == 1,
+        "handled {} times",
+        handled.load(Ordering::SeqCst)
+    );
+    check!(
+        dups.load(Ordering::SeqCst) == 1,
+        "duplicates {}",
+        dups.load(Ordering::SeqCst)
+    );
     Ok(Outcome::Passed)
 }
 
@@ -866,7 +1162,11 @@ pub async fn trace_context_propagates(h: &dyn Harness) -> Result<Outcome> {
     let got = drain(&f.consumer, 1, h.patience()).await?;
     check!(got.len() == 1, "got {}", got.len());
     let ctx = TraceContext::from_event(got[0].event());
-    check!(ctx.is_some_and(|c| c.trace_id() == root.trace_id()), "traceparent {:?}", got[0].event().traceparent());
+    check!(
+        ctx.is_some_and(|c| c.trace_id() == root.trace_id()),
+        "traceparent {:?}",
+        got[0].event().traceparent()
+    );
     got[0].ack().await?;
     Ok(Outcome::Passed)
 }

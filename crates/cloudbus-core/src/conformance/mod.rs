@@ -56,7 +56,11 @@ pub enum Outcome {
 pub type CaseFuture<'a> = Pin<Box<dyn Future<Output = Result<Outcome>> + Send + 'a>>;
 
 /// Runs one case and panics with its name and the error when it fails.
-pub async fn run_case<H: Harness>(name: &str, harness: &H, case: for<'a> fn(&'a dyn Harness) -> CaseFuture<'a>) {
+pub async fn run_case<H: Harness>(
+    name: &str,
+    harness: &H,
+    case: for<'a> fn(&'a dyn Harness) -> CaseFuture<'a>,
+) {
     match case(harness).await {
         Ok(Outcome::Passed) => {}
         Ok(Outcome::Skipped(why)) => {
