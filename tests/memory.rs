@@ -360,3 +360,88 @@ async fn worker_records_the_seed_metrics() {
         assert!(names.contains(want), "metric {want} missing from {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_extends_leases_while_a_handler_runs_long() {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("slow").await.unwrap();
+    bus.ensure_subscription(
+        &SubscriptionSpec::new("slow", "s").ack_deadline(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    bus.publisher("slow")
+        .await
+        .unwrap()
+        .publish(ev(1))
+        .await
+        .unwrap();
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a2 = attempts.clone();
+    let worker = bus.consumer("slow", "s").await.unwrap().subscribe(
+        move |_e: Arc<Event>, c: HandlerContext| {
+            let a = a2.clone();
+            async move {
+                a.lock().unwrap().push(c.attempt);
+                // Four times the lease: without extension another delivery would start.
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                Ok::<(), HandlerError>(())
+            }
+        },
+        cloudbus::WorkerOptions::default().concurrency(4),
+    );
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        vec![1],
+        "redelivered while the handler ran"
+    );
+    assert_eq!(report.acked, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_never_holds_more_than_its_concurrency() {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("fc").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("fc", "s"))
+        .await
+        .unwrap();
+    let p = bus.publisher("fc").await.unwrap();
+    for r in p.publish_batch((0..40).map(ev).collect()).await {
+        r.unwrap();
+    }
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r2, p2) = (running.clone(), peak.clone());
+    let consumer = bus.consumer("fc", "s").await.unwrap();
+    let worker = consumer.subscribe(
+        move |_e: Arc<Event>, _c: HandlerContext| {
+            let (r, p) = (r2.clone(), p2.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = r.fetch_add(1, SeqCst) + 1;
+                p.fetch_max(now, SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                r.fetch_sub(1, SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        },
+        cloudbus::WorkerOptions::default().concurrency(3),
+    );
+    // Early on, most events are still unacked at the broker (depth counts in-flight too).
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let depth = consumer.report_queue_depth().await.unwrap();
+    assert!(depth >= 30, "depth {depth}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while worker.stats().acked < 40 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.acked, 40);
+    assert!(
+        peak.load(std::sync::atomic::Ordering::SeqCst) <= 3,
+        "peak {}",
+        peak.load(std::sync::atomic::Ordering::SeqCst)
+    );
+}

@@ -123,6 +123,22 @@ impl OutgoingMessage {
     }
 }
 
+/// Maps a key to one of `slots` slots, stably across processes and runs (FNV-1a):
+/// one ordering key always lands in the same publisher lane or log partition.
+///
+/// ```
+/// assert_eq!(cloudbus_core::driver::key_slot("customer-7", 4), cloudbus_core::driver::key_slot("customer-7", 4));
+/// assert!(cloudbus_core::driver::key_slot("x", 3) < 3);
+/// ```
+pub fn key_slot(key: &str, slots: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % slots.max(1) as u64) as usize
+}
+
 /// Result of a batch send: one entry per message, in order. An `Err` for the whole
 /// call means nothing is known to have been sent.
 pub type BatchResults = Vec<Result<()>>;

@@ -182,18 +182,14 @@ impl Publisher {
     fn lane_index(&self, key: Option<&str>) -> usize {
         let n = self.inner.options.lanes.max(1);
         match key {
-            Some(k) => (fxhash(k.as_bytes()) % n as u64) as usize,
+            Some(k) => crate::driver::key_slot(k, n),
             None => self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % n,
         }
     }
 
     fn lane_for(&self, key: Option<&str>) -> Result<mpsc::UnboundedSender<Job>> {
         let index = self.lane_index(key);
-        let mut lanes = self
-            .inner
-            .lanes
-            .lock()
-            .map_err(|_| Error::new(ErrorKind::Internal, "publisher lock poisoned"))?;
+        let mut lanes = self.lock_lanes()?;
         if lanes.closed {
             return Err(Error::closed("publisher is closed"));
         }
@@ -297,6 +293,13 @@ impl Publisher {
             .collect()
     }
 
+    fn lock_lanes(&self) -> Result<std::sync::MutexGuard<'_, Lanes>> {
+        self.inner
+            .lanes
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Internal, "publisher lock poisoned"))
+    }
+
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.inner.lanes.lock().map(|l| l.closed).unwrap_or(true)
@@ -306,11 +309,7 @@ impl Publisher {
     /// driver. Later publishes fail with [`ErrorKind::Closed`].
     pub async fn close(&self) -> Result<()> {
         let tasks = {
-            let mut lanes = self
-                .inner
-                .lanes
-                .lock()
-                .map_err(|_| Error::new(ErrorKind::Internal, "publisher lock poisoned"))?;
+            let mut lanes = self.lock_lanes()?;
             if lanes.closed {
                 return Ok(());
             }
@@ -559,16 +558,6 @@ impl Future for PublishHandle {
             }),
         }
     }
-}
-
-/// FNV-1a: a stable hash so that one ordering key always maps to one lane.
-fn fxhash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]

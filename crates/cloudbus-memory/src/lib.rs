@@ -285,7 +285,7 @@ impl MemoryBroker {
         let published_at = Utc::now();
         let mut woke = vec![false; subs.len()];
         for (i, g) in guards.iter_mut().enumerate() {
-            for (seq, m) in accepted().enumerate() {
+            for m in accepted() {
                 if !matches_filter(&g.spec, m) {
                     continue;
                 }
@@ -296,7 +296,7 @@ impl MemoryBroker {
                     attempts: 0,
                     not_before: m.delay.filter(|d| !d.is_zero()).map(|d| now + d),
                     is_head: false,
-                    seq: seq as u64,
+                    seq: 0, // assigned by the subscription
                     published_at,
                 };
                 woke[i] |= g.publish(msg, now);

@@ -33,12 +33,7 @@ impl Log {
 
     fn partition_for(&self, msg: &OutgoingMessage) -> usize {
         let key = msg.ordering_key.as_deref().unwrap_or(msg.id());
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in key.as_bytes() {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        (h % self.partitions.len() as u64) as usize
+        cloudbus_core::driver::key_slot(key, self.partitions.len())
     }
 
     pub fn append(&self, batch: &[OutgoingMessage]) -> Vec<Result<()>> {

@@ -85,6 +85,8 @@ pub(crate) struct SubState {
     lanes: HashMap<Arc<str>, VecDeque<Msg>>,
     dead: VecDeque<DeadEntry>,
     next_token: u64,
+    /// Publish order, the tie-breaker between messages due at the same instant.
+    next_seq: u64,
     /// Messages held (ready, delayed, pending in lanes, in flight), not dead letters.
     count: usize,
     bytes: usize,
@@ -103,6 +105,7 @@ impl SubState {
             lanes: HashMap::new(),
             dead: VecDeque::new(),
             next_token: 1,
+            next_seq: 0,
             count: 0,
             bytes: 0,
             last_scan: Instant::now(),
@@ -125,6 +128,8 @@ impl SubState {
 
     /// Adds a newly published message; returns whether one became ready.
     pub fn publish(&mut self, mut msg: Msg, now: Instant) -> bool {
+        msg.seq = self.next_seq;
+        self.next_seq += 1;
         self.count += 1;
         self.bytes += msg.size;
         if let Some(due) = msg.not_before.filter(|d| *d > now) {
