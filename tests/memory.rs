@@ -45,6 +45,14 @@ mod conformance {
     cloudbus::conformance_suite!(MemoryHarness::new());
 }
 
+/// Publisher options that surface a refusal at once instead of retrying it.
+fn no_retry() -> cloudbus::PublisherOptions {
+    cloudbus::PublisherOptions {
+        retry: RetryPolicy::none(),
+        ..Default::default()
+    }
+}
+
 fn ev(n: usize) -> Event {
     EventBuilder::new("test.event", "/tests")
         .subject(n.to_string())
@@ -63,16 +71,7 @@ async fn full_subscription_refuses_with_resource_exhausted() {
     bus.ensure_subscription(&SubscriptionSpec::new("t", "s"))
         .await
         .unwrap();
-    let p = bus
-        .publisher_with(
-            "t",
-            cloudbus::PublisherOptions {
-                retry: RetryPolicy::none(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let p = bus.publisher_with("t", no_retry()).await.unwrap();
     for r in p.publish_batch((0..3).map(ev).collect()).await {
         r.unwrap();
     }
@@ -95,13 +94,7 @@ async fn full_log_partition_refuses() {
     broker.ensure_log("clicks", 1).unwrap();
     let p = broker
         .bus()
-        .publisher_with(
-            "clicks",
-            cloudbus::PublisherOptions {
-                retry: RetryPolicy::none(),
-                ..Default::default()
-            },
-        )
+        .publisher_with("clicks", no_retry())
         .await
         .unwrap();
     p.publish(ev(1)).await.unwrap();

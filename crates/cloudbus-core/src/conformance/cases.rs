@@ -269,37 +269,8 @@ pub async fn competing_consumers_share_work(h: &dyn Harness) -> Result<Outcome> 
     publish_all(&f.publisher, evs).await?;
     let patience = h.patience();
     let (a, b) = tokio::join!(
-        async {
-            let mut got = Vec::new();
-            let until = Instant::now() + patience;
-            while Instant::now() < until {
-                let batch = f
-                    .consumer
-                    .receive_batch(5, Duration::from_millis(300))
-                    .await?;
-                if batch.is_empty() && !got.is_empty() {
-                    break;
-                }
-                ack_all(&f.consumer, &batch).await?;
-                got.extend(batch.iter().map(|d| d.event().id().to_owned()));
-                tokio::task::yield_now().await;
-            }
-            Ok::<_, Error>(got)
-        },
-        async {
-            let mut got = Vec::new();
-            let until = Instant::now() + patience;
-            while Instant::now() < until {
-                let batch = second.receive_batch(5, Duration::from_millis(300)).await?;
-                if batch.is_empty() && !got.is_empty() {
-                    break;
-                }
-                ack_all(&second, &batch).await?;
-                got.extend(batch.iter().map(|d| d.event().id().to_owned()));
-                tokio::task::yield_now().await;
-            }
-            Ok::<_, Error>(got)
-        }
+        take_acking(&f.consumer, patience),
+        take_acking(&second, patience)
     );
     let (a, b) = (a?, b?);
     let all: HashSet<&String> = a.iter().chain(b.iter()).collect();
@@ -311,6 +282,24 @@ pub async fn competing_consumers_share_work(h: &dyn Harness) -> Result<Outcome> 
     );
     check!(all.len() == 50, "{} distinct of 50", all.len());
     Ok(Outcome::Passed)
+}
+
+/// Receives and acks in small batches until the subscription runs dry; returns the ids.
+async fn take_acking(consumer: &Consumer, patience: Duration) -> Result<Vec<String>> {
+    let mut got = Vec::new();
+    let until = Instant::now() + patience;
+    while Instant::now() < until {
+        let batch = consumer
+            .receive_batch(5, Duration::from_millis(300))
+            .await?;
+        if batch.is_empty() && !got.is_empty() {
+            break;
+        }
+        ack_all(consumer, &batch).await?;
+        got.extend(batch.iter().map(|d| d.event().id().to_owned()));
+        tokio::task::yield_now().await;
+    }
+    Ok(got)
 }
 
 /// Go CDK: a nacked event comes back with the next attempt number.
