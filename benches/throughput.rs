@@ -4,7 +4,13 @@
 //! encode and decode. Prints one line per scenario:
 //! `scenario=NAME events=N secs=S events_per_sec=R peak_rss_mb=M`.
 //!
-//! Run: `cargo bench --bench throughput` (BENCH_EVENTS=N to change the event count).
+//! Every scenario runs 3 rounds; the printed line is the median round. Two more
+//! scenarios split the end-to-end path into its halves (publish only; receive and ack
+//! only) to show where time goes.
+//!
+//! Run: `cargo bench --bench throughput` (BENCH_EVENTS=N to change the event count;
+//! BENCH_PROFILE_E2E=1 builds all events first and then runs only the end-to-end
+//! path, for `perf record -D <ms>`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,16 +26,19 @@ use cloudbus::{
 /// parsed `serde_json::Value` tree instead, allocating and freeing the tree costs more
 /// than any broker work and every scenario measures the allocator.)
 fn make_events(n: usize) -> Vec<Event> {
+    let items: Vec<_> = (0..8)
+        .map(|k| serde_json::json!({"sku": format!("SKU-{k:04}-ABCDEFGH"), "qty": k + 1, "price_cents": 1999 + k, "note": "standard shipping, gift wrap"}))
+        .collect();
+    let body = serde_json::to_vec(
+        &serde_json::json!({"order_id": 0, "customer": "customer-42", "items": items}),
+    )
+    .expect("JSON");
     (0..n)
         .map(|i| {
-            let items: Vec<_> = (0..8)
-                .map(|k| serde_json::json!({"sku": format!("SKU-{k:04}-ABCDEFGH"), "qty": k + 1, "price_cents": 1999 + k, "note": "standard shipping, gift wrap"}))
-                .collect();
-            let body = serde_json::to_vec(&serde_json::json!({"order_id": i, "customer": "customer-42", "items": items}))
-                .expect("JSON");
             EventBuilder::new("com.example.order.created", "/bench/orders")
+                .id(format!("evt-{i}"))
                 .subject(format!("order-{i}"))
-                .data("application/json", body)
+                .data("application/json", body.clone())
                 .build()
                 .expect("valid event")
         })
@@ -52,13 +61,40 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// One measured run: scenario, events, seconds, peak RSS in MB.
+type Run = (String, usize, f64, f64);
+
+static RUNS: std::sync::Mutex<Vec<Run>> = std::sync::Mutex::new(Vec::new());
+
+/// Records one run; the lines are printed at the end, the median run per scenario.
 fn report(name: &str, events: usize, secs: f64) -> f64 {
-    let rate = events as f64 / secs;
-    println!(
-        "scenario={name} events={events} secs={secs:.3} events_per_sec={rate:.0} peak_rss_mb={:.1}",
-        peak_rss_mb()
-    );
-    rate
+    if let Ok(mut runs) = RUNS.lock() {
+        runs.push((name.to_owned(), events, secs, peak_rss_mb()));
+    }
+    events as f64 / secs
+}
+
+/// Prints the median run of each scenario (by rate) and returns the rates by name.
+fn print_medians() -> std::collections::BTreeMap<String, f64> {
+    let runs = RUNS.lock().map(|r| r.clone()).unwrap_or_default();
+    let mut names: Vec<String> = Vec::new();
+    for r in &runs {
+        if !names.contains(&r.0) {
+            names.push(r.0.clone());
+        }
+    }
+    let mut rates = std::collections::BTreeMap::new();
+    for name in names {
+        let mut of: Vec<&Run> = runs.iter().filter(|r| r.0 == name).collect();
+        of.sort_by(|a, b| (a.1 as f64 / a.2).total_cmp(&(b.1 as f64 / b.2)));
+        let (_, events, secs, rss) = of[of.len() / 2];
+        let rate = *events as f64 / secs;
+        println!(
+            "scenario={name} events={events} secs={secs:.3} events_per_sec={rate:.0} peak_rss_mb={rss:.1}"
+        );
+        rates.insert(name, rate);
+    }
+    rates
 }
 
 async fn mpsc_baseline(events: Vec<Event>) -> f64 {
@@ -134,6 +170,48 @@ async fn memory_end_to_end(name: &str, events: Vec<Event>, consumers: usize) -> 
     report(name, n, start.elapsed().as_secs_f64())
 }
 
+/// The two halves of the end-to-end path, measured apart: publishing into a
+/// subscription, then draining it with receive and ack.
+async fn memory_halves(events: Vec<Event>) {
+    let n = events.len();
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("bench").await.expect("topic");
+    bus.ensure_subscription(&SubscriptionSpec::new("bench", "h"))
+        .await
+        .expect("subscription");
+    let publisher = bus.publisher("bench").await.expect("publisher");
+    let consumer = bus.consumer("bench", "h").await.expect("consumer");
+    reset_peak_rss();
+    let start = Instant::now();
+    let mut events = events.into_iter();
+    loop {
+        let chunk: Vec<Event> = events.by_ref().take(4000).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        for r in publisher.publish_batch(chunk).await {
+            r.expect("publish");
+        }
+    }
+    report("memory_publish_only", n, start.elapsed().as_secs_f64());
+    reset_peak_rss();
+    let start = Instant::now();
+    let mut acked = 0;
+    while acked < n {
+        let batch = consumer
+            .receive_batch(1000, Duration::from_millis(50))
+            .await
+            .expect("receive");
+        acked += consumer
+            .ack_all(&batch)
+            .await
+            .into_iter()
+            .filter(Result::is_ok)
+            .count();
+    }
+    report("memory_receive_ack_only", n, start.elapsed().as_secs_f64());
+}
+
 async fn memory_worker(events: Vec<Event>) -> f64 {
     let n = events.len();
     let bus = MemoryBroker::new().bus();
@@ -168,14 +246,14 @@ async fn memory_worker(events: Vec<Event>) -> f64 {
     report("memory_worker_e2e_concurrency_256", n, secs)
 }
 
-fn json_codec(events: &[Event]) -> (f64, f64) {
+fn json_codec(events: &[Event]) {
     reset_peak_rss();
     let start = Instant::now();
     let encoded: Vec<Vec<u8>> = events
         .iter()
         .map(|e| codec::to_structured_json(e).expect("encode"))
         .collect();
-    let enc = report(
+    report(
         "cloudevents_json_encode",
         events.len(),
         start.elapsed().as_secs_f64(),
@@ -187,7 +265,7 @@ fn json_codec(events: &[Event]) -> (f64, f64) {
         let e = codec::from_structured_json(b).expect("decode");
         std::hint::black_box(e);
     }
-    let dec = report(
+    report(
         "cloudevents_json_decode",
         events.len(),
         start.elapsed().as_secs_f64(),
@@ -196,7 +274,6 @@ fn json_codec(events: &[Event]) -> (f64, f64) {
         "# average structured JSON size: {} bytes",
         bytes / events.len().max(1)
     );
-    (enc, dec)
 }
 
 fn main() {
@@ -217,33 +294,53 @@ fn main() {
         n,
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
-    let mpsc = runtime.block_on(mpsc_baseline(make_events(n)));
-    let one = runtime.block_on(memory_end_to_end(
+    if std::env::var("BENCH_PROFILE_E2E").is_ok() {
+        // Profiling aid: build every event first, then run only the end-to-end path.
+        let sets: Vec<Vec<Event>> = (0..5).map(|_| make_events(n)).collect();
+        eprintln!("# events built; profiling window starts");
+        for events in sets {
+            runtime.block_on(memory_end_to_end("memory_e2e_1_consumer", events, 1));
+        }
+        print_medians();
+        return;
+    }
+    let rounds = if benchmarking { 3 } else { 1 };
+    println!("# {rounds} rounds; each line is the median round of its scenario");
+    for _ in 0..rounds {
+        runtime.block_on(mpsc_baseline(make_events(n)));
+        runtime.block_on(memory_end_to_end(
+            "memory_e2e_1_consumer",
+            make_events(n),
+            1,
+        ));
+        runtime.block_on(memory_end_to_end(
+            "memory_e2e_4_consumers",
+            make_events(n),
+            4,
+        ));
+        runtime.block_on(memory_halves(make_events(n)));
+        runtime.block_on(memory_worker(make_events(n)));
+        json_codec(&make_events(n.min(100_000)));
+    }
+    let rate = print_medians();
+    let r = |name: &str| rate.get(name).copied().unwrap_or(f64::NAN);
+    let mpsc = r("mpsc_baseline");
+    for name in [
         "memory_e2e_1_consumer",
-        make_events(n),
-        1,
-    ));
-    let four = runtime.block_on(memory_end_to_end(
         "memory_e2e_4_consumers",
-        make_events(n),
-        4,
-    ));
-    let worker = runtime.block_on(memory_worker(make_events(n)));
-    let (enc, dec) = json_codec(&make_events(n.min(100_000)));
+        "memory_worker_e2e_concurrency_256",
+    ] {
+        println!(
+            "# {name}: {:.2} M events/s (goal >= 1.0), {:.2} x mpsc_baseline (goal >= 0.25)",
+            r(name) / 1e6,
+            r(name) / mpsc
+        );
+    }
     println!(
-        "# memory_e2e_1_consumer / mpsc_baseline = {:.2} (goal >= 0.25); {:.2} M events/s (goal >= 1.0)",
-        one / mpsc,
-        one / 1e6
-    );
-    println!(
-        "# memory_e2e_4_consumers / mpsc_baseline = {:.2}; {:.2} M events/s",
-        four / mpsc,
-        four / 1e6
-    );
-    println!("# memory_worker_e2e / mpsc_baseline = {:.2}", worker / mpsc);
-    println!(
-        "# memory_e2e_1_consumer / json_encode = {:.2}, / json_decode = {:.2}",
-        one / enc,
-        one / dec
+        "# halves: publish {:.2} M/s, receive+ack {:.2} M/s; json encode {:.2} M/s, decode {:.2} M/s",
+        r("memory_publish_only") / 1e6,
+        r("memory_receive_ack_only") / 1e6,
+        r("cloudevents_json_encode") / 1e6,
+        r("cloudevents_json_decode") / 1e6
     );
 }

@@ -136,6 +136,7 @@ impl Consumer {
         let received = self.inner.driver.receive_batch(max.max(1), wait).await?;
         let mut out = Vec::with_capacity(received.len());
         let mut filtered_out = Vec::new();
+        let received_at = Instant::now();
         for msg in received {
             let ReceivedMessage {
                 event,
@@ -166,7 +167,7 @@ impl Consumer {
                         size,
                         settled: AtomicBool::new(false),
                         consumer: self.inner.clone(),
-                        received_at: Instant::now(),
+                        received_at,
                     });
                 }
                 Err((raw, decode_error)) => {

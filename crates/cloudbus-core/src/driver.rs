@@ -79,8 +79,9 @@ pub struct OutgoingMessage {
     pub payload: Payload,
     /// Resolved ordering key (explicit option, else the `partitionkey` extension).
     pub ordering_key: Option<String>,
-    /// Resolved dedup id (explicit option, else the CloudEvent id).
-    pub dedup_id: Option<String>,
+    /// The explicit dedup id, if one was given; [`dedup_id`](Self::dedup_id) resolves
+    /// the default (the CloudEvent id) without allocating.
+    pub explicit_dedup_id: Option<String>,
     /// Delivery delay.
     pub delay: Option<Duration>,
     /// Estimated size in bytes (computed once).
@@ -93,12 +94,11 @@ impl OutgoingMessage {
         let ordering_key = options
             .ordering_key
             .or_else(|| event.partition_key().map(str::to_owned));
-        let dedup_id = options.dedup_id.or_else(|| Some(event.id().to_owned()));
         let size = crate::event::estimated_size(&event);
         OutgoingMessage {
             payload: Payload::Event(event),
             ordering_key,
-            dedup_id,
+            explicit_dedup_id: options.dedup_id,
             delay: options.delay,
             size,
         }
@@ -109,11 +109,21 @@ impl OutgoingMessage {
         OutgoingMessage {
             payload: Payload::Raw(raw),
             ordering_key: None,
-            dedup_id: None,
+            explicit_dedup_id: None,
             delay: None,
             size,
         }
     }
+    /// The deduplication id: the explicit one, else the CloudEvent id (`None` for raw
+    /// messages without an explicit id).
+    pub fn dedup_id(&self) -> Option<&str> {
+        match (&self.explicit_dedup_id, &self.payload) {
+            (Some(id), _) => Some(id),
+            (None, Payload::Event(e)) => Some(e.id()),
+            (None, Payload::Raw(_)) => None,
+        }
+    }
+
     /// The event's id, or `"<raw>"`.
     pub fn id(&self) -> &str {
         match &self.payload {

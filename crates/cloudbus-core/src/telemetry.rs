@@ -141,13 +141,30 @@ impl TraceContext {
     }
 }
 
+impl TraceContext {
+    /// The `traceparent` text, built without the formatting machinery (it is made for
+    /// every published event).
+    pub fn to_traceparent(&self) -> String {
+        fn hex(out: &mut String, value: u128, digits: u32) {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            for i in (0..digits).rev() {
+                out.push(HEX[((value >> (i * 4)) & 0xf) as usize] as char);
+            }
+        }
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        hex(&mut s, self.trace_id, 32);
+        s.push('-');
+        hex(&mut s, u128::from(self.span_id), 16);
+        s.push('-');
+        hex(&mut s, u128::from(self.flags), 2);
+        s
+    }
+}
+
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id, self.span_id, self.flags
-        )
+        f.write_str(&self.to_traceparent())
     }
 }
 
@@ -165,7 +182,7 @@ pub fn inject(event: &mut Event) -> Option<TraceContext> {
     let ctx = TraceContext::current()
         .map(|c| c.child())
         .unwrap_or_else(TraceContext::new_root);
-    event.set_extension(EXT_TRACEPARENT, ctx.to_string());
+    event.set_extension(EXT_TRACEPARENT, ctx.to_traceparent());
     Some(ctx)
 }
 
