@@ -31,6 +31,8 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 /// Builds a CloudEvents 1.0 event and validates it.
 ///
 /// `id` defaults to a random UUID and `time` to now; `type` and `source` are required.
+/// `traceparent` defaults to a child of the current handler's trace context (see
+/// [`TraceContext`](crate::TraceContext)), else a new trace.
 ///
 /// ```
 /// use cloudbus_core::{EventBuilder, EventExt};
@@ -199,6 +201,10 @@ impl EventBuilder {
             validate_extension_name(&name)?;
             event.set_extension(&name, value);
         }
+        // The trace context of an event is that of its creation (as the OpenTelemetry
+        // CloudEvents conventions have it): a child of the current handler's context,
+        // else a new trace. The publisher injects one too, for events made elsewhere.
+        crate::telemetry::inject(&mut event);
         validate_event(&event, self.max_bytes)?;
         Ok(event)
     }

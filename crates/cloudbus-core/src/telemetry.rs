@@ -209,11 +209,26 @@ mod tests {
     async fn inject_continues_the_current_trace() {
         let parent = TraceContext::new_root();
         let mut e = EventBuilder::new("t", "/s").build().unwrap();
+        e.remove_extension(EXT_TRACEPARENT);
         let got = parent.scope(async { inject(&mut e) }).await.unwrap();
         assert_eq!(got.trace_id(), parent.trace_id());
+        assert_ne!(got.span_id(), parent.span_id());
         assert_eq!(TraceContext::from_event(&e), Some(got));
-        let mut fresh = EventBuilder::new("t", "/s").build().unwrap();
-        let root = inject(&mut fresh).unwrap();
+        // An event that has a context keeps it.
+        let kept = parent.scope(async { inject(&mut e) }).await.unwrap();
+        assert_eq!(kept, got);
+        // Built outside any scope: a new trace.
+        let fresh = EventBuilder::new("t", "/s").build().unwrap();
+        let root = TraceContext::from_event(&fresh).unwrap();
         assert_ne!(root.trace_id(), parent.trace_id());
+        // Built inside a scope: the creation continues the trace.
+        let child = parent
+            .scope(async { EventBuilder::new("t", "/s").build() })
+            .await
+            .unwrap();
+        assert_eq!(
+            TraceContext::from_event(&child).unwrap().trace_id(),
+            parent.trace_id()
+        );
     }
 }

@@ -1145,17 +1145,34 @@ pub async fn idempotent_consumer_skips_duplicates(h: &dyn Harness) -> Result<Out
 pub async fn trace_context_propagates(h: &dyn Harness) -> Result<Outcome> {
     let f = fixture(h, |s| s).await?;
     let root = TraceContext::new_root();
-    let e = EventBuilder::new("conformance.trace", "/c").build()?;
-    // publish() stamps the context when called, so call it inside the scope.
-    root.scope(async { f.publisher.publish(e).await }).await?;
-    let got = drain(&f.consumer, 1, h.patience()).await?;
-    check!(got.len() == 1, "got {}", got.len());
-    let ctx = TraceContext::from_event(got[0].event());
-    check!(
-        ctx.is_some_and(|c| c.trace_id() == root.trace_id()),
-        "traceparent {:?}",
-        got[0].event().traceparent()
-    );
-    got[0].ack().await?;
+    // An event made inside a traced scope (a handler, say) continues that trace...
+    let built = root
+        .scope(async { EventBuilder::new("conformance.trace", "/c").build() })
+        .await?;
+    // ...and one made elsewhere without a traceparent gets one when it is published.
+    let mut bare = EventBuilder::new("conformance.trace", "/c").build()?;
+    bare.remove_extension(crate::event::EXT_TRACEPARENT);
+    let other = TraceContext::new_root();
+    let bare_id = bare.id().to_owned();
+    other
+        .scope(async { f.publisher.publish(bare).await })
+        .await?;
+    f.publisher.publish(built.clone()).await?;
+    let got = drain(&f.consumer, 2, h.patience()).await?;
+    check!(got.len() == 2, "got {}", got.len());
+    for d in &got {
+        let want = if d.event().id() == bare_id {
+            &other
+        } else {
+            &root
+        };
+        let ctx = TraceContext::from_event(d.event());
+        check!(
+            ctx.is_some_and(|c| c.trace_id() == want.trace_id()),
+            "traceparent {:?}",
+            d.event().traceparent()
+        );
+    }
+    ack_all(&f.consumer, &got).await?;
     Ok(Outcome::Passed)
 }
