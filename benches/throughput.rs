@@ -9,8 +9,8 @@
 //! only) to show where time goes.
 //!
 //! Run: `cargo bench --bench throughput` (BENCH_EVENTS=N to change the event count;
-//! BENCH_PROFILE_E2E=1 builds all events first and then runs only the end-to-end
-//! path, for `perf record -D <ms>`).
+//! BENCH_PROFILE=e2e or BENCH_PROFILE=worker builds all events first and then runs
+//! only that path, for `perf record -D <ms>`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -294,12 +294,16 @@ fn main() {
         n,
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
-    if std::env::var("BENCH_PROFILE_E2E").is_ok() {
-        // Profiling aid: build every event first, then run only the end-to-end path.
+    if let Ok(which) = std::env::var("BENCH_PROFILE") {
+        // Profiling aid: build every event first, then run only one path.
         let sets: Vec<Vec<Event>> = (0..5).map(|_| make_events(n)).collect();
         eprintln!("# events built; profiling window starts");
         for events in sets {
-            runtime.block_on(memory_end_to_end("memory_e2e_1_consumer", events, 1));
+            if which == "worker" {
+                runtime.block_on(memory_worker(events));
+            } else {
+                runtime.block_on(memory_end_to_end("memory_e2e_1_consumer", events, 1));
+            }
         }
         print_medians();
         return;

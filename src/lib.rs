@@ -101,3 +101,8 @@ fn feature_enabled(feature: &str) -> bool {
         _ => false,
     }
 }
+
+/// The README's code, compiled and run as a doc test so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

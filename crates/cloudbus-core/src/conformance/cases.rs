@@ -1027,6 +1027,67 @@ pub async fn worker_dead_letters_after_max_attempts(h: &dyn Harness) -> Result<O
     Ok(Outcome::Passed)
 }
 
+/// Watermill concurrent publish/subscribe: four publishers at once, a concurrent worker,
+/// every event handled (at-least-once: at most 1% duplicates tolerated).
+pub async fn concurrent_publishers_and_worker(h: &dyn Harness) -> Result<Outcome> {
+    let f = fixture(h, |s| s).await?;
+    let per_publisher = 250;
+    let mut want = HashSet::new();
+    let mut sends = Vec::new();
+    for p in 0..4 {
+        let publisher = f.bus.publisher(&f.topic).await?;
+        let evs = events(&format!("conformance.concurrent.{p}"), per_publisher)?;
+        want.extend(evs.iter().map(|e| e.id().to_owned()));
+        sends.push(tokio::spawn(async move {
+            let handles: Vec<_> = evs.into_iter().map(|e| publisher.publish(e)).collect();
+            for handle in handles {
+                handle.await?;
+            }
+            publisher.close().await
+        }));
+    }
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s2 = seen.clone();
+    let worker = f.consumer.subscribe(
+        move |e: Arc<Event>, _c: HandlerContext| {
+            let s = s2.clone();
+            async move {
+                if let Ok(mut v) = s.lock() {
+                    v.push(e.id().to_owned());
+                }
+                Ok::<(), HandlerError>(())
+            }
+        },
+        WorkerOptions::default().concurrency(8),
+    );
+    for send in sends {
+        send.await
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "publisher task failed", e))??;
+    }
+    let total = want.len();
+    let until = Instant::now() + h.patience() * 2;
+    while worker.stats().acked < total as u64 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    let seen = seen
+        .lock()
+        .map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?
+        .clone();
+    let distinct: HashSet<String> = seen.iter().cloned().collect();
+    check!(
+        distinct == want,
+        "handled {} distinct of {total}, report {report:?}",
+        distinct.len()
+    );
+    check!(
+        seen.len() <= total + total / 100,
+        "{} deliveries for {total} events",
+        seen.len()
+    );
+    Ok(Outcome::Passed)
+}
+
 /// Watermill topic isolation: events of one topic never reach another's subscription.
 pub async fn topic_isolation(h: &dyn Harness) -> Result<Outcome> {
     let a = fixture(h, |s| s).await?;

@@ -92,7 +92,8 @@ macro_rules! conformance_suite {
             foreign_message_dead_lettered, broken_json_dead_lettered,
             missing_required_attributes_dead_lettered, publisher_close_loses_none_of_10000,
             graceful_shutdown_finishes_in_flight, failing_handler_is_retried_then_succeeds,
-            worker_dead_letters_after_max_attempts, topic_isolation,
+            worker_dead_letters_after_max_attempts, concurrent_publishers_and_worker,
+            topic_isolation,
             continue_after_consumer_close, batch_reports_per_event_failures,
             idempotent_consumer_skips_duplicates, trace_context_propagates
         );
