@@ -359,7 +359,7 @@ async fn worker_extends_leases_while_a_handler_runs_long() {
     let bus = MemoryBroker::new().bus();
     bus.ensure_topic("slow").await.unwrap();
     bus.ensure_subscription(
-        &SubscriptionSpec::new("slow", "s").ack_deadline(Duration::from_millis(300)),
+        &SubscriptionSpec::new("slow", "s").ack_deadline(Duration::from_millis(500)),
     )
     .await
     .unwrap();
@@ -376,14 +376,14 @@ async fn worker_extends_leases_while_a_handler_runs_long() {
             let a = a2.clone();
             async move {
                 a.lock().unwrap().push(c.attempt);
-                // Four times the lease: without extension another delivery would start.
-                tokio::time::sleep(Duration::from_millis(1200)).await;
+                // Three times the lease: without extension another delivery would start.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
                 Ok::<(), HandlerError>(())
             }
         },
         cloudbus::WorkerOptions::default().concurrency(4),
     );
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(Duration::from_millis(1900)).await;
     let report = worker.shutdown(Duration::from_secs(5)).await;
     assert_eq!(
         *attempts.lock().unwrap(),
