@@ -284,13 +284,17 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benchmarking { 300_000 } else { 2_000 });
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()
         .expect("runtime");
     println!(
-        "# {} events per scenario, 2 worker threads, {} CPUs",
+        "# {} events per scenario, {threads} worker threads, {} CPUs",
         n,
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );

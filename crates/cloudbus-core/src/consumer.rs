@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::capabilities::Capabilities;
 use crate::codec::RawMessage;
@@ -133,7 +134,14 @@ impl Consumer {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::closed("consumer is closed"));
         }
-        let received = self.inner.driver.receive_batch(max.max(1), wait).await?;
+        let span = tracing::debug_span!("cloudbus.receive", consumer = %self.inner.name, max);
+        let received = self
+            .inner
+            .driver
+            .receive_batch(max.max(1), wait)
+            .instrument(span.clone())
+            .await?;
+        tracing::trace!(parent: &span, received = received.len(), "received");
         let mut out = Vec::with_capacity(received.len());
         let mut filtered_out = Vec::new();
         let received_at = Instant::now();

@@ -297,6 +297,7 @@ impl WorkerLoop {
         let this = Arc::new(self);
         let mut tasks = JoinSet::new();
         let mut failures = 0u32;
+        let mut depth_reported = Instant::now() - Duration::from_secs(60);
         loop {
             if *stop.borrow() {
                 break;
@@ -315,6 +316,11 @@ impl WorkerLoop {
             }
             // Reap finished tasks so the JoinSet does not grow.
             while tasks.try_join_next().is_some() {}
+            // The event_queue_depth gauge, at most once a second.
+            if depth_reported.elapsed() >= Duration::from_secs(1) {
+                depth_reported = Instant::now();
+                this.consumer.report_queue_depth().await;
+            }
             let received = this
                 .consumer
                 .receive_batch(permits.len(), this.options.receive_wait)
@@ -429,55 +435,62 @@ impl WorkerLoop {
             } => None,
         };
         telemetry::record_processing(&consumer, event.ty(), started.elapsed().as_secs_f64());
-        let _enter = span.enter();
-        let settled = match outcome {
-            None => {
-                self.stats.abandoned.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("shutdown deadline reached; nacking for redelivery");
-                delivery.nack(Duration::ZERO).await
-            }
-            Some(Ok(Ok(()))) => {
-                self.stats.acked.fetch_add(1, Ordering::Relaxed);
-                delivery.ack().await
-            }
-            Some(Ok(Err(HandlerError::Reject { reason }))) => {
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%reason, "handler rejected the event; dead-lettering");
-                delivery.dead_letter(format!("rejected: {reason}")).await
-            }
-            Some(Ok(Err(HandlerError::Retry { message, delay }))) => {
-                self.retry_or_dead_letter(&delivery, message, delay).await
-            }
-            Some(Err(_panic)) => {
-                self.retry_or_dead_letter(&delivery, "handler panicked".into(), None)
-                    .await
+        let settle = async {
+            let (counter, settled) = match outcome {
+                None => {
+                    tracing::warn!("shutdown deadline reached; nacking for redelivery");
+                    (&self.stats.abandoned, delivery.nack(Duration::ZERO).await)
+                }
+                Some(Ok(Ok(()))) => (&self.stats.acked, delivery.ack().await),
+                Some(Ok(Err(HandlerError::Reject { reason }))) => {
+                    tracing::warn!(%reason, "handler rejected the event; dead-lettering");
+                    (
+                        &self.stats.dead_lettered,
+                        delivery.dead_letter(format!("rejected: {reason}")).await,
+                    )
+                }
+                Some(Ok(Err(HandlerError::Retry { message, delay }))) => {
+                    self.retry_or_dead_letter(&delivery, message, delay).await
+                }
+                Some(Err(_panic)) => {
+                    self.retry_or_dead_letter(&delivery, "handler panicked".into(), None)
+                        .await
+                }
+            };
+            // Counted once the provider has the settlement.
+            match settled {
+                Ok(()) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "settlement failed; the event will come back when its lease expires");
+                }
             }
         };
-        if let Err(e) = settled {
-            self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "settlement failed; the event will come back when its lease expires");
-        }
+        settle.instrument(span).await;
     }
 
+    /// Nacks for another attempt with backoff, or dead-letters after the last one.
+    /// Returns the counter to bump when the settlement succeeds.
     async fn retry_or_dead_letter(
         &self,
         delivery: &Delivery,
         message: String,
         delay: Option<Duration>,
-    ) -> crate::Result<()> {
+    ) -> (&AtomicU64, crate::Result<()>) {
         let attempt = delivery.attempt();
         let max = self.options.retry.max_attempts;
         if attempt >= max {
-            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(attempt, %message, "last attempt failed; dead-lettering");
-            delivery
+            let r = delivery
                 .dead_letter_with(format!("max delivery attempts ({max}) exceeded"), message)
-                .await
+                .await;
+            (&self.stats.dead_lettered, r)
         } else {
-            self.stats.retried.fetch_add(1, Ordering::Relaxed);
             let delay = delay.unwrap_or_else(|| self.options.retry.backoff(attempt));
             tracing::debug!(attempt, %message, ?delay, "handler failed; nacking for a retry");
-            delivery.nack(delay).await
+            (&self.stats.retried, delivery.nack(delay).await)
         }
     }
 
