@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use cloudbus::memory::MemoryBroker;
 use cloudbus::{
-    Event, EventBuilder, HandlerContext, HandlerError, SubscriptionSpec, WorkerOptions, codec,
+    Bus, Event, EventBuilder, HandlerContext, HandlerError, Publisher, SubscriptionSpec,
+    WorkerOptions, codec,
 };
 
 /// An order event carrying about 1 KiB of JSON (`application/json`), held as the
@@ -97,6 +98,31 @@ fn print_medians() -> std::collections::BTreeMap<String, f64> {
     rates
 }
 
+/// A fresh broker with the topic `bench` and one subscription.
+async fn bench_bus(subscription: &str) -> (Bus, Publisher) {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("bench").await.expect("topic");
+    bus.ensure_subscription(&SubscriptionSpec::new("bench", subscription))
+        .await
+        .expect("subscription");
+    let publisher = bus.publisher("bench").await.expect("publisher");
+    (bus, publisher)
+}
+
+/// Publishes in batches of 4,000 (the publisher splits them by the broker's limits).
+async fn publish_in_chunks(publisher: &Publisher, events: Vec<Event>) {
+    let mut events = events.into_iter();
+    loop {
+        let chunk: Vec<Event> = events.by_ref().take(4000).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        for r in publisher.publish_batch(chunk).await {
+            r.expect("publish");
+        }
+    }
+}
+
 async fn mpsc_baseline(events: Vec<Event>) -> f64 {
     let n = events.len();
     reset_peak_rss();
@@ -121,12 +147,7 @@ async fn mpsc_baseline(events: Vec<Event>) -> f64 {
 
 async fn memory_end_to_end(name: &str, events: Vec<Event>, consumers: usize) -> f64 {
     let n = events.len();
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("bench").await.expect("topic");
-    bus.ensure_subscription(&SubscriptionSpec::new("bench", "s"))
-        .await
-        .expect("subscription");
-    let publisher = bus.publisher("bench").await.expect("publisher");
+    let (bus, publisher) = bench_bus("s").await;
     reset_peak_rss();
     let start = Instant::now();
     let acked = Arc::new(AtomicU64::new(0));
@@ -151,16 +172,7 @@ async fn memory_end_to_end(name: &str, events: Vec<Event>, consumers: usize) -> 
         }));
     }
     let producer = tokio::spawn(async move {
-        let mut events = events.into_iter();
-        loop {
-            let chunk: Vec<Event> = events.by_ref().take(4000).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            for r in publisher.publish_batch(chunk).await {
-                r.expect("publish");
-            }
-        }
+        publish_in_chunks(&publisher, events).await;
     });
     let _ = producer.await;
     for t in tasks {
@@ -174,25 +186,11 @@ async fn memory_end_to_end(name: &str, events: Vec<Event>, consumers: usize) -> 
 /// subscription, then draining it with receive and ack.
 async fn memory_halves(events: Vec<Event>) {
     let n = events.len();
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("bench").await.expect("topic");
-    bus.ensure_subscription(&SubscriptionSpec::new("bench", "h"))
-        .await
-        .expect("subscription");
-    let publisher = bus.publisher("bench").await.expect("publisher");
+    let (bus, publisher) = bench_bus("h").await;
     let consumer = bus.consumer("bench", "h").await.expect("consumer");
     reset_peak_rss();
     let start = Instant::now();
-    let mut events = events.into_iter();
-    loop {
-        let chunk: Vec<Event> = events.by_ref().take(4000).collect();
-        if chunk.is_empty() {
-            break;
-        }
-        for r in publisher.publish_batch(chunk).await {
-            r.expect("publish");
-        }
-    }
+    publish_in_chunks(&publisher, events).await;
     report("memory_publish_only", n, start.elapsed().as_secs_f64());
     reset_peak_rss();
     let start = Instant::now();
@@ -214,12 +212,7 @@ async fn memory_halves(events: Vec<Event>) {
 
 async fn memory_worker(events: Vec<Event>) -> f64 {
     let n = events.len();
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("bench").await.expect("topic");
-    bus.ensure_subscription(&SubscriptionSpec::new("bench", "w"))
-        .await
-        .expect("subscription");
-    let publisher = bus.publisher("bench").await.expect("publisher");
+    let (bus, publisher) = bench_bus("w").await;
     reset_peak_rss();
     let start = Instant::now();
     let handled = Arc::new(AtomicU64::new(0));
