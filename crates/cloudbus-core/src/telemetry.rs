@@ -102,15 +102,28 @@ impl TraceContext {
     }
     /// Parses a version-00 `traceparent`; `None` when it is not valid.
     pub fn parse(s: &str) -> Option<Self> {
-        let mut parts = s.trim().split('-');
-        let (v, t, p, f) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || v != "00" || t.len() != 32 || p.len() != 16 || f.len() != 2 {
+        // Fixed layout: "00-" 32 hex "-" 16 hex "-" 2 hex, lowercase (read for every
+        // published and handled event, so no splitting or trimming).
+        let b = s.as_bytes();
+        if b.len() != 55 || &b[..3] != b"00-" || b[35] != b'-' || b[52] != b'-' {
             return None;
         }
-        let trace_id = u128::from_str_radix(t, 16).ok()?;
-        let span_id = u64::from_str_radix(p, 16).ok()?;
-        let flags = u8::from_str_radix(f, 16).ok()?;
-        if trace_id == 0 || span_id == 0 || t.bytes().any(|b| b.is_ascii_uppercase()) {
+        fn hex(digits: &[u8]) -> Option<u128> {
+            let mut v: u128 = 0;
+            for d in digits {
+                let n = match d {
+                    b'0'..=b'9' => d - b'0',
+                    b'a'..=b'f' => d - b'a' + 10,
+                    _ => return None,
+                };
+                v = (v << 4) | u128::from(n);
+            }
+            Some(v)
+        }
+        let trace_id = hex(&b[3..35])?;
+        let span_id = u64::try_from(hex(&b[36..52])?).ok()?;
+        let flags = u8::try_from(hex(&b[53..55])?).ok()?;
+        if trace_id == 0 || span_id == 0 {
             return None;
         }
         Some(TraceContext {
