@@ -336,10 +336,9 @@ async fn worker_records_the_seed_metrics() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     worker.shutdown(Duration::from_secs(1)).await;
-    let names: std::collections::HashSet<String> = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
+    let snapshot = snapshotter.snapshot().into_vec();
+    let names: std::collections::HashSet<String> = snapshot
+        .iter()
         .map(|(key, _, _, _)| key.key().name().to_owned())
         .collect();
     for want in [
@@ -352,6 +351,35 @@ async fn worker_records_the_seed_metrics() {
     ] {
         assert!(names.contains(want), "metric {want} missing from {names:?}");
     }
+    // The values of this consumer: one event acked, one dead-lettered.
+    let counter = |name: &str, labels: &[(&str, &str)]| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, _, _, _)| {
+                key.key().name() == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
+            })
+            .map(|(_, _, _, value)| match value {
+                metrics_util::debugging::DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    };
+    let consumed = "events_consumed_total";
+    assert_eq!(
+        counter(consumed, &[("consumer", "metered"), ("status", "ack")]),
+        1
+    );
+    assert_eq!(
+        counter(
+            consumed,
+            &[("consumer", "metered"), ("status", "dead_letter")]
+        ),
+        1
+    );
+    assert_eq!(counter("dlq_messages_total", &[("consumer", "metered")]), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

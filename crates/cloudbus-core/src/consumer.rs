@@ -58,6 +58,7 @@ pub(crate) struct ConsumerInner {
     driver: Arc<dyn SubscriptionDriver>,
     pub(crate) caps: Capabilities,
     pub(crate) name: Arc<str>,
+    pub(crate) metrics: telemetry::ConsumerMetrics,
     closed: AtomicBool,
     filter: Option<Filter>,
     dead_letter_sink: Mutex<Option<Publisher>>,
@@ -79,12 +80,14 @@ impl Consumer {
     /// A consumer over `driver` with options.
     pub fn with_options(driver: Arc<dyn SubscriptionDriver>, options: ConsumerOptions) -> Self {
         let caps = driver.capabilities();
+        let name: Arc<str> = options.name.unwrap_or_else(|| "consumer".into()).into();
         Consumer {
             inner: Arc::new(ConsumerInner {
                 settler: Settler::new(driver.clone(), caps.max_batch_count.max(1)),
                 driver,
                 caps,
-                name: options.name.unwrap_or_else(|| "consumer".into()).into(),
+                metrics: telemetry::ConsumerMetrics::new(name.clone()),
+                name,
                 closed: AtomicBool::new(false),
                 filter: options.filter,
                 dead_letter_sink: Mutex::new(None),
@@ -191,7 +194,7 @@ impl Consumer {
             }
         }
         if let Some(first) = out.first() {
-            telemetry::record_lag(&self.inner.name, &first.event);
+            self.inner.metrics.lag(&first.event);
         }
         Ok(out)
     }
@@ -233,7 +236,7 @@ impl Consumer {
             Ok(per) => {
                 let ok: Vec<bool> = per.iter().map(Result::is_ok).collect();
                 for (ty, n) in count_by_type(&ok) {
-                    telemetry::record_consumed_n(&self.inner.name, ty, settlement.status(), n);
+                    self.inner.metrics.consumed(ty, settlement.status(), n);
                 }
                 for (&i, r) in idx.iter().zip(per) {
                     if r.as_ref().is_err_and(|e| e.is_retryable()) {
@@ -272,7 +275,7 @@ impl Consumer {
     /// provider can tell.
     pub async fn report_queue_depth(&self) -> Option<u64> {
         let depth = self.inner.driver.queue_depth().await?;
-        telemetry::record_queue_depth(&self.inner.name, depth);
+        self.inner.metrics.queue_depth(depth);
         Some(depth)
     }
 
@@ -311,7 +314,7 @@ impl ConsumerInner {
                 let mut copy = event.clone();
                 copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
                 sink.publish(copy).await?;
-                telemetry::record_dead_lettered(&self.name, &reason);
+                self.metrics.dead_lettered(&reason);
                 tracing::debug!(%reason, %description, "dead-lettered through the polyfill");
                 Settlement::Ack
             }
@@ -324,10 +327,10 @@ impl ConsumerInner {
         };
         self.settler.settle(token.clone(), settlement).await?;
         if status != "extend" {
-            telemetry::record_consumed_n(&self.name, event.ty(), status, 1);
+            self.metrics.consumed(event.ty(), status, 1);
         }
         if let Some(reason) = reason {
-            telemetry::record_dead_lettered(&self.name, &reason);
+            self.metrics.dead_lettered(&reason);
         }
         Ok(())
     }
@@ -362,7 +365,7 @@ impl ConsumerInner {
                 )
                 .await?;
         }
-        telemetry::record_dead_lettered(&self.name, &reason);
+        self.metrics.dead_lettered(&reason);
         Ok(())
     }
 }

@@ -14,10 +14,10 @@ use chrono::{DateTime, Utc};
 
 use crate::codec::{DecodeError, RawMessage};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{EXT_DEAD_LETTER_REASON, Event};
+use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event};
 use crate::publisher::Publisher;
 use crate::retry::RetryPolicy;
-use crate::telemetry::TraceContext;
+use crate::telemetry::{ConsumerMetrics, TraceContext};
 use crate::worker::{Handler, HandlerContext, HandlerError};
 
 /// Where reading a partition starts.
@@ -160,6 +160,7 @@ pub struct StreamConsumer {
     finished: HashSet<String>,
     replaying: Option<StartPosition>,
     name: Arc<str>,
+    metrics: ConsumerMetrics,
 }
 
 impl StreamConsumer {
@@ -167,9 +168,11 @@ impl StreamConsumer {
     /// checkpoint, with in-memory checkpoints.
     pub fn new(driver: Arc<dyn StreamDriver>, group: impl Into<String>) -> Self {
         let group = group.into();
+        let name: Arc<str> = group.clone().into();
         StreamConsumer {
             driver,
-            name: group.clone().into(),
+            metrics: ConsumerMetrics::new(name.clone()),
+            name,
             group,
             store: Arc::new(MemoryCheckpointStore::new()),
             start: StartPosition::Latest,
@@ -324,9 +327,15 @@ impl StreamConsumer {
                 consumer: self.name.clone(),
                 trace,
             };
+            let started = std::time::Instant::now();
             let outcome = trace.scope(handler.handle(event.clone(), ctx)).await;
+            self.metrics
+                .processing(event.ty(), started.elapsed().as_secs_f64());
             let reason = match outcome {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    self.metrics.consumed(event.ty(), "ack", 1);
+                    return Ok(true);
+                }
                 Err(HandlerError::Reject { reason }) => format!("rejected: {reason}"),
                 Err(HandlerError::Retry { message, delay }) => {
                     if self.retry.should_retry(attempt) {
@@ -351,8 +360,10 @@ impl StreamConsumer {
                 ));
             };
             let mut copy = (*event).clone();
-            copy.set_extension(EXT_DEAD_LETTER_REASON, reason);
+            copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
             sink.publish(copy).await?;
+            self.metrics.consumed(event.ty(), "dead_letter", 1);
+            self.metrics.dead_lettered(&reason);
             return Ok(false);
         }
     }
@@ -372,7 +383,12 @@ impl StreamConsumer {
                 ),
             ));
         };
-        sink.publish_raw(raw.clone().with_attribute(EXT_DEAD_LETTER_REASON, reason))
-            .await
+        sink.publish_raw(
+            raw.clone()
+                .with_attribute(EXT_DEAD_LETTER_REASON, reason.clone()),
+        )
+        .await?;
+        self.metrics.dead_lettered(&reason);
+        Ok(())
     }
 }

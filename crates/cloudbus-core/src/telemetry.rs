@@ -1,9 +1,12 @@
 //! Observability in one place: the metric names of the seed (recorded through the
 //! `metrics` facade, so any exporter works) and W3C trace context carried inside the
 //! event's `traceparent` extension, with the current context kept per task so that
-//! events published while handling an event continue its trace.
+//! events published while handling an event continue its trace. Consumers keep their
+//! metric handles per event type; install the metrics exporter before consuming.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 use crate::event::{AttributesReader, EXT_TRACEPARENT, Event, EventExt};
 
@@ -30,25 +33,6 @@ pub(crate) fn record_published_n(event: &Event, n: u64) {
     .increment(n);
 }
 
-pub(crate) fn record_consumed_n(consumer: &str, event_type: &str, status: &'static str, n: u64) {
-    metrics::counter!(names::EVENTS_CONSUMED_TOTAL,
-        "consumer" => consumer.to_owned(),
-        "event_type" => event_type.to_owned(),
-        "status" => status)
-    .increment(n);
-}
-
-pub(crate) fn record_processing(consumer: &str, event_type: &str, seconds: f64) {
-    metrics::histogram!(names::EVENT_PROCESSING_DURATION_SECONDS,
-        "consumer" => consumer.to_owned(),
-        "event_type" => event_type.to_owned())
-    .record(seconds);
-}
-
-pub(crate) fn record_queue_depth(consumer: &str, depth: u64) {
-    metrics::gauge!(names::EVENT_QUEUE_DEPTH, "consumer" => consumer.to_owned()).set(depth as f64);
-}
-
 pub(crate) fn record_dead_lettered(consumer: &str, reason: &str) {
     // The reason label is the short category before any ':' to bound cardinality.
     let category = reason.split(':').next().unwrap_or(reason).trim().to_owned();
@@ -58,11 +42,100 @@ pub(crate) fn record_dead_lettered(consumer: &str, reason: &str) {
     .increment(1);
 }
 
-pub(crate) fn record_lag(consumer: &str, event: &Event) {
-    if let Some(t) = event.time() {
-        let lag = (chrono::Utc::now() - *t).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        metrics::histogram!(names::EVENT_LAG_SECONDS, "consumer" => consumer.to_owned())
-            .record(lag.max(0.0));
+/// The metric handles of one consumer, registered once per event type instead of on
+/// every event (registration builds the label strings). Handles bind to the recorder
+/// installed when they are first used: install the exporter before consuming.
+pub(crate) struct ConsumerMetrics {
+    consumer: Arc<str>,
+    lag: metrics::Histogram,
+    depth: metrics::Gauge,
+    by_type: RwLock<HashMap<String, Arc<TypeMetrics>>>,
+}
+
+struct TypeMetrics {
+    ack: metrics::Counter,
+    nack: metrics::Counter,
+    dead_letter: metrics::Counter,
+    processing: metrics::Histogram,
+}
+
+/// Event types cached per consumer; beyond it handles are made per use (bounded memory).
+const MAX_CACHED_TYPES: usize = 1024;
+
+impl ConsumerMetrics {
+    pub(crate) fn new(consumer: Arc<str>) -> Self {
+        ConsumerMetrics {
+            lag: metrics::histogram!(names::EVENT_LAG_SECONDS, "consumer" => consumer.to_string()),
+            depth: metrics::gauge!(names::EVENT_QUEUE_DEPTH, "consumer" => consumer.to_string()),
+            consumer,
+            by_type: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn for_type(&self, event_type: &str) -> Arc<TypeMetrics> {
+        if let Some(t) = self
+            .by_type
+            .read()
+            .ok()
+            .and_then(|m| m.get(event_type).cloned())
+        {
+            return t;
+        }
+        let consumed = |status: &'static str| {
+            metrics::counter!(names::EVENTS_CONSUMED_TOTAL,
+                "consumer" => self.consumer.to_string(),
+                "event_type" => event_type.to_owned(),
+                "status" => status)
+        };
+        let made = Arc::new(TypeMetrics {
+            ack: consumed("ack"),
+            nack: consumed("nack"),
+            dead_letter: consumed("dead_letter"),
+            processing: metrics::histogram!(names::EVENT_PROCESSING_DURATION_SECONDS,
+                "consumer" => self.consumer.to_string(),
+                "event_type" => event_type.to_owned()),
+        });
+        if let Ok(mut m) = self.by_type.write()
+            && m.len() < MAX_CACHED_TYPES
+        {
+            m.insert(event_type.to_owned(), made.clone());
+        }
+        made
+    }
+
+    /// Counts `n` settlements of `status` (`ack`, `nack`, `dead_letter`).
+    pub(crate) fn consumed(&self, event_type: &str, status: &'static str, n: u64) {
+        let t = self.for_type(event_type);
+        match status {
+            "ack" => t.ack.increment(n),
+            "nack" => t.nack.increment(n),
+            "dead_letter" => t.dead_letter.increment(n),
+            _ => {}
+        }
+    }
+
+    /// Records one handler run.
+    pub(crate) fn processing(&self, event_type: &str, seconds: f64) {
+        self.for_type(event_type).processing.record(seconds);
+    }
+
+    /// Sets the queue depth gauge.
+    pub(crate) fn queue_depth(&self, depth: u64) {
+        self.depth.set(depth as f64);
+    }
+
+    /// Records the lag of an event: now minus its `time`.
+    pub(crate) fn lag(&self, event: &Event) {
+        if let Some(t) = event.time() {
+            let lag = (chrono::Utc::now() - *t).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            self.lag.record(lag.max(0.0));
+        }
+    }
+
+    /// Counts one dead-lettered message (the reason's category is a label, so this
+    /// one is not cached; dead letters are rare).
+    pub(crate) fn dead_lettered(&self, reason: &str) {
+        record_dead_lettered(&self.consumer, reason);
     }
 }
 

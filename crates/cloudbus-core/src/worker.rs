@@ -21,7 +21,7 @@ use crate::consumer::{Consumer, Delivery};
 use crate::error::Error;
 use crate::event::{AttributesReader, Event};
 use crate::retry::RetryPolicy;
-use crate::telemetry::{self, TraceContext};
+use crate::telemetry::TraceContext;
 
 /// What a handler knows about the delivery it handles.
 #[derive(Clone, Debug)]
@@ -434,7 +434,10 @@ impl WorkerLoop {
                 }
             } => None,
         };
-        telemetry::record_processing(&consumer, event.ty(), started.elapsed().as_secs_f64());
+        self.consumer
+            .inner
+            .metrics
+            .processing(event.ty(), started.elapsed().as_secs_f64());
         let settle = async {
             let (counter, settled) = match outcome {
                 None => {
