@@ -466,3 +466,144 @@ async fn worker_never_holds_more_than_its_concurrency() {
         peak.load(std::sync::atomic::Ordering::SeqCst)
     );
 }
+
+/// The memory subscription presented as a provider without a dead-letter place; it
+/// refuses dead-letter settlements, so the test proves the polyfill never sends one.
+struct WithoutNativeDeadLetters(Arc<dyn cloudbus::SubscriptionDriver>);
+
+#[async_trait]
+impl cloudbus::SubscriptionDriver for WithoutNativeDeadLetters {
+    async fn receive_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> cloudbus::Result<Vec<cloudbus::ReceivedMessage>> {
+        self.0.receive_batch(max, wait).await
+    }
+    async fn settle_batch(
+        &self,
+        items: &[(cloudbus::AckToken, cloudbus::Settlement)],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        if items
+            .iter()
+            .any(|(_, s)| matches!(s, cloudbus::Settlement::DeadLetter { .. }))
+        {
+            return Err(cloudbus::Error::unsupported("no dead-letter place here"));
+        }
+        self.0.settle_batch(items).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.0.capabilities();
+        caps.native_dead_letter = false;
+        caps.max_delivery_attempts = false;
+        caps
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
+    use cloudbus::{DeadLetters, Payload, TopicDeadLetters};
+    let bus = MemoryBroker::new().bus();
+    for (topic, sub) in [("orders", "billing"), ("orders-dlq", "inspect")] {
+        bus.ensure_topic(topic).await.unwrap();
+        bus.ensure_subscription(&SubscriptionSpec::new(topic, sub))
+            .await
+            .unwrap();
+    }
+    let consumer = || async {
+        cloudbus::Consumer::new(
+            Arc::new(WithoutNativeDeadLetters(
+                bus.driver()
+                    .subscription("orders", "billing")
+                    .await
+                    .unwrap(),
+            )),
+            "billing",
+        )
+        .dead_letter_to(bus.publisher("orders-dlq").await.unwrap())
+    };
+    let p = bus.publisher("orders").await.unwrap();
+    p.publish(ev(1)).await.unwrap();
+    p.publish_raw(cloudbus::RawMessage::new("junk"))
+        .await
+        .unwrap();
+    p.publish(ev(2)).await.unwrap();
+    let rejecting = |e: Arc<Event>, _c: HandlerContext| async move {
+        use cloudbus::AttributesReader;
+        if e.subject() == Some("2") {
+            Err(HandlerError::reject("bad order"))
+        } else {
+            Ok(())
+        }
+    };
+    let worker = consumer()
+        .await
+        .subscribe(rejecting, cloudbus::WorkerOptions::default());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while worker.stats().acked + worker.stats().dead_lettered < 2
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = worker.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(
+        (report.acked, report.dead_lettered, report.settle_errors),
+        (1, 1, 0)
+    );
+
+    let dlq = DeadLetters::new(Arc::new(
+        TopicDeadLetters::new(
+            bus.driver()
+                .subscription("orders-dlq", "inspect")
+                .await
+                .unwrap(),
+            bus.publisher("orders").await.unwrap(),
+        )
+        .wait(Duration::from_millis(200)),
+    ));
+    let letters = dlq.peek(10).await.unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let reasons: Vec<String> = letters
+        .iter()
+        .map(|l| l.reason.clone().unwrap_or_default())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "rejected: bad order"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("malformed: not a CloudEvent")),
+        "{reasons:?}"
+    );
+    assert!(
+        letters
+            .iter()
+            .any(|l| matches!(&l.payload, Payload::Raw(r) if r.body == b"junk"))
+    );
+    // Peeking does not consume.
+    assert_eq!(dlq.peek(10).await.unwrap().len(), 2);
+    // Redrive both to the source; the event comes back without its reason.
+    assert_eq!(dlq.redrive_all().await.unwrap(), 2);
+    let again = consumer().await;
+    let back = again
+        .receive_batch(10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(
+        back.len(),
+        1,
+        "the raw message is dead-lettered again, the event returns"
+    );
+    use cloudbus::{AttributesReader, EventExt};
+    assert_eq!(back[0].event().subject(), Some("2"));
+    assert!(back[0].event().extension_str("deadletterreason").is_none());
+    back[0].ack().await.unwrap();
+    // The raw message went back to the dead-letter topic; purge removes it.
+    assert_eq!(dlq.purge().await.unwrap(), 1);
+    assert!(dlq.peek(10).await.unwrap().is_empty());
+}

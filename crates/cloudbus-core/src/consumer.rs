@@ -184,7 +184,12 @@ impl Consumer {
                 Err((raw, decode_error)) => {
                     let reason = format!("malformed: {decode_error}");
                     tracing::warn!(consumer = %self.inner.name, %reason, "dead-lettering a message that is not a valid CloudEvent");
-                    self.inner.dead_letter_raw(token, raw, reason).await?;
+                    // A failure here leaves the message unsettled: it comes back (or goes to
+                    // the provider's own dead-letter place by policy); never dropped, and the
+                    // good messages of this batch are still handed out.
+                    if let Err(e) = self.inner.dead_letter_raw(token, raw, reason).await {
+                        tracing::error!(consumer = %self.inner.name, error = %e, "could not dead-letter a malformed message");
+                    }
                 }
             }
         }

@@ -1,9 +1,19 @@
-//! The portable view of a dead-letter place: peek, redrive to the source, purge.
+//! The portable view of a dead-letter place: peek, redrive to the source, purge; and
+//! [`TopicDeadLetters`], the dead-letter place cloudbus keeps on an ordinary topic and
+//! subscription for providers that have none.
 
+use std::any::Any;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::driver::{DeadLetter, DeadLetterDriver};
+use async_trait::async_trait;
+
+use crate::driver::{
+    DeadLetter, DeadLetterDriver, Payload, ReceivedMessage, Settlement, SubscriptionDriver,
+};
 use crate::error::Result;
+use crate::event::{EXT_DEAD_LETTER_REASON, EventExt};
+use crate::publisher::Publisher;
 
 /// A dead-letter place (a DLQ, a `$DeadLetterQueue`, a dead-letter topic, or the one
 /// cloudbus keeps where the cloud has none).
@@ -55,5 +65,159 @@ impl DeadLetters {
     /// The driver, for escape hatches.
     pub fn driver(&self) -> &Arc<dyn DeadLetterDriver> {
         &self.driver
+    }
+}
+
+/// The dead-letter place cloudbus keeps where a provider has none: events dead-lettered
+/// through [`Consumer::dead_letter_to`](crate::Consumer::dead_letter_to) are published
+/// to a topic with a `deadletterreason` extension (raw messages with that attribute);
+/// this reads them back through a subscription of that topic and redrives them to the
+/// source topic.
+///
+/// `peek` receives and releases (nack) what it shows, so it counts as a delivery
+/// attempt on the dead-letter subscription.
+///
+/// ```
+/// # async fn demo(bus: cloudbus_core::Bus) -> cloudbus_core::Result<()> {
+/// use std::sync::Arc;
+/// use cloudbus_core::{DeadLetters, TopicDeadLetters};
+/// let dlq = DeadLetters::new(Arc::new(TopicDeadLetters::new(
+///     bus.driver().subscription("orders-dlq", "inspect").await?,
+///     bus.publisher("orders").await?,
+/// )));
+/// dlq.redrive_all().await?;
+/// # Ok(()) }
+/// ```
+pub struct TopicDeadLetters {
+    dead_letters: Arc<dyn SubscriptionDriver>,
+    source: Publisher,
+    wait: Duration,
+}
+
+impl TopicDeadLetters {
+    /// Reads dead letters through `dead_letters` and redrives them to `source`.
+    pub fn new(dead_letters: Arc<dyn SubscriptionDriver>, source: Publisher) -> Self {
+        TopicDeadLetters {
+            dead_letters,
+            source,
+            wait: Duration::from_millis(500),
+        }
+    }
+
+    /// How long one read waits for dead letters (default 500 ms).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    async fn take(&self, max: usize) -> Result<Vec<ReceivedMessage>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let batch = self
+                .dead_letters
+                .receive_batch((max - out.len()).min(100), self.wait)
+                .await?;
+            if batch.is_empty() {
+                break;
+            }
+            out.extend(batch);
+        }
+        Ok(out)
+    }
+
+    async fn settle_all(&self, msgs: &[ReceivedMessage], settlement: Settlement) -> Result<()> {
+        let items: Vec<_> = msgs
+            .iter()
+            .map(|m| (m.token.clone(), settlement.clone()))
+            .collect();
+        for chunk in items.chunks(100) {
+            for r in self.dead_letters.settle_batch(chunk).await? {
+                r?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_dead_letter(m: &ReceivedMessage) -> DeadLetter {
+    let (payload, reason) = match &m.event {
+        Ok(e) => (
+            Payload::Event(e.clone()),
+            e.extension_str(EXT_DEAD_LETTER_REASON).map(str::to_owned),
+        ),
+        Err((raw, _)) => (
+            Payload::Raw(raw.clone()),
+            raw.attributes.get(EXT_DEAD_LETTER_REASON).cloned(),
+        ),
+    };
+    DeadLetter {
+        payload,
+        reason,
+        description: None,
+        source_entity: None,
+        attempts: m.attempt,
+        dead_lettered_at: m.published_at,
+    }
+}
+
+#[async_trait]
+impl DeadLetterDriver for TopicDeadLetters {
+    async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>> {
+        let msgs = self.take(max).await?;
+        let letters = msgs.iter().map(to_dead_letter).collect();
+        self.settle_all(
+            &msgs,
+            Settlement::Nack {
+                delay: Duration::ZERO,
+            },
+        )
+        .await?;
+        Ok(letters)
+    }
+
+    async fn redrive(&self, max: Option<usize>) -> Result<usize> {
+        let mut moved = 0;
+        let limit = max.unwrap_or(usize::MAX);
+        while moved < limit {
+            let msgs = self.take((limit - moved).min(100)).await?;
+            if msgs.is_empty() {
+                break;
+            }
+            for m in &msgs {
+                // Publish first, then ack: a crash in between duplicates, never loses.
+                match &m.event {
+                    Ok(e) => {
+                        let mut event = (**e).clone();
+                        event.remove_extension(EXT_DEAD_LETTER_REASON);
+                        self.source.publish(event).await?;
+                    }
+                    Err((raw, _)) => {
+                        let mut raw = raw.clone();
+                        raw.attributes.remove(EXT_DEAD_LETTER_REASON);
+                        self.source.publish_raw(raw).await?;
+                    }
+                }
+                self.settle_all(std::slice::from_ref(m), Settlement::Ack)
+                    .await?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn purge(&self) -> Result<usize> {
+        let mut purged = 0;
+        loop {
+            let msgs = self.take(100).await?;
+            if msgs.is_empty() {
+                return Ok(purged);
+            }
+            self.settle_all(&msgs, Settlement::Ack).await?;
+            purged += msgs.len();
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

@@ -34,7 +34,7 @@ pub use bus::Bus;
 pub use capabilities::{Capabilities, FilterSupport};
 pub use codec::{BinaryCodec, DecodeError, DecodeErrorKind, RawMessage};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, describe_payload};
-pub use dead_letters::DeadLetters;
+pub use dead_letters::{DeadLetters, TopicDeadLetters};
 pub use driver::{
     AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, OutgoingMessage, Payload,
     PublishOptions, ReceivedMessage, Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver,
