@@ -16,3 +16,6 @@ echo "== order saga example"
 cargo run --quiet --example order_saga > /tmp/cloudbus-order-saga.log
 grep -q "redriven:        1" /tmp/cloudbus-order-saga.log
 tail -n 14 /tmp/cloudbus-order-saga.log
+
+echo "== stream replay example"
+cargo run --quiet --example stream_replay
