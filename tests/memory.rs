@@ -607,3 +607,182 @@ async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
     assert_eq!(dlq.purge().await.unwrap(), 1);
     assert!(dlq.peek(10).await.unwrap().is_empty());
 }
+
+/// Counts driver calls, to show that batching happens in core.
+struct Counting<D> {
+    inner: D,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl cloudbus::SubscriptionDriver for Counting<Arc<dyn cloudbus::SubscriptionDriver>> {
+    async fn receive_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> cloudbus::Result<Vec<cloudbus::ReceivedMessage>> {
+        self.inner.receive_batch(max, wait).await
+    }
+    async fn settle_batch(
+        &self,
+        items: &[(cloudbus::AckToken, cloudbus::Settlement)],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.inner.settle_batch(items).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn queue_depth(&self) -> Option<u64> {
+        self.inner.queue_depth().await
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[async_trait]
+impl cloudbus::TopicDriver for Counting<Arc<dyn cloudbus::TopicDriver>> {
+    async fn send_batch(
+        &self,
+        batch: &[cloudbus::OutgoingMessage],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // A network round trip: while one batch is out, the next one fills.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.inner.send_batch(batch).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_publishes_and_acks_are_batched_in_core() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("b").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("b", "s"))
+        .await
+        .unwrap();
+    let sends = Arc::new(AtomicUsize::new(0));
+    let publisher = cloudbus::Publisher::new(Arc::new(Counting {
+        inner: bus.driver().topic("b").await.unwrap(),
+        calls: sends.clone(),
+    }));
+    // 1,000 single publishes in flight at once travel in far fewer provider calls
+    // (each lane sends what accumulated while its previous batch was out).
+    let handles: Vec<_> = (0..1000).map(|i| publisher.publish(ev(i))).collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let send_calls = sends.load(SeqCst);
+    assert!(
+        send_calls < 100,
+        "{send_calls} send calls for 1,000 publishes"
+    );
+
+    let settles = Arc::new(AtomicUsize::new(0));
+    let consumer = cloudbus::Consumer::new(
+        Arc::new(Counting {
+            inner: bus.driver().subscription("b", "s").await.unwrap(),
+            calls: settles.clone(),
+        }),
+        "s",
+    );
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 1000 {
+        deliveries.extend(
+            consumer
+                .receive_batch(1000, Duration::from_millis(200))
+                .await
+                .unwrap(),
+        );
+    }
+    // 1,000 individual acks at once are coalesced into batches by the settler (what
+    // arrives while one settle call is out goes in the next).
+    let acks: Vec<_> = deliveries.iter().map(|d| d.ack()).collect();
+    for r in futures::future::join_all(acks).await {
+        r.unwrap();
+    }
+    let settle_calls = settles.load(SeqCst);
+    assert!(
+        settle_calls <= 40,
+        "{settle_calls} settle calls for 1,000 acks"
+    );
+    assert_eq!(consumer.report_queue_depth().await, Some(0));
+    eprintln!("batching: {send_calls} send calls and {settle_calls} settle calls for 1,000 events");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_flow_control_by_bytes() {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("bytes").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("bytes", "s"))
+        .await
+        .unwrap();
+    let p = bus.publisher("bytes").await.unwrap();
+    let big = |i: usize| {
+        EventBuilder::new("big", "/tests")
+            .subject(i.to_string())
+            .data("application/octet-stream", vec![7u8; 10 * 1024])
+            .build()
+            .unwrap()
+    };
+    for r in p.publish_batch((0..12).map(big).collect()).await {
+        r.unwrap();
+    }
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r2, p2) = (running.clone(), peak.clone());
+    let worker = bus.consumer("bytes", "s").await.unwrap().subscribe(
+        move |_e: Arc<Event>, _c: HandlerContext| {
+            let (r, p) = (r2.clone(), p2.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                p.fetch_max(r.fetch_add(1, SeqCst) + 1, SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                r.fetch_sub(1, SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        },
+        // Room for 16 by count but only about 2.5 events by bytes.
+        cloudbus::WorkerOptions {
+            max_outstanding_bytes: 25 * 1024,
+            ..cloudbus::WorkerOptions::default().concurrency(16)
+        },
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while worker.stats().acked < 12 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.acked, 12);
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        peak <= 2,
+        "{peak} handlers ran at once with room for 2 by bytes"
+    );
+}
+
+#[tokio::test]
+async fn drivers_expose_the_memory_broker_as_escape_hatch() {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("x").await.unwrap();
+    let p = bus.publisher("x").await.unwrap();
+    let topic = p
+        .driver()
+        .as_any()
+        .downcast_ref::<cloudbus::memory::MemoryTopic>();
+    assert!(topic.is_some());
+    assert!(
+        bus.driver()
+            .as_any()
+            .downcast_ref::<MemoryBroker>()
+            .is_some()
+    );
+}
