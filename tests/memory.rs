@@ -60,6 +60,32 @@ fn ev(n: usize) -> Event {
         .expect("valid event")
 }
 
+/// Publishes event 1, a raw message that is not a CloudEvent, then event 2.
+async fn publish_event_raw_event(p: &cloudbus::Publisher, raw: &str) {
+    p.publish(ev(1)).await.unwrap();
+    p.publish_raw(cloudbus::RawMessage::new(raw)).await.unwrap();
+    p.publish(ev(2)).await.unwrap();
+}
+
+/// A handler that fails the event whose subject is `subject` (retry or reject) and
+/// accepts all others.
+fn failing_on(
+    subject: &'static str,
+    failure: fn(&str) -> HandlerError,
+) -> impl Fn(Arc<Event>, HandlerContext) -> std::future::Ready<Result<(), HandlerError>>
++ Send
++ Sync
++ 'static {
+    move |e: Arc<Event>, _c: HandlerContext| {
+        use cloudbus::AttributesReader;
+        std::future::ready(if e.subject() == Some(subject) {
+            Err(failure("planned failure"))
+        } else {
+            Ok(())
+        })
+    }
+}
+
 #[tokio::test]
 async fn full_subscription_refuses_with_resource_exhausted() {
     let broker = MemoryBroker::with_config(BrokerConfig {
@@ -193,19 +219,8 @@ async fn stream_failures_are_dead_lettered_not_skipped() {
         .await
         .unwrap();
     let p = bus.publisher("s").await.unwrap();
-    p.publish(ev(1)).await.unwrap();
-    p.publish_raw(cloudbus::RawMessage::new("not an event"))
-        .await
-        .unwrap();
-    p.publish(ev(2)).await.unwrap();
-    let failing = |e: Arc<Event>, _c: HandlerContext| async move {
-        use cloudbus::AttributesReader;
-        if e.subject() == Some("1") {
-            Err(HandlerError::retry("downstream down"))
-        } else {
-            Ok(())
-        }
-    };
+    publish_event_raw_event(&p, "not an event").await;
+    let failing = failing_on("1", |m| HandlerError::retry(m));
     // Without a dead-letter place the reader stops at the failing record.
     let mut strict = bus
         .stream_consumer("s", "g1")
@@ -526,19 +541,8 @@ async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
         .dead_letter_to(bus.publisher("orders-dlq").await.unwrap())
     };
     let p = bus.publisher("orders").await.unwrap();
-    p.publish(ev(1)).await.unwrap();
-    p.publish_raw(cloudbus::RawMessage::new("junk"))
-        .await
-        .unwrap();
-    p.publish(ev(2)).await.unwrap();
-    let rejecting = |e: Arc<Event>, _c: HandlerContext| async move {
-        use cloudbus::AttributesReader;
-        if e.subject() == Some("2") {
-            Err(HandlerError::reject("bad order"))
-        } else {
-            Ok(())
-        }
-    };
+    publish_event_raw_event(&p, "junk").await;
+    let rejecting = failing_on("2", |m| HandlerError::reject(m));
     let worker = consumer()
         .await
         .subscribe(rejecting, cloudbus::WorkerOptions::default());
@@ -571,7 +575,7 @@ async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
         .map(|l| l.reason.clone().unwrap_or_default())
         .collect();
     assert!(
-        reasons.iter().any(|r| r == "rejected: bad order"),
+        reasons.iter().any(|r| r == "rejected: planned failure"),
         "{reasons:?}"
     );
     assert!(
