@@ -790,3 +790,162 @@ async fn drivers_expose_the_memory_broker_as_escape_hatch() {
             .is_some()
     );
 }
+
+/// A topic driver that fails chosen events (by subject) a number of times.
+struct Flaky {
+    inner: Arc<dyn cloudbus::TopicDriver>,
+    fail: std::sync::Mutex<std::collections::HashMap<String, (ErrorKind, u32)>>,
+}
+
+#[async_trait]
+impl cloudbus::TopicDriver for Flaky {
+    async fn send_batch(
+        &self,
+        batch: &[cloudbus::OutgoingMessage],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        use cloudbus::AttributesReader;
+        let mut planned = Vec::with_capacity(batch.len());
+        {
+            let mut fail = self.fail.lock().unwrap();
+            for m in batch {
+                let subject = m.payload.event().and_then(|e| e.subject()).unwrap_or("");
+                planned.push(match fail.get_mut(subject) {
+                    Some((kind, times)) if *times > 0 => {
+                        *times -= 1;
+                        Some(cloudbus::Error::new(
+                            *kind,
+                            format!("planned failure of {subject}"),
+                        ))
+                    }
+                    _ => None,
+                });
+            }
+        }
+        let passing: Vec<_> = batch
+            .iter()
+            .zip(&planned)
+            .filter(|(_, p)| p.is_none())
+            .map(|(m, _)| m.clone())
+            .collect();
+        let mut sent = self.inner.send_batch(&passing).await?.into_iter();
+        Ok(planned
+            .into_iter()
+            .map(|p| match p {
+                Some(e) => Err(e),
+                None => sent.next().unwrap(),
+            })
+            .collect())
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+fn keyed(key: &str, n: usize) -> Event {
+    EventBuilder::new("keyed", "/tests")
+        .subject(format!("{key}-{n}"))
+        .partition_key(key)
+        .build()
+        .unwrap()
+}
+
+async fn flaky_publisher(
+    bus: &Bus,
+    topic: &str,
+    fail: &[(&str, ErrorKind, u32)],
+) -> cloudbus::Publisher {
+    cloudbus::Publisher::with_options(
+        Arc::new(Flaky {
+            inner: bus.driver().topic(topic).await.unwrap(),
+            fail: std::sync::Mutex::new(
+                fail.iter()
+                    .map(|(s, k, n)| ((*s).to_owned(), (*k, *n)))
+                    .collect(),
+            ),
+        }),
+        cloudbus::PublisherOptions {
+            retry: RetryPolicy::default().initial_backoff(Duration::from_millis(5)),
+            ..Default::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn ordering_key_pauses_after_a_failed_publish_until_resumed() {
+    use cloudbus::AttributesReader;
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("o").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("o", "s"))
+        .await
+        .unwrap();
+    let p = flaky_publisher(&bus, "o", &[("k-2", ErrorKind::InvalidArgument, 1)]).await;
+    p.publish(keyed("k", 0)).await.unwrap();
+    p.publish(keyed("k", 1)).await.unwrap();
+    assert_eq!(
+        p.publish(keyed("k", 2)).await.unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    // The key is paused: later events of it are refused, other keys go on.
+    assert_eq!(
+        p.publish(keyed("k", 3)).await.unwrap_err().kind(),
+        ErrorKind::OrderingKeyPaused
+    );
+    let batch = p.publish_batch(vec![keyed("k", 3), keyed("j", 0)]).await;
+    assert_eq!(
+        batch[0].as_ref().unwrap_err().kind(),
+        ErrorKind::OrderingKeyPaused
+    );
+    assert!(batch[1].is_ok());
+    assert_eq!(p.paused_ordering_keys(), vec!["k".to_owned()]);
+    p.resume_ordering_key("k");
+    p.publish(keyed("k", 4)).await.unwrap();
+    let c = bus.consumer("o", "s").await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let batch = c
+            .receive_batch(10, Duration::from_millis(200))
+            .await
+            .unwrap();
+        for d in &batch {
+            got.push(d.event().subject().unwrap_or("").to_owned());
+            d.ack().await.unwrap();
+        }
+    }
+    let k: Vec<&String> = got.iter().filter(|s| s.starts_with("k-")).collect();
+    assert_eq!(k, ["k-0", "k-1", "k-4"]);
+}
+
+#[tokio::test]
+async fn a_failed_event_is_not_retried_behind_its_own_key() {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("r").await.unwrap();
+    let p = flaky_publisher(
+        &bus,
+        "r",
+        &[
+            ("k-1", ErrorKind::Unavailable, 1),
+            ("y-0", ErrorKind::Unavailable, 1),
+        ],
+    )
+    .await;
+    let results = p
+        .publish_batch(vec![
+            keyed("k", 0),
+            keyed("k", 1),
+            keyed("k", 2),
+            keyed("y", 0),
+        ])
+        .await;
+    // k-2 got through in the same call, so retrying k-1 would reorder the key: it fails
+    // and the key pauses. y-0 has nothing behind it and is retried.
+    assert!(results[0].is_ok() && results[2].is_ok());
+    assert_eq!(
+        results[1].as_ref().unwrap_err().kind(),
+        ErrorKind::Unavailable
+    );
+    assert!(results[3].is_ok(), "{:?}", results[3]);
+    assert_eq!(p.paused_ordering_keys(), vec!["k".to_owned()]);
+}

@@ -43,6 +43,9 @@ pub enum ErrorKind {
     LeaseExpired,
     /// A received message is not a valid CloudEvent.
     Malformed,
+    /// An earlier event with the same ordering key failed to publish; later ones are
+    /// refused until the key is resumed, so that the key's order holds.
+    OrderingKeyPaused,
     /// The provider (or the cargo feature needed for it) does not support this.
     Unsupported,
     /// Anything else; see the source.
@@ -78,6 +81,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::AlreadySettled => "already settled",
             ErrorKind::LeaseExpired => "lease expired",
             ErrorKind::Malformed => "malformed message",
+            ErrorKind::OrderingKeyPaused => "ordering key paused",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Internal => "internal error",
         };

@@ -65,6 +65,54 @@ struct Inner {
     lanes: Mutex<Lanes>,
     pending: Arc<AtomicUsize>,
     next_lane: AtomicUsize,
+    paused: Arc<PausedKeys>,
+}
+
+/// Ordering keys whose last publish failed. As in the Pub/Sub client libraries, later
+/// events with such a key are refused until the application resumes it, so that a
+/// key's events are never accepted out of order.
+#[derive(Default)]
+struct PausedKeys {
+    any: std::sync::atomic::AtomicBool,
+    keys: Mutex<std::collections::HashSet<String>>,
+}
+
+impl PausedKeys {
+    fn is_paused(&self, key: Option<&str>) -> bool {
+        match key {
+            Some(k) if self.any.load(Ordering::Acquire) => {
+                self.keys.lock().map(|s| s.contains(k)).unwrap_or(false)
+            }
+            _ => false,
+        }
+    }
+    fn pause(&self, key: &str) {
+        if let Ok(mut s) = self.keys.lock() {
+            s.insert(key.to_owned());
+            self.any.store(true, Ordering::Release);
+        }
+    }
+    fn resume(&self, key: &str) {
+        if let Ok(mut s) = self.keys.lock() {
+            s.remove(key);
+            self.any.store(!s.is_empty(), Ordering::Release);
+        }
+    }
+    fn list(&self) -> Vec<String> {
+        self.keys
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn paused_error(key: &str) -> Error {
+    Error::new(
+        ErrorKind::OrderingKeyPaused,
+        format!(
+            "ordering key {key:?} is paused after a failed publish; call resume_ordering_key to go on"
+        ),
+    )
 }
 
 /// Publishes CloudEvents to one topic, queue or stream. Cheap to clone.
@@ -110,6 +158,7 @@ impl Publisher {
                 }),
                 pending: Arc::new(AtomicUsize::new(0)),
                 next_lane: AtomicUsize::new(0),
+                paused: Arc::default(),
             }),
         }
     }
@@ -150,6 +199,11 @@ impl Publisher {
     fn enqueue(&self, msg: OutgoingMessage) -> PublishHandle {
         if let Err(e) = check(&self.inner.caps, &msg) {
             return PublishHandle::ready(Err(e));
+        }
+        if let Some(key) = msg.ordering_key.as_deref()
+            && self.inner.paused.is_paused(Some(key))
+        {
+            return PublishHandle::ready(Err(paused_error(key)));
         }
         let pending = self.inner.pending.fetch_add(1, Ordering::Relaxed);
         if pending >= self.inner.options.max_pending {
@@ -207,6 +261,7 @@ impl Publisher {
                     caps: self.inner.caps.clone(),
                     options: self.inner.options.clone(),
                     pending: self.inner.pending.clone(),
+                    paused: self.inner.paused.clone(),
                 };
                 lanes.senders.push(tx);
                 lanes.tasks.push(runtime.spawn(lane.run(rx)));
@@ -268,12 +323,14 @@ impl Publisher {
             let driver = self.inner.driver.clone();
             let caps = &self.inner.caps;
             let retry = &self.inner.options.retry;
+            let paused = &self.inner.paused;
             async move {
                 let mut out = Vec::with_capacity(lane.len());
                 for chunk in chunk_by_limits(lane, caps) {
                     let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) =
                         chunk.into_iter().unzip();
-                    let res = send_with_retry(driver.as_ref(), &msgs, retry).await;
+                    let res =
+                        send_in_order(driver.as_ref(), &msgs, retry, paused, caps.ordering).await;
                     record_published(&msgs, &res);
                     out.extend(indices.into_iter().zip(res));
                 }
@@ -298,6 +355,16 @@ impl Publisher {
             .lanes
             .lock()
             .map_err(|_| Error::new(ErrorKind::Internal, "publisher lock poisoned"))
+    }
+
+    /// Lets events with `key` be published again after a failure paused the key.
+    pub fn resume_ordering_key(&self, key: &str) {
+        self.inner.paused.resume(key);
+    }
+
+    /// The ordering keys paused by a failed publish.
+    pub fn paused_ordering_keys(&self) -> Vec<String> {
+        self.inner.paused.list()
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -393,6 +460,7 @@ pub(crate) async fn send_with_retry(
     driver: &dyn TopicDriver,
     msgs: &[OutgoingMessage],
     retry: &RetryPolicy,
+    ordered: bool,
 ) -> Vec<Result<()>> {
     let mut results: Vec<Option<Result<()>>> = (0..msgs.len()).map(|_| None).collect();
     let mut todo: Vec<usize> = (0..msgs.len()).collect();
@@ -408,10 +476,29 @@ pub(crate) async fn send_with_retry(
         let mut again = Vec::new();
         match outcome {
             Ok(per) if per.len() == todo.len() => {
-                for (&i, r) in todo.iter().zip(per) {
-                    match r {
-                        Err(e) if e.is_retryable() && retry.should_retry(attempt) => again.push(i),
-                        other => results[i] = Some(other),
+                // A failed event is retried alone only when no later event with its
+                // ordering key got through in this call: retrying it then would put it
+                // behind them.
+                let overtaken = |pos: usize, per: &[Result<()>]| {
+                    let key = msgs[todo[pos]].ordering_key.as_deref();
+                    ordered
+                        && key.is_some()
+                        && todo[pos + 1..]
+                            .iter()
+                            .zip(&per[pos + 1..])
+                            .any(|(&j, r)| r.is_ok() && msgs[j].ordering_key.as_deref() == key)
+                };
+                for pos in 0..todo.len() {
+                    let i = todo[pos];
+                    match &per[pos] {
+                        Err(e)
+                            if e.is_retryable()
+                                && retry.should_retry(attempt)
+                                && !overtaken(pos, &per) =>
+                        {
+                            again.push(i)
+                        }
+                        other => results[i] = Some(other.clone()),
                     }
                 }
             }
@@ -449,6 +536,61 @@ pub(crate) async fn send_with_retry(
         .collect()
 }
 
+/// [`send_with_retry`] for providers that keep ordering keys in order: events of a
+/// paused key are refused without a send, and a key whose event fails is paused.
+async fn send_in_order(
+    driver: &dyn TopicDriver,
+    msgs: &[OutgoingMessage],
+    retry: &RetryPolicy,
+    paused: &PausedKeys,
+    ordered: bool,
+) -> Vec<Result<()>> {
+    if !ordered {
+        return if msgs.is_empty() {
+            Vec::new()
+        } else {
+            send_with_retry(driver, msgs, retry, false).await
+        };
+    }
+    let blocked: Vec<bool> = msgs
+        .iter()
+        .map(|m| paused.is_paused(m.ordering_key.as_deref()))
+        .collect();
+    let results = if blocked.iter().any(|b| *b) {
+        let sendable: Vec<OutgoingMessage> = msgs
+            .iter()
+            .zip(&blocked)
+            .filter(|(_, b)| !**b)
+            .map(|(m, _)| m.clone())
+            .collect();
+        let mut sent = send_with_retry(driver, &sendable, retry, true)
+            .await
+            .into_iter();
+        msgs.iter()
+            .zip(&blocked)
+            .map(|(m, b)| match (b, m.ordering_key.as_deref()) {
+                (true, Some(key)) => Err(paused_error(key)),
+                _ => sent
+                    .next()
+                    .unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "no result"))),
+            })
+            .collect()
+    } else if msgs.is_empty() {
+        Vec::new()
+    } else {
+        send_with_retry(driver, msgs, retry, true).await
+    };
+    for (m, r) in msgs.iter().zip(&results) {
+        if let (Some(key), Err(e)) = (m.ordering_key.as_deref(), r)
+            && e.kind() != ErrorKind::OrderingKeyPaused
+        {
+            tracing::warn!(ordering_key = key, error = %e, "publish failed; pausing the ordering key");
+            paused.pause(key);
+        }
+    }
+    results
+}
+
 /// Counts published events per (source, type), once per group, not once per event.
 fn record_published(msgs: &[OutgoingMessage], results: &[Result<()>]) {
     let mut groups: Vec<(&Event, u64)> = Vec::new();
@@ -473,6 +615,7 @@ struct LaneWorker {
     caps: Capabilities,
     options: PublisherOptions,
     pending: Arc<AtomicUsize>,
+    paused: Arc<PausedKeys>,
 }
 
 impl LaneWorker {
@@ -512,9 +655,15 @@ impl LaneWorker {
             let (msgs, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|j| (j.msg, j.reply)).unzip();
             let span = tracing::debug_span!("cloudbus.publish", events = msgs.len());
-            let results = send_with_retry(self.driver.as_ref(), &msgs, &self.options.retry)
-                .instrument(span)
-                .await;
+            let results = send_in_order(
+                self.driver.as_ref(),
+                &msgs,
+                &self.options.retry,
+                &self.paused,
+                self.caps.ordering,
+            )
+            .instrument(span)
+            .await;
             record_published(&msgs, &results);
             self.pending.fetch_sub(msgs.len(), Ordering::Relaxed);
             for (reply, r) in replies.into_iter().zip(results) {
