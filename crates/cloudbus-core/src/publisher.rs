@@ -488,17 +488,20 @@ pub(crate) async fn send_with_retry(
                             .zip(&per[pos + 1..])
                             .any(|(&j, r)| r.is_ok() && msgs[j].ordering_key.as_deref() == key)
                 };
-                for pos in 0..todo.len() {
-                    let i = todo[pos];
-                    match &per[pos] {
-                        Err(e)
-                            if e.is_retryable()
-                                && retry.should_retry(attempt)
-                                && !overtaken(pos, &per) =>
-                        {
-                            again.push(i)
-                        }
-                        other => results[i] = Some(other.clone()),
+                let retry_now: Vec<bool> = (0..todo.len())
+                    .map(|pos| {
+                        per[pos]
+                            .as_ref()
+                            .is_err_and(|e| e.is_retryable() && retry.should_retry(attempt))
+                            && !overtaken(pos, &per)
+                    })
+                    .collect();
+                // Results are moved, not cloned, so provider errors keep their source.
+                for ((&i, r), again_now) in todo.iter().zip(per).zip(retry_now) {
+                    if again_now {
+                        again.push(i);
+                    } else {
+                        results[i] = Some(r);
                     }
                 }
             }
