@@ -14,7 +14,9 @@ use chrono::{DateTime, Utc};
 use crate::capabilities::Capabilities;
 use crate::codec::{DecodeError, RawMessage};
 use crate::error::Result;
-use crate::event::{AttributesReader, Event, EventExt};
+use crate::event::{
+    AttributesReader, EXT_PARTITION_KEY, EXT_TRACEPARENT, Event, EventExt, ExtensionValue,
+};
 use crate::filter::Filter;
 
 /// Per-event publish options.
@@ -103,6 +105,39 @@ impl OutgoingMessage {
             size,
         }
     }
+    /// What the publisher sends: the event gets a `traceparent` if it has no valid
+    /// one (see [`telemetry::inject`](crate::telemetry::inject)), and the ordering key
+    /// and size are resolved, all in one pass over the extensions (this runs for every
+    /// published event).
+    pub fn prepare(mut event: Event, options: PublishOptions) -> Self {
+        let mut traced = false;
+        let mut partition_key = None;
+        for (name, value) in event.iter_extensions() {
+            match (name, value) {
+                (EXT_TRACEPARENT, ExtensionValue::String(s)) => {
+                    traced = crate::telemetry::TraceContext::parse(s).is_some();
+                }
+                (EXT_PARTITION_KEY, ExtensionValue::String(s))
+                    if options.ordering_key.is_none() =>
+                {
+                    partition_key = Some(s.clone());
+                }
+                _ => {}
+            }
+        }
+        if !traced {
+            crate::telemetry::stamp(&mut event);
+        }
+        let size = crate::event::estimated_size(&event);
+        OutgoingMessage {
+            payload: Payload::Event(Arc::new(event)),
+            ordering_key: options.ordering_key.or(partition_key),
+            explicit_dedup_id: options.dedup_id,
+            delay: options.delay,
+            size,
+        }
+    }
+
     /// A raw message (no CloudEvent), for bridges and tests of malformed input.
     pub fn raw(raw: RawMessage) -> Self {
         let size = raw.size();

@@ -180,10 +180,8 @@ impl Publisher {
     }
 
     /// Publishes one event with options (ordering key, dedup id, delay).
-    pub fn publish_with(&self, mut event: Event, options: PublishOptions) -> PublishHandle {
-        telemetry::inject(&mut event);
-        let msg = OutgoingMessage::new(Arc::new(event), options);
-        self.enqueue(msg)
+    pub fn publish_with(&self, event: Event, options: PublishOptions) -> PublishHandle {
+        self.enqueue(OutgoingMessage::prepare(event, options))
     }
 
     /// Publishes bytes that are not a CloudEvent (bridges, and tests of malformed input).
@@ -275,10 +273,7 @@ impl Publisher {
     pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
-            .map(|mut e| {
-                telemetry::inject(&mut e);
-                OutgoingMessage::new(Arc::new(e), PublishOptions::default())
-            })
+            .map(|e| OutgoingMessage::prepare(e, PublishOptions::default()))
             .collect();
         self.publish_messages(msgs).await
     }
@@ -290,10 +285,7 @@ impl Publisher {
     ) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
-            .map(|(mut e, o)| {
-                telemetry::inject(&mut e);
-                OutgoingMessage::new(Arc::new(e), o)
-            })
+            .map(|(e, o)| OutgoingMessage::prepare(e, o))
             .collect();
         self.publish_messages(msgs).await
     }

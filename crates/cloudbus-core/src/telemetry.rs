@@ -265,11 +265,17 @@ pub fn inject(event: &mut Event) -> Option<TraceContext> {
     if let Some(ctx) = TraceContext::from_event(event) {
         return Some(ctx);
     }
+    Some(stamp(event))
+}
+
+/// Sets a new `traceparent` on the event: a child of the current task's context, else
+/// a new trace.
+pub(crate) fn stamp(event: &mut Event) -> TraceContext {
     let ctx = TraceContext::current()
         .map(|c| c.child())
         .unwrap_or_else(TraceContext::new_root);
     event.set_extension(EXT_TRACEPARENT, ctx.to_traceparent());
-    Some(ctx)
+    ctx
 }
 
 #[cfg(test)]
