@@ -221,29 +221,27 @@ async fn stream_failures_are_dead_lettered_not_skipped() {
     let p = bus.publisher("s").await.unwrap();
     publish_event_raw_event(&p, "not an event").await;
     let failing = failing_on("1", |m| HandlerError::retry(m));
+    // Two quick attempts per record, from the start of the log.
+    let reader_of = |group: &'static str| {
+        let bus = bus.clone();
+        async move {
+            bus.stream_consumer("s", group)
+                .await
+                .unwrap()
+                .start_at(StartPosition::Earliest)
+                .retry(
+                    RetryPolicy::default()
+                        .max_attempts(2)
+                        .initial_backoff(Duration::from_millis(1)),
+                )
+        }
+    };
     // Without a dead-letter place the reader stops at the failing record.
-    let mut strict = bus
-        .stream_consumer("s", "g1")
-        .await
-        .unwrap()
-        .start_at(StartPosition::Earliest)
-        .retry(
-            RetryPolicy::default()
-                .max_attempts(2)
-                .initial_backoff(Duration::from_millis(1)),
-        );
+    let mut strict = reader_of("g1").await;
     assert!(strict.poll(&failing).await.is_err());
     // With one, both bad records go there with their reasons and the rest is handled.
-    let mut reader = bus
-        .stream_consumer("s", "g2")
+    let mut reader = reader_of("g2")
         .await
-        .unwrap()
-        .start_at(StartPosition::Earliest)
-        .retry(
-            RetryPolicy::default()
-                .max_attempts(2)
-                .initial_backoff(Duration::from_millis(1)),
-        )
         .dead_letter_to(bus.publisher("s-dlq").await.unwrap());
     let report = reader.poll(&failing).await.unwrap();
     assert_eq!((report.handled, report.dead_lettered), (1, 2));
