@@ -306,6 +306,12 @@ impl ConsumerInner {
 
     /// Settles one delivery, with the dead-letter polyfill and metrics.
     async fn settle(&self, token: &AckToken, settlement: Settlement, event: &Event) -> Result<()> {
+        // Metrics follow what was asked for, also when the polyfill carries it out.
+        let status = settlement.status();
+        let reason = match &settlement {
+            Settlement::DeadLetter { reason, .. } => Some(reason.clone()),
+            _ => None,
+        };
         let settlement = match settlement {
             Settlement::DeadLetter {
                 reason,
@@ -319,16 +325,10 @@ impl ConsumerInner {
                 let mut copy = event.clone();
                 copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
                 sink.publish(copy).await?;
-                self.metrics.dead_lettered(&reason);
                 tracing::debug!(%reason, %description, "dead-lettered through the polyfill");
                 Settlement::Ack
             }
             other => other,
-        };
-        let status = settlement.status();
-        let reason = match &settlement {
-            Settlement::DeadLetter { reason, .. } => Some(reason.clone()),
-            _ => None,
         };
         self.settler.settle(token.clone(), settlement).await?;
         if status != "extend" {
