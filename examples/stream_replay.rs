@@ -74,14 +74,7 @@ async fn main() -> cloudbus::Result<()> {
 
     // Second reader of the same group: resumes after the checkpoints.
     let mut second = reader(checkpoints.clone()).await?;
-    let mut rest = 0;
-    loop {
-        let n = second.poll(&count_pages).await?.handled;
-        if n == 0 {
-            break;
-        }
-        rest += n;
-    }
+    let rest = second.catch_up(&count_pages).await?.handled;
     println!("reader 2 resumed and handled the remaining {rest}");
 
     // New clicks arrive later.
@@ -96,14 +89,7 @@ async fn main() -> cloudbus::Result<()> {
         m.clear();
     }
     second.replay(StartPosition::AtTime(since));
-    let mut replayed = 0;
-    loop {
-        let n = second.poll(&count_pages).await?.handled;
-        if n == 0 {
-            break;
-        }
-        replayed += n;
-    }
+    let replayed = second.catch_up(&count_pages).await?.handled;
     println!("replayed {replayed} clicks written since {since}");
     if let Ok(m) = pages.lock() {
         for (page, n) in m.iter() {

@@ -60,6 +60,16 @@ fn ev(n: usize) -> Event {
         .expect("valid event")
 }
 
+/// A fresh broker with `topic` and its subscription `subscription`.
+async fn bus_with(topic: &str, subscription: &str) -> Bus {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic(topic).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(topic, subscription))
+        .await
+        .unwrap();
+    bus
+}
+
 /// Publishes event 1, a raw message that is not a CloudEvent, then event 2.
 async fn publish_event_raw_event(p: &cloudbus::Publisher, raw: &str) {
     p.publish(ev(1)).await.unwrap();
@@ -167,7 +177,7 @@ async fn log_checkpoints_and_replay_by_position_and_time() {
         .unwrap()
         .checkpoints(store.clone())
         .start_at(StartPosition::Earliest);
-    while reader.poll(&handler).await.unwrap().handled > 0 {}
+    reader.catch_up(&handler).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 40);
     // Per key order holds within a partition.
     let order_for = |key: usize| -> Vec<usize> {
@@ -193,7 +203,7 @@ async fn log_checkpoints_and_replay_by_position_and_time() {
     // Replay from a time gives exactly the 10 later events.
     seen.lock().unwrap().clear();
     again.replay(StartPosition::AtTime(middle));
-    while again.poll(&handler).await.unwrap().handled > 0 {}
+    again.catch_up(&handler).await.unwrap();
     let mut got: Vec<usize> = seen
         .lock()
         .unwrap()
@@ -205,7 +215,7 @@ async fn log_checkpoints_and_replay_by_position_and_time() {
     // Replay from the start gives all 40 again.
     seen.lock().unwrap().clear();
     again.replay(StartPosition::Earliest);
-    while again.poll(&handler).await.unwrap().handled > 0 {}
+    again.catch_up(&handler).await.unwrap();
     assert_eq!(seen.lock().unwrap().len(), 40);
 }
 
@@ -321,11 +331,7 @@ async fn worker_records_the_seed_metrics() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let _ = metrics::set_global_recorder(recorder);
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("m").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("m", "metered"))
-        .await
-        .unwrap();
+    let bus = bus_with("m", "metered").await;
     let p = bus.publisher("m").await.unwrap();
     p.publish(ev(1)).await.unwrap();
     p.publish(ev(2)).await.unwrap();
@@ -436,11 +442,7 @@ async fn worker_extends_leases_while_a_handler_runs_long() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_never_holds_more_than_its_concurrency() {
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("fc").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("fc", "s"))
-        .await
-        .unwrap();
+    let bus = bus_with("fc", "s").await;
     let p = bus.publisher("fc").await.unwrap();
     for r in p.publish_batch((0..40).map(ev).collect()).await {
         r.unwrap();
@@ -666,11 +668,7 @@ impl cloudbus::TopicDriver for Counting<Arc<dyn cloudbus::TopicDriver>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_publishes_and_acks_are_batched_in_core() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("b").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("b", "s"))
-        .await
-        .unwrap();
+    let bus = bus_with("b", "s").await;
     let sends = Arc::new(AtomicUsize::new(0));
     let publisher = cloudbus::Publisher::new(Arc::new(Counting {
         inner: bus.driver().topic("b").await.unwrap(),
@@ -722,11 +720,7 @@ async fn single_publishes_and_acks_are_batched_in_core() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_flow_control_by_bytes() {
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("bytes").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("bytes", "s"))
-        .await
-        .unwrap();
+    let bus = bus_with("bytes", "s").await;
     let p = bus.publisher("bytes").await.unwrap();
     let big = |i: usize| {
         EventBuilder::new("big", "/tests")
@@ -874,11 +868,7 @@ async fn flaky_publisher(
 #[tokio::test]
 async fn ordering_key_pauses_after_a_failed_publish_until_resumed() {
     use cloudbus::AttributesReader;
-    let bus = MemoryBroker::new().bus();
-    bus.ensure_topic("o").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("o", "s"))
-        .await
-        .unwrap();
+    let bus = bus_with("o", "s").await;
     let p = flaky_publisher(&bus, "o", &[("k-2", ErrorKind::InvalidArgument, 1)]).await;
     p.publish(keyed("k", 0)).await.unwrap();
     p.publish(keyed("k", 1)).await.unwrap();

@@ -271,6 +271,21 @@ impl StreamConsumer {
         Ok(report)
     }
 
+    /// Polls until a pass reads nothing new: everything written so far is handled
+    /// (or dead-lettered). Returns the totals.
+    pub async fn catch_up<H: Handler + ?Sized>(&mut self, handler: &H) -> Result<PollReport> {
+        let mut total = PollReport::default();
+        loop {
+            let r = self.poll(handler).await?;
+            if r.handled + r.dead_lettered == 0 {
+                return Ok(total);
+            }
+            total.handled += r.handled;
+            total.dead_lettered += r.dead_lettered;
+            total.partitions_finished += r.partitions_finished;
+        }
+    }
+
     /// Polls until `shutdown` resolves, pausing `idle` when nothing came.
     pub async fn run<H: Handler + ?Sized>(
         &mut self,
