@@ -29,6 +29,10 @@ pub use cloudbus_core::*;
 #[cfg(feature = "memory")]
 pub use cloudbus_memory as memory;
 
+/// Google Cloud Pub/Sub (feature `pubsub`, or `gcp`).
+#[cfg(feature = "pubsub")]
+pub use cloudbus_gcp as gcp;
+
 /// The environment variable [`connect_from_env`] reads.
 pub const URL_ENV: &str = "CLOUDBUS_URL";
 
@@ -73,6 +77,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
                 .unwrap_or("default");
             Ok(memory::MemoryBroker::named(name).bus())
         }
+        #[cfg(feature = "pubsub")]
+        "pubsub" => gcp::connect(url).await,
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
             "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
         ))),

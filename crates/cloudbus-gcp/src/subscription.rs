@@ -1,0 +1,658 @@
+//! Consuming: a streaming pull per subscription, with cloudbus leases over it, and the
+//! dead-letter place of a subscription.
+//!
+//! The crate keeps the server lease of every message it handed out extended for as
+//! long as its handler is held. On top of that the driver keeps the portable lease:
+//! each received message has a deadline (the subscription's lease, moved by
+//! `extend`); a reaper nacks what passes its deadline, which is how an unsettled
+//! message comes back, and how `nack(delay)` waits before its redelivery. Acks on
+//! exactly-once subscriptions are confirmed by the service.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cloudbus_core::codec::RawMessage;
+use cloudbus_core::{
+    AckToken, BatchResults, BinaryCodec, Capabilities, DeadLetter, DeadLetterDriver, Error,
+    ErrorKind, Payload, ReceivedMessage, Result, Settlement, SubscriptionDriver,
+};
+use google_cloud_pubsub::error::AckError;
+use google_cloud_pubsub::model::Message;
+use google_cloud_pubsub::subscriber::handler::Handler;
+use tokio::sync::{OnceCell, mpsc};
+
+use crate::topic::{publish_error, to_message};
+use crate::topology::{
+    REDRIVE_ATTRIBUTE, SubscriptionSettings, dead_letter_name, read_settings,
+};
+use crate::{Shared, capabilities, lock};
+
+/// Attributes of a dead letter. The first four are the ones Pub/Sub's own
+/// dead-letter policy writes; cloudbus writes them too for an explicit dead-letter.
+const DL_SOURCE_SUBSCRIPTION: &str = "CloudPubSubDeadLetterSourceSubscription";
+const DL_SOURCE_PROJECT: &str = "CloudPubSubDeadLetterSourceSubscriptionProject";
+const DL_DELIVERY_COUNT: &str = "CloudPubSubDeadLetterSourceDeliveryCount";
+const DL_PUBLISH_TIME: &str = "CloudPubSubDeadLetterSourceTopicPublishTime";
+const DL_REASON: &str = "cloudbus-dead-letter-reason";
+const DL_DESCRIPTION: &str = "cloudbus-dead-letter-description";
+const DL_TIME: &str = "cloudbus-dead-lettered-at";
+
+/// How often the reaper looks for passed deadlines.
+const REAPER_TICK: Duration = Duration::from_millis(50);
+
+struct Inflight {
+    handler: Handler,
+    message: Message,
+    attempt: u32,
+    deadline: Instant,
+    /// Nacked with a delay: waiting for the reaper to release it.
+    nacked: bool,
+}
+
+type Pulled = google_cloud_pubsub::Result<(Message, Handler)>;
+
+struct Inner {
+    shared: Arc<Shared>,
+    name: String,
+    path: String,
+    codec: BinaryCodec,
+    settings: OnceCell<SubscriptionSettings>,
+    rx: tokio::sync::Mutex<Option<mpsc::Receiver<Pulled>>>,
+    pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    inflight: Mutex<HashMap<u64, Inflight>>,
+    next_token: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// One message pulled and held under a cloudbus lease.
+struct Held {
+    token: u64,
+    message: Message,
+    attempt: u32,
+}
+
+impl Inner {
+    async fn settings(&self) -> Result<&SubscriptionSettings> {
+        self.settings
+            .get_or_try_init(|| read_settings(&self.shared, &self.name))
+            .await
+    }
+
+    async fn start_pump(self: &Arc<Self>) -> Result<()> {
+        let mut rx = self.rx.lock().await;
+        if rx.is_some() {
+            return Ok(());
+        }
+        let subscriber = self.shared.clients().await?.subscriber.clone();
+        let config = &self.shared.config;
+        let mut stream = subscriber
+            .subscribe(self.path.clone())
+            .set_max_outstanding_messages(config.max_outstanding_messages)
+            .set_max_outstanding_bytes(config.max_outstanding_bytes)
+            .build();
+        let (tx, new_rx) = mpsc::channel::<Pulled>(16);
+        let pump = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        *lock(&self.pump) = Some(pump);
+        *rx = Some(new_rx);
+        let weak = Arc::downgrade(self);
+        tokio::spawn(reap(weak));
+        Ok(())
+    }
+
+    /// Receives up to `max` messages for this subscription, waiting up to `wait` for
+    /// the first; drops (acks) what the subscription's filter rejects and
+    /// dead-letters what exceeded the attempts cloudbus enforces.
+    async fn pull(self: &Arc<Self>, max: usize, wait: Duration) -> Result<Vec<Held>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(format!("subscription {} is closed", self.name)));
+        }
+        let settings = self.settings().await?.clone();
+        self.start_pump().await?;
+        let mut guard = self.rx.lock().await;
+        let Some(rx) = guard.as_mut() else {
+            return Err(Error::closed(format!("subscription {} is closed", self.name)));
+        };
+        let mut got = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        while got.len() < max.max(1) {
+            let item = if got.is_empty() {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!("the stream of subscription {} ended", self.name),
+                        ));
+                    }
+                    Err(_) => break,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            };
+            let (message, handler) =
+                item.map_err(|e| crate::map_error(e, &format!("pull {}", self.name)))?;
+            if let Some(held) = self.admit(&settings, message, handler).await {
+                got.push(held);
+            }
+        }
+        Ok(got)
+    }
+
+    async fn admit(
+        &self,
+        settings: &SubscriptionSettings,
+        message: Message,
+        handler: Handler,
+    ) -> Option<Held> {
+        if let Some(filter) = &settings.filter
+            && !filter.matches(&message.attributes)
+        {
+            // Not for this subscription (the emulator ignores filters; redrives to
+            // another subscription are also kept out this way): settled, not lost.
+            handler.ack();
+            return None;
+        }
+        let attempt = handler.delivery_attempt().unwrap_or(1).max(1) as u32;
+        if let Some(max) = settings.max_attempts
+            && attempt > max
+        {
+            let reason = format!("max delivery attempts ({max}) exceeded");
+            match self
+                .send_to_dead_letter(settings, &message, attempt - 1, &reason, "")
+                .await
+            {
+                Ok(()) => handler.ack(),
+                Err(e) => {
+                    tracing::warn!(subscription = %self.name, error = %e, "could not dead-letter; left for redelivery");
+                    handler.nack();
+                }
+            }
+            return None;
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inflight).insert(
+            token,
+            Inflight {
+                handler,
+                message: message.clone(),
+                attempt,
+                deadline: Instant::now() + settings.lease,
+                nacked: false,
+            },
+        );
+        Some(Held {
+            token,
+            message,
+            attempt,
+        })
+    }
+
+    /// Publishes `message` to the dead-letter topic with the reason (the caller acks).
+    async fn send_to_dead_letter(
+        &self,
+        settings: &SubscriptionSettings,
+        message: &Message,
+        deliveries: u32,
+        reason: &str,
+        description: &str,
+    ) -> Result<()> {
+        let Some(topic) = &settings.dead_letter_topic else {
+            return Err(Error::unsupported(format!(
+                "subscription {} has no dead-letter policy (make it with ensure_subscription)",
+                self.name
+            )));
+        };
+        let mut attributes: BTreeMap<String, String> = message
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        attributes.insert(DL_SOURCE_SUBSCRIPTION.into(), self.name.clone());
+        attributes.insert(
+            DL_SOURCE_PROJECT.into(),
+            self.shared.config.project.clone(),
+        );
+        attributes.insert(DL_DELIVERY_COUNT.into(), deliveries.to_string());
+        if let Some(t) = &message.publish_time {
+            attributes.insert(DL_PUBLISH_TIME.into(), timestamp(t).to_rfc3339());
+        }
+        attributes.insert(DL_REASON.into(), reason.to_owned());
+        if !description.is_empty() {
+            attributes.insert(DL_DESCRIPTION.into(), description.to_owned());
+        }
+        attributes.insert(DL_TIME.into(), Utc::now().to_rfc3339());
+        let raw = RawMessage {
+            body: message.data.to_vec(),
+            attributes,
+        };
+        let publisher = self.shared.publisher(topic).await?;
+        let ordering_key = Some(message.ordering_key.as_str()).filter(|k| !k.is_empty());
+        let fut = publisher.publish(to_message(raw, ordering_key));
+        publisher.flush().await;
+        fut.await
+            .map(|_| ())
+            .map_err(|e| publish_error(e, &format!("dead-letter to {topic}")))
+    }
+
+    fn decode(&self, message: &Message) -> std::result::Result<cloudbus_core::Event, (RawMessage, cloudbus_core::DecodeError)> {
+        let raw = RawMessage {
+            body: message.data.to_vec(),
+            attributes: message
+                .attributes
+                .iter()
+                .filter(|(k, _)| k.as_str() != REDRIVE_ATTRIBUTE)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        self.codec.decode(&raw).map_err(|e| (raw, e))
+    }
+
+    fn take(&self, token: u64) -> Result<Inflight> {
+        let mut map = lock(&self.inflight);
+        match map.get(&token) {
+            None => Err(Error::new(
+                ErrorKind::LeaseExpired,
+                format!(
+                    "message {token} of {} is no longer held: its lease expired or it was settled",
+                    self.name
+                ),
+            )),
+            Some(i) if i.nacked => Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!("message {token} of {} was nacked", self.name),
+            )),
+            Some(_) => map
+                .remove(&token)
+                .ok_or_else(|| Error::new(ErrorKind::Internal, "inflight entry vanished")),
+        }
+    }
+
+    async fn settle_one(&self, token: &AckToken, settlement: &Settlement) -> Result<()> {
+        let Some(token) = token.as_number() else {
+            return Err(Error::invalid(format!(
+                "{token:?} is not a Pub/Sub delivery token"
+            )));
+        };
+        match settlement {
+            Settlement::Ack => {
+                let held = self.take(token)?;
+                ack(held.handler).await
+            }
+            Settlement::Nack { delay } if delay.is_zero() => {
+                self.take(token)?.handler.nack();
+                Ok(())
+            }
+            Settlement::Nack { delay } | Settlement::Extend { lease: delay } => {
+                let nack = matches!(settlement, Settlement::Nack { .. });
+                let mut map = lock(&self.inflight);
+                match map.get_mut(&token) {
+                    Some(i) if !i.nacked => {
+                        i.deadline = Instant::now() + *delay;
+                        i.nacked = nack;
+                        Ok(())
+                    }
+                    Some(_) => Err(Error::new(
+                        ErrorKind::AlreadySettled,
+                        format!("message {token} of {} was nacked", self.name),
+                    )),
+                    None => Err(Error::new(
+                        ErrorKind::LeaseExpired,
+                        format!("message {token} of {} is no longer held", self.name),
+                    )),
+                }
+            }
+            Settlement::DeadLetter {
+                reason,
+                description,
+            } => {
+                let settings = self.settings().await?.clone();
+                let held = self.take(token)?;
+                match self
+                    .send_to_dead_letter(
+                        &settings,
+                        &held.message,
+                        held.attempt,
+                        reason,
+                        description,
+                    )
+                    .await
+                {
+                    Ok(()) => ack(held.handler).await,
+                    Err(e) => {
+                        // Keep it held, so that nothing is lost and it can be settled again.
+                        lock(&self.inflight).insert(token, held);
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(pump) = lock(&self.pump).take() {
+            pump.abort();
+        }
+        *self.rx.lock().await = None;
+        let held: Vec<Inflight> = lock(&self.inflight).drain().map(|(_, i)| i).collect();
+        for i in held {
+            i.handler.nack();
+        }
+    }
+}
+
+async fn ack(handler: Handler) -> Result<()> {
+    match handler {
+        Handler::ExactlyOnce(h) => h.confirmed_ack().await.map_err(ack_error),
+        other => {
+            other.ack();
+            Ok(())
+        }
+    }
+}
+
+fn ack_error(e: AckError) -> Error {
+    match e {
+        AckError::LeaseExpired => Error::new(
+            ErrorKind::LeaseExpired,
+            "the lease expired before the ack; the message will be redelivered",
+        ),
+        AckError::ShutdownBeforeAck => {
+            Error::closed("the subscriber shut down before the ack was sent")
+        }
+        other => Error::with_source(
+            ErrorKind::Unavailable,
+            "the ack was not confirmed",
+            other,
+        ),
+    }
+}
+
+fn timestamp(t: &google_cloud_wkt::Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.seconds(), t.nanos().max(0) as u32).unwrap_or_default()
+}
+
+/// Releases messages whose cloudbus lease (or nack delay) has passed.
+async fn reap(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(REAPER_TICK).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let now = Instant::now();
+        let expired: Vec<Inflight> = {
+            let mut map = lock(&inner.inflight);
+            let keys: Vec<u64> = map
+                .iter()
+                .filter(|(_, i)| i.deadline <= now)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for i in expired {
+            i.handler.nack();
+        }
+    }
+}
+
+/// A Pub/Sub subscription as a cloudbus [`SubscriptionDriver`].
+pub struct PubSubSubscription {
+    inner: Arc<Inner>,
+}
+
+impl PubSubSubscription {
+    pub(crate) fn new(shared: Arc<Shared>, name: &str) -> Self {
+        PubSubSubscription {
+            inner: Arc::new(Inner {
+                path: shared.config.subscription_path(name),
+                codec: shared.config.codec(),
+                shared,
+                name: name.to_owned(),
+                settings: OnceCell::new(),
+                rx: tokio::sync::Mutex::new(None),
+                pump: Mutex::new(None),
+                inflight: Mutex::new(HashMap::new()),
+                next_token: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The subscription's resource name (`projects/P/subscriptions/S`).
+    pub fn path(&self) -> &str {
+        &self.inner.path
+    }
+}
+
+impl Drop for PubSubSubscription {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Release);
+        if let Some(pump) = lock(&self.inner.pump).take() {
+            pump.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl SubscriptionDriver for PubSubSubscription {
+    async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        let held = self.inner.pull(max, wait).await?;
+        let lease = self.inner.settings().await?.lease;
+        Ok(held
+            .into_iter()
+            .map(|h| {
+                let size = h.message.data.len()
+                    + h.message
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
+                ReceivedMessage {
+                    event: self.inner.decode(&h.message).map(Arc::new),
+                    token: AckToken::Number(h.token),
+                    attempt: h.attempt,
+                    lease: Some(lease),
+                    published_at: h.message.publish_time.as_ref().map(timestamp),
+                    ordering_key: Some(h.message.ordering_key.clone()).filter(|k| !k.is_empty()),
+                    size,
+                }
+            })
+            .collect())
+    }
+
+    async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        let futures = items
+            .iter()
+            .map(|(token, settlement)| self.inner.settle_one(token, settlement));
+        Ok(futures::future::join_all(futures).await)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(self.inner.shared.config.anonymous)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.shutdown().await;
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The dead-letter place of a subscription: its dead-letter topic, read through the
+/// subscription `ensure` made on it. Redrive publishes each letter back to the
+/// source topic addressed to the source subscription only, then acks it (a crash
+/// in between gives a duplicate, never a loss).
+pub struct PubSubDeadLetters {
+    source: String,
+    reader: PubSubSubscription,
+    shared: Arc<Shared>,
+}
+
+/// How long a dead-letter read waits for the first letter, then for each next one.
+const FIRST_LETTER_WAIT: Duration = Duration::from_millis(1500);
+const NEXT_LETTER_WAIT: Duration = Duration::from_millis(300);
+
+impl PubSubDeadLetters {
+    pub(crate) fn new(shared: Arc<Shared>, subscription: &str) -> Self {
+        PubSubDeadLetters {
+            source: subscription.to_owned(),
+            reader: PubSubSubscription::new(shared.clone(), &dead_letter_name(subscription)),
+            shared,
+        }
+    }
+
+    /// Pulls letters until `max` or until none arrives for a moment.
+    async fn collect(&self, max: usize) -> Result<Vec<Held>> {
+        let mut out: Vec<Held> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while out.len() < max {
+            let wait = if out.is_empty() {
+                FIRST_LETTER_WAIT
+            } else {
+                NEXT_LETTER_WAIT
+            };
+            let got = self.reader.inner.pull(max - out.len(), wait).await?;
+            if got.is_empty() {
+                break;
+            }
+            for h in got {
+                if seen.insert(h.message.message_id.clone()) {
+                    out.push(h);
+                } else {
+                    self.reader.inner.settle_one(&AckToken::Number(h.token), &Settlement::Nack { delay: Duration::ZERO }).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn letter(&self, h: &Held) -> DeadLetter {
+        let a = &h.message.attributes;
+        let attempts = a
+            .get(DL_DELIVERY_COUNT)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let reason = a.get(DL_REASON).cloned().or_else(|| {
+            a.contains_key(DL_SOURCE_SUBSCRIPTION)
+                .then(|| format!("max delivery attempts ({attempts}) exceeded"))
+        });
+        let payload = match self.reader.inner.decode(&h.message) {
+            Ok(e) => Payload::Event(Arc::new(e)),
+            Err((raw, _)) => Payload::Raw(raw),
+        };
+        DeadLetter {
+            payload,
+            reason,
+            description: a.get(DL_DESCRIPTION).cloned(),
+            source_entity: a.get(DL_SOURCE_SUBSCRIPTION).cloned(),
+            attempts,
+            dead_lettered_at: a
+                .get(DL_TIME)
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc))
+                .or_else(|| h.message.publish_time.as_ref().map(timestamp)),
+        }
+    }
+
+    async fn release(&self, held: &[Held], settlement: Settlement) -> Result<()> {
+        for h in held {
+            self.reader
+                .inner
+                .settle_one(&AckToken::Number(h.token), &settlement)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetterDriver for PubSubDeadLetters {
+    async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>> {
+        let held = self.collect(max).await?;
+        let letters = held.iter().map(|h| self.letter(h)).collect();
+        self.release(
+            &held,
+            Settlement::Nack {
+                delay: Duration::ZERO,
+            },
+        )
+        .await?;
+        Ok(letters)
+    }
+
+    async fn redrive(&self, max: Option<usize>) -> Result<usize> {
+        let source = read_settings(&self.shared, &self.source).await?;
+        let publisher = self.shared.publisher(&source.topic_path).await?;
+        let held = self.collect(max.unwrap_or(usize::MAX)).await?;
+        let mut moved = 0;
+        let mut first_error = None;
+        for h in &held {
+            let attributes: BTreeMap<String, String> = h
+                .message
+                .attributes
+                .iter()
+                .filter(|(k, _)| {
+                    !k.starts_with("CloudPubSubDeadLetter") && !k.starts_with("cloudbus-dead-letter")
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .chain([(REDRIVE_ATTRIBUTE.to_owned(), self.source.clone())])
+                .collect();
+            let raw = RawMessage {
+                body: h.message.data.to_vec(),
+                attributes,
+            };
+            let key = Some(h.message.ordering_key.as_str()).filter(|k| !k.is_empty());
+            if let Some(k) = key {
+                publisher.resume_publish(k);
+            }
+            let fut = publisher.publish(to_message(raw, key));
+            publisher.flush().await;
+            let token = AckToken::Number(h.token);
+            match fut.await {
+                Ok(_) => {
+                    self.reader.inner.settle_one(&token, &Settlement::Ack).await?;
+                    moved += 1;
+                }
+                Err(e) => {
+                    self.reader
+                        .inner
+                        .settle_one(&token, &Settlement::Nack { delay: Duration::ZERO })
+                        .await?;
+                    first_error.get_or_insert(publish_error(e, "redrive"));
+                }
+            }
+        }
+        match first_error {
+            Some(e) if moved == 0 => Err(e),
+            _ => Ok(moved),
+        }
+    }
+
+    async fn purge(&self) -> Result<usize> {
+        let held = self.collect(usize::MAX).await?;
+        self.release(&held, Settlement::Ack).await?;
+        Ok(held.len())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

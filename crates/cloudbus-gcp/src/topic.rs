@@ -1,0 +1,159 @@
+//! Publishing: one batch from cloudbus core becomes one flush of the crate's
+//! publisher, with per-event results and ordering keys that resume when core does.
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use cloudbus_core::codec::RawMessage;
+use cloudbus_core::{
+    BatchResults, BinaryCodec, Capabilities, Error, ErrorKind, OutgoingMessage, Payload, Result,
+    TopicDriver,
+};
+use google_cloud_pubsub::error::PublishError;
+use google_cloud_pubsub::model::Message;
+
+use crate::{Shared, capabilities, lock, map_error};
+
+/// A Pub/Sub topic as a cloudbus [`TopicDriver`].
+pub struct PubSubTopic {
+    shared: Arc<Shared>,
+    name: String,
+    path: String,
+    codec: BinaryCodec,
+    /// Keys the crate paused after a failed publish. Core pauses them too and sends
+    /// again only after `resume_ordering_key`, so the next send resumes them here.
+    paused_keys: Mutex<HashSet<String>>,
+    closed: AtomicBool,
+}
+
+impl PubSubTopic {
+    pub(crate) fn new(shared: Arc<Shared>, topic: &str) -> Self {
+        PubSubTopic {
+            path: shared.config.topic_path(topic),
+            codec: shared.config.codec(),
+            shared,
+            name: topic.to_owned(),
+            paused_keys: Mutex::new(HashSet::new()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The topic's resource name (`projects/P/topics/T`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+/// A Pub/Sub message carrying `raw` (attributes and body) under `ordering_key`.
+pub(crate) fn to_message(raw: RawMessage, ordering_key: Option<&str>) -> Message {
+    let mut m = Message::new()
+        .set_data(bytes::Bytes::from(raw.body))
+        .set_attributes(raw.attributes);
+    if let Some(k) = ordering_key {
+        m = m.set_ordering_key(k.to_owned());
+    }
+    m
+}
+
+pub(crate) fn publish_error(e: PublishError, what: &str) -> Error {
+    match e {
+        PublishError::Rpc(inner) => {
+            let detail = inner.to_string();
+            match Arc::try_unwrap(inner) {
+                Ok(owned) => map_error(owned, what),
+                Err(shared) => {
+                    let kind = map_error_kind(&shared);
+                    Error::new(kind, format!("{what}: {detail}"))
+                }
+            }
+        }
+        PublishError::OrderingKeyPaused => Error::new(
+            ErrorKind::OrderingKeyPaused,
+            format!("{what}: publishing is paused for the ordering key"),
+        ),
+        PublishError::Shutdown => Error::closed(format!("{what}: the publisher has shut down")),
+        other => Error::with_source(ErrorKind::Internal, what.to_owned(), other),
+    }
+}
+
+fn map_error_kind(e: &google_cloud_pubsub::Error) -> ErrorKind {
+    use google_cloud_gax::error::rpc::Code;
+    match e.status().map(|s| s.code) {
+        Some(Code::NotFound) => ErrorKind::NotFound,
+        Some(Code::PermissionDenied) | Some(Code::Unauthenticated) => ErrorKind::PermissionDenied,
+        Some(Code::InvalidArgument) => ErrorKind::InvalidArgument,
+        Some(Code::ResourceExhausted) => ErrorKind::Throttled,
+        Some(Code::DeadlineExceeded) => ErrorKind::Timeout,
+        Some(Code::Unavailable) | Some(Code::Aborted) => ErrorKind::Unavailable,
+        _ if e.is_timeout() => ErrorKind::Timeout,
+        _ if e.is_connect() || e.is_io() || e.is_transport() => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    }
+}
+
+#[async_trait]
+impl TopicDriver for PubSubTopic {
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(format!("topic {} is closed", self.name)));
+        }
+        let publisher = self.shared.publisher(&self.path).await?;
+        let mut pending = Vec::with_capacity(batch.len());
+        for m in batch {
+            let raw = match &m.payload {
+                Payload::Event(e) => match self.codec.encode(e) {
+                    Ok((raw, _mode)) => raw,
+                    Err(e) => {
+                        pending.push(Err(e));
+                        continue;
+                    }
+                },
+                Payload::Raw(raw) => raw.clone(),
+            };
+            if let Some(k) = m.ordering_key.as_deref()
+                && lock(&self.paused_keys).remove(k)
+            {
+                publisher.resume_publish(k);
+            }
+            pending.push(Ok(publisher.publish(to_message(raw, m.ordering_key.as_deref()))));
+        }
+        publisher.flush().await;
+        let mut results = Vec::with_capacity(batch.len());
+        for (m, p) in batch.iter().zip(pending) {
+            results.push(match p {
+                Err(e) => Err(e),
+                Ok(fut) => match fut.await {
+                    Ok(_message_id) => Ok(()),
+                    Err(e) => {
+                        if let Some(k) = &m.ordering_key {
+                            lock(&self.paused_keys).insert(k.clone());
+                        }
+                        Err(publish_error(e, &format!("publish to {}", self.name)))
+                    }
+                },
+            });
+        }
+        Ok(results)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(self.shared.config.anonymous)
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.closed.swap(true, Ordering::AcqRel)
+            && let Ok(p) = self.shared.publisher(&self.path).await
+        {
+            p.flush().await;
+        }
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,280 @@
+//! Topics and subscriptions made by `ensure`: every subscription gets a dead-letter
+//! topic and a subscription to read it, its Filter compiled to a Pub/Sub filter, and
+//! the portable settings Pub/Sub cannot hold natively kept in labels.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudbus_core::{Error, ErrorKind, Result, SubscriptionSpec, TopologyDriver};
+use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
+
+use crate::filter::{self, Expr, MAX_FILTER_BYTES};
+use crate::{ATTRIBUTE_PREFIX, Shared, map_error};
+
+/// The attribute that sends a redriven message back to one subscription only.
+pub(crate) const REDRIVE_ATTRIBUTE: &str = "cloudbus_redrive";
+/// Label: the lease the spec asked for, in milliseconds (Pub/Sub's floor is 10 s).
+pub(crate) const LEASE_LABEL: &str = "cloudbus-lease-ms";
+/// Label: the delivery attempts the spec asked for when below Pub/Sub's floor of 5.
+pub(crate) const MAX_ATTEMPTS_LABEL: &str = "cloudbus-max-attempts";
+/// Pub/Sub's dead-letter policy bounds.
+const MIN_POLICY_ATTEMPTS: u32 = 5;
+const MAX_POLICY_ATTEMPTS: u32 = 100;
+
+/// The dead-letter topic and subscription of `subscription`.
+pub(crate) fn dead_letter_name(subscription: &str) -> String {
+    format!("{subscription}-dead-letter")
+}
+
+/// Pub/Sub options beyond the portable [`SubscriptionSpec`].
+///
+/// ```
+/// let o = cloudbus_gcp::SubscriptionOptions::default().exactly_once().retain_acked();
+/// assert!(o.exactly_once && o.retain_acked);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionOptions {
+    /// Exactly-once delivery: acks are confirmed by the service.
+    pub exactly_once: bool,
+    /// Keep acked messages (for seek to a time in the past).
+    pub retain_acked: bool,
+}
+
+impl SubscriptionOptions {
+    /// Turns on exactly-once delivery.
+    pub fn exactly_once(mut self) -> Self {
+        self.exactly_once = true;
+        self
+    }
+    /// Keeps acked messages for replay.
+    pub fn retain_acked(mut self) -> Self {
+        self.retain_acked = true;
+        self
+    }
+}
+
+pub(crate) struct PubSubTopology {
+    pub(crate) shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl TopologyDriver for PubSubTopology {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        ensure_topic(&self.shared, topic).await
+    }
+
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        ensure_subscription(&self.shared, spec, &SubscriptionOptions::default()).await
+    }
+
+    async fn delete_subscription(&self, _topic: &str, name: &str) -> Result<()> {
+        let c = self.shared.clients().await?;
+        let dl = dead_letter_name(name);
+        for sub in [name, dl.as_str()] {
+            let r = c
+                .subscriptions
+                .delete_subscription()
+                .set_subscription(self.shared.config.subscription_path(sub))
+                .send()
+                .await;
+            ignore_kind(r.map(|_| ()), ErrorKind::NotFound, "delete subscription")?;
+        }
+        let r = c
+            .topics
+            .delete_topic()
+            .set_topic(self.shared.config.topic_path(&dl))
+            .send()
+            .await;
+        ignore_kind(r.map(|_| ()), ErrorKind::NotFound, "delete dead-letter topic")
+    }
+}
+
+fn ignore_kind(
+    r: std::result::Result<(), google_cloud_pubsub::Error>,
+    kind: ErrorKind,
+    what: &str,
+) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let e = map_error(e, what);
+            if e.kind() == kind { Ok(()) } else { Err(e) }
+        }
+    }
+}
+
+pub(crate) async fn ensure_topic(shared: &Shared, topic: &str) -> Result<()> {
+    let c = shared.clients().await?;
+    let r = c
+        .topics
+        .create_topic()
+        .with_request(Topic::new().set_name(shared.config.topic_path(topic)))
+        .send()
+        .await;
+    ignore_kind(
+        r.map(|_| ()),
+        ErrorKind::AlreadyExists,
+        &format!("create topic {topic}"),
+    )
+}
+
+/// The filter text of a subscription: the spec's filter (compiled) and the clause that
+/// keeps messages redriven to another subscription of the same topic away.
+pub(crate) fn subscription_filter(spec: &SubscriptionSpec) -> Result<String> {
+    let redrive = Expr::Or(vec![
+        Expr::Not(Box::new(Expr::Has(REDRIVE_ATTRIBUTE.to_owned()))),
+        Expr::Equals(REDRIVE_ATTRIBUTE.to_owned(), spec.name.clone()),
+    ]);
+    let expr = match &spec.filter {
+        Some(f) => Expr::And(vec![filter::compile(f, ATTRIBUTE_PREFIX)?, redrive]),
+        None => redrive,
+    };
+    let text = expr.to_text();
+    if text.len() > MAX_FILTER_BYTES {
+        return Err(Error::invalid(format!(
+            "the Pub/Sub filter of subscription {} would be {} bytes, more than the \
+             {MAX_FILTER_BYTES} Pub/Sub allows: {text}",
+            spec.name,
+            text.len()
+        )));
+    }
+    Ok(text)
+}
+
+pub(crate) async fn ensure_subscription(
+    shared: &Shared,
+    spec: &SubscriptionSpec,
+    options: &SubscriptionOptions,
+) -> Result<()> {
+    let filter = subscription_filter(spec)?;
+    let c = shared.clients().await?;
+    let config = &shared.config;
+    // The dead-letter place first, so that the policy can name it.
+    let dl = dead_letter_name(&spec.name);
+    ensure_topic(shared, &dl).await?;
+    let r = c
+        .subscriptions
+        .create_subscription()
+        .with_request(
+            Subscription::new()
+                .set_name(config.subscription_path(&dl))
+                .set_topic(config.topic_path(&dl))
+                .set_ack_deadline_seconds(60),
+        )
+        .send()
+        .await;
+    ignore_kind(
+        r.map(|_| ()),
+        ErrorKind::AlreadyExists,
+        &format!("create dead-letter subscription {dl}"),
+    )?;
+
+    let wanted = spec.max_delivery_attempts.unwrap_or(MAX_POLICY_ATTEMPTS);
+    let policy_attempts = wanted.clamp(MIN_POLICY_ATTEMPTS, MAX_POLICY_ATTEMPTS);
+    let lease_secs = spec.ack_deadline.as_secs().clamp(10, 600) as i32;
+    let mut labels = vec![(
+        LEASE_LABEL.to_owned(),
+        spec.ack_deadline.as_millis().max(1).to_string(),
+    )];
+    if wanted < MIN_POLICY_ATTEMPTS {
+        labels.push((MAX_ATTEMPTS_LABEL.to_owned(), wanted.max(1).to_string()));
+    }
+    let subscription = Subscription::new()
+        .set_name(config.subscription_path(&spec.name))
+        .set_topic(config.topic_path(&spec.topic))
+        .set_ack_deadline_seconds(lease_secs)
+        .set_enable_message_ordering(spec.ordered)
+        .set_filter(filter)
+        .set_labels(labels)
+        .set_enable_exactly_once_delivery(options.exactly_once)
+        .set_retain_acked_messages(options.retain_acked)
+        .set_dead_letter_policy(
+            DeadLetterPolicy::new()
+                .set_dead_letter_topic(config.topic_path(&dl))
+                .set_max_delivery_attempts(policy_attempts as i32),
+        );
+    let r = c
+        .subscriptions
+        .create_subscription()
+        .with_request(subscription)
+        .send()
+        .await;
+    ignore_kind(
+        r.map(|_| ()),
+        ErrorKind::AlreadyExists,
+        &format!("create subscription {}", spec.name),
+    )
+}
+
+/// The portable settings of a subscription, read back from Pub/Sub.
+#[derive(Clone, Debug)]
+pub(crate) struct SubscriptionSettings {
+    pub(crate) topic_path: String,
+    pub(crate) lease: Duration,
+    pub(crate) max_attempts: Option<u32>,
+    pub(crate) filter: Option<Expr>,
+    pub(crate) dead_letter_topic: Option<String>,
+}
+
+pub(crate) async fn read_settings(shared: &Shared, name: &str) -> Result<SubscriptionSettings> {
+    let c = shared.clients().await?;
+    let s = c
+        .subscriptions
+        .get_subscription()
+        .set_subscription(shared.config.subscription_path(name))
+        .send()
+        .await
+        .map_err(|e| map_error(e, &format!("subscription {name}")))?;
+    let lease = s
+        .labels
+        .get(LEASE_LABEL)
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_else(|| Duration::from_secs(s.ack_deadline_seconds.max(10) as u64));
+    let max_attempts = s
+        .labels
+        .get(MAX_ATTEMPTS_LABEL)
+        .and_then(|v| v.parse::<u32>().ok());
+    Ok(SubscriptionSettings {
+        topic_path: s.topic.clone(),
+        lease,
+        max_attempts,
+        filter: filter::parse(&s.filter)?,
+        dead_letter_topic: s
+            .dead_letter_policy
+            .as_ref()
+            .map(|p| p.dead_letter_topic.clone())
+            .filter(|t| !t.is_empty()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudbus_core::Filter;
+
+    #[test]
+    fn every_subscription_filter_keeps_other_subscriptions_redrives_away() {
+        let plain = subscription_filter(&SubscriptionSpec::new("t", "billing")).unwrap();
+        assert_eq!(
+            plain,
+            r#"NOT attributes:cloudbus_redrive OR attributes.cloudbus_redrive = "billing""#
+        );
+        let filtered = subscription_filter(
+            &SubscriptionSpec::new("t", "vip").filter(Filter::eq("tier", "vip")),
+        )
+        .unwrap();
+        assert_eq!(
+            filtered,
+            r#"attributes."ce-tier" = "vip" AND (NOT attributes:cloudbus_redrive OR attributes.cloudbus_redrive = "vip")"#
+        );
+        let too_long = SubscriptionSpec::new("t", "x")
+            .filter(Filter::one_of("type", (0..20).map(|i| format!("value-{i}"))));
+        assert_eq!(
+            subscription_filter(&too_long).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+    }
+}
