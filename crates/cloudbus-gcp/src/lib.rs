@@ -216,6 +216,11 @@ pub(crate) struct Shared {
     clients: OnceCell<Clients>,
     /// Publishers by topic path, shared by the topic drivers and the dead-letter paths.
     publishers: Mutex<HashMap<String, google_cloud_pubsub::client::Publisher>>,
+    /// One reader per dead-letter subscription, so that peek, redrive and purge share
+    /// one stream (a stream dropped at the emulator keeps its messages leased).
+    dead_letter_readers: Mutex<HashMap<String, Arc<PubSubSubscription>>>,
+    /// The streaming pull of each subscription, while a handle on it is alive.
+    streams: Mutex<HashMap<String, std::sync::Weak<subscription::Inner>>>,
 }
 
 impl Shared {
@@ -223,6 +228,27 @@ impl Shared {
         self.clients
             .get_or_try_init(|| build_clients(&self.config))
             .await
+    }
+
+    pub(crate) fn stream_of(
+        &self,
+        name: &str,
+        open: impl FnOnce() -> Arc<subscription::Inner>,
+    ) -> Arc<subscription::Inner> {
+        let mut map = lock(&self.streams);
+        if let Some(inner) = map.get(name).and_then(|w| w.upgrade()) {
+            return inner;
+        }
+        let inner = open();
+        map.insert(name.to_owned(), Arc::downgrade(&inner));
+        inner
+    }
+
+    pub(crate) fn dead_letter_reader(self: &Arc<Self>, name: &str) -> Arc<PubSubSubscription> {
+        lock(&self.dead_letter_readers)
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(PubSubSubscription::new(self.clone(), name)))
+            .clone()
     }
 
     /// The batching publisher of one topic (the batches themselves are made by core).
@@ -355,6 +381,8 @@ impl PubSubBus {
                 config,
                 clients: OnceCell::new(),
                 publishers: Mutex::new(HashMap::new()),
+                dead_letter_readers: Mutex::new(HashMap::new()),
+                streams: Mutex::new(HashMap::new()),
             }),
         }
     }

@@ -24,6 +24,7 @@ use cloudbus_core::{
 use google_cloud_pubsub::error::AckError;
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::handler::Handler;
+use google_cloud_pubsub::subscriber::{ShutdownBehavior, ShutdownToken};
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::topic::{publish_error, to_message};
@@ -42,10 +43,14 @@ const DL_REASON: &str = "cloudbus-dead-letter-reason";
 const DL_DESCRIPTION: &str = "cloudbus-dead-letter-description";
 const DL_TIME: &str = "cloudbus-dead-lettered-at";
 
+/// The stream's ack deadline, renewed while a message is held.
+const STREAM_ACK_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the reaper looks for passed deadlines.
 const REAPER_TICK: Duration = Duration::from_millis(50);
 
 struct Inflight {
+    /// The consumer handle that received it (closing a handle releases its messages).
+    owner: u64,
     handler: Handler,
     message: Message,
     attempt: u32,
@@ -56,17 +61,37 @@ struct Inflight {
 
 type Pulled = google_cloud_pubsub::Result<(Message, Handler)>;
 
-struct Inner {
+/// The streaming pull of one subscription, shared by every handle on it in one bus:
+/// the emulator keeps streams that went away alive for a while and may deliver to
+/// them, so cloudbus opens one stream per subscription and keeps it while any handle
+/// is alive.
+pub(crate) struct Inner {
     shared: Arc<Shared>,
     name: String,
     path: String,
     codec: BinaryCodec,
     settings: OnceCell<SubscriptionSettings>,
     rx: tokio::sync::Mutex<Option<mpsc::Receiver<Pulled>>>,
-    pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pump: Mutex<Option<(tokio::task::JoinHandle<()>, ShutdownToken)>>,
     inflight: Mutex<HashMap<u64, Inflight>>,
     next_token: AtomicU64,
-    closed: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let pump = lock(&self.pump).take();
+        if let Some((pump, shutdown)) = pump {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        shutdown.shutdown().await;
+                        pump.abort();
+                    });
+                }
+                Err(_) => pump.abort(),
+            }
+        }
+    }
 }
 
 /// One message pulled and held under a cloudbus lease.
@@ -94,7 +119,12 @@ impl Inner {
             .subscribe(self.path.clone())
             .set_max_outstanding_messages(config.max_outstanding_messages)
             .set_max_outstanding_bytes(config.max_outstanding_bytes)
+            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+            // The server-side deadline of each extension: what is left leased to a
+            // stream that went away comes back after this long (10 s is the floor).
+            .set_max_lease_extension(STREAM_ACK_DEADLINE)
             .build();
+        let shutdown = stream.shutdown_token();
         let (tx, new_rx) = mpsc::channel::<Pulled>(16);
         let pump = tokio::spawn(async move {
             while let Some(item) = stream.next().await {
@@ -103,7 +133,7 @@ impl Inner {
                 }
             }
         });
-        *lock(&self.pump) = Some(pump);
+        *lock(&self.pump) = Some((pump, shutdown));
         *rx = Some(new_rx);
         let weak = Arc::downgrade(self);
         tokio::spawn(reap(weak));
@@ -113,10 +143,7 @@ impl Inner {
     /// Receives up to `max` messages for this subscription, waiting up to `wait` for
     /// the first; drops (acks) what the subscription's filter rejects and
     /// dead-letters what exceeded the attempts cloudbus enforces.
-    async fn pull(self: &Arc<Self>, max: usize, wait: Duration) -> Result<Vec<Held>> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed(format!("subscription {} is closed", self.name)));
-        }
+    async fn pull(self: &Arc<Self>, owner: u64, max: usize, wait: Duration) -> Result<Vec<Held>> {
         let settings = self.settings().await?.clone();
         self.start_pump().await?;
         let mut guard = self.rx.lock().await;
@@ -130,6 +157,10 @@ impl Inner {
                 match tokio::time::timeout_at(until, rx.recv()).await {
                     Ok(Some(item)) => item,
                     Ok(None) => {
+                        // The stream ended (after a permanent error): the next pull
+                        // opens a new one.
+                        *guard = None;
+                        lock(&self.pump).take();
                         return Err(Error::new(
                             ErrorKind::Unavailable,
                             format!("the stream of subscription {} ended", self.name),
@@ -145,7 +176,7 @@ impl Inner {
             };
             let (message, handler) =
                 item.map_err(|e| crate::map_error(e, &format!("pull {}", self.name)))?;
-            if let Some(held) = self.admit(&settings, message, handler).await {
+            if let Some(held) = self.admit(owner, &settings, message, handler).await {
                 got.push(held);
             }
         }
@@ -154,6 +185,7 @@ impl Inner {
 
     async fn admit(
         &self,
+        owner: u64,
         settings: &SubscriptionSettings,
         message: Message,
         handler: Handler,
@@ -187,6 +219,7 @@ impl Inner {
         lock(&self.inflight).insert(
             token,
             Inflight {
+                owner,
                 handler,
                 message: message.clone(),
                 attempt,
@@ -342,14 +375,18 @@ impl Inner {
         }
     }
 
-    async fn shutdown(&self) {
-        self.closed.store(true, Ordering::Release);
-        if let Some(pump) = lock(&self.pump).take() {
-            pump.abort();
-        }
-        *self.rx.lock().await = None;
-        let held: Vec<Inflight> = lock(&self.inflight).drain().map(|(_, i)| i).collect();
-        for i in held {
+    /// Releases (nacks) what the handle `owner` still holds.
+    fn release_owner(&self, owner: u64) {
+        let released: Vec<Inflight> = {
+            let mut map = lock(&self.inflight);
+            let keys: Vec<u64> = map
+                .iter()
+                .filter(|(_, i)| i.owner == owner)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for i in released {
             i.handler.nack();
         }
     }
@@ -391,9 +428,6 @@ async fn reap(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(REAPER_TICK).await;
         let Some(inner) = inner.upgrade() else { return };
-        if inner.closed.load(Ordering::Acquire) {
-            return;
-        }
         let now = Instant::now();
         let expired: Vec<Inflight> = {
             let mut map = lock(&inner.inflight);
@@ -410,26 +444,35 @@ async fn reap(inner: Weak<Inner>) {
     }
 }
 
-/// A Pub/Sub subscription as a cloudbus [`SubscriptionDriver`].
+/// A Pub/Sub subscription as a cloudbus [`SubscriptionDriver`]: one handle on the
+/// subscription's shared streaming pull.
 pub struct PubSubSubscription {
     inner: Arc<Inner>,
+    id: u64,
+    closed: AtomicBool,
 }
+
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
 impl PubSubSubscription {
     pub(crate) fn new(shared: Arc<Shared>, name: &str) -> Self {
-        PubSubSubscription {
-            inner: Arc::new(Inner {
+        let inner = shared.stream_of(name, || {
+            Arc::new(Inner {
                 path: shared.config.subscription_path(name),
                 codec: shared.config.codec(),
-                shared,
+                shared: shared.clone(),
                 name: name.to_owned(),
                 settings: OnceCell::new(),
                 rx: tokio::sync::Mutex::new(None),
                 pump: Mutex::new(None),
                 inflight: Mutex::new(HashMap::new()),
                 next_token: AtomicU64::new(1),
-                closed: AtomicBool::new(false),
-            }),
+            })
+        });
+        PubSubSubscription {
+            inner,
+            id: NEXT_HANDLE.fetch_add(1, Ordering::Relaxed),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -437,21 +480,28 @@ impl PubSubSubscription {
     pub fn path(&self) -> &str {
         &self.inner.path
     }
+
+    async fn pull(&self, max: usize, wait: Duration) -> Result<Vec<Held>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(format!(
+                "subscription {} is closed",
+                self.inner.name
+            )));
+        }
+        self.inner.pull(self.id, max, wait).await
+    }
 }
 
 impl Drop for PubSubSubscription {
     fn drop(&mut self) {
-        self.inner.closed.store(true, Ordering::Release);
-        if let Some(pump) = lock(&self.inner.pump).take() {
-            pump.abort();
-        }
+        self.inner.release_owner(self.id);
     }
 }
 
 #[async_trait]
 impl SubscriptionDriver for PubSubSubscription {
     async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
-        let held = self.inner.pull(max, wait).await?;
+        let held = self.pull(max, wait).await?;
         let lease = self.inner.settings().await?.lease;
         Ok(held
             .into_iter()
@@ -486,8 +536,11 @@ impl SubscriptionDriver for PubSubSubscription {
         capabilities(self.inner.shared.config.anonymous)
     }
 
+    /// Releases what this handle holds; the stream stays open for other handles and
+    /// closes when the last one is dropped.
     async fn close(&self) -> Result<()> {
-        self.inner.shutdown().await;
+        self.closed.store(true, Ordering::Release);
+        self.inner.release_owner(self.id);
         Ok(())
     }
 
@@ -502,7 +555,7 @@ impl SubscriptionDriver for PubSubSubscription {
 /// in between gives a duplicate, never a loss).
 pub struct PubSubDeadLetters {
     source: String,
-    reader: PubSubSubscription,
+    reader: Arc<PubSubSubscription>,
     shared: Arc<Shared>,
 }
 
@@ -514,7 +567,7 @@ impl PubSubDeadLetters {
     pub(crate) fn new(shared: Arc<Shared>, subscription: &str) -> Self {
         PubSubDeadLetters {
             source: subscription.to_owned(),
-            reader: PubSubSubscription::new(shared.clone(), &dead_letter_name(subscription)),
+            reader: shared.dead_letter_reader(&dead_letter_name(subscription)),
             shared,
         }
     }
@@ -529,7 +582,7 @@ impl PubSubDeadLetters {
             } else {
                 NEXT_LETTER_WAIT
             };
-            let got = self.reader.inner.pull(max - out.len(), wait).await?;
+            let got = self.reader.pull(max - out.len(), wait).await?;
             if got.is_empty() {
                 break;
             }

@@ -161,7 +161,7 @@ pub(crate) async fn ensure_subscription(
             Subscription::new()
                 .set_name(config.subscription_path(&dl))
                 .set_topic(config.topic_path(&dl))
-                .set_ack_deadline_seconds(60),
+                .set_ack_deadline_seconds(10),
         )
         .send()
         .await;
