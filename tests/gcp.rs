@@ -73,3 +73,427 @@ mod conformance {
     });
 }
 
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", fastrand::u32(..))
+}
+
+fn ev(ty: &str, n: usize) -> Event {
+    EventBuilder::new(ty, "/tests/gcp")
+        .subject(n.to_string())
+        .json(&serde_json::json!({ "n": n }))
+        .and_then(|b| b.build())
+        .expect("valid event")
+}
+
+/// A bus with a topic and a subscription made by `ensure` (with `tune` applied).
+async fn fixture(
+    host: &str,
+    tune: impl FnOnce(SubscriptionSpec) -> SubscriptionSpec,
+    options: SubscriptionOptions,
+) -> (PubSubBus, Bus, String, String) {
+    let driver = pubsub(host);
+    let bus = driver.clone().into_bus();
+    let topic = unique("topic");
+    let sub = unique("sub");
+    bus.ensure_topic(&topic).await.unwrap();
+    driver
+        .ensure_subscription_with(&tune(SubscriptionSpec::new(&topic, &sub)), &options)
+        .await
+        .unwrap();
+    (driver, bus, topic, sub)
+}
+
+/// Receives until `count` deliveries arrived or `patience` ran out.
+async fn drain(
+    consumer: &cloudbus::Consumer,
+    count: usize,
+    patience: Duration,
+) -> Vec<cloudbus::Delivery> {
+    let until = Instant::now() + patience;
+    let mut out = Vec::new();
+    while out.len() < count && Instant::now() < until {
+        out.extend(
+            consumer
+                .receive_batch(count - out.len(), Duration::from_millis(500))
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+fn subject(d: &cloudbus::Delivery) -> String {
+    d.event().subject().unwrap_or_default().to_owned()
+}
+
+/// Four ordering keys published concurrently, consumed by a worker with 16 slots:
+/// each key arrives complete and in publish order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_ordering_per_key_under_concurrency() {
+    let Some(host) = emulator() else { return };
+    let (_, bus, topic, sub) = fixture(&host, |s| s.ordered(true), Default::default()).await;
+    let publisher = bus.publisher(&topic).await.unwrap();
+    const KEYS: usize = 4;
+    const PER_KEY: usize = 50;
+    let mut sends = Vec::new();
+    for k in 0..KEYS {
+        let p = publisher.clone();
+        sends.push(tokio::spawn(async move {
+            let handles: Vec<_> = (0..PER_KEY)
+                .map(|n| {
+                    let e = EventBuilder::new("gcp.ordered", "/tests/gcp")
+                        .subject(format!("key-{k}:{n}"))
+                        .build()
+                        .expect("valid event");
+                    p.publish_with(e, PublishOptions::ordered(format!("key-{k}")))
+                })
+                .collect();
+            for h in handles {
+                h.await.unwrap();
+            }
+        }));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
+    let record = seen.clone();
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let worker = consumer.subscribe(
+        move |e: Arc<Event>, _ctx: HandlerContext| {
+            let record = record.clone();
+            async move {
+                let (key, n) = e.subject().unwrap_or_default().split_once(':').unwrap_or_default();
+                let (key, n) = (key.to_owned(), n.parse().unwrap_or(usize::MAX));
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..3))).await;
+                record.lock().unwrap().entry(key).or_default().push(n);
+                Ok::<(), HandlerError>(())
+            }
+        },
+        WorkerOptions::default().concurrency(16),
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        let total: usize = seen.lock().unwrap().values().map(Vec::len).sum();
+        if total >= KEYS * PER_KEY {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.shutdown(Duration::from_secs(5)).await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), KEYS, "keys seen: {:?}", seen.keys());
+    for (key, order) in seen.iter() {
+        let want: Vec<usize> = (0..PER_KEY).collect();
+        assert_eq!(order, &want, "order of {key}");
+    }
+}
+
+/// The subscription's own dead-letter policy (5 attempts, Pub/Sub's floor): the
+/// service moves the event after the fifth nack, and DeadLetters shows where from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_dead_letter_policy_after_five_attempts() {
+    let Some(host) = emulator() else { return };
+    // Unordered: the emulator fails every pull of an ordered subscription once its
+    // dead-letter policy fires (500 "Application error processing RPC"); the service
+    // does not.
+    let (_, bus, topic, sub) = fixture(
+        &host,
+        |s| s.max_delivery_attempts(5).ordered(false),
+        Default::default(),
+    )
+    .await;
+    let e = ev("gcp.poison", 0);
+    bus.publisher(&topic).await.unwrap().publish(e.clone()).await.unwrap();
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    for attempt in 1..=5 {
+        let got = drain(&consumer, 1, Duration::from_secs(30)).await;
+        assert_eq!(got.len(), 1, "attempt {attempt} not delivered");
+        assert_eq!(got[0].attempt(), attempt);
+        got[0].nack(Duration::ZERO).await.unwrap();
+    }
+    let sixth = consumer.receive_batch(1, Duration::from_secs(2)).await.unwrap();
+    assert!(sixth.is_empty(), "delivered a sixth time");
+    let dlq = bus.dead_letters(&topic, &sub).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let l = dlq.peek(10).await.unwrap();
+        if !l.is_empty() || Instant::now() > until {
+            break l;
+        }
+    };
+    assert_eq!(letters.len(), 1, "dead letters of {sub}");
+    let letter = &letters[0];
+    match &letter.payload {
+        cloudbus::Payload::Event(x) => assert_eq!(x.id(), e.id()),
+        other => panic!("dead letter is not the event: {other:?}"),
+    }
+    assert_eq!(letter.attempts, 5);
+    assert_eq!(
+        letter.reason.as_deref(),
+        Some("max delivery attempts (5) exceeded")
+    );
+    assert!(
+        letter.source_entity.as_deref().is_some_and(|s| s.ends_with(&sub)),
+        "source {:?}",
+        letter.source_entity
+    );
+}
+
+/// Exactly-once: an ack is confirmed by the service; the event does not come back;
+/// an ack after the lease ran out is a typed LeaseExpired, and that event does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_exactly_once_acks_are_confirmed() {
+    let Some(host) = emulator() else { return };
+    let (_, bus, topic, sub) = fixture(
+        &host,
+        |s| s.ack_deadline(Duration::from_secs(1)),
+        SubscriptionOptions::default().exactly_once(),
+    )
+    .await;
+    let publisher = bus.publisher(&topic).await.unwrap();
+    for r in publisher.publish_batch(vec![ev("gcp.eo", 0), ev("gcp.eo", 1)]).await {
+        r.unwrap();
+    }
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let got = drain(&consumer, 2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2);
+    let (acked, late) = if subject(&got[0]) == "0" {
+        (&got[0], &got[1])
+    } else {
+        (&got[1], &got[0])
+    };
+    acked.ack().await.expect("confirmed ack");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = late.ack().await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::LeaseExpired),
+        "ack after the lease: {r:?}"
+    );
+    let again = drain(&consumer, 1, Duration::from_secs(30)).await;
+    assert_eq!(again.len(), 1, "the unacked event did not come back");
+    assert_eq!(subject(&again[0]), "1", "an acked event came back");
+    assert_eq!(again[0].attempt(), 2);
+    again[0].ack().await.unwrap();
+    let quiet = consumer.receive_batch(10, Duration::from_secs(2)).await.unwrap();
+    assert!(quiet.is_empty(), "redelivered after confirmed acks: {}", quiet.len());
+}
+
+/// Replay: seek to a time brings acked events back; a snapshot restores what was
+/// unacked when it was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_seek_to_time_and_snapshot_replay() {
+    let Some(host) = emulator() else { return };
+    // The emulator does not implement seek on ordered subscriptions (Unimplemented).
+    let (driver, bus, topic, sub) = fixture(
+        &host,
+        |s| s.ordered(false),
+        SubscriptionOptions::default().exactly_once().retain_acked(),
+    )
+    .await;
+    let publisher = bus.publisher(&topic).await.unwrap();
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    for r in publisher.publish_batch((0..3).map(|n| ev("gcp.seek", n)).collect()).await {
+        r.unwrap();
+    }
+    let first = drain(&consumer, 3, Duration::from_secs(30)).await;
+    assert_eq!(first.len(), 3);
+    for d in &first {
+        d.ack().await.unwrap(); // confirmed: settled at the service before the seek
+    }
+    driver.seek_to_time(&sub, before).await.unwrap();
+    let replayed = drain(&consumer, 3, Duration::from_secs(30)).await;
+    let mut subjects: Vec<String> = replayed.iter().map(subject).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["0", "1", "2"], "seek to time");
+    for d in &replayed {
+        d.ack().await.unwrap();
+    }
+
+    for r in publisher.publish_batch((3..5).map(|n| ev("gcp.seek", n)).collect()).await {
+        r.unwrap();
+    }
+    let snapshot = unique("snap");
+    driver.create_snapshot(&sub, &snapshot).await.unwrap();
+    let later = drain(&consumer, 2, Duration::from_secs(30)).await;
+    assert_eq!(later.len(), 2);
+    for d in &later {
+        d.ack().await.unwrap();
+    }
+    driver.seek_to_snapshot(&sub, &snapshot).await.unwrap();
+    let restored = drain(&consumer, 5, Duration::from_secs(5)).await;
+    let mut subjects: Vec<String> = restored.iter().map(subject).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["3", "4"], "seek to snapshot");
+    for d in &restored {
+        d.ack().await.unwrap();
+    }
+    driver.delete_snapshot(&snapshot).await.unwrap();
+}
+
+/// A message from a producer that does not speak CloudEvents (the raw Google
+/// client) never reaches the caller: it is dead-lettered with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_foreign_message_dead_lettered_with_reason() {
+    let Some(host) = emulator() else { return };
+    let (_, bus, topic, sub) = fixture(&host, |s| s, Default::default()).await;
+    let raw = google_cloud_pubsub::client::Publisher::builder(format!(
+        "projects/{PROJECT}/topics/{topic}"
+    ))
+    .with_endpoint(format!("http://{host}"))
+    .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+    .build()
+    .await
+    .unwrap();
+    raw.publish(
+        google_cloud_pubsub::model::Message::new()
+            .set_data("hello from elsewhere")
+            .set_attributes([("origin", "legacy")]),
+    )
+    .await
+    .unwrap();
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let got = consumer.receive_batch(10, Duration::from_secs(3)).await.unwrap();
+    assert!(got.is_empty(), "a foreign message reached the caller");
+    let dlq = bus.dead_letters(&topic, &sub).await.unwrap();
+    let letters = dlq.peek(10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let reason = letters[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("malformed") && reason.contains("CloudEvent"), "reason {reason:?}");
+    match &letters[0].payload {
+        cloudbus::Payload::Raw(m) => {
+            assert_eq!(m.body, b"hello from elsewhere");
+            assert_eq!(m.attributes.get("origin").map(String::as_str), Some("legacy"));
+        }
+        other => panic!("expected the raw message, got {other:?}"),
+    }
+}
+
+/// Flow control: a consumer never holds more unsettled messages than allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_flow_control_bounds_outstanding_messages() {
+    let Some(host) = emulator() else { return };
+    let driver = PubSubBus::new(PubSubConfig::new(PROJECT).emulator(&host).flow_control(5, 1 << 20));
+    let bus = driver.clone().into_bus();
+    let topic = unique("topic");
+    let sub = unique("sub");
+    bus.ensure_topic(&topic).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub)).await.unwrap();
+    let publisher = bus.publisher(&topic).await.unwrap();
+    for r in publisher.publish_batch((0..20).map(|n| ev("gcp.flow", n)).collect()).await {
+        r.unwrap();
+    }
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let mut held = drain(&consumer, 20, Duration::from_secs(4)).await;
+    assert_eq!(held.len(), 5, "held unsettled beyond the flow-control limit");
+    let mut total = held.len();
+    while total < 20 {
+        for d in held.drain(..) {
+            d.ack().await.unwrap();
+        }
+        held = drain(&consumer, 20, Duration::from_secs(10)).await;
+        assert!(!held.is_empty() && held.len() <= 5, "held {}", held.len());
+        total += held.len();
+    }
+    assert_eq!(total, 20);
+    for d in &held {
+        d.ack().await.unwrap();
+    }
+}
+
+/// A key whose publish failed stays paused until it is resumed, then publishes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_ordering_key_resumes_after_failed_publish() {
+    let Some(host) = emulator() else { return };
+    let bus = pubsub(&host).into_bus();
+    let topic = unique("late-topic");
+    let publisher = bus
+        .publisher_with(
+            &topic,
+            cloudbus::PublisherOptions {
+                retry: cloudbus::RetryPolicy::none(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let key = PublishOptions::ordered("account-7");
+    let r = publisher.publish_with(ev("gcp.key", 0), key.clone()).await;
+    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound), "{r:?}");
+    let r = publisher.publish_with(ev("gcp.key", 1), key.clone()).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::OrderingKeyPaused),
+        "{r:?}"
+    );
+    bus.ensure_topic(&topic).await.unwrap();
+    let sub = unique("sub");
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub)).await.unwrap();
+    publisher.resume_ordering_key("account-7");
+    publisher.publish_with(ev("gcp.key", 2), key).await.expect("resumed key publishes");
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let got = drain(&consumer, 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(subject(&got[0]), "2");
+    assert_eq!(got[0].ordering_key(), Some("account-7"));
+    got[0].ack().await.unwrap();
+}
+
+/// A worker's handler that runs three leases long keeps its event: the lease is
+/// extended while it runs, and the event is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_lease_extended_while_handler_runs_long() {
+    let Some(host) = emulator() else { return };
+    let (_, bus, topic, sub) =
+        fixture(&host, |s| s.ack_deadline(Duration::from_secs(1)), Default::default()).await;
+    bus.publisher(&topic).await.unwrap().publish(ev("gcp.slow", 0)).await.unwrap();
+    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let record = attempts.clone();
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let worker = consumer.subscribe(
+        move |_e: Arc<Event>, ctx: HandlerContext| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(ctx.attempt);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok::<(), HandlerError>(())
+            }
+        },
+        WorkerOptions::default(),
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(*attempts.lock().unwrap(), vec![1], "report {report:?}");
+}
+
+/// Structured mode carries the same CloudEvent, and `pubsub://` opens the emulator
+/// through PUBSUB_EMULATOR_HOST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_url_and_structured_mode_round_trip() {
+    let Some(_host) = emulator() else { return };
+    let bus = cloudbus::connect(&format!("pubsub://{PROJECT}?mode=structured"))
+        .await
+        .unwrap();
+    assert_eq!(bus.scheme(), "pubsub");
+    let topic = unique("topic");
+    let sub = unique("sub");
+    bus.ensure_topic(&topic).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub)).await.unwrap();
+    let e = EventBuilder::new("gcp.structured", "/tests/gcp")
+        .subject("s-1")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"ok": true}))
+        .and_then(|b| b.build())
+        .unwrap();
+    bus.publisher(&topic).await.unwrap().publish(e.clone()).await.unwrap();
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let got = drain(&consumer, 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1);
+    let back = got[0].event();
+    assert_eq!(back.id(), e.id());
+    assert_eq!(back.ty(), e.ty());
+    assert_eq!(back.extension("tenant"), e.extension("tenant"));
+    assert_eq!(back.data(), e.data());
+    got[0].ack().await.unwrap();
+}

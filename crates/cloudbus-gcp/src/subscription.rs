@@ -49,6 +49,8 @@ const STREAM_ACK_DEADLINE: Duration = Duration::from_secs(10);
 const REAPER_TICK: Duration = Duration::from_millis(50);
 
 struct Inflight {
+    /// Bytes of data and attributes, for flow control.
+    size: usize,
     /// The consumer handle that received it (closing a handle releases its messages).
     owner: u64,
     handler: Handler,
@@ -75,6 +77,7 @@ pub(crate) struct Inner {
     pump: Mutex<Option<(tokio::task::JoinHandle<()>, ShutdownToken)>>,
     inflight: Mutex<HashMap<u64, Inflight>>,
     next_token: AtomicU64,
+    reaping: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -135,52 +138,102 @@ impl Inner {
         });
         *lock(&self.pump) = Some((pump, shutdown));
         *rx = Some(new_rx);
-        let weak = Arc::downgrade(self);
-        tokio::spawn(reap(weak));
+        if !self.reaping.swap(true, Ordering::AcqRel) {
+            tokio::spawn(reap(Arc::downgrade(self)));
+        }
         Ok(())
     }
 
     /// Receives up to `max` messages for this subscription, waiting up to `wait` for
     /// the first; drops (acks) what the subscription's filter rejects and
-    /// dead-letters what exceeded the attempts cloudbus enforces.
+    /// dead-letters what exceeded the attempts cloudbus enforces. Flow control is
+    /// applied here too: the handles of this subscription never hold more unsettled
+    /// messages or bytes than configured (the service may send more than asked).
     async fn pull(self: &Arc<Self>, owner: u64, max: usize, wait: Duration) -> Result<Vec<Held>> {
         let settings = self.settings().await?.clone();
-        self.start_pump().await?;
-        let mut guard = self.rx.lock().await;
-        let Some(rx) = guard.as_mut() else {
-            return Err(Error::closed(format!("subscription {} is closed", self.name)));
-        };
-        let mut got = Vec::new();
         let until = tokio::time::Instant::now() + wait;
+        let mut got = Vec::new();
+        loop {
+            self.start_pump().await?;
+            let mut guard = self.rx.lock().await;
+            let Some(rx) = guard.as_mut() else {
+                continue;
+            };
+            let ended = match self.fill(rx, owner, &settings, max, until, &mut got).await {
+                Ok(()) => return Ok(got),
+                Err(e) => e,
+            };
+            // The stream ended: drop it, so that the next round opens a new one.
+            *guard = None;
+            if let Some((pump, _)) = lock(&self.pump).take() {
+                pump.abort();
+            }
+            drop(guard);
+            let permanent = matches!(
+                ended.kind(),
+                ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::InvalidArgument
+            );
+            if permanent || tokio::time::Instant::now() >= until {
+                return if got.is_empty() { Err(ended) } else { Ok(got) };
+            }
+            tracing::warn!(subscription = %self.name, error = %ended, "streaming pull ended; reopening");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Room left under flow control: (messages, bytes).
+    fn room(&self) -> (usize, usize) {
+        let config = &self.shared.config;
+        let map = lock(&self.inflight);
+        let bytes: usize = map.values().map(|i| i.size).sum();
+        (
+            (config.max_outstanding_messages as usize).saturating_sub(map.len()),
+            (config.max_outstanding_bytes as usize).saturating_sub(bytes),
+        )
+    }
+
+    async fn fill(
+        &self,
+        rx: &mut mpsc::Receiver<Pulled>,
+        owner: u64,
+        settings: &SubscriptionSettings,
+        max: usize,
+        until: tokio::time::Instant,
+        got: &mut Vec<Held>,
+    ) -> Result<()> {
         while got.len() < max.max(1) {
+            let (messages, bytes) = self.room();
+            if messages == 0 || bytes == 0 {
+                if !got.is_empty() || tokio::time::Instant::now() >= until {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
             let item = if got.is_empty() {
                 match tokio::time::timeout_at(until, rx.recv()).await {
                     Ok(Some(item)) => item,
                     Ok(None) => {
-                        // The stream ended (after a permanent error): the next pull
-                        // opens a new one.
-                        *guard = None;
-                        lock(&self.pump).take();
                         return Err(Error::new(
                             ErrorKind::Unavailable,
                             format!("the stream of subscription {} ended", self.name),
                         ));
                     }
-                    Err(_) => break,
+                    Err(_) => return Ok(()),
                 }
             } else {
                 match rx.try_recv() {
                     Ok(item) => item,
-                    Err(_) => break,
+                    Err(_) => return Ok(()),
                 }
             };
             let (message, handler) =
                 item.map_err(|e| crate::map_error(e, &format!("pull {}", self.name)))?;
-            if let Some(held) = self.admit(owner, &settings, message, handler).await {
+            if let Some(held) = self.admit(owner, settings, message, handler).await {
                 got.push(held);
             }
         }
-        Ok(got)
+        Ok(())
     }
 
     async fn admit(
@@ -219,6 +272,7 @@ impl Inner {
         lock(&self.inflight).insert(
             token,
             Inflight {
+                size: message_size(&message),
                 owner,
                 handler,
                 message: message.clone(),
@@ -419,6 +473,14 @@ fn ack_error(e: AckError) -> Error {
     }
 }
 
+fn message_size(m: &Message) -> usize {
+    m.data.len()
+        + m.attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 fn timestamp(t: &google_cloud_wkt::Timestamp) -> DateTime<Utc> {
     DateTime::from_timestamp(t.seconds(), t.nanos().max(0) as u32).unwrap_or_default()
 }
@@ -467,6 +529,7 @@ impl PubSubSubscription {
                 pump: Mutex::new(None),
                 inflight: Mutex::new(HashMap::new()),
                 next_token: AtomicU64::new(1),
+                reaping: AtomicBool::new(false),
             })
         });
         PubSubSubscription {
@@ -506,12 +569,7 @@ impl SubscriptionDriver for PubSubSubscription {
         Ok(held
             .into_iter()
             .map(|h| {
-                let size = h.message.data.len()
-                    + h.message
-                        .attributes
-                        .iter()
-                        .map(|(k, v)| k.len() + v.len())
-                        .sum::<usize>();
+                let size = message_size(&h.message);
                 ReceivedMessage {
                     event: self.inner.decode(&h.message).map(Arc::new),
                     token: AckToken::Number(h.token),
