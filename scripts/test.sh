@@ -1,21 +1,55 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, the conformance suite on every provider built
-# here, integration tests and doc tests. It installs and starts whatever emulator the
-# enabled providers need; today only the embedded memory broker is built, which needs
-# none. Under CI=true a provider whose emulator cannot be started is a failure.
+# here, the provider integration tests against their emulators, doc tests and the
+# examples. It starts the emulators it needs and stops them on exit:
+#   - Google Pub/Sub: the official emulator (preinstalled package), unless
+#     PUBSUB_EMULATOR_HOST already points at one.
+# Under CI=true an emulator that cannot be started is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+started_pids=()
+cleanup() {
+    for pid in "${started_pids[@]}"; do
+        kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
 
 echo "== cargo test --workspace (unit, conformance on the memory broker, integration, doc tests)"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
-echo "== order saga example"
+echo "== order saga example (memory broker)"
 cargo run --quiet --example order_saga > /tmp/cloudbus-order-saga.log
 grep -q "redriven:        1" /tmp/cloudbus-order-saga.log
 tail -n 14 /tmp/cloudbus-order-saga.log
 
 echo "== stream replay example"
 cargo run --quiet --example stream_replay
+
+echo "== Google Cloud Pub/Sub (official emulator)"
+if [[ -z "${PUBSUB_EMULATOR_HOST:-}" ]]; then
+    if started="$(bash scripts/pubsub-emulator.sh)"; then
+        eval "$started"
+        export PUBSUB_EMULATOR_HOST
+        started_pids+=("$PUBSUB_EMULATOR_PID")
+        echo "started the Pub/Sub emulator at $PUBSUB_EMULATOR_HOST (pid $PUBSUB_EMULATOR_PID)"
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and the Pub/Sub emulator could not be started" >&2
+        exit 1
+    else
+        echo "SKIPPED: no Pub/Sub emulator could be started; tests/gcp.rs will say so" >&2
+    fi
+else
+    echo "using the Pub/Sub emulator at $PUBSUB_EMULATOR_HOST"
+fi
+cargo test --features gcp --test gcp
+if [[ -n "${PUBSUB_EMULATOR_HOST:-}" ]]; then
+    echo "== order saga example on Pub/Sub"
+    CLOUDBUS_URL="pubsub://saga-$$-$RANDOM" cargo run --quiet --features gcp --example order_saga \
+        > /tmp/cloudbus-order-saga-pubsub.log
+    grep -q "redriven:        1" /tmp/cloudbus-order-saga-pubsub.log
+    tail -n 14 /tmp/cloudbus-order-saga-pubsub.log
+fi
