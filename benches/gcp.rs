@@ -114,11 +114,7 @@ async fn cloudbus_round(driver: &PubSubBus, evs: Vec<Event>) -> (Duration, Durat
     (published, start.elapsed())
 }
 
-async fn raw_round(
-    driver: &PubSubBus,
-    host: &str,
-    messages: Vec<Message>,
-) -> (Duration, Duration) {
+async fn raw_round(driver: &PubSubBus, host: &str, messages: Vec<Message>) -> (Duration, Duration) {
     let n = messages.len();
     let (topic, sub) = entities(driver, "raw").await;
     let anonymous = || google_cloud_auth::credentials::anonymous::Builder::new().build();
@@ -223,8 +219,14 @@ fn main() {
             }
         }
     });
-    println!("{:<34} {:>12} {:>12} {:>12}", "", "publish/s", "consume/s", "end-to-end/s");
-    let rows = [("raw google-cloud-pubsub (baseline)", &raw), ("cloudbus", &cb)];
+    println!(
+        "{:<34} {:>12} {:>12} {:>12}",
+        "", "publish/s", "consume/s", "end-to-end/s"
+    );
+    let rows = [
+        ("raw google-cloud-pubsub (baseline)", &raw),
+        ("cloudbus", &cb),
+    ];
     for (name, (p, c, e)) in rows {
         println!(
             "{name:<34} {:>12.0} {:>12.0} {:>12.0}",

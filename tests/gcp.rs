@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cloudbus::conformance::Harness;
 use cloudbus::gcp::{PubSubBus, PubSubConfig, SubscriptionOptions};
-use cloudbus::{AttributesReader, 
-    Bus, Capabilities, ErrorKind, Event, EventBuilder, HandlerContext, HandlerError,
-    PublishOptions, SubscriptionSpec, WorkerOptions,
+use cloudbus::{
+    AttributesReader, Bus, Capabilities, ErrorKind, Event, EventBuilder, HandlerContext,
+    HandlerError, PublishOptions, SubscriptionSpec, WorkerOptions,
 };
 
 const PROJECT: &str = "cloudbus-test";
@@ -26,7 +26,9 @@ fn emulator() -> Option<String> {
     match std::env::var(cloudbus::gcp::EMULATOR_HOST_ENV) {
         Ok(h) if !h.trim().is_empty() => Some(h),
         _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but PUBSUB_EMULATOR_HOST is not set: the Pub/Sub tests need the emulator (scripts/test.sh starts it)")
+            panic!(
+                "CI=true but PUBSUB_EMULATOR_HOST is not set: the Pub/Sub tests need the emulator (scripts/test.sh starts it)"
+            )
         }
         _ => {
             eprintln!(
@@ -72,7 +74,6 @@ mod conformance {
         None => return,
     });
 }
-
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", fastrand::u32(..))
@@ -164,7 +165,11 @@ async fn pubsub_ordering_per_key_under_concurrency() {
         move |e: Arc<Event>, _ctx: HandlerContext| {
             let record = record.clone();
             async move {
-                let (key, n) = e.subject().unwrap_or_default().split_once(':').unwrap_or_default();
+                let (key, n) = e
+                    .subject()
+                    .unwrap_or_default()
+                    .split_once(':')
+                    .unwrap_or_default();
                 let (key, n) = (key.to_owned(), n.parse().unwrap_or(usize::MAX));
                 tokio::time::sleep(Duration::from_millis(fastrand::u64(0..3))).await;
                 record.lock().unwrap().entry(key).or_default().push(n);
@@ -205,7 +210,12 @@ async fn pubsub_dead_letter_policy_after_five_attempts() {
     )
     .await;
     let e = ev("gcp.poison", 0);
-    bus.publisher(&topic).await.unwrap().publish(e.clone()).await.unwrap();
+    bus.publisher(&topic)
+        .await
+        .unwrap()
+        .publish(e.clone())
+        .await
+        .unwrap();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
     for attempt in 1..=5 {
         let got = drain(&consumer, 1, Duration::from_secs(30)).await;
@@ -213,7 +223,10 @@ async fn pubsub_dead_letter_policy_after_five_attempts() {
         assert_eq!(got[0].attempt(), attempt);
         got[0].nack(Duration::ZERO).await.unwrap();
     }
-    let sixth = consumer.receive_batch(1, Duration::from_secs(2)).await.unwrap();
+    let sixth = consumer
+        .receive_batch(1, Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(sixth.is_empty(), "delivered a sixth time");
     let dlq = bus.dead_letters(&topic, &sub).await.unwrap();
     let until = Instant::now() + Duration::from_secs(30);
@@ -235,7 +248,10 @@ async fn pubsub_dead_letter_policy_after_five_attempts() {
         Some("max delivery attempts (5) exceeded")
     );
     assert!(
-        letter.source_entity.as_deref().is_some_and(|s| s.ends_with(&sub)),
+        letter
+            .source_entity
+            .as_deref()
+            .is_some_and(|s| s.ends_with(&sub)),
         "source {:?}",
         letter.source_entity
     );
@@ -253,7 +269,10 @@ async fn pubsub_exactly_once_acks_are_confirmed() {
     )
     .await;
     let publisher = bus.publisher(&topic).await.unwrap();
-    for r in publisher.publish_batch(vec![ev("gcp.eo", 0), ev("gcp.eo", 1)]).await {
+    for r in publisher
+        .publish_batch(vec![ev("gcp.eo", 0), ev("gcp.eo", 1)])
+        .await
+    {
         r.unwrap();
     }
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
@@ -276,8 +295,15 @@ async fn pubsub_exactly_once_acks_are_confirmed() {
     assert_eq!(subject(&again[0]), "1", "an acked event came back");
     assert_eq!(again[0].attempt(), 2);
     again[0].ack().await.unwrap();
-    let quiet = consumer.receive_batch(10, Duration::from_secs(2)).await.unwrap();
-    assert!(quiet.is_empty(), "redelivered after confirmed acks: {}", quiet.len());
+    let quiet = consumer
+        .receive_batch(10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        quiet.is_empty(),
+        "redelivered after confirmed acks: {}",
+        quiet.len()
+    );
 }
 
 /// Replay: seek to a time brings acked events back; a snapshot restores what was
@@ -295,7 +321,10 @@ async fn pubsub_seek_to_time_and_snapshot_replay() {
     let publisher = bus.publisher(&topic).await.unwrap();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
     let before = chrono::Utc::now() - chrono::Duration::seconds(1);
-    for r in publisher.publish_batch((0..3).map(|n| ev("gcp.seek", n)).collect()).await {
+    for r in publisher
+        .publish_batch((0..3).map(|n| ev("gcp.seek", n)).collect())
+        .await
+    {
         r.unwrap();
     }
     let first = drain(&consumer, 3, Duration::from_secs(30)).await;
@@ -312,7 +341,10 @@ async fn pubsub_seek_to_time_and_snapshot_replay() {
         d.ack().await.unwrap();
     }
 
-    for r in publisher.publish_batch((3..5).map(|n| ev("gcp.seek", n)).collect()).await {
+    for r in publisher
+        .publish_batch((3..5).map(|n| ev("gcp.seek", n)).collect())
+        .await
+    {
         r.unwrap();
     }
     let snapshot = unique("snap");
@@ -355,17 +387,26 @@ async fn pubsub_foreign_message_dead_lettered_with_reason() {
     .await
     .unwrap();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
-    let got = consumer.receive_batch(10, Duration::from_secs(3)).await.unwrap();
+    let got = consumer
+        .receive_batch(10, Duration::from_secs(3))
+        .await
+        .unwrap();
     assert!(got.is_empty(), "a foreign message reached the caller");
     let dlq = bus.dead_letters(&topic, &sub).await.unwrap();
     let letters = dlq.peek(10).await.unwrap();
     assert_eq!(letters.len(), 1);
     let reason = letters[0].reason.clone().unwrap_or_default();
-    assert!(reason.contains("malformed") && reason.contains("CloudEvent"), "reason {reason:?}");
+    assert!(
+        reason.contains("malformed") && reason.contains("CloudEvent"),
+        "reason {reason:?}"
+    );
     match &letters[0].payload {
         cloudbus::Payload::Raw(m) => {
             assert_eq!(m.body, b"hello from elsewhere");
-            assert_eq!(m.attributes.get("origin").map(String::as_str), Some("legacy"));
+            assert_eq!(
+                m.attributes.get("origin").map(String::as_str),
+                Some("legacy")
+            );
         }
         other => panic!("expected the raw message, got {other:?}"),
     }
@@ -375,19 +416,32 @@ async fn pubsub_foreign_message_dead_lettered_with_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_flow_control_bounds_outstanding_messages() {
     let Some(host) = emulator() else { return };
-    let driver = PubSubBus::new(PubSubConfig::new(PROJECT).emulator(&host).flow_control(5, 1 << 20));
+    let driver = PubSubBus::new(
+        PubSubConfig::new(PROJECT)
+            .emulator(&host)
+            .flow_control(5, 1 << 20),
+    );
     let bus = driver.clone().into_bus();
     let topic = unique("topic");
     let sub = unique("sub");
     bus.ensure_topic(&topic).await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub)).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub))
+        .await
+        .unwrap();
     let publisher = bus.publisher(&topic).await.unwrap();
-    for r in publisher.publish_batch((0..20).map(|n| ev("gcp.flow", n)).collect()).await {
+    for r in publisher
+        .publish_batch((0..20).map(|n| ev("gcp.flow", n)).collect())
+        .await
+    {
         r.unwrap();
     }
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
     let mut held = drain(&consumer, 20, Duration::from_secs(4)).await;
-    assert_eq!(held.len(), 5, "held unsettled beyond the flow-control limit");
+    assert_eq!(
+        held.len(),
+        5,
+        "held unsettled beyond the flow-control limit"
+    );
     let mut total = held.len();
     while total < 20 {
         for d in held.drain(..) {
@@ -421,7 +475,10 @@ async fn pubsub_ordering_key_resumes_after_failed_publish() {
         .unwrap();
     let key = PublishOptions::ordered("account-7");
     let r = publisher.publish_with(ev("gcp.key", 0), key.clone()).await;
-    assert!(matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound), "{r:?}");
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound),
+        "{r:?}"
+    );
     let r = publisher.publish_with(ev("gcp.key", 1), key.clone()).await;
     assert!(
         matches!(&r, Err(e) if e.kind() == ErrorKind::OrderingKeyPaused),
@@ -429,9 +486,14 @@ async fn pubsub_ordering_key_resumes_after_failed_publish() {
     );
     bus.ensure_topic(&topic).await.unwrap();
     let sub = unique("sub");
-    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub)).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub))
+        .await
+        .unwrap();
     publisher.resume_ordering_key("account-7");
-    publisher.publish_with(ev("gcp.key", 2), key).await.expect("resumed key publishes");
+    publisher
+        .publish_with(ev("gcp.key", 2), key)
+        .await
+        .expect("resumed key publishes");
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
     let got = drain(&consumer, 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);
@@ -445,9 +507,18 @@ async fn pubsub_ordering_key_resumes_after_failed_publish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_lease_extended_while_handler_runs_long() {
     let Some(host) = emulator() else { return };
-    let (_, bus, topic, sub) =
-        fixture(&host, |s| s.ack_deadline(Duration::from_secs(1)), Default::default()).await;
-    bus.publisher(&topic).await.unwrap().publish(ev("gcp.slow", 0)).await.unwrap();
+    let (_, bus, topic, sub) = fixture(
+        &host,
+        |s| s.ack_deadline(Duration::from_secs(1)),
+        Default::default(),
+    )
+    .await;
+    bus.publisher(&topic)
+        .await
+        .unwrap()
+        .publish(ev("gcp.slow", 0))
+        .await
+        .unwrap();
     let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
     let record = attempts.clone();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
@@ -479,14 +550,21 @@ async fn pubsub_url_and_structured_mode_round_trip() {
     let topic = unique("topic");
     let sub = unique("sub");
     bus.ensure_topic(&topic).await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub)).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub))
+        .await
+        .unwrap();
     let e = EventBuilder::new("gcp.structured", "/tests/gcp")
         .subject("s-1")
         .extension("tenant", "acme")
         .json(&serde_json::json!({"ok": true}))
         .and_then(|b| b.build())
         .unwrap();
-    bus.publisher(&topic).await.unwrap().publish(e.clone()).await.unwrap();
+    bus.publisher(&topic)
+        .await
+        .unwrap()
+        .publish(e.clone())
+        .await
+        .unwrap();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
     let got = drain(&consumer, 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);

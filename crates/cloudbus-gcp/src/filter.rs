@@ -172,19 +172,34 @@ pub fn compile(filter: &Filter, prefix: &str) -> Result<Expr> {
                  (ConsumerOptions::filter) instead"
             )));
         }
-        Filter::And(fs) => all_of(fs.iter().map(|f| compile(f, prefix)).collect::<Result<_>>()?),
-        Filter::Or(fs) => any(fs.iter().map(|f| compile(f, prefix)).collect::<Result<_>>()?),
+        Filter::And(fs) => all_of(
+            fs.iter()
+                .map(|f| compile(f, prefix))
+                .collect::<Result<_>>()?,
+        ),
+        Filter::Or(fs) => any(fs
+            .iter()
+            .map(|f| compile(f, prefix))
+            .collect::<Result<_>>()?),
     })
 }
 
 /// `AND` of `es`, a single one as itself.
 fn all_of(mut es: Vec<Expr>) -> Expr {
-    if es.len() == 1 { es.remove(0) } else { Expr::And(es) }
+    if es.len() == 1 {
+        es.remove(0)
+    } else {
+        Expr::And(es)
+    }
 }
 
 /// `OR` of `es`, a single one as itself.
 fn any(mut es: Vec<Expr>) -> Expr {
-    if es.len() == 1 { es.remove(0) } else { Expr::Or(es) }
+    if es.len() == 1 {
+        es.remove(0)
+    } else {
+        Expr::Or(es)
+    }
 }
 
 /// Parses Pub/Sub filter text. An empty text is `None` (no filter).
@@ -438,7 +453,10 @@ mod tests {
                 r#"hasPrefix(attributes."ce-source", "/orders")"#,
             ),
             (Filter::exists("tenant"), r#"attributes:"ce-tenant""#),
-            (Filter::not_exists("tenant"), r#"NOT attributes:"ce-tenant""#),
+            (
+                Filter::not_exists("tenant"),
+                r#"NOT attributes:"ce-tenant""#,
+            ),
             (
                 Filter::anything_but("subject", ["test", "dev"]),
                 r#"attributes:"ce-subject" AND attributes."ce-subject" != "test" AND attributes."ce-subject" != "dev""#,

@@ -100,11 +100,13 @@ impl PubSubConfig {
     /// The emulator at `host:port`, with anonymous credentials.
     pub fn emulator(mut self, host: &str) -> Self {
         let host = host.trim();
-        self.endpoint = Some(if host.starts_with("http://") || host.starts_with("https://") {
-            host.to_owned()
-        } else {
-            format!("http://{host}")
-        });
+        self.endpoint = Some(
+            if host.starts_with("http://") || host.starts_with("https://") {
+                host.to_owned()
+            } else {
+                format!("http://{host}")
+            },
+        );
         self.anonymous = true;
         self
     }

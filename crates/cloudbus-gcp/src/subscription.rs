@@ -28,9 +28,7 @@ use google_cloud_pubsub::subscriber::{ShutdownBehavior, ShutdownToken};
 use tokio::sync::{OnceCell, mpsc};
 
 use crate::topic::{publish_error, to_message};
-use crate::topology::{
-    REDRIVE_ATTRIBUTE, SubscriptionSettings, dead_letter_name, read_settings,
-};
+use crate::topology::{REDRIVE_ATTRIBUTE, SubscriptionSettings, dead_letter_name, read_settings};
 use crate::{Shared, capabilities, lock};
 
 /// Attributes of a dead letter. The first four are the ones Pub/Sub's own
@@ -309,10 +307,7 @@ impl Inner {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         attributes.insert(DL_SOURCE_SUBSCRIPTION.into(), self.name.clone());
-        attributes.insert(
-            DL_SOURCE_PROJECT.into(),
-            self.shared.config.project.clone(),
-        );
+        attributes.insert(DL_SOURCE_PROJECT.into(), self.shared.config.project.clone());
         attributes.insert(DL_DELIVERY_COUNT.into(), deliveries.to_string());
         if let Some(t) = &message.publish_time {
             attributes.insert(DL_PUBLISH_TIME.into(), timestamp(t).to_rfc3339());
@@ -335,7 +330,10 @@ impl Inner {
             .map_err(|e| publish_error(e, &format!("dead-letter to {topic}")))
     }
 
-    fn decode(&self, message: &Message) -> std::result::Result<cloudbus_core::Event, (RawMessage, cloudbus_core::DecodeError)> {
+    fn decode(
+        &self,
+        message: &Message,
+    ) -> std::result::Result<cloudbus_core::Event, (RawMessage, cloudbus_core::DecodeError)> {
         let raw = RawMessage {
             body: message.data.to_vec(),
             attributes: message
@@ -465,11 +463,7 @@ fn ack_error(e: AckError) -> Error {
         AckError::ShutdownBeforeAck => {
             Error::closed("the subscriber shut down before the ack was sent")
         }
-        other => Error::with_source(
-            ErrorKind::Unavailable,
-            "the ack was not confirmed",
-            other,
-        ),
+        other => Error::with_source(ErrorKind::Unavailable, "the ack was not confirmed", other),
     }
 }
 
@@ -648,7 +642,15 @@ impl PubSubDeadLetters {
                 if seen.insert(h.message.message_id.clone()) {
                     out.push(h);
                 } else {
-                    self.reader.inner.settle_one(&AckToken::Number(h.token), &Settlement::Nack { delay: Duration::ZERO }).await?;
+                    self.reader
+                        .inner
+                        .settle_one(
+                            &AckToken::Number(h.token),
+                            &Settlement::Nack {
+                                delay: Duration::ZERO,
+                            },
+                        )
+                        .await?;
                 }
             }
         }
@@ -721,7 +723,8 @@ impl DeadLetterDriver for PubSubDeadLetters {
                 .attributes
                 .iter()
                 .filter(|(k, _)| {
-                    !k.starts_with("CloudPubSubDeadLetter") && !k.starts_with("cloudbus-dead-letter")
+                    !k.starts_with("CloudPubSubDeadLetter")
+                        && !k.starts_with("cloudbus-dead-letter")
                 })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .chain([(REDRIVE_ATTRIBUTE.to_owned(), self.source.clone())])
@@ -739,13 +742,21 @@ impl DeadLetterDriver for PubSubDeadLetters {
             let token = AckToken::Number(h.token);
             match fut.await {
                 Ok(_) => {
-                    self.reader.inner.settle_one(&token, &Settlement::Ack).await?;
+                    self.reader
+                        .inner
+                        .settle_one(&token, &Settlement::Ack)
+                        .await?;
                     moved += 1;
                 }
                 Err(e) => {
                     self.reader
                         .inner
-                        .settle_one(&token, &Settlement::Nack { delay: Duration::ZERO })
+                        .settle_one(
+                            &token,
+                            &Settlement::Nack {
+                                delay: Duration::ZERO,
+                            },
+                        )
                         .await?;
                     first_error.get_or_insert(publish_error(e, "redrive"));
                 }

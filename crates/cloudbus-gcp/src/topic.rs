@@ -119,7 +119,9 @@ impl TopicDriver for PubSubTopic {
             {
                 publisher.resume_publish(k);
             }
-            pending.push(Ok(publisher.publish(to_message(raw, m.ordering_key.as_deref()))));
+            pending.push(Ok(
+                publisher.publish(to_message(raw, m.ordering_key.as_deref()))
+            ));
         }
         publisher.flush().await;
         let mut results = Vec::with_capacity(batch.len());

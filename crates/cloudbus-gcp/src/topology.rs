@@ -87,7 +87,11 @@ impl TopologyDriver for PubSubTopology {
             .set_topic(self.shared.config.topic_path(&dl))
             .send()
             .await;
-        ignore_kind(r.map(|_| ()), ErrorKind::NotFound, "delete dead-letter topic")
+        ignore_kind(
+            r.map(|_| ()),
+            ErrorKind::NotFound,
+            "delete dead-letter topic",
+        )
     }
 }
 
@@ -270,8 +274,10 @@ mod tests {
             filtered,
             r#"attributes."ce-tier" = "vip" AND (NOT attributes:cloudbus_redrive OR attributes.cloudbus_redrive = "vip")"#
         );
-        let too_long = SubscriptionSpec::new("t", "x")
-            .filter(Filter::one_of("type", (0..20).map(|i| format!("value-{i}"))));
+        let too_long = SubscriptionSpec::new("t", "x").filter(Filter::one_of(
+            "type",
+            (0..20).map(|i| format!("value-{i}")),
+        ));
         assert_eq!(
             subscription_filter(&too_long).unwrap_err().kind(),
             ErrorKind::InvalidArgument

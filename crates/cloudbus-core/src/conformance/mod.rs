@@ -1,7 +1,7 @@
 //! The conformance suite every provider runs from its tests (feature `conformance`).
 //!
 //! A provider implements [`Harness`] (a [`Bus`] on which the suite may create
-//! uniquely named topics and subscriptions) and calls [`conformance_suite!`] with it,
+//! uniquely named topics and subscriptions) and calls [`conformance_suite!`](crate::conformance_suite) with it,
 //! which generates one `#[tokio::test]` per case, named after the case. Cases that
 //! need a capability the provider lacks print a SKIPPED line naming it and pass; every
 //! other failure fails the test.
