@@ -124,6 +124,11 @@ async fn drain(
     out
 }
 
+async fn publish_one(bus: &Bus, topic: &str, event: Event) {
+    let publisher = bus.publisher(topic).await.unwrap();
+    publisher.publish(event).await.unwrap();
+}
+
 fn subject(d: &cloudbus::Delivery) -> String {
     d.event().subject().unwrap_or_default().to_owned()
 }
@@ -210,12 +215,7 @@ async fn pubsub_dead_letter_policy_after_five_attempts() {
     )
     .await;
     let e = ev("gcp.poison", 0);
-    bus.publisher(&topic)
-        .await
-        .unwrap()
-        .publish(e.clone())
-        .await
-        .unwrap();
+    publish_one(&bus, &topic, e.clone()).await;
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
     for attempt in 1..=5 {
         let got = drain(&consumer, 1, Duration::from_secs(30)).await;
@@ -513,12 +513,7 @@ async fn pubsub_lease_extended_while_handler_runs_long() {
         Default::default(),
     )
     .await;
-    bus.publisher(&topic)
-        .await
-        .unwrap()
-        .publish(ev("gcp.slow", 0))
-        .await
-        .unwrap();
+    publish_one(&bus, &topic, ev("gcp.slow", 0)).await;
     let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
     let record = attempts.clone();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
@@ -559,12 +554,7 @@ async fn pubsub_url_and_structured_mode_round_trip() {
         .json(&serde_json::json!({"ok": true}))
         .and_then(|b| b.build())
         .unwrap();
-    bus.publisher(&topic)
-        .await
-        .unwrap()
-        .publish(e.clone())
-        .await
-        .unwrap();
+    publish_one(&bus, &topic, e.clone()).await;
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
     let got = drain(&consumer, 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1);

@@ -311,9 +311,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Maps a Google API error onto the portable kinds, keeping it as the source.
-pub(crate) fn map_error(err: google_cloud_pubsub::Error, what: &str) -> Error {
-    let kind = if let Some(status) = err.status() {
+/// The portable kind of a Google API error.
+pub(crate) fn error_kind(err: &google_cloud_pubsub::Error) -> ErrorKind {
+    if let Some(status) = err.status() {
         match status.code {
             Code::NotFound => ErrorKind::NotFound,
             Code::AlreadyExists => ErrorKind::AlreadyExists,
@@ -335,12 +335,24 @@ pub(crate) fn map_error(err: google_cloud_pubsub::Error, what: &str) -> Error {
         ErrorKind::Unavailable
     } else {
         ErrorKind::Internal
-    };
-    let detail = err
-        .status()
+    }
+}
+
+/// The message of a Google API error: the service's status message when there is one.
+pub(crate) fn error_detail(err: &google_cloud_pubsub::Error) -> String {
+    err.status()
         .map(|s| s.message.clone())
-        .unwrap_or_else(|| err.to_string());
-    Error::with_source(kind, format!("{what}: {detail}"), err)
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| err.to_string())
+}
+
+/// Maps a Google API error onto the portable kinds, keeping it as the source.
+pub(crate) fn map_error(err: google_cloud_pubsub::Error, what: &str) -> Error {
+    Error::with_source(
+        error_kind(&err),
+        format!("{what}: {}", error_detail(&err)),
+        err,
+    )
 }
 
 /// Capabilities of Pub/Sub subscriptions made by `ensure` (see the README table).

@@ -16,7 +16,7 @@ use cloudbus_core::{
 use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message;
 
-use crate::{Shared, capabilities, lock, map_error};
+use crate::{Shared, capabilities, error_detail, error_kind, lock, map_error};
 
 /// A Pub/Sub topic as a cloudbus [`TopicDriver`].
 pub struct PubSubTopic {
@@ -61,37 +61,20 @@ pub(crate) fn to_message(raw: RawMessage, ordering_key: Option<&str>) -> Message
 
 pub(crate) fn publish_error(e: PublishError, what: &str) -> Error {
     match e {
-        PublishError::Rpc(inner) => {
-            let detail = inner.to_string();
-            match Arc::try_unwrap(inner) {
-                Ok(owned) => map_error(owned, what),
-                Err(shared) => {
-                    let kind = map_error_kind(&shared);
-                    Error::new(kind, format!("{what}: {detail}"))
-                }
-            }
-        }
+        // The crate shares one error among the messages of a failed request.
+        PublishError::Rpc(inner) => match Arc::try_unwrap(inner) {
+            Ok(owned) => map_error(owned, what),
+            Err(shared) => Error::new(
+                error_kind(&shared),
+                format!("{what}: {}", error_detail(&shared)),
+            ),
+        },
         PublishError::OrderingKeyPaused => Error::new(
             ErrorKind::OrderingKeyPaused,
             format!("{what}: publishing is paused for the ordering key"),
         ),
         PublishError::Shutdown => Error::closed(format!("{what}: the publisher has shut down")),
         other => Error::with_source(ErrorKind::Internal, what.to_owned(), other),
-    }
-}
-
-fn map_error_kind(e: &google_cloud_pubsub::Error) -> ErrorKind {
-    use google_cloud_gax::error::rpc::Code;
-    match e.status().map(|s| s.code) {
-        Some(Code::NotFound) => ErrorKind::NotFound,
-        Some(Code::PermissionDenied) | Some(Code::Unauthenticated) => ErrorKind::PermissionDenied,
-        Some(Code::InvalidArgument) => ErrorKind::InvalidArgument,
-        Some(Code::ResourceExhausted) => ErrorKind::Throttled,
-        Some(Code::DeadlineExceeded) => ErrorKind::Timeout,
-        Some(Code::Unavailable) | Some(Code::Aborted) => ErrorKind::Unavailable,
-        _ if e.is_timeout() => ErrorKind::Timeout,
-        _ if e.is_connect() || e.is_io() || e.is_transport() => ErrorKind::Unavailable,
-        _ => ErrorKind::Internal,
     }
 }
 
