@@ -307,6 +307,26 @@ async fn build_clients(config: &PubSubConfig) -> Result<Clients> {
     })
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_read_or_refused_with_a_reason() {
+        let c =
+            PubSubConfig::from_url("pubsub://p1?endpoint=localhost:9000&mode=structured").unwrap();
+        assert_eq!(c.project, "p1");
+        assert_eq!(c.endpoint.as_deref(), Some("http://localhost:9000"));
+        assert!(c.anonymous && c.structured);
+        for bad in ["pubsub://", "sqs://q", "pubsub://p?colour=red", "not a url"] {
+            let e = PubSubConfig::from_url(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad}");
+        }
+        assert_eq!(c.topic_path("t"), "projects/p1/topics/t");
+        assert_eq!(c.subscription_path("s"), "projects/p1/subscriptions/s");
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -373,6 +393,22 @@ pub fn capabilities(emulator: bool) -> Capabilities {
 /// Beyond the portable surface it offers Pub/Sub's replay (seek to a time, snapshots)
 /// and subscription options such as exactly-once delivery; reach it from a [`Bus`]
 /// with `bus.driver().as_any().downcast_ref::<PubSubBus>()`.
+///
+/// ```no_run
+/// # async fn run() -> cloudbus_core::Result<()> {
+/// use cloudbus_core::SubscriptionSpec;
+/// use cloudbus_gcp::{PubSubBus, PubSubConfig, SubscriptionOptions};
+/// let pubsub = PubSubBus::new(PubSubConfig::new("my-project").emulator("127.0.0.1:8085"));
+/// let bus = pubsub.clone().into_bus();
+/// bus.ensure_topic("orders").await?;
+/// let spec = SubscriptionSpec::new("orders", "audit").ordered(false);
+/// pubsub
+///     .ensure_subscription_with(&spec, &SubscriptionOptions::default().retain_acked())
+///     .await?;
+/// // Later: read the last hour again.
+/// pubsub.seek_to_time("audit", chrono::Utc::now() - chrono::Duration::hours(1)).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct PubSubBus {
     shared: Arc<Shared>,
