@@ -29,6 +29,10 @@ pub use cloudbus_core::*;
 #[cfg(feature = "memory")]
 pub use cloudbus_memory as memory;
 
+/// AWS: SQS (feature `sqs`, part of `aws`).
+#[cfg(feature = "sqs")]
+pub use cloudbus_aws as aws;
+
 /// Google Cloud Pub/Sub (feature `pubsub`, or `gcp`).
 #[cfg(feature = "pubsub")]
 pub use cloudbus_gcp as gcp;
@@ -79,6 +83,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
         }
         #[cfg(feature = "pubsub")]
         "pubsub" => gcp::connect(url).await,
+        #[cfg(feature = "sqs")]
+        "sqs" => aws::connect(url).await,
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
             "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
         ))),

@@ -1,0 +1,63 @@
+//! AWS for cloudbus, on the official `aws-sdk-*` crates and `aws-config`: the standard
+//! credential chain and region, and `AWS_ENDPOINT_URL` honoured (LocalStack).
+//!
+//! Today: Amazon SQS, standard and FIFO queues (feature `sqs`). SNS, EventBridge and
+//! Kinesis are the rest of the AWS issue and not built yet.
+//!
+//! ```no_run
+//! # async fn run() -> cloudbus_core::Result<()> {
+//! use cloudbus_core::{EventBuilder, SubscriptionSpec};
+//! let bus = cloudbus_aws::connect("sqs://").await?;
+//! bus.ensure_topic("orders").await?;
+//! bus.ensure_subscription(&SubscriptionSpec::new("orders", "orders").max_delivery_attempts(5)).await?;
+//! bus.publisher("orders").await?
+//!     .publish(EventBuilder::new("com.example.order.created", "/shop").build()?)
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+#[cfg(feature = "sqs")]
+pub mod sqs;
+
+use cloudbus_core::{Bus, Error, ErrorKind, Result};
+
+/// The environment variable of the AWS SDKs that points every service at one
+/// endpoint (LocalStack: `http://127.0.0.1:4566`).
+pub const ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL";
+
+/// Loads the shared AWS configuration: credentials chain, region (`?region=` wins),
+/// and endpoint (`?endpoint=` wins over `AWS_ENDPOINT_URL`).
+pub(crate) async fn load_config(url: &url::Url) -> Result<aws_config::SdkConfig> {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    for (k, v) in url.query_pairs() {
+        match k.as_ref() {
+            "region" => loader = loader.region(aws_config::Region::new(v.into_owned())),
+            "endpoint" => loader = loader.endpoint_url(v.into_owned()),
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown {}:// URL parameter {other:?} (known: region, endpoint)",
+                    url.scheme()
+                )));
+            }
+        }
+    }
+    Ok(loader.load().await)
+}
+
+/// Opens an AWS URL (`sqs://`) as a [`Bus`].
+pub async fn connect(url: &str) -> Result<Bus> {
+    let parsed = url::Url::parse(url).map_err(|e| {
+        Error::with_source(
+            ErrorKind::InvalidArgument,
+            format!("{url:?} is not a URL"),
+            e,
+        )
+    })?;
+    match parsed.scheme() {
+        #[cfg(feature = "sqs")]
+        "sqs" => Ok(sqs::SqsBus::new(&load_config(&parsed).await?).into_bus()),
+        other => Err(Error::unsupported(format!(
+            "{other}:// is not an AWS provider built into this cloudbus-aws"
+        ))),
+    }
+}

@@ -1,0 +1,1185 @@
+//! Amazon SQS: standard and FIFO queues as cloudbus topics and subscriptions.
+//!
+//! A queue is both the topic (publishers send to it) and the subscription (consumers
+//! compete on it; SQS has no fan-out). `ensure_subscription(spec)` configures the
+//! queue named by `spec.topic`: its visibility timeout (the lease), a dead-letter
+//! queue `<queue>-dlq` (`<queue>-dlq.fifo`) with a RedrivePolicy (`maxReceiveCount` =
+//! the spec's max delivery attempts, 1000 when unset), and a tag that admits the
+//! subscription name. CloudEvents travel in binary mode as `ce-` message attributes
+//! within SQS's 10 (two are kept for the dead-letter reason), else structured.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+    SendMessageBatchRequestEntry,
+};
+use chrono::{DateTime, Utc};
+use cloudbus_core::codec::RawMessage;
+use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::{
+    AckToken, BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetter,
+    DeadLetterDriver, Error, ErrorKind, FilterSupport, OutgoingMessage, Payload, ReceivedMessage,
+    Result, Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver, TopologyDriver,
+};
+
+/// The attribute prefix of binary-mode CloudEvents.
+pub const ATTRIBUTE_PREFIX: &str = "ce-";
+/// The attribute that carries `datacontenttype` in binary mode.
+pub const CONTENT_TYPE_ATTRIBUTE: &str = "content-type";
+/// SQS allows 10 message attributes.
+pub const MAX_ATTRIBUTES: usize = 10;
+/// Attribute slots kept free for the dead-letter reason and description.
+const RESERVED_ATTRIBUTES: usize = 2;
+/// Largest message (body and attributes) SQS accepts.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Most messages in one SendMessageBatch, and most bytes.
+pub const MAX_BATCH_COUNT: usize = 10;
+/// The longest per-message delay SQS allows.
+pub const MAX_DELAY: Duration = Duration::from_secs(900);
+/// maxReceiveCount when the spec sets no max delivery attempts (SQS's ceiling).
+const DEFAULT_MAX_RECEIVES: u32 = 1000;
+
+const DL_REASON: &str = "cloudbus-dl-reason";
+const DL_DESCRIPTION: &str = "cloudbus-dl-description";
+const SUBSCRIPTION_TAG: &str = "cloudbus-subscription:";
+
+fn codec() -> BinaryCodec {
+    BinaryCodec::new(ATTRIBUTE_PREFIX)
+        .content_type_attribute(CONTENT_TYPE_ATTRIBUTE)
+        .max_attributes(MAX_ATTRIBUTES, RESERVED_ATTRIBUTES)
+}
+
+fn is_fifo(queue: &str) -> bool {
+    queue.ends_with(".fifo")
+}
+
+/// The dead-letter queue of `queue`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    match queue.strip_suffix(".fifo") {
+        Some(base) => format!("{base}-dlq.fifo"),
+        None => format!("{queue}-dlq"),
+    }
+}
+
+/// What a queue supports: FIFO queues keep order per group and drop duplicates, but
+/// have no per-message delay.
+///
+/// ```
+/// let fifo = cloudbus_aws::sqs::capabilities("orders.fifo");
+/// assert!(fifo.ordering && fifo.deduplication && fifo.max_delay.is_none());
+/// ```
+pub fn capabilities(queue: &str) -> Capabilities {
+    let mut c = Capabilities::all(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_MESSAGE_BYTES);
+    c.filtering = FilterSupport::None;
+    c.fan_out = false;
+    c.replay = false;
+    if is_fifo(queue) {
+        c.ordering = true;
+        c.deduplication = true;
+        c.max_delay = None;
+    } else {
+        c.ordering = false;
+        c.max_delay = Some(MAX_DELAY);
+    }
+    c
+}
+
+/// The portable kind of an SQS error code.
+fn kind_of_code(code: &str) -> ErrorKind {
+    match code {
+        c if c.contains("NonExistentQueue") || c.contains("QueueDoesNotExist") => {
+            ErrorKind::NotFound
+        }
+        c if c.contains("QueueAlreadyExists") || c.contains("QueueNameExists") => {
+            ErrorKind::AlreadyExists
+        }
+        c if c.contains("Throttl") || c.contains("OverLimit") || c.contains("RequestLimit") => {
+            ErrorKind::Throttled
+        }
+        c if c.contains("PurgeQueueInProgress") => ErrorKind::Throttled,
+        c if c.contains("AccessDenied")
+            || c.contains("InvalidClientTokenId")
+            || c.contains("UnrecognizedClient")
+            || c.contains("InvalidSecurity")
+            || c.contains("SignatureDoesNotMatch") =>
+        {
+            ErrorKind::PermissionDenied
+        }
+        c if c.contains("TooLong") => ErrorKind::TooLarge,
+        c if c.contains("ReceiptHandleIsInvalid") || c.contains("MessageNotInflight") => {
+            ErrorKind::LeaseExpired
+        }
+        c if c.contains("UnsupportedOperation") => ErrorKind::Unsupported,
+        c if c.contains("ServiceUnavailable") || c.contains("InternalError") => {
+            ErrorKind::Unavailable
+        }
+        c if c.contains("Invalid") || c.contains("Missing") || c.contains("Empty") => {
+            ErrorKind::InvalidArgument
+        }
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// Maps an SDK error onto the portable kinds, keeping it as the source.
+fn sdk_error<E, R>(e: SdkError<E, R>, what: &str) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, detail) = match &e {
+        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
+        SdkError::DispatchFailure(_) => (
+            ErrorKind::Unavailable,
+            "could not reach the endpoint".to_owned(),
+        ),
+        SdkError::ResponseError(_) => (ErrorKind::Unavailable, "bad response".to_owned()),
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            let code = err.code().unwrap_or("unknown");
+            (
+                kind_of_code(code),
+                format!("{code}: {}", err.message().unwrap_or_default()),
+            )
+        }
+        _ => (ErrorKind::Internal, e.to_string()),
+    };
+    Error::with_source(kind, format!("{what}: {detail}"), e)
+}
+
+fn build_error(e: aws_sdk_sqs::error::BuildError) -> Error {
+    Error::with_source(ErrorKind::InvalidArgument, "invalid SQS request", e)
+}
+
+struct Shared {
+    client: Client,
+    urls: Mutex<HashMap<String, String>>,
+}
+
+impl Shared {
+    /// The queue URL of `name` (GetQueueUrl, cached; never built by hand).
+    async fn url(&self, name: &str) -> Result<String> {
+        if let Some(u) = self
+            .urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(u.clone());
+        }
+        let out = self
+            .client
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, &format!("queue {name}")))?;
+        let url = out
+            .queue_url()
+            .ok_or_else(|| Error::not_found(format!("queue {name} has no URL")))?
+            .to_owned();
+        self.urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    async fn attribute(&self, url: &str, name: QueueAttributeName) -> Result<Option<String>> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(name.clone())
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, &format!("attributes of {url}")))?;
+        Ok(out.attributes().and_then(|a| a.get(&name)).cloned())
+    }
+
+    async fn create(&self, name: &str) -> Result<String> {
+        let mut req = self.client.create_queue().queue_name(name);
+        if is_fifo(name) {
+            req = req.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        match req.send().await {
+            Ok(out) => {
+                let url = out.queue_url().unwrap_or_default().to_owned();
+                if url.is_empty() {
+                    return self.url(name).await;
+                }
+                self.urls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_owned(), url.clone());
+                Ok(url)
+            }
+            Err(e) => {
+                let e = sdk_error(e, &format!("create queue {name}"));
+                if e.kind() == ErrorKind::AlreadyExists {
+                    self.url(name).await
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Sends one message (the dead-letter and redrive paths).
+    async fn send_one(&self, queue: &str, m: &Stored, extra: &[(&str, &str)]) -> Result<()> {
+        let url = self.url(queue).await?;
+        let mut req = self
+            .client
+            .send_message()
+            .queue_url(&url)
+            .message_body(&m.body);
+        for (k, v) in m.attributes.iter() {
+            req = req.message_attributes(k, string_attribute(v)?);
+        }
+        for (k, v) in extra {
+            if !v.is_empty() {
+                req = req.message_attributes(*k, string_attribute(v)?);
+            }
+        }
+        if is_fifo(queue) {
+            req = req
+                .message_group_id(m.group.clone().unwrap_or_else(|| "default".to_owned()))
+                .message_deduplication_id(format!("{}-{}", m.message_id, fastrand_suffix()));
+        }
+        req.send()
+            .await
+            .map_err(|e| sdk_error(e, &format!("send to {queue}")))?;
+        Ok(())
+    }
+
+    async fn delete(&self, url: &str, receipt: &str) -> Result<()> {
+        self.client
+            .delete_message()
+            .queue_url(url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, "delete message"))?;
+        Ok(())
+    }
+}
+
+fn fastrand_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{nanos:x}")
+}
+
+fn string_attribute(v: &str) -> Result<MessageAttributeValue> {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(v)
+        .build()
+        .map_err(build_error)
+}
+
+/// A received message kept for dead-lettering and redrive.
+#[derive(Clone, Debug)]
+struct Stored {
+    body: String,
+    attributes: BTreeMap<String, String>,
+    group: Option<String>,
+    message_id: String,
+    attempts: u32,
+}
+
+fn stored(m: &aws_sdk_sqs::types::Message) -> Stored {
+    let system = m.attributes();
+    let get = |n: MessageSystemAttributeName| system.and_then(|a| a.get(&n)).cloned();
+    Stored {
+        body: m.body().unwrap_or_default().to_owned(),
+        attributes: m
+            .message_attributes()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        group: get(MessageSystemAttributeName::MessageGroupId),
+        message_id: m.message_id().unwrap_or_default().to_owned(),
+        attempts: get(MessageSystemAttributeName::ApproximateReceiveCount)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1),
+    }
+}
+
+fn sent_at(m: &aws_sdk_sqs::types::Message) -> Option<DateTime<Utc>> {
+    m.attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+        .and_then(|v| v.parse::<i64>().ok())
+        .and_then(DateTime::from_timestamp_millis)
+}
+
+/// SQS as a cloudbus provider (`sqs://[?region=R][&endpoint=URL]`).
+#[derive(Clone)]
+pub struct SqsBus {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SqsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqsBus { .. }")
+    }
+}
+
+impl SqsBus {
+    /// A bus over the SQS client made from `config`.
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        Self::from_client(Client::new(config))
+    }
+
+    /// A bus over an existing client.
+    pub fn from_client(client: Client) -> Self {
+        SqsBus {
+            shared: Arc::new(Shared {
+                client,
+                urls: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The SQS client (escape hatch).
+    pub fn client(&self) -> &Client {
+        &self.shared.client
+    }
+
+    /// Wraps this driver in the portable [`Bus`].
+    pub fn into_bus(self) -> Bus {
+        Bus::new(Arc::new(self))
+    }
+}
+
+#[async_trait]
+impl BusDriver for SqsBus {
+    fn scheme(&self) -> &str {
+        "sqs"
+    }
+
+    async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>> {
+        Ok(Arc::new(SqsQueue::new(self.shared.clone(), topic, None)))
+    }
+
+    async fn subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn SubscriptionDriver>> {
+        Ok(Arc::new(SqsQueue::new(
+            self.shared.clone(),
+            topic,
+            Some(subscription),
+        )))
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        _subscription: &str,
+    ) -> Result<Arc<dyn DeadLetterDriver>> {
+        Ok(Arc::new(SqsDeadLetters {
+            shared: self.shared.clone(),
+            source: topic.to_owned(),
+            queue: dead_letter_queue(topic),
+        }))
+    }
+
+    fn topology(&self) -> Arc<dyn TopologyDriver> {
+        Arc::new(SqsTopology {
+            shared: self.shared.clone(),
+        })
+    }
+
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
+        Err(Error::unsupported(format!(
+            "SQS queues are not logs; read {stream:?} as a stream with Kinesis"
+        )))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct SqsTopology {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl TopologyDriver for SqsTopology {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.shared.create(topic).await.map(|_| ())
+    }
+
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        if spec.filter.is_some() {
+            return Err(Error::unsupported(
+                "SQS queues have no filters; filter in the consumer (ConsumerOptions::filter) \
+                 or subscribe the queue to SNS",
+            ));
+        }
+        let shared = &self.shared;
+        let url = shared.url(&spec.topic).await?;
+        let dlq = dead_letter_queue(&spec.topic);
+        let dlq_url = shared.create(&dlq).await?;
+        let dlq_arn = shared
+            .attribute(&dlq_url, QueueAttributeName::QueueArn)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("queue {dlq} has no ARN")))?;
+        let max = spec
+            .max_delivery_attempts
+            .unwrap_or(DEFAULT_MAX_RECEIVES)
+            .clamp(1, DEFAULT_MAX_RECEIVES);
+        let visibility = spec.ack_deadline.as_secs_f64().ceil().clamp(0.0, 43_200.0) as u64;
+        shared
+            .client
+            .set_queue_attributes()
+            .queue_url(&url)
+            .attributes(
+                QueueAttributeName::VisibilityTimeout,
+                visibility.to_string(),
+            )
+            .attributes(
+                QueueAttributeName::RedrivePolicy,
+                format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max}"}}"#),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, &format!("configure queue {}", spec.topic)))?;
+        if spec.name != spec.topic {
+            shared
+                .client
+                .tag_queue()
+                .queue_url(&url)
+                .tags(format!("{SUBSCRIPTION_TAG}{}", spec.name), "true")
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, &format!("tag queue {}", spec.topic)))?;
+        }
+        Ok(())
+    }
+
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        let url = match self.shared.url(topic).await {
+            Ok(u) => u,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.shared
+            .client
+            .untag_queue()
+            .queue_url(url)
+            .tag_keys(format!("{SUBSCRIPTION_TAG}{name}"))
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, &format!("untag queue {topic}")))?;
+        Ok(())
+    }
+}
+
+/// How a queue was opened: its URL, lease, and whether the subscription is admitted.
+#[derive(Clone, Debug)]
+struct Opened {
+    url: String,
+    lease: Duration,
+}
+
+/// One SQS queue as a [`TopicDriver`] and a [`SubscriptionDriver`].
+pub struct SqsQueue {
+    shared: Arc<Shared>,
+    queue: String,
+    subscription: Option<String>,
+    codec: BinaryCodec,
+    opened: tokio::sync::OnceCell<Opened>,
+    /// Received messages by receipt handle, for dead-lettering (body and attributes).
+    held: Mutex<HashMap<String, (Instant, Stored)>>,
+    /// A receive whose caller gave up, and what it brought.
+    pending: tokio::sync::Mutex<Option<ReceiveTask>>,
+    buffer: Mutex<std::collections::VecDeque<aws_sdk_sqs::types::Message>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+type ReceiveTask = tokio::task::JoinHandle<Result<Vec<aws_sdk_sqs::types::Message>>>;
+
+impl SqsQueue {
+    fn new(shared: Arc<Shared>, queue: &str, subscription: Option<&str>) -> Self {
+        SqsQueue {
+            shared,
+            queue: queue.to_owned(),
+            subscription: subscription.map(str::to_owned),
+            codec: codec(),
+            opened: tokio::sync::OnceCell::new(),
+            held: Mutex::new(HashMap::new()),
+            pending: tokio::sync::Mutex::new(None),
+            buffer: Mutex::new(std::collections::VecDeque::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The queue's name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    async fn opened(&self) -> Result<&Opened> {
+        self.opened
+            .get_or_try_init(|| async {
+                let url = self.shared.url(&self.queue).await?;
+                if let Some(sub) = &self.subscription
+                    && sub != &self.queue
+                {
+                    let tags = self
+                        .shared
+                        .client
+                        .list_queue_tags()
+                        .queue_url(&url)
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error(e, &format!("tags of {}", self.queue)))?;
+                    let key = format!("{SUBSCRIPTION_TAG}{sub}");
+                    if !tags.tags().is_some_and(|t| t.contains_key(&key)) {
+                        return Err(Error::not_found(format!(
+                            "queue {} has no subscription {sub} (make it with \
+                             ensure_subscription, or use the queue name)",
+                            self.queue
+                        )));
+                    }
+                }
+                let lease = self
+                    .shared
+                    .attribute(&url, QueueAttributeName::VisibilityTimeout)
+                    .await?
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs)
+                    .unwrap_or(Duration::from_secs(30));
+                Ok(Opened { url, lease })
+            })
+            .await
+    }
+
+    /// Up to `max` messages within `wait`. Cancellation-safe: the ReceiveMessage call
+    /// runs in its own task, and what it brings after its caller gave up is kept for
+    /// the next call instead of staying invisible for a whole visibility timeout.
+    async fn pull(
+        &self,
+        url: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<aws_sdk_sqs::types::Message>> {
+        let mut pending = self.pending.lock().await;
+        if !self.buffer_is_empty() {
+            return Ok(self.take_buffered(max));
+        }
+        let handle = pending.get_or_insert_with(|| {
+            tokio::spawn(receive_messages(
+                self.shared.client.clone(),
+                url.to_owned(),
+                self.queue.clone(),
+                max,
+                wait,
+            ))
+        });
+        match tokio::time::timeout(wait + Duration::from_secs(1), handle).await {
+            Err(_) => Ok(Vec::new()),
+            Ok(joined) => {
+                *pending = None;
+                let got = joined.map_err(|e| {
+                    Error::with_source(ErrorKind::Internal, "the SQS receive task failed", e)
+                })??;
+                self.buffer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(got);
+                Ok(self.take_buffered(max))
+            }
+        }
+    }
+
+    fn buffer_is_empty(&self) -> bool {
+        self.buffer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    fn take_buffered(&self, max: usize) -> Vec<aws_sdk_sqs::types::Message> {
+        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let n = max.max(1).min(buffer.len());
+        buffer.drain(..n).collect()
+    }
+
+    fn encode(&self, m: &OutgoingMessage) -> Result<RawMessage> {
+        match &m.payload {
+            Payload::Event(e) => {
+                let (raw, _) = self.codec.encode(e)?;
+                if !raw.body.is_empty() && std::str::from_utf8(&raw.body).is_ok() {
+                    Ok(raw)
+                } else {
+                    // An SQS body is non-empty text: an event without data, or with
+                    // binary data (as data_base64), travels structured.
+                    Ok(codec().structured().encode(e)?.0)
+                }
+            }
+            Payload::Raw(raw) => Ok(raw.clone()),
+        }
+    }
+
+    fn entry(&self, id: usize, m: &OutgoingMessage) -> Result<SendMessageBatchRequestEntry> {
+        let raw = self.encode(m)?;
+        let body = String::from_utf8(raw.body)
+            .map_err(|_| Error::invalid("an SQS message body must be UTF-8 text"))?;
+        let mut e = SendMessageBatchRequestEntry::builder()
+            .id(id.to_string())
+            .message_body(body);
+        for (k, v) in &raw.attributes {
+            e = e.message_attributes(k, string_attribute(v)?);
+        }
+        if let Some(delay) = m.delay {
+            e = e.delay_seconds(delay.as_secs().min(MAX_DELAY.as_secs()) as i32);
+        }
+        if is_fifo(&self.queue) {
+            e = e
+                .message_group_id(group_id(m))
+                .message_deduplication_id(dedup_id(m.dedup_id().unwrap_or(m.id())));
+        }
+        e.build().map_err(build_error)
+    }
+
+    fn keep(&self, receipt: &str, m: Stored) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.len() > 10_000 {
+            // Receipts never settled (dropped deliveries) go after 12 h, SQS's longest lease.
+            let horizon = Instant::now() - Duration::from_secs(12 * 3600);
+            held.retain(|_, (at, _)| *at > horizon);
+        }
+        held.insert(receipt.to_owned(), (Instant::now(), m));
+    }
+
+    fn take(&self, receipt: &str) -> Option<Stored> {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(receipt)
+            .map(|(_, m)| m)
+    }
+}
+
+/// The prefix of the message group of an event without an ordering key: each such
+/// event is its own group, so unordered events do not wait for one another.
+const UNORDERED_GROUP: &str = "cloudbus-unordered-";
+
+/// The MessageGroupId of `m` on a FIFO queue: its ordering key, or a group of its own.
+fn group_id(m: &OutgoingMessage) -> String {
+    match &m.ordering_key {
+        Some(k) => k.clone(),
+        None => format!("{UNORDERED_GROUP}{}", dedup_id(m.id()))
+            .chars()
+            .take(128)
+            .collect(),
+    }
+}
+
+/// One ReceiveMessage (two when `wait` is under a second). Long polls wait whole
+/// seconds, never more than `wait` (a caller extending a lease between receives
+/// relies on that); under a second: poll, wait, poll.
+async fn receive_messages(
+    client: Client,
+    url: String,
+    queue: String,
+    max: usize,
+    wait: Duration,
+) -> Result<Vec<aws_sdk_sqs::types::Message>> {
+    let once = |secs: i32| {
+        client
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(max.clamp(1, MAX_BATCH_COUNT) as i32)
+            .wait_time_seconds(secs)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+    };
+    let whole = wait.as_secs().min(20) as i32;
+    let mut out = once(whole)
+        .await
+        .map_err(|e| sdk_error(e, &format!("receive from {queue}")))?;
+    if whole == 0 && out.messages().is_empty() && !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+        out = once(0)
+            .await
+            .map_err(|e| sdk_error(e, &format!("receive from {queue}")))?;
+    }
+    Ok(out.messages.unwrap_or_default())
+}
+
+/// SQS deduplication ids are at most 128 characters of `[A-Za-z0-9!-~]`.
+fn dedup_id(id: &str) -> String {
+    let clean: String = id
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(128)
+        .collect();
+    if clean.is_empty() {
+        "empty".into()
+    } else {
+        clean
+    }
+}
+
+#[async_trait]
+impl TopicDriver for SqsQueue {
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
+        let url = self.shared.url(&self.queue).await?;
+        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut entries = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match self.entry(i, m) {
+                Ok(e) => entries.push(e),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !entries.is_empty() {
+            let out = self
+                .shared
+                .client
+                .send_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, &format!("send to {}", self.queue)))?;
+            for ok in out.successful() {
+                if let Ok(i) = ok.id().parse::<usize>()
+                    && i < results.len()
+                {
+                    results[i] = Some(Ok(()));
+                }
+            }
+            for failed in out.failed() {
+                if let Ok(i) = failed.id().parse::<usize>()
+                    && i < results.len()
+                {
+                    results[i] = Some(Err(Error::new(
+                        kind_of_code(failed.code()),
+                        format!(
+                            "send to {}: {}: {}",
+                            self.queue,
+                            failed.code(),
+                            failed.message().unwrap_or_default()
+                        ),
+                    )));
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::Internal,
+                        "SQS did not report this entry",
+                    ))
+                })
+            })
+            .collect())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(&self.queue)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[async_trait]
+impl SubscriptionDriver for SqsQueue {
+    async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::closed(format!("queue {} is closed", self.queue)));
+        }
+        let opened = self.opened().await?.clone();
+        let messages = self.pull(&opened.url, max, wait).await?;
+        let mut received = Vec::new();
+        for m in &messages {
+            let Some(receipt) = m.receipt_handle() else {
+                continue;
+            };
+            let s = stored(m);
+            let raw = RawMessage {
+                body: s.body.clone().into_bytes(),
+                attributes: s.attributes.clone(),
+            };
+            let size = raw.size();
+            let event = self.codec.decode(&raw).map(Arc::new).map_err(|e| (raw, e));
+            received.push(ReceivedMessage {
+                event,
+                token: AckToken::Text(receipt.to_owned()),
+                attempt: s.attempts.max(1),
+                lease: Some(opened.lease),
+                published_at: sent_at(m),
+                ordering_key: s
+                    .group
+                    .clone()
+                    .filter(|g| is_fifo(&self.queue) && !g.starts_with(UNORDERED_GROUP)),
+                size,
+            });
+            self.keep(receipt, s);
+        }
+        Ok(received)
+    }
+
+    async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        let url = self.opened().await?.url.clone();
+        let mut results: Vec<Option<Result<()>>> = (0..items.len()).map(|_| None).collect();
+        let mut deletes = Vec::new();
+        let mut visibility = Vec::new();
+        for (i, (token, settlement)) in items.iter().enumerate() {
+            let Some(receipt) = token.as_text() else {
+                results[i] = Some(Err(Error::invalid("not an SQS receipt handle")));
+                continue;
+            };
+            match settlement {
+                Settlement::Ack => {
+                    self.take(receipt);
+                    deletes.push((i, receipt.to_owned()));
+                }
+                Settlement::Nack { delay } => {
+                    self.take(receipt);
+                    visibility.push((i, receipt.to_owned(), delay.as_secs_f64().round()));
+                }
+                Settlement::Extend { lease } => {
+                    visibility.push((i, receipt.to_owned(), lease.as_secs_f64().ceil()));
+                }
+                Settlement::DeadLetter {
+                    reason,
+                    description,
+                } => {
+                    let Some(m) = self.take(receipt) else {
+                        results[i] = Some(Err(Error::new(
+                            ErrorKind::LeaseExpired,
+                            "this receipt is not held here any more",
+                        )));
+                        continue;
+                    };
+                    let dlq = dead_letter_queue(&self.queue);
+                    let sent = self
+                        .shared
+                        .send_one(
+                            &dlq,
+                            &m,
+                            &[(DL_REASON, reason), (DL_DESCRIPTION, description)],
+                        )
+                        .await;
+                    results[i] = Some(match sent {
+                        Ok(()) => self.shared.delete(&url, receipt).await,
+                        Err(e) => {
+                            self.keep(receipt, m);
+                            Err(e)
+                        }
+                    });
+                }
+            }
+        }
+        for chunk in deletes.chunks(MAX_BATCH_COUNT) {
+            let entries = chunk
+                .iter()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                        .map_err(build_error)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .shared
+                .client
+                .delete_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, &format!("delete from {}", self.queue)))?;
+            for ok in out.successful() {
+                if let Ok(i) = ok.id().parse::<usize>() {
+                    results[i] = Some(Ok(()));
+                }
+            }
+            for f in out.failed() {
+                if let Ok(i) = f.id().parse::<usize>() {
+                    results[i] = Some(Err(Error::new(
+                        kind_of_code(f.code()),
+                        format!("{}: {}", f.code(), f.message().unwrap_or_default()),
+                    )));
+                }
+            }
+        }
+        for chunk in visibility.chunks(MAX_BATCH_COUNT) {
+            let entries = chunk
+                .iter()
+                .map(|(i, r, secs)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .visibility_timeout(secs.clamp(0.0, 43_200.0) as i32)
+                        .build()
+                        .map_err(build_error)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = self
+                .shared
+                .client
+                .change_message_visibility_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, &format!("change visibility on {}", self.queue)))?;
+            for ok in out.successful() {
+                if let Ok(i) = ok.id().parse::<usize>() {
+                    results[i] = Some(Ok(()));
+                }
+            }
+            for f in out.failed() {
+                if let Ok(i) = f.id().parse::<usize>() {
+                    results[i] = Some(Err(Error::new(
+                        kind_of_code(f.code()),
+                        format!("{}: {}", f.code(), f.message().unwrap_or_default()),
+                    )));
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "not settled"))))
+            .collect())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(&self.queue)
+    }
+
+    async fn queue_depth(&self) -> Option<u64> {
+        let url = self.opened().await.ok()?.url.clone();
+        self.shared
+            .attribute(&url, QueueAttributeName::ApproximateNumberOfMessages)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Stops receiving; messages received but not handed out become visible again.
+    async fn close(&self) -> Result<()> {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(task) = self.pending.lock().await.take() {
+            task.abort();
+        }
+        let buffered: Vec<_> = self
+            .buffer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        if !buffered.is_empty() {
+            let items: Vec<(AckToken, Settlement)> = buffered
+                .iter()
+                .filter_map(|m| m.receipt_handle())
+                .map(|r| {
+                    (
+                        AckToken::Text(r.to_owned()),
+                        Settlement::Nack {
+                            delay: Duration::ZERO,
+                        },
+                    )
+                })
+                .collect();
+            self.settle_batch(&items).await?;
+        }
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The dead-letter queue of a queue. Redrive sends each letter back to the source
+/// queue and then deletes it (a crash in between gives a duplicate, never a loss).
+pub struct SqsDeadLetters {
+    shared: Arc<Shared>,
+    source: String,
+    queue: String,
+}
+
+impl SqsDeadLetters {
+    /// Receives letters (hidden for `hide`) until `max` or until a receive brings
+    /// nothing new.
+    async fn collect(
+        &self,
+        max: usize,
+        hide: Duration,
+    ) -> Result<Vec<(String, Stored, Option<DateTime<Utc>>)>> {
+        let url = self.shared.url(&self.queue).await?;
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        let mut idle_rounds = 0;
+        while out.len() < max && idle_rounds < 2 {
+            let r = self
+                .shared
+                .client
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages((max - out.len()).clamp(1, MAX_BATCH_COUNT) as i32)
+                .wait_time_seconds(if out.is_empty() { 1 } else { 0 })
+                .visibility_timeout(hide.as_secs() as i32)
+                .message_system_attribute_names(MessageSystemAttributeName::All)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .map_err(|e| sdk_error(e, &format!("receive from {}", self.queue)))?;
+            let mut new = 0;
+            for m in r.messages() {
+                let s = stored(m);
+                if seen.insert(s.message_id.clone())
+                    && let Some(receipt) = m.receipt_handle()
+                {
+                    out.push((receipt.to_owned(), s, sent_at(m)));
+                    new += 1;
+                }
+            }
+            idle_rounds = if new == 0 { idle_rounds + 1 } else { 0 };
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl DeadLetterDriver for SqsDeadLetters {
+    async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>> {
+        let codec = codec();
+        let source_max = match self.shared.url(&self.source).await {
+            Ok(u) => self
+                .shared
+                .attribute(&u, QueueAttributeName::RedrivePolicy)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| serde_json_max(&p)),
+            Err(_) => None,
+        };
+        Ok(self
+            .collect(max, Duration::ZERO)
+            .await?
+            .into_iter()
+            .map(|(_, s, at)| {
+                let raw = RawMessage {
+                    body: s.body.clone().into_bytes(),
+                    attributes: s
+                        .attributes
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with("cloudbus-dl-"))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                };
+                let reason = s.attributes.get(DL_REASON).cloned().or_else(|| {
+                    source_max.map(|n| format!("max delivery attempts ({n}) exceeded"))
+                });
+                DeadLetter {
+                    payload: match codec.decode(&raw) {
+                        Ok(e) => Payload::Event(Arc::new(e)),
+                        Err(_) => Payload::Raw(raw),
+                    },
+                    reason,
+                    description: s.attributes.get(DL_DESCRIPTION).cloned(),
+                    source_entity: Some(self.source.clone()),
+                    attempts: s.attempts,
+                    dead_lettered_at: at,
+                }
+            })
+            .collect())
+    }
+
+    async fn redrive(&self, max: Option<usize>) -> Result<usize> {
+        let url = self.shared.url(&self.queue).await?;
+        let letters = self
+            .collect(max.unwrap_or(usize::MAX), Duration::from_secs(60))
+            .await?;
+        let mut moved = 0;
+        for (receipt, mut s, _) in letters {
+            s.attributes.retain(|k, _| !k.starts_with("cloudbus-dl-"));
+            self.shared.send_one(&self.source, &s, &[]).await?;
+            self.shared.delete(&url, &receipt).await?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    async fn purge(&self) -> Result<usize> {
+        let url = self.shared.url(&self.queue).await?;
+        let letters = self.collect(usize::MAX, Duration::from_secs(60)).await?;
+        for (receipt, _, _) in &letters {
+            self.shared.delete(&url, receipt).await?;
+        }
+        Ok(letters.len())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `maxReceiveCount` of a RedrivePolicy document.
+fn serde_json_max(policy: &str) -> Option<u32> {
+    let v: serde_json::Value = serde_json::from_str(policy).ok()?;
+    match &v["maxReceiveCount"] {
+        serde_json::Value::String(s) => s.parse().ok(),
+        serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_codes_and_capabilities() {
+        assert_eq!(dead_letter_queue("orders"), "orders-dlq");
+        assert_eq!(dead_letter_queue("orders.fifo"), "orders-dlq.fifo");
+        assert_eq!(
+            kind_of_code("AWS.SimpleQueueService.NonExistentQueue"),
+            ErrorKind::NotFound
+        );
+        assert_eq!(kind_of_code("QueueDoesNotExist"), ErrorKind::NotFound);
+        assert_eq!(kind_of_code("BatchEntryTooLong"), ErrorKind::TooLarge);
+        assert_eq!(kind_of_code("ThrottlingException"), ErrorKind::Throttled);
+        assert_eq!(
+            kind_of_code("ReceiptHandleIsInvalid"),
+            ErrorKind::LeaseExpired
+        );
+        assert_eq!(serde_json_max(r#"{"maxReceiveCount":"3"}"#), Some(3));
+        assert_eq!(serde_json_max(r#"{"maxReceiveCount":7}"#), Some(7));
+        let std = capabilities("q");
+        assert_eq!(std.max_delay, Some(MAX_DELAY));
+        assert!(!std.ordering && !std.fan_out);
+        assert_eq!(dedup_id("a b\u{e9}c"), "abc");
+    }
+}

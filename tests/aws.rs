@@ -1,0 +1,322 @@
+//! AWS against LocalStack (or any endpoint in AWS_ENDPOINT_URL): the conformance
+//! suite on SQS standard and FIFO queues, and SQS cases (FIFO order across groups,
+//! the redrive policy, an oversize event refused before any call, a missing queue,
+//! binary mode falling back to structured past 10 attributes).
+//!
+//! scripts/test.sh starts LocalStack in host mode unless AWS_ENDPOINT_URL is set.
+//! Without an endpoint the tests say so loudly and pass, except under CI=true.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cloudbus::aws::sqs::SqsBus;
+use cloudbus::conformance::Harness;
+use cloudbus::{
+    AttributesReader, Bus, Capabilities, ErrorKind, Event, EventBuilder, HandlerContext,
+    HandlerError, PublishOptions, SubscriptionSpec, WorkerOptions,
+};
+
+/// The AWS endpoint, or `None` (after a loud message) when the tests may skip.
+fn endpoint() -> Option<String> {
+    match std::env::var(cloudbus::aws::ENDPOINT_ENV) {
+        Ok(e) if !e.trim().is_empty() => Some(e),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!(
+                "CI=true but AWS_ENDPOINT_URL is not set: the AWS tests need LocalStack (scripts/test.sh starts it)"
+            )
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED: AWS_ENDPOINT_URL is not set, so the AWS emulator tests did not run (bash scripts/test.sh starts LocalStack)"
+            );
+            None
+        }
+    }
+}
+
+/// An SQS bus on the emulator with dummy credentials (real ones are never needed).
+async fn sqs(endpoint: &str) -> SqsBus {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "cloudbus-tests",
+        ))
+        .load()
+        .await;
+    SqsBus::new(&config)
+}
+
+struct SqsHarness {
+    endpoint: String,
+    fifo: bool,
+}
+
+#[async_trait]
+impl Harness for SqsHarness {
+    async fn bus(&self) -> cloudbus::Result<Bus> {
+        Ok(sqs(&self.endpoint).await.into_bus())
+    }
+    fn capabilities(&self) -> Capabilities {
+        cloudbus::aws::sqs::capabilities(if self.fifo { "q.fifo" } else { "q" })
+    }
+    fn patience(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+    fn short_lease(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn unique(&self, prefix: &str) -> String {
+        let name = format!("{prefix}-{:08x}", fastrand::u32(..));
+        if self.fifo {
+            format!("{name}.fifo")
+        } else {
+            name
+        }
+    }
+}
+
+mod sqs_standard {
+    use super::*;
+    cloudbus::conformance_suite!(match endpoint() {
+        Some(endpoint) => SqsHarness {
+            endpoint,
+            fifo: false
+        },
+        None => return,
+    });
+}
+
+mod sqs_fifo {
+    use super::*;
+    cloudbus::conformance_suite!(match endpoint() {
+        Some(endpoint) => SqsHarness {
+            endpoint,
+            fifo: true
+        },
+        None => return,
+    });
+}
+
+fn ev(ty: &str, subject: &str) -> Event {
+    EventBuilder::new(ty, "/tests/aws")
+        .subject(subject)
+        .build()
+        .expect("valid event")
+}
+
+async fn queue(bus: &Bus, name: &str, tune: impl FnOnce(SubscriptionSpec) -> SubscriptionSpec) {
+    bus.ensure_topic(name).await.unwrap();
+    bus.ensure_subscription(&tune(SubscriptionSpec::new(name, name)))
+        .await
+        .unwrap();
+}
+
+/// FIFO: three message groups published concurrently; a worker with 8 slots sees
+/// each group complete and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_fifo_order_across_groups() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = sqs(&endpoint).await.into_bus();
+    let name = format!("groups-{:08x}.fifo", fastrand::u32(..));
+    queue(&bus, &name, |s| s).await;
+    let publisher = bus.publisher(&name).await.unwrap();
+    let mut handles = Vec::new();
+    for n in 0..20 {
+        for g in 0..3 {
+            handles.push(publisher.publish_with(
+                ev("aws.fifo", &format!("g{g}:{n}")),
+                PublishOptions::ordered(format!("g{g}")),
+            ));
+        }
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let seen: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u32>>>> = Arc::default();
+    let record = seen.clone();
+    let consumer = bus.consumer(&name, &name).await.unwrap();
+    let worker = consumer.subscribe(
+        move |e: Arc<Event>, _ctx: HandlerContext| {
+            let record = record.clone();
+            async move {
+                let subject = e.subject().unwrap_or_default().to_owned();
+                let (g, n) = subject.split_once(':').unwrap_or_default();
+                record
+                    .lock()
+                    .unwrap()
+                    .entry(g.to_owned())
+                    .or_default()
+                    .push(n.parse().unwrap_or(u32::MAX));
+                Ok::<(), HandlerError>(())
+            }
+        },
+        WorkerOptions::default().concurrency(8),
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until && seen.lock().unwrap().values().map(Vec::len).sum::<usize>() < 60
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.shutdown(Duration::from_secs(5)).await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3);
+    for (g, order) in seen.iter() {
+        assert_eq!(order, &(0..20).collect::<Vec<u32>>(), "group {g}");
+    }
+}
+
+/// The queue's RedrivePolicy moves an event after maxReceiveCount receives, and
+/// DeadLetters peeks, redrives and purges the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_redrive_policy_moves_after_max_receives() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = sqs(&endpoint).await.into_bus();
+    let name = format!("redrive-{:08x}", fastrand::u32(..));
+    queue(&bus, &name, |s| s.max_delivery_attempts(2)).await;
+    let e = ev("aws.poison", "p");
+    bus.publisher(&name)
+        .await
+        .unwrap()
+        .publish(e.clone())
+        .await
+        .unwrap();
+    let consumer = bus.consumer(&name, &name).await.unwrap();
+    for attempt in 1..=2 {
+        let got = consumer
+            .receive_batch(1, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1, "attempt {attempt}");
+        assert_eq!(got[0].attempt(), attempt);
+        got[0].nack(Duration::ZERO).await.unwrap();
+    }
+    // The third receive finds the count exceeded: SQS moves the message instead.
+    let third = consumer
+        .receive_batch(1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(third.is_empty(), "delivered past maxReceiveCount");
+    let dlq = bus.dead_letters(&name, &name).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let letters = loop {
+        let l = dlq.peek(10).await.unwrap();
+        if !l.is_empty() || Instant::now() > until {
+            break l;
+        }
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        letters[0].reason.as_deref(),
+        Some("max delivery attempts (2) exceeded")
+    );
+    match &letters[0].payload {
+        cloudbus::Payload::Event(x) => assert_eq!(x.id(), e.id()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(dlq.redrive_all().await.unwrap(), 1);
+    let back = consumer
+        .receive_batch(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].event().id(), e.id());
+    back[0].dead_letter("still bad").await.unwrap();
+    assert_eq!(dlq.purge().await.unwrap(), 1);
+    assert!(dlq.peek(10).await.unwrap().is_empty());
+}
+
+/// An event over 256 KiB is refused as TooLarge before any network call: the bus
+/// points at a port where nothing listens, so a call would fail differently.
+#[tokio::test]
+async fn sqs_oversize_event_is_too_large_before_any_call() {
+    let bus = sqs("http://127.0.0.1:9").await.into_bus();
+    let publisher = bus.publisher("nowhere").await.unwrap();
+    let big = EventBuilder::new("aws.big", "/tests/aws")
+        .json(&serde_json::json!({ "blob": "x".repeat(300 * 1024) }))
+        .and_then(|b| b.build())
+        .unwrap();
+    let r = publisher.publish(big).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::TooLarge),
+        "{r:?}"
+    );
+}
+
+/// A queue that does not exist is NotFound, for sending and for receiving.
+#[tokio::test]
+async fn sqs_missing_queue_is_not_found() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = sqs(&endpoint).await.into_bus();
+    let name = format!("missing-{:08x}", fastrand::u32(..));
+    let publisher = bus
+        .publisher_with(
+            &name,
+            cloudbus::PublisherOptions {
+                retry: cloudbus::RetryPolicy::none(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let r = publisher.publish(ev("aws.missing", "m")).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound),
+        "{r:?}"
+    );
+    let consumer = bus.consumer(&name, &name).await.unwrap();
+    let r = consumer.receive_batch(1, Duration::from_millis(100)).await;
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::NotFound),
+        "{r:?}"
+    );
+}
+
+/// Binary mode uses at most 8 of SQS's 10 attributes; an event with more context
+/// attributes and extensions travels structured, and both come back whole.
+#[tokio::test]
+async fn sqs_binary_mode_falls_back_to_structured_past_the_attribute_budget() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = sqs(&endpoint).await.into_bus();
+    let name = format!("modes-{:08x}", fastrand::u32(..));
+    queue(&bus, &name, |s| s).await;
+    let small = ev("aws.small", "s");
+    let mut big = EventBuilder::new("aws.wide", "/tests/aws").subject("w");
+    for i in 0..8 {
+        big = big.extension(format!("ext{i}"), format!("v{i}"));
+    }
+    let big = big.build().unwrap();
+    let publisher = bus.publisher(&name).await.unwrap();
+    for r in publisher
+        .publish_batch(vec![small.clone(), big.clone()])
+        .await
+    {
+        r.unwrap();
+    }
+    let consumer = bus.consumer(&name, &name).await.unwrap();
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while got.len() < 2 && Instant::now() < until {
+        got.extend(
+            consumer
+                .receive_batch(2, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(got.len(), 2);
+    for d in &got {
+        let want = if d.event().id() == small.id() {
+            &small
+        } else {
+            &big
+        };
+        assert_eq!(d.event(), want);
+        d.ack().await.unwrap();
+    }
+}
