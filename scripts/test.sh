@@ -4,6 +4,8 @@
 # examples. It starts the emulators it needs and stops them on exit:
 #   - Google Pub/Sub: the official emulator (preinstalled package), unless
 #     PUBSUB_EMULATOR_HOST already points at one.
+#   - AWS: LocalStack in host mode (installed into a venv on first use), unless
+#     AWS_ENDPOINT_URL already points at an AWS emulator.
 # Under CI=true an emulator that cannot be started is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,3 +55,24 @@ if [[ -n "${PUBSUB_EMULATOR_HOST:-}" ]]; then
     grep -q "redriven:        1" /tmp/cloudbus-order-saga-pubsub.log
     tail -n 14 /tmp/cloudbus-order-saga-pubsub.log
 fi
+
+echo "== AWS (LocalStack in host mode)"
+if [[ -z "${AWS_ENDPOINT_URL:-}" ]]; then
+    if started="$(bash scripts/localstack.sh)"; then
+        eval "$started"
+        export AWS_ENDPOINT_URL
+        started_pids+=("$LOCALSTACK_PID")
+        echo "started LocalStack at $AWS_ENDPOINT_URL (pid $LOCALSTACK_PID)"
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and LocalStack could not be started" >&2
+        exit 1
+    else
+        echo "SKIPPED: LocalStack could not be started; tests/aws.rs will say so" >&2
+    fi
+else
+    echo "using the AWS endpoint $AWS_ENDPOINT_URL"
+fi
+# Dummy credentials and a region for anything that reads the standard chain.
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+export AWS_REGION="${AWS_REGION:-us-east-1}"
+cargo test --features aws --test aws
