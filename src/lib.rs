@@ -85,6 +85,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "pubsub" => gcp::connect(url).await,
         #[cfg(feature = "sqs")]
         "sqs" => aws::connect(url).await,
+        #[cfg(feature = "sns")]
+        "sns" => aws::connect(url).await,
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
             "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
         ))),

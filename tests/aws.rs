@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use cloudbus::aws::sns::SnsBus;
 use cloudbus::aws::sqs::SqsBus;
 use cloudbus::conformance::Harness;
 use cloudbus::{
@@ -37,7 +38,15 @@ fn endpoint() -> Option<String> {
 
 /// An SQS bus on the emulator with dummy credentials (real ones are never needed).
 async fn sqs(endpoint: &str) -> SqsBus {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    SqsBus::new(&config(endpoint).await)
+}
+
+async fn sns(endpoint: &str) -> SnsBus {
+    SnsBus::new(&config(endpoint).await)
+}
+
+async fn config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_sqs::config::Credentials::new(
@@ -48,22 +57,31 @@ async fn sqs(endpoint: &str) -> SqsBus {
             "cloudbus-tests",
         ))
         .load()
-        .await;
-    SqsBus::new(&config)
+        .await
 }
 
 struct SqsHarness {
     endpoint: String,
     fifo: bool,
+    sns: bool,
 }
 
 #[async_trait]
 impl Harness for SqsHarness {
     async fn bus(&self) -> cloudbus::Result<Bus> {
-        Ok(sqs(&self.endpoint).await.into_bus())
+        Ok(if self.sns {
+            sns(&self.endpoint).await.into_bus()
+        } else {
+            sqs(&self.endpoint).await.into_bus()
+        })
     }
     fn capabilities(&self) -> Capabilities {
-        cloudbus::aws::sqs::capabilities(if self.fifo { "q.fifo" } else { "q" })
+        let name = if self.fifo { "q.fifo" } else { "q" };
+        if self.sns {
+            cloudbus::aws::sns::capabilities(name)
+        } else {
+            cloudbus::aws::sqs::capabilities(name)
+        }
     }
     fn patience(&self) -> Duration {
         Duration::from_secs(30)
@@ -86,7 +104,8 @@ mod sqs_standard {
     cloudbus::conformance_suite!(match endpoint() {
         Some(endpoint) => SqsHarness {
             endpoint,
-            fifo: false
+            fifo: false,
+            sns: false,
         },
         None => return,
     });
@@ -97,7 +116,32 @@ mod sqs_fifo {
     cloudbus::conformance_suite!(match endpoint() {
         Some(endpoint) => SqsHarness {
             endpoint,
-            fifo: true
+            fifo: true,
+            sns: false,
+        },
+        None => return,
+    });
+}
+
+mod sns_with_sqs {
+    use super::*;
+    cloudbus::conformance_suite!(match endpoint() {
+        Some(endpoint) => SqsHarness {
+            endpoint,
+            fifo: false,
+            sns: true,
+        },
+        None => return,
+    });
+}
+
+mod sns_fifo_with_sqs_fifo {
+    use super::*;
+    cloudbus::conformance_suite!(match endpoint() {
+        Some(endpoint) => SqsHarness {
+            endpoint,
+            fifo: true,
+            sns: true,
         },
         None => return,
     });
@@ -318,5 +362,88 @@ async fn sqs_binary_mode_falls_back_to_structured_past_the_attribute_budget() {
         };
         assert_eq!(d.event(), want);
         d.ack().await.unwrap();
+    }
+}
+
+/// A queue subscribed without raw delivery gets the SNS notification envelope; the
+/// consumer unwraps it into the same CloudEvent, next to a raw-delivery subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_both_envelopes_are_unwrapped() {
+    let Some(endpoint) = endpoint() else { return };
+    let driver = sns(&endpoint).await;
+    let bus = driver.clone().into_bus();
+    let topic = format!("env-{:08x}", fastrand::u32(..));
+    let raw_sub = format!("{topic}-raw");
+    let wrapped = format!("{topic}-wrapped");
+    bus.ensure_topic(&topic).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &raw_sub))
+        .await
+        .unwrap();
+    // A plain SNS subscription (RawMessageDelivery off), made with the SDKs directly.
+    let sqs_client = driver.sqs_client();
+    let url = sqs_client
+        .create_queue()
+        .queue_name(&wrapped)
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let queue_arn = sqs_client
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn))
+        .cloned()
+        .unwrap();
+    let topic_arn = driver
+        .sns_client()
+        .create_topic()
+        .name(&topic)
+        .send()
+        .await
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_owned();
+    driver
+        .sns_client()
+        .subscribe()
+        .topic_arn(topic_arn)
+        .protocol("sqs")
+        .endpoint(queue_arn)
+        .send()
+        .await
+        .unwrap();
+    let e = EventBuilder::new("aws.envelope", "/tests/aws")
+        .subject("e")
+        .extension("tenant", "acme")
+        .json(&serde_json::json!({"n": 1}))
+        .and_then(|b| b.build())
+        .unwrap();
+    bus.publisher(&topic)
+        .await
+        .unwrap()
+        .publish(e.clone())
+        .await
+        .unwrap();
+    for sub in [&raw_sub, &wrapped] {
+        let consumer = bus.consumer(&topic, sub).await.unwrap();
+        let mut got = Vec::new();
+        let until = Instant::now() + Duration::from_secs(20);
+        while got.is_empty() && Instant::now() < until {
+            got = consumer
+                .receive_batch(1, Duration::from_secs(2))
+                .await
+                .unwrap();
+        }
+        assert_eq!(got.len(), 1, "{sub}");
+        assert_eq!(got[0].event(), &e, "{sub}");
+        got[0].ack().await.unwrap();
     }
 }

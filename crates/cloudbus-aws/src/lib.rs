@@ -1,8 +1,9 @@
 //! AWS for cloudbus, on the official `aws-sdk-*` crates and `aws-config`: the standard
 //! credential chain and region, and `AWS_ENDPOINT_URL` honoured (LocalStack).
 //!
-//! Today: Amazon SQS, standard and FIFO queues (feature `sqs`). SNS, EventBridge and
-//! Kinesis are the rest of the AWS issue and not built yet.
+//! Today: Amazon SQS, standard and FIFO queues (feature `sqs`), and SNS with SQS
+//! subscriptions (feature `sns`). EventBridge and Kinesis are the rest of the AWS
+//! issue and not built yet.
 //!
 //! ```no_run
 //! # async fn run() -> cloudbus_core::Result<()> {
@@ -16,6 +17,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "sns")]
+pub mod sns;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
@@ -56,6 +59,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
     match parsed.scheme() {
         #[cfg(feature = "sqs")]
         "sqs" => Ok(sqs::SqsBus::new(&load_config(&parsed).await?).into_bus()),
+        #[cfg(feature = "sns")]
+        "sns" => Ok(sns::SnsBus::new(&load_config(&parsed).await?).into_bus()),
         other => Err(Error::unsupported(format!(
             "{other}:// is not an AWS provider built into this cloudbus-aws"
         ))),

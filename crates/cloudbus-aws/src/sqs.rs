@@ -51,7 +51,7 @@ const DL_REASON: &str = "cloudbus-dl-reason";
 const DL_DESCRIPTION: &str = "cloudbus-dl-description";
 const SUBSCRIPTION_TAG: &str = "cloudbus-subscription:";
 
-fn codec() -> BinaryCodec {
+pub(crate) fn codec() -> BinaryCodec {
     BinaryCodec::new(ATTRIBUTE_PREFIX)
         .content_type_attribute(CONTENT_TYPE_ATTRIBUTE)
         .max_attributes(MAX_ATTRIBUTES, RESERVED_ATTRIBUTES)
@@ -158,14 +158,21 @@ fn build_error(e: aws_sdk_sqs::error::BuildError) -> Error {
     Error::with_source(ErrorKind::InvalidArgument, "invalid SQS request", e)
 }
 
-struct Shared {
-    client: Client,
+pub(crate) struct Shared {
+    pub(crate) client: Client,
     urls: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
+    pub(crate) fn new(client: Client) -> Self {
+        Shared {
+            client,
+            urls: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// The queue URL of `name` (GetQueueUrl, cached; never built by hand).
-    async fn url(&self, name: &str) -> Result<String> {
+    pub(crate) async fn url(&self, name: &str) -> Result<String> {
         if let Some(u) = self
             .urls
             .lock()
@@ -192,7 +199,11 @@ impl Shared {
         Ok(url)
     }
 
-    async fn attribute(&self, url: &str, name: QueueAttributeName) -> Result<Option<String>> {
+    pub(crate) async fn attribute(
+        &self,
+        url: &str,
+        name: QueueAttributeName,
+    ) -> Result<Option<String>> {
         let out = self
             .client
             .get_queue_attributes()
@@ -204,7 +215,7 @@ impl Shared {
         Ok(out.attributes().and_then(|a| a.get(&name)).cloned())
     }
 
-    async fn create(&self, name: &str) -> Result<String> {
+    pub(crate) async fn create(&self, name: &str) -> Result<String> {
         let mut req = self.client.create_queue().queue_name(name);
         if is_fifo(name) {
             req = req.attributes(QueueAttributeName::FifoQueue, "true");
@@ -346,10 +357,7 @@ impl SqsBus {
     /// A bus over an existing client.
     pub fn from_client(client: Client) -> Self {
         SqsBus {
-            shared: Arc::new(Shared {
-                client,
-                urls: Mutex::new(HashMap::new()),
-            }),
+            shared: Arc::new(Shared::new(client)),
         }
     }
 
@@ -432,45 +440,7 @@ impl TopologyDriver for SqsTopology {
                  or subscribe the queue to SNS",
             ));
         }
-        let shared = &self.shared;
-        let url = shared.url(&spec.topic).await?;
-        let dlq = dead_letter_queue(&spec.topic);
-        let dlq_url = shared.create(&dlq).await?;
-        let dlq_arn = shared
-            .attribute(&dlq_url, QueueAttributeName::QueueArn)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("queue {dlq} has no ARN")))?;
-        let max = spec
-            .max_delivery_attempts
-            .unwrap_or(DEFAULT_MAX_RECEIVES)
-            .clamp(1, DEFAULT_MAX_RECEIVES);
-        let visibility = spec.ack_deadline.as_secs_f64().ceil().clamp(0.0, 43_200.0) as u64;
-        shared
-            .client
-            .set_queue_attributes()
-            .queue_url(&url)
-            .attributes(
-                QueueAttributeName::VisibilityTimeout,
-                visibility.to_string(),
-            )
-            .attributes(
-                QueueAttributeName::RedrivePolicy,
-                format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max}"}}"#),
-            )
-            .send()
-            .await
-            .map_err(|e| sdk_error(e, &format!("configure queue {}", spec.topic)))?;
-        if spec.name != spec.topic {
-            shared
-                .client
-                .tag_queue()
-                .queue_url(&url)
-                .tags(format!("{SUBSCRIPTION_TAG}{}", spec.name), "true")
-                .send()
-                .await
-                .map_err(|e| sdk_error(e, &format!("tag queue {}", spec.topic)))?;
-        }
-        Ok(())
+        configure_queue(&self.shared, spec).await
     }
 
     async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
@@ -489,6 +459,49 @@ impl TopologyDriver for SqsTopology {
             .map_err(|e| sdk_error(e, &format!("untag queue {topic}")))?;
         Ok(())
     }
+}
+
+/// Configures the queue `spec.topic` for `spec`: visibility timeout, dead-letter
+/// queue and RedrivePolicy, and a tag admitting `spec.name` when it differs.
+pub(crate) async fn configure_queue(shared: &Shared, spec: &SubscriptionSpec) -> Result<()> {
+    let url = shared.url(&spec.topic).await?;
+    let dlq = dead_letter_queue(&spec.topic);
+    let dlq_url = shared.create(&dlq).await?;
+    let dlq_arn = shared
+        .attribute(&dlq_url, QueueAttributeName::QueueArn)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("queue {dlq} has no ARN")))?;
+    let max = spec
+        .max_delivery_attempts
+        .unwrap_or(DEFAULT_MAX_RECEIVES)
+        .clamp(1, DEFAULT_MAX_RECEIVES);
+    let visibility = spec.ack_deadline.as_secs_f64().ceil().clamp(0.0, 43_200.0) as u64;
+    shared
+        .client
+        .set_queue_attributes()
+        .queue_url(&url)
+        .attributes(
+            QueueAttributeName::VisibilityTimeout,
+            visibility.to_string(),
+        )
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max}"}}"#),
+        )
+        .send()
+        .await
+        .map_err(|e| sdk_error(e, &format!("configure queue {}", spec.topic)))?;
+    if spec.name != spec.topic {
+        shared
+            .client
+            .tag_queue()
+            .queue_url(&url)
+            .tags(format!("{SUBSCRIPTION_TAG}{}", spec.name), "true")
+            .send()
+            .await
+            .map_err(|e| sdk_error(e, &format!("tag queue {}", spec.topic)))?;
+    }
+    Ok(())
 }
 
 /// How a queue was opened: its URL, lease, and whether the subscription is admitted.
@@ -516,7 +529,7 @@ pub struct SqsQueue {
 type ReceiveTask = tokio::task::JoinHandle<Result<Vec<aws_sdk_sqs::types::Message>>>;
 
 impl SqsQueue {
-    fn new(shared: Arc<Shared>, queue: &str, subscription: Option<&str>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, queue: &str, subscription: Option<&str>) -> Self {
         SqsQueue {
             shared,
             queue: queue.to_owned(),
@@ -624,16 +637,7 @@ impl SqsQueue {
 
     fn encode(&self, m: &OutgoingMessage) -> Result<RawMessage> {
         match &m.payload {
-            Payload::Event(e) => {
-                let (raw, _) = self.codec.encode(e)?;
-                if !raw.body.is_empty() && std::str::from_utf8(&raw.body).is_ok() {
-                    Ok(raw)
-                } else {
-                    // An SQS body is non-empty text: an event without data, or with
-                    // binary data (as data_base64), travels structured.
-                    Ok(codec().structured().encode(e)?.0)
-                }
-            }
+            Payload::Event(e) => text_body(&self.codec, e),
             Payload::Raw(raw) => Ok(raw.clone()),
         }
     }
@@ -678,12 +682,24 @@ impl SqsQueue {
     }
 }
 
+/// `event` as SQS and SNS carry it: binary mode when its body is non-empty UTF-8 text
+/// and its attributes fit, otherwise structured (an event without data, or with
+/// binary data as `data_base64`).
+pub(crate) fn text_body(codec: &BinaryCodec, event: &cloudbus_core::Event) -> Result<RawMessage> {
+    let (raw, _) = codec.encode(event)?;
+    if !raw.body.is_empty() && std::str::from_utf8(&raw.body).is_ok() {
+        Ok(raw)
+    } else {
+        Ok(self::codec().structured().encode(event)?.0)
+    }
+}
+
 /// The prefix of the message group of an event without an ordering key: each such
 /// event is its own group, so unordered events do not wait for one another.
 const UNORDERED_GROUP: &str = "cloudbus-unordered-";
 
 /// The MessageGroupId of `m` on a FIFO queue: its ordering key, or a group of its own.
-fn group_id(m: &OutgoingMessage) -> String {
+pub(crate) fn group_id(m: &OutgoingMessage) -> String {
     match &m.ordering_key {
         Some(k) => k.clone(),
         None => format!("{UNORDERED_GROUP}{}", dedup_id(m.id()))
@@ -727,7 +743,7 @@ async fn receive_messages(
 }
 
 /// SQS deduplication ids are at most 128 characters of `[A-Za-z0-9!-~]`.
-fn dedup_id(id: &str) -> String {
+pub(crate) fn dedup_id(id: &str) -> String {
     let clean: String = id
         .chars()
         .filter(|c| c.is_ascii_graphic())
@@ -821,10 +837,10 @@ impl SubscriptionDriver for SqsQueue {
                 continue;
             };
             let s = stored(m);
-            let raw = RawMessage {
+            let raw = unwrap_sns_envelope(RawMessage {
                 body: s.body.clone().into_bytes(),
                 attributes: s.attributes.clone(),
-            };
+            });
             let size = raw.size();
             let event = self.codec.decode(&raw).map(Arc::new).map_err(|e| (raw, e));
             received.push(ReceivedMessage {
@@ -1024,9 +1040,9 @@ impl SubscriptionDriver for SqsQueue {
 /// The dead-letter queue of a queue. Redrive sends each letter back to the source
 /// queue and then deletes it (a crash in between gives a duplicate, never a loss).
 pub struct SqsDeadLetters {
-    shared: Arc<Shared>,
-    source: String,
-    queue: String,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) source: String,
+    pub(crate) queue: String,
 }
 
 impl SqsDeadLetters {
@@ -1146,6 +1162,37 @@ impl DeadLetterDriver for SqsDeadLetters {
     }
 }
 
+/// The message inside an SNS notification envelope (an SNS subscription without raw
+/// delivery), with its message attributes; any other message unchanged.
+pub(crate) fn unwrap_sns_envelope(raw: RawMessage) -> RawMessage {
+    if raw.body.first() != Some(&b'{') {
+        return raw;
+    }
+    let Ok(serde_json::Value::Object(v)) = serde_json::from_slice::<serde_json::Value>(&raw.body)
+    else {
+        return raw;
+    };
+    let (Some("Notification"), Some(_), Some(message)) = (
+        v.get("Type").and_then(|t| t.as_str()),
+        v.get("TopicArn").and_then(|t| t.as_str()),
+        v.get("Message").and_then(|m| m.as_str()),
+    ) else {
+        return raw;
+    };
+    let mut attributes = raw.attributes.clone();
+    if let Some(serde_json::Value::Object(attrs)) = v.get("MessageAttributes") {
+        for (k, a) in attrs {
+            if let Some(value) = a.get("Value").and_then(|x| x.as_str()) {
+                attributes.insert(k.clone(), value.to_owned());
+            }
+        }
+    }
+    RawMessage {
+        body: message.as_bytes().to_vec(),
+        attributes,
+    }
+}
+
 /// `maxReceiveCount` of a RedrivePolicy document.
 fn serde_json_max(policy: &str) -> Option<u32> {
     let v: serde_json::Value = serde_json::from_str(policy).ok()?;
@@ -1181,5 +1228,16 @@ mod tests {
         assert_eq!(std.max_delay, Some(MAX_DELAY));
         assert!(!std.ordering && !std.fan_out);
         assert_eq!(dedup_id("a b\u{e9}c"), "abc");
+        let envelope = RawMessage::new(
+            r#"{"Type":"Notification","MessageId":"m","TopicArn":"arn:aws:sns:us-east-1:0:t","Message":"{\"a\":1}","MessageAttributes":{"ce-id":{"Type":"String","Value":"e-1"}}}"#,
+        );
+        let inner = unwrap_sns_envelope(envelope);
+        assert_eq!(inner.body, br#"{"a":1}"#);
+        assert_eq!(
+            inner.attributes.get("ce-id").map(String::as_str),
+            Some("e-1")
+        );
+        let plain = RawMessage::new("{\"Type\":\"other\"}");
+        assert_eq!(unwrap_sns_envelope(plain.clone()).body, plain.body);
     }
 }

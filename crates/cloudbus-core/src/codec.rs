@@ -258,15 +258,11 @@ impl BinaryCodec {
             .max_attributes
             .map(|m| m.saturating_sub(self.reserved_attributes));
         if self.force_structured || budget.is_some_and(|b| attributes.len() > b) {
-            let mut attributes = BTreeMap::new();
-            attributes.insert(
-                self.content_type_attribute.clone(),
-                STRUCTURED_CONTENT_TYPE.to_owned(),
-            );
+            let hints = self.routing_hints(attributes, budget);
             return Ok((
                 RawMessage {
                     body: to_structured_json(event)?,
-                    attributes,
+                    attributes: hints,
                 },
                 Mode::Structured,
             ));
@@ -278,6 +274,51 @@ impl BinaryCodec {
             },
             Mode::Binary,
         ))
+    }
+
+    /// The attributes of a structured-mode message: the content type, then as many
+    /// of the event's attributes as the budget allows (type, source and subject
+    /// first, then extensions, then the rest), so that brokers can still filter and
+    /// route on them. `specversion` is never among them: it marks binary mode.
+    fn routing_hints(
+        &self,
+        mut binary: BTreeMap<String, String>,
+        budget: Option<usize>,
+    ) -> BTreeMap<String, String> {
+        let p = &self.prefix;
+        let room = budget.unwrap_or(usize::MAX);
+        let mut hints = BTreeMap::new();
+        hints.insert(
+            self.content_type_attribute.clone(),
+            STRUCTURED_CONTENT_TYPE.to_owned(),
+        );
+        binary.remove(&format!("{p}specversion"));
+        binary.remove(&self.content_type_attribute);
+        let first: Vec<String> = ["type", "source", "subject"]
+            .iter()
+            .map(|n| format!("{p}{n}"))
+            .collect();
+        let late: Vec<String> = ["id", "time", "dataschema"]
+            .iter()
+            .map(|n| format!("{p}{n}"))
+            .collect();
+        let mut order: Vec<String> = first.clone();
+        order.extend(
+            binary
+                .keys()
+                .filter(|k| !first.contains(k) && !late.contains(k))
+                .cloned(),
+        );
+        order.extend(late);
+        for key in order {
+            if hints.len() >= room {
+                break;
+            }
+            if let Some(v) = binary.remove(&key) {
+                hints.insert(key, v);
+            }
+        }
+        hints
     }
 
     /// Decodes a message in either mode; anything else is a [`DecodeError`].
@@ -430,8 +471,18 @@ mod tests {
         let codec = BinaryCodec::new("ce_").max_attributes(10, 1);
         let (msg, mode) = codec.encode(&e).unwrap();
         assert_eq!(mode, Mode::Structured);
-        assert_eq!(msg.attributes.len(), 1);
+        // The content type, then routing hints up to the budget of 9: never specversion.
+        assert_eq!(msg.attributes.len(), 9);
+        assert_eq!(
+            msg.attributes.get("ce_type").map(String::as_str),
+            Some(e.ty())
+        );
+        assert!(!msg.attributes.contains_key("ce_specversion"));
         assert_eq!(codec.decode(&msg).unwrap(), e);
+        let forced = BinaryCodec::new("ce_").structured();
+        let (msg, _) = forced.encode(&e).unwrap();
+        assert!(msg.attributes.contains_key("ce_source"));
+        assert_eq!(forced.decode(&msg).unwrap(), e);
     }
 
     #[test]

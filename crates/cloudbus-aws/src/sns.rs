@@ -1,0 +1,542 @@
+//! Amazon SNS with SQS subscriptions: fan-out with filter policies.
+//!
+//! A topic is an SNS topic (FIFO when its name ends in `.fifo`). A subscription is an
+//! SQS queue named after it, subscribed to the topic by `ensure_subscription` with raw
+//! message delivery and the portable Filter compiled to a FilterPolicy (attribute
+//! scope). The queue gets the SQS configuration (lease, dead-letter queue, redrive
+//! policy). Consumers read the queue and unwrap the SNS notification envelope of
+//! subscriptions made without raw delivery.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_sdk_sns::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
+use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::{
+    BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind,
+    Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
+    TopicDriver, TopologyDriver,
+};
+use serde_json::{Map, Value, json};
+
+use crate::sqs::{self, SqsDeadLetters, SqsQueue};
+
+/// What an SNS topic with SQS subscriptions supports.
+///
+/// ```
+/// let c = cloudbus_aws::sns::capabilities("orders");
+/// assert!(c.fan_out && c.max_delay.is_none());
+/// ```
+pub fn capabilities(topic: &str) -> Capabilities {
+    let mut c = sqs::capabilities(topic);
+    c.fan_out = true;
+    c.filtering = FilterSupport::Native;
+    c.max_delay = None;
+    c
+}
+
+fn sns_error<E, R>(e: SdkError<E, R>, what: &str) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, detail) = match &e {
+        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
+        SdkError::DispatchFailure(_) => (
+            ErrorKind::Unavailable,
+            "could not reach the endpoint".to_owned(),
+        ),
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            let code = err.code().unwrap_or("unknown");
+            (
+                kind_of_code(code),
+                format!("{code}: {}", err.message().unwrap_or_default()),
+            )
+        }
+        _ => (ErrorKind::Unavailable, e.to_string()),
+    };
+    Error::with_source(kind, format!("{what}: {detail}"), e)
+}
+
+fn kind_of_code(code: &str) -> ErrorKind {
+    match code {
+        "NotFound" | "NotFoundException" => ErrorKind::NotFound,
+        c if c.contains("Throttl") => ErrorKind::Throttled,
+        c if c.contains("AuthorizationError") || c.contains("AccessDenied") => {
+            ErrorKind::PermissionDenied
+        }
+        c if c.contains("TooLong") || c.contains("TooLarge") => ErrorKind::TooLarge,
+        c if c.contains("Invalid") => ErrorKind::InvalidArgument,
+        c if c.contains("Internal") || c.contains("Unavailable") => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// Compiles a portable filter to an SNS FilterPolicy over message attributes, where a
+/// CloudEvent attribute `a` travels as `ce-a`. A numeric range (cloudbus sends String
+/// attributes, which SNS does not compare numerically) and two conditions on one
+/// attribute inside an AND have no FilterPolicy form: typed `Unsupported` errors.
+///
+/// ```
+/// use cloudbus_core::Filter;
+/// let p = cloudbus_aws::sns::filter_policy(&Filter::and([
+///     Filter::prefix("type", "order."),
+///     Filter::one_of("tier", ["gold", "vip"]),
+/// ])).unwrap();
+/// assert_eq!(p, serde_json::json!({
+///     "ce-type": [{"prefix": "order."}],
+///     "ce-tier": ["gold", "vip"],
+/// }));
+/// ```
+pub fn filter_policy(filter: &Filter) -> Result<Value> {
+    let key = |a: &str| format!("{}{a}", sqs::ATTRIBUTE_PREFIX);
+    Ok(match filter {
+        Filter::Equals { attribute, values } => json!({ key(attribute): values }),
+        Filter::Prefix { attribute, prefix } => {
+            json!({ key(attribute): [{ "prefix": prefix }] })
+        }
+        Filter::Exists { attribute, present } => {
+            json!({ key(attribute): [{ "exists": present }] })
+        }
+        Filter::AnythingBut { attribute, values } => {
+            json!({ key(attribute): [{ "anything-but": values }] })
+        }
+        Filter::Range { attribute, .. } => {
+            return Err(Error::unsupported(format!(
+                "an SNS filter policy cannot compare the String attribute {attribute:?} \
+                 numerically; filter it in the consumer (ConsumerOptions::filter)"
+            )));
+        }
+        Filter::And(fs) => {
+            let mut all = Map::new();
+            for f in fs {
+                let Value::Object(part) = filter_policy(f)? else {
+                    continue;
+                };
+                for (k, v) in part {
+                    if all.contains_key(&k) {
+                        return Err(Error::unsupported(format!(
+                            "an SNS filter policy cannot AND two conditions on {k:?}"
+                        )));
+                    }
+                    all.insert(k, v);
+                }
+            }
+            Value::Object(all)
+        }
+        Filter::Or(fs) => {
+            json!({ "$or": fs.iter().map(filter_policy).collect::<Result<Vec<_>>>()? })
+        }
+    })
+}
+
+struct Shared {
+    sns: aws_sdk_sns::Client,
+    sqs: Arc<sqs::Shared>,
+    arns: Mutex<HashMap<String, String>>,
+}
+
+impl Shared {
+    /// The ARN of topic `name` (ListTopics, cached): NotFound when it does not exist.
+    async fn arn(&self, name: &str) -> Result<String> {
+        if let Some(a) = self
+            .arns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(a.clone());
+        }
+        let suffix = format!(":{name}");
+        let mut pages = self.sns.list_topics().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| sns_error(e, "list topics"))?;
+            for t in page.topics() {
+                if let Some(arn) = t.topic_arn()
+                    && arn.ends_with(&suffix)
+                {
+                    self.arns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.to_owned(), arn.to_owned());
+                    return Ok(arn.to_owned());
+                }
+            }
+        }
+        Err(Error::not_found(format!("SNS topic {name} does not exist")))
+    }
+}
+
+/// SNS with SQS subscriptions as a cloudbus provider (`sns://[?region=R][&endpoint=URL]`).
+#[derive(Clone)]
+pub struct SnsBus {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SnsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnsBus { .. }")
+    }
+}
+
+impl SnsBus {
+    /// A bus over the SNS and SQS clients made from `config`.
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        SnsBus {
+            shared: Arc::new(Shared {
+                sns: aws_sdk_sns::Client::new(config),
+                sqs: Arc::new(sqs::Shared::new(aws_sdk_sqs::Client::new(config))),
+                arns: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The SNS client (escape hatch).
+    pub fn sns_client(&self) -> &aws_sdk_sns::Client {
+        &self.shared.sns
+    }
+
+    /// The SQS client of the subscriptions (escape hatch).
+    pub fn sqs_client(&self) -> &aws_sdk_sqs::Client {
+        &self.shared.sqs.client
+    }
+
+    /// Wraps this driver in the portable [`Bus`].
+    pub fn into_bus(self) -> Bus {
+        Bus::new(Arc::new(self))
+    }
+}
+
+#[async_trait]
+impl BusDriver for SnsBus {
+    fn scheme(&self) -> &str {
+        "sns"
+    }
+
+    async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>> {
+        Ok(Arc::new(SnsTopic {
+            shared: self.shared.clone(),
+            name: topic.to_owned(),
+            codec: sqs::codec(),
+        }))
+    }
+
+    async fn subscription(
+        &self,
+        _topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn SubscriptionDriver>> {
+        Ok(Arc::new(SqsQueue::new(
+            self.shared.sqs.clone(),
+            subscription,
+            None,
+        )))
+    }
+
+    async fn dead_letters(
+        &self,
+        _topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn DeadLetterDriver>> {
+        Ok(Arc::new(SqsDeadLetters {
+            shared: self.shared.sqs.clone(),
+            source: subscription.to_owned(),
+            queue: sqs::dead_letter_queue(subscription),
+        }))
+    }
+
+    fn topology(&self) -> Arc<dyn TopologyDriver> {
+        Arc::new(SnsTopology {
+            shared: self.shared.clone(),
+        })
+    }
+
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
+        Err(Error::unsupported(format!(
+            "SNS topics are not logs; read {stream:?} as a stream with Kinesis"
+        )))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// An SNS topic as a [`TopicDriver`] (PublishBatch).
+pub struct SnsTopic {
+    shared: Arc<Shared>,
+    name: String,
+    codec: BinaryCodec,
+}
+
+impl SnsTopic {
+    fn entry(&self, id: usize, m: &OutgoingMessage) -> Result<PublishBatchRequestEntry> {
+        let raw = match &m.payload {
+            Payload::Event(e) => sqs::text_body(&self.codec, e)?,
+            Payload::Raw(raw) => raw.clone(),
+        };
+        let body = String::from_utf8(raw.body)
+            .map_err(|_| Error::invalid("an SNS message must be UTF-8 text"))?;
+        let mut e = PublishBatchRequestEntry::builder()
+            .id(id.to_string())
+            .message(body);
+        for (k, v) in &raw.attributes {
+            e = e.message_attributes(
+                k,
+                MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(v)
+                    .build()
+                    .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "attribute", e))?,
+            );
+        }
+        if self.name.ends_with(".fifo") {
+            e = e
+                .message_group_id(sqs::group_id(m))
+                .message_deduplication_id(sqs::dedup_id(m.dedup_id().unwrap_or(m.id())));
+        }
+        e.build()
+            .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "invalid SNS entry", e))
+    }
+}
+
+#[async_trait]
+impl TopicDriver for SnsTopic {
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
+        let arn = self.shared.arn(&self.name).await?;
+        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut entries = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match self.entry(i, m) {
+                Ok(e) => entries.push(e),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !entries.is_empty() {
+            let out = self
+                .shared
+                .sns
+                .publish_batch()
+                .topic_arn(&arn)
+                .set_publish_batch_request_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sns_error(e, &format!("publish to {}", self.name)))?;
+            for ok in out.successful() {
+                if let Some(i) = ok.id().and_then(|i| i.parse::<usize>().ok())
+                    && i < results.len()
+                {
+                    results[i] = Some(Ok(()));
+                }
+            }
+            for f in out.failed() {
+                if let Ok(i) = f.id().parse::<usize>()
+                    && i < results.len()
+                {
+                    results[i] = Some(Err(Error::new(
+                        kind_of_code(f.code()),
+                        format!(
+                            "publish to {}: {}: {}",
+                            self.name,
+                            f.code(),
+                            f.message().unwrap_or_default()
+                        ),
+                    )));
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "SNS did not report it")))
+            })
+            .collect())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(&self.name)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct SnsTopology {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl TopologyDriver for SnsTopology {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        let mut req = self.shared.sns.create_topic().name(topic);
+        if topic.ends_with(".fifo") {
+            req = req.attributes("FifoTopic", "true");
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| sns_error(e, &format!("create topic {topic}")))?;
+        if let Some(arn) = out.topic_arn() {
+            self.shared
+                .arns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(topic.to_owned(), arn.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        let policy = spec.filter.as_ref().map(filter_policy).transpose()?;
+        let topic_arn = self.shared.arn(&spec.topic).await?;
+        let sqs = &self.shared.sqs;
+        let queue = &spec.name;
+        let url = sqs.create(queue).await?;
+        let queue_arn = sqs
+            .attribute(&url, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("queue {queue} has no ARN")))?;
+        // Let the topic (and only it) send to the queue.
+        let access = json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": { "Service": "sns.amazonaws.com" },
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": { "ArnEquals": { "aws:SourceArn": topic_arn } }
+            }]
+        });
+        sqs.client
+            .set_queue_attributes()
+            .queue_url(&url)
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::Policy,
+                access.to_string(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Unavailable,
+                    format!("queue policy of {queue}"),
+                    e,
+                )
+            })?;
+        let mut queue_spec = spec.clone();
+        queue_spec.topic = queue.clone();
+        queue_spec.filter = None;
+        sqs::configure_queue(sqs, &queue_spec).await?;
+        let mut req = self
+            .shared
+            .sns
+            .subscribe()
+            .topic_arn(&topic_arn)
+            .protocol("sqs")
+            .endpoint(&queue_arn)
+            .return_subscription_arn(true)
+            .attributes("RawMessageDelivery", "true");
+        if let Some(policy) = policy {
+            req = req
+                .attributes("FilterPolicy", policy.to_string())
+                .attributes("FilterPolicyScope", "MessageAttributes");
+        }
+        req.send()
+            .await
+            .map_err(|e| sns_error(e, &format!("subscribe {queue} to {}", spec.topic)))?;
+        Ok(())
+    }
+
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        let topic_arn = match self.shared.arn(topic).await {
+            Ok(a) => a,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let url = match self.shared.sqs.url(name).await {
+            Ok(u) => u,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let queue_arn = self
+            .shared
+            .sqs
+            .attribute(&url, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .await?
+            .unwrap_or_default();
+        let mut pages = self
+            .shared
+            .sns
+            .list_subscriptions_by_topic()
+            .topic_arn(&topic_arn)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| sns_error(e, "list subscriptions"))?;
+            for s in page.subscriptions() {
+                if s.endpoint() == Some(queue_arn.as_str())
+                    && let Some(arn) = s.subscription_arn()
+                {
+                    self.shared
+                        .sns
+                        .unsubscribe()
+                        .subscription_arn(arn)
+                        .send()
+                        .await
+                        .map_err(|e| sns_error(e, "unsubscribe"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each Filter form compiles to the FilterPolicy syntax AWS documents.
+    #[test]
+    fn each_filter_form_compiles_to_a_filter_policy() {
+        let cases = [
+            (Filter::eq("type", "a"), json!({"ce-type": ["a"]})),
+            (
+                Filter::prefix("type", "o."),
+                json!({"ce-type": [{"prefix": "o."}]}),
+            ),
+            (
+                Filter::exists("tier"),
+                json!({"ce-tier": [{"exists": true}]}),
+            ),
+            (
+                Filter::not_exists("tier"),
+                json!({"ce-tier": [{"exists": false}]}),
+            ),
+            (
+                Filter::anything_but("tier", ["test"]),
+                json!({"ce-tier": [{"anything-but": ["test"]}]}),
+            ),
+            (
+                Filter::or([Filter::eq("a", "1"), Filter::eq("b", "2")]),
+                json!({"$or": [{"ce-a": ["1"]}, {"ce-b": ["2"]}]}),
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(filter_policy(&f).unwrap(), want, "{f:?}");
+        }
+        for bad in [
+            Filter::range("amount", Some(1.0), None),
+            Filter::and([Filter::prefix("type", "a"), Filter::eq("type", "ab")]),
+        ] {
+            assert_eq!(
+                filter_policy(&bad).unwrap_err().kind(),
+                ErrorKind::Unsupported
+            );
+        }
+    }
+}
