@@ -76,3 +76,10 @@ fi
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 cargo test --features aws --test aws
+if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
+    echo "== order saga example on SNS + SQS"
+    CLOUDBUS_URL="sns://" cargo run --quiet --features aws --example order_saga \
+        > /tmp/cloudbus-order-saga-sns.log
+    grep -q "redriven:        1" /tmp/cloudbus-order-saga-sns.log
+    tail -n 14 /tmp/cloudbus-order-saga-sns.log
+fi
