@@ -87,6 +87,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "sqs" => aws::connect(url).await,
         #[cfg(feature = "sns")]
         "sns" => aws::connect(url).await,
+        #[cfg(feature = "eventbridge")]
+        "eventbridge" => aws::connect(url).await,
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
             "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
         ))),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use cloudbus::aws::eventbridge::EventBridgeBus;
 use cloudbus::aws::sns::SnsBus;
 use cloudbus::aws::sqs::SqsBus;
 use cloudbus::conformance::Harness;
@@ -45,6 +46,10 @@ async fn sns(endpoint: &str) -> SnsBus {
     SnsBus::new(&config(endpoint).await)
 }
 
+async fn eventbridge(endpoint: &str) -> EventBridgeBus {
+    EventBridgeBus::new(&config(endpoint).await)
+}
+
 async fn config(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
@@ -64,12 +69,15 @@ struct SqsHarness {
     endpoint: String,
     fifo: bool,
     sns: bool,
+    eventbridge: bool,
 }
 
 #[async_trait]
 impl Harness for SqsHarness {
     async fn bus(&self) -> cloudbus::Result<Bus> {
-        Ok(if self.sns {
+        Ok(if self.eventbridge {
+            eventbridge(&self.endpoint).await.into_bus()
+        } else if self.sns {
             sns(&self.endpoint).await.into_bus()
         } else {
             sqs(&self.endpoint).await.into_bus()
@@ -77,7 +85,9 @@ impl Harness for SqsHarness {
     }
     fn capabilities(&self) -> Capabilities {
         let name = if self.fifo { "q.fifo" } else { "q" };
-        if self.sns {
+        if self.eventbridge {
+            cloudbus::aws::eventbridge::capabilities()
+        } else if self.sns {
             cloudbus::aws::sns::capabilities(name)
         } else {
             cloudbus::aws::sqs::capabilities(name)
@@ -106,6 +116,7 @@ mod sqs_standard {
             endpoint,
             fifo: false,
             sns: false,
+            eventbridge: false,
         },
         None => return,
     });
@@ -118,6 +129,7 @@ mod sqs_fifo {
             endpoint,
             fifo: true,
             sns: false,
+            eventbridge: false,
         },
         None => return,
     });
@@ -130,6 +142,7 @@ mod sns_with_sqs {
             endpoint,
             fifo: false,
             sns: true,
+            eventbridge: false,
         },
         None => return,
     });
@@ -142,6 +155,20 @@ mod sns_fifo_with_sqs_fifo {
             endpoint,
             fifo: true,
             sns: true,
+            eventbridge: false,
+        },
+        None => return,
+    });
+}
+
+mod eventbridge_with_sqs {
+    use super::*;
+    cloudbus::conformance_suite!(match endpoint() {
+        Some(endpoint) => SqsHarness {
+            endpoint,
+            fifo: false,
+            sns: false,
+            eventbridge: true,
         },
         None => return,
     });

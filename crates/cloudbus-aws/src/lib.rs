@@ -2,8 +2,8 @@
 //! credential chain and region, and `AWS_ENDPOINT_URL` honoured (LocalStack).
 //!
 //! Today: Amazon SQS, standard and FIFO queues (feature `sqs`), and SNS with SQS
-//! subscriptions (feature `sns`). EventBridge and Kinesis are the rest of the AWS
-//! issue and not built yet.
+//! subscriptions (feature `sns`), EventBridge with SQS-targeted rules (feature
+//! `eventbridge`). Kinesis is the rest of the AWS issue and not built yet.
 //!
 //! ```no_run
 //! # async fn run() -> cloudbus_core::Result<()> {
@@ -17,6 +17,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "eventbridge")]
+pub mod eventbridge;
 #[cfg(feature = "sns")]
 pub mod sns;
 #[cfg(feature = "sqs")]
@@ -61,6 +63,10 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "sqs" => Ok(sqs::SqsBus::new(&load_config(&parsed).await?).into_bus()),
         #[cfg(feature = "sns")]
         "sns" => Ok(sns::SnsBus::new(&load_config(&parsed).await?).into_bus()),
+        #[cfg(feature = "eventbridge")]
+        "eventbridge" => {
+            Ok(eventbridge::EventBridgeBus::new(&load_config(&parsed).await?).into_bus())
+        }
         other => Err(Error::unsupported(format!(
             "{other}:// is not an AWS provider built into this cloudbus-aws"
         ))),

@@ -837,7 +837,7 @@ impl SubscriptionDriver for SqsQueue {
                 continue;
             };
             let s = stored(m);
-            let raw = unwrap_sns_envelope(RawMessage {
+            let raw = unwrap_envelope(RawMessage {
                 body: s.body.clone().into_bytes(),
                 attributes: s.attributes.clone(),
             });
@@ -1106,7 +1106,7 @@ impl DeadLetterDriver for SqsDeadLetters {
             .await?
             .into_iter()
             .map(|(_, s, at)| {
-                let raw = RawMessage {
+                let raw = unwrap_envelope(RawMessage {
                     body: s.body.clone().into_bytes(),
                     attributes: s
                         .attributes
@@ -1114,7 +1114,7 @@ impl DeadLetterDriver for SqsDeadLetters {
                         .filter(|(k, _)| !k.starts_with("cloudbus-dl-"))
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
-                };
+                });
                 let reason = s.attributes.get(DL_REASON).cloned().or_else(|| {
                     source_max.map(|n| format!("max delivery attempts ({n}) exceeded"))
                 });
@@ -1163,8 +1163,9 @@ impl DeadLetterDriver for SqsDeadLetters {
 }
 
 /// The message inside an SNS notification envelope (an SNS subscription without raw
-/// delivery), with its message attributes; any other message unchanged.
-pub(crate) fn unwrap_sns_envelope(raw: RawMessage) -> RawMessage {
+/// delivery, with its message attributes) or an EventBridge event (its `detail`, the
+/// structured CloudEvent); any other message unchanged.
+pub(crate) fn unwrap_envelope(raw: RawMessage) -> RawMessage {
     if raw.body.first() != Some(&b'{') {
         return raw;
     }
@@ -1172,6 +1173,14 @@ pub(crate) fn unwrap_sns_envelope(raw: RawMessage) -> RawMessage {
     else {
         return raw;
     };
+    if let (Some(_), Some(detail @ serde_json::Value::Object(_))) =
+        (v.get("detail-type"), v.get("detail"))
+    {
+        return RawMessage {
+            body: detail.to_string().into_bytes(),
+            attributes: raw.attributes.clone(),
+        };
+    }
     let (Some("Notification"), Some(_), Some(message)) = (
         v.get("Type").and_then(|t| t.as_str()),
         v.get("TopicArn").and_then(|t| t.as_str()),
@@ -1231,13 +1240,19 @@ mod tests {
         let envelope = RawMessage::new(
             r#"{"Type":"Notification","MessageId":"m","TopicArn":"arn:aws:sns:us-east-1:0:t","Message":"{\"a\":1}","MessageAttributes":{"ce-id":{"Type":"String","Value":"e-1"}}}"#,
         );
-        let inner = unwrap_sns_envelope(envelope);
+        let inner = unwrap_envelope(envelope);
         assert_eq!(inner.body, br#"{"a":1}"#);
         assert_eq!(
             inner.attributes.get("ce-id").map(String::as_str),
             Some("e-1")
         );
+        let eb = RawMessage::new(
+            r#"{"version":"0","id":"x","detail-type":"t","source":"/s","detail":{"specversion":"1.0","id":"e-2"}}"#,
+        );
+        let inner = unwrap_envelope(eb);
+        let detail: serde_json::Value = serde_json::from_slice(&inner.body).unwrap();
+        assert_eq!(detail["id"], "e-2");
         let plain = RawMessage::new("{\"Type\":\"other\"}");
-        assert_eq!(unwrap_sns_envelope(plain.clone()).body, plain.body);
+        assert_eq!(unwrap_envelope(plain.clone()).body, plain.body);
     }
 }

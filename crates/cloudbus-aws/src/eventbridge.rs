@@ -1,0 +1,534 @@
+//! Amazon EventBridge: event buses as topics, rules with SQS targets as subscriptions.
+//!
+//! Publishing is PutEvents: Source = the CloudEvent `source`, DetailType = `type`,
+//! Time = `time`, Resources = the `subject` when it is an ARN, and Detail = the whole
+//! CloudEvent in structured JSON (always a JSON object: non-JSON data is carried as
+//! `data` text or `data_base64`), so that every attribute and extension comes back.
+//! `ensure_subscription` makes a rule on the bus whose event pattern is the portable
+//! Filter compiled over `detail` and whose target is an SQS queue named after the
+//! subscription (with the SQS lease, dead-letter queue and redrive policy). The
+//! consumer reads the queue and unwraps the EventBridge envelope.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_eventbridge::types::{PutEventsRequestEntry, Target};
+use cloudbus_core::codec::to_structured_json;
+use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::{
+    AttributesReader, BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error,
+    ErrorKind, Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver,
+    SubscriptionSpec, TopicDriver, TopologyDriver,
+};
+use serde_json::{Map, Value, json};
+
+use crate::sqs::{self, SqsDeadLetters, SqsQueue};
+
+/// Most entries in one PutEvents call.
+pub const MAX_BATCH_COUNT: usize = 10;
+/// Most bytes in one PutEvents call (and so in one event).
+pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// The event bus every account has.
+pub const DEFAULT_BUS: &str = "default";
+
+/// What an event bus with SQS-targeted rules supports.
+///
+/// ```
+/// let c = cloudbus_aws::eventbridge::capabilities();
+/// assert!(c.fan_out && !c.ordering);
+/// ```
+pub fn capabilities() -> Capabilities {
+    let mut c = sqs::capabilities("bus");
+    c.fan_out = true;
+    c.filtering = FilterSupport::Native;
+    c.max_delay = None;
+    c.ordering = false;
+    c.raw_messages = false;
+    c.max_message_bytes = MAX_BATCH_BYTES;
+    c.max_batch_count = MAX_BATCH_COUNT;
+    c.max_batch_bytes = MAX_BATCH_BYTES;
+    c
+}
+
+fn eb_error<E, R>(e: SdkError<E, R>, what: &str) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, detail) = match &e {
+        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
+        SdkError::DispatchFailure(_) => (
+            ErrorKind::Unavailable,
+            "could not reach the endpoint".to_owned(),
+        ),
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            let code = err.code().unwrap_or("unknown");
+            (
+                kind_of_code(code),
+                format!("{code}: {}", err.message().unwrap_or_default()),
+            )
+        }
+        _ => (ErrorKind::Unavailable, e.to_string()),
+    };
+    Error::with_source(kind, format!("{what}: {detail}"), e)
+}
+
+fn kind_of_code(code: &str) -> ErrorKind {
+    match code {
+        c if c.contains("ResourceNotFound") => ErrorKind::NotFound,
+        c if c.contains("ResourceAlreadyExists") => ErrorKind::AlreadyExists,
+        c if c.contains("Throttl") || c.contains("LimitExceeded") => ErrorKind::Throttled,
+        c if c.contains("AccessDenied") || c.contains("NotAuthorized") => {
+            ErrorKind::PermissionDenied
+        }
+        c if c.contains("TooLarge") || c.contains("TooLong") => ErrorKind::TooLarge,
+        c if c.contains("Invalid") || c.contains("Validation") => ErrorKind::InvalidArgument,
+        c if c.contains("Internal") || c.contains("Unavailable") => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// Compiles a portable filter to an EventBridge event pattern over `detail` (the
+/// structured CloudEvent), where attribute `a` is `detail.a`.
+///
+/// ```
+/// use cloudbus_core::Filter;
+/// let p = cloudbus_aws::eventbridge::event_pattern(Some(&Filter::prefix("type", "order."))).unwrap();
+/// assert_eq!(p, serde_json::json!({"detail": {"type": [{"prefix": "order."}]}}));
+/// ```
+pub fn event_pattern(filter: Option<&Filter>) -> Result<Value> {
+    match filter {
+        // Every cloudbus event: Detail is a CloudEvent, which has a specversion.
+        None => Ok(json!({ "detail": { "specversion": [{ "exists": true }] } })),
+        Some(f) => Ok(json!({ "detail": conditions(f)? })),
+    }
+}
+
+fn conditions(filter: &Filter) -> Result<Value> {
+    Ok(match filter {
+        Filter::Equals { attribute, values } => json!({ attribute: values }),
+        Filter::Prefix { attribute, prefix } => json!({ attribute: [{ "prefix": prefix }] }),
+        Filter::Exists { attribute, present } => json!({ attribute: [{ "exists": present }] }),
+        Filter::AnythingBut { attribute, values } => {
+            json!({ attribute: [{ "anything-but": values }] })
+        }
+        Filter::Range {
+            attribute,
+            min,
+            max,
+        } => {
+            let mut bounds = Vec::new();
+            if let Some(m) = min {
+                bounds.push(json!(">="));
+                bounds.push(json!(m));
+            }
+            if let Some(m) = max {
+                bounds.push(json!("<="));
+                bounds.push(json!(m));
+            }
+            if bounds.is_empty() {
+                json!({ attribute: [{ "exists": true }] })
+            } else {
+                json!({ attribute: [{ "numeric": bounds }] })
+            }
+        }
+        Filter::And(fs) => {
+            let mut all = Map::new();
+            for f in fs {
+                let Value::Object(part) = conditions(f)? else {
+                    continue;
+                };
+                for (k, v) in part {
+                    if all.contains_key(&k) {
+                        return Err(Error::unsupported(format!(
+                            "an EventBridge pattern cannot AND two conditions on {k:?}"
+                        )));
+                    }
+                    all.insert(k, v);
+                }
+            }
+            Value::Object(all)
+        }
+        Filter::Or(fs) => json!({ "$or": fs.iter().map(conditions).collect::<Result<Vec<_>>>()? }),
+    })
+}
+
+struct Shared {
+    events: aws_sdk_eventbridge::Client,
+    sqs: Arc<sqs::Shared>,
+}
+
+/// EventBridge with SQS-targeted rules (`eventbridge://[?region=R][&endpoint=URL]`).
+#[derive(Clone)]
+pub struct EventBridgeBus {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EventBridgeBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventBridgeBus { .. }")
+    }
+}
+
+impl EventBridgeBus {
+    /// A bus over the EventBridge and SQS clients made from `config`.
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        EventBridgeBus {
+            shared: Arc::new(Shared {
+                events: aws_sdk_eventbridge::Client::new(config),
+                sqs: Arc::new(sqs::Shared::new(aws_sdk_sqs::Client::new(config))),
+            }),
+        }
+    }
+
+    /// The EventBridge client (escape hatch).
+    pub fn events_client(&self) -> &aws_sdk_eventbridge::Client {
+        &self.shared.events
+    }
+
+    /// Wraps this driver in the portable [`Bus`].
+    pub fn into_bus(self) -> Bus {
+        Bus::new(Arc::new(self))
+    }
+}
+
+#[async_trait]
+impl BusDriver for EventBridgeBus {
+    fn scheme(&self) -> &str {
+        "eventbridge"
+    }
+
+    async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>> {
+        Ok(Arc::new(EventBus {
+            shared: self.shared.clone(),
+            name: topic.to_owned(),
+            exists: tokio::sync::OnceCell::new(),
+        }))
+    }
+
+    async fn subscription(
+        &self,
+        _topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn SubscriptionDriver>> {
+        Ok(Arc::new(SqsQueue::new(
+            self.shared.sqs.clone(),
+            subscription,
+            None,
+        )))
+    }
+
+    async fn dead_letters(
+        &self,
+        _topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn DeadLetterDriver>> {
+        Ok(Arc::new(SqsDeadLetters {
+            shared: self.shared.sqs.clone(),
+            source: subscription.to_owned(),
+            queue: sqs::dead_letter_queue(subscription),
+        }))
+    }
+
+    fn topology(&self) -> Arc<dyn TopologyDriver> {
+        Arc::new(EventBridgeTopology {
+            shared: self.shared.clone(),
+        })
+    }
+
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
+        Err(Error::unsupported(format!(
+            "EventBridge buses are not logs; read {stream:?} as a stream with Kinesis"
+        )))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// An event bus as a [`TopicDriver`] (PutEvents).
+pub struct EventBus {
+    shared: Arc<Shared>,
+    name: String,
+    /// Whether the bus exists, asked once (PutEvents does not say it everywhere).
+    exists: tokio::sync::OnceCell<()>,
+}
+
+fn entry(bus: &str, m: &OutgoingMessage) -> Result<PutEventsRequestEntry> {
+    let Payload::Event(e) = &m.payload else {
+        return Err(Error::unsupported(
+            "EventBridge carries CloudEvents only; raw messages cannot be published",
+        ));
+    };
+    let detail = String::from_utf8(to_structured_json(e)?)
+        .map_err(|_| Error::invalid("the structured CloudEvent is not UTF-8"))?;
+    let mut b = PutEventsRequestEntry::builder()
+        .event_bus_name(bus)
+        .source(e.source().to_string())
+        .detail_type(e.ty())
+        .detail(detail);
+    if let Some(t) = e.time() {
+        b = b.time(aws_sdk_eventbridge::primitives::DateTime::from_millis(
+            t.timestamp_millis(),
+        ));
+    }
+    if let Some(s) = e.subject()
+        && s.starts_with("arn:")
+    {
+        b = b.resources(s);
+    }
+    Ok(b.build())
+}
+
+#[async_trait]
+impl TopicDriver for EventBus {
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
+        self.exists
+            .get_or_try_init(|| async {
+                self.shared
+                    .events
+                    .describe_event_bus()
+                    .name(&self.name)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| eb_error(e, &format!("event bus {}", self.name)))
+            })
+            .await?;
+        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut entries = Vec::new();
+        let mut index = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match entry(&self.name, m) {
+                Ok(e) => {
+                    entries.push(e);
+                    index.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !entries.is_empty() {
+            let out = self
+                .shared
+                .events
+                .put_events()
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| eb_error(e, &format!("put events on {}", self.name)))?;
+            // One result per entry, in order: an event id, or an error code.
+            for (slot, r) in index.iter().zip(out.entries()) {
+                results[*slot] = Some(match (r.event_id(), r.error_code()) {
+                    (_, Some(code)) => Err(Error::new(
+                        kind_of_code(code),
+                        format!(
+                            "put event on {}: {code}: {}",
+                            self.name,
+                            r.error_message().unwrap_or_default()
+                        ),
+                    )),
+                    (Some(_), None) => Ok(()),
+                    (None, None) => Err(Error::new(
+                        ErrorKind::Internal,
+                        "EventBridge returned neither an id nor an error",
+                    )),
+                });
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::Internal,
+                        "EventBridge did not report this entry",
+                    ))
+                })
+            })
+            .collect())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct EventBridgeTopology {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl TopologyDriver for EventBridgeTopology {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        if topic == DEFAULT_BUS {
+            return Ok(());
+        }
+        match self
+            .shared
+            .events
+            .create_event_bus()
+            .name(topic)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = eb_error(e, &format!("create event bus {topic}"));
+                if e.kind() == ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        let pattern = event_pattern(spec.filter.as_ref())?;
+        let sqs = &self.shared.sqs;
+        let queue = &spec.name;
+        let url = sqs.create(queue).await?;
+        let queue_arn = sqs
+            .attribute(&url, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("queue {queue} has no ARN")))?;
+        let rule = self
+            .shared
+            .events
+            .put_rule()
+            .name(queue)
+            .event_bus_name(&spec.topic)
+            .event_pattern(pattern.to_string())
+            .send()
+            .await
+            .map_err(|e| eb_error(e, &format!("rule {queue} on {}", spec.topic)))?;
+        let access = json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": { "Service": "events.amazonaws.com" },
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": { "ArnEquals": { "aws:SourceArn": rule.rule_arn().unwrap_or_default() } }
+            }]
+        });
+        sqs.client
+            .set_queue_attributes()
+            .queue_url(&url)
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::Policy,
+                access.to_string(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Unavailable,
+                    format!("queue policy of {queue}"),
+                    e,
+                )
+            })?;
+        let mut queue_spec = spec.clone();
+        queue_spec.topic = queue.clone();
+        queue_spec.filter = None;
+        sqs::configure_queue(sqs, &queue_spec).await?;
+        let target = Target::builder()
+            .id("cloudbus")
+            .arn(queue_arn)
+            .build()
+            .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "target", e))?;
+        let out = self
+            .shared
+            .events
+            .put_targets()
+            .rule(queue)
+            .event_bus_name(&spec.topic)
+            .targets(target)
+            .send()
+            .await
+            .map_err(|e| eb_error(e, &format!("target of rule {queue}")))?;
+        if out.failed_entry_count() > 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("the SQS target of rule {queue} was refused"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        let _ = self
+            .shared
+            .events
+            .remove_targets()
+            .rule(name)
+            .event_bus_name(topic)
+            .ids("cloudbus")
+            .send()
+            .await;
+        match self
+            .shared
+            .events
+            .delete_rule()
+            .name(name)
+            .event_bus_name(topic)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = eb_error(e, &format!("delete rule {name}"));
+                if e.kind() == ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_filter_form_compiles_to_an_event_pattern() {
+        let cases = [
+            (Filter::eq("type", "a"), json!({"type": ["a"]})),
+            (Filter::exists("tier"), json!({"tier": [{"exists": true}]})),
+            (
+                Filter::anything_but("tier", ["x"]),
+                json!({"tier": [{"anything-but": ["x"]}]}),
+            ),
+            (
+                Filter::range("amount", Some(10.0), Some(20.0)),
+                json!({"amount": [{"numeric": [">=", 10.0, "<=", 20.0]}]}),
+            ),
+            (
+                Filter::and([Filter::eq("tier", "vip"), Filter::prefix("type", "o.")]),
+                json!({"tier": ["vip"], "type": [{"prefix": "o."}]}),
+            ),
+            (
+                Filter::or([Filter::eq("a", "1"), Filter::eq("b", "2")]),
+                json!({"$or": [{"a": ["1"]}, {"b": ["2"]}]}),
+            ),
+        ];
+        for (f, want) in cases {
+            assert_eq!(event_pattern(Some(&f)).unwrap(), json!({ "detail": want }));
+        }
+        let conflict = Filter::and([Filter::prefix("type", "a"), Filter::eq("type", "ab")]);
+        assert_eq!(
+            event_pattern(Some(&conflict)).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+    }
+}
