@@ -77,9 +77,11 @@ export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${A
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 cargo test --features aws --test aws
 if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
-    echo "== order saga example on SNS + SQS"
-    CLOUDBUS_URL="sns://" cargo run --quiet --features aws --example order_saga \
-        > /tmp/cloudbus-order-saga-sns.log
-    grep -q "redriven:        1" /tmp/cloudbus-order-saga-sns.log
-    tail -n 14 /tmp/cloudbus-order-saga-sns.log
+    for url in sns:// eventbridge://; do
+        echo "== order saga example on $url (with SQS subscriptions)"
+        CLOUDBUS_URL="$url" cargo run --quiet --features aws --example order_saga \
+            > /tmp/cloudbus-order-saga-aws.log
+        grep -q "redriven:        1" /tmp/cloudbus-order-saga-aws.log
+        tail -n 14 /tmp/cloudbus-order-saga-aws.log
+    done
 fi
