@@ -29,8 +29,8 @@ pub use cloudbus_core::*;
 #[cfg(feature = "memory")]
 pub use cloudbus_memory as memory;
 
-/// AWS: SQS (feature `sqs`, part of `aws`).
-#[cfg(feature = "sqs")]
+/// AWS: SQS, SNS, EventBridge, Kinesis (features `sqs`, `sns`, `eventbridge`, `kinesis`; `aws` = all).
+#[cfg(any(feature = "sqs", feature = "kinesis"))]
 pub use cloudbus_aws as aws;
 
 /// Google Cloud Pub/Sub (feature `pubsub`, or `gcp`).
@@ -89,6 +89,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "sns" => aws::connect(url).await,
         #[cfg(feature = "eventbridge")]
         "eventbridge" => aws::connect(url).await,
+        #[cfg(feature = "kinesis")]
+        "kinesis" => aws::connect(url).await,
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
             "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
         ))),

@@ -474,3 +474,252 @@ async fn sns_both_envelopes_are_unwrapped() {
         got[0].ack().await.unwrap();
     }
 }
+
+async fn kinesis(endpoint: &str, shards: i32) -> cloudbus::aws::kinesis::KinesisBus {
+    cloudbus::aws::kinesis::KinesisBus::with_shards(&config(endpoint).await, shards)
+}
+
+type Seen = Arc<std::sync::Mutex<Vec<(String, u32)>>>;
+
+/// A handler that records (key, n) from subjects "key:n".
+fn recorder(seen: Seen) -> impl cloudbus::Handler {
+    move |e: Arc<Event>, _ctx: HandlerContext| {
+        let seen = seen.clone();
+        async move {
+            let subject = e.subject().unwrap_or_default().to_owned();
+            let (k, n) = subject.split_once(':').unwrap_or_default();
+            seen.lock()
+                .unwrap()
+                .push((k.to_owned(), n.parse().unwrap_or(u32::MAX)));
+            Ok::<(), HandlerError>(())
+        }
+    }
+}
+
+/// Reads until `count` records were handled or patience ran out.
+async fn read_until(
+    consumer: &mut cloudbus::StreamConsumer,
+    handler: &dyn cloudbus::Handler,
+    seen: &Seen,
+    count: usize,
+) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < count && Instant::now() < until {
+        consumer.poll(handler).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn per_key_in_order(seen: &Seen, keys: &[&str], per_key: u32) {
+    let seen = seen.lock().unwrap();
+    for k in keys {
+        let got: Vec<u32> = seen
+            .iter()
+            .filter(|(x, _)| x == k)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(got, (0..per_key).collect::<Vec<u32>>(), "key {k}");
+    }
+}
+
+async fn put_keyed(p: &cloudbus::Publisher, keys: &[&str], range: std::ops::Range<u32>) {
+    let mut handles = Vec::new();
+    for n in range {
+        for k in keys {
+            handles.push(p.publish_with(
+                ev("aws.kinesis", &format!("{k}:{n}")),
+                PublishOptions::ordered(*k),
+            ));
+        }
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+}
+
+/// Records of each partition key arrive in order across two shards; a reader that
+/// resumes from the same checkpoints reads only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_order_per_key_and_checkpoints() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = kinesis(&endpoint, 2).await.into_bus();
+    let stream = format!("ks-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&stream).await.unwrap();
+    let publisher = bus.publisher(&stream).await.unwrap();
+    let keys = ["alpha", "beta", "gamma"];
+    put_keyed(&publisher, &keys, 0..20).await;
+    let store = Arc::new(cloudbus::MemoryCheckpointStore::new());
+    let seen: Seen = Arc::default();
+    let handler = recorder(seen.clone());
+    let mut first = bus
+        .stream_consumer(&stream, "g")
+        .await
+        .unwrap()
+        .checkpoints(store.clone())
+        .start_at(cloudbus::StartPosition::Earliest);
+    read_until(&mut first, &handler, &seen, 60).await;
+    per_key_in_order(&seen, &keys, 20);
+    put_keyed(&publisher, &["delta"], 0..5).await;
+    let mut second = bus
+        .stream_consumer(&stream, "g")
+        .await
+        .unwrap()
+        .checkpoints(store)
+        .start_at(cloudbus::StartPosition::Earliest);
+    read_until(&mut second, &handler, &seen, 65).await;
+    assert_eq!(seen.lock().unwrap().len(), 65, "re-read or lost records");
+    per_key_in_order(&seen, &["delta"], 5);
+}
+
+/// After a shard split, a key's records in the closed parent are read before those
+/// in its child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_resharding_reads_parent_before_child() {
+    let Some(endpoint) = endpoint() else { return };
+    let driver = kinesis(&endpoint, 1).await;
+    let bus = driver.clone().into_bus();
+    let stream = format!("reshard-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&stream).await.unwrap();
+    let publisher = bus.publisher(&stream).await.unwrap();
+    put_keyed(&publisher, &["k"], 0..10).await;
+    let shard = driver
+        .client()
+        .list_shards()
+        .stream_name(&stream)
+        .send()
+        .await
+        .unwrap()
+        .shards()[0]
+        .shard_id()
+        .to_owned();
+    driver
+        .client()
+        .split_shard()
+        .stream_name(&stream)
+        .shard_to_split(shard)
+        .new_starting_hash_key("170141183460469231731687303715884105728")
+        .send()
+        .await
+        .unwrap();
+    driver
+        .wait_active(&stream, Duration::from_secs(30))
+        .await
+        .unwrap();
+    put_keyed(&publisher, &["k"], 10..20).await;
+    let seen: Seen = Arc::default();
+    let handler = recorder(seen.clone());
+    let mut reader = bus
+        .stream_consumer(&stream, "g")
+        .await
+        .unwrap()
+        .start_at(cloudbus::StartPosition::Earliest);
+    let partitions = bus
+        .driver()
+        .stream(&stream)
+        .await
+        .unwrap()
+        .partitions()
+        .await
+        .unwrap();
+    assert_eq!(partitions.len(), 3, "{partitions:?}");
+    assert!(partitions.iter().any(|p| p.closed));
+    read_until(&mut reader, &handler, &seen, 20).await;
+    per_key_in_order(&seen, &["k"], 20);
+}
+
+/// Replay from a time reads what was written since, again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_replay_from_a_time() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = kinesis(&endpoint, 1).await.into_bus();
+    let stream = format!("replay-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&stream).await.unwrap();
+    let publisher = bus.publisher(&stream).await.unwrap();
+    put_keyed(&publisher, &["early"], 0..5).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let since = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    put_keyed(&publisher, &["late"], 0..5).await;
+    let seen: Seen = Arc::default();
+    let handler = recorder(seen.clone());
+    let mut reader = bus
+        .stream_consumer(&stream, "g")
+        .await
+        .unwrap()
+        .start_at(cloudbus::StartPosition::Earliest);
+    read_until(&mut reader, &handler, &seen, 10).await;
+    assert_eq!(seen.lock().unwrap().len(), 10);
+    seen.lock().unwrap().clear();
+    reader.replay(cloudbus::StartPosition::AtTime(since));
+    read_until(&mut reader, &handler, &seen, 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reader.poll(&handler).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 5, "{:?}", seen.lock().unwrap());
+    per_key_in_order(&seen, &["late"], 5);
+}
+
+/// A record whose handler keeps failing is retried, then dead-lettered into an SQS
+/// queue with the reason, and reading goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_failing_record_dead_lettered_into_sqs() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = kinesis(&endpoint, 1).await.into_bus();
+    let sqs_bus = sqs(&endpoint).await.into_bus();
+    let stream = format!("dlq-{:08x}", fastrand::u32(..));
+    let queue = format!("{stream}-failures");
+    bus.ensure_topic(&stream).await.unwrap();
+    queue_named(&sqs_bus, &queue).await;
+    let publisher = bus.publisher(&stream).await.unwrap();
+    put_keyed(&publisher, &["k"], 0..3).await;
+    let handled: Seen = Arc::default();
+    let record = handled.clone();
+    let handler = move |e: Arc<Event>, _ctx: HandlerContext| {
+        let record = record.clone();
+        async move {
+            if e.subject() == Some("k:1") {
+                return Err(HandlerError::retry("poison record"));
+            }
+            record
+                .lock()
+                .unwrap()
+                .push((e.subject().unwrap_or_default().to_owned(), 0));
+            Ok(())
+        }
+    };
+    let mut reader = bus
+        .stream_consumer(&stream, "g")
+        .await
+        .unwrap()
+        .start_at(cloudbus::StartPosition::Earliest)
+        .retry(
+            cloudbus::RetryPolicy::default()
+                .max_attempts(3)
+                .initial_backoff(Duration::from_millis(10)),
+        )
+        .dead_letter_to(sqs_bus.publisher(&queue).await.unwrap());
+    read_until(&mut reader, &handler, &handled, 2).await;
+    let subjects: Vec<String> = handled
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert_eq!(subjects, ["k:0", "k:2"]);
+    let consumer = sqs_bus.consumer(&queue, &queue).await.unwrap();
+    let got = consumer
+        .receive_batch(1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].event().subject(), Some("k:1"));
+    let reason = got[0]
+        .event()
+        .extension(cloudbus::event::EXT_DEAD_LETTER_REASON)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(reason.contains("poison record"), "reason {reason:?}");
+}
+
+async fn queue_named(bus: &Bus, name: &str) {
+    bus.ensure_topic(name).await.unwrap();
+}

@@ -3,7 +3,7 @@
 //!
 //! Today: Amazon SQS, standard and FIFO queues (feature `sqs`), and SNS with SQS
 //! subscriptions (feature `sns`), EventBridge with SQS-targeted rules (feature
-//! `eventbridge`). Kinesis is the rest of the AWS issue and not built yet.
+//! `eventbridge`), and Kinesis Data Streams (feature `kinesis`).
 //!
 //! ```no_run
 //! # async fn run() -> cloudbus_core::Result<()> {
@@ -19,6 +19,8 @@
 
 #[cfg(feature = "eventbridge")]
 pub mod eventbridge;
+#[cfg(feature = "kinesis")]
+pub mod kinesis;
 #[cfg(feature = "sns")]
 pub mod sns;
 #[cfg(feature = "sqs")]
@@ -63,6 +65,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "sqs" => Ok(sqs::SqsBus::new(&load_config(&parsed).await?).into_bus()),
         #[cfg(feature = "sns")]
         "sns" => Ok(sns::SnsBus::new(&load_config(&parsed).await?).into_bus()),
+        #[cfg(feature = "kinesis")]
+        "kinesis" => Ok(kinesis::KinesisBus::new(&load_config(&parsed).await?).into_bus()),
         #[cfg(feature = "eventbridge")]
         "eventbridge" => {
             Ok(eventbridge::EventBridgeBus::new(&load_config(&parsed).await?).into_bus())
