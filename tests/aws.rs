@@ -723,3 +723,104 @@ async fn kinesis_failing_record_dead_lettered_into_sqs() {
 async fn queue_named(bus: &Bus, name: &str) {
     bus.ensure_topic(name).await.unwrap();
 }
+
+/// A stand-in SQS endpoint that answers GetQueueUrl, throttles the first
+/// `throttled` SendMessageBatch calls, then accepts; it counts the batch calls.
+async fn throttling_sqs(throttled: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request: headers, then Content-Length bytes of body.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + length {
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + length);
+                    let (status, extra, body) = if head.contains("amazonsqs.getqueueurl") {
+                        (
+                            "200 OK",
+                            String::new(),
+                            format!(r#"{{"QueueUrl":"http://{addr}/000000000000/q"}}"#),
+                        )
+                    } else if counter.fetch_add(1, Ordering::SeqCst) < throttled {
+                        (
+                            "400 Bad Request",
+                            "x-amzn-query-error: RequestThrottled;Sender\r\n".to_owned(),
+                            r#"{"__type":"com.amazonaws.sqs#RequestThrottled","message":"slow down"}"#
+                                .to_owned(),
+                        )
+                    } else {
+                        (
+                            "200 OK",
+                            String::new(),
+                            r#"{"Successful":[{"Id":"0","MessageId":"m-1","MD5OfMessageBody":"x"}],"Failed":[]}"#
+                                .to_owned(),
+                        )
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/x-amz-json-1.0\r\n{extra}content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if sock.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), calls)
+}
+
+/// Throttling is a retryable error: after the SDK's own attempts give up, cloudbus
+/// core retries the batch with backoff until the endpoint accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_throttling_is_retried() {
+    let (url, calls) = throttling_sqs(4).await;
+    let bus = sqs(&url).await.into_bus();
+    let publisher = bus
+        .publisher_with(
+            "q",
+            cloudbus::PublisherOptions {
+                retry: cloudbus::RetryPolicy::default()
+                    .max_attempts(5)
+                    .initial_backoff(Duration::from_millis(20)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    publisher
+        .publish(ev("aws.throttled", "t"))
+        .await
+        .expect("published after the throttling passed");
+    let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(calls >= 5, "SendMessageBatch calls: {calls}");
+}
