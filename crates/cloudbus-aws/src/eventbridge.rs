@@ -13,7 +13,6 @@ use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use aws_sdk_eventbridge::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_eventbridge::types::{PutEventsRequestEntry, Target};
 use cloudbus_core::codec::to_structured_json;
 use cloudbus_core::stream::StreamDriver;
@@ -50,30 +49,6 @@ pub fn capabilities() -> Capabilities {
     c.max_batch_count = MAX_BATCH_COUNT;
     c.max_batch_bytes = MAX_BATCH_BYTES;
     c
-}
-
-fn eb_error<E, R>(e: SdkError<E, R>, what: &str) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, detail) = match &e {
-        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
-        SdkError::DispatchFailure(_) => (
-            ErrorKind::Unavailable,
-            "could not reach the endpoint".to_owned(),
-        ),
-        SdkError::ServiceError(s) => {
-            let err = s.err();
-            let code = err.code().unwrap_or("unknown");
-            (
-                kind_of_code(code),
-                format!("{code}: {}", err.message().unwrap_or_default()),
-            )
-        }
-        _ => (ErrorKind::Unavailable, e.to_string()),
-    };
-    Error::with_source(kind, format!("{what}: {detail}"), e)
 }
 
 fn kind_of_code(code: &str) -> ErrorKind {
@@ -296,10 +271,12 @@ impl TopicDriver for EventBus {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| eb_error(e, &format!("event bus {}", self.name)))
+                    .map_err(|e| {
+                        crate::sdk_error(e, kind_of_code, &format!("event bus {}", self.name))
+                    })
             })
             .await?;
-        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut results = crate::slots(batch.len());
         let mut entries = Vec::new();
         let mut index = Vec::new();
         for (i, m) in batch.iter().enumerate() {
@@ -319,7 +296,9 @@ impl TopicDriver for EventBus {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| eb_error(e, &format!("put events on {}", self.name)))?;
+                .map_err(|e| {
+                    crate::sdk_error(e, kind_of_code, &format!("put events on {}", self.name))
+                })?;
             // One result per entry, in order: an event id, or an error code.
             for (slot, r) in index.iter().zip(out.entries()) {
                 results[*slot] = Some(match (r.event_id(), r.error_code()) {
@@ -339,17 +318,7 @@ impl TopicDriver for EventBus {
                 });
             }
         }
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(Error::new(
-                        ErrorKind::Internal,
-                        "EventBridge did not report this entry",
-                    ))
-                })
-            })
-            .collect())
+        Ok(crate::finish(results, "EventBridge"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -381,7 +350,7 @@ impl TopologyDriver for EventBridgeTopology {
         {
             Ok(_) => Ok(()),
             Err(e) => {
-                let e = eb_error(e, &format!("create event bus {topic}"));
+                let e = crate::sdk_error(e, kind_of_code, &format!("create event bus {topic}"));
                 if e.kind() == ErrorKind::AlreadyExists {
                     Ok(())
                 } else {
@@ -393,13 +362,7 @@ impl TopologyDriver for EventBridgeTopology {
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
         let pattern = event_pattern(spec.filter.as_ref())?;
-        let sqs = &self.shared.sqs;
         let queue = &spec.name;
-        let url = sqs.create(queue).await?;
-        let queue_arn = sqs
-            .attribute(&url, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("queue {queue} has no ARN")))?;
         let rule = self
             .shared
             .events
@@ -409,37 +372,17 @@ impl TopologyDriver for EventBridgeTopology {
             .event_pattern(pattern.to_string())
             .send()
             .await
-            .map_err(|e| eb_error(e, &format!("rule {queue} on {}", spec.topic)))?;
-        let access = json!({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Effect": "Allow",
-                "Principal": { "Service": "events.amazonaws.com" },
-                "Action": "sqs:SendMessage",
-                "Resource": queue_arn,
-                "Condition": { "ArnEquals": { "aws:SourceArn": rule.rule_arn().unwrap_or_default() } }
-            }]
-        });
-        sqs.client
-            .set_queue_attributes()
-            .queue_url(&url)
-            .attributes(
-                aws_sdk_sqs::types::QueueAttributeName::Policy,
-                access.to_string(),
-            )
-            .send()
-            .await
             .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Unavailable,
-                    format!("queue policy of {queue}"),
-                    e,
-                )
+                crate::sdk_error(e, kind_of_code, &format!("rule {queue} on {}", spec.topic))
             })?;
-        let mut queue_spec = spec.clone();
-        queue_spec.topic = queue.clone();
-        queue_spec.filter = None;
-        sqs::configure_queue(sqs, &queue_spec).await?;
+        // The rule, and only it, may send to the queue.
+        let queue_arn = sqs::subscription_queue(
+            &self.shared.sqs,
+            spec,
+            "events.amazonaws.com",
+            rule.rule_arn().unwrap_or_default(),
+        )
+        .await?;
         let target = Target::builder()
             .id("cloudbus")
             .arn(queue_arn)
@@ -454,7 +397,7 @@ impl TopologyDriver for EventBridgeTopology {
             .targets(target)
             .send()
             .await
-            .map_err(|e| eb_error(e, &format!("target of rule {queue}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("target of rule {queue}")))?;
         if out.failed_entry_count() > 0 {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -485,7 +428,7 @@ impl TopologyDriver for EventBridgeTopology {
         {
             Ok(_) => Ok(()),
             Err(e) => {
-                let e = eb_error(e, &format!("delete rule {name}"));
+                let e = crate::sdk_error(e, kind_of_code, &format!("delete rule {name}"));
                 if e.kind() == ErrorKind::NotFound {
                     Ok(())
                 } else {

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::{Blob, DateTime as AwsDateTime};
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
 use chrono::{DateTime, Utc};
@@ -49,30 +48,6 @@ pub fn capabilities() -> Capabilities {
     c.nack_delay = false;
     c.lease_extension = false;
     c
-}
-
-fn kinesis_error<E, R>(e: SdkError<E, R>, what: &str) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, detail) = match &e {
-        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
-        SdkError::DispatchFailure(_) => (
-            ErrorKind::Unavailable,
-            "could not reach the endpoint".to_owned(),
-        ),
-        SdkError::ServiceError(s) => {
-            let err = s.err();
-            let code = err.code().unwrap_or("unknown");
-            (
-                kind_of_code(code),
-                format!("{code}: {}", err.message().unwrap_or_default()),
-            )
-        }
-        _ => (ErrorKind::Unavailable, e.to_string()),
-    };
-    Error::with_source(kind, format!("{what}: {detail}"), e)
 }
 
 fn kind_of_code(code: &str) -> ErrorKind {
@@ -157,7 +132,7 @@ async fn wait_active(
             .stream_name(stream)
             .send()
             .await
-            .map_err(|e| kinesis_error(e, &format!("stream {stream}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("stream {stream}")))?;
         if d.stream_description_summary()
             .is_some_and(|s| s.stream_status() == &StreamStatus::Active)
         {
@@ -235,7 +210,7 @@ impl TopologyDriver for KinesisTopology {
             .send()
             .await;
         if let Err(e) = created {
-            let e = kinesis_error(e, &format!("create stream {topic}"));
+            let e = crate::sdk_error(e, kind_of_code, &format!("create stream {topic}"));
             if e.kind() != ErrorKind::AlreadyExists {
                 return Err(e);
             }
@@ -277,7 +252,7 @@ fn partition_key(m: &OutgoingMessage) -> String {
 #[async_trait]
 impl TopicDriver for KinesisStream {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
-        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut results = crate::slots(batch.len());
         let mut entries = Vec::new();
         let mut index = Vec::new();
         for (i, m) in batch.iter().enumerate() {
@@ -309,7 +284,9 @@ impl TopicDriver for KinesisStream {
                 .set_records(Some(entries))
                 .send()
                 .await
-                .map_err(|e| kinesis_error(e, &format!("put records on {}", self.name)))?;
+                .map_err(|e| {
+                    crate::sdk_error(e, kind_of_code, &format!("put records on {}", self.name))
+                })?;
             // One result per record, in order; core retries just the failed ones.
             for (slot, r) in index.iter().zip(out.records()) {
                 results[*slot] = Some(match r.error_code() {
@@ -325,10 +302,7 @@ impl TopicDriver for KinesisStream {
                 });
             }
         }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "not reported"))))
-            .collect())
+        Ok(crate::finish(results, "Kinesis"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -351,10 +325,9 @@ impl StreamDriver for KinesisStream {
                 Some(token) => req.next_token(token),
                 None => req.stream_name(&self.name),
             };
-            let page = req
-                .send()
-                .await
-                .map_err(|e| kinesis_error(e, &format!("shards of {}", self.name)))?;
+            let page = req.send().await.map_err(|e| {
+                crate::sdk_error(e, kind_of_code, &format!("shards of {}", self.name))
+            })?;
             for s in page.shards() {
                 out.push(PartitionInfo {
                     id: s.shard_id().to_owned(),
@@ -397,10 +370,13 @@ impl StreamDriver for KinesisStream {
                 .shard_iterator_type(ShardIteratorType::AtTimestamp)
                 .timestamp(AwsDateTime::from_millis(t.timestamp_millis())),
         };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| kinesis_error(e, &format!("iterator of {}/{partition}", self.name)))?;
+        let out = req.send().await.map_err(|e| {
+            crate::sdk_error(
+                e,
+                kind_of_code,
+                &format!("iterator of {}/{partition}", self.name),
+            )
+        })?;
         out.shard_iterator()
             .map(|it| format!("{partition}{CURSOR_SEPARATOR}{it}"))
             .ok_or_else(|| Error::not_found(format!("no iterator for {}/{partition}", self.name)))
@@ -419,7 +395,7 @@ impl StreamDriver for KinesisStream {
             .limit(max.clamp(1, 10_000) as i32)
             .send()
             .await
-            .map_err(|e| kinesis_error(e, &format!("read {}", self.name)))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("read {}", self.name)))?;
         let records = out
             .records()
             .iter()

@@ -26,7 +26,9 @@ pub mod sns;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
-use cloudbus_core::{Bus, Error, ErrorKind, Result};
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use cloudbus_core::{BatchResults, Bus, Error, ErrorKind, Result};
 
 /// The environment variable of the AWS SDKs that points every service at one
 /// endpoint (LocalStack: `http://127.0.0.1:4566`).
@@ -75,4 +77,71 @@ pub async fn connect(url: &str) -> Result<Bus> {
             "{other}:// is not an AWS provider built into this cloudbus-aws"
         ))),
     }
+}
+
+/// Maps an error of any AWS SDK call onto the portable kinds, keeping it as the
+/// source; `kind_of_code` reads the service's error code (each service names its
+/// errors its own way).
+#[allow(dead_code)]
+pub(crate) fn sdk_error<E, R>(
+    e: SdkError<E, R>,
+    kind_of_code: fn(&str) -> ErrorKind,
+    what: &str,
+) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let (kind, detail) = match &e {
+        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
+        SdkError::DispatchFailure(_) => (
+            ErrorKind::Unavailable,
+            "could not reach the endpoint".to_owned(),
+        ),
+        SdkError::ResponseError(_) => (ErrorKind::Unavailable, "bad response".to_owned()),
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            let code = err.code().unwrap_or("unknown");
+            (
+                kind_of_code(code),
+                format!("{code}: {}", err.message().unwrap_or_default()),
+            )
+        }
+        // A request that could not be built: trying again does not help.
+        _ => (ErrorKind::Internal, e.to_string()),
+    };
+    Error::with_source(kind, format!("{what}: {detail}"), e)
+}
+
+/// The per-entry results of one batch call, filled in as the service reports them.
+pub(crate) type Slots = Vec<Option<Result<()>>>;
+
+/// Empty slots for a batch of `n`.
+#[allow(dead_code)]
+pub(crate) fn slots(n: usize) -> Slots {
+    (0..n).map(|_| None).collect()
+}
+
+/// Records the outcome of the entry with batch id `id` (its index in the batch).
+#[allow(dead_code)]
+pub(crate) fn report(slots: &mut Slots, id: &str, outcome: Result<()>) {
+    if let Some(slot) = id.parse::<usize>().ok().and_then(|i| slots.get_mut(i)) {
+        *slot = Some(outcome);
+    }
+}
+
+/// The batch results, an entry the service did not report being an error.
+#[allow(dead_code)]
+pub(crate) fn finish(slots: Slots, service: &str) -> BatchResults {
+    slots
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(Error::new(
+                    ErrorKind::Internal,
+                    format!("{service} did not report this entry"),
+                ))
+            })
+        })
+        .collect()
 }

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use aws_sdk_sns::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use cloudbus_core::stream::StreamDriver;
 use cloudbus_core::{
@@ -36,30 +35,6 @@ pub fn capabilities(topic: &str) -> Capabilities {
     c.filtering = FilterSupport::Native;
     c.max_delay = None;
     c
-}
-
-fn sns_error<E, R>(e: SdkError<E, R>, what: &str) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, detail) = match &e {
-        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
-        SdkError::DispatchFailure(_) => (
-            ErrorKind::Unavailable,
-            "could not reach the endpoint".to_owned(),
-        ),
-        SdkError::ServiceError(s) => {
-            let err = s.err();
-            let code = err.code().unwrap_or("unknown");
-            (
-                kind_of_code(code),
-                format!("{code}: {}", err.message().unwrap_or_default()),
-            )
-        }
-        _ => (ErrorKind::Unavailable, e.to_string()),
-    };
-    Error::with_source(kind, format!("{what}: {detail}"), e)
 }
 
 fn kind_of_code(code: &str) -> ErrorKind {
@@ -154,7 +129,7 @@ impl Shared {
         let suffix = format!(":{name}");
         let mut pages = self.sns.list_topics().into_paginator().send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| sns_error(e, "list topics"))?;
+            let page = page.map_err(|e| crate::sdk_error(e, kind_of_code, "list topics"))?;
             for t in page.topics() {
                 if let Some(arn) = t.topic_arn()
                     && arn.ends_with(&suffix)
@@ -308,7 +283,7 @@ impl SnsTopic {
 impl TopicDriver for SnsTopic {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
         let arn = self.shared.arn(&self.name).await?;
-        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut results = crate::slots(batch.len());
         let mut entries = Vec::new();
         for (i, m) in batch.iter().enumerate() {
             match self.entry(i, m) {
@@ -325,36 +300,22 @@ impl TopicDriver for SnsTopic {
                 .set_publish_batch_request_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| sns_error(e, &format!("publish to {}", self.name)))?;
+                .map_err(|e| {
+                    crate::sdk_error(e, kind_of_code, &format!("publish to {}", self.name))
+                })?;
+            let what = format!("publish to {}", self.name);
             for ok in out.successful() {
-                if let Some(i) = ok.id().and_then(|i| i.parse::<usize>().ok())
-                    && i < results.len()
-                {
-                    results[i] = Some(Ok(()));
-                }
+                crate::report(&mut results, ok.id().unwrap_or_default(), Ok(()));
             }
             for f in out.failed() {
-                if let Ok(i) = f.id().parse::<usize>()
-                    && i < results.len()
-                {
-                    results[i] = Some(Err(Error::new(
-                        kind_of_code(f.code()),
-                        format!(
-                            "publish to {}: {}: {}",
-                            self.name,
-                            f.code(),
-                            f.message().unwrap_or_default()
-                        ),
-                    )));
-                }
+                let error = Error::new(
+                    kind_of_code(f.code()),
+                    format!("{what}: {}: {}", f.code(), f.message().unwrap_or_default()),
+                );
+                crate::report(&mut results, f.id(), Err(error));
             }
         }
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "SNS did not report it")))
-            })
-            .collect())
+        Ok(crate::finish(results, "SNS"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -380,7 +341,7 @@ impl TopologyDriver for SnsTopology {
         let out = req
             .send()
             .await
-            .map_err(|e| sns_error(e, &format!("create topic {topic}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("create topic {topic}")))?;
         if let Some(arn) = out.topic_arn() {
             self.shared
                 .arns
@@ -394,44 +355,11 @@ impl TopologyDriver for SnsTopology {
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
         let policy = spec.filter.as_ref().map(filter_policy).transpose()?;
         let topic_arn = self.shared.arn(&spec.topic).await?;
-        let sqs = &self.shared.sqs;
         let queue = &spec.name;
-        let url = sqs.create(queue).await?;
-        let queue_arn = sqs
-            .attribute(&url, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-            .await?
-            .ok_or_else(|| Error::not_found(format!("queue {queue} has no ARN")))?;
-        // Let the topic (and only it) send to the queue.
-        let access = json!({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Effect": "Allow",
-                "Principal": { "Service": "sns.amazonaws.com" },
-                "Action": "sqs:SendMessage",
-                "Resource": queue_arn,
-                "Condition": { "ArnEquals": { "aws:SourceArn": topic_arn } }
-            }]
-        });
-        sqs.client
-            .set_queue_attributes()
-            .queue_url(&url)
-            .attributes(
-                aws_sdk_sqs::types::QueueAttributeName::Policy,
-                access.to_string(),
-            )
-            .send()
-            .await
-            .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Unavailable,
-                    format!("queue policy of {queue}"),
-                    e,
-                )
-            })?;
-        let mut queue_spec = spec.clone();
-        queue_spec.topic = queue.clone();
-        queue_spec.filter = None;
-        sqs::configure_queue(sqs, &queue_spec).await?;
+        // The topic, and only it, may send to the queue.
+        let queue_arn =
+            sqs::subscription_queue(&self.shared.sqs, spec, "sns.amazonaws.com", &topic_arn)
+                .await?;
         let mut req = self
             .shared
             .sns
@@ -446,9 +374,13 @@ impl TopologyDriver for SnsTopology {
                 .attributes("FilterPolicy", policy.to_string())
                 .attributes("FilterPolicyScope", "MessageAttributes");
         }
-        req.send()
-            .await
-            .map_err(|e| sns_error(e, &format!("subscribe {queue} to {}", spec.topic)))?;
+        req.send().await.map_err(|e| {
+            crate::sdk_error(
+                e,
+                kind_of_code,
+                &format!("subscribe {queue} to {}", spec.topic),
+            )
+        })?;
         Ok(())
     }
 
@@ -477,7 +409,7 @@ impl TopologyDriver for SnsTopology {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| sns_error(e, "list subscriptions"))?;
+            let page = page.map_err(|e| crate::sdk_error(e, kind_of_code, "list subscriptions"))?;
             for s in page.subscriptions() {
                 if s.endpoint() == Some(queue_arn.as_str())
                     && let Some(arn) = s.subscription_arn()
@@ -488,7 +420,7 @@ impl TopologyDriver for SnsTopology {
                         .subscription_arn(arn)
                         .send()
                         .await
-                        .map_err(|e| sns_error(e, "unsubscribe"))?;
+                        .map_err(|e| crate::sdk_error(e, kind_of_code, "unsubscribe"))?;
                 }
             }
         }

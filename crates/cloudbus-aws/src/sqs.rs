@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
@@ -128,30 +127,24 @@ fn kind_of_code(code: &str) -> ErrorKind {
     }
 }
 
-/// Maps an SDK error onto the portable kinds, keeping it as the source.
-fn sdk_error<E, R>(e: SdkError<E, R>, what: &str) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let (kind, detail) = match &e {
-        SdkError::TimeoutError(_) => (ErrorKind::Timeout, "timed out".to_owned()),
-        SdkError::DispatchFailure(_) => (
-            ErrorKind::Unavailable,
-            "could not reach the endpoint".to_owned(),
-        ),
-        SdkError::ResponseError(_) => (ErrorKind::Unavailable, "bad response".to_owned()),
-        SdkError::ServiceError(s) => {
-            let err = s.err();
-            let code = err.code().unwrap_or("unknown");
-            (
-                kind_of_code(code),
-                format!("{code}: {}", err.message().unwrap_or_default()),
-            )
-        }
-        _ => (ErrorKind::Internal, e.to_string()),
-    };
-    Error::with_source(kind, format!("{what}: {detail}"), e)
+/// Reports the entries of one SQS batch call: the ids it accepted, and the failed
+/// ones with their error codes.
+fn report_batch<'a>(
+    slots: &mut crate::Slots,
+    successful: impl Iterator<Item = &'a str>,
+    failed: &[aws_sdk_sqs::types::BatchResultErrorEntry],
+    what: &str,
+) {
+    for id in successful {
+        crate::report(slots, id, Ok(()));
+    }
+    for f in failed {
+        let error = Error::new(
+            kind_of_code(f.code()),
+            format!("{what}: {}: {}", f.code(), f.message().unwrap_or_default()),
+        );
+        crate::report(slots, f.id(), Err(error));
+    }
 }
 
 fn build_error(e: aws_sdk_sqs::error::BuildError) -> Error {
@@ -187,7 +180,7 @@ impl Shared {
             .queue_name(name)
             .send()
             .await
-            .map_err(|e| sdk_error(e, &format!("queue {name}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("queue {name}")))?;
         let url = out
             .queue_url()
             .ok_or_else(|| Error::not_found(format!("queue {name} has no URL")))?
@@ -211,7 +204,7 @@ impl Shared {
             .attribute_names(name.clone())
             .send()
             .await
-            .map_err(|e| sdk_error(e, &format!("attributes of {url}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("attributes of {url}")))?;
         Ok(out.attributes().and_then(|a| a.get(&name)).cloned())
     }
 
@@ -233,7 +226,7 @@ impl Shared {
                 Ok(url)
             }
             Err(e) => {
-                let e = sdk_error(e, &format!("create queue {name}"));
+                let e = crate::sdk_error(e, kind_of_code, &format!("create queue {name}"));
                 if e.kind() == ErrorKind::AlreadyExists {
                     self.url(name).await
                 } else {
@@ -266,7 +259,7 @@ impl Shared {
         }
         req.send()
             .await
-            .map_err(|e| sdk_error(e, &format!("send to {queue}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("send to {queue}")))?;
         Ok(())
     }
 
@@ -277,7 +270,7 @@ impl Shared {
             .receipt_handle(receipt)
             .send()
             .await
-            .map_err(|e| sdk_error(e, "delete message"))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, "delete message"))?;
         Ok(())
     }
 }
@@ -456,7 +449,7 @@ impl TopologyDriver for SqsTopology {
             .tag_keys(format!("{SUBSCRIPTION_TAG}{name}"))
             .send()
             .await
-            .map_err(|e| sdk_error(e, &format!("untag queue {topic}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("untag queue {topic}")))?;
         Ok(())
     }
 }
@@ -490,7 +483,9 @@ pub(crate) async fn configure_queue(shared: &Shared, spec: &SubscriptionSpec) ->
         )
         .send()
         .await
-        .map_err(|e| sdk_error(e, &format!("configure queue {}", spec.topic)))?;
+        .map_err(|e| {
+            crate::sdk_error(e, kind_of_code, &format!("configure queue {}", spec.topic))
+        })?;
     if spec.name != spec.topic {
         shared
             .client
@@ -499,9 +494,50 @@ pub(crate) async fn configure_queue(shared: &Shared, spec: &SubscriptionSpec) ->
             .tags(format!("{SUBSCRIPTION_TAG}{}", spec.name), "true")
             .send()
             .await
-            .map_err(|e| sdk_error(e, &format!("tag queue {}", spec.topic)))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("tag queue {}", spec.topic)))?;
     }
     Ok(())
+}
+
+/// Makes the queue of a subscription that another service feeds (SNS, EventBridge):
+/// the queue `spec.name`, an access policy that lets `service` send to it on behalf
+/// of `source_arn` only, and the SQS configuration of `spec` (lease, dead-letter
+/// queue, redrive policy). Returns the queue's ARN.
+pub(crate) async fn subscription_queue(
+    shared: &Shared,
+    spec: &SubscriptionSpec,
+    service: &str,
+    source_arn: &str,
+) -> Result<String> {
+    let queue = &spec.name;
+    let url = shared.create(queue).await?;
+    let queue_arn = shared
+        .attribute(&url, QueueAttributeName::QueueArn)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("queue {queue} has no ARN")))?;
+    let access = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Allow",
+            "Principal": { "Service": service },
+            "Action": "sqs:SendMessage",
+            "Resource": queue_arn,
+            "Condition": { "ArnEquals": { "aws:SourceArn": source_arn } }
+        }]
+    });
+    shared
+        .client
+        .set_queue_attributes()
+        .queue_url(&url)
+        .attributes(QueueAttributeName::Policy, access.to_string())
+        .send()
+        .await
+        .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("queue policy of {queue}")))?;
+    let mut queue_spec = spec.clone();
+    queue_spec.topic = queue.clone();
+    queue_spec.filter = None;
+    configure_queue(shared, &queue_spec).await?;
+    Ok(queue_arn)
 }
 
 /// How a queue was opened: its URL, lease, and whether the subscription is admitted.
@@ -562,7 +598,9 @@ impl SqsQueue {
                         .queue_url(&url)
                         .send()
                         .await
-                        .map_err(|e| sdk_error(e, &format!("tags of {}", self.queue)))?;
+                        .map_err(|e| {
+                            crate::sdk_error(e, kind_of_code, &format!("tags of {}", self.queue))
+                        })?;
                     let key = format!("{SUBSCRIPTION_TAG}{sub}");
                     if !tags.tags().is_some_and(|t| t.contains_key(&key)) {
                         return Err(Error::not_found(format!(
@@ -732,12 +770,12 @@ async fn receive_messages(
     let whole = wait.as_secs().min(20) as i32;
     let mut out = once(whole)
         .await
-        .map_err(|e| sdk_error(e, &format!("receive from {queue}")))?;
+        .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("receive from {queue}")))?;
     if whole == 0 && out.messages().is_empty() && !wait.is_zero() {
         tokio::time::sleep(wait).await;
         out = once(0)
             .await
-            .map_err(|e| sdk_error(e, &format!("receive from {queue}")))?;
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("receive from {queue}")))?;
     }
     Ok(out.messages.unwrap_or_default())
 }
@@ -760,7 +798,7 @@ pub(crate) fn dedup_id(id: &str) -> String {
 impl TopicDriver for SqsQueue {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
         let url = self.shared.url(&self.queue).await?;
-        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut results = crate::slots(batch.len());
         let mut entries = Vec::new();
         for (i, m) in batch.iter().enumerate() {
             match self.entry(i, m) {
@@ -777,41 +815,17 @@ impl TopicDriver for SqsQueue {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| sdk_error(e, &format!("send to {}", self.queue)))?;
-            for ok in out.successful() {
-                if let Ok(i) = ok.id().parse::<usize>()
-                    && i < results.len()
-                {
-                    results[i] = Some(Ok(()));
-                }
-            }
-            for failed in out.failed() {
-                if let Ok(i) = failed.id().parse::<usize>()
-                    && i < results.len()
-                {
-                    results[i] = Some(Err(Error::new(
-                        kind_of_code(failed.code()),
-                        format!(
-                            "send to {}: {}: {}",
-                            self.queue,
-                            failed.code(),
-                            failed.message().unwrap_or_default()
-                        ),
-                    )));
-                }
-            }
+                .map_err(|e| {
+                    crate::sdk_error(e, kind_of_code, &format!("send to {}", self.queue))
+                })?;
+            report_batch(
+                &mut results,
+                out.successful().iter().map(|ok| ok.id()),
+                out.failed(),
+                &format!("send to {}", self.queue),
+            );
         }
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| {
-                    Err(Error::new(
-                        ErrorKind::Internal,
-                        "SQS did not report this entry",
-                    ))
-                })
-            })
-            .collect())
+        Ok(crate::finish(results, "SQS"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -862,7 +876,7 @@ impl SubscriptionDriver for SqsQueue {
 
     async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
         let url = self.opened().await?.url.clone();
-        let mut results: Vec<Option<Result<()>>> = (0..items.len()).map(|_| None).collect();
+        let mut results = crate::slots(items.len());
         let mut deletes = Vec::new();
         let mut visibility = Vec::new();
         for (i, (token, settlement)) in items.iter().enumerate() {
@@ -931,20 +945,15 @@ impl SubscriptionDriver for SqsQueue {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| sdk_error(e, &format!("delete from {}", self.queue)))?;
-            for ok in out.successful() {
-                if let Ok(i) = ok.id().parse::<usize>() {
-                    results[i] = Some(Ok(()));
-                }
-            }
-            for f in out.failed() {
-                if let Ok(i) = f.id().parse::<usize>() {
-                    results[i] = Some(Err(Error::new(
-                        kind_of_code(f.code()),
-                        format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                    )));
-                }
-            }
+                .map_err(|e| {
+                    crate::sdk_error(e, kind_of_code, &format!("delete from {}", self.queue))
+                })?;
+            report_batch(
+                &mut results,
+                out.successful().iter().map(|ok| ok.id()),
+                out.failed(),
+                &format!("settle on {}", self.queue),
+            );
         }
         for chunk in visibility.chunks(MAX_BATCH_COUNT) {
             let entries = chunk
@@ -966,25 +975,21 @@ impl SubscriptionDriver for SqsQueue {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| sdk_error(e, &format!("change visibility on {}", self.queue)))?;
-            for ok in out.successful() {
-                if let Ok(i) = ok.id().parse::<usize>() {
-                    results[i] = Some(Ok(()));
-                }
-            }
-            for f in out.failed() {
-                if let Ok(i) = f.id().parse::<usize>() {
-                    results[i] = Some(Err(Error::new(
-                        kind_of_code(f.code()),
-                        format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-                    )));
-                }
-            }
+                .map_err(|e| {
+                    crate::sdk_error(
+                        e,
+                        kind_of_code,
+                        &format!("change visibility on {}", self.queue),
+                    )
+                })?;
+            report_batch(
+                &mut results,
+                out.successful().iter().map(|ok| ok.id()),
+                out.failed(),
+                &format!("settle on {}", self.queue),
+            );
         }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "not settled"))))
-            .collect())
+        Ok(crate::finish(results, "SQS"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -1070,7 +1075,9 @@ impl SqsDeadLetters {
                 .message_attribute_names("All")
                 .send()
                 .await
-                .map_err(|e| sdk_error(e, &format!("receive from {}", self.queue)))?;
+                .map_err(|e| {
+                    crate::sdk_error(e, kind_of_code, &format!("receive from {}", self.queue))
+                })?;
             let mut new = 0;
             for m in r.messages() {
                 let s = stored(m);
