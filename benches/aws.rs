@@ -16,6 +16,8 @@
 //! Run: `cargo bench --features aws --bench aws` (BENCH_EVENTS=N, default 5,000). It
 //! uses AWS_ENDPOINT_URL, or starts LocalStack with scripts/localstack.sh.
 
+mod common;
+use common::Emulator;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
@@ -35,49 +37,6 @@ fn events(n: usize) -> Vec<Event> {
                 .expect("valid event")
         })
         .collect()
-}
-
-struct Endpoint {
-    url: String,
-    pid: Option<String>,
-}
-
-impl Endpoint {
-    fn find_or_start() -> Endpoint {
-        if let Ok(url) = std::env::var("AWS_ENDPOINT_URL") {
-            return Endpoint { url, pid: None };
-        }
-        let out = std::process::Command::new("bash")
-            .arg("scripts/localstack.sh")
-            .output()
-            .expect("run scripts/localstack.sh");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_owned))
-        };
-        match (get("AWS_ENDPOINT_URL"), get("LOCALSTACK_PID")) {
-            (Some(url), Some(pid)) => Endpoint {
-                url,
-                pid: Some(pid),
-            },
-            _ => panic!(
-                "could not start LocalStack: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        }
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        if let Some(pid) = &self.pid {
-            let _ = std::process::Command::new("kill")
-                .arg("--")
-                .arg(format!("-{pid}"))
-                .status();
-        }
-    }
 }
 
 async fn config(endpoint: &str) -> aws_config::SdkConfig {
@@ -166,7 +125,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5_000);
-    let endpoint = Endpoint::find_or_start();
+    let endpoint = Emulator::find_or_start(
+        "AWS_ENDPOINT_URL",
+        "scripts/localstack.sh",
+        "LOCALSTACK_PID",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -174,10 +137,10 @@ fn main() {
         .expect("runtime");
     println!(
         "AWS endpoint {}: {n} events of ~1 KiB JSON per scenario",
-        endpoint.url
+        endpoint.address
     );
     let results: Vec<(&str, Duration, Duration)> = rt.block_on(async {
-        let config = config(&endpoint.url).await;
+        let config = config(&endpoint.address).await;
         let client = aws_sdk_sqs::Client::new(&config);
         let bus = SqsBus::new(&config).into_bus();
         let codec = BinaryCodec::new(cloudbus::aws::sqs::ATTRIBUTE_PREFIX)

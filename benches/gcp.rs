@@ -11,6 +11,8 @@
 //! default 3, medians printed). It uses PUBSUB_EMULATOR_HOST, or starts the emulator
 //! with scripts/pubsub-emulator.sh and stops it at the end.
 
+mod common;
+use common::Emulator;
 use std::time::{Duration, Instant};
 
 use cloudbus::gcp::{PubSubBus, PubSubConfig};
@@ -31,49 +33,6 @@ fn events(n: usize) -> Vec<Event> {
                 .expect("valid event")
         })
         .collect()
-}
-
-struct Emulator {
-    host: String,
-    pid: Option<String>,
-}
-
-impl Emulator {
-    fn find_or_start() -> Emulator {
-        if let Ok(host) = std::env::var("PUBSUB_EMULATOR_HOST") {
-            return Emulator { host, pid: None };
-        }
-        let out = std::process::Command::new("bash")
-            .arg("scripts/pubsub-emulator.sh")
-            .output()
-            .expect("run scripts/pubsub-emulator.sh");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_owned))
-        };
-        match (get("PUBSUB_EMULATOR_HOST"), get("PUBSUB_EMULATOR_PID")) {
-            (Some(host), Some(pid)) => Emulator {
-                host,
-                pid: Some(pid),
-            },
-            _ => panic!(
-                "could not start the Pub/Sub emulator: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        }
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        if let Some(pid) = &self.pid {
-            let _ = std::process::Command::new("kill")
-                .arg("--")
-                .arg(format!("-{pid}"))
-                .status();
-        }
-    }
 }
 
 /// Makes a topic and an unordered subscription the way cloudbus does.
@@ -176,7 +135,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let emulator = Emulator::find_or_start();
+    let emulator = Emulator::find_or_start(
+        "PUBSUB_EMULATOR_HOST",
+        "scripts/pubsub-emulator.sh",
+        "PUBSUB_EMULATOR_PID",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -184,10 +147,10 @@ fn main() {
         .expect("runtime");
     let codec = BinaryCodec::new(cloudbus::gcp::ATTRIBUTE_PREFIX)
         .content_type_attribute(cloudbus::gcp::CONTENT_TYPE_ATTRIBUTE);
-    let driver = PubSubBus::new(PubSubConfig::new(PROJECT).emulator(&emulator.host));
+    let driver = PubSubBus::new(PubSubConfig::new(PROJECT).emulator(&emulator.address));
     println!(
         "Pub/Sub emulator at {}: {n} events of ~1 KiB JSON, {rounds} rounds, medians",
-        emulator.host
+        emulator.address
     );
     let mut cb = (Vec::new(), Vec::new(), Vec::new());
     let mut raw = (Vec::new(), Vec::new(), Vec::new());
@@ -211,7 +174,7 @@ fn main() {
                                 .set_attributes(raw.attributes)
                         })
                         .collect();
-                    let (p, c) = raw_round(&driver, &emulator.host, messages).await;
+                    let (p, c) = raw_round(&driver, &emulator.address, messages).await;
                     raw.0.push(n as f64 / p.as_secs_f64());
                     raw.1.push(n as f64 / c.as_secs_f64());
                     raw.2.push(n as f64 / (p + c).as_secs_f64());
