@@ -243,11 +243,14 @@ async fn sqs_fifo_order_across_groups() {
 }
 
 /// The queue's RedrivePolicy moves an event after maxReceiveCount receives, and
-/// DeadLetters peeks, redrives and purges the dead-letter queue.
+/// DeadLetters peeks, redrives (with an SQS message move task) and purges the
+/// dead-letter queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_redrive_policy_moves_after_max_receives() {
     let Some(endpoint) = endpoint() else { return };
-    let bus = sqs(&endpoint).await.into_bus();
+    let driver = sqs(&endpoint).await;
+    let client = driver.client().clone();
+    let bus = driver.into_bus();
     let name = format!("redrive-{:08x}", fastrand::u32(..));
     queue(&bus, &name, |s| s.max_delivery_attempts(2)).await;
     let e = ev("aws.poison", "p");
@@ -291,6 +294,35 @@ async fn sqs_redrive_policy_moves_after_max_receives() {
         other => panic!("{other:?}"),
     }
     assert_eq!(dlq.redrive_all().await.unwrap(), 1);
+    // The redrive was an SQS message move task, and it has completed.
+    let dlq_url = client
+        .get_queue_url()
+        .queue_name(format!("{name}-dlq"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_owned();
+    let dlq_arn = client
+        .get_queue_attributes()
+        .queue_url(dlq_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes()
+        .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+        .clone();
+    let tasks = client
+        .list_message_move_tasks()
+        .source_arn(dlq_arn)
+        .send()
+        .await
+        .unwrap();
+    let task = &tasks.results()[0];
+    assert_eq!(task.status(), Some("COMPLETED"));
+    assert_eq!(task.approximate_number_of_messages_moved(), 1);
     let back = consumer
         .receive_batch(1, Duration::from_secs(10))
         .await

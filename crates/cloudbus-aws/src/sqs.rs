@@ -1042,15 +1042,108 @@ impl SubscriptionDriver for SqsQueue {
     }
 }
 
-/// The dead-letter queue of a queue. Redrive sends each letter back to the source
-/// queue and then deletes it (a crash in between gives a duplicate, never a loss).
+/// The dead-letter queue of a queue.
+///
+/// Redriving everything starts an SQS message move task (StartMessageMoveTask from
+/// the dead-letter queue to its source, followed with ListMessageMoveTasks until it
+/// ends). Where the endpoint has no move tasks, or the task fails, and for a partial
+/// redrive (`redrive(Some(n))`), each letter is sent back to the source queue and then
+/// deleted: a crash in between gives a duplicate, never a loss.
 pub struct SqsDeadLetters {
     pub(crate) shared: Arc<Shared>,
     pub(crate) source: String,
     pub(crate) queue: String,
 }
 
+/// How a message move task ended.
+enum MoveTask {
+    /// The endpoint could not start one (no such operation, not a dead-letter queue).
+    NotStarted(Error),
+    Completed(usize),
+    Failed {
+        moved: usize,
+        reason: String,
+    },
+}
+
+/// How long a redrive follows a running move task before giving up on it.
+const MOVE_TASK_PATIENCE: Duration = Duration::from_secs(15 * 60);
+
 impl SqsDeadLetters {
+    /// Moves every letter back to the source with an SQS message move task and
+    /// waits for it to end.
+    async fn move_task(&self, dlq_url: &str) -> Result<MoveTask> {
+        let source_url = self.shared.url(&self.source).await?;
+        let arn_of = |url: String| async move {
+            self.shared
+                .attribute(&url, QueueAttributeName::QueueArn)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("queue {url} has no ARN")))
+        };
+        let dlq_arn = arn_of(dlq_url.to_owned()).await?;
+        let source_arn = arn_of(source_url).await?;
+        let started = match self
+            .shared
+            .client
+            .start_message_move_task()
+            .source_arn(&dlq_arn)
+            .destination_arn(&source_arn)
+            .send()
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(MoveTask::NotStarted(crate::sdk_error(
+                    e,
+                    kind_of_code,
+                    &format!("move task on {}", self.queue),
+                )));
+            }
+        };
+        let handle = started.task_handle().unwrap_or_default().to_owned();
+        let until = tokio::time::Instant::now() + MOVE_TASK_PATIENCE;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+            let out = self
+                .shared
+                .client
+                .list_message_move_tasks()
+                .source_arn(&dlq_arn)
+                .max_results(1)
+                .send()
+                .await
+                .map_err(|e| {
+                    crate::sdk_error(e, kind_of_code, &format!("move tasks of {}", self.queue))
+                })?;
+            // The newest task comes first; a running one names its handle.
+            let Some(task) = out.results().first() else {
+                continue;
+            };
+            let moved = task.approximate_number_of_messages_moved().max(0) as usize;
+            match task.status() {
+                Some("COMPLETED") => return Ok(MoveTask::Completed(moved)),
+                Some("FAILED") | Some("CANCELLED") => {
+                    return Ok(MoveTask::Failed {
+                        moved,
+                        reason: task.failure_reason().unwrap_or("cancelled").to_owned(),
+                    });
+                }
+                _ if tokio::time::Instant::now() > until => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "the move task {handle} from {} was still running after {:?}",
+                            self.queue, MOVE_TASK_PATIENCE
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Receives letters (hidden for `hide`) until `max` or until a receive brings
     /// nothing new.
     async fn collect(
@@ -1142,6 +1235,22 @@ impl DeadLetterDriver for SqsDeadLetters {
 
     async fn redrive(&self, max: Option<usize>) -> Result<usize> {
         let url = self.shared.url(&self.queue).await?;
+        let mut moved_by_task = 0;
+        if max.is_none() {
+            match self.move_task(&url).await {
+                Ok(MoveTask::Completed(n)) => return Ok(n),
+                Ok(MoveTask::Failed { moved, reason }) => {
+                    tracing::warn!(queue = %self.queue, moved, %reason,
+                        "SQS message move task failed; moving the rest one by one");
+                    moved_by_task = moved;
+                }
+                Ok(MoveTask::NotStarted(e)) => {
+                    tracing::debug!(queue = %self.queue, error = %e,
+                        "no SQS message move task; moving letters one by one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let letters = self
             .collect(max.unwrap_or(usize::MAX), Duration::from_secs(60))
             .await?;
@@ -1152,7 +1261,7 @@ impl DeadLetterDriver for SqsDeadLetters {
             self.shared.delete(&url, &receipt).await?;
             moved += 1;
         }
-        Ok(moved)
+        Ok(moved_by_task + moved)
     }
 
     async fn purge(&self) -> Result<usize> {
