@@ -70,6 +70,8 @@ struct SqsHarness {
     fifo: bool,
     sns: bool,
     eventbridge: bool,
+    /// SNS in structured mode (MessageBody-scope filter policies).
+    structured: bool,
 }
 
 #[async_trait]
@@ -77,6 +79,8 @@ impl Harness for SqsHarness {
     async fn bus(&self) -> cloudbus::Result<Bus> {
         Ok(if self.eventbridge {
             eventbridge(&self.endpoint).await.into_bus()
+        } else if self.sns && self.structured {
+            sns(&self.endpoint).await.structured().into_bus()
         } else if self.sns {
             sns(&self.endpoint).await.into_bus()
         } else {
@@ -117,6 +121,7 @@ mod sqs_standard {
             fifo: false,
             sns: false,
             eventbridge: false,
+            structured: false,
         },
         None => return,
     });
@@ -130,6 +135,7 @@ mod sqs_fifo {
             fifo: true,
             sns: false,
             eventbridge: false,
+            structured: false,
         },
         None => return,
     });
@@ -143,6 +149,7 @@ mod sns_with_sqs {
             fifo: false,
             sns: true,
             eventbridge: false,
+            structured: false,
         },
         None => return,
     });
@@ -156,6 +163,21 @@ mod sns_fifo_with_sqs_fifo {
             fifo: true,
             sns: true,
             eventbridge: false,
+            structured: false,
+        },
+        None => return,
+    });
+}
+
+mod sns_structured_with_sqs {
+    use super::*;
+    cloudbus::conformance_suite!(match endpoint() {
+        Some(endpoint) => SqsHarness {
+            endpoint,
+            fifo: false,
+            sns: true,
+            eventbridge: false,
+            structured: true,
         },
         None => return,
     });
@@ -169,6 +191,7 @@ mod eventbridge_with_sqs {
             fifo: false,
             sns: false,
             eventbridge: true,
+            structured: false,
         },
         None => return,
     });
@@ -239,6 +262,77 @@ async fn sqs_fifo_order_across_groups() {
     assert_eq!(seen.len(), 3);
     for (g, order) in seen.iter() {
         assert_eq!(order, &(0..20).collect::<Vec<u32>>(), "group {g}");
+    }
+}
+
+/// In structured mode a subscription's filter policy has the MessageBody scope: it
+/// compares numbers, and it sees every attribute of an event with more extensions than
+/// SNS has message attributes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_structured_filters_on_the_body_with_numbers() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = sns(&endpoint).await.structured().into_bus();
+    let topic = format!("body-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&topic).await.unwrap();
+    let big = format!("{topic}-big");
+    bus.ensure_subscription(
+        &SubscriptionSpec::new(&topic, &big).filter(cloudbus::Filter::and([
+            cloudbus::Filter::prefix("type", "com.example.order."),
+            cloudbus::Filter::range("amount", Some(100.0), None),
+            cloudbus::Filter::eq("x11", "eleven"),
+        ])),
+    )
+    .await
+    .unwrap();
+    let mk = |ty: &str, amount: i64| {
+        let mut b = EventBuilder::new(ty, "/tests/aws").extension("amount", amount);
+        // More extensions than SNS's 10 message attributes: x11 is past the budget.
+        for i in 1..=11 {
+            let value = if i == 11 {
+                "eleven".to_owned()
+            } else {
+                format!("v{i}")
+            };
+            b = b.extension(format!("x{i}"), value);
+        }
+        b.build().unwrap()
+    };
+    let sent = [
+        mk("com.example.order.created", 250),
+        mk("com.example.order.created", 99),
+        mk("com.example.payment.done", 500),
+        mk("com.example.order.paid", 100),
+    ];
+    let publisher = bus.publisher(&topic).await.unwrap();
+    for e in &sent {
+        publisher.publish(e.clone()).await.unwrap();
+    }
+    let consumer = bus.consumer(&topic, &big).await.unwrap();
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while got.len() < 2 && Instant::now() < until {
+        got.extend(
+            consumer
+                .receive_batch(10, Duration::from_secs(2))
+                .await
+                .unwrap(),
+        );
+    }
+    got.extend(
+        consumer
+            .receive_batch(10, Duration::from_secs(2))
+            .await
+            .unwrap(),
+    );
+    let mut ids: Vec<&str> = got.iter().map(|d| d.event().id()).collect();
+    ids.sort();
+    let mut want = vec![sent[0].id(), sent[3].id()];
+    want.sort();
+    assert_eq!(ids, want);
+    for d in &got {
+        let original = sent.iter().find(|e| e.id() == d.event().id()).unwrap();
+        assert_eq!(d.event(), original, "the CloudEvent changed on the way");
+        d.ack().await.unwrap();
     }
 }
 

@@ -21,7 +21,7 @@ use cloudbus_core::{
     ErrorKind, Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver,
     SubscriptionSpec, TopicDriver, TopologyDriver,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::sqs::{self, SqsDeadLetters, SqsQueue};
 
@@ -78,57 +78,8 @@ pub fn event_pattern(filter: Option<&Filter>) -> Result<Value> {
     match filter {
         // Every cloudbus event: Detail is a CloudEvent, which has a specversion.
         None => Ok(json!({ "detail": { "specversion": [{ "exists": true }] } })),
-        Some(f) => Ok(json!({ "detail": conditions(f)? })),
+        Some(f) => Ok(json!({ "detail": crate::content_pattern(f, "an EventBridge pattern")? })),
     }
-}
-
-fn conditions(filter: &Filter) -> Result<Value> {
-    Ok(match filter {
-        Filter::Equals { attribute, values } => json!({ attribute: values }),
-        Filter::Prefix { attribute, prefix } => json!({ attribute: [{ "prefix": prefix }] }),
-        Filter::Exists { attribute, present } => json!({ attribute: [{ "exists": present }] }),
-        Filter::AnythingBut { attribute, values } => {
-            json!({ attribute: [{ "anything-but": values }] })
-        }
-        Filter::Range {
-            attribute,
-            min,
-            max,
-        } => {
-            let mut bounds = Vec::new();
-            if let Some(m) = min {
-                bounds.push(json!(">="));
-                bounds.push(json!(m));
-            }
-            if let Some(m) = max {
-                bounds.push(json!("<="));
-                bounds.push(json!(m));
-            }
-            if bounds.is_empty() {
-                json!({ attribute: [{ "exists": true }] })
-            } else {
-                json!({ attribute: [{ "numeric": bounds }] })
-            }
-        }
-        Filter::And(fs) => {
-            let mut all = Map::new();
-            for f in fs {
-                let Value::Object(part) = conditions(f)? else {
-                    continue;
-                };
-                for (k, v) in part {
-                    if all.contains_key(&k) {
-                        return Err(Error::unsupported(format!(
-                            "an EventBridge pattern cannot AND two conditions on {k:?}"
-                        )));
-                    }
-                    all.insert(k, v);
-                }
-            }
-            Value::Object(all)
-        }
-        Filter::Or(fs) => json!({ "$or": fs.iter().map(conditions).collect::<Result<Vec<_>>>()? }),
-    })
 }
 
 struct Shared {

@@ -35,22 +35,101 @@ use cloudbus_core::{BatchResults, Bus, Error, ErrorKind, Result};
 pub const ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL";
 
 /// Loads the shared AWS configuration: credentials chain, region (`?region=` wins),
-/// and endpoint (`?endpoint=` wins over `AWS_ENDPOINT_URL`).
-pub(crate) async fn load_config(url: &url::Url) -> Result<aws_config::SdkConfig> {
+/// and endpoint (`?endpoint=` wins over `AWS_ENDPOINT_URL`). `service_params` are
+/// the other parameters the scheme knows (read by its caller); any other parameter is
+/// an `InvalidArgument`.
+pub(crate) async fn load_config(
+    url: &url::Url,
+    service_params: &[&str],
+) -> Result<aws_config::SdkConfig> {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
     for (k, v) in url.query_pairs() {
         match k.as_ref() {
             "region" => loader = loader.region(aws_config::Region::new(v.into_owned())),
             "endpoint" => loader = loader.endpoint_url(v.into_owned()),
+            known if service_params.contains(&known) => {}
             other => {
                 return Err(Error::invalid(format!(
-                    "unknown {}:// URL parameter {other:?} (known: region, endpoint)",
-                    url.scheme()
+                    "unknown {}:// URL parameter {other:?} (known: region, endpoint{})",
+                    url.scheme(),
+                    service_params
+                        .iter()
+                        .map(|p| format!(", {p}"))
+                        .collect::<String>()
                 )));
             }
         }
     }
     Ok(loader.load().await)
+}
+
+/// The value of URL parameter `name`, if given.
+#[allow(dead_code)]
+pub(crate) fn url_param(url: &url::Url, name: &str) -> Option<String> {
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Compiles a portable filter to an AWS content pattern over a JSON object whose
+/// keys are the CloudEvent attributes: the grammar EventBridge event patterns and SNS
+/// MessageBody-scope filter policies share (`prefix`, `exists`, `anything-but`,
+/// `numeric`, `$or`). `what` names the target in errors.
+#[cfg(any(feature = "sns", feature = "eventbridge"))]
+pub(crate) fn content_pattern(
+    filter: &cloudbus_core::Filter,
+    what: &str,
+) -> Result<serde_json::Value> {
+    use cloudbus_core::Filter;
+    use serde_json::{Map, Value, json};
+    Ok(match filter {
+        Filter::Equals { attribute, values } => json!({ attribute: values }),
+        Filter::Prefix { attribute, prefix } => json!({ attribute: [{ "prefix": prefix }] }),
+        Filter::Exists { attribute, present } => json!({ attribute: [{ "exists": present }] }),
+        Filter::AnythingBut { attribute, values } => {
+            json!({ attribute: [{ "anything-but": values }] })
+        }
+        Filter::Range {
+            attribute,
+            min,
+            max,
+        } => {
+            let mut bounds = Vec::new();
+            if let Some(m) = min {
+                bounds.push(json!(">="));
+                bounds.push(json!(m));
+            }
+            if let Some(m) = max {
+                bounds.push(json!("<="));
+                bounds.push(json!(m));
+            }
+            if bounds.is_empty() {
+                json!({ attribute: [{ "exists": true }] })
+            } else {
+                json!({ attribute: [{ "numeric": bounds }] })
+            }
+        }
+        Filter::And(fs) => {
+            let mut all = Map::new();
+            for f in fs {
+                let Value::Object(part) = content_pattern(f, what)? else {
+                    continue;
+                };
+                for (k, v) in part {
+                    if all.contains_key(&k) {
+                        return Err(Error::unsupported(format!(
+                            "{what} cannot AND two conditions on {k:?}"
+                        )));
+                    }
+                    all.insert(k, v);
+                }
+            }
+            Value::Object(all)
+        }
+        Filter::Or(fs) => json!({
+            "$or": fs.iter().map(|f| content_pattern(f, what)).collect::<Result<Vec<_>>>()?
+        }),
+    })
 }
 
 /// Opens an AWS URL (`sqs://`) as a [`Bus`].
@@ -64,14 +143,23 @@ pub async fn connect(url: &str) -> Result<Bus> {
     })?;
     match parsed.scheme() {
         #[cfg(feature = "sqs")]
-        "sqs" => Ok(sqs::SqsBus::new(&load_config(&parsed).await?).into_bus()),
+        "sqs" => Ok(sqs::SqsBus::new(&load_config(&parsed, &[]).await?).into_bus()),
         #[cfg(feature = "sns")]
-        "sns" => Ok(sns::SnsBus::new(&load_config(&parsed).await?).into_bus()),
+        "sns" => {
+            let bus = sns::SnsBus::new(&load_config(&parsed, &["mode"]).await?);
+            match url_param(&parsed, "mode").as_deref() {
+                None | Some("binary") => Ok(bus.into_bus()),
+                Some("structured") => Ok(bus.structured().into_bus()),
+                Some(other) => Err(Error::invalid(format!(
+                    "sns:// mode must be binary or structured, not {other:?}"
+                ))),
+            }
+        }
         #[cfg(feature = "kinesis")]
-        "kinesis" => Ok(kinesis::KinesisBus::new(&load_config(&parsed).await?).into_bus()),
+        "kinesis" => Ok(kinesis::KinesisBus::new(&load_config(&parsed, &[]).await?).into_bus()),
         #[cfg(feature = "eventbridge")]
         "eventbridge" => {
-            Ok(eventbridge::EventBridgeBus::new(&load_config(&parsed).await?).into_bus())
+            Ok(eventbridge::EventBridgeBus::new(&load_config(&parsed, &[]).await?).into_bus())
         }
         other => Err(Error::unsupported(format!(
             "{other}:// is not an AWS provider built into this cloudbus-aws"

@@ -2,10 +2,16 @@
 //!
 //! A topic is an SNS topic (FIFO when its name ends in `.fifo`). A subscription is an
 //! SQS queue named after it, subscribed to the topic by `ensure_subscription` with raw
-//! message delivery and the portable Filter compiled to a FilterPolicy (attribute
-//! scope). The queue gets the SQS configuration (lease, dead-letter queue, redrive
-//! policy). Consumers read the queue and unwrap the SNS notification envelope of
-//! subscriptions made without raw delivery.
+//! message delivery and the portable Filter compiled to a FilterPolicy. The queue gets
+//! the SQS configuration (lease, dead-letter queue, redrive policy). Consumers read the
+//! queue and unwrap the SNS notification envelope of subscriptions made without raw
+//! delivery.
+//!
+//! Two modes (`sns://?mode=binary|structured`):
+//! - binary (the default): CloudEvent attributes travel as `ce-` message attributes and
+//!   filter policies use the MessageAttributes scope ([`filter_policy`]);
+//! - structured: the body is the whole CloudEvent in JSON and filter policies use the
+//!   MessageBody scope ([`body_filter_policy`]), which also compares numbers.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -109,7 +115,29 @@ pub fn filter_policy(filter: &Filter) -> Result<Value> {
     })
 }
 
+/// Compiles a portable filter to an SNS FilterPolicy of MessageBody scope over a
+/// structured CloudEvent body, where attribute `a` is the top-level key `a`. Unlike the
+/// attribute scope, numeric ranges compile (to `numeric`). Two conditions on one
+/// attribute inside an AND are a typed `Unsupported` error.
+///
+/// ```
+/// use cloudbus_core::Filter;
+/// let p = cloudbus_aws::sns::body_filter_policy(&Filter::and([
+///     Filter::prefix("type", "order."),
+///     Filter::range("amount", Some(10.0), None),
+/// ])).unwrap();
+/// assert_eq!(p, serde_json::json!({
+///     "type": [{"prefix": "order."}],
+///     "amount": [{"numeric": [">=", 10.0]}],
+/// }));
+/// ```
+pub fn body_filter_policy(filter: &Filter) -> Result<Value> {
+    crate::content_pattern(filter, "an SNS filter policy")
+}
+
 struct Shared {
+    /// Bodies are structured CloudEvents and filter policies use the MessageBody scope.
+    structured: bool,
     sns: aws_sdk_sns::Client,
     sqs: Arc<sqs::Shared>,
     arns: Mutex<HashMap<String, String>>,
@@ -146,7 +174,8 @@ impl Shared {
     }
 }
 
-/// SNS with SQS subscriptions as a cloudbus provider (`sns://[?region=R][&endpoint=URL]`).
+/// SNS with SQS subscriptions as a cloudbus provider
+/// (`sns://[?region=R][&endpoint=URL][&mode=structured]`).
 #[derive(Clone)]
 pub struct SnsBus {
     shared: Arc<Shared>,
@@ -163,8 +192,33 @@ impl SnsBus {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         SnsBus {
             shared: Arc::new(Shared {
+                structured: false,
                 sns: aws_sdk_sns::Client::new(config),
                 sqs: Arc::new(sqs::Shared::new(aws_sdk_sqs::Client::new(config))),
+                arns: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Structured mode: every event is published as a structured CloudEvent body (with
+    /// routing hints as attributes), and `ensure_subscription` compiles filters to
+    /// MessageBody-scope policies, so numeric ranges and every attribute can be
+    /// filtered on, however many attributes an event has. Publishers and the
+    /// subscriptions they feed should agree on the mode.
+    ///
+    /// ```no_run
+    /// # async fn run() -> cloudbus_core::Result<()> {
+    /// let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    /// let bus = cloudbus_aws::sns::SnsBus::new(&config).structured().into_bus();
+    /// # Ok(()) }
+    /// ```
+    pub fn structured(self) -> Self {
+        let s = &self.shared;
+        SnsBus {
+            shared: Arc::new(Shared {
+                structured: true,
+                sns: s.sns.clone(),
+                sqs: s.sqs.clone(),
                 arns: Mutex::new(HashMap::new()),
             }),
         }
@@ -196,7 +250,11 @@ impl BusDriver for SnsBus {
         Ok(Arc::new(SnsTopic {
             shared: self.shared.clone(),
             name: topic.to_owned(),
-            codec: sqs::codec(),
+            codec: if self.shared.structured {
+                sqs::codec().structured()
+            } else {
+                sqs::codec()
+            },
         }))
     }
 
@@ -251,6 +309,7 @@ pub struct SnsTopic {
 impl SnsTopic {
     fn entry(&self, id: usize, m: &OutgoingMessage) -> Result<PublishBatchRequestEntry> {
         let raw = match &m.payload {
+            Payload::Event(e) if self.shared.structured => self.codec.encode(e)?.0,
             Payload::Event(e) => sqs::text_body(&self.codec, e)?,
             Payload::Raw(raw) => raw.clone(),
         };
@@ -353,7 +412,12 @@ impl TopologyDriver for SnsTopology {
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
-        let policy = spec.filter.as_ref().map(filter_policy).transpose()?;
+        let (scope, policy) = if self.shared.structured {
+            ("MessageBody", spec.filter.as_ref().map(body_filter_policy))
+        } else {
+            ("MessageAttributes", spec.filter.as_ref().map(filter_policy))
+        };
+        let policy = policy.transpose()?;
         let topic_arn = self.shared.arn(&spec.topic).await?;
         let queue = &spec.name;
         // The topic, and only it, may send to the queue.
@@ -372,7 +436,7 @@ impl TopologyDriver for SnsTopology {
         if let Some(policy) = policy {
             req = req
                 .attributes("FilterPolicy", policy.to_string())
-                .attributes("FilterPolicyScope", "MessageAttributes");
+                .attributes("FilterPolicyScope", scope);
         }
         req.send().await.map_err(|e| {
             crate::sdk_error(
