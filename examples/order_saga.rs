@@ -7,8 +7,12 @@
 //! OrderCreated shows the idempotent consumer; one poison order ends in Payment's
 //! dead-letter queue, is shown, and is redriven once Payment learns to handle it.
 //!
+//! On a bus without fan-out (SQS queues), each service reads its own queue
+//! (`saga-payment`, ...) and the services' outbox sends each event to every queue whose
+//! filter it matches: the same choreography, routed on the publishing side.
+//!
 //! Run: `cargo run --example order_saga` (memory broker), or point `CLOUDBUS_URL` at a
-//! cloud once its provider is enabled.
+//! cloud once its provider is enabled (`sqs://`, `sns://`, `pubsub://PROJECT`, ...).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,6 +23,7 @@ use cloudbus::{
     AttributesReader, Bus, Event, EventBuilder, EventExt, Filter, HandlerContext, HandlerError,
     Idempotent, MemoryDedupStore, Publisher, RetryPolicy, SubscriptionSpec, WorkerOptions,
 };
+use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
 
 const TOPIC: &str = "saga";
@@ -88,9 +93,17 @@ async fn main() -> cloudbus::Result<()> {
     let timeline = Timeline {
         start: Instant::now(),
     };
-    println!("cloudbus order saga on {}://", bus.scheme());
-    declare_topology(&bus).await?;
-    let publisher = bus.publisher(TOPIC).await?;
+    let routes = Routes::declare(&bus).await?;
+    println!(
+        "cloudbus order saga on {}:// ({})",
+        bus.scheme(),
+        if routes.fan_out {
+            "one topic, filtered subscriptions"
+        } else {
+            "one queue per service, routed by the outbox"
+        }
+    );
+    let publisher = routes.outbox(&bus).await?;
     let outcomes = Arc::new(Outcomes::default());
     let legacy_currency_supported = Arc::new(AtomicBool::new(false));
     let fast_retry = WorkerOptions::default().concurrency(8).retry(
@@ -143,15 +156,15 @@ async fn main() -> cloudbus::Result<()> {
         )
     };
     let duplicates = payment.duplicates();
-    let payment_worker = bus
-        .consumer(TOPIC, "payment")
+    let payment_worker = routes
+        .consumer(&bus, "payment")
         .await?
         .subscribe(payment, fast_retry.clone());
 
     // Inventory: reserves stock for paid orders.
     let inventory_worker = {
         let (p, t) = (publisher.clone(), timeline.clone());
-        bus.consumer(TOPIC, "inventory").await?.subscribe(
+        routes.consumer(&bus, "inventory").await?.subscribe(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let (p, t) = (p.clone(), t.clone());
                 async move {
@@ -169,7 +182,7 @@ async fn main() -> cloudbus::Result<()> {
     // Order: confirms reserved orders, compensates failed payments.
     let order_worker = {
         let (p, t, o) = (publisher.clone(), timeline.clone(), outcomes.clone());
-        bus.consumer(TOPIC, "order").await?.subscribe(
+        routes.consumer(&bus, "order").await?.subscribe(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let (p, t, o) = (p.clone(), t.clone(), o.clone());
                 async move {
@@ -193,7 +206,7 @@ async fn main() -> cloudbus::Result<()> {
     // Email: told about final outcomes only.
     let email_worker = {
         let (t, o) = (timeline.clone(), outcomes.clone());
-        bus.consumer(TOPIC, "email").await?.subscribe(
+        routes.consumer(&bus, "email").await?.subscribe(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let (t, o) = (t.clone(), o.clone());
                 async move {
@@ -221,7 +234,7 @@ async fn main() -> cloudbus::Result<()> {
     // Analytics: counts every event of the saga.
     let analytics_worker = {
         let o = outcomes.clone();
-        bus.consumer(TOPIC, "analytics").await?.subscribe(
+        routes.consumer(&bus, "analytics").await?.subscribe(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let o = o.clone();
                 async move {
@@ -279,7 +292,7 @@ async fn main() -> cloudbus::Result<()> {
 
     // Wait for every order but the poison one to finish.
     wait_for(&outcomes, ORDERS - 1, Duration::from_secs(10)).await;
-    let dlq = bus.dead_letters(TOPIC, "payment").await?;
+    let dlq = routes.dead_letters(&bus, "payment").await?;
     let letters = dlq.peek(10).await?;
     println!(
         "\n--- payment dead-letter queue: {} message(s)",
@@ -351,9 +364,9 @@ async fn main() -> cloudbus::Result<()> {
     Ok(())
 }
 
-async fn declare_topology(bus: &Bus) -> cloudbus::Result<()> {
-    bus.ensure_topic(TOPIC).await?;
-    let subs = [
+/// The subscriptions of the saga's services: each reads the events its filter matches.
+fn subscriptions() -> [(&'static str, Filter); 5] {
+    [
         ("payment", Filter::eq("type", ty("OrderCreated"))),
         ("inventory", Filter::eq("type", ty("PaymentSucceeded"))),
         (
@@ -365,19 +378,116 @@ async fn declare_topology(bus: &Bus) -> cloudbus::Result<()> {
             Filter::one_of("type", [ty("OrderConfirmed"), ty("OrderCancelled")]),
         ),
         ("analytics", Filter::prefix("type", "com.example.saga.")),
-    ];
-    for (name, filter) in subs {
-        bus.ensure_subscription(
-            &SubscriptionSpec::new(TOPIC, name)
-                .filter(filter)
-                .max_delivery_attempts(5),
-        )
-        .await?;
-    }
-    Ok(())
+    ]
 }
 
-async fn publish(p: &Publisher, e: Event) -> cloudbus::Result<()> {
+/// Where each service reads: one topic with filtered subscriptions when the bus fans
+/// out, else one queue per service.
+struct Routes {
+    fan_out: bool,
+}
+
+impl Routes {
+    /// Asks the bus whether it fans out, then declares the topics and subscriptions.
+    async fn declare(bus: &Bus) -> cloudbus::Result<Routes> {
+        let fan_out = bus.publisher(TOPIC).await?.capabilities().fan_out;
+        let routes = Routes { fan_out };
+        if fan_out {
+            bus.ensure_topic(TOPIC).await?;
+        }
+        for (name, filter) in subscriptions() {
+            let topic = routes.topic_of(name);
+            let mut spec = SubscriptionSpec::new(&topic, routes.subscription_of(name))
+                .max_delivery_attempts(5);
+            if fan_out {
+                spec = spec.filter(filter);
+            } else {
+                bus.ensure_topic(&topic).await?;
+            }
+            bus.ensure_subscription(&spec).await?;
+        }
+        Ok(routes)
+    }
+
+    fn topic_of(&self, service: &str) -> String {
+        if self.fan_out {
+            TOPIC.to_owned()
+        } else {
+            format!("{TOPIC}-{service}")
+        }
+    }
+
+    fn subscription_of(&self, service: &str) -> String {
+        if self.fan_out {
+            service.to_owned()
+        } else {
+            self.topic_of(service)
+        }
+    }
+
+    async fn consumer(&self, bus: &Bus, service: &str) -> cloudbus::Result<cloudbus::Consumer> {
+        bus.consumer(&self.topic_of(service), &self.subscription_of(service))
+            .await
+    }
+
+    async fn dead_letters(
+        &self,
+        bus: &Bus,
+        service: &str,
+    ) -> cloudbus::Result<cloudbus::DeadLetters> {
+        bus.dead_letters(&self.topic_of(service), &self.subscription_of(service))
+            .await
+    }
+
+    /// The services' outbox: the topic, or every queue whose filter an event matches.
+    async fn outbox(&self, bus: &Bus) -> cloudbus::Result<Outbox> {
+        if self.fan_out {
+            return Ok(Outbox::Topic(bus.publisher(TOPIC).await?));
+        }
+        let mut queues = Vec::new();
+        for (name, filter) in subscriptions() {
+            queues.push((filter, bus.publisher(&self.topic_of(name)).await?));
+        }
+        Ok(Outbox::Queues(Arc::new(queues)))
+    }
+}
+
+/// Sends the saga's events where the services read them.
+#[derive(Clone)]
+enum Outbox {
+    Topic(Publisher),
+    Queues(Arc<Vec<(Filter, Publisher)>>),
+}
+
+impl Outbox {
+    async fn publish(&self, e: Event) -> cloudbus::Result<()> {
+        match self {
+            Outbox::Topic(p) => p.publish(e).await,
+            Outbox::Queues(queues) => {
+                try_join_all(
+                    queues
+                        .iter()
+                        .filter(|(f, _)| f.matches(&e))
+                        .map(|(_, p)| p.publish(e.clone())),
+                )
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn close(&self) -> cloudbus::Result<()> {
+        match self {
+            Outbox::Topic(p) => p.close().await,
+            Outbox::Queues(queues) => {
+                try_join_all(queues.iter().map(|(_, p)| p.close())).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn publish(p: &Outbox, e: Event) -> cloudbus::Result<()> {
     p.publish(e).await
 }
 

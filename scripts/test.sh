@@ -77,8 +77,8 @@ export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${A
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 cargo test --features aws --test aws
 if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
-    for url in sns:// eventbridge://; do
-        echo "== order saga example on $url (with SQS subscriptions)"
+    for url in sqs:// sns:// eventbridge://; do
+        echo "== order saga example on $url"
         CLOUDBUS_URL="$url" cargo run --quiet --features aws --example order_saga \
             > /tmp/cloudbus-order-saga-aws.log
         grep -q "redriven:        1" /tmp/cloudbus-order-saga-aws.log
