@@ -1,7 +1,10 @@
 //! AWS against LocalStack (or any endpoint in AWS_ENDPOINT_URL): the conformance
-//! suite on SQS standard and FIFO queues, and SQS cases (FIFO order across groups,
-//! the redrive policy, an oversize event refused before any call, a missing queue,
-//! binary mode falling back to structured past 10 attributes).
+//! suite on SQS standard and FIFO queues, SNS (binary, structured, FIFO) and
+//! EventBridge with SQS subscriptions, the stream conformance suite on Kinesis, and
+//! provider cases (FIFO order across groups, the redrive policy and move tasks, an
+//! oversize event refused before any call, a missing queue, binary mode falling back
+//! to structured past 10 attributes, body-scope filter policies, both envelopes,
+//! resharding, throttling).
 //!
 //! scripts/test.sh starts LocalStack in host mode unless AWS_ENDPOINT_URL is set.
 //! Without an endpoint the tests say so loudly and pass, except under CI=true.
@@ -193,6 +196,42 @@ mod eventbridge_with_sqs {
             eventbridge: true,
             structured: false,
         },
+        None => return,
+    });
+}
+
+/// Kinesis streams (two shards each) under the stream suite; dead letters go to SQS.
+struct KinesisHarness {
+    endpoint: String,
+}
+
+#[async_trait]
+impl cloudbus::conformance::StreamHarness for KinesisHarness {
+    async fn bus(&self) -> cloudbus::Result<Bus> {
+        Ok(kinesis(&self.endpoint, 2).await.into_bus())
+    }
+    async fn new_stream(&self) -> cloudbus::Result<String> {
+        let name = format!("stream-{:08x}", fastrand::u32(..));
+        self.bus().await?.ensure_topic(&name).await?;
+        Ok(name)
+    }
+    async fn dead_letter_bus(&self) -> cloudbus::Result<Bus> {
+        Ok(sqs(&self.endpoint).await.into_bus())
+    }
+    async fn dead_letter_place(&self) -> cloudbus::Result<String> {
+        let name = format!("stream-dl-{:08x}", fastrand::u32(..));
+        let bus = self.dead_letter_bus().await?;
+        bus.ensure_topic(&name).await?;
+        bus.ensure_subscription(&SubscriptionSpec::new(&name, &name))
+            .await?;
+        Ok(name)
+    }
+}
+
+mod kinesis_streams {
+    use super::*;
+    cloudbus::stream_conformance_suite!(match endpoint() {
+        Some(endpoint) => KinesisHarness { endpoint },
         None => return,
     });
 }

@@ -45,6 +45,39 @@ mod conformance {
     cloudbus::conformance_suite!(MemoryHarness::new());
 }
 
+/// The memory broker's partitioned logs under the stream suite; dead letters go to a
+/// topic of the same broker.
+#[async_trait]
+impl cloudbus::conformance::StreamHarness for MemoryHarness {
+    async fn bus(&self) -> cloudbus::Result<Bus> {
+        Ok(self.broker.bus())
+    }
+    async fn new_stream(&self) -> cloudbus::Result<String> {
+        let name = format!("log-{:08x}", fastrand::u32(..));
+        self.broker.ensure_log(&name, 3)?;
+        Ok(name)
+    }
+    async fn dead_letter_bus(&self) -> cloudbus::Result<Bus> {
+        Ok(self.broker.bus())
+    }
+    async fn dead_letter_place(&self) -> cloudbus::Result<String> {
+        let name = format!("dl-{:08x}", fastrand::u32(..));
+        let bus = self.broker.bus();
+        bus.ensure_topic(&name).await?;
+        bus.ensure_subscription(&SubscriptionSpec::new(&name, &name))
+            .await?;
+        Ok(name)
+    }
+    fn patience(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+mod stream_conformance {
+    use super::*;
+    cloudbus::stream_conformance_suite!(MemoryHarness::new());
+}
+
 /// Publisher options that surface a refusal at once instead of retrying it.
 fn no_retry() -> cloudbus::PublisherOptions {
     cloudbus::PublisherOptions {

@@ -9,6 +9,12 @@
 //! The cases cover Go CDK's drivertest, Watermill's pubsub tests and Dapr's
 //! conformance suite (see `cases`), plus dead-lettering, redrive, ordering, filters,
 //! delays, malformed input, publisher close and graceful shutdown.
+//!
+//! Partitioned logs (Kinesis, the memory broker's logs) have no subscriptions to ack;
+//! they implement [`StreamHarness`] and run [`stream_conformance_suite!`](crate::stream_conformance_suite)
+//! instead (see `stream_cases`): round trip, order per key, checkpoints, consumer
+//! groups, `Latest`, replay from the start and from a time, retries, dead letters,
+//! malformed records, publisher close, trace context and a missing stream.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +27,7 @@ use crate::capabilities::Capabilities;
 use crate::error::Result;
 
 pub mod cases;
+pub mod stream_cases;
 
 /// What a provider gives the suite.
 #[async_trait]
@@ -40,6 +47,29 @@ pub trait Harness: Send + Sync + 'static {
     /// How subscriptions get their names made unique (some clouds limit length).
     fn unique(&self, prefix: &str) -> String {
         format!("{prefix}-{:08x}", fastrand::u32(..))
+    }
+}
+
+/// What a partitioned-log provider gives the stream suite.
+#[async_trait]
+pub trait StreamHarness: Send + Sync + 'static {
+    /// The bus whose streams the suite reads and writes.
+    async fn bus(&self) -> Result<Bus>;
+    /// Creates a new, uniquely named stream with at least two partitions.
+    async fn new_stream(&self) -> Result<String>;
+    /// The bus that holds the dead-letter places (the same bus, or another provider's:
+    /// Kinesis dead-letters into SQS).
+    async fn dead_letter_bus(&self) -> Result<Bus>;
+    /// Creates a new dead-letter place on [`dead_letter_bus`](Self::dead_letter_bus):
+    /// a topic with a subscription of the same name. Returns its name.
+    async fn dead_letter_place(&self) -> Result<String>;
+    /// Whether raw (non-CloudEvent) records can be written, for the malformed case.
+    fn raw_records(&self) -> bool {
+        true
+    }
+    /// How long to wait for records to become readable.
+    fn patience(&self) -> Duration {
+        Duration::from_secs(30)
     }
 }
 
@@ -68,6 +98,54 @@ pub async fn run_case<H: Harness>(
         }
         Err(e) => panic!("conformance case {name} failed: {e}"),
     }
+}
+
+/// Runs one stream case and panics with its name and the error when it fails.
+pub async fn run_stream_case<H: StreamHarness>(
+    name: &str,
+    harness: &H,
+    case: for<'a> fn(&'a dyn StreamHarness) -> CaseFuture<'a>,
+) {
+    match case(harness).await {
+        Ok(Outcome::Passed) => {}
+        Ok(Outcome::Skipped(why)) => {
+            eprintln!("SKIPPED stream conformance case {name}: the provider lacks {why}");
+        }
+        Err(e) => panic!("stream conformance case {name} failed: {e}"),
+    }
+}
+
+/// Generates one `#[tokio::test]` per stream conformance case over the
+/// [`StreamHarness`] that `$make` evaluates to (inside an async fn).
+///
+/// ```ignore
+/// cloudbus_core::stream_conformance_suite!(MyStreamHarness::new());
+/// ```
+#[macro_export]
+macro_rules! stream_conformance_suite {
+    ($make:expr) => {
+        $crate::stream_conformance_suite!($make;
+            stream_round_trip_keeps_every_attribute, stream_order_per_key,
+            stream_checkpoint_resume, stream_groups_are_independent,
+            stream_latest_skips_earlier_records, stream_replay_from_earliest,
+            stream_replay_from_time, stream_failing_handler_is_retried,
+            stream_dead_letters_after_retries, stream_malformed_record_dead_lettered,
+            stream_publisher_close_loses_none, stream_trace_context_propagates,
+            stream_missing_is_not_found
+        );
+    };
+    ($make:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $make;
+                $crate::conformance::run_stream_case(stringify!($case), &harness, |h| {
+                    Box::pin($crate::conformance::stream_cases::$case(h))
+                })
+                .await;
+            }
+        )+
+    };
 }
 
 /// Generates one `#[tokio::test]` per conformance case over the harness that
