@@ -5,7 +5,8 @@
 #   - Google Pub/Sub: the official emulator (preinstalled package), unless
 #     PUBSUB_EMULATOR_HOST already points at one.
 #   - AWS: LocalStack in host mode (installed into a venv on first use), unless
-#     AWS_ENDPOINT_URL already points at an AWS emulator.
+#     AWS_ENDPOINT_URL already points at an AWS emulator; and moto (a venv too) for
+#     the EventBridge replay test, unless MOTO_ENDPOINT_URL is set.
 # Under CI=true an emulator that cannot be started is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +72,22 @@ if [[ -z "${AWS_ENDPOINT_URL:-}" ]]; then
     fi
 else
     echo "using the AWS endpoint $AWS_ENDPOINT_URL"
+fi
+# moto, for EventBridge archives and StartReplay (LocalStack's StartReplay fails).
+if [[ -z "${MOTO_ENDPOINT_URL:-}" ]]; then
+    if started="$(bash scripts/moto.sh)"; then
+        eval "$started"
+        export MOTO_ENDPOINT_URL
+        started_pids+=("$MOTO_PID")
+        echo "started moto at $MOTO_ENDPOINT_URL (pid $MOTO_PID)"
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and moto could not be started" >&2
+        exit 1
+    else
+        echo "SKIPPED: moto could not be started; the EventBridge replay test will say so" >&2
+    fi
+else
+    echo "using moto at $MOTO_ENDPOINT_URL"
 fi
 # Dummy credentials and a region for anything that reads the standard chain.
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"

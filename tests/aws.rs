@@ -40,6 +40,24 @@ fn endpoint() -> Option<String> {
     }
 }
 
+/// The moto endpoint for the EventBridge replay test (LocalStack 2026.3 answers
+/// StartReplay with a 500 once the archive holds an event), or `None` after a loud
+/// message when the test may skip.
+fn moto_endpoint() -> Option<String> {
+    match std::env::var("MOTO_ENDPOINT_URL") {
+        Ok(e) if !e.trim().is_empty() => Some(e),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but MOTO_ENDPOINT_URL is not set (scripts/test.sh starts moto)")
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED: MOTO_ENDPOINT_URL is not set, so the EventBridge replay test did not run (bash scripts/test.sh starts moto)"
+            );
+            None
+        }
+    }
+}
+
 /// An SQS bus on the emulator with dummy credentials (real ones are never needed).
 async fn sqs(endpoint: &str) -> SqsBus {
     SqsBus::new(&config(endpoint).await)
@@ -302,6 +320,88 @@ async fn sqs_fifo_order_across_groups() {
     for (g, order) in seen.iter() {
         assert_eq!(order, &(0..20).collect::<Vec<u32>>(), "group {g}");
     }
+}
+
+/// A bus with an archive replays a subscription: the events it had consumed come
+/// back through its rule as the same CloudEvents. A bus without one says NotFound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventbridge_archive_replay_redelivers_to_the_subscription() {
+    let Some(endpoint) = moto_endpoint() else {
+        return;
+    };
+    let driver = eventbridge(&endpoint).await.with_archive(1);
+    let client = driver.events_client().clone();
+    let bus = driver.into_bus();
+    let topic = format!("replay-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&topic).await.unwrap();
+    bus.ensure_topic(&topic).await.unwrap(); // idempotent, archive included
+    let archive = client
+        .describe_archive()
+        .archive_name(cloudbus::aws::eventbridge::archive_name(&topic))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        archive
+            .event_source_arn()
+            .unwrap()
+            .ends_with(&format!("event-bus/{topic}"))
+    );
+    assert_eq!(archive.retention_days(), Some(1));
+    let sub = format!("{topic}-audit");
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub))
+        .await
+        .unwrap();
+    let since = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let sent: Vec<Event> = (0..3)
+        .map(|n| {
+            EventBuilder::new("com.example.replayed", "/tests/aws")
+                .subject(format!("r-{n}"))
+                .extension("tenant", "acme")
+                .json(&serde_json::json!({ "n": n }))
+                .unwrap()
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let publisher = bus.publisher(&topic).await.unwrap();
+    for r in publisher.publish_batch(sent.clone()).await {
+        r.unwrap();
+    }
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let receive_all = || async {
+        let mut got = Vec::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        while got.len() < sent.len() && Instant::now() < until {
+            got.extend(
+                consumer
+                    .receive_batch(10, Duration::from_secs(2))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for d in &got {
+            d.ack().await.unwrap();
+        }
+        let mut events: Vec<Event> = got.iter().map(|d| d.event().clone()).collect();
+        events.sort_by(|a, b| a.id().cmp(b.id()));
+        events
+    };
+    let mut want = sent.clone();
+    want.sort_by(|a, b| a.id().cmp(b.id()));
+    assert_eq!(receive_all().await, want, "first delivery");
+    bus.replay(&topic, &sub, since).await.unwrap();
+    assert_eq!(receive_all().await, want, "replayed");
+
+    let plain = eventbridge(&endpoint).await.into_bus();
+    let other = format!("plain-{:08x}", fastrand::u32(..));
+    plain.ensure_topic(&other).await.unwrap();
+    plain
+        .ensure_subscription(&SubscriptionSpec::new(&other, &other))
+        .await
+        .unwrap();
+    let err = plain.replay(&other, &other, since).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
 
 /// In structured mode a subscription's filter policy has the MessageBody scope: it

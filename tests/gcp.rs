@@ -306,8 +306,8 @@ async fn pubsub_exactly_once_acks_are_confirmed() {
     );
 }
 
-/// Replay: seek to a time brings acked events back; a snapshot restores what was
-/// unacked when it was taken.
+/// Replay: the portable `Bus::replay` (a seek to a time) brings acked events back; a
+/// snapshot restores what was unacked when it was taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_seek_to_time_and_snapshot_replay() {
     let Some(host) = emulator() else { return };
@@ -332,7 +332,7 @@ async fn pubsub_seek_to_time_and_snapshot_replay() {
     for d in &first {
         d.ack().await.unwrap(); // confirmed: settled at the service before the seek
     }
-    driver.seek_to_time(&sub, before).await.unwrap();
+    bus.replay(&topic, &sub, before).await.unwrap();
     let replayed = drain(&consumer, 3, Duration::from_secs(30)).await;
     let mut subjects: Vec<String> = replayed.iter().map(subject).collect();
     subjects.sort();

@@ -8,12 +8,18 @@
 //! Filter compiled over `detail` and whose target is an SQS queue named after the
 //! subscription (with the SQS lease, dead-letter queue and redrive policy). The
 //! consumer reads the queue and unwraps the EventBridge envelope.
+//!
+//! Replay: a bus made with an archive ([`EventBridgeBus::with_archive`],
+//! `eventbridge://?archive_days=N`) gets an archive of all its events from
+//! `ensure_topic`, and `Bus::replay(bus, subscription, since)` starts an EventBridge
+//! replay (StartReplay) from that archive to the bus, limited to the subscription's rule.
 
 use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_eventbridge::types::{PutEventsRequestEntry, Target};
+use chrono::{DateTime, Utc};
 use cloudbus_core::codec::to_structured_json;
 use cloudbus_core::stream::StreamDriver;
 use cloudbus_core::{
@@ -40,6 +46,8 @@ pub const DEFAULT_BUS: &str = "default";
 /// ```
 pub fn capabilities() -> Capabilities {
     let mut c = sqs::capabilities("bus");
+    // With an archive (EventBridgeBus::with_archive).
+    c.replay = true;
     c.fan_out = true;
     c.filtering = FilterSupport::Native;
     c.max_delay = None;
@@ -83,11 +91,14 @@ pub fn event_pattern(filter: Option<&Filter>) -> Result<Value> {
 }
 
 struct Shared {
+    /// Days `ensure_topic` archives events for (0 = for ever); `None`: no archive.
+    archive_days: Option<i32>,
     events: aws_sdk_eventbridge::Client,
     sqs: Arc<sqs::Shared>,
 }
 
-/// EventBridge with SQS-targeted rules (`eventbridge://[?region=R][&endpoint=URL]`).
+/// EventBridge with SQS-targeted rules
+/// (`eventbridge://[?region=R][&endpoint=URL][&archive_days=N]`).
 #[derive(Clone)]
 pub struct EventBridgeBus {
     shared: Arc<Shared>,
@@ -104,8 +115,32 @@ impl EventBridgeBus {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         EventBridgeBus {
             shared: Arc::new(Shared {
+                archive_days: None,
                 events: aws_sdk_eventbridge::Client::new(config),
                 sqs: Arc::new(sqs::Shared::new(aws_sdk_sqs::Client::new(config))),
+            }),
+        }
+    }
+
+    /// Archives every event of the buses this bus's `ensure_topic` declares, for
+    /// `retention_days` (0: for ever), so that subscriptions can be replayed
+    /// ([`Bus::replay`]). The archive of bus `b` is named [`archive_name`]`(b)`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> cloudbus_core::Result<()> {
+    /// let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    /// let bus = cloudbus_aws::eventbridge::EventBridgeBus::new(&config).with_archive(30).into_bus();
+    /// bus.ensure_topic("orders").await?;
+    /// bus.replay("orders", "billing", chrono::Utc::now() - chrono::Duration::hours(2)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_archive(self, retention_days: u32) -> Self {
+        let s = &self.shared;
+        EventBridgeBus {
+            shared: Arc::new(Shared {
+                archive_days: Some(retention_days.min(i32::MAX as u32) as i32),
+                events: s.events.clone(),
+                sqs: s.sqs.clone(),
             }),
         }
     }
@@ -174,6 +209,45 @@ impl BusDriver for EventBridgeBus {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// The archive cloudbus keeps for `bus`: `cloudbus-` and the bus name, with characters
+/// an archive name cannot have replaced by `-`, cut to the 48 characters allowed.
+///
+/// ```
+/// assert_eq!(cloudbus_aws::eventbridge::archive_name("orders"), "cloudbus-orders");
+/// assert_eq!(cloudbus_aws::eventbridge::archive_name("aws.partner/x"), "cloudbus-aws.partner-x");
+/// ```
+pub fn archive_name(bus: &str) -> String {
+    let clean: String = bus
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("cloudbus-{clean}").chars().take(48).collect()
+}
+
+/// A replay name: the subscription and the start in milliseconds, within the 64
+/// characters and the alphabet EventBridge allows.
+fn replay_name(subscription: &str, now: DateTime<Utc>) -> String {
+    let stamp = format!("-{}", now.timestamp_millis());
+    let clean: String = subscription
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64 - stamp.len())
+        .collect();
+    format!("{clean}{stamp}")
 }
 
 /// An event bus as a [`TopicDriver`] (PutEvents).
@@ -285,9 +359,49 @@ struct EventBridgeTopology {
     shared: Arc<Shared>,
 }
 
-#[async_trait]
-impl TopologyDriver for EventBridgeTopology {
-    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+impl EventBridgeTopology {
+    async fn bus_arn(&self, bus: &str) -> Result<String> {
+        let out = self
+            .shared
+            .events
+            .describe_event_bus()
+            .name(bus)
+            .send()
+            .await
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("event bus {bus}")))?;
+        out.arn()
+            .map(str::to_owned)
+            .ok_or_else(|| Error::not_found(format!("event bus {bus} has no ARN")))
+    }
+
+    /// Creates the bus's archive if it is missing.
+    async fn ensure_archive(&self, bus: &str, retention_days: i32) -> Result<()> {
+        let name = archive_name(bus);
+        let source = self.bus_arn(bus).await?;
+        match self
+            .shared
+            .events
+            .create_archive()
+            .archive_name(&name)
+            .event_source_arn(source)
+            .retention_days(retention_days)
+            .description("cloudbus: every event of the bus, for Bus::replay")
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = crate::sdk_error(e, kind_of_code, &format!("create archive {name}"));
+                if e.kind() == ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn ensure_bus(&self, topic: &str) -> Result<()> {
         if topic == DEFAULT_BUS {
             return Ok(());
         }
@@ -309,6 +423,86 @@ impl TopologyDriver for EventBridgeTopology {
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl TopologyDriver for EventBridgeTopology {
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        self.ensure_bus(topic).await?;
+        if let Some(days) = self.shared.archive_days {
+            self.ensure_archive(topic, days).await?;
+        }
+        Ok(())
+    }
+
+    /// StartReplay from the bus's archive to the bus, limited to the subscription's
+    /// rule, for the events from `since` to now.
+    async fn replay(&self, topic: &str, name: &str, since: DateTime<Utc>) -> Result<()> {
+        let archive = archive_name(topic);
+        let archive_arn = match self
+            .shared
+            .events
+            .describe_archive()
+            .archive_name(&archive)
+            .send()
+            .await
+        {
+            Ok(a) => a.archive_arn().unwrap_or_default().to_owned(),
+            Err(e) => {
+                let e = crate::sdk_error(e, kind_of_code, &format!("archive {archive}"));
+                return Err(if e.kind() == ErrorKind::NotFound {
+                    Error::not_found(format!(
+                        "event bus {topic} has no archive {archive} to replay from: declare it \
+                         with EventBridgeBus::with_archive (eventbridge://?archive_days=N)"
+                    ))
+                } else {
+                    e
+                });
+            }
+        };
+        let rule_arn = self
+            .shared
+            .events
+            .describe_rule()
+            .name(name)
+            .event_bus_name(topic)
+            .send()
+            .await
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}")))?
+            .arn()
+            .unwrap_or_default()
+            .to_owned();
+        let destination = aws_sdk_eventbridge::types::ReplayDestination::builder()
+            .arn(self.bus_arn(topic).await?)
+            .filter_arns(rule_arn)
+            .build()
+            .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "replay destination", e))?;
+        let now = Utc::now();
+        let to_time =
+            |t: DateTime<Utc>| aws_smithy_types::DateTime::from_millis(t.timestamp_millis());
+        let out = self
+            .shared
+            .events
+            .start_replay()
+            .replay_name(replay_name(name, now))
+            .event_source_arn(archive_arn)
+            .event_start_time(to_time(since))
+            .event_end_time(to_time(now))
+            .destination(destination)
+            .send()
+            .await
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("replay of {name}")))?;
+        if let Some(aws_sdk_eventbridge::types::ReplayState::Failed) = out.state() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "the replay of {name} failed: {}",
+                    out.state_reason().unwrap_or("no reason given")
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {

@@ -159,7 +159,19 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "kinesis" => Ok(kinesis::KinesisBus::new(&load_config(&parsed, &[]).await?).into_bus()),
         #[cfg(feature = "eventbridge")]
         "eventbridge" => {
-            Ok(eventbridge::EventBridgeBus::new(&load_config(&parsed, &[]).await?).into_bus())
+            let bus =
+                eventbridge::EventBridgeBus::new(&load_config(&parsed, &["archive_days"]).await?);
+            match url_param(&parsed, "archive_days") {
+                None => Ok(bus.into_bus()),
+                Some(days) => {
+                    let days = days.parse::<u32>().map_err(|_| {
+                        Error::invalid(format!(
+                            "eventbridge:// archive_days must be a number of days, not {days:?}"
+                        ))
+                    })?;
+                    Ok(bus.with_archive(days).into_bus())
+                }
+            }
         }
         other => Err(Error::unsupported(format!(
             "{other}:// is not an AWS provider built into this cloudbus-aws"

@@ -109,6 +109,28 @@ impl Bus {
             .delete_subscription(topic, name)
             .await
     }
+    /// Delivers again to `subscription` of `topic` the events published since `since`
+    /// (Pub/Sub seek, EventBridge archive replay); they arrive asynchronously as new
+    /// deliveries. `Unsupported` where the provider has no such thing: see
+    /// [`Capabilities::replay`](crate::Capabilities::replay).
+    ///
+    /// ```no_run
+    /// # async fn run(bus: cloudbus_core::Bus) -> cloudbus_core::Result<()> {
+    /// // Re-process the last hour after fixing a bug in the handler.
+    /// bus.replay("orders", "billing", chrono::Utc::now() - chrono::Duration::hours(1)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn replay(
+        &self,
+        topic: &str,
+        subscription: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()> {
+        self.driver
+            .topology()
+            .replay(topic, subscription, since)
+            .await
+    }
     /// The provider's bus driver, for escape hatches.
     pub fn driver(&self) -> &Arc<dyn BusDriver> {
         &self.driver

@@ -37,7 +37,8 @@ pub struct Capabilities {
     pub max_delivery_attempts: bool,
     /// How filters are applied.
     pub filtering: FilterSupport,
-    /// Events can be read again from a position or a time.
+    /// Subscriptions can be replayed from a time ([`Bus::replay`](crate::Bus::replay)).
+    /// Streams always can ([`StreamConsumer::replay`](crate::StreamConsumer::replay)).
     pub replay: bool,
     /// Several subscriptions each get every event (fan-out).
     pub fan_out: bool,

@@ -349,6 +349,16 @@ pub trait TopologyDriver: Send + Sync + 'static {
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()>;
     /// Deletes a subscription if it exists.
     async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()>;
+    /// Delivers again to subscription `name` of `topic` the events published from
+    /// `since` on (Pub/Sub: seek to a time; EventBridge: a replay from the bus's
+    /// archive to the subscription's rule). Replayed events arrive asynchronously, as
+    /// new deliveries of the same CloudEvents. Providers without it answer
+    /// `Unsupported` (streams replay through [`crate::StreamConsumer::replay`]).
+    async fn replay(&self, topic: &str, name: &str, since: DateTime<Utc>) -> Result<()> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot replay subscription {name:?} of {topic:?} (since {since})"
+        )))
+    }
 }
 
 /// A subscription as a service declares it.

@@ -380,6 +380,7 @@ pub fn capabilities(emulator: bool) -> Capabilities {
     let mut c = Capabilities::all(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_MESSAGE_BYTES);
     c.max_delay = None;
     c.deduplication = false;
+    c.replay = true;
     c.filtering = if emulator {
         FilterSupport::InProcess
     } else {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use cloudbus_core::{Error, ErrorKind, Result, SubscriptionSpec, TopologyDriver};
 use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
 
@@ -67,6 +68,16 @@ impl TopologyDriver for PubSubTopology {
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
         ensure_subscription(&self.shared, spec, &SubscriptionOptions::default()).await
+    }
+
+    /// A seek of the subscription to `since`: acked messages come back only on
+    /// subscriptions that keep them ([`SubscriptionOptions::retain_acked`]).
+    async fn replay(&self, _topic: &str, name: &str, since: DateTime<Utc>) -> Result<()> {
+        crate::PubSubBus {
+            shared: self.shared.clone(),
+        }
+        .seek_to_time(name, since)
+        .await
     }
 
     async fn delete_subscription(&self, _topic: &str, name: &str) -> Result<()> {
