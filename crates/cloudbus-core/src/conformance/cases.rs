@@ -268,9 +268,10 @@ pub async fn competing_consumers_share_work(h: &dyn Harness) -> Result<Outcome> 
     let evs = events("conformance.compete", 50)?;
     publish_all(&f.publisher, evs).await?;
     let patience = h.patience();
+    let taken = AtomicU32::new(0);
     let (a, b) = tokio::join!(
-        take_acking(&f.consumer, patience),
-        take_acking(&second, patience)
+        take_acking(&f.consumer, &taken, 50, patience),
+        take_acking(&second, &taken, 50, patience)
     );
     let (a, b) = (a?, b?);
     let all: HashSet<&String> = a.iter().chain(b.iter()).collect();
@@ -284,18 +285,23 @@ pub async fn competing_consumers_share_work(h: &dyn Harness) -> Result<Outcome> 
     Ok(Outcome::Passed)
 }
 
-/// Receives and acks in small batches until the subscription runs dry; returns the ids.
-async fn take_acking(consumer: &Consumer, patience: Duration) -> Result<Vec<String>> {
+/// Receives and acks in small batches until the consumers together took `total`
+/// (delivery into the subscription may lag behind the publish, so an empty receive
+/// does not mean the subscription is dry) or patience ran out; returns the ids.
+async fn take_acking(
+    consumer: &Consumer,
+    taken: &AtomicU32,
+    total: u32,
+    patience: Duration,
+) -> Result<Vec<String>> {
     let mut got = Vec::new();
     let until = Instant::now() + patience;
-    while Instant::now() < until {
+    while Instant::now() < until && taken.load(Ordering::SeqCst) < total {
         let batch = consumer
             .receive_batch(5, Duration::from_millis(300))
             .await?;
-        if batch.is_empty() && !got.is_empty() {
-            break;
-        }
         ack_all(consumer, &batch).await?;
+        taken.fetch_add(batch.len() as u32, Ordering::SeqCst);
         got.extend(batch.iter().map(|d| d.event().id().to_owned()));
         tokio::task::yield_now().await;
     }
