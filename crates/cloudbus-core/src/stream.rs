@@ -14,11 +14,10 @@ use chrono::{DateTime, Utc};
 
 use crate::codec::{DecodeError, RawMessage};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event};
+use crate::event::{EXT_DEAD_LETTER_REASON, Event};
 use crate::publisher::Publisher;
 use crate::retry::RetryPolicy;
-use crate::telemetry::{ConsumerMetrics, TraceContext};
-use crate::worker::{Handler, HandlerContext, HandlerError};
+use crate::worker::{Handler, HandlerError, HandlerRunner};
 
 /// Where reading a partition starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,8 +158,7 @@ pub struct StreamConsumer {
     cursors: HashMap<String, String>,
     finished: HashSet<String>,
     replaying: Option<StartPosition>,
-    name: Arc<str>,
-    metrics: ConsumerMetrics,
+    runner: HandlerRunner,
 }
 
 impl StreamConsumer {
@@ -168,11 +166,10 @@ impl StreamConsumer {
     /// checkpoint, with in-memory checkpoints.
     pub fn new(driver: Arc<dyn StreamDriver>, group: impl Into<String>) -> Self {
         let group = group.into();
-        let name: Arc<str> = group.clone().into();
+        let runner = HandlerRunner::new(group.clone());
         StreamConsumer {
             driver,
-            metrics: ConsumerMetrics::new(name.clone()),
-            name,
+            runner,
             group,
             store: Arc::new(MemoryCheckpointStore::new()),
             start: StartPosition::Latest,
@@ -332,25 +329,10 @@ impl StreamConsumer {
                 return Ok(false);
             }
         };
-        let trace = TraceContext::from_event(&event)
-            .map(|c| c.child())
-            .unwrap_or_else(TraceContext::new_root);
         let mut attempt = 1;
         loop {
-            let ctx = HandlerContext {
-                attempt,
-                consumer: self.name.clone(),
-                trace,
-            };
-            let started = std::time::Instant::now();
-            let outcome = trace.scope(handler.handle(event.clone(), ctx)).await;
-            self.metrics
-                .processing(event.ty(), started.elapsed().as_secs_f64());
-            let reason = match outcome {
-                Ok(()) => {
-                    self.metrics.consumed(event.ty(), "ack", 1);
-                    return Ok(true);
-                }
+            let reason = match self.runner.run(handler, event.clone(), attempt).await {
+                Ok(()) => return Ok(true),
                 Err(HandlerError::Reject { reason }) => format!("rejected: {reason}"),
                 Err(HandlerError::Retry { message, delay }) => {
                     if self.retry.should_retry(attempt) {
@@ -377,8 +359,7 @@ impl StreamConsumer {
             let mut copy = (*event).clone();
             copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
             sink.publish(copy).await?;
-            self.metrics.consumed(event.ty(), "dead_letter", 1);
-            self.metrics.dead_lettered(&reason);
+            self.runner.dead_lettered(&reason);
             return Ok(false);
         }
     }
@@ -403,7 +384,7 @@ impl StreamConsumer {
                 .with_attribute(EXT_DEAD_LETTER_REASON, reason.clone()),
         )
         .await?;
-        self.metrics.dead_lettered(&reason);
+        self.runner.dead_lettered(&reason);
         Ok(())
     }
 }

@@ -516,3 +516,89 @@ impl WorkerLoop {
         }
     }
 }
+
+/// Runs a handler the way every cloudbus consumer does, for consumers that receive
+/// events by other means than a [`Consumer`] (a stream reader, an Event Grid webhook):
+/// the event's trace is continued in a `cloudbus.handle` span, a panic becomes a
+/// retryable [`HandlerError`], and the processing time and outcome are counted under
+/// the consumer's name.
+///
+/// ```
+/// # async fn demo() {
+/// use std::sync::Arc;
+/// use cloudbus_core::{EventBuilder, HandlerContext, HandlerError};
+/// use cloudbus_core::worker::HandlerRunner;
+/// let handler = |_e: Arc<cloudbus_core::Event>, _c: HandlerContext| async {
+///     Ok::<(), HandlerError>(())
+/// };
+/// let runner = HandlerRunner::new("webhook");
+/// let event = Arc::new(EventBuilder::new("com.example.ping", "/demo").build().unwrap());
+/// assert!(runner.run(&handler, event, 1).await.is_ok());
+/// # }
+/// ```
+pub struct HandlerRunner {
+    name: Arc<str>,
+    metrics: crate::telemetry::ConsumerMetrics,
+}
+
+impl HandlerRunner {
+    /// A runner for the consumer called `name` (the metrics label).
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        let name = name.into();
+        HandlerRunner {
+            metrics: crate::telemetry::ConsumerMetrics::new(name.clone()),
+            name,
+        }
+    }
+
+    /// The consumer's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Handles `event` with `handler` once, as delivery `attempt`.
+    pub async fn run<H: Handler + ?Sized>(
+        &self,
+        handler: &H,
+        event: Arc<Event>,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let trace = TraceContext::from_event(&event)
+            .map(|c| c.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let span = tracing::info_span!(
+            "cloudbus.handle",
+            consumer = %self.name,
+            event_type = %event.ty(),
+            event_id = %event.id(),
+            attempt,
+            trace_id = %trace.trace_id(),
+        );
+        let ctx = HandlerContext {
+            attempt,
+            consumer: self.name.clone(),
+            trace,
+        };
+        let started = Instant::now();
+        let outcome = std::panic::AssertUnwindSafe(trace.scope(handler.handle(event.clone(), ctx)))
+            .catch_unwind()
+            .instrument(span)
+            .await
+            .unwrap_or_else(|_| Err(HandlerError::retry("handler panicked")));
+        self.metrics
+            .processing(event.ty(), started.elapsed().as_secs_f64());
+        let status = match &outcome {
+            Ok(()) => "ack",
+            Err(HandlerError::Retry { .. }) => "nack",
+            Err(HandlerError::Reject { .. }) => "dead_letter",
+        };
+        self.metrics.consumed(event.ty(), status, 1);
+        outcome
+    }
+
+    /// Counts a message dead-lettered for `reason` without reaching the handler (a
+    /// malformed one) or after its last attempt.
+    pub fn dead_lettered(&self, reason: &str) {
+        self.metrics.dead_lettered(reason);
+    }
+}
