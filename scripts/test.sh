@@ -7,6 +7,9 @@
 #   - AWS: LocalStack in host mode (installed into a venv on first use), unless
 #     AWS_ENDPOINT_URL already points at an AWS emulator; and moto (a venv too) for
 #     the EventBridge replay test, unless MOTO_ENDPOINT_URL is set.
+#   - Azure Event Grid: the project's emulator (tests/emulators/eventgrid), first
+#     proven against Microsoft's azure-eventgrid client, unless EVENTGRID_ENDPOINT is
+#     set.
 # Under CI=true an emulator that cannot be started is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,3 +105,21 @@ if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
         tail -n 14 /tmp/cloudbus-order-saga-aws.log
     done
 fi
+
+echo "== Azure Event Grid (the project's emulator, proven against azure-eventgrid first)"
+if [[ -z "${EVENTGRID_ENDPOINT:-}" ]]; then
+    if started="$(bash scripts/eventgrid-emulator.sh)"; then
+        eval "$started"
+        export EVENTGRID_ENDPOINT EVENTGRID_KEY
+        started_pids+=("$EVENTGRID_EMULATOR_PID")
+        echo "started the Event Grid emulator at $EVENTGRID_ENDPOINT (pid $EVENTGRID_EMULATOR_PID)"
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and the Event Grid emulator could not be proven or started" >&2
+        exit 1
+    else
+        echo "SKIPPED: the Event Grid emulator could not be started; tests/azure.rs will say so" >&2
+    fi
+else
+    echo "using the Event Grid endpoint $EVENTGRID_ENDPOINT"
+fi
+cargo test --features azure --test azure

@@ -33,6 +33,10 @@ pub use cloudbus_memory as memory;
 #[cfg(any(feature = "sqs", feature = "kinesis"))]
 pub use cloudbus_aws as aws;
 
+/// Azure: Event Grid (feature `eventgrid`); Service Bus is not built yet.
+#[cfg(feature = "eventgrid")]
+pub use cloudbus_azure as azure;
+
 /// Google Cloud Pub/Sub (feature `pubsub`, or `gcp`).
 #[cfg(feature = "pubsub")]
 pub use cloudbus_gcp as gcp;
@@ -91,6 +95,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "eventbridge" => aws::connect(url).await,
         #[cfg(feature = "kinesis")]
         "kinesis" => aws::connect(url).await,
+        #[cfg(feature = "eventgrid")]
+        "eventgrid" => azure::connect(url).await,
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
             "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
         ))),
