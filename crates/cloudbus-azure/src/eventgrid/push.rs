@@ -49,7 +49,7 @@ struct Inner {
 /// # async fn run() -> cloudbus_core::Result<()> {
 /// use std::sync::Arc;
 /// use cloudbus_azure::{Secret, eventgrid::push::PushEndpoint};
-/// use cloudbus_core::{Event, Filter, HandlerContext, HandlerError};
+/// use cloudbus_core::{AttributesReader, Event, Filter, HandlerContext, HandlerError};
 /// let endpoint = PushEndpoint::new("orders-webhook", |e: Arc<Event>, _c: HandlerContext| async move {
 ///     println!("got {}", e.id());
 ///     Ok::<(), HandlerError>(())
