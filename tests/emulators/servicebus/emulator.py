@@ -1,0 +1,1045 @@
+"""An Azure Service Bus AMQP 1.0 emulator for cloudbus's tests, on python-qpid-proton
+(an AMQP stack independent of the clients it serves). No Service Bus emulator can run
+on the project machines (the official one needs Docker and SQL Edge).
+
+What it does, as Service Bus does over AMQP:
+- SASL ANONYMOUS or PLAIN, no TLS (the clients' UseDevelopmentEmulator=true mode).
+- CBS: put-token on `$cbs` (tokens are accepted; the emulator does not check keys).
+- Queues, and topics with subscriptions (entities from a config file in the official
+  emulator's Config.json format). Sending: to `<queue>` or `<topic>`; receiving from
+  `<queue>`, `<topic>/Subscriptions/<sub>`, and each one's `/$DeadLetterQueue`.
+- Peek-lock: the delivery tag is the lock token (a UUID, little-endian bytes, as the
+  service sends it); message annotations x-opt-sequence-number, x-opt-enqueued-time,
+  x-opt-locked-until, x-opt-lock-token; header delivery-count = earlier deliveries.
+  Dispositions: accepted = complete; modified(failed) = abandon (the delivery count
+  grows; past MaxDeliveryCount the message is dead-lettered with the reason
+  MaxDeliveryCountExceeded); modified(undeliverable-here) = defer; rejected with
+  com.microsoft:dead-letter = dead-letter with DeadLetterReason and
+  DeadLetterErrorDescription. A lock that expires counts as an abandon.
+  Receive-and-delete (sender-settle-mode settled) too.
+- `$management`: peek-message, renew-lock, schedule-message, cancel-scheduled-message,
+  receive-by-sequence-number (deferred messages), update-disposition.
+- Scheduled messages (x-opt-scheduled-enqueue-time), duplicate detection by
+  MessageId within the entity's window.
+- Subscription rules: correlation filters and a SQL filter subset (comparisons, AND,
+  OR, NOT, IN, LIKE, IS [NOT] NULL, EXISTS over sys.* and user properties).
+
+Run: python emulator.py --config config.json [--port 5672]; prints "Ready." and
+SERVICEBUS_CONNECTION_STRING.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+
+from proton import (
+    Condition,
+    Data,
+    Delivery,
+    Disposition,
+    Message,
+    symbol,
+    timestamp,
+    ulong,
+)
+from proton.handlers import IncomingMessageHandler, MessagingHandler
+from proton.reactor import Container
+
+VERBOSE = os.environ.get("SERVICEBUS_EMULATOR_VERBOSE") == "1"
+DLQ = "$deadletterqueue"
+VENDOR = "com.microsoft"
+# .NET ticks (100 ns) at the Unix epoch: how Service Bus writes session lock times.
+DOTNET_EPOCH_TICKS = 621355968000000000
+
+
+def log(*args):
+    if VERBOSE:
+        print("servicebus-emulator:", *args, file=sys.stderr, flush=True)
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def parse_duration(text, default_seconds):
+    """ISO 8601 durations as the config uses them (PT1M, PT30S, P1D, PT0.5S)."""
+    if not text:
+        return default_seconds
+    m = re.fullmatch(
+        r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:([\d.]+)S)?)?", text.strip().upper()
+    )
+    if not m:
+        return default_seconds
+    d, h, mi, s = m.groups()
+    return int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi or 0) * 60 + float(s or 0)
+
+
+# ---------------------------------------------------------------------------------
+# SQL filters (the subset cloudbus compiles to, and a little more)
+
+TOKEN = re.compile(
+    r"\s*(?:(?P<num>-?\d+(?:\.\d+)?)|(?P<str>'(?:[^']|'')*')|(?P<op><>|!=|>=|<=|=|<|>|\(|\)|,)"
+    r"|(?P<id>\[[^\]]+\]|[A-Za-z_][A-Za-z0-9_.\-]*))"
+)
+
+
+class SqlFilter:
+    def __init__(self, text):
+        self.text = text
+        self.tokens = []
+        pos = 0
+        text = text.strip()
+        while pos < len(text):
+            m = TOKEN.match(text, pos)
+            if not m or m.end() == pos:
+                raise ValueError("cannot read the SQL filter at {!r}".format(text[pos:]))
+            pos = m.end()
+            kind = m.lastgroup
+            value = m.group(kind)
+            if kind == "str":
+                value = value[1:-1].replace("''", "'")
+            elif kind == "num":
+                value = float(value) if "." in value else int(value)
+            elif kind == "id" and value.startswith("["):
+                value = value[1:-1]
+            self.tokens.append((kind, value))
+        self.pos = 0
+        self.tree = self.parse_or()
+        if self.pos != len(self.tokens):
+            raise ValueError("unexpected {!r} in the SQL filter".format(self.tokens[self.pos]))
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
+
+    def keyword(self, word):
+        kind, value = self.peek()
+        if kind == "id" and str(value).upper() == word:
+            self.pos += 1
+            return True
+        return False
+
+    def take(self, kind=None, value=None):
+        k, v = self.peek()
+        if k is None or (kind and k != kind) or (value is not None and v != value):
+            raise ValueError("expected {} in the SQL filter".format(value or kind))
+        self.pos += 1
+        return v
+
+    def parse_or(self):
+        left = self.parse_and()
+        while self.keyword("OR"):
+            left = ("or", left, self.parse_and())
+        return left
+
+    def parse_and(self):
+        left = self.parse_not()
+        while self.keyword("AND"):
+            left = ("and", left, self.parse_not())
+        return left
+
+    def parse_not(self):
+        if self.keyword("NOT"):
+            return ("not", self.parse_not())
+        return self.parse_predicate()
+
+    def parse_predicate(self):
+        kind, value = self.peek()
+        if kind == "op" and value == "(":
+            self.pos += 1
+            inner = self.parse_or()
+            self.take("op", ")")
+            return inner
+        if kind == "id" and str(value).upper() == "EXISTS":
+            self.pos += 1
+            self.take("op", "(")
+            name = self.take("id")
+            self.take("op", ")")
+            return ("exists", name)
+        if kind == "id" and str(value).upper() in ("TRUE", "FALSE") and self.pos + 1 >= len(
+            self.tokens
+        ):
+            self.pos += 1
+            return ("const", str(value).upper() == "TRUE")
+        left = self.parse_operand()
+        if self.keyword("IS"):
+            negate = self.keyword("NOT")
+            if not self.keyword("NULL"):
+                raise ValueError("expected NULL after IS")
+            return ("isnull", left, negate)
+        negate = self.keyword("NOT")
+        if self.keyword("IN"):
+            self.take("op", "(")
+            values = [self.parse_operand()]
+            while self.peek() == ("op", ","):
+                self.pos += 1
+                values.append(self.parse_operand())
+            self.take("op", ")")
+            return ("in", left, values, negate)
+        if self.keyword("LIKE"):
+            pattern = self.take("str")
+            return ("like", left, pattern, negate)
+        op = self.take("op")
+        if op not in ("=", "<>", "!=", ">", "<", ">=", "<="):
+            raise ValueError("unexpected operator {}".format(op))
+        return ("cmp", op, left, self.parse_operand())
+
+    def parse_operand(self):
+        kind, value = self.peek()
+        self.pos += 1
+        if kind in ("num", "str"):
+            return ("lit", value)
+        if kind == "id":
+            if str(value).upper() == "NULL":
+                return ("lit", None)
+            if str(value).upper() in ("TRUE", "FALSE"):
+                return ("lit", str(value).upper() == "TRUE")
+            return ("prop", value)
+        raise ValueError("expected a value in the SQL filter")
+
+    def matches(self, props):
+        return self.eval(self.tree, props) is True
+
+    def value(self, operand, props):
+        if operand[0] == "lit":
+            return operand[1]
+        return props.get(operand[1].lower())
+
+    def eval(self, node, props):
+        kind = node[0]
+        if kind == "const":
+            return node[1]
+        if kind == "or":
+            return self.eval(node[1], props) is True or self.eval(node[2], props) is True
+        if kind == "and":
+            return self.eval(node[1], props) is True and self.eval(node[2], props) is True
+        if kind == "not":
+            return not (self.eval(node[1], props) is True)
+        if kind == "exists":
+            return node[1].lower() in props
+        if kind == "isnull":
+            is_null = self.value(node[1], props) is None
+            return (not is_null) if node[2] else is_null
+        if kind == "in":
+            v = self.value(node[1], props)
+            found = v is not None and any(v == self.value(x, props) for x in node[2])
+            return (not found) if node[3] else found
+        if kind == "like":
+            v = self.value(node[1], props)
+            if not isinstance(v, str):
+                return False
+            regex = "^" + re.escape(node[2]).replace("%", ".*").replace("_", ".") + "$"
+            found = re.match(regex, v, re.S) is not None
+            return (not found) if node[3] else found
+        if kind == "cmp":
+            a, b = self.value(node[2], props), self.value(node[3], props)
+            if a is None or b is None:
+                return None
+            try:
+                return {
+                    "=": a == b,
+                    "<>": a != b,
+                    "!=": a != b,
+                    ">": a > b,
+                    "<": a < b,
+                    ">=": a >= b,
+                    "<=": a <= b,
+                }[node[1]]
+            except TypeError:
+                return False
+        raise ValueError(kind)
+
+
+def message_properties(message):
+    """The properties a rule sees: sys.* and user properties, keys lower-cased."""
+    props = {}
+    for k, v in (message.properties or {}).items():
+        props[str(k).lower()] = v
+    sysprops = {
+        "sys.messageid": message.id,
+        "sys.correlationid": message.correlation_id,
+        "sys.label": message.subject,
+        "sys.to": message.address,
+        "sys.replyto": message.reply_to,
+        "sys.sessionid": message.group_id,
+        "sys.contenttype": message.content_type,
+    }
+    for k, v in sysprops.items():
+        if v is not None:
+            props[k] = str(v) if not isinstance(v, (int, float, bool)) else v
+    return props
+
+
+class Rule:
+    def __init__(self, name, spec):
+        self.name = name
+        props = spec.get("Properties", spec)
+        kind = props.get("FilterType", "Sql")
+        self.sql = None
+        self.correlation = None
+        if kind.lower() == "correlation":
+            self.correlation = props.get("CorrelationFilter", {})
+        else:
+            self.sql = SqlFilter(props.get("SqlFilter", {}).get("SqlExpression", "1=1"))
+
+    def matches(self, message):
+        props = message_properties(message)
+        if self.sql is not None:
+            return self.sql.matches(props)
+        c = self.correlation
+        system = {
+            "CorrelationId": "sys.correlationid",
+            "MessageId": "sys.messageid",
+            "To": "sys.to",
+            "ReplyTo": "sys.replyto",
+            "Label": "sys.label",
+            "Subject": "sys.label",
+            "SessionId": "sys.sessionid",
+            "ContentType": "sys.contenttype",
+        }
+        for key, sysname in system.items():
+            if key in c and c[key] is not None and props.get(sysname) != c[key]:
+                return False
+        for k, v in (c.get("Properties") or {}).items():
+            if props.get(k.lower()) != v:
+                return False
+        return True
+
+
+# ---------------------------------------------------------------------------------
+# Entities
+
+
+class Stored:
+    def __init__(self, message, seq):
+        self.message = message
+        self.seq = seq
+        self.enqueued = now_ms()
+        self.deliveries = 0
+        self.lock_token = None
+        self.locked_until = 0
+        self.link = None
+        self.delivery = None
+
+
+class Entity:
+    """A queue, a subscription, or one's dead-letter queue: something to receive from."""
+
+    def __init__(self, name, props, broker, dead_letter_of=None):
+        self.name = name
+        self.broker = broker
+        self.max_delivery_count = int(props.get("MaxDeliveryCount", 10))
+        self.lock_seconds = parse_duration(props.get("LockDuration"), 60)
+        self.requires_session = bool(props.get("RequiresSession", False))
+        self.duplicate_detection = bool(props.get("RequiresDuplicateDetection", False))
+        self.duplicate_window = parse_duration(
+            props.get("DuplicateDetectionHistoryTimeWindow"), 600
+        )
+        self.ready = []
+        self.locked = {}
+        self.deferred = {}
+        self.scheduled = {}
+        self.seen_ids = {}
+        self.consumers = []
+        self.session_owners = {}
+        self.session_states = {}
+        self.session_locked_until = {}
+        self.dead_letter_of = dead_letter_of
+        self.dlq = None if dead_letter_of else Entity(name + "/$DeadLetterQueue", {}, broker, self)
+
+    def enqueue(self, message, scheduled_at=None):
+        if self.duplicate_detection and message.id is not None:
+            cutoff = time.time() - self.duplicate_window
+            self.seen_ids = {k: t for k, t in self.seen_ids.items() if t >= cutoff}
+            if str(message.id) in self.seen_ids:
+                log("duplicate dropped", self.name, message.id)
+                return None
+            self.seen_ids[str(message.id)] = time.time()
+        stored = Stored(message, self.broker.next_seq())
+        if scheduled_at and scheduled_at > now_ms():
+            self.scheduled[stored.seq] = (scheduled_at, stored)
+            return stored.seq
+        self.ready.append(stored)
+        self.broker.pump(self)
+        return stored.seq
+
+    def release_scheduled(self):
+        due = [s for s, (at, _) in self.scheduled.items() if at <= now_ms()]
+        for seq in due:
+            _, stored = self.scheduled.pop(seq)
+            stored.enqueued = now_ms()
+            self.ready.append(stored)
+        if due:
+            self.broker.pump(self)
+
+    def sessions_ready(self):
+        """Session ids with ready messages, in the order of their first message."""
+        seen = []
+        for stored in self.ready:
+            sid = stored.message.group_id
+            if sid is not None and sid not in seen:
+                seen.append(sid)
+        return seen
+
+    def lock_session(self, session_id, link):
+        """Locks `session_id` (None: the next one with messages and no owner) for
+        `link`; returns the session id, or None when none can be locked."""
+        owners = self.session_owners
+        for sid, owner in list(owners.items()):
+            if owner not in self.consumers or self.session_locked_until.get(sid, 0) < now_ms():
+                owners.pop(sid, None)
+        if session_id is None:
+            session_id = next((sid for sid in self.sessions_ready() if sid not in owners), None)
+            if session_id is None:
+                return None
+        elif session_id in owners and owners[session_id] is not link:
+            return None
+        owners[session_id] = link
+        self.session_locked_until[session_id] = now_ms() + int(self.lock_seconds * 1000)
+        return session_id
+
+    def dead_letter(self, stored, reason, description):
+        message = stored.message
+        props = dict(message.properties or {})
+        props["DeadLetterReason"] = reason
+        if description is not None:
+            props["DeadLetterErrorDescription"] = description
+        message.properties = props
+        annotations = dict(message.annotations or {})
+        annotations[symbol("x-opt-deadletter-source")] = self.name
+        message.annotations = annotations
+        dead = Stored(message, stored.seq)
+        dead.deliveries = stored.deliveries
+        self.dlq.ready.append(dead)
+        self.broker.pump(self.dlq)
+
+    def lock(self, stored, link):
+        stored.lock_token = uuid.uuid4()
+        stored.locked_until = now_ms() + int(self.lock_seconds * 1000)
+        stored.link = link
+        self.locked[stored.lock_token] = stored
+
+    def abandon(self, stored, count=True):
+        self.locked.pop(stored.lock_token, None)
+        if count:
+            stored.deliveries += 1
+        if self.dead_letter_of is None and stored.deliveries >= self.max_delivery_count:
+            self.dead_letter(
+                stored,
+                "MaxDeliveryCountExceeded",
+                "Message could not be consumed after {} delivery attempts.".format(
+                    self.max_delivery_count
+                ),
+            )
+        else:
+            self.ready.insert(0, stored)
+            self.ready.sort(key=lambda s: s.seq)
+            self.broker.pump(self)
+
+    def expire_locks(self):
+        for token, stored in list(self.locked.items()):
+            if stored.locked_until <= now_ms():
+                log("lock expired", self.name, stored.seq)
+                if stored.delivery is not None and not stored.delivery.settled:
+                    stored.delivery.settle()
+                self.abandon(stored)
+
+    def settle(self, token, status, reason=None, description=None):
+        stored = self.locked.get(token)
+        if stored is None:
+            return False
+        if status == "completed":
+            self.locked.pop(token, None)
+        elif status == "abandoned":
+            self.abandon(stored)
+        elif status == "defered":
+            self.locked.pop(token, None)
+            stored.deliveries += 1
+            self.deferred[stored.seq] = stored
+        elif status == "suspended":
+            self.locked.pop(token, None)
+            self.dead_letter(stored, reason or "", description)
+        return True
+
+
+class Topic:
+    def __init__(self, name, props, broker):
+        self.name = name
+        self.duplicate_detection = bool(props.get("RequiresDuplicateDetection", False))
+        self.duplicate_window = parse_duration(
+            props.get("DuplicateDetectionHistoryTimeWindow"), 600
+        )
+        self.seen_ids = {}
+        self.subscriptions = {}
+        self.broker = broker
+
+    def enqueue(self, message, scheduled_at=None):
+        if self.duplicate_detection and message.id is not None:
+            cutoff = time.time() - self.duplicate_window
+            self.seen_ids = {k: t for k, t in self.seen_ids.items() if t >= cutoff}
+            if str(message.id) in self.seen_ids:
+                return None
+            self.seen_ids[str(message.id)] = time.time()
+        seq = None
+        for sub, rules in self.subscriptions.values():
+            if any(r.matches(message) for r in rules.values()):
+                seq = sub.enqueue(copy_message(message), scheduled_at) or seq
+        return seq if seq is not None else self.broker.next_seq()
+
+
+class Broker:
+    def __init__(self, config):
+        self.seq = 0
+        self.queues = {}
+        self.topics = {}
+        self.links = {}
+        for ns in config.get("UserConfig", config).get("Namespaces", [{}]):
+            for q in ns.get("Queues", []):
+                self.queues[q["Name"].lower()] = Entity(q["Name"], q.get("Properties", {}), self)
+            for t in ns.get("Topics", []):
+                topic = Topic(t["Name"], t.get("Properties", {}), self)
+                for s in t.get("Subscriptions", []):
+                    entity = Entity(
+                        "{}/Subscriptions/{}".format(t["Name"], s["Name"]),
+                        s.get("Properties", {}),
+                        self,
+                    )
+                    rules = {
+                        r["Name"]: Rule(r["Name"], r) for r in s.get("Rules", [])
+                    } or {"$Default": Rule("$Default", {"FilterType": "Sql",
+                                                        "SqlFilter": {"SqlExpression": "1=1"}})}
+                    topic.subscriptions[s["Name"].lower()] = (entity, rules)
+                self.topics[t["Name"].lower()] = topic
+
+    def next_seq(self):
+        self.seq += 1
+        return self.seq
+
+    def entities(self):
+        for q in self.queues.values():
+            yield q
+            yield q.dlq
+        for t in self.topics.values():
+            for sub, _ in t.subscriptions.values():
+                yield sub
+                yield sub.dlq
+
+    def resolve(self, address):
+        """(kind, object) for an address: a queue/subscription Entity, or a Topic."""
+        path = (address or "").strip("/")
+        if "://" in path:
+            path = path.split("://", 1)[1].split("/", 1)[1] if "/" in path.split("://", 1)[1] else ""
+        parts = path.split("/")
+        low = [p.lower() for p in parts]
+        dead = low[-1] == DLQ
+        if dead:
+            low = low[:-1]
+        entity = None
+        if len(low) == 1 and low[0] in self.queues:
+            entity = self.queues[low[0]]
+        elif len(low) == 1 and low[0] in self.topics:
+            return "topic", self.topics[low[0]]
+        elif len(low) == 3 and low[1] == "subscriptions" and low[0] in self.topics:
+            sub = self.topics[low[0]].subscriptions.get(low[2])
+            entity = sub[0] if sub else None
+        if entity is None:
+            return None, None
+        return "entity", entity.dlq if dead else entity
+
+    def pump(self, entity):
+        for link in list(entity.consumers):
+            deliver(self, entity, link)
+
+
+def copy_message(source):
+    """A message of our own: proton's received bodies point into its buffers."""
+    message = Message()
+    message.decode(source.encode())
+    if isinstance(message.body, memoryview):
+        message.body = bytes(message.body)
+    return message
+
+
+def is_encoded_message(blob):
+    return len(blob) >= 3 and blob[0] == 0 and blob[1] == 0x53 and 0x70 <= blob[2] <= 0x78
+
+
+def messages_of(raw):
+    """The messages of one transfer. A batch (message format 0x80013700, which proton
+    does not expose) carries each message encoded in its own Data section; it is
+    recognised by every Data section holding an encoded AMQP message."""
+    blobs = []
+    data = Data()
+    pos = 0
+    try:
+        while pos < len(raw):
+            data.clear()
+            used = data.decode(raw[pos:])
+            if used <= 0:
+                break
+            pos += used
+            data.rewind()
+            data.next()
+            if not data.is_described():
+                continue
+            data.enter()
+            data.next()
+            code = data.get_object()
+            data.next()
+            if code == 0x75:
+                blobs.append(bytes(data.get_binary()))
+            data.exit()
+    except Exception:  # noqa: BLE001 - not a batch; read it as one message
+        blobs = []
+    if blobs and all(is_encoded_message(b) for b in blobs):
+        out = []
+        for b in blobs:
+            m = Message()
+            m.decode(b)
+            out.append(copy_message(m))
+        return out
+    m = Message()
+    m.decode(raw)
+    return [copy_message(m)]
+
+
+class RawIncoming(IncomingMessageHandler):
+    """Reads transfers as raw bytes, so that batches can be taken apart."""
+
+    def on_delivery(self, event):
+        dlv = event.delivery
+        if not dlv.link.is_receiver or dlv.aborted:
+            if dlv.aborted:
+                dlv.settle()
+            return
+        if dlv.readable and not dlv.partial:
+            raw = dlv.link.recv(dlv.pending)
+            dlv.link.advance()
+            self.delegate.on_raw_message(event, raw)
+
+
+def encode_message(stored, entity, lock=True):
+    message = copy_message(stored.message)
+    annotations = dict(message.annotations or {})
+    annotations[symbol("x-opt-sequence-number")] = stored.seq
+    annotations[symbol("x-opt-enqueued-time")] = timestamp(stored.enqueued)
+    if lock and stored.lock_token is not None:
+        annotations[symbol("x-opt-locked-until")] = timestamp(stored.locked_until)
+        annotations[symbol("x-opt-lock-token")] = stored.lock_token
+    message.annotations = annotations
+    message.delivery_count = stored.deliveries
+    message.first_acquirer = stored.deliveries == 0
+    return message
+
+
+def encode_with_header(message):
+    """The message's bytes with a header section written out in full: proton leaves out
+    fields at their defaults, but clients read a missing delivery-count as unknown,
+    not as 0."""
+    durable, priority, ttl = message.durable, message.priority, message.ttl
+    first, count = message.first_acquirer, message.delivery_count
+    message.durable, message.priority, message.ttl = False, 4, 0
+    message.first_acquirer, message.delivery_count = False, 0
+    body = bytes(message.encode())
+    if body.startswith(b"\x00\x53\x70\x45"):  # proton's empty header section
+        body = body[4:]
+    message.durable, message.priority, message.ttl = durable, priority, ttl
+    message.first_acquirer, message.delivery_count = first, count
+    fields = bytes([0x41 if durable else 0x42, 0x50, priority & 0xFF])
+    fields += bytes([0x40]) if not ttl else b"\x70" + int(ttl * 1000).to_bytes(4, "big")
+    fields += bytes([0x41 if first else 0x42])
+    fields += b"\x70" + int(count).to_bytes(4, "big")
+    header = b"\x00\x53\x70\xc0" + bytes([len(fields) + 1, 5]) + fields
+    return header + body
+
+
+def deliver(broker, entity, link):
+    """Sends ready messages to a consumer link while it has credit."""
+    session_id = getattr(link, "cloudbus_session", None)
+    while link.credit > 0 and entity.ready:
+        index = 0
+        if session_id is not None:
+            index = next(
+                (i for i, s in enumerate(entity.ready) if s.message.group_id == session_id), None
+            )
+            if index is None:
+                return
+        stored = entity.ready.pop(index)
+        peek_lock = link.remote_snd_settle_mode != 1  # 1 = settled: receive-and-delete
+        if peek_lock:
+            entity.lock(stored, link)
+            tag = stored.lock_token.bytes_le
+        else:
+            tag = uuid.uuid4().bytes_le
+        message = encode_message(stored, entity, lock=peek_lock)
+        delivery = link.delivery(tag)
+        link.stream(encode_with_header(message))
+        link.advance()
+        if peek_lock:
+            stored.delivery = delivery
+            delivery.cloudbus = (entity, stored.lock_token)
+        else:
+            delivery.settle()
+
+
+def plain(value):
+    """Proton's AMQP arrays as Python lists, recursively."""
+    if hasattr(value, "elements") and hasattr(value, "type"):
+        return [plain(v) for v in value.elements]
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def status_response(request, code, description="", body=None):
+    response = Message()
+    response.address = request.reply_to
+    response.correlation_id = request.id if request.id is not None else request.correlation_id
+    response.properties = {
+        "statusCode": code,
+        "status-code": code,
+        "statusDescription": description,
+        "status-description": description,
+    }
+    response.body = body
+    return response
+
+
+class Handler(MessagingHandler):
+    def __init__(self, broker, address):
+        super().__init__(prefetch=0, auto_accept=False, auto_settle=False, peer_close_is_error=False)
+        self.handlers = [
+            RawIncoming(False, self) if isinstance(h, IncomingMessageHandler) else h
+            for h in self.handlers
+        ]
+        self.broker = broker
+        self.address = address
+
+    def on_start(self, event):
+        self.acceptor = event.container.listen(self.address)
+        event.container.schedule(0.1, self)
+        print("Ready.", flush=True)
+
+    def on_timer_task(self, event):
+        for entity in self.broker.entities():
+            entity.release_scheduled()
+            entity.expire_locks()
+        event.container.schedule(0.1, self)
+
+    def on_connection_init(self, event):
+        sasl = event.transport.sasl()
+        sasl.allowed_mechs("ANONYMOUS PLAIN")
+
+    def on_link_opening(self, event):
+        link = event.link
+        if link.remote_source.address is not None:
+            link.source.address = link.remote_source.address
+        if link.remote_target.address is not None:
+            link.target.address = link.remote_target.address
+        link.snd_settle_mode = link.remote_snd_settle_mode
+        link.rcv_settle_mode = link.remote_rcv_settle_mode
+        address = link.remote_source.address if link.is_sender else link.remote_target.address
+        node = (address or "").rstrip("/").split("/")[-1].lower()
+        link.cloudbus_node = node
+        if node in ("$cbs", "$management"):
+            link.cloudbus_entity = None
+            if not link.is_sender:
+                link.flow(100)
+            link.open()
+            return
+        kind, entity = self.broker.resolve(address)
+        if kind is None:
+            link.condition = Condition(
+                "amqp:not-found",
+                "The messaging entity '{}' could not be found.".format(address),
+            )
+            link.open()
+            link.close()
+            return
+        link.cloudbus_entity = entity
+        if link.is_sender:
+            if kind != "entity":
+                link.condition = Condition("amqp:not-allowed", "cannot receive from a topic")
+                link.open()
+                link.close()
+                return
+            filters = {}
+            if link.remote_source.filter is not None:
+                try:
+                    data = link.remote_source.filter
+                    data.rewind()
+                    filters = (data.get_object() if data.next() else None) or {}
+                except Exception as e:  # noqa: BLE001 - no usable filter
+                    log("unreadable source filter", repr(e))
+                    filters = {}
+                log("source filter", filters)
+            session_key = symbol(VENDOR + ":session-filter")
+            if entity.requires_session or session_key in filters:
+                wanted = filters.get(session_key)
+                wanted = getattr(wanted, "value", wanted)
+                session_id = entity.lock_session(wanted, link)
+                if session_id is None:
+                    link.condition = Condition(
+                        VENDOR + ":session-cannot-be-locked"
+                        if wanted is not None
+                        else VENDOR + ":timeout",
+                        "no session is available"
+                        if wanted is None
+                        else "session {} is locked by another receiver".format(wanted),
+                    )
+                    link.open()
+                    link.close()
+                    return
+                link.cloudbus_session = session_id
+                link.source.filter.put_object({session_key: session_id})
+                link.properties = {
+                    symbol(VENDOR + ":locked-until-utc"): DOTNET_EPOCH_TICKS
+                    + entity.session_locked_until[session_id] * 10000
+                }
+            link.open()
+            entity.consumers.append(link)
+        else:
+            link.open()
+            link.flow(1000)
+
+    def on_link_closing(self, event):
+        self.forget(event.link)
+        event.link.close()
+
+    def on_link_closed(self, event):
+        self.forget(event.link)
+
+    def on_disconnected(self, event):
+        if event.connection is None:
+            return
+        link = event.connection.link_head(0)
+        while link:
+            self.forget(link)
+            link = link.next(0)
+
+    def forget(self, link):
+        entity = getattr(link, "cloudbus_entity", None)
+        if entity is not None and link in getattr(entity, "consumers", []):
+            entity.consumers.remove(link)
+            # Messages locked by this link stay locked until their lock expires, as
+            # the service does.
+
+    def on_sendable(self, event):
+        entity = getattr(event.link, "cloudbus_entity", None)
+        if isinstance(entity, Entity):
+            deliver(self.broker, entity, event.link)
+
+    def on_raw_message(self, event, raw):
+        link = event.link
+        node = getattr(link, "cloudbus_node", "")
+        messages = messages_of(raw)
+        message = messages[0]
+        if node == "$cbs":
+            self.reply(event, status_response(message, 202, "Accepted"))
+            self.accept(event.delivery)
+            return
+        if node == "$management":
+            self.reply(event, self.management(link, message))
+            self.accept(event.delivery)
+            return
+        entity = link.cloudbus_entity
+        if entity is None:
+            self.reject(event.delivery)
+            return
+        for message in messages:
+            scheduled = (message.annotations or {}).get(symbol("x-opt-scheduled-enqueue-time"))
+            entity.enqueue(message, int(scheduled) if scheduled else None)
+        self.accept(event.delivery)
+        if link.credit < 100:
+            link.flow(1000)
+
+    def reply(self, event, response):
+        """Sends a request/response answer on the connection's link to `reply_to`."""
+        connection = event.connection
+        link = connection.link_head(0)
+        fallback = None
+        while link:
+            if link.is_sender and getattr(link, "cloudbus_node", "") == event.link.cloudbus_node:
+                if link.remote_target.address == response.address:
+                    break
+                if link.session == event.link.session:
+                    fallback = link
+            link = link.next(0)
+        link = link or fallback
+        if link is None:
+            log("no link to answer", response.address)
+            return
+        link.send(response).settle()
+
+    def management(self, link, request):
+        op = (request.properties or {}).get("operation")
+        body = plain(request.body or {})
+        log("management", op, body)
+        address = link.remote_target.address or ""
+        entity_address = address.rsplit("/", 1)[0]
+        kind, entity = self.broker.resolve(entity_address)
+        if kind is None:
+            return status_response(request, 404, "entity {} not found".format(entity_address))
+        try:
+            if op == VENDOR + ":peek-message":
+                return self.peek(request, entity, body)
+            if op == VENDOR + ":renew-lock":
+                expirations = []
+                for token in body.get("lock-tokens", []):
+                    stored = entity.locked.get(token)
+                    if stored is None:
+                        return status_response(request, 410, "lock lost")
+                    stored.locked_until = now_ms() + int(entity.lock_seconds * 1000)
+                    expirations.append(timestamp(stored.locked_until))
+                return status_response(request, 200, "OK", {"expirations": expirations})
+            if op == VENDOR + ":schedule-message":
+                seqs = []
+                target = entity
+                for item in body.get("messages", []):
+                    message = Message()
+                    message.decode(bytes(item["message"]))
+                    message = copy_message(message)
+                    at = (message.annotations or {}).get(symbol("x-opt-scheduled-enqueue-time"))
+                    seq = target.enqueue(message, int(at) if at else None)
+                    seqs.append(seq if seq is not None else 0)
+                return status_response(request, 200, "OK", {"sequence-numbers": seqs})
+            if op == VENDOR + ":cancel-scheduled-message":
+                for seq in body.get("sequence-numbers", []):
+                    for e in self.broker.entities():
+                        e.scheduled.pop(int(seq), None)
+                return status_response(request, 200, "OK")
+            if op == VENDOR + ":receive-by-sequence-number":
+                out = []
+                for seq in body.get("sequence-numbers", []):
+                    stored = entity.deferred.pop(int(seq), None)
+                    if stored is None:
+                        return status_response(
+                            request, 410, "message {} not found".format(seq), None
+                        )
+                    entity.lock(stored, None)
+                    out.append(
+                        {
+                            "message": encode_with_header(encode_message(stored, entity)),
+                            "lock-token": stored.lock_token,
+                        }
+                    )
+                return status_response(request, 200, "OK", {"messages": out})
+            if op == VENDOR + ":update-disposition":
+                status = body.get("disposition-status")
+                for token in body.get("lock-tokens", []):
+                    if not entity.settle(
+                        token,
+                        status,
+                        body.get("deadletter-reason"),
+                        body.get("deadletter-description"),
+                    ):
+                        return status_response(request, 410, "lock lost")
+                return status_response(request, 200, "OK")
+            if op in (
+                VENDOR + ":get-session-state",
+                VENDOR + ":set-session-state",
+                VENDOR + ":renew-session-lock",
+            ):
+                sid = body.get("session-id")
+                if op.endswith("set-session-state"):
+                    state = body.get("session-state")
+                    entity.session_states[sid] = bytes(state) if state is not None else None
+                    return status_response(request, 200, "OK")
+                if op.endswith("get-session-state"):
+                    return status_response(
+                        request, 200, "OK", {"session-state": entity.session_states.get(sid)}
+                    )
+                until = now_ms() + int(entity.lock_seconds * 1000)
+                entity.session_locked_until[sid] = until
+                return status_response(request, 200, "OK", {"expiration": timestamp(until)})
+        except (KeyError, ValueError, TypeError) as e:
+            return status_response(request, 400, "bad request: {}".format(e))
+        return status_response(request, 501, "operation {} is not emulated".format(op))
+
+    def peek(self, request, entity, body):
+        start = int(body.get("from-sequence-number", 0))
+        count = int(body.get("message-count", 1))
+        pool = sorted(
+            list(entity.ready)
+            + list(entity.locked.values())
+            + list(entity.deferred.values())
+            + [s for _, s in entity.scheduled.values()],
+            key=lambda s: s.seq,
+        )
+        found = [s for s in pool if s.seq >= start][:count]
+        if not found:
+            return status_response(request, 204, "No Content")
+        messages = [
+            {"message": encode_with_header(encode_message(s, entity, lock=False))} for s in found
+        ]
+        return status_response(request, 200, "OK", {"messages": messages})
+
+    def settled_by_peer(self, event, status, reason=None, description=None):
+        entity, token = getattr(event.delivery, "cloudbus", (None, None))
+        if entity is not None:
+            entity.settle(token, status, reason, description)
+        self.confirm(event.delivery)
+
+    @staticmethod
+    def confirm(delivery):
+        """Settles with the outcome the receiver chose (it waits for it in
+        receiver-settle-mode second)."""
+        if not delivery.settled:
+            if delivery.remote_state:
+                delivery.update(delivery.remote_state)
+            delivery.settle()
+
+    def on_accepted(self, event):
+        self.settled_by_peer(event, "completed")
+
+    def on_rejected(self, event):
+        condition = event.delivery.remote.condition
+        info = (condition.info if condition else None) or {}
+        reason = info.get("DeadLetterReason") or info.get(symbol("DeadLetterReason"))
+        description = info.get("DeadLetterErrorDescription") or info.get(
+            symbol("DeadLetterErrorDescription")
+        )
+        self.settled_by_peer(event, "suspended", reason, description)
+
+    def on_released(self, event):
+        remote = event.delivery.remote
+        if event.delivery.remote_state == Disposition.MODIFIED and remote.undeliverable:
+            self.settled_by_peer(event, "defered")
+        elif event.delivery.remote_state == Disposition.MODIFIED and not remote.failed:
+            entity, token = getattr(event.delivery, "cloudbus", (None, None))
+            stored = entity.locked.get(token) if entity else None
+            if stored is not None:
+                entity.abandon(stored, count=False)
+            self.confirm(event.delivery)
+        else:
+            self.settled_by_peer(event, "abandoned")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5672)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args()
+    with open(args.config) as f:
+        config = json.load(f)
+    broker = Broker(config)
+    print(
+        "SERVICEBUS_CONNECTION_STRING=Endpoint=sb://{}:{};SharedAccessKeyName="
+        "RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;".format(
+            args.host, args.port
+        ),
+        flush=True,
+    )
+    Container(Handler(broker, "{}:{}".format(args.host, args.port))).run()
+
+
+if __name__ == "__main__":
+    main()
