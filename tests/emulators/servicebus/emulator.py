@@ -11,7 +11,7 @@ What it does, as Service Bus does over AMQP:
 - Peek-lock: the delivery tag is the lock token (a UUID, little-endian bytes, as the
   service sends it); message annotations x-opt-sequence-number, x-opt-enqueued-time,
   x-opt-locked-until, x-opt-lock-token; header delivery-count = earlier deliveries.
-  Dispositions: accepted = complete; modified(failed) = abandon (the delivery count
+  Dispositions: accepted = complete; modified or released = abandon (the delivery count
   grows; past MaxDeliveryCount the message is dead-lettered with the reason
   MaxDeliveryCountExceeded); modified(undeliverable-here) = defer; rejected with
   com.microsoft:dead-letter = dead-letter with DeadLetterReason and
@@ -1009,15 +1009,11 @@ class Handler(MessagingHandler):
         self.settled_by_peer(event, "suspended", reason, description)
 
     def on_released(self, event):
+        # Modified with undeliverable-here is a defer; any other modified or released
+        # outcome is an abandon, which the service counts as a delivery.
         remote = event.delivery.remote
         if event.delivery.remote_state == Disposition.MODIFIED and remote.undeliverable:
             self.settled_by_peer(event, "defered")
-        elif event.delivery.remote_state == Disposition.MODIFIED and not remote.failed:
-            entity, token = getattr(event.delivery, "cloudbus", (None, None))
-            stored = entity.locked.get(token) if entity else None
-            if stored is not None:
-                entity.abandon(stored, count=False)
-            self.confirm(event.delivery)
         else:
             self.settled_by_peer(event, "abandoned")
 
