@@ -970,3 +970,71 @@ async fn a_failed_event_is_not_retried_behind_its_own_key() {
     assert!(results[3].is_ok(), "{:?}", results[3]);
     assert_eq!(p.paused_ordering_keys(), vec!["k".to_owned()]);
 }
+
+/// `Bus::replay` delivers again, to that subscription only, the retained events
+/// published since a time that its filter matches; a missing subscription is NotFound.
+#[tokio::test]
+async fn replay_redelivers_retained_events_since_a_time() {
+    use cloudbus::AttributesReader;
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("audit").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("audit", "all"))
+        .await
+        .unwrap();
+    bus.ensure_subscription(
+        &SubscriptionSpec::new("audit", "odd").filter(cloudbus::Filter::prefix("subject", "odd")),
+    )
+    .await
+    .unwrap();
+    let publisher = bus.publisher("audit").await.unwrap();
+    publisher.publish(ev(0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let since = chrono::Utc::now();
+    let later: Vec<Event> = (1..=3)
+        .map(|n| {
+            EventBuilder::new("test.event", "/tests")
+                .subject(if n % 2 == 1 {
+                    format!("odd-{n}")
+                } else {
+                    format!("even-{n}")
+                })
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for e in &later {
+        publisher.publish(e.clone()).await.unwrap();
+    }
+    for sub in ["all", "odd"] {
+        let c = bus.consumer("audit", sub).await.unwrap();
+        for d in c
+            .receive_batch(10, Duration::from_millis(200))
+            .await
+            .unwrap()
+        {
+            d.ack().await.unwrap();
+        }
+    }
+    bus.replay("audit", "odd", since).await.unwrap();
+    let odd = bus.consumer("audit", "odd").await.unwrap();
+    let again = odd
+        .receive_batch(10, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = again.iter().map(|d| d.event().id()).collect();
+    assert_eq!(
+        ids,
+        [later[0].id(), later[2].id()],
+        "odd events since the mark, in order"
+    );
+    let all = bus.consumer("audit", "all").await.unwrap();
+    assert!(
+        all.receive_batch(10, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty(),
+        "another subscription got the replay"
+    );
+    let err = bus.replay("audit", "missing", since).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}

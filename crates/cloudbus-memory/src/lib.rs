@@ -4,8 +4,9 @@
 //! one subscription compete for its messages; leases (ack deadlines) expire into
 //! redelivery; delivery attempts are counted; a dead-letter list per subscription
 //! supports peek, redrive and purge; ordering keys are delivered in order per key and
-//! in parallel across keys; publishing can delay delivery; partitioned logs support
-//! replay by offset or time. Everything is bounded: a full subscription, dead-letter
+//! in parallel across keys; publishing can delay delivery; topics keep their last
+//! events (`BrokerConfig::retained_per_topic`) so that `Bus::replay` can deliver them
+//! again to one subscription; partitioned logs support replay by offset or time. Everything is bounded: a full subscription, dead-letter
 //! list or log partition refuses work with [`ErrorKind::ResourceExhausted`].
 //!
 //! ```
@@ -61,6 +62,9 @@ pub struct BrokerConfig {
     pub max_batch_bytes: usize,
     /// Records a log partition holds before appends fail.
     pub max_log_records_per_partition: usize,
+    /// Published events a topic keeps for `Bus::replay` (the oldest go first); 0
+    /// turns replay off.
+    pub retained_per_topic: usize,
 }
 
 impl Default for BrokerConfig {
@@ -73,6 +77,7 @@ impl Default for BrokerConfig {
             max_batch_count: 1000,
             max_batch_bytes: 16 * 1024 * 1024,
             max_log_records_per_partition: 1_000_000,
+            retained_per_topic: 10_000,
         }
     }
 }
@@ -93,6 +98,14 @@ impl Subscription {
 
 struct Topic {
     subscriptions: RwLock<Vec<Arc<Subscription>>>,
+    /// The last published events, for replay.
+    retained: Mutex<std::collections::VecDeque<Retained>>,
+}
+
+/// A published event kept for replay.
+struct Retained {
+    message: OutgoingMessage,
+    published_at: chrono::DateTime<Utc>,
 }
 
 struct BrokerInner {
@@ -171,7 +184,9 @@ impl MemoryBroker {
     /// What the broker supports.
     pub fn capabilities(&self) -> Capabilities {
         let c = &self.inner.config;
-        Capabilities::all(c.max_message_bytes, c.max_batch_count, c.max_batch_bytes)
+        let mut caps = Capabilities::all(c.max_message_bytes, c.max_batch_count, c.max_batch_bytes);
+        caps.replay = c.retained_per_topic > 0;
+        caps
     }
 
     /// Creates the partitioned log `name` with `partitions` partitions, if missing.
@@ -308,7 +323,79 @@ impl MemoryBroker {
                 s.notify.notify_waiters();
             }
         }
+        let keep = self.inner.config.retained_per_topic;
+        if keep > 0 {
+            let mut retained = topic.retained.lock().map_err(|_| poisoned())?;
+            for m in accepted() {
+                if retained.len() == keep {
+                    retained.pop_front();
+                }
+                retained.push_back(Retained {
+                    message: m.clone(),
+                    published_at,
+                });
+            }
+        }
         Ok(results)
+    }
+
+    /// Delivers again to subscription `name` the retained events of `topic` published
+    /// from `since` on that its filter matches.
+    fn replay(&self, topic: &str, name: &str, since: chrono::DateTime<Utc>) -> Result<()> {
+        let topic_ref = self.topic(topic)?;
+        let sub = topic_ref
+            .subscriptions
+            .read()
+            .map_err(|_| poisoned())?
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found(format!("subscription {name:?} of {topic:?} does not exist"))
+            })?;
+        let again: Vec<(OutgoingMessage, chrono::DateTime<Utc>)> = topic_ref
+            .retained
+            .lock()
+            .map_err(|_| poisoned())?
+            .iter()
+            .filter(|r| r.published_at >= since)
+            .map(|r| (r.message.clone(), r.published_at))
+            .collect();
+        let mut state = sub.lock()?;
+        let again: Vec<_> = again
+            .into_iter()
+            .filter(|(m, _)| matches_filter(&state.spec, m))
+            .collect();
+        let bytes = again.iter().map(|(m, _)| m.size).sum();
+        if !state.has_room(again.len(), bytes) {
+            return Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "subscription {name:?} has no room for {} replayed events",
+                    again.len()
+                ),
+            ));
+        }
+        let now = Instant::now();
+        let mut woke = false;
+        for (m, published_at) in again {
+            let msg = Msg {
+                payload: m.payload.clone(),
+                size: m.size,
+                key: m.ordering_key.as_deref().map(Arc::from),
+                attempts: 0,
+                not_before: None,
+                is_head: false,
+                seq: 0,
+                published_at,
+            };
+            woke |= state.publish(msg, now);
+        }
+        drop(state);
+        if woke {
+            sub.notify.notify_waiters();
+        }
+        Ok(())
     }
 }
 
@@ -581,6 +668,7 @@ impl TopologyDriver for MemoryTopology {
         topics.entry(topic.to_owned()).or_insert_with(|| {
             Arc::new(Topic {
                 subscriptions: RwLock::new(Vec::new()),
+                retained: Mutex::new(std::collections::VecDeque::new()),
             })
         });
         Ok(())
@@ -605,6 +693,10 @@ impl TopologyDriver for MemoryTopology {
             notify: Notify::new(),
         }));
         Ok(())
+    }
+
+    async fn replay(&self, topic: &str, name: &str, since: chrono::DateTime<Utc>) -> Result<()> {
+        self.broker.replay(topic, name, since)
     }
 
     async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
