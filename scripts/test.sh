@@ -24,6 +24,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# start_emulator NAME SCRIPT PID_VAR VAR...: runs SCRIPT, which prints VAR=value lines
+# (and PID_VAR=pid), exports the VARs and stops the process group on exit. Under
+# CI=true an emulator that cannot be started ends the run; otherwise its tests skip
+# loudly.
+start_emulator() {
+    local name="$1" script="$2" pid_var="$3"
+    shift 3
+    local started
+    if started="$(bash "$script")"; then
+        eval "$started"
+        export "$@"
+        started_pids+=("${!pid_var}")
+        echo "started $name (pid ${!pid_var})"
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and $name could not be started" >&2
+        exit 1
+    else
+        echo "SKIPPED: $name could not be started; its tests will say so" >&2
+    fi
+}
+
 echo "== cargo test --workspace (unit, conformance on the memory broker, integration, doc tests)"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
@@ -38,17 +59,7 @@ cargo run --quiet --example stream_replay
 
 echo "== Google Cloud Pub/Sub (official emulator)"
 if [[ -z "${PUBSUB_EMULATOR_HOST:-}" ]]; then
-    if started="$(bash scripts/pubsub-emulator.sh)"; then
-        eval "$started"
-        export PUBSUB_EMULATOR_HOST
-        started_pids+=("$PUBSUB_EMULATOR_PID")
-        echo "started the Pub/Sub emulator at $PUBSUB_EMULATOR_HOST (pid $PUBSUB_EMULATOR_PID)"
-    elif [[ "${CI:-}" == "true" ]]; then
-        echo "CI=true and the Pub/Sub emulator could not be started" >&2
-        exit 1
-    else
-        echo "SKIPPED: no Pub/Sub emulator could be started; tests/gcp.rs will say so" >&2
-    fi
+    start_emulator "the Pub/Sub emulator" scripts/pubsub-emulator.sh PUBSUB_EMULATOR_PID PUBSUB_EMULATOR_HOST
 else
     echo "using the Pub/Sub emulator at $PUBSUB_EMULATOR_HOST"
 fi
@@ -63,33 +74,13 @@ fi
 
 echo "== AWS (LocalStack in host mode)"
 if [[ -z "${AWS_ENDPOINT_URL:-}" ]]; then
-    if started="$(bash scripts/localstack.sh)"; then
-        eval "$started"
-        export AWS_ENDPOINT_URL
-        started_pids+=("$LOCALSTACK_PID")
-        echo "started LocalStack at $AWS_ENDPOINT_URL (pid $LOCALSTACK_PID)"
-    elif [[ "${CI:-}" == "true" ]]; then
-        echo "CI=true and LocalStack could not be started" >&2
-        exit 1
-    else
-        echo "SKIPPED: LocalStack could not be started; tests/aws.rs will say so" >&2
-    fi
+    start_emulator "LocalStack" scripts/localstack.sh LOCALSTACK_PID AWS_ENDPOINT_URL
 else
     echo "using the AWS endpoint $AWS_ENDPOINT_URL"
 fi
 # moto, for EventBridge archives and StartReplay (LocalStack's StartReplay fails).
 if [[ -z "${MOTO_ENDPOINT_URL:-}" ]]; then
-    if started="$(bash scripts/moto.sh)"; then
-        eval "$started"
-        export MOTO_ENDPOINT_URL
-        started_pids+=("$MOTO_PID")
-        echo "started moto at $MOTO_ENDPOINT_URL (pid $MOTO_PID)"
-    elif [[ "${CI:-}" == "true" ]]; then
-        echo "CI=true and moto could not be started" >&2
-        exit 1
-    else
-        echo "SKIPPED: moto could not be started; the EventBridge replay test will say so" >&2
-    fi
+    start_emulator "moto" scripts/moto.sh MOTO_PID MOTO_ENDPOINT_URL
 else
     echo "using moto at $MOTO_ENDPOINT_URL"
 fi
@@ -109,17 +100,7 @@ fi
 
 echo "== Azure Event Grid (the project's emulator, proven against azure-eventgrid first)"
 if [[ -z "${EVENTGRID_ENDPOINT:-}" ]]; then
-    if started="$(bash scripts/eventgrid-emulator.sh)"; then
-        eval "$started"
-        export EVENTGRID_ENDPOINT EVENTGRID_KEY
-        started_pids+=("$EVENTGRID_EMULATOR_PID")
-        echo "started the Event Grid emulator at $EVENTGRID_ENDPOINT (pid $EVENTGRID_EMULATOR_PID)"
-    elif [[ "${CI:-}" == "true" ]]; then
-        echo "CI=true and the Event Grid emulator could not be proven or started" >&2
-        exit 1
-    else
-        echo "SKIPPED: the Event Grid emulator could not be started; tests/azure.rs will say so" >&2
-    fi
+    start_emulator "the Event Grid emulator" scripts/eventgrid-emulator.sh EVENTGRID_EMULATOR_PID EVENTGRID_ENDPOINT EVENTGRID_KEY
 else
     echo "using the Event Grid endpoint $EVENTGRID_ENDPOINT"
 fi

@@ -20,22 +20,6 @@ use crate::retry::RetryPolicy;
 use crate::telemetry::TraceContext;
 use crate::worker::{HandlerContext, HandlerError, WorkerOptions};
 
-macro_rules! check {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(Error::new(ErrorKind::Internal, format!("check failed: {}: {}", stringify!($cond), format!($($msg)+))));
-        }
-    };
-}
-
-macro_rules! need {
-    ($cond:expr, $what:expr) => {
-        if !$cond {
-            return Ok(Outcome::Skipped($what.to_string()));
-        }
-    };
-}
-
 /// A topic and one subscription with unique names.
 struct Fixture {
     bus: Bus,

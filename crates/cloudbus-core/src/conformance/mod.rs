@@ -26,6 +26,24 @@ use crate::bus::Bus;
 use crate::capabilities::Capabilities;
 use crate::error::Result;
 
+/// Fails the case with the condition and a message when the condition is false.
+macro_rules! check {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(Error::new(ErrorKind::Internal, format!("check failed: {}: {}", stringify!($cond), format!($($msg)+))));
+        }
+    };
+}
+
+/// Skips the case, naming the capability, when the provider lacks it.
+macro_rules! need {
+    ($cond:expr, $what:expr) => {
+        if !$cond {
+            return Ok(Outcome::Skipped($what.to_string()));
+        }
+    };
+}
+
 pub mod cases;
 pub mod stream_cases;
 
@@ -91,12 +109,17 @@ pub async fn run_case<H: Harness>(
     harness: &H,
     case: for<'a> fn(&'a dyn Harness) -> CaseFuture<'a>,
 ) {
-    match case(harness).await {
+    report("conformance case", name, case(harness).await);
+}
+
+/// Prints a skipped case; panics with the error of a failed one.
+fn report(kind: &str, name: &str, outcome: Result<Outcome>) {
+    match outcome {
         Ok(Outcome::Passed) => {}
         Ok(Outcome::Skipped(why)) => {
-            eprintln!("SKIPPED conformance case {name}: the provider lacks {why}");
+            eprintln!("SKIPPED {kind} {name}: the provider lacks {why}");
         }
-        Err(e) => panic!("conformance case {name} failed: {e}"),
+        Err(e) => panic!("{kind} {name} failed: {e}"),
     }
 }
 
@@ -106,13 +129,7 @@ pub async fn run_stream_case<H: StreamHarness>(
     harness: &H,
     case: for<'a> fn(&'a dyn StreamHarness) -> CaseFuture<'a>,
 ) {
-    match case(harness).await {
-        Ok(Outcome::Passed) => {}
-        Ok(Outcome::Skipped(why)) => {
-            eprintln!("SKIPPED stream conformance case {name}: the provider lacks {why}");
-        }
-        Err(e) => panic!("stream conformance case {name} failed: {e}"),
-    }
+    report("stream conformance case", name, case(harness).await);
 }
 
 /// Generates one `#[tokio::test]` per stream conformance case over the

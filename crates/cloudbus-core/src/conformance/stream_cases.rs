@@ -17,22 +17,6 @@ use crate::stream::{MemoryCheckpointStore, StartPosition, StreamConsumer};
 use crate::telemetry::TraceContext;
 use crate::worker::{HandlerContext, HandlerError};
 
-macro_rules! check {
-    ($cond:expr, $($msg:tt)+) => {
-        if !$cond {
-            return Err(Error::new(ErrorKind::Internal, format!("check failed: {}: {}", stringify!($cond), format!($($msg)+))));
-        }
-    };
-}
-
-macro_rules! need {
-    ($cond:expr, $what:expr) => {
-        if !$cond {
-            return Ok(Outcome::Skipped($what.to_string()));
-        }
-    };
-}
-
 /// Decides whether a handler fails an event at an attempt.
 type FailRule = Arc<dyn Fn(&Event, u32) -> Option<HandlerError> + Send + Sync>;
 
