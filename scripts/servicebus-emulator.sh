@@ -3,7 +3,8 @@
 # python-qpid-proton) against Microsoft's azure-servicebus client, then starts it on
 # 127.0.0.1 with tests/emulators/servicebus/config.json (or $SERVICEBUS_CONFIG, in the
 # official emulator's Config.json format) and prints
-# `SERVICEBUS_CONNECTION_STRING=...` and `SERVICEBUS_EMULATOR_PID=...` for the caller
+# `SERVICEBUS_CONNECTION_STRING=...`, `SERVICEBUS_MANAGEMENT_ENDPOINT=...` (HTTPS, a
+# self-signed certificate, port + 1) and `SERVICEBUS_EMULATOR_PID=...` for the caller
 # to eval. Stop it with `kill -- -$SERVICEBUS_EMULATOR_PID`.
 #
 #   eval "$(bash scripts/servicebus-emulator.sh)"          # prove, then start
@@ -33,7 +34,7 @@ setsid "$python" tests/emulators/servicebus/emulator.py --port "$port" --config 
 pid=$!
 for _ in $(seq 1 100); do
     if grep -q "^Ready\." "$out" 2>/dev/null; then
-        grep "^SERVICEBUS_CONNECTION_STRING=" "$out"
+        grep -E "^SERVICEBUS_(CONNECTION_STRING|MANAGEMENT_ENDPOINT)=" "$out"
         echo "SERVICEBUS_EMULATOR_PID=$pid"
         rm -f "$out"
         exit 0

@@ -23,20 +23,33 @@ What it does, as Service Bus does over AMQP:
   MessageId within the entity's window.
 - Subscription rules: correlation filters and a SQL filter subset (comparisons, AND,
   OR, NOT, IN, LIKE, IS [NOT] NULL, EXISTS over sys.* and user properties).
+- The ATOM management API of ServiceBusAdministrationClient, on HTTPS with a
+  self-signed certificate on its own port: PUT (create, or update with If-Match: *),
+  GET and DELETE of queues, topics, subscriptions (with a default rule) and rules;
+  409 for an entity that exists, 404 for one that does not. Entities from the config
+  file and from this API are the same kind of thing. (The official emulator has no
+  management API; Azure has it at https://<namespace>/.) The management thread and
+  the AMQP reactor share the broker; the reactor reads snapshots of its entity maps.
 
-Run: python emulator.py --config config.json [--port 5672]; prints "Ready." and
-SERVICEBUS_CONNECTION_STRING.
+Run: python emulator.py --config config.json [--port 5672] [--management-port N];
+prints SERVICEBUS_MANAGEMENT_ENDPOINT, SERVICEBUS_CONNECTION_STRING, then "Ready.".
 """
 
 import argparse
 import datetime
+import http.server
 import json
 import os
 import re
+import ssl
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
+import xml.etree.ElementTree as ET
 
 from proton import (
     Condition,
@@ -486,14 +499,15 @@ class Topic:
                 return None
             self.seen_ids[str(message.id)] = time.time()
         seq = None
-        for sub, rules in self.subscriptions.values():
-            if any(r.matches(message) for r in rules.values()):
+        for sub, rules in list(self.subscriptions.values()):
+            if any(r.matches(message) for r in list(rules.values())):
                 seq = sub.enqueue(copy_message(message), scheduled_at) or seq
         return seq if seq is not None else self.broker.next_seq()
 
 
 class Broker:
     def __init__(self, config):
+        self.lock = threading.Lock()
         self.seq = 0
         self.queues = {}
         self.topics = {}
@@ -521,11 +535,12 @@ class Broker:
         return self.seq
 
     def entities(self):
-        for q in self.queues.values():
+        # Snapshots: the management API (another thread) adds and removes entities.
+        for q in list(self.queues.values()):
             yield q
             yield q.dlq
-        for t in self.topics.values():
-            for sub, _ in t.subscriptions.values():
+        for t in list(self.topics.values()):
+            for sub, _ in list(t.subscriptions.values()):
                 yield sub
                 yield sub.dlq
 
@@ -1018,15 +1033,283 @@ class Handler(MessagingHandler):
             self.settled_by_peer(event, "abandoned")
 
 
+# ---------------------------------------------------------------------------------
+# The ATOM management API (what ServiceBusAdministrationClient speaks), over HTTPS
+# with a self-signed certificate: queues, topics, subscriptions and rules.
+
+
+ATOM = "http://www.w3.org/2005/Atom"
+SB = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
+XSI = "http://www.w3.org/2001/XMLSchema-instance"
+QUEUE_FIELDS = {
+    "LockDuration": "LockDuration",
+    "MaxDeliveryCount": "MaxDeliveryCount",
+    "RequiresSession": "RequiresSession",
+    "RequiresDuplicateDetection": "RequiresDuplicateDetection",
+    "DuplicateDetectionHistoryTimeWindow": "DuplicateDetectionHistoryTimeWindow",
+}
+
+
+def description_of(body):
+    """(kind, {field: text}, element) of an ATOM entry's description."""
+    root = ET.fromstring(body)
+    content = root.find("{%s}content" % ATOM)
+    if content is None or len(content) == 0:
+        raise ValueError("the entry has no content")
+    element = content[0]
+    kind = element.tag.split("}")[-1]
+    fields = {child.tag.split("}")[-1]: (child.text or "") for child in element}
+    return kind, fields, element
+
+
+def as_bool(text):
+    return str(text).strip().lower() == "true"
+
+
+def entity_props(fields):
+    props = {}
+    if fields.get("LockDuration"):
+        props["LockDuration"] = fields["LockDuration"]
+    if fields.get("MaxDeliveryCount"):
+        props["MaxDeliveryCount"] = int(fields["MaxDeliveryCount"])
+    for flag in ("RequiresSession", "RequiresDuplicateDetection"):
+        if flag in fields:
+            props[flag] = as_bool(fields[flag])
+    if fields.get("DuplicateDetectionHistoryTimeWindow"):
+        props["DuplicateDetectionHistoryTimeWindow"] = fields["DuplicateDetectionHistoryTimeWindow"]
+    return props
+
+
+def rule_of(name, element):
+    """A Rule from a RuleDescription element (SqlFilter, CorrelationFilter, TrueFilter,
+    FalseFilter)."""
+    flt = element.find("{%s}Filter" % SB)
+    kind = (flt.get("{%s}type" % XSI) if flt is not None else "TrueFilter") or "TrueFilter"
+    if kind in ("TrueFilter", "FalseFilter"):
+        expr = "1=1" if kind == "TrueFilter" else "1=0"
+        return Rule(name, {"FilterType": "Sql", "SqlFilter": {"SqlExpression": expr}})
+    if kind == "SqlFilter":
+        expr = flt.findtext("{%s}SqlExpression" % SB) or "1=1"
+        return Rule(name, {"FilterType": "Sql", "SqlFilter": {"SqlExpression": expr}})
+    corr = {}
+    for key in ("CorrelationId", "MessageId", "To", "ReplyTo", "Label", "SessionId", "ContentType"):
+        value = flt.findtext("{%s}%s" % (SB, key))
+        if value:
+            corr[key] = value
+    props = {}
+    for kv in flt.iter("{%s}KeyValueOfstringanyType" % SB):
+        key = kv.findtext("{%s}Key" % SB)
+        value_el = kv.find("{%s}Value" % SB)
+        value = value_el.text if value_el is not None else None
+        vtype = (value_el.get("{%s}type" % XSI) or "") if value_el is not None else ""
+        if vtype.endswith("int") or vtype.endswith("long"):
+            value = int(value)
+        elif vtype.endswith("double"):
+            value = float(value)
+        elif vtype.endswith("boolean"):
+            value = as_bool(value)
+        props[key] = value
+    if props:
+        corr["Properties"] = props
+    return Rule(name, {"FilterType": "Correlation", "CorrelationFilter": corr})
+
+
+def entry_xml(base, path, kind, fields, inner=None):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    body = inner if inner is not None else "".join(
+        "<{0}>{1}</{0}>".format(k, v) for k, v in fields.items())
+    return (
+        '<entry xmlns="{atom}"><id>{base}/{path}</id><title type="text">{title}</title>'
+        "<published>{now}</published><updated>{now}</updated>"
+        '<content type="application/xml"><{kind} xmlns="{sb}" xmlns:i="{xsi}">{body}</{kind}>'
+        "</content></entry>"
+    ).format(atom=ATOM, base=base, path=path, title=path.split("/")[-1], now=now, kind=kind,
+             sb=SB, xsi=XSI, body=body).encode()
+
+
+def entity_fields(entity):
+    return {
+        "LockDuration": "PT{}S".format(int(entity.lock_seconds)),
+        "RequiresDuplicateDetection": str(entity.duplicate_detection).lower(),
+        "RequiresSession": str(entity.requires_session).lower(),
+        "DuplicateDetectionHistoryTimeWindow": "PT{}S".format(int(entity.duplicate_window)),
+        "MaxDeliveryCount": str(entity.max_delivery_count),
+    }
+
+
+class Management(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    broker = None
+    base = ""
+
+    def log_message(self, fmt, *args):
+        log("management:", fmt % args)
+
+    def reply(self, status, body=b""):
+        self.send_response(status)
+        self.send_header("content-type", "application/atom+xml;type=entry;charset=utf-8")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def error(self, status, message):
+        body = "<Error><Code>{}</Code><Detail>{}</Detail></Error>".format(status, message)
+        self.reply(status, body.encode())
+
+    def path_parts(self):
+        path = urllib.parse.urlparse(self.path).path
+        return [urllib.parse.unquote(p) for p in path.split("/") if p]
+
+    def authorized(self):
+        auth = self.headers.get("Authorization") or ""
+        return auth.startswith("SharedAccessSignature ")
+
+    def do_GET(self):
+        if not self.authorized():
+            return self.error(401, "no SharedAccessSignature")
+        parts = self.path_parts()
+        b = self.broker
+        with b.lock:
+            if len(parts) == 1 and parts[0].lower() in b.queues:
+                q = b.queues[parts[0].lower()]
+                return self.reply(200, entry_xml(self.base, parts[0], "QueueDescription",
+                                                 entity_fields(q)))
+            if len(parts) == 1 and parts[0].lower() in b.topics:
+                t = b.topics[parts[0].lower()]
+                return self.reply(200, entry_xml(self.base, parts[0], "TopicDescription", {
+                    "RequiresDuplicateDetection": str(t.duplicate_detection).lower()}))
+            if len(parts) == 3 and parts[1].lower() == "subscriptions":
+                t = b.topics.get(parts[0].lower())
+                sub = t and t.subscriptions.get(parts[2].lower())
+                if sub:
+                    return self.reply(200, entry_xml(self.base, "/".join(parts),
+                                                     "SubscriptionDescription",
+                                                     entity_fields(sub[0])))
+        return self.error(404, "entity {} not found".format("/".join(parts)))
+
+    def do_DELETE(self):
+        if not self.authorized():
+            return self.error(401, "no SharedAccessSignature")
+        parts = self.path_parts()
+        b = self.broker
+        with b.lock:
+            if len(parts) == 1 and b.queues.pop(parts[0].lower(), None) is not None:
+                return self.reply(200)
+            if len(parts) == 1 and b.topics.pop(parts[0].lower(), None) is not None:
+                return self.reply(200)
+            t = b.topics.get(parts[0].lower()) if parts else None
+            if t and len(parts) == 3 and t.subscriptions.pop(parts[2].lower(), None):
+                return self.reply(200)
+            if t and len(parts) == 5 and parts[3].lower() == "rules":
+                sub = t.subscriptions.get(parts[2].lower())
+                if sub and sub[1].pop(parts[4], None) is not None:
+                    return self.reply(200)
+        return self.error(404, "entity {} not found".format("/".join(parts)))
+
+    def do_PUT(self):
+        if not self.authorized():
+            return self.error(401, "no SharedAccessSignature")
+        parts = self.path_parts()
+        length = int(self.headers.get("content-length") or 0)
+        try:
+            kind, fields, element = description_of(self.rfile.read(length))
+        except (ValueError, ET.ParseError) as e:
+            return self.error(400, "unreadable entry: {}".format(e))
+        update = self.headers.get("If-Match") == "*"
+        b = self.broker
+        path = "/".join(parts)
+        with b.lock:
+            if kind == "QueueDescription" and len(parts) == 1:
+                key = parts[0].lower()
+                if (key in b.queues or key in b.topics) and not update:
+                    return self.error(409, "entity {} already exists".format(path))
+                b.queues[key] = Entity(parts[0], entity_props(fields), b)
+                return self.reply(200 if update else 201, entry_xml(
+                    self.base, path, kind, entity_fields(b.queues[key])))
+            if kind == "TopicDescription" and len(parts) == 1:
+                key = parts[0].lower()
+                if (key in b.queues or key in b.topics) and not update:
+                    return self.error(409, "entity {} already exists".format(path))
+                old = b.topics.get(key)
+                topic = Topic(parts[0], entity_props(fields), b)
+                if old is not None:
+                    topic.subscriptions = old.subscriptions
+                b.topics[key] = topic
+                return self.reply(200 if update else 201, entry_xml(
+                    self.base, path, kind, {"RequiresDuplicateDetection":
+                                            str(topic.duplicate_detection).lower()}))
+            if kind == "SubscriptionDescription" and len(parts) == 3:
+                topic = b.topics.get(parts[0].lower())
+                if topic is None:
+                    return self.error(404, "topic {} not found".format(parts[0]))
+                key = parts[2].lower()
+                if key in topic.subscriptions and not update:
+                    return self.error(409, "entity {} already exists".format(path))
+                entity = Entity("{}/Subscriptions/{}".format(parts[0], parts[2]),
+                                entity_props(fields), b)
+                rules = topic.subscriptions[key][1] if key in topic.subscriptions else {
+                    "$Default": Rule("$Default", {"FilterType": "Sql",
+                                                  "SqlFilter": {"SqlExpression": "1=1"}})}
+                default_rule = element.find("{%s}DefaultRuleDescription" % SB)
+                if default_rule is not None and not update:
+                    rules = {"$Default": rule_of("$Default", default_rule)}
+                topic.subscriptions[key] = (entity, rules)
+                return self.reply(200 if update else 201, entry_xml(
+                    self.base, path, kind, entity_fields(entity)))
+            if kind == "RuleDescription" and len(parts) == 5:
+                topic = b.topics.get(parts[0].lower())
+                sub = topic and topic.subscriptions.get(parts[2].lower())
+                if not sub:
+                    return self.error(404, "subscription {} not found".format(path))
+                if parts[4] in sub[1] and not update:
+                    return self.error(409, "rule {} already exists".format(path))
+                try:
+                    sub[1][parts[4]] = rule_of(parts[4], element)
+                except ValueError as e:
+                    return self.error(400, "invalid filter: {}".format(e))
+                # The rule as it was given (clients read its filter back).
+                inner = "".join(ET.tostring(child, encoding="unicode") for child in element)
+                return self.reply(200 if update else 201, entry_xml(
+                    self.base, path, kind, {}, inner=inner))
+        return self.error(400, "cannot PUT a {} at {}".format(kind, path))
+
+
+def serve_management(broker, host, port):
+    """Serves the management API on HTTPS with a throwaway self-signed certificate."""
+    folder = tempfile.mkdtemp(prefix="servicebus-emulator-")
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+         "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer((host, port), Management)
+    server.daemon_threads = True
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    Management.broker = broker
+    Management.base = "https://{}:{}".format(host, server.server_address[1])
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5672)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--management-port", type=int, default=None,
+                        help="HTTPS port of the ATOM management API (default: AMQP port + 1)")
     args = parser.parse_args()
     with open(args.config) as f:
         config = json.load(f)
     broker = Broker(config)
+    management_port = serve_management(
+        broker, args.host, args.management_port if args.management_port is not None
+        else (args.port + 1 if args.port else 0))
+    print("SERVICEBUS_MANAGEMENT_ENDPOINT=https://{}:{}".format(args.host, management_port),
+          flush=True)
     print(
         "SERVICEBUS_CONNECTION_STRING=Endpoint=sb://{}:{};SharedAccessKeyName="
         "RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;".format(

@@ -3,8 +3,8 @@
 rely on it: send and receive with every property, batches, peek-lock settlement
 (complete, abandon, dead-letter, defer), the delivery count and MaxDeliveryCount,
 the dead-letter sub-queue, lock renewal and expiry, peek, scheduled messages,
-duplicate detection, topic rules (SQL and correlation), sessions and
-receive-and-delete.
+duplicate detection, topic rules (SQL and correlation), sessions,
+receive-and-delete, and the ATOM management API through ServiceBusAdministrationClient.
 
 Run: python -m unittest tests/emulators/servicebus/test_emulator.py (scripts/test.sh
 does, in the venv scripts/azure-venv.sh makes).
@@ -19,6 +19,12 @@ import time
 import unittest
 import uuid
 
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.servicebus.management import (
+    CorrelationRuleFilter,
+    ServiceBusAdministrationClient,
+    SqlRuleFilter,
+)
 from azure.servicebus import (
     NEXT_AVAILABLE_SESSION,
     ServiceBusClient,
@@ -48,6 +54,8 @@ class ServiceBusEmulatorTest(unittest.TestCase):
         for line in cls.proc.stdout:
             if line.startswith("SERVICEBUS_CONNECTION_STRING="):
                 cls.conn = line.strip().split("=", 1)[1]
+            if line.startswith("SERVICEBUS_MANAGEMENT_ENDPOINT="):
+                cls.management = line.strip().split("=", 1)[1]
             if line.strip() == "Ready.":
                 break
         cls.client = ServiceBusClient.from_connection_string(cls.conn)
@@ -244,6 +252,56 @@ class ServiceBusEmulatorTest(unittest.TestCase):
             self.assertEqual([str(m) for m in got], ["a0", "a1", "a2"])
             for m in got:
                 r.complete_message(m)
+
+    def test_management_api_makes_working_entities(self):
+        # The management API is HTTPS on its own port, with a self-signed certificate.
+        host = self.management.split("://", 1)[1]
+        admin = ServiceBusAdministrationClient.from_connection_string(
+            "Endpoint=sb://{};SharedAccessKeyName=RootManageSharedAccessKey;"
+            "SharedAccessKey=SAS_KEY_VALUE".format(host), connection_verify=False)
+        name = "made-{}".format(uuid.uuid4().hex[:8])
+        queue = admin.create_queue(name, max_delivery_count=2,
+                                   lock_duration=datetime.timedelta(seconds=7))
+        self.assertEqual(queue.max_delivery_count, 2)
+        self.assertEqual(admin.get_queue(name).lock_duration, datetime.timedelta(seconds=7))
+        with self.assertRaises(ResourceExistsError):
+            admin.create_queue(name)
+        with self.client.get_queue_sender(name) as s:
+            s.send_messages(ServiceBusMessage("x", message_id="made"))
+        with self.client.get_queue_receiver(name) as r:
+            for _ in range(2):
+                got = self.drain(r, 1)
+                r.abandon_message(got[0])
+        with self.client.get_queue_receiver(name, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as d:
+            self.assertEqual(self.drain(d, 1)[0].dead_letter_reason, "MaxDeliveryCountExceeded")
+        topic = name + "-t"
+        admin.create_topic(topic)
+        admin.create_subscription(topic, "gold")
+        admin.delete_rule(topic, "gold", "$Default")
+        admin.create_rule(topic, "gold", "sql", filter=SqlRuleFilter("tier = 'gold'"))
+        admin.create_subscription(topic, "eu")
+        admin.delete_rule(topic, "eu", "$Default")
+        admin.create_rule(topic, "eu", "corr",
+                          filter=CorrelationRuleFilter(label="order", properties={"region": "eu"}))
+        with self.client.get_topic_sender(topic) as s:
+            s.send_messages([
+                ServiceBusMessage("1", message_id="g-eu", subject="order",
+                                  application_properties={"tier": "gold", "region": "eu"}),
+                ServiceBusMessage("2", message_id="s-eu", subject="order",
+                                  application_properties={"tier": "silver", "region": "eu"}),
+                ServiceBusMessage("3", message_id="g-us", subject="order",
+                                  application_properties={"tier": "gold", "region": "us"}),
+            ])
+        for sub, ids in (("gold", ["g-eu", "g-us"]), ("eu", ["g-eu", "s-eu"])):
+            with self.client.get_subscription_receiver(topic, sub) as r:
+                got = self.drain(r, 2)
+                got += r.receive_messages(max_wait_time=0.5)
+                self.assertEqual(sorted(m.message_id for m in got), ids, sub)
+                for m in got:
+                    r.complete_message(m)
+        admin.delete_queue(name)
+        with self.assertRaises(ResourceNotFoundError):
+            admin.get_queue(name)
 
     def test_receive_and_delete(self):
         with self.client.get_queue_sender("proof-queue") as s:
