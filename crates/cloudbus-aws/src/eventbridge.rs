@@ -86,7 +86,13 @@ pub fn event_pattern(filter: Option<&Filter>) -> Result<Value> {
     match filter {
         // Every cloudbus event: Detail is a CloudEvent, which has a specversion.
         None => Ok(json!({ "detail": { "specversion": [{ "exists": true }] } })),
-        Some(f) => Ok(json!({ "detail": crate::content_pattern(f, "an EventBridge pattern")? })),
+        Some(f) => Ok(
+            json!({ "detail": crate::content_pattern(f, &crate::PatternRules {
+            what: "an EventBridge pattern",
+            key_prefix: "",
+            numeric: true,
+        })? }),
+        ),
     }
 }
 

@@ -71,23 +71,47 @@ pub(crate) fn url_param(url: &url::Url, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// Compiles a portable filter to an AWS content pattern over a JSON object whose
-/// keys are the CloudEvent attributes: the grammar EventBridge event patterns and SNS
-/// MessageBody-scope filter policies share (`prefix`, `exists`, `anything-but`,
-/// `numeric`, `$or`). `what` names the target in errors.
+/// How a portable filter becomes an AWS content pattern: the grammar EventBridge event
+/// patterns and SNS filter policies (both scopes) share (`prefix`, `exists`,
+/// `anything-but`, `numeric`, `$or`).
+#[cfg(any(feature = "sns", feature = "eventbridge"))]
+pub(crate) struct PatternRules<'a> {
+    /// The target, named in errors ("an EventBridge pattern").
+    pub what: &'a str,
+    /// Put before each attribute name (`ce-` for SNS message attributes).
+    pub key_prefix: &'a str,
+    /// Whether the values compare as numbers; when not, a numeric range is
+    /// `Unsupported`.
+    pub numeric: bool,
+}
+
+/// Compiles a portable filter to an AWS content pattern by `rules`. Two conditions on
+/// one attribute inside an AND have no pattern form: a typed `Unsupported` error.
 #[cfg(any(feature = "sns", feature = "eventbridge"))]
 pub(crate) fn content_pattern(
     filter: &cloudbus_core::Filter,
-    what: &str,
+    rules: &PatternRules<'_>,
 ) -> Result<serde_json::Value> {
     use cloudbus_core::Filter;
     use serde_json::{Map, Value, json};
+    let key = |a: &str| format!("{}{a}", rules.key_prefix);
     Ok(match filter {
-        Filter::Equals { attribute, values } => json!({ attribute: values }),
-        Filter::Prefix { attribute, prefix } => json!({ attribute: [{ "prefix": prefix }] }),
-        Filter::Exists { attribute, present } => json!({ attribute: [{ "exists": present }] }),
+        Filter::Equals { attribute, values } => json!({ key(attribute): values }),
+        Filter::Prefix { attribute, prefix } => {
+            json!({ key(attribute): [{ "prefix": prefix }] })
+        }
+        Filter::Exists { attribute, present } => {
+            json!({ key(attribute): [{ "exists": present }] })
+        }
         Filter::AnythingBut { attribute, values } => {
-            json!({ attribute: [{ "anything-but": values }] })
+            json!({ key(attribute): [{ "anything-but": values }] })
+        }
+        Filter::Range { attribute, .. } if !rules.numeric => {
+            return Err(Error::unsupported(format!(
+                "{} cannot compare the String attribute {attribute:?} numerically; filter it \
+                 in the consumer (ConsumerOptions::filter)",
+                rules.what
+            )));
         }
         Filter::Range {
             attribute,
@@ -104,21 +128,22 @@ pub(crate) fn content_pattern(
                 bounds.push(json!(m));
             }
             if bounds.is_empty() {
-                json!({ attribute: [{ "exists": true }] })
+                json!({ key(attribute): [{ "exists": true }] })
             } else {
-                json!({ attribute: [{ "numeric": bounds }] })
+                json!({ key(attribute): [{ "numeric": bounds }] })
             }
         }
         Filter::And(fs) => {
             let mut all = Map::new();
             for f in fs {
-                let Value::Object(part) = content_pattern(f, what)? else {
+                let Value::Object(part) = content_pattern(f, rules)? else {
                     continue;
                 };
                 for (k, v) in part {
                     if all.contains_key(&k) {
                         return Err(Error::unsupported(format!(
-                            "{what} cannot AND two conditions on {k:?}"
+                            "{} cannot AND two conditions on {k:?}",
+                            rules.what
                         )));
                     }
                     all.insert(k, v);
@@ -127,7 +152,7 @@ pub(crate) fn content_pattern(
             Value::Object(all)
         }
         Filter::Or(fs) => json!({
-            "$or": fs.iter().map(|f| content_pattern(f, what)).collect::<Result<Vec<_>>>()?
+            "$or": fs.iter().map(|f| content_pattern(f, rules)).collect::<Result<Vec<_>>>()?
         }),
     })
 }

@@ -25,7 +25,7 @@ use cloudbus_core::{
     Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
     TopicDriver, TopologyDriver,
 };
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use crate::sqs::{self, SqsDeadLetters, SqsQueue};
 
@@ -74,45 +74,14 @@ fn kind_of_code(code: &str) -> ErrorKind {
 /// }));
 /// ```
 pub fn filter_policy(filter: &Filter) -> Result<Value> {
-    let key = |a: &str| format!("{}{a}", sqs::ATTRIBUTE_PREFIX);
-    Ok(match filter {
-        Filter::Equals { attribute, values } => json!({ key(attribute): values }),
-        Filter::Prefix { attribute, prefix } => {
-            json!({ key(attribute): [{ "prefix": prefix }] })
-        }
-        Filter::Exists { attribute, present } => {
-            json!({ key(attribute): [{ "exists": present }] })
-        }
-        Filter::AnythingBut { attribute, values } => {
-            json!({ key(attribute): [{ "anything-but": values }] })
-        }
-        Filter::Range { attribute, .. } => {
-            return Err(Error::unsupported(format!(
-                "an SNS filter policy cannot compare the String attribute {attribute:?} \
-                 numerically; filter it in the consumer (ConsumerOptions::filter)"
-            )));
-        }
-        Filter::And(fs) => {
-            let mut all = Map::new();
-            for f in fs {
-                let Value::Object(part) = filter_policy(f)? else {
-                    continue;
-                };
-                for (k, v) in part {
-                    if all.contains_key(&k) {
-                        return Err(Error::unsupported(format!(
-                            "an SNS filter policy cannot AND two conditions on {k:?}"
-                        )));
-                    }
-                    all.insert(k, v);
-                }
-            }
-            Value::Object(all)
-        }
-        Filter::Or(fs) => {
-            json!({ "$or": fs.iter().map(filter_policy).collect::<Result<Vec<_>>>()? })
-        }
-    })
+    crate::content_pattern(
+        filter,
+        &crate::PatternRules {
+            what: "an SNS filter policy",
+            key_prefix: sqs::ATTRIBUTE_PREFIX,
+            numeric: false,
+        },
+    )
 }
 
 /// Compiles a portable filter to an SNS FilterPolicy of MessageBody scope over a
@@ -132,7 +101,14 @@ pub fn filter_policy(filter: &Filter) -> Result<Value> {
 /// }));
 /// ```
 pub fn body_filter_policy(filter: &Filter) -> Result<Value> {
-    crate::content_pattern(filter, "an SNS filter policy")
+    crate::content_pattern(
+        filter,
+        &crate::PatternRules {
+            what: "an SNS filter policy",
+            key_prefix: "",
+            numeric: true,
+        },
+    )
 }
 
 struct Shared {
@@ -495,6 +471,7 @@ impl TopologyDriver for SnsTopology {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// Each Filter form compiles to the FilterPolicy syntax AWS documents.
     #[test]
