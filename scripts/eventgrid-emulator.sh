@@ -10,6 +10,7 @@
 # Port: $EVENTGRID_PORT, else 10080.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/emulator-lib.sh
 
 port="${EVENTGRID_PORT:-10080}"
 python="$(bash scripts/azure-venv.sh)"
@@ -17,27 +18,12 @@ python="$(bash scripts/azure-venv.sh)"
 echo "proving the Event Grid emulator against azure-eventgrid" >&2
 "$python" -W ignore -m unittest tests/emulators/eventgrid/test_emulator.py >&2
 
-if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is taken; set EVENTGRID_PORT or EVENTGRID_ENDPOINT" >&2
-    exit 1
-fi
+require_free_port "$port" "EVENTGRID_PORT or EVENTGRID_ENDPOINT"
 out="$(mktemp)"
-setsid "$python" tests/emulators/eventgrid/emulator.py --port "$port" >"$out" 2>/tmp/cloudbus-eventgrid-$port.log < /dev/null &
+log="/tmp/cloudbus-eventgrid-$port.log"
+setsid "$python" tests/emulators/eventgrid/emulator.py --port "$port" >"$out" 2>"$log" < /dev/null &
 pid=$!
-for _ in $(seq 1 100); do
-    if grep -q "^Ready\." "$out" 2>/dev/null; then
-        grep -v "^Ready\." "$out"
-        echo "EVENTGRID_EMULATOR_PID=$pid"
-        rm -f "$out"
-        exit 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "the Event Grid emulator exited" >&2
-        cat /tmp/cloudbus-eventgrid-$port.log >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-echo "the Event Grid emulator did not start within 10 s" >&2
-kill -- -"$pid" 2>/dev/null || true
-exit 1
+wait_ready "the Event Grid emulator" "$pid" 10 "$log" grep -q "^Ready\." "$out" || exit 1
+grep -v "^Ready\." "$out"
+echo "EVENTGRID_EMULATOR_PID=$pid"
+rm -f "$out"

@@ -10,6 +10,7 @@
 # ~/.cache/cloudbus/localstack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/emulator-lib.sh
 
 port="${LOCALSTACK_PORT:-4566}"
 home="${LOCALSTACK_HOME:-$HOME/.cache/cloudbus/localstack}"
@@ -46,10 +47,7 @@ if [[ ! -e "$home/kinesis-mock-installed" ]]; then
         echo "could not preinstall kinesis-mock; LocalStack fetches it at first use" >&2
 fi
 
-if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is taken; set LOCALSTACK_PORT or AWS_ENDPOINT_URL" >&2
-    exit 1
-fi
+require_free_port "$port" "LOCALSTACK_PORT or AWS_ENDPOINT_URL"
 
 # Node (the Kinesis engine) has no bind option: force its servers onto 127.0.0.1.
 preload="$home/listen-localhost.js"
@@ -73,20 +71,6 @@ GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_SERVER=hypercorn LOCALSTACK_HOST="127.0
     SQS_ENDPOINT_STRATEGY=path NODE_OPTIONS="--require $preload" \
     setsid "$venv/bin/python" -m localstack.runtime.main >"$log" 2>&1 < /dev/null &
 pid=$!
-for _ in $(seq 1 240); do
-    if grep -q "^Ready\." "$log" 2>/dev/null; then
-        echo "AWS_ENDPOINT_URL=http://127.0.0.1:$port"
-        echo "LOCALSTACK_PID=$pid"
-        exit 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "LocalStack exited; its log ($log):" >&2
-        tail -n 30 "$log" >&2
-        exit 1
-    fi
-    sleep 0.25
-done
-echo "LocalStack was not ready within 60 s; its log ($log):" >&2
-tail -n 30 "$log" >&2
-kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-exit 1
+wait_ready "LocalStack" "$pid" 60 "$log" grep -q "^Ready\." "$log" || exit 1
+echo "AWS_ENDPOINT_URL=http://127.0.0.1:$port"
+echo "LOCALSTACK_PID=$pid"

@@ -10,6 +10,7 @@
 # Port: $MOTO_PORT, else 4567. Venv: $MOTO_HOME, else ~/.cache/cloudbus/moto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/emulator-lib.sh
 
 port="${MOTO_PORT:-4567}"
 home="${MOTO_HOME:-$HOME/.cache/cloudbus/moto}"
@@ -22,27 +23,10 @@ if [[ ! -x "$venv/bin/moto_server" ]]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' >&2
 fi
 
-if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is taken; set MOTO_PORT or MOTO_ENDPOINT_URL" >&2
-    exit 1
-fi
-
+require_free_port "$port" "MOTO_PORT or MOTO_ENDPOINT_URL"
 log="${MOTO_LOG:-/tmp/cloudbus-moto-$port.log}"
 setsid "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$log" 2>&1 < /dev/null &
 pid=$!
-for _ in $(seq 1 120); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "MOTO_ENDPOINT_URL=http://127.0.0.1:$port"
-        echo "MOTO_PID=$pid"
-        exit 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "moto exited; see $log" >&2
-        tail -n 20 "$log" >&2
-        exit 1
-    fi
-    sleep 0.25
-done
-echo "moto did not answer on port $port within 30 s; see $log" >&2
-kill -- -"$pid" 2>/dev/null || true
-exit 1
+wait_ready "moto" "$pid" 30 "$log" port_open "$port" || exit 1
+echo "MOTO_ENDPOINT_URL=http://127.0.0.1:$port"
+echo "MOTO_PID=$pid"

@@ -9,6 +9,7 @@
 #
 # Port: $PUBSUB_EMULATOR_PORT, else 8085, else the next free one up to 8099.
 set -euo pipefail
+source "$(dirname "$0")/emulator-lib.sh"
 
 find_binary() {
     local bin
@@ -26,15 +27,11 @@ find_binary() {
     echo "$bin"
 }
 
-port_free() {
-    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
 bin="$(find_binary)"
 port="${PUBSUB_EMULATOR_PORT:-}"
 if [[ -z "$port" ]]; then
     for p in $(seq 8085 8099); do
-        if port_free "$p"; then port="$p"; break; fi
+        if ! port_open "$p"; then port="$p"; break; fi
     done
 fi
 [[ -n "$port" ]] || { echo "no free port in 8085-8099 for the Pub/Sub emulator" >&2; exit 1; }
@@ -42,20 +39,7 @@ fi
 log="${PUBSUB_EMULATOR_LOG:-/tmp/cloudbus-pubsub-emulator-$port.log}"
 JAVA_OPTS="${JAVA_OPTS:--Xmx256m}" setsid "$bin" --host=127.0.0.1 --port="$port" >"$log" 2>&1 < /dev/null &
 pid=$!
-for _ in $(seq 1 240); do
-    if grep -q "Server started, listening on $port" "$log" 2>/dev/null; then
-        echo "PUBSUB_EMULATOR_HOST=127.0.0.1:$port"
-        echo "PUBSUB_EMULATOR_PID=$pid"
-        exit 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "the Pub/Sub emulator exited; its log ($log):" >&2
-        tail -n 20 "$log" >&2
-        exit 1
-    fi
-    sleep 0.25
-done
-echo "the Pub/Sub emulator did not start within 60 s; its log ($log):" >&2
-tail -n 20 "$log" >&2
-kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-exit 1
+wait_ready "the Pub/Sub emulator" "$pid" 60 "$log" \
+    grep -q "Server started, listening on $port" "$log" || exit 1
+echo "PUBSUB_EMULATOR_HOST=127.0.0.1:$port"
+echo "PUBSUB_EMULATOR_PID=$pid"

@@ -13,6 +13,7 @@
 # Port: $SERVICEBUS_PORT, else 5672.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/emulator-lib.sh
 
 port="${SERVICEBUS_PORT:-5672}"
 config="${SERVICEBUS_CONFIG:-tests/emulators/servicebus/config.json}"
@@ -24,28 +25,13 @@ if [[ "${1:-}" == "--prove-only" ]]; then
     exit 0
 fi
 
-if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is taken; set SERVICEBUS_PORT or SERVICEBUS_CONNECTION_STRING" >&2
-    exit 1
-fi
+require_free_port "$port" "SERVICEBUS_PORT or SERVICEBUS_CONNECTION_STRING"
 out="$(mktemp)"
+log="/tmp/cloudbus-servicebus-$port.log"
 setsid "$python" tests/emulators/servicebus/emulator.py --port "$port" --config "$config" \
-    >"$out" 2>"/tmp/cloudbus-servicebus-$port.log" < /dev/null &
+    >"$out" 2>"$log" < /dev/null &
 pid=$!
-for _ in $(seq 1 100); do
-    if grep -q "^Ready\." "$out" 2>/dev/null; then
-        grep -E "^SERVICEBUS_(CONNECTION_STRING|MANAGEMENT_ENDPOINT)=" "$out"
-        echo "SERVICEBUS_EMULATOR_PID=$pid"
-        rm -f "$out"
-        exit 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "the Service Bus emulator exited" >&2
-        cat "/tmp/cloudbus-servicebus-$port.log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-echo "the Service Bus emulator did not start within 10 s" >&2
-kill -- -"$pid" 2>/dev/null || true
-exit 1
+wait_ready "the Service Bus emulator" "$pid" 10 "$log" grep -q "^Ready\." "$out" || exit 1
+grep -E "^SERVICEBUS_(CONNECTION_STRING|MANAGEMENT_ENDPOINT)=" "$out"
+echo "SERVICEBUS_EMULATOR_PID=$pid"
+rm -f "$out"

@@ -225,32 +225,29 @@ impl BusDriver for EventBridgeBus {
 /// assert_eq!(cloudbus_aws::eventbridge::archive_name("aws.partner/x"), "cloudbus-aws.partner-x");
 /// ```
 pub fn archive_name(bus: &str) -> String {
-    let clean: String = bus
+    format!("cloudbus-{}", resource_name_chars(bus).collect::<String>())
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("cloudbus-{clean}").chars().take(48).collect()
+        .take(48)
+        .collect()
+}
+
+/// `name` in the alphabet of archive and replay names (`[.\-_A-Za-z0-9]`): any other
+/// character becomes `-`.
+fn resource_name_chars(name: &str) -> impl Iterator<Item = char> + '_ {
+    name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+            c
+        } else {
+            '-'
+        }
+    })
 }
 
 /// A replay name: the subscription and the start in milliseconds, within the 64
 /// characters and the alphabet EventBridge allows.
 fn replay_name(subscription: &str, now: DateTime<Utc>) -> String {
     let stamp = format!("-{}", now.timestamp_millis());
-    let clean: String = subscription
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '-'
-            }
-        })
+    let clean: String = resource_name_chars(subscription)
         .take(64 - stamp.len())
         .collect();
     format!("{clean}{stamp}")

@@ -208,6 +208,13 @@ impl Shared {
         Ok(out.attributes().and_then(|a| a.get(&name)).cloned())
     }
 
+    /// The ARN of queue `name` at `url`: NotFound when the queue has none.
+    pub(crate) async fn queue_arn(&self, url: &str, name: &str) -> Result<String> {
+        self.attribute(url, QueueAttributeName::QueueArn)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("queue {name} has no ARN")))
+    }
+
     pub(crate) async fn create(&self, name: &str) -> Result<String> {
         let mut req = self.client.create_queue().queue_name(name);
         if is_fifo(name) {
@@ -460,10 +467,7 @@ pub(crate) async fn configure_queue(shared: &Shared, spec: &SubscriptionSpec) ->
     let url = shared.url(&spec.topic).await?;
     let dlq = dead_letter_queue(&spec.topic);
     let dlq_url = shared.create(&dlq).await?;
-    let dlq_arn = shared
-        .attribute(&dlq_url, QueueAttributeName::QueueArn)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("queue {dlq} has no ARN")))?;
+    let dlq_arn = shared.queue_arn(&dlq_url, &dlq).await?;
     let max = spec
         .max_delivery_attempts
         .unwrap_or(DEFAULT_MAX_RECEIVES)
@@ -511,10 +515,7 @@ pub(crate) async fn subscription_queue(
 ) -> Result<String> {
     let queue = &spec.name;
     let url = shared.create(queue).await?;
-    let queue_arn = shared
-        .attribute(&url, QueueAttributeName::QueueArn)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("queue {queue} has no ARN")))?;
+    let queue_arn = shared.queue_arn(&url, queue).await?;
     let access = serde_json::json!({
         "Version": "2012-10-17",
         "Statement": [{
@@ -1074,14 +1075,8 @@ impl SqsDeadLetters {
     /// waits for it to end.
     async fn move_task(&self, dlq_url: &str) -> Result<MoveTask> {
         let source_url = self.shared.url(&self.source).await?;
-        let arn_of = |url: String| async move {
-            self.shared
-                .attribute(&url, QueueAttributeName::QueueArn)
-                .await?
-                .ok_or_else(|| Error::not_found(format!("queue {url} has no ARN")))
-        };
-        let dlq_arn = arn_of(dlq_url.to_owned()).await?;
-        let source_arn = arn_of(source_url).await?;
+        let dlq_arn = self.shared.queue_arn(dlq_url, &self.queue).await?;
+        let source_arn = self.shared.queue_arn(&source_url, &self.source).await?;
         let started = match self
             .shared
             .client
