@@ -33,8 +33,8 @@ pub use cloudbus_memory as memory;
 #[cfg(any(feature = "sqs", feature = "kinesis"))]
 pub use cloudbus_aws as aws;
 
-/// Azure: Event Grid (feature `eventgrid`); Service Bus is not built yet.
-#[cfg(feature = "eventgrid")]
+/// Azure: Service Bus and Event Grid (features `servicebus`, `eventgrid`; `azure` = both).
+#[cfg(any(feature = "servicebus", feature = "eventgrid"))]
 pub use cloudbus_azure as azure;
 
 /// Google Cloud Pub/Sub (feature `pubsub`, or `gcp`).
@@ -97,6 +97,8 @@ pub async fn connect(url: &str) -> Result<Bus> {
         "kinesis" => aws::connect(url).await,
         #[cfg(feature = "eventgrid")]
         "eventgrid" => azure::connect(url).await,
+        #[cfg(feature = "servicebus")]
+        "servicebus" => azure::connect(url).await,
         _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
             "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
         ))),

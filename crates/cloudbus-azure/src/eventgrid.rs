@@ -28,7 +28,7 @@ use cloudbus_core::{
     TopologyDriver,
 };
 
-use crate::Secret;
+use crate::{Secret, hmac_sha256_base64, kind_of_status, sas_encode};
 
 /// The environment variable with the topic endpoint.
 pub const ENDPOINT_ENV: &str = "EVENTGRID_ENDPOINT";
@@ -146,33 +146,15 @@ impl EventGridConfig {
 /// ```
 pub fn sas_token(endpoint: &str, key: &Secret, expiry: DateTime<Utc>) -> Result<Secret> {
     use base64::Engine as _;
-    use hmac::{KeyInit, Mac};
-    let encode = |s: &str| percent_encoding::utf8_percent_encode(s, SAS_ENCODE).to_string();
-    let resource = encode(&format!("{endpoint}?apiVersion={API_VERSION}"));
-    let expiry = encode(&expiry.format("%m/%d/%Y %I:%M:%S %p").to_string());
+    let resource = sas_encode(&format!("{endpoint}?apiVersion={API_VERSION}"));
+    let expiry = sas_encode(&expiry.format("%m/%d/%Y %I:%M:%S %p").to_string());
     let unsigned = format!("r={resource}&e={expiry}");
     let key_bytes = base64::engine::general_purpose::STANDARD
         .decode(key.expose())
         .map_err(|_| Error::invalid("the Event Grid key is not base64"))?;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key_bytes)
-        .map_err(|_| Error::invalid("the Event Grid key cannot key an HMAC"))?;
-    mac.update(unsigned.as_bytes());
-    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    Ok(Secret::new(format!("{unsigned}&s={}", encode(&signature))))
+    let signature = hmac_sha256_base64(&key_bytes, &unsigned)?;
+    Ok(Secret::new(format!("{unsigned}&s={}", sas_encode(&signature))))
 }
-
-/// What `generate_sas` of the Azure SDKs leaves unencoded: letters, digits and
-/// `-_.~()*!'`.
-const SAS_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~')
-    .remove(b'(')
-    .remove(b')')
-    .remove(b'*')
-    .remove(b'!')
-    .remove(b'\'');
 
 struct Shared {
     config: EventGridConfig,
@@ -288,20 +270,6 @@ impl TopologyDriver for EventGridTopology {
 /// The topic endpoint as a [`TopicDriver`].
 pub struct EventGridTopic {
     shared: Arc<Shared>,
-}
-
-/// The error kind of an Event Grid HTTP status.
-fn kind_of_status(status: u16) -> ErrorKind {
-    match status {
-        400 => ErrorKind::InvalidArgument,
-        401 | 403 => ErrorKind::PermissionDenied,
-        404 => ErrorKind::NotFound,
-        413 => ErrorKind::TooLarge,
-        429 => ErrorKind::Throttled,
-        408 | 504 => ErrorKind::Timeout,
-        s if s >= 500 => ErrorKind::Unavailable,
-        _ => ErrorKind::Internal,
-    }
 }
 
 impl EventGridTopic {

@@ -1,9 +1,13 @@
 //! Azure for cloudbus.
 //!
-//! Today: Azure Event Grid (feature `eventgrid`): publishing CloudEvents to a topic
-//! endpoint with a key or a SAS token, and a push consumer, an HTTP endpoint (axum)
-//! that answers Event Grid's validation handshakes and runs the same handlers as every
-//! other consumer. Service Bus (feature `servicebus` of the facade) is not built yet.
+//! - Azure Service Bus (feature `servicebus`): queues, and topics with subscriptions,
+//!   over AMQP 1.0 (the `azservicebus` crate): batched sends, scheduled delivery,
+//!   sessions for ordering keys, duplicate detection, peek-lock consumers, the
+//!   dead-letter sub-queue, and subscription rules compiled from the portable filter.
+//! - Azure Event Grid (feature `eventgrid`): publishing CloudEvents to a topic
+//!   endpoint with a key or a SAS token, and a push consumer, an HTTP endpoint (axum)
+//!   that answers Event Grid's validation handshakes and runs the same handlers as
+//!   every other consumer.
 //!
 //! ```no_run
 //! # async fn run() -> cloudbus_core::Result<()> {
@@ -18,6 +22,8 @@
 
 #[cfg(feature = "eventgrid")]
 pub mod eventgrid;
+#[cfg(feature = "servicebus")]
+pub mod servicebus;
 
 use cloudbus_core::{Bus, Error, ErrorKind, Result};
 
@@ -49,9 +55,59 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Opens an Azure URL as a [`Bus`]: `eventgrid://` (endpoint and key from
-/// `EVENTGRID_ENDPOINT` / `EVENTGRID_KEY`, or `EVENTGRID_SAS_TOKEN`;
-/// `?endpoint=URL` overrides the endpoint).
+/// What the Azure SDKs leave unencoded in SAS tokens (`generate_sas`, `quote_plus`):
+/// letters, digits and `-_.~()*!'`.
+#[cfg(any(feature = "eventgrid", feature = "servicebus"))]
+const SAS_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'!')
+    .remove(b'\'');
+
+/// Percent-encodes a part of a SAS token.
+#[cfg(any(feature = "eventgrid", feature = "servicebus"))]
+pub(crate) fn sas_encode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, SAS_ENCODE).to_string()
+}
+
+/// The base64 HMAC-SHA256 of `text` under `key`: the signature of a SAS token.
+#[cfg(any(feature = "eventgrid", feature = "servicebus"))]
+pub(crate) fn hmac_sha256_base64(key: &[u8], text: &str) -> Result<String> {
+    use base64::Engine as _;
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
+        .map_err(|_| Error::invalid("the key cannot key an HMAC"))?;
+    mac.update(text.as_bytes());
+    Ok(base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// The error kind of an HTTP status of an Azure data-plane or management API.
+#[cfg(any(feature = "eventgrid", feature = "servicebus"))]
+pub(crate) fn kind_of_status(status: u16) -> ErrorKind {
+    match status {
+        400 => ErrorKind::InvalidArgument,
+        401 | 403 => ErrorKind::PermissionDenied,
+        404 | 410 => ErrorKind::NotFound,
+        409 => ErrorKind::AlreadyExists,
+        413 => ErrorKind::TooLarge,
+        429 => ErrorKind::Throttled,
+        408 | 504 => ErrorKind::Timeout,
+        s if s >= 500 => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
+    }
+}
+
+/// Opens an Azure URL as a [`Bus`]:
+/// - `servicebus://` (see [`servicebus::ServiceBusConfig`]: connection string from
+///   `SERVICEBUS_CONNECTION_STRING`; `?entity=queue`, `?sessions=true`,
+///   `?mode=structured`, `?management=URL`);
+/// - `eventgrid://` (endpoint and key from `EVENTGRID_ENDPOINT` / `EVENTGRID_KEY`, or
+///   `EVENTGRID_SAS_TOKEN`; `?endpoint=URL` overrides the endpoint).
 pub async fn connect(url: &str) -> Result<Bus> {
     let parsed = url::Url::parse(url).map_err(|e| {
         Error::with_source(
@@ -75,6 +131,11 @@ pub async fn connect(url: &str) -> Result<Bus> {
                 }
             }
             Ok(eventgrid::EventGridBus::new(config)?.into_bus())
+        }
+        #[cfg(feature = "servicebus")]
+        "servicebus" => {
+            let config = servicebus::ServiceBusConfig::from_url(&parsed)?;
+            Ok(servicebus::ServiceBusBus::connect(config).await?.into_bus())
         }
         other => Err(Error::unsupported(format!(
             "{other}:// is not an Azure provider built into this cloudbus-azure"

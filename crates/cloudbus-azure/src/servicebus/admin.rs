@@ -1,0 +1,347 @@
+//! The Service Bus management API (ATOM entries over HTTPS, the API that the Azure
+//! SDKs' `ServiceBusAdministrationClient` calls): create, update and delete queues,
+//! topics, subscriptions and rules, signed with a SAS token.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use cloudbus_core::{Error, ErrorKind, Result};
+
+use super::rules::RuleFilter;
+use super::{ServiceBusConfig, SharedAccess};
+use crate::{Secret, hmac_sha256_base64, kind_of_status, sas_encode};
+
+const ATOM: &str = "http://www.w3.org/2005/Atom";
+const SB: &str = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect";
+const XSI: &str = "http://www.w3.org/2001/XMLSchema-instance";
+const API_VERSION: &str = "2021-05";
+/// How long a management SAS token lives.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The properties cloudbus sets on a queue or subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EntityProperties {
+    /// Peek-lock duration (5 s to 5 min).
+    pub lock: Duration,
+    /// Deliveries before the service dead-letters with `MaxDeliveryCountExceeded`.
+    pub max_delivery_count: u32,
+    /// Session-enabled.
+    pub requires_session: bool,
+}
+
+/// A Service Bus SAS token for `resource` (`SharedAccessSignature sr=&sig=&se=&skn=`),
+/// as the Azure SDKs' `generate_sas_token` makes it.
+///
+/// ```
+/// use cloudbus_azure::{Secret, servicebus::service_bus_sas_token};
+/// let t = service_bus_sas_token("https://ns.servicebus.windows.net/orders", "RootManageSharedAccessKey",
+///     &Secret::new("c2VjcmV0"), 1_900_000_000).unwrap();
+/// assert!(t.expose().starts_with("SharedAccessSignature sr=https%3A%2F%2Fns.servicebus.windows.net%2Forders&sig="));
+/// assert!(t.expose().ends_with("&se=1900000000&skn=RootManageSharedAccessKey"));
+/// ```
+pub fn service_bus_sas_token(
+    resource: &str,
+    key_name: &str,
+    key: &Secret,
+    expiry_unix_seconds: i64,
+) -> Result<Secret> {
+    let encoded = sas_encode(resource);
+    let signature = hmac_sha256_base64(
+        key.expose().as_bytes(),
+        &format!("{encoded}\n{expiry_unix_seconds}"),
+    )?;
+    Ok(Secret::new(format!(
+        "SharedAccessSignature sr={encoded}&sig={}&se={expiry_unix_seconds}&skn={}",
+        sas_encode(&signature),
+        sas_encode(key_name)
+    )))
+}
+
+/// The management client of one namespace.
+pub(crate) struct Admin {
+    http: reqwest::Client,
+    endpoint: String,
+    access: SharedAccess,
+}
+
+impl Admin {
+    pub(crate) fn new(config: &ServiceBusConfig) -> Result<Self> {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if config.emulator {
+            // The emulators serve the management API with a self-signed certificate;
+            // only a connection string with UseDevelopmentEmulator=true gets here.
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        let http = builder.build().map_err(|e| {
+            Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e)
+        })?;
+        Ok(Admin {
+            http,
+            endpoint: config.management_endpoint.trim_end_matches('/').to_owned(),
+            access: config.access.clone(),
+        })
+    }
+
+    fn authorization(&self, url: &str) -> Result<Secret> {
+        match &self.access {
+            SharedAccess::Key { name, key } => {
+                let expiry = Utc::now().timestamp() + TOKEN_LIFETIME.as_secs() as i64;
+                service_bus_sas_token(url, name, key, expiry)
+            }
+            SharedAccess::Token(token) => Ok(token.clone()),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        let encoded: Vec<String> = path
+            .split('/')
+            .map(|p| percent_encoding::utf8_percent_encode(p, PATH_ENCODE).to_string())
+            .collect();
+        format!(
+            "{}/{}?api-version={API_VERSION}",
+            self.endpoint,
+            encoded.join("/")
+        )
+    }
+
+    /// Sends one request; answers the status when it is a success, 404 or 409.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+        update: bool,
+    ) -> Result<u16> {
+        let url = self.url(path);
+        let token = self.authorization(&format!("{}/{}", self.endpoint, path))?;
+        let mut request = self
+            .http
+            .request(method.clone(), &url)
+            .header("authorization", token.expose());
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
+                .body(body);
+        }
+        if update {
+            request = request.header("if-match", "*");
+        }
+        let response = request.send().await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::Unavailable
+            };
+            // reqwest's error names the URL, never the authorization header.
+            Error::with_source(kind, format!("{method} {path} on {}", self.endpoint), e)
+        })?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) || status == 404 || status == 409 {
+            return Ok(status);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let detail = between(&text, "<Detail>", "</Detail>")
+            .unwrap_or(&text)
+            .chars()
+            .take(512)
+            .collect::<String>();
+        Err(Error::new(
+            kind_of_status(status),
+            format!("{method} {path}: HTTP {status}: {detail}"),
+        ))
+    }
+
+    /// Creates `path` with `description`, or updates it when it exists.
+    async fn put(&self, path: &str, description: String) -> Result<()> {
+        let status = match self
+            .call(reqwest::Method::PUT, path, Some(description.clone()), false)
+            .await?
+        {
+            409 => {
+                self.call(reqwest::Method::PUT, path, Some(description), true)
+                    .await?
+            }
+            status => status,
+        };
+        match status {
+            404 => Err(not_found(path)),
+            409 => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{path} exists and cannot be updated"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `path` exists.
+    pub(crate) async fn exists(&self, path: &str) -> Result<bool> {
+        Ok(self.call(reqwest::Method::GET, path, None, false).await? != 404)
+    }
+
+    /// Deletes `path`; a missing one is fine.
+    pub(crate) async fn delete(&self, path: &str) -> Result<()> {
+        self.call(reqwest::Method::DELETE, path, None, false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Creates a queue or updates its properties.
+    pub(crate) async fn put_queue(&self, queue: &str, props: &EntityProperties) -> Result<()> {
+        let fields = format!(
+            "<LockDuration>{}</LockDuration>\
+             <RequiresDuplicateDetection>true</RequiresDuplicateDetection>\
+             <RequiresSession>{}</RequiresSession>\
+             <DuplicateDetectionHistoryTimeWindow>PT10M</DuplicateDetectionHistoryTimeWindow>\
+             <MaxDeliveryCount>{}</MaxDeliveryCount>",
+            iso_duration(props.lock),
+            props.requires_session,
+            props.max_delivery_count
+        );
+        self.put(queue, entry("QueueDescription", &fields)).await
+    }
+
+    /// Creates a topic (with duplicate detection) unless it exists.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        let fields = "<RequiresDuplicateDetection>true</RequiresDuplicateDetection>\
+                      <DuplicateDetectionHistoryTimeWindow>PT10M</DuplicateDetectionHistoryTimeWindow>";
+        match self
+            .call(
+                reqwest::Method::PUT,
+                topic,
+                Some(entry("TopicDescription", fields)),
+                false,
+            )
+            .await?
+        {
+            404 => Err(not_found(topic)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Creates the queue `queue` unless it exists, with `props`.
+    pub(crate) async fn ensure_queue(&self, queue: &str, props: &EntityProperties) -> Result<()> {
+        if self.exists(queue).await? {
+            return Ok(());
+        }
+        self.put_queue(queue, props).await
+    }
+
+    /// Creates or updates subscription `name` of `topic` and sets its one rule.
+    pub(crate) async fn put_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+        props: &EntityProperties,
+        rule: &RuleFilter,
+    ) -> Result<()> {
+        if !self.exists(topic).await? {
+            return Err(not_found(topic));
+        }
+        let path = format!("{topic}/Subscriptions/{name}");
+        let fields = format!(
+            "<LockDuration>{}</LockDuration>\
+             <RequiresSession>{}</RequiresSession>\
+             <MaxDeliveryCount>{}</MaxDeliveryCount>",
+            iso_duration(props.lock),
+            props.requires_session,
+            props.max_delivery_count
+        );
+        self.put(&path, entry("SubscriptionDescription", &fields))
+            .await?;
+        let rule_path = format!("{path}/Rules/{RULE_NAME}");
+        self.put(&rule_path, entry("RuleDescription", &rule_xml(rule)))
+            .await?;
+        self.delete(&format!("{path}/Rules/$Default")).await
+    }
+}
+
+/// The name of the one rule cloudbus keeps on a subscription.
+pub(crate) const RULE_NAME: &str = "cloudbus";
+
+/// What a path segment may hold unencoded.
+const PATH_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'$');
+
+fn not_found(path: &str) -> Error {
+    Error::not_found(format!("Service Bus entity {path:?} does not exist"))
+}
+
+fn between<'a>(text: &'a str, open: &str, close: &str) -> Option<&'a str> {
+    let start = text.find(open)? + open.len();
+    let end = text[start..].find(close)? + start;
+    Some(&text[start..end])
+}
+
+/// `PT30S`, `PT1M30.5S`.
+fn iso_duration(d: Duration) -> String {
+    let millis = d.as_millis();
+    if millis.is_multiple_of(1000) {
+        format!("PT{}S", millis / 1000)
+    } else {
+        format!("PT{}.{:03}S", millis / 1000, millis % 1000)
+    }
+}
+
+/// XML text escaping.
+pub(crate) fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+fn entry(kind: &str, fields: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="utf-8"?><entry xmlns="{ATOM}"><content type="application/xml"><{kind} xmlns="{SB}" xmlns:i="{XSI}">{fields}</{kind}></content></entry>"#
+    )
+}
+
+fn rule_xml(rule: &RuleFilter) -> String {
+    let filter = match rule {
+        RuleFilter::True => r#"<Filter i:type="TrueFilter"><SqlExpression>1=1</SqlExpression></Filter>"#.to_owned(),
+        RuleFilter::Sql(expression) => format!(
+            r#"<Filter i:type="SqlFilter"><SqlExpression>{}</SqlExpression></Filter>"#,
+            xml_escape(expression)
+        ),
+        RuleFilter::Correlation(properties) => {
+            let pairs: String = properties
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        r#"<KeyValueOfstringanyType><Key>{}</Key><Value i:type="d6p1:string" xmlns:d6p1="http://www.w3.org/2001/XMLSchema">{}</Value></KeyValueOfstringanyType>"#,
+                        xml_escape(k),
+                        xml_escape(v)
+                    )
+                })
+                .collect();
+            format!(
+                r#"<Filter i:type="CorrelationFilter"><Properties>{pairs}</Properties></Filter>"#
+            )
+        }
+    };
+    format!(r#"{filter}<Action i:type="EmptyRuleAction"/><Name>{RULE_NAME}</Name>"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_iso_8601() {
+        assert_eq!(iso_duration(Duration::from_secs(30)), "PT30S");
+        assert_eq!(iso_duration(Duration::from_millis(5500)), "PT5.500S");
+    }
+
+    #[test]
+    fn rules_are_escaped_xml() {
+        let xml = rule_xml(&RuleFilter::Sql("[cloudEvents:type] = 'a<b'".into()));
+        assert!(xml.contains("<SqlExpression>[cloudEvents:type] = &apos;a&lt;b&apos;</SqlExpression>"));
+        let xml = rule_xml(&RuleFilter::Correlation(vec![("cloudEvents:type".into(), "x".into())]));
+        assert!(xml.contains("<Key>cloudEvents:type</Key>"));
+    }
+}

@@ -1,0 +1,669 @@
+//! Receiving from Service Bus: the peek-lock subscription driver (plain entities and
+//! session-enabled ones, where it holds up to [`MAX_SESSIONS`] sessions at a time) and
+//! the dead-letter sub-queue.
+//!
+//! An azservicebus receiver settles only the messages it received, and every call
+//! takes it by `&mut`. So each link sits behind an async mutex, and a receive holds it
+//! for at most [`RECEIVE_SLICE`] at a time: a settlement waits at most that long.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use azservicebus::primitives::service_bus_peeked_message::ServiceBusPeekedMessage;
+use azservicebus::receiver::DeadLetterOptions;
+use azservicebus::{
+    ServiceBusReceiveMode, ServiceBusReceivedMessage, ServiceBusReceiver, ServiceBusReceiverOptions,
+    ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions, SubQueue,
+};
+use chrono::{DateTime, Utc};
+use cloudbus_core::codec::RawMessage;
+use cloudbus_core::driver::{
+    AckToken, BatchResults, DeadLetter, DeadLetterDriver, Payload,
+    ReceivedMessage, Settlement, SubscriptionDriver,
+};
+use cloudbus_core::{Capabilities, Error, ErrorKind, Event, ExtensionValue, Result};
+use fe2o3_amqp_types::messaging::annotations::AnnotationKey;
+use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message};
+use fe2o3_amqp_types::primitives::{SimpleValue, Value};
+use tokio::sync::Mutex;
+
+use super::{ATTRIBUTE_PREFIX, CONTENT_TYPE, EntityKind, REDRIVE_PROPERTY, Shared, sb_error, text_of};
+
+/// The longest one receive call holds a link.
+pub const RECEIVE_SLICE: Duration = Duration::from_millis(200);
+/// Most sessions one subscription driver holds at once.
+pub const MAX_SESSIONS: usize = 8;
+/// Application properties a redrive leaves behind.
+const DEAD_LETTER_PROPERTIES: [&str; 2] = ["DeadLetterReason", "DeadLetterErrorDescription"];
+
+/// A receiver: plain, or holding one session.
+enum Link {
+    Plain(ServiceBusReceiver),
+    Session(ServiceBusSessionReceiver),
+}
+
+macro_rules! on_link {
+    ($link:expr, $r:ident => $body:expr) => {
+        match $link {
+            Link::Plain($r) => $body,
+            Link::Session($r) => $body,
+        }
+    };
+}
+
+impl Link {
+    async fn receive(
+        &mut self,
+        max: u32,
+        wait: Duration,
+    ) -> std::result::Result<Vec<ServiceBusReceivedMessage>, azure_core::Error> {
+        on_link!(self, r => r.receive_messages_with_max_wait_time(max, Some(wait)).await)
+    }
+
+    async fn settle(
+        &mut self,
+        message: &mut ServiceBusReceivedMessage,
+        settlement: &Settlement,
+    ) -> std::result::Result<(), azure_core::Error> {
+        match settlement {
+            Settlement::Ack => on_link!(self, r => r.complete_message(&*message).await),
+            Settlement::Nack { .. } => on_link!(self, r => r.abandon_message(&*message, None).await),
+            Settlement::DeadLetter {
+                reason,
+                description,
+            } => {
+                let options = DeadLetterOptions {
+                    dead_letter_reason: Some(reason.clone()),
+                    dead_letter_error_description: Some(description.clone()),
+                    properties_to_modify: None,
+                };
+                on_link!(self, r => r.dead_letter_message(&*message, options).await)
+            }
+            Settlement::Extend { .. } => on_link!(self, r => r.renew_message_lock(message).await),
+        }
+    }
+
+    async fn dispose(self) -> std::result::Result<(), azure_core::Error> {
+        on_link!(self, r => r.dispose().await)
+    }
+}
+
+/// A link and how many of its messages are unsettled (a session is only let go when
+/// none are).
+struct Slot {
+    link: Mutex<Option<Link>>,
+    unsettled: AtomicUsize,
+    session: Option<String>,
+}
+
+/// One received, unsettled message.
+struct Inflight {
+    message: ServiceBusReceivedMessage,
+    slot: Arc<Slot>,
+}
+
+/// Receives from a queue or subscription in peek-lock mode.
+pub struct ServiceBusSubscription {
+    shared: Arc<Shared>,
+    topic: String,
+    subscription: String,
+    path: String,
+    slots: SyncMutex<Vec<Arc<Slot>>>,
+    /// Serializes opening links, so that concurrent receives do not open several.
+    opening: Mutex<()>,
+    inflight: SyncMutex<HashMap<String, Inflight>>,
+    closed: AtomicBool,
+    next: AtomicUsize,
+}
+
+/// A lock token as text (the settlement key).
+fn token_text(token: &fe2o3_amqp_types::primitives::Uuid) -> String {
+    token.as_inner().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An annotation of a received or peeked message that is a timestamp.
+fn annotation_time(message: &Message<Body<Value>>, name: &str) -> Option<DateTime<Utc>> {
+    match message
+        .message_annotations
+        .as_ref()?
+        .get(&name as &dyn AnnotationKey)?
+    {
+        Value::Timestamp(t) => DateTime::from_timestamp_millis(t.milliseconds()),
+        _ => None,
+    }
+}
+
+/// The body of a message: its data sections, or a value's text.
+fn body_bytes(message: &Message<Body<Value>>) -> Vec<u8> {
+    match &message.body {
+        Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
+        Body::Value(v) => match &v.0 {
+            Value::String(s) => s.clone().into_bytes(),
+            Value::Binary(b) => b.to_vec(),
+            other => format!("{other:?}").into_bytes(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// A received message as a raw message: body, text attributes, `content-type`; and
+/// the typed extension values to restore after decoding.
+fn raw_of(message: &Message<Body<Value>>) -> (RawMessage, Vec<(String, ExtensionValue)>) {
+    let mut raw = RawMessage::new(body_bytes(message));
+    let mut typed = Vec::new();
+    if let Some(props) = &message.application_properties {
+        for (k, v) in props.0.iter() {
+            if let Some(ext) = k.strip_prefix(ATTRIBUTE_PREFIX) {
+                match v {
+                    SimpleValue::Int(n) => typed.push((ext.to_owned(), ExtensionValue::Integer(i64::from(*n)))),
+                    SimpleValue::Long(n) => typed.push((ext.to_owned(), ExtensionValue::Integer(*n))),
+                    SimpleValue::Bool(b) => typed.push((ext.to_owned(), ExtensionValue::Boolean(*b))),
+                    _ => {}
+                }
+            }
+            if let Some(text) = text_of(v) {
+                raw.attributes.insert(k.clone(), text);
+            }
+        }
+    }
+    if let Some(ct) = message.properties.as_ref().and_then(|p| p.content_type.as_ref()) {
+        raw.attributes.insert(CONTENT_TYPE.to_owned(), ct.0.clone());
+    }
+    (raw, typed)
+}
+
+impl ServiceBusSubscription {
+    pub(crate) fn new(shared: Arc<Shared>, topic: &str, subscription: &str) -> Self {
+        let path = shared.path(topic, subscription);
+        ServiceBusSubscription {
+            shared,
+            topic: topic.to_owned(),
+            subscription: subscription.to_owned(),
+            path,
+            slots: SyncMutex::new(Vec::new()),
+            opening: Mutex::new(()),
+            inflight: SyncMutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Opens a link: the plain receiver, or the next available session (`None` when no
+    /// session has messages).
+    async fn open(&self, wait: Duration) -> Result<Option<Arc<Slot>>> {
+        let mut client = self.shared.client.lock().await;
+        let (topic, sub) = (&self.topic, &self.subscription);
+        let queue = self.shared.config.entities == EntityKind::Queues;
+        let link = if self.shared.config.sessions {
+            let options = ServiceBusSessionReceiverOptions::default();
+            let accept = async {
+                if queue {
+                    client.accept_next_session_for_queue(topic.clone(), options).await
+                } else {
+                    client
+                        .accept_next_session_for_subscription(topic, sub, options)
+                        .await
+                }
+            };
+            match tokio::time::timeout(wait.max(RECEIVE_SLICE), accept).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(receiver)) => {
+                    let session = receiver.session_id().to_owned();
+                    (Link::Session(receiver), Some(session))
+                }
+                Ok(Err(e)) => {
+                    let e = sb_error(e, &format!("accept a session of {}", self.path));
+                    return match e.kind() {
+                        ErrorKind::NotFound | ErrorKind::PermissionDenied => Err(e),
+                        _ => Ok(None),
+                    };
+                }
+            }
+        } else {
+            let options = ServiceBusReceiverOptions::default();
+            let receiver = if queue {
+                client.create_receiver_for_queue(topic.clone(), options).await
+            } else {
+                client.create_receiver_for_subscription(topic, sub, options).await
+            }
+            .map_err(|e| sb_error(e, &format!("open a receiver for {}", self.path)))?;
+            (Link::Plain(receiver), None)
+        };
+        let slot = Arc::new(Slot {
+            link: Mutex::new(Some(link.0)),
+            unsettled: AtomicUsize::new(0),
+            session: link.1,
+        });
+        lock(&self.slots).push(slot.clone());
+        Ok(Some(slot))
+    }
+
+    /// The links to read now, opening one when there is none (or, with sessions, when
+    /// fewer than [`MAX_SESSIONS`] are held).
+    async fn links(&self, wait: Duration) -> Result<Vec<Arc<Slot>>> {
+        let current = lock(&self.slots).clone();
+        let want_more = if self.shared.config.sessions {
+            current.len() < MAX_SESSIONS
+        } else {
+            current.is_empty()
+        };
+        if !want_more {
+            return Ok(current);
+        }
+        let _opening = self.opening.lock().await;
+        let current = lock(&self.slots).clone();
+        if !self.shared.config.sessions && !current.is_empty() {
+            return Ok(current);
+        }
+        let mut all = current;
+        if let Some(slot) = self.open(wait).await? {
+            all.push(slot);
+        }
+        Ok(all)
+    }
+
+    /// Lets a session go when it ran dry and nothing of it is unsettled.
+    async fn release(&self, slot: &Arc<Slot>) {
+        if slot.session.is_none() || slot.unsettled.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        let link = slot.link.lock().await.take();
+        lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
+        if let Some(link) = link {
+            if let Err(e) = link.dispose().await {
+                tracing::debug!(error = %e, "closing a drained Service Bus session");
+            }
+        }
+    }
+
+    fn convert(&self, message: ServiceBusReceivedMessage, slot: &Arc<Slot>) -> Option<ReceivedMessage> {
+        let raw_message = message.raw_amqp_message();
+        let (mut raw, typed) = raw_of(raw_message);
+        if let Some(target) = raw.attributes.remove(REDRIVE_PROPERTY) {
+            if self.shared.config.entities == EntityKind::Topics && target != self.subscription {
+                return None;
+            }
+        }
+        let token = token_text(message.lock_token());
+        let attempt = message.delivery_count().unwrap_or(1).max(1);
+        let lease = annotation_time(raw_message, "x-opt-locked-until")
+            .and_then(|until| (until - Utc::now()).to_std().ok());
+        let published_at = annotation_time(raw_message, "x-opt-enqueued-time");
+        let ordering_key = message.session_id().map(str::to_owned);
+        let size = raw.size();
+        let event = match self.shared.codec.decode(&raw) {
+            Ok(mut event) => {
+                restore(&mut event, typed);
+                Ok(Arc::new(event))
+            }
+            Err(e) => Err((raw, e)),
+        };
+        slot.unsettled.fetch_add(1, Ordering::AcqRel);
+        lock(&self.inflight).insert(
+            token.clone(),
+            Inflight {
+                message,
+                slot: slot.clone(),
+            },
+        );
+        Some(ReceivedMessage {
+            event,
+            token: AckToken::Text(token),
+            attempt,
+            lease,
+            published_at,
+            ordering_key,
+            size,
+        })
+    }
+
+    async fn settle_one(&self, token: &AckToken, settlement: &Settlement) -> Result<()> {
+        let key = token.as_text().unwrap_or_default().to_owned();
+        let Some(mut inflight) = lock(&self.inflight).remove(&key) else {
+            return Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!("no unsettled message with lock token {key} on {}", self.path),
+            ));
+        };
+        let slot = inflight.slot.clone();
+        let result = {
+            let mut link = slot.link.lock().await;
+            match link.as_mut() {
+                None => Err(Error::new(
+                    ErrorKind::LeaseExpired,
+                    format!("the link of lock token {key} on {} is closed", self.path),
+                )),
+                Some(link) => link
+                    .settle(&mut inflight.message, settlement)
+                    .await
+                    .map_err(|e| sb_error(e, &format!("{} {key} on {}", settlement.status(), self.path))),
+            }
+        };
+        if settlement.is_final() || result.is_err() {
+            slot.unsettled.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            lock(&self.inflight).insert(key, inflight);
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl SubscriptionDriver for ServiceBusSubscription {
+    async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        let until = Instant::now() + wait;
+        let max = u32::try_from(max.max(1)).unwrap_or(u32::MAX);
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::closed(format!("the consumer of {} is closed", self.path)));
+            }
+            let remaining = until.saturating_duration_since(Instant::now());
+            let links = self.links(remaining).await?;
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            let count = links.len();
+            for i in 0..count {
+                let slot = &links[(start + i) % count];
+                let remaining = until.saturating_duration_since(Instant::now());
+                let slice = remaining.min(RECEIVE_SLICE).max(Duration::from_millis(20));
+                let received = {
+                    let mut link = slot.link.lock().await;
+                    match link.as_mut() {
+                        None => continue,
+                        Some(link) => link.receive(max, slice).await,
+                    }
+                };
+                match received {
+                    Ok(messages) if !messages.is_empty() => {
+                        let mut out = Vec::with_capacity(messages.len());
+                        let mut foreign = Vec::new();
+                        for m in messages {
+                            let token = token_text(m.lock_token());
+                            match self.convert(m, slot) {
+                                Some(r) => out.push(r),
+                                None => foreign.push(token),
+                            }
+                        }
+                        for token in foreign {
+                            // Redriven to another subscription of the topic: not ours.
+                            if let Err(e) = self
+                                .settle_one(&AckToken::Text(token), &Settlement::Ack)
+                                .await
+                            {
+                                tracing::warn!(error = %e, "completing a message redriven elsewhere");
+                            }
+                        }
+                        if !out.is_empty() {
+                            return Ok(out);
+                        }
+                    }
+                    Ok(_) => self.release(slot).await,
+                    Err(e) => {
+                        let e = sb_error(e, &format!("receive from {}", self.path));
+                        if slot.session.is_none() {
+                            return Err(e);
+                        }
+                        tracing::debug!(error = %e, "a Service Bus session ended");
+                        self.release(slot).await;
+                    }
+                }
+            }
+            if Instant::now() >= until {
+                return Ok(Vec::new());
+            }
+            if count == 0 {
+                let pause = until.saturating_duration_since(Instant::now()).min(RECEIVE_SLICE);
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        let mut results = Vec::with_capacity(items.len());
+        for (token, settlement) in items {
+            results.push(self.settle_one(token, settlement).await);
+        }
+        Ok(results)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.shared.config.capabilities()
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).drain(..).collect();
+        for slot in slots {
+            if let Some(link) = slot.link.lock().await.take() {
+                link.dispose()
+                    .await
+                    .map_err(|e| sb_error(e, &format!("close the receiver of {}", self.path)))?;
+            }
+        }
+        lock(&self.inflight).clear();
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The dead-letter sub-queue of a queue or subscription.
+pub struct ServiceBusDeadLetters {
+    shared: Arc<Shared>,
+    topic: String,
+    subscription: String,
+    path: String,
+}
+
+/// What a dead letter looks like, from a received or a peeked message.
+fn dead_letter_of(
+    message: &Message<Body<Value>>,
+    source: &str,
+    codec: &cloudbus_core::BinaryCodec,
+) -> DeadLetter {
+    let (mut raw, typed) = raw_of(message);
+    let reason = raw.attributes.remove(DEAD_LETTER_PROPERTIES[0]);
+    let description = raw.attributes.remove(DEAD_LETTER_PROPERTIES[1]);
+    raw.attributes.remove(REDRIVE_PROPERTY);
+    let payload = match codec.decode(&raw) {
+        Ok(mut event) => {
+            restore(&mut event, typed);
+            Payload::Event(Arc::new(event))
+        }
+        Err(_) => Payload::Raw(raw),
+    };
+    DeadLetter {
+        payload,
+        reason,
+        description,
+        source_entity: Some(source.to_owned()),
+        attempts: message.header.as_ref().map_or(0, |h| h.delivery_count + 1),
+        dead_lettered_at: None,
+    }
+}
+
+/// Gives back integer and boolean extensions their types (binary mode carries them
+/// as typed AMQP values; the codec reads text).
+fn restore(event: &mut Event, typed: Vec<(String, ExtensionValue)>) {
+    for (name, value) in typed {
+        if event.extension(&name).is_some() {
+            event.set_extension(&name, value);
+        }
+    }
+}
+
+impl ServiceBusDeadLetters {
+    pub(crate) fn new(shared: Arc<Shared>, topic: &str, subscription: &str) -> Self {
+        let path = shared.path(topic, subscription);
+        ServiceBusDeadLetters {
+            shared,
+            topic: topic.to_owned(),
+            subscription: subscription.to_owned(),
+            path,
+        }
+    }
+
+    async fn receiver(&self, mode: ServiceBusReceiveMode) -> Result<ServiceBusReceiver> {
+        let options = ServiceBusReceiverOptions {
+            receive_mode: mode,
+            sub_queue: SubQueue::DeadLetter,
+            ..Default::default()
+        };
+        let mut client = self.shared.client.lock().await;
+        match self.shared.config.entities {
+            EntityKind::Queues => client.create_receiver_for_queue(self.topic.clone(), options).await,
+            EntityKind::Topics => {
+                client
+                    .create_receiver_for_subscription(&self.topic, &self.subscription, options)
+                    .await
+            }
+        }
+        .map_err(|e| sb_error(e, &format!("open the dead-letter queue of {}", self.path)))
+    }
+
+    /// Receives up to `max` dead letters from `receiver`, stopping at the first empty
+    /// receive.
+    async fn take(
+        &self,
+        receiver: &mut ServiceBusReceiver,
+        max: usize,
+    ) -> Result<Vec<ServiceBusReceivedMessage>> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let want = u32::try_from((max - out.len()).min(100)).unwrap_or(100);
+            let got = receiver
+                .receive_messages_with_max_wait_time(want, Some(Duration::from_millis(500)))
+                .await
+                .map_err(|e| sb_error(e, &format!("receive dead letters of {}", self.path)))?;
+            if got.is_empty() {
+                break;
+            }
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// The message that sends a dead letter back: the same body and properties, a new
+    /// MessageId (duplicate detection would drop the old one), and on a topic the
+    /// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
+    fn resend(&self, letter: &ServiceBusReceivedMessage) -> Result<azservicebus::ServiceBusMessage> {
+        let raw = letter.raw_amqp_message();
+        let mut message = azservicebus::ServiceBusMessage::new(body_bytes(raw));
+        message.set_content_type(letter.content_type().map(str::to_owned));
+        let mut props = ApplicationProperties::builder();
+        if let Some(existing) = &raw.application_properties {
+            for (k, v) in existing.0.iter() {
+                if !DEAD_LETTER_PROPERTIES.contains(&k.as_str()) && k != REDRIVE_PROPERTY {
+                    props = props.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        if self.shared.config.entities == EntityKind::Topics {
+            props = props.insert(REDRIVE_PROPERTY.to_owned(), self.subscription.clone());
+        }
+        *message.application_properties_mut() = Some(props.build());
+        let original = letter.message_id().map(|id| id.into_owned()).unwrap_or_default();
+        let id: String = format!("redrive-{}-{original}", letter.sequence_number())
+            .chars()
+            .take(128)
+            .collect();
+        message
+            .set_message_id(id)
+            .map_err(|e| Error::invalid(format!("redrive message id: {e}")))?;
+        if let Some(session) = letter.session_id() {
+            message
+                .set_session_id(session.to_owned())
+                .map_err(|e| Error::invalid(format!("redrive session id: {e}")))?;
+        }
+        Ok(message)
+    }
+}
+
+#[async_trait]
+impl DeadLetterDriver for ServiceBusDeadLetters {
+    async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>> {
+        let mut receiver = self.receiver(ServiceBusReceiveMode::PeekLock).await?;
+        let mut out = Vec::new();
+        let mut from = None;
+        let result: Result<()> = async {
+            while out.len() < max {
+                let want = u32::try_from((max - out.len()).min(100)).unwrap_or(100);
+                let peeked: Vec<ServiceBusPeekedMessage> = receiver
+                    .peek_messages(want, from)
+                    .await
+                    .map_err(|e| sb_error(e, &format!("peek dead letters of {}", self.path)))?;
+                let Some(last) = peeked.last() else { break };
+                from = Some(last.sequence_number() + 1);
+                out.extend(
+                    peeked
+                        .iter()
+                        .map(|p| dead_letter_of(p.raw_amqp_message(), &self.path, &self.shared.codec)),
+                );
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = receiver.dispose().await {
+            tracing::debug!(error = %e, "closing a dead-letter receiver");
+        }
+        result.map(|()| out)
+    }
+
+    async fn redrive(&self, max: Option<usize>) -> Result<usize> {
+        let mut receiver = self.receiver(ServiceBusReceiveMode::PeekLock).await?;
+        let mut sender = match self.shared.sender(&self.topic).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = receiver.dispose().await;
+                return Err(e);
+            }
+        };
+        let limit = max.unwrap_or(usize::MAX);
+        let mut moved = 0;
+        let result: Result<()> = async {
+            while moved < limit {
+                let letters = self.take(&mut receiver, (limit - moved).min(100)).await?;
+                if letters.is_empty() {
+                    break;
+                }
+                for letter in letters {
+                    let message = self.resend(&letter)?;
+                    sender
+                        .send_message(message)
+                        .await
+                        .map_err(|e| sb_error(e, &format!("redrive to {}", self.topic)))?;
+                    receiver
+                        .complete_message(&letter)
+                        .await
+                        .map_err(|e| sb_error(e, &format!("complete a dead letter of {}", self.path)))?;
+                    moved += 1;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let _ = sender.dispose().await;
+        let _ = receiver.dispose().await;
+        result.map(|()| moved)
+    }
+
+    async fn purge(&self) -> Result<usize> {
+        let mut receiver = self.receiver(ServiceBusReceiveMode::ReceiveAndDelete).await?;
+        let result = self.take(&mut receiver, usize::MAX).await.map(|all| all.len());
+        let _ = receiver.dispose().await;
+        result
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
