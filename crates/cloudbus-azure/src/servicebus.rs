@@ -90,6 +90,9 @@ pub const MAX_LOCK: Duration = Duration::from_secs(300);
 /// Session-enabled entities need a session for every message: events without an
 /// ordering key are spread over this many sessions, so that readers can share them.
 pub const UNKEYED_SESSIONS: usize = 16;
+/// The longest opening a link may take (a refused attach can otherwise be retried
+/// for long).
+pub(crate) const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The port of the emulators' AMQP endpoint when the connection string has none.
 const EMULATOR_AMQP_PORT: u16 = 5672;
 /// The management port of Microsoft's emulator.
@@ -345,12 +348,52 @@ pub(crate) struct Shared {
 impl Shared {
     /// A sender for a queue or topic.
     pub(crate) async fn sender(&self, entity: &str) -> Result<ServiceBusSender> {
-        self.client
-            .lock()
-            .await
-            .create_sender(entity, Default::default())
-            .await
-            .map_err(|e| sb_error(e, &format!("open a sender for {entity}")))
+        self.check(entity, None).await?;
+        eprintln!("DBG checked {entity}");
+        let mut client = self.client.lock().await;
+        eprintln!("DBG client locked {entity}");
+        let open = client.create_sender(entity, Default::default());
+        match tokio::time::timeout(LINK_TIMEOUT, open).await {
+            Ok(result) => result.map_err(|e| sb_error(e, &format!("open a sender for {entity}"))),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("opening a sender for {entity} took longer than {LINK_TIMEOUT:?}"),
+            )),
+        }
+    }
+
+    /// Fails with NotFound when the management API says the entity (or, on a queue,
+    /// the admitted subscription name) does not exist. A key without the Manage right
+    /// cannot ask; then the link's own answer decides.
+    pub(crate) async fn check(&self, topic: &str, subscription: Option<&str>) -> Result<()> {
+        let missing = match (self.config.entities, subscription) {
+            (EntityKind::Queues, Some(sub)) => match self.admin.admitted(topic).await {
+                Ok(Some(admitted)) => {
+                    sub != topic && !admitted.iter().any(|n| n == sub)
+                }
+                Ok(None) => true,
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => false,
+                Err(e) => return Err(e),
+            },
+            (_, sub) => {
+                let path = match sub {
+                    Some(sub) => self.path(topic, sub),
+                    None => topic.to_owned(),
+                };
+                match self.admin.exists(&path).await {
+                    Ok(exists) => !exists,
+                    Err(e) if e.kind() == ErrorKind::PermissionDenied => false,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if missing {
+            return Err(Error::not_found(match subscription {
+                Some(sub) => format!("Service Bus has no subscription {sub:?} of {topic:?}"),
+                None => format!("Service Bus has no queue or topic {topic:?}"),
+            }));
+        }
+        Ok(())
     }
 
     /// The entity path of `subscription` of `topic`: the subscription, or the queue.
@@ -559,13 +602,16 @@ impl TopologyDriver for ServiceBusTopology {
                          (subscription rules) or filter in the consumer (ConsumerOptions::filter)",
                     ));
                 }
-                if !admin.exists(&spec.topic).await? {
+                let Some(mut admitted) = admin.admitted(&spec.topic).await? else {
                     return Err(Error::not_found(format!(
                         "Service Bus queue {:?} does not exist",
                         spec.topic
                     )));
+                };
+                if !admitted.contains(&spec.name) {
+                    admitted.push(spec.name.clone());
                 }
-                admin.put_queue(&spec.topic, &props).await
+                admin.put_queue(&spec.topic, &props, &admitted).await
             }
         }
     }
@@ -578,8 +624,24 @@ impl TopologyDriver for ServiceBusTopology {
                     .delete(&format!("{topic}/Subscriptions/{name}"))
                     .await
             }
-            // Every subscription of a queue reads the queue itself.
-            EntityKind::Queues => Ok(()),
+            // Every subscription of a queue reads the queue itself; it is only no
+            // longer admitted.
+            EntityKind::Queues => {
+                let admin = &self.shared.admin;
+                let Some(mut admitted) = admin.admitted(topic).await? else {
+                    return Ok(());
+                };
+                if !admitted.iter().any(|n| n == name) {
+                    return Ok(());
+                }
+                admitted.retain(|n| n != name);
+                let props = EntityProperties {
+                    lock: Duration::from_secs(30),
+                    max_delivery_count: DEFAULT_MAX_DELIVERY_COUNT,
+                    requires_session: self.shared.config.sessions,
+                };
+                admin.put_queue(topic, &props, &admitted).await
+            }
         }
     }
 }
@@ -660,10 +722,12 @@ impl ServiceBusTopic {
         batch: azservicebus::sender::service_bus_message_batch::ServiceBusMessageBatch,
         entity: &str,
     ) -> Result<()> {
-        sender
+        let r = sender
             .send_message_batch(batch)
             .await
-            .map_err(|e| sb_error(e, &format!("send to {entity}")))
+            .map_err(|e| sb_error(e, &format!("send to {entity}")));
+        eprintln!("DBG sent {:?}", r.as_ref().err());
+        r
     }
 }
 
@@ -713,6 +777,23 @@ pub(crate) fn outgoing(
     Ok(message)
 }
 
+impl Drop for ServiceBusTopic {
+    /// A publisher dropped without `close` still detaches its link (an abandoned
+    /// azservicebus link leaves the shared AMQP session unusable for the next one).
+    fn drop(&mut self) {
+        let Some(sender) = self.sender.get_mut().take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = sender.dispose().await {
+                    tracing::debug!(error = %e, "closing a dropped Service Bus sender");
+                }
+            });
+        }
+    }
+}
+
 #[async_trait]
 impl TopicDriver for ServiceBusTopic {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
@@ -731,6 +812,7 @@ impl TopicDriver for ServiceBusTopic {
                 .create_message_batch(Default::default())
                 .map_err(|e| Error::invalid(format!("cannot make a Service Bus batch: {e}")))
         };
+        eprintln!("DBG send_batch {}", batch.len());
         let mut pending = new_batch(sender)?;
         let mut in_pending: Vec<usize> = Vec::new();
         for (i, m) in batch.iter().enumerate() {
@@ -755,6 +837,7 @@ impl TopicDriver for ServiceBusTopic {
                     continue;
                 }
             };
+            eprintln!("DBG batch full at {i}");
             // The batch is full: send it, then start the next one with this message.
             if !in_pending.is_empty() {
                 let full = std::mem::replace(&mut pending, new_batch(sender)?);

@@ -50,8 +50,11 @@ import time
 import urllib.parse
 import uuid
 import xml.etree.ElementTree as ET
+import xml.sax.saxutils
 
 from proton import (
+    UNDESCRIBED,
+    Array,
     Condition,
     Data,
     Delivery,
@@ -346,13 +349,7 @@ class Entity:
     def __init__(self, name, props, broker, dead_letter_of=None):
         self.name = name
         self.broker = broker
-        self.max_delivery_count = int(props.get("MaxDeliveryCount", 10))
-        self.lock_seconds = parse_duration(props.get("LockDuration"), 60)
-        self.requires_session = bool(props.get("RequiresSession", False))
-        self.duplicate_detection = bool(props.get("RequiresDuplicateDetection", False))
-        self.duplicate_window = parse_duration(
-            props.get("DuplicateDetectionHistoryTimeWindow"), 600
-        )
+        self.configure(props)
         self.ready = []
         self.locked = {}
         self.deferred = {}
@@ -364,6 +361,17 @@ class Entity:
         self.session_locked_until = {}
         self.dead_letter_of = dead_letter_of
         self.dlq = None if dead_letter_of else Entity(name + "/$DeadLetterQueue", {}, broker, self)
+
+    def configure(self, props):
+        """Sets the properties of a QueueDescription or SubscriptionDescription."""
+        self.max_delivery_count = int(props.get("MaxDeliveryCount", 10))
+        self.lock_seconds = parse_duration(props.get("LockDuration"), 60)
+        self.requires_session = bool(props.get("RequiresSession", False))
+        self.user_metadata = props.get("UserMetadata", "")
+        self.duplicate_detection = bool(props.get("RequiresDuplicateDetection", False))
+        self.duplicate_window = parse_duration(
+            props.get("DuplicateDetectionHistoryTimeWindow"), 600
+        )
 
     def enqueue(self, message, scheduled_at=None):
         if self.duplicate_detection and message.id is not None:
@@ -462,10 +470,20 @@ class Entity:
                     stored.delivery.settle()
                 self.abandon(stored)
 
-    def settle(self, token, status, reason=None, description=None):
+    def find_lock(self, token):
+        """The locked message of a lock token. Clients that take the token from the
+        delivery tag differ in byte order: azure-servicebus reads the tag as a .NET GUID
+        (bytes_le), azservicebus (Rust) sends the tag's bytes back as they are."""
         stored = self.locked.get(token)
+        if stored is None and isinstance(token, uuid.UUID):
+            stored = self.locked.get(uuid.UUID(bytes_le=token.bytes))
+        return stored
+
+    def settle(self, token, status, reason=None, description=None):
+        stored = self.find_lock(token)
         if stored is None:
             return False
+        token = stored.lock_token
         if status == "completed":
             self.locked.pop(token, None)
         elif status == "abandoned":
@@ -851,6 +869,17 @@ class Handler(MessagingHandler):
         if isinstance(entity, Entity):
             deliver(self.broker, entity, event.link)
 
+    def on_link_flow(self, event):
+        """Delivers on new credit; on a drain request, sends what is ready and then
+        gives the rest of the credit back (as the service does), so that a receiver
+        that stops waiting does not keep credit that would lock messages later."""
+        link = event.link
+        if link.is_sender and link.drain_mode:
+            entity = getattr(link, "cloudbus_entity", None)
+            if isinstance(entity, Entity):
+                deliver(self.broker, entity, link)
+            link.drained()
+
     def on_raw_message(self, event, raw):
         link = event.link
         node = getattr(link, "cloudbus_node", "")
@@ -908,12 +937,14 @@ class Handler(MessagingHandler):
             if op == VENDOR + ":renew-lock":
                 expirations = []
                 for token in body.get("lock-tokens", []):
-                    stored = entity.locked.get(token)
+                    stored = entity.find_lock(token)
                     if stored is None:
                         return status_response(request, 410, "lock lost")
                     stored.locked_until = now_ms() + int(entity.lock_seconds * 1000)
                     expirations.append(timestamp(stored.locked_until))
-                return status_response(request, 200, "OK", {"expirations": expirations})
+                # An AMQP array of timestamps, as the service answers (not a list).
+                return status_response(request, 200, "OK", {
+                    "expirations": Array(UNDESCRIBED, Data.TIMESTAMP, *expirations)})
             if op == VENDOR + ":schedule-message":
                 seqs = []
                 target = entity
@@ -924,7 +955,8 @@ class Handler(MessagingHandler):
                     at = (message.annotations or {}).get(symbol("x-opt-scheduled-enqueue-time"))
                     seq = target.enqueue(message, int(at) if at else None)
                     seqs.append(seq if seq is not None else 0)
-                return status_response(request, 200, "OK", {"sequence-numbers": seqs})
+                return status_response(request, 200, "OK", {
+                    "sequence-numbers": Array(UNDESCRIBED, Data.LONG, *seqs)})
             if op == VENDOR + ":cancel-scheduled-message":
                 for seq in body.get("sequence-numbers", []):
                     for e in self.broker.entities():
@@ -1077,6 +1109,8 @@ def entity_props(fields):
             props[flag] = as_bool(fields[flag])
     if fields.get("DuplicateDetectionHistoryTimeWindow"):
         props["DuplicateDetectionHistoryTimeWindow"] = fields["DuplicateDetectionHistoryTimeWindow"]
+    if "UserMetadata" in fields:
+        props["UserMetadata"] = fields["UserMetadata"]
     return props
 
 
@@ -1134,6 +1168,7 @@ def entity_fields(entity):
         "RequiresSession": str(entity.requires_session).lower(),
         "DuplicateDetectionHistoryTimeWindow": "PT{}S".format(int(entity.duplicate_window)),
         "MaxDeliveryCount": str(entity.max_delivery_count),
+        "UserMetadata": xml.sax.saxutils.escape(entity.user_metadata),
     }
 
 
@@ -1223,7 +1258,11 @@ class Management(http.server.BaseHTTPRequestHandler):
                 key = parts[0].lower()
                 if (key in b.queues or key in b.topics) and not update:
                     return self.error(409, "entity {} already exists".format(path))
-                b.queues[key] = Entity(parts[0], entity_props(fields), b)
+                if update and key in b.queues:
+                    # An update changes the properties and keeps the messages.
+                    b.queues[key].configure(entity_props(fields))
+                else:
+                    b.queues[key] = Entity(parts[0], entity_props(fields), b)
                 return self.reply(200 if update else 201, entry_xml(
                     self.base, path, kind, entity_fields(b.queues[key])))
             if kind == "TopicDescription" and len(parts) == 1:
@@ -1245,8 +1284,13 @@ class Management(http.server.BaseHTTPRequestHandler):
                 key = parts[2].lower()
                 if key in topic.subscriptions and not update:
                     return self.error(409, "entity {} already exists".format(path))
-                entity = Entity("{}/Subscriptions/{}".format(parts[0], parts[2]),
-                                entity_props(fields), b)
+                if update and key in topic.subscriptions:
+                    # An update changes the properties and keeps the messages.
+                    entity = topic.subscriptions[key][0]
+                    entity.configure(entity_props(fields))
+                else:
+                    entity = Entity("{}/Subscriptions/{}".format(parts[0], parts[2]),
+                                    entity_props(fields), b)
                 rules = topic.subscriptions[key][1] if key in topic.subscriptions else {
                     "$Default": Rule("$Default", {"FilterType": "Sql",
                                                   "SqlFilter": {"SqlExpression": "1=1"}})}

@@ -178,6 +178,33 @@ impl Admin {
         Ok(self.call(reqwest::Method::GET, path, None, false).await? != 404)
     }
 
+    /// The names a queue admits as subscriptions (kept in its `UserMetadata`);
+    /// `None` when the queue does not exist.
+    pub(crate) async fn admitted(&self, queue: &str) -> Result<Option<Vec<String>>> {
+        let url = self.url(queue);
+        let token = self.authorization(&format!("{}/{}", self.endpoint, queue))?;
+        let response = self
+            .http
+            .get(&url)
+            .header("authorization", token.expose())
+            .send()
+            .await
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Unavailable, format!("GET {queue} on {}", self.endpoint), e)
+            })?;
+        let status = response.status().as_u16();
+        if status == 404 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&status) {
+            return Err(Error::new(kind_of_status(status), format!("GET {queue}: HTTP {status}")));
+        }
+        let text = response.text().await.unwrap_or_default();
+        Ok(Some(parse_admitted(
+            between(&text, "<UserMetadata>", "</UserMetadata>").unwrap_or_default(),
+        )))
+    }
+
     /// Deletes `path`; a missing one is fine.
     pub(crate) async fn delete(&self, path: &str) -> Result<()> {
         self.call(reqwest::Method::DELETE, path, None, false)
@@ -185,17 +212,25 @@ impl Admin {
             .map(|_| ())
     }
 
-    /// Creates a queue or updates its properties.
-    pub(crate) async fn put_queue(&self, queue: &str, props: &EntityProperties) -> Result<()> {
+    /// Creates a queue or updates its properties, admitting `admitted` as the names
+    /// of its subscriptions.
+    pub(crate) async fn put_queue(
+        &self,
+        queue: &str,
+        props: &EntityProperties,
+        admitted: &[String],
+    ) -> Result<()> {
         let fields = format!(
             "<LockDuration>{}</LockDuration>\
              <RequiresDuplicateDetection>true</RequiresDuplicateDetection>\
              <RequiresSession>{}</RequiresSession>\
              <DuplicateDetectionHistoryTimeWindow>PT10M</DuplicateDetectionHistoryTimeWindow>\
-             <MaxDeliveryCount>{}</MaxDeliveryCount>",
+             <MaxDeliveryCount>{}</MaxDeliveryCount>\
+             <UserMetadata>{}</UserMetadata>",
             iso_duration(props.lock),
             props.requires_session,
-            props.max_delivery_count
+            props.max_delivery_count,
+            xml_escape(&format!("{ADMITTED_PREFIX}{}", admitted.join(",")))
         );
         self.put(queue, entry("QueueDescription", &fields)).await
     }
@@ -223,7 +258,7 @@ impl Admin {
         if self.exists(queue).await? {
             return Ok(());
         }
-        self.put_queue(queue, props).await
+        self.put_queue(queue, props, &[]).await
     }
 
     /// Creates or updates subscription `name` of `topic` and sets its one rule.
@@ -253,6 +288,23 @@ impl Admin {
             .await?;
         self.delete(&format!("{path}/Rules/$Default")).await
     }
+}
+
+/// How a queue's `UserMetadata` lists the subscription names it admits.
+const ADMITTED_PREFIX: &str = "cloudbus-subscriptions:";
+
+fn parse_admitted(metadata: &str) -> Vec<String> {
+    let metadata = metadata.replace("&amp;", "&");
+    metadata
+        .strip_prefix(ADMITTED_PREFIX)
+        .map(|names| {
+            names
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The name of the one rule cloudbus keeps on a subscription.

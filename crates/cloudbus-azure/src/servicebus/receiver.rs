@@ -31,7 +31,10 @@ use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message};
 use fe2o3_amqp_types::primitives::{SimpleValue, Value};
 use tokio::sync::Mutex;
 
-use super::{ATTRIBUTE_PREFIX, CONTENT_TYPE, EntityKind, REDRIVE_PROPERTY, Shared, sb_error, text_of};
+use super::{
+    ATTRIBUTE_PREFIX, CONTENT_TYPE, EntityKind, LINK_TIMEOUT, REDRIVE_PROPERTY, Shared, sb_error,
+    text_of,
+};
 
 /// The longest one receive call holds a link.
 pub const RECEIVE_SLICE: Duration = Duration::from_millis(200);
@@ -118,6 +121,8 @@ pub struct ServiceBusSubscription {
     inflight: SyncMutex<HashMap<String, Inflight>>,
     closed: AtomicBool,
     next: AtomicUsize,
+    /// The entity was found to exist.
+    checked: AtomicBool,
 }
 
 /// A lock token as text (the settlement key).
@@ -193,12 +198,17 @@ impl ServiceBusSubscription {
             inflight: SyncMutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             next: AtomicUsize::new(0),
+            checked: AtomicBool::new(false),
         }
     }
 
     /// Opens a link: the plain receiver, or the next available session (`None` when no
     /// session has messages).
     async fn open(&self, wait: Duration) -> Result<Option<Arc<Slot>>> {
+        if !self.checked.load(Ordering::Acquire) {
+            self.shared.check(&self.topic, Some(&self.subscription)).await?;
+            self.checked.store(true, Ordering::Release);
+        }
         let mut client = self.shared.client.lock().await;
         let (topic, sub) = (&self.topic, &self.subscription);
         let queue = self.shared.config.entities == EntityKind::Queues;
@@ -229,12 +239,22 @@ impl ServiceBusSubscription {
             }
         } else {
             let options = ServiceBusReceiverOptions::default();
-            let receiver = if queue {
-                client.create_receiver_for_queue(topic.clone(), options).await
-            } else {
-                client.create_receiver_for_subscription(topic, sub, options).await
-            }
-            .map_err(|e| sb_error(e, &format!("open a receiver for {}", self.path)))?;
+            let open = async {
+                if queue {
+                    client.create_receiver_for_queue(topic.clone(), options).await
+                } else {
+                    client.create_receiver_for_subscription(topic, sub, options).await
+                }
+            };
+            let receiver = tokio::time::timeout(LINK_TIMEOUT, open)
+                .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("opening a receiver for {} took longer than {LINK_TIMEOUT:?}", self.path),
+                    )
+                })?
+                .map_err(|e| sb_error(e, &format!("open a receiver for {}", self.path)))?;
             (Link::Plain(receiver), None)
         };
         let slot = Arc::new(Slot {
@@ -356,6 +376,29 @@ impl ServiceBusSubscription {
     }
 }
 
+impl Drop for ServiceBusSubscription {
+    /// A consumer dropped without `close` still detaches its links: an abandoned
+    /// azservicebus link leaves the shared AMQP session unusable for the next one.
+    fn drop(&mut self) {
+        let links: Vec<Link> = lock(&self.slots)
+            .drain(..)
+            .filter_map(|slot| slot.link.try_lock().ok().and_then(|mut l| l.take()))
+            .collect();
+        if links.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for link in links {
+                    if let Err(e) = link.dispose().await {
+                        tracing::debug!(error = %e, "closing a dropped Service Bus receiver");
+                    }
+                }
+            });
+        }
+    }
+}
+
 #[async_trait]
 impl SubscriptionDriver for ServiceBusSubscription {
     async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
@@ -380,6 +423,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
                         Some(link) => link.receive(max, slice).await,
                     }
                 };
+                eprintln!("DBG received {:?}", received.as_ref().map(|m| m.len()).map_err(|e| e.to_string()));
                 match received {
                     Ok(messages) if !messages.is_empty() => {
                         let mut out = Vec::with_capacity(messages.len());
@@ -426,6 +470,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
     }
 
     async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        eprintln!("DBG settle {}", items.len());
         let mut results = Vec::with_capacity(items.len());
         for (token, settlement) in items {
             results.push(self.settle_one(token, settlement).await);
