@@ -338,6 +338,66 @@ pub(crate) fn sb_error(e: azure_core::Error, what: &str) -> Error {
     Error::with_source(kind, format!("{what}: {e}"), e)
 }
 
+/// A client of the namespace: one AMQP connection. `max_retries` is azservicebus's
+/// own retry of a failed operation (0 for the session acceptor, which loops itself).
+pub(crate) async fn new_client(
+    config: &ServiceBusConfig,
+    max_retries: u32,
+) -> Result<ServiceBusClient<BasicRetryPolicy>> {
+        let options = ServiceBusClientOptions {
+            retry_options: ServiceBusRetryOptions {
+                try_timeout: Duration::from_secs(30),
+                max_retries,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let host = config.namespace.clone();
+        match (&config.access, config.emulator) {
+            (SharedAccess::Key { name, key }, true) => {
+                ServiceBusClient::unsecured()
+                    .new_from_named_key_credential(
+                        host.clone(),
+                        azservicebus::authorization::AzureNamedKeyCredential::new(
+                            name,
+                            key.expose(),
+                        ),
+                        options,
+                    )
+                    .await
+            }
+            (SharedAccess::Key { name, key }, false) => {
+                ServiceBusClient::new_from_named_key_credential(
+                    host.clone(),
+                    azservicebus::authorization::AzureNamedKeyCredential::new(
+                        name,
+                        key.expose(),
+                    ),
+                    options,
+                )
+                .await
+            }
+            (SharedAccess::Token(token), true) => {
+                ServiceBusClient::unsecured()
+                    .new_from_sas_credential(
+                        host.clone(),
+                        azservicebus::authorization::AzureSasCredential::new(token.expose()),
+                        options,
+                    )
+                    .await
+            }
+            (SharedAccess::Token(token), false) => {
+                ServiceBusClient::new_from_sas_credential(
+                    host.clone(),
+                    azservicebus::authorization::AzureSasCredential::new(token.expose()),
+                    options,
+                )
+                .await
+            }
+        }
+        .map_err(|e| sb_error(e, &format!("connect to Service Bus at {host}")))
+}
+
 pub(crate) struct Shared {
     pub(crate) config: ServiceBusConfig,
     pub(crate) client: Mutex<ServiceBusClient<BasicRetryPolicy>>,
@@ -349,9 +409,7 @@ impl Shared {
     /// A sender for a queue or topic.
     pub(crate) async fn sender(&self, entity: &str) -> Result<ServiceBusSender> {
         self.check(entity, None).await?;
-        eprintln!("DBG checked {entity}");
         let mut client = self.client.lock().await;
-        eprintln!("DBG client locked {entity}");
         let open = client.create_sender(entity, Default::default());
         match tokio::time::timeout(LINK_TIMEOUT, open).await {
             Ok(result) => result.map_err(|e| sb_error(e, &format!("open a sender for {entity}"))),
@@ -421,57 +479,7 @@ impl std::fmt::Debug for ServiceBusBus {
 impl ServiceBusBus {
     /// Connects to the namespace (AMQP, with CBS authorization).
     pub async fn connect(config: ServiceBusConfig) -> Result<Self> {
-        let options = ServiceBusClientOptions {
-            retry_options: ServiceBusRetryOptions {
-                try_timeout: Duration::from_secs(30),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let host = config.namespace.clone();
-        let client = match (&config.access, config.emulator) {
-            (SharedAccess::Key { name, key }, true) => {
-                ServiceBusClient::unsecured()
-                    .new_from_named_key_credential(
-                        host.clone(),
-                        azservicebus::authorization::AzureNamedKeyCredential::new(
-                            name,
-                            key.expose(),
-                        ),
-                        options,
-                    )
-                    .await
-            }
-            (SharedAccess::Key { name, key }, false) => {
-                ServiceBusClient::new_from_named_key_credential(
-                    host.clone(),
-                    azservicebus::authorization::AzureNamedKeyCredential::new(
-                        name,
-                        key.expose(),
-                    ),
-                    options,
-                )
-                .await
-            }
-            (SharedAccess::Token(token), true) => {
-                ServiceBusClient::unsecured()
-                    .new_from_sas_credential(
-                        host.clone(),
-                        azservicebus::authorization::AzureSasCredential::new(token.expose()),
-                        options,
-                    )
-                    .await
-            }
-            (SharedAccess::Token(token), false) => {
-                ServiceBusClient::new_from_sas_credential(
-                    host.clone(),
-                    azservicebus::authorization::AzureSasCredential::new(token.expose()),
-                    options,
-                )
-                .await
-            }
-        }
-        .map_err(|e| sb_error(e, &format!("connect to Service Bus at {host}")))?;
+        let client = new_client(&config, 3).await?;
         let mut codec = BinaryCodec::new(ATTRIBUTE_PREFIX).content_type_attribute(CONTENT_TYPE);
         if config.structured {
             codec = codec.structured();
@@ -722,12 +730,10 @@ impl ServiceBusTopic {
         batch: azservicebus::sender::service_bus_message_batch::ServiceBusMessageBatch,
         entity: &str,
     ) -> Result<()> {
-        let r = sender
+        sender
             .send_message_batch(batch)
             .await
-            .map_err(|e| sb_error(e, &format!("send to {entity}")));
-        eprintln!("DBG sent {:?}", r.as_ref().err());
-        r
+            .map_err(|e| sb_error(e, &format!("send to {entity}")))
     }
 }
 
@@ -812,7 +818,6 @@ impl TopicDriver for ServiceBusTopic {
                 .create_message_batch(Default::default())
                 .map_err(|e| Error::invalid(format!("cannot make a Service Bus batch: {e}")))
         };
-        eprintln!("DBG send_batch {}", batch.len());
         let mut pending = new_batch(sender)?;
         let mut in_pending: Vec<usize> = Vec::new();
         for (i, m) in batch.iter().enumerate() {
@@ -837,7 +842,6 @@ impl TopicDriver for ServiceBusTopic {
                     continue;
                 }
             };
-            eprintln!("DBG batch full at {i}");
             // The batch is full: send it, then start the next one with this message.
             if !in_pending.is_empty() {
                 let full = std::mem::replace(&mut pending, new_batch(sender)?);

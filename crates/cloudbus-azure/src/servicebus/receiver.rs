@@ -38,8 +38,12 @@ use super::{
 
 /// The longest one receive call holds a link.
 pub const RECEIVE_SLICE: Duration = Duration::from_millis(200);
+/// How long a session must find nothing before it is let go.
+pub const SESSION_IDLE: Duration = Duration::from_millis(500);
+/// How long a receive waits for the session acceptor when it holds none.
+pub const SESSION_SLICE: Duration = Duration::from_millis(30);
 /// Most sessions one subscription driver holds at once.
-pub const MAX_SESSIONS: usize = 8;
+pub const MAX_SESSIONS: usize = 32;
 /// Application properties a redrive leaves behind.
 const DEAD_LETTER_PROPERTIES: [&str; 2] = ["DeadLetterReason", "DeadLetterErrorDescription"];
 
@@ -101,6 +105,19 @@ struct Slot {
     link: Mutex<Option<Link>>,
     unsettled: AtomicUsize,
     session: Option<String>,
+    /// Since when reads of this session found nothing.
+    idle_since: SyncMutex<Option<Instant>>,
+}
+
+impl Slot {
+    fn new(link: Link, session: Option<String>) -> Self {
+        Slot {
+            link: Mutex::new(Some(link)),
+            unsettled: AtomicUsize::new(0),
+            session,
+            idle_since: SyncMutex::new(None),
+        }
+    }
 }
 
 /// One received, unsettled message.
@@ -115,14 +132,19 @@ pub struct ServiceBusSubscription {
     topic: String,
     subscription: String,
     path: String,
-    slots: SyncMutex<Vec<Arc<Slot>>>,
+    slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
     /// Serializes opening links, so that concurrent receives do not open several.
     opening: Mutex<()>,
     inflight: SyncMutex<HashMap<String, Inflight>>,
-    closed: AtomicBool,
-    next: AtomicUsize,
+    closed: Arc<AtomicBool>,
     /// The entity was found to exist.
     checked: AtomicBool,
+    /// Where the next read of several sessions starts.
+    rotation: AtomicUsize,
+    /// Session-enabled entities: the task that accepts sessions, and the error that
+    /// stopped it from accepting any (a missing entity, a refused key).
+    acceptor: SyncMutex<Option<tokio::task::JoinHandle<()>>>,
+    acceptor_error: Arc<SyncMutex<Option<Error>>>,
 }
 
 /// A lock token as text (the settlement key).
@@ -193,106 +215,128 @@ impl ServiceBusSubscription {
             topic: topic.to_owned(),
             subscription: subscription.to_owned(),
             path,
-            slots: SyncMutex::new(Vec::new()),
+            slots: Arc::new(SyncMutex::new(Vec::new())),
             opening: Mutex::new(()),
             inflight: SyncMutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
-            next: AtomicUsize::new(0),
+            closed: Arc::new(AtomicBool::new(false)),
             checked: AtomicBool::new(false),
+            rotation: AtomicUsize::new(0),
+            acceptor: SyncMutex::new(None),
+            acceptor_error: Arc::new(SyncMutex::new(None)),
         }
     }
 
-    /// Opens a link: the plain receiver, or the next available session (`None` when no
-    /// session has messages).
-    async fn open(&self, wait: Duration) -> Result<Option<Arc<Slot>>> {
+    /// Fails with NotFound once, before the first link, when the entity is missing.
+    async fn check(&self) -> Result<()> {
         if !self.checked.load(Ordering::Acquire) {
             self.shared.check(&self.topic, Some(&self.subscription)).await?;
             self.checked.store(true, Ordering::Release);
         }
-        let mut client = self.shared.client.lock().await;
-        let (topic, sub) = (&self.topic, &self.subscription);
-        let queue = self.shared.config.entities == EntityKind::Queues;
-        let link = if self.shared.config.sessions {
-            let options = ServiceBusSessionReceiverOptions::default();
-            let accept = async {
-                if queue {
-                    client.accept_next_session_for_queue(topic.clone(), options).await
-                } else {
-                    client
-                        .accept_next_session_for_subscription(topic, sub, options)
-                        .await
-                }
-            };
-            match tokio::time::timeout(wait.max(RECEIVE_SLICE), accept).await {
-                Err(_) => return Ok(None),
-                Ok(Ok(receiver)) => {
-                    let session = receiver.session_id().to_owned();
-                    (Link::Session(receiver), Some(session))
-                }
-                Ok(Err(e)) => {
-                    let e = sb_error(e, &format!("accept a session of {}", self.path));
-                    return match e.kind() {
-                        ErrorKind::NotFound | ErrorKind::PermissionDenied => Err(e),
-                        _ => Ok(None),
-                    };
-                }
-            }
-        } else {
-            let options = ServiceBusReceiverOptions::default();
-            let open = async {
-                if queue {
-                    client.create_receiver_for_queue(topic.clone(), options).await
-                } else {
-                    client.create_receiver_for_subscription(topic, sub, options).await
-                }
-            };
-            let receiver = tokio::time::timeout(LINK_TIMEOUT, open)
-                .await
-                .map_err(|_| {
-                    Error::new(
-                        ErrorKind::Timeout,
-                        format!("opening a receiver for {} took longer than {LINK_TIMEOUT:?}", self.path),
-                    )
-                })?
-                .map_err(|e| sb_error(e, &format!("open a receiver for {}", self.path)))?;
-            (Link::Plain(receiver), None)
-        };
-        let slot = Arc::new(Slot {
-            link: Mutex::new(Some(link.0)),
-            unsettled: AtomicUsize::new(0),
-            session: link.1,
-        });
-        lock(&self.slots).push(slot.clone());
-        Ok(Some(slot))
+        Ok(())
     }
 
-    /// The links to read now, opening one when there is none (or, with sessions, when
-    /// fewer than [`MAX_SESSIONS`] are held).
-    async fn links(&self, wait: Duration) -> Result<Vec<Arc<Slot>>> {
-        let current = lock(&self.slots).clone();
-        let want_more = if self.shared.config.sessions {
-            current.len() < MAX_SESSIONS
-        } else {
-            current.is_empty()
+    /// Opens the plain (session-less) receiver.
+    async fn open(&self) -> Result<Arc<Slot>> {
+        self.check().await?;
+        let mut client = self.shared.client.lock().await;
+        let (topic, sub) = (&self.topic, &self.subscription);
+        let options = ServiceBusReceiverOptions::default();
+        let open = async {
+            if self.shared.config.entities == EntityKind::Queues {
+                client.create_receiver_for_queue(topic.clone(), options).await
+            } else {
+                client.create_receiver_for_subscription(topic, sub, options).await
+            }
         };
-        if !want_more {
+        let receiver = tokio::time::timeout(LINK_TIMEOUT, open)
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("opening a receiver for {} took longer than {LINK_TIMEOUT:?}", self.path),
+                )
+            })?
+            .map_err(|e| sb_error(e, &format!("open a receiver for {}", self.path)))?;
+        let slot = Arc::new(Slot::new(Link::Plain(receiver), None));
+        lock(&self.slots).push(slot.clone());
+        Ok(slot)
+    }
+
+    /// The links to read now: the plain receiver (opened on first use), or the sessions
+    /// the acceptor holds (started on first use).
+    async fn links(&self) -> Result<Vec<Arc<Slot>>> {
+        if self.shared.config.sessions {
+            self.check().await?;
+            let mut acceptor = lock(&self.acceptor);
+            if acceptor.is_none() {
+                *acceptor = Some(tokio::spawn(accept_sessions(
+                    self.shared.clone(),
+                    self.topic.clone(),
+                    self.subscription.clone(),
+                    self.slots.clone(),
+                    self.closed.clone(),
+                    self.acceptor_error.clone(),
+                )));
+            }
+            drop(acceptor);
+            let current = lock(&self.slots).clone();
+            if current.is_empty() {
+                if let Some(e) = lock(&self.acceptor_error).take() {
+                    return Err(e);
+                }
+            }
+            return Ok(current);
+        }
+        let current = lock(&self.slots).clone();
+        if !current.is_empty() {
             return Ok(current);
         }
         let _opening = self.opening.lock().await;
         let current = lock(&self.slots).clone();
-        if !self.shared.config.sessions && !current.is_empty() {
+        if !current.is_empty() {
             return Ok(current);
         }
-        let mut all = current;
-        if let Some(slot) = self.open(wait).await? {
-            all.push(slot);
-        }
-        Ok(all)
+        Ok(vec![self.open().await?])
     }
 
-    /// Lets a session go when it ran dry and nothing of it is unsettled.
-    async fn release(&self, slot: &Arc<Slot>) {
-        if slot.session.is_none() || slot.unsettled.load(Ordering::Acquire) > 0 {
+    /// Lets a session go once it has been idle for [`SESSION_IDLE`] with nothing of it
+    /// unsettled. A last read first takes what the service sent in answer to the
+    /// previous read's drain: a session closed with deliveries on their way keeps
+    /// them locked until the lock expires. Returns what that read found.
+    async fn release_idle(&self, slot: &Arc<Slot>) -> Vec<ReceivedMessage> {
+        if slot.session.is_none() {
+            return Vec::new();
+        }
+        {
+            let mut idle = lock(&slot.idle_since);
+            let since = *idle.get_or_insert_with(Instant::now);
+            if since.elapsed() < SESSION_IDLE || slot.unsettled.load(Ordering::Acquire) > 0 {
+                return Vec::new();
+            }
+        }
+        let last = {
+            let mut guard = slot.link.lock().await;
+            match guard.as_mut() {
+                Some(link) => link.receive(16, Duration::from_millis(50)).await,
+                None => return Vec::new(),
+            }
+        };
+        match last {
+            Ok(messages) if !messages.is_empty() => {
+                *lock(&slot.idle_since) = None;
+                self.accept(messages, slot).await
+            }
+            _ => {
+                self.release(slot, true).await;
+                Vec::new()
+            }
+        }
+    }
+
+    /// Lets a session go when it ran dry and nothing of it is unsettled, or when it
+    /// failed (`ended`).
+    async fn release(&self, slot: &Arc<Slot>, ended: bool) {
+        if slot.session.is_none() || (!ended && slot.unsettled.load(Ordering::Acquire) > 0) {
             return;
         }
         let link = slot.link.lock().await.take();
@@ -302,6 +346,33 @@ impl ServiceBusSubscription {
                 tracing::debug!(error = %e, "closing a drained Service Bus session");
             }
         }
+    }
+
+    /// The deliveries of received messages; those redriven to another subscription
+    /// of the topic are completed here (they are not for this one).
+    async fn accept(
+        &self,
+        messages: Vec<ServiceBusReceivedMessage>,
+        slot: &Arc<Slot>,
+    ) -> Vec<ReceivedMessage> {
+        let mut out = Vec::with_capacity(messages.len());
+        let mut foreign = Vec::new();
+        for m in messages {
+            let token = token_text(m.lock_token());
+            match self.convert(m, slot) {
+                Some(r) => out.push(r),
+                None => foreign.push(token),
+            }
+        }
+        for token in foreign {
+            if let Err(e) = self
+                .settle_one(&AckToken::Text(token), &Settlement::Ack)
+                .await
+            {
+                tracing::warn!(error = %e, "completing a message redriven elsewhere");
+            }
+        }
+        out
     }
 
     fn convert(&self, message: ServiceBusReceivedMessage, slot: &Arc<Slot>) -> Option<ReceivedMessage> {
@@ -376,10 +447,76 @@ impl ServiceBusSubscription {
     }
 }
 
+/// Accepts sessions of a session-enabled queue or subscription while fewer than
+/// [`MAX_SESSIONS`] are held, on a connection of its own: accepting waits for the
+/// service, and must not hold up the bus's other links (nor be cancelled halfway).
+async fn accept_sessions(
+    shared: Arc<Shared>,
+    topic: String,
+    subscription: String,
+    slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
+    closed: Arc<AtomicBool>,
+    error: Arc<SyncMutex<Option<Error>>>,
+) {
+    let path = shared.path(&topic, &subscription);
+    let mut client = match super::new_client(&shared.config, 0).await {
+        Ok(c) => c,
+        Err(e) => {
+            *lock(&error) = Some(e);
+            return;
+        }
+    };
+    let queue = shared.config.entities == EntityKind::Queues;
+    while !closed.load(Ordering::Acquire) {
+        if lock(&slots).len() >= MAX_SESSIONS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let options = ServiceBusSessionReceiverOptions::default();
+        let accepted = if queue {
+            client.accept_next_session_for_queue(topic.clone(), options).await
+        } else {
+            client
+                .accept_next_session_for_subscription(&topic, &subscription, options)
+                .await
+        };
+        match accepted {
+            Ok(receiver) => {
+                let session = receiver.session_id().to_owned();
+                let slot = Arc::new(Slot::new(Link::Session(receiver), Some(session)));
+                if closed.load(Ordering::Acquire) {
+                    if let Some(link) = slot.link.lock().await.take() {
+                        let _ = link.dispose().await;
+                    }
+                    break;
+                }
+                lock(&slots).push(slot);
+            }
+            Err(e) => {
+                let e = sb_error(e, &format!("accept a session of {path}"));
+                let pause = match e.kind() {
+                    ErrorKind::NotFound | ErrorKind::PermissionDenied => {
+                        *lock(&error) = Some(e);
+                        Duration::from_secs(1)
+                    }
+                    // No session has messages now (the service answers after its
+                    // timeout, the emulators at once).
+                    _ => Duration::from_millis(50),
+                };
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+    if let Err(e) = client.dispose().await {
+        tracing::debug!(error = %e, "closing the session acceptor's connection");
+    }
+}
+
 impl Drop for ServiceBusSubscription {
     /// A consumer dropped without `close` still detaches its links: an abandoned
     /// azservicebus link leaves the shared AMQP session unusable for the next one.
     fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
         let links: Vec<Link> = lock(&self.slots)
             .drain(..)
             .filter_map(|slot| slot.link.try_lock().ok().and_then(|mut l| l.take()))
@@ -408,69 +545,60 @@ impl SubscriptionDriver for ServiceBusSubscription {
             if self.closed.load(Ordering::Acquire) {
                 return Err(Error::closed(format!("the consumer of {} is closed", self.path)));
             }
+            let links = self.links().await?;
             let remaining = until.saturating_duration_since(Instant::now());
-            let links = self.links(remaining).await?;
-            let start = self.next.fetch_add(1, Ordering::Relaxed);
-            let count = links.len();
-            for i in 0..count {
-                let slot = &links[(start + i) % count];
-                let remaining = until.saturating_duration_since(Instant::now());
-                let slice = remaining.min(RECEIVE_SLICE).max(Duration::from_millis(20));
-                let received = {
-                    let mut link = slot.link.lock().await;
-                    match link.as_mut() {
-                        None => continue,
-                        Some(link) => link.receive(max, slice).await,
-                    }
-                };
-                eprintln!("DBG received {:?}", received.as_ref().map(|m| m.len()).map_err(|e| e.to_string()));
-                match received {
-                    Ok(messages) if !messages.is_empty() => {
-                        let mut out = Vec::with_capacity(messages.len());
-                        let mut foreign = Vec::new();
-                        for m in messages {
-                            let token = token_text(m.lock_token());
-                            match self.convert(m, slot) {
-                                Some(r) => out.push(r),
-                                None => foreign.push(token),
+            let slice = remaining.min(RECEIVE_SLICE).max(Duration::from_millis(20));
+            if links.is_empty() {
+                // Sessions: none accepted yet.
+                tokio::time::sleep(remaining.min(SESSION_SLICE)).await;
+            } else {
+                // Every held session is read at once, each for its share of `max`
+                // (sessions past the first `max` wait for the next call).
+                let count = u32::try_from(links.len()).unwrap_or(u32::MAX);
+                let offset = self.rotation.fetch_add(1, Ordering::Relaxed) % links.len();
+                let turn = links.iter().cycle().skip(offset).take(links.len());
+                let reads = turn.take(max as usize).enumerate().map(|(i, slot)| async move {
+                    let i = u32::try_from(i).unwrap_or(u32::MAX);
+                    let share = max / count + u32::from(i < max % count);
+                    let share = share.max(1);
+                    let mut guard = if slot.session.is_some() {
+                        // Another receive is reading this session.
+                        slot.link.try_lock().ok()?
+                    } else {
+                        slot.link.lock().await
+                    };
+                    let link = guard.as_mut()?;
+                    Some((slot, link.receive(share, slice).await))
+                });
+                let mut out = Vec::new();
+                for (slot, received) in futures::future::join_all(reads).await.into_iter().flatten() {
+                    match received {
+                        Ok(messages) if !messages.is_empty() => {
+                            *lock(&slot.idle_since) = None;
+                            out.extend(self.accept(messages, slot).await);
+                        }
+                        Ok(_) => out.extend(self.release_idle(slot).await),
+                        Err(e) => {
+                            let e = sb_error(e, &format!("receive from {}", self.path));
+                            if slot.session.is_none() {
+                                return Err(e);
                             }
-                        }
-                        for token in foreign {
-                            // Redriven to another subscription of the topic: not ours.
-                            if let Err(e) = self
-                                .settle_one(&AckToken::Text(token), &Settlement::Ack)
-                                .await
-                            {
-                                tracing::warn!(error = %e, "completing a message redriven elsewhere");
-                            }
-                        }
-                        if !out.is_empty() {
-                            return Ok(out);
+                            tracing::debug!(error = %e, "a Service Bus session ended");
+                            self.release(slot, true).await;
                         }
                     }
-                    Ok(_) => self.release(slot).await,
-                    Err(e) => {
-                        let e = sb_error(e, &format!("receive from {}", self.path));
-                        if slot.session.is_none() {
-                            return Err(e);
-                        }
-                        tracing::debug!(error = %e, "a Service Bus session ended");
-                        self.release(slot).await;
-                    }
+                }
+                if !out.is_empty() {
+                    return Ok(out);
                 }
             }
             if Instant::now() >= until {
                 return Ok(Vec::new());
             }
-            if count == 0 {
-                let pause = until.saturating_duration_since(Instant::now()).min(RECEIVE_SLICE);
-                tokio::time::sleep(pause).await;
-            }
         }
     }
 
     async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
-        eprintln!("DBG settle {}", items.len());
         let mut results = Vec::with_capacity(items.len());
         for (token, settlement) in items {
             results.push(self.settle_one(token, settlement).await);
@@ -485,15 +613,23 @@ impl SubscriptionDriver for ServiceBusSubscription {
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
         let slots: Vec<Arc<Slot>> = lock(&self.slots).drain(..).collect();
+        let mut first_error = None;
         for slot in slots {
             if let Some(link) = slot.link.lock().await.take() {
-                link.dispose()
-                    .await
-                    .map_err(|e| sb_error(e, &format!("close the receiver of {}", self.path)))?;
+                if let Err(e) = link.dispose().await {
+                    // Session links go down with the acceptor's connection anyway.
+                    if slot.session.is_none() && first_error.is_none() {
+                        first_error = Some(sb_error(e, &format!("close the receiver of {}", self.path)));
+                    }
+                }
             }
         }
         lock(&self.inflight).clear();
-        Ok(())
+        if let Some(acceptor) = lock(&self.acceptor).take() {
+            // It sees `closed` and closes its connection.
+            drop(acceptor);
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn as_any(&self) -> &dyn Any {
