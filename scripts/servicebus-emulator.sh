@@ -32,6 +32,9 @@ setsid "$python" tests/emulators/servicebus/emulator.py --port "$port" --config 
     >"$out" 2>"$log" < /dev/null &
 pid=$!
 wait_ready "the Service Bus emulator" "$pid" 10 "$log" grep -q "^Ready\." "$out" || exit 1
-grep -E "^SERVICEBUS_(CONNECTION_STRING|MANAGEMENT_ENDPOINT)=" "$out"
+# Quoted: the connection string holds ';'.
+grep -E "^SERVICEBUS_(CONNECTION_STRING|MANAGEMENT_ENDPOINT)=" "$out" | while IFS= read -r line; do
+    printf '%s=%q\n' "${line%%=*}" "${line#*=}"
+done
 echo "SERVICEBUS_EMULATOR_PID=$pid"
 rm -f "$out"

@@ -9,8 +9,8 @@
 #     the EventBridge replay test, unless MOTO_ENDPOINT_URL is set.
 #   - Azure Event Grid: the project's emulator (tests/emulators/eventgrid), first
 #     proven against Microsoft's azure-eventgrid client, unless EVENTGRID_ENDPOINT is
-#     set. The Service Bus emulator (tests/emulators/servicebus) is proven against
-#     azure-servicebus (its provider is still to come).
+#     set; and the project's Service Bus emulator (tests/emulators/servicebus), first
+#     proven against azure-servicebus, unless SERVICEBUS_CONNECTION_STRING is set.
 # Under CI=true an emulator that cannot be started is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,16 +98,22 @@ if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
     done
 fi
 
-echo "== Azure Event Grid (the project's emulator, proven against azure-eventgrid first)"
+echo "== Azure (the project's emulators, proven against azure-eventgrid and azure-servicebus first)"
 if [[ -z "${EVENTGRID_ENDPOINT:-}" ]]; then
     start_emulator "the Event Grid emulator" scripts/eventgrid-emulator.sh EVENTGRID_EMULATOR_PID EVENTGRID_ENDPOINT EVENTGRID_KEY
 else
     echo "using the Event Grid endpoint $EVENTGRID_ENDPOINT"
 fi
-cargo test --features azure --test azure
-
-echo "== Azure Service Bus emulator proof (azure-servicebus against tests/emulators/servicebus)"
-# The Service Bus provider is not built yet; its emulator is kept proven meanwhile.
 if [[ -z "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
-    bash scripts/servicebus-emulator.sh --prove-only
+    start_emulator "the Service Bus emulator" scripts/servicebus-emulator.sh SERVICEBUS_EMULATOR_PID SERVICEBUS_CONNECTION_STRING SERVICEBUS_MANAGEMENT_ENDPOINT
+else
+    echo "using the Service Bus namespace of SERVICEBUS_CONNECTION_STRING"
+fi
+cargo test --features azure --test azure
+if [[ -n "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
+    echo "== order saga example on servicebus://"
+    CLOUDBUS_URL="servicebus://" cargo run --quiet --features azure --example order_saga \
+        > /tmp/cloudbus-order-saga-servicebus.log
+    grep -q "redriven:        1" /tmp/cloudbus-order-saga-servicebus.log
+    tail -n 14 /tmp/cloudbus-order-saga-servicebus.log
 fi

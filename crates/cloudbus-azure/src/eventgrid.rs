@@ -153,7 +153,10 @@ pub fn sas_token(endpoint: &str, key: &Secret, expiry: DateTime<Utc>) -> Result<
         .decode(key.expose())
         .map_err(|_| Error::invalid("the Event Grid key is not base64"))?;
     let signature = hmac_sha256_base64(&key_bytes, &unsigned)?;
-    Ok(Secret::new(format!("{unsigned}&s={}", sas_encode(&signature))))
+    Ok(Secret::new(format!(
+        "{unsigned}&s={}",
+        sas_encode(&signature)
+    )))
 }
 
 struct Shared {

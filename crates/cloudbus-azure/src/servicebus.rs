@@ -47,7 +47,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use azservicebus::core::BasicRetryPolicy;
 use azservicebus::primitives::service_bus_retry_options::ServiceBusRetryOptions;
-use azservicebus::{ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage, ServiceBusSender};
+use azservicebus::{
+    ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage, ServiceBusSender,
+};
 use cloudbus_core::codec::{BinaryCodec, RawMessage};
 use cloudbus_core::driver::{
     BatchResults, BusDriver, DeadLetterDriver, OutgoingMessage, Payload, SubscriptionDriver,
@@ -344,58 +346,52 @@ pub(crate) async fn new_client(
     config: &ServiceBusConfig,
     max_retries: u32,
 ) -> Result<ServiceBusClient<BasicRetryPolicy>> {
-        let options = ServiceBusClientOptions {
-            retry_options: ServiceBusRetryOptions {
-                try_timeout: Duration::from_secs(30),
-                max_retries,
-                ..Default::default()
-            },
+    let options = ServiceBusClientOptions {
+        retry_options: ServiceBusRetryOptions {
+            try_timeout: Duration::from_secs(30),
+            max_retries,
             ..Default::default()
-        };
-        let host = config.namespace.clone();
-        match (&config.access, config.emulator) {
-            (SharedAccess::Key { name, key }, true) => {
-                ServiceBusClient::unsecured()
-                    .new_from_named_key_credential(
-                        host.clone(),
-                        azservicebus::authorization::AzureNamedKeyCredential::new(
-                            name,
-                            key.expose(),
-                        ),
-                        options,
-                    )
-                    .await
-            }
-            (SharedAccess::Key { name, key }, false) => {
-                ServiceBusClient::new_from_named_key_credential(
+        },
+        ..Default::default()
+    };
+    let host = config.namespace.clone();
+    match (&config.access, config.emulator) {
+        (SharedAccess::Key { name, key }, true) => {
+            ServiceBusClient::unsecured()
+                .new_from_named_key_credential(
                     host.clone(),
-                    azservicebus::authorization::AzureNamedKeyCredential::new(
-                        name,
-                        key.expose(),
-                    ),
+                    azservicebus::authorization::AzureNamedKeyCredential::new(name, key.expose()),
                     options,
                 )
                 .await
-            }
-            (SharedAccess::Token(token), true) => {
-                ServiceBusClient::unsecured()
-                    .new_from_sas_credential(
-                        host.clone(),
-                        azservicebus::authorization::AzureSasCredential::new(token.expose()),
-                        options,
-                    )
-                    .await
-            }
-            (SharedAccess::Token(token), false) => {
-                ServiceBusClient::new_from_sas_credential(
+        }
+        (SharedAccess::Key { name, key }, false) => {
+            ServiceBusClient::new_from_named_key_credential(
+                host.clone(),
+                azservicebus::authorization::AzureNamedKeyCredential::new(name, key.expose()),
+                options,
+            )
+            .await
+        }
+        (SharedAccess::Token(token), true) => {
+            ServiceBusClient::unsecured()
+                .new_from_sas_credential(
                     host.clone(),
                     azservicebus::authorization::AzureSasCredential::new(token.expose()),
                     options,
                 )
                 .await
-            }
         }
-        .map_err(|e| sb_error(e, &format!("connect to Service Bus at {host}")))
+        (SharedAccess::Token(token), false) => {
+            ServiceBusClient::new_from_sas_credential(
+                host.clone(),
+                azservicebus::authorization::AzureSasCredential::new(token.expose()),
+                options,
+            )
+            .await
+        }
+    }
+    .map_err(|e| sb_error(e, &format!("connect to Service Bus at {host}")))
 }
 
 pub(crate) struct Shared {
@@ -426,9 +422,7 @@ impl Shared {
     pub(crate) async fn check(&self, topic: &str, subscription: Option<&str>) -> Result<()> {
         let missing = match (self.config.entities, subscription) {
             (EntityKind::Queues, Some(sub)) => match self.admin.admitted(topic).await {
-                Ok(Some(admitted)) => {
-                    sub != topic && !admitted.iter().any(|n| n == sub)
-                }
+                Ok(Some(admitted)) => sub != topic && !admitted.iter().any(|n| n == sub),
                 Ok(None) => true,
                 Err(e) if e.kind() == ErrorKind::PermissionDenied => false,
                 Err(e) => return Err(e),
@@ -565,7 +559,10 @@ struct ServiceBusTopology {
     shared: Arc<Shared>,
 }
 
-fn entity_properties(config: &ServiceBusConfig, spec: Option<&SubscriptionSpec>) -> EntityProperties {
+fn entity_properties(
+    config: &ServiceBusConfig,
+    spec: Option<&SubscriptionSpec>,
+) -> EntityProperties {
     EntityProperties {
         lock: spec
             .map(|s| s.ack_deadline)
@@ -698,26 +695,25 @@ impl ServiceBusTopic {
         let (raw, typed) = match &m.payload {
             Payload::Event(event) => {
                 let (raw, mode) = shared.codec.encode(event)?;
-                let typed: Vec<(String, SimpleValue)> = if mode
-                    == cloudbus_core::codec::Mode::Binary
-                {
-                    event
-                        .iter_extensions()
-                        .filter_map(|(name, value)| {
-                            let v = match value {
-                                ExtensionValue::Integer(n) => match i32::try_from(*n) {
-                                    Ok(n) => SimpleValue::Int(n),
-                                    Err(_) => SimpleValue::Long(*n),
-                                },
-                                ExtensionValue::Boolean(b) => SimpleValue::Bool(*b),
-                                ExtensionValue::String(_) => return None,
-                            };
-                            Some((format!("{ATTRIBUTE_PREFIX}{name}"), v))
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                let typed: Vec<(String, SimpleValue)> =
+                    if mode == cloudbus_core::codec::Mode::Binary {
+                        event
+                            .iter_extensions()
+                            .filter_map(|(name, value)| {
+                                let v = match value {
+                                    ExtensionValue::Integer(n) => match i32::try_from(*n) {
+                                        Ok(n) => SimpleValue::Int(n),
+                                        Err(_) => SimpleValue::Long(*n),
+                                    },
+                                    ExtensionValue::Boolean(b) => SimpleValue::Bool(*b),
+                                    ExtensionValue::String(_) => return None,
+                                };
+                                Some((format!("{ATTRIBUTE_PREFIX}{name}"), v))
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
                 (raw, typed)
             }
             Payload::Raw(raw) => (raw.clone(), Vec::new()),
@@ -805,7 +801,10 @@ impl TopicDriver for ServiceBusTopic {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
         use azservicebus::amqp::error::TryAddMessageError;
         if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed(format!("the publisher of {} is closed", self.entity)));
+            return Err(Error::closed(format!(
+                "the publisher of {} is closed",
+                self.entity
+            )));
         }
         let mut guard = self.sender.lock().await;
         let sender = match guard.as_mut() {
@@ -866,14 +865,14 @@ impl TopicDriver for ServiceBusTopic {
                 }
             }
         }
-        if !in_pending.is_empty() {
-            if let Err(e) = Self::send(sender, pending, &self.entity).await {
-                if in_pending.len() == batch.len() {
-                    return Err(e);
-                }
-                for j in in_pending {
-                    results[j] = Err(Error::new(e.kind(), e.message()));
-                }
+        if !in_pending.is_empty()
+            && let Err(e) = Self::send(sender, pending, &self.entity).await
+        {
+            if in_pending.len() == batch.len() {
+                return Err(e);
+            }
+            for j in in_pending {
+                results[j] = Err(Error::new(e.kind(), e.message()));
             }
         }
         Ok(results)
@@ -910,7 +909,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.amqp_host(), "contoso.servicebus.windows.net");
-        assert_eq!(c.management_endpoint, "https://contoso.servicebus.windows.net");
+        assert_eq!(
+            c.management_endpoint,
+            "https://contoso.servicebus.windows.net"
+        );
         assert!(!c.emulator);
         match &c.access {
             SharedAccess::Key { name, key } => {

@@ -199,7 +199,8 @@ class SqlFilter:
             return ("in", left, values, negate)
         if self.keyword("LIKE"):
             pattern = self.take("str")
-            return ("like", left, pattern, negate)
+            escape = self.take("str") if self.keyword("ESCAPE") else None
+            return ("like", left, pattern, negate, escape)
         op = self.take("op")
         if op not in ("=", "<>", "!=", ">", "<", ">=", "<="):
             raise ValueError("unexpected operator {}".format(op))
@@ -249,7 +250,17 @@ class SqlFilter:
             v = self.value(node[1], props)
             if not isinstance(v, str):
                 return False
-            regex = "^" + re.escape(node[2]).replace("%", ".*").replace("_", ".") + "$"
+            regex, escape, chars = "^", node[4], iter(node[2])
+            for c in chars:
+                if escape and c == escape:
+                    regex += re.escape(next(chars, ""))
+                elif c == "%":
+                    regex += ".*"
+                elif c == "_":
+                    regex += "."
+                else:
+                    regex += re.escape(c)
+            regex += "$"
             found = re.match(regex, v, re.S) is not None
             return (not found) if node[3] else found
         if kind == "cmp":

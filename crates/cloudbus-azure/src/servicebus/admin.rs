@@ -120,7 +120,10 @@ impl Admin {
             .header("authorization", token.expose());
         if let Some(body) = body {
             request = request
-                .header("content-type", "application/atom+xml;type=entry;charset=utf-8")
+                .header(
+                    "content-type",
+                    "application/atom+xml;type=entry;charset=utf-8",
+                )
                 .body(body);
         }
         if update {
@@ -190,14 +193,21 @@ impl Admin {
             .send()
             .await
             .map_err(|e| {
-                Error::with_source(ErrorKind::Unavailable, format!("GET {queue} on {}", self.endpoint), e)
+                Error::with_source(
+                    ErrorKind::Unavailable,
+                    format!("GET {queue} on {}", self.endpoint),
+                    e,
+                )
             })?;
         let status = response.status().as_u16();
         if status == 404 {
             return Ok(None);
         }
         if !(200..300).contains(&status) {
-            return Err(Error::new(kind_of_status(status), format!("GET {queue}: HTTP {status}")));
+            return Err(Error::new(
+                kind_of_status(status),
+                format!("GET {queue}: HTTP {status}"),
+            ));
         }
         let text = response.text().await.unwrap_or_default();
         Ok(Some(parse_admitted(
@@ -355,7 +365,9 @@ fn entry(kind: &str, fields: &str) -> String {
 
 fn rule_xml(rule: &RuleFilter) -> String {
     let filter = match rule {
-        RuleFilter::True => r#"<Filter i:type="TrueFilter"><SqlExpression>1=1</SqlExpression></Filter>"#.to_owned(),
+        RuleFilter::True => {
+            r#"<Filter i:type="TrueFilter"><SqlExpression>1=1</SqlExpression></Filter>"#.to_owned()
+        }
         RuleFilter::Sql(expression) => format!(
             r#"<Filter i:type="SqlFilter"><SqlExpression>{}</SqlExpression></Filter>"#,
             xml_escape(expression)
@@ -392,8 +404,13 @@ mod tests {
     #[test]
     fn rules_are_escaped_xml() {
         let xml = rule_xml(&RuleFilter::Sql("[cloudEvents:type] = 'a<b'".into()));
-        assert!(xml.contains("<SqlExpression>[cloudEvents:type] = &apos;a&lt;b&apos;</SqlExpression>"));
-        let xml = rule_xml(&RuleFilter::Correlation(vec![("cloudEvents:type".into(), "x".into())]));
+        assert!(
+            xml.contains("<SqlExpression>[cloudEvents:type] = &apos;a&lt;b&apos;</SqlExpression>")
+        );
+        let xml = rule_xml(&RuleFilter::Correlation(vec![(
+            "cloudEvents:type".into(),
+            "x".into(),
+        )]));
         assert!(xml.contains("<Key>cloudEvents:type</Key>"));
     }
 }

@@ -16,14 +16,15 @@ use async_trait::async_trait;
 use azservicebus::primitives::service_bus_peeked_message::ServiceBusPeekedMessage;
 use azservicebus::receiver::DeadLetterOptions;
 use azservicebus::{
-    ServiceBusReceiveMode, ServiceBusReceivedMessage, ServiceBusReceiver, ServiceBusReceiverOptions,
-    ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions, SubQueue,
+    ServiceBusReceiveMode, ServiceBusReceivedMessage, ServiceBusReceiver,
+    ServiceBusReceiverOptions, ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions,
+    SubQueue,
 };
 use chrono::{DateTime, Utc};
 use cloudbus_core::codec::RawMessage;
 use cloudbus_core::driver::{
-    AckToken, BatchResults, DeadLetter, DeadLetterDriver, Payload,
-    ReceivedMessage, Settlement, SubscriptionDriver,
+    AckToken, BatchResults, DeadLetter, DeadLetterDriver, Payload, ReceivedMessage, Settlement,
+    SubscriptionDriver,
 };
 use cloudbus_core::{Capabilities, Error, ErrorKind, Event, ExtensionValue, Result};
 use fe2o3_amqp_types::messaging::annotations::AnnotationKey;
@@ -78,7 +79,9 @@ impl Link {
     ) -> std::result::Result<(), azure_core::Error> {
         match settlement {
             Settlement::Ack => on_link!(self, r => r.complete_message(&*message).await),
-            Settlement::Nack { .. } => on_link!(self, r => r.abandon_message(&*message, None).await),
+            Settlement::Nack { .. } => {
+                on_link!(self, r => r.abandon_message(&*message, None).await)
+            }
             Settlement::DeadLetter {
                 reason,
                 description,
@@ -149,7 +152,11 @@ pub struct ServiceBusSubscription {
 
 /// A lock token as text (the settlement key).
 fn token_text(token: &fe2o3_amqp_types::primitives::Uuid) -> String {
-    token.as_inner().iter().map(|b| format!("{b:02x}")).collect()
+    token
+        .as_inner()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -190,9 +197,15 @@ fn raw_of(message: &Message<Body<Value>>) -> (RawMessage, Vec<(String, Extension
         for (k, v) in props.0.iter() {
             if let Some(ext) = k.strip_prefix(ATTRIBUTE_PREFIX) {
                 match v {
-                    SimpleValue::Int(n) => typed.push((ext.to_owned(), ExtensionValue::Integer(i64::from(*n)))),
-                    SimpleValue::Long(n) => typed.push((ext.to_owned(), ExtensionValue::Integer(*n))),
-                    SimpleValue::Bool(b) => typed.push((ext.to_owned(), ExtensionValue::Boolean(*b))),
+                    SimpleValue::Int(n) => {
+                        typed.push((ext.to_owned(), ExtensionValue::Integer(i64::from(*n))))
+                    }
+                    SimpleValue::Long(n) => {
+                        typed.push((ext.to_owned(), ExtensionValue::Integer(*n)))
+                    }
+                    SimpleValue::Bool(b) => {
+                        typed.push((ext.to_owned(), ExtensionValue::Boolean(*b)))
+                    }
                     _ => {}
                 }
             }
@@ -201,7 +214,11 @@ fn raw_of(message: &Message<Body<Value>>) -> (RawMessage, Vec<(String, Extension
             }
         }
     }
-    if let Some(ct) = message.properties.as_ref().and_then(|p| p.content_type.as_ref()) {
+    if let Some(ct) = message
+        .properties
+        .as_ref()
+        .and_then(|p| p.content_type.as_ref())
+    {
         raw.attributes.insert(CONTENT_TYPE.to_owned(), ct.0.clone());
     }
     (raw, typed)
@@ -229,7 +246,9 @@ impl ServiceBusSubscription {
     /// Fails with NotFound once, before the first link, when the entity is missing.
     async fn check(&self) -> Result<()> {
         if !self.checked.load(Ordering::Acquire) {
-            self.shared.check(&self.topic, Some(&self.subscription)).await?;
+            self.shared
+                .check(&self.topic, Some(&self.subscription))
+                .await?;
             self.checked.store(true, Ordering::Release);
         }
         Ok(())
@@ -243,9 +262,13 @@ impl ServiceBusSubscription {
         let options = ServiceBusReceiverOptions::default();
         let open = async {
             if self.shared.config.entities == EntityKind::Queues {
-                client.create_receiver_for_queue(topic.clone(), options).await
+                client
+                    .create_receiver_for_queue(topic.clone(), options)
+                    .await
             } else {
-                client.create_receiver_for_subscription(topic, sub, options).await
+                client
+                    .create_receiver_for_subscription(topic, sub, options)
+                    .await
             }
         };
         let receiver = tokio::time::timeout(LINK_TIMEOUT, open)
@@ -253,7 +276,10 @@ impl ServiceBusSubscription {
             .map_err(|_| {
                 Error::new(
                     ErrorKind::Timeout,
-                    format!("opening a receiver for {} took longer than {LINK_TIMEOUT:?}", self.path),
+                    format!(
+                        "opening a receiver for {} took longer than {LINK_TIMEOUT:?}",
+                        self.path
+                    ),
                 )
             })?
             .map_err(|e| sb_error(e, &format!("open a receiver for {}", self.path)))?;
@@ -280,10 +306,10 @@ impl ServiceBusSubscription {
             }
             drop(acceptor);
             let current = lock(&self.slots).clone();
-            if current.is_empty() {
-                if let Some(e) = lock(&self.acceptor_error).take() {
-                    return Err(e);
-                }
+            if current.is_empty()
+                && let Some(e) = lock(&self.acceptor_error).take()
+            {
+                return Err(e);
             }
             return Ok(current);
         }
@@ -341,10 +367,10 @@ impl ServiceBusSubscription {
         }
         let link = slot.link.lock().await.take();
         lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
-        if let Some(link) = link {
-            if let Err(e) = link.dispose().await {
-                tracing::debug!(error = %e, "closing a drained Service Bus session");
-            }
+        if let Some(link) = link
+            && let Err(e) = link.dispose().await
+        {
+            tracing::debug!(error = %e, "closing a drained Service Bus session");
         }
     }
 
@@ -375,13 +401,18 @@ impl ServiceBusSubscription {
         out
     }
 
-    fn convert(&self, message: ServiceBusReceivedMessage, slot: &Arc<Slot>) -> Option<ReceivedMessage> {
+    fn convert(
+        &self,
+        message: ServiceBusReceivedMessage,
+        slot: &Arc<Slot>,
+    ) -> Option<ReceivedMessage> {
         let raw_message = message.raw_amqp_message();
         let (mut raw, typed) = raw_of(raw_message);
-        if let Some(target) = raw.attributes.remove(REDRIVE_PROPERTY) {
-            if self.shared.config.entities == EntityKind::Topics && target != self.subscription {
-                return None;
-            }
+        if let Some(target) = raw.attributes.remove(REDRIVE_PROPERTY)
+            && self.shared.config.entities == EntityKind::Topics
+            && target != self.subscription
+        {
+            return None;
         }
         let token = token_text(message.lock_token());
         let attempt = message.delivery_count().unwrap_or(1).max(1);
@@ -421,7 +452,10 @@ impl ServiceBusSubscription {
         let Some(mut inflight) = lock(&self.inflight).remove(&key) else {
             return Err(Error::new(
                 ErrorKind::AlreadySettled,
-                format!("no unsettled message with lock token {key} on {}", self.path),
+                format!(
+                    "no unsettled message with lock token {key} on {}",
+                    self.path
+                ),
             ));
         };
         let slot = inflight.slot.clone();
@@ -435,7 +469,12 @@ impl ServiceBusSubscription {
                 Some(link) => link
                     .settle(&mut inflight.message, settlement)
                     .await
-                    .map_err(|e| sb_error(e, &format!("{} {key} on {}", settlement.status(), self.path))),
+                    .map_err(|e| {
+                        sb_error(
+                            e,
+                            &format!("{} {key} on {}", settlement.status(), self.path),
+                        )
+                    }),
             }
         };
         if settlement.is_final() || result.is_err() {
@@ -474,7 +513,9 @@ async fn accept_sessions(
         }
         let options = ServiceBusSessionReceiverOptions::default();
         let accepted = if queue {
-            client.accept_next_session_for_queue(topic.clone(), options).await
+            client
+                .accept_next_session_for_queue(topic.clone(), options)
+                .await
         } else {
             client
                 .accept_next_session_for_subscription(&topic, &subscription, options)
@@ -543,7 +584,10 @@ impl SubscriptionDriver for ServiceBusSubscription {
         let max = u32::try_from(max.max(1)).unwrap_or(u32::MAX);
         loop {
             if self.closed.load(Ordering::Acquire) {
-                return Err(Error::closed(format!("the consumer of {} is closed", self.path)));
+                return Err(Error::closed(format!(
+                    "the consumer of {} is closed",
+                    self.path
+                )));
             }
             let links = self.links().await?;
             let remaining = until.saturating_duration_since(Instant::now());
@@ -557,21 +601,25 @@ impl SubscriptionDriver for ServiceBusSubscription {
                 let count = u32::try_from(links.len()).unwrap_or(u32::MAX);
                 let offset = self.rotation.fetch_add(1, Ordering::Relaxed) % links.len();
                 let turn = links.iter().cycle().skip(offset).take(links.len());
-                let reads = turn.take(max as usize).enumerate().map(|(i, slot)| async move {
-                    let i = u32::try_from(i).unwrap_or(u32::MAX);
-                    let share = max / count + u32::from(i < max % count);
-                    let share = share.max(1);
-                    let mut guard = if slot.session.is_some() {
-                        // Another receive is reading this session.
-                        slot.link.try_lock().ok()?
-                    } else {
-                        slot.link.lock().await
-                    };
-                    let link = guard.as_mut()?;
-                    Some((slot, link.receive(share, slice).await))
-                });
+                let reads = turn
+                    .take(max as usize)
+                    .enumerate()
+                    .map(|(i, slot)| async move {
+                        let i = u32::try_from(i).unwrap_or(u32::MAX);
+                        let share = max / count + u32::from(i < max % count);
+                        let share = share.max(1);
+                        let mut guard = if slot.session.is_some() {
+                            // Another receive is reading this session.
+                            slot.link.try_lock().ok()?
+                        } else {
+                            slot.link.lock().await
+                        };
+                        let link = guard.as_mut()?;
+                        Some((slot, link.receive(share, slice).await))
+                    });
                 let mut out = Vec::new();
-                for (slot, received) in futures::future::join_all(reads).await.into_iter().flatten() {
+                for (slot, received) in futures::future::join_all(reads).await.into_iter().flatten()
+                {
                     match received {
                         Ok(messages) if !messages.is_empty() => {
                             *lock(&slot.idle_since) = None;
@@ -615,20 +663,19 @@ impl SubscriptionDriver for ServiceBusSubscription {
         let slots: Vec<Arc<Slot>> = lock(&self.slots).drain(..).collect();
         let mut first_error = None;
         for slot in slots {
-            if let Some(link) = slot.link.lock().await.take() {
-                if let Err(e) = link.dispose().await {
-                    // Session links go down with the acceptor's connection anyway.
-                    if slot.session.is_none() && first_error.is_none() {
-                        first_error = Some(sb_error(e, &format!("close the receiver of {}", self.path)));
-                    }
-                }
+            let link = slot.link.lock().await.take();
+            if let Some(link) = link
+                && let Err(e) = link.dispose().await
+                // Session links go down with the acceptor's connection anyway.
+                && slot.session.is_none()
+                && first_error.is_none()
+            {
+                first_error = Some(sb_error(e, &format!("close the receiver of {}", self.path)));
             }
         }
         lock(&self.inflight).clear();
-        if let Some(acceptor) = lock(&self.acceptor).take() {
-            // It sees `closed` and closes its connection.
-            drop(acceptor);
-        }
+        // The acceptor sees `closed` and closes its connection.
+        lock(&self.acceptor).take();
         first_error.map_or(Ok(()), Err)
     }
 
@@ -701,7 +748,11 @@ impl ServiceBusDeadLetters {
         };
         let mut client = self.shared.client.lock().await;
         match self.shared.config.entities {
-            EntityKind::Queues => client.create_receiver_for_queue(self.topic.clone(), options).await,
+            EntityKind::Queues => {
+                client
+                    .create_receiver_for_queue(self.topic.clone(), options)
+                    .await
+            }
             EntityKind::Topics => {
                 client
                     .create_receiver_for_subscription(&self.topic, &self.subscription, options)
@@ -736,7 +787,10 @@ impl ServiceBusDeadLetters {
     /// The message that sends a dead letter back: the same body and properties, a new
     /// MessageId (duplicate detection would drop the old one), and on a topic the
     /// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
-    fn resend(&self, letter: &ServiceBusReceivedMessage) -> Result<azservicebus::ServiceBusMessage> {
+    fn resend(
+        &self,
+        letter: &ServiceBusReceivedMessage,
+    ) -> Result<azservicebus::ServiceBusMessage> {
         let raw = letter.raw_amqp_message();
         let mut message = azservicebus::ServiceBusMessage::new(body_bytes(raw));
         message.set_content_type(letter.content_type().map(str::to_owned));
@@ -752,7 +806,10 @@ impl ServiceBusDeadLetters {
             props = props.insert(REDRIVE_PROPERTY.to_owned(), self.subscription.clone());
         }
         *message.application_properties_mut() = Some(props.build());
-        let original = letter.message_id().map(|id| id.into_owned()).unwrap_or_default();
+        let original = letter
+            .message_id()
+            .map(|id| id.into_owned())
+            .unwrap_or_default();
         let id: String = format!("redrive-{}-{original}", letter.sequence_number())
             .chars()
             .take(128)
@@ -775,24 +832,23 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
         let mut receiver = self.receiver(ServiceBusReceiveMode::PeekLock).await?;
         let mut out = Vec::new();
         let mut from = None;
-        let result: Result<()> = async {
-            while out.len() < max {
-                let want = u32::try_from((max - out.len()).min(100)).unwrap_or(100);
-                let peeked: Vec<ServiceBusPeekedMessage> = receiver
-                    .peek_messages(want, from)
-                    .await
-                    .map_err(|e| sb_error(e, &format!("peek dead letters of {}", self.path)))?;
-                let Some(last) = peeked.last() else { break };
-                from = Some(last.sequence_number() + 1);
-                out.extend(
-                    peeked
-                        .iter()
-                        .map(|p| dead_letter_of(p.raw_amqp_message(), &self.path, &self.shared.codec)),
-                );
+        let result: Result<()> =
+            async {
+                while out.len() < max {
+                    let want = u32::try_from((max - out.len()).min(100)).unwrap_or(100);
+                    let peeked: Vec<ServiceBusPeekedMessage> = receiver
+                        .peek_messages(want, from)
+                        .await
+                        .map_err(|e| sb_error(e, &format!("peek dead letters of {}", self.path)))?;
+                    let Some(last) = peeked.last() else { break };
+                    from = Some(last.sequence_number() + 1);
+                    out.extend(peeked.iter().map(|p| {
+                        dead_letter_of(p.raw_amqp_message(), &self.path, &self.shared.codec)
+                    }));
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        .await;
+            .await;
         if let Err(e) = receiver.dispose().await {
             tracing::debug!(error = %e, "closing a dead-letter receiver");
         }
@@ -822,10 +878,9 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
                         .send_message(message)
                         .await
                         .map_err(|e| sb_error(e, &format!("redrive to {}", self.topic)))?;
-                    receiver
-                        .complete_message(&letter)
-                        .await
-                        .map_err(|e| sb_error(e, &format!("complete a dead letter of {}", self.path)))?;
+                    receiver.complete_message(&letter).await.map_err(|e| {
+                        sb_error(e, &format!("complete a dead letter of {}", self.path))
+                    })?;
                     moved += 1;
                 }
             }
@@ -838,8 +893,13 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
     }
 
     async fn purge(&self) -> Result<usize> {
-        let mut receiver = self.receiver(ServiceBusReceiveMode::ReceiveAndDelete).await?;
-        let result = self.take(&mut receiver, usize::MAX).await.map(|all| all.len());
+        let mut receiver = self
+            .receiver(ServiceBusReceiveMode::ReceiveAndDelete)
+            .await?;
+        let result = self
+            .take(&mut receiver, usize::MAX)
+            .await
+            .map(|all| all.len());
         let _ = receiver.dispose().await;
         result
     }

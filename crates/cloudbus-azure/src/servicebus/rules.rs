@@ -224,11 +224,11 @@ mod tests {
         ]);
         assert_eq!(
             sql_of(&f),
-            "(((([cloudEvents:type] IN ('a', 'b'))) AND ((EXISTS([cloudEvents:amount]) AND \
-             [cloudEvents:amount] >= 10 AND [cloudEvents:amount] <= 20.5))) OR \
-             ((EXISTS([cloudEvents:subject]) AND [cloudEvents:subject] NOT IN ('x''y'))) OR \
-             ((NOT EXISTS([cloudEvents:tenant]))) OR \
-             (([cloudEvents:source] LIKE '50!%!_off%' ESCAPE '!'))) AND \
+            "((([cloudEvents:type] IN ('a', 'b')) AND (EXISTS([cloudEvents:amount]) AND \
+             [cloudEvents:amount] >= 10 AND [cloudEvents:amount] <= 20.5)) OR \
+             (EXISTS([cloudEvents:subject]) AND [cloudEvents:subject] NOT IN ('x''y')) OR \
+             (NOT EXISTS([cloudEvents:tenant])) OR \
+             ([cloudEvents:source] LIKE '50!%!_off%' ESCAPE '!')) AND \
              (NOT EXISTS([cloudbus-redrive]) OR [cloudbus-redrive] = 's')"
         );
     }
