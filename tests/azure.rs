@@ -577,6 +577,23 @@ async fn take_all(
     got
 }
 
+/// A bus on Service Bus queues and a new queue, read as the subscription of its own
+/// name.
+async fn new_queue() -> (Bus, String) {
+    let bus = ServiceBusHarness {
+        entities: EntityKind::Queues,
+        sessions: false,
+    }
+    .connect()
+    .await;
+    let queue = unique("q");
+    bus.ensure_topic(&queue).await.expect("queue");
+    bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue))
+        .await
+        .expect("subscription");
+    (bus, queue)
+}
+
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", fastrand::u32(..))
 }
@@ -718,17 +735,7 @@ async fn servicebus_scheduled_delivery() {
     if servicebus().is_none() {
         return;
     }
-    let bus = ServiceBusHarness {
-        entities: EntityKind::Queues,
-        sessions: false,
-    }
-    .connect()
-    .await;
-    let queue = unique("q");
-    bus.ensure_topic(&queue).await.expect("queue");
-    bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue))
-        .await
-        .expect("subscription");
+    let (bus, queue) = new_queue().await;
     let sent = event("com.example.reminder", 1);
     let at = Instant::now();
     bus.publisher(&queue)
@@ -763,17 +770,7 @@ async fn servicebus_duplicate_detection_drops_the_second_copy() {
     if servicebus().is_none() {
         return;
     }
-    let bus = ServiceBusHarness {
-        entities: EntityKind::Queues,
-        sessions: false,
-    }
-    .connect()
-    .await;
-    let queue = unique("q");
-    bus.ensure_topic(&queue).await.expect("queue");
-    bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue))
-        .await
-        .expect("subscription");
+    let (bus, queue) = new_queue().await;
     let publisher = bus.publisher(&queue).await.expect("publisher");
     let once = event("com.example.order.created", 1);
     let other = event("com.example.order.created", 2);

@@ -47,8 +47,9 @@ class ServiceBusEmulatorTest(unittest.TestCase):
     def setUpClass(cls):
         port = free_port()
         cls.proc = subprocess.Popen(
+            # The management API on any free port: port + 1 may be taken.
             [sys.executable, os.path.join(HERE, "emulator.py"), "--port", str(port),
-             "--config", os.path.join(HERE, "config.json")],
+             "--management-port", "0", "--config", os.path.join(HERE, "config.json")],
             stdout=subprocess.PIPE, text=True,
         )
         for line in cls.proc.stdout:
