@@ -640,11 +640,7 @@ impl TopologyDriver for ServiceBusTopology {
                     return Ok(());
                 }
                 admitted.retain(|n| n != name);
-                let props = EntityProperties {
-                    lock: Duration::from_secs(30),
-                    max_delivery_count: DEFAULT_MAX_DELIVERY_COUNT,
-                    requires_session: self.shared.config.sessions,
-                };
+                let props = entity_properties(&self.shared.config, None);
                 admin.put_queue(topic, &props, &admitted).await
             }
         }

@@ -104,14 +104,15 @@ impl Admin {
         )
     }
 
-    /// Sends one request; answers the status when it is a success, 404 or 409.
+    /// Sends one request; answers the status and the body when the status is a
+    /// success, 404 or 409.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<String>,
         update: bool,
-    ) -> Result<u16> {
+    ) -> Result<(u16, String)> {
         let url = self.url(path);
         let token = self.authorization(&format!("{}/{}", self.endpoint, path))?;
         let mut request = self
@@ -139,10 +140,10 @@ impl Admin {
             Error::with_source(kind, format!("{method} {path} on {}", self.endpoint), e)
         })?;
         let status = response.status().as_u16();
-        if (200..300).contains(&status) || status == 404 || status == 409 {
-            return Ok(status);
-        }
         let text = response.text().await.unwrap_or_default();
+        if (200..300).contains(&status) || status == 404 || status == 409 {
+            return Ok((status, text));
+        }
         let detail = between(&text, "<Detail>", "</Detail>")
             .unwrap_or(&text)
             .chars()
@@ -159,10 +160,12 @@ impl Admin {
         let status = match self
             .call(reqwest::Method::PUT, path, Some(description.clone()), false)
             .await?
+            .0
         {
             409 => {
                 self.call(reqwest::Method::PUT, path, Some(description), true)
                     .await?
+                    .0
             }
             status => status,
         };
@@ -178,38 +181,16 @@ impl Admin {
 
     /// Whether `path` exists.
     pub(crate) async fn exists(&self, path: &str) -> Result<bool> {
-        Ok(self.call(reqwest::Method::GET, path, None, false).await? != 404)
+        Ok(self.call(reqwest::Method::GET, path, None, false).await?.0 != 404)
     }
 
     /// The names a queue admits as subscriptions (kept in its `UserMetadata`);
     /// `None` when the queue does not exist.
     pub(crate) async fn admitted(&self, queue: &str) -> Result<Option<Vec<String>>> {
-        let url = self.url(queue);
-        let token = self.authorization(&format!("{}/{}", self.endpoint, queue))?;
-        let response = self
-            .http
-            .get(&url)
-            .header("authorization", token.expose())
-            .send()
-            .await
-            .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Unavailable,
-                    format!("GET {queue} on {}", self.endpoint),
-                    e,
-                )
-            })?;
-        let status = response.status().as_u16();
+        let (status, text) = self.call(reqwest::Method::GET, queue, None, false).await?;
         if status == 404 {
             return Ok(None);
         }
-        if !(200..300).contains(&status) {
-            return Err(Error::new(
-                kind_of_status(status),
-                format!("GET {queue}: HTTP {status}"),
-            ));
-        }
-        let text = response.text().await.unwrap_or_default();
         Ok(Some(parse_admitted(
             between(&text, "<UserMetadata>", "</UserMetadata>").unwrap_or_default(),
         )))
@@ -257,6 +238,7 @@ impl Admin {
                 false,
             )
             .await?
+            .0
         {
             404 => Err(not_found(topic)),
             _ => Ok(()),
