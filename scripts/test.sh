@@ -109,7 +109,9 @@ if [[ -z "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
 else
     echo "using the Service Bus namespace of SERVICEBUS_CONNECTION_STRING"
 fi
-cargo test --features azure --test azure
+# One test at a time: the single-threaded Service Bus emulator stalled (clients and
+# emulator idle) when cases ran side by side in CI; see the stop 9 note.
+cargo test --features azure --test azure -- --test-threads=1
 if [[ -n "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
     echo "== order saga example on servicebus://"
     CLOUDBUS_URL="servicebus://" cargo run --quiet --features azure --example order_saga \
