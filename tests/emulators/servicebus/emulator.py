@@ -860,6 +860,13 @@ class Handler(MessagingHandler):
     def on_link_closed(self, event):
         self.forget(event.link)
 
+    def on_link_remote_detach(self, event):
+        """A detach without close (a client that recovers a link detaches it and attaches
+        again): answered with a detach, as the spec requires; proton's handlers only
+        answer a closing detach, and a client waits for the answer."""
+        self.forget(event.link)
+        event.link.detach()
+
     def on_disconnected(self, event):
         if event.connection is None:
             return
