@@ -41,6 +41,7 @@ import http.server
 import json
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -66,6 +67,22 @@ from proton import (
 )
 from proton.handlers import IncomingMessageHandler, MessagingHandler
 from proton.reactor import Container
+from proton._handlers import IOHandler
+
+# python-qpid-proton 0.40 can queue a timer expiry for a connection's selectable after
+# the transport closed and was unbound from it; IOHandler then calls
+# `None.capacity()` and the exception ends the reactor (the whole emulator). Seen when a
+# client closed a connection under load. An expiry without a transport has nothing to do.
+_io_expired = IOHandler.on_selectable_expired
+
+
+def _on_selectable_expired(self, event):
+    if getattr(event.selectable, "_transport", None) is None:
+        return
+    _io_expired(self, event)
+
+
+IOHandler.on_selectable_expired = _on_selectable_expired
 
 VERBOSE = os.environ.get("SERVICEBUS_EMULATOR_VERBOSE") == "1"
 DLQ = "$deadletterqueue"
@@ -766,12 +783,38 @@ class Handler(MessagingHandler):
         self.broker = broker
         self.address = address
 
+    dump_requested = False
+
     def on_start(self, event):
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "dump_requested", True))
         self.acceptor = event.container.listen(self.address)
         event.container.schedule(0.1, self)
         print("Ready.", flush=True)
 
+    def dump(self):
+        """The broker's state on stderr (SIGUSR1 asks for it at the next tick)."""
+        for e in self.broker.entities():
+            if not (e.ready or e.locked or e.scheduled or e.consumers or e.session_owners):
+                continue
+            sys.stderr.write("{}: ready={} locked={} scheduled={} deferred={}\n".format(
+                e.name, len(e.ready), len(e.locked), len(e.scheduled), len(e.deferred)))
+            for link in e.consumers:
+                sys.stderr.write("  consumer {} session={} credit={} queued={} unsettled={}\n".format(
+                    link.name, getattr(link, "cloudbus_session", None), link.credit,
+                    link.queued, link.unsettled))
+            for sid, owner in e.session_owners.items():
+                sys.stderr.write("  session {} owner={} locked_until={}\n".format(
+                    sid, getattr(owner, "name", owner), e.session_locked_until.get(sid)))
+            for stored in list(e.locked.values())[:5]:
+                sys.stderr.write("  locked seq={} group={} until={} link={}\n".format(
+                    stored.seq, stored.message.group_id, stored.locked_until,
+                    getattr(stored.link, "name", None)))
+        sys.stderr.flush()
+
     def on_timer_task(self, event):
+        if self.dump_requested:
+            self.dump_requested = False
+            self.dump()
         for entity in self.broker.entities():
             entity.release_scheduled()
             entity.expire_locks()
@@ -868,9 +911,23 @@ class Handler(MessagingHandler):
         event.link.detach()
 
     def on_disconnected(self, event):
-        if event.connection is None:
+        self.forget_links_of(event.connection)
+
+    def on_connection_closing(self, event):
+        """A client closed its connection (proton's on_disconnected only comes when the
+        socket drops without a close): its links end with it."""
+        self.forget_links_of(event.connection)
+
+    def on_connection_closed(self, event):
+        self.forget_links_of(event.connection)
+
+    def on_connection_error(self, event):
+        self.forget_links_of(event.connection)
+
+    def forget_links_of(self, connection):
+        if connection is None:
             return
-        link = event.connection.link_head(0)
+        link = connection.link_head(0)
         while link:
             self.forget(link)
             link = link.next(0)
@@ -879,8 +936,15 @@ class Handler(MessagingHandler):
         entity = getattr(link, "cloudbus_entity", None)
         if entity is not None and link in getattr(entity, "consumers", []):
             entity.consumers.remove(link)
-            # Messages locked by this link stay locked until their lock expires, as
-            # the service does.
+            if getattr(link, "cloudbus_session", None) is not None:
+                # A session's messages are locked by the session lock: closing the
+                # session receiver gives them back at once (as a lost lock, counted).
+                for stored in [s for s in entity.locked.values() if s.link is link]:
+                    if stored.delivery is not None and not stored.delivery.settled:
+                        stored.delivery.settle()
+                    entity.abandon(stored)
+            # Other messages locked by this link stay locked until their lock
+            # expires, as the service does.
 
     def on_sendable(self, event):
         entity = getattr(event.link, "cloudbus_entity", None)

@@ -525,13 +525,23 @@ async fn accept_sessions(
             Ok(receiver) => {
                 let session = receiver.session_id().to_owned();
                 let slot = Arc::new(Slot::new(Link::Session(receiver), Some(session)));
-                if closed.load(Ordering::Acquire) {
+                // `close` sets `closed` and takes the slots under the same lock, so a
+                // session accepted meanwhile is either taken by it or closed here.
+                let late = {
+                    let mut held = lock(&slots);
+                    if closed.load(Ordering::Acquire) {
+                        Some(slot)
+                    } else {
+                        held.push(slot);
+                        None
+                    }
+                };
+                if let Some(slot) = late {
                     if let Some(link) = slot.link.lock().await.take() {
                         let _ = link.dispose().await;
                     }
                     break;
                 }
-                lock(&slots).push(slot);
             }
             Err(e) => {
                 let e = sb_error(e, &format!("accept a session of {path}"));
@@ -618,8 +628,17 @@ impl SubscriptionDriver for ServiceBusSubscription {
                         Some((slot, link.receive(share, slice).await))
                     });
                 let mut out = Vec::new();
-                for (slot, received) in futures::future::join_all(reads).await.into_iter().flatten()
-                {
+                let done: Vec<_> = futures::future::join_all(reads)
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                if done.is_empty() {
+                    // Every session is being read or settled by another call: wait
+                    // instead of spinning (a settle waiting for a link must get it).
+                    tokio::time::sleep(remaining.min(SESSION_SLICE)).await;
+                }
+                for (slot, received) in done {
                     match received {
                         Ok(messages) if !messages.is_empty() => {
                             *lock(&slot.idle_since) = None;
@@ -659,8 +678,11 @@ impl SubscriptionDriver for ServiceBusSubscription {
     }
 
     async fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::Release);
-        let slots: Vec<Arc<Slot>> = lock(&self.slots).drain(..).collect();
+        let slots: Vec<Arc<Slot>> = {
+            let mut held = lock(&self.slots);
+            self.closed.store(true, Ordering::Release);
+            held.drain(..).collect()
+        };
         let mut first_error = None;
         for slot in slots {
             let link = slot.link.lock().await.take();
