@@ -31,8 +31,21 @@ What it does, as Service Bus does over AMQP:
   management API; Azure has it at https://<namespace>/.) The management thread and
   the AMQP reactor share the broker; the reactor reads snapshots of its entity maps.
 
+- Sessions: a receiver's source filter com.microsoft:session-filter names a session
+  (or is null: the next free session with messages); the session is locked for that
+  link, and closing the link (or its connection) gives its locked messages back.
+- Links: a detach without close (a client recovering a link) is answered with a
+  detach; a closed connection ends its links.
+
+What the Rust client (azservicebus on fe2o3-amqp) needs and the Python one does not:
+`$management` answers carry AMQP arrays (renew-lock expirations, schedule sequence
+numbers), not lists; lock tokens come back in the delivery tag's byte order, not as a
+.NET GUID (both are found).
+
 Run: python emulator.py --config config.json [--port 5672] [--management-port N];
 prints SERVICEBUS_MANAGEMENT_ENDPOINT, SERVICEBUS_CONNECTION_STRING, then "Ready.".
+`kill -USR1 <pid>` writes each busy entity's messages, consumers (credit, unsettled),
+session owners and locks to stderr; PN_TRACE_FRM=1 traces every AMQP frame.
 """
 
 import argparse
