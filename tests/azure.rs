@@ -775,3 +775,49 @@ async fn servicebus_duplicate_detection_drops_the_second_copy() {
     let ids: Vec<&str> = got.iter().map(|e| e.id()).collect();
     assert_eq!(ids, vec![once.id(), other.id()]);
 }
+
+/// A wrong key: the management API and CBS put-token refuse it (the emulator checks
+/// the SAS signature as the service does), and cloudbus says PermissionDenied, for
+/// declaring, publishing and receiving alike, without the key in the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_wrong_key_is_permission_denied() {
+    if servicebus().is_none() {
+        return;
+    }
+    let (_bus, queue) = new_queue().await;
+    let text = std::env::var("SERVICEBUS_CONNECTION_STRING").unwrap_or_default();
+    let key = text
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("SharedAccessKey="))
+        .expect("a SharedAccessKey in SERVICEBUS_CONNECTION_STRING")
+        .to_owned();
+    let wrong = text.replace(
+        &format!("SharedAccessKey={key}"),
+        "SharedAccessKey=d3Jvbmcta2V5LW5vdC10aGUtb25l",
+    );
+    let config = ServiceBusConfig::from_connection_string(&wrong)
+        .expect("connection string")
+        .entities(EntityKind::Queues);
+    let bus = ServiceBusBus::connect(config)
+        .await
+        .expect("connecting checks nothing yet")
+        .into_bus();
+    let declared = bus.ensure_topic(&unique("q")).await;
+    let published = match bus.publisher(&queue).await {
+        Ok(p) => p.publish(event("com.example.order.created", 1)).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let received = match bus.consumer(&queue, &queue).await {
+        Ok(c) => c.receive_batch(1, Duration::from_secs(1)).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    for (what, result) in [
+        ("declare", declared),
+        ("publish", published),
+        ("receive", received),
+    ] {
+        let e = result.expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{what}: {e}");
+        assert!(!e.to_string().contains("d3Jvbmcta2V5"), "{what}: {e}");
+    }
+}

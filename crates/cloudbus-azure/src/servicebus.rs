@@ -322,7 +322,12 @@ pub(crate) fn sb_error(e: azure_core::Error, what: &str) -> Error {
     let has = |s: &str| text.contains(s);
     let kind = if has("not-found") || has("NotFound") || has("could not be found") {
         ErrorKind::NotFound
-    } else if has("unauthorized") || has("Credential") || has("SaslError") {
+    } else if has("unauthorized")
+        || has("Unauthorized")
+        || has("StatusCode(401)")
+        || has("Credential")
+        || has("SaslError")
+    {
         ErrorKind::PermissionDenied
     } else if has("lock-lost") || has("LockLost") || has("session-lock") {
         ErrorKind::LeaseExpired

@@ -4,7 +4,9 @@ on the project machines (the official one needs Docker and SQL Edge).
 
 What it does, as Service Bus does over AMQP:
 - SASL ANONYMOUS or PLAIN, no TLS (the clients' UseDevelopmentEmulator=true mode).
-- CBS: put-token on `$cbs` (tokens are accepted; the emulator does not check keys).
+- CBS: put-token on `$cbs`; a SAS token is checked against the namespace's keys
+  (signature, key name, expiry) and refused with 401 as the service does. The ATOM
+  management API checks its Authorization header the same way.
 - Queues, and topics with subscriptions (entities from a config file in the official
   emulator's Config.json format). Sending: to `<queue>` or `<topic>`; receiving from
   `<queue>`, `<topic>/Subscriptions/<sub>`, and each one's `/$DeadLetterQueue`.
@@ -42,14 +44,18 @@ What the Rust client (azservicebus on fe2o3-amqp) needs and the Python one does 
 numbers), not lists; lock tokens come back in the delivery tag's byte order, not as a
 .NET GUID (both are found).
 
-Run: python emulator.py --config config.json [--port 5672] [--management-port N];
+Run: python emulator.py --config config.json [--port 5672] [--management-port N]
+[--key-name RootManageSharedAccessKey --key SAS_KEY_VALUE];
 prints SERVICEBUS_MANAGEMENT_ENDPOINT, SERVICEBUS_CONNECTION_STRING, then "Ready.".
 `kill -USR1 <pid>` writes each busy entity's messages, consumers (credit, unsettled),
 session owners and locks to stderr; PN_TRACE_FRM=1 traces every AMQP frame.
 """
 
 import argparse
+import base64
 import datetime
+import hashlib
+import hmac
 import http.server
 import json
 import os
@@ -102,6 +108,38 @@ DLQ = "$deadletterqueue"
 VENDOR = "com.microsoft"
 # .NET ticks (100 ns) at the Unix epoch: how Service Bus writes session lock times.
 DOTNET_EPOCH_TICKS = 621355968000000000
+
+
+# The namespace's shared access keys (name -> key): --key-name and --key, by default
+# the official emulator's RootManageSharedAccessKey / SAS_KEY_VALUE.
+KEYS = {"RootManageSharedAccessKey": "SAS_KEY_VALUE"}
+
+
+def sas_refusal(token):
+    """Why a SAS token (`SharedAccessSignature sr=..&sig=..&se=..&skn=..`) is refused,
+    or None when one of the namespace's keys signed it and it has not expired. The
+    signature is HMAC-SHA256 over the token's (URL-encoded) sr, a newline and se."""
+    prefix = "SharedAccessSignature "
+    if not isinstance(token, str) or not token.startswith(prefix):
+        return "not a SharedAccessSignature"
+    fields = dict(p.split("=", 1) for p in token[len(prefix):].split("&") if "=" in p)
+    sr, sig, se, skn = (fields.get(k) for k in ("sr", "sig", "se", "skn"))
+    if None in (sr, sig, se, skn):
+        return "a SharedAccessSignature needs sr, sig, se and skn"
+    key = KEYS.get(skn)
+    if key is None:
+        return "no shared access key named {}".format(skn)
+    try:
+        if int(se) < time.time():
+            return "the token expired"
+    except ValueError:
+        return "se is not a number"
+    expected = base64.b64encode(
+        hmac.new(key.encode(), (sr + "\n" + se).encode(), hashlib.sha256).digest()
+    ).decode()
+    if not hmac.compare_digest(urllib.parse.unquote(sig), expected):
+        return "the signature does not match the key {}".format(skn)
+    return None
 
 
 def log(*args):
@@ -981,7 +1019,12 @@ class Handler(MessagingHandler):
         messages = messages_of(raw)
         message = messages[0]
         if node == "$cbs":
-            self.reply(event, status_response(message, 202, "Accepted"))
+            refusal = sas_refusal(message.body)
+            if refusal is None:
+                self.reply(event, status_response(message, 202, "Accepted"))
+            else:
+                log("put-token refused:", refusal)
+                self.reply(event, status_response(message, 401, "Unauthorized: " + refusal))
             self.accept(event.delivery)
             return
         if node == "$management":
@@ -1291,12 +1334,11 @@ class Management(http.server.BaseHTTPRequestHandler):
         return [urllib.parse.unquote(p) for p in path.split("/") if p]
 
     def authorized(self):
-        auth = self.headers.get("Authorization") or ""
-        return auth.startswith("SharedAccessSignature ")
+        return sas_refusal(self.headers.get("Authorization") or "") is None
 
     def do_GET(self):
         if not self.authorized():
-            return self.error(401, "no SharedAccessSignature")
+            return self.error(401, "Unauthorized: no valid SharedAccessSignature")
         parts = self.path_parts()
         b = self.broker
         with b.lock:
@@ -1319,7 +1361,7 @@ class Management(http.server.BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         if not self.authorized():
-            return self.error(401, "no SharedAccessSignature")
+            return self.error(401, "Unauthorized: no valid SharedAccessSignature")
         parts = self.path_parts()
         b = self.broker
         with b.lock:
@@ -1338,7 +1380,7 @@ class Management(http.server.BaseHTTPRequestHandler):
 
     def do_PUT(self):
         if not self.authorized():
-            return self.error(401, "no SharedAccessSignature")
+            return self.error(401, "Unauthorized: no valid SharedAccessSignature")
         parts = self.path_parts()
         length = int(self.headers.get("content-length") or 0)
         try:
@@ -1438,6 +1480,8 @@ def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5672)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--key-name", default="RootManageSharedAccessKey")
+    parser.add_argument("--key", default="SAS_KEY_VALUE")
     parser.add_argument("--management-port", type=int, default=None,
                         help="HTTPS port of the ATOM management API (default: AMQP port + 1)")
     args = parser.parse_args()
@@ -1449,10 +1493,12 @@ def main():
         else (args.port + 1 if args.port else 0))
     print("SERVICEBUS_MANAGEMENT_ENDPOINT=https://{}:{}".format(args.host, management_port),
           flush=True)
+    KEYS.clear()
+    KEYS[args.key_name] = args.key
     print(
-        "SERVICEBUS_CONNECTION_STRING=Endpoint=sb://{}:{};SharedAccessKeyName="
-        "RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;".format(
-            args.host, args.port
+        "SERVICEBUS_CONNECTION_STRING=Endpoint=sb://{}:{};SharedAccessKeyName={};"
+        "SharedAccessKey={};UseDevelopmentEmulator=true;".format(
+            args.host, args.port, args.key_name, args.key
         ),
         flush=True,
     )

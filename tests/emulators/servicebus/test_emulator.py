@@ -4,7 +4,8 @@ rely on it: send and receive with every property, batches, peek-lock settlement
 (complete, abandon, dead-letter, defer), the delivery count and MaxDeliveryCount,
 the dead-letter sub-queue, lock renewal and expiry, peek, scheduled messages,
 duplicate detection, topic rules (SQL and correlation), sessions,
-receive-and-delete, and the ATOM management API through ServiceBusAdministrationClient.
+receive-and-delete, the ATOM management API through ServiceBusAdministrationClient,
+and a wrong key refused on both.
 
 Run: python -m unittest tests/emulators/servicebus/test_emulator.py (scripts/test.sh
 does, in the venv scripts/azure-venv.sh makes).
@@ -19,12 +20,17 @@ import time
 import unittest
 import uuid
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
 from azure.servicebus.management import (
     CorrelationRuleFilter,
     ServiceBusAdministrationClient,
     SqlRuleFilter,
 )
+from azure.servicebus.exceptions import ServiceBusAuthenticationError
 from azure.servicebus import (
     NEXT_AVAILABLE_SESSION,
     ServiceBusClient,
@@ -303,6 +309,22 @@ class ServiceBusEmulatorTest(unittest.TestCase):
         admin.delete_queue(name)
         with self.assertRaises(ResourceNotFoundError):
             admin.get_queue(name)
+
+    def test_wrong_key_is_refused(self):
+        # CBS put-token and the management API check the SAS signature.
+        wrong = self.conn.replace("SharedAccessKey=SAS_KEY_VALUE", "SharedAccessKey=not-the-key")
+        with ServiceBusClient.from_connection_string(wrong, retry_total=0) as client:
+            with self.assertRaises(ServiceBusAuthenticationError):
+                with client.get_queue_sender("proof-queue") as s:
+                    s.send_messages(ServiceBusMessage("refused"))
+        host = self.management.split("://", 1)[1]
+        admin = ServiceBusAdministrationClient.from_connection_string(
+            "Endpoint=sb://{};SharedAccessKeyName=RootManageSharedAccessKey;"
+            "SharedAccessKey=not-the-key".format(host), connection_verify=False)
+        with self.assertRaises(ClientAuthenticationError):
+            admin.get_queue("proof-queue")
+        with self.client.get_queue_receiver("proof-queue") as r:
+            self.assertEqual(r.receive_messages(max_wait_time=1), [])
 
     def test_receive_and_delete(self):
         with self.client.get_queue_sender("proof-queue") as s:
