@@ -804,7 +804,10 @@ async fn servicebus_wrong_key_is_permission_denied() {
         .into_bus();
     let declared = bus.ensure_topic(&unique("q")).await;
     let published = match bus.publisher(&queue).await {
-        Ok(p) => p.publish(event("com.example.order.created", 1)).await.map(|_| ()),
+        Ok(p) => p
+            .publish(event("com.example.order.created", 1))
+            .await
+            .map(|_| ()),
         Err(e) => Err(e),
     };
     let received = match bus.consumer(&queue, &queue).await {
