@@ -824,3 +824,76 @@ async fn servicebus_wrong_key_is_permission_denied() {
         assert!(!e.to_string().contains("d3Jvbmcta2V5"), "{what}: {e}");
     }
 }
+
+/// Defer: a deferred message is not received again until it is asked for by its
+/// sequence number; then it comes back locked, with the same event, and is completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_defer_then_fetch_by_sequence_number() {
+    if servicebus().is_none() {
+        return;
+    }
+    let (bus, queue) = new_queue().await;
+    let publisher = bus.publisher(&queue).await.expect("publisher");
+    let later = event("com.example.order.created", 1);
+    let now = event("com.example.order.created", 2);
+    for e in [&later, &now] {
+        publisher.publish(e.clone()).await.expect("publish");
+    }
+    let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
+    let service_bus = consumer
+        .driver()
+        .as_any()
+        .downcast_ref::<cloudbus::azure::servicebus::ServiceBusSubscription>()
+        .expect("a Service Bus consumer");
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while got.len() < 2 && Instant::now() < until {
+        got.extend(
+            consumer
+                .receive_batch(2 - got.len(), Duration::from_millis(500))
+                .await
+                .expect("receive"),
+        );
+    }
+    assert_eq!(got.len(), 2, "both events delivered");
+    let mut sequence = None;
+    for d in &got {
+        if d.event().id() == later.id() {
+            sequence = Some(service_bus.defer(d).await.expect("defer"));
+            let again = d.ack().await.expect_err("a deferred delivery is settled");
+            assert_eq!(again.kind(), ErrorKind::AlreadySettled, "{again}");
+        } else {
+            d.ack().await.expect("ack");
+        }
+    }
+    let sequence = sequence.expect("the deferred event was delivered");
+    let quiet = consumer
+        .receive_batch(10, Duration::from_secs(1))
+        .await
+        .expect("receive");
+    assert!(
+        quiet.is_empty(),
+        "a deferred message came back by itself: {quiet:?}"
+    );
+    assert_eq!(
+        service_bus
+            .fetch_deferred(&[sequence])
+            .await
+            .expect("fetch"),
+        1
+    );
+    let back = consumer
+        .receive_batch(10, Duration::from_secs(1))
+        .await
+        .expect("receive");
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].event().id(), later.id());
+    back[0].ack().await.expect("complete the deferred message");
+    // The service answers 410 (azservicebus retries it for a while first).
+    let gone = service_bus.fetch_deferred(&[sequence]).await;
+    assert!(
+        gone.as_ref()
+            .is_err_and(|e| e.kind() == ErrorKind::NotFound),
+        "a completed deferred message was fetched again: {gone:?}"
+    );
+}

@@ -67,7 +67,8 @@ pub use rules::{MAX_SQL_LENGTH, RuleFilter, compile_rule};
 
 use crate::Secret;
 use admin::{Admin, EntityProperties};
-use receiver::{ServiceBusDeadLetters, ServiceBusSubscription};
+use receiver::ServiceBusDeadLetters;
+pub use receiver::ServiceBusSubscription;
 
 /// The connection string: `Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…`.
 pub const CONNECTION_STRING_ENV: &str = "SERVICEBUS_CONNECTION_STRING";
@@ -320,28 +321,29 @@ impl ServiceBusConfig {
 pub(crate) fn sb_error(e: azure_core::Error, what: &str) -> Error {
     let text = format!("{e} {e:?}");
     let has = |s: &str| text.contains(s);
-    let kind = if has("not-found") || has("NotFound") || has("could not be found") {
-        ErrorKind::NotFound
-    } else if has("unauthorized")
-        || has("Unauthorized")
-        || has("StatusCode(401)")
-        || has("Credential")
-        || has("SaslError")
-    {
-        ErrorKind::PermissionDenied
-    } else if has("lock-lost") || has("LockLost") || has("session-lock") {
-        ErrorKind::LeaseExpired
-    } else if has("message-size-exceeded") || has("too large") {
-        ErrorKind::TooLarge
-    } else if has("server-busy") || has("ServerBusy") {
-        ErrorKind::Throttled
-    } else if has("Disposed") || has("disposed") {
-        ErrorKind::Closed
-    } else if has("Elapsed") || has("timeout") || has("Timeout") {
-        ErrorKind::Timeout
-    } else {
-        ErrorKind::Unavailable
-    };
+    let kind =
+        if has("not-found") || has("NotFound") || has("could not be found") || has(" not found") {
+            ErrorKind::NotFound
+        } else if has("unauthorized")
+            || has("Unauthorized")
+            || has("StatusCode(401)")
+            || has("Credential")
+            || has("SaslError")
+        {
+            ErrorKind::PermissionDenied
+        } else if has("lock-lost") || has("LockLost") || has("session-lock") {
+            ErrorKind::LeaseExpired
+        } else if has("message-size-exceeded") || has("too large") {
+            ErrorKind::TooLarge
+        } else if has("server-busy") || has("ServerBusy") {
+            ErrorKind::Throttled
+        } else if has("Disposed") || has("disposed") {
+            ErrorKind::Closed
+        } else if has("Elapsed") || has("timeout") || has("Timeout") {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Unavailable
+        };
     Error::with_source(kind, format!("{what}: {e}"), e)
 }
 

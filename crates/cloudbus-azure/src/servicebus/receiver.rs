@@ -26,7 +26,7 @@ use cloudbus_core::driver::{
     AckToken, BatchResults, DeadLetter, DeadLetterDriver, Payload, ReceivedMessage, Settlement,
     SubscriptionDriver,
 };
-use cloudbus_core::{Capabilities, Error, ErrorKind, Event, ExtensionValue, Result};
+use cloudbus_core::{Capabilities, Delivery, Error, ErrorKind, Event, ExtensionValue, Result};
 use fe2o3_amqp_types::messaging::annotations::AnnotationKey;
 use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message};
 use fe2o3_amqp_types::primitives::{SimpleValue, Value};
@@ -129,7 +129,10 @@ struct Inflight {
     slot: Arc<Slot>,
 }
 
-/// Receives from a queue or subscription in peek-lock mode.
+/// Receives from a queue or subscription in peek-lock mode: the driver of a Service
+/// Bus [`Consumer`](cloudbus_core::Consumer). Beyond the portable settlements it can
+/// [`defer`](Self::defer) a message and [`fetch_deferred`](Self::fetch_deferred) it
+/// back; reach it with `consumer.driver().as_any().downcast_ref()`.
 pub struct ServiceBusSubscription {
     shared: Arc<Shared>,
     topic: String,
@@ -139,6 +142,8 @@ pub struct ServiceBusSubscription {
     /// Serializes opening links, so that concurrent receives do not open several.
     opening: Mutex<()>,
     inflight: SyncMutex<HashMap<String, Inflight>>,
+    /// Deferred messages taken back by sequence number, for the next receive.
+    fetched: SyncMutex<Vec<ReceivedMessage>>,
     closed: Arc<AtomicBool>,
     /// The entity was found to exist.
     checked: AtomicBool,
@@ -171,6 +176,19 @@ fn annotation_time(message: &Message<Body<Value>>, name: &str) -> Option<DateTim
         .get(&name as &dyn AnnotationKey)?
     {
         Value::Timestamp(t) => DateTime::from_timestamp_millis(t.milliseconds()),
+        _ => None,
+    }
+}
+
+/// A message's sequence number (azservicebus's own accessor panics on a malformed
+/// annotation; a message from the network must not).
+fn sequence_of(message: &Message<Body<Value>>) -> Option<i64> {
+    match message
+        .message_annotations
+        .as_ref()?
+        .get(&"x-opt-sequence-number" as &dyn AnnotationKey)?
+    {
+        Value::Long(n) => Some(*n),
         _ => None,
     }
 }
@@ -235,6 +253,7 @@ impl ServiceBusSubscription {
             slots: Arc::new(SyncMutex::new(Vec::new())),
             opening: Mutex::new(()),
             inflight: SyncMutex::new(HashMap::new()),
+            fetched: SyncMutex::new(Vec::new()),
             closed: Arc::new(AtomicBool::new(false)),
             checked: AtomicBool::new(false),
             rotation: AtomicUsize::new(0),
@@ -286,6 +305,88 @@ impl ServiceBusSubscription {
         let slot = Arc::new(Slot::new(Link::Plain(receiver), None));
         lock(&self.slots).push(slot.clone());
         Ok(slot)
+    }
+
+    /// Defers the message of `delivery`: Service Bus sets it aside (no receive returns
+    /// it) until it is asked for by the sequence number returned here, with
+    /// [`fetch_deferred`](Self::fetch_deferred). The delivery counts as settled:
+    /// settling it again is `AlreadySettled`. Reach this through the consumer's driver.
+    ///
+    /// ```no_run
+    /// # async fn demo(consumer: cloudbus_core::Consumer) -> cloudbus_core::Result<()> {
+    /// use cloudbus_azure::servicebus::ServiceBusSubscription;
+    /// let delivery = consumer.receive().await?;
+    /// let Some(service_bus) = consumer.driver().as_any().downcast_ref::<ServiceBusSubscription>()
+    /// else {
+    ///     return Ok(()); // not a Service Bus consumer
+    /// };
+    /// let sequence = service_bus.defer(&delivery).await?;
+    /// // ... later: the next receive returns it, locked, to be settled as usual.
+    /// service_bus.fetch_deferred(&[sequence]).await?;
+    /// consumer.receive().await?.ack().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn defer(&self, delivery: &Delivery) -> Result<i64> {
+        let key = delivery.token().as_text().unwrap_or_default().to_owned();
+        let Some(inflight) = lock(&self.inflight).remove(&key) else {
+            return Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!(
+                    "no unsettled message with lock token {key} on {}",
+                    self.path
+                ),
+            ));
+        };
+        let sequence = sequence_of(inflight.message.raw_amqp_message());
+        let slot = inflight.slot.clone();
+        let result = {
+            let mut link = slot.link.lock().await;
+            match link.as_mut() {
+                None => Err(Error::new(
+                    ErrorKind::LeaseExpired,
+                    format!("the link of lock token {key} on {} is closed", self.path),
+                )),
+                Some(link) => on_link!(link, r => r.defer_message(&inflight.message, None).await)
+                    .map_err(|e| sb_error(e, &format!("defer {key} on {}", self.path))),
+            }
+        };
+        slot.unsettled.fetch_sub(1, Ordering::AcqRel);
+        result?;
+        sequence.ok_or_else(|| {
+            Error::invalid(format!(
+                "deferred {key} on {}, but it has no sequence number",
+                self.path
+            ))
+        })
+    }
+
+    /// Takes deferred messages back by their sequence numbers (from
+    /// [`defer`](Self::defer)), locked; the next receives return them. Returns how
+    /// many were found. On a session-enabled entity a message is found only through
+    /// a session this consumer holds now.
+    pub async fn fetch_deferred(&self, sequence_numbers: &[i64]) -> Result<usize> {
+        if sequence_numbers.is_empty() {
+            return Ok(0);
+        }
+        let links = self.links().await?;
+        let Some(slot) = links.first() else {
+            return Ok(0);
+        };
+        let fetched = {
+            let mut link = slot.link.lock().await;
+            match link.as_mut() {
+                None => return Ok(0),
+                Some(link) => on_link!(link, r => r
+                    .receive_deferred_messages(sequence_numbers.iter().copied())
+                    .await)
+                .map_err(|e| sb_error(e, &format!("receive deferred messages of {}", self.path)))?,
+            }
+        };
+        let found = fetched.len();
+        let received = self.accept(fetched, slot).await;
+        lock(&self.fetched).extend(received);
+        Ok(found)
     }
 
     /// The links to read now: the plain receiver (opened on first use), or the sessions
@@ -599,6 +700,13 @@ impl SubscriptionDriver for ServiceBusSubscription {
                     self.path
                 )));
             }
+            {
+                let mut fetched = lock(&self.fetched);
+                if !fetched.is_empty() {
+                    let take = fetched.len().min(max as usize);
+                    return Ok(fetched.drain(..take).collect());
+                }
+            }
             let links = self.links().await?;
             let remaining = until.saturating_duration_since(Instant::now());
             let slice = remaining.min(RECEIVE_SLICE).max(Duration::from_millis(20));
@@ -832,7 +940,8 @@ impl ServiceBusDeadLetters {
             .message_id()
             .map(|id| id.into_owned())
             .unwrap_or_default();
-        let id: String = format!("redrive-{}-{original}", letter.sequence_number())
+        let sequence = sequence_of(letter.raw_amqp_message()).unwrap_or_default();
+        let id: String = format!("redrive-{sequence}-{original}")
             .chars()
             .take(128)
             .collect();
@@ -862,8 +971,13 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
                         .peek_messages(want, from)
                         .await
                         .map_err(|e| sb_error(e, &format!("peek dead letters of {}", self.path)))?;
-                    let Some(last) = peeked.last() else { break };
-                    from = Some(last.sequence_number() + 1);
+                    let Some(last) = peeked
+                        .last()
+                        .and_then(|p| sequence_of(p.raw_amqp_message()))
+                    else {
+                        break;
+                    };
+                    from = Some(last + 1);
                     out.extend(peeked.iter().map(|p| {
                         dead_letter_of(p.raw_amqp_message(), &self.path, &self.shared.codec)
                     }));
