@@ -72,11 +72,17 @@ impl Link {
         on_link!(self, r => r.receive_messages_with_max_wait_time(max, Some(wait)).await)
     }
 
-    async fn settle(
+    async fn apply(
         &mut self,
         message: &mut ServiceBusReceivedMessage,
-        settlement: &Settlement,
+        action: Action<'_>,
     ) -> std::result::Result<(), azure_core::Error> {
+        let settlement = match action {
+            Action::Defer => {
+                return on_link!(self, r => r.defer_message(&*message, None).await);
+            }
+            Action::Settle(settlement) => settlement,
+        };
         match settlement {
             Settlement::Ack => on_link!(self, r => r.complete_message(&*message).await),
             Settlement::Nack { .. } => {
@@ -99,6 +105,30 @@ impl Link {
 
     async fn dispose(self) -> std::result::Result<(), azure_core::Error> {
         on_link!(self, r => r.dispose().await)
+    }
+}
+
+/// What is done with an unsettled message: a portable settlement, or Service Bus's
+/// defer.
+#[derive(Clone, Copy)]
+enum Action<'a> {
+    Settle(&'a Settlement),
+    Defer,
+}
+
+impl Action<'_> {
+    /// Whether the message leaves the consumer's hands (all but extend).
+    fn is_final(self) -> bool {
+        match self {
+            Action::Settle(s) => s.is_final(),
+            Action::Defer => true,
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Action::Settle(s) => s.status(),
+            Action::Defer => "defer",
+        }
     }
 }
 
@@ -329,30 +359,10 @@ impl ServiceBusSubscription {
     /// ```
     pub async fn defer(&self, delivery: &Delivery) -> Result<i64> {
         let key = delivery.token().as_text().unwrap_or_default().to_owned();
-        let Some(inflight) = lock(&self.inflight).remove(&key) else {
-            return Err(Error::new(
-                ErrorKind::AlreadySettled,
-                format!(
-                    "no unsettled message with lock token {key} on {}",
-                    self.path
-                ),
-            ));
-        };
-        let sequence = sequence_of(inflight.message.raw_amqp_message());
-        let slot = inflight.slot.clone();
-        let result = {
-            let mut link = slot.link.lock().await;
-            match link.as_mut() {
-                None => Err(Error::new(
-                    ErrorKind::LeaseExpired,
-                    format!("the link of lock token {key} on {} is closed", self.path),
-                )),
-                Some(link) => on_link!(link, r => r.defer_message(&inflight.message, None).await)
-                    .map_err(|e| sb_error(e, &format!("defer {key} on {}", self.path))),
-            }
-        };
-        slot.unsettled.fetch_sub(1, Ordering::AcqRel);
-        result?;
+        let sequence = lock(&self.inflight)
+            .get(&key)
+            .and_then(|i| sequence_of(i.message.raw_amqp_message()));
+        self.act(delivery.token(), Action::Defer).await?;
         sequence.ok_or_else(|| {
             Error::invalid(format!(
                 "deferred {key} on {}, but it has no sequence number",
@@ -549,6 +559,11 @@ impl ServiceBusSubscription {
     }
 
     async fn settle_one(&self, token: &AckToken, settlement: &Settlement) -> Result<()> {
+        self.act(token, Action::Settle(settlement)).await
+    }
+
+    /// Does `action` with the unsettled message of `token` on the link it came from.
+    async fn act(&self, token: &AckToken, action: Action<'_>) -> Result<()> {
         let key = token.as_text().unwrap_or_default().to_owned();
         let Some(mut inflight) = lock(&self.inflight).remove(&key) else {
             return Err(Error::new(
@@ -568,17 +583,14 @@ impl ServiceBusSubscription {
                     format!("the link of lock token {key} on {} is closed", self.path),
                 )),
                 Some(link) => link
-                    .settle(&mut inflight.message, settlement)
+                    .apply(&mut inflight.message, action)
                     .await
                     .map_err(|e| {
-                        sb_error(
-                            e,
-                            &format!("{} {key} on {}", settlement.status(), self.path),
-                        )
+                        sb_error(e, &format!("{} {key} on {}", action.label(), self.path))
                     }),
             }
         };
-        if settlement.is_final() || result.is_err() {
+        if action.is_final() || result.is_err() {
             slot.unsettled.fetch_sub(1, Ordering::AcqRel);
         } else {
             lock(&self.inflight).insert(key, inflight);
