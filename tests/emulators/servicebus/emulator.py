@@ -545,9 +545,14 @@ class Entity:
         for token, stored in list(self.locked.items()):
             if stored.locked_until <= now_ms():
                 log("lock expired", self.name, stored.seq)
-                if stored.delivery is not None and not stored.delivery.settled:
-                    stored.delivery.settle()
-                self.abandon(stored)
+                self.lose_lock(stored)
+
+    def lose_lock(self, stored):
+        """A lock that ends without a settlement (expired, or its session closed):
+        the delivery is settled on the link and counts as an abandon."""
+        if stored.delivery is not None and not stored.delivery.settled:
+            stored.delivery.settle()
+        self.abandon(stored)
 
     def find_lock(self, token):
         """The locked message of a lock token. Clients that take the token from the
@@ -991,9 +996,7 @@ class Handler(MessagingHandler):
                 # A session's messages are locked by the session lock: closing the
                 # session receiver gives them back at once (as a lost lock, counted).
                 for stored in [s for s in entity.locked.values() if s.link is link]:
-                    if stored.delivery is not None and not stored.delivery.settled:
-                        stored.delivery.settle()
-                    entity.abandon(stored)
+                    entity.lose_lock(stored)
             # Other messages locked by this link stay locked until their lock
             # expires, as the service does.
 

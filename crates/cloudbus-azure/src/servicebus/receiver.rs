@@ -198,13 +198,17 @@ fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// An annotation of a received or peeked message that is a timestamp.
-fn annotation_time(message: &Message<Body<Value>>, name: &str) -> Option<DateTime<Utc>> {
-    match message
+/// A message annotation of a received or peeked message.
+fn annotation<'a>(message: &'a Message<Body<Value>>, name: &str) -> Option<&'a Value> {
+    message
         .message_annotations
         .as_ref()?
-        .get(&name as &dyn AnnotationKey)?
-    {
+        .get(&name as &dyn AnnotationKey)
+}
+
+/// An annotation that is a timestamp.
+fn annotation_time(message: &Message<Body<Value>>, name: &str) -> Option<DateTime<Utc>> {
+    match annotation(message, name)? {
         Value::Timestamp(t) => DateTime::from_timestamp_millis(t.milliseconds()),
         _ => None,
     }
@@ -213,11 +217,7 @@ fn annotation_time(message: &Message<Body<Value>>, name: &str) -> Option<DateTim
 /// A message's sequence number (azservicebus's own accessor panics on a malformed
 /// annotation; a message from the network must not).
 fn sequence_of(message: &Message<Body<Value>>) -> Option<i64> {
-    match message
-        .message_annotations
-        .as_ref()?
-        .get(&"x-opt-sequence-number" as &dyn AnnotationKey)?
-    {
+    match annotation(message, "x-opt-sequence-number")? {
         Value::Long(n) => Some(*n),
         _ => None,
     }
@@ -722,62 +722,58 @@ impl SubscriptionDriver for ServiceBusSubscription {
             let links = self.links().await?;
             let remaining = until.saturating_duration_since(Instant::now());
             let slice = remaining.min(RECEIVE_SLICE).max(Duration::from_millis(20));
-            if links.is_empty() {
-                // Sessions: none accepted yet.
+            // Every held session is read at once, each for its share of `max`
+            // (sessions past the first `max` wait for the next call).
+            let count = u32::try_from(links.len().max(1)).unwrap_or(u32::MAX);
+            let offset = self.rotation.fetch_add(1, Ordering::Relaxed) % links.len().max(1);
+            let turn = links.iter().cycle().skip(offset).take(links.len());
+            let reads = turn
+                .take(max as usize)
+                .enumerate()
+                .map(|(i, slot)| async move {
+                    let i = u32::try_from(i).unwrap_or(u32::MAX);
+                    let share = max / count + u32::from(i < max % count);
+                    let share = share.max(1);
+                    let mut guard = if slot.session.is_some() {
+                        // Another receive is reading this session.
+                        slot.link.try_lock().ok()?
+                    } else {
+                        slot.link.lock().await
+                    };
+                    let link = guard.as_mut()?;
+                    Some((slot, link.receive(share, slice).await))
+                });
+            let mut out = Vec::new();
+            let done: Vec<_> = futures::future::join_all(reads)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            if done.is_empty() {
+                // Sessions: none accepted yet, or every one is being read or settled
+                // by another call: wait instead of spinning (a settle waiting for a
+                // link must get it).
                 tokio::time::sleep(remaining.min(SESSION_SLICE)).await;
-            } else {
-                // Every held session is read at once, each for its share of `max`
-                // (sessions past the first `max` wait for the next call).
-                let count = u32::try_from(links.len()).unwrap_or(u32::MAX);
-                let offset = self.rotation.fetch_add(1, Ordering::Relaxed) % links.len();
-                let turn = links.iter().cycle().skip(offset).take(links.len());
-                let reads = turn
-                    .take(max as usize)
-                    .enumerate()
-                    .map(|(i, slot)| async move {
-                        let i = u32::try_from(i).unwrap_or(u32::MAX);
-                        let share = max / count + u32::from(i < max % count);
-                        let share = share.max(1);
-                        let mut guard = if slot.session.is_some() {
-                            // Another receive is reading this session.
-                            slot.link.try_lock().ok()?
-                        } else {
-                            slot.link.lock().await
-                        };
-                        let link = guard.as_mut()?;
-                        Some((slot, link.receive(share, slice).await))
-                    });
-                let mut out = Vec::new();
-                let done: Vec<_> = futures::future::join_all(reads)
-                    .await
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                if done.is_empty() {
-                    // Every session is being read or settled by another call: wait
-                    // instead of spinning (a settle waiting for a link must get it).
-                    tokio::time::sleep(remaining.min(SESSION_SLICE)).await;
-                }
-                for (slot, received) in done {
-                    match received {
-                        Ok(messages) if !messages.is_empty() => {
-                            *lock(&slot.idle_since) = None;
-                            out.extend(self.accept(messages, slot).await);
+            }
+            for (slot, received) in done {
+                match received {
+                    Ok(messages) if !messages.is_empty() => {
+                        *lock(&slot.idle_since) = None;
+                        out.extend(self.accept(messages, slot).await);
+                    }
+                    Ok(_) => out.extend(self.release_idle(slot).await),
+                    Err(e) => {
+                        let e = sb_error(e, &format!("receive from {}", self.path));
+                        if slot.session.is_none() {
+                            return Err(e);
                         }
-                        Ok(_) => out.extend(self.release_idle(slot).await),
-                        Err(e) => {
-                            let e = sb_error(e, &format!("receive from {}", self.path));
-                            if slot.session.is_none() {
-                                return Err(e);
-                            }
-                            tracing::debug!(error = %e, "a Service Bus session ended");
-                            self.release(slot, true).await;
-                        }
+                        tracing::debug!(error = %e, "a Service Bus session ended");
+                        self.release(slot, true).await;
                     }
                 }
-                if !out.is_empty() {
-                    return Ok(out);
-                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
             }
             if Instant::now() >= until {
                 return Ok(Vec::new());
