@@ -46,11 +46,6 @@ fn servicebus() -> Option<String> {
     }
 }
 
-/// The queue and topic suites run 35 of the 36 cases: publisher_close_loses_none_of_10000
-/// passes alone (about 8 s) but hung, with client and emulator idle, when it ran
-/// beside the other cases in CI (a flow-control stall between azservicebus and the
-/// proton emulator not found yet; see the closing note of stop 9).
-///
 /// One way of mapping cloudbus onto Service Bus.
 #[derive(Clone, Copy)]
 struct ServiceBusHarness {
