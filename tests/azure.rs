@@ -108,11 +108,6 @@ mod servicebus_topic_subscription {
     });
 }
 
-/// The session-enabled queue runs every case but publisher_close_loses_none_of_10000:
-/// there (10,000 unkeyed events over 16 sessions) the receiver takes about 3,000 and
-/// then stops taking more, while the emulator has delivered thousands more on the
-/// session links whose locks then expire, so the case times out. Not explained yet;
-/// see the closing note of issue 5.
 mod servicebus_session_queue {
     use super::*;
     cloudbus::conformance_suite!(match servicebus() {
@@ -121,23 +116,7 @@ mod servicebus_session_queue {
             sessions: true,
         },
         None => return,
-    };
-        send_receive_one, publish_subscribe_100, json_text_and_binary_bodies,
-        metadata_round_trip, fan_out_two_subscriptions, competing_consumers_share_work,
-        nack_redelivers_with_next_attempt, nack_delay_is_honoured, double_ack_is_an_error,
-        unacked_is_redelivered_after_lease, extend_keeps_the_lease,
-        closed_publisher_fails, closed_consumer_fails, receive_can_be_cancelled,
-        send_to_missing_topic_is_not_found, receive_from_missing_subscription_is_not_found,
-        explicit_dead_letter_keeps_reason, dead_letter_after_max_attempts,
-        redrive_returns_to_source, purge_empties_dead_letters,
-        ordering_per_key_under_concurrency, filter_routing, delayed_delivery,
-        foreign_message_dead_lettered, broken_json_dead_lettered,
-        missing_required_attributes_dead_lettered,
-        graceful_shutdown_finishes_in_flight, failing_handler_is_retried_then_succeeds,
-        worker_dead_letters_after_max_attempts, concurrent_publishers_and_worker,
-        topic_isolation, continue_after_consumer_close, batch_reports_per_event_failures,
-        idempotent_consumer_skips_duplicates, trace_context_propagates
-    );
+    });
 }
 
 /// The emulator's preset topic: (endpoint, key), or `None` after a loud message.

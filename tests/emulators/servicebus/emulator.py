@@ -53,6 +53,7 @@ session owners and locks to stderr; PN_TRACE_FRM=1 traces every AMQP frame.
 
 import argparse
 import base64
+import bisect
 import datetime
 import hashlib
 import hmac
@@ -414,6 +415,9 @@ class Stored:
     def __init__(self, message, seq):
         self.message = message
         self.seq = seq
+        # Read once: proton's accessors decode from C, and session deliveries scan
+        # the ready list by session.
+        self.session = message.group_id
         self.enqueued = now_ms()
         self.deliveries = 0
         self.lock_token = None
@@ -479,12 +483,11 @@ class Entity:
 
     def sessions_ready(self):
         """Session ids with ready messages, in the order of their first message."""
-        seen = []
+        seen = {}
         for stored in self.ready:
-            sid = stored.message.group_id
-            if sid is not None and sid not in seen:
-                seen.append(sid)
-        return seen
+            if stored.session is not None:
+                seen.setdefault(stored.session, None)
+        return list(seen)
 
     def lock_session(self, session_id, link):
         """Locks `session_id` (None: the next one with messages and no owner) for
@@ -497,7 +500,7 @@ class Entity:
             session_id = next((sid for sid in self.sessions_ready() if sid not in owners), None)
             if session_id is None:
                 return None
-        elif session_id in owners and owners[session_id] is not link:
+        elif session_id in owners and owners[session_id] != link:
             return None
         owners[session_id] = link
         self.session_locked_until[session_id] = now_ms() + int(self.lock_seconds * 1000)
@@ -537,8 +540,7 @@ class Entity:
                 ),
             )
         else:
-            self.ready.insert(0, stored)
-            self.ready.sort(key=lambda s: s.seq)
+            bisect.insort(self.ready, stored, key=lambda s: s.seq)
             self.broker.pump(self)
 
     def expire_locks(self):
@@ -778,15 +780,23 @@ def encode_with_header(message):
 def deliver(broker, entity, link):
     """Sends ready messages to a consumer link while it has credit."""
     session_id = getattr(link, "cloudbus_session", None)
-    while link.credit > 0 and entity.ready:
-        index = 0
-        if session_id is not None:
-            index = next(
-                (i for i, s in enumerate(entity.ready) if s.message.group_id == session_id), None
-            )
-            if index is None:
-                return
-        stored = entity.ready.pop(index)
+    credit = link.credit
+    if credit <= 0 or not entity.ready:
+        return
+    if session_id is None:
+        taken = entity.ready[:credit]
+        del entity.ready[:credit]
+    else:
+        # One pass over the ready list (a delivery per scan made a burst of a few
+        # hundred session messages take seconds, longer than clients wait).
+        taken, kept = [], []
+        for stored in entity.ready:
+            if len(taken) < credit and stored.session == session_id:
+                taken.append(stored)
+            else:
+                kept.append(stored)
+        entity.ready[:] = kept
+    for stored in taken:
         peek_lock = link.remote_snd_settle_mode != 1  # 1 = settled: receive-and-delete
         if peek_lock:
             entity.lock(stored, link)
@@ -861,10 +871,14 @@ class Handler(MessagingHandler):
             for sid, owner in e.session_owners.items():
                 sys.stderr.write("  session {} owner={} locked_until={}\n".format(
                     sid, getattr(owner, "name", owner), e.session_locked_until.get(sid)))
-            for stored in list(e.locked.values())[:5]:
-                sys.stderr.write("  locked seq={} group={} until={} link={}\n".format(
-                    stored.seq, stored.message.group_id, stored.locked_until,
-                    getattr(stored.link, "name", None)))
+            by_link = {}
+            for stored in e.locked.values():
+                by_link.setdefault(stored.link, []).append(stored)
+            for link, held in by_link.items():
+                sys.stderr.write("  {} locked by {} ({}), groups {}\n".format(
+                    len(held), getattr(link, "name", None),
+                    "a consumer" if link in e.consumers else "gone",
+                    sorted({s.session for s in held}, key=str)))
         sys.stderr.flush()
 
     def on_timer_task(self, event):
@@ -995,7 +1009,7 @@ class Handler(MessagingHandler):
             if getattr(link, "cloudbus_session", None) is not None:
                 # A session's messages are locked by the session lock: closing the
                 # session receiver gives them back at once (as a lost lock, counted).
-                for stored in [s for s in entity.locked.values() if s.link is link]:
+                for stored in [s for s in entity.locked.values() if s.link == link]:
                     entity.lose_lock(stored)
             # Other messages locked by this link stay locked until their lock
             # expires, as the service does.

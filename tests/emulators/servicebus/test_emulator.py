@@ -260,6 +260,22 @@ class ServiceBusEmulatorTest(unittest.TestCase):
             for m in got:
                 r.complete_message(m)
 
+    def test_closed_session_receiver_gives_its_messages_back(self):
+        """Session messages are locked by the session lock: a session receiver closed
+        with messages unsettled lets them go at once, not after the lock (30 s)."""
+        with self.client.get_queue_sender("proof-session") as s:
+            for i in range(2):
+                s.send_messages(ServiceBusMessage("c{}".format(i), session_id="C"))
+        with self.client.get_queue_receiver("proof-session", session_id="C") as r:
+            self.assertEqual(len(self.drain(r, 2)), 2)
+        started = time.time()
+        with self.client.get_queue_receiver("proof-session", session_id="C") as r:
+            got = self.drain(r, 2)
+            self.assertEqual(sorted(str(m) for m in got), ["c0", "c1"])
+            self.assertLess(time.time() - started, 10)
+            for m in got:
+                r.complete_message(m)
+
     def test_management_api_makes_working_entities(self):
         # The management API is HTTPS on its own port, with a self-signed certificate.
         host = self.management.split("://", 1)[1]
