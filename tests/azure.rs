@@ -3,7 +3,7 @@
 //!
 //! Service Bus: the conformance suite on a queue, on a topic subscription and on a
 //! session-enabled queue; dead-lettering after MaxDeliveryCount, rules routing,
-//! scheduled delivery, duplicate detection, a wrong key.
+//! scheduled delivery, duplicate detection, defer, a wrong key, a token credential.
 //!
 //! Event Grid: publishing with a key and with a SAS token, a wrong key, an oversize
 //! event, push delivery to the `PushEndpoint` and its handler, both validation
@@ -21,6 +21,10 @@ use async_trait::async_trait;
 use cloudbus::azure::Secret;
 use cloudbus::azure::eventgrid::push::PushEndpoint;
 use cloudbus::azure::eventgrid::{Credential, EventGridBus, EventGridConfig};
+use cloudbus::azure::servicebus::azure_core;
+use cloudbus::azure::servicebus::azure_core::credentials::{
+    AccessToken, TokenCredential, TokenRequestOptions,
+};
 use cloudbus::azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
 use cloudbus::conformance::Harness;
 use cloudbus::{
@@ -796,6 +800,138 @@ async fn servicebus_wrong_key_is_permission_denied() {
         let e = result.expect_err(what);
         assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{what}: {e}");
         assert!(!e.to_string().contains("d3Jvbmcta2V5"), "{what}: {e}");
+    }
+}
+
+/// Stands in for a Microsoft Entra ID credential as the emulator stands in for Entra
+/// ID: HS256 JWTs for an audience, signed with the emulator's token key
+/// (`SERVICEBUS_EMULATOR_TOKEN_KEY`, else the emulator's default); records the scopes
+/// it is asked for.
+#[derive(Debug)]
+struct EmulatorIdentity {
+    key: String,
+    audience: &'static str,
+    scopes: Mutex<Vec<String>>,
+}
+
+impl EmulatorIdentity {
+    fn new(key: Option<&str>, audience: &'static str) -> Arc<Self> {
+        let key = key.map(str::to_owned).unwrap_or_else(|| {
+            std::env::var("SERVICEBUS_EMULATOR_TOKEN_KEY")
+                .unwrap_or_else(|_| "cloudbus-emulator-token-key".to_owned())
+        });
+        Arc::new(EmulatorIdentity {
+            key,
+            audience,
+            scopes: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[async_trait]
+impl TokenCredential for EmulatorIdentity {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<TokenRequestOptions>,
+    ) -> azure_core::Result<AccessToken> {
+        use base64::Engine as _;
+        use hmac::{KeyInit, Mac};
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        self.scopes
+            .lock()
+            .expect("scopes")
+            .extend(scopes.iter().map(|s| s.to_string()));
+        let expires = azure_core::date::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+        let header = serde_json::json!({"alg": "HS256", "typ": "JWT"}).to_string();
+        let claims = serde_json::json!({"aud": self.audience, "exp": expires.unix_timestamp()});
+        let signed = format!(
+            "{}.{}",
+            encode(header.as_bytes()),
+            encode(claims.to_string().as_bytes())
+        );
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.key.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(signed.as_bytes());
+        let token = format!("{signed}.{}", encode(&mac.finalize().into_bytes()));
+        Ok(AccessToken::new(token, expires))
+    }
+}
+
+/// A Microsoft Entra ID identity (a token credential) instead of a key: declaring,
+/// publishing and receiving work with the emulator's bearer tokens, asked for the
+/// Service Bus scope; a token signed with another key, or for another audience, is
+/// PermissionDenied everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_token_credential_is_used_and_checked() {
+    let Some(text) = servicebus() else {
+        return;
+    };
+    let with_identity = |identity: Arc<EmulatorIdentity>| {
+        ServiceBusConfig::from_connection_string(&text)
+            .expect("connection string")
+            .entities(EntityKind::Queues)
+            .token_credential(identity)
+    };
+    let identity = EmulatorIdentity::new(None, "https://servicebus.azure.net");
+    let bus = ServiceBusBus::connect(with_identity(identity.clone()))
+        .await
+        .expect("connect with a token credential")
+        .into_bus();
+    let queue = unique("q");
+    bus.ensure_topic(&queue)
+        .await
+        .expect("declare with a token");
+    bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue))
+        .await
+        .expect("admit the reader");
+    let sent = event("com.example.order.created", 1);
+    bus.publisher(&queue)
+        .await
+        .expect("publisher")
+        .publish(sent.clone())
+        .await
+        .expect("publish with a token");
+    let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
+    let got = consumer.receive().await.expect("receive with a token");
+    assert_eq!(got.event().id(), sent.id());
+    got.ack().await.expect("ack");
+    let scopes = identity.scopes.lock().expect("scopes").clone();
+    assert!(
+        !scopes.is_empty()
+            && scopes
+                .iter()
+                .all(|s| s == "https://servicebus.azure.net/.default"),
+        "scopes asked for: {scopes:?}"
+    );
+    for wrong in [
+        EmulatorIdentity::new(Some("another-key"), "https://servicebus.azure.net"),
+        EmulatorIdentity::new(None, "https://storage.azure.com"),
+    ] {
+        let bus = ServiceBusBus::connect(with_identity(wrong))
+            .await
+            .expect("connecting checks nothing yet")
+            .into_bus();
+        let declared = bus.ensure_topic(&unique("q")).await;
+        let published = match bus.publisher(&queue).await {
+            Ok(p) => p
+                .publish(event("com.example.order.created", 2))
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let received = match bus.consumer(&queue, &queue).await {
+            Ok(c) => c.receive_batch(1, Duration::from_secs(1)).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        for (what, result) in [
+            ("declare", declared),
+            ("publish", published),
+            ("receive", received),
+        ] {
+            let e = result.expect_err(what);
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{what}: {e}");
+        }
     }
 }
 

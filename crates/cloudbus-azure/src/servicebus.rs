@@ -21,7 +21,9 @@
 //!
 //! Connection: `SERVICEBUS_CONNECTION_STRING` (`Endpoint=sb://…;SharedAccessKeyName=…;
 //! SharedAccessKey=…`, or `SharedAccessSignature=…`; `UseDevelopmentEmulator=true` with
-//! an optional port for the emulators), or [`ServiceBusConfig::namespace`].
+//! an optional port for the emulators), [`ServiceBusConfig::namespace`] with a key, or
+//! [`ServiceBusConfig::namespace_with_credential`] with a Microsoft Entra ID identity
+//! (any `azure_core` token credential).
 //!
 //! ```no_run
 //! # async fn run() -> cloudbus_core::Result<()> {
@@ -63,6 +65,11 @@ use fe2o3_amqp_types::primitives::SimpleValue;
 use tokio::sync::Mutex;
 
 pub use admin::service_bus_sas_token;
+/// The `azure_core` release that azservicebus uses: implement its
+/// `credentials::TokenCredential`, or pass an `azure_identity` credential of the same
+/// release, to [`ServiceBusConfig::namespace_with_credential`].
+pub use azure_core;
+use azure_core::credentials::TokenCredential;
 pub use rules::{MAX_SQL_LENGTH, RuleFilter, compile_rule};
 
 use crate::Secret;
@@ -96,6 +103,8 @@ pub const UNKEYED_SESSIONS: usize = 16;
 /// The longest opening a link may take (a refused attach can otherwise be retried
 /// for long).
 pub(crate) const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// The scope of Microsoft Entra ID tokens for Service Bus.
+pub const TOKEN_SCOPE: &str = "https://servicebus.azure.net/.default";
 /// The port of the emulators' AMQP endpoint when the connection string has none.
 const EMULATOR_AMQP_PORT: u16 = 5672;
 /// The management port of Microsoft's emulator.
@@ -114,11 +123,15 @@ pub enum EntityKind {
 
 /// How the client authenticates.
 #[derive(Clone, Debug)]
-pub(crate) enum SharedAccess {
+pub(crate) enum Access {
     /// A shared access key and its name; tokens are signed here.
     Key { name: String, key: Secret },
     /// A SAS token made elsewhere.
-    Token(Secret),
+    SasToken(Secret),
+    /// A Microsoft Entra ID identity: bearer tokens for [`TOKEN_SCOPE`] from a token
+    /// credential (its Debug output is the credential's own, which shows no tokens in
+    /// azure_identity).
+    Identity(Arc<dyn TokenCredential>),
 }
 
 /// Where and how to connect. Keys stay out of its Debug output.
@@ -136,7 +149,7 @@ pub(crate) enum SharedAccess {
 #[derive(Clone, Debug)]
 pub struct ServiceBusConfig {
     pub(crate) namespace: String,
-    pub(crate) access: SharedAccess,
+    pub(crate) access: Access,
     pub(crate) emulator: bool,
     pub(crate) management_endpoint: String,
     pub(crate) entities: EntityKind,
@@ -155,7 +168,7 @@ impl ServiceBusConfig {
         ServiceBusConfig {
             management_endpoint: format!("https://{namespace}"),
             namespace,
-            access: SharedAccess::Key {
+            access: Access::Key {
                 name: key_name.into(),
                 key,
             },
@@ -164,6 +177,55 @@ impl ServiceBusConfig {
             sessions: false,
             structured: false,
         }
+    }
+
+    /// A namespace (`contoso.servicebus.windows.net`) with a Microsoft Entra ID
+    /// identity: any [`TokenCredential`] of `azure_core` 0.25 (re-exported here as
+    /// [`azure_core`]), such as `azure_identity`'s `DefaultAzureCredential` or
+    /// `ManagedIdentityCredential` of the same release. AMQP (CBS) and the management
+    /// API get bearer tokens for [`TOKEN_SCOPE`]; the identity needs the "Azure Service
+    /// Bus Data Owner" role to declare entities, or Sender/Receiver to only use them.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cloudbus_azure::servicebus::azure_core::credentials::{
+    ///     AccessToken, TokenCredential, TokenRequestOptions,
+    /// };
+    /// use cloudbus_azure::servicebus::ServiceBusConfig;
+    ///
+    /// /// A credential that has its token from elsewhere (a real one would fetch and
+    /// /// refresh it, as azure_identity's do).
+    /// #[derive(Debug)]
+    /// struct Fixed(AccessToken);
+    /// #[async_trait::async_trait]
+    /// impl TokenCredential for Fixed {
+    ///     async fn get_token(
+    ///         &self,
+    ///         _scopes: &[&str],
+    ///         _options: Option<TokenRequestOptions>,
+    ///     ) -> cloudbus_azure::servicebus::azure_core::Result<AccessToken> {
+    ///         Ok(self.0.clone())
+    ///     }
+    /// }
+    /// let expires = cloudbus_azure::servicebus::azure_core::date::OffsetDateTime::now_utc();
+    /// let credential = Arc::new(Fixed(AccessToken::new("eyJ0eXAi…", expires)));
+    /// let c = ServiceBusConfig::namespace_with_credential("contoso.servicebus.windows.net", credential);
+    /// assert_eq!(c.amqp_host(), "contoso.servicebus.windows.net");
+    /// ```
+    pub fn namespace_with_credential(
+        fully_qualified_namespace: impl Into<String>,
+        credential: Arc<dyn TokenCredential>,
+    ) -> Self {
+        Self::namespace(fully_qualified_namespace, "", Secret::new("")).token_credential(credential)
+    }
+
+    /// Authenticates with a Microsoft Entra ID identity instead of what the
+    /// configuration had (for example, a connection string's endpoint and emulator
+    /// settings with an identity's tokens). See
+    /// [`namespace_with_credential`](Self::namespace_with_credential).
+    pub fn token_credential(mut self, credential: Arc<dyn TokenCredential>) -> Self {
+        self.access = Access::Identity(credential);
+        self
     }
 
     /// Parses a connection string. `UseDevelopmentEmulator=true` means plain AMQP to
@@ -211,8 +273,8 @@ impl ServiceBusConfig {
             .ok_or_else(|| Error::invalid("the connection string's Endpoint has no host"))?
             .to_owned();
         let access = match (key_name, key, token) {
-            (_, _, Some(token)) => SharedAccess::Token(token),
-            (Some(name), Some(key), None) => SharedAccess::Key { name, key },
+            (_, _, Some(token)) => Access::SasToken(token),
+            (Some(name), Some(key), None) => Access::Key { name, key },
             _ => {
                 return Err(Error::invalid(
                     "the connection string needs SharedAccessKeyName and SharedAccessKey, \
@@ -362,41 +424,44 @@ pub(crate) async fn new_client(
         ..Default::default()
     };
     let host = config.namespace.clone();
-    match (&config.access, config.emulator) {
-        (SharedAccess::Key { name, key }, true) => {
-            ServiceBusClient::unsecured()
-                .new_from_named_key_credential(
-                    host.clone(),
-                    azservicebus::authorization::AzureNamedKeyCredential::new(name, key.expose()),
-                    options,
-                )
-                .await
-        }
-        (SharedAccess::Key { name, key }, false) => {
-            ServiceBusClient::new_from_named_key_credential(
-                host.clone(),
-                azservicebus::authorization::AzureNamedKeyCredential::new(name, key.expose()),
-                options,
-            )
-            .await
-        }
-        (SharedAccess::Token(token), true) => {
-            ServiceBusClient::unsecured()
-                .new_from_sas_credential(
-                    host.clone(),
-                    azservicebus::authorization::AzureSasCredential::new(token.expose()),
-                    options,
-                )
-                .await
-        }
-        (SharedAccess::Token(token), false) => {
-            ServiceBusClient::new_from_sas_credential(
-                host.clone(),
-                azservicebus::authorization::AzureSasCredential::new(token.expose()),
-                options,
-            )
-            .await
-        }
+    // The secured and the unsecured (emulator) builders are different types with the
+    // same constructors.
+    macro_rules! connect {
+        ($builder:expr) => {
+            match &config.access {
+                Access::Key { name, key } => {
+                    $builder
+                        .new_from_named_key_credential(
+                            host.clone(),
+                            azservicebus::authorization::AzureNamedKeyCredential::new(
+                                name,
+                                key.expose(),
+                            ),
+                            options,
+                        )
+                        .await
+                }
+                Access::SasToken(token) => {
+                    $builder
+                        .new_from_sas_credential(
+                            host.clone(),
+                            azservicebus::authorization::AzureSasCredential::new(token.expose()),
+                            options,
+                        )
+                        .await
+                }
+                Access::Identity(credential) => {
+                    $builder
+                        .new_from_token_credential(host.clone(), credential.clone(), options)
+                        .await
+                }
+            }
+        };
+    }
+    if config.emulator {
+        connect!(ServiceBusClient::unsecured())
+    } else {
+        connect!(ServiceBusClient::with_custom_retry_policy::<BasicRetryPolicy>())
     }
     .map_err(|e| sb_error(e, &format!("connect to Service Bus at {host}")))
 }
@@ -918,11 +983,11 @@ mod tests {
         );
         assert!(!c.emulator);
         match &c.access {
-            SharedAccess::Key { name, key } => {
+            Access::Key { name, key } => {
                 assert_eq!(name, "send");
                 assert_eq!(key.expose(), "abc=");
             }
-            SharedAccess::Token(_) => panic!("a key was given"),
+            _ => panic!("a key was given"),
         }
         let e = ServiceBusConfig::from_connection_string("Endpoint=sb://x/;SharedAccessKey=k")
             .unwrap_err();

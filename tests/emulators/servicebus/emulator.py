@@ -5,8 +5,11 @@ on the project machines (the official one needs Docker and SQL Edge).
 What it does, as Service Bus does over AMQP:
 - SASL ANONYMOUS or PLAIN, no TLS (the clients' UseDevelopmentEmulator=true mode).
 - CBS: put-token on `$cbs`; a SAS token is checked against the namespace's keys
-  (signature, key name, expiry) and refused with 401 as the service does. The ATOM
-  management API checks its Authorization header the same way.
+  (signature, key name, expiry) and refused with 401 as the service does. Any other
+  token (what clients send for a Microsoft Entra ID identity) is checked as a
+  bearer token (a JWT): signed with the emulator's token key (HS256, standing in for Entra
+  ID), audience https://servicebus.azure.net, not expired. The ATOM management API
+  checks its Authorization header (SAS, or `Bearer <jwt>`) the same way.
 - Queues, and topics with subscriptions (entities from a config file in the official
   emulator's Config.json format). Sending: to `<queue>` or `<topic>`; receiving from
   `<queue>`, `<topic>/Subscriptions/<sub>`, and each one's `/$DeadLetterQueue`.
@@ -45,7 +48,8 @@ numbers), not lists; lock tokens come back in the delivery tag's byte order, not
 .NET GUID (both are found).
 
 Run: python emulator.py --config config.json [--port 5672] [--management-port N]
-[--key-name RootManageSharedAccessKey --key SAS_KEY_VALUE];
+[--key-name RootManageSharedAccessKey --key SAS_KEY_VALUE]
+[--token-key cloudbus-emulator-token-key];
 prints SERVICEBUS_MANAGEMENT_ENDPOINT, SERVICEBUS_CONNECTION_STRING, then "Ready.".
 `kill -USR1 <pid>` writes each busy entity's messages, consumers (credit, unsettled),
 session owners and locks to stderr; PN_TRACE_FRM=1 traces every AMQP frame.
@@ -141,6 +145,57 @@ def sas_refusal(token):
     if not hmac.compare_digest(urllib.parse.unquote(sig), expected):
         return "the signature does not match the key {}".format(skn)
     return None
+
+
+# Stands in for Microsoft Entra ID: bearer tokens (JWTs) signed with this key
+# (HS256) are trusted; --token-key changes it.
+TOKEN_KEY = {"key": "cloudbus-emulator-token-key"}
+# The audience of Entra ID tokens for Service Bus (the scope
+# https://servicebus.azure.net/.default).
+TOKEN_AUDIENCE = "https://servicebus.azure.net"
+
+
+def base64url_decode(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def token_refusal(token):
+    """Why a bearer token (a JWT, as Entra ID issues for an identity) is refused, or
+    None when the emulator's token key signed it (HS256), its audience is Service Bus
+    and it has not expired. Entra ID signs with RS256 keys of its own; the checks that
+    matter to a client (signature, audience, expiry) are the same."""
+    if not isinstance(token, str) or token.count(".") != 2:
+        return "not a JSON web token"
+    head, body, signature = token.split(".")
+    try:
+        header = json.loads(base64url_decode(head))
+        claims = json.loads(base64url_decode(body))
+        signature = base64url_decode(signature)
+    except ValueError:
+        return "the token's parts are not base64url JSON"
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        return "the token's parts are not JSON objects"
+    if header.get("alg") != "HS256":
+        return "the token is not signed with HS256"
+    expected = hmac.new(
+        TOKEN_KEY["key"].encode(), (head + "." + body).encode(), hashlib.sha256
+    ).digest()
+    if not hmac.compare_digest(signature, expected):
+        return "the token's signature does not match"
+    if str(claims.get("aud", "")).rstrip("/") != TOKEN_AUDIENCE:
+        return "the token's audience is {!r}, not {}".format(claims.get("aud"), TOKEN_AUDIENCE)
+    expiry = claims.get("exp")
+    if not isinstance(expiry, (int, float)) or expiry < time.time():
+        return "the token expired"
+    return None
+
+
+def access_refusal(token):
+    """Why a token is refused: a SAS token or a bearer token, told apart by content
+    (azure-servicebus sends SAS tokens with the CBS type `jwt` too)."""
+    if isinstance(token, str) and token.startswith("SharedAccessSignature "):
+        return sas_refusal(token)
+    return token_refusal(token)
 
 
 def log(*args):
@@ -1036,7 +1091,7 @@ class Handler(MessagingHandler):
         messages = messages_of(raw)
         message = messages[0]
         if node == "$cbs":
-            refusal = sas_refusal(message.body)
+            refusal = access_refusal(message.body)
             if refusal is None:
                 self.reply(event, status_response(message, 202, "Accepted"))
             else:
@@ -1350,12 +1405,20 @@ class Management(http.server.BaseHTTPRequestHandler):
         path = urllib.parse.urlparse(self.path).path
         return [urllib.parse.unquote(p) for p in path.split("/") if p]
 
-    def authorized(self):
-        return sas_refusal(self.headers.get("Authorization") or "") is None
+    def refused(self):
+        """Answers 401 (with the reason) unless the Authorization header holds a valid
+        SAS token or `Bearer <jwt>`; says whether it did."""
+        header = self.headers.get("Authorization") or ""
+        if header.startswith("Bearer "):
+            header = header[len("Bearer "):]
+        refusal = access_refusal(header)
+        if refusal is not None:
+            self.error(401, "Unauthorized: " + refusal)
+        return refusal is not None
 
     def do_GET(self):
-        if not self.authorized():
-            return self.error(401, "Unauthorized: no valid SharedAccessSignature")
+        if self.refused():
+            return
         parts = self.path_parts()
         b = self.broker
         with b.lock:
@@ -1377,8 +1440,8 @@ class Management(http.server.BaseHTTPRequestHandler):
         return self.error(404, "entity {} not found".format("/".join(parts)))
 
     def do_DELETE(self):
-        if not self.authorized():
-            return self.error(401, "Unauthorized: no valid SharedAccessSignature")
+        if self.refused():
+            return
         parts = self.path_parts()
         b = self.broker
         with b.lock:
@@ -1396,8 +1459,8 @@ class Management(http.server.BaseHTTPRequestHandler):
         return self.error(404, "entity {} not found".format("/".join(parts)))
 
     def do_PUT(self):
-        if not self.authorized():
-            return self.error(401, "Unauthorized: no valid SharedAccessSignature")
+        if self.refused():
+            return
         parts = self.path_parts()
         length = int(self.headers.get("content-length") or 0)
         try:
@@ -1499,6 +1562,8 @@ def main():
     parser.add_argument("--config", required=True)
     parser.add_argument("--key-name", default="RootManageSharedAccessKey")
     parser.add_argument("--key", default="SAS_KEY_VALUE")
+    parser.add_argument("--token-key", default=TOKEN_KEY["key"],
+                        help="the HS256 key of trusted bearer tokens (Entra ID's stand-in)")
     parser.add_argument("--management-port", type=int, default=None,
                         help="HTTPS port of the ATOM management API (default: AMQP port + 1)")
     args = parser.parse_args()
@@ -1512,6 +1577,7 @@ def main():
           flush=True)
     KEYS.clear()
     KEYS[args.key_name] = args.key
+    TOKEN_KEY["key"] = args.token_key
     print(
         "SERVICEBUS_CONNECTION_STRING=Endpoint=sb://{}:{};SharedAccessKeyName={};"
         "SharedAccessKey={};UseDevelopmentEmulator=true;".format(

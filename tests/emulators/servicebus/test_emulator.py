@@ -11,7 +11,11 @@ Run: python -m unittest tests/emulators/servicebus/test_emulator.py (scripts/tes
 does, in the venv scripts/azure-venv.sh makes).
 """
 
+import base64
 import datetime
+import hashlib
+import hmac
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +24,7 @@ import time
 import unittest
 import uuid
 
+from azure.core.credentials import AccessToken
 from azure.core.exceptions import (
     ClientAuthenticationError,
     ResourceExistsError,
@@ -40,6 +45,26 @@ from azure.servicebus import (
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class EmulatorTokenCredential:
+    """A token credential as azure-identity's are (get_token(*scopes)), issuing what
+    the emulator trusts in Entra ID's place: HS256 JWTs signed with its token key."""
+
+    def __init__(self, key="cloudbus-emulator-token-key", audience="https://servicebus.azure.net"):
+        self.key, self.audience, self.scopes = key, audience, []
+
+    def get_token(self, *scopes, **kwargs):
+        self.scopes.extend(scopes)
+        expires = int(time.time()) + 3600
+
+        def part(value):
+            return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+        signed = part({"alg": "HS256", "typ": "JWT"}) + "." + part({"aud": self.audience, "exp": expires})
+        signature = hmac.new(self.key.encode(), signed.encode(), hashlib.sha256).digest()
+        token = signed + "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
+        return AccessToken(token, expires)
 
 
 def free_port():
@@ -341,6 +366,35 @@ class ServiceBusEmulatorTest(unittest.TestCase):
             admin.get_queue("proof-queue")
         with self.client.get_queue_receiver("proof-queue") as r:
             self.assertEqual(r.receive_messages(max_wait_time=1), [])
+
+    def test_token_credential_is_checked(self):
+        # An identity's bearer token (CBS type jwt, and Authorization: Bearer on the
+        # management API): accepted when signed with the token key for Service Bus.
+        host = self.conn.split("sb://", 1)[1].split(";", 1)[0]
+        good = EmulatorTokenCredential()
+        with ServiceBusClient(host, good, use_tls=False) as client:
+            with client.get_queue_sender("proof-queue") as s:
+                s.send_messages(ServiceBusMessage("by-token"))
+            with client.get_queue_receiver("proof-queue") as r:
+                got = self.drain(r, 1)
+                self.assertEqual([str(m) for m in got], ["by-token"])
+                r.complete_message(got[0])
+        # (azure-servicebus asks for "https://servicebus.azure.net//.default")
+        self.assertTrue(good.scopes and all(
+            s.startswith("https://servicebus.azure.net/") and s.endswith("/.default")
+            for s in good.scopes), good.scopes)
+        management = self.management.split("://", 1)[1]
+        admin = ServiceBusAdministrationClient(management, good, connection_verify=False)
+        self.assertEqual(admin.get_queue("proof-queue").name, "proof-queue")
+        for bad in (EmulatorTokenCredential(key="another-key"),
+                    EmulatorTokenCredential(audience="https://storage.azure.com")):
+            with ServiceBusClient(host, bad, use_tls=False, retry_total=0) as client:
+                with self.assertRaises(ServiceBusAuthenticationError):
+                    with client.get_queue_sender("proof-queue") as s:
+                        s.send_messages(ServiceBusMessage("refused"))
+            admin = ServiceBusAdministrationClient(management, bad, connection_verify=False)
+            with self.assertRaises(ClientAuthenticationError):
+                admin.get_queue("proof-queue")
 
     def test_receive_and_delete(self):
         with self.client.get_queue_sender("proof-queue") as s:

@@ -1,6 +1,7 @@
 //! The Service Bus management API (ATOM entries over HTTPS, the API that the Azure
 //! SDKs' `ServiceBusAdministrationClient` calls): create, update and delete queues,
-//! topics, subscriptions and rules, signed with a SAS token.
+//! topics, subscriptions and rules, signed with a SAS token or carrying an identity's
+//! bearer token.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use chrono::Utc;
 use cloudbus_core::{Error, ErrorKind, Result};
 
 use super::rules::RuleFilter;
-use super::{ServiceBusConfig, SharedAccess};
+use super::{Access, ServiceBusConfig, TOKEN_SCOPE};
 use crate::{Secret, hmac_sha256_base64, kind_of_status, sas_encode};
 
 const ATOM: &str = "http://www.w3.org/2005/Atom";
@@ -61,7 +62,7 @@ pub fn service_bus_sas_token(
 pub(crate) struct Admin {
     http: reqwest::Client,
     endpoint: String,
-    access: SharedAccess,
+    access: Access,
 }
 
 impl Admin {
@@ -82,13 +83,27 @@ impl Admin {
         })
     }
 
-    fn authorization(&self, url: &str) -> Result<Secret> {
+    /// The Authorization header for a request to `url`.
+    async fn authorization(&self, url: &str) -> Result<Secret> {
         match &self.access {
-            SharedAccess::Key { name, key } => {
+            Access::Key { name, key } => {
                 let expiry = Utc::now().timestamp() + TOKEN_LIFETIME.as_secs() as i64;
                 service_bus_sas_token(url, name, key, expiry)
             }
-            SharedAccess::Token(token) => Ok(token.clone()),
+            Access::SasToken(token) => Ok(token.clone()),
+            Access::Identity(credential) => {
+                let token = credential
+                    .get_token(&[TOKEN_SCOPE], None)
+                    .await
+                    .map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::PermissionDenied,
+                            format!("no token for {TOKEN_SCOPE} from the token credential"),
+                            e,
+                        )
+                    })?;
+                Ok(Secret::new(format!("Bearer {}", token.token.secret())))
+            }
         }
     }
 
@@ -114,7 +129,9 @@ impl Admin {
         update: bool,
     ) -> Result<(u16, String)> {
         let url = self.url(path);
-        let token = self.authorization(&format!("{}/{}", self.endpoint, path))?;
+        let token = self
+            .authorization(&format!("{}/{}", self.endpoint, path))
+            .await?;
         let mut request = self
             .http
             .request(method.clone(), &url)
