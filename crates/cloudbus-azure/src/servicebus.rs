@@ -13,7 +13,7 @@
 //! | dedup id (default: the CloudEvent id) | `MessageId`; entities are made with duplicate detection (10 minutes) |
 //! | ordering key | `SessionId` on session-enabled entities (`?sessions=true`) |
 //! | delay | `ScheduledEnqueueTime` |
-//! | ack / nack / dead-letter / extend | complete / abandon / dead-letter with reason and description / renew lock |
+//! | ack / nack / dead-letter / extend | complete / abandon / dead-letter with reason and description / renew lock (sessions: renew the session lock, also renewed while the session is held) |
 //! | attempt | `DeliveryCount` |
 //! | max delivery attempts, lease | `MaxDeliveryCount`, `LockDuration` (5 s to 5 min) |
 //! | filter | the subscription's one rule: a correlation filter for exact matches, else a SQL filter |

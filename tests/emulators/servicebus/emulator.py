@@ -38,7 +38,10 @@ What it does, as Service Bus does over AMQP:
 
 - Sessions: a receiver's source filter com.microsoft:session-filter names a session
   (or is null: the next free session with messages); the session is locked for that
-  link, and closing the link (or its connection) gives its locked messages back.
+  link, and closing the link (or its connection) gives its locked messages back. The
+  session lock locks its messages: renew-session-lock renews both, renew-lock is
+  refused (400) on a session entity, and a session lock that runs out detaches the
+  link with com.microsoft:session-lock-lost and gives the messages back.
 - Links: a detach without close (a client recovering a link) is answered with a
   detach; a closed connection ends its links.
 
@@ -578,9 +581,33 @@ class Entity:
 
     def lock(self, stored, link):
         stored.lock_token = uuid.uuid4()
-        stored.locked_until = now_ms() + int(self.lock_seconds * 1000)
+        session = getattr(link, "cloudbus_session", None) if link is not None else None
+        # A session's messages are locked by the session lock.
+        stored.locked_until = self.session_locked_until.get(session) or (
+            now_ms() + int(self.lock_seconds * 1000))
         stored.link = link
         self.locked[stored.lock_token] = stored
+
+    def renew_session_lock(self, session):
+        """The session lock and its messages' locks run for another lock duration."""
+        until = now_ms() + int(self.lock_seconds * 1000)
+        self.session_locked_until[session] = until
+        owner = self.session_owners.get(session)
+        for stored in self.locked.values():
+            if stored.session == session and owner is not None and stored.link == owner:
+                stored.locked_until = until
+        return until
+
+    def expired_session_links(self):
+        """Links whose session lock ran out (no renew-session-lock in time); their
+        sessions are free again."""
+        expired = []
+        for session, owner in list(self.session_owners.items()):
+            if self.session_locked_until.get(session, 0) <= now_ms():
+                del self.session_owners[session]
+                if owner in self.consumers:
+                    expired.append((session, owner))
+        return expired
 
     def abandon(self, stored, count=True):
         self.locked.pop(stored.lock_token, None)
@@ -942,6 +969,15 @@ class Handler(MessagingHandler):
             self.dump()
         for entity in self.broker.entities():
             entity.release_scheduled()
+            for session, link in entity.expired_session_links():
+                # As the service does: the link is detached with session-lock-lost and
+                # the session's locked messages go back.
+                log("session lock expired", entity.name, session)
+                link.condition = Condition(
+                    VENDOR + ":session-lock-lost",
+                    "the lock of session {} expired".format(session))
+                link.close()
+                self.forget(link)
             entity.expire_locks()
         event.container.schedule(0.1, self)
 
@@ -1090,18 +1126,22 @@ class Handler(MessagingHandler):
         node = getattr(link, "cloudbus_node", "")
         messages = messages_of(raw)
         message = messages[0]
-        if node == "$cbs":
-            refusal = access_refusal(message.body)
-            if refusal is None:
-                self.reply(event, status_response(message, 202, "Accepted"))
+        if node in ("$cbs", "$management"):
+            if node == "$management":
+                response = self.management(link, message)
             else:
-                log("put-token refused:", refusal)
-                self.reply(event, status_response(message, 401, "Unauthorized: " + refusal))
+                refusal = access_refusal(message.body)
+                if refusal is not None:
+                    log("put-token refused:", refusal)
+                response = status_response(
+                    message, 202 if refusal is None else 401,
+                    "Accepted" if refusal is None else "Unauthorized: " + refusal)
+            self.reply(event, response)
             self.accept(event.delivery)
-            return
-        if node == "$management":
-            self.reply(event, self.management(link, message))
-            self.accept(event.delivery)
+            # Requests never run out of credit (a client puts a token for every link
+            # it opens: the first 100 were all there was).
+            if link.credit < 50:
+                link.flow(100)
             return
         entity = link.cloudbus_entity
         if entity is None:
@@ -1145,6 +1185,12 @@ class Handler(MessagingHandler):
             if op == VENDOR + ":peek-message":
                 return self.peek(request, entity, body)
             if op == VENDOR + ":renew-lock":
+                if entity.requires_session:
+                    # Session messages are locked by the session lock (renew-session-lock);
+                    # Microsoft's clients refuse this before asking.
+                    return status_response(
+                        request, 400,
+                        "renew-lock is not supported on session entities; renew the session lock")
                 expirations = []
                 for token in body.get("lock-tokens", []):
                     stored = entity.find_lock(token)
@@ -1213,8 +1259,9 @@ class Handler(MessagingHandler):
                     return status_response(
                         request, 200, "OK", {"session-state": entity.session_states.get(sid)}
                     )
-                until = now_ms() + int(entity.lock_seconds * 1000)
-                entity.session_locked_until[sid] = until
+                if sid not in entity.session_owners:
+                    return status_response(request, 410, "the lock of session {} is lost".format(sid))
+                until = entity.renew_session_lock(sid)
                 return status_response(request, 200, "OK", {"expiration": timestamp(until)})
         except (KeyError, ValueError, TypeError) as e:
             return status_response(request, 400, "bad request: {}".format(e))

@@ -35,7 +35,7 @@ from azure.servicebus.management import (
     ServiceBusAdministrationClient,
     SqlRuleFilter,
 )
-from azure.servicebus.exceptions import ServiceBusAuthenticationError
+from azure.servicebus.exceptions import ServiceBusAuthenticationError, SessionLockLostError
 from azure.servicebus import (
     NEXT_AVAILABLE_SESSION,
     ServiceBusClient,
@@ -284,6 +284,28 @@ class ServiceBusEmulatorTest(unittest.TestCase):
             self.assertEqual([str(m) for m in got], ["a0", "a1", "a2"])
             for m in got:
                 r.complete_message(m)
+
+    def test_session_lock_locks_its_messages(self):
+        """The session lock is its messages' lock (5 s here): renewing it keeps them past
+        their first lock; when it runs out the messages go back to the session."""
+        with self.client.get_queue_sender("proof-session-short") as s:
+            for i in range(2):
+                s.send_messages(ServiceBusMessage("d{}".format(i), session_id="D"))
+        with self.client.get_queue_receiver("proof-session-short", session_id="D") as r:
+            got = self.drain(r, 2)
+            self.assertEqual(sorted(str(m) for m in got), ["d0", "d1"])
+            time.sleep(3)
+            r.session.renew_lock()
+            time.sleep(3)
+            r.complete_message(got[0])
+            time.sleep(6)
+            with self.assertRaises(SessionLockLostError):
+                r.complete_message(got[1])
+        with self.client.get_queue_receiver("proof-session-short", session_id="D") as r:
+            again = self.drain(r, 1)
+            self.assertEqual([str(m) for m in again], ["d1"])
+            self.assertEqual(again[0].delivery_count, 1)
+            r.complete_message(again[0])
 
     def test_closed_session_receiver_gives_its_messages_back(self):
         """Session messages are locked by the session lock: a session receiver closed

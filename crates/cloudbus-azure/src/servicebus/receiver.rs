@@ -5,6 +5,12 @@
 //! An azservicebus receiver settles only the messages it received, and every call
 //! takes it by `&mut`. So each link sits behind an async mutex, and a receive holds it
 //! for at most [`RECEIVE_SLICE`] at a time: a settlement waits at most that long.
+//!
+//! A session's messages are locked by the session lock. A held session's lock is
+//! renewed at half its life while every unsettled message of it is within its lease;
+//! extending a message renews it too. A message left past its lease lets the session
+//! lock run out, and the service gives the session (and the message) to the next
+//! reader, as a lapsed message lock would.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -33,8 +39,8 @@ use fe2o3_amqp_types::primitives::{SimpleValue, Value};
 use tokio::sync::Mutex;
 
 use super::{
-    ATTRIBUTE_PREFIX, CONTENT_TYPE, EntityKind, LINK_TIMEOUT, REDRIVE_PROPERTY, Shared, sb_error,
-    text_of,
+    ATTRIBUTE_PREFIX, CONTENT_TYPE, EntityKind, LINK_TIMEOUT, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY,
+    Shared, sb_error, text_of,
 };
 
 /// The longest one receive call holds a link.
@@ -99,7 +105,20 @@ impl Link {
                 };
                 on_link!(self, r => r.dead_letter_message(&*message, options).await)
             }
-            Settlement::Extend { .. } => on_link!(self, r => r.renew_message_lock(message).await),
+            // A session message's lock is the session lock (Microsoft's clients refuse
+            // a message lock renewal on a session receiver).
+            Settlement::Extend { .. } => match self {
+                Link::Plain(r) => r.renew_message_lock(message).await,
+                Link::Session(r) => r.renew_session_lock().await,
+            },
+        }
+    }
+
+    /// Sessions: when to renew the session lock next (half its remaining life).
+    fn session_renewal(&self) -> Option<Instant> {
+        match self {
+            Link::Plain(_) => None,
+            Link::Session(r) => Some(renewal_time(r.session_locked_until())),
         }
     }
 
@@ -140,11 +159,14 @@ struct Slot {
     session: Option<String>,
     /// Since when reads of this session found nothing.
     idle_since: SyncMutex<Option<Instant>>,
+    /// Sessions: when the session lock is to be renewed.
+    renew_at: SyncMutex<Option<Instant>>,
 }
 
 impl Slot {
     fn new(link: Link, session: Option<String>) -> Self {
         Slot {
+            renew_at: SyncMutex::new(link.session_renewal()),
             link: Mutex::new(Some(link)),
             unsettled: AtomicUsize::new(0),
             session,
@@ -153,10 +175,21 @@ impl Slot {
     }
 }
 
+/// Half the remaining life of a lock that runs until `locked_until` (half the
+/// shortest lock Service Bus allows when the time is unknown or past).
+fn renewal_time(locked_until: time::OffsetDateTime) -> Instant {
+    let remaining = Duration::try_from(locked_until - time::OffsetDateTime::now_utc())
+        .unwrap_or(MIN_LOCK)
+        .min(MAX_LOCK);
+    Instant::now() + remaining / 2
+}
+
 /// One received, unsettled message.
 struct Inflight {
     message: ServiceBusReceivedMessage,
     slot: Arc<Slot>,
+    /// Until when the consumer may hold it (its lock, or the last extend).
+    lease_until: Instant,
 }
 
 /// Receives from a queue or subscription in peek-lock mode: the driver of a Service
@@ -470,6 +503,32 @@ impl ServiceBusSubscription {
         }
     }
 
+    /// Renews a held session's lock when it is due, unless a message of it is past
+    /// its lease (then the lock runs out, and the service gives the message to the
+    /// next reader).
+    async fn renew_session_if_due(
+        &self,
+        slot: &Arc<Slot>,
+        link: &mut Link,
+    ) -> std::result::Result<(), azure_core::Error> {
+        let now = Instant::now();
+        let due = lock(&slot.renew_at).is_some_and(|at| at <= now);
+        let leases_hold = || {
+            lock(&self.inflight)
+                .values()
+                .filter(|i| Arc::ptr_eq(&i.slot, slot))
+                .all(|i| i.lease_until > now)
+        };
+        if let Link::Session(receiver) = link
+            && due
+            && leases_hold()
+        {
+            receiver.renew_session_lock().await?;
+            *lock(&slot.renew_at) = link.session_renewal();
+        }
+        Ok(())
+    }
+
     /// Lets a session go when it ran dry and nothing of it is unsettled, or when it
     /// failed (`ended`).
     async fn release(&self, slot: &Arc<Slot>, ended: bool) {
@@ -545,6 +604,7 @@ impl ServiceBusSubscription {
             Inflight {
                 message,
                 slot: slot.clone(),
+                lease_until: Instant::now() + lease.unwrap_or(MIN_LOCK),
             },
         );
         Some(ReceivedMessage {
@@ -582,12 +642,18 @@ impl ServiceBusSubscription {
                     ErrorKind::LeaseExpired,
                     format!("the link of lock token {key} on {} is closed", self.path),
                 )),
-                Some(link) => link
-                    .apply(&mut inflight.message, action)
-                    .await
-                    .map_err(|e| {
+                Some(link) => {
+                    let applied = link.apply(&mut inflight.message, action).await;
+                    if applied.is_ok()
+                        && let Action::Settle(Settlement::Extend { lease }) = action
+                    {
+                        inflight.lease_until = Instant::now() + *lease;
+                        *lock(&slot.renew_at) = link.session_renewal();
+                    }
+                    applied.map_err(|e| {
                         sb_error(e, &format!("{} {key} on {}", action.label(), self.path))
-                    }),
+                    })
+                }
             }
         };
         if action.is_final() || result.is_err() {
@@ -741,6 +807,9 @@ impl SubscriptionDriver for ServiceBusSubscription {
                         slot.link.lock().await
                     };
                     let link = guard.as_mut()?;
+                    if let Err(e) = self.renew_session_if_due(slot, link).await {
+                        return Some((slot, Err(e)));
+                    }
                     Some((slot, link.receive(share, slice).await))
                 });
             let mut out = Vec::new();

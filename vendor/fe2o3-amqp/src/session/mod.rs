@@ -650,7 +650,15 @@ impl endpoint::Session for Session {
         let input_handle = InputHandle::from(transfer.handle.clone());
         match self.link_by_input_handle.get_mut(&input_handle) {
             Some(link_relay) => {
-                let id_and_tag = link_relay.on_incoming_transfer(transfer, payload).await?;
+                // cloudbus patch: a transfer that was on its way to a link its owner has
+                // dropped (its detach not yet answered) is discarded; the peer releases
+                // the delivery when the link detaches. (Upstream ended the session.)
+                let id_and_tag = match link_relay.on_incoming_transfer(transfer, payload).await
+                {
+                    Ok(id_and_tag) => id_and_tag,
+                    Err(crate::link::LinkRelayError::UnattachedHandle) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
 
                 // FIXME: If the unsettled map needs this
                 if let Some((delivery_id, delivery_tag)) = id_and_tag {
@@ -745,10 +753,14 @@ impl endpoint::Session for Session {
             .link_by_input_handle
             .remove(&InputHandle::from(detach.handle.clone()))
         {
-            Some(mut link) => link
-                .on_incoming_detach(detach)
-                .await
-                .map_err(|_| SessionInnerError::UnattachedHandle),
+            // cloudbus patch: a link dropped by its owner sends its closing detach from
+            // `Drop` and is gone when the peer's answer arrives; that answer needs no
+            // delivery. (Upstream ended the whole session with unattached-handle, taking
+            // every other link of the session down.)
+            Some(mut link) => {
+                let _ = link.on_incoming_detach(detach).await;
+                Ok(())
+            }
             None => Err(SessionInnerError::UnattachedHandle),
         }
     }
