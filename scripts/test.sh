@@ -105,7 +105,7 @@ else
     echo "using the Event Grid endpoint $EVENTGRID_ENDPOINT"
 fi
 if [[ -z "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
-    start_emulator "the Service Bus emulator" scripts/servicebus-emulator.sh SERVICEBUS_EMULATOR_PID SERVICEBUS_CONNECTION_STRING SERVICEBUS_MANAGEMENT_ENDPOINT
+    start_emulator "the Service Bus emulator" scripts/servicebus-emulator.sh SERVICEBUS_EMULATOR_PID SERVICEBUS_CONNECTION_STRING SERVICEBUS_MANAGEMENT_ENDPOINT SERVICEBUS_EMULATOR_PID
 else
     echo "using the Service Bus namespace of SERVICEBUS_CONNECTION_STRING"
 fi

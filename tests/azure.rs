@@ -862,6 +862,76 @@ async fn servicebus_session_lock_is_renewed_while_held() {
     assert_eq!(got, want, "every event once, in order");
 }
 
+/// The service closes connections now and then (maintenance, an idle connection:
+/// `amqp:connection:forced`): publishers and consumers, plain and on sessions, carry
+/// on over new connections without losing an event. The emulator closes every
+/// connection on SIGUSR2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_survives_forced_connection_close() {
+    if servicebus().is_none() {
+        return;
+    }
+    let Ok(pid) = std::env::var("SERVICEBUS_EMULATOR_PID") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but SERVICEBUS_EMULATOR_PID is not set (scripts/test.sh starts the emulator)"
+        );
+        eprintln!(
+            "SKIPPED: SERVICEBUS_EMULATOR_PID is not set (the emulator closes connections on SIGUSR2)"
+        );
+        return;
+    };
+    for sessions in [false, true] {
+        let bus = ServiceBusHarness {
+            entities: EntityKind::Queues,
+            sessions,
+        }
+        .connect()
+        .await;
+        let queue = unique("q");
+        bus.ensure_topic(&queue).await.expect("queue");
+        bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue))
+            .await
+            .expect("subscription");
+        let publisher = bus.publisher(&queue).await.expect("publisher");
+        let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
+        let mut want = Vec::new();
+        let mut got = Vec::new();
+        for round in 0..2 {
+            for n in 0..5 {
+                let e = event("com.example.order.created", round * 5 + n);
+                want.push(e.id().to_owned());
+                publisher.publish(e).await.expect("publish");
+            }
+            let until = Instant::now() + Duration::from_secs(30);
+            while got.len() < want.len() && Instant::now() < until {
+                match consumer.receive_batch(10, Duration::from_millis(500)).await {
+                    Ok(batch) => {
+                        for d in batch {
+                            if d.ack().await.is_ok() {
+                                got.push(d.event().id().to_owned());
+                            }
+                        }
+                    }
+                    Err(e) => panic!("receive after a forced close (sessions: {sessions}): {e}"),
+                }
+            }
+            if round == 0 {
+                let killed = std::process::Command::new("kill")
+                    .args(["-USR2", &pid])
+                    .status()
+                    .expect("kill");
+                assert!(killed.success(), "kill -USR2 {pid}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        got.sort();
+        got.dedup();
+        want.sort();
+        assert_eq!(got, want, "sessions: {sessions}");
+    }
+}
+
 /// Stands in for a Microsoft Entra ID credential as the emulator stands in for Entra
 /// ID: HS256 JWTs for an audience, signed with the emulator's token key
 /// (`SERVICEBUS_EMULATOR_TOKEN_KEY`, else the emulator's default); records the scopes

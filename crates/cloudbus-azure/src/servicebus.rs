@@ -409,6 +409,22 @@ pub(crate) fn sb_error(e: azure_core::Error, what: &str) -> Error {
     Error::with_source(kind, format!("{what}: {e}"), e)
 }
 
+/// Whether an azservicebus error says that the AMQP connection (or the session on
+/// it) under the client is gone, closed by the service or dropped by the network: the
+/// client has to be made anew (azservicebus's own links recover; a client's new links
+/// do not).
+pub(crate) fn connection_lost(e: &azure_core::Error) -> bool {
+    let text = format!("{e} {e:?}");
+    [
+        "IllegalSessionState",
+        "IllegalConnectionState",
+        "ConnectionScopeDisposed",
+        "connection:forced",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
 /// A client of the namespace: one AMQP connection. `max_retries` is azservicebus's
 /// own retry of a failed operation (0 for the session acceptor, which loops itself).
 pub(crate) async fn new_client(

@@ -55,7 +55,9 @@ Run: python emulator.py --config config.json [--port 5672] [--management-port N]
 [--token-key cloudbus-emulator-token-key];
 prints SERVICEBUS_MANAGEMENT_ENDPOINT, SERVICEBUS_CONNECTION_STRING, then "Ready.".
 `kill -USR1 <pid>` writes each busy entity's messages, consumers (credit, unsettled),
-session owners and locks to stderr; PN_TRACE_FRM=1 traces every AMQP frame.
+session owners and locks to stderr; `kill -USR2 <pid>` closes every client connection
+with amqp:connection:forced (as the service does for maintenance); PN_TRACE_FRM=1
+traces every AMQP frame.
 """
 
 import argparse
@@ -932,9 +934,12 @@ class Handler(MessagingHandler):
         self.address = address
 
     dump_requested = False
+    close_requested = False
 
     def on_start(self, event):
+        self.connections = set()
         signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "dump_requested", True))
+        signal.signal(signal.SIGUSR2, lambda *_: setattr(self, "close_requested", True))
         self.acceptor = event.container.listen(self.address)
         event.container.schedule(0.1, self)
         print("Ready.", flush=True)
@@ -967,6 +972,9 @@ class Handler(MessagingHandler):
         if self.dump_requested:
             self.dump_requested = False
             self.dump()
+        if self.close_requested:
+            self.close_requested = False
+            self.close_connections()
         for entity in self.broker.entities():
             entity.release_scheduled()
             for session, link in entity.expired_session_links():
@@ -980,6 +988,22 @@ class Handler(MessagingHandler):
                 self.forget(link)
             entity.expire_locks()
         event.container.schedule(0.1, self)
+
+    def close_connections(self):
+        """Closes every client connection with amqp:connection:forced, as the service
+        does for maintenance or an idle connection (SIGUSR2 asks for it)."""
+        for connection in list(self.connections):
+            log("closing a connection (forced)")
+            # With an info map, as the service sends (azure-servicebus reads it).
+            connection.condition = Condition(
+                "amqp:connection:forced", "the emulator closed the connection (SIGUSR2)",
+                {symbol("com.microsoft:tracking-id"): str(uuid.uuid4())})
+            connection.close()
+            self.forget_links_of(connection)
+        self.connections.clear()
+
+    def on_connection_opened(self, event):
+        self.connections.add(event.connection)
 
     def on_connection_init(self, event):
         sasl = event.transport.sasl()
@@ -1072,6 +1096,7 @@ class Handler(MessagingHandler):
         event.link.detach()
 
     def on_disconnected(self, event):
+        self.connections.discard(event.connection)
         self.forget_links_of(event.connection)
 
     def on_connection_closing(self, event):
@@ -1080,6 +1105,7 @@ class Handler(MessagingHandler):
         self.forget_links_of(event.connection)
 
     def on_connection_closed(self, event):
+        self.connections.discard(event.connection)
         self.forget_links_of(event.connection)
 
     def on_connection_error(self, event):

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -417,6 +418,20 @@ class ServiceBusEmulatorTest(unittest.TestCase):
             admin = ServiceBusAdministrationClient(management, bad, connection_verify=False)
             with self.assertRaises(ClientAuthenticationError):
                 admin.get_queue("proof-queue")
+
+    def test_forced_connection_close_is_survived(self):
+        # SIGUSR2: the emulator closes every connection with amqp:connection:forced, as
+        # the service does for maintenance; azure-servicebus reconnects and goes on.
+        with self.client.get_queue_sender("proof-queue") as s:
+            s.send_messages(ServiceBusMessage("before"))
+            os.kill(self.proc.pid, signal.SIGUSR2)
+            time.sleep(0.5)
+            s.send_messages(ServiceBusMessage("after"))
+        with self.client.get_queue_receiver("proof-queue") as r:
+            got = self.drain(r, 2)
+            self.assertEqual(sorted(str(m) for m in got), ["after", "before"])
+            for m in got:
+                r.complete_message(m)
 
     def test_receive_and_delete(self):
         with self.client.get_queue_sender("proof-queue") as s:

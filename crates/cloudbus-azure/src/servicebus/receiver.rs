@@ -40,7 +40,7 @@ use tokio::sync::Mutex;
 
 use super::{
     ATTRIBUTE_PREFIX, CONTENT_TYPE, EntityKind, LINK_TIMEOUT, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY,
-    Shared, sb_error, text_of,
+    Shared, connection_lost, sb_error, text_of,
 };
 
 /// The longest one receive call holds a link.
@@ -720,6 +720,22 @@ async fn accept_sessions(
                         let _ = link.dispose().await;
                     }
                     break;
+                }
+            }
+            Err(e) if connection_lost(&e) => {
+                // The service closed the connection (maintenance, idle) or the network
+                // dropped it: the held sessions fail on their next read; accepting
+                // goes on over a new connection.
+                tracing::debug!(error = %e, "the session acceptor's connection is gone");
+                match super::new_client(&shared.config, 0).await {
+                    Ok(fresh) => {
+                        let old = std::mem::replace(&mut client, fresh);
+                        let _ = old.dispose().await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reconnecting the session acceptor");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
             }
             Err(e) => {
