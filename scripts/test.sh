@@ -45,14 +45,26 @@ start_emulator() {
     fi
 }
 
+# run_saga URL FEATURES: the order saga example with CLOUDBUS_URL=URL (none: the memory
+# broker), built with FEATURES; it must end with one order redriven from dead letters.
+run_saga() {
+    local url="$1" features="$2"
+    local log="/tmp/cloudbus-order-saga${url:+-${url%%:*}}.log"
+    echo "== order saga example on ${url:-the memory broker}"
+    if [[ -n "$url" ]]; then
+        CLOUDBUS_URL="$url" cargo run --quiet --features "$features" --example order_saga > "$log"
+    else
+        cargo run --quiet --example order_saga > "$log"
+    fi
+    grep -q "redriven:        1" "$log"
+    tail -n 14 "$log"
+}
+
 echo "== cargo test --workspace (unit, conformance on the memory broker, integration, doc tests)"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
-echo "== order saga example (memory broker)"
-cargo run --quiet --example order_saga > /tmp/cloudbus-order-saga.log
-grep -q "redriven:        1" /tmp/cloudbus-order-saga.log
-tail -n 14 /tmp/cloudbus-order-saga.log
+run_saga "" ""
 
 echo "== stream replay example"
 cargo run --quiet --example stream_replay
@@ -65,11 +77,7 @@ else
 fi
 cargo test --features gcp --test gcp
 if [[ -n "${PUBSUB_EMULATOR_HOST:-}" ]]; then
-    echo "== order saga example on Pub/Sub"
-    CLOUDBUS_URL="pubsub://saga-$$-$RANDOM" cargo run --quiet --features gcp --example order_saga \
-        > /tmp/cloudbus-order-saga-pubsub.log
-    grep -q "redriven:        1" /tmp/cloudbus-order-saga-pubsub.log
-    tail -n 14 /tmp/cloudbus-order-saga-pubsub.log
+    run_saga "pubsub://saga-$$-$RANDOM" gcp
 fi
 
 echo "== AWS (LocalStack in host mode)"
@@ -90,11 +98,7 @@ export AWS_REGION="${AWS_REGION:-us-east-1}"
 cargo test --features aws --test aws
 if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
     for url in sqs:// sns:// eventbridge://; do
-        echo "== order saga example on $url"
-        CLOUDBUS_URL="$url" cargo run --quiet --features aws --example order_saga \
-            > /tmp/cloudbus-order-saga-aws.log
-        grep -q "redriven:        1" /tmp/cloudbus-order-saga-aws.log
-        tail -n 14 /tmp/cloudbus-order-saga-aws.log
+        run_saga "$url" aws
     done
 fi
 
@@ -114,9 +118,5 @@ fi
 # lost send outcome in fe2o3-amqp, patched in vendor/; see vendor/README.md.)
 cargo test --features azure --test azure -- --test-threads=1
 if [[ -n "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
-    echo "== order saga example on servicebus://"
-    CLOUDBUS_URL="servicebus://" cargo run --quiet --features azure --example order_saga \
-        > /tmp/cloudbus-order-saga-servicebus.log
-    grep -q "redriven:        1" /tmp/cloudbus-order-saga-servicebus.log
-    tail -n 14 /tmp/cloudbus-order-saga-servicebus.log
+    run_saga servicebus:// azure
 fi
