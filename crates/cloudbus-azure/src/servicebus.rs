@@ -986,6 +986,48 @@ impl TopicDriver for ServiceBusTopic {
 mod tests {
     use super::*;
 
+    fn azure_error(text: &str) -> azure_core::Error {
+        azure_core::Error::message(azure_core::error::ErrorKind::Other, text.to_owned())
+    }
+
+    /// The texts azservicebus 0.25.1 gives (seen against the emulator) map to the
+    /// portable kinds and to "connection lost"; a new azservicebus wording fails here.
+    #[test]
+    fn azservicebus_errors_are_classified() {
+        for (text, kind) in [
+            (
+                "The messaging entity 'q' could not be found.",
+                ErrorKind::NotFound,
+            ),
+            ("message 7 not found", ErrorKind::NotFound),
+            (
+                "StatusCode(401) Unauthorized: the signature does not match",
+                ErrorKind::PermissionDenied,
+            ),
+            ("com.microsoft:session-lock-lost", ErrorKind::LeaseExpired),
+            ("amqp:link:message-size-exceeded", ErrorKind::TooLarge),
+            ("com.microsoft:server-busy", ErrorKind::Throttled),
+            ("Local error: ExpectImmediateDetach", ErrorKind::Unavailable),
+        ] {
+            let e = sb_error(azure_error(text), "test");
+            assert_eq!(e.kind(), kind, "{text}");
+        }
+        for text in [
+            "Local error: IllegalSessionState",
+            "IllegalConnectionState",
+            "ConnectionScopeDisposed",
+            "amqp:connection:forced: the service closed the connection",
+        ] {
+            assert!(connection_lost(&azure_error(text)), "{text}");
+        }
+        for text in [
+            "Local error: ExpectImmediateDetach",
+            "com.microsoft:timeout",
+        ] {
+            assert!(!connection_lost(&azure_error(text)), "{text}");
+        }
+    }
+
     #[test]
     fn connection_strings_parse_and_refuse() {
         let c = ServiceBusConfig::from_connection_string(
