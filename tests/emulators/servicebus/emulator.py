@@ -541,6 +541,10 @@ class Entity:
         if due:
             self.broker.pump(self)
 
+    def lock_deadline(self):
+        """When a lock taken (or renewed) now ends: the entity's lock duration on."""
+        return now_ms() + int(self.lock_seconds * 1000)
+
     def sessions_ready(self):
         """Session ids with ready messages, in the order of their first message."""
         seen = {}
@@ -563,7 +567,7 @@ class Entity:
         elif session_id in owners and owners[session_id] != link:
             return None
         owners[session_id] = link
-        self.session_locked_until[session_id] = now_ms() + int(self.lock_seconds * 1000)
+        self.session_locked_until[session_id] = self.lock_deadline()
         return session_id
 
     def dead_letter(self, stored, reason, description):
@@ -583,20 +587,18 @@ class Entity:
 
     def lock(self, stored, link):
         stored.lock_token = uuid.uuid4()
-        session = getattr(link, "cloudbus_session", None) if link is not None else None
         # A session's messages are locked by the session lock.
-        stored.locked_until = self.session_locked_until.get(session) or (
-            now_ms() + int(self.lock_seconds * 1000))
+        session = getattr(link, "cloudbus_session", None)
+        stored.locked_until = self.session_locked_until.get(session) or self.lock_deadline()
         stored.link = link
         self.locked[stored.lock_token] = stored
 
     def renew_session_lock(self, session):
         """The session lock and its messages' locks run for another lock duration."""
-        until = now_ms() + int(self.lock_seconds * 1000)
-        self.session_locked_until[session] = until
+        until = self.session_locked_until[session] = self.lock_deadline()
         owner = self.session_owners.get(session)
         for stored in self.locked.values():
-            if stored.session == session and owner is not None and stored.link == owner:
+            if owner is not None and stored.session == session and stored.link == owner:
                 stored.locked_until = until
         return until
 
@@ -1222,7 +1224,7 @@ class Handler(MessagingHandler):
                     stored = entity.find_lock(token)
                     if stored is None:
                         return status_response(request, 410, "lock lost")
-                    stored.locked_until = now_ms() + int(entity.lock_seconds * 1000)
+                    stored.locked_until = entity.lock_deadline()
                     expirations.append(timestamp(stored.locked_until))
                 # An AMQP array of timestamps, as the service answers (not a list).
                 return status_response(request, 200, "OK", {
