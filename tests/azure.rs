@@ -931,6 +931,17 @@ async fn servicebus_survives_forced_connection_close() {
         got.dedup();
         want.sort();
         assert_eq!(got, want, "sessions: {sessions}");
+        // New links open over the bus's connection after the close too.
+        let fresh = declare_queue(&bus).await;
+        let sent = event("com.example.order.created", 11);
+        bus.publisher(&fresh)
+            .await
+            .expect("a new publisher after a forced close")
+            .publish(sent.clone())
+            .await
+            .expect("publish on a new link");
+        let again = take_all(&bus, &fresh, &fresh, 1, Duration::from_secs(20)).await;
+        assert_eq!(again, vec![sent], "sessions: {sessions}");
     }
 }
 
