@@ -138,13 +138,20 @@ impl Consumer {
             return Err(Error::closed("consumer is closed"));
         }
         let span = tracing::debug_span!("cloudbus.receive", consumer = %self.inner.name, max);
-        let received = self
-            .inner
-            .driver
-            .receive_batch(max.max(1), wait)
-            .instrument(span.clone())
-            .await?;
+        let max = max.max(1);
+        let mut received =
+            crate::driver::panic_safe("receive_batch", self.inner.driver.receive_batch(max, wait))
+                .instrument(span.clone())
+                .await?;
         tracing::trace!(parent: &span, received = received.len(), "received");
+        if received.len() > max {
+            // A driver that hands out more than was asked for (a prefetch, a session's
+            // backlog) must not strand the surplus: the caller has room for `max` only,
+            // and whatever it cannot take would stay locked until the lease ran out.
+            // Give the surplus back for prompt redelivery.
+            let surplus = received.split_off(max);
+            self.inner.release(surplus).await;
+        }
         let mut out = Vec::with_capacity(received.len());
         let mut filtered_out = Vec::new();
         let received_at = Instant::now();
@@ -194,8 +201,19 @@ impl Consumer {
             }
         }
         if !filtered_out.is_empty() {
-            for r in self.inner.driver.settle_batch(&filtered_out).await? {
-                r?;
+            // A failed ack of a filtered-out message only means it comes back and is
+            // filtered again; it must not cost the matching deliveries of this batch.
+            let acked = crate::driver::panic_safe(
+                "settle_batch",
+                self.inner.driver.settle_batch(&filtered_out),
+            )
+            .await;
+            let failed = match acked {
+                Ok(per) => per.into_iter().filter_map(Result::err).next(),
+                Err(e) => Some(e),
+            };
+            if let Some(e) = failed {
+                tracing::warn!(consumer = %self.inner.name, error = %e, "could not ack filtered-out messages; they will come back and be filtered again");
             }
         }
         if let Some(first) = out.first() {
@@ -237,8 +255,10 @@ impl Consumer {
             }
             groups
         };
-        match self.inner.driver.settle_batch(&items).await {
-            Ok(per) => {
+        let settled =
+            crate::driver::panic_safe("settle_batch", self.inner.driver.settle_batch(&items)).await;
+        match settled {
+            Ok(per) if per.len() == idx.len() => {
                 let ok: Vec<bool> = per.iter().map(Result::is_ok).collect();
                 for (ty, n) in count_by_type(&ok) {
                     self.inner.metrics.consumed(ty, settlement.status(), n);
@@ -248,6 +268,19 @@ impl Consumer {
                         deliveries[i].settled.store(false, Ordering::Release);
                     }
                     results[i] = Some(r);
+                }
+            }
+            Ok(per) => {
+                let e = Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "driver returned {} settlement results for {} deliveries",
+                        per.len(),
+                        idx.len()
+                    ),
+                );
+                for &i in &idx {
+                    results[i] = Some(Err(e.clone()));
                 }
             }
             Err(e) => {
@@ -338,6 +371,33 @@ impl ConsumerInner {
             self.metrics.dead_lettered(&reason);
         }
         Ok(())
+    }
+
+    /// Gives messages back unprocessed (nack, no delay), for deliveries the caller did
+    /// not ask for. A failure is logged: their leases run out and they come back.
+    async fn release(&self, surplus: Vec<ReceivedMessage>) {
+        let items: Vec<(AckToken, Settlement)> = surplus
+            .into_iter()
+            .map(|m| {
+                (
+                    m.token,
+                    Settlement::Nack {
+                        delay: Duration::ZERO,
+                    },
+                )
+            })
+            .collect();
+        let count = items.len();
+        tracing::debug!(consumer = %self.name, count, "releasing deliveries beyond the requested maximum");
+        let released =
+            crate::driver::panic_safe("settle_batch", self.driver.settle_batch(&items)).await;
+        let failed = match released {
+            Ok(per) => per.into_iter().filter_map(Result::err).next(),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
+            tracing::warn!(consumer = %self.name, count, error = %e, "could not release surplus deliveries; they come back when their leases expire");
+        }
     }
 
     /// Dead-letters a message that could not be decoded.
@@ -552,7 +612,10 @@ impl Settler {
                     };
                     let (items, replies): (Vec<_>, Vec<_>) =
                         batch.into_iter().map(|(t, s, r)| ((t, s), r)).unzip();
-                    match driver.settle_batch(&items).await {
+                    let settled =
+                        crate::driver::panic_safe("settle_batch", driver.settle_batch(&items))
+                            .await;
+                    match settled {
                         Ok(per) if per.len() == replies.len() => {
                             for (reply, r) in replies.into_iter().zip(per) {
                                 let _ = reply.send(r);

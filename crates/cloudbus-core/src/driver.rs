@@ -184,6 +184,32 @@ pub fn key_slot(key: &str, slots: usize) -> usize {
     (h % slots.max(1) as u64) as usize
 }
 
+/// Runs one driver call so that a panic inside the driver becomes an
+/// [`ErrorKind::Internal`](crate::ErrorKind::Internal) error of that call instead of
+/// unwinding through the portable layer (where it would strand a settlement queue or
+/// end a publisher lane). `call` names the driver method for the message.
+pub(crate) async fn panic_safe<T>(
+    call: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-text payload".to_owned());
+            tracing::error!(call, panic = %what, "the provider driver panicked");
+            Err(crate::error::Error::new(
+                crate::error::ErrorKind::Internal,
+                format!("the provider driver panicked in {call}: {what}"),
+            ))
+        }
+    }
+}
+
 /// Result of a batch send: one entry per message, in order. An `Err` for the whole
 /// call means nothing is known to have been sent.
 pub type BatchResults = Vec<Result<()>>;

@@ -1,7 +1,7 @@
 //! Idempotent consumption: a handler wrapper that processes each (source, id) once,
 //! with a pluggable [`DedupStore`] and an in-memory store with TTL.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +40,62 @@ enum Entry {
     Done(Instant),
 }
 
-/// An in-process [`DedupStore`] with TTLs and a size bound (oldest expiries go first).
+impl Entry {
+    fn until(self) -> Instant {
+        match self {
+            Entry::Claimed(t) | Entry::Done(t) => t,
+        }
+    }
+}
+
+/// The map and the order in which keys were written, for eviction.
+#[derive(Default)]
+struct DedupTable {
+    /// key -> (state, write generation)
+    entries: HashMap<String, (Entry, u64)>,
+    /// (key, generation) in write order; an item whose generation no longer matches
+    /// the map was rewritten later and is skipped.
+    order: VecDeque<(String, u64)>,
+    generation: u64,
+}
+
+impl DedupTable {
+    fn put(&mut self, key: &str, entry: Entry) {
+        self.generation += 1;
+        self.entries
+            .insert(key.to_owned(), (entry, self.generation));
+        self.order.push_back((key.to_owned(), self.generation));
+    }
+
+    /// Removes the entry written longest ago (all TTLs and leases of one store being
+    /// alike, that is the one closest to expiry); expired entries go first anyway.
+    fn evict_oldest(&mut self) {
+        while let Some((key, generation)) = self.order.pop_front() {
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|(_, g)| *g == generation)
+            {
+                self.entries.remove(&key);
+                return;
+            }
+        }
+    }
+
+    /// Drops stale order items once they outnumber the live keys.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.entries.len() + 64 {
+            let entries = &self.entries;
+            self.order
+                .retain(|(k, g)| entries.get(k).is_some_and(|(_, live)| live == g));
+        }
+    }
+}
+
+/// An in-process [`DedupStore`] with TTLs and a size bound. At the bound the oldest
+/// key is forgotten (expired keys first): a new event is never refused, at the cost
+/// of possibly handling a very old event a second time if it is redelivered after
+/// its key was evicted.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -53,7 +108,7 @@ enum Entry {
 /// # });
 /// ```
 pub struct MemoryDedupStore {
-    entries: Mutex<HashMap<String, Entry>>,
+    table: Mutex<DedupTable>,
     max_entries: usize,
 }
 
@@ -61,13 +116,23 @@ impl MemoryDedupStore {
     /// A store remembering at most `max_entries` keys.
     pub fn new(max_entries: usize) -> Self {
         MemoryDedupStore {
-            entries: Mutex::new(HashMap::new()),
+            table: Mutex::new(DedupTable::default()),
             max_entries: max_entries.max(1),
         }
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Entry>>> {
-        self.entries
+    /// How many keys are remembered now.
+    pub fn len(&self) -> usize {
+        self.table.lock().map(|t| t.entries.len()).unwrap_or(0)
+    }
+
+    /// Whether no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, DedupTable>> {
+        self.table
             .lock()
             .map_err(|_| Error::new(ErrorKind::Internal, "dedup store lock poisoned"))
     }
@@ -77,35 +142,35 @@ impl MemoryDedupStore {
 impl DedupStore for MemoryDedupStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
         let now = Instant::now();
-        let mut map = self.lock()?;
-        match map.get(key).copied() {
+        let mut table = self.lock()?;
+        match table.entries.get(key).map(|(e, _)| *e) {
             Some(Entry::Done(until)) if until > now => return Ok(Claim::Done),
             Some(Entry::Claimed(until)) if until > now => return Ok(Claim::InProgress),
             _ => {}
         }
-        if map.len() >= self.max_entries {
-            map.retain(|_, e| match e {
-                Entry::Claimed(t) | Entry::Done(t) => *t > now,
-            });
-            if map.len() >= self.max_entries {
-                return Err(Error::new(
-                    ErrorKind::ResourceExhausted,
-                    format!("dedup store holds {} unexpired keys", map.len()),
-                ));
+        if !table.entries.contains_key(key) && table.entries.len() >= self.max_entries {
+            table.entries.retain(|_, (e, _)| e.until() > now);
+            while table.entries.len() >= self.max_entries {
+                table.evict_oldest();
             }
         }
-        map.insert(key.to_owned(), Entry::Claimed(now + lease));
+        table.put(key, Entry::Claimed(now + lease));
+        table.compact();
         Ok(Claim::Claimed)
     }
 
     async fn complete(&self, key: &str, ttl: Duration) -> Result<()> {
-        self.lock()?
-            .insert(key.to_owned(), Entry::Done(Instant::now() + ttl));
+        let mut table = self.lock()?;
+        if !table.entries.contains_key(key) && table.entries.len() >= self.max_entries {
+            table.evict_oldest();
+        }
+        table.put(key, Entry::Done(Instant::now() + ttl));
+        table.compact();
         Ok(())
     }
 
     async fn release(&self, key: &str) -> Result<()> {
-        self.lock()?.remove(key);
+        self.lock()?.entries.remove(key);
         Ok(())
     }
 }
@@ -157,11 +222,49 @@ impl<H: Handler> Idempotent<H> {
     }
 }
 
+/// Releases a claim when dropped before [`ClaimGuard::keep`]: a handler that panicked
+/// or was cancelled (a shutdown deadline, a lost lease) must not leave its event
+/// "in progress" until the lease runs out, or every redelivery would be refused.
+struct ClaimGuard {
+    store: Arc<dyn DedupStore>,
+    key: Option<String>,
+}
+
+impl ClaimGuard {
+    /// The claim is settled by the caller (completed or released); do nothing on drop.
+    fn keep(mut self) -> String {
+        self.key.take().unwrap_or_default()
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let store = self.store.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = store.release(&key).await {
+                        tracing::warn!(error = %e, "could not release a dedup claim; it lapses with its lease");
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::warn!("no runtime to release a dedup claim; it lapses with its lease")
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl<H: Handler> Handler for Idempotent<H> {
     async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
         let key = Self::key(&event);
-        match self.store.claim(&key, self.lease).await? {
+        let claim = self.store.claim(&key, self.lease).await.map_err(|e| {
+            // The store being away says nothing about the event: try again later.
+            HandlerError::retry(format!("dedup store: {e}"))
+        })?;
+        match claim {
             Claim::Done => {
                 self.duplicates.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(event_id = %event.id(), source = %event.source(), "duplicate event skipped");
@@ -171,16 +274,31 @@ impl<H: Handler> Handler for Idempotent<H> {
                 "the same event is being processed by another delivery",
                 Duration::from_millis(500),
             )),
-            Claim::Claimed => match self.inner.handle(event, ctx).await {
-                Ok(()) => {
-                    self.store.complete(&key, self.ttl).await?;
-                    Ok(())
+            Claim::Claimed => {
+                let guard = ClaimGuard {
+                    store: self.store.clone(),
+                    key: Some(key),
+                };
+                let outcome = self.inner.handle(event, ctx).await;
+                let key = guard.keep();
+                match outcome {
+                    Ok(()) => {
+                        // The event was handled: ack it whatever the store says. If the
+                        // mark is lost, the claim lapses with its lease, and only a
+                        // redelivery after that would run the handler again.
+                        if let Err(e) = self.store.complete(&key, self.ttl).await {
+                            tracing::warn!(error = %e, "handled, but the dedup store did not record it");
+                        }
+                        Ok(())
+                    }
+                    Err(handler_error) => {
+                        if let Err(e) = self.store.release(&key).await {
+                            tracing::warn!(error = %e, "could not release a dedup claim; it lapses with its lease");
+                        }
+                        Err(handler_error)
+                    }
                 }
-                Err(e) => {
-                    self.store.release(&key).await?;
-                    Err(e)
-                }
-            },
+            }
         }
     }
 }
@@ -190,7 +308,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn claims_expire_and_bound_holds() {
+    async fn claims_expire_and_in_progress_is_reported() {
         let s = MemoryDedupStore::new(2);
         assert_eq!(
             s.claim("a", Duration::from_millis(1)).await.unwrap(),
@@ -205,16 +323,148 @@ mod tests {
             s.claim("a", Duration::from_secs(9)).await.unwrap(),
             Claim::InProgress
         );
-        assert_eq!(
-            s.claim("b", Duration::from_secs(9)).await.unwrap(),
-            Claim::Claimed
-        );
-        let err = s.claim("c", Duration::from_secs(9)).await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
         s.release("a").await.unwrap();
         assert_eq!(
-            s.claim("c", Duration::from_secs(9)).await.unwrap(),
+            s.claim("a", Duration::from_secs(9)).await.unwrap(),
             Claim::Claimed
         );
+    }
+
+    /// Issue 12 item 7: at capacity the store refused every new key (ResourceExhausted),
+    /// so every new event was dead-lettered. It evicts the oldest key instead.
+    #[tokio::test]
+    async fn full_store_evicts_the_oldest_and_never_refuses() {
+        let s = MemoryDedupStore::new(3);
+        for k in ["a", "b", "c"] {
+            assert_eq!(
+                s.claim(k, Duration::from_secs(9)).await.unwrap(),
+                Claim::Claimed
+            );
+            s.complete(k, Duration::from_secs(3600)).await.unwrap();
+        }
+        for n in 0..100 {
+            let key = format!("new-{n}");
+            assert_eq!(
+                s.claim(&key, Duration::from_secs(9)).await.unwrap(),
+                Claim::Claimed,
+                "key {key} refused"
+            );
+            s.complete(&key, Duration::from_secs(3600)).await.unwrap();
+            assert!(s.len() <= 3, "{} keys kept", s.len());
+        }
+        // The newest are remembered, the oldest forgotten.
+        assert_eq!(
+            s.claim("new-99", Duration::from_secs(9)).await.unwrap(),
+            Claim::Done
+        );
+        assert_eq!(
+            s.claim("a", Duration::from_secs(9)).await.unwrap(),
+            Claim::Claimed
+        );
+        let order_len = s.lock().unwrap().order.len();
+        assert!(order_len < 100, "the eviction order grew to {order_len}");
+    }
+
+    fn test_event() -> Arc<Event> {
+        Arc::new(
+            crate::EventBuilder::new("com.example.test", "/test")
+                .build()
+                .unwrap(),
+        )
+    }
+
+    fn test_ctx() -> HandlerContext {
+        HandlerContext {
+            attempt: 1,
+            consumer: "test".into(),
+            trace: crate::TraceContext::new_root(),
+        }
+    }
+
+    /// Issue 12 item 6: a handler that panicked kept its claim, so every redelivery got
+    /// InProgress until the attempts ran out and the event was dead-lettered unhandled.
+    #[tokio::test]
+    async fn a_panicking_handler_releases_its_claim() {
+        use futures::FutureExt;
+        let store = Arc::new(MemoryDedupStore::new(100));
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let handler = Idempotent::new(
+            move |_e: Arc<Event>, _c: HandlerContext| {
+                let c = c.clone();
+                async move {
+                    if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("first attempt blows up");
+                    }
+                    Ok::<(), HandlerError>(())
+                }
+            },
+            store.clone(),
+        );
+        let event = test_event();
+        let first = std::panic::AssertUnwindSafe(handler.handle(event.clone(), test_ctx()))
+            .catch_unwind()
+            .await;
+        assert!(first.is_err(), "the panic unwinds to the worker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        handler.handle(event.clone(), test_ctx()).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the redelivery was handled"
+        );
+    }
+
+    /// A cancelled handler (shutdown deadline) releases its claim too.
+    #[tokio::test]
+    async fn a_cancelled_handler_releases_its_claim() {
+        let store = Arc::new(MemoryDedupStore::new(100));
+        let handler = Arc::new(Idempotent::new(
+            |_e: Arc<Event>, c: HandlerContext| async move {
+                if c.attempt == 1 {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                Ok::<(), HandlerError>(())
+            },
+            store.clone(),
+        ));
+        let event = test_event();
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(20),
+            handler.handle(event.clone(), test_ctx()),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut ctx = test_ctx();
+        ctx.attempt = 2;
+        handler.handle(event, ctx).await.unwrap();
+    }
+
+    /// A store that fails every `complete`.
+    struct ForgetfulStore(MemoryDedupStore);
+
+    #[async_trait]
+    impl DedupStore for ForgetfulStore {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
+            self.0.claim(key, lease).await
+        }
+        async fn complete(&self, _key: &str, _ttl: Duration) -> Result<()> {
+            Err(Error::new(ErrorKind::Unavailable, "store is down"))
+        }
+        async fn release(&self, key: &str) -> Result<()> {
+            self.0.release(key).await
+        }
+    }
+
+    /// Issue 12 item 6: a store error after a successful handler became a Reject and
+    /// dead-lettered an event that had been handled.
+    #[tokio::test]
+    async fn a_store_error_after_success_still_acks() {
+        let handler = Idempotent::new(
+            |_e: Arc<Event>, _c: HandlerContext| async { Ok::<(), HandlerError>(()) },
+            Arc::new(ForgetfulStore(MemoryDedupStore::new(10))),
+        );
+        assert!(handler.handle(test_event(), test_ctx()).await.is_ok());
     }
 }

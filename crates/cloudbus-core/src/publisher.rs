@@ -464,7 +464,7 @@ pub(crate) async fn send_with_retry(
             todo.iter().map(|&i| msgs[i].clone()).collect()
         };
         let slice: &[OutgoingMessage] = if batch.is_empty() { msgs } else { &batch };
-        let outcome = driver.send_batch(slice).await;
+        let outcome = crate::driver::panic_safe("send_batch", driver.send_batch(slice)).await;
         let mut again = Vec::new();
         match outcome {
             Ok(per) if per.len() == todo.len() => {

@@ -75,12 +75,29 @@ impl HandlerError {
 }
 
 impl From<Error> for HandlerError {
-    /// cloudbus errors are retried when retryable and rejected otherwise.
+    /// A cloudbus error met while handling (publishing a follow-up event, reading the
+    /// data) is retried, unless its kind says that the same event can never succeed:
+    /// [`Malformed`](crate::ErrorKind::Malformed),
+    /// [`InvalidArgument`](crate::ErrorKind::InvalidArgument),
+    /// [`TooLarge`](crate::ErrorKind::TooLarge) and
+    /// [`Unsupported`](crate::ErrorKind::Unsupported) reject (dead-letter now). A closed
+    /// publisher during shutdown, a paused ordering key, a lost lease or an internal
+    /// error are not the event's fault and must not dead-letter it on the first try.
+    ///
+    /// ```
+    /// use cloudbus_core::{Error, ErrorKind, HandlerError};
+    /// let closed: HandlerError = Error::closed("publisher is closed").into();
+    /// assert!(matches!(closed, HandlerError::Retry { .. }));
+    /// let bad: HandlerError = Error::new(ErrorKind::Malformed, "no id").into();
+    /// assert!(matches!(bad, HandlerError::Reject { .. }));
+    /// ```
     fn from(e: Error) -> Self {
-        if e.is_retryable() {
-            HandlerError::retry(e)
-        } else {
-            HandlerError::reject(e)
+        use crate::ErrorKind as K;
+        match e.kind() {
+            K::Malformed | K::InvalidArgument | K::TooLarge | K::Unsupported => {
+                HandlerError::reject(e)
+            }
+            _ => HandlerError::retry(e),
         }
     }
 }
@@ -232,8 +249,9 @@ pub struct Worker {
     stats: Arc<WorkerStats>,
 }
 
-type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Permits)>>>>;
-type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Slot)>>>>;
+/// A concurrency slot held from receipt until settlement.
+type Slot = OwnedSemaphorePermit;
 
 impl Worker {
     pub(crate) fn start(
@@ -244,9 +262,12 @@ impl Worker {
         let (stop_pulling, stop_rx) = watch::channel(false);
         let (hard_stop, hard_rx) = watch::channel(false);
         let stats = Arc::new(WorkerStats::default());
+        let kib = (options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         let run = WorkerLoop {
             consumer,
             handler,
+            bytes: Arc::new(Semaphore::new(kib)),
+            bytes_kib: kib,
             options,
             stats: stats.clone(),
             hard_stop: hard_rx,
@@ -286,14 +307,15 @@ struct WorkerLoop {
     stats: Arc<WorkerStats>,
     hard_stop: watch::Receiver<bool>,
     lanes: Lanes,
+    /// Outstanding bytes, in KiB permits (`max_outstanding_bytes`).
+    bytes: Arc<Semaphore>,
+    bytes_kib: usize,
 }
 
 impl WorkerLoop {
     async fn run(self, mut stop: watch::Receiver<bool>) {
         let concurrency = self.options.concurrency.max(1);
         let slots = Arc::new(Semaphore::new(concurrency));
-        let kib = (self.options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
-        let bytes = Arc::new(Semaphore::new(kib));
         let this = Arc::new(self);
         let mut tasks = JoinSet::new();
         let mut failures = 0u32;
@@ -342,10 +364,9 @@ impl WorkerLoop {
                     continue;
                 }
             };
-            for (delivery, slot) in deliveries.into_iter().zip(permits.drain(..)) {
-                let need = (delivery.size() / 1024).clamp(1, kib) as u32;
-                let byte_permit = bytes.clone().acquire_many_owned(need).await.ok();
-                let permits: Permits = (slot, byte_permit);
+            // The consumer hands out at most as many deliveries as asked for (it gives
+            // a driver's surplus back), so every delivery has its slot.
+            for (delivery, permits) in deliveries.into_iter().zip(permits.drain(..)) {
                 let key = if this.consumer.capabilities().ordering {
                     delivery.ordering_key().map(str::to_owned)
                 } else {
@@ -384,7 +405,7 @@ impl WorkerLoop {
     }
 
     /// Handles the deliveries of one ordering key one after another.
-    async fn run_lane(self: Arc<Self>, key: String, first: Delivery, permits: Permits) {
+    async fn run_lane(self: Arc<Self>, key: String, first: Delivery, permits: Slot) {
         let mut next = Some((first, permits));
         while let Some((delivery, permits)) = next.take() {
             self.process(delivery, permits).await;
@@ -400,7 +421,35 @@ impl WorkerLoop {
         }
     }
 
-    async fn process(&self, delivery: Delivery, _permits: Permits) {
+    /// Takes the delivery's share of `max_outstanding_bytes`, extending its lease while
+    /// it waits, so that a large delivery never sits in the local buffer with a lapsing
+    /// lease. `None` when the shutdown deadline came first.
+    async fn take_bytes(&self, delivery: &Delivery) -> Option<Option<OwnedSemaphorePermit>> {
+        let need = (delivery.size() / 1024).clamp(1, self.bytes_kib) as u32;
+        if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(need) {
+            return Some(Some(permit));
+        }
+        let mut hard_stop = self.hard_stop.clone();
+        tokio::select! {
+            p = self.bytes.clone().acquire_many_owned(need) => Some(p.ok()),
+            _ = self.extend_while_running(delivery) => None,
+            _ = async {
+                if hard_stop.wait_for(|stop| *stop).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => None,
+        }
+    }
+
+    async fn process(&self, delivery: Delivery, _slot: Slot) {
+        let Some(_bytes) = self.take_bytes(&delivery).await else {
+            tracing::warn!("shutdown deadline reached before handling; nacking for redelivery");
+            match delivery.nack(Duration::ZERO).await {
+                Ok(()) => self.stats.abandoned.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.stats.settle_errors.fetch_add(1, Ordering::Relaxed),
+            };
+            return;
+        };
         let event = delivery.event_arc();
         let consumer: Arc<str> = self.consumer.inner.name.clone();
         let trace = TraceContext::from_event(&event)
