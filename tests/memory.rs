@@ -45,6 +45,12 @@ mod conformance {
     cloudbus::conformance_suite!(MemoryHarness::new());
 }
 
+/// The "nothing lost" promise under each injected fault kind (issue 12).
+mod chaos {
+    use super::*;
+    cloudbus::chaos_suite!(MemoryHarness::new(), 2_000);
+}
+
 /// The memory broker's partitioned logs under the stream suite; dead letters go to a
 /// topic of the same broker.
 #[async_trait]
@@ -1037,4 +1043,297 @@ async fn replay_redelivers_retained_events_since_a_time() {
     );
     let err = bus.replay("audit", "missing", since).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+/// A subscription that cannot delay a nack (as Service Bus's abandon): every nack
+/// redelivers at once, and its capabilities say so.
+struct NoNackDelay(Arc<dyn cloudbus::SubscriptionDriver>);
+
+#[async_trait]
+impl cloudbus::SubscriptionDriver for NoNackDelay {
+    async fn receive_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> cloudbus::Result<Vec<cloudbus::ReceivedMessage>> {
+        self.0.receive_batch(max, wait).await
+    }
+    async fn settle_batch(
+        &self,
+        items: &[(cloudbus::AckToken, cloudbus::Settlement)],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        let undelayed: Vec<_> = items
+            .iter()
+            .map(|(t, s)| match s {
+                cloudbus::Settlement::Nack { .. } => (
+                    t.clone(),
+                    cloudbus::Settlement::Nack {
+                        delay: Duration::ZERO,
+                    },
+                ),
+                other => (t.clone(), other.clone()),
+            })
+            .collect();
+        self.0.settle_batch(&undelayed).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = self.0.capabilities();
+        caps.nack_delay = false;
+        caps
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Issue 12 item 10: where the broker cannot delay a nack, the worker's backoff was
+/// lost and all attempts burnt at once (a one-second outage dead-lettered events).
+/// The worker now holds the delivery for the backoff before releasing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_is_held_where_the_broker_cannot_delay_a_nack() {
+    let bus = bus_with("held", "s").await;
+    let consumer = cloudbus::Consumer::new(
+        Arc::new(NoNackDelay(
+            bus.driver().subscription("held", "s").await.unwrap(),
+        )),
+        "s",
+    );
+    bus.publisher("held")
+        .await
+        .unwrap()
+        .publish(ev(1))
+        .await
+        .unwrap();
+    let attempts: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let a2 = attempts.clone();
+    let worker = consumer.subscribe(
+        move |_e: Arc<Event>, c: HandlerContext| {
+            let a = a2.clone();
+            async move {
+                a.lock().unwrap().push(std::time::Instant::now());
+                if c.attempt < 3 {
+                    return Err(HandlerError::retry("downstream is away"));
+                }
+                Ok(())
+            }
+        },
+        cloudbus::WorkerOptions::default().retry(
+            RetryPolicy::default()
+                .max_attempts(5)
+                .initial_backoff(Duration::from_millis(300)),
+        ),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while worker.stats().acked < 1 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = worker.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(report.acked, 1, "{report:?}");
+    let at = attempts.lock().unwrap().clone();
+    assert_eq!(at.len(), 3);
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        // The policy's jitter may shorten a backoff by at most half.
+        assert!(
+            gap >= Duration::from_millis(150),
+            "attempts only {gap:?} apart"
+        );
+    }
+}
+
+/// A memory subscription or topic with faults switched on by the test.
+struct Scripted<D> {
+    inner: Option<D>,
+    /// receive_batch asks the broker for this many more than requested.
+    over_fetch: usize,
+    /// The next settle_batch (or send_batch) panics.
+    panic_next: std::sync::atomic::AtomicBool,
+    /// settle_batch fails with Unavailable.
+    fail_settle: std::sync::atomic::AtomicBool,
+}
+
+impl<D> Scripted<D> {
+    fn over(inner: D, over_fetch: usize) -> Self {
+        Scripted {
+            inner: Some(inner),
+            over_fetch,
+            panic_next: Default::default(),
+            fail_settle: Default::default(),
+        }
+    }
+    fn d(&self) -> &D {
+        self.inner.as_ref().expect("inner driver")
+    }
+}
+
+#[async_trait]
+impl cloudbus::SubscriptionDriver for Scripted<Arc<dyn cloudbus::SubscriptionDriver>> {
+    async fn receive_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> cloudbus::Result<Vec<cloudbus::ReceivedMessage>> {
+        self.d().receive_batch(max + self.over_fetch, wait).await
+    }
+    async fn settle_batch(
+        &self,
+        items: &[(cloudbus::AckToken, cloudbus::Settlement)],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.panic_next.swap(false, SeqCst) {
+            panic!("scripted panic in settle_batch");
+        }
+        if self.fail_settle.load(SeqCst) {
+            return Err(cloudbus::Error::new(
+                ErrorKind::Unavailable,
+                "scripted outage",
+            ));
+        }
+        self.d().settle_batch(items).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.d().capabilities()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[async_trait]
+impl cloudbus::TopicDriver for Scripted<Arc<dyn cloudbus::TopicDriver>> {
+    async fn send_batch(
+        &self,
+        batch: &[cloudbus::OutgoingMessage],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        if self
+            .panic_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("scripted panic in send_batch");
+        }
+        self.d().send_batch(batch).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.d().capabilities()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// A broker with topic `t`, subscription `s` (30 s leases) and `n` events published.
+async fn with_events(n: usize) -> Bus {
+    let bus = MemoryBroker::new().bus();
+    bus.ensure_topic("t").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("t", "s").ack_deadline(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let p = bus.publisher("t").await.unwrap();
+    for i in 0..n {
+        p.publish(ev(i)).await.unwrap();
+    }
+    bus
+}
+
+/// Issue 12 item 8: deliveries beyond what was asked for were dropped unsettled and
+/// stayed locked for their whole lease. The consumer gives them back at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_beyond_the_maximum_are_given_back_at_once() {
+    use cloudbus::AttributesReader;
+    let bus = with_events(3).await;
+    let sub = bus.driver().subscription("t", "s").await.unwrap();
+    let consumer = cloudbus::Consumer::new(Arc::new(Scripted::over(sub, 5)), "s");
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let batch = consumer
+            .receive_batch(1, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(batch.len(), 1, "asked for one");
+        ids.insert(batch[0].event().id().to_owned());
+        batch[0].ack().await.unwrap();
+    }
+    assert_eq!(
+        ids.len(),
+        3,
+        "the surplus came back without waiting out its lease"
+    );
+}
+
+/// Issue 12 item 9: when acking filtered-out messages failed, the whole receive
+/// failed and the matching deliveries already received were dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_ack_of_filtered_out_messages_keeps_the_matching_ones() {
+    use cloudbus::AttributesReader;
+    let bus = with_events(4).await;
+    let scripted = Arc::new(Scripted::over(
+        bus.driver().subscription("t", "s").await.unwrap(),
+        0,
+    ));
+    scripted
+        .fail_settle
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let consumer = cloudbus::Consumer::with_options(
+        scripted.clone(),
+        cloudbus::ConsumerOptions {
+            name: Some("s".into()),
+            filter: Some(cloudbus::Filter::eq("subject", "1")),
+        },
+    );
+    let batch = consumer
+        .receive_batch(10, Duration::from_secs(2))
+        .await
+        .expect("the matching delivery is handed out");
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].event().subject(), Some("1"));
+}
+
+/// Issue 12 item 13: a driver panic in settle_batch left the settler "flushing" for
+/// ever, so every later settlement of that consumer hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_panic_in_settle_fails_that_call_only() {
+    let bus = with_events(2).await;
+    let scripted = Arc::new(Scripted::over(
+        bus.driver().subscription("t", "s").await.unwrap(),
+        0,
+    ));
+    let consumer = cloudbus::Consumer::new(scripted.clone(), "s");
+    let batch = consumer
+        .receive_batch(2, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), 2);
+    scripted
+        .panic_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let first = tokio::time::timeout(Duration::from_secs(5), batch[0].ack())
+        .await
+        .expect("the panicking settlement returns");
+    assert_eq!(first.unwrap_err().kind(), ErrorKind::Internal);
+    tokio::time::timeout(Duration::from_secs(5), batch[1].ack())
+        .await
+        .expect("later settlements do not hang")
+        .unwrap();
+}
+
+/// Issue 12 item 13: a driver panic in send_batch ended a publisher lane for good
+/// ("publisher is closed" while is_closed() said false).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_panic_in_send_fails_that_batch_only() {
+    let bus = with_events(0).await;
+    let scripted = Arc::new(Scripted::over(bus.driver().topic("t").await.unwrap(), 0));
+    let publisher = cloudbus::Publisher::with_options(
+        scripted.clone(),
+        cloudbus::PublisherOptions {
+            lanes: 1,
+            ..no_retry()
+        },
+    );
+    scripted
+        .panic_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = publisher.publish(ev(1)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Internal);
+    assert!(!publisher.is_closed());
+    publisher.publish(ev(2)).await.expect("the lane lives on");
 }

@@ -542,7 +542,28 @@ impl WorkerLoop {
         } else {
             let delay = delay.unwrap_or_else(|| self.options.retry.backoff(attempt));
             tracing::debug!(attempt, %message, ?delay, "handler failed; nacking for a retry");
-            (&self.stats.retried, delivery.nack(delay).await)
+            if self.consumer.capabilities().nack_delay || delay.is_zero() {
+                return (&self.stats.retried, delivery.nack(delay).await);
+            }
+            // The broker redelivers at once (Service Bus abandon): the backoff would be
+            // lost and every attempt burnt within a second. Hold the delivery, with its
+            // lease extended, for the backoff, then release it.
+            self.hold(delivery, delay).await;
+            (&self.stats.retried, delivery.nack(Duration::ZERO).await)
+        }
+    }
+
+    /// Waits `delay` while keeping the delivery's lease, or until the shutdown deadline.
+    async fn hold(&self, delivery: &Delivery, delay: Duration) {
+        let mut hard_stop = self.hard_stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            _ = self.extend_while_running(delivery) => {},
+            _ = async {
+                if hard_stop.wait_for(|stop| *stop).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {},
         }
     }
 

@@ -45,6 +45,7 @@ macro_rules! need {
 }
 
 pub mod cases;
+pub mod chaos;
 pub mod stream_cases;
 
 /// What a provider gives the suite.

@@ -1,0 +1,712 @@
+//! Fault injection for the "nothing lost" promise: a wrapper around any provider's
+//! drivers that injects, by seed, the faults a real network and a buggy driver
+//! produce: transient errors, replies lost after the work was done, per-entry
+//! failures, panics, slow calls, deliveries beyond what was asked for, and duplicate
+//! sends and deliveries. [`ChaosHarness`] wraps a provider's [`Harness`] so that
+//! [`nothing_lost_under_faults`] runs through it; [`chaos_suite!`](crate::chaos_suite)
+//! generates one test per [`FaultKind`].
+//!
+//! The promise checked: every event whose `publish` resolved `Ok` is handled at least
+//! once (duplicates are allowed and counted), none is dead-lettered, and the run ends.
+
+use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{Harness, Outcome};
+use crate::bus::Bus;
+use crate::capabilities::Capabilities;
+use crate::driver::{
+    AckToken, BatchResults, BusDriver, DeadLetterDriver, OutgoingMessage, ReceivedMessage,
+    Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver, TopologyDriver,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{AttributesReader, Event, EventBuilder};
+use crate::worker::{HandlerContext, HandlerError, WorkerOptions};
+
+/// The kinds of fault the chaos driver injects; each has a preset [`Faults`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// Calls fail with `Unavailable` before doing anything.
+    TransientErrors,
+    /// Calls do their work, then fail with `Unavailable` (the reply was lost).
+    LostReplies,
+    /// Some entries of a batch fail (`Unavailable`) and are not done.
+    EntryFailures,
+    /// The driver panics (before doing anything).
+    Panics,
+    /// Calls are delayed.
+    SlowCalls,
+    /// `receive_batch` returns more messages than asked for.
+    OverFetch,
+    /// Batches are sent twice and received messages handed out twice.
+    Duplicates,
+    /// All of the above at once, at lower rates.
+    Mixed,
+}
+
+impl FaultKind {
+    /// Every kind, for tables.
+    pub const ALL: [FaultKind; 8] = [
+        FaultKind::TransientErrors,
+        FaultKind::LostReplies,
+        FaultKind::EntryFailures,
+        FaultKind::Panics,
+        FaultKind::SlowCalls,
+        FaultKind::OverFetch,
+        FaultKind::Duplicates,
+        FaultKind::Mixed,
+    ];
+
+    /// A short name, as used in test names and the README table.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::TransientErrors => "transient_errors",
+            FaultKind::LostReplies => "lost_replies",
+            FaultKind::EntryFailures => "entry_failures",
+            FaultKind::Panics => "panics",
+            FaultKind::SlowCalls => "slow_calls",
+            FaultKind::OverFetch => "over_fetch",
+            FaultKind::Duplicates => "duplicates",
+            FaultKind::Mixed => "mixed",
+        }
+    }
+}
+
+/// Fault rates (each a probability per call, or per entry for `entry_failures`).
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Seed of the random choices; the same seed injects the same faults in the same
+    /// order of calls.
+    pub seed: u64,
+    /// A call fails with `Unavailable` before doing anything.
+    pub transient: f64,
+    /// A call does its work, then fails with `Unavailable`.
+    pub lost_reply: f64,
+    /// An entry of a send or settle batch fails with `Unavailable` and is not done.
+    pub entry_failure: f64,
+    /// A call panics before doing anything.
+    pub panic: f64,
+    /// A call is delayed by up to `slow_by`.
+    pub slow: f64,
+    /// The longest delay of a slow call.
+    pub slow_by: Duration,
+    /// A receive asks the provider for up to twice as many messages as requested.
+    pub over_fetch: f64,
+    /// A successful send batch is sent a second time; a received message is handed
+    /// out twice.
+    pub duplicate: f64,
+}
+
+impl Faults {
+    /// The preset of one fault kind.
+    pub fn preset(kind: FaultKind, seed: u64) -> Self {
+        let base = Faults {
+            seed,
+            slow_by: Duration::from_millis(200),
+            ..Faults::default()
+        };
+        match kind {
+            FaultKind::TransientErrors => Faults {
+                transient: 0.2,
+                ..base
+            },
+            FaultKind::LostReplies => Faults {
+                lost_reply: 0.1,
+                ..base
+            },
+            FaultKind::EntryFailures => Faults {
+                entry_failure: 0.1,
+                ..base
+            },
+            FaultKind::Panics => Faults { panic: 0.1, ..base },
+            FaultKind::SlowCalls => Faults { slow: 0.3, ..base },
+            FaultKind::OverFetch => Faults {
+                over_fetch: 0.5,
+                ..base
+            },
+            FaultKind::Duplicates => Faults {
+                duplicate: 0.1,
+                ..base
+            },
+            FaultKind::Mixed => Faults {
+                transient: 0.05,
+                lost_reply: 0.03,
+                entry_failure: 0.03,
+                panic: 0.02,
+                slow: 0.1,
+                over_fetch: 0.2,
+                duplicate: 0.03,
+                ..base
+            },
+        }
+    }
+}
+
+/// Counts of injected faults.
+#[derive(Debug, Default)]
+pub struct Injected {
+    /// Calls failed before doing anything.
+    pub transient: AtomicU64,
+    /// Calls whose reply was replaced by an error.
+    pub lost_replies: AtomicU64,
+    /// Entries failed.
+    pub entry_failures: AtomicU64,
+    /// Panics.
+    pub panics: AtomicU64,
+    /// Delayed calls.
+    pub slow: AtomicU64,
+    /// Receives that asked for more.
+    pub over_fetches: AtomicU64,
+    /// Batches sent twice and messages handed out twice.
+    pub duplicates: AtomicU64,
+}
+
+impl Injected {
+    /// A one-line summary.
+    pub fn summary(&self) -> String {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "transient={} lost_replies={} entry_failures={} panics={} slow={} over_fetches={} duplicates={}",
+            l(&self.transient),
+            l(&self.lost_replies),
+            l(&self.entry_failures),
+            l(&self.panics),
+            l(&self.slow),
+            l(&self.over_fetches),
+            l(&self.duplicates)
+        )
+    }
+}
+
+/// The shared dice and counters of one chaos bus.
+struct Dice {
+    faults: Faults,
+    rng: Mutex<fastrand::Rng>,
+    injected: Arc<Injected>,
+}
+
+impl Dice {
+    fn roll(&self, p: f64) -> bool {
+        p > 0.0 && self.rng.lock().map(|mut r| r.f64() < p).unwrap_or(false)
+    }
+
+    fn unavailable(what: &str) -> Error {
+        Error::new(ErrorKind::Unavailable, format!("chaos: injected {what}"))
+    }
+
+    /// The faults that strike before a call: delay, panic, transient error.
+    async fn before(&self, call: &str) -> Result<()> {
+        if self.roll(self.faults.slow) {
+            self.injected.slow.fetch_add(1, Ordering::Relaxed);
+            let ms = self.faults.slow_by.as_millis().max(1) as u64;
+            let by = self.rng.lock().map(|mut r| r.u64(..ms)).unwrap_or(ms);
+            tokio::time::sleep(Duration::from_millis(by)).await;
+        }
+        if self.roll(self.faults.panic) {
+            self.injected.panics.fetch_add(1, Ordering::Relaxed);
+            panic!("chaos: injected panic in {call}");
+        }
+        if self.roll(self.faults.transient) {
+            self.injected.transient.fetch_add(1, Ordering::Relaxed);
+            return Err(Self::unavailable(&format!("transient error in {call}")));
+        }
+        Ok(())
+    }
+
+    /// After a call that did its work: maybe lose the reply.
+    fn after<T>(&self, call: &str, result: Result<T>) -> Result<T> {
+        if result.is_ok() && self.roll(self.faults.lost_reply) {
+            self.injected.lost_replies.fetch_add(1, Ordering::Relaxed);
+            return Err(Self::unavailable(&format!("lost reply of {call}")));
+        }
+        result
+    }
+
+    /// Which entries of a batch of `n` fail without being done.
+    fn failing_entries(&self, n: usize) -> Vec<bool> {
+        (0..n)
+            .map(|_| {
+                let fail = self.roll(self.faults.entry_failure);
+                if fail {
+                    self.injected.entry_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                fail
+            })
+            .collect()
+    }
+}
+
+/// Runs `call` on the entries not marked failing and fills the failing ones with an
+/// injected error, keeping the order.
+async fn with_entry_failures<T: Clone, F, Fut>(
+    dice: &Dice,
+    items: &[T],
+    call: F,
+) -> Result<BatchResults>
+where
+    F: FnOnce(Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = Result<BatchResults>>,
+{
+    let failing = dice.failing_entries(items.len());
+    if !failing.iter().any(|f| *f) {
+        return call(items.to_vec()).await;
+    }
+    let kept: Vec<T> = items
+        .iter()
+        .zip(&failing)
+        .filter(|(_, f)| !**f)
+        .map(|(i, _)| i.clone())
+        .collect();
+    let mut done = if kept.is_empty() {
+        Vec::new()
+    } else {
+        call(kept).await?
+    }
+    .into_iter();
+    Ok(failing
+        .iter()
+        .map(|f| {
+            if *f {
+                Err(Dice::unavailable("entry failure"))
+            } else {
+                done.next()
+                    .unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "no result")))
+            }
+        })
+        .collect())
+}
+
+/// A [`BusDriver`] that injects [`Faults`] into the topics and subscriptions of the
+/// bus it wraps (topology, dead letters and streams pass through untouched).
+///
+/// ```
+/// # async fn demo(inner: cloudbus_core::Bus) {
+/// use cloudbus_core::conformance::chaos::{ChaosBus, FaultKind, Faults};
+/// let chaos = ChaosBus::wrap(&inner, Faults::preset(FaultKind::Mixed, 7));
+/// let publisher = chaos.publisher("orders").await;
+/// # let _ = publisher;
+/// # }
+/// ```
+pub struct ChaosBus {
+    inner: Arc<dyn BusDriver>,
+    dice: Arc<Dice>,
+}
+
+impl ChaosBus {
+    /// A portable [`Bus`] over `inner` with `faults` injected.
+    pub fn wrap(inner: &Bus, faults: Faults) -> Bus {
+        Bus::new(Arc::new(Self::new(inner.driver().clone(), faults)))
+    }
+
+    /// The driver itself, for its [`injected`](Self::injected) counts.
+    pub fn new(inner: Arc<dyn BusDriver>, faults: Faults) -> Self {
+        ChaosBus {
+            dice: Arc::new(Dice {
+                rng: Mutex::new(fastrand::Rng::with_seed(faults.seed)),
+                faults,
+                injected: Arc::default(),
+            }),
+            inner,
+        }
+    }
+
+    /// What was injected so far.
+    pub fn injected(&self) -> Arc<Injected> {
+        self.dice.injected.clone()
+    }
+}
+
+#[async_trait]
+impl BusDriver for ChaosBus {
+    fn scheme(&self) -> &str {
+        self.inner.scheme()
+    }
+    async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>> {
+        Ok(Arc::new(ChaosTopic {
+            inner: self.inner.topic(topic).await?,
+            dice: self.dice.clone(),
+        }))
+    }
+    async fn subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn SubscriptionDriver>> {
+        Ok(Arc::new(ChaosSubscription {
+            inner: self.inner.subscription(topic, subscription).await?,
+            dice: self.dice.clone(),
+        }))
+    }
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Arc<dyn DeadLetterDriver>> {
+        self.inner.dead_letters(topic, subscription).await
+    }
+    fn topology(&self) -> Arc<dyn TopologyDriver> {
+        self.inner.topology()
+    }
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn crate::stream::StreamDriver>> {
+        self.inner.stream(stream).await
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct ChaosTopic {
+    inner: Arc<dyn TopicDriver>,
+    dice: Arc<Dice>,
+}
+
+#[async_trait]
+impl TopicDriver for ChaosTopic {
+    async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
+        self.dice.before("send_batch").await?;
+        let inner = &self.inner;
+        let sent = with_entry_failures(&self.dice, batch, |msgs| async move {
+            inner.send_batch(&msgs).await
+        })
+        .await;
+        if sent.is_ok() && self.dice.roll(self.dice.faults.duplicate) {
+            self.dice
+                .injected
+                .duplicates
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = self.inner.send_batch(batch).await;
+        }
+        self.dice.after("send_batch", sent)
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    fn as_any(&self) -> &dyn Any {
+        self.inner.as_any()
+    }
+}
+
+struct ChaosSubscription {
+    inner: Arc<dyn SubscriptionDriver>,
+    dice: Arc<Dice>,
+}
+
+fn copy_of(m: &ReceivedMessage) -> ReceivedMessage {
+    ReceivedMessage {
+        event: m.event.clone(),
+        token: m.token.clone(),
+        attempt: m.attempt,
+        lease: m.lease,
+        published_at: m.published_at,
+        ordering_key: m.ordering_key.clone(),
+        size: m.size,
+    }
+}
+
+#[async_trait]
+impl SubscriptionDriver for ChaosSubscription {
+    async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        self.dice.before("receive_batch").await?;
+        let ask = if self.dice.roll(self.dice.faults.over_fetch) {
+            self.dice
+                .injected
+                .over_fetches
+                .fetch_add(1, Ordering::Relaxed);
+            max * 2 + 1
+        } else {
+            max
+        };
+        let mut got = self.inner.receive_batch(ask, wait).await;
+        if let Ok(msgs) = &mut got
+            && let Some(first) = msgs.first()
+            && self.dice.roll(self.dice.faults.duplicate)
+        {
+            self.dice
+                .injected
+                .duplicates
+                .fetch_add(1, Ordering::Relaxed);
+            let copy = copy_of(first);
+            msgs.push(copy);
+        }
+        self.dice.after("receive_batch", got)
+    }
+    async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        self.dice.before("settle_batch").await?;
+        let inner = &self.inner;
+        let settled = with_entry_failures(&self.dice, items, |items| async move {
+            inner.settle_batch(&items).await
+        })
+        .await;
+        self.dice.after("settle_batch", settled)
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn queue_depth(&self) -> Option<u64> {
+        self.inner.queue_depth().await
+    }
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+    fn as_any(&self) -> &dyn Any {
+        self.inner.as_any()
+    }
+}
+
+/// A [`Harness`] whose buses inject the faults of one [`FaultKind`].
+pub struct ChaosHarness<H> {
+    inner: H,
+    kind: FaultKind,
+    seed: u64,
+    injected: Mutex<Vec<Arc<Injected>>>,
+}
+
+impl<H: Harness> ChaosHarness<H> {
+    /// Wraps `inner`; the seed is `CLOUDBUS_CHAOS_SEED` when set, else random (it is
+    /// printed with the result, so a failure can be replayed).
+    pub fn new(inner: H, kind: FaultKind) -> Self {
+        let seed = std::env::var("CLOUDBUS_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        ChaosHarness {
+            inner,
+            kind,
+            seed,
+            injected: Mutex::default(),
+        }
+    }
+
+    /// The fault kind injected.
+    pub fn kind(&self) -> FaultKind {
+        self.kind
+    }
+
+    /// The seed of the faults.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+}
+
+#[async_trait]
+impl<H: Harness> Harness for ChaosHarness<H> {
+    async fn bus(&self) -> Result<Bus> {
+        let inner = self.inner.bus().await?;
+        let chaos = ChaosBus::new(inner.driver().clone(), Faults::preset(self.kind, self.seed));
+        if let Ok(mut all) = self.injected.lock() {
+            all.push(chaos.injected());
+        }
+        Ok(Bus::new(Arc::new(chaos)))
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn patience(&self) -> Duration {
+        self.inner.patience()
+    }
+    fn short_lease(&self) -> Duration {
+        self.inner.short_lease()
+    }
+    fn unique(&self, prefix: &str) -> String {
+        self.inner.unique(prefix)
+    }
+}
+
+/// What one chaos run saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChaosReport {
+    /// Events whose publish resolved `Ok`.
+    pub published: usize,
+    /// Publishes that resolved `Err` (a signal, not a loss).
+    pub refused: usize,
+    /// Distinct accepted events handled.
+    pub received: usize,
+    /// Extra handlings of an event handled before.
+    pub duplicates: usize,
+    /// Accepted events never handled (must be 0).
+    pub lost: usize,
+    /// Events dead-lettered although the handler never failed (must be 0).
+    pub dead_lettered: usize,
+}
+
+/// Publishes `count` events through `h`'s faulty bus and handles them with a worker
+/// whose handler always succeeds; fails unless every accepted event was handled and
+/// none dead-lettered. Prints one `CHAOS ...` line with the [`ChaosReport`].
+pub async fn nothing_lost_under_faults<H: Harness>(
+    h: &ChaosHarness<H>,
+    count: usize,
+) -> Result<ChaosReport> {
+    let bus = h.bus().await?;
+    let topic = h.unique("chaos-t");
+    let sub = h.unique("chaos-s");
+    bus.ensure_topic(&topic).await?;
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub).ack_deadline(h.short_lease()))
+        .await?;
+    let publisher = bus.publisher(&topic).await?;
+    let consumer = bus.consumer(&topic, &sub).await?;
+
+    let mut handles = Vec::with_capacity(count);
+    for i in 0..count {
+        let event: Event = EventBuilder::new("conformance.chaos", "/chaos")
+            .subject(i.to_string())
+            .build()?;
+        let id = event.id().to_owned();
+        handles.push((id, publisher.publish(event)));
+    }
+    let mut accepted = HashSet::with_capacity(count);
+    let mut refused = 0;
+    for (id, handle) in handles {
+        match handle.await {
+            Ok(()) => {
+                accepted.insert(id);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    publisher.close().await?;
+
+    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let s2 = seen.clone();
+    let worker = consumer.subscribe(
+        move |e: Arc<Event>, _c: HandlerContext| {
+            let seen = s2.clone();
+            async move {
+                if let Ok(mut m) = seen.lock() {
+                    *m.entry(e.id().to_owned()).or_default() += 1;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        },
+        WorkerOptions::default()
+            .concurrency(8)
+            .receive_wait(Duration::from_millis(300)),
+    );
+    // Faults cost time and leases: a lost reply or a failed ack brings an event back
+    // only when its lease runs out. So the run goes on while events keep arriving, and
+    // ends when all are in or nothing new came for a whole stall window.
+    let stall_window = h.patience() * 2 + h.short_lease() * 4;
+    let cap = Instant::now() + Duration::from_secs(900);
+    let handled = || {
+        seen.lock()
+            .map(|m| accepted.iter().filter(|id| m.contains_key(*id)).count())
+            .unwrap_or(0)
+    };
+    let (mut last_count, mut last_progress) = (0, Instant::now());
+    loop {
+        let now_count = handled();
+        if now_count == accepted.len() || Instant::now() > cap {
+            break;
+        }
+        if now_count > last_count {
+            (last_count, last_progress) = (now_count, Instant::now());
+        } else if last_progress.elapsed() > stall_window {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let worker_report = worker.shutdown(Duration::from_secs(10)).await;
+    consumer.close().await.ok();
+    let seen = seen
+        .lock()
+        .map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?
+        .clone();
+    let received = accepted.iter().filter(|id| seen.contains_key(*id)).count();
+    let duplicates = seen.values().map(|n| n.saturating_sub(1)).sum();
+    let mut dead_lettered = worker_report.dead_lettered as usize;
+    if h.capabilities().native_dead_letter
+        && let Ok(dlq) = bus.dead_letters(&topic, &sub).await
+    {
+        dead_lettered = dead_lettered.max(dlq.peek(100).await.map(|d| d.len()).unwrap_or(0));
+    }
+    let report = ChaosReport {
+        published: accepted.len(),
+        refused,
+        received,
+        duplicates,
+        lost: accepted.len() - received,
+        dead_lettered,
+    };
+    let injected = h
+        .injected
+        .lock()
+        .map(|all| {
+            all.iter()
+                .map(|i| i.summary())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "CHAOS scheme={} fault={} seed={} published={} refused={} received={} duplicates={} lost={} dead_lettered={} | injected: {injected}",
+        bus.scheme(),
+        h.kind.name(),
+        h.seed,
+        report.published,
+        report.refused,
+        report.received,
+        report.duplicates,
+        report.lost,
+        report.dead_lettered,
+    );
+    Ok(report)
+}
+
+/// Runs [`nothing_lost_under_faults`] and fails with the seed when anything was lost
+/// or dead-lettered.
+pub async fn run_chaos_case<H: Harness>(harness: H, kind: FaultKind, count: usize) {
+    let chaos = ChaosHarness::new(harness, kind);
+    let seed = chaos.seed();
+    match nothing_lost_under_faults(&chaos, count).await {
+        Ok(r) if r.lost == 0 && r.dead_lettered == 0 && r.published > 0 => {}
+        Ok(r) => panic!("chaos {} (CLOUDBUS_CHAOS_SEED={seed}): {r:?}", kind.name()),
+        Err(e) => panic!(
+            "chaos {} (CLOUDBUS_CHAOS_SEED={seed}) failed: {e}",
+            kind.name()
+        ),
+    }
+}
+
+/// Generates one `#[tokio::test]` per [`FaultKind`] that runs
+/// [`nothing_lost_under_faults`] with `$count` events over the harness `$make`
+/// evaluates to, named `chaos_<kind>`.
+///
+/// ```ignore
+/// cloudbus_core::chaos_suite!(MyHarness::new(), 500);
+/// ```
+#[macro_export]
+macro_rules! chaos_suite {
+    ($make:expr, $count:expr) => {
+        $crate::chaos_suite!($make, $count;
+            chaos_transient_errors => TransientErrors,
+            chaos_lost_replies => LostReplies,
+            chaos_entry_failures => EntryFailures,
+            chaos_panics => Panics,
+            chaos_slow_calls => SlowCalls,
+            chaos_over_fetch => OverFetch,
+            chaos_duplicates => Duplicates,
+            chaos_mixed => Mixed
+        );
+    };
+    ($make:expr, $count:expr; $($name:ident => $kind:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $make;
+                $crate::conformance::chaos::run_chaos_case(
+                    harness,
+                    $crate::conformance::chaos::FaultKind::$kind,
+                    $count,
+                )
+                .await;
+            }
+        )+
+    };
+}
