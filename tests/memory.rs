@@ -1337,3 +1337,45 @@ async fn a_driver_panic_in_send_fails_that_batch_only() {
     assert!(!publisher.is_closed());
     publisher.publish(ev(2)).await.expect("the lane lives on");
 }
+
+/// A topic that refuses any call of more than `max` events as too large (a provider
+/// that counts bytes differently from the estimate).
+struct SmallBatches(Arc<dyn cloudbus::TopicDriver>, usize);
+
+#[async_trait]
+impl cloudbus::TopicDriver for SmallBatches {
+    async fn send_batch(
+        &self,
+        batch: &[cloudbus::OutgoingMessage],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        if batch.len() > self.1 {
+            return Err(cloudbus::Error::new(ErrorKind::TooLarge, "batch too large"));
+        }
+        self.0.send_batch(batch).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Issue 12 item 14: a batch the provider refused as too large failed every event in
+/// it, also those that fit. The publisher splits it and sends the parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_as_too_large_is_split() {
+    let bus = with_events(0).await;
+    let publisher = cloudbus::Publisher::new(Arc::new(SmallBatches(
+        bus.driver().topic("t").await.unwrap(),
+        3,
+    )));
+    let results = publisher.publish_batch((0..10).map(ev).collect()).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let consumer = bus.consumer("t", "s").await.unwrap();
+    let got = consumer
+        .receive_batch(20, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 10);
+}

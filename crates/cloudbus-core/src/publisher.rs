@@ -510,6 +510,22 @@ pub(crate) async fn send_with_retry(
                     results[i] = Some(Err(e.clone()));
                 }
             }
+            Err(e) if e.kind() == ErrorKind::TooLarge && todo.len() > 1 => {
+                // The provider counted the batch larger than the estimate did: split it,
+                // so that the events that fit are not refused with the one that does not.
+                // Halves go one after the other, which keeps ordering keys in order.
+                let part: Vec<OutgoingMessage> = todo.iter().map(|&i| msgs[i].clone()).collect();
+                let (front, back) = part.split_at(part.len() / 2);
+                tracing::debug!(
+                    events = part.len(),
+                    "batch refused as too large; splitting it"
+                );
+                let mut sent = Box::pin(send_with_retry(driver, front, retry, ordered)).await;
+                sent.extend(Box::pin(send_with_retry(driver, back, retry, ordered)).await);
+                for (&i, r) in todo.iter().zip(sent) {
+                    results[i] = Some(r);
+                }
+            }
             Err(e) if e.is_retryable() && retry.should_retry(attempt) => again = todo.clone(),
             Err(e) => {
                 for &i in &todo {
