@@ -1379,3 +1379,142 @@ async fn a_batch_refused_as_too_large_is_split() {
         .unwrap();
     assert_eq!(got.len(), 10);
 }
+
+/// A log whose cursors expire: every cursor can be read `reads_per_cursor` times,
+/// then reads fail with LeaseExpired (a Kinesis shard iterator is valid 5 minutes).
+struct ExpiringCursors {
+    inner: Arc<dyn cloudbus::StreamDriver>,
+    reads: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    reads_per_cursor: usize,
+}
+
+#[async_trait]
+impl cloudbus::StreamDriver for ExpiringCursors {
+    async fn partitions(&self) -> cloudbus::Result<Vec<cloudbus::PartitionInfo>> {
+        self.inner.partitions().await
+    }
+    async fn cursor(&self, partition: &str, at: &StartPosition) -> cloudbus::Result<String> {
+        // Every cursor handed out is new, as a shard iterator is.
+        let inner = self.inner.cursor(partition, at).await?;
+        Ok(format!("{inner}#{}", fastrand::u64(..)))
+    }
+    async fn read(&self, cursor: &str, max: usize) -> cloudbus::Result<cloudbus::ReadBatch> {
+        let inner_cursor = cursor.split('#').next().unwrap_or(cursor);
+        let used = {
+            let mut reads = self.reads.lock().unwrap();
+            let n = reads.entry(cursor.to_owned()).or_default();
+            *n += 1;
+            *n
+        };
+        if used > self.reads_per_cursor {
+            return Err(cloudbus::Error::new(
+                ErrorKind::LeaseExpired,
+                "Iterator expired",
+            ));
+        }
+        self.inner.read(inner_cursor, max).await
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// A one-partition log `name` with `n` events, read through expiring cursors.
+async fn log_with(n: usize, name: &str) -> (Bus, Arc<dyn cloudbus::StreamDriver>) {
+    let broker = MemoryBroker::new();
+    broker.ensure_log(name, 1).unwrap();
+    let bus = broker.bus();
+    let p = bus.publisher(name).await.unwrap();
+    for i in 0..n {
+        p.publish(ev(i)).await.unwrap();
+    }
+    let driver = bus.driver().stream(name).await.unwrap();
+    (bus, driver)
+}
+
+fn subjects_into(
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+) -> impl Fn(Arc<Event>, HandlerContext) -> std::future::Ready<Result<(), HandlerError>> {
+    move |e: Arc<Event>, _c: HandlerContext| {
+        use cloudbus::AttributesReader;
+        seen.lock()
+            .unwrap()
+            .push(e.subject().unwrap_or("").to_owned());
+        std::future::ready(Ok(()))
+    }
+}
+
+/// Issue 12 item 5: an expired cursor stalled the stream consumer for good (the dead
+/// cursor was reused on every poll). It reopens the partition where it got to.
+#[tokio::test]
+async fn an_expired_stream_cursor_is_reopened_where_the_consumer_got_to() {
+    let (_bus, log) = log_with(10, "expiring").await;
+    let driver = Arc::new(ExpiringCursors {
+        inner: log,
+        reads: Default::default(),
+        reads_per_cursor: 1,
+    });
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let handler = subjects_into(seen.clone());
+    let mut reader = cloudbus::StreamConsumer::new(driver, "g")
+        .start_at(StartPosition::Earliest)
+        .batch_size(3);
+    for _ in 0..6 {
+        reader
+            .poll(&handler)
+            .await
+            .expect("no stall on an expired cursor");
+    }
+    let got = seen.lock().unwrap().clone();
+    let want: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "each record once, in order");
+}
+
+/// Issue 12 item 18: a shutdown cancelled `poll` in the middle of a batch, so the
+/// records handled before it lost their checkpoint and were handled again. Now the
+/// record in hand finishes, is checkpointed, and the next reader starts after it.
+#[tokio::test]
+async fn stream_shutdown_checkpoints_what_was_handled() {
+    let (_bus, log) = log_with(10, "stopping").await;
+    let store = Arc::new(MemoryCheckpointStore::new());
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_tx = std::sync::Mutex::new(Some(stop_tx));
+    let s2 = seen.clone();
+    // The handler asks for shutdown while it handles record 3, then takes its time.
+    let handler = move |e: Arc<Event>, _c: HandlerContext| {
+        use cloudbus::AttributesReader;
+        let subject = e.subject().unwrap_or("").to_owned();
+        s2.lock().unwrap().push(subject.clone());
+        if subject == "3"
+            && let Some(tx) = stop_tx.lock().unwrap().take()
+        {
+            let _ = tx.send(());
+        }
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let mut reader = cloudbus::StreamConsumer::new(log.clone(), "g")
+        .checkpoints(store.clone())
+        .start_at(StartPosition::Earliest);
+    reader
+        .run(&handler, Duration::from_millis(10), async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().clone(), ["0", "1", "2", "3"]);
+    let rest: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let mut next = cloudbus::StreamConsumer::new(log, "g")
+        .checkpoints(store)
+        .start_at(StartPosition::Earliest);
+    next.catch_up(&subjects_into(rest.clone())).await.unwrap();
+    let want: Vec<String> = (4..10).map(|i| i.to_string()).collect();
+    assert_eq!(
+        rest.lock().unwrap().clone(),
+        want,
+        "nothing handled twice, nothing skipped"
+    );
+}

@@ -156,6 +156,9 @@ pub struct StreamConsumer {
     batch: usize,
     dead_letter: Option<Publisher>,
     cursors: HashMap<String, String>,
+    /// The last record handled per partition in this process, to reopen a partition
+    /// exactly there when its cursor expired.
+    handled_up_to: HashMap<String, String>,
     finished: HashSet<String>,
     replaying: Option<StartPosition>,
     runner: HandlerRunner,
@@ -177,6 +180,7 @@ impl StreamConsumer {
             batch: 500,
             dead_letter: None,
             cursors: HashMap::new(),
+            handled_up_to: HashMap::new(),
             finished: HashSet::new(),
             replaying: None,
         }
@@ -213,12 +217,25 @@ impl StreamConsumer {
     pub fn replay(&mut self, from: StartPosition) {
         self.start = from.clone();
         self.cursors.clear();
+        self.handled_up_to.clear();
         self.finished.clear();
         self.replaying = Some(from);
     }
 
     /// One pass: reads one batch from every readable partition and handles it.
     pub async fn poll<H: Handler + ?Sized>(&mut self, handler: &H) -> Result<PollReport> {
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        Ok(self.poll_until(handler, &mut never).await?.0)
+    }
+
+    /// [`poll`](Self::poll) that stops between records once `stop` has resolved,
+    /// checkpointing what was handled; `true` when it stopped early.
+    async fn poll_until<H: Handler + ?Sized, S: std::future::Future<Output = ()>>(
+        &mut self,
+        handler: &H,
+        stop: &mut std::pin::Pin<&mut S>,
+    ) -> Result<(PollReport, bool)> {
+        use futures::FutureExt;
         let partitions = self.driver.partitions().await?;
         let known: HashSet<&str> = partitions.iter().map(|p| p.id.as_str()).collect();
         let mut report = PollReport::default();
@@ -234,15 +251,19 @@ impl StreamConsumer {
             if !parents_done {
                 continue;
             }
-            let cursor = match self.cursors.get(&p.id) {
-                Some(c) => c.clone(),
-                None => {
-                    let at = self.initial_position(&p.id).await?;
-                    self.driver.cursor(&p.id, &at).await?
+            let batch = match self.read_partition(&p.id).await {
+                Err(e) if e.kind() == ErrorKind::LeaseExpired => {
+                    // A cursor (Kinesis shard iterator) lives for minutes only; reusing
+                    // the dead one would stall the partition for good. Reopen it where
+                    // this consumer got to.
+                    tracing::info!(partition = %p.id, error = %e, "cursor expired; reopening the partition from its checkpoint");
+                    self.cursors.remove(&p.id);
+                    self.read_partition(&p.id).await?
                 }
+                other => other?,
             };
-            let batch = self.driver.read(&cursor, self.batch).await?;
             let mut last = None;
+            let mut stopped = false;
             for record in &batch.records {
                 if self.handle_record(handler, record).await? {
                     report.handled += 1;
@@ -250,9 +271,20 @@ impl StreamConsumer {
                     report.dead_lettered += 1;
                 }
                 last = Some(record.sequence.clone());
+                if stop.as_mut().now_or_never().is_some() {
+                    stopped = true;
+                    break;
+                }
             }
             if let Some(seq) = last {
                 self.store.save(&self.group, &p.id, &seq).await?;
+                self.handled_up_to.insert(p.id.clone(), seq);
+            }
+            if stopped {
+                // The rest of this batch was not handled: the next read starts after
+                // the checkpoint, not at the batch's end.
+                self.cursors.remove(&p.id);
+                return Ok((report, true));
             }
             match batch.next {
                 Some(next) => {
@@ -265,7 +297,25 @@ impl StreamConsumer {
                 }
             }
         }
-        Ok(report)
+        Ok((report, false))
+    }
+
+    /// Reads the next batch of `partition`, opening a cursor where it has none: after
+    /// the last record handled here, else at the checkpoint or the start position.
+    async fn read_partition(&mut self, partition: &str) -> Result<ReadBatch> {
+        let cursor = match self.cursors.get(partition) {
+            Some(c) => c.clone(),
+            None => {
+                let at = match self.handled_up_to.get(partition) {
+                    Some(seq) => StartPosition::AfterSequence(seq.clone()),
+                    None => self.initial_position(partition).await?,
+                };
+                let cursor = self.driver.cursor(partition, &at).await?;
+                self.cursors.insert(partition.to_owned(), cursor.clone());
+                cursor
+            }
+        };
+        self.driver.read(&cursor, self.batch).await
     }
 
     /// Polls until a pass reads nothing new: everything written so far is handled
@@ -283,19 +333,21 @@ impl StreamConsumer {
         }
     }
 
-    /// Polls until `shutdown` resolves, pausing `idle` when nothing came.
+    /// Polls until `shutdown` resolves, pausing `idle` when nothing came. A shutdown
+    /// lets the record being handled finish and checkpoints it: nothing handled is
+    /// read again by the next consumer of the group.
     pub async fn run<H: Handler + ?Sized>(
         &mut self,
         handler: &H,
         idle: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
-        tokio::pin!(shutdown);
+        let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let report = tokio::select! {
-                r = self.poll(handler) => r?,
-                _ = &mut shutdown => return Ok(()),
-            };
+            let (report, stopped) = self.poll_until(handler, &mut shutdown).await?;
+            if stopped {
+                return Ok(());
+            }
             if report.handled + report.dead_lettered == 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(idle) => {},
