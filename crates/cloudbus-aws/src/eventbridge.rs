@@ -59,7 +59,10 @@ pub fn capabilities() -> Capabilities {
     c
 }
 
-fn kind_of_code(code: &str) -> ErrorKind {
+pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
+    if let Some(kind) = crate::common_kind(code) {
+        return kind;
+    }
     match code {
         c if c.contains("ResourceNotFound") => ErrorKind::NotFound,
         c if c.contains("ResourceAlreadyExists") => ErrorKind::AlreadyExists,

@@ -238,6 +238,46 @@ where
     Error::with_source(kind, format!("{what}: {detail}"), e)
 }
 
+/// The kind of the error codes every AWS service shares (the common errors of the AWS
+/// API reference: credentials, signing, throttling, server faults), so that one
+/// credential error is one kind whichever service said it. `None` for a
+/// service-specific code. Checked before each service's own table.
+#[allow(dead_code)]
+pub(crate) fn common_kind(code: &str) -> Option<ErrorKind> {
+    Some(match code {
+        "AccessDenied"
+        | "AccessDeniedException"
+        | "AuthorizationError"
+        | "IncompleteSignature"
+        | "InvalidClientTokenId"
+        | "InvalidSecurity"
+        | "MissingAuthenticationToken"
+        | "NotAuthorized"
+        | "OptInRequired"
+        | "SignatureDoesNotMatch"
+        | "UnrecognizedClientException" => ErrorKind::PermissionDenied,
+        // A token or a signed request that expired: the credential chain refreshes
+        // and a new request succeeds.
+        "ExpiredToken" | "ExpiredTokenException" | "RequestExpired" => ErrorKind::Unavailable,
+        "InternalFailure"
+        | "InternalError"
+        | "InternalErrorException"
+        | "InternalException"
+        | "InternalServerError"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException" => ErrorKind::Unavailable,
+        "Throttling"
+        | "ThrottlingException"
+        | "ThrottledException"
+        | "RequestLimitExceeded"
+        | "TooManyRequestsException"
+        | "RequestThrottled"
+        | "KMSThrottlingException"
+        | "KMS.ThrottlingException" => ErrorKind::Throttled,
+        _ => return None,
+    })
+}
+
 /// The per-entry results of one batch call, filled in as the service reports them.
 pub(crate) type Slots = Vec<Option<Result<()>>>;
 
@@ -269,4 +309,35 @@ pub(crate) fn finish(slots: Slots, service: &str) -> BatchResults {
             })
         })
         .collect()
+}
+
+#[cfg(all(
+    test,
+    feature = "sqs",
+    feature = "sns",
+    feature = "eventbridge",
+    feature = "kinesis"
+))]
+mod tests {
+    use super::*;
+
+    /// Issue 12 item 16: one credential error mapped to three kinds in three services.
+    #[test]
+    fn common_codes_have_one_kind_in_every_service() {
+        for kind_of in [
+            sqs::kind_of_code,
+            sns::kind_of_code,
+            eventbridge::kind_of_code,
+            kinesis::kind_of_code,
+        ] {
+            assert_eq!(kind_of("InvalidClientTokenId"), ErrorKind::PermissionDenied);
+            assert_eq!(
+                kind_of("UnrecognizedClientException"),
+                ErrorKind::PermissionDenied
+            );
+            assert!(kind_of("InternalFailure").is_retryable());
+            assert!(kind_of("ExpiredToken").is_retryable());
+            assert_eq!(kind_of("SomethingNobodyKnows"), ErrorKind::Internal);
+        }
+    }
 }

@@ -43,7 +43,10 @@ pub fn capabilities(topic: &str) -> Capabilities {
     c
 }
 
-fn kind_of_code(code: &str) -> ErrorKind {
+pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
+    if let Some(kind) = crate::common_kind(code) {
+        return kind;
+    }
     match code {
         "NotFound" | "NotFoundException" => ErrorKind::NotFound,
         c if c.contains("Throttl") => ErrorKind::Throttled,
@@ -307,7 +310,7 @@ impl SnsTopic {
         if self.name.ends_with(".fifo") {
             e = e
                 .message_group_id(sqs::group_id(m))
-                .message_deduplication_id(sqs::dedup_id(m.dedup_id().unwrap_or(m.id())));
+                .message_deduplication_id(sqs::dedup_id_of(m));
         }
         e.build()
             .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "invalid SNS entry", e))

@@ -21,6 +21,7 @@ use aws_sdk_sqs::types::{
     SendMessageBatchRequestEntry,
 };
 use chrono::{DateTime, Utc};
+use cloudbus_core::AttributesReader as _;
 use cloudbus_core::codec::RawMessage;
 use cloudbus_core::stream::StreamDriver;
 use cloudbus_core::{
@@ -92,7 +93,10 @@ pub fn capabilities(queue: &str) -> Capabilities {
 }
 
 /// The portable kind of an SQS error code.
-fn kind_of_code(code: &str) -> ErrorKind {
+pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
+    if let Some(kind) = crate::common_kind(code) {
+        return kind;
+    }
     match code {
         c if c.contains("NonExistentQueue") || c.contains("QueueDoesNotExist") => {
             ErrorKind::NotFound
@@ -140,10 +144,22 @@ fn report_batch<'a>(
     }
     for f in failed {
         let error = Error::new(
-            kind_of_code(f.code()),
+            entry_kind(f.code(), f.sender_fault()),
             format!("{what}: {}: {}", f.code(), f.message().unwrap_or_default()),
         );
         crate::report(slots, f.id(), Err(error));
+    }
+}
+
+/// The kind of a failed batch entry: SQS marks entries that failed through no fault of
+/// the request with `SenderFault = false`; those are worth another try whatever their
+/// code.
+fn entry_kind(code: &str, sender_fault: bool) -> ErrorKind {
+    let kind = kind_of_code(code);
+    if !sender_fault && !kind.is_retryable() {
+        ErrorKind::Unavailable
+    } else {
+        kind
     }
 }
 
@@ -697,7 +713,7 @@ impl SqsQueue {
         if is_fifo(&self.queue) {
             e = e
                 .message_group_id(group_id(m))
-                .message_deduplication_id(dedup_id(m.dedup_id().unwrap_or(m.id())));
+                .message_deduplication_id(dedup_id_of(m));
         }
         e.build().map_err(build_error)
     }
@@ -741,10 +757,13 @@ const UNORDERED_GROUP: &str = "cloudbus-unordered-";
 pub(crate) fn group_id(m: &OutgoingMessage) -> String {
     match &m.ordering_key {
         Some(k) => k.clone(),
-        None => format!("{UNORDERED_GROUP}{}", dedup_id(m.id()))
-            .chars()
-            .take(128)
-            .collect(),
+        None => match &m.payload {
+            Payload::Event(e) => format!(
+                "{UNORDERED_GROUP}{}",
+                cloudbus_core::driver::dedup_digest(e.source(), e.id())
+            ),
+            Payload::Raw(_) => format!("{UNORDERED_GROUP}{}", dedup_id_of(m)),
+        },
     }
 }
 
@@ -781,18 +800,21 @@ async fn receive_messages(
     Ok(out.messages.unwrap_or_default())
 }
 
-/// SQS deduplication ids are at most 128 characters of `[A-Za-z0-9!-~]`.
+/// A deduplication or group id SQS accepts (1 to 128 characters of `[!-~]`): `id`
+/// itself when it is one, else its SHA-256 in hex. Never a lossy clean-up: two
+/// distinct ids never become the same id (which would make SQS drop the second event
+/// while answering success).
 pub(crate) fn dedup_id(id: &str) -> String {
-    let clean: String = id
-        .chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(128)
-        .collect();
-    if clean.is_empty() {
-        "empty".into()
+    if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) {
+        id.to_owned()
     } else {
-        clean
+        cloudbus_core::driver::hex_sha256(&[id.as_bytes()])
     }
+}
+
+/// The deduplication id of `m` in SQS's alphabet.
+pub(crate) fn dedup_id_of(m: &OutgoingMessage) -> String {
+    dedup_id(&m.dedup_id().unwrap_or(std::borrow::Cow::Borrowed(m.id())))
 }
 
 #[async_trait]
@@ -892,7 +914,7 @@ impl SubscriptionDriver for SqsQueue {
                 }
                 Settlement::Nack { delay } => {
                     self.take(receipt);
-                    visibility.push((i, receipt.to_owned(), delay.as_secs_f64().round()));
+                    visibility.push((i, receipt.to_owned(), delay.as_secs_f64().ceil()));
                 }
                 Settlement::Extend { lease } => {
                     visibility.push((i, receipt.to_owned(), lease.as_secs_f64().ceil()));
@@ -1112,8 +1134,19 @@ impl SqsDeadLetters {
                 .map_err(|e| {
                     crate::sdk_error(e, kind_of_code, &format!("move tasks of {}", self.queue))
                 })?;
-            // The newest task comes first; a running one names its handle.
+            // The newest task comes first; a running one names its handle. An empty
+            // list (the service has not listed the new task yet) is waited out within
+            // the same deadline as a running task: it must not loop for ever.
             let Some(task) = out.results().first() else {
+                if tokio::time::Instant::now() > until {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "the move task {handle} from {} was never listed within {:?}",
+                            self.queue, MOVE_TASK_PATIENCE
+                        ),
+                    ));
+                }
                 continue;
             };
             let moved = task.approximate_number_of_messages_moved().max(0) as usize;
@@ -1338,6 +1371,21 @@ mod tests {
         assert_eq!(kind_of_code("QueueDoesNotExist"), ErrorKind::NotFound);
         assert_eq!(kind_of_code("BatchEntryTooLong"), ErrorKind::TooLarge);
         assert_eq!(kind_of_code("ThrottlingException"), ErrorKind::Throttled);
+        // Issue 12 item 16: server faults and expired tokens were permanent.
+        for code in [
+            "InternalFailure",
+            "RequestExpired",
+            "ExpiredToken",
+            "ServiceUnavailable",
+        ] {
+            assert!(kind_of_code(code).is_retryable(), "{code}");
+        }
+        assert_eq!(entry_kind("SomethingNew", false), ErrorKind::Unavailable);
+        assert_eq!(
+            entry_kind("InvalidParameterValue", true),
+            ErrorKind::InvalidArgument
+        );
+
         assert_eq!(
             kind_of_code("ReceiptHandleIsInvalid"),
             ErrorKind::LeaseExpired
@@ -1347,7 +1395,26 @@ mod tests {
         let std = capabilities("q");
         assert_eq!(std.max_delay, Some(MAX_DELAY));
         assert!(!std.ordering && !std.fan_out);
-        assert_eq!(dedup_id("a b\u{e9}c"), "abc");
+        // Issue 12 item 1: ids were cleaned lossily (non-ASCII dropped, cut at 128),
+        // so distinct events got one deduplication id and SQS dropped the later one.
+        assert_eq!(dedup_id("order-7"), "order-7");
+        assert_ne!(dedup_id("\u{e9}\u{e8}"), dedup_id("\u{e0}\u{f9}"));
+        assert_ne!(dedup_id("a b"), dedup_id("ab"));
+        let long = "x".repeat(128);
+        assert_ne!(dedup_id(&format!("{long}1")), dedup_id(&format!("{long}2")));
+        assert!(dedup_id(&"\u{e9}".repeat(200)).len() <= 128);
+        let from = |source: &str| {
+            OutgoingMessage::new(
+                std::sync::Arc::new(
+                    cloudbus_core::EventBuilder::new("t", source)
+                        .id("same-id")
+                        .build()
+                        .unwrap(),
+                ),
+                Default::default(),
+            )
+        };
+        assert_ne!(dedup_id_of(&from("/a")), dedup_id_of(&from("/b")));
         let envelope = RawMessage::new(
             r#"{"Type":"Notification","MessageId":"m","TopicArn":"arn:aws:sns:us-east-1:0:t","Message":"{\"a\":1}","MessageAttributes":{"ce-id":{"Type":"String","Value":"e-1"}}}"#,
         );

@@ -840,7 +840,7 @@ pub(crate) fn outgoing(
     }
     *message.application_properties_mut() = Some(props.build());
     if let Some(id) = m.dedup_id() {
-        message.set_message_id(id.to_owned()).map_err(|e| {
+        message.set_message_id(id.to_string()).map_err(|e| {
             Error::invalid(format!(
                 "{id:?} cannot be a Service Bus MessageId (at most 128 characters): {e}"
             ))

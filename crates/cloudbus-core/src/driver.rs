@@ -149,12 +149,16 @@ impl OutgoingMessage {
             size,
         }
     }
-    /// The deduplication id: the explicit one, else the CloudEvent id (`None` for raw
-    /// messages without an explicit id).
-    pub fn dedup_id(&self) -> Option<&str> {
+    /// The deduplication id: the explicit one, else [`dedup_digest`] of the event's
+    /// `source` and `id` (`None` for raw messages without an explicit id). A
+    /// CloudEvent id is unique only within its source, so the bare id would make a
+    /// broker drop a distinct event of another source as a duplicate.
+    pub fn dedup_id(&self) -> Option<std::borrow::Cow<'_, str>> {
         match (&self.explicit_dedup_id, &self.payload) {
-            (Some(id), _) => Some(id),
-            (None, Payload::Event(e)) => Some(e.id()),
+            (Some(id), _) => Some(std::borrow::Cow::Borrowed(id)),
+            (None, Payload::Event(e)) => {
+                Some(std::borrow::Cow::Owned(dedup_digest(e.source(), e.id())))
+            }
             (None, Payload::Raw(_)) => None,
         }
     }
@@ -166,6 +170,37 @@ impl OutgoingMessage {
             Payload::Raw(_) => "<raw>",
         }
     }
+}
+
+/// The default deduplication id of a CloudEvent: the SHA-256 of its `source` and `id`
+/// (the pair the spec makes unique), as 64 lowercase hex digits, which every broker's
+/// id alphabet and length limit accept (SQS: 128 of `[!-~]`; Service Bus: 128).
+///
+/// ```
+/// use cloudbus_core::driver::dedup_digest;
+/// assert_eq!(dedup_digest("/a", "1").len(), 64);
+/// assert_ne!(dedup_digest("/a", "1"), dedup_digest("/b", "1"));
+/// assert_ne!(dedup_digest("/a", "1/b"), dedup_digest("/a/1", "b"));
+/// ```
+pub fn dedup_digest(source: &str, id: &str) -> String {
+    hex_sha256(&[source.as_bytes(), b"\x1f", id.as_bytes()])
+}
+
+/// The SHA-256 of the concatenated `parts`, as lowercase hex.
+pub fn hex_sha256(parts: &[&[u8]]) -> String {
+    use sha2::Digest;
+    use std::fmt::Write;
+    let mut hasher = sha2::Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .fold(String::with_capacity(64), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 /// Maps a key to one of `slots` slots, stably across processes and runs (FNV-1a):
