@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::{Blob, DateTime as AwsDateTime};
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
 use chrono::{DateTime, Utc};
-use cloudbus_core::codec::{RawMessage, from_structured_json, to_structured_json};
+use cloudbus_core::codec::{RawMessage, from_unlabelled_body, to_structured_json};
 use cloudbus_core::stream::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
 use cloudbus_core::{
     BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, EventExt,
@@ -404,7 +404,7 @@ impl StreamDriver for KinesisStream {
             .iter()
             .map(|r| {
                 let body = r.data().as_ref().to_vec();
-                let event = from_structured_json(&body)
+                let event = from_unlabelled_body(&body)
                     .map(Arc::new)
                     .map_err(|e| (RawMessage::new(body), e));
                 StreamRecord {

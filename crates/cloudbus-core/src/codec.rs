@@ -123,6 +123,34 @@ pub fn from_structured_json(body: &[u8]) -> std::result::Result<Event, DecodeErr
     from_structured_value(value)
 }
 
+/// Decodes a message that carries no attributes to say what it is (a Kinesis record,
+/// a message of a producer that cannot set attributes): structured CloudEvents JSON
+/// when the body is a JSON object, otherwise [`DecodeErrorKind::NotACloudEvent`], the
+/// reason every transport gives a foreign message.
+///
+/// ```
+/// use cloudbus_core::codec::from_unlabelled_body;
+/// use cloudbus_core::DecodeErrorKind;
+/// assert_eq!(from_unlabelled_body(b"plain text").unwrap_err().kind(), DecodeErrorKind::NotACloudEvent);
+/// assert_eq!(from_unlabelled_body(b"{\"broken").unwrap_err().kind(), DecodeErrorKind::InvalidJson);
+/// ```
+pub fn from_unlabelled_body(body: &[u8]) -> std::result::Result<Event, DecodeError> {
+    let looks_structured = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{');
+    if looks_structured {
+        return from_structured_json(body);
+    }
+    Err(DecodeError::new(
+        DecodeErrorKind::NotACloudEvent,
+        format!(
+            "no attributes say it is a CloudEvent and the body is not structured CloudEvents JSON ({} bytes)",
+            body.len()
+        ),
+    ))
+}
+
 /// Decodes an already parsed JSON value (used by envelopes that embed a CloudEvent).
 pub fn from_structured_value(value: serde_json::Value) -> std::result::Result<Event, DecodeError> {
     let Some(obj) = value.as_object() else {
@@ -322,34 +350,54 @@ impl BinaryCodec {
     }
 
     /// Decodes a message in either mode; anything else is a [`DecodeError`].
+    ///
+    /// Attribute names are matched case-insensitively (the Pub/Sub and HTTP bindings
+    /// say so; a producer may write `Content-Type` or `CE-ID`). The mode follows the
+    /// bindings: a content type starting with `application/cloudevents` is structured
+    /// mode, else a `specversion` attribute is binary mode; a message with neither is
+    /// read as structured JSON when its body is a JSON object (producers that cannot
+    /// set attributes), and is otherwise not a CloudEvent.
     pub fn decode(&self, msg: &RawMessage) -> std::result::Result<Event, DecodeError> {
-        let p = &self.prefix;
-        let content_type = msg.attributes.get(&self.content_type_attribute);
-        if let Some(spec) = msg.attributes.get(&format!("{p}specversion")) {
-            return self.decode_binary(msg, spec, content_type.map(String::as_str));
-        }
-        let looks_structured = content_type
-            .is_some_and(|ct| ct.starts_with(STRUCTURED_CONTENT_TYPE))
-            || msg
-                .body
-                .iter()
-                .find(|b| !b.is_ascii_whitespace())
-                .is_some_and(|b| *b == b'{');
-        if looks_structured {
+        let lowered;
+        let msg = if msg
+            .attributes
+            .keys()
+            .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
+        {
+            lowered = RawMessage {
+                body: msg.body.clone(),
+                attributes: msg
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect(),
+            };
+            &lowered
+        } else {
+            msg
+        };
+        let p = self.prefix.to_ascii_lowercase();
+        let content_type = msg
+            .attributes
+            .get(&self.content_type_attribute.to_ascii_lowercase());
+        if content_type.is_some_and(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/cloudevents")
+        }) {
             return from_structured_json(&msg.body);
         }
-        Err(DecodeError::new(
-            DecodeErrorKind::NotACloudEvent,
-            format!(
-                "no {p}specversion attribute and the body is not structured CloudEvents JSON ({} bytes)",
-                msg.body.len()
-            ),
-        ))
+        if let Some(spec) = msg.attributes.get(&format!("{p}specversion")) {
+            return self.decode_binary(msg, &p, spec, content_type.map(String::as_str));
+        }
+        from_unlabelled_body(&msg.body)
     }
 
+    /// Binary mode; `msg`'s attribute names and the prefix `p` are lowercase.
     fn decode_binary(
         &self,
         msg: &RawMessage,
+        p: &str,
         spec: &str,
         content_type: Option<&str>,
     ) -> std::result::Result<Event, DecodeError> {
@@ -357,7 +405,6 @@ impl BinaryCodec {
         if spec != "1.0" {
             return Err(invalid(format!("unsupported specversion {spec:?}")));
         }
-        let p = &self.prefix;
         let get = |name: &str| msg.attributes.get(&format!("{p}{name}"));
         let required = |name: &str| -> std::result::Result<String, DecodeError> {
             match get(name) {
@@ -386,7 +433,7 @@ impl BinaryCodec {
             event.set_dataschema(Some(url));
         }
         for (name, value) in &msg.attributes {
-            let Some(ext) = name.strip_prefix(p.as_str()) else {
+            let Some(ext) = name.strip_prefix(p) else {
                 continue;
             };
             if matches!(
@@ -546,6 +593,62 @@ mod tests {
 
     /// Arbitrary bytes and attributes never panic the decoder: they decode or give a
     /// typed error (a fixed seed keeps the run repeatable).
+    /// Issue 12: a Pub/Sub message written by another client with `Content-Type:
+    /// application/json` and upper-case `CE-` names was read as opaque bytes (only the
+    /// exact key `content-type` was looked up). Names are case-insensitive (the Pub/Sub
+    /// binding, 3.1.3.1).
+    #[test]
+    fn attribute_names_are_case_insensitive() {
+        let mut msg = RawMessage::new(r#"{"n":1}"#)
+            .with_attribute("CE-SpecVersion", "1.0")
+            .with_attribute("ce-ID", "e-1")
+            .with_attribute("Ce-Source", "/other")
+            .with_attribute("ce-type", "com.example.t")
+            .with_attribute(
+                "CE-TraceParent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .with_attribute("Content-Type", "application/json");
+        let e = BinaryCodec::new("ce-").decode(&msg).unwrap();
+        assert_eq!(e.id(), "e-1");
+        assert_eq!(e.source().as_str(), "/other");
+        assert_eq!(e.datacontenttype(), Some("application/json"));
+        assert!(matches!(e.data(), Some(Data::Json(_))));
+        assert!(crate::EventExt::traceparent(&e).is_some());
+        // The AMQP prefix has capitals of its own.
+        msg.attributes = msg
+            .attributes
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.replace("CE-", "cloudEvents:")
+                        .replace("ce-", "cloudEvents:")
+                        .replace("Ce-", "cloudEvents:"),
+                    v,
+                )
+            })
+            .collect();
+        let amqp = BinaryCodec::new("cloudEvents:").decode(&msg).unwrap();
+        assert_eq!(amqp.id(), "e-1");
+    }
+
+    /// Issue 12: structured mode is chosen by the `application/cloudevents` content
+    /// type (the bindings), also when the producer copied attributes alongside.
+    #[test]
+    fn structured_mode_follows_the_content_type() {
+        let e = crate::EventBuilder::new("com.example.t", "/s")
+            .build()
+            .unwrap();
+        let msg = RawMessage::new(to_structured_json(&e).unwrap())
+            .with_attribute(
+                "Content-Type",
+                "application/cloudevents+json; charset=utf-8",
+            )
+            .with_attribute("ce-specversion", "1.0")
+            .with_attribute("ce-id", "a-copy");
+        assert_eq!(BinaryCodec::new("ce-").decode(&msg).unwrap().id(), e.id());
+    }
+
     #[test]
     fn arbitrary_input_never_panics() {
         let mut rng = fastrand::Rng::with_seed(0x5eed);

@@ -6,7 +6,7 @@
 //! attributes with the data as the message body (the convention of Google's own
 //! eventing), or structured on request ([`PubSubConfig::structured`]).
 //!
-//! Connect with `pubsub://PROJECT`; `PUBSUB_EMULATOR_HOST` (or `?endpoint=`) points it
+//! Connect with `pubsub://PROJECT`; `PUBSUB_EMULATOR_HOST` (or `?emulator=`) points it
 //! at the emulator with anonymous credentials, otherwise Application Default
 //! Credentials are used.
 //!
@@ -50,8 +50,10 @@ pub use topology::SubscriptionOptions;
 pub const EMULATOR_HOST_ENV: &str = "PUBSUB_EMULATOR_HOST";
 /// The attribute prefix of binary-mode CloudEvents (`ce-id`, `ce-type`, ...).
 pub const ATTRIBUTE_PREFIX: &str = "ce-";
-/// The attribute that carries `datacontenttype` in binary mode.
-pub const CONTENT_TYPE_ATTRIBUTE: &str = "content-type";
+/// The attribute that carries `datacontenttype` in binary mode, named as the
+/// CloudEvents Pub/Sub binding and sdk-go write it (names are read
+/// case-insensitively, so `content-type` from older writers still works).
+pub const CONTENT_TYPE_ATTRIBUTE: &str = "Content-Type";
 /// Pub/Sub allows 100 attributes per message.
 pub const MAX_ATTRIBUTES: usize = 100;
 /// Attributes cloudbus may add itself (dead-letter reason, source, redrive target).
@@ -111,6 +113,21 @@ impl PubSubConfig {
         self
     }
 
+    /// A Pub/Sub endpoint other than Google's (a regional or private endpoint), used
+    /// with the real credentials: it must be `https://`. This never switches to the
+    /// emulator's anonymous mode; use [`emulator`](Self::emulator) for that.
+    pub fn endpoint(mut self, url: &str) -> Result<Self> {
+        let url = url.trim();
+        if !url.starts_with("https://") {
+            return Err(Error::invalid(format!(
+                "a Pub/Sub endpoint used with real credentials must be https:// (got {url:?}); an emulator is selected with PUBSUB_EMULATOR_HOST or ?emulator=HOST:PORT"
+            )));
+        }
+        self.endpoint = Some(url.to_owned());
+        self.anonymous = false;
+        Ok(self)
+    }
+
     /// Structured-mode CloudEvents.
     pub fn structured(mut self) -> Self {
         self.structured = true;
@@ -124,13 +141,18 @@ impl PubSubConfig {
         self
     }
 
-    /// Reads `pubsub://PROJECT[?endpoint=host:port][&mode=structured]`; without an
-    /// endpoint, `PUBSUB_EMULATOR_HOST` is honoured.
+    /// Reads `pubsub://PROJECT[?emulator=HOST:PORT | ?endpoint=https://...][&mode=structured]`.
+    /// `emulator=` (or, without either parameter, `PUBSUB_EMULATOR_HOST`) selects the
+    /// emulator with anonymous credentials; `endpoint=` is another `https://` endpoint
+    /// used with Application Default Credentials, never anonymously.
     ///
     /// ```
-    /// let c = cloudbus_gcp::PubSubConfig::from_url("pubsub://demo?endpoint=127.0.0.1:9999").unwrap();
+    /// let c = cloudbus_gcp::PubSubConfig::from_url("pubsub://demo?emulator=127.0.0.1:9999").unwrap();
     /// assert_eq!(c.project, "demo");
     /// assert!(c.anonymous);
+    /// let c = cloudbus_gcp::PubSubConfig::from_url("pubsub://demo?endpoint=https://europe-west1-pubsub.googleapis.com").unwrap();
+    /// assert!(!c.anonymous);
+    /// assert!(cloudbus_gcp::PubSubConfig::from_url("pubsub://demo?endpoint=http://10.0.0.7:8085").is_err());
     /// ```
     pub fn from_url(url: &str) -> Result<Self> {
         let parsed = url::Url::parse(url)
@@ -148,26 +170,36 @@ impl PubSubConfig {
             ));
         }
         let mut config = PubSubConfig::new(project);
-        let mut endpoint = None;
+        let (mut emulator, mut endpoint) = (None, None);
         for (k, v) in parsed.query_pairs() {
             match k.as_ref() {
+                "emulator" => emulator = Some(v.into_owned()),
                 "endpoint" => endpoint = Some(v.into_owned()),
                 "mode" if v == "structured" => config = config.structured(),
                 "mode" if v == "binary" => {}
                 other => {
                     return Err(Error::invalid(format!(
-                        "unknown pubsub:// URL parameter {other:?} (known: endpoint, mode)"
+                        "unknown pubsub:// URL parameter {other:?} (known: emulator, endpoint, mode)"
                     )));
                 }
             }
         }
-        let endpoint = endpoint.or_else(|| {
-            std::env::var(EMULATOR_HOST_ENV)
-                .ok()
-                .filter(|h| !h.trim().is_empty())
-        });
-        if let Some(host) = endpoint {
-            config = config.emulator(&host);
+        match (emulator, endpoint) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "pubsub:// takes emulator= or endpoint=, not both",
+                ));
+            }
+            (Some(host), None) => config = config.emulator(&host),
+            (None, Some(url)) => config = config.endpoint(&url)?,
+            (None, None) => {
+                if let Some(host) = std::env::var(EMULATOR_HOST_ENV)
+                    .ok()
+                    .filter(|h| !h.trim().is_empty())
+                {
+                    config = config.emulator(&host);
+                }
+            }
         }
         Ok(config)
     }
@@ -314,7 +346,7 @@ mod tests {
     #[test]
     fn urls_are_read_or_refused_with_a_reason() {
         let c =
-            PubSubConfig::from_url("pubsub://p1?endpoint=localhost:9000&mode=structured").unwrap();
+            PubSubConfig::from_url("pubsub://p1?emulator=localhost:9000&mode=structured").unwrap();
         assert_eq!(c.project, "p1");
         assert_eq!(c.endpoint.as_deref(), Some("http://localhost:9000"));
         assert!(c.anonymous && c.structured);
@@ -342,7 +374,13 @@ pub(crate) fn error_kind(err: &google_cloud_pubsub::Error) -> ErrorKind {
                 ErrorKind::InvalidArgument
             }
             Code::ResourceExhausted => ErrorKind::Throttled,
-            Code::Unavailable | Code::Aborted | Code::Cancelled => ErrorKind::Unavailable,
+            // Google's client libraries retry these (with DEADLINE_EXCEEDED and
+            // RESOURCE_EXHAUSTED): INTERNAL and UNKNOWN are transient server faults.
+            Code::Unavailable
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Internal
+            | Code::Unknown => ErrorKind::Unavailable,
             Code::DeadlineExceeded => ErrorKind::Timeout,
             Code::Unimplemented => ErrorKind::Unsupported,
             _ => ErrorKind::Internal,
