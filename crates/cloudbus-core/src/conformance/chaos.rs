@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Harness, Outcome};
+use super::Harness;
 use crate::bus::Bus;
 use crate::capabilities::Capabilities;
 use crate::driver::{
