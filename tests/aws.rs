@@ -148,6 +148,24 @@ mod sqs_standard {
     });
 }
 
+/// The "nothing lost" promise under injected faults on an SQS queue (issue 12).
+mod sqs_chaos {
+    use super::*;
+    cloudbus::chaos_suite!(
+        match endpoint() {
+            Some(endpoint) => SqsHarness {
+                endpoint,
+                fifo: false,
+                sns: false,
+                eventbridge: false,
+                structured: false,
+            },
+            None => return,
+        },
+        200
+    );
+}
+
 mod sqs_fifo {
     use super::*;
     cloudbus::conformance_suite!(match endpoint() {

@@ -107,6 +107,21 @@ mod servicebus_queue {
     });
 }
 
+/// The "nothing lost" promise under injected faults on a Service Bus queue (issue 12).
+mod servicebus_chaos {
+    use super::*;
+    cloudbus::chaos_suite!(
+        match servicebus() {
+            Some(_) => ServiceBusHarness {
+                entities: EntityKind::Queues,
+                sessions: false,
+            },
+            None => return,
+        },
+        200
+    );
+}
+
 mod servicebus_topic_subscription {
     use super::*;
     cloudbus::conformance_suite!(match servicebus() {

@@ -75,6 +75,18 @@ mod conformance {
     });
 }
 
+/// The "nothing lost" promise under injected faults on the emulator (issue 12).
+mod chaos {
+    use super::*;
+    cloudbus::chaos_suite!(
+        match emulator() {
+            Some(host) => PubSubHarness { host },
+            None => return,
+        },
+        300
+    );
+}
+
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", fastrand::u32(..))
 }
