@@ -30,7 +30,7 @@ use cloudbus::conformance::Harness;
 use cloudbus::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, Filter, HandlerContext, HandlerError,
 };
-use cloudbus::{Capabilities, PublishOptions, SubscriptionSpec};
+use cloudbus::{Capabilities, Payload, PublishOptions, SubscriptionSpec};
 
 /// The Service Bus connection string, or `None` after a loud message.
 fn servicebus() -> Option<String> {
@@ -427,7 +427,133 @@ async fn eventgrid_both_handshakes_and_the_secret() {
         .send()
         .await
         .unwrap();
+    // A secret the endpoint does not know (a rotation half done) is retryable.
+    assert_eq!(post.status().as_u16(), 503);
+    let post = http.post(&no_secret).body("{}").send().await.unwrap();
     assert_eq!(post.status().as_u16(), 401);
+}
+
+/// Issue 12 items 3 and 4: the push endpoint accepted anyone when no secret was set,
+/// took the secret only from the query string, read the body before checking it, and
+/// answered a whole batch 400 (which Event Grid drops without retrying) for one
+/// malformed event. Runs without the emulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventgrid_push_is_secure_by_default_and_handles_batches_event_by_event() {
+    let seen: Seen = Arc::default();
+    // No secret, no explicit opt-out: refused at start.
+    let open = recording_endpoint("open", seen.clone());
+    assert_eq!(
+        open.router().unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    // Two secrets during a rotation, either in the Authorization header.
+    let push = recording_endpoint("rotating", seen.clone())
+        .secret(Secret::new("old-secret"))
+        .secret(Secret::new("new-secret"));
+    let (url, _stop) = serve(push, None).await;
+    let http = reqwest::Client::new();
+    let post = |auth: Option<&'static str>, body: Vec<u8>| {
+        let mut r = http
+            .post(&url)
+            .header("content-type", "application/cloudevents-batch+json");
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.body(body).send()
+    };
+    let one = |n: u32| {
+        serde_json::from_slice::<serde_json::Value>(
+            &cloudbus::codec::to_structured_json(&event("com.example.created", n)).unwrap(),
+        )
+        .unwrap()
+    };
+    let batch = |items: Vec<serde_json::Value>| serde_json::to_vec(&items).unwrap();
+    for auth in ["Bearer old-secret", "Bearer new-secret"] {
+        let r = post(Some(auth), batch(vec![one(1)])).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{auth}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    // Without a secret: 401, and a body far over the limit is not even read (401, not 413).
+    // (The endpoint may answer and close before the client has written it all: that
+    // is a refusal too.)
+    let status_or_cut = |r: reqwest::Result<reqwest::Response>| match r {
+        Ok(r) => r.status().as_u16(),
+        Err(e) if e.is_request() => 0,
+        Err(e) => panic!("{e}"),
+    };
+    let big = vec![b' '; 3 * 1024 * 1024];
+    let status = status_or_cut(post(None, big.clone()).await);
+    assert!(status == 401 || status == 0, "{status}");
+    let r = post(Some("Bearer nope"), batch(vec![one(9)]))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503, "an unknown secret is retryable");
+    let status = status_or_cut(post(Some("Bearer new-secret"), big).await);
+    assert!(status == 413 || status == 0, "{status}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "no handler ran for a refused request"
+    );
+    // One malformed event among good ones: the good ones are handled, the response
+    // names the bad one.
+    let bad = serde_json::json!({"specversion": "1.0", "id": "broken-1", "type": "t"});
+    let r = post(
+        Some("Bearer new-secret"),
+        batch(vec![one(3), bad.clone(), one(4)]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("source"));
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        4,
+        "both good events were handled"
+    );
+    // With a dead-letter sink the bad one goes there with its reason and the batch is done.
+    let broker = cloudbus::memory::MemoryBroker::new().bus();
+    broker.ensure_topic("push-dlq").await.unwrap();
+    broker
+        .ensure_subscription(&SubscriptionSpec::new("push-dlq", "push-dlq"))
+        .await
+        .unwrap();
+    let sinked = recording_endpoint("sinked", seen.clone())
+        .secret(Secret::new("s"))
+        .dead_letter_to(broker.publisher("push-dlq").await.unwrap());
+    let (sink_url, _stop2) = serve(sinked, Some("s")).await;
+    let r = http
+        .post(&sink_url)
+        .body(batch(vec![one(5), bad]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(seen.lock().unwrap().len(), 5);
+    let letters = broker
+        .consumer("push-dlq", "push-dlq")
+        .await
+        .unwrap()
+        .receive_batch(10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(
+        letters.is_empty(),
+        "a raw letter is not a CloudEvent; it is dead-lettered on"
+    );
+    let dlq = broker.dead_letters("push-dlq", "push-dlq").await.unwrap();
+    let peeked = dlq.peek(10).await.unwrap();
+    assert_eq!(peeked.len(), 1);
+    let Payload::Raw(raw) = &peeked[0].payload else {
+        panic!("expected the raw JSON");
+    };
+    assert!(
+        raw.attributes
+            .get("deadletterreason")
+            .is_some_and(|r| r.contains("source")),
+        "{:?}",
+        raw.attributes
+    );
 }
 
 /// The handler's outcome steers Event Grid: a retry is answered 503 and the event
@@ -439,7 +565,11 @@ async fn eventgrid_retry_and_reject_steer_the_service() {
         return;
     };
     let seen: Seen = Arc::default();
-    let (url, _stop) = serve(recording_endpoint("steer", seen.clone()), None).await;
+    let (url, _stop) = serve(
+        recording_endpoint("steer", seen.clone()).allow_unauthenticated(),
+        None,
+    )
+    .await;
     let admin = Admin::new(&endpoint);
     let sub = format!("steer-{:08x}", fastrand::u32(..));
     let (status, body) = admin
@@ -495,6 +625,7 @@ async fn eventgrid_retry_and_reject_steer_the_service() {
 async fn eventgrid_malformed_and_filtered_pushes() {
     let seen: Seen = Arc::default();
     let push = recording_endpoint("guarded", seen.clone())
+        .allow_unauthenticated()
         .filter(Filter::prefix("type", "com.example.wanted"));
     let (url, _stop) = serve(push, None).await;
     let http = reqwest::Client::new();

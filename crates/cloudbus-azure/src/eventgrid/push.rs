@@ -3,34 +3,48 @@
 //! It answers both validation handshakes: the CloudEvents webhook handshake (an
 //! `OPTIONS` request with `WebHook-Request-Origin`, answered with
 //! `WebHook-Allowed-Origin`) and Event Grid's `SubscriptionValidationEvent` (answered
-//! with `{"validationResponse": code}`). It authenticates the caller with a shared
-//! secret in the URL (`?code=<secret>`, the way Event Grid webhooks carry one), reads a
-//! single CloudEvent (`application/cloudevents+json`) or a batch, applies the Filter,
-//! and runs the same [`Handler`] as every other consumer, with the delivery attempt from
-//! `aeg-delivery-count`. Its status codes steer Event Grid's retry policy:
+//! with `{"validationResponse": code}`). It is secure by default: every request must
+//! carry a shared secret, as `Authorization: Bearer <secret>` (an Event Grid delivery
+//! attribute mapping, marked secret, keeps it out of access logs) or as `?code=<secret>`
+//! in the subscription URL; several secrets can be accepted at once for a rotation.
+//! Serving without a secret needs an explicit
+//! [`allow_unauthenticated`](PushEndpoint::allow_unauthenticated). The body is read
+//! only after the secret was checked, and at most [`MAX_BODY_BYTES`].
+//!
+//! It reads a single CloudEvent (`application/cloudevents+json`) or a batch, applies
+//! the Filter, and runs the same [`Handler`] as every other consumer, with the delivery
+//! attempt from `aeg-delivery-count`. A batch is handled event by event: one bad event
+//! does not cost the others. Its status codes steer Event Grid's retry policy (Event
+//! Grid retries 503, never 400, 401, 403 or 413, and without a dead-letter destination
+//! it drops what it does not retry):
 //!
 //! | outcome | status | Event Grid then |
 //! |---|---|---|
-//! | handled, or filtered out | 200 | done |
-//! | `HandlerError::Retry`, a handler panic | 503 | retries later, dead-letters after the last attempt |
-//! | `HandlerError::Reject` | 400 | dead-letters at once (no retry) |
-//! | not a CloudEvent (malformed) | 400, with the reason | dead-letters at once, keeping the response as the reason |
-//! | wrong or missing secret | 401 | does not retry |
+//! | every event handled, filtered out, or dead-lettered to the endpoint's own sink | 200 | done |
+//! | a `HandlerError::Retry` or a handler panic on any event | 503 | retries the batch later (handled events come again: duplicates, never losses) |
+//! | a malformed or rejected event, with no sink configured | 400, with the reasons | dead-letters the batch, keeping the response as the reason |
+//! | no secret | 401 | does not retry |
+//! | a secret that matches none accepted (a rotation half done) | 503 | retries, so the events wait for the endpoint's new secret |
+//! | body over [`MAX_BODY_BYTES`] | 413 | does not retry (Event Grid's own limit is 1 MB) |
 
 use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cloudbus_core::codec::from_structured_value;
 use cloudbus_core::worker::HandlerRunner;
-use cloudbus_core::{AttributesReader, Error, ErrorKind, Filter, Handler, HandlerError, Result};
+use cloudbus_core::{
+    AttributesReader, Error, ErrorKind, Event, Filter, Handler, HandlerError, Publisher, Result,
+};
 use tokio::sync::Semaphore;
 
 use crate::Secret;
+
+/// The largest request body read (Event Grid delivers at most 1 MB per request).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024 + 64 * 1024;
 
 /// The event type of Event Grid's subscription validation.
 pub const VALIDATION_EVENT_TYPE: &str = "Microsoft.EventGrid.SubscriptionValidationEvent";
@@ -38,9 +52,13 @@ pub const VALIDATION_EVENT_TYPE: &str = "Microsoft.EventGrid.SubscriptionValidat
 struct Inner {
     handler: Box<dyn Handler>,
     runner: HandlerRunner,
-    secret: Option<Secret>,
+    /// The secrets accepted (more than one during a rotation).
+    secrets: Vec<Secret>,
+    /// Serving without a secret was asked for explicitly.
+    unauthenticated: bool,
     filter: Option<Filter>,
     permits: Semaphore,
+    dead_letter: Option<Publisher>,
 }
 
 /// An HTTP endpoint Event Grid pushes to, running a [`Handler`].
@@ -54,7 +72,7 @@ struct Inner {
 ///     println!("got {}", e.id());
 ///     Ok::<(), HandlerError>(())
 /// })
-/// .secret(Secret::new("s3cret"))            // subscribe https://host/events?code=s3cret
+/// .secret(Secret::new("s3cret"))            // Authorization: Bearer s3cret (or ?code=s3cret)
 /// .filter(Filter::prefix("type", "com.example.order."));
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await
 ///     .map_err(|e| cloudbus_core::Error::with_source(cloudbus_core::ErrorKind::Unavailable, "bind", e))?;
@@ -70,7 +88,8 @@ impl std::fmt::Debug for PushEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushEndpoint")
             .field("name", self.inner.runner.name())
-            .field("secret", &self.inner.secret)
+            .field("secrets", &self.inner.secrets)
+            .field("unauthenticated", &self.inner.unauthenticated)
             .field("filter", &self.inner.filter)
             .finish()
     }
@@ -84,9 +103,11 @@ impl PushEndpoint {
             inner: Arc::new(Inner {
                 handler: Box::new(handler),
                 runner: HandlerRunner::new(name),
-                secret: None,
+                secrets: Vec::new(),
+                unauthenticated: false,
                 filter: None,
                 permits: Semaphore::new(64),
+                dead_letter: None,
             }),
         }
     }
@@ -103,9 +124,30 @@ impl PushEndpoint {
         }
     }
 
-    /// Requires `?code=<secret>` on every request (put it in the subscription's URL).
+    /// Accepts requests that carry `secret`, as `Authorization: Bearer <secret>` or
+    /// `?code=<secret>`. Call it again to accept a second secret while a rotation is
+    /// under way; [`retire_secrets`](Self::retire_secrets) starts over.
     pub fn secret(self, secret: Secret) -> Self {
-        self.with(|i| i.secret = Some(secret))
+        self.with(|i| i.secrets.push(secret))
+    }
+
+    /// Forgets the secrets accepted so far (the end of a rotation).
+    pub fn retire_secrets(self) -> Self {
+        self.with(|i| i.secrets.clear())
+    }
+
+    /// Serves without any secret: anyone who can reach the endpoint can make it run
+    /// the handler. Only for endpoints behind another authentication (a gateway that
+    /// checks Entra ID tokens) or for local tests.
+    pub fn allow_unauthenticated(self) -> Self {
+        self.with(|i| i.unauthenticated = true)
+    }
+
+    /// Where malformed and rejected events go, with a `deadletterreason` extension
+    /// (or attribute), so that the rest of their batch can be answered 200 and nothing
+    /// depends on the subscription having a dead-letter destination.
+    pub fn dead_letter_to(self, sink: Publisher) -> Self {
+        self.with(|i| i.dead_letter = Some(sink))
     }
 
     /// Handles only events that match; others are answered 200 and dropped.
@@ -119,11 +161,17 @@ impl PushEndpoint {
     }
 
     /// The endpoint as an axum [`Router`] answering on every path; mount it with
-    /// `Router::nest("/events", endpoint.router())`.
-    pub fn router(&self) -> Router {
-        Router::new()
+    /// `Router::nest("/events", endpoint.router()?)`. Refused (InvalidArgument) with
+    /// neither a secret nor [`allow_unauthenticated`](Self::allow_unauthenticated).
+    pub fn router(&self) -> Result<Router> {
+        if self.inner.secrets.is_empty() && !self.inner.unauthenticated {
+            return Err(Error::invalid(
+                "a push endpoint needs a secret (PushEndpoint::secret), or an explicit allow_unauthenticated()",
+            ));
+        }
+        Ok(Router::new()
             .fallback(serve_request)
-            .with_state(self.inner.clone())
+            .with_state(self.inner.clone()))
     }
 
     /// Serves the endpoint on `listener` until `shutdown` resolves.
@@ -132,7 +180,7 @@ impl PushEndpoint {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        axum::serve(listener, self.router())
+        axum::serve(listener, self.router()?)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| Error::with_source(ErrorKind::Unavailable, "the push endpoint stopped", e))
@@ -143,33 +191,81 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (status, body.into()).into_response()
 }
 
-fn authorized(inner: &Inner, query: Option<&str>) -> bool {
-    let Some(secret) = &inner.secret else {
-        return true;
-    };
-    let given = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .find(|(k, _)| k == "code")
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default();
-    // Compare in constant time.
-    let (a, b) = (given.as_bytes(), secret.expose().as_bytes());
+/// What the caller's credential says.
+#[derive(Debug, PartialEq, Eq)]
+enum Auth {
+    Accepted,
+    /// No credential at all.
+    Missing,
+    /// A credential that matches none of the accepted secrets.
+    Mismatch,
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn serve_request(
-    State(inner): State<Arc<Inner>>,
-    method: Method,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if !authorized(&inner, query.as_deref()) {
-        tracing::warn!(consumer = %inner.runner.name(), "push request without the right secret");
-        return text(StatusCode::UNAUTHORIZED, "missing or wrong code");
+fn authorize(inner: &Inner, query: Option<&str>, headers: &HeaderMap) -> Auth {
+    if inner.secrets.is_empty() {
+        return if inner.unauthenticated {
+            Auth::Accepted
+        } else {
+            Auth::Missing
+        };
     }
-    match method {
-        Method::OPTIONS => webhook_handshake(&headers),
-        Method::POST => deliver(&inner, &headers, &body).await,
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| v.trim().to_owned());
+    let code = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "code")
+        .map(|(_, v)| v.into_owned());
+    let given: Vec<String> = bearer.into_iter().chain(code).collect();
+    if given.is_empty() {
+        return Auth::Missing;
+    }
+    let matches = given.iter().any(|g| {
+        inner
+            .secrets
+            .iter()
+            .any(|s| constant_time_eq(g.as_bytes(), s.expose().as_bytes()))
+    });
+    if matches {
+        Auth::Accepted
+    } else {
+        Auth::Mismatch
+    }
+}
+
+async fn serve_request(State(inner): State<Arc<Inner>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    match authorize(&inner, parts.uri.query(), &parts.headers) {
+        Auth::Accepted => {}
+        Auth::Missing => {
+            tracing::warn!(consumer = %inner.runner.name(), "push request without a secret");
+            return text(StatusCode::UNAUTHORIZED, "missing secret");
+        }
+        Auth::Mismatch => {
+            // Possibly Event Grid with a secret the endpoint does not know yet: 503
+            // makes it retry instead of dropping the events.
+            tracing::warn!(consumer = %inner.runner.name(), "push request with a secret that matches none accepted");
+            return text(StatusCode::SERVICE_UNAVAILABLE, "secret not accepted");
+        }
+    }
+    // Only now is the body read.
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a push body is at most {MAX_BODY_BYTES} bytes"),
+            );
+        }
+    };
+    match parts.method {
+        Method::OPTIONS => webhook_handshake(&parts.headers),
+        Method::POST => deliver(&inner, &parts.headers, &body).await,
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "POST or OPTIONS"),
     }
 }
@@ -207,8 +303,22 @@ async fn deliver(inner: &Inner, headers: &HeaderMap, body: &[u8]) -> Response {
         Ok(v) => v,
         Err(e) => {
             let reason = format!("malformed: invalid JSON: {e}");
+            tracing::warn!(consumer = %inner.runner.name(), %reason, "refusing a pushed body");
             inner.runner.dead_lettered(&reason);
-            return text(StatusCode::BAD_REQUEST, reason);
+            let Some(sink) = &inner.dead_letter else {
+                return text(StatusCode::BAD_REQUEST, reason);
+            };
+            let raw = cloudbus_core::RawMessage::new(body.to_vec()).with_attribute(
+                cloudbus_core::event::EXT_DEAD_LETTER_REASON,
+                reason.as_str(),
+            );
+            return match sink.publish_raw(raw).await {
+                Ok(()) => StatusCode::OK.into_response(),
+                Err(e) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("{reason} (and the dead-letter sink failed: {e})"),
+                ),
+            };
         }
     };
     let validation = headers
@@ -233,27 +343,26 @@ async fn deliver(inner: &Inner, headers: &HeaderMap, body: &[u8]) -> Response {
         serde_json::Value::Array(a) => a,
         single => vec![single],
     };
-    let mut events = Vec::with_capacity(values.len());
-    for v in values {
-        match from_structured_value(v) {
-            Ok(e) => events.push(Arc::new(e)),
-            Err(e) => {
-                // Event Grid dead-letters the delivery with this response as the reason.
-                let reason = format!("malformed: {e}");
-                tracing::warn!(consumer = %inner.runner.name(), %reason, "refusing a pushed message");
-                inner.runner.dead_lettered(&reason);
-                return text(StatusCode::BAD_REQUEST, reason);
-            }
-        }
-    }
     let attempt = headers
         .get("aeg-delivery-count")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u32>().ok())
         .map_or(1, |n| n.saturating_add(1));
     let mut retry = None;
-    let mut reject = None;
-    for event in events {
+    let mut refused = Vec::new();
+    for value in values {
+        let event = match from_structured_value(value.clone()) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                // One malformed event must not cost the good ones of its batch.
+                let reason = format!("malformed: {e}");
+                tracing::warn!(consumer = %inner.runner.name(), %reason, "refusing a pushed message");
+                if let Err(message) = dead_letter(inner, Refused::Raw(value), &reason).await {
+                    refused.push(message);
+                }
+                continue;
+            }
+        };
         if inner.filter.as_ref().is_some_and(|f| !f.matches(&event)) {
             continue;
         }
@@ -261,22 +370,66 @@ async fn deliver(inner: &Inner, headers: &HeaderMap, body: &[u8]) -> Response {
             return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
         };
         let id = event.id().to_owned();
-        match inner.runner.run(&*inner.handler, event, attempt).await {
+        match inner
+            .runner
+            .run(&*inner.handler, event.clone(), attempt)
+            .await
+        {
             Ok(()) => {}
             Err(HandlerError::Retry { message, .. }) => {
                 retry.get_or_insert(format!("event {id}: {message}"));
             }
             Err(HandlerError::Reject { reason }) => {
-                inner.runner.dead_lettered(&format!("rejected: {reason}"));
-                reject.get_or_insert(format!("event {id} rejected: {reason}"));
+                let reason = format!("rejected: {reason}");
+                if let Err(message) = dead_letter(inner, Refused::Event(&event), &reason).await {
+                    refused.push(message);
+                }
             }
         }
     }
-    match (retry, reject) {
+    match (retry, refused.is_empty()) {
         (Some(message), _) => text(StatusCode::SERVICE_UNAVAILABLE, message),
-        (None, Some(reason)) => text(StatusCode::BAD_REQUEST, reason),
-        (None, None) => StatusCode::OK.into_response(),
+        (None, false) => text(StatusCode::BAD_REQUEST, refused.join("; ")),
+        (None, true) => StatusCode::OK.into_response(),
     }
+}
+
+/// What a push endpoint refused: a decoded event, or JSON that is not one.
+enum Refused<'a> {
+    Event(&'a Event),
+    Raw(serde_json::Value),
+}
+
+/// Sends a refused event to the endpoint's dead-letter sink with its reason. `Err`
+/// with the text for the response when there is no sink or it failed: then Event Grid
+/// must dead-letter the delivery itself (a 400 with the reason).
+async fn dead_letter(
+    inner: &Inner,
+    refused: Refused<'_>,
+    reason: &str,
+) -> std::result::Result<(), String> {
+    inner.runner.dead_lettered(reason);
+    let Some(sink) = &inner.dead_letter else {
+        return Err(reason.to_owned());
+    };
+    let sent = match refused {
+        Refused::Event(event) => {
+            let mut copy = event.clone();
+            copy.set_extension(
+                cloudbus_core::event::EXT_DEAD_LETTER_REASON,
+                reason.to_owned(),
+            );
+            sink.publish(copy).await
+        }
+        Refused::Raw(value) => {
+            sink.publish_raw(
+                cloudbus_core::RawMessage::new(value.to_string())
+                    .with_attribute(cloudbus_core::event::EXT_DEAD_LETTER_REASON, reason),
+            )
+            .await
+        }
+    };
+    sent.map_err(|e| format!("{reason} (and the dead-letter sink failed: {e})"))
 }
 
 #[cfg(test)]
