@@ -288,6 +288,40 @@ async fn queue(bus: &Bus, name: &str, tune: impl FnOnce(SubscriptionSpec) -> Sub
 
 /// FIFO: three message groups published concurrently; a worker with 8 slots sees
 /// each group complete and in order.
+/// Issue 12 item 12: rule targets had no DeadLetterConfig or RetryPolicy, so events
+/// EventBridge could not deliver to the queue were dropped after its retry window.
+/// (No emulator here honours a target's dead-letter queue; the configuration is what
+/// can be checked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventbridge_targets_dead_letter_what_cannot_be_delivered() {
+    let Some(endpoint) = endpoint() else { return };
+    let eb = eventbridge(&endpoint).await;
+    let client = eb.events_client().clone();
+    let bus = eb.into_bus();
+    let topic = format!("eb-dlq-{:08x}", fastrand::u32(..));
+    let sub = format!("eb-dlq-s-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&topic).await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub))
+        .await
+        .unwrap();
+    let targets = client
+        .list_targets_by_rule()
+        .rule(&sub)
+        .event_bus_name(&topic)
+        .send()
+        .await
+        .unwrap();
+    let target = &targets.targets()[0];
+    let dlq = target
+        .dead_letter_config()
+        .and_then(|d| d.arn())
+        .expect("a dead-letter queue on the target");
+    assert!(dlq.ends_with(&format!("{sub}-dlq")), "{dlq}");
+    let retry = target.retry_policy().expect("a retry policy");
+    assert_eq!(retry.maximum_retry_attempts(), Some(185));
+    assert_eq!(retry.maximum_event_age_in_seconds(), Some(86_400));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_fifo_order_across_groups() {
     let Some(endpoint) = endpoint() else { return };

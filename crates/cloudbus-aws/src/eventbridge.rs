@@ -31,6 +31,11 @@ use serde_json::{Value, json};
 
 use crate::sqs::{self, SqsDeadLetters, SqsQueue};
 
+/// Retries EventBridge makes to deliver to a rule's queue before the dead-letter
+/// queue (the service's maximum).
+pub const TARGET_MAX_RETRIES: i32 = 185;
+/// How long EventBridge keeps trying (the service's maximum, 24 hours).
+pub const TARGET_MAX_EVENT_AGE_SECONDS: i32 = 86_400;
 /// Most entries in one PutEvents call.
 pub const MAX_BATCH_COUNT: usize = 10;
 /// Most bytes in one PutEvents call (and so in one event).
@@ -527,16 +532,37 @@ impl TopologyDriver for EventBridgeTopology {
                 crate::sdk_error(e, kind_of_code, &format!("rule {queue} on {}", spec.topic))
             })?;
         // The rule, and only it, may send to the queue.
-        let queue_arn = sqs::subscription_queue(
+        let rule_arn = rule.rule_arn().unwrap_or_default();
+        let queue_arn =
+            sqs::subscription_queue(&self.shared.sqs, spec, "events.amazonaws.com", rule_arn)
+                .await?;
+        // What EventBridge cannot deliver to the queue within its retry window goes to
+        // the subscription's dead-letter queue instead of being dropped; the rule may
+        // send there too.
+        let dlq = sqs::dead_letter_queue(queue);
+        let dlq_url = self.shared.sqs.create(&dlq).await?;
+        let dlq_arn = sqs::allow_sender(
             &self.shared.sqs,
-            spec,
+            &dlq,
+            &dlq_url,
             "events.amazonaws.com",
-            rule.rule_arn().unwrap_or_default(),
+            rule_arn,
         )
         .await?;
         let target = Target::builder()
             .id("cloudbus")
             .arn(queue_arn)
+            .dead_letter_config(
+                aws_sdk_eventbridge::types::DeadLetterConfig::builder()
+                    .arn(dlq_arn)
+                    .build(),
+            )
+            .retry_policy(
+                aws_sdk_eventbridge::types::RetryPolicy::builder()
+                    .maximum_retry_attempts(TARGET_MAX_RETRIES)
+                    .maximum_event_age_in_seconds(TARGET_MAX_EVENT_AGE_SECONDS)
+                    .build(),
+            )
             .build()
             .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "target", e))?;
         let out = self

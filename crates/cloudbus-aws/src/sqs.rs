@@ -531,7 +531,24 @@ pub(crate) async fn subscription_queue(
 ) -> Result<String> {
     let queue = &spec.name;
     let url = shared.create(queue).await?;
-    let queue_arn = shared.queue_arn(&url, queue).await?;
+    let queue_arn = allow_sender(shared, queue, &url, service, source_arn).await?;
+    let mut queue_spec = spec.clone();
+    queue_spec.topic = queue.clone();
+    queue_spec.filter = None;
+    configure_queue(shared, &queue_spec).await?;
+    Ok(queue_arn)
+}
+
+/// Sets the access policy of `queue` (at `url`) so that `service` may send to it on
+/// behalf of `source_arn` only. Returns the queue's ARN.
+pub(crate) async fn allow_sender(
+    shared: &Shared,
+    queue: &str,
+    url: &str,
+    service: &str,
+    source_arn: &str,
+) -> Result<String> {
+    let queue_arn = shared.queue_arn(url, queue).await?;
     let access = serde_json::json!({
         "Version": "2012-10-17",
         "Statement": [{
@@ -545,15 +562,11 @@ pub(crate) async fn subscription_queue(
     shared
         .client
         .set_queue_attributes()
-        .queue_url(&url)
+        .queue_url(url)
         .attributes(QueueAttributeName::Policy, access.to_string())
         .send()
         .await
         .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("queue policy of {queue}")))?;
-    let mut queue_spec = spec.clone();
-    queue_spec.topic = queue.clone();
-    queue_spec.filter = None;
-    configure_queue(shared, &queue_spec).await?;
     Ok(queue_arn)
 }
 
