@@ -288,6 +288,48 @@ async fn queue(bus: &Bus, name: &str, tune: impl FnOnce(SubscriptionSpec) -> Sub
 
 /// FIFO: three message groups published concurrently; a worker with 8 slots sees
 /// each group complete and in order.
+/// Issue 12 item 2: in binary mode an event with more attributes than SNS carries
+/// (10, 2 kept for dead letters) fell back to structured mode with the first few
+/// attributes as routing hints, so a subscription filtering on an extension late in
+/// the alphabet never got it while `publish` said Ok. The attributes the topic's
+/// subscriptions filter on now go first; more of them than fit is a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sns_binary_keeps_the_attributes_subscriptions_filter_on() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = sns(&endpoint).await.into_bus();
+    let topic = format!("many-attrs-{:08x}", fastrand::u32(..));
+    let sub = format!("zeta-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&topic).await.unwrap();
+    bus.ensure_subscription(
+        &SubscriptionSpec::new(&topic, &sub).filter(cloudbus::Filter::eq("zeta", "yes")),
+    )
+    .await
+    .unwrap();
+    let many = |zeta: &str| {
+        let mut b = EventBuilder::new("com.example.wide", "/tests/aws");
+        for n in 0..9 {
+            b = b.extension(format!("a{n}"), "x");
+        }
+        b.extension("zeta", zeta.to_owned()).build().unwrap()
+    };
+    let wanted = many("yes");
+    let publisher = bus.publisher(&topic).await.unwrap();
+    publisher.publish(many("no")).await.unwrap();
+    publisher.publish(wanted.clone()).await.unwrap();
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < until {
+        got = consumer
+            .receive_batch(10, Duration::from_secs(2))
+            .await
+            .unwrap();
+    }
+    assert_eq!(got.len(), 1, "the filtered subscription got the wide event");
+    assert_eq!(got[0].event().id(), wanted.id());
+    got[0].ack().await.unwrap();
+}
+
 /// Issue 12 item 12: rule targets had no DeadLetterConfig or RetryPolicy, so events
 /// EventBridge could not deliver to the queue were dropped after its retry window.
 /// (No emulator here honours a target's dead-letter queue; the configuration is what

@@ -234,6 +234,7 @@ impl BusDriver for SnsBus {
             } else {
                 sqs::codec()
             },
+            filter_keys: tokio::sync::Mutex::new(None),
         }))
     }
 
@@ -283,13 +284,105 @@ pub struct SnsTopic {
     shared: Arc<Shared>,
     name: String,
     codec: BinaryCodec,
+    /// The message attributes the topic's subscriptions filter on, and when they were
+    /// read (see [`FILTER_KEYS_TTL`]).
+    filter_keys: tokio::sync::Mutex<Option<(std::time::Instant, Arc<Vec<String>>)>>,
+}
+
+/// How long the attributes a topic's subscriptions filter on are cached before the
+/// subscriptions are read again (a new subscription's filter is honoured after this).
+pub const FILTER_KEYS_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The message attributes a MessageAttributes-scope FilterPolicy looks at: its
+/// top-level keys, and those inside `$or`.
+pub fn filter_policy_keys(policy: &Value) -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Value::Object(map) = policy {
+        for (k, v) in map {
+            if k == "$or" {
+                for alternative in v.as_array().into_iter().flatten() {
+                    keys.extend(filter_policy_keys(alternative));
+                }
+            } else {
+                keys.push(k.clone());
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 impl SnsTopic {
-    fn entry(&self, id: usize, m: &OutgoingMessage) -> Result<PublishBatchRequestEntry> {
+    /// The attributes the topic's subscriptions filter on (MessageAttributes scope),
+    /// read at most every [`FILTER_KEYS_TTL`]. In binary mode an event with more
+    /// attributes than SNS carries falls back to structured mode with a few routing
+    /// attributes; these must be among them, or the publish fails.
+    async fn filter_keys(&self) -> Result<Arc<Vec<String>>> {
+        let mut cached = self.filter_keys.lock().await;
+        if let Some((at, keys)) = cached.as_ref()
+            && at.elapsed() < FILTER_KEYS_TTL
+        {
+            return Ok(keys.clone());
+        }
+        let arn = self.shared.arn(&self.name).await?;
+        let what = format!("subscriptions of {}", self.name);
+        let mut keys = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .shared
+                .sns
+                .list_subscriptions_by_topic()
+                .topic_arn(&arn)
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(|e| crate::sdk_error(e, kind_of_code, &what))?;
+            for sub in page.subscriptions() {
+                let Some(sub_arn) = sub.subscription_arn().filter(|a| a.starts_with("arn:")) else {
+                    continue; // "PendingConfirmation"
+                };
+                let attrs = self
+                    .shared
+                    .sns
+                    .get_subscription_attributes()
+                    .subscription_arn(sub_arn)
+                    .send()
+                    .await
+                    .map_err(|e| crate::sdk_error(e, kind_of_code, &what))?;
+                let attrs = attrs.attributes();
+                let body_scope = attrs
+                    .and_then(|a| a.get("FilterPolicyScope"))
+                    .is_some_and(|s| s == "MessageBody");
+                if let (false, Some(policy)) =
+                    (body_scope, attrs.and_then(|a| a.get("FilterPolicy")))
+                    && let Ok(policy) = serde_json::from_str::<Value>(policy)
+                {
+                    keys.extend(filter_policy_keys(&policy));
+                }
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        let keys = Arc::new(keys);
+        *cached = Some((std::time::Instant::now(), keys.clone()));
+        Ok(keys)
+    }
+
+    fn entry(
+        &self,
+        id: usize,
+        m: &OutgoingMessage,
+        filter_keys: &[String],
+    ) -> Result<PublishBatchRequestEntry> {
         let raw = match &m.payload {
             Payload::Event(e) if self.shared.structured => self.codec.encode(e)?.0,
-            Payload::Event(e) => sqs::text_body(&self.codec, e)?,
+            Payload::Event(e) => sqs::text_body(&self.codec, e, filter_keys)?,
             Payload::Raw(raw) => raw.clone(),
         };
         let body = String::from_utf8(raw.body)
@@ -321,10 +414,15 @@ impl SnsTopic {
 impl TopicDriver for SnsTopic {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
         let arn = self.shared.arn(&self.name).await?;
+        let filter_keys = if self.shared.structured {
+            Arc::default()
+        } else {
+            self.filter_keys().await?
+        };
         let mut results = crate::slots(batch.len());
         let mut entries = Vec::new();
         for (i, m) in batch.iter().enumerate() {
-            match self.entry(i, m) {
+            match self.entry(i, m, &filter_keys) {
                 Ok(e) => entries.push(e),
                 Err(e) => results[i] = Some(Err(e)),
             }

@@ -705,7 +705,7 @@ impl SqsQueue {
 
     fn encode(&self, m: &OutgoingMessage) -> Result<RawMessage> {
         match &m.payload {
-            Payload::Event(e) => text_body(&self.codec, e),
+            Payload::Event(e) => text_body(&self.codec, e, &[]),
             Payload::Raw(raw) => Ok(raw.clone()),
         }
     }
@@ -753,12 +753,19 @@ impl SqsQueue {
 /// `event` as SQS and SNS carry it: binary mode when its body is non-empty UTF-8 text
 /// and its attributes fit, otherwise structured (an event without data, or with
 /// binary data as `data_base64`).
-pub(crate) fn text_body(codec: &BinaryCodec, event: &cloudbus_core::Event) -> Result<RawMessage> {
-    let (raw, _) = codec.encode(event)?;
+pub(crate) fn text_body(
+    codec: &BinaryCodec,
+    event: &cloudbus_core::Event,
+    filter_keys: &[String],
+) -> Result<RawMessage> {
+    let (raw, _) = codec.encode_keeping(event, filter_keys)?;
     if !raw.body.is_empty() && std::str::from_utf8(&raw.body).is_ok() {
         Ok(raw)
     } else {
-        Ok(self::codec().structured().encode(event)?.0)
+        Ok(self::codec()
+            .structured()
+            .encode_keeping(event, filter_keys)?
+            .0)
     }
 }
 

@@ -131,8 +131,8 @@ pub fn from_structured_json(body: &[u8]) -> std::result::Result<Event, DecodeErr
 /// ```
 /// use cloudbus_core::codec::from_unlabelled_body;
 /// use cloudbus_core::DecodeErrorKind;
-/// assert_eq!(from_unlabelled_body(b"plain text").unwrap_err().kind(), DecodeErrorKind::NotACloudEvent);
-/// assert_eq!(from_unlabelled_body(b"{\"broken").unwrap_err().kind(), DecodeErrorKind::InvalidJson);
+/// assert_eq!(from_unlabelled_body(b"plain text").unwrap_err().kind, DecodeErrorKind::NotACloudEvent);
+/// assert_eq!(from_unlabelled_body(b"{\"broken").unwrap_err().kind, DecodeErrorKind::InvalidJson);
 /// ```
 pub fn from_unlabelled_body(body: &[u8]) -> std::result::Result<Event, DecodeError> {
     let looks_structured = body
@@ -258,6 +258,28 @@ impl BinaryCodec {
 
     /// Encodes `event`, in binary mode when it fits the attribute budget.
     pub fn encode(&self, event: &Event) -> Result<(RawMessage, Mode)> {
+        self.encode_keeping(event, &[])
+    }
+
+    /// [`encode`](Self::encode) for a broker that filters on attributes: when the
+    /// event falls back to structured mode, the attributes named in `keep` (full
+    /// names, such as `ce-tenant`) go first among the routing hints, and if the event
+    /// carries more of them than the budget allows, the encode fails with
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) instead of
+    /// dropping one silently (a subscription filtering on it would never see the
+    /// event while the publish said Ok).
+    ///
+    /// ```
+    /// use cloudbus_core::{EventBuilder, codec::{BinaryCodec, Mode}};
+    /// let mut b = EventBuilder::new("t", "/s");
+    /// for n in 0..9 { b = b.extension(format!("a{n}"), "x"); }
+    /// let e = b.extension("zeta", "yes").build().unwrap();
+    /// let codec = BinaryCodec::new("ce-").max_attributes(10, 2);
+    /// let (msg, mode) = codec.encode_keeping(&e, &["ce-zeta".to_owned()]).unwrap();
+    /// assert_eq!(mode, Mode::Structured);
+    /// assert_eq!(msg.attributes["ce-zeta"], "yes");
+    /// ```
+    pub fn encode_keeping(&self, event: &Event, keep: &[String]) -> Result<(RawMessage, Mode)> {
         let mut attributes = BTreeMap::new();
         let p = &self.prefix;
         attributes.insert(format!("{p}specversion"), event.specversion().to_string());
@@ -286,7 +308,26 @@ impl BinaryCodec {
             .max_attributes
             .map(|m| m.saturating_sub(self.reserved_attributes));
         if self.force_structured || budget.is_some_and(|b| attributes.len() > b) {
-            let hints = self.routing_hints(attributes, budget);
+            let wanted: Vec<&String> = keep
+                .iter()
+                .filter(|k| attributes.contains_key(*k))
+                .collect();
+            // One place goes to the content type.
+            if let Some(room) = budget.map(|b| b.saturating_sub(1))
+                && wanted.len() > room
+            {
+                return Err(crate::error::Error::invalid(format!(
+                    "event {} carries {} attributes that subscriptions filter on ({}), more than the {room} a message can carry beside its content type",
+                    event.id(),
+                    wanted.len(),
+                    wanted
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let hints = self.routing_hints(attributes, budget, keep);
             return Ok((
                 RawMessage {
                     body: to_structured_json(event)?,
@@ -312,6 +353,7 @@ impl BinaryCodec {
         &self,
         mut binary: BTreeMap<String, String>,
         budget: Option<usize>,
+        keep: &[String],
     ) -> BTreeMap<String, String> {
         let p = &self.prefix;
         let room = budget.unwrap_or(usize::MAX);
@@ -330,14 +372,15 @@ impl BinaryCodec {
             .iter()
             .map(|n| format!("{p}{n}"))
             .collect();
-        let mut order: Vec<String> = first.clone();
+        let mut order: Vec<String> = keep.to_vec();
+        order.extend(first.iter().filter(|k| !keep.contains(k)).cloned());
         order.extend(
             binary
                 .keys()
-                .filter(|k| !first.contains(k) && !late.contains(k))
+                .filter(|k| !first.contains(k) && !late.contains(k) && !keep.contains(k))
                 .cloned(),
         );
-        order.extend(late);
+        order.extend(late.into_iter().filter(|k| !keep.contains(k)));
         for key in order {
             if hints.len() >= room {
                 break;
@@ -647,6 +690,26 @@ mod tests {
             .with_attribute("ce-specversion", "1.0")
             .with_attribute("ce-id", "a-copy");
         assert_eq!(BinaryCodec::new("ce-").decode(&msg).unwrap().id(), e.id());
+    }
+
+    /// Issue 12 item 2: more filtered attributes than a message carries is an error,
+    /// never a silent drop.
+    #[test]
+    fn filtered_attributes_that_cannot_fit_fail_the_encode() {
+        let mut b = crate::EventBuilder::new("t", "/s");
+        let mut keep = Vec::new();
+        for n in 0..9 {
+            b = b.extension(format!("k{n}"), "v");
+            keep.push(format!("ce-k{n}"));
+        }
+        let e = b.build().unwrap();
+        let codec = BinaryCodec::new("ce-").max_attributes(10, 2);
+        let err = codec.encode_keeping(&e, &keep).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        let (msg, _) = codec.encode_keeping(&e, &keep[..7]).unwrap();
+        for k in &keep[..7] {
+            assert!(msg.attributes.contains_key(k), "{k} kept");
+        }
     }
 
     #[test]
