@@ -41,6 +41,9 @@ pub use cloudbus_azure as azure;
 #[cfg(feature = "pubsub")]
 pub use cloudbus_gcp as gcp;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// The environment variable [`connect_from_env`] reads.
 pub const URL_ENV: &str = "CLOUDBUS_URL";
 

@@ -1183,3 +1183,12 @@ async fn sqs_throttling_is_retried() {
     let calls = calls.load(std::sync::atomic::Ordering::SeqCst);
     assert!(calls >= 5, "SendMessageBatch calls: {calls}");
 }
+
+/// The wire decoders (those of this build's features) on the committed fuzz corpus
+/// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
+#[test]
+fn decoders_survive_the_fuzz_corpus() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
+    assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
+}

@@ -1267,3 +1267,12 @@ async fn servicebus_defer_then_fetch_by_sequence_number() {
         "a completed deferred message was fetched again: {gone:?}"
     );
 }
+
+/// The wire decoders (those of this build's features) on the committed fuzz corpus
+/// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
+#[test]
+fn decoders_survive_the_fuzz_corpus() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
+    assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
+}

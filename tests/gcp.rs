@@ -577,3 +577,12 @@ async fn pubsub_url_and_structured_mode_round_trip() {
     assert_eq!(back.data(), e.data());
     got[0].ack().await.unwrap();
 }
+
+/// The wire decoders (those of this build's features) on the committed fuzz corpus
+/// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
+#[test]
+fn decoders_survive_the_fuzz_corpus() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
+    assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
+}

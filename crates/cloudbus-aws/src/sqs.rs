@@ -1326,6 +1326,21 @@ impl DeadLetterDriver for SqsDeadLetters {
     }
 }
 
+/// Decodes a message as an SQS consumer reads it: inside an SNS notification or
+/// EventBridge envelope when it is one, in binary mode (`ce-` message attributes) or
+/// structured mode. Never panics: anything else is a [`cloudbus_core::DecodeError`].
+///
+/// ```
+/// use cloudbus_core::codec::RawMessage;
+/// let foreign = RawMessage::new("hello");
+/// assert!(cloudbus_aws::sqs::decode_message(foreign).is_err());
+/// ```
+pub fn decode_message(
+    raw: RawMessage,
+) -> std::result::Result<cloudbus_core::Event, cloudbus_core::DecodeError> {
+    codec().decode(&unwrap_envelope(raw))
+}
+
 /// The message inside an SNS notification envelope (an SNS subscription without raw
 /// delivery, with its message attributes) or an EventBridge event (its `detail`, the
 /// structured CloudEvent); any other message unchanged.

@@ -298,6 +298,35 @@ fn validation_code(body: &serde_json::Value) -> Option<&str> {
         .flatten()
 }
 
+/// Decodes a push body as the endpoint does: a JSON array of structured CloudEvents
+/// (a batch) or a single one, each decoded on its own. `Err` when the body is not JSON.
+///
+/// ```
+/// use cloudbus_azure::eventgrid::push::decode_push_body;
+/// let events = decode_push_body(br#"[{"specversion":"1.0","id":"1","source":"/s","type":"t"}, {"id": 2}]"#).unwrap();
+/// assert!(events[0].is_ok() && events[1].is_err());
+/// assert!(decode_push_body(b"not json").is_err());
+/// ```
+pub fn decode_push_body(
+    body: &[u8],
+) -> std::result::Result<
+    Vec<std::result::Result<Event, cloudbus_core::DecodeError>>,
+    serde_json::Error,
+> {
+    Ok(push_values(serde_json::from_slice(body)?)
+        .into_iter()
+        .map(from_structured_value)
+        .collect())
+}
+
+/// The events of a push body: the array's items, or the one value.
+fn push_values(json: serde_json::Value) -> Vec<serde_json::Value> {
+    match json {
+        serde_json::Value::Array(a) => a,
+        single => vec![single],
+    }
+}
+
 async fn deliver(inner: &Inner, headers: &HeaderMap, body: &[u8]) -> Response {
     let json: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
@@ -339,10 +368,7 @@ async fn deliver(inner: &Inner, headers: &HeaderMap, body: &[u8]) -> Response {
             "a validation request without a code",
         );
     }
-    let values = match json {
-        serde_json::Value::Array(a) => a,
-        single => vec![single],
-    };
+    let values = push_values(json);
     let attempt = headers
         .get("aeg-delivery-count")
         .and_then(|v| v.to_str().ok())
