@@ -26,10 +26,45 @@ pub mod names {
     pub const EVENT_LAG_SECONDS: &str = "event_lag_seconds";
 }
 
+/// Distinct values a label taken from the wire (`event_type`, `source`) may have in
+/// one process; later new values are counted as [`OTHER_LABEL`]. A producer that puts
+/// ids into types or sources cannot make the metrics backend run out of series.
+pub const MAX_LABEL_VALUES: usize = 256;
+/// The label value of everything beyond [`MAX_LABEL_VALUES`].
+pub const OTHER_LABEL: &str = "other";
+
+/// The values seen of one wire-taken label.
+struct LabelValues(std::sync::Mutex<std::collections::BTreeSet<String>>);
+
+impl LabelValues {
+    const fn new() -> Self {
+        LabelValues(std::sync::Mutex::new(std::collections::BTreeSet::new()))
+    }
+
+    /// `value` while fewer than [`MAX_LABEL_VALUES`] were seen (or it was one of
+    /// them), else [`OTHER_LABEL`].
+    fn bounded(&self, value: &str) -> String {
+        let Ok(mut seen) = self.0.lock() else {
+            return OTHER_LABEL.to_owned();
+        };
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < MAX_LABEL_VALUES {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        OTHER_LABEL.to_owned()
+    }
+}
+
+static PUBLISHED_SOURCES: LabelValues = LabelValues::new();
+static PUBLISHED_TYPES: LabelValues = LabelValues::new();
+
 pub(crate) fn record_published_n(event: &Event, n: u64) {
     metrics::counter!(names::EVENTS_PUBLISHED_TOTAL,
-        "source" => event.source().to_string(),
-        "event_type" => event.ty().to_owned())
+        "source" => PUBLISHED_SOURCES.bounded(event.source().as_str()),
+        "event_type" => PUBLISHED_TYPES.bounded(event.ty()))
     .increment(n);
 }
 
@@ -59,9 +94,6 @@ struct TypeMetrics {
     processing: metrics::Histogram,
 }
 
-/// Event types cached per consumer; beyond it handles are made per use (bounded memory).
-const MAX_CACHED_TYPES: usize = 1024;
-
 impl ConsumerMetrics {
     pub(crate) fn new(consumer: Arc<str>) -> Self {
         ConsumerMetrics {
@@ -81,6 +113,22 @@ impl ConsumerMetrics {
         {
             return t;
         }
+        // Beyond MAX_LABEL_VALUES types this consumer counts new ones as "other".
+        let full = self
+            .by_type
+            .read()
+            .map(|m| m.len() >= MAX_LABEL_VALUES)
+            .unwrap_or(true);
+        let event_type = if full { OTHER_LABEL } else { event_type };
+        if full
+            && let Some(t) = self
+                .by_type
+                .read()
+                .ok()
+                .and_then(|m| m.get(OTHER_LABEL).cloned())
+        {
+            return t;
+        }
         let consumed = |status: &'static str| {
             metrics::counter!(names::EVENTS_CONSUMED_TOTAL,
                 "consumer" => self.consumer.to_string(),
@@ -95,9 +143,7 @@ impl ConsumerMetrics {
                 "consumer" => self.consumer.to_string(),
                 "event_type" => event_type.to_owned()),
         });
-        if let Ok(mut m) = self.by_type.write()
-            && m.len() < MAX_CACHED_TYPES
-        {
+        if let Ok(mut m) = self.by_type.write() {
             m.insert(event_type.to_owned(), made.clone());
         }
         made
@@ -282,6 +328,24 @@ pub(crate) fn stamp(event: &mut Event) -> TraceContext {
 mod tests {
     use super::*;
     use crate::event::EventBuilder;
+
+    /// Issue 12 item 15: labels taken from the wire had no cardinality cap.
+    #[test]
+    fn wire_labels_are_capped() {
+        let values = LabelValues::new();
+        let distinct: std::collections::HashSet<String> = (0..1000)
+            .map(|n| values.bounded(&format!("type-{n}")))
+            .collect();
+        assert_eq!(distinct.len(), MAX_LABEL_VALUES + 1);
+        assert!(distinct.contains(OTHER_LABEL));
+        assert_eq!(values.bounded("type-3"), "type-3", "known values stay");
+        let consumer = ConsumerMetrics::new("c".into());
+        for n in 0..1000 {
+            consumer.consumed(&format!("t-{n}"), "ack", 1);
+        }
+        let cached = consumer.by_type.read().unwrap().len();
+        assert!(cached <= MAX_LABEL_VALUES + 1, "{cached} types cached");
+    }
 
     #[test]
     fn rejects_bad_traceparents() {
