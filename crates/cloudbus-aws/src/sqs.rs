@@ -577,6 +577,11 @@ struct Opened {
     lease: Duration,
 }
 
+/// Most received messages one queue driver holds for dead-lettering.
+const MAX_HELD: usize = 20_000;
+/// How long past its lease a receipt is still held (a settle racing the expiry).
+const HELD_GRACE: Duration = Duration::from_secs(60);
+
 /// One SQS queue as a [`TopicDriver`] and a [`SubscriptionDriver`].
 pub struct SqsQueue {
     shared: Arc<Shared>,
@@ -584,7 +589,8 @@ pub struct SqsQueue {
     subscription: Option<String>,
     codec: BinaryCodec,
     opened: tokio::sync::OnceCell<Opened>,
-    /// Received messages by receipt handle, for dead-lettering (body and attributes).
+    /// Received messages by receipt handle, for dead-lettering (body and attributes),
+    /// with the end of their lease; bounded by [`MAX_HELD`].
     held: Mutex<HashMap<String, (Instant, Stored)>>,
     /// A receive whose caller gave up, and what it brought.
     pending: tokio::sync::Mutex<Option<ReceiveTask>>,
@@ -731,14 +737,36 @@ impl SqsQueue {
         e.build().map_err(build_error)
     }
 
-    fn keep(&self, receipt: &str, m: Stored) {
+    /// Holds a received message until it is settled or its lease (`lease` from now)
+    /// has long run out: a receipt past its lease cannot be dead-lettered from here
+    /// (another reader may have the message). Never more than [`MAX_HELD`]: the
+    /// receipts closest to expiry go first (their dead-letter then fails with
+    /// LeaseExpired and the message comes back; nothing is lost).
+    fn keep(&self, receipt: &str, m: Stored, lease: Duration) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.len() > 10_000 {
-            // Receipts never settled (dropped deliveries) go after 12 h, SQS's longest lease.
-            let horizon = Instant::now() - Duration::from_secs(12 * 3600);
-            held.retain(|_, (at, _)| *at > horizon);
+        if held.len() >= MAX_HELD {
+            let now = Instant::now();
+            held.retain(|_, (until, _)| *until > now);
         }
-        held.insert(receipt.to_owned(), (Instant::now(), m));
+        if held.len() >= MAX_HELD * 3 / 4 {
+            let mut ends: Vec<Instant> = held.values().map(|(until, _)| *until).collect();
+            ends.sort_unstable();
+            let cut = ends[held.len() - MAX_HELD / 2];
+            held.retain(|_, (until, _)| *until > cut);
+        }
+        held.insert(receipt.to_owned(), (Instant::now() + lease + HELD_GRACE, m));
+    }
+
+    /// Moves the end of a held receipt's lease (an extension).
+    fn extend_held(&self, receipt: &str, lease: Duration) {
+        if let Some((until, _)) = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(receipt)
+        {
+            *until = Instant::now() + lease + HELD_GRACE;
+        }
     }
 
     fn take(&self, receipt: &str) -> Option<Stored> {
@@ -912,7 +940,7 @@ impl SubscriptionDriver for SqsQueue {
                     .filter(|g| is_fifo(&self.queue) && !g.starts_with(UNORDERED_GROUP)),
                 size,
             });
-            self.keep(receipt, s);
+            self.keep(receipt, s, opened.lease);
         }
         Ok(received)
     }
@@ -937,6 +965,7 @@ impl SubscriptionDriver for SqsQueue {
                     visibility.push((i, receipt.to_owned(), delay.as_secs_f64().ceil()));
                 }
                 Settlement::Extend { lease } => {
+                    self.extend_held(receipt, *lease);
                     visibility.push((i, receipt.to_owned(), lease.as_secs_f64().ceil()));
                 }
                 Settlement::DeadLetter {
@@ -962,7 +991,7 @@ impl SubscriptionDriver for SqsQueue {
                     results[i] = Some(match sent {
                         Ok(()) => self.shared.delete(&url, receipt).await,
                         Err(e) => {
-                            self.keep(receipt, m);
+                            self.keep(receipt, m, HELD_GRACE);
                             Err(e)
                         }
                     });
@@ -1394,6 +1423,34 @@ fn serde_json_max(policy: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 12 item 15: the receipts held for dead-lettering had no hard bound (only
+    /// entries older than 12 h were dropped, so a consumer that dropped deliveries
+    /// faster than that grew without limit).
+    #[test]
+    fn held_receipts_are_bounded() {
+        let config = aws_sdk_sqs::Config::builder()
+            .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+            .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+            .build();
+        let queue = SqsQueue::new(Arc::new(Shared::new(Client::from_conf(config))), "q", None);
+        let stored = || Stored {
+            body: "b".into(),
+            attributes: BTreeMap::new(),
+            group: None,
+            message_id: "m".into(),
+            attempts: 1,
+        };
+        for n in 0..(MAX_HELD * 3) {
+            queue.keep(&format!("r-{n}"), stored(), Duration::from_secs(3600));
+        }
+        let held = queue.held.lock().unwrap().len();
+        assert!(held <= MAX_HELD, "{held} receipts held");
+        assert!(
+            queue.take(&format!("r-{}", MAX_HELD * 3 - 1)).is_some(),
+            "the newest is kept"
+        );
+    }
 
     #[test]
     fn names_codes_and_capabilities() {
