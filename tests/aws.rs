@@ -1192,3 +1192,50 @@ fn decoders_survive_the_fuzz_corpus() {
     let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
     assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
 }
+
+#[path = "support/fault_proxy.rs"]
+#[allow(dead_code)]
+mod fault_proxy;
+
+/// The address behind an `http://host:port` endpoint.
+fn socket_of(endpoint: &str) -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let url = url::Url::parse(endpoint).expect("endpoint URL");
+    (
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(80),
+    )
+        .to_socket_addrs()
+        .expect("endpoint address")
+        .next()
+        .expect("an address")
+}
+
+/// Issue 12: 10,000 events through a TCP proxy that severs every connection, stalls
+/// them or adds latency every 300-700 ms, between cloudbus and LocalStack's SQS:
+/// every event is handled (duplicates allowed and counted), none dead-lettered, and
+/// the run ends (no hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_network_faults_lose_nothing_of_10000() {
+    let Some(endpoint) = endpoint() else { return };
+    let proxy = Arc::new(fault_proxy::FaultProxy::start(socket_of(&endpoint)).await);
+    let bus = sqs(&format!("http://{}", proxy.addr())).await.into_bus();
+    let topic = format!("netfault-{:08x}", fastrand::u32(..));
+    let sub = format!("netfault-s-{:08x}", fastrand::u32(..));
+    bus.ensure_topic(&topic).await.unwrap();
+    bus.ensure_subscription(
+        &SubscriptionSpec::new(&topic, &sub).ack_deadline(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    let report = fault_proxy::nothing_lost_through(
+        proxy,
+        bus,
+        &topic,
+        &sub,
+        10_000,
+        Duration::from_secs(15 * 60),
+    )
+    .await;
+    assert_eq!((report.lost, report.dead_lettered), (0, 0), "{report:?}");
+}
