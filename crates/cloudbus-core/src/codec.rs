@@ -265,7 +265,7 @@ impl BinaryCodec {
     /// event falls back to structured mode, the attributes named in `keep` (full
     /// names, such as `ce-tenant`) go first among the routing hints, and if the event
     /// carries more of them than the budget allows, the encode fails with
-    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) instead of
+    /// [`ErrorKind::InvalidArgument`] instead of
     /// dropping one silently (a subscription filtering on it would never see the
     /// event while the publish said Ok).
     ///
