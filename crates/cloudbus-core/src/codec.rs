@@ -401,28 +401,25 @@ impl BinaryCodec {
     /// read as structured JSON when its body is a JSON object (producers that cannot
     /// set attributes), and is otherwise not a CloudEvent.
     pub fn decode(&self, msg: &RawMessage) -> std::result::Result<Event, DecodeError> {
-        let lowered;
-        let msg = if msg
+        // Only the names are lowered (and copied), never the body.
+        let attributes: std::borrow::Cow<'_, BTreeMap<String, String>> = if msg
             .attributes
             .keys()
             .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
         {
-            lowered = RawMessage {
-                body: msg.body.clone(),
-                attributes: msg
-                    .attributes
+            std::borrow::Cow::Owned(
+                msg.attributes
                     .iter()
                     .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                     .collect(),
-            };
-            &lowered
+            )
         } else {
-            msg
+            std::borrow::Cow::Borrowed(&msg.attributes)
         };
         let p = self.prefix.to_ascii_lowercase();
-        let content_type = msg
-            .attributes
-            .get(&self.content_type_attribute.to_ascii_lowercase());
+        let content_type = attributes
+            .get(&self.content_type_attribute.to_ascii_lowercase())
+            .map(String::as_str);
         if content_type.is_some_and(|ct| {
             ct.trim_start()
                 .to_ascii_lowercase()
@@ -430,16 +427,17 @@ impl BinaryCodec {
         }) {
             return from_structured_json(&msg.body);
         }
-        if let Some(spec) = msg.attributes.get(&format!("{p}specversion")) {
-            return self.decode_binary(msg, &p, spec, content_type.map(String::as_str));
+        if let Some(spec) = attributes.get(&format!("{p}specversion")) {
+            return self.decode_binary(&attributes, &msg.body, &p, spec, content_type);
         }
         from_unlabelled_body(&msg.body)
     }
 
-    /// Binary mode; `msg`'s attribute names and the prefix `p` are lowercase.
+    /// Binary mode; the attribute names and the prefix `p` are lowercase.
     fn decode_binary(
         &self,
-        msg: &RawMessage,
+        attributes: &BTreeMap<String, String>,
+        body: &[u8],
         p: &str,
         spec: &str,
         content_type: Option<&str>,
@@ -448,7 +446,7 @@ impl BinaryCodec {
         if spec != "1.0" {
             return Err(invalid(format!("unsupported specversion {spec:?}")));
         }
-        let get = |name: &str| msg.attributes.get(&format!("{p}{name}"));
+        let get = |name: &str| attributes.get(&format!("{p}{name}"));
         let required = |name: &str| -> std::result::Result<String, DecodeError> {
             match get(name) {
                 Some(v) if !v.is_empty() => Ok(v.clone()),
@@ -475,7 +473,7 @@ impl BinaryCodec {
                 .map_err(|e| invalid(format!("dataschema {s:?} is not a URI: {e}")))?;
             event.set_dataschema(Some(url));
         }
-        for (name, value) in &msg.attributes {
+        for (name, value) in attributes {
             let Some(ext) = name.strip_prefix(p) else {
                 continue;
             };
@@ -490,10 +488,10 @@ impl BinaryCodec {
             }
             event.set_extension(ext, value.clone());
         }
-        if !msg.body.is_empty() || content_type.is_some() {
+        if !body.is_empty() || content_type.is_some() {
             let ct = content_type.unwrap_or("application/octet-stream");
             let data = if is_json(ct) {
-                let v: serde_json::Value = serde_json::from_slice(&msg.body).map_err(|e| {
+                let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
                     DecodeError::new(
                         DecodeErrorKind::InvalidJson,
                         format!("data declared {ct} is not JSON: {e}"),
@@ -501,12 +499,12 @@ impl BinaryCodec {
                 })?;
                 Data::Json(v)
             } else if ct.starts_with("text/") {
-                match String::from_utf8(msg.body.clone()) {
+                match String::from_utf8(body.to_vec()) {
                     Ok(s) => Data::String(s),
                     Err(e) => Data::Binary(e.into_bytes()),
                 }
             } else {
-                Data::Binary(msg.body.clone())
+                Data::Binary(body.to_vec())
             };
             event.set_data(ct.to_owned(), data);
         }

@@ -203,18 +203,12 @@ impl Consumer {
         if !filtered_out.is_empty() {
             // A failed ack of a filtered-out message only means it comes back and is
             // filtered again; it must not cost the matching deliveries of this batch.
-            let acked = crate::driver::panic_safe(
-                "settle_batch",
-                self.inner.driver.settle_batch(&filtered_out),
-            )
-            .await;
-            let failed = match acked {
-                Ok(per) => per.into_iter().filter_map(Result::err).next(),
-                Err(e) => Some(e),
-            };
-            if let Some(e) = failed {
-                tracing::warn!(consumer = %self.inner.name, error = %e, "could not ack filtered-out messages; they will come back and be filtered again");
-            }
+            self.inner
+                .settle_or_log(
+                    &filtered_out,
+                    "could not ack filtered-out messages; they will come back and be filtered again",
+                )
+                .await;
         }
         if let Some(first) = out.first() {
             self.inner.metrics.lag(&first.event);
@@ -387,16 +381,25 @@ impl ConsumerInner {
                 )
             })
             .collect();
-        let count = items.len();
-        tracing::debug!(consumer = %self.name, count, "releasing deliveries beyond the requested maximum");
-        let released =
-            crate::driver::panic_safe("settle_batch", self.driver.settle_batch(&items)).await;
-        let failed = match released {
-            Ok(per) => per.into_iter().filter_map(Result::err).next(),
+        tracing::debug!(consumer = %self.name, count = items.len(), "releasing deliveries beyond the requested maximum");
+        self.settle_or_log(
+            &items,
+            "could not release surplus deliveries; they come back when their leases expire",
+        )
+        .await;
+    }
+
+    /// Settles `items` where a failure costs nothing but a redelivery: the first
+    /// failure is logged with `failed`, nothing is returned.
+    async fn settle_or_log(&self, items: &[(AckToken, Settlement)], failed: &str) {
+        let settled =
+            crate::driver::panic_safe("settle_batch", self.driver.settle_batch(items)).await;
+        let error = match settled {
+            Ok(per) => per.into_iter().find_map(Result::err),
             Err(e) => Some(e),
         };
-        if let Some(e) = failed {
-            tracing::warn!(consumer = %self.name, count, error = %e, "could not release surplus deliveries; they come back when their leases expire");
+        if let Some(e) = error {
+            tracing::warn!(consumer = %self.name, count = items.len(), error = %e, "{failed}");
         }
     }
 

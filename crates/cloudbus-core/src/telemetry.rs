@@ -105,30 +105,18 @@ impl ConsumerMetrics {
     }
 
     fn for_type(&self, event_type: &str) -> Arc<TypeMetrics> {
-        if let Some(t) = self
-            .by_type
-            .read()
-            .ok()
-            .and_then(|m| m.get(event_type).cloned())
-        {
-            return t;
-        }
         // Beyond MAX_LABEL_VALUES types this consumer counts new ones as "other".
-        let full = self
-            .by_type
-            .read()
-            .map(|m| m.len() >= MAX_LABEL_VALUES)
-            .unwrap_or(true);
-        let event_type = if full { OTHER_LABEL } else { event_type };
-        if full
-            && let Some(t) = self
-                .by_type
-                .read()
-                .ok()
-                .and_then(|m| m.get(OTHER_LABEL).cloned())
-        {
-            return t;
-        }
+        let event_type = match self.by_type.read() {
+            Ok(m) => match m.get(event_type) {
+                Some(t) => return t.clone(),
+                None if m.len() < MAX_LABEL_VALUES => event_type,
+                None => match m.get(OTHER_LABEL) {
+                    Some(t) => return t.clone(),
+                    None => OTHER_LABEL,
+                },
+            },
+            Err(_) => OTHER_LABEL,
+        };
         let consumed = |status: &'static str| {
             metrics::counter!(names::EVENTS_CONSUMED_TOTAL,
                 "consumer" => self.consumer.to_string(),

@@ -421,6 +421,14 @@ impl WorkerLoop {
         }
     }
 
+    /// Resolves when the shutdown deadline has passed (never, if the worker is gone).
+    async fn hard_stopped(&self) {
+        let mut hard_stop = self.hard_stop.clone();
+        if hard_stop.wait_for(|stop| *stop).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Takes the delivery's share of `max_outstanding_bytes`, extending its lease while
     /// it waits, so that a large delivery never sits in the local buffer with a lapsing
     /// lease. `None` when the shutdown deadline came first.
@@ -429,15 +437,10 @@ impl WorkerLoop {
         if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(need) {
             return Some(Some(permit));
         }
-        let mut hard_stop = self.hard_stop.clone();
         tokio::select! {
             p = self.bytes.clone().acquire_many_owned(need) => Some(p.ok()),
             _ = self.extend_while_running(delivery) => None,
-            _ = async {
-                if hard_stop.wait_for(|stop| *stop).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            } => None,
+            _ = self.hard_stopped() => None,
         }
     }
 
@@ -473,15 +476,10 @@ impl WorkerLoop {
             std::panic::AssertUnwindSafe(trace.scope(self.handler.handle(event.clone(), ctx)))
                 .catch_unwind()
                 .instrument(span.clone());
-        let mut hard_stop = self.hard_stop.clone();
         let outcome = tokio::select! {
             r = handling => Some(r),
             _ = self.extend_while_running(&delivery) => None,
-            _ = async {
-                if hard_stop.wait_for(|stop| *stop).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            } => None,
+            _ = self.hard_stopped() => None,
         };
         self.consumer
             .inner
@@ -555,15 +553,10 @@ impl WorkerLoop {
 
     /// Waits `delay` while keeping the delivery's lease, or until the shutdown deadline.
     async fn hold(&self, delivery: &Delivery, delay: Duration) {
-        let mut hard_stop = self.hard_stop.clone();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {},
             _ = self.extend_while_running(delivery) => {},
-            _ = async {
-                if hard_stop.wait_for(|stop| *stop).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            } => {},
+            _ = self.hard_stopped() => {},
         }
     }
 
