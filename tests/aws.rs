@@ -661,6 +661,55 @@ async fn sqs_redrive_policy_moves_after_max_receives() {
     assert!(dlq.peek(10).await.unwrap().is_empty());
 }
 
+/// Purge and a partial redrive take the dead-letter queue one page (10) at a time and
+/// count right across pages (issue 12: they used to receive the whole queue first):
+/// 25 letters, 12 redriven, the other 13 purged, the 12 back on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_purge_and_partial_redrive_go_page_by_page() {
+    let Some(endpoint) = endpoint() else { return };
+    let bus = sqs(&endpoint).await.into_bus();
+    let name = format!("drain-{:08x}", fastrand::u32(..));
+    queue(&bus, &name, |s| s.max_delivery_attempts(5)).await;
+    let publisher = bus.publisher(&name).await.unwrap();
+    for i in 0..25 {
+        publisher
+            .publish(ev("aws.drain", &format!("d{i}")))
+            .await
+            .unwrap();
+    }
+    let consumer = bus.consumer(&name, &name).await.unwrap();
+    let mut dead = 0;
+    let until = Instant::now() + Duration::from_secs(30);
+    while dead < 25 && Instant::now() < until {
+        for d in consumer
+            .receive_batch(10, Duration::from_secs(2))
+            .await
+            .unwrap()
+        {
+            d.dead_letter("drain test").await.unwrap();
+            dead += 1;
+        }
+    }
+    assert_eq!(dead, 25);
+    let dlq = bus.dead_letters(&name, &name).await.unwrap();
+    assert_eq!(dlq.redrive(12).await.unwrap(), 12);
+    assert_eq!(dlq.purge().await.unwrap(), 13);
+    assert!(dlq.peek(10).await.unwrap().is_empty());
+    let mut back = std::collections::HashSet::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while back.len() < 12 && Instant::now() < until {
+        for d in consumer
+            .receive_batch(10, Duration::from_secs(2))
+            .await
+            .unwrap()
+        {
+            back.insert(d.event().id().to_owned());
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(back.len(), 12, "redriven letters back on the source");
+}
+
 /// An event over 256 KiB is refused as TooLarge before any network call: the bus
 /// points at a port where nothing listens, so a call would fail differently.
 #[tokio::test]

@@ -1221,48 +1221,97 @@ impl SqsDeadLetters {
         }
     }
 
-    /// Receives letters (hidden for `hide`) until `max` or until a receive brings
-    /// nothing new.
-    async fn collect(
+    /// One receive of up to `want` (at most 10) letters, hidden for `hide`.
+    async fn receive_page(
         &self,
-        max: usize,
+        url: &str,
+        want: usize,
         hide: Duration,
-    ) -> Result<Vec<(String, Stored, Option<DateTime<Utc>>)>> {
+        wait_seconds: i32,
+    ) -> Result<Vec<Letter>> {
+        let r = self
+            .shared
+            .client
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(want.clamp(1, MAX_BATCH_COUNT) as i32)
+            .wait_time_seconds(wait_seconds)
+            .visibility_timeout(hide.as_secs() as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("receive from {}", self.queue)))?;
+        Ok(r.messages()
+            .iter()
+            .filter_map(|m| {
+                Some(Letter {
+                    receipt: m.receipt_handle()?.to_owned(),
+                    stored: stored(m),
+                    at: sent_at(m),
+                })
+            })
+            .collect())
+    }
+
+    /// Receives letters without hiding them until `max` or until a receive brings
+    /// nothing new (peek: the caller's `max` bounds what is held).
+    async fn collect(&self, max: usize) -> Result<Vec<Letter>> {
         let url = self.shared.url(&self.queue).await?;
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         let mut idle_rounds = 0;
         while out.len() < max && idle_rounds < 2 {
-            let r = self
-                .shared
-                .client
-                .receive_message()
-                .queue_url(&url)
-                .max_number_of_messages((max - out.len()).clamp(1, MAX_BATCH_COUNT) as i32)
-                .wait_time_seconds(if out.is_empty() { 1 } else { 0 })
-                .visibility_timeout(hide.as_secs() as i32)
-                .message_system_attribute_names(MessageSystemAttributeName::All)
-                .message_attribute_names("All")
-                .send()
-                .await
-                .map_err(|e| {
-                    crate::sdk_error(e, kind_of_code, &format!("receive from {}", self.queue))
-                })?;
-            let mut new = 0;
-            for m in r.messages() {
-                let s = stored(m);
-                if seen.insert(s.message_id.clone())
-                    && let Some(receipt) = m.receipt_handle()
-                {
-                    out.push((receipt.to_owned(), s, sent_at(m)));
-                    new += 1;
-                }
-            }
-            idle_rounds = if new == 0 { idle_rounds + 1 } else { 0 };
+            let wait = if out.is_empty() { 1 } else { 0 };
+            let page = self
+                .receive_page(&url, max - out.len(), Duration::ZERO, wait)
+                .await?;
+            let before = out.len();
+            out.extend(
+                page.into_iter()
+                    .filter(|l| seen.insert(l.stored.message_id.clone())),
+            );
+            idle_rounds = if out.len() == before { idle_rounds + 1 } else { 0 };
         }
         Ok(out)
     }
+
+    /// Takes letters one page (at most 10) at a time, hidden for a minute, and hands
+    /// each to `take`, which removes it from the queue, until `max` or until two
+    /// receives in a row bring nothing: purge and redrive hold one page, never the
+    /// whole dead-letter queue.
+    async fn drain<F, Fut>(&self, max: usize, mut take: F) -> Result<usize>
+    where
+        F: FnMut(Letter) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let url = self.shared.url(&self.queue).await?;
+        let mut taken = 0;
+        let mut idle_rounds = 0;
+        while taken < max && idle_rounds < 2 {
+            let wait = if taken == 0 { 1 } else { 0 };
+            let page = self
+                .receive_page(&url, max - taken, DRAIN_HIDE, wait)
+                .await?;
+            idle_rounds = if page.is_empty() { idle_rounds + 1 } else { 0 };
+            for letter in page {
+                take(letter).await?;
+                taken += 1;
+            }
+        }
+        Ok(taken)
+    }
 }
+
+/// A received dead letter: its receipt, the message, and when it was sent.
+struct Letter {
+    receipt: String,
+    stored: Stored,
+    at: Option<DateTime<Utc>>,
+}
+
+/// How long purge and redrive hide a page of letters while they remove it.
+const DRAIN_HIDE: Duration = Duration::from_secs(60);
 
 #[async_trait]
 impl DeadLetterDriver for SqsDeadLetters {
@@ -1279,10 +1328,10 @@ impl DeadLetterDriver for SqsDeadLetters {
             Err(_) => None,
         };
         Ok(self
-            .collect(max, Duration::ZERO)
+            .collect(max)
             .await?
             .into_iter()
-            .map(|(_, s, at)| {
+            .map(|Letter { stored: s, at, .. }| {
                 let raw = unwrap_envelope(RawMessage {
                     body: s.body.clone().into_bytes(),
                     attributes: s
@@ -1328,26 +1377,29 @@ impl DeadLetterDriver for SqsDeadLetters {
                 Err(e) => return Err(e),
             }
         }
-        let letters = self
-            .collect(max.unwrap_or(usize::MAX), Duration::from_secs(60))
+        let moved = self
+            .drain(max.unwrap_or(usize::MAX), |mut letter| {
+                let url = &url;
+                async move {
+                    letter
+                        .stored
+                        .attributes
+                        .retain(|k, _| !k.starts_with("cloudbus-dl-"));
+                    self.shared.send_one(&self.source, &letter.stored, &[]).await?;
+                    self.shared.delete(url, &letter.receipt).await
+                }
+            })
             .await?;
-        let mut moved = 0;
-        for (receipt, mut s, _) in letters {
-            s.attributes.retain(|k, _| !k.starts_with("cloudbus-dl-"));
-            self.shared.send_one(&self.source, &s, &[]).await?;
-            self.shared.delete(&url, &receipt).await?;
-            moved += 1;
-        }
         Ok(moved_by_task + moved)
     }
 
     async fn purge(&self) -> Result<usize> {
         let url = self.shared.url(&self.queue).await?;
-        let letters = self.collect(usize::MAX, Duration::from_secs(60)).await?;
-        for (receipt, _, _) in &letters {
-            self.shared.delete(&url, receipt).await?;
-        }
-        Ok(letters.len())
+        self.drain(usize::MAX, |letter| {
+            let url = &url;
+            async move { self.shared.delete(url, &letter.receipt).await }
+        })
+        .await
     }
 
     fn as_any(&self) -> &dyn Any {
