@@ -166,6 +166,60 @@ mod sqs_chaos {
     );
 }
 
+/// The "nothing lost" promise under injected faults on an SQS FIFO queue (issue 12).
+mod sqs_fifo_chaos {
+    use super::*;
+    cloudbus::chaos_suite!(
+        match endpoint() {
+            Some(endpoint) => SqsHarness {
+                endpoint,
+                fifo: true,
+                sns: false,
+                eventbridge: false,
+                structured: false,
+            },
+            None => return,
+        },
+        200
+    );
+}
+
+/// The "nothing lost" promise under injected faults through an SNS topic into SQS (issue 12).
+mod sns_chaos {
+    use super::*;
+    cloudbus::chaos_suite!(
+        match endpoint() {
+            Some(endpoint) => SqsHarness {
+                endpoint,
+                fifo: false,
+                sns: true,
+                eventbridge: false,
+                structured: false,
+            },
+            None => return,
+        },
+        200
+    );
+}
+
+/// The "nothing lost" promise under injected faults through an EventBridge bus into SQS (issue 12).
+mod eventbridge_chaos {
+    use super::*;
+    cloudbus::chaos_suite!(
+        match endpoint() {
+            Some(endpoint) => SqsHarness {
+                endpoint,
+                fifo: false,
+                sns: false,
+                eventbridge: true,
+                structured: false,
+            },
+            None => return,
+        },
+        200
+    );
+}
+
 mod sqs_fifo {
     use super::*;
     cloudbus::conformance_suite!(match endpoint() {
