@@ -326,6 +326,19 @@ mod kinesis_streams {
     });
 }
 
+/// The "nothing lost" promise under injected faults on a Kinesis stream: the
+/// publisher's PutRecords and the consumer's reads (issue 12).
+mod kinesis_chaos {
+    use super::*;
+    cloudbus::stream_chaos_suite!(
+        match endpoint() {
+            Some(endpoint) => KinesisHarness { endpoint },
+            None => return,
+        },
+        300
+    );
+}
+
 fn ev(ty: &str, subject: &str) -> Event {
     EventBuilder::new(ty, "/tests/aws")
         .subject(subject)

@@ -49,6 +49,7 @@ mod conformance {
 mod chaos {
     use super::*;
     cloudbus::chaos_suite!(MemoryHarness::new(), 2_000);
+    cloudbus::stream_chaos_suite!(MemoryHarness::new(), 2_000);
 }
 
 /// The memory broker's partitioned logs under the stream suite; dead letters go to a

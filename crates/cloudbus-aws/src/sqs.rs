@@ -1241,7 +1241,9 @@ impl SqsDeadLetters {
             .message_attribute_names("All")
             .send()
             .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("receive from {}", self.queue)))?;
+            .map_err(|e| {
+                crate::sdk_error(e, kind_of_code, &format!("receive from {}", self.queue))
+            })?;
         Ok(r.messages()
             .iter()
             .filter_map(|m| {
@@ -1271,7 +1273,11 @@ impl SqsDeadLetters {
                 page.into_iter()
                     .filter(|l| seen.insert(l.stored.message_id.clone())),
             );
-            idle_rounds = if out.len() == before { idle_rounds + 1 } else { 0 };
+            idle_rounds = if out.len() == before {
+                idle_rounds + 1
+            } else {
+                0
+            };
         }
         Ok(out)
     }
@@ -1385,7 +1391,9 @@ impl DeadLetterDriver for SqsDeadLetters {
                         .stored
                         .attributes
                         .retain(|k, _| !k.starts_with("cloudbus-dl-"));
-                    self.shared.send_one(&self.source, &letter.stored, &[]).await?;
+                    self.shared
+                        .send_one(&self.source, &letter.stored, &[])
+                        .await?;
                     self.shared.delete(url, &letter.receipt).await
                 }
             })

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::codec::{DecodeError, RawMessage};
+use crate::driver::panic_safe;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{EXT_DEAD_LETTER_REASON, Event};
 use crate::publisher::Publisher;
@@ -162,6 +163,9 @@ pub struct StreamConsumer {
     finished: HashSet<String>,
     replaying: Option<StartPosition>,
     runner: HandlerRunner,
+    /// Set when a record failed for good with no dead-letter place: `run` stops there
+    /// instead of pausing and trying again.
+    halted: bool,
 }
 
 impl StreamConsumer {
@@ -183,6 +187,7 @@ impl StreamConsumer {
             handled_up_to: HashMap::new(),
             finished: HashSet::new(),
             replaying: None,
+            halted: false,
         }
     }
     /// Where partitions without a checkpoint start.
@@ -236,7 +241,8 @@ impl StreamConsumer {
         stop: &mut std::pin::Pin<&mut S>,
     ) -> Result<(PollReport, bool)> {
         use futures::FutureExt;
-        let partitions = self.driver.partitions().await?;
+        self.halted = false;
+        let partitions = panic_safe("partitions", self.driver.partitions()).await?;
         let known: HashSet<&str> = partitions.iter().map(|p| p.id.as_str()).collect();
         let mut report = PollReport::default();
         for p in &partitions {
@@ -265,10 +271,14 @@ impl StreamConsumer {
             let mut last = None;
             let mut stopped = false;
             for record in &batch.records {
-                if self.handle_record(handler, record).await? {
-                    report.handled += 1;
-                } else {
-                    report.dead_lettered += 1;
+                match self.handle_record(handler, record).await {
+                    Ok(true) => report.handled += 1,
+                    Ok(false) => report.dead_lettered += 1,
+                    Err(RecordError::Halt(e)) => {
+                        self.halted = true;
+                        return Err(e);
+                    }
+                    Err(RecordError::Failed(e)) => return Err(e),
                 }
                 last = Some(record.sequence.clone());
                 if stop.as_mut().now_or_never().is_some() {
@@ -310,12 +320,12 @@ impl StreamConsumer {
                     Some(seq) => StartPosition::AfterSequence(seq.clone()),
                     None => self.initial_position(partition).await?,
                 };
-                let cursor = self.driver.cursor(partition, &at).await?;
+                let cursor = panic_safe("cursor", self.driver.cursor(partition, &at)).await?;
                 self.cursors.insert(partition.to_owned(), cursor.clone());
                 cursor
             }
         };
-        self.driver.read(&cursor, self.batch).await
+        panic_safe("read", self.driver.read(&cursor, self.batch)).await
     }
 
     /// Polls until a pass reads nothing new: everything written so far is handled
@@ -336,6 +346,13 @@ impl StreamConsumer {
     /// Polls until `shutdown` resolves, pausing `idle` when nothing came. A shutdown
     /// lets the record being handled finish and checkpoints it: nothing handled is
     /// read again by the next consumer of the group.
+    ///
+    /// A failed poll (the stream, the checkpoint store or the dead-letter place away,
+    /// a driver panic) is logged and tried again after a backoff that grows with
+    /// consecutive failures, as the worker does with receives; records handled before
+    /// it are read again (at least once, never lost). `run` returns an error only when
+    /// a record failed for good and no dead-letter place is configured, so that it is
+    /// not skipped.
     pub async fn run<H: Handler + ?Sized>(
         &mut self,
         handler: &H,
@@ -343,16 +360,28 @@ impl StreamConsumer {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut failures = 0u32;
         loop {
-            let (report, stopped) = self.poll_until(handler, &mut shutdown).await?;
-            if stopped {
-                return Ok(());
-            }
-            if report.handled + report.dead_lettered == 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(idle) => {},
-                    _ = &mut shutdown => return Ok(()),
+            let pause = match self.poll_until(handler, &mut shutdown).await {
+                Ok((_, true)) => return Ok(()),
+                Ok((report, false)) => {
+                    failures = 0;
+                    if report.handled + report.dead_lettered > 0 {
+                        continue;
+                    }
+                    idle
                 }
+                Err(e) if self.halted => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    let pause = self.retry.backoff(failures.min(8));
+                    tracing::warn!(group = %self.group, error = %e, ?pause, "stream poll failed; pausing");
+                    pause
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {},
+                _ = &mut shutdown => return Ok(()),
             }
         }
     }
@@ -372,7 +401,7 @@ impl StreamConsumer {
         &self,
         handler: &H,
         record: &StreamRecord,
-    ) -> Result<bool> {
+    ) -> std::result::Result<bool, RecordError> {
         let event = match &record.event {
             Ok(e) => e.clone(),
             Err((raw, err)) => {
@@ -400,17 +429,17 @@ impl StreamConsumer {
                 }
             };
             let Some(sink) = &self.dead_letter else {
-                return Err(Error::new(
+                return Err(RecordError::Halt(Error::new(
                     ErrorKind::Internal,
                     format!(
                         "record {} of partition {} failed ({reason}) and no dead-letter place is configured; stopping here",
                         record.sequence, record.partition
                     ),
-                ));
+                )));
             };
             let mut copy = (*event).clone();
             copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
-            sink.publish(copy).await?;
+            sink.publish(copy).await.map_err(RecordError::Failed)?;
             self.runner.dead_lettered(&reason);
             return Ok(false);
         }
@@ -421,22 +450,31 @@ impl StreamConsumer {
         record: &StreamRecord,
         raw: &RawMessage,
         reason: String,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), RecordError> {
         let Some(sink) = &self.dead_letter else {
-            return Err(Error::new(
+            return Err(RecordError::Halt(Error::new(
                 ErrorKind::Malformed,
                 format!(
                     "record {} of partition {}: {reason}; no dead-letter place is configured",
                     record.sequence, record.partition
                 ),
-            ));
+            )));
         };
         sink.publish_raw(
             raw.clone()
                 .with_attribute(EXT_DEAD_LETTER_REASON, reason.clone()),
         )
-        .await?;
+        .await
+        .map_err(RecordError::Failed)?;
         self.runner.dead_lettered(&reason);
         Ok(())
     }
+}
+
+/// Why a record was not handled: [`RecordError::Halt`] stops [`StreamConsumer::run`]
+/// (a record failed for good with nowhere to dead-letter it); anything else is tried
+/// again.
+enum RecordError {
+    Halt(Error),
+    Failed(Error),
 }

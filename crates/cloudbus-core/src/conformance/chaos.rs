@@ -6,6 +6,11 @@
 //! [`nothing_lost_under_faults`] runs through it; [`chaos_suite!`](crate::chaos_suite)
 //! generates one test per [`FaultKind`].
 //!
+//! [`nothing_lost_in_a_stream_under_faults`] does the same for a provider's streams
+//! (the reads of a [`StreamConsumer::run`](crate::StreamConsumer::run) and the
+//! stream's publisher), and [`stream_chaos_suite!`](crate::stream_chaos_suite)
+//! generates its tests.
+//!
 //! The promise checked: every event whose `publish` resolved `Ok` is handled at least
 //! once (duplicates are allowed and counted), none is dead-lettered, and the run ends.
 
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::Harness;
+use super::{Harness, StreamHarness};
 use crate::bus::Bus;
 use crate::capabilities::Capabilities;
 use crate::driver::{
@@ -26,6 +31,7 @@ use crate::driver::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{AttributesReader, Event, EventBuilder};
+use crate::stream::{PartitionInfo, ReadBatch, StartPosition, StreamDriver};
 use crate::worker::{HandlerContext, HandlerError, WorkerOptions};
 
 /// The kinds of fault the chaos driver injects; each has a preset [`Faults`].
@@ -281,8 +287,8 @@ where
         .collect())
 }
 
-/// A [`BusDriver`] that injects [`Faults`] into the topics and subscriptions of the
-/// bus it wraps (topology, dead letters and streams pass through untouched).
+/// A [`BusDriver`] that injects [`Faults`] into the topics, subscriptions and stream
+/// reads of the bus it wraps (topology and dead letters pass through untouched).
 ///
 /// ```
 /// # async fn demo(inner: cloudbus_core::Bus) {
@@ -352,8 +358,11 @@ impl BusDriver for ChaosBus {
     fn topology(&self) -> Arc<dyn TopologyDriver> {
         self.inner.topology()
     }
-    async fn stream(&self, stream: &str) -> Result<Arc<dyn crate::stream::StreamDriver>> {
-        self.inner.stream(stream).await
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
+        Ok(Arc::new(ChaosStream {
+            inner: self.inner.stream(stream).await?,
+            dice: self.dice.clone(),
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -388,6 +397,35 @@ impl TopicDriver for ChaosTopic {
     }
     async fn close(&self) -> Result<()> {
         self.inner.close().await
+    }
+    fn as_any(&self) -> &dyn Any {
+        self.inner.as_any()
+    }
+}
+
+/// A stream whose reads suffer the slow calls, panics, transient errors and lost
+/// replies of the dice (a lost read reply is a read whose records never arrive).
+struct ChaosStream {
+    inner: Arc<dyn StreamDriver>,
+    dice: Arc<Dice>,
+}
+
+#[async_trait]
+impl StreamDriver for ChaosStream {
+    async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
+        self.dice.before("partitions").await?;
+        let listed = self.inner.partitions().await;
+        self.dice.after("partitions", listed)
+    }
+    async fn cursor(&self, partition: &str, at: &StartPosition) -> Result<String> {
+        self.dice.before("cursor").await?;
+        let opened = self.inner.cursor(partition, at).await;
+        self.dice.after("cursor", opened)
+    }
+    async fn read(&self, cursor: &str, max: usize) -> Result<ReadBatch> {
+        self.dice.before("read").await?;
+        let read = self.inner.read(cursor, max).await;
+        self.dice.after("read", read)
     }
     fn as_any(&self) -> &dyn Any {
         self.inner.as_any()
@@ -672,6 +710,172 @@ pub async fn run_chaos_case<H: Harness>(harness: H, kind: FaultKind, count: usiz
             kind.name()
         ),
     }
+}
+
+/// The stream twin of [`nothing_lost_under_faults`]: publishes `count` events
+/// through a faulty bus to a new stream of `h` and reads them with
+/// [`StreamConsumer::run`](crate::StreamConsumer::run) (whose reads are faulty too)
+/// and a handler that always succeeds, until every accepted event was handled or
+/// nothing new came for a stall window. `run` must not give up on a fault.
+pub async fn nothing_lost_in_a_stream_under_faults(
+    h: &dyn StreamHarness,
+    kind: FaultKind,
+    seed: u64,
+    count: usize,
+) -> Result<ChaosReport> {
+    let inner = h.bus().await?;
+    let chaos = ChaosBus::new(inner.driver().clone(), Faults::preset(kind, seed));
+    let injected = chaos.injected();
+    let bus = Bus::new(Arc::new(chaos));
+    let stream = h.new_stream().await?;
+    let publisher = bus.publisher(&stream).await?;
+    let mut handles = Vec::with_capacity(count);
+    for i in 0..count {
+        let event: Event = EventBuilder::new("conformance.chaos.stream", "/chaos")
+            .subject(i.to_string())
+            .build()?;
+        let id = event.id().to_owned();
+        handles.push((id, publisher.publish(event)));
+    }
+    let mut accepted = HashSet::with_capacity(count);
+    let mut refused = 0;
+    for (id, handle) in handles {
+        match handle.await {
+            Ok(()) => {
+                accepted.insert(id);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    publisher.close().await?;
+
+    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let s2 = seen.clone();
+    let handler = move |e: Arc<Event>, _c: HandlerContext| {
+        let seen = s2.clone();
+        async move {
+            if let Ok(mut m) = seen.lock() {
+                *m.entry(e.id().to_owned()).or_default() += 1;
+            }
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let handled = || {
+        seen.lock()
+            .map(|m| accepted.iter().filter(|id| m.contains_key(*id)).count())
+            .unwrap_or(0)
+    };
+    // Ends when all are in, or nothing new came for a whole stall window.
+    let stall_window = h.patience() * 2;
+    let done = async {
+        let (mut last_count, mut last_progress) = (0, Instant::now());
+        let cap = Instant::now() + Duration::from_secs(600);
+        loop {
+            let now_count = handled();
+            if now_count == accepted.len() || Instant::now() > cap {
+                return;
+            }
+            if now_count > last_count {
+                (last_count, last_progress) = (now_count, Instant::now());
+            } else if last_progress.elapsed() > stall_window {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let mut consumer = bus
+        .stream_consumer(&stream, "chaos")
+        .await?
+        .start_at(StartPosition::Earliest)
+        // Small reads, so that a run makes enough calls for the faults to strike.
+        .batch_size(10)
+        .retry(crate::retry::RetryPolicy::default().initial_backoff(Duration::from_millis(20)));
+    consumer
+        .run(&handler, Duration::from_millis(100), done)
+        .await?;
+    let seen = seen
+        .lock()
+        .map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?
+        .clone();
+    let received = accepted.iter().filter(|id| seen.contains_key(*id)).count();
+    let report = ChaosReport {
+        published: accepted.len(),
+        refused,
+        received,
+        duplicates: seen.values().map(|n| n.saturating_sub(1)).sum(),
+        lost: accepted.len() - received,
+        dead_lettered: 0,
+    };
+    eprintln!(
+        "CHAOS scheme={} stream fault={} seed={seed} published={} refused={} received={} duplicates={} lost={} dead_lettered=0 | injected: {}",
+        bus.scheme(),
+        kind.name(),
+        report.published,
+        report.refused,
+        report.received,
+        report.duplicates,
+        report.lost,
+        injected.summary(),
+    );
+    Ok(report)
+}
+
+/// Runs [`nothing_lost_in_a_stream_under_faults`] with the seed of
+/// `CLOUDBUS_CHAOS_SEED` (else a random one) and fails with the seed when anything
+/// was lost or the consumer gave up.
+pub async fn run_stream_chaos_case<S: StreamHarness>(harness: S, kind: FaultKind, count: usize) {
+    let seed = std::env::var("CLOUDBUS_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    match nothing_lost_in_a_stream_under_faults(&harness, kind, seed, count).await {
+        Ok(r) if r.lost == 0 && r.published > 0 => {}
+        Ok(r) => panic!(
+            "stream chaos {} (CLOUDBUS_CHAOS_SEED={seed}): {r:?}",
+            kind.name()
+        ),
+        Err(e) => panic!(
+            "stream chaos {} (CLOUDBUS_CHAOS_SEED={seed}) failed: {e}",
+            kind.name()
+        ),
+    }
+}
+
+/// Generates one `#[tokio::test]` per [`FaultKind`] that applies to streams (all but
+/// over-fetching, which a stream read cannot do) running
+/// [`nothing_lost_in_a_stream_under_faults`] with `$count` events over the
+/// [`StreamHarness`] `$make` evaluates to, named `stream_chaos_<kind>`.
+///
+/// ```ignore
+/// cloudbus_core::stream_chaos_suite!(MyStreamHarness::new(), 500);
+/// ```
+#[macro_export]
+macro_rules! stream_chaos_suite {
+    ($make:expr, $count:expr) => {
+        $crate::stream_chaos_suite!($make, $count;
+            stream_chaos_transient_errors => TransientErrors,
+            stream_chaos_lost_replies => LostReplies,
+            stream_chaos_entry_failures => EntryFailures,
+            stream_chaos_panics => Panics,
+            stream_chaos_slow_calls => SlowCalls,
+            stream_chaos_duplicates => Duplicates,
+            stream_chaos_mixed => Mixed
+        );
+    };
+    ($make:expr, $count:expr; $($name:ident => $kind:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $make;
+                $crate::conformance::chaos::run_stream_chaos_case(
+                    harness,
+                    $crate::conformance::chaos::FaultKind::$kind,
+                    $count,
+                )
+                .await;
+            }
+        )+
+    };
 }
 
 /// Generates one `#[tokio::test]` per [`FaultKind`] that runs
