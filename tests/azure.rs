@@ -310,6 +310,97 @@ async fn eventgrid_publish_is_pushed_to_the_handler() {
     }
 }
 
+/// The "nothing lost" promise for Event Grid (issue 12), whose bus only publishes:
+/// for each fault kind that strikes a send, 200 events go through the chaos driver
+/// to the emulator, which pushes them to a push endpoint. Every event whose publish
+/// resolved `Ok` must arrive (duplicates counted); refused ones are the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventgrid_nothing_lost_under_publish_faults() {
+    use cloudbus::conformance::chaos::{ChaosBus, FaultKind, Faults};
+    let Some((endpoint, key)) = eventgrid() else {
+        return;
+    };
+    let count = 200;
+    for kind in [
+        FaultKind::TransientErrors,
+        FaultKind::LostReplies,
+        FaultKind::EntryFailures,
+        FaultKind::Panics,
+        FaultKind::SlowCalls,
+        FaultKind::Duplicates,
+        FaultKind::Mixed,
+    ] {
+        let seed = fastrand::u64(..);
+        let ty = format!("com.example.chaos.{:08x}", fastrand::u32(..));
+        let seen: Seen = Arc::default();
+        let (url, _stop) = serve(
+            recording_endpoint("chaos", seen.clone()).allow_unauthenticated(),
+            None,
+        )
+        .await;
+        let sub = format!("chaos-{:08x}", fastrand::u32(..));
+        let (status, body) = Admin::new(&endpoint)
+            .subscribe(
+                &sub,
+                serde_json::json!({"endpoint": url, "handshake": "cloudevents",
+                    "includedEventTypes": [ty]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let chaos = ChaosBus::new(
+            bus(&endpoint, Credential::Key(Secret::new(key.clone())))
+                .driver()
+                .clone(),
+            Faults::preset(kind, seed),
+        );
+        let injected = chaos.injected();
+        let publisher = Bus::new(Arc::new(chaos)).publisher("orders").await.unwrap();
+        let sent: Vec<Event> = (0..count).map(|n| event(&ty, n)).collect();
+        let mut accepted = std::collections::HashSet::new();
+        // Batches of 10, so that a run makes enough calls for the faults to strike.
+        for chunk in sent.chunks(10) {
+            for (e, r) in chunk.iter().zip(publisher.publish_batch(chunk.to_vec()).await) {
+                if r.is_ok() {
+                    accepted.insert(e.id().to_owned());
+                }
+            }
+        }
+        publisher.close().await.unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        let received = loop {
+            let ids: std::collections::HashSet<String> = seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(e, _)| e.id().to_owned())
+                .collect();
+            let received = accepted.intersection(&ids).count();
+            if received == accepted.len() || Instant::now() > until {
+                break received;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        // A little longer, so that late duplicates show.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let handled = seen.lock().unwrap().len();
+        eprintln!(
+            "CHAOS scheme=eventgrid fault={} seed={seed} published={} refused={} received={received} duplicates={} lost={} dead_lettered=0 | injected: {}",
+            kind.name(),
+            accepted.len(),
+            count as usize - accepted.len(),
+            handled.saturating_sub(received),
+            accepted.len() - received,
+            injected.summary()
+        );
+        assert!(!accepted.is_empty(), "{kind:?}: nothing was accepted");
+        assert_eq!(
+            received,
+            accepted.len(),
+            "{kind:?} (seed {seed}): accepted events lost"
+        );
+    }
+}
+
 /// A SAS token made from the key (HMAC-SHA256, as azure-eventgrid's generate_sas
 /// makes it) is accepted; a wrong key is PermissionDenied and the key stays out of
 /// the error.
