@@ -3,7 +3,9 @@
 # here, the provider integration tests against their emulators, doc tests and the
 # examples. It starts the emulators it needs and stops them on exit:
 #   - Google Pub/Sub: the official emulator (preinstalled package), unless
-#     PUBSUB_EMULATOR_HOST already points at one.
+#     PUBSUB_EMULATOR_HOST already points at one; and a venv with Google's Python
+#     client and the CloudEvents Python SDK (scripts/gcp-venv.sh), unless
+#     CLOUDBUS_GCP_PYTHON is set.
 #   - AWS: LocalStack in host mode (installed into a venv on first use), unless
 #     AWS_ENDPOINT_URL already points at an AWS emulator; and moto (a venv too) for
 #     the EventBridge replay test, unless MOTO_ENDPOINT_URL is set.
@@ -74,6 +76,17 @@ if [[ -z "${PUBSUB_EMULATOR_HOST:-}" ]]; then
     start_emulator "the Pub/Sub emulator" scripts/pubsub-emulator.sh PUBSUB_EMULATOR_PID PUBSUB_EMULATOR_HOST
 else
     echo "using the Pub/Sub emulator at $PUBSUB_EMULATOR_HOST"
+fi
+# Google's Python client and the CloudEvents Python SDK, for the interoperability test.
+if [[ -z "${CLOUDBUS_GCP_PYTHON:-}" ]]; then
+    if CLOUDBUS_GCP_PYTHON="$(bash scripts/gcp-venv.sh)"; then
+        export CLOUDBUS_GCP_PYTHON
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and the Python client venv (scripts/gcp-venv.sh) could not be made" >&2
+        exit 1
+    else
+        echo "SKIPPED: the Python client venv could not be made; the interoperability test will say so" >&2
+    fi
 fi
 cargo test --features gcp --test gcp
 if [[ -n "${PUBSUB_EMULATOR_HOST:-}" ]]; then

@@ -359,7 +359,10 @@ async fn eventgrid_nothing_lost_under_publish_faults() {
         let mut accepted = std::collections::HashSet::new();
         // Batches of 10, so that a run makes enough calls for the faults to strike.
         for chunk in sent.chunks(10) {
-            for (e, r) in chunk.iter().zip(publisher.publish_batch(chunk.to_vec()).await) {
+            for (e, r) in chunk
+                .iter()
+                .zip(publisher.publish_batch(chunk.to_vec()).await)
+            {
                 if r.is_ok() {
                     accepted.insert(e.id().to_owned());
                 }

@@ -1,7 +1,9 @@
 //! Google Cloud Pub/Sub against the official emulator: the conformance suite and
 //! the Pub/Sub cases (ordering under concurrency, the dead-letter policy, exactly-once,
 //! seek replay, a foreign message dead-lettered with its reason, flow control,
-//! resuming an ordering key).
+//! resuming an ordering key), and interoperability with Google's Python client and
+//! the CloudEvents Python SDK (`tests/interop/pubsub_clients.py`, run with the python
+//! of CLOUDBUS_GCP_PYTHON).
 //!
 //! The emulator is found through PUBSUB_EMULATOR_HOST (scripts/test.sh starts one).
 //! Without it the tests say so loudly and pass, except under CI=true, where a missing
@@ -15,7 +17,7 @@ use async_trait::async_trait;
 use cloudbus::conformance::Harness;
 use cloudbus::gcp::{PubSubBus, PubSubConfig, SubscriptionOptions};
 use cloudbus::{
-    AttributesReader, Bus, Capabilities, ErrorKind, Event, EventBuilder, HandlerContext,
+    AttributesReader, Bus, Capabilities, ErrorKind, Event, EventBuilder, EventExt, HandlerContext,
     HandlerError, PublishOptions, SubscriptionSpec, WorkerOptions,
 };
 
@@ -576,6 +578,124 @@ async fn pubsub_url_and_structured_mode_round_trip() {
     assert_eq!(back.extension("tenant"), e.extension("tenant"));
     assert_eq!(back.data(), e.data());
     got[0].ack().await.unwrap();
+}
+
+/// The python of Google's Pub/Sub client and the CloudEvents SDK
+/// (`scripts/gcp-venv.sh`, which scripts/test.sh runs), or `None` after a loud message.
+fn interop_python() -> Option<String> {
+    match std::env::var("CLOUDBUS_GCP_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but CLOUDBUS_GCP_PYTHON is not set (scripts/test.sh sets it)")
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED: CLOUDBUS_GCP_PYTHON is not set, so the Python client interoperability test did not run (CLOUDBUS_GCP_PYTHON=$(bash scripts/gcp-venv.sh))"
+            );
+            None
+        }
+    }
+}
+
+/// Runs tests/interop/pubsub_clients.py with `args`; its JSON lines.
+async fn python_clients(python: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/pubsub_clients.py"
+    );
+    let mut command = std::process::Command::new(python);
+    command.arg(script).args(args);
+    let out = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("run the Python client");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// What another language sends reads correctly, and the other way round (issue 12):
+/// Google's official Python client publishes events made with the official
+/// CloudEvents Python SDK in binary mode (attribute names as the SDK writes them, and
+/// `Content-Type` as the binding and sdk-go write it) and in structured mode; cloudbus
+/// reads each with every attribute, its JSON content type and its data. Then cloudbus
+/// publishes in binary and structured mode, and the Python client and SDK read the same
+/// events back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_and_cloudevents_sdk_interoperate() {
+    let Some(host) = emulator() else { return };
+    let Some(python) = interop_python() else {
+        return;
+    };
+    // Python -> cloudbus.
+    let (_, bus, topic, sub) = fixture(&host, |s| s, SubscriptionOptions::default()).await;
+    let sent = python_clients(&python, &["publish", PROJECT, &topic]).await;
+    assert_eq!(sent.len(), 3);
+    let consumer = bus.consumer(&topic, &sub).await.unwrap();
+    let got = drain(&consumer, 3, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 3, "cloudbus read {} of 3", got.len());
+    for want in &sent {
+        let d = got
+            .iter()
+            .find(|d| d.event().id() == want["id"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("{} not read", want["mode"]));
+        let e = d.event();
+        let mode = &want["mode"];
+        assert_eq!(e.ty(), want["type"].as_str().unwrap(), "{mode}");
+        assert_eq!(e.source(), want["source"].as_str().unwrap(), "{mode}");
+        assert_eq!(e.subject(), want["subject"].as_str(), "{mode}");
+        assert_eq!(e.extension_str("tenant"), Some("acme"), "{mode}");
+        assert_eq!(e.datacontenttype(), Some("application/json"), "{mode}");
+        assert_eq!(
+            e.data_json::<serde_json::Value>().unwrap(),
+            want["data"],
+            "{mode}: the data is not the JSON that was sent"
+        );
+        assert!(e.time().is_some(), "{mode}: time lost");
+        d.ack().await.unwrap();
+    }
+
+    // cloudbus -> Python, in both modes.
+    for (url, mode) in [
+        (format!("pubsub://{PROJECT}"), "binary"),
+        (format!("pubsub://{PROJECT}?mode=structured"), "structured"),
+    ] {
+        let bus = cloudbus::connect(&url).await.unwrap();
+        let topic = unique("topic");
+        let sub = unique("sub");
+        bus.ensure_topic(&topic).await.unwrap();
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub))
+            .await
+            .unwrap();
+        let e = EventBuilder::new("com.example.rust.created", "/rust/publisher")
+            .subject("orders/7")
+            .extension("tenant", "acme")
+            .json(&serde_json::json!({"n": 7, "from": "rust"}))
+            .and_then(|b| b.build())
+            .unwrap();
+        publish_one(&bus, &topic, e.clone()).await;
+        let read = python_clients(&python, &["pull", PROJECT, &sub, "1"]).await;
+        assert_eq!(read.len(), 1, "{mode}: Python read {} of 1", read.len());
+        let r = &read[0];
+        assert_eq!(r["mode"], mode, "{r}");
+        assert_eq!(r["id"], e.id(), "{mode}");
+        assert_eq!(r["type"], e.ty(), "{mode}");
+        assert_eq!(r["source"].as_str(), Some(e.source().as_str()), "{mode}");
+        assert_eq!(r["subject"], "orders/7", "{mode}");
+        assert_eq!(r["tenant"], "acme", "{mode}");
+        assert_eq!(r["datacontenttype"], "application/json", "{mode}");
+        assert_eq!(
+            r["data"],
+            serde_json::json!({"n": 7, "from": "rust"}),
+            "{mode}: the SDK did not read the data as JSON: {r}"
+        );
+    }
 }
 
 /// The wire decoders (those of this build's features) on the committed fuzz corpus
