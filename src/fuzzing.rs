@@ -53,51 +53,92 @@ fn round_trips(decoder: &str, event: &crate::Event) {
     }
 }
 
-/// Runs every wire decoder built into this crate (by its cargo features) over `data`.
-pub fn decode_all(data: &[u8]) {
-    let message = message_from_bytes(data);
-    // Binary and structured modes with the HTTP/Pub/Sub and the AMQP prefixes.
-    for (name, codec) in [
-        ("ce- codec", BinaryCodec::new("ce-")),
-        (
-            "AMQP codec",
-            BinaryCodec::new("cloudEvents:").content_type_attribute("content-type"),
-        ),
-    ] {
-        if let Ok(event) = codec.decode(&message) {
-            round_trips(name, &event);
-        }
+/// Binary mode with the `ce-` prefix (HTTP, Pub/Sub, SQS attributes).
+pub fn decode_ce_binary(data: &[u8]) {
+    if let Ok(event) = BinaryCodec::new("ce-").decode(&message_from_bytes(data)) {
+        round_trips("ce- codec", &event);
     }
-    // Structured JSON alone, and a record without attributes (Kinesis).
+}
+
+/// Binary mode with the AMQP binding's `cloudEvents:` application properties.
+pub fn decode_amqp_properties(data: &[u8]) {
+    let codec = BinaryCodec::new("cloudEvents:").content_type_attribute("content-type");
+    if let Ok(event) = codec.decode(&message_from_bytes(data)) {
+        round_trips("AMQP codec", &event);
+    }
+}
+
+/// Structured mode: the JSON event format alone.
+pub fn decode_structured_json(data: &[u8]) {
     if let Ok(event) = from_structured_json(data) {
         round_trips("structured JSON", &event);
     }
+}
+
+/// A record without attributes (a Kinesis record's data).
+pub fn decode_kinesis_record(data: &[u8]) {
     if let Ok(event) = from_unlabelled_body(data) {
         round_trips("attribute-less body", &event);
     }
-    #[cfg(feature = "pubsub")]
-    {
-        let codec = BinaryCodec::new(crate::gcp::ATTRIBUTE_PREFIX)
-            .content_type_attribute(crate::gcp::CONTENT_TYPE_ATTRIBUTE);
-        if let Ok(event) = codec.decode(&message) {
-            round_trips("Pub/Sub attributes", &event);
-        }
+}
+
+/// Pub/Sub message attributes and data, as the Pub/Sub consumer reads them.
+#[cfg(feature = "pubsub")]
+pub fn decode_pubsub_message(data: &[u8]) {
+    let codec = BinaryCodec::new(crate::gcp::ATTRIBUTE_PREFIX)
+        .content_type_attribute(crate::gcp::CONTENT_TYPE_ATTRIBUTE);
+    if let Ok(event) = codec.decode(&message_from_bytes(data)) {
+        round_trips("Pub/Sub attributes", &event);
     }
-    #[cfg(feature = "sqs")]
-    {
-        // SQS message attributes, and the SNS and EventBridge envelopes in the body.
-        if let Ok(event) = crate::aws::sqs::decode_message(message.clone()) {
-            round_trips("SQS/SNS/EventBridge", &event);
-        }
-        if let Ok(event) = crate::aws::sqs::decode_message(RawMessage::new(data.to_vec())) {
-            round_trips("SNS/EventBridge envelope", &event);
-        }
+}
+
+/// SQS message attributes and body, as the SQS consumer reads them.
+#[cfg(feature = "sqs")]
+pub fn decode_sqs_message(data: &[u8]) {
+    if let Ok(event) = crate::aws::sqs::decode_message(message_from_bytes(data)) {
+        round_trips("SQS/SNS/EventBridge", &event);
     }
-    #[cfg(feature = "eventgrid")]
+}
+
+/// An SNS notification or EventBridge event envelope as the whole SQS body.
+#[cfg(feature = "sqs")]
+pub fn decode_sns_eventbridge_envelope(data: &[u8]) {
+    if let Ok(event) = crate::aws::sqs::decode_message(RawMessage::new(data.to_vec())) {
+        round_trips("SNS/EventBridge envelope", &event);
+    }
+}
+
+/// An Event Grid push body (one event or a batch).
+#[cfg(feature = "eventgrid")]
+pub fn decode_eventgrid_push(data: &[u8]) {
     if let Ok(events) = crate::azure::eventgrid::push::decode_push_body(data) {
         for event in events.into_iter().flatten() {
             round_trips("Event Grid push", &event);
         }
+    }
+}
+
+/// Every wire decoder built into this crate (by its cargo features), by name: one
+/// `cargo fuzz` target each (`fuzz/fuzz_targets/<name>.rs`).
+pub const DECODERS: &[(&str, fn(&[u8]))] = &[
+    ("ce_binary", decode_ce_binary),
+    ("amqp_properties", decode_amqp_properties),
+    ("structured_json", decode_structured_json),
+    ("kinesis_record", decode_kinesis_record),
+    #[cfg(feature = "pubsub")]
+    ("pubsub_message", decode_pubsub_message),
+    #[cfg(feature = "sqs")]
+    ("sqs_message", decode_sqs_message),
+    #[cfg(feature = "sqs")]
+    ("sns_eventbridge_envelope", decode_sns_eventbridge_envelope),
+    #[cfg(feature = "eventgrid")]
+    ("eventgrid_push", decode_eventgrid_push),
+];
+
+/// Runs every decoder of [`DECODERS`] over `data`.
+pub fn decode_all(data: &[u8]) {
+    for (_, decode) in DECODERS {
+        decode(data);
     }
 }
 
