@@ -118,9 +118,12 @@ pub fn decode_eventgrid_push(data: &[u8]) {
     }
 }
 
+/// A wire decoder run on fuzz input.
+pub type Decoder = fn(&[u8]);
+
 /// Every wire decoder built into this crate (by its cargo features), by name: one
 /// `cargo fuzz` target each (`fuzz/fuzz_targets/<name>.rs`).
-pub const DECODERS: &[(&str, fn(&[u8]))] = &[
+pub const DECODERS: &[(&str, Decoder)] = &[
     ("ce_binary", decode_ce_binary),
     ("amqp_properties", decode_amqp_properties),
     ("structured_json", decode_structured_json),
