@@ -47,6 +47,24 @@ start_emulator() {
     fi
 }
 
+# use_python_venv VAR SCRIPT: exports VAR as the python of the venv SCRIPT makes,
+# unless VAR is set. Under CI=true a venv that cannot be made ends the run; otherwise
+# the tests that need it skip loudly.
+use_python_venv() {
+    local var="$1" script="$2" python
+    if [[ -n "${!var:-}" ]]; then
+        return
+    fi
+    if python="$(bash "$script")"; then
+        export "$var=$python"
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and the Python venv of $script could not be made" >&2
+        exit 1
+    else
+        echo "SKIPPED: the Python venv of $script could not be made; its tests will say so" >&2
+    fi
+}
+
 # run_saga URL FEATURES: the order saga example with CLOUDBUS_URL=URL (none: the memory
 # broker), built with FEATURES; it must end with one order redriven from dead letters.
 run_saga() {
@@ -78,16 +96,7 @@ else
     echo "using the Pub/Sub emulator at $PUBSUB_EMULATOR_HOST"
 fi
 # Google's Python client and the CloudEvents Python SDK, for the interoperability test.
-if [[ -z "${CLOUDBUS_GCP_PYTHON:-}" ]]; then
-    if CLOUDBUS_GCP_PYTHON="$(bash scripts/gcp-venv.sh)"; then
-        export CLOUDBUS_GCP_PYTHON
-    elif [[ "${CI:-}" == "true" ]]; then
-        echo "CI=true and the Python client venv (scripts/gcp-venv.sh) could not be made" >&2
-        exit 1
-    else
-        echo "SKIPPED: the Python client venv could not be made; the interoperability test will say so" >&2
-    fi
-fi
+use_python_venv CLOUDBUS_GCP_PYTHON scripts/gcp-venv.sh
 cargo test --features gcp --test gcp
 if [[ -n "${PUBSUB_EMULATOR_HOST:-}" ]]; then
     run_saga "pubsub://saga-$$-$RANDOM" gcp
@@ -130,16 +139,7 @@ fi
 # emulator serves them all. (The stalls first blamed on running side by side were a
 # lost send outcome in fe2o3-amqp, patched in vendor/; see vendor/README.md.)
 # Microsoft's Python clients, for the interoperability test.
-if [[ -z "${CLOUDBUS_AZURE_PYTHON:-}" ]]; then
-    if CLOUDBUS_AZURE_PYTHON="$(bash scripts/azure-venv.sh)"; then
-        export CLOUDBUS_AZURE_PYTHON
-    elif [[ "${CI:-}" == "true" ]]; then
-        echo "CI=true and the Azure client venv (scripts/azure-venv.sh) could not be made" >&2
-        exit 1
-    else
-        echo "SKIPPED: the Azure client venv could not be made; the interoperability test will say so" >&2
-    fi
-fi
+use_python_venv CLOUDBUS_AZURE_PYTHON scripts/azure-venv.sh
 cargo test --features azure --test azure -- --test-threads=1
 if [[ -n "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
     run_saga servicebus:// azure

@@ -231,6 +231,27 @@ async fn serve(
     (url, stop)
 }
 
+/// Serves `push` (see [`serve`]) and subscribes it, with the CloudEvents handshake,
+/// to the events of type `ty` on the emulator's topic; returns the guard that stops it.
+async fn push_subscription(
+    endpoint: &str,
+    push: PushEndpoint,
+    secret: Option<&str>,
+    ty: &str,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (url, stop) = serve(push, secret).await;
+    let sub = format!("push-{:08x}", fastrand::u32(..));
+    let (status, body) = Admin::new(endpoint)
+        .subscribe(
+            &sub,
+            serde_json::json!({"endpoint": url, "handshake": "cloudevents",
+                "includedEventTypes": [ty]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    stop
+}
+
 /// A push endpoint whose handler records events, retries the types in `retry_first`
 /// until attempt 3 and rejects `com.example.poison`.
 fn recording_endpoint(name: &str, seen: Seen) -> PushEndpoint {
@@ -333,20 +354,13 @@ async fn eventgrid_nothing_lost_under_publish_faults() {
         let seed = fastrand::u64(..);
         let ty = format!("com.example.chaos.{:08x}", fastrand::u32(..));
         let seen: Seen = Arc::default();
-        let (url, _stop) = serve(
+        let _stop = push_subscription(
+            &endpoint,
             recording_endpoint("chaos", seen.clone()).allow_unauthenticated(),
             None,
+            &ty,
         )
         .await;
-        let sub = format!("chaos-{:08x}", fastrand::u32(..));
-        let (status, body) = Admin::new(&endpoint)
-            .subscribe(
-                &sub,
-                serde_json::json!({"endpoint": url, "handshake": "cloudevents",
-                    "includedEventTypes": [ty]}),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
         let chaos = ChaosBus::new(
             bus(&endpoint, Credential::Key(Secret::new(key.clone())))
                 .driver()
@@ -435,20 +449,13 @@ async fn eventgrid_reads_what_the_azure_eventgrid_client_sends() {
     };
     let ty = format!("com.example.python.{:08x}", fastrand::u32(..));
     let seen: Seen = Arc::default();
-    let (url, _stop) = serve(
+    let _stop = push_subscription(
+        &endpoint,
         recording_endpoint("interop", seen.clone()).secret(Secret::new("interop")),
         Some("interop"),
+        &ty,
     )
     .await;
-    let sub = format!("interop-{:08x}", fastrand::u32(..));
-    let (status, body) = Admin::new(&endpoint)
-        .subscribe(
-            &sub,
-            serde_json::json!({"endpoint": url, "handshake": "cloudevents",
-                "includedEventTypes": [ty]}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/interop/eventgrid_client.py"

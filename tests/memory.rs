@@ -1151,6 +1151,8 @@ struct Scripted<D> {
     panic_next: std::sync::atomic::AtomicBool,
     /// settle_batch fails with Unavailable.
     fail_settle: std::sync::atomic::AtomicBool,
+    /// The next this many settle_batch calls fail with Unavailable.
+    fail_settles: std::sync::atomic::AtomicUsize,
 }
 
 impl<D> Scripted<D> {
@@ -1160,6 +1162,7 @@ impl<D> Scripted<D> {
             over_fetch,
             panic_next: Default::default(),
             fail_settle: Default::default(),
+            fail_settles: Default::default(),
         }
     }
     fn d(&self) -> &D {
@@ -1184,7 +1187,11 @@ impl cloudbus::SubscriptionDriver for Scripted<Arc<dyn cloudbus::SubscriptionDri
         if self.panic_next.swap(false, SeqCst) {
             panic!("scripted panic in settle_batch");
         }
-        if self.fail_settle.load(SeqCst) {
+        let failing_one = self
+            .fail_settles
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if self.fail_settle.load(SeqCst) || failing_one {
             return Err(cloudbus::Error::new(
                 ErrorKind::Unavailable,
                 "scripted outage",
@@ -1287,6 +1294,39 @@ async fn a_failed_ack_of_filtered_out_messages_keeps_the_matching_ones() {
         .expect("the matching delivery is handed out");
     assert_eq!(batch.len(), 1);
     assert_eq!(batch[0].event().subject(), Some("1"));
+}
+
+/// A transient ack failure is tried again by the worker (it used to leave the event to
+/// come back after its lease, handled twice): with the first two settle calls failing,
+/// the event is handled once and acked, and no settle error is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_tries_a_transiently_failed_ack_again() {
+    let bus = with_events(1).await;
+    let scripted = Arc::new(Scripted::over(
+        bus.driver().subscription("t", "s").await.unwrap(),
+        0,
+    ));
+    scripted
+        .fail_settles
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let consumer = cloudbus::Consumer::new(scripted.clone(), "s");
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = handled.clone();
+    let worker = consumer.subscribe(
+        move |_e: Arc<Event>, _c: HandlerContext| {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        },
+        cloudbus::WorkerOptions::default().receive_wait(Duration::from_millis(100)),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(handled.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert_eq!(report.settle_errors, 0, "{report:?}");
 }
 
 /// Issue 12 item 13: a driver panic in settle_batch left the settler "flushing" for

@@ -23,6 +23,10 @@ use crate::event::{AttributesReader, Event};
 use crate::retry::RetryPolicy;
 use crate::telemetry::TraceContext;
 
+/// Attempts of an ack that fails transiently, the first included (see
+/// `WorkerLoop::ack_with_retries`).
+const ACK_ATTEMPTS: u32 = 3;
+
 /// What a handler knows about the delivery it handles.
 #[derive(Clone, Debug)]
 pub struct HandlerContext {
@@ -491,7 +495,7 @@ impl WorkerLoop {
                     tracing::warn!("shutdown deadline reached; nacking for redelivery");
                     (&self.stats.abandoned, delivery.nack(Duration::ZERO).await)
                 }
-                Some(Ok(Ok(()))) => (&self.stats.acked, delivery.ack().await),
+                Some(Ok(Ok(()))) => (&self.stats.acked, self.ack_with_retries(&delivery).await),
                 Some(Ok(Err(HandlerError::Reject { reason }))) => {
                     tracing::warn!(%reason, "handler rejected the event; dead-lettering");
                     (
@@ -519,6 +523,30 @@ impl WorkerLoop {
             }
         };
         settle.instrument(span).await;
+    }
+
+    /// Acks, trying again (up to `ACK_ATTEMPTS` in all, backing off) while the
+    /// failure is transient: an ack that fails brings the event back as a duplicate
+    /// once its lease runs out. An ack whose reply was lost may answer the retry with a
+    /// permanent error (already settled); that is counted as a settle error, and the
+    /// event is not handled again.
+    async fn ack_with_retries(&self, delivery: &Delivery) -> crate::Result<()> {
+        let backoff = RetryPolicy::default();
+        let mut attempt = 1;
+        loop {
+            match delivery.ack().await {
+                Err(e) if e.is_retryable() && attempt < ACK_ATTEMPTS => {
+                    let pause = backoff.backoff(attempt);
+                    tracing::debug!(error = %e, attempt, ?pause, "ack failed; trying again");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {},
+                        _ = self.hard_stopped() => return Err(e),
+                    }
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Nacks for another attempt with backoff, or dead-letters after the last one.

@@ -575,25 +575,16 @@ pub struct ChaosReport {
     pub dead_lettered: usize,
 }
 
-/// Publishes `count` events through `h`'s faulty bus and handles them with a worker
-/// whose handler always succeeds; fails unless every accepted event was handled and
-/// none dead-lettered. Prints one `CHAOS ...` line with the [`ChaosReport`].
-pub async fn nothing_lost_under_faults<H: Harness>(
-    h: &ChaosHarness<H>,
+/// Publishes `count` numbered events of type `ty` without waiting between them, then
+/// awaits each and closes the publisher: the ids accepted and how many were refused.
+async fn publish_numbered(
+    publisher: &crate::publisher::Publisher,
+    ty: &str,
     count: usize,
-) -> Result<ChaosReport> {
-    let bus = h.bus().await?;
-    let topic = h.unique("chaos-t");
-    let sub = h.unique("chaos-s");
-    bus.ensure_topic(&topic).await?;
-    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub).ack_deadline(h.short_lease()))
-        .await?;
-    let publisher = bus.publisher(&topic).await?;
-    let consumer = bus.consumer(&topic, &sub).await?;
-
+) -> Result<(HashSet<String>, usize)> {
     let mut handles = Vec::with_capacity(count);
     for i in 0..count {
-        let event: Event = EventBuilder::new("conformance.chaos", "/chaos")
+        let event: Event = EventBuilder::new(ty, "/chaos")
             .subject(i.to_string())
             .build()?;
         let id = event.id().to_owned();
@@ -610,54 +601,108 @@ pub async fn nothing_lost_under_faults<H: Harness>(
         }
     }
     publisher.close().await?;
+    Ok((accepted, refused))
+}
 
-    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let s2 = seen.clone();
-    let worker = consumer.subscribe(
+/// How often each event id was handled.
+#[derive(Clone, Default)]
+struct Tally(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Tally {
+    /// A handler that always succeeds and counts.
+    fn handler(
+        &self,
+    ) -> impl Fn(
+        Arc<Event>,
+        HandlerContext,
+    ) -> std::future::Ready<std::result::Result<(), HandlerError>>
+    + Send
+    + Sync
+    + 'static {
+        let seen = self.0.clone();
         move |e: Arc<Event>, _c: HandlerContext| {
-            let seen = s2.clone();
-            async move {
-                if let Ok(mut m) = seen.lock() {
-                    *m.entry(e.id().to_owned()).or_default() += 1;
-                }
-                Ok::<(), HandlerError>(())
+            if let Ok(mut m) = seen.lock() {
+                *m.entry(e.id().to_owned()).or_default() += 1;
             }
-        },
+            std::future::ready(Ok(()))
+        }
+    }
+
+    /// How many of `accepted` were handled at least once.
+    fn handled_of(&self, accepted: &HashSet<String>) -> usize {
+        self.0
+            .lock()
+            .map(|m| accepted.iter().filter(|id| m.contains_key(*id)).count())
+            .unwrap_or(0)
+    }
+
+    /// Handlings beyond the first of each event.
+    fn duplicates(&self) -> usize {
+        self.0
+            .lock()
+            .map(|m| m.values().map(|n| n.saturating_sub(1)).sum())
+            .unwrap_or(0)
+    }
+
+    /// Waits until every accepted event was handled, or nothing new came for
+    /// `stall_window`, or `cap` passed. Faults cost time and leases (a lost reply or a
+    /// failed ack brings an event back only when its lease runs out), so a run goes on
+    /// while events keep arriving.
+    async fn until_all_or_stalled(
+        &self,
+        accepted: &HashSet<String>,
+        stall_window: Duration,
+        cap: Duration,
+    ) {
+        let cap = Instant::now() + cap;
+        let (mut last_count, mut last_progress) = (0, Instant::now());
+        loop {
+            let now_count = self.handled_of(accepted);
+            if now_count == accepted.len() || Instant::now() > cap {
+                return;
+            }
+            if now_count > last_count {
+                (last_count, last_progress) = (now_count, Instant::now());
+            } else if last_progress.elapsed() > stall_window {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Publishes `count` events through `h`'s faulty bus and handles them with a worker
+/// whose handler always succeeds; fails unless every accepted event was handled and
+/// none dead-lettered. Prints one `CHAOS ...` line with the [`ChaosReport`].
+pub async fn nothing_lost_under_faults<H: Harness>(
+    h: &ChaosHarness<H>,
+    count: usize,
+) -> Result<ChaosReport> {
+    let bus = h.bus().await?;
+    let topic = h.unique("chaos-t");
+    let sub = h.unique("chaos-s");
+    bus.ensure_topic(&topic).await?;
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub).ack_deadline(h.short_lease()))
+        .await?;
+    let publisher = bus.publisher(&topic).await?;
+    let consumer = bus.consumer(&topic, &sub).await?;
+    let (accepted, refused) = publish_numbered(&publisher, "conformance.chaos", count).await?;
+
+    let tally = Tally::default();
+    let worker = consumer.subscribe(
+        tally.handler(),
         WorkerOptions::default()
             .concurrency(8)
             .receive_wait(Duration::from_millis(300)),
     );
-    // Faults cost time and leases: a lost reply or a failed ack brings an event back
-    // only when its lease runs out. So the run goes on while events keep arriving, and
-    // ends when all are in or nothing new came for a whole stall window.
     let stall_window = h.patience() * 2 + h.short_lease() * 4;
-    let cap = Instant::now() + Duration::from_secs(900);
-    let handled = || {
-        seen.lock()
-            .map(|m| accepted.iter().filter(|id| m.contains_key(*id)).count())
-            .unwrap_or(0)
-    };
-    let (mut last_count, mut last_progress) = (0, Instant::now());
-    loop {
-        let now_count = handled();
-        if now_count == accepted.len() || Instant::now() > cap {
-            break;
-        }
-        if now_count > last_count {
-            (last_count, last_progress) = (now_count, Instant::now());
-        } else if last_progress.elapsed() > stall_window {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    tally
+        .until_all_or_stalled(&accepted, stall_window, Duration::from_secs(900))
+        .await;
     let worker_report = worker.shutdown(Duration::from_secs(10)).await;
     consumer.close().await.ok();
-    let seen = seen
-        .lock()
-        .map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?
-        .clone();
-    let received = accepted.iter().filter(|id| seen.contains_key(*id)).count();
-    let duplicates = seen.values().map(|n| n.saturating_sub(1)).sum();
+    let received = tally.handled_of(&accepted);
+    let duplicates = tally.duplicates();
     let mut dead_lettered = worker_report.dead_lettered as usize;
     if h.capabilities().native_dead_letter
         && let Ok(dlq) = bus.dead_letters(&topic, &sub).await
@@ -729,60 +774,10 @@ pub async fn nothing_lost_in_a_stream_under_faults(
     let bus = Bus::new(Arc::new(chaos));
     let stream = h.new_stream().await?;
     let publisher = bus.publisher(&stream).await?;
-    let mut handles = Vec::with_capacity(count);
-    for i in 0..count {
-        let event: Event = EventBuilder::new("conformance.chaos.stream", "/chaos")
-            .subject(i.to_string())
-            .build()?;
-        let id = event.id().to_owned();
-        handles.push((id, publisher.publish(event)));
-    }
-    let mut accepted = HashSet::with_capacity(count);
-    let mut refused = 0;
-    for (id, handle) in handles {
-        match handle.await {
-            Ok(()) => {
-                accepted.insert(id);
-            }
-            Err(_) => refused += 1,
-        }
-    }
-    publisher.close().await?;
+    let (accepted, refused) =
+        publish_numbered(&publisher, "conformance.chaos.stream", count).await?;
 
-    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let s2 = seen.clone();
-    let handler = move |e: Arc<Event>, _c: HandlerContext| {
-        let seen = s2.clone();
-        async move {
-            if let Ok(mut m) = seen.lock() {
-                *m.entry(e.id().to_owned()).or_default() += 1;
-            }
-            Ok::<(), HandlerError>(())
-        }
-    };
-    let handled = || {
-        seen.lock()
-            .map(|m| accepted.iter().filter(|id| m.contains_key(*id)).count())
-            .unwrap_or(0)
-    };
-    // Ends when all are in, or nothing new came for a whole stall window.
-    let stall_window = h.patience() * 2;
-    let done = async {
-        let (mut last_count, mut last_progress) = (0, Instant::now());
-        let cap = Instant::now() + Duration::from_secs(600);
-        loop {
-            let now_count = handled();
-            if now_count == accepted.len() || Instant::now() > cap {
-                return;
-            }
-            if now_count > last_count {
-                (last_count, last_progress) = (now_count, Instant::now());
-            } else if last_progress.elapsed() > stall_window {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let tally = Tally::default();
     let mut consumer = bus
         .stream_consumer(&stream, "chaos")
         .await?
@@ -790,19 +785,16 @@ pub async fn nothing_lost_in_a_stream_under_faults(
         // Small reads, so that a run makes enough calls for the faults to strike.
         .batch_size(10)
         .retry(crate::retry::RetryPolicy::default().initial_backoff(Duration::from_millis(20)));
+    let done = tally.until_all_or_stalled(&accepted, h.patience() * 2, Duration::from_secs(600));
     consumer
-        .run(&handler, Duration::from_millis(100), done)
+        .run(&tally.handler(), Duration::from_millis(100), done)
         .await?;
-    let seen = seen
-        .lock()
-        .map_err(|_| Error::new(ErrorKind::Internal, "poisoned"))?
-        .clone();
-    let received = accepted.iter().filter(|id| seen.contains_key(*id)).count();
+    let received = tally.handled_of(&accepted);
     let report = ChaosReport {
         published: accepted.len(),
         refused,
         received,
-        duplicates: seen.values().map(|n| n.saturating_sub(1)).sum(),
+        duplicates: tally.duplicates(),
         lost: accepted.len() - received,
         dead_lettered: 0,
     };
