@@ -136,11 +136,18 @@ else
     echo "using the Service Bus namespace of SERVICEBUS_CONNECTION_STRING"
 fi
 # One test at a time: many cases time leases of 5 s, and one single-threaded Python
-# emulator serves them all. (The stalls first blamed on running side by side were a
-# lost send outcome in fe2o3-amqp, patched in vendor/; see vendor/README.md.)
+# emulator serves them all.
 # Microsoft's Python clients, for the interoperability test.
 use_python_venv CLOUDBUS_AZURE_PYTHON scripts/azure-venv.sh
 cargo test --features azure --test azure -- --test-threads=1
 if [[ -n "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
     run_saga servicebus:// azure
+    # An application's view: a crate outside this workspace with cloudbus and
+    # features = ["azure"] in its Cargo.toml and nothing else (no [patch], no copied
+    # crates) runs the saga on Service Bus.
+    echo "== tests/app (outside the workspace) runs the order saga on servicebus://"
+    CLOUDBUS_URL=servicebus:// cargo run --quiet --manifest-path tests/app/Cargo.toml \
+        > /tmp/cloudbus-app-saga.log
+    grep -q "redriven:        1" /tmp/cloudbus-app-saga.log
+    tail -n 14 /tmp/cloudbus-app-saga.log
 fi

@@ -512,6 +512,158 @@ async fn eventgrid_reads_what_the_azure_eventgrid_client_sends() {
     }
 }
 
+/// The CloudEvents AMQP binding both ways with Microsoft's azure-servicebus client
+/// and the official CloudEvents SDK's AMQP binding (issue 13): what Python sends in
+/// binary mode (`cloudEvents_` properties) and in structured mode reads correctly in
+/// cloudbus; what cloudbus sends in binary mode (with either prefix) and in structured
+/// mode reads correctly in Python, integers as integers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_and_the_python_clients_interoperate() {
+    let Some(connection) = servicebus() else {
+        return;
+    };
+    let Some(python) = interop_python() else {
+        return;
+    };
+    let (bus, queue) = new_queue().await;
+    let ty = format!("com.example.python.{:08x}", fastrand::u32(..));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/servicebus_client.py"
+    );
+    let run = |args: Vec<String>| {
+        let python = python.clone();
+        async move {
+            let mut command = std::process::Command::new(python);
+            command.arg(script).args(args);
+            let out = tokio::task::spawn_blocking(move || command.output())
+                .await
+                .unwrap()
+                .expect("run azure-servicebus");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+                .collect::<Vec<_>>()
+        }
+    };
+    // Python sends, cloudbus reads.
+    let sent = run(vec![
+        "send".into(),
+        connection.clone(),
+        queue.clone(),
+        ty.clone(),
+    ])
+    .await;
+    assert_eq!(sent.len(), 2);
+    let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
+    let mut got = Vec::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while got.len() < 2 && Instant::now() < until {
+        for d in consumer
+            .receive_batch(2, Duration::from_secs(1))
+            .await
+            .expect("receive")
+        {
+            got.push(d.event().clone());
+            d.ack().await.expect("ack");
+        }
+    }
+    assert_eq!(got.len(), 2, "read {} of 2 (dead-lettered?)", got.len());
+    for want in &sent {
+        let e = got
+            .iter()
+            .find(|e| e.id() == want["id"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("{want} not read"));
+        assert_eq!(e.ty(), ty);
+        assert_eq!(e.source().as_str(), "/python/servicebus");
+        assert_eq!(e.subject(), want["subject"].as_str());
+        assert_eq!(e.datacontenttype(), Some("application/json"), "{want}");
+        assert_eq!(
+            e.extension("tenant").map(|v| v.to_string()),
+            Some("acme".to_owned())
+        );
+        assert_eq!(
+            e.extension("priority"),
+            Some(&cloudbus::ExtensionValue::Integer(7)),
+            "{want}"
+        );
+        assert_eq!(
+            e.data_json::<serde_json::Value>().ok(),
+            Some(want["data"].clone())
+        );
+        assert!(e.time().is_some(), "{want}: the time was lost");
+    }
+    consumer.close().await.expect("close");
+    // cloudbus sends (binary with each prefix, structured), Python reads.
+    let base = ServiceBusHarness {
+        entities: EntityKind::Queues,
+        sessions: false,
+    }
+    .config();
+    let configs = [
+        ("binary", base.clone()),
+        (
+            "binary",
+            base.clone()
+                .attribute_prefix(cloudbus::azure::servicebus::COLON_ATTRIBUTE_PREFIX)
+                .expect("prefix"),
+        ),
+        ("structured", base.clone().structured()),
+    ];
+    let mut ours = Vec::new();
+    for (n, (mode, config)) in configs.into_iter().enumerate() {
+        let bus = ServiceBusBus::connect(config)
+            .await
+            .expect("connect")
+            .into_bus();
+        let event = EventBuilder::new(&ty, "/cloudbus/servicebus")
+            .subject(format!("orders/{n}"))
+            .extension("tenant", "acme")
+            .extension("priority", 7_i64)
+            .json(&serde_json::json!({ "n": n, "from": "cloudbus" }))
+            .expect("json")
+            .build()
+            .expect("event");
+        bus.publisher(&queue)
+            .await
+            .expect("publisher")
+            .publish(event.clone())
+            .await
+            .expect("publish");
+        ours.push((mode, event));
+    }
+    let read = run(vec!["receive".into(), connection, queue, "3".into()]).await;
+    assert_eq!(read.len(), 3, "Python read {read:?}");
+    for (mode, event) in &ours {
+        let r = read
+            .iter()
+            .find(|r| r["id"].as_str() == Some(event.id()))
+            .unwrap_or_else(|| panic!("Python did not read {}", event.id()));
+        assert_eq!(r["mode"].as_str(), Some(*mode), "{r}");
+        assert_eq!(r["type"].as_str(), Some(ty.as_str()));
+        assert_eq!(r["source"].as_str(), Some("/cloudbus/servicebus"));
+        assert_eq!(r["subject"].as_str(), event.subject());
+        assert_eq!(r["tenant"].as_str(), Some("acme"));
+        assert_eq!(
+            r["priority"].as_i64(),
+            Some(7),
+            "{r}: the integer lost its type"
+        );
+        assert_eq!(r["datacontenttype"].as_str(), Some("application/json"));
+        assert_eq!(
+            Some(r["data"].clone()),
+            event.data_json::<serde_json::Value>().ok(),
+            "{r}"
+        );
+        assert!(r["time"].is_string(), "{r}: no time");
+    }
+}
+
 /// A SAS token made from the key (HMAC-SHA256, as azure-eventgrid's generate_sas
 /// makes it) is accepted; a wrong key is PermissionDenied and the key stays out of
 /// the error.
@@ -1007,11 +1159,19 @@ async fn servicebus_rules_route_by_correlation_and_sql() {
         Filter::range("amount", Some(100.0), None),
     ]);
     assert!(matches!(
-        cloudbus::azure::servicebus::compile_rule(Some(&exact_filter), &exact),
+        cloudbus::azure::servicebus::compile_rule(
+            Some(&exact_filter),
+            &exact,
+            cloudbus::azure::servicebus::ATTRIBUTE_PREFIX
+        ),
         Ok(cloudbus::azure::servicebus::RuleFilter::Correlation(_))
     ));
     assert!(matches!(
-        cloudbus::azure::servicebus::compile_rule(Some(&ranged_filter), &ranged),
+        cloudbus::azure::servicebus::compile_rule(
+            Some(&ranged_filter),
+            &ranged,
+            cloudbus::azure::servicebus::ATTRIBUTE_PREFIX
+        ),
         Ok(cloudbus::azure::servicebus::RuleFilter::Sql(_))
     ));
     bus.ensure_subscription(&SubscriptionSpec::new(&topic, &exact).filter(exact_filter.clone()))
@@ -1302,6 +1462,8 @@ struct EmulatorIdentity {
     key: String,
     audience: &'static str,
     scopes: Mutex<Vec<String>>,
+    /// How long its tokens live.
+    lifetime: Duration,
 }
 
 impl EmulatorIdentity {
@@ -1314,7 +1476,12 @@ impl EmulatorIdentity {
             key,
             audience,
             scopes: Mutex::new(Vec::new()),
+            lifetime: Duration::from_secs(3600),
         })
+    }
+
+    fn asked(&self) -> usize {
+        self.scopes.lock().expect("scopes").len()
     }
 }
 
@@ -1332,7 +1499,7 @@ impl TokenCredential for EmulatorIdentity {
             .lock()
             .expect("scopes")
             .extend(scopes.iter().map(|s| s.to_string()));
-        let expires = azure_core::date::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+        let expires = azure_core::date::OffsetDateTime::now_utc() + self.lifetime;
         let header = serde_json::json!({"alg": "HS256", "typ": "JWT"}).to_string();
         let claims = serde_json::json!({"aud": self.audience, "exp": expires.unix_timestamp()});
         let signed = format!(
@@ -1346,6 +1513,47 @@ impl TokenCredential for EmulatorIdentity {
         let token = format!("{signed}.{}", encode(&mac.finalize().into_bytes()));
         Ok(AccessToken::new(token, expires))
     }
+}
+
+/// Entra ID tokens are put again on the AMQP connection (CBS) before they expire:
+/// with tokens of 5 s, an idle bus asks its credential again within their life, and
+/// the bus still works after the first token's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_identity_tokens_are_renewed_before_they_expire() {
+    let Some(text) = servicebus() else {
+        return;
+    };
+    let mut identity = EmulatorIdentity::new(None, "https://servicebus.azure.net");
+    Arc::get_mut(&mut identity).expect("one owner").lifetime = Duration::from_secs(5);
+    let bus = ServiceBusBus::connect(
+        ServiceBusConfig::from_connection_string(&text)
+            .expect("connection string")
+            .token_credential(identity.clone())
+            .entities(EntityKind::Queues),
+    )
+    .await
+    .expect("connect with the identity")
+    .into_bus();
+    let queue = declare_queue(&bus).await;
+    let publisher = bus.publisher(&queue).await.expect("publisher");
+    publisher
+        .publish(event("com.example.renewed", 1))
+        .await
+        .expect("first publish");
+    let before = identity.asked();
+    // Idle: only the renewal asks for tokens (at four fifths of their life).
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    assert!(
+        identity.asked() > before,
+        "no token was asked for within the 5 s life of the last one"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publisher
+        .publish(event("com.example.renewed", 2))
+        .await
+        .expect("publish after the first token expired");
+    let got = take_all(&bus, &queue, &queue, 2, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 2);
 }
 
 /// A Microsoft Entra ID identity (a token credential) instead of a key: declaring,
@@ -1461,7 +1669,7 @@ async fn servicebus_defer_then_fetch_by_sequence_number() {
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].event().id(), later.id());
     back[0].ack().await.expect("complete the deferred message");
-    // The service answers 410 (azservicebus retries it for a while first).
+    // The service answers 410 (gone): not found.
     let gone = service_bus.fetch_deferred(&[sequence]).await;
     assert!(
         gone.as_ref()

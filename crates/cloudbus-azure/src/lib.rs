@@ -1,7 +1,7 @@
 //! Azure for cloudbus.
 //!
 //! - Azure Service Bus (feature `servicebus`): queues, and topics with subscriptions,
-//!   over AMQP 1.0 (the `azservicebus` crate): batched sends, scheduled delivery,
+//!   over AMQP 1.0 (fe2o3-amqp, CBS and `$management`): batched sends, scheduled delivery,
 //!   sessions for ordering keys, duplicate detection, peek-lock consumers, the
 //!   dead-letter sub-queue, and subscription rules compiled from the portable filter.
 //! - Azure Event Grid (feature `eventgrid`): publishing CloudEvents to a topic

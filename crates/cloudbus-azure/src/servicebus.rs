@@ -1,15 +1,17 @@
 //! Azure Service Bus (feature `servicebus`): queues, and topics with subscriptions,
-//! over AMQP 1.0 with the `azservicebus` crate; entities are declared through the
-//! Service Bus management API (ATOM entries over HTTPS).
+//! over AMQP 1.0 directly on fe2o3-amqp (CBS authorization, `$management` requests);
+//! entities are declared through the Service Bus management API (ATOM entries over
+//! HTTPS).
 //!
 //! | cloudbus | Service Bus |
 //! |---|---|
 //! | topic | a topic (`servicebus://`) or a queue (`servicebus://?entity=queue`) |
 //! | subscription | a subscription of the topic, or a competing reader of the queue |
-//! | CloudEvent attributes | application properties `cloudEvents:<name>` (AMQP binding, binary mode); integer and boolean extensions as typed AMQP values |
+//! | CloudEvent attributes | application properties `cloudEvents_<name>` (AMQP binding, binary mode; `cloudEvents:` when chosen with [`ServiceBusConfig::attribute_prefix`], both read); integer extensions as AMQP `long`, boolean ones as `boolean` |
 //! | `datacontenttype` | the AMQP `content-type` property |
 //! | data | the body (one data section) |
-//! | structured mode (`?mode=structured`) | the JSON event as the body, `application/cloudevents+json` |
+//! | structured mode (`?mode=structured`) | the JSON event as the body, `application/cloudevents+json` (a message is read as structured when its content type starts with `application/cloudevents`) |
+//! | a batch of events | one transfer in the batched message format, up to the link's max-message-size |
 //! | dedup id (default: the CloudEvent id) | `MessageId`; entities are made with duplicate detection (10 minutes) |
 //! | ordering key | `SessionId` on session-enabled entities (`?sessions=true`) |
 //! | delay | `ScheduledEnqueueTime` |
@@ -38,6 +40,10 @@
 //! ```
 
 mod admin;
+mod connection;
+mod error;
+mod management;
+mod message;
 mod receiver;
 mod rules;
 
@@ -47,33 +53,31 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use azservicebus::core::BasicRetryPolicy;
-use azservicebus::primitives::service_bus_retry_options::ServiceBusRetryOptions;
-use azservicebus::{
-    ServiceBusClient, ServiceBusClientOptions, ServiceBusMessage, ServiceBusSender,
-};
-use cloudbus_core::codec::{BinaryCodec, RawMessage};
+use cloudbus_core::codec::BinaryCodec;
 use cloudbus_core::driver::{
     BatchResults, BusDriver, DeadLetterDriver, OutgoingMessage, Payload, SubscriptionDriver,
-    SubscriptionSpec, TopicDriver, TopologyDriver, key_slot,
+    SubscriptionSpec, TopicDriver, TopologyDriver,
 };
-use cloudbus_core::event::ExtensionValue;
 use cloudbus_core::stream::StreamDriver;
 use cloudbus_core::{Bus, Capabilities, Error, ErrorKind, FilterSupport, Result};
-use fe2o3_amqp_types::messaging::ApplicationProperties;
-use fe2o3_amqp_types::primitives::SimpleValue;
+use fe2o3_amqp::Sender;
+use fe2o3_amqp::types::messaging::{Data, Message, Outcome};
+use fe2o3_amqp::types::primitives::SimpleValue;
 use tokio::sync::Mutex;
 
 pub use admin::service_bus_sas_token;
-/// The `azure_core` release that azservicebus uses: implement its
-/// `credentials::TokenCredential`, or pass an `azure_identity` credential of the same
-/// release, to [`ServiceBusConfig::namespace_with_credential`].
+/// The `azure_core` release whose `credentials::TokenCredential` gives Microsoft Entra
+/// ID tokens: implement it, or pass an `azure_identity` credential of the same release,
+/// to [`ServiceBusConfig::namespace_with_credential`].
 pub use azure_core;
 use azure_core::credentials::TokenCredential;
 pub use rules::{MAX_SQL_LENGTH, RuleFilter, compile_rule};
 
 use crate::Secret;
 use admin::{Admin, EntityProperties};
+use connection::{Amqp, Live};
+use management::Management;
+use message::{CONTENT_TYPE, TransferMessage};
 use receiver::ServiceBusDeadLetters;
 pub use receiver::ServiceBusSubscription;
 
@@ -81,8 +85,14 @@ pub use receiver::ServiceBusSubscription;
 pub const CONNECTION_STRING_ENV: &str = "SERVICEBUS_CONNECTION_STRING";
 /// Where the management API is, when not at the namespace (the emulators).
 pub const MANAGEMENT_ENDPOINT_ENV: &str = "SERVICEBUS_MANAGEMENT_ENDPOINT";
-/// The prefix of CloudEvent attributes among application properties (AMQP binding).
-pub const ATTRIBUTE_PREFIX: &str = "cloudEvents:";
+/// The prefix of CloudEvent attributes among application properties that the
+/// CloudEvents AMQP binding prefers, and the one written unless another is chosen.
+pub const ATTRIBUTE_PREFIX: &str = UNDERSCORE_ATTRIBUTE_PREFIX;
+/// The binding's preferred prefix (`cloudEvents_`, usable in every AMQP and JMS
+/// selector syntax).
+pub const UNDERSCORE_ATTRIBUTE_PREFIX: &str = "cloudEvents_";
+/// The binding's other prefix (`cloudEvents:`), read always, written when chosen.
+pub const COLON_ATTRIBUTE_PREFIX: &str = "cloudEvents:";
 /// The application property that sends a redriven message back to one subscription.
 pub const REDRIVE_PROPERTY: &str = "cloudbus-redrive";
 /// Largest message (Standard tier; Premium allows up to 100 MB).
@@ -155,6 +165,7 @@ pub struct ServiceBusConfig {
     pub(crate) entities: EntityKind,
     pub(crate) sessions: bool,
     pub(crate) structured: bool,
+    pub(crate) prefix: &'static str,
 }
 
 impl ServiceBusConfig {
@@ -176,6 +187,7 @@ impl ServiceBusConfig {
             entities: EntityKind::Topics,
             sessions: false,
             structured: false,
+            prefix: ATTRIBUTE_PREFIX,
         }
     }
 
@@ -300,6 +312,7 @@ impl ServiceBusConfig {
             entities: EntityKind::Topics,
             sessions: false,
             structured: false,
+            prefix: ATTRIBUTE_PREFIX,
         })
     }
 
@@ -315,6 +328,7 @@ impl ServiceBusConfig {
 
     /// From a `servicebus://` URL: the connection string from the environment, then
     /// `entity=queue|topic`, `sessions=true|false`, `mode=structured|binary`,
+    /// `prefix=cloudEvents_|cloudEvents:` (the attribute prefix written),
     /// `management=URL`.
     pub fn from_url(url: &url::Url) -> Result<Self> {
         let mut config = Self::from_env()?;
@@ -326,11 +340,12 @@ impl ServiceBusConfig {
                 ("mode", "structured") => config.structured = true,
                 ("mode", "binary") => config.structured = false,
                 ("management", v) => config = config.management_endpoint(v),
+                ("prefix", v) => config = config.attribute_prefix(v)?,
                 (k, v) => {
                     return Err(Error::invalid(format!(
                         "unknown servicebus:// URL parameter {k}={v:?} (known: \
                          entity=queue|topic, sessions=true|false, mode=structured|binary, \
-                         management=URL)"
+                         prefix=cloudEvents_|cloudEvents:, management=URL)"
                     )));
                 }
             }
@@ -352,6 +367,32 @@ impl ServiceBusConfig {
     pub fn structured(mut self) -> Self {
         self.structured = true;
         self
+    }
+    /// The prefix of the CloudEvent attributes written as application properties:
+    /// [`UNDERSCORE_ATTRIBUTE_PREFIX`] (the default, which the CloudEvents AMQP binding
+    /// prefers) or [`COLON_ATTRIBUTE_PREFIX`]. Both are read whatever is chosen;
+    /// subscription rules match the one written.
+    ///
+    /// ```
+    /// use cloudbus_azure::servicebus::{COLON_ATTRIBUTE_PREFIX, ServiceBusConfig};
+    /// let c = ServiceBusConfig::from_connection_string(
+    ///     "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true")
+    ///     .unwrap();
+    /// assert!(c.clone().attribute_prefix(COLON_ATTRIBUTE_PREFIX).is_ok());
+    /// assert!(c.attribute_prefix("ce-").is_err());
+    /// ```
+    pub fn attribute_prefix(mut self, prefix: &str) -> Result<Self> {
+        self.prefix = match prefix {
+            UNDERSCORE_ATTRIBUTE_PREFIX => UNDERSCORE_ATTRIBUTE_PREFIX,
+            COLON_ATTRIBUTE_PREFIX => COLON_ATTRIBUTE_PREFIX,
+            other => {
+                return Err(Error::invalid(format!(
+                    "the CloudEvents AMQP binding allows the attribute prefixes \
+                     {UNDERSCORE_ATTRIBUTE_PREFIX:?} and {COLON_ATTRIBUTE_PREFIX:?}, not {other:?}"
+                )));
+            }
+        };
+        Ok(self)
     }
     /// The management API's base URL.
     pub fn management_endpoint(mut self, url: impl Into<String>) -> Self {
@@ -379,129 +420,50 @@ impl ServiceBusConfig {
     }
 }
 
-/// The portable kind of an azservicebus error, from the AMQP condition it carries.
-pub(crate) fn sb_error(e: azure_core::Error, what: &str) -> Error {
-    let text = format!("{e} {e:?}");
-    let has = |s: &str| text.contains(s);
-    let kind =
-        if has("not-found") || has("NotFound") || has("could not be found") || has(" not found") {
-            ErrorKind::NotFound
-        } else if has("unauthorized")
-            || has("Unauthorized")
-            || has("StatusCode(401)")
-            || has("Credential")
-            || has("SaslError")
-        {
-            ErrorKind::PermissionDenied
-        } else if has("lock-lost") || has("LockLost") || has("session-lock") {
-            ErrorKind::LeaseExpired
-        } else if has("message-size-exceeded") || has("too large") {
-            ErrorKind::TooLarge
-        } else if has("server-busy") || has("ServerBusy") {
-            ErrorKind::Throttled
-        } else if has("Disposed") || has("disposed") {
-            ErrorKind::Closed
-        } else if has("Elapsed") || has("timeout") || has("Timeout") {
-            ErrorKind::Timeout
-        } else {
-            ErrorKind::Unavailable
-        };
-    Error::with_source(kind, format!("{what}: {e}"), e)
-}
-
-/// Whether an azservicebus error says that the AMQP connection (or the session on
-/// it) under the client is gone, closed by the service or dropped by the network: the
-/// client has to be made anew (azservicebus's own links recover; a client's new links
-/// do not).
-pub(crate) fn connection_lost(e: &azure_core::Error) -> bool {
-    let text = format!("{e} {e:?}");
-    [
-        "IllegalSessionState",
-        "IllegalConnectionState",
-        "ConnectionScopeDisposed",
-        "connection:forced",
-    ]
-    .iter()
-    .any(|s| text.contains(s))
-}
-
-/// A client of the namespace: one AMQP connection. `max_retries` is azservicebus's
-/// own retry of a failed operation (0 for the session acceptor, which loops itself).
-pub(crate) async fn new_client(
-    config: &ServiceBusConfig,
-    max_retries: u32,
-) -> Result<ServiceBusClient<BasicRetryPolicy>> {
-    let options = ServiceBusClientOptions {
-        retry_options: ServiceBusRetryOptions {
-            try_timeout: Duration::from_secs(30),
-            max_retries,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let host = config.namespace.clone();
-    // The secured and the unsecured (emulator) builders are different types with the
-    // same constructors.
-    macro_rules! connect {
-        ($builder:expr) => {
-            match &config.access {
-                Access::Key { name, key } => {
-                    $builder
-                        .new_from_named_key_credential(
-                            host.clone(),
-                            azservicebus::authorization::AzureNamedKeyCredential::new(
-                                name,
-                                key.expose(),
-                            ),
-                            options,
-                        )
-                        .await
-                }
-                Access::SasToken(token) => {
-                    $builder
-                        .new_from_sas_credential(
-                            host.clone(),
-                            azservicebus::authorization::AzureSasCredential::new(token.expose()),
-                            options,
-                        )
-                        .await
-                }
-                Access::Identity(credential) => {
-                    $builder
-                        .new_from_token_credential(host.clone(), credential.clone(), options)
-                        .await
-                }
-            }
-        };
+/// Refuses a Microsoft Entra ID identity on a connection that is not verified: the
+/// emulator mode speaks plain AMQP and accepts the management API's self-signed
+/// certificate, so a bearer token (a real credential) may go there only on this
+/// machine.
+fn check_credential_transport(config: &ServiceBusConfig) -> Result<()> {
+    if config.emulator
+        && matches!(config.access, Access::Identity(_))
+        && !connection::is_loopback(&config.namespace)
+    {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "refusing to send a Microsoft Entra ID token to {} over an unverified \
+                 connection (UseDevelopmentEmulator=true: plain AMQP, any certificate); \
+                 an emulator with a token credential must run on this machine",
+                config.namespace
+            ),
+        ));
     }
-    if config.emulator {
-        connect!(ServiceBusClient::unsecured())
-    } else {
-        connect!(ServiceBusClient::with_custom_retry_policy::<BasicRetryPolicy>())
-    }
-    .map_err(|e| sb_error(e, &format!("connect to Service Bus at {host}")))
+    Ok(())
 }
 
 pub(crate) struct Shared {
     pub(crate) config: ServiceBusConfig,
-    pub(crate) client: Mutex<ServiceBusClient<BasicRetryPolicy>>,
+    pub(crate) amqp: Arc<Amqp>,
     pub(crate) admin: Admin,
     pub(crate) codec: BinaryCodec,
+    /// The `$management` clients of the entities used, by entity path.
+    managements: std::sync::Mutex<std::collections::HashMap<String, Arc<Management>>>,
 }
 
 impl Shared {
+    /// The `$management` client of an entity (one per entity and bus).
+    pub(crate) fn management(&self, path: &str) -> Arc<Management> {
+        let mut all = self.managements.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(path.to_owned())
+            .or_insert_with(|| Arc::new(Management::new(self.amqp.clone(), path)))
+            .clone()
+    }
+
     /// A sender for a queue or topic.
-    pub(crate) async fn sender(&self, entity: &str) -> Result<ServiceBusSender> {
+    pub(crate) async fn sender(&self, entity: &str) -> Result<(Arc<Live>, Sender)> {
         self.check(entity, None).await?;
-        let mut client = self.client.lock().await;
-        let open = client.create_sender(entity, Default::default());
-        match tokio::time::timeout(LINK_TIMEOUT, open).await {
-            Ok(result) => result.map_err(|e| sb_error(e, &format!("open a sender for {entity}"))),
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!("opening a sender for {entity} took longer than {LINK_TIMEOUT:?}"),
-            )),
-        }
+        self.amqp.sender(entity).await.map_err(|f| f.error)
     }
 
     /// Fails with NotFound when the management API says the entity (or, on a queue,
@@ -561,8 +523,11 @@ impl std::fmt::Debug for ServiceBusBus {
 impl ServiceBusBus {
     /// Connects to the namespace (AMQP, with CBS authorization).
     pub async fn connect(config: ServiceBusConfig) -> Result<Self> {
-        let client = new_client(&config, 3).await?;
-        let mut codec = BinaryCodec::new(ATTRIBUTE_PREFIX).content_type_attribute(CONTENT_TYPE);
+        check_credential_transport(&config)?;
+        let amqp = Arc::new(Amqp::new(config.clone()));
+        // Connect now, so that a wrong address or key shows here.
+        amqp.live().await.map_err(|f| f.error)?;
+        let mut codec = BinaryCodec::new(config.prefix).content_type_attribute(CONTENT_TYPE);
         if config.structured {
             codec = codec.structured();
         }
@@ -570,9 +535,10 @@ impl ServiceBusBus {
         Ok(ServiceBusBus {
             shared: Arc::new(Shared {
                 config,
-                client: Mutex::new(client),
+                amqp,
                 admin,
                 codec,
+                managements: Default::default(),
             }),
         })
     }
@@ -582,9 +548,6 @@ impl ServiceBusBus {
         Bus::new(Arc::new(self))
     }
 }
-
-/// Where the codec keeps `datacontenttype` before it moves to the AMQP property.
-const CONTENT_TYPE: &str = "content-type";
 
 #[async_trait]
 impl BusDriver for ServiceBusBus {
@@ -683,7 +646,8 @@ impl TopologyDriver for ServiceBusTopology {
         let props = entity_properties(&self.shared.config, Some(spec));
         match self.shared.config.entities {
             EntityKind::Topics => {
-                let rule = compile_rule(spec.filter.as_ref(), &spec.name)?;
+                let rule =
+                    compile_rule(spec.filter.as_ref(), &spec.name, self.shared.config.prefix)?;
                 admin
                     .put_subscription(&spec.topic, &spec.name, &props, &rule)
                     .await
@@ -739,62 +703,23 @@ impl TopologyDriver for ServiceBusTopology {
 pub struct ServiceBusTopic {
     shared: Arc<Shared>,
     entity: String,
-    sender: Mutex<Option<ServiceBusSender>>,
+    sender: Mutex<Option<(Arc<Live>, Sender)>>,
     closed: AtomicBool,
 }
 
-/// Copies application properties into text attributes, typed values as their text.
-pub(crate) fn text_of(value: &SimpleValue) -> Option<String> {
-    Some(match value {
-        SimpleValue::Null => return None,
-        SimpleValue::Bool(b) => b.to_string(),
-        SimpleValue::Ubyte(n) => n.to_string(),
-        SimpleValue::Ushort(n) => n.to_string(),
-        SimpleValue::Uint(n) => n.to_string(),
-        SimpleValue::Ulong(n) => n.to_string(),
-        SimpleValue::Byte(n) => n.to_string(),
-        SimpleValue::Short(n) => n.to_string(),
-        SimpleValue::Int(n) => n.to_string(),
-        SimpleValue::Long(n) => n.to_string(),
-        SimpleValue::Float(n) => n.to_string(),
-        SimpleValue::Double(n) => n.to_string(),
-        SimpleValue::Char(c) => c.to_string(),
-        SimpleValue::Timestamp(t) => chrono::DateTime::from_timestamp_millis(t.milliseconds())?
-            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-        SimpleValue::Uuid(u) => format!("{u:?}"),
-        SimpleValue::String(s) => s.clone(),
-        SimpleValue::Symbol(s) => s.0.clone(),
-        SimpleValue::Binary(_)
-        | SimpleValue::Decimal32(_)
-        | SimpleValue::Decimal64(_)
-        | SimpleValue::Decimal128(_)
-        | SimpleValue::Described(_) => return None,
-    })
-}
+/// The longest one transfer may wait for the service's outcome.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ServiceBusTopic {
-    /// The Service Bus message of one outgoing event.
-    fn message(&self, m: &OutgoingMessage) -> Result<ServiceBusMessage> {
+    /// The AMQP message of one outgoing event.
+    fn message(&self, m: &OutgoingMessage) -> Result<Message<Data>> {
         let shared = &self.shared;
         let (raw, typed) = match &m.payload {
             Payload::Event(event) => {
                 let (raw, mode) = shared.codec.encode(event)?;
                 let typed: Vec<(String, SimpleValue)> =
                     if mode == cloudbus_core::codec::Mode::Binary {
-                        event
-                            .iter_extensions()
-                            .filter_map(|(name, value)| {
-                                let v = match value {
-                                    ExtensionValue::Integer(n) => match i32::try_from(*n) {
-                                        Ok(n) => SimpleValue::Int(n),
-                                        Err(_) => SimpleValue::Long(*n),
-                                    },
-                                    ExtensionValue::Boolean(b) => SimpleValue::Bool(*b),
-                                    ExtensionValue::String(_) => return None,
-                                };
-                                Some((format!("{ATTRIBUTE_PREFIX}{name}"), v))
-                            })
-                            .collect()
+                        message::typed_extensions(event, shared.config.prefix)
                     } else {
                         Vec::new()
                     };
@@ -802,77 +727,66 @@ impl ServiceBusTopic {
             }
             Payload::Raw(raw) => (raw.clone(), Vec::new()),
         };
-        outgoing(raw, typed, m, shared.config.sessions)
+        message::outgoing(raw, &typed, m, shared.config.sessions)
     }
 
-    async fn send(
-        sender: &mut ServiceBusSender,
-        batch: azservicebus::sender::service_bus_message_batch::ServiceBusMessageBatch,
-        entity: &str,
-    ) -> Result<()> {
-        sender
-            .send_message_batch(batch)
-            .await
-            .map_err(|e| sb_error(e, &format!("send to {entity}")))
-    }
-}
-
-/// A Service Bus message from a raw message: `content-type` to the AMQP property, the
-/// rest to application properties (typed ones replacing their text), MessageId from
-/// the dedup id, SessionId from the ordering key (or one of [`UNKEYED_SESSIONS`] on a
-/// session-enabled entity), ScheduledEnqueueTime from the delay.
-pub(crate) fn outgoing(
-    mut raw: RawMessage,
-    typed: Vec<(String, SimpleValue)>,
-    m: &OutgoingMessage,
-    sessions: bool,
-) -> Result<ServiceBusMessage> {
-    let content_type = raw.attributes.remove(CONTENT_TYPE);
-    let mut message = ServiceBusMessage::new(std::mem::take(&mut raw.body));
-    message.set_content_type(content_type);
-    let mut props = ApplicationProperties::builder();
-    for (k, v) in raw.attributes {
-        if let Some((_, typed)) = typed.iter().find(|(name, _)| *name == k) {
-            props = props.insert(k, typed.clone());
-        } else {
-            props = props.insert(k, SimpleValue::String(v));
-        }
-    }
-    *message.application_properties_mut() = Some(props.build());
-    if let Some(id) = m.dedup_id() {
-        message.set_message_id(id.to_string()).map_err(|e| {
-            Error::invalid(format!(
-                "{id:?} cannot be a Service Bus MessageId (at most 128 characters): {e}"
-            ))
-        })?;
-    }
-    if sessions {
-        let session = match &m.ordering_key {
-            Some(key) => key.clone(),
-            None => format!("cloudbus-unkeyed-{}", key_slot(m.id(), UNKEYED_SESSIONS)),
+    /// Sends one transfer and waits for the service's outcome.
+    async fn transfer(
+        &self,
+        live: &Live,
+        sender: &mut Sender,
+        transfer: TransferMessage,
+    ) -> std::result::Result<(), error::Failure> {
+        let what = format!("send to {}", self.entity);
+        let sent = match transfer {
+            TransferMessage::Single(m) => tokio::time::timeout(SEND_TIMEOUT, sender.send(m)).await,
+            TransferMessage::Batch(b) => tokio::time::timeout(SEND_TIMEOUT, sender.send(b)).await,
         };
-        message.set_session_id(session).map_err(|e| {
-            Error::invalid(format!(
-                "the ordering key cannot be a Service Bus SessionId (at most 128 characters): {e}"
-            ))
-        })?;
+        let failure = match sent {
+            Ok(Ok(Outcome::Accepted(_))) => return Ok(()),
+            Ok(Ok(Outcome::Rejected(rejected))) => match rejected.error {
+                Some(e) => {
+                    let symbol = error::condition_symbol(&e.condition);
+                    error::Failure {
+                        error: Error::new(
+                            error::kind_of_condition(&symbol),
+                            format!(
+                                "{what}: rejected: {symbol}: {}",
+                                e.description.unwrap_or_default()
+                            ),
+                        ),
+                        scope: error::Scope::Operation,
+                    }
+                }
+                None => error::Failure {
+                    error: Error::new(ErrorKind::Internal, format!("{what}: rejected")),
+                    scope: error::Scope::Operation,
+                },
+            },
+            Ok(Ok(other)) => error::Failure {
+                error: Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{what}: the service did not take it ({other:?})"),
+                ),
+                scope: error::Scope::Operation,
+            },
+            Ok(Err(e)) => error::from_send(e, &what),
+            Err(_) => error::timed_out(&what, SEND_TIMEOUT),
+        };
+        self.shared.amqp.failed(live, &failure);
+        Err(failure)
     }
-    if let Some(delay) = m.delay.filter(|d| !d.is_zero()) {
-        message.set_scheduled_enqueue_time(time::OffsetDateTime::now_utc() + delay);
-    }
-    Ok(message)
 }
 
 impl Drop for ServiceBusTopic {
-    /// A publisher dropped without `close` still detaches its link (an abandoned
-    /// azservicebus link leaves the shared AMQP session unusable for the next one).
+    /// A publisher dropped without `close` still closes its link.
     fn drop(&mut self) {
-        let Some(sender) = self.sender.get_mut().take() else {
+        let Some((_, sender)) = self.sender.get_mut().take() else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(e) = sender.dispose().await {
+                if let Err(e) = sender.close().await {
                     tracing::debug!(error = %e, "closing a dropped Service Bus sender");
                 }
             });
@@ -883,81 +797,99 @@ impl Drop for ServiceBusTopic {
 #[async_trait]
 impl TopicDriver for ServiceBusTopic {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
-        use azservicebus::amqp::error::TryAddMessageError;
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::closed(format!(
                 "the publisher of {} is closed",
                 self.entity
             )));
         }
+        let mut results: BatchResults = (0..batch.len()).map(|_| Ok(())).collect();
+        // Encode first: a malformed event fails alone.
+        let mut ready: Vec<(usize, Option<Message<Data>>, Vec<u8>)> =
+            Vec::with_capacity(batch.len());
+        for (i, m) in batch.iter().enumerate() {
+            match self.message(m).and_then(|msg| {
+                let bytes = message::encoded(&msg)?;
+                Ok((msg, bytes))
+            }) {
+                Ok((msg, bytes)) => ready.push((i, Some(msg), bytes)),
+                Err(e) => results[i] = Err(e),
+            }
+        }
+        if ready.is_empty() {
+            return Ok(results);
+        }
         let mut guard = self.sender.lock().await;
-        let sender = match guard.as_mut() {
+        let (live, sender) = match guard.as_mut() {
             Some(s) => s,
             None => guard.insert(self.shared.sender(&self.entity).await?),
         };
-        let mut results: BatchResults = (0..batch.len()).map(|_| Ok(())).collect();
-        let new_batch = |sender: &ServiceBusSender| {
-            sender
-                .create_message_batch(Default::default())
-                .map_err(|e| Error::invalid(format!("cannot make a Service Bus batch: {e}")))
-        };
-        let mut pending = new_batch(sender)?;
-        let mut in_pending: Vec<usize> = Vec::new();
-        for (i, m) in batch.iter().enumerate() {
-            let message = match self.message(m) {
-                Ok(message) => message,
-                Err(e) => {
-                    results[i] = Err(e);
-                    continue;
+        let max_bytes = sender
+            .max_message_size()
+            .filter(|m| *m > 0)
+            .and_then(|m| usize::try_from(m).ok())
+            .unwrap_or(MAX_BATCH_BYTES);
+        let sizes: Vec<usize> = ready.iter().map(|(_, _, b)| b.len()).collect();
+        let (groups, too_large) = message::group_by_size(&sizes, max_bytes);
+        for k in too_large {
+            let (i, _, bytes) = &ready[k];
+            results[*i] = Err(Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "event {} is {} bytes as AMQP, more than the {max_bytes} a Service Bus \
+                     message may have",
+                    batch[*i].id(),
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut slots: Vec<Option<(Message<Data>, Vec<u8>)>> = ready
+            .iter_mut()
+            .map(|(_, m, b)| m.take().map(|m| (m, std::mem::take(b))))
+            .collect();
+        let mut link_lost: Option<Error> = None;
+        let mut sent_any = false;
+        let mut failed = 0;
+        for group in groups {
+            let members: Vec<usize> = group.iter().map(|k| ready[*k].0).collect();
+            if let Some(e) = &link_lost {
+                for i in &members {
+                    results[*i] = Err(Error::new(e.kind(), e.message()));
                 }
-            };
-            let message = match pending.try_add_message(message) {
-                Ok(()) => {
-                    in_pending.push(i);
-                    continue;
-                }
-                Err(TryAddMessageError::BatchFull(message)) => message,
-                Err(TryAddMessageError::Codec { source, .. }) => {
-                    results[i] = Err(Error::invalid(format!(
-                        "cannot encode {} as AMQP: {source}",
-                        m.id()
-                    )));
-                    continue;
-                }
-            };
-            // The batch is full: send it, then start the next one with this message.
-            if !in_pending.is_empty() {
-                let full = std::mem::replace(&mut pending, new_batch(sender)?);
-                if let Err(e) = Self::send(sender, full, &self.entity).await {
-                    for j in in_pending.drain(..) {
-                        results[j] = Err(Error::new(e.kind(), e.message()));
-                    }
-                }
-                in_pending.clear();
+                failed += members.len();
+                continue;
             }
-            match pending.try_add_message(message) {
-                Ok(()) => in_pending.push(i),
-                Err(_) => {
-                    results[i] = Err(Error::new(
-                        ErrorKind::TooLarge,
-                        format!(
-                            "event {} does not fit in a Service Bus message of at most {} bytes",
-                            m.id(),
-                            pending.max_size_in_bytes()
-                        ),
-                    ));
+            let messages: Vec<(Message<Data>, Vec<u8>)> =
+                group.iter().filter_map(|k| slots[*k].take()).collect();
+            let Some(transfer) = message::transfer(messages) else {
+                continue;
+            };
+            match self.transfer(live, sender, transfer).await {
+                Ok(()) => sent_any = true,
+                Err(f) => {
+                    failed += members.len();
+                    for i in &members {
+                        results[*i] = Err(Error::new(f.error.kind(), f.error.message()));
+                    }
+                    if f.scope != error::Scope::Operation {
+                        link_lost = Some(f.error);
+                    }
                 }
             }
         }
-        if !in_pending.is_empty()
-            && let Err(e) = Self::send(sender, pending, &self.entity).await
+        if link_lost.is_some() {
+            // The next batch opens a new link (and a new connection when it was lost).
+            if let Some((_, sender)) = guard.take() {
+                tokio::spawn(async move {
+                    let _ = sender.close().await;
+                });
+            }
+        }
+        if !sent_any
+            && failed == batch.len()
+            && let Some(Err(e)) = results.iter().find(|r| r.is_err())
         {
-            if in_pending.len() == batch.len() {
-                return Err(e);
-            }
-            for j in in_pending {
-                results[j] = Err(Error::new(e.kind(), e.message()));
-            }
+            return Err(Error::new(e.kind(), e.message()));
         }
         Ok(results)
     }
@@ -968,11 +900,14 @@ impl TopicDriver for ServiceBusTopic {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
-        if let Some(sender) = self.sender.lock().await.take() {
-            sender
-                .dispose()
-                .await
-                .map_err(|e| sb_error(e, &format!("close the sender of {}", self.entity)))?;
+        if let Some((_, sender)) = self.sender.lock().await.take() {
+            sender.close().await.map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Unavailable,
+                    format!("close the sender of {}", self.entity),
+                    e,
+                )
+            })?;
         }
         Ok(())
     }
@@ -986,46 +921,46 @@ impl TopicDriver for ServiceBusTopic {
 mod tests {
     use super::*;
 
-    fn azure_error(text: &str) -> azure_core::Error {
-        azure_core::Error::message(azure_core::error::ErrorKind::Other, text.to_owned())
-    }
-
-    /// The texts azservicebus 0.25.1 gives (seen against the emulator) map to the
-    /// portable kinds and to "connection lost"; a new azservicebus wording fails here.
+    /// An Entra ID token goes over plain AMQP only to this machine.
     #[test]
-    fn azservicebus_errors_are_classified() {
-        for (text, kind) in [
-            (
-                "The messaging entity 'q' could not be found.",
-                ErrorKind::NotFound,
-            ),
-            ("message 7 not found", ErrorKind::NotFound),
-            (
-                "StatusCode(401) Unauthorized: the signature does not match",
-                ErrorKind::PermissionDenied,
-            ),
-            ("com.microsoft:session-lock-lost", ErrorKind::LeaseExpired),
-            ("amqp:link:message-size-exceeded", ErrorKind::TooLarge),
-            ("com.microsoft:server-busy", ErrorKind::Throttled),
-            ("Local error: ExpectImmediateDetach", ErrorKind::Unavailable),
-        ] {
-            let e = sb_error(azure_error(text), "test");
-            assert_eq!(e.kind(), kind, "{text}");
+    fn identities_are_refused_over_unverified_remote_connections() {
+        #[derive(Debug)]
+        struct NoToken;
+        #[async_trait::async_trait]
+        impl azure_core::credentials::TokenCredential for NoToken {
+            async fn get_token(
+                &self,
+                _scopes: &[&str],
+                _options: Option<azure_core::credentials::TokenRequestOptions>,
+            ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+                Err(azure_core::Error::message(
+                    azure_core::error::ErrorKind::Credential,
+                    "not in a test",
+                ))
+            }
         }
-        for text in [
-            "Local error: IllegalSessionState",
-            "IllegalConnectionState",
-            "ConnectionScopeDisposed",
-            "amqp:connection:forced: the service closed the connection",
-        ] {
-            assert!(connection_lost(&azure_error(text)), "{text}");
-        }
-        for text in [
-            "Local error: ExpectImmediateDetach",
-            "com.microsoft:timeout",
-        ] {
-            assert!(!connection_lost(&azure_error(text)), "{text}");
-        }
+        let remote = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://10.1.2.3;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
+        )
+        .unwrap();
+        assert!(
+            check_credential_transport(&remote).is_ok(),
+            "a SAS key is not refused"
+        );
+        let e = check_credential_transport(&remote.clone().token_credential(Arc::new(NoToken)))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        let local = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
+        )
+        .unwrap()
+        .token_credential(Arc::new(NoToken));
+        assert!(check_credential_transport(&local).is_ok());
+        let real = ServiceBusConfig::namespace_with_credential(
+            "contoso.servicebus.windows.net",
+            Arc::new(NoToken),
+        );
+        assert!(check_credential_transport(&real).is_ok(), "TLS, verified");
     }
 
     #[test]
@@ -1056,12 +991,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message().contains("EntityPath"));
-    }
-
-    #[test]
-    fn typed_values_read_as_text() {
-        assert_eq!(text_of(&SimpleValue::Int(12)).as_deref(), Some("12"));
-        assert_eq!(text_of(&SimpleValue::Bool(true)).as_deref(), Some("true"));
-        assert_eq!(text_of(&SimpleValue::Null), None);
     }
 }

@@ -2,9 +2,13 @@
 //! session-enabled ones, where it holds up to [`MAX_SESSIONS`] sessions at a time) and
 //! the dead-letter sub-queue.
 //!
-//! An azservicebus receiver settles only the messages it received, and every call
-//! takes it by `&mut`. So each link sits behind an async mutex, and a receive holds it
-//! for at most [`RECEIVE_SLICE`] at a time: a settlement waits at most that long.
+//! Each receiver link is an fe2o3-amqp receiver with manual credit: a receive grants
+//! credit for what it asks, takes what arrives, and drains the link when nothing came
+//! within its slice, so that an idle consumer holds no locks. Settlements are AMQP
+//! dispositions on the link the message came from (complete = accepted, abandon =
+//! modified, dead-letter = rejected with `com.microsoft:dead-letter`, defer = modified
+//! undeliverable-here); lock renewal, deferred messages and settlements without their
+//! link go through the entity's `$management` node.
 //!
 //! A session's messages are locked by the session lock. A held session's lock is
 //! renewed at half its life while every unsettled message of it is within its lease;
@@ -13,37 +17,38 @@
 //! reader, as a lapsed message lock would.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
-use azservicebus::primitives::service_bus_peeked_message::ServiceBusPeekedMessage;
-use azservicebus::receiver::DeadLetterOptions;
-use azservicebus::{
-    ServiceBusReceiveMode, ServiceBusReceivedMessage, ServiceBusReceiver,
-    ServiceBusReceiverOptions, ServiceBusSessionReceiver, ServiceBusSessionReceiverOptions,
-    SubQueue,
-};
-use chrono::{DateTime, Utc};
-use cloudbus_core::codec::RawMessage;
+use chrono::Utc;
 use cloudbus_core::driver::{
     AckToken, BatchResults, DeadLetter, DeadLetterDriver, Payload, ReceivedMessage, Settlement,
     SubscriptionDriver,
 };
-use cloudbus_core::{Capabilities, Delivery, Error, ErrorKind, Event, ExtensionValue, Result};
-use fe2o3_amqp_types::messaging::annotations::AnnotationKey;
-use fe2o3_amqp_types::messaging::{ApplicationProperties, Body, Message};
-use fe2o3_amqp_types::primitives::{SimpleValue, Value};
+use cloudbus_core::{Capabilities, Delivery, Error, ErrorKind, Result};
+use fe2o3_amqp::Receiver;
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::types::definitions::{self, ErrorCondition};
+use fe2o3_amqp::types::messaging::{Body, Data, Message, Modified, Properties};
+use fe2o3_amqp::types::primitives::{Array, Symbol, Uuid, Value};
 use tokio::sync::Mutex;
 
-use super::{
-    ATTRIBUTE_PREFIX, CONTENT_TYPE, EntityKind, LINK_TIMEOUT, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY,
-    Shared, connection_lost, sb_error, text_of,
+use super::connection::{Amqp, ReceiveMode, session_locked_until, session_of};
+use super::error::{self, Scope};
+use super::management::{
+    self, Management, PeekMessage, ReceiveBySequenceNumber, RenewLock, RenewSessionLock,
+    UpdateDisposition,
 };
+use super::message::{
+    AmqpMessage, annotation_time, lock_token_of, message_id_of, raw_of, restore, sequence_of,
+    session_id_of, token_text,
+};
+use super::{EntityKind, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY, Shared};
 
-/// The longest one receive call holds a link.
+/// The longest one receive call waits on a link before it drains it.
 pub const RECEIVE_SLICE: Duration = Duration::from_millis(200);
 /// How long a session must find nothing before it is let go.
 pub const SESSION_IDLE: Duration = Duration::from_millis(500);
@@ -51,80 +56,136 @@ pub const SESSION_IDLE: Duration = Duration::from_millis(500);
 pub const SESSION_SLICE: Duration = Duration::from_millis(30);
 /// Most sessions one subscription driver holds at once.
 pub const MAX_SESSIONS: usize = 32;
+/// How long a receive waits for deliveries the service sent in answer to a drain.
+const DRAIN_WAIT: Duration = Duration::from_millis(20);
+/// How long past its lease an unsettled message is remembered (to answer a late
+/// settle with LeaseExpired) before it is forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Application properties a redrive leaves behind.
 const DEAD_LETTER_PROPERTIES: [&str; 2] = ["DeadLetterReason", "DeadLetterErrorDescription"];
+/// The condition of a rejection that dead-letters.
+const DEAD_LETTER_CONDITION: &str = "com.microsoft:dead-letter";
+/// How many dead letters one page holds.
+const DEAD_LETTER_PAGE: usize = 100;
 
-/// A receiver: plain, or holding one session.
-enum Link {
-    Plain(ServiceBusReceiver),
-    Session(ServiceBusSessionReceiver),
-}
-
-macro_rules! on_link {
-    ($link:expr, $r:ident => $body:expr) => {
-        match $link {
-            Link::Plain($r) => $body,
-            Link::Session($r) => $body,
-        }
-    };
+/// A receiver link and what the service said on attach.
+struct Link {
+    receiver: Receiver,
+    /// Sessions: until when the session is locked.
+    locked_until: Option<SystemTime>,
 }
 
 impl Link {
+    /// Receives up to `max`, waiting up to `wait` for the first; drains the link when
+    /// none came (what the drain brings is returned too).
     async fn receive(
         &mut self,
         max: u32,
         wait: Duration,
-    ) -> std::result::Result<Vec<ServiceBusReceivedMessage>, azure_core::Error> {
-        on_link!(self, r => r.receive_messages_with_max_wait_time(max, Some(wait)).await)
+        what: &str,
+    ) -> std::result::Result<Vec<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>, error::Failure>
+    {
+        // Always a new flow: it ends a drain the last receive began, and the credit
+        // the link thinks it has may have been drained by the service meanwhile.
+        self.receiver
+            .set_credit(max)
+            .await
+            .map_err(|e| error::Failure {
+                error: Error::with_source(ErrorKind::Unavailable, format!("{what}: credit"), e),
+                scope: Scope::Link,
+            })?;
+        let mut out = Vec::new();
+        match tokio::time::timeout(wait, self.receiver.recv::<Body<Value>>()).await {
+            Ok(Ok(d)) => out.push(d),
+            Ok(Err(e)) => return Err(error::from_recv(e, what)),
+            Err(_) => {
+                // Nothing within the slice: take the credit back, keeping what the
+                // service sent before it saw the drain.
+                self.receiver.drain().await.map_err(|e| error::Failure {
+                    error: Error::with_source(ErrorKind::Unavailable, format!("{what}: drain"), e),
+                    scope: Scope::Link,
+                })?;
+                if let Ok(Ok(d)) =
+                    tokio::time::timeout(DRAIN_WAIT, self.receiver.recv::<Body<Value>>()).await
+                {
+                    out.push(d);
+                }
+            }
+        }
+        if out.is_empty() {
+            return Ok(out);
+        }
+        // What arrived with the first, without waiting.
+        while out.len() < max as usize {
+            match tokio::time::timeout(Duration::ZERO, self.receiver.recv::<Body<Value>>()).await {
+                Ok(Ok(d)) => out.push(d),
+                Ok(Err(e)) => {
+                    let failure = error::from_recv(e, what);
+                    if failure.scope != Scope::Operation {
+                        // The link failed after these arrived: hand them over; their
+                        // settlements go through the management node.
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(out)
     }
+}
 
-    async fn apply(
-        &mut self,
-        message: &mut ServiceBusReceivedMessage,
-        action: Action<'_>,
-    ) -> std::result::Result<(), azure_core::Error> {
-        let settlement = match action {
-            Action::Defer => {
-                return on_link!(self, r => r.defer_message(&*message, None).await);
-            }
-            Action::Settle(settlement) => settlement,
-        };
-        match settlement {
-            Settlement::Ack => on_link!(self, r => r.complete_message(&*message).await),
-            Settlement::Nack { .. } => {
-                on_link!(self, r => r.abandon_message(&*message, None).await)
-            }
-            Settlement::DeadLetter {
-                reason,
-                description,
-            } => {
-                let options = DeadLetterOptions {
-                    dead_letter_reason: Some(reason.clone()),
-                    dead_letter_error_description: Some(description.clone()),
-                    properties_to_modify: None,
-                };
-                on_link!(self, r => r.dead_letter_message(&*message, options).await)
-            }
-            // A session message's lock is the session lock (Microsoft's clients refuse
-            // a message lock renewal on a session receiver).
-            Settlement::Extend { .. } => match self {
-                Link::Plain(r) => r.renew_message_lock(message).await,
-                Link::Session(r) => r.renew_session_lock().await,
-            },
+/// A link and how many of its messages are unsettled (a session is only let go when
+/// none are).
+struct Slot {
+    link: Mutex<Option<Link>>,
+    unsettled: AtomicUsize,
+    session: Option<String>,
+    /// Since when reads of this session found nothing.
+    idle_since: SyncMutex<Option<Instant>>,
+    /// Sessions: when the session lock is to be renewed.
+    renew_at: SyncMutex<Option<Instant>>,
+}
+
+impl Slot {
+    fn new(link: Link, session: Option<String>) -> Self {
+        Slot {
+            renew_at: SyncMutex::new(link.locked_until.map(renewal_time)),
+            link: Mutex::new(Some(link)),
+            unsettled: AtomicUsize::new(0),
+            session,
+            idle_since: SyncMutex::new(None),
         }
     }
+}
 
-    /// Sessions: when to renew the session lock next (half its remaining life).
-    fn session_renewal(&self) -> Option<Instant> {
-        match self {
-            Link::Plain(_) => None,
-            Link::Session(r) => Some(renewal_time(r.session_locked_until())),
-        }
-    }
+/// Half the remaining life of a lock that runs until `locked_until` (half the
+/// shortest lock Service Bus allows when the time is unknown or past).
+fn renewal_time(locked_until: SystemTime) -> Instant {
+    let remaining = locked_until
+        .duration_since(SystemTime::now())
+        .unwrap_or(MIN_LOCK)
+        .min(MAX_LOCK);
+    Instant::now() + remaining / 2
+}
 
-    async fn dispose(self) -> std::result::Result<(), azure_core::Error> {
-        on_link!(self, r => r.dispose().await)
-    }
+/// How an unsettled message is settled.
+#[derive(Clone)]
+enum Origin {
+    /// By a disposition on the link it came on.
+    Link(DeliveryInfo),
+    /// Through the management node (deferred messages taken by sequence number, and
+    /// messages whose link is gone).
+    Management,
+}
+
+/// One received, unsettled message.
+struct Inflight {
+    lock_token: Uuid,
+    sequence: Option<i64>,
+    origin: Origin,
+    slot: Arc<Slot>,
+    /// Until when the consumer may hold it (its lock, or the last extend).
+    lease_until: Instant,
 }
 
 /// What is done with an unsettled message: a portable settlement, or Service Bus's
@@ -149,47 +210,15 @@ impl Action<'_> {
             Action::Defer => "defer",
         }
     }
-}
-
-/// A link and how many of its messages are unsettled (a session is only let go when
-/// none are).
-struct Slot {
-    link: Mutex<Option<Link>>,
-    unsettled: AtomicUsize,
-    session: Option<String>,
-    /// Since when reads of this session found nothing.
-    idle_since: SyncMutex<Option<Instant>>,
-    /// Sessions: when the session lock is to be renewed.
-    renew_at: SyncMutex<Option<Instant>>,
-}
-
-impl Slot {
-    fn new(link: Link, session: Option<String>) -> Self {
-        Slot {
-            renew_at: SyncMutex::new(link.session_renewal()),
-            link: Mutex::new(Some(link)),
-            unsettled: AtomicUsize::new(0),
-            session,
-            idle_since: SyncMutex::new(None),
+    /// The `disposition-status` of the management node's update-disposition.
+    fn disposition_status(self) -> &'static str {
+        match self {
+            Action::Settle(Settlement::Ack) => "completed",
+            Action::Settle(Settlement::DeadLetter { .. }) => "suspended",
+            Action::Defer => "defered",
+            Action::Settle(_) => "abandoned",
         }
     }
-}
-
-/// Half the remaining life of a lock that runs until `locked_until` (half the
-/// shortest lock Service Bus allows when the time is unknown or past).
-fn renewal_time(locked_until: time::OffsetDateTime) -> Instant {
-    let remaining = Duration::try_from(locked_until - time::OffsetDateTime::now_utc())
-        .unwrap_or(MIN_LOCK)
-        .min(MAX_LOCK);
-    Instant::now() + remaining / 2
-}
-
-/// One received, unsettled message.
-struct Inflight {
-    message: ServiceBusReceivedMessage,
-    slot: Arc<Slot>,
-    /// Until when the consumer may hold it (its lock, or the last extend).
-    lease_until: Instant,
 }
 
 /// Receives from a queue or subscription in peek-lock mode: the driver of a Service
@@ -201,12 +230,14 @@ pub struct ServiceBusSubscription {
     topic: String,
     subscription: String,
     path: String,
+    management: Arc<Management>,
     slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
     /// Serializes opening links, so that concurrent receives do not open several.
     opening: Mutex<()>,
     inflight: SyncMutex<HashMap<String, Inflight>>,
-    /// Deferred messages taken back by sequence number, for the next receive.
-    fetched: SyncMutex<Vec<ReceivedMessage>>,
+    /// Messages received and not yet returned: deferred messages taken back by
+    /// sequence number, and what a read got beyond the `max` asked for.
+    pending: SyncMutex<VecDeque<ReceivedMessage>>,
     closed: Arc<AtomicBool>,
     /// The entity was found to exist.
     checked: AtomicBool,
@@ -218,97 +249,15 @@ pub struct ServiceBusSubscription {
     acceptor_error: Arc<SyncMutex<Option<Error>>>,
 }
 
-/// A lock token as text (the settlement key).
-fn token_text(token: &fe2o3_amqp_types::primitives::Uuid) -> String {
-    token
-        .as_inner()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A message annotation of a received or peeked message.
-fn annotation<'a>(message: &'a Message<Body<Value>>, name: &str) -> Option<&'a Value> {
-    message
-        .message_annotations
-        .as_ref()?
-        .get(&name as &dyn AnnotationKey)
-}
-
-/// An annotation that is a timestamp.
-fn annotation_time(message: &Message<Body<Value>>, name: &str) -> Option<DateTime<Utc>> {
-    match annotation(message, name)? {
-        Value::Timestamp(t) => DateTime::from_timestamp_millis(t.milliseconds()),
-        _ => None,
-    }
-}
-
-/// A message's sequence number (azservicebus's own accessor panics on a malformed
-/// annotation; a message from the network must not).
-fn sequence_of(message: &Message<Body<Value>>) -> Option<i64> {
-    match annotation(message, "x-opt-sequence-number")? {
-        Value::Long(n) => Some(*n),
-        _ => None,
-    }
-}
-
-/// The body of a message: its data sections, or a value's text.
-fn body_bytes(message: &Message<Body<Value>>) -> Vec<u8> {
-    match &message.body {
-        Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
-        Body::Value(v) => match &v.0 {
-            Value::String(s) => s.clone().into_bytes(),
-            Value::Binary(b) => b.to_vec(),
-            other => format!("{other:?}").into_bytes(),
-        },
-        _ => Vec::new(),
-    }
-}
-
-/// A received message as a raw message: body, text attributes, `content-type`; and
-/// the typed extension values to restore after decoding.
-fn raw_of(message: &Message<Body<Value>>) -> (RawMessage, Vec<(String, ExtensionValue)>) {
-    let mut raw = RawMessage::new(body_bytes(message));
-    let mut typed = Vec::new();
-    if let Some(props) = &message.application_properties {
-        for (k, v) in props.0.iter() {
-            if let Some(ext) = k.strip_prefix(ATTRIBUTE_PREFIX) {
-                match v {
-                    SimpleValue::Int(n) => {
-                        typed.push((ext.to_owned(), ExtensionValue::Integer(i64::from(*n))))
-                    }
-                    SimpleValue::Long(n) => {
-                        typed.push((ext.to_owned(), ExtensionValue::Integer(*n)))
-                    }
-                    SimpleValue::Bool(b) => {
-                        typed.push((ext.to_owned(), ExtensionValue::Boolean(*b)))
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(text) = text_of(v) {
-                raw.attributes.insert(k.clone(), text);
-            }
-        }
-    }
-    if let Some(ct) = message
-        .properties
-        .as_ref()
-        .and_then(|p| p.content_type.as_ref())
-    {
-        raw.attributes.insert(CONTENT_TYPE.to_owned(), ct.0.clone());
-    }
-    (raw, typed)
 }
 
 impl ServiceBusSubscription {
     pub(crate) fn new(shared: Arc<Shared>, topic: &str, subscription: &str) -> Self {
         let path = shared.path(topic, subscription);
         ServiceBusSubscription {
+            management: shared.management(&path),
             shared,
             topic: topic.to_owned(),
             subscription: subscription.to_owned(),
@@ -316,7 +265,7 @@ impl ServiceBusSubscription {
             slots: Arc::new(SyncMutex::new(Vec::new())),
             opening: Mutex::new(()),
             inflight: SyncMutex::new(HashMap::new()),
-            fetched: SyncMutex::new(Vec::new()),
+            pending: SyncMutex::new(VecDeque::new()),
             closed: Arc::new(AtomicBool::new(false)),
             checked: AtomicBool::new(false),
             rotation: AtomicUsize::new(0),
@@ -339,33 +288,17 @@ impl ServiceBusSubscription {
     /// Opens the plain (session-less) receiver.
     async fn open(&self) -> Result<Arc<Slot>> {
         self.check().await?;
-        let mut client = self.shared.client.lock().await;
-        let (topic, sub) = (&self.topic, &self.subscription);
-        let options = ServiceBusReceiverOptions::default();
-        let open = async {
-            if self.shared.config.entities == EntityKind::Queues {
-                client
-                    .create_receiver_for_queue(topic.clone(), options)
-                    .await
-            } else {
-                client
-                    .create_receiver_for_subscription(topic, sub, options)
-                    .await
-            }
-        };
-        let receiver = tokio::time::timeout(LINK_TIMEOUT, open)
+        let (_live, receiver) = self
+            .shared
+            .amqp
+            .receiver(&self.path, ReceiveMode::PeekLock, None)
             .await
-            .map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "opening a receiver for {} took longer than {LINK_TIMEOUT:?}",
-                        self.path
-                    ),
-                )
-            })?
-            .map_err(|e| sb_error(e, &format!("open a receiver for {}", self.path)))?;
-        let slot = Arc::new(Slot::new(Link::Plain(receiver), None));
+            .map_err(|f| f.error)?;
+        let link = Link {
+            receiver,
+            locked_until: None,
+        };
+        let slot = Arc::new(Slot::new(link, None));
         lock(&self.slots).push(slot.clone());
         Ok(slot)
     }
@@ -392,9 +325,7 @@ impl ServiceBusSubscription {
     /// ```
     pub async fn defer(&self, delivery: &Delivery) -> Result<i64> {
         let key = delivery.token().as_text().unwrap_or_default().to_owned();
-        let sequence = lock(&self.inflight)
-            .get(&key)
-            .and_then(|i| sequence_of(i.message.raw_amqp_message()));
+        let sequence = lock(&self.inflight).get(&key).and_then(|i| i.sequence);
         self.act(delivery.token(), Action::Defer).await?;
         sequence.ok_or_else(|| {
             Error::invalid(format!(
@@ -416,20 +347,65 @@ impl ServiceBusSubscription {
         let Some(slot) = links.first() else {
             return Ok(0);
         };
-        let fetched = {
-            let mut link = slot.link.lock().await;
-            match link.as_mut() {
-                None => return Ok(0),
-                Some(link) => on_link!(link, r => r
-                    .receive_deferred_messages(sequence_numbers.iter().copied())
-                    .await)
-                .map_err(|e| sb_error(e, &format!("receive deferred messages of {}", self.path)))?,
+        let mut body = management::body([
+            (
+                "sequence-numbers",
+                Value::Array(Array::from(
+                    sequence_numbers
+                        .iter()
+                        .map(|n| Value::Long(*n))
+                        .collect::<Vec<_>>(),
+                )),
+            ),
+            // 1: peek-lock (receiver settle mode second).
+            ("receiver-settle-mode", Value::Uint(1)),
+        ]);
+        if let Some(session) = &slot.session {
+            body.insert(
+                Value::String("session-id".to_owned()),
+                Value::String(session.clone()),
+            );
+        }
+        let response = self
+            .management
+            .call::<ReceiveBySequenceNumber>(body, None)
+            .await
+            .map_err(|e| match e.kind() {
+                // Gone: no deferred message has one of these sequence numbers.
+                ErrorKind::LeaseExpired => Error::not_found(e.message()),
+                _ => e,
+            })?;
+        let mut found = Vec::new();
+        if let Some(messages) = response
+            .body
+            .as_ref()
+            .and_then(|b| management::field(b, "messages"))
+        {
+            for item in management::items(messages) {
+                let message =
+                    management::field(item, "message").and_then(management::decode_message);
+                let token = match management::field(item, "lock-token") {
+                    Some(Value::Uuid(u)) => Some(u.clone()),
+                    _ => None,
+                };
+                match (message, token) {
+                    (Some(message), Some(token)) => found.push((message, token)),
+                    _ => {
+                        return Err(management::malformed(&format!(
+                            "receive-by-sequence-number on {}",
+                            self.path
+                        )));
+                    }
+                }
             }
-        };
-        let found = fetched.len();
-        let received = self.accept(fetched, slot).await;
-        lock(&self.fetched).extend(received);
-        Ok(found)
+        }
+        let count = found.len();
+        let received: Vec<ReceivedMessage> = found
+            .into_iter()
+            .filter_map(|(message, token)| self.convert(message, token, Origin::Management, slot))
+            .collect();
+        lock(&self.pending).extend(received);
+        Ok(count)
     }
 
     /// The links to read now: the plain receiver (opened on first use), or the sessions
@@ -441,8 +417,7 @@ impl ServiceBusSubscription {
             if acceptor.is_none() {
                 *acceptor = Some(tokio::spawn(accept_sessions(
                     self.shared.clone(),
-                    self.topic.clone(),
-                    self.subscription.clone(),
+                    self.path.clone(),
                     self.slots.clone(),
                     self.closed.clone(),
                     self.acceptor_error.clone(),
@@ -470,47 +445,28 @@ impl ServiceBusSubscription {
     }
 
     /// Lets a session go once it has been idle for [`SESSION_IDLE`] with nothing of it
-    /// unsettled. A last read first takes what the service sent in answer to the
-    /// previous read's drain: a session closed with deliveries on their way keeps
-    /// them locked until the lock expires. Returns what that read found.
-    async fn release_idle(&self, slot: &Arc<Slot>) -> Vec<ReceivedMessage> {
+    /// unsettled.
+    async fn release_idle(&self, slot: &Arc<Slot>) {
         if slot.session.is_none() {
-            return Vec::new();
+            return;
         }
         {
             let mut idle = lock(&slot.idle_since);
             let since = *idle.get_or_insert_with(Instant::now);
             if since.elapsed() < SESSION_IDLE || slot.unsettled.load(Ordering::Acquire) > 0 {
-                return Vec::new();
+                return;
             }
         }
-        let last = {
-            let mut guard = slot.link.lock().await;
-            match guard.as_mut() {
-                Some(link) => link.receive(16, Duration::from_millis(50)).await,
-                None => return Vec::new(),
-            }
-        };
-        match last {
-            Ok(messages) if !messages.is_empty() => {
-                *lock(&slot.idle_since) = None;
-                self.accept(messages, slot).await
-            }
-            _ => {
-                self.release(slot, true).await;
-                Vec::new()
-            }
-        }
+        self.release(slot).await;
     }
 
     /// Renews a held session's lock when it is due, unless a message of it is past
     /// its lease (then the lock runs out, and the service gives the message to the
     /// next reader).
-    async fn renew_session_if_due(
-        &self,
-        slot: &Arc<Slot>,
-        link: &mut Link,
-    ) -> std::result::Result<(), azure_core::Error> {
+    async fn renew_session_if_due(&self, slot: &Arc<Slot>) -> Result<()> {
+        let Some(session) = &slot.session else {
+            return Ok(());
+        };
         let now = Instant::now();
         let due = lock(&slot.renew_at).is_some_and(|at| at <= now);
         let leases_hold = || {
@@ -519,28 +475,54 @@ impl ServiceBusSubscription {
                 .filter(|i| Arc::ptr_eq(&i.slot, slot))
                 .all(|i| i.lease_until > now)
         };
-        if let Link::Session(receiver) = link
-            && due
-            && leases_hold()
-        {
-            receiver.renew_session_lock().await?;
-            *lock(&slot.renew_at) = link.session_renewal();
+        if due && leases_hold() {
+            let until = self.renew_session_lock(session).await?;
+            *lock(&slot.renew_at) = Some(renewal_time(until));
         }
         Ok(())
     }
 
-    /// Lets a session go when it ran dry and nothing of it is unsettled, or when it
-    /// failed (`ended`).
-    async fn release(&self, slot: &Arc<Slot>, ended: bool) {
-        if slot.session.is_none() || (!ended && slot.unsettled.load(Ordering::Acquire) > 0) {
+    /// Renews the lock of a session; returns until when it holds.
+    async fn renew_session_lock(&self, session: &str) -> Result<SystemTime> {
+        let response = self
+            .management
+            .call::<RenewSessionLock>(
+                management::body([("session-id", Value::String(session.to_owned()))]),
+                None,
+            )
+            .await?;
+        let until = response
+            .body
+            .as_ref()
+            .and_then(|b| management::field(b, "expiration"))
+            .and_then(management::timestamp)
+            .ok_or_else(|| management::malformed("renew-session-lock"))?;
+        Ok(system_time(until.milliseconds()))
+    }
+
+    /// Lets a session go: its link is closed (the service gives back any message of
+    /// it still locked).
+    async fn release(&self, slot: &Arc<Slot>) {
+        if slot.session.is_none() {
             return;
         }
         let link = slot.link.lock().await.take();
         lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
         if let Some(link) = link
-            && let Err(e) = link.dispose().await
+            && let Err(e) = link.receiver.close().await
         {
             tracing::debug!(error = %e, "closing a drained Service Bus session");
+        }
+    }
+
+    /// Drops a plain link that failed; the next receive opens a new one.
+    async fn discard(&self, slot: &Arc<Slot>) {
+        let link = slot.link.lock().await.take();
+        lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
+        if let Some(link) = link {
+            tokio::spawn(async move {
+                let _ = link.receiver.close().await;
+            });
         }
     }
 
@@ -548,21 +530,26 @@ impl ServiceBusSubscription {
     /// of the topic are completed here (they are not for this one).
     async fn accept(
         &self,
-        messages: Vec<ServiceBusReceivedMessage>,
+        deliveries: Vec<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>,
         slot: &Arc<Slot>,
     ) -> Vec<ReceivedMessage> {
-        let mut out = Vec::with_capacity(messages.len());
+        let mut out = Vec::with_capacity(deliveries.len());
         let mut foreign = Vec::new();
-        for m in messages {
-            let token = token_text(m.lock_token());
-            match self.convert(m, slot) {
+        for d in deliveries {
+            let tag = d.delivery_tag().to_vec();
+            let (info, message) = d.into_parts();
+            let Some(token) = lock_token_of(&message, Some(&tag)) else {
+                tracing::warn!(path = %self.path, "a Service Bus message without a lock token");
+                continue;
+            };
+            match self.convert(message, token.clone(), Origin::Link(info), slot) {
                 Some(r) => out.push(r),
-                None => foreign.push(token),
+                None => foreign.push(token_text(&token)),
             }
         }
         for token in foreign {
             if let Err(e) = self
-                .settle_one(&AckToken::Text(token), &Settlement::Ack)
+                .act(&AckToken::Text(token), Action::Settle(&Settlement::Ack))
                 .await
             {
                 tracing::warn!(error = %e, "completing a message redriven elsewhere");
@@ -571,25 +558,45 @@ impl ServiceBusSubscription {
         out
     }
 
+    /// A received message as a delivery, remembered until it is settled; `None` for a
+    /// message redriven to another subscription (remembered too, to be completed).
     fn convert(
         &self,
-        message: ServiceBusReceivedMessage,
+        message: AmqpMessage,
+        lock_token: Uuid,
+        origin: Origin,
         slot: &Arc<Slot>,
     ) -> Option<ReceivedMessage> {
-        let raw_message = message.raw_amqp_message();
-        let (mut raw, typed) = raw_of(raw_message);
-        if let Some(target) = raw.attributes.remove(REDRIVE_PROPERTY)
-            && self.shared.config.entities == EntityKind::Topics
-            && target != self.subscription
-        {
+        let (mut raw, typed) = raw_of(&message, self.shared.config.prefix);
+        let foreign = raw
+            .attributes
+            .remove(REDRIVE_PROPERTY)
+            .is_some_and(|target| {
+                self.shared.config.entities == EntityKind::Topics && target != self.subscription
+            });
+        let token = token_text(&lock_token);
+        let attempt = message
+            .header
+            .as_ref()
+            .map_or(1, |h| h.delivery_count.saturating_add(1));
+        let lease = annotation_time(&message, "x-opt-locked-until")
+            .and_then(|until| (until - Utc::now()).to_std().ok());
+        slot.unsettled.fetch_add(1, Ordering::AcqRel);
+        lock(&self.inflight).insert(
+            token.clone(),
+            Inflight {
+                lock_token,
+                sequence: sequence_of(&message),
+                origin,
+                slot: slot.clone(),
+                lease_until: Instant::now() + lease.unwrap_or(MIN_LOCK),
+            },
+        );
+        if foreign {
             return None;
         }
-        let token = token_text(message.lock_token());
-        let attempt = message.delivery_count().unwrap_or(1).max(1);
-        let lease = annotation_time(raw_message, "x-opt-locked-until")
-            .and_then(|until| (until - Utc::now()).to_std().ok());
-        let published_at = annotation_time(raw_message, "x-opt-enqueued-time");
-        let ordering_key = message.session_id().map(str::to_owned);
+        let published_at = annotation_time(&message, "x-opt-enqueued-time");
+        let ordering_key = session_id_of(&message);
         let size = raw.size();
         let event = match self.shared.codec.decode(&raw) {
             Ok(mut event) => {
@@ -598,15 +605,6 @@ impl ServiceBusSubscription {
             }
             Err(e) => Err((raw, e)),
         };
-        slot.unsettled.fetch_add(1, Ordering::AcqRel);
-        lock(&self.inflight).insert(
-            token.clone(),
-            Inflight {
-                message,
-                slot: slot.clone(),
-                lease_until: Instant::now() + lease.unwrap_or(MIN_LOCK),
-            },
-        );
         Some(ReceivedMessage {
             event,
             token: AckToken::Text(token),
@@ -618,11 +616,22 @@ impl ServiceBusSubscription {
         })
     }
 
-    async fn settle_one(&self, token: &AckToken, settlement: &Settlement) -> Result<()> {
-        self.act(token, Action::Settle(settlement)).await
+    /// Forgets unsettled messages long past their lease (a consumer that never
+    /// settles them must not grow this map without bound).
+    fn forget_expired(&self) {
+        let now = Instant::now();
+        lock(&self.inflight).retain(|_, i| {
+            let keep = i.lease_until + FORGET_AFTER > now;
+            if !keep {
+                i.slot.unsettled.fetch_sub(1, Ordering::AcqRel);
+            }
+            keep
+        });
     }
 
-    /// Does `action` with the unsettled message of `token` on the link it came from.
+    /// Does `action` with the unsettled message of `token`: on the link it came from,
+    /// or through the management node. A settlement that failed and may succeed when
+    /// tried again leaves the message unsettled (its lock token is kept).
     async fn act(&self, token: &AckToken, action: Action<'_>) -> Result<()> {
         let key = token.as_text().unwrap_or_default().to_owned();
         let Some(mut inflight) = lock(&self.inflight).remove(&key) else {
@@ -635,75 +644,207 @@ impl ServiceBusSubscription {
             ));
         };
         let slot = inflight.slot.clone();
-        let result = {
-            let mut link = slot.link.lock().await;
-            match link.as_mut() {
-                None => Err(Error::new(
-                    ErrorKind::LeaseExpired,
-                    format!("the link of lock token {key} on {} is closed", self.path),
-                )),
-                Some(link) => {
-                    let applied = link.apply(&mut inflight.message, action).await;
-                    if applied.is_ok()
-                        && let Action::Settle(Settlement::Extend { lease }) = action
-                    {
-                        inflight.lease_until = Instant::now() + *lease;
-                        *lock(&slot.renew_at) = link.session_renewal();
-                    }
-                    applied.map_err(|e| {
-                        sb_error(e, &format!("{} {key} on {}", action.label(), self.path))
-                    })
-                }
-            }
-        };
-        if action.is_final() || result.is_err() {
-            slot.unsettled.fetch_sub(1, Ordering::AcqRel);
+        let result = if Instant::now() > inflight.lease_until {
+            Err(Error::new(
+                ErrorKind::LeaseExpired,
+                format!(
+                    "the lock of {key} on {} ran out before the {}",
+                    self.path,
+                    action.label()
+                ),
+            ))
         } else {
+            self.apply(&mut inflight, action).await
+        };
+        let keep = match &result {
+            Ok(()) => !action.is_final(),
+            Err(e) => e.is_retryable(),
+        };
+        if keep {
             lock(&self.inflight).insert(key, inflight);
+        } else {
+            slot.unsettled.fetch_sub(1, Ordering::AcqRel);
         }
         result
     }
+
+    async fn apply(&self, inflight: &mut Inflight, action: Action<'_>) -> Result<()> {
+        let what = format!(
+            "{} {} on {}",
+            action.label(),
+            token_text(&inflight.lock_token),
+            self.path
+        );
+        if let Action::Settle(Settlement::Extend { lease }) = action {
+            let lease = *lease;
+            match &inflight.slot.session {
+                // A session message's lock is the session lock.
+                Some(session) => {
+                    let until = self.renew_session_lock(session).await?;
+                    *lock(&inflight.slot.renew_at) = Some(renewal_time(until));
+                }
+                None => {
+                    let body = management::body([(
+                        "lock-tokens",
+                        management::lock_tokens(&[inflight.lock_token.clone()]),
+                    )]);
+                    self.management.call::<RenewLock>(body, None).await?;
+                }
+            }
+            inflight.lease_until = Instant::now() + lease;
+            return Ok(());
+        }
+        if let Origin::Link(info) = inflight.origin.clone() {
+            let mut guard = inflight.slot.link.lock().await;
+            match guard.as_mut() {
+                Some(link) => {
+                    let disposed = match action {
+                        Action::Settle(Settlement::Ack) => link.receiver.accept(info).await,
+                        Action::Settle(Settlement::DeadLetter {
+                            reason,
+                            description,
+                        }) => {
+                            link.receiver
+                                .reject(info, dead_letter_error(reason, description))
+                                .await
+                        }
+                        Action::Defer => {
+                            link.receiver
+                                .modify(
+                                    info,
+                                    Modified {
+                                        delivery_failed: None,
+                                        undeliverable_here: Some(true),
+                                        message_annotations: None,
+                                    },
+                                )
+                                .await
+                        }
+                        Action::Settle(_) => {
+                            link.receiver
+                                .modify(
+                                    info,
+                                    Modified {
+                                        delivery_failed: Some(true),
+                                        undeliverable_here: None,
+                                        message_annotations: None,
+                                    },
+                                )
+                                .await
+                        }
+                    };
+                    match disposed {
+                        Ok(()) => return Ok(()),
+                        Err(e) => {
+                            tracing::debug!(error = %e, %what, "the receiving link is gone");
+                        }
+                    }
+                }
+                None => {}
+            }
+            drop(guard);
+            if inflight.slot.session.is_some() {
+                // A session's messages can only be settled on the session's link.
+                return Err(Error::new(
+                    ErrorKind::LeaseExpired,
+                    format!("{what}: the session's link is closed, and its lock with it"),
+                ));
+            }
+            // The link is gone; the lock may still hold: settle by lock token.
+            inflight.origin = Origin::Management;
+        }
+        let mut body = management::body([
+            (
+                "lock-tokens",
+                management::lock_tokens(&[inflight.lock_token.clone()]),
+            ),
+            (
+                "disposition-status",
+                Value::String(action.disposition_status().to_owned()),
+            ),
+        ]);
+        if let Action::Settle(Settlement::DeadLetter {
+            reason,
+            description,
+        }) = action
+        {
+            body.insert(
+                Value::String("deadletter-reason".to_owned()),
+                Value::String(reason.clone()),
+            );
+            body.insert(
+                Value::String("deadletter-description".to_owned()),
+                Value::String(description.clone()),
+            );
+        }
+        if let Some(session) = &inflight.slot.session {
+            body.insert(
+                Value::String("session-id".to_owned()),
+                Value::String(session.clone()),
+            );
+        }
+        self.management
+            .call::<UpdateDisposition>(body, None)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// The rejection that dead-letters, with the reason and description as the service
+/// reads them.
+fn dead_letter_error(reason: &str, description: &str) -> definitions::Error {
+    let mut info = fe2o3_amqp::types::definitions::Fields::new();
+    info.insert(
+        Symbol::from("DeadLetterReason"),
+        Value::String(reason.to_owned()),
+    );
+    info.insert(
+        Symbol::from("DeadLetterErrorDescription"),
+        Value::String(description.to_owned()),
+    );
+    definitions::Error::new(
+        ErrorCondition::Custom(Symbol::from(DEAD_LETTER_CONDITION)),
+        None,
+        info,
+    )
+}
+
+/// A time from Unix milliseconds.
+fn system_time(ms: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// Accepts sessions of a session-enabled queue or subscription while fewer than
 /// [`MAX_SESSIONS`] are held, on a connection of its own: accepting waits for the
-/// service, and must not hold up the bus's other links (nor be cancelled halfway).
+/// service, and must not hold up the bus's other links.
 async fn accept_sessions(
     shared: Arc<Shared>,
-    topic: String,
-    subscription: String,
+    path: String,
     slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
     closed: Arc<AtomicBool>,
     error: Arc<SyncMutex<Option<Error>>>,
 ) {
-    let path = shared.path(&topic, &subscription);
-    let mut client = match super::new_client(&shared.config, 0).await {
-        Ok(c) => c,
-        Err(e) => {
-            *lock(&error) = Some(e);
-            return;
-        }
-    };
-    let queue = shared.config.entities == EntityKind::Queues;
+    let amqp = Amqp::new(shared.config.clone());
     while !closed.load(Ordering::Acquire) {
         if lock(&slots).len() >= MAX_SESSIONS {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        let options = ServiceBusSessionReceiverOptions::default();
-        let accepted = if queue {
-            client
-                .accept_next_session_for_queue(topic.clone(), options)
-                .await
-        } else {
-            client
-                .accept_next_session_for_subscription(&topic, &subscription, options)
-                .await
-        };
-        match accepted {
-            Ok(receiver) => {
-                let session = receiver.session_id().to_owned();
-                let slot = Arc::new(Slot::new(Link::Session(receiver), Some(session)));
+        match amqp
+            .receiver(&path, ReceiveMode::PeekLock, Some(None))
+            .await
+        {
+            Ok((_live, receiver)) => {
+                let Some(session) = session_of(&receiver) else {
+                    tracing::warn!(%path, "the service gave a session receiver without its session");
+                    let _ = receiver.close().await;
+                    continue;
+                };
+                let link = Link {
+                    locked_until: session_locked_until(&receiver),
+                    receiver,
+                };
+                let slot = Arc::new(Slot::new(link, Some(session)));
                 // `close` sets `closed` and takes the slots under the same lock, so a
                 // session accepted meanwhile is either taken by it or closed here.
                 let late = {
@@ -717,68 +858,38 @@ async fn accept_sessions(
                 };
                 if let Some(slot) = late {
                     if let Some(link) = slot.link.lock().await.take() {
-                        let _ = link.dispose().await;
+                        let _ = link.receiver.close().await;
                     }
                     break;
                 }
             }
-            Err(e) if connection_lost(&e) => {
-                // The service closed the connection (maintenance, idle) or the network
-                // dropped it: the held sessions fail on their next read; accepting
-                // goes on over a new connection.
-                tracing::debug!(error = %e, "the session acceptor's connection is gone");
-                match super::new_client(&shared.config, 0).await {
-                    Ok(fresh) => {
-                        let old = std::mem::replace(&mut client, fresh);
-                        let _ = old.dispose().await;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "reconnecting the session acceptor");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-            Err(e) => {
-                let e = sb_error(e, &format!("accept a session of {path}"));
-                let pause = match e.kind() {
+            Err(f) => {
+                let pause = match f.error.kind() {
                     ErrorKind::NotFound | ErrorKind::PermissionDenied => {
-                        *lock(&error) = Some(e);
+                        *lock(&error) = Some(f.error);
                         Duration::from_secs(1)
                     }
                     // No session has messages now (the service answers after its
-                    // timeout, the emulators at once).
-                    _ => Duration::from_millis(50),
+                    // timeout, the emulators at once), or the connection is being
+                    // opened anew.
+                    ErrorKind::Timeout | ErrorKind::Unavailable => Duration::from_millis(50),
+                    _ => {
+                        tracing::debug!(error = %f.error, %path, "accepting a session");
+                        Duration::from_millis(200)
+                    }
                 };
                 tokio::time::sleep(pause).await;
             }
         }
     }
-    if let Err(e) = client.dispose().await {
-        tracing::debug!(error = %e, "closing the session acceptor's connection");
-    }
+    amqp.close().await;
 }
 
 impl Drop for ServiceBusSubscription {
-    /// A consumer dropped without `close` still detaches its links: an abandoned
-    /// azservicebus link leaves the shared AMQP session unusable for the next one.
+    /// A consumer dropped without `close` still ends its session acceptor; its links
+    /// close as they are dropped.
     fn drop(&mut self) {
         self.closed.store(true, Ordering::Release);
-        let links: Vec<Link> = lock(&self.slots)
-            .drain(..)
-            .filter_map(|slot| slot.link.try_lock().ok().and_then(|mut l| l.take()))
-            .collect();
-        if links.is_empty() {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                for link in links {
-                    if let Err(e) = link.dispose().await {
-                        tracing::debug!(error = %e, "closing a dropped Service Bus receiver");
-                    }
-                }
-            });
-        }
     }
 }
 
@@ -786,7 +897,9 @@ impl Drop for ServiceBusSubscription {
 impl SubscriptionDriver for ServiceBusSubscription {
     async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
         let until = Instant::now() + wait;
-        let max = u32::try_from(max.max(1)).unwrap_or(u32::MAX);
+        let max = max.max(1);
+        let max_credit = u32::try_from(max).unwrap_or(u32::MAX);
+        self.forget_expired();
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return Err(Error::closed(format!(
@@ -795,10 +908,10 @@ impl SubscriptionDriver for ServiceBusSubscription {
                 )));
             }
             {
-                let mut fetched = lock(&self.fetched);
-                if !fetched.is_empty() {
-                    let take = fetched.len().min(max as usize);
-                    return Ok(fetched.drain(..take).collect());
+                let mut pending = lock(&self.pending);
+                if !pending.is_empty() {
+                    let take = pending.len().min(max);
+                    return Ok(pending.drain(..take).collect());
                 }
             }
             let links = self.links().await?;
@@ -809,13 +922,21 @@ impl SubscriptionDriver for ServiceBusSubscription {
             let count = u32::try_from(links.len().max(1)).unwrap_or(u32::MAX);
             let offset = self.rotation.fetch_add(1, Ordering::Relaxed) % links.len().max(1);
             let turn = links.iter().cycle().skip(offset).take(links.len());
-            let reads = turn
-                .take(max as usize)
-                .enumerate()
-                .map(|(i, slot)| async move {
+            let what = format!("receive from {}", self.path);
+            let reads = turn.take(max).enumerate().map(|(i, slot)| {
+                let what = &what;
+                async move {
                     let i = u32::try_from(i).unwrap_or(u32::MAX);
-                    let share = max / count + u32::from(i < max % count);
-                    let share = share.max(1);
+                    let share = (max_credit / count + u32::from(i < max_credit % count)).max(1);
+                    if let Err(e) = self.renew_session_if_due(slot).await {
+                        return Some((
+                            slot,
+                            Err(error::Failure {
+                                error: e,
+                                scope: Scope::Link,
+                            }),
+                        ));
+                    }
                     let mut guard = if slot.session.is_some() {
                         // Another receive is reading this session.
                         slot.link.try_lock().ok()?
@@ -823,12 +944,9 @@ impl SubscriptionDriver for ServiceBusSubscription {
                         slot.link.lock().await
                     };
                     let link = guard.as_mut()?;
-                    if let Err(e) = self.renew_session_if_due(slot, link).await {
-                        return Some((slot, Err(e)));
-                    }
-                    Some((slot, link.receive(share, slice).await))
-                });
-            let mut out = Vec::new();
+                    Some((slot, link.receive(share, slice, what).await))
+                }
+            });
             let done: Vec<_> = futures::future::join_all(reads)
                 .await
                 .into_iter()
@@ -840,24 +958,31 @@ impl SubscriptionDriver for ServiceBusSubscription {
                 // link must get it).
                 tokio::time::sleep(remaining.min(SESSION_SLICE)).await;
             }
+            let mut out = Vec::new();
             for (slot, received) in done {
                 match received {
-                    Ok(messages) if !messages.is_empty() => {
+                    Ok(deliveries) if !deliveries.is_empty() => {
                         *lock(&slot.idle_since) = None;
-                        out.extend(self.accept(messages, slot).await);
+                        out.extend(self.accept(deliveries, slot).await);
                     }
-                    Ok(_) => out.extend(self.release_idle(slot).await),
-                    Err(e) => {
-                        let e = sb_error(e, &format!("receive from {}", self.path));
+                    Ok(_) => self.release_idle(slot).await,
+                    Err(f) => {
                         if slot.session.is_none() {
-                            return Err(e);
+                            if f.scope != Scope::Operation {
+                                self.discard(slot).await;
+                            }
+                            return Err(f.error);
                         }
-                        tracing::debug!(error = %e, "a Service Bus session ended");
-                        self.release(slot, true).await;
+                        tracing::debug!(error = %f.error, "a Service Bus session ended");
+                        self.release(slot).await;
                     }
                 }
             }
             if !out.is_empty() {
+                if out.len() > max {
+                    // Never more than asked: the rest waits for the next call.
+                    lock(&self.pending).extend(out.drain(max..));
+                }
                 return Ok(out);
             }
             if Instant::now() >= until {
@@ -869,7 +994,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
     async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
         let mut results = Vec::with_capacity(items.len());
         for (token, settlement) in items {
-            results.push(self.settle_one(token, settlement).await);
+            results.push(self.act(token, Action::Settle(settlement)).await);
         }
         Ok(results)
     }
@@ -888,15 +1013,21 @@ impl SubscriptionDriver for ServiceBusSubscription {
         for slot in slots {
             let link = slot.link.lock().await.take();
             if let Some(link) = link
-                && let Err(e) = link.dispose().await
+                && let Err(e) = link.receiver.close().await
                 // Session links go down with the acceptor's connection anyway.
                 && slot.session.is_none()
                 && first_error.is_none()
             {
-                first_error = Some(sb_error(e, &format!("close the receiver of {}", self.path)));
+                first_error = Some(Error::with_source(
+                    ErrorKind::Unavailable,
+                    format!("close the receiver of {}", self.path),
+                    e,
+                ));
             }
         }
         lock(&self.inflight).clear();
+        lock(&self.pending).clear();
+        self.management.close().await;
         // The acceptor sees `closed` and closes its connection.
         lock(&self.acceptor).take();
         first_error.map_or(Ok(()), Err)
@@ -913,15 +1044,18 @@ pub struct ServiceBusDeadLetters {
     topic: String,
     subscription: String,
     path: String,
+    /// `<path>/$DeadLetterQueue`.
+    queue: String,
 }
 
 /// What a dead letter looks like, from a received or a peeked message.
 fn dead_letter_of(
-    message: &Message<Body<Value>>,
+    message: &AmqpMessage,
     source: &str,
     codec: &cloudbus_core::BinaryCodec,
+    prefix: &str,
 ) -> DeadLetter {
-    let (mut raw, typed) = raw_of(message);
+    let (mut raw, typed) = raw_of(message, prefix);
     let reason = raw.attributes.remove(DEAD_LETTER_PROPERTIES[0]);
     let description = raw.attributes.remove(DEAD_LETTER_PROPERTIES[1]);
     raw.attributes.remove(REDRIVE_PROPERTY);
@@ -937,18 +1071,11 @@ fn dead_letter_of(
         reason,
         description,
         source_entity: Some(source.to_owned()),
-        attempts: message.header.as_ref().map_or(0, |h| h.delivery_count + 1),
+        attempts: message
+            .header
+            .as_ref()
+            .map_or(0, |h| h.delivery_count.saturating_add(1)),
         dead_lettered_at: None,
-    }
-}
-
-/// Gives back integer and boolean extensions their types (binary mode carries them
-/// as typed AMQP values; the codec reads text).
-fn restore(event: &mut Event, typed: Vec<(String, ExtensionValue)>) {
-    for (name, value) in typed {
-        if event.extension(&name).is_some() {
-            event.set_extension(&name, value);
-        }
     }
 }
 
@@ -956,6 +1083,7 @@ impl ServiceBusDeadLetters {
     pub(crate) fn new(shared: Arc<Shared>, topic: &str, subscription: &str) -> Self {
         let path = shared.path(topic, subscription);
         ServiceBusDeadLetters {
+            queue: format!("{path}/$DeadLetterQueue"),
             shared,
             topic: topic.to_owned(),
             subscription: subscription.to_owned(),
@@ -963,42 +1091,33 @@ impl ServiceBusDeadLetters {
         }
     }
 
-    async fn receiver(&self, mode: ServiceBusReceiveMode) -> Result<ServiceBusReceiver> {
-        let options = ServiceBusReceiverOptions {
-            receive_mode: mode,
-            sub_queue: SubQueue::DeadLetter,
-            ..Default::default()
-        };
-        let mut client = self.shared.client.lock().await;
-        match self.shared.config.entities {
-            EntityKind::Queues => {
-                client
-                    .create_receiver_for_queue(self.topic.clone(), options)
-                    .await
-            }
-            EntityKind::Topics => {
-                client
-                    .create_receiver_for_subscription(&self.topic, &self.subscription, options)
-                    .await
-            }
-        }
-        .map_err(|e| sb_error(e, &format!("open the dead-letter queue of {}", self.path)))
+    async fn receiver(&self, mode: ReceiveMode) -> Result<Link> {
+        let (_live, receiver) = self
+            .shared
+            .amqp
+            .receiver(&self.queue, mode, None)
+            .await
+            .map_err(|f| f.error)?;
+        Ok(Link {
+            receiver,
+            locked_until: None,
+        })
     }
 
-    /// Receives up to `max` dead letters from `receiver`, stopping at the first empty
-    /// receive.
-    async fn take(
+    /// One page of dead letters (up to `max`), waiting at most half a second.
+    async fn page(
         &self,
-        receiver: &mut ServiceBusReceiver,
+        link: &mut Link,
         max: usize,
-    ) -> Result<Vec<ServiceBusReceivedMessage>> {
+    ) -> Result<Vec<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>> {
+        let what = format!("receive dead letters of {}", self.path);
         let mut out = Vec::new();
         while out.len() < max {
-            let want = u32::try_from((max - out.len()).min(100)).unwrap_or(100);
-            let got = receiver
-                .receive_messages_with_max_wait_time(want, Some(Duration::from_millis(500)))
+            let want = u32::try_from(max - out.len()).unwrap_or(u32::MAX);
+            let got = link
+                .receive(want, Duration::from_millis(500), &what)
                 .await
-                .map_err(|e| sb_error(e, &format!("receive dead letters of {}", self.path)))?;
+                .map_err(|f| f.error)?;
             if got.is_empty() {
                 break;
             }
@@ -1010,86 +1129,94 @@ impl ServiceBusDeadLetters {
     /// The message that sends a dead letter back: the same body and properties, a new
     /// MessageId (duplicate detection would drop the old one), and on a topic the
     /// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
-    fn resend(
-        &self,
-        letter: &ServiceBusReceivedMessage,
-    ) -> Result<azservicebus::ServiceBusMessage> {
-        let raw = letter.raw_amqp_message();
-        let mut message = azservicebus::ServiceBusMessage::new(body_bytes(raw));
-        message.set_content_type(letter.content_type().map(str::to_owned));
-        let mut props = ApplicationProperties::builder();
-        if let Some(existing) = &raw.application_properties {
+    fn resend(&self, letter: &AmqpMessage) -> Message<Data> {
+        let mut application = fe2o3_amqp::types::messaging::ApplicationProperties::builder();
+        if let Some(existing) = &letter.application_properties {
             for (k, v) in existing.0.iter() {
                 if !DEAD_LETTER_PROPERTIES.contains(&k.as_str()) && k != REDRIVE_PROPERTY {
-                    props = props.insert(k.clone(), v.clone());
+                    application = application.insert(k.clone(), v.clone());
                 }
             }
         }
         if self.shared.config.entities == EntityKind::Topics {
-            props = props.insert(REDRIVE_PROPERTY.to_owned(), self.subscription.clone());
+            application = application.insert(
+                REDRIVE_PROPERTY.to_owned(),
+                fe2o3_amqp::types::primitives::SimpleValue::String(self.subscription.clone()),
+            );
         }
-        *message.application_properties_mut() = Some(props.build());
-        let original = letter
-            .message_id()
-            .map(|id| id.into_owned())
-            .unwrap_or_default();
-        let sequence = sequence_of(letter.raw_amqp_message()).unwrap_or_default();
+        let original = message_id_of(letter).unwrap_or_default();
+        let sequence = sequence_of(letter).unwrap_or_default();
         let id: String = format!("redrive-{sequence}-{original}")
             .chars()
             .take(128)
             .collect();
-        message
-            .set_message_id(id)
-            .map_err(|e| Error::invalid(format!("redrive message id: {e}")))?;
-        if let Some(session) = letter.session_id() {
-            message
-                .set_session_id(session.to_owned())
-                .map_err(|e| Error::invalid(format!("redrive session id: {e}")))?;
-        }
-        Ok(message)
+        let properties = Properties {
+            message_id: Some(fe2o3_amqp::types::messaging::MessageId::String(id)),
+            content_type: letter
+                .properties
+                .as_ref()
+                .and_then(|p| p.content_type.clone()),
+            group_id: session_id_of(letter),
+            ..Default::default()
+        };
+        Message::builder()
+            .properties(properties)
+            .application_properties(application.build())
+            .data(fe2o3_amqp::types::primitives::Binary::from(
+                super::message::body_bytes(letter),
+            ))
+            .build()
     }
 }
 
 #[async_trait]
 impl DeadLetterDriver for ServiceBusDeadLetters {
     async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>> {
-        let mut receiver = self.receiver(ServiceBusReceiveMode::PeekLock).await?;
+        let management = self.shared.management(&self.queue);
         let mut out = Vec::new();
-        let mut from = None;
-        let result: Result<()> =
-            async {
-                while out.len() < max {
-                    let want = u32::try_from((max - out.len()).min(100)).unwrap_or(100);
-                    let peeked: Vec<ServiceBusPeekedMessage> = receiver
-                        .peek_messages(want, from)
-                        .await
-                        .map_err(|e| sb_error(e, &format!("peek dead letters of {}", self.path)))?;
-                    let Some(last) = peeked
-                        .last()
-                        .and_then(|p| sequence_of(p.raw_amqp_message()))
-                    else {
-                        break;
-                    };
-                    from = Some(last + 1);
-                    out.extend(peeked.iter().map(|p| {
-                        dead_letter_of(p.raw_amqp_message(), &self.path, &self.shared.codec)
-                    }));
-                }
-                Ok(())
-            }
-            .await;
-        if let Err(e) = receiver.dispose().await {
-            tracing::debug!(error = %e, "closing a dead-letter receiver");
+        let mut from: i64 = 0;
+        while out.len() < max {
+            let want = i32::try_from((max - out.len()).min(DEAD_LETTER_PAGE)).unwrap_or(100);
+            let response = management
+                .call::<PeekMessage>(
+                    management::body([
+                        ("from-sequence-number", Value::Long(from)),
+                        ("message-count", Value::Int(want)),
+                    ]),
+                    None,
+                )
+                .await?;
+            let messages: Vec<AmqpMessage> = response
+                .body
+                .as_ref()
+                .and_then(|b| management::field(b, "messages"))
+                .map(|m| {
+                    management::items(m)
+                        .into_iter()
+                        .filter_map(|item| {
+                            management::field(item, "message").and_then(management::decode_message)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let Some(last) = messages.last().and_then(sequence_of) else {
+                break;
+            };
+            from = last + 1;
+            out.extend(messages.iter().map(|m| {
+                dead_letter_of(m, &self.path, &self.shared.codec, self.shared.config.prefix)
+            }));
         }
-        result.map(|()| out)
+        out.truncate(max);
+        Ok(out)
     }
 
     async fn redrive(&self, max: Option<usize>) -> Result<usize> {
-        let mut receiver = self.receiver(ServiceBusReceiveMode::PeekLock).await?;
-        let mut sender = match self.shared.sender(&self.topic).await {
+        let mut link = self.receiver(ReceiveMode::PeekLock).await?;
+        let (live, mut sender) = match self.shared.sender(&self.topic).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = receiver.dispose().await;
+                let _ = link.receiver.close().await;
                 return Err(e);
             }
         };
@@ -1097,18 +1224,36 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
         let mut moved = 0;
         let result: Result<()> = async {
             while moved < limit {
-                let letters = self.take(&mut receiver, (limit - moved).min(100)).await?;
+                let letters = self
+                    .page(&mut link, (limit - moved).min(DEAD_LETTER_PAGE))
+                    .await?;
                 if letters.is_empty() {
                     break;
                 }
                 for letter in letters {
-                    let message = self.resend(&letter)?;
-                    sender
-                        .send_message(message)
-                        .await
-                        .map_err(|e| sb_error(e, &format!("redrive to {}", self.topic)))?;
-                    receiver.complete_message(&letter).await.map_err(|e| {
-                        sb_error(e, &format!("complete a dead letter of {}", self.path))
+                    let (info, message) = letter.into_parts();
+                    let resent = self.resend(&message);
+                    let what = format!("redrive to {}", self.topic);
+                    match sender.send(resent).await {
+                        Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => {}
+                        Ok(other) => {
+                            return Err(Error::new(
+                                ErrorKind::Unavailable,
+                                format!("{what}: the service did not take it ({other:?})"),
+                            ));
+                        }
+                        Err(e) => {
+                            let f = error::from_send(e, &what);
+                            self.shared.amqp.failed(&live, &f);
+                            return Err(f.error);
+                        }
+                    }
+                    link.receiver.accept(info).await.map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Unavailable,
+                            format!("complete a dead letter of {}", self.path),
+                            e,
+                        )
                     })?;
                     moved += 1;
                 }
@@ -1116,24 +1261,54 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
             Ok(())
         }
         .await;
-        let _ = sender.dispose().await;
-        let _ = receiver.dispose().await;
+        let _ = sender.close().await;
+        let _ = link.receiver.close().await;
         result.map(|()| moved)
     }
 
+    /// Receives and deletes page by page: memory holds one page at a time.
     async fn purge(&self) -> Result<usize> {
-        let mut receiver = self
-            .receiver(ServiceBusReceiveMode::ReceiveAndDelete)
-            .await?;
-        let result = self
-            .take(&mut receiver, usize::MAX)
-            .await
-            .map(|all| all.len());
-        let _ = receiver.dispose().await;
-        result
+        let mut link = self.receiver(ReceiveMode::ReceiveAndDelete).await?;
+        let mut purged = 0;
+        let result: Result<()> = async {
+            loop {
+                let page = self.page(&mut link, DEAD_LETTER_PAGE).await?;
+                if page.is_empty() {
+                    return Ok(());
+                }
+                purged += page.len();
+            }
+        }
+        .await;
+        let _ = link.receiver.close().await;
+        result.map(|()| purged)
     }
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settlements_map_to_disposition_statuses() {
+        assert_eq!(
+            Action::Settle(&Settlement::Ack).disposition_status(),
+            "completed"
+        );
+        assert_eq!(Action::Defer.disposition_status(), "defered");
+        let dl = Settlement::DeadLetter {
+            reason: "r".into(),
+            description: "d".into(),
+        };
+        assert_eq!(Action::Settle(&dl).disposition_status(), "suspended");
+        let e = dead_letter_error("r", "d");
+        assert_eq!(
+            super::super::error::condition_symbol(&e.condition),
+            DEAD_LETTER_CONDITION
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! Subscription rules from the portable [`Filter`]: a correlation filter where the
 //! filter is only exact matches on text (the cheapest rule for the service to
-//! evaluate), a SQL filter otherwise. Attributes are the `cloudEvents:`-prefixed
-//! application properties of the CloudEvents AMQP binding.
+//! evaluate), a SQL filter otherwise. Attributes are the application properties of
+//! the CloudEvents AMQP binding, under the prefix the bus writes (`cloudEvents_` or
+//! `cloudEvents:`).
 
 use cloudbus_core::{Error, Filter, Result};
 
-use super::{ATTRIBUTE_PREFIX, REDRIVE_PROPERTY};
+use super::REDRIVE_PROPERTY;
 
 /// The longest SQL filter Service Bus accepts.
 pub const MAX_SQL_LENGTH: usize = 1024;
@@ -21,35 +22,43 @@ pub enum RuleFilter {
     Correlation(Vec<(String, String)>),
 }
 
-/// Compiles the filter of subscription `subscription` into its rule. Messages that a
+/// Compiles the filter of subscription `subscription` into its rule, over attributes
+/// written with `prefix` ([`ATTRIBUTE_PREFIX`](super::ATTRIBUTE_PREFIX) unless the bus
+/// was configured otherwise). Messages that a
 /// redrive sends back to another subscription of the topic carry
 /// [`REDRIVE_PROPERTY`]; SQL rules keep them out, and the receiver completes any that
 /// a correlation rule let in.
 ///
 /// ```
 /// use cloudbus_core::Filter;
-/// use cloudbus_azure::servicebus::{compile_rule, RuleFilter};
+/// use cloudbus_azure::servicebus::{ATTRIBUTE_PREFIX, compile_rule, RuleFilter};
 /// assert_eq!(
-///     compile_rule(Some(&Filter::eq("type", "com.example.order.created")), "billing").unwrap(),
-///     RuleFilter::Correlation(vec![("cloudEvents:type".into(), "com.example.order.created".into())])
+///     compile_rule(Some(&Filter::eq("type", "com.example.order.created")), "billing", ATTRIBUTE_PREFIX)
+///         .unwrap(),
+///     RuleFilter::Correlation(vec![("cloudEvents_type".into(), "com.example.order.created".into())])
 /// );
-/// let RuleFilter::Sql(sql) = compile_rule(Some(&Filter::prefix("type", "com.example.")), "billing").unwrap()
+/// let RuleFilter::Sql(sql) =
+///     compile_rule(Some(&Filter::prefix("type", "com.example.")), "billing", "cloudEvents:").unwrap()
 ///     else { panic!() };
 /// assert_eq!(sql, "([cloudEvents:type] LIKE 'com.example.%') AND \
 ///     (NOT EXISTS([cloudbus-redrive]) OR [cloudbus-redrive] = 'billing')");
 /// ```
-pub fn compile_rule(filter: Option<&Filter>, subscription: &str) -> Result<RuleFilter> {
+pub fn compile_rule(
+    filter: Option<&Filter>,
+    subscription: &str,
+    prefix: &str,
+) -> Result<RuleFilter> {
     let Some(filter) = filter else {
         return Ok(RuleFilter::True);
     };
-    if let Some(pairs) = correlation(filter) {
+    if let Some(pairs) = correlation(filter, prefix) {
         return Ok(RuleFilter::Correlation(pairs));
     }
     let guard = format!(
         "(NOT EXISTS([{REDRIVE_PROPERTY}]) OR [{REDRIVE_PROPERTY}] = {})",
         literal(subscription)
     );
-    let sql = format!("({}) AND {guard}", sql(filter)?);
+    let sql = format!("({}) AND {guard}", sql(filter, prefix)?);
     if sql.len() > MAX_SQL_LENGTH {
         return Err(Error::invalid(format!(
             "the Service Bus SQL filter would be {} characters, more than the {MAX_SQL_LENGTH} \
@@ -61,10 +70,10 @@ pub fn compile_rule(filter: Option<&Filter>, subscription: &str) -> Result<RuleF
 }
 
 /// The property a filter attribute reads.
-fn property(attribute: &str) -> String {
+fn property(attribute: &str, prefix: &str) -> String {
     match attribute {
         "datacontenttype" => "sys.ContentType".to_owned(),
-        other => format!("[{ATTRIBUTE_PREFIX}{other}]"),
+        other => format!("[{prefix}{other}]"),
     }
 }
 
@@ -85,7 +94,7 @@ fn literals(value: &str) -> Vec<String> {
 }
 
 /// Exact text matches only, each attribute once, values that cannot be typed.
-fn correlation(filter: &Filter) -> Option<Vec<(String, String)>> {
+fn correlation(filter: &Filter, prefix: &str) -> Option<Vec<(String, String)>> {
     let parts: Vec<&Filter> = match filter {
         Filter::And(all) if !all.is_empty() => all.iter().collect(),
         single => vec![single],
@@ -102,23 +111,23 @@ fn correlation(filter: &Filter) -> Option<Vec<(String, String)>> {
             || literals(value).len() > 1
             || pairs
                 .iter()
-                .any(|(k, _)| k.strip_prefix(ATTRIBUTE_PREFIX) == Some(attribute.as_str()))
+                .any(|(k, _)| k.strip_prefix(prefix) == Some(attribute.as_str()))
         {
             return None;
         }
-        pairs.push((format!("{ATTRIBUTE_PREFIX}{attribute}"), value.clone()));
+        pairs.push((format!("{prefix}{attribute}"), value.clone()));
     }
     Some(pairs)
 }
 
-fn sql(filter: &Filter) -> Result<String> {
+fn sql(filter: &Filter, names: &str) -> Result<String> {
     Ok(match filter {
         Filter::Equals { attribute, values } => {
             if values.is_empty() {
                 return Ok("1=0".into());
             }
             let all: Vec<String> = values.iter().flat_map(|v| literals(v)).collect();
-            format!("{} IN ({})", property(attribute), all.join(", "))
+            format!("{} IN ({})", property(attribute, names), all.join(", "))
         }
         Filter::Prefix { attribute, prefix } => {
             let escaped: String = prefix
@@ -135,7 +144,7 @@ fn sql(filter: &Filter) -> Result<String> {
             };
             format!(
                 "{} LIKE {}{escape}",
-                property(attribute),
+                property(attribute, names),
                 literal(&format!("{escaped}%"))
             )
         }
@@ -144,7 +153,7 @@ fn sql(filter: &Filter) -> Result<String> {
             min,
             max,
         } => {
-            let p = property(attribute);
+            let p = property(attribute, names);
             let mut parts = vec![format!("EXISTS({p})")];
             if let Some(min) = min {
                 parts.push(format!("{p} >= {}", number(*min)?));
@@ -155,7 +164,7 @@ fn sql(filter: &Filter) -> Result<String> {
             parts.join(" AND ")
         }
         Filter::Exists { attribute, present } => {
-            let p = property(attribute);
+            let p = property(attribute, names);
             if *present {
                 format!("EXISTS({p})")
             } else {
@@ -163,7 +172,7 @@ fn sql(filter: &Filter) -> Result<String> {
             }
         }
         Filter::AnythingBut { attribute, values } => {
-            let p = property(attribute);
+            let p = property(attribute, names);
             if values.is_empty() {
                 format!("EXISTS({p})")
             } else {
@@ -171,18 +180,18 @@ fn sql(filter: &Filter) -> Result<String> {
                 format!("EXISTS({p}) AND {p} NOT IN ({})", all.join(", "))
             }
         }
-        Filter::And(all) => join(all, " AND ", "1=1")?,
-        Filter::Or(any) => join(any, " OR ", "1=0")?,
+        Filter::And(all) => join(all, " AND ", "1=1", names)?,
+        Filter::Or(any) => join(any, " OR ", "1=0", names)?,
     })
 }
 
-fn join(filters: &[Filter], op: &str, empty: &str) -> Result<String> {
+fn join(filters: &[Filter], op: &str, empty: &str, names: &str) -> Result<String> {
     if filters.is_empty() {
         return Ok(empty.to_owned());
     }
     let parts: Result<Vec<String>> = filters
         .iter()
-        .map(|f| sql(f).map(|s| format!("({s})")))
+        .map(|f| sql(f, names).map(|s| format!("({s})")))
         .collect();
     Ok(parts?.join(op))
 }
@@ -205,7 +214,7 @@ mod tests {
     use super::*;
 
     fn sql_of(f: &Filter) -> String {
-        match compile_rule(Some(f), "s").unwrap() {
+        match compile_rule(Some(f), "s", "cloudEvents:").unwrap() {
             RuleFilter::Sql(s) => s,
             other => panic!("{other:?}"),
         }
@@ -246,19 +255,23 @@ mod tests {
     fn equalities_become_a_correlation_filter() {
         let f = Filter::and([Filter::eq("type", "t"), Filter::eq("subject", "s")]);
         assert_eq!(
-            compile_rule(Some(&f), "x").unwrap(),
+            compile_rule(Some(&f), "x", "cloudEvents_").unwrap(),
             RuleFilter::Correlation(vec![
-                ("cloudEvents:type".into(), "t".into()),
-                ("cloudEvents:subject".into(), "s".into())
+                ("cloudEvents_type".into(), "t".into()),
+                ("cloudEvents_subject".into(), "s".into())
             ])
         );
-        assert_eq!(compile_rule(None, "x").unwrap(), RuleFilter::True);
+        assert_eq!(
+            compile_rule(None, "x", "cloudEvents_").unwrap(),
+            RuleFilter::True
+        );
     }
 
     #[test]
     fn too_long_is_refused() {
         let values: Vec<String> = (0..200).map(|i| format!("value-{i}")).collect();
-        let e = compile_rule(Some(&Filter::one_of("type", values)), "s").unwrap_err();
+        let e =
+            compile_rule(Some(&Filter::one_of("type", values)), "s", "cloudEvents_").unwrap_err();
         assert!(e.message().contains("1024"), "{e}");
     }
 }
