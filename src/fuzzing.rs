@@ -118,6 +118,15 @@ pub fn decode_eventgrid_push(data: &[u8]) {
     }
 }
 
+/// A Service Bus message: the bytes of an encoded AMQP message (header, annotations,
+/// properties, application properties, body sections) as a receiver gets them.
+#[cfg(feature = "servicebus")]
+pub fn decode_servicebus_message(data: &[u8]) {
+    if let Ok(event) = crate::azure::servicebus::decode_amqp_message(data) {
+        round_trips("Service Bus AMQP message", &event);
+    }
+}
+
 /// A wire decoder run on fuzz input.
 pub type Decoder = fn(&[u8]);
 
@@ -136,6 +145,8 @@ pub const DECODERS: &[(&str, Decoder)] = &[
     ("sns_eventbridge_envelope", decode_sns_eventbridge_envelope),
     #[cfg(feature = "eventgrid")]
     ("eventgrid_push", decode_eventgrid_push),
+    #[cfg(feature = "servicebus")]
+    ("servicebus_message", decode_servicebus_message),
 ];
 
 /// Runs every decoder of [`DECODERS`] over `data`.

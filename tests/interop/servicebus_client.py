@@ -15,6 +15,7 @@ import json
 import sys
 
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
+from azure.servicebus._pyamqp.types import TYPE, VALUE, AMQPTypes
 from cloudevents.core.bindings.amqp import (
     AMQPMessage,
     from_amqp,
@@ -46,6 +47,18 @@ def described(event, mode):
     }
 
 
+def amqp_properties(application_properties):
+    """The SDK writes `time` as milliseconds in a plain int (its reading of the
+    binding's AMQP timestamp), which azure-servicebus cannot encode (it tries an AMQP
+    int); it goes as an AMQP timestamp, the type the binding names."""
+    out = {}
+    for k, v in application_properties.items():
+        if k.endswith("time") and isinstance(v, int):
+            v = {TYPE: AMQPTypes.timestamp, VALUE: v}
+        out[k] = v
+    return out
+
+
 def send(connection, queue, ty):
     events = []
     with ServiceBusClient.from_connection_string(connection) as client:
@@ -68,7 +81,7 @@ def send(connection, queue, ty):
                 sender.send_messages(
                     ServiceBusMessage(
                         body=message.application_data,
-                        application_properties=message.application_properties or None,
+                        application_properties=amqp_properties(message.application_properties) or None,
                         content_type=message.properties.get("content-type"),
                         message_id=event.get_id(),
                     )

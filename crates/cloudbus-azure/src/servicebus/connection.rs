@@ -21,6 +21,7 @@ use fe2o3_amqp::{Connection, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
 use fe2o3_amqp_management::client::MgmtClient;
+use fe2o3_amqp_management::error::AttachError;
 use serde_amqp::described::Described;
 use serde_amqp::descriptor::Descriptor;
 use tokio::sync::Mutex;
@@ -40,6 +41,8 @@ pub(crate) const LOCKED_UNTIL_UTC: &str = "com.microsoft:locked-until-utc";
 const SAS_LIFETIME: Duration = Duration::from_secs(3600);
 /// How often the renewer looks for tokens to put again.
 const RENEW_TICK: Duration = Duration::from_secs(1);
+/// How long the connection may be silent before it counts as lost (milliseconds).
+const IDLE_TIMEOUT_MS: u32 = 30_000;
 /// The AMQPS port of the service.
 const AMQPS_PORT: u16 = 5671;
 
@@ -75,13 +78,6 @@ pub(crate) struct Amqp {
 
 fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn failure(kind: ErrorKind, scope: Scope, message: String) -> Failure {
-    Failure {
-        error: Error::new(kind, message),
-        scope,
-    }
 }
 
 /// Whether a host (with or without a port) is this machine.
@@ -161,6 +157,10 @@ impl Amqp {
             .container_id(container)
             .hostname(hostname.as_str())
             .sasl_profile(SaslProfile::Anonymous)
+            // A connection that goes silent (a stalled network) is ended after this
+            // instead of holding every send and receive on it; the peer keeps it alive
+            // with empty frames at half this.
+            .idle_time_out(IDLE_TIMEOUT_MS)
             .open(url)
             .await
             .map_err(|e| Failure {
@@ -235,29 +235,37 @@ impl Amqp {
     }
 
     /// Runs `attach` on the session, authorized for `path`, within [`LINK_TIMEOUT`].
+    /// When the connection turns out to be gone (the service closed it since its last
+    /// use), it is opened anew and `attach` runs once more.
     async fn on_session<T, F>(
         &self,
         path: &str,
         what: &str,
-        attach: impl FnOnce(Arc<Live>) -> F,
+        attach: impl Fn(Arc<Live>) -> F,
     ) -> Result<(Arc<Live>, T), Failure>
     where
         F: Future<Output = Result<T, Failure>>,
     {
-        let live = self.live().await?;
-        let work = async {
-            self.authorize(&live, path).await?;
-            attach(live.clone()).await
-        };
-        let result = match tokio::time::timeout(LINK_TIMEOUT, work).await {
-            Ok(result) => result,
-            Err(_) => Err(error::timed_out(what, LINK_TIMEOUT)),
-        };
-        match result {
-            Ok(t) => Ok((live, t)),
-            Err(f) => {
-                self.failed(&live, &f);
-                Err(f)
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let live = self.live().await?;
+            let work = async {
+                self.authorize(&live, path).await?;
+                attach(live.clone()).await
+            };
+            let result = match tokio::time::timeout(LINK_TIMEOUT, work).await {
+                Ok(result) => result,
+                Err(_) => Err(error::timed_out(what, LINK_TIMEOUT)),
+            };
+            match result {
+                Ok(t) => return Ok((live, t)),
+                Err(f) => {
+                    self.failed(&live, &f);
+                    if f.scope != Scope::Connection || tries > 1 {
+                        return Err(f);
+                    }
+                }
             }
         }
     }
@@ -267,17 +275,19 @@ impl Amqp {
         let what = format!("open a sender for {entity}");
         let name = self.link_name("sender", entity);
         let target = self.audience(entity);
-        let context = what.clone();
-        self.on_session(entity, &context, |live| async move {
-            let mut session = live.session.lock().await;
-            Sender::builder()
-                .name(name)
-                .source(uuid::Uuid::new_v4().to_string())
-                .target(target)
-                .sender_settle_mode(SenderSettleMode::Unsettled)
-                .attach(&mut *session)
-                .await
-                .map_err(|e| error::from_sender_attach(e, &what))
+        self.on_session(entity, &what, |live| {
+            let (name, target, what) = (name.clone(), target.clone(), what.clone());
+            async move {
+                let mut session = live.session.lock().await;
+                Sender::builder()
+                    .name(name)
+                    .source(uuid::Uuid::new_v4().to_string())
+                    .target(target)
+                    .sender_settle_mode(SenderSettleMode::Unsettled)
+                    .attach(&mut *session)
+                    .await
+                    .map_err(|e| error::from_sender_attach(e, &what))
+            }
         })
         .await
     }
@@ -294,37 +304,40 @@ impl Amqp {
         let what = format!("open a receiver for {path}");
         let name = self.link_name("receiver", path);
         let address = self.audience(path);
-        let context = what.clone();
-        self.on_session(path, &context, |live| async move {
-            let mut source = Source::builder().address(address);
-            source = match session {
-                None => source.filter(FilterSet::new()),
-                Some(id) => source.add_to_filter(
-                    SESSION_FILTER,
-                    Some(Described {
-                        descriptor: Descriptor::Code(SESSION_FILTER_CODE),
-                        value: id.map_or(Value::Null, Value::String),
-                    }),
-                ),
-            };
-            let mut builder = Receiver::builder()
-                .name(name)
-                .source(source.build())
-                .target(uuid::Uuid::new_v4().to_string())
-                .credit_mode(CreditMode::Manual);
-            builder = match mode {
-                ReceiveMode::PeekLock => builder
-                    .sender_settle_mode(SenderSettleMode::Unsettled)
-                    .receiver_settle_mode(ReceiverSettleMode::Second),
-                ReceiveMode::ReceiveAndDelete => {
-                    builder.sender_settle_mode(SenderSettleMode::Settled)
-                }
-            };
-            let mut session = live.session.lock().await;
-            builder
-                .attach(&mut *session)
-                .await
-                .map_err(|e| error::from_receiver_attach(e, &what))
+        self.on_session(path, &what, |live| {
+            let (name, address, what, session) =
+                (name.clone(), address.clone(), what.clone(), session.clone());
+            async move {
+                let mut source = Source::builder().address(address);
+                source = match session {
+                    None => source.filter(FilterSet::new()),
+                    Some(id) => source.add_to_filter(
+                        SESSION_FILTER,
+                        Some(Described {
+                            descriptor: Descriptor::Code(SESSION_FILTER_CODE),
+                            value: id.map_or(Value::Null, Value::String),
+                        }),
+                    ),
+                };
+                let mut builder = Receiver::builder()
+                    .name(name)
+                    .source(source.build())
+                    .target(uuid::Uuid::new_v4().to_string())
+                    .credit_mode(CreditMode::Manual);
+                builder = match mode {
+                    ReceiveMode::PeekLock => builder
+                        .sender_settle_mode(SenderSettleMode::Unsettled)
+                        .receiver_settle_mode(ReceiverSettleMode::Second),
+                    ReceiveMode::ReceiveAndDelete => {
+                        builder.sender_settle_mode(SenderSettleMode::Settled)
+                    }
+                };
+                let mut session = live.session.lock().await;
+                builder
+                    .attach(&mut *session)
+                    .await
+                    .map_err(|e| error::from_receiver_attach(e, &what))
+            }
         })
         .await
     }
@@ -334,15 +347,20 @@ impl Amqp {
         let what = format!("open the management link of {path}");
         let node = format!("{path}/$management");
         let client_node = self.link_name("management", path);
-        let context = what.clone();
-        self.on_session(path, &context, |live| async move {
-            let mut session = live.session.lock().await;
-            MgmtClient::builder()
-                .management_node_address(node)
-                .client_node_addr(client_node)
-                .attach(&mut *session)
-                .await
-                .map_err(|e| failure(ErrorKind::Unavailable, Scope::Link, format!("{what}: {e}")))
+        self.on_session(path, &what, |live| {
+            let (node, client_node, what) = (node.clone(), client_node.clone(), what.clone());
+            async move {
+                let mut session = live.session.lock().await;
+                MgmtClient::builder()
+                    .management_node_address(node)
+                    .client_node_addr(client_node)
+                    .attach(&mut *session)
+                    .await
+                    .map_err(|e| match e {
+                        AttachError::Sender(e) => error::from_sender_attach(e, &what),
+                        AttachError::Receiver(e) => error::from_receiver_attach(e, &what),
+                    })
+            }
         })
         .await
     }

@@ -36,7 +36,7 @@ use fe2o3_amqp::types::messaging::{Body, Data, Message, Modified, Properties};
 use fe2o3_amqp::types::primitives::{Array, Symbol, Uuid, Value};
 use tokio::sync::Mutex;
 
-use super::connection::{Amqp, ReceiveMode, session_locked_until, session_of};
+use super::connection::{Amqp, Live, ReceiveMode, session_locked_until, session_of};
 use super::error::{self, Scope};
 use super::management::{
     self, Management, PeekMessage, ReceiveBySequenceNumber, RenewLock, RenewSessionLock,
@@ -71,6 +71,8 @@ const DEAD_LETTER_PAGE: usize = 100;
 /// A receiver link and what the service said on attach.
 struct Link {
     receiver: Receiver,
+    /// The connection it is on.
+    live: Arc<Live>,
     /// Sessions: until when the session is locked.
     locked_until: Option<SystemTime>,
 }
@@ -288,7 +290,7 @@ impl ServiceBusSubscription {
     /// Opens the plain (session-less) receiver.
     async fn open(&self) -> Result<Arc<Slot>> {
         self.check().await?;
-        let (_live, receiver) = self
+        let (live, receiver) = self
             .shared
             .amqp
             .receiver(&self.path, ReceiveMode::PeekLock, None)
@@ -296,6 +298,7 @@ impl ServiceBusSubscription {
             .map_err(|f| f.error)?;
         let link = Link {
             receiver,
+            live,
             locked_until: None,
         };
         let slot = Arc::new(Slot::new(link, None));
@@ -834,7 +837,7 @@ async fn accept_sessions(
             .receiver(&path, ReceiveMode::PeekLock, Some(None))
             .await
         {
-            Ok((_live, receiver)) => {
+            Ok((live, receiver)) => {
                 let Some(session) = session_of(&receiver) else {
                     tracing::warn!(%path, "the service gave a session receiver without its session");
                     let _ = receiver.close().await;
@@ -843,6 +846,7 @@ async fn accept_sessions(
                 let link = Link {
                     locked_until: session_locked_until(&receiver),
                     receiver,
+                    live,
                 };
                 let slot = Arc::new(Slot::new(link, Some(session)));
                 // `close` sets `closed` and takes the slots under the same lock, so a
@@ -944,7 +948,11 @@ impl SubscriptionDriver for ServiceBusSubscription {
                         slot.link.lock().await
                     };
                     let link = guard.as_mut()?;
-                    Some((slot, link.receive(share, slice, what).await))
+                    let received = link.receive(share, slice, what).await;
+                    if let Err(f) = &received {
+                        self.shared.amqp.failed(&link.live, f);
+                    }
+                    Some((slot, received))
                 }
             });
             let done: Vec<_> = futures::future::join_all(reads)
@@ -971,7 +979,14 @@ impl SubscriptionDriver for ServiceBusSubscription {
                             if f.scope != Scope::Operation {
                                 self.discard(slot).await;
                             }
-                            return Err(f.error);
+                            // A lost link or connection is opened anew while the
+                            // caller's wait lasts.
+                            if !f.error.is_retryable() || Instant::now() >= until {
+                                return Err(f.error);
+                            }
+                            tracing::debug!(error = %f.error, "reopening a Service Bus receiver");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
                         }
                         tracing::debug!(error = %f.error, "a Service Bus session ended");
                         self.release(slot).await;
@@ -1092,7 +1107,7 @@ impl ServiceBusDeadLetters {
     }
 
     async fn receiver(&self, mode: ReceiveMode) -> Result<Link> {
-        let (_live, receiver) = self
+        let (live, receiver) = self
             .shared
             .amqp
             .receiver(&self.queue, mode, None)
@@ -1100,6 +1115,7 @@ impl ServiceBusDeadLetters {
             .map_err(|f| f.error)?;
         Ok(Link {
             receiver,
+            live,
             locked_until: None,
         })
     }
