@@ -1378,6 +1378,34 @@ async fn servicebus_session_lock_is_renewed_while_held() {
     assert_eq!(got, want, "every event once, in order");
 }
 
+/// The PID of the project's Service Bus emulator, which closes every client
+/// connection with `amqp:connection:forced` on SIGUSR2; `None` after a loud message.
+fn servicebus_emulator_pid() -> Option<String> {
+    match std::env::var("SERVICEBUS_EMULATOR_PID") {
+        Ok(pid) => Some(pid),
+        Err(_) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but SERVICEBUS_EMULATOR_PID is not set (scripts/test.sh starts the emulator)"
+            );
+            eprintln!(
+                "SKIPPED: SERVICEBUS_EMULATOR_PID is not set (the emulator closes connections on SIGUSR2)"
+            );
+            None
+        }
+    }
+}
+
+/// Has the emulator close every client connection, as the service does for
+/// maintenance.
+fn close_every_connection(pid: &str) {
+    let killed = std::process::Command::new("kill")
+        .args(["-USR2", pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -USR2 {pid}");
+}
+
 /// The service closes connections now and then (maintenance, an idle connection:
 /// `amqp:connection:forced`): publishers and consumers, plain and on sessions, carry
 /// on over new connections without losing an event. The emulator closes every
@@ -1387,14 +1415,7 @@ async fn servicebus_survives_forced_connection_close() {
     if servicebus().is_none() {
         return;
     }
-    let Ok(pid) = std::env::var("SERVICEBUS_EMULATOR_PID") else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but SERVICEBUS_EMULATOR_PID is not set (scripts/test.sh starts the emulator)"
-        );
-        eprintln!(
-            "SKIPPED: SERVICEBUS_EMULATOR_PID is not set (the emulator closes connections on SIGUSR2)"
-        );
+    let Some(pid) = servicebus_emulator_pid() else {
         return;
     };
     for sessions in [false, true] {
@@ -1429,11 +1450,7 @@ async fn servicebus_survives_forced_connection_close() {
                 }
             }
             if round == 0 {
-                let killed = std::process::Command::new("kill")
-                    .args(["-USR2", &pid])
-                    .status()
-                    .expect("kill");
-                assert!(killed.success(), "kill -USR2 {pid}");
+                close_every_connection(&pid);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -1464,14 +1481,7 @@ async fn servicebus_an_ack_after_a_lost_connection_still_completes() {
     if servicebus().is_none() {
         return;
     }
-    let Ok(pid) = std::env::var("SERVICEBUS_EMULATOR_PID") else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but SERVICEBUS_EMULATOR_PID is not set (scripts/test.sh starts the emulator)"
-        );
-        eprintln!(
-            "SKIPPED: SERVICEBUS_EMULATOR_PID is not set (the emulator closes connections on SIGUSR2)"
-        );
+    let Some(pid) = servicebus_emulator_pid() else {
         return;
     };
     let bus = ServiceBusHarness {
@@ -1500,11 +1510,7 @@ async fn servicebus_an_ack_after_a_lost_connection_still_completes() {
         .await
         .expect("receive");
     assert_eq!(got.len(), 1);
-    let killed = std::process::Command::new("kill")
-        .args(["-USR2", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success(), "kill -USR2 {pid}");
+    close_every_connection(&pid);
     tokio::time::sleep(Duration::from_millis(300)).await;
     got[0]
         .ack()

@@ -97,8 +97,13 @@ pub const COLON_ATTRIBUTE_PREFIX: &str = "cloudEvents:";
 pub const REDRIVE_PROPERTY: &str = "cloudbus-redrive";
 /// Largest message (Standard tier; Premium allows up to 100 MB).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
-/// Largest batch in bytes (Standard tier).
-pub const MAX_BATCH_BYTES: usize = 256 * 1024;
+/// Largest transfer (one message, or a batch of them in the batched message format)
+/// when the link does not say (its max-message-size; Standard tier: 256 KiB).
+pub const MAX_TRANSFER_BYTES: usize = 256 * 1024;
+/// Most bytes of events handed to one send: it goes out as as few full transfers as
+/// fit (a core batch of one transfer's size would often need a second, small one,
+/// as the AMQP encoding is larger than the events' own size).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Most messages in one batch; the byte limit binds first for all but tiny events.
 pub const MAX_BATCH_COUNT: usize = 4500;
 /// Deliveries before the service dead-letters, when the spec does not say.
@@ -854,7 +859,7 @@ impl TopicDriver for ServiceBusTopic {
             .max_message_size()
             .filter(|m| *m > 0)
             .and_then(|m| usize::try_from(m).ok())
-            .unwrap_or(MAX_BATCH_BYTES);
+            .unwrap_or(MAX_TRANSFER_BYTES);
         let sizes: Vec<usize> = ready.iter().map(|(_, _, b)| b.len()).collect();
         let (groups, too_large) = message::group_by_size(&sizes, max_bytes);
         for k in too_large {

@@ -167,32 +167,23 @@ impl Amqp {
                 error: Error::with_source(ErrorKind::Unavailable, what.clone(), e),
                 scope: Scope::Connection,
             })?;
+        // A connection half set up is closed before the failure is returned.
+        let unavailable = |step: &str, e: Box<dyn std::error::Error + Send + Sync>| Failure {
+            error: Error::with_source(ErrorKind::Unavailable, format!("{what}: {step}"), e),
+            scope: Scope::Connection,
+        };
         let mut session = match Session::begin(&mut connection).await {
             Ok(s) => s,
             Err(e) => {
                 let _ = connection.close().await;
-                return Err(Failure {
-                    error: Error::with_source(
-                        ErrorKind::Unavailable,
-                        format!("{what}: begin a session"),
-                        e,
-                    ),
-                    scope: Scope::Connection,
-                });
+                return Err(unavailable("begin a session", Box::new(e)));
             }
         };
         let cbs = match CbsClient::attach(&mut session).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = connection.close().await;
-                return Err(Failure {
-                    error: Error::with_source(
-                        ErrorKind::Unavailable,
-                        format!("{what}: attach to $cbs"),
-                        e,
-                    ),
-                    scope: Scope::Connection,
-                });
+                return Err(unavailable("attach to $cbs", Box::new(e)));
             }
         };
         Ok(Live {

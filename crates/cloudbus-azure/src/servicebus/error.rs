@@ -200,13 +200,13 @@ pub(crate) fn from_send(e: SendError, what: &str) -> Failure {
             format!("{what}: the message cannot be encoded as AMQP"),
             Source::None,
         ),
-        other => Failure::new(
-            ErrorKind::Internal,
-            scope,
-            format!("{what}: {other}"),
-            other,
-        ),
+        other => unknown(other, scope, what),
     }
+}
+
+/// An error this module does not know: not retryable, its source kept.
+fn unknown(e: impl std::error::Error + Send + Sync + 'static, scope: Scope, what: &str) -> Failure {
+    Failure::new(ErrorKind::Internal, scope, format!("{what}: {e}"), e)
 }
 
 /// A failed receive.
@@ -220,12 +220,7 @@ pub(crate) fn from_recv(e: RecvError, what: &str) -> Failure {
             format!("{what}: {e}"),
             Source::None,
         ),
-        other => Failure::new(
-            ErrorKind::Internal,
-            scope,
-            format!("{what}: {other}"),
-            other,
-        ),
+        other => unknown(other, scope, what),
     }
 }
 
@@ -297,12 +292,7 @@ pub(crate) fn from_management(e: ManagementError, what: &str) -> Failure {
             format!("{what}: {e}"),
             e,
         ),
-        other => Failure::new(
-            ErrorKind::Internal,
-            Scope::Link,
-            format!("{what}: {other}"),
-            other,
-        ),
+        other => unknown(other, Scope::Link, what),
     }
 }
 

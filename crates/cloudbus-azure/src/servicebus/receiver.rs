@@ -689,7 +689,7 @@ impl ServiceBusSubscription {
                 None => {
                     let body = management::body([(
                         "lock-tokens",
-                        management::lock_tokens(&[inflight.lock_token.clone()]),
+                        management::lock_tokens(std::slice::from_ref(&inflight.lock_token)),
                     )]);
                     self.management.call::<RenewLock>(body, None).await?;
                 }
@@ -699,8 +699,8 @@ impl ServiceBusSubscription {
         }
         if let Origin::Link(info) = inflight.origin.clone() {
             let mut guard = inflight.slot.link.lock().await;
-            match guard.as_mut() {
-                Some(link) => {
+            if let Some(link) = guard.as_mut() {
+                {
                     let disposed = match action {
                         Action::Settle(Settlement::Ack) => link.receiver.accept(info).await,
                         Action::Settle(Settlement::DeadLetter {
@@ -743,7 +743,6 @@ impl ServiceBusSubscription {
                         }
                     }
                 }
-                None => {}
             }
             drop(guard);
             if inflight.slot.session.is_some() {
@@ -759,7 +758,7 @@ impl ServiceBusSubscription {
         let mut body = management::body([
             (
                 "lock-tokens",
-                management::lock_tokens(&[inflight.lock_token.clone()]),
+                management::lock_tokens(std::slice::from_ref(&inflight.lock_token)),
             ),
             (
                 "disposition-status",
@@ -1006,12 +1005,76 @@ impl SubscriptionDriver for ServiceBusSubscription {
         }
     }
 
+    /// Completions of messages of one link go as one disposition per run of
+    /// consecutive deliveries (fe2o3's `accept_all`); everything else one by one.
     async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
-        let mut results = Vec::with_capacity(items.len());
-        for (token, settlement) in items {
-            results.push(self.act(token, Action::Settle(settlement)).await);
+        let mut results: Vec<Option<Result<()>>> = items.iter().map(|_| None).collect();
+        // Acks of messages received on a link, by link, taken out of the map (so that
+        // no other settlement races them) while their locks hold.
+        let mut by_link: Vec<(Arc<Slot>, Vec<(usize, String, Inflight, DeliveryInfo)>)> =
+            Vec::new();
+        {
+            let now = Instant::now();
+            let mut inflight = lock(&self.inflight);
+            for (i, (token, settlement)) in items.iter().enumerate() {
+                if !matches!(settlement, Settlement::Ack) {
+                    continue;
+                }
+                let key = token.as_text().unwrap_or_default();
+                let Some(entry) = inflight.get(key) else {
+                    continue;
+                };
+                let Origin::Link(info) = entry.origin.clone() else {
+                    continue;
+                };
+                if entry.lease_until <= now {
+                    continue;
+                }
+                let Some(entry) = inflight.remove(key) else {
+                    continue;
+                };
+                let slot = entry.slot.clone();
+                let item = (i, key.to_owned(), entry, info);
+                match by_link.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &slot)) {
+                    Some((_, group)) => group.push(item),
+                    None => by_link.push((slot, vec![item])),
+                }
+            }
         }
-        Ok(results)
+        for (slot, group) in by_link {
+            let accepted = {
+                let guard = slot.link.lock().await;
+                match guard.as_ref() {
+                    Some(link) => link
+                        .receiver
+                        .accept_all(group.iter().map(|(_, _, _, info)| info.clone()))
+                        .await
+                        .is_ok(),
+                    None => false,
+                }
+            };
+            if accepted {
+                slot.unsettled.fetch_sub(group.len(), Ordering::AcqRel);
+                for (i, _, _, _) in group {
+                    results[i] = Some(Ok(()));
+                }
+            } else {
+                // The link is gone: back into the map, settled one by one below
+                // (through the management node).
+                let mut inflight = lock(&self.inflight);
+                for (_, key, entry, _) in group {
+                    inflight.insert(key, entry);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for ((token, settlement), done) in items.iter().zip(results) {
+            out.push(match done {
+                Some(result) => result,
+                None => self.act(token, Action::Settle(settlement)).await,
+            });
+        }
+        Ok(out)
     }
 
     fn capabilities(&self) -> Capabilities {
