@@ -485,7 +485,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// The `$management` client of an entity (one per entity and bus).
     pub(crate) fn management(&self, path: &str) -> Arc<Management> {
-        let mut all = self.managements.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = connection::lock(&self.managements);
         all.entry(path.to_owned())
             .or_insert_with(|| Arc::new(Management::new(self.amqp.clone(), path)))
             .clone()

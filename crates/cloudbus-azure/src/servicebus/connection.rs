@@ -76,7 +76,9 @@ pub(crate) struct Amqp {
     links: AtomicU64,
 }
 
-fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a std mutex, taking it over from a holder that panicked (what it guards
+/// stays consistent: maps of tokens and locks, updated in one step each).
+pub(crate) fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

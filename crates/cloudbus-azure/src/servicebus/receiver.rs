@@ -36,7 +36,7 @@ use fe2o3_amqp::types::messaging::{Body, Data, Message, Modified, Properties};
 use fe2o3_amqp::types::primitives::{Array, Symbol, Uuid, Value};
 use tokio::sync::Mutex;
 
-use super::connection::{Amqp, Live, ReceiveMode, session_locked_until, session_of};
+use super::connection::{Amqp, Live, ReceiveMode, lock, session_locked_until, session_of};
 use super::error::{self, Scope};
 use super::management::{
     self, Management, PeekMessage, ReceiveBySequenceNumber, RenewLock, RenewSessionLock,
@@ -249,10 +249,6 @@ pub struct ServiceBusSubscription {
     /// stopped it from accepting any (a missing entity, a refused key).
     acceptor: SyncMutex<Option<tokio::task::JoinHandle<()>>>,
     acceptor_error: Arc<SyncMutex<Option<Error>>>,
-}
-
-fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ServiceBusSubscription {
