@@ -10,11 +10,19 @@
 //! mode (receiver settle mode second), draining after 200 ms without a message, and
 //! completes each received batch with one `accept_all`, as cloudbus settles a batch of
 //! acks. So cloudbus's CloudEvent encode and decode, batching and settlement
-//! bookkeeping count against it.
+//! bookkeeping count against it. Both sides are warmed up first (connection, token,
+//! both links, one event through), so the timers see throughput, not set-up.
+//!
+//! Besides the rates it prints the CPU each side cost per 1,000 events, in this
+//! process and (when its PID is known) in the emulator, which is what bounds both on
+//! one machine: the emulator is a single Python process at ~0.5 ms of CPU per event.
+//! Rounds vary by ±20% on their own (the same side, back to back), so compare the
+//! medians of many rounds.
 //!
 //! Run: `cargo bench --bench azure` (BENCH_EVENTS=N, default 5,000; BENCH_ROUNDS=R,
-//! default 3, medians printed). It uses SERVICEBUS_CONNECTION_STRING (and
-//! SERVICEBUS_MANAGEMENT_ENDPOINT), or starts the project's emulator with
+//! default 3, medians printed; BENCH_ONLY=cloudbus or raw for one side alone). It
+//! uses SERVICEBUS_CONNECTION_STRING (and SERVICEBUS_MANAGEMENT_ENDPOINT, and
+//! SERVICEBUS_EMULATOR_PID), or starts the project's emulator with
 //! scripts/servicebus-emulator.sh and stops it at the end.
 
 use std::time::{Duration, Instant};
@@ -49,6 +57,17 @@ impl Drop for Started {
                 .status();
         }
     }
+}
+
+/// CPU seconds the process `pid` has used so far (user + system, from /proc), to
+/// show how much of the emulator's work each side causes.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// (connection string, management endpoint, the emulator to stop).
@@ -120,6 +139,22 @@ async fn cloudbus_round(config: &ServiceBusConfig, evs: Vec<Event>) -> (Duration
         .into_bus();
     let publisher = bus.publisher(&queue).await.expect("publisher");
     let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
+    // Warmed up as the raw side is: connection, authorization and both links open
+    // (one event through), so that the timers see throughput, not set-up.
+    publisher
+        .publish(events(1).remove(0))
+        .await
+        .expect("warm-up publish");
+    let mut warm = Vec::new();
+    while warm.is_empty() {
+        warm = consumer
+            .receive_batch(1, Duration::from_secs(5))
+            .await
+            .expect("warm-up receive");
+    }
+    for r in consumer.ack_all(&warm).await {
+        r.expect("warm-up ack");
+    }
     let start = Instant::now();
     for r in publisher.publish_batch(evs).await {
         r.expect("published");
@@ -193,6 +228,11 @@ async fn raw_round(
         .attach(&mut session)
         .await
         .expect("raw sender");
+    let max = sender
+        .max_message_size()
+        .filter(|m| *m > 0)
+        .map_or(256 * 1024, |m| m as usize)
+        - 512;
     let mut receiver = Receiver::builder()
         .name(format!("raw-receiver-{queue}"))
         .source(audience.clone())
@@ -203,11 +243,19 @@ async fn raw_round(
         .attach(&mut session)
         .await
         .expect("raw receiver");
-    let max = sender
-        .max_message_size()
-        .filter(|m| *m > 0)
-        .map_or(256 * 1024, |m| m as usize)
-        - 512;
+    // Warm-up: one message through, as on the cloudbus side.
+    // (Its own MessageId: duplicate detection would drop a second one.)
+    let mut warm = messages.first().cloned().expect("a message");
+    if let Some(p) = warm.properties.as_mut() {
+        p.message_id = Some(MessageId::String(format!("warm-up-{queue}")));
+    }
+    assert!(sender.send(warm).await.expect("warm-up send").is_accepted());
+    receiver.set_credit(1).await.expect("credit");
+    let warm = receiver
+        .recv::<Body<Value>>()
+        .await
+        .expect("warm-up receive");
+    receiver.accept(&warm).await.expect("warm-up complete");
     let start = Instant::now();
     let mut pending: Vec<Data> = Vec::new();
     let mut used = 0;
@@ -270,7 +318,11 @@ fn encoded(codec: &BinaryCodec, event: &Event) -> Message<Data> {
     let (mut raw, _) = codec.encode(event).expect("encode");
     let properties = Properties {
         content_type: raw.attributes.remove("content-type").map(Symbol::from),
-        message_id: Some(MessageId::String(event.id().to_owned())),
+        // cloudbus's MessageId: the digest of source and id, for duplicate detection.
+        message_id: Some(MessageId::String(cloudbus::driver::dedup_digest(
+            event.source(),
+            event.id(),
+        ))),
         ..Default::default()
     };
     let mut props = ApplicationProperties::builder();
@@ -299,7 +351,13 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    let (connection_string, management, _started) = namespace();
+    // BENCH_ONLY=cloudbus or raw: one side alone (to profile it).
+    let only = std::env::var("BENCH_ONLY").ok();
+    let (connection_string, management, started) = namespace();
+    let emulator = started
+        .0
+        .clone()
+        .or_else(|| std::env::var("SERVICEBUS_EMULATOR_PID").ok());
     let mut config = ServiceBusConfig::from_connection_string(&connection_string)
         .expect("connection string")
         .entities(EntityKind::Queues);
@@ -322,17 +380,40 @@ fn main() {
     );
     let mut cb = (Vec::new(), Vec::new(), Vec::new());
     let mut raw = (Vec::new(), Vec::new(), Vec::new());
+    // CPU milliseconds per 1,000 events: (this process, the emulator), per side.
+    let mut cpu: [(Vec<f64>, Vec<f64>); 2] = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    let per_thousand = |before: Option<f64>, after: Option<f64>| {
+        before
+            .zip(after)
+            .map(|(b, a)| (a - b) * 1000.0 * 1000.0 / n as f64)
+    };
     rt.block_on(async {
         for round in 0..rounds {
             // Alternate who goes first, so that neither always meets a warmer emulator.
             for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+                if only
+                    .as_deref()
+                    .is_some_and(|o| o != ["cloudbus", "raw"][side])
+                {
+                    continue;
+                }
                 let evs = events(n);
+                let own_before = cpu_seconds("self");
+                let emulator_before = emulator.as_deref().and_then(cpu_seconds);
                 let (p, c) = if side == 0 {
                     cloudbus_round(&config, evs).await
                 } else {
                     let messages = evs.iter().map(|e| encoded(&codec, e)).collect();
                     raw_round(&config, &connection_string, messages).await
                 };
+                if let Some(ms) = per_thousand(own_before, cpu_seconds("self")) {
+                    cpu[side].0.push(ms);
+                }
+                if let Some(ms) =
+                    per_thousand(emulator_before, emulator.as_deref().and_then(cpu_seconds))
+                {
+                    cpu[side].1.push(ms);
+                }
                 let target = if side == 0 { &mut cb } else { &mut raw };
                 target.0.push(n as f64 / p.as_secs_f64());
                 target.1.push(n as f64 / c.as_secs_f64());
@@ -345,12 +426,30 @@ fn main() {
         "", "publish/s", "consume/s", "end-to-end/s"
     );
     for (name, (p, c, e)) in [("raw fe2o3-amqp (baseline)", &raw), ("cloudbus", &cb)] {
+        if p.is_empty() {
+            continue;
+        }
         println!(
             "{name:<34} {:>12.0} {:>12.0} {:>12.0}",
             median(p.clone()),
             median(c.clone()),
             median(e.clone())
         );
+    }
+    for (name, (own, emulator)) in [("raw fe2o3-amqp", &cpu[1]), ("cloudbus", &cpu[0])] {
+        if !own.is_empty() {
+            print!(
+                "{name}: CPU ms per 1,000 events: bench process {:.0}",
+                median(own.clone())
+            );
+            if !emulator.is_empty() {
+                print!(", emulator {:.0}", median(emulator.clone()));
+            }
+            println!();
+        }
+    }
+    if cb.0.is_empty() || raw.0.is_empty() {
+        return;
     }
     let ratio = |a: &Vec<f64>, b: &Vec<f64>| median(a.clone()) / median(b.clone());
     println!(

@@ -101,9 +101,10 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// when the link does not say (its max-message-size; Standard tier: 256 KiB).
 pub const MAX_TRANSFER_BYTES: usize = 256 * 1024;
 /// Most bytes of events handed to one send: it goes out as as few full transfers as
-/// fit (a core batch of one transfer's size would often need a second, small one,
-/// as the AMQP encoding is larger than the events' own size).
-pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// fit, filled as they go (each send ends with a part-filled transfer, so sends much
+/// larger than a transfer keep those few; a core batch of one transfer's size would
+/// often need a second, small one, as the AMQP encoding is larger than the events').
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Most messages in one batch; the byte limit binds first for all but tiny events.
 pub const MAX_BATCH_COUNT: usize = 4500;
 /// Deliveries before the service dead-letters, when the spec does not say.
@@ -761,6 +762,48 @@ impl ServiceBusTopic {
         message::outgoing(raw, &typed, m, shared.config.sessions)
     }
 
+    /// Sends one filled transfer (nothing when it is empty) and records its messages'
+    /// results; after a lost link, fails them without trying.
+    async fn send_transfer(
+        &self,
+        live: &Live,
+        sender: &mut Sender,
+        messages: Vec<(usize, Message<Data>, Vec<u8>)>,
+        results: &mut BatchResults,
+        outcome: &mut SendOutcome,
+    ) {
+        if messages.is_empty() {
+            return;
+        }
+        let members: Vec<usize> = messages.iter().map(|(i, _, _)| *i).collect();
+        let failure = match &outcome.link_lost {
+            Some(e) => Error::new(e.kind(), e.message()),
+            None => {
+                let transfer =
+                    message::transfer(messages.into_iter().map(|(_, m, b)| (m, b)).collect());
+                let Some(transfer) = transfer else {
+                    return;
+                };
+                match self.transfer(live, sender, transfer).await {
+                    Ok(()) => {
+                        outcome.sent_any = true;
+                        return;
+                    }
+                    Err(f) => {
+                        if f.scope != error::Scope::Operation {
+                            outcome.link_lost = Some(Error::new(f.error.kind(), f.error.message()));
+                        }
+                        f.error
+                    }
+                }
+            }
+        };
+        outcome.failed += members.len();
+        for i in members {
+            results[i] = Err(Error::new(failure.kind(), failure.message()));
+        }
+    }
+
     /// Sends one transfer and waits for the service's outcome.
     async fn transfer(
         &self,
@@ -809,6 +852,98 @@ impl ServiceBusTopic {
     }
 }
 
+/// How many messages are encoded between yields to the runtime (about a millisecond).
+const ENCODE_SLICE: usize = 16;
+
+/// Encodes the messages of one `send_batch` into transfers, one transfer at a time.
+struct TransferEncoder {
+    fill: message::TransferFill,
+    max_bytes: usize,
+    /// The index of the next message to encode.
+    next: usize,
+    /// An encoded message that starts the next transfer.
+    carried: Option<(usize, Message<Data>, Vec<u8>)>,
+    /// Messages that could not be encoded, or are too large, with why.
+    failed: Vec<(usize, Error)>,
+}
+
+impl TransferEncoder {
+    fn new(max_bytes: usize) -> Self {
+        TransferEncoder {
+            fill: message::TransferFill::new(max_bytes),
+            max_bytes,
+            next: 0,
+            carried: None,
+            failed: Vec::new(),
+        }
+    }
+
+    /// The messages of the next transfer (none when the batch is done).
+    ///
+    /// It yields every [`ENCODE_SLICE`] messages: the transfer in flight was handed to
+    /// fe2o3's session task, which the runtime queued on this thread (tokio's LIFO
+    /// slot, which no other worker steals), so without yielding the transfer would
+    /// only reach the wire when the whole next one was encoded.
+    async fn next_transfer(
+        &mut self,
+        topic: &ServiceBusTopic,
+        batch: &[OutgoingMessage],
+    ) -> Vec<(usize, Message<Data>, Vec<u8>)> {
+        let mut transfer: Vec<_> = self.carried.take().into_iter().collect();
+        while let Some(m) = batch.get(self.next) {
+            let i = self.next;
+            self.next += 1;
+            if i % ENCODE_SLICE == ENCODE_SLICE - 1 {
+                tokio::task::yield_now().await;
+            }
+            let encoded = topic.message(m).and_then(|msg| {
+                let bytes = message::encoded(&msg)?;
+                Ok((msg, bytes))
+            });
+            let (msg, bytes) = match encoded {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    self.failed.push((i, e));
+                    continue;
+                }
+            };
+            match self.fill.place(bytes.len()) {
+                message::Placement::TooLarge => {
+                    let error = Error::new(
+                        ErrorKind::TooLarge,
+                        format!(
+                            "event {} is {} bytes as AMQP, more than the {} a Service Bus \
+                             message may have",
+                            m.id(),
+                            bytes.len(),
+                            self.max_bytes
+                        ),
+                    );
+                    self.failed.push((i, error));
+                }
+                message::Placement::StartNew if !transfer.is_empty() => {
+                    self.carried = Some((i, msg, bytes));
+                    return transfer;
+                }
+                message::Placement::StartNew | message::Placement::Append => {
+                    transfer.push((i, msg, bytes));
+                }
+            }
+        }
+        transfer
+    }
+}
+
+/// How the transfers of one `send_batch` went.
+#[derive(Default)]
+struct SendOutcome {
+    /// The link was lost: later transfers of the batch are not tried.
+    link_lost: Option<Error>,
+    sent_any: bool,
+    /// Messages whose transfer failed (or was not tried after a lost link).
+    failed: usize,
+}
+
 impl Drop for ServiceBusTopic {
     /// A publisher dropped without `close` still closes its link.
     fn drop(&mut self) {
@@ -835,21 +970,6 @@ impl TopicDriver for ServiceBusTopic {
             )));
         }
         let mut results: BatchResults = (0..batch.len()).map(|_| Ok(())).collect();
-        // Encode first: a malformed event fails alone.
-        let mut ready: Vec<(usize, Option<Message<Data>>, Vec<u8>)> =
-            Vec::with_capacity(batch.len());
-        for (i, m) in batch.iter().enumerate() {
-            match self.message(m).and_then(|msg| {
-                let bytes = message::encoded(&msg)?;
-                Ok((msg, bytes))
-            }) {
-                Ok((msg, bytes)) => ready.push((i, Some(msg), bytes)),
-                Err(e) => results[i] = Err(e),
-            }
-        }
-        if ready.is_empty() {
-            return Ok(results);
-        }
         let mut guard = self.sender.lock().await;
         let (live, sender) = match guard.as_mut() {
             Some(s) => s,
@@ -860,54 +980,27 @@ impl TopicDriver for ServiceBusTopic {
             .filter(|m| *m > 0)
             .and_then(|m| usize::try_from(m).ok())
             .unwrap_or(MAX_TRANSFER_BYTES);
-        let sizes: Vec<usize> = ready.iter().map(|(_, _, b)| b.len()).collect();
-        let (groups, too_large) = message::group_by_size(&sizes, max_bytes);
-        for k in too_large {
-            let (i, _, bytes) = &ready[k];
-            results[*i] = Err(Error::new(
-                ErrorKind::TooLarge,
-                format!(
-                    "event {} is {} bytes as AMQP, more than the {max_bytes} a Service Bus \
-                     message may have",
-                    batch[*i].id(),
-                    bytes.len()
-                ),
-            ));
+        // Each message is encoded as its transfer fills (a malformed event fails
+        // alone); the next transfer is filled while the one before is in flight, so
+        // that the encoding overlaps the service's work rather than adding to it. One
+        // transfer at a time is in flight, so the order of the batch is kept.
+        let mut encoder = TransferEncoder::new(max_bytes);
+        let mut outcome = SendOutcome::default();
+        let mut current = encoder.next_transfer(self, batch).await;
+        while !current.is_empty() {
+            let send = self.send_transfer(live, sender, current, &mut results, &mut outcome);
+            let fill = encoder.next_transfer(self, batch);
+            let ((), following) = futures::join!(send, fill);
+            current = following;
         }
-        let mut slots: Vec<Option<(Message<Data>, Vec<u8>)>> = ready
-            .iter_mut()
-            .map(|(_, m, b)| m.take().map(|m| (m, std::mem::take(b))))
-            .collect();
-        let mut link_lost: Option<Error> = None;
-        let mut sent_any = false;
-        let mut failed = 0;
-        for group in groups {
-            let members: Vec<usize> = group.iter().map(|k| ready[*k].0).collect();
-            if let Some(e) = &link_lost {
-                for i in &members {
-                    results[*i] = Err(Error::new(e.kind(), e.message()));
-                }
-                failed += members.len();
-                continue;
-            }
-            let messages: Vec<(Message<Data>, Vec<u8>)> =
-                group.iter().filter_map(|k| slots[*k].take()).collect();
-            let Some(transfer) = message::transfer(messages) else {
-                continue;
-            };
-            match self.transfer(live, sender, transfer).await {
-                Ok(()) => sent_any = true,
-                Err(f) => {
-                    failed += members.len();
-                    for i in &members {
-                        results[*i] = Err(Error::new(f.error.kind(), f.error.message()));
-                    }
-                    if f.scope != error::Scope::Operation {
-                        link_lost = Some(f.error);
-                    }
-                }
-            }
+        for (i, e) in encoder.failed {
+            results[i] = Err(e);
         }
+        let SendOutcome {
+            link_lost,
+            sent_any,
+            failed,
+        } = outcome;
         if link_lost.is_some() {
             // The next batch opens a new link (and a new connection when it was lost).
             if let Some((_, sender)) = guard.take() {

@@ -455,7 +455,7 @@ impl BinaryCodec {
                 ))),
             }
         };
-        let mut event = Event::default();
+        let mut event = crate::event::blank_event();
         event.set_id(required("id")?);
         event.set_source(required("source")?);
         event.set_type(required("type")?);

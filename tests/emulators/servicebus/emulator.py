@@ -63,6 +63,7 @@ traces every AMQP frame.
 import argparse
 import base64
 import bisect
+import collections
 import datetime
 import hashlib
 import hmac
@@ -486,6 +487,31 @@ class Stored:
         self.delivery = None
 
 
+class DuplicateHistory:
+    """The message ids an entity took within its duplicate-detection window, oldest
+    first, so that forgetting the expired ones costs what is forgotten (rebuilding
+    the whole history on every message made a send of n messages O(n^2))."""
+
+    def __init__(self):
+        self.taken_at = collections.OrderedDict()
+
+    def seen_before(self, message_id, window):
+        """True when `message_id` was taken within the last `window` seconds; else
+        remembers it as taken now."""
+        now = time.time()
+        cutoff = now - window
+        while self.taken_at:
+            oldest = next(iter(self.taken_at))
+            if self.taken_at[oldest] >= cutoff:
+                break
+            self.taken_at.popitem(last=False)
+        key = str(message_id)
+        if key in self.taken_at:
+            return True
+        self.taken_at[key] = now
+        return False
+
+
 class Entity:
     """A queue, a subscription, or one's dead-letter queue: something to receive from."""
 
@@ -497,7 +523,7 @@ class Entity:
         self.locked = {}
         self.deferred = {}
         self.scheduled = {}
-        self.seen_ids = {}
+        self.seen_ids = DuplicateHistory()
         self.consumers = []
         self.session_owners = {}
         self.session_states = {}
@@ -518,12 +544,9 @@ class Entity:
 
     def enqueue(self, message, scheduled_at=None):
         if self.duplicate_detection and message.id is not None:
-            cutoff = time.time() - self.duplicate_window
-            self.seen_ids = {k: t for k, t in self.seen_ids.items() if t >= cutoff}
-            if str(message.id) in self.seen_ids:
+            if self.seen_ids.seen_before(message.id, self.duplicate_window):
                 log("duplicate dropped", self.name, message.id)
                 return None
-            self.seen_ids[str(message.id)] = time.time()
         stored = Stored(message, self.broker.next_seq())
         if scheduled_at and scheduled_at > now_ms():
             self.scheduled[stored.seq] = (scheduled_at, stored)
@@ -677,17 +700,14 @@ class Topic:
         self.duplicate_window = parse_duration(
             props.get("DuplicateDetectionHistoryTimeWindow"), 600
         )
-        self.seen_ids = {}
+        self.seen_ids = DuplicateHistory()
         self.subscriptions = {}
         self.broker = broker
 
     def enqueue(self, message, scheduled_at=None):
         if self.duplicate_detection and message.id is not None:
-            cutoff = time.time() - self.duplicate_window
-            self.seen_ids = {k: t for k, t in self.seen_ids.items() if t >= cutoff}
-            if str(message.id) in self.seen_ids:
+            if self.seen_ids.seen_before(message.id, self.duplicate_window):
                 return None
-            self.seen_ids[str(message.id)] = time.time()
         seq = None
         for sub, rules in list(self.subscriptions.values()):
             if any(r.matches(message) for r in list(rules.values())):

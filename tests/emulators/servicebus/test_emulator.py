@@ -444,5 +444,33 @@ class ServiceBusEmulatorTest(unittest.TestCase):
             self.assertEqual(r.receive_messages(max_wait_time=1), [])
 
 
+class DuplicateHistoryTest(unittest.TestCase):
+    """The duplicate-detection history on its own: repeats within the window are
+    caught, and ids past the window are forgotten (not kept or rescanned)."""
+
+    def setUp(self):
+        sys.path.insert(0, HERE)
+        import emulator
+
+        self.history = emulator.DuplicateHistory()
+
+    def test_a_repeat_within_the_window_is_a_duplicate(self):
+        self.assertFalse(self.history.seen_before("a", 600))
+        self.assertFalse(self.history.seen_before("b", 600))
+        self.assertTrue(self.history.seen_before("a", 600))
+        self.assertEqual(list(self.history.taken_at), ["a", "b"])
+
+    def test_ids_past_the_window_are_forgotten(self):
+        for n in range(1000):
+            self.history.seen_before(n, 600)
+        # Backdate the first 900, as if taken 20 minutes ago.
+        past = time.time() - 1200
+        for n in range(900):
+            self.history.taken_at[str(n)] = past
+        self.assertFalse(self.history.seen_before("new", 600))
+        self.assertEqual(len(self.history.taken_at), 101)
+        self.assertFalse(self.history.seen_before(0, 600), "forgotten, so taken again")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -146,41 +146,64 @@ pub(crate) fn encoded(message: &Message<Data>) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid(format!("cannot encode a Service Bus message as AMQP: {e}")))
 }
 
-/// Messages grouped into transfers of at most `max_bytes` each (a group of one is
-/// sent as it is, a larger one in the batched format). Returns, per transfer, the
-/// indexes of its messages; a message too large alone is reported in `too_large`.
-pub(crate) fn group_by_size(sizes: &[usize], max_bytes: usize) -> (Vec<Vec<usize>>, Vec<usize>) {
-    let budget = max_bytes.saturating_sub(BATCH_ENVELOPE_BYTES);
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut too_large = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    let mut used = 0;
-    for (i, size) in sizes.iter().enumerate() {
+/// Fills transfers of at most `max_bytes` each, one encoded message at a time, so
+/// that a send encodes the next transfer's messages only when the last one is on its
+/// way (a group of one is sent as it is, a larger one in the batched format).
+pub(crate) struct TransferFill {
+    max_bytes: usize,
+    /// What a batch may hold after its envelope.
+    budget: usize,
+    used: usize,
+    count: usize,
+}
+
+/// Where [`TransferFill::place`] puts a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Into the transfer being filled.
+    Append,
+    /// Into a new transfer: the one being filled (if any) is to be sent first.
+    StartNew,
+    /// Nowhere: larger than a transfer may be.
+    TooLarge,
+}
+
+impl TransferFill {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        TransferFill {
+            max_bytes,
+            budget: max_bytes.saturating_sub(BATCH_ENVELOPE_BYTES),
+            used: 0,
+            count: 0,
+        }
+    }
+
+    /// Places a message of `size` encoded bytes.
+    pub(crate) fn place(&mut self, size: usize) -> Placement {
         let cost = size + DATA_SECTION_BYTES;
-        if *size > max_bytes {
-            too_large.push(i);
-            continue;
+        if size > self.max_bytes {
+            return Placement::TooLarge;
         }
-        if cost > budget {
-            // Too large for a batch, not for a transfer of its own.
-            if !current.is_empty() {
-                groups.push(std::mem::take(&mut current));
-                used = 0;
-            }
-            groups.push(vec![i]);
-            continue;
+        if cost > self.budget {
+            // Too large for a batch, not for a transfer of its own: alone, and the
+            // next message starts another.
+            self.used = self.budget;
+            self.count = 1;
+            return Placement::StartNew;
         }
-        if !current.is_empty() && used + cost > budget {
-            groups.push(std::mem::take(&mut current));
-            used = 0;
+        if self.count > 0 && self.used + cost > self.budget {
+            self.used = cost;
+            self.count = 1;
+            return Placement::StartNew;
         }
-        current.push(i);
-        used += cost;
+        self.used += cost;
+        self.count += 1;
+        if self.count == 1 {
+            Placement::StartNew
+        } else {
+            Placement::Append
+        }
     }
-    if !current.is_empty() {
-        groups.push(current);
-    }
-    (groups, too_large)
 }
 
 /// One transfer of `messages`: the message itself when there is one, else a batch
@@ -252,11 +275,7 @@ pub(crate) fn lock_token_of(message: &AmqpMessage, delivery_tag: Option<&[u8]>) 
 
 /// A lock token as text (the settlement key).
 pub(crate) fn token_text(token: &Uuid) -> String {
-    token
-        .as_inner()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    cloudbus_core::driver::lower_hex(token.as_inner())
 }
 
 /// A message's MessageId as text.
@@ -265,7 +284,7 @@ pub(crate) fn message_id_of(message: &AmqpMessage) -> Option<String> {
         MessageId::String(s) => s.clone(),
         MessageId::Ulong(n) => n.to_string(),
         MessageId::Uuid(u) => uuid::Uuid::from_bytes(*u.as_inner()).to_string(),
-        MessageId::Binary(b) => b.iter().map(|b| format!("{b:02x}")).collect(),
+        MessageId::Binary(b) => cloudbus_core::driver::lower_hex(b),
     })
 }
 
@@ -277,7 +296,10 @@ pub(crate) fn session_id_of(message: &AmqpMessage) -> Option<String> {
 /// The body of a message: its data sections, or a value's text.
 pub(crate) fn body_bytes(message: &AmqpMessage) -> Vec<u8> {
     match &message.body {
-        Body::Data(batch) => batch.iter().flat_map(|d| d.0.iter().copied()).collect(),
+        Body::Data(batch) => batch.iter().fold(Vec::new(), |mut out, d| {
+            out.extend_from_slice(&d.0);
+            out
+        }),
         Body::Value(v) => match &v.0 {
             Value::String(s) => s.clone().into_bytes(),
             Value::Binary(b) => b.to_vec(),
@@ -302,7 +324,7 @@ pub(crate) fn raw_of(
                 .iter()
                 .find_map(|p| k.strip_prefix(p));
             let key = match attribute {
-                Some(name) => format!("{prefix}{name}"),
+                Some(name) => [prefix, name].concat(),
                 None => k.clone(),
             };
             if let Some(name) = attribute {
@@ -408,15 +430,35 @@ mod tests {
         }
     }
 
+    /// The transfers `sizes` fill, as indexes; and the ones too large.
+    fn fill(sizes: &[usize], max_bytes: usize) -> (Vec<Vec<usize>>, Vec<usize>) {
+        let mut fill = TransferFill::new(max_bytes);
+        let (mut transfers, mut too_large): (Vec<Vec<usize>>, _) = (Vec::new(), Vec::new());
+        for (i, size) in sizes.iter().enumerate() {
+            match fill.place(*size) {
+                Placement::TooLarge => too_large.push(i),
+                Placement::StartNew => transfers.push(vec![i]),
+                Placement::Append => transfers.last_mut().expect("started").push(i),
+            }
+        }
+        (transfers, too_large)
+    }
+
     #[test]
-    fn messages_are_grouped_by_size() {
-        let (groups, too_large) = group_by_size(&[100, 100, 300_000, 100], 1000);
-        assert_eq!(groups, vec![vec![0, 1, 3]]);
+    fn messages_fill_transfers_by_size() {
+        let (transfers, too_large) = fill(&[100, 100, 300_000, 100], 1000);
+        assert_eq!(transfers, vec![vec![0, 1, 3]]);
         assert_eq!(too_large, vec![2]);
-        let (groups, _) = group_by_size(&[400, 400, 400], 1000);
-        assert_eq!(groups.len(), 3);
-        let (groups, too_large) = group_by_size(&[10, 900, 10], 1000);
-        assert_eq!(groups, vec![vec![0], vec![1], vec![2]]);
+        let (transfers, _) = fill(&[400, 400, 400], 1000);
+        assert_eq!(transfers.len(), 3);
+        let (transfers, too_large) = fill(&[10, 900, 10], 1000);
+        assert_eq!(transfers, vec![vec![0], vec![1], vec![2]]);
         assert!(too_large.is_empty());
+        let (transfers, _) = fill(&[300_000, 10], 1000);
+        assert_eq!(
+            transfers,
+            vec![vec![1]],
+            "a first message too large starts nothing"
+        );
     }
 }
