@@ -777,7 +777,7 @@ impl ServiceBusTopic {
         }
         let members: Vec<usize> = messages.iter().map(|(i, _, _)| *i).collect();
         let failure = match &outcome.link_lost {
-            Some(e) => Error::new(e.kind(), e.message()),
+            Some(e) => e.clone(),
             None => {
                 let transfer =
                     message::transfer(messages.into_iter().map(|(_, m, b)| (m, b)).collect());
@@ -791,7 +791,7 @@ impl ServiceBusTopic {
                     }
                     Err(f) => {
                         if f.scope != error::Scope::Operation {
-                            outcome.link_lost = Some(Error::new(f.error.kind(), f.error.message()));
+                            outcome.link_lost = Some(f.error.clone());
                         }
                         f.error
                     }
@@ -800,7 +800,7 @@ impl ServiceBusTopic {
         };
         outcome.failed += members.len();
         for i in members {
-            results[i] = Err(Error::new(failure.kind(), failure.message()));
+            results[i] = Err(failure.clone());
         }
     }
 
@@ -1013,7 +1013,7 @@ impl TopicDriver for ServiceBusTopic {
             && failed == batch.len()
             && let Some(Err(e)) = results.iter().find(|r| r.is_err())
         {
-            return Err(Error::new(e.kind(), e.message()));
+            return Err(e.clone());
         }
         Ok(results)
     }

@@ -90,15 +90,29 @@ impl fmt::Display for ErrorKind {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// The source as kept: shared, so that a clone (one batch failure handed to each of
+/// its events) keeps it too.
+type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The cloudbus error: a portable kind, a message, and the provider error as `source`.
 ///
 /// Messages never carry secrets: providers must not put keys, connection strings or
 /// tokens in them.
+///
+/// A clone keeps the kind, the message and the source (shared):
+///
+/// ```
+/// use cloudbus_core::{Error, ErrorKind};
+/// let e = Error::with_source(ErrorKind::Unavailable, "send", std::io::Error::other("reset"));
+/// let each = e.clone();
+/// assert_eq!(each.message(), "send");
+/// assert!(each.source_as::<std::io::Error>().is_some());
+/// ```
+#[derive(Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    source: Option<BoxError>,
+    source: Option<SharedError>,
 }
 
 impl Error {
@@ -120,7 +134,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
-            source: Some(source.into()),
+            source: Some(SharedError::from(source.into())),
         }
     }
 
@@ -159,18 +173,6 @@ impl Error {
     /// Downcast the provider error kept as the source, if it is an `E`.
     pub fn source_as<E: std::error::Error + 'static>(&self) -> Option<&E> {
         self.source.as_deref().and_then(|s| s.downcast_ref::<E>())
-    }
-}
-
-impl Clone for Error {
-    /// Clones keep the kind and message; the source is flattened into the message
-    /// (sources are not `Clone`). Used to hand one batch failure to many callers.
-    fn clone(&self) -> Self {
-        let message = match &self.source {
-            Some(s) => format!("{}: {}", self.message, s),
-            None => self.message.clone(),
-        };
-        Error::new(self.kind, message)
     }
 }
 
@@ -222,6 +224,13 @@ mod tests {
         let e = Error::with_source(ErrorKind::Unavailable, "send failed", io);
         assert!(e.source_as::<std::io::Error>().is_some());
         assert_eq!(e.to_string(), "unavailable: send failed");
-        assert!(e.clone().message().contains("boom"));
+        // Issue 14: a clone flattened the source into its message and lost it.
+        let clone = e.clone();
+        assert_eq!(clone.message(), "send failed");
+        assert_eq!(
+            clone.source_as::<std::io::Error>().map(|s| s.to_string()),
+            Some("boom".to_owned())
+        );
+        assert!(std::error::Error::source(&clone).is_some());
     }
 }
