@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use aws_sdk_eventbridge::types::{PutEventsRequestEntry, Target};
 use chrono::{DateTime, Utc};
 use cloudbus_core::codec::to_structured_json;
-use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     AttributesReader, BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error,
     ErrorKind, Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver,

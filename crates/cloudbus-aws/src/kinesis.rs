@@ -16,7 +16,7 @@ use aws_sdk_kinesis::primitives::{Blob, DateTime as AwsDateTime};
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
 use chrono::{DateTime, Utc};
 use cloudbus_core::codec::{RawMessage, from_unlabelled_body, to_structured_json};
-use cloudbus_core::stream::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
+use cloudbus_core::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
 use cloudbus_core::{
     BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, EventExt,
     FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
-use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind,
     Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,

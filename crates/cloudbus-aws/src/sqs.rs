@@ -23,7 +23,7 @@ use aws_sdk_sqs::types::{
 use chrono::{DateTime, Utc};
 use cloudbus_core::AttributesReader as _;
 use cloudbus_core::codec::RawMessage;
-use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     AckToken, BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetter,
     DeadLetterDriver, Error, ErrorKind, FilterSupport, OutgoingMessage, Payload, ReceivedMessage,

@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cloudbus_core::codec::to_structured_json;
-use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, FilterSupport,
     OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec, TopicDriver,

@@ -54,11 +54,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudbus_core::codec::BinaryCodec;
+use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::driver::{
     BatchResults, BusDriver, DeadLetterDriver, OutgoingMessage, Payload, SubscriptionDriver,
     SubscriptionSpec, TopicDriver, TopologyDriver,
 };
-use cloudbus_core::stream::StreamDriver;
 use cloudbus_core::{Bus, Capabilities, Error, ErrorKind, FilterSupport, Result};
 use fe2o3_amqp::Sender;
 use fe2o3_amqp::types::messaging::{Data, Message, Outcome};

@@ -13,13 +13,13 @@ use tracing::Instrument;
 
 use crate::capabilities::Capabilities;
 use crate::codec::RawMessage;
-use crate::driver::{AckToken, Payload, ReceivedMessage, Settlement, SubscriptionDriver};
+use crate::driver::{
+    AckToken, DeadLetterSink, Payload, ReceivedMessage, Settlement, SubscriptionDriver,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event};
 use crate::filter::Filter;
-use crate::publisher::Publisher;
 use crate::telemetry;
-use crate::worker::{Handler, Worker, WorkerOptions};
 
 /// Consumer settings.
 #[derive(Clone, Debug, Default)]
@@ -61,7 +61,7 @@ pub(crate) struct ConsumerInner {
     pub(crate) metrics: telemetry::ConsumerMetrics,
     closed: AtomicBool,
     filter: Option<Filter>,
-    dead_letter_sink: Mutex<Option<Publisher>>,
+    dead_letter_sink: Mutex<Option<Arc<dyn DeadLetterSink>>>,
     settler: Settler,
 }
 
@@ -98,9 +98,9 @@ impl Consumer {
     /// Where `dead_letter` sends events when the provider has no dead-letter place of
     /// its own: the event is published there with a `deadletterreason` extension,
     /// then acked.
-    pub fn dead_letter_to(self, sink: Publisher) -> Self {
+    pub fn dead_letter_to(self, sink: impl DeadLetterSink) -> Self {
         if let Ok(mut s) = self.inner.dead_letter_sink.lock() {
-            *s = Some(sink);
+            *s = Some(Arc::new(sink));
         }
         self
     }
@@ -297,12 +297,6 @@ impl Consumer {
         self.settle_all(deliveries, Settlement::Ack).await
     }
 
-    /// Runs `handler` over deliveries with the worker loop (concurrency, flow
-    /// control, retries, dead-lettering, lease extension, graceful shutdown).
-    pub fn subscribe<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
-        Worker::start(self.clone(), Arc::new(handler), options)
-    }
-
     /// Publishes the current queue depth to the `event_queue_depth` gauge, when the
     /// provider can tell.
     pub async fn report_queue_depth(&self) -> Option<u64> {
@@ -327,7 +321,7 @@ impl Consumer {
 }
 
 impl ConsumerInner {
-    fn sink(&self) -> Option<Publisher> {
+    fn sink(&self) -> Option<Arc<dyn DeadLetterSink>> {
         self.dead_letter_sink.lock().ok().and_then(|s| s.clone())
     }
 
@@ -351,7 +345,7 @@ impl ConsumerInner {
                 };
                 let mut copy = event.clone();
                 copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
-                sink.publish(copy).await?;
+                sink.put_event(copy).await?;
                 tracing::debug!(%reason, %description, "dead-lettered through the polyfill");
                 Settlement::Ack
             }
@@ -420,7 +414,7 @@ impl ConsumerInner {
                 ));
             };
             let raw = raw.with_attribute(EXT_DEAD_LETTER_REASON, reason.clone());
-            sink.publish_raw(raw).await?;
+            sink.put_raw(raw).await?;
             self.settler.settle(token, Settlement::Ack).await?;
         } else {
             self.settler

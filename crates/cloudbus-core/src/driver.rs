@@ -115,7 +115,7 @@ impl OutgoingMessage {
         for (name, value) in event.iter_extensions() {
             match (name, value) {
                 (EXT_TRACEPARENT, ExtensionValue::String(s)) => {
-                    traced = crate::telemetry::TraceContext::parse(s).is_some();
+                    traced = crate::trace_context::TraceContext::parse(s).is_some();
                 }
                 (EXT_PARTITION_KEY, ExtensionValue::String(s))
                     if options.ordering_key.is_none() =>
@@ -126,7 +126,7 @@ impl OutgoingMessage {
             }
         }
         if !traced {
-            crate::telemetry::stamp(&mut event);
+            crate::event::stamp(&mut event);
         }
         let size = crate::event::estimated_size(&event);
         OutgoingMessage {
@@ -490,6 +490,97 @@ impl SubscriptionSpec {
     }
 }
 
+/// Where a consumer sends what it dead-letters when its provider has no dead-letter
+/// place of its own (and where a stream consumer always does): the event with a
+/// `deadletterreason` extension, or an undecodable message as it came with a
+/// `deadletterreason` attribute. A [`Publisher`](crate::Publisher) to a topic of
+/// dead letters is one; a store or a log of your own can be another.
+///
+/// ```
+/// use cloudbus_core::{AttributesReader, DeadLetterSink, Event, RawMessage, Result};
+/// struct Discarded;
+/// #[async_trait::async_trait]
+/// impl DeadLetterSink for Discarded {
+///     async fn put_event(&self, event: Event) -> Result<()> {
+///         eprintln!("dead letter {}", event.id());
+///         Ok(())
+///     }
+///     async fn put_raw(&self, raw: RawMessage) -> Result<()> {
+///         eprintln!("dead letter of {} bytes", raw.body.len());
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait DeadLetterSink: Send + Sync + 'static {
+    /// Keeps a dead-lettered event (its reason is in `deadletterreason`).
+    async fn put_event(&self, event: Event) -> Result<()>;
+    /// Keeps a message that is not a CloudEvent (its reason is in the
+    /// `deadletterreason` attribute).
+    async fn put_raw(&self, raw: RawMessage) -> Result<()>;
+}
+
+/// Where reading a partition starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartPosition {
+    /// The oldest record kept.
+    Earliest,
+    /// Only records written from now on.
+    Latest,
+    /// The record with this sequence number.
+    AtSequence(String),
+    /// The record after this sequence number (how checkpoints resume).
+    AfterSequence(String),
+    /// The first record written at or after this time.
+    AtTime(DateTime<Utc>),
+}
+
+/// One partition (shard) of a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// Its id.
+    pub id: String,
+    /// Partitions it was split or merged from; they are read to their end first.
+    pub parents: Vec<String>,
+    /// Closed partitions take no new records.
+    pub closed: bool,
+}
+
+/// One record read from a partition.
+#[derive(Clone, Debug)]
+pub struct StreamRecord {
+    /// The partition it came from.
+    pub partition: String,
+    /// Its sequence number (ordered within the partition).
+    pub sequence: String,
+    /// When the stream accepted it.
+    pub timestamp: DateTime<Utc>,
+    /// The event, or the raw record and why it is not a CloudEvent.
+    pub event: std::result::Result<Arc<Event>, (RawMessage, DecodeError)>,
+}
+
+/// What one read returned.
+#[derive(Clone, Debug)]
+pub struct ReadBatch {
+    /// Records, in order.
+    pub records: Vec<StreamRecord>,
+    /// The cursor to read next; `None` when the partition is closed and fully read.
+    pub next: Option<String>,
+}
+
+/// A partitioned log, as a provider exposes it.
+#[async_trait]
+pub trait StreamDriver: Send + Sync + 'static {
+    /// The partitions, including closed ones still holding records.
+    async fn partitions(&self) -> Result<Vec<PartitionInfo>>;
+    /// A cursor (shard iterator) for `partition` at `at`.
+    async fn cursor(&self, partition: &str, at: &StartPosition) -> Result<String>;
+    /// Up to `max` records from `cursor`.
+    async fn read(&self, cursor: &str, max: usize) -> Result<ReadBatch>;
+    /// The underlying client.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 /// A connection to one provider: opens its entities by name.
 ///
 /// The facade's `cloudbus::connect(url)` returns one of these wrapped in a `Bus`.
@@ -514,7 +605,7 @@ pub trait BusDriver: Send + Sync + 'static {
     /// Declares entities.
     fn topology(&self) -> Arc<dyn TopologyDriver>;
     /// A partitioned log reader for `stream`, where the provider has logs.
-    async fn stream(&self, stream: &str) -> Result<Arc<dyn crate::stream::StreamDriver>>;
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>>;
     /// The underlying client.
     fn as_any(&self) -> &dyn Any;
 }

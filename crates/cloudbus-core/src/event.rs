@@ -11,6 +11,7 @@ pub use cloudevents::event::{Data, ExtensionValue};
 pub use cloudevents::{AttributesReader, AttributesWriter, Event};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::trace_context::TraceContext;
 
 /// Extension carrying the ordering (partition) key, from the CloudEvents partitioning extension.
 pub const EXT_PARTITION_KEY: &str = "partitionkey";
@@ -32,7 +33,7 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 1024 * 1024;
 ///
 /// `id` defaults to a random UUID and `time` to now; `type` and `source` are required.
 /// `traceparent` defaults to a child of the current handler's trace context (see
-/// [`TraceContext`](crate::TraceContext)), else a new trace.
+/// [`TraceContext`]), else a new trace.
 ///
 /// ```
 /// use cloudbus_core::{EventBuilder, EventExt};
@@ -204,7 +205,7 @@ impl EventBuilder {
         // The trace context of an event is that of its creation (as the OpenTelemetry
         // CloudEvents conventions have it): a child of the current handler's context,
         // else a new trace. The publisher injects one too, for events made elsewhere.
-        crate::telemetry::inject(&mut event);
+        inject(&mut event);
         validate_event(&event, self.max_bytes)?;
         Ok(event)
     }
@@ -424,6 +425,33 @@ pub(crate) fn extension_map(event: &Event) -> HashMap<String, String> {
         .iter_extensions()
         .map(|(k, v)| (k.to_owned(), v.to_string()))
         .collect()
+}
+
+impl TraceContext {
+    /// The context of the event, if it carries a valid `traceparent`.
+    pub fn from_event(event: &Event) -> Option<Self> {
+        event.traceparent().and_then(Self::parse)
+    }
+}
+
+/// Gives the event a `traceparent` if it has none: a child of the current task's
+/// context (an event published while handling another continues its trace), else a
+/// new trace. Returns the context the event carries.
+pub fn inject(event: &mut Event) -> Option<TraceContext> {
+    if let Some(ctx) = TraceContext::from_event(event) {
+        return Some(ctx);
+    }
+    Some(stamp(event))
+}
+
+/// Sets a new `traceparent` on the event: a child of the current task's context, else
+/// a new trace.
+pub(crate) fn stamp(event: &mut Event) -> TraceContext {
+    let ctx = TraceContext::current()
+        .map(|c| c.child())
+        .unwrap_or_else(TraceContext::new_root);
+    event.set_extension(EXT_TRACEPARENT, ctx.to_traceparent());
+    ctx
 }
 
 #[cfg(test)]

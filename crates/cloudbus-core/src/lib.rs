@@ -20,11 +20,13 @@ pub mod driver;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod handler;
 pub mod idempotency;
 pub mod publisher;
 pub mod retry;
 pub mod stream;
 pub mod telemetry;
+pub mod trace_context;
 pub mod worker;
 
 #[cfg(feature = "conformance")]
@@ -36,21 +38,20 @@ pub use codec::{BinaryCodec, DecodeError, DecodeErrorKind, RawMessage};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, describe_payload};
 pub use dead_letters::{DeadLetters, TopicDeadLetters};
 pub use driver::{
-    AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, OutgoingMessage, Payload,
-    PublishOptions, ReceivedMessage, Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver,
-    TopologyDriver,
+    AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, DeadLetterSink,
+    OutgoingMessage, PartitionInfo, Payload, PublishOptions, ReadBatch, ReceivedMessage,
+    Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver, SubscriptionSpec,
+    TopicDriver, TopologyDriver,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{
     AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventExt, ExtensionValue,
 };
 pub use filter::Filter;
+pub use handler::{Handler, HandlerContext, HandlerError, HandlerRunner};
 pub use idempotency::{Claim, DedupStore, Idempotent, MemoryDedupStore};
 pub use publisher::{PublishHandle, Publisher, PublisherOptions};
 pub use retry::RetryPolicy;
-pub use stream::{
-    CheckpointStore, MemoryCheckpointStore, PartitionInfo, PollReport, ReadBatch, StartPosition,
-    StreamConsumer, StreamDriver, StreamRecord,
-};
-pub use telemetry::TraceContext;
-pub use worker::{Handler, HandlerContext, HandlerError, Worker, WorkerOptions, WorkerReport};
+pub use stream::{CheckpointStore, MemoryCheckpointStore, PollReport, StreamConsumer};
+pub use trace_context::TraceContext;
+pub use worker::{Worker, WorkerOptions, WorkerReport};

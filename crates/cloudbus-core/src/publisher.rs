@@ -720,6 +720,17 @@ impl Future for PublishHandle {
     }
 }
 
+/// A publisher to a topic of dead letters is a consumer's dead-letter place.
+#[async_trait::async_trait]
+impl crate::driver::DeadLetterSink for Publisher {
+    async fn put_event(&self, event: Event) -> Result<()> {
+        self.publish(event).await
+    }
+    async fn put_raw(&self, raw: RawMessage) -> Result<()> {
+        self.publish_raw(raw).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,76 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 
-use crate::codec::{DecodeError, RawMessage};
-use crate::driver::panic_safe;
+use crate::codec::RawMessage;
+use crate::driver::{DeadLetterSink, panic_safe};
+pub use crate::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{EXT_DEAD_LETTER_REASON, Event};
-use crate::publisher::Publisher;
+use crate::event::EXT_DEAD_LETTER_REASON;
+use crate::handler::{Handler, HandlerError, HandlerRunner};
 use crate::retry::RetryPolicy;
-use crate::worker::{Handler, HandlerError, HandlerRunner};
-
-/// Where reading a partition starts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StartPosition {
-    /// The oldest record kept.
-    Earliest,
-    /// Only records written from now on.
-    Latest,
-    /// The record with this sequence number.
-    AtSequence(String),
-    /// The record after this sequence number (how checkpoints resume).
-    AfterSequence(String),
-    /// The first record written at or after this time.
-    AtTime(DateTime<Utc>),
-}
-
-/// One partition (shard) of a stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PartitionInfo {
-    /// Its id.
-    pub id: String,
-    /// Partitions it was split or merged from; they are read to their end first.
-    pub parents: Vec<String>,
-    /// Closed partitions take no new records.
-    pub closed: bool,
-}
-
-/// One record read from a partition.
-#[derive(Clone, Debug)]
-pub struct StreamRecord {
-    /// The partition it came from.
-    pub partition: String,
-    /// Its sequence number (ordered within the partition).
-    pub sequence: String,
-    /// When the stream accepted it.
-    pub timestamp: DateTime<Utc>,
-    /// The event, or the raw record and why it is not a CloudEvent.
-    pub event: std::result::Result<Arc<Event>, (RawMessage, DecodeError)>,
-}
-
-/// What one read returned.
-#[derive(Clone, Debug)]
-pub struct ReadBatch {
-    /// Records, in order.
-    pub records: Vec<StreamRecord>,
-    /// The cursor to read next; `None` when the partition is closed and fully read.
-    pub next: Option<String>,
-}
-
-/// A partitioned log, as a provider exposes it.
-#[async_trait]
-pub trait StreamDriver: Send + Sync + 'static {
-    /// The partitions, including closed ones still holding records.
-    async fn partitions(&self) -> Result<Vec<PartitionInfo>>;
-    /// A cursor (shard iterator) for `partition` at `at`.
-    async fn cursor(&self, partition: &str, at: &StartPosition) -> Result<String>;
-    /// Up to `max` records from `cursor`.
-    async fn read(&self, cursor: &str, max: usize) -> Result<ReadBatch>;
-    /// The underlying client.
-    fn as_any(&self) -> &dyn std::any::Any;
-}
 
 /// Stores the last processed sequence number per (group, partition).
 #[async_trait]
@@ -155,7 +93,7 @@ pub struct StreamConsumer {
     start: StartPosition,
     retry: RetryPolicy,
     batch: usize,
-    dead_letter: Option<Publisher>,
+    dead_letter: Option<Arc<dyn DeadLetterSink>>,
     cursors: HashMap<String, String>,
     /// The last record handled per partition in this process, to reopen a partition
     /// exactly there when its cursor expired.
@@ -212,8 +150,8 @@ impl StreamConsumer {
     }
     /// Where records go that fail every attempt or are malformed. Without it, such a
     /// record stops the partition with an error (nothing is skipped silently).
-    pub fn dead_letter_to(mut self, sink: Publisher) -> Self {
-        self.dead_letter = Some(sink);
+    pub fn dead_letter_to(mut self, sink: impl DeadLetterSink) -> Self {
+        self.dead_letter = Some(Arc::new(sink));
         self
     }
 
@@ -439,7 +377,7 @@ impl StreamConsumer {
             };
             let mut copy = (*event).clone();
             copy.set_extension(EXT_DEAD_LETTER_REASON, reason.clone());
-            sink.publish(copy).await.map_err(RecordError::Failed)?;
+            sink.put_event(copy).await.map_err(RecordError::Failed)?;
             self.runner.dead_lettered(&reason);
             return Ok(false);
         }
@@ -460,7 +398,7 @@ impl StreamConsumer {
                 ),
             )));
         };
-        sink.publish_raw(
+        sink.put_raw(
             raw.clone()
                 .with_attribute(EXT_DEAD_LETTER_REASON, reason.clone()),
         )

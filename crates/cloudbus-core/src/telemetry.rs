@@ -1,14 +1,13 @@
 //! Observability in one place: the metric names of the seed (recorded through the
-//! `metrics` facade, so any exporter works) and W3C trace context carried inside the
-//! event's `traceparent` extension, with the current context kept per task so that
-//! events published while handling an event continue its trace. Consumers keep their
-//! metric handles per event type; install the metrics exporter before consuming.
+//! `metrics` facade, so any exporter works). The W3C trace context each event carries
+//! lives in [`trace_context`](crate::trace_context) and is re-exported here with
+//! [`inject`]. Consumers keep their metric handles per event type; install the
+//! metrics exporter before consuming.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use crate::event::{AttributesReader, EXT_TRACEPARENT, Event, EventExt};
+use crate::event::{AttributesReader, Event};
 
 /// Metric names, as the seed defines them.
 pub mod names {
@@ -173,149 +172,13 @@ impl ConsumerMetrics {
     }
 }
 
-/// A W3C trace context (`traceparent`): trace id, parent span id and flags.
-///
-/// ```
-/// use cloudbus_core::TraceContext;
-/// let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-/// let ctx = TraceContext::parse(tp).unwrap();
-/// assert_eq!(ctx.to_string(), tp);
-/// let child = ctx.child();
-/// assert_eq!(child.trace_id(), ctx.trace_id());
-/// assert_ne!(child.span_id(), ctx.span_id());
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TraceContext {
-    trace_id: u128,
-    span_id: u64,
-    flags: u8,
-}
-
-impl TraceContext {
-    /// A new trace (random ids, sampled).
-    pub fn new_root() -> Self {
-        TraceContext {
-            trace_id: fastrand::u128(1..),
-            span_id: fastrand::u64(1..),
-            flags: 1,
-        }
-    }
-    /// A new span in the same trace.
-    pub fn child(&self) -> Self {
-        TraceContext {
-            span_id: fastrand::u64(1..),
-            ..*self
-        }
-    }
-    /// Parses a version-00 `traceparent`; `None` when it is not valid.
-    pub fn parse(s: &str) -> Option<Self> {
-        // Fixed layout: "00-" 32 hex "-" 16 hex "-" 2 hex, lowercase (read for every
-        // published and handled event, so no splitting or trimming).
-        let b = s.as_bytes();
-        if b.len() != 55 || &b[..3] != b"00-" || b[35] != b'-' || b[52] != b'-' {
-            return None;
-        }
-        fn hex(digits: &[u8]) -> Option<u128> {
-            let mut v: u128 = 0;
-            for d in digits {
-                let n = match d {
-                    b'0'..=b'9' => d - b'0',
-                    b'a'..=b'f' => d - b'a' + 10,
-                    _ => return None,
-                };
-                v = (v << 4) | u128::from(n);
-            }
-            Some(v)
-        }
-        let trace_id = hex(&b[3..35])?;
-        let span_id = u64::try_from(hex(&b[36..52])?).ok()?;
-        let flags = u8::try_from(hex(&b[53..55])?).ok()?;
-        if trace_id == 0 || span_id == 0 {
-            return None;
-        }
-        Some(TraceContext {
-            trace_id,
-            span_id,
-            flags,
-        })
-    }
-    /// The trace id as 32 lowercase hex digits.
-    pub fn trace_id(&self) -> String {
-        format!("{:032x}", self.trace_id)
-    }
-    /// The span id as 16 lowercase hex digits.
-    pub fn span_id(&self) -> String {
-        format!("{:016x}", self.span_id)
-    }
-    /// The context of the event, if it carries a valid `traceparent`.
-    pub fn from_event(event: &Event) -> Option<Self> {
-        event.traceparent().and_then(Self::parse)
-    }
-    /// The context of the task currently handling an event, if any.
-    pub fn current() -> Option<Self> {
-        CURRENT_TRACE.try_with(|c| *c).ok()
-    }
-    /// Runs `fut` with `self` as the current context.
-    pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
-        CURRENT_TRACE.scope(self, fut).await
-    }
-}
-
-impl TraceContext {
-    /// The `traceparent` text, built without the formatting machinery (it is made for
-    /// every published event).
-    pub fn to_traceparent(&self) -> String {
-        fn hex(out: &mut String, value: u128, digits: u32) {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            for i in (0..digits).rev() {
-                out.push(HEX[((value >> (i * 4)) & 0xf) as usize] as char);
-            }
-        }
-        let mut s = String::with_capacity(55);
-        s.push_str("00-");
-        hex(&mut s, self.trace_id, 32);
-        s.push('-');
-        hex(&mut s, u128::from(self.span_id), 16);
-        s.push('-');
-        hex(&mut s, u128::from(self.flags), 2);
-        s
-    }
-}
-
-impl fmt::Display for TraceContext {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_traceparent())
-    }
-}
-
-tokio::task_local! {
-    static CURRENT_TRACE: TraceContext;
-}
-
-/// Gives the event a `traceparent` if it has none: a child of the current task's
-/// context (an event published while handling another continues its trace), else a
-/// new trace. Returns the context the event carries.
-pub fn inject(event: &mut Event) -> Option<TraceContext> {
-    if let Some(ctx) = TraceContext::from_event(event) {
-        return Some(ctx);
-    }
-    Some(stamp(event))
-}
-
-/// Sets a new `traceparent` on the event: a child of the current task's context, else
-/// a new trace.
-pub(crate) fn stamp(event: &mut Event) -> TraceContext {
-    let ctx = TraceContext::current()
-        .map(|c| c.child())
-        .unwrap_or_else(TraceContext::new_root);
-    event.set_extension(EXT_TRACEPARENT, ctx.to_traceparent());
-    ctx
-}
+pub use crate::event::inject;
+pub use crate::trace_context::TraceContext;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventBuilder;
+    use crate::event::{EXT_TRACEPARENT, EventBuilder};
 
     /// Issue 12 item 15: labels taken from the wire had no cardinality cap.
     #[test]

@@ -6,150 +6,21 @@
 //! graceful shutdown with a deadline.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use futures::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::consumer::{Consumer, Delivery};
-use crate::error::Error;
-use crate::event::{AttributesReader, Event};
+pub use crate::handler::{Handler, HandlerContext, HandlerError, HandlerRunner};
 use crate::retry::RetryPolicy;
-use crate::telemetry::TraceContext;
 
 /// Attempts of an ack that fails transiently, the first included (see
 /// `WorkerLoop::ack_with_retries`).
 const ACK_ATTEMPTS: u32 = 3;
-
-/// What a handler knows about the delivery it handles.
-#[derive(Clone, Debug)]
-pub struct HandlerContext {
-    /// Delivery attempt, starting at 1.
-    pub attempt: u32,
-    /// The consumer's name.
-    pub consumer: Arc<str>,
-    /// The trace context of this handling (a child of the event's `traceparent`).
-    pub trace: TraceContext,
-}
-
-/// Why a handler did not process an event.
-#[derive(Debug)]
-pub enum HandlerError {
-    /// A transient failure: try again later (after `delay`, or the policy's backoff).
-    Retry {
-        /// What went wrong.
-        message: String,
-        /// Explicit delay before the next attempt.
-        delay: Option<Duration>,
-    },
-    /// The event can never be processed: dead-letter it now with this reason.
-    Reject {
-        /// The reason kept with the dead letter.
-        reason: String,
-    },
-}
-
-impl HandlerError {
-    /// A transient failure.
-    pub fn retry(message: impl std::fmt::Display) -> Self {
-        HandlerError::Retry {
-            message: message.to_string(),
-            delay: None,
-        }
-    }
-    /// A transient failure, retried after `delay`.
-    pub fn retry_after(message: impl std::fmt::Display, delay: Duration) -> Self {
-        HandlerError::Retry {
-            message: message.to_string(),
-            delay: Some(delay),
-        }
-    }
-    /// A permanent failure: dead-letter now.
-    pub fn reject(reason: impl std::fmt::Display) -> Self {
-        HandlerError::Reject {
-            reason: reason.to_string(),
-        }
-    }
-}
-
-impl From<Error> for HandlerError {
-    /// A cloudbus error met while handling (publishing a follow-up event, reading the
-    /// data) is retried, unless its kind says that the same event can never succeed:
-    /// [`Malformed`](crate::ErrorKind::Malformed),
-    /// [`InvalidArgument`](crate::ErrorKind::InvalidArgument),
-    /// [`TooLarge`](crate::ErrorKind::TooLarge) and
-    /// [`Unsupported`](crate::ErrorKind::Unsupported) reject (dead-letter now). A closed
-    /// publisher during shutdown, a paused ordering key, a lost lease or an internal
-    /// error are not the event's fault and must not dead-letter it on the first try.
-    ///
-    /// ```
-    /// use cloudbus_core::{Error, ErrorKind, HandlerError};
-    /// let closed: HandlerError = Error::closed("publisher is closed").into();
-    /// assert!(matches!(closed, HandlerError::Retry { .. }));
-    /// let bad: HandlerError = Error::new(ErrorKind::Malformed, "no id").into();
-    /// assert!(matches!(bad, HandlerError::Reject { .. }));
-    /// ```
-    fn from(e: Error) -> Self {
-        use crate::ErrorKind as K;
-        match e.kind() {
-            K::Malformed | K::InvalidArgument | K::TooLarge | K::Unsupported => {
-                HandlerError::reject(e)
-            }
-            _ => HandlerError::retry(e),
-        }
-    }
-}
-
-impl std::fmt::Display for HandlerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HandlerError::Retry { message, .. } => write!(f, "retry: {message}"),
-            HandlerError::Reject { reason } => write!(f, "reject: {reason}"),
-        }
-    }
-}
-
-/// Handles one event. Implemented for async closures
-/// `Fn(Arc<Event>, HandlerContext) -> impl Future<Output = Result<(), HandlerError>>`.
-///
-/// ```
-/// use std::sync::Arc;
-/// use cloudbus_core::{Event, HandlerContext, HandlerError, Handler};
-/// fn assert_handler<H: Handler>(_: H) {}
-/// assert_handler(|event: Arc<Event>, ctx: HandlerContext| async move {
-///     if ctx.attempt > 3 { return Err(HandlerError::reject("gave up")) }
-///     Ok::<(), HandlerError>(())
-/// });
-/// ```
-#[async_trait]
-pub trait Handler: Send + Sync + 'static {
-    /// Processes `event`; `Ok` acks it.
-    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError>;
-}
-
-#[async_trait]
-impl<F, Fut> Handler for F
-where
-    F: Fn(Arc<Event>, HandlerContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-{
-    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
-        (self)(event, ctx).await
-    }
-}
-
-#[async_trait]
-impl<H: Handler + ?Sized> Handler for Arc<H> {
-    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
-        (**self).handle(event, ctx).await
-    }
-}
 
 /// Worker settings.
 #[derive(Clone, Debug)]
@@ -243,6 +114,14 @@ impl WorkerStats {
     }
 }
 
+impl Consumer {
+    /// Runs `handler` over deliveries with the worker loop (concurrency, flow
+    /// control, retries, dead-lettering, lease extension, graceful shutdown).
+    pub fn subscribe<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
+        Worker::start(self.clone(), Arc::new(handler), options)
+    }
+}
+
 /// A running subscription. Stop it with [`shutdown`](Worker::shutdown); dropping it
 /// stops pulling too, and lets the handlers in flight finish.
 #[must_use = "dropping a Worker stops it"]
@@ -268,6 +147,7 @@ impl Worker {
         let stats = Arc::new(WorkerStats::default());
         let kib = (options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         let run = WorkerLoop {
+            runner: HandlerRunner::new(consumer.inner.name.clone()),
             consumer,
             handler,
             bytes: Arc::new(Semaphore::new(kib)),
@@ -307,6 +187,8 @@ impl Worker {
 struct WorkerLoop {
     consumer: Consumer,
     handler: Arc<dyn Handler>,
+    /// Runs the handler as every consumer does (trace, span, panic, timing).
+    runner: HandlerRunner,
     options: WorkerOptions,
     stats: Arc<WorkerStats>,
     hard_stop: watch::Receiver<bool>,
@@ -458,37 +340,16 @@ impl WorkerLoop {
             return;
         };
         let event = delivery.event_arc();
-        let consumer: Arc<str> = self.consumer.inner.name.clone();
-        let trace = TraceContext::from_event(&event)
-            .map(|c| c.child())
-            .unwrap_or_else(TraceContext::new_root);
-        let span = tracing::info_span!(
-            "cloudbus.handle",
-            consumer = %consumer,
-            event_type = %event.ty(),
-            event_id = %event.id(),
-            attempt = delivery.attempt(),
-            trace_id = %trace.trace_id(),
-        );
-        let ctx = HandlerContext {
-            attempt: delivery.attempt(),
-            consumer: consumer.clone(),
-            trace,
-        };
         let started = Instant::now();
-        let handling =
-            std::panic::AssertUnwindSafe(trace.scope(self.handler.handle(event.clone(), ctx)))
-                .catch_unwind()
-                .instrument(span.clone());
+        let (span, handling) =
+            self.runner
+                .handle(self.handler.as_ref(), event.clone(), delivery.attempt());
         let outcome = tokio::select! {
             r = handling => Some(r),
             _ = self.extend_while_running(&delivery) => None,
             _ = self.hard_stopped() => None,
         };
-        self.consumer
-            .inner
-            .metrics
-            .processing(event.ty(), started.elapsed().as_secs_f64());
+        self.runner.processed(&event, started);
         let settle = async {
             let (counter, settled) = match outcome {
                 None => {
@@ -605,91 +466,5 @@ impl WorkerLoop {
                 tracing::warn!(error = %e, "lease extension failed");
             }
         }
-    }
-}
-
-/// Runs a handler the way every cloudbus consumer does, for consumers that receive
-/// events by other means than a [`Consumer`] (a stream reader, an Event Grid webhook):
-/// the event's trace is continued in a `cloudbus.handle` span, a panic becomes a
-/// retryable [`HandlerError`], and the processing time and outcome are counted under
-/// the consumer's name.
-///
-/// ```
-/// # async fn demo() {
-/// use std::sync::Arc;
-/// use cloudbus_core::{EventBuilder, HandlerContext, HandlerError};
-/// use cloudbus_core::worker::HandlerRunner;
-/// let handler = |_e: Arc<cloudbus_core::Event>, _c: HandlerContext| async {
-///     Ok::<(), HandlerError>(())
-/// };
-/// let runner = HandlerRunner::new("webhook");
-/// let event = Arc::new(EventBuilder::new("com.example.ping", "/demo").build().unwrap());
-/// assert!(runner.run(&handler, event, 1).await.is_ok());
-/// # }
-/// ```
-pub struct HandlerRunner {
-    name: Arc<str>,
-    metrics: crate::telemetry::ConsumerMetrics,
-}
-
-impl HandlerRunner {
-    /// A runner for the consumer called `name` (the metrics label).
-    pub fn new(name: impl Into<Arc<str>>) -> Self {
-        let name = name.into();
-        HandlerRunner {
-            metrics: crate::telemetry::ConsumerMetrics::new(name.clone()),
-            name,
-        }
-    }
-
-    /// The consumer's name.
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
-    }
-
-    /// Handles `event` with `handler` once, as delivery `attempt`.
-    pub async fn run<H: Handler + ?Sized>(
-        &self,
-        handler: &H,
-        event: Arc<Event>,
-        attempt: u32,
-    ) -> Result<(), HandlerError> {
-        let trace = TraceContext::from_event(&event)
-            .map(|c| c.child())
-            .unwrap_or_else(TraceContext::new_root);
-        let span = tracing::info_span!(
-            "cloudbus.handle",
-            consumer = %self.name,
-            event_type = %event.ty(),
-            event_id = %event.id(),
-            attempt,
-            trace_id = %trace.trace_id(),
-        );
-        let ctx = HandlerContext {
-            attempt,
-            consumer: self.name.clone(),
-            trace,
-        };
-        let started = Instant::now();
-        let outcome = std::panic::AssertUnwindSafe(trace.scope(handler.handle(event.clone(), ctx)))
-            .catch_unwind()
-            .instrument(span)
-            .await
-            .unwrap_or_else(|_| Err(HandlerError::retry("handler panicked")));
-        self.metrics
-            .processing(event.ty(), started.elapsed().as_secs_f64());
-        let status = match &outcome {
-            Ok(()) => "ack",
-            Err(HandlerError::Retry { .. }) => "nack",
-            Err(HandlerError::Reject { .. }) => "dead_letter",
-        };
-        self.metrics.consumed(event.ty(), status, 1);
-        outcome
-    }
-
-    /// Counts a message dead-lettered for `reason` without reaching the handler (a
-    /// malformed one) or after its last attempt.
-    pub fn dead_lettered(&self, reason: &str) {
-        self.metrics.dead_lettered(reason);
     }
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cloudbus_core::stream::StreamDriver;
+use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     BinaryCodec, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, FilterSupport,
     Result, SubscriptionDriver, SubscriptionSpec, TopicDriver, TopologyDriver,

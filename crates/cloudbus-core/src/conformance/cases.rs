@@ -17,7 +17,7 @@ use crate::filter::Filter;
 use crate::idempotency::{Idempotent, MemoryDedupStore};
 use crate::publisher::Publisher;
 use crate::retry::RetryPolicy;
-use crate::telemetry::TraceContext;
+use crate::trace_context::TraceContext;
 use crate::worker::{HandlerContext, HandlerError, WorkerOptions};
 
 /// A topic and one subscription with unique names.

@@ -29,9 +29,9 @@ use crate::driver::{
     AckToken, BatchResults, BusDriver, DeadLetterDriver, OutgoingMessage, ReceivedMessage,
     Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver, TopologyDriver,
 };
+use crate::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{AttributesReader, Event, EventBuilder};
-use crate::stream::{PartitionInfo, ReadBatch, StartPosition, StreamDriver};
 use crate::worker::{HandlerContext, HandlerError, WorkerOptions};
 
 /// The kinds of fault the chaos driver injects; each has a preset [`Faults`].

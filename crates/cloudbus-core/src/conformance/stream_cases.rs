@@ -14,7 +14,7 @@ use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event, EventBuilder
 use crate::publisher::Publisher;
 use crate::retry::RetryPolicy;
 use crate::stream::{MemoryCheckpointStore, StartPosition, StreamConsumer};
-use crate::telemetry::TraceContext;
+use crate::trace_context::TraceContext;
 use crate::worker::{HandlerContext, HandlerError};
 
 /// Decides whether a handler fails an event at an attempt.

@@ -1,0 +1,249 @@
+//! Handlers and the one way they are run: the [`Handler`] trait (async closures
+//! included), what a handler is told ([`HandlerContext`]) and answers
+//! ([`HandlerError`]), and [`HandlerRunner`], which every consumer of events (the
+//! worker, the stream consumer, an Event Grid webhook) runs them through: trace
+//! continued, span, panic caught, time and outcome counted.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use tracing::Instrument;
+
+use crate::error::Error;
+use crate::event::{AttributesReader, Event};
+use crate::trace_context::TraceContext;
+
+/// What a handler knows about the delivery it handles.
+#[derive(Clone, Debug)]
+pub struct HandlerContext {
+    /// Delivery attempt, starting at 1.
+    pub attempt: u32,
+    /// The consumer's name.
+    pub consumer: Arc<str>,
+    /// The trace context of this handling (a child of the event's `traceparent`).
+    pub trace: TraceContext,
+}
+
+/// Why a handler did not process an event.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// A transient failure: try again later (after `delay`, or the policy's backoff).
+    Retry {
+        /// What went wrong.
+        message: String,
+        /// Explicit delay before the next attempt.
+        delay: Option<Duration>,
+    },
+    /// The event can never be processed: dead-letter it now with this reason.
+    Reject {
+        /// The reason kept with the dead letter.
+        reason: String,
+    },
+}
+
+impl HandlerError {
+    /// A transient failure.
+    pub fn retry(message: impl std::fmt::Display) -> Self {
+        HandlerError::Retry {
+            message: message.to_string(),
+            delay: None,
+        }
+    }
+    /// A transient failure, retried after `delay`.
+    pub fn retry_after(message: impl std::fmt::Display, delay: Duration) -> Self {
+        HandlerError::Retry {
+            message: message.to_string(),
+            delay: Some(delay),
+        }
+    }
+    /// A permanent failure: dead-letter now.
+    pub fn reject(reason: impl std::fmt::Display) -> Self {
+        HandlerError::Reject {
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<Error> for HandlerError {
+    /// A cloudbus error met while handling (publishing a follow-up event, reading the
+    /// data) is retried, unless its kind says that the same event can never succeed:
+    /// [`Malformed`](crate::ErrorKind::Malformed),
+    /// [`InvalidArgument`](crate::ErrorKind::InvalidArgument),
+    /// [`TooLarge`](crate::ErrorKind::TooLarge) and
+    /// [`Unsupported`](crate::ErrorKind::Unsupported) reject (dead-letter now). A closed
+    /// publisher during shutdown, a paused ordering key, a lost lease or an internal
+    /// error are not the event's fault and must not dead-letter it on the first try.
+    ///
+    /// ```
+    /// use cloudbus_core::{Error, ErrorKind, HandlerError};
+    /// let closed: HandlerError = Error::closed("publisher is closed").into();
+    /// assert!(matches!(closed, HandlerError::Retry { .. }));
+    /// let bad: HandlerError = Error::new(ErrorKind::Malformed, "no id").into();
+    /// assert!(matches!(bad, HandlerError::Reject { .. }));
+    /// ```
+    fn from(e: Error) -> Self {
+        use crate::ErrorKind as K;
+        match e.kind() {
+            K::Malformed | K::InvalidArgument | K::TooLarge | K::Unsupported => {
+                HandlerError::reject(e)
+            }
+            _ => HandlerError::retry(e),
+        }
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerError::Retry { message, .. } => write!(f, "retry: {message}"),
+            HandlerError::Reject { reason } => write!(f, "reject: {reason}"),
+        }
+    }
+}
+
+/// Handles one event. Implemented for async closures
+/// `Fn(Arc<Event>, HandlerContext) -> impl Future<Output = Result<(), HandlerError>>`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cloudbus_core::{Event, HandlerContext, HandlerError, Handler};
+/// fn assert_handler<H: Handler>(_: H) {}
+/// assert_handler(|event: Arc<Event>, ctx: HandlerContext| async move {
+///     if ctx.attempt > 3 { return Err(HandlerError::reject("gave up")) }
+///     Ok::<(), HandlerError>(())
+/// });
+/// ```
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Processes `event`; `Ok` acks it.
+    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError>;
+}
+
+#[async_trait]
+impl<F, Fut> Handler for F
+where
+    F: Fn(Arc<Event>, HandlerContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
+        (self)(event, ctx).await
+    }
+}
+
+#[async_trait]
+impl<H: Handler + ?Sized> Handler for Arc<H> {
+    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
+        (**self).handle(event, ctx).await
+    }
+}
+
+/// Runs a handler the way every cloudbus consumer does, for consumers that receive
+/// events by other means than a [`Consumer`](crate::Consumer) (a stream reader, an Event Grid webhook):
+/// the event's trace is continued in a `cloudbus.handle` span, a panic becomes a
+/// retryable [`HandlerError`], and the processing time and outcome are counted under
+/// the consumer's name.
+///
+/// ```
+/// # async fn demo() {
+/// use std::sync::Arc;
+/// use cloudbus_core::{EventBuilder, HandlerContext, HandlerError};
+/// use cloudbus_core::worker::HandlerRunner;
+/// let handler = |_e: Arc<cloudbus_core::Event>, _c: HandlerContext| async {
+///     Ok::<(), HandlerError>(())
+/// };
+/// let runner = HandlerRunner::new("webhook");
+/// let event = Arc::new(EventBuilder::new("com.example.ping", "/demo").build().unwrap());
+/// assert!(runner.run(&handler, event, 1).await.is_ok());
+/// # }
+/// ```
+pub struct HandlerRunner {
+    name: Arc<str>,
+    metrics: crate::telemetry::ConsumerMetrics,
+}
+
+impl HandlerRunner {
+    /// A runner for the consumer called `name` (the metrics label).
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        let name = name.into();
+        HandlerRunner {
+            metrics: crate::telemetry::ConsumerMetrics::new(name.clone()),
+            name,
+        }
+    }
+
+    /// The consumer's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// Handles `event` with `handler` once, as delivery `attempt`.
+    pub async fn run<H: Handler + ?Sized>(
+        &self,
+        handler: &H,
+        event: Arc<Event>,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
+        let started = Instant::now();
+        let (_span, handling) = self.handle(handler, event.clone(), attempt);
+        let outcome = handling
+            .await
+            .unwrap_or_else(|_| Err(HandlerError::retry("handler panicked")));
+        self.processed(&event, started);
+        let status = match &outcome {
+            Ok(()) => "ack",
+            Err(HandlerError::Retry { .. }) => "nack",
+            Err(HandlerError::Reject { .. }) => "dead_letter",
+        };
+        self.metrics.consumed(event.ty(), status, 1);
+        outcome
+    }
+
+    /// One handling, for callers that settle by themselves (the worker): the event's
+    /// trace continued as the current context and in a `cloudbus.handle` span (also
+    /// returned, for the settlement that follows), a panic caught as `Err`.
+    pub(crate) fn handle<'a, H: Handler + ?Sized>(
+        &self,
+        handler: &'a H,
+        event: Arc<Event>,
+        attempt: u32,
+    ) -> (
+        tracing::Span,
+        impl Future<Output = std::thread::Result<Result<(), HandlerError>>> + Send + 'a,
+    ) {
+        let trace = TraceContext::from_event(&event)
+            .map(|c| c.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let span = tracing::info_span!(
+            "cloudbus.handle",
+            consumer = %self.name,
+            event_type = %event.ty(),
+            event_id = %event.id(),
+            attempt,
+            trace_id = %trace.trace_id(),
+        );
+        let ctx = HandlerContext {
+            attempt,
+            consumer: self.name.clone(),
+            trace,
+        };
+        let handling = std::panic::AssertUnwindSafe(trace.scope(handler.handle(event, ctx)))
+            .catch_unwind()
+            .instrument(span.clone());
+        (span, handling)
+    }
+
+    /// Counts the processing time of a handling of `event` begun at `started`.
+    pub(crate) fn processed(&self, event: &Event, started: Instant) {
+        self.metrics
+            .processing(event.ty(), started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a message dead-lettered for `reason` without reaching the handler (a
+    /// malformed one) or after its last attempt.
+    pub fn dead_lettered(&self, reason: &str) {
+        self.metrics.dead_lettered(reason);
+    }
+}
