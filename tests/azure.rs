@@ -1270,6 +1270,21 @@ async fn servicebus_duplicate_detection_drops_the_second_copy() {
     assert_eq!(ids, vec![once.id(), other.id()]);
 }
 
+/// Service Bus has no partitioned logs: `stream` is Unsupported, from the driver
+/// trait's default (issue 14 took the hand-written stubs out), and says where logs are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_has_no_streams() {
+    let Some(bus) = servicebus_bus(EntityKind::Queues, false).await else {
+        return;
+    };
+    let Err(e) = bus.driver().stream("orders").await else {
+        panic!("Service Bus opened a stream");
+    };
+    assert_eq!(e.kind(), cloudbus::ErrorKind::Unsupported, "{e}");
+    assert!(e.message().contains("servicebus://"), "{e}");
+    assert!(e.message().contains("kinesis://"), "{e}");
+}
+
 /// A wrong key: the management API and CBS put-token refuse it (the emulator checks
 /// the SAS signature as the service does), and cloudbus says PermissionDenied, for
 /// declaring, publishing and receiving alike, without the key in the message.

@@ -21,7 +21,6 @@ use async_trait::async_trait;
 use aws_sdk_eventbridge::types::{PutEventsRequestEntry, Target};
 use chrono::{DateTime, Utc};
 use cloudbus_core::codec::to_structured_json;
-use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     AttributesReader, BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error,
     ErrorKind, Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver,
@@ -212,12 +211,6 @@ impl BusDriver for EventBridgeBus {
         Arc::new(EventBridgeTopology {
             shared: self.shared.clone(),
         })
-    }
-
-    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
-        Err(Error::unsupported(format!(
-            "EventBridge buses are not logs; read {stream:?} as a stream with Kinesis"
-        )))
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
-use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind,
     Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
@@ -266,12 +265,6 @@ impl BusDriver for SnsBus {
         Arc::new(SnsTopology {
             shared: self.shared.clone(),
         })
-    }
-
-    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
-        Err(Error::unsupported(format!(
-            "SNS topics are not logs; read {stream:?} as a stream with Kinesis"
-        )))
     }
 
     fn as_any(&self) -> &dyn Any {

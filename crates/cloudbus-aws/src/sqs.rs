@@ -23,7 +23,6 @@ use aws_sdk_sqs::types::{
 use chrono::{DateTime, Utc};
 use cloudbus_core::AttributesReader as _;
 use cloudbus_core::codec::RawMessage;
-use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::{
     AckToken, BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetter,
     DeadLetterDriver, Error, ErrorKind, FilterSupport, OutgoingMessage, Payload, ReceivedMessage,
@@ -426,12 +425,6 @@ impl BusDriver for SqsBus {
         Arc::new(SqsTopology {
             shared: self.shared.clone(),
         })
-    }
-
-    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
-        Err(Error::unsupported(format!(
-            "SQS queues are not logs; read {stream:?} as a stream with Kinesis"
-        )))
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -54,7 +54,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudbus_core::codec::BinaryCodec;
-use cloudbus_core::driver::StreamDriver;
 use cloudbus_core::driver::{
     BatchResults, BusDriver, DeadLetterDriver, OutgoingMessage, Payload, SubscriptionDriver,
     SubscriptionSpec, TopicDriver, TopologyDriver,
@@ -624,13 +623,6 @@ impl BusDriver for ServiceBusBus {
         Arc::new(ServiceBusTopology {
             shared: self.shared.clone(),
         })
-    }
-
-    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
-        Err(Error::unsupported(format!(
-            "Service Bus has no partitioned logs; {stream:?} cannot be read as a stream \
-             (Event Hubs is the Azure service for that)"
-        )))
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -604,8 +604,15 @@ pub trait BusDriver: Send + Sync + 'static {
     ) -> Result<Arc<dyn DeadLetterDriver>>;
     /// Declares entities.
     fn topology(&self) -> Arc<dyn TopologyDriver>;
-    /// A partitioned log reader for `stream`, where the provider has logs.
-    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>>;
+    /// A partitioned log reader for `stream`, where the provider has logs. By
+    /// default there are none: Unsupported, naming the providers that have them.
+    async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
+        Err(crate::error::Error::unsupported(format!(
+            "{}:// has no partitioned logs, so {stream:?} cannot be read as a stream; \
+             Kinesis (kinesis://) and the memory broker (mem://) have them",
+            self.scheme()
+        )))
+    }
     /// The underlying client.
     fn as_any(&self) -> &dyn Any;
 }
