@@ -47,8 +47,10 @@ pub mod fuzzing;
 /// The environment variable [`connect_from_env`] reads.
 pub const URL_ENV: &str = "CLOUDBUS_URL";
 
-/// Which cargo feature serves each URL scheme.
-const SCHEMES: &[(&str, &str)] = &[
+/// Every scheme cloudbus has a provider for, and the cargo feature that builds it
+/// (for the error that names the feature to enable; the enabled providers register
+/// their own openers, see [`schemes`]).
+const FEATURE_OF_SCHEME: &[(&str, &str)] = &[
     ("mem", "memory"),
     ("sqs", "sqs"),
     ("sns", "sns"),
@@ -59,55 +61,52 @@ const SCHEMES: &[(&str, &str)] = &[
     ("pubsub", "pubsub"),
 ];
 
+/// The URL schemes of the providers built in (their cargo features on), each as its
+/// provider crate registers it.
+pub fn schemes() -> Vec<scheme::Scheme> {
+    #[allow(unused_mut)]
+    let mut schemes = Vec::new();
+    #[cfg(feature = "memory")]
+    schemes.extend(memory::schemes());
+    #[cfg(any(feature = "sqs", feature = "kinesis"))]
+    schemes.extend(aws::schemes());
+    #[cfg(any(feature = "servicebus", feature = "eventgrid"))]
+    schemes.extend(azure::schemes());
+    #[cfg(feature = "pubsub")]
+    schemes.extend(gcp::schemes());
+    schemes
+}
+
 /// Opens a [`Bus`] from a URL such as `mem://` or `mem://tests`.
 ///
 /// A scheme whose cargo feature is off gives [`ErrorKind::Unsupported`] naming the
 /// feature to enable; an unknown scheme gives [`ErrorKind::InvalidArgument`].
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let bus = cloudbus::connect("mem://docs").await.unwrap();
+/// assert_eq!(bus.driver().scheme(), "mem");
+/// let e = cloudbus::connect("smoke-signals://hill").await.unwrap_err();
+/// assert_eq!(e.kind(), cloudbus::ErrorKind::InvalidArgument);
+/// # });
+/// ```
 pub async fn connect(url: &str) -> Result<Bus> {
-    let parsed = url::Url::parse(url).map_err(|e| {
-        Error::with_source(
-            ErrorKind::InvalidArgument,
-            format!("{url:?} is not a URL (try mem://)"),
-            e,
-        )
-    })?;
-    let scheme = parsed.scheme();
-    let Some((_, feature)) = SCHEMES.iter().find(|(s, _)| *s == scheme) else {
-        let known: Vec<&str> = SCHEMES.iter().map(|(s, _)| *s).collect();
-        return Err(Error::invalid(format!(
-            "unknown URL scheme {scheme:?}; cloudbus knows {}",
-            known.join(", ")
-        )));
-    };
-    match scheme {
-        #[cfg(feature = "memory")]
-        "mem" => {
-            let name = parsed
-                .host_str()
-                .filter(|h| !h.is_empty())
-                .unwrap_or("default");
-            Ok(memory::MemoryBroker::named(name).bus())
+    let parsed = scheme::parse(url)?;
+    let name = parsed.scheme();
+    if let Some(scheme) = scheme::find(&schemes(), name) {
+        return (scheme.open)(parsed).await;
+    }
+    match FEATURE_OF_SCHEME.iter().find(|(s, _)| *s == name) {
+        Some((_, feature)) => Err(Error::unsupported(format!(
+            "the {name}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
+        ))),
+        None => {
+            let known: Vec<&str> = FEATURE_OF_SCHEME.iter().map(|(s, _)| *s).collect();
+            Err(Error::invalid(format!(
+                "unknown URL scheme {name:?}; cloudbus knows {}",
+                known.join(", ")
+            )))
         }
-        #[cfg(feature = "pubsub")]
-        "pubsub" => gcp::connect(url).await,
-        #[cfg(feature = "sqs")]
-        "sqs" => aws::connect(url).await,
-        #[cfg(feature = "sns")]
-        "sns" => aws::connect(url).await,
-        #[cfg(feature = "eventbridge")]
-        "eventbridge" => aws::connect(url).await,
-        #[cfg(feature = "kinesis")]
-        "kinesis" => aws::connect(url).await,
-        #[cfg(feature = "eventgrid")]
-        "eventgrid" => azure::connect(url).await,
-        #[cfg(feature = "servicebus")]
-        "servicebus" => azure::connect(url).await,
-        _ if !feature_enabled(feature) => Err(Error::unsupported(format!(
-            "the {scheme}:// provider needs the cargo feature `{feature}` of cloudbus; enable it in Cargo.toml"
-        ))),
-        _ => Err(Error::unsupported(format!(
-            "the {scheme}:// provider is declared (feature `{feature}`) but not part of this release yet"
-        ))),
     }
 }
 
@@ -115,22 +114,6 @@ pub async fn connect(url: &str) -> Result<Bus> {
 pub async fn connect_from_env(default: &str) -> Result<Bus> {
     let url = std::env::var(URL_ENV).unwrap_or_else(|_| default.to_owned());
     connect(&url).await
-}
-
-// With every feature on, each arm is `true`; the match keeps one arm per feature.
-#[allow(clippy::match_like_matches_macro)]
-fn feature_enabled(feature: &str) -> bool {
-    match feature {
-        "memory" => cfg!(feature = "memory"),
-        "sqs" => cfg!(feature = "sqs"),
-        "sns" => cfg!(feature = "sns"),
-        "eventbridge" => cfg!(feature = "eventbridge"),
-        "kinesis" => cfg!(feature = "kinesis"),
-        "servicebus" => cfg!(feature = "servicebus"),
-        "eventgrid" => cfg!(feature = "eventgrid"),
-        "pubsub" => cfg!(feature = "pubsub"),
-        _ => false,
-    }
 }
 
 /// The README's code, compiled and run as a doc test so that it stays true.

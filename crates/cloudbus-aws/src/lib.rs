@@ -157,50 +157,70 @@ pub(crate) fn content_pattern(
     })
 }
 
-/// Opens an AWS URL (`sqs://`) as a [`Bus`].
+/// The schemes this crate opens, those of its enabled features: `sqs://`, `sns://`
+/// (`?mode=structured`), `eventbridge://` (`?archive_days=N`) and `kinesis://`.
+pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
+    use cloudbus_core::scheme::Scheme;
+    let mut schemes = Vec::new();
+    #[cfg(feature = "sqs")]
+    schemes.push(Scheme {
+        name: "sqs",
+        open: |url| {
+            Box::pin(async move { Ok(sqs::SqsBus::new(&load_config(&url, &[]).await?).into_bus()) })
+        },
+    });
+    #[cfg(feature = "sns")]
+    schemes.push(Scheme {
+        name: "sns",
+        open: |url| Box::pin(open_sns(url)),
+    });
+    #[cfg(feature = "kinesis")]
+    schemes.push(Scheme {
+        name: "kinesis",
+        open: |url| {
+            Box::pin(async move {
+                Ok(kinesis::KinesisBus::new(&load_config(&url, &[]).await?).into_bus())
+            })
+        },
+    });
+    #[cfg(feature = "eventbridge")]
+    schemes.push(Scheme {
+        name: "eventbridge",
+        open: |url| Box::pin(open_eventbridge(url)),
+    });
+    schemes
+}
+
+/// Opens an AWS URL (one of [`schemes`]) as a [`Bus`].
 pub async fn connect(url: &str) -> Result<Bus> {
-    let parsed = url::Url::parse(url).map_err(|e| {
-        Error::with_source(
-            ErrorKind::InvalidArgument,
-            format!("{url:?} is not a URL"),
-            e,
-        )
-    })?;
-    match parsed.scheme() {
-        #[cfg(feature = "sqs")]
-        "sqs" => Ok(sqs::SqsBus::new(&load_config(&parsed, &[]).await?).into_bus()),
-        #[cfg(feature = "sns")]
-        "sns" => {
-            let bus = sns::SnsBus::new(&load_config(&parsed, &["mode"]).await?);
-            match url_param(&parsed, "mode").as_deref() {
-                None | Some("binary") => Ok(bus.into_bus()),
-                Some("structured") => Ok(bus.structured().into_bus()),
-                Some(other) => Err(Error::invalid(format!(
-                    "sns:// mode must be binary or structured, not {other:?}"
-                ))),
-            }
-        }
-        #[cfg(feature = "kinesis")]
-        "kinesis" => Ok(kinesis::KinesisBus::new(&load_config(&parsed, &[]).await?).into_bus()),
-        #[cfg(feature = "eventbridge")]
-        "eventbridge" => {
-            let bus =
-                eventbridge::EventBridgeBus::new(&load_config(&parsed, &["archive_days"]).await?);
-            match url_param(&parsed, "archive_days") {
-                None => Ok(bus.into_bus()),
-                Some(days) => {
-                    let days = days.parse::<u32>().map_err(|_| {
-                        Error::invalid(format!(
-                            "eventbridge:// archive_days must be a number of days, not {days:?}"
-                        ))
-                    })?;
-                    Ok(bus.with_archive(days).into_bus())
-                }
-            }
-        }
-        other => Err(Error::unsupported(format!(
-            "{other}:// is not an AWS provider built into this cloudbus-aws"
+    cloudbus_core::scheme::open(&schemes(), url).await
+}
+
+#[cfg(feature = "sns")]
+async fn open_sns(url: url::Url) -> Result<Bus> {
+    let bus = sns::SnsBus::new(&load_config(&url, &["mode"]).await?);
+    match url_param(&url, "mode").as_deref() {
+        None | Some("binary") => Ok(bus.into_bus()),
+        Some("structured") => Ok(bus.structured().into_bus()),
+        Some(other) => Err(Error::invalid(format!(
+            "sns:// mode must be binary or structured, not {other:?}"
         ))),
+    }
+}
+
+#[cfg(feature = "eventbridge")]
+async fn open_eventbridge(url: url::Url) -> Result<Bus> {
+    let bus = eventbridge::EventBridgeBus::new(&load_config(&url, &["archive_days"]).await?);
+    match url_param(&url, "archive_days") {
+        None => Ok(bus.into_bus()),
+        Some(days) => {
+            let days = days.parse::<u32>().map_err(|_| {
+                Error::invalid(format!(
+                    "eventbridge:// archive_days must be a number of days, not {days:?}"
+                ))
+            })?;
+            Ok(bus.with_archive(days).into_bus())
+        }
     }
 }
 

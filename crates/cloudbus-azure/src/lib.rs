@@ -102,43 +102,50 @@ pub(crate) fn kind_of_status(status: u16) -> ErrorKind {
     }
 }
 
-/// Opens an Azure URL as a [`Bus`]:
+/// The schemes this crate opens, those of its enabled features:
 /// - `servicebus://` (see [`servicebus::ServiceBusConfig`]: connection string from
 ///   `SERVICEBUS_CONNECTION_STRING`; `?entity=queue`, `?sessions=true`,
 ///   `?mode=structured`, `?management=URL`);
 /// - `eventgrid://` (endpoint and key from `EVENTGRID_ENDPOINT` / `EVENTGRID_KEY`, or
 ///   `EVENTGRID_SAS_TOKEN`; `?endpoint=URL` overrides the endpoint).
+pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
+    use cloudbus_core::scheme::Scheme;
+    let mut schemes = Vec::new();
+    #[cfg(feature = "servicebus")]
+    schemes.push(Scheme {
+        name: "servicebus",
+        open: |url| {
+            Box::pin(async move {
+                let config = servicebus::ServiceBusConfig::from_url(&url)?;
+                Ok(servicebus::ServiceBusBus::connect(config).await?.into_bus())
+            })
+        },
+    });
+    #[cfg(feature = "eventgrid")]
+    schemes.push(Scheme {
+        name: "eventgrid",
+        open: |url| Box::pin(async move { open_eventgrid(&url) }),
+    });
+    schemes
+}
+
+/// Opens an Azure URL (one of [`schemes`]) as a [`Bus`].
 pub async fn connect(url: &str) -> Result<Bus> {
-    let parsed = url::Url::parse(url).map_err(|e| {
-        Error::with_source(
-            ErrorKind::InvalidArgument,
-            format!("{url:?} is not a URL"),
-            e,
-        )
-    })?;
-    match parsed.scheme() {
-        #[cfg(feature = "eventgrid")]
-        "eventgrid" => {
-            let mut config = eventgrid::EventGridConfig::from_env()?;
-            for (k, v) in parsed.query_pairs() {
-                match k.as_ref() {
-                    "endpoint" => config = config.endpoint(v.into_owned()),
-                    other => {
-                        return Err(Error::invalid(format!(
-                            "unknown eventgrid:// URL parameter {other:?} (known: endpoint)"
-                        )));
-                    }
-                }
+    cloudbus_core::scheme::open(&schemes(), url).await
+}
+
+#[cfg(feature = "eventgrid")]
+fn open_eventgrid(url: &url::Url) -> Result<Bus> {
+    let mut config = eventgrid::EventGridConfig::from_env()?;
+    for (k, v) in url.query_pairs() {
+        match k.as_ref() {
+            "endpoint" => config = config.endpoint(v.into_owned()),
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown eventgrid:// URL parameter {other:?} (known: endpoint)"
+                )));
             }
-            Ok(eventgrid::EventGridBus::new(config)?.into_bus())
         }
-        #[cfg(feature = "servicebus")]
-        "servicebus" => {
-            let config = servicebus::ServiceBusConfig::from_url(&parsed)?;
-            Ok(servicebus::ServiceBusBus::connect(config).await?.into_bus())
-        }
-        other => Err(Error::unsupported(format!(
-            "{other}:// is not an Azure provider built into this cloudbus-azure"
-        ))),
     }
+    Ok(eventgrid::EventGridBus::new(config)?.into_bus())
 }

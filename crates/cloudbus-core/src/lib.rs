@@ -24,6 +24,7 @@ pub mod handler;
 pub mod idempotency;
 pub mod publisher;
 pub mod retry;
+pub mod scheme;
 pub mod stream;
 pub mod telemetry;
 pub mod trace_context;

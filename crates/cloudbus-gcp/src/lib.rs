@@ -226,9 +226,21 @@ pub(crate) fn codec() -> BinaryCodec {
         .max_attributes(MAX_ATTRIBUTES, RESERVED_ATTRIBUTES)
 }
 
+/// The scheme this crate opens: `pubsub://PROJECT`.
+pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
+    vec![cloudbus_core::scheme::Scheme {
+        name: "pubsub",
+        open: |url| {
+            Box::pin(
+                async move { Ok(PubSubBus::new(PubSubConfig::from_url(url.as_str())?).into_bus()) },
+            )
+        },
+    }]
+}
+
 /// Opens `pubsub://PROJECT` as a [`Bus`].
 pub async fn connect(url: &str) -> Result<Bus> {
-    Ok(PubSubBus::new(PubSubConfig::from_url(url)?).into_bus())
+    cloudbus_core::scheme::open(&schemes(), url).await
 }
 
 /// The clients one bus shares: one gRPC channel for publishing, one for pulling.

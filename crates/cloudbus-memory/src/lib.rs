@@ -115,6 +115,23 @@ struct BrokerInner {
     codec: BinaryCodec,
 }
 
+/// The scheme this crate opens: `mem://NAME` is the broker called NAME (`mem://` the
+/// one called `default`), shared by every bus of the process opened with that name.
+pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
+    vec![cloudbus_core::scheme::Scheme {
+        name: "mem",
+        open: |url| {
+            Box::pin(async move {
+                let name = url
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or("default");
+                Ok(MemoryBroker::named(name).bus())
+            })
+        },
+    }]
+}
+
 /// An in-process broker. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct MemoryBroker {
