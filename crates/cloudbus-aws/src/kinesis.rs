@@ -37,7 +37,7 @@ pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// assert!(c.ordering && c.replay && c.max_batch_count == 500);
 /// ```
 pub fn capabilities() -> Capabilities {
-    let mut c = Capabilities::all(MAX_RECORD_BYTES, MAX_BATCH_COUNT, MAX_BATCH_BYTES);
+    let mut c = Capabilities::broker(MAX_RECORD_BYTES, MAX_BATCH_COUNT, MAX_BATCH_BYTES);
     c.max_delay = None;
     c.fan_out = true;
     c.replay = true;

@@ -76,7 +76,7 @@ pub fn dead_letter_queue(queue: &str) -> String {
 /// assert!(fifo.ordering && fifo.deduplication && fifo.max_delay.is_none());
 /// ```
 pub fn capabilities(queue: &str) -> Capabilities {
-    let mut c = Capabilities::all(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_MESSAGE_BYTES);
+    let mut c = Capabilities::broker(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_MESSAGE_BYTES);
     c.filtering = FilterSupport::None;
     c.fan_out = false;
     c.replay = false;

@@ -410,7 +410,7 @@ impl ServiceBusConfig {
     }
     /// What entities opened with this configuration support.
     pub fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::all(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_BATCH_BYTES);
+        let mut c = Capabilities::broker(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_BATCH_BYTES);
         c.ordering = self.sessions;
         c.deduplication = true;
         c.filtering = match self.entities {

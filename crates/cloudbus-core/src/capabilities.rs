@@ -80,8 +80,21 @@ impl Default for Capabilities {
 }
 
 impl Capabilities {
-    /// Everything on: the embedded memory broker's capabilities, with its limits.
-    pub fn all(max_message_bytes: usize, max_batch_count: usize, max_batch_bytes: usize) -> Self {
+    /// A broker that orders, filters, fans out, dead-letters with reasons, counts
+    /// attempts, delays and extends leases (the embedded memory broker), with these
+    /// limits; it neither deduplicates nor replays. Providers start here and turn
+    /// off what they lack.
+    ///
+    /// ```
+    /// let caps = cloudbus_core::Capabilities::broker(256 * 1024, 100, 1024 * 1024);
+    /// assert!(caps.ordering && caps.native_dead_letter);
+    /// assert!(!caps.deduplication && !caps.replay);
+    /// ```
+    pub fn broker(
+        max_message_bytes: usize,
+        max_batch_count: usize,
+        max_batch_bytes: usize,
+    ) -> Self {
         Capabilities {
             ordering: true,
             deduplication: false,

@@ -434,14 +434,11 @@ impl TraceContext {
     }
 }
 
-/// Gives the event a `traceparent` if it has none: a child of the current task's
-/// context (an event published while handling another continues its trace), else a
-/// new trace. Returns the context the event carries.
-pub fn inject(event: &mut Event) -> Option<TraceContext> {
-    if let Some(ctx) = TraceContext::from_event(event) {
-        return Some(ctx);
-    }
-    Some(stamp(event))
+/// Gives the event a `traceparent` if it has no valid one: a child of the current
+/// task's context (an event published while handling another continues its trace),
+/// else a new trace. Returns the context the event carries.
+pub fn inject(event: &mut Event) -> TraceContext {
+    TraceContext::from_event(event).unwrap_or_else(|| stamp(event))
 }
 
 /// Sets a new `traceparent` on the event: a child of the current task's context, else

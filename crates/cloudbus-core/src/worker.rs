@@ -72,9 +72,9 @@ impl WorkerOptions {
     }
 }
 
-/// Counts kept by a running worker.
+/// Counts kept by a running worker ([`Worker::stats`] reads them as a [`WorkerReport`]).
 #[derive(Debug, Default)]
-pub struct WorkerStats {
+pub(crate) struct WorkerCounters {
     /// Handled and acked.
     pub acked: AtomicU64,
     /// Failed and nacked for another attempt.
@@ -87,7 +87,7 @@ pub struct WorkerStats {
     pub settle_errors: AtomicU64,
 }
 
-/// A snapshot of [`WorkerStats`], returned by [`Worker::shutdown`].
+/// What a worker has done so far, from [`Worker::stats`] and [`Worker::shutdown`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkerReport {
     /// Handled and acked.
@@ -102,7 +102,7 @@ pub struct WorkerReport {
     pub settle_errors: u64,
 }
 
-impl WorkerStats {
+impl WorkerCounters {
     fn report(&self) -> WorkerReport {
         WorkerReport {
             acked: self.acked.load(Ordering::Relaxed),
@@ -129,7 +129,7 @@ pub struct Worker {
     stop_pulling: watch::Sender<bool>,
     hard_stop: watch::Sender<bool>,
     main: tokio::task::JoinHandle<()>,
-    stats: Arc<WorkerStats>,
+    stats: Arc<WorkerCounters>,
 }
 
 type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Slot)>>>>;
@@ -144,7 +144,7 @@ impl Worker {
     ) -> Worker {
         let (stop_pulling, stop_rx) = watch::channel(false);
         let (hard_stop, hard_rx) = watch::channel(false);
-        let stats = Arc::new(WorkerStats::default());
+        let stats = Arc::new(WorkerCounters::default());
         let kib = (options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         let run = WorkerLoop {
             runner: HandlerRunner::new(consumer.inner.name.clone()),
@@ -190,7 +190,7 @@ struct WorkerLoop {
     /// Runs the handler as every consumer does (trace, span, panic, timing).
     runner: HandlerRunner,
     options: WorkerOptions,
-    stats: Arc<WorkerStats>,
+    stats: Arc<WorkerCounters>,
     hard_stop: watch::Receiver<bool>,
     lanes: Lanes,
     /// Outstanding bytes, in KiB permits (`max_outstanding_bytes`).

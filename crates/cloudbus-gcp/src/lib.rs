@@ -427,7 +427,7 @@ pub(crate) fn map_error(err: google_cloud_pubsub::Error, what: &str) -> Error {
 
 /// Capabilities of Pub/Sub subscriptions made by `ensure` (see the README table).
 pub fn capabilities(emulator: bool) -> Capabilities {
-    let mut c = Capabilities::all(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_MESSAGE_BYTES);
+    let mut c = Capabilities::broker(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_MESSAGE_BYTES);
     c.max_delay = None;
     c.deduplication = false;
     c.replay = true;

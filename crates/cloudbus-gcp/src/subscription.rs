@@ -46,7 +46,7 @@ const STREAM_ACK_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the reaper looks for passed deadlines.
 const REAPER_TICK: Duration = Duration::from_millis(50);
 
-struct Inflight {
+struct InFlight {
     /// Bytes of data and attributes, for flow control.
     size: usize,
     /// The consumer handle that received it (closing a handle releases its messages).
@@ -73,7 +73,7 @@ pub(crate) struct Inner {
     settings: OnceCell<SubscriptionSettings>,
     rx: tokio::sync::Mutex<Option<mpsc::Receiver<Pulled>>>,
     pump: Mutex<Option<(tokio::task::JoinHandle<()>, ShutdownToken)>>,
-    inflight: Mutex<HashMap<u64, Inflight>>,
+    inflight: Mutex<HashMap<u64, InFlight>>,
     next_token: AtomicU64,
     reaping: AtomicBool,
 }
@@ -269,7 +269,7 @@ impl Inner {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         lock(&self.inflight).insert(
             token,
-            Inflight {
+            InFlight {
                 size: message_size(&message),
                 owner,
                 handler,
@@ -346,7 +346,7 @@ impl Inner {
         self.codec.decode(&raw).map_err(|e| (raw, e))
     }
 
-    fn take(&self, token: u64) -> Result<Inflight> {
+    fn take(&self, token: u64) -> Result<InFlight> {
         let mut map = lock(&self.inflight);
         match map.get(&token) {
             None => Err(Error::new(
@@ -429,7 +429,7 @@ impl Inner {
 
     /// Releases (nacks) what the handle `owner` still holds.
     fn release_owner(&self, owner: u64) {
-        let released: Vec<Inflight> = {
+        let released: Vec<InFlight> = {
             let mut map = lock(&self.inflight);
             let keys: Vec<u64> = map
                 .iter()
@@ -485,7 +485,7 @@ async fn reap(inner: Weak<Inner>) {
         tokio::time::sleep(REAPER_TICK).await;
         let Some(inner) = inner.upgrade() else { return };
         let now = Instant::now();
-        let expired: Vec<Inflight> = {
+        let expired: Vec<InFlight> = {
             let mut map = lock(&inner.inflight);
             let keys: Vec<u64> = map
                 .iter()

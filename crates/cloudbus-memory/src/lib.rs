@@ -201,7 +201,8 @@ impl MemoryBroker {
     /// What the broker supports.
     pub fn capabilities(&self) -> Capabilities {
         let c = &self.inner.config;
-        let mut caps = Capabilities::all(c.max_message_bytes, c.max_batch_count, c.max_batch_bytes);
+        let mut caps =
+            Capabilities::broker(c.max_message_bytes, c.max_batch_count, c.max_batch_bytes);
         caps.replay = c.retained_per_topic > 0;
         caps
     }

@@ -181,7 +181,7 @@ enum Origin {
 }
 
 /// One received, unsettled message.
-struct Inflight {
+struct InFlight {
     lock_token: Uuid,
     sequence: Option<i64>,
     origin: Origin,
@@ -236,7 +236,7 @@ pub struct ServiceBusSubscription {
     slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
     /// Serializes opening links, so that concurrent receives do not open several.
     opening: Mutex<()>,
-    inflight: SyncMutex<HashMap<String, Inflight>>,
+    inflight: SyncMutex<HashMap<String, InFlight>>,
     /// Messages received and not yet returned: deferred messages taken back by
     /// sequence number, and what a read got beyond the `max` asked for.
     pending: SyncMutex<VecDeque<ReceivedMessage>>,
@@ -583,7 +583,7 @@ impl ServiceBusSubscription {
         slot.unsettled.fetch_add(1, Ordering::AcqRel);
         lock(&self.inflight).insert(
             token.clone(),
-            Inflight {
+            InFlight {
                 lock_token,
                 sequence: sequence_of(&message),
                 origin,
@@ -667,7 +667,7 @@ impl ServiceBusSubscription {
         result
     }
 
-    async fn apply(&self, inflight: &mut Inflight, action: Action<'_>) -> Result<()> {
+    async fn apply(&self, inflight: &mut InFlight, action: Action<'_>) -> Result<()> {
         let what = format!(
             "{} {} on {}",
             action.label(),
@@ -1007,7 +1007,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
         let mut results: Vec<Option<Result<()>>> = items.iter().map(|_| None).collect();
         // Acks of messages received on a link, by link, taken out of the map (so that
         // no other settlement races them) while their locks hold.
-        let mut by_link: Vec<(Arc<Slot>, Vec<(usize, String, Inflight, DeliveryInfo)>)> =
+        let mut by_link: Vec<(Arc<Slot>, Vec<(usize, String, InFlight, DeliveryInfo)>)> =
             Vec::new();
         {
             let now = Instant::now();
