@@ -590,18 +590,30 @@ pub trait BusDriver: Send + Sync + 'static {
     fn scheme(&self) -> &str;
     /// A sender for `topic`. Opening is lazy: a missing topic fails on first send.
     async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>>;
-    /// A receiver for `subscription` of `topic`.
+    /// A receiver for `subscription` of `topic`. By default there is none (a
+    /// push-only provider): Unsupported.
     async fn subscription(
         &self,
         topic: &str,
         subscription: &str,
-    ) -> Result<Arc<dyn SubscriptionDriver>>;
-    /// The dead-letter place of `subscription` of `topic`.
+    ) -> Result<Arc<dyn SubscriptionDriver>> {
+        Err(crate::error::Error::unsupported(format!(
+            "{}:// has no pull consumers: {topic}/{subscription} cannot be received from",
+            self.scheme()
+        )))
+    }
+    /// The dead-letter place of `subscription` of `topic`. By default there is none
+    /// to read: Unsupported.
     async fn dead_letters(
         &self,
         topic: &str,
         subscription: &str,
-    ) -> Result<Arc<dyn DeadLetterDriver>>;
+    ) -> Result<Arc<dyn DeadLetterDriver>> {
+        Err(crate::error::Error::unsupported(format!(
+            "{}:// keeps no dead letters cloudbus can read for {topic}/{subscription}",
+            self.scheme()
+        )))
+    }
     /// Declares entities.
     fn topology(&self) -> Arc<dyn TopologyDriver>;
     /// A partitioned log reader for `stream`, where the provider has logs. By
@@ -615,4 +627,58 @@ pub trait BusDriver: Send + Sync + 'static {
     }
     /// The underlying client.
     fn as_any(&self) -> &dyn Any;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A provider with topics only: what it lacks comes from the trait's defaults.
+    struct PushOnly;
+
+    #[async_trait]
+    impl TopologyDriver for PushOnly {
+        async fn ensure_topic(&self, _topic: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn ensure_subscription(&self, _spec: &SubscriptionSpec) -> Result<()> {
+            Ok(())
+        }
+        async fn delete_subscription(&self, _topic: &str, _name: &str) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl BusDriver for PushOnly {
+        fn scheme(&self) -> &str {
+            "push"
+        }
+        async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>> {
+            Err(crate::Error::not_found(topic))
+        }
+        fn topology(&self) -> Arc<dyn TopologyDriver> {
+            Arc::new(PushOnly)
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    /// Issue 14: capabilities a backend lacks are Unsupported by default, saying which
+    /// provider and what, instead of a stub in every provider.
+    #[tokio::test]
+    async fn missing_capabilities_are_unsupported_by_default() {
+        let bus = PushOnly;
+        let errors = [
+            bus.subscription("t", "s").await.err(),
+            bus.dead_letters("t", "s").await.err(),
+            bus.stream("log").await.err(),
+        ];
+        for e in errors {
+            let e = e.expect("an error");
+            assert_eq!(e.kind(), crate::ErrorKind::Unsupported, "{e}");
+            assert!(e.message().starts_with("push://"), "{e}");
+        }
+    }
 }
