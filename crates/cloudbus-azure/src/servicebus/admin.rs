@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::Utc;
 use cloudbus_core::{Error, ErrorKind, Result};
 
+use super::config::{Access, ServiceBusConfig, TOKEN_SCOPE};
 use super::rules::RuleFilter;
-use super::{Access, ServiceBusConfig, TOKEN_SCOPE};
 use crate::{Secret, hmac_sha256_base64, kind_of_status, sas_encode};
 
 const ATOM: &str = "http://www.w3.org/2005/Atom";

@@ -28,8 +28,9 @@ use tokio::sync::Mutex;
 
 use cloudbus_core::{Error, ErrorKind};
 
+use super::admin::service_bus_sas_token;
+use super::config::{Access, LINK_TIMEOUT, ServiceBusConfig, TOKEN_SCOPE};
 use super::error::{self, Failure, Scope};
-use super::{Access, LINK_TIMEOUT, ServiceBusConfig, TOKEN_SCOPE, service_bus_sas_token};
 
 /// The filter that names the session a receiver is for (`null`: the next free one).
 pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
@@ -80,27 +81,6 @@ pub(crate) struct Amqp {
 /// stays consistent: maps of tokens and locks, updated in one step each).
 pub(crate) fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Whether a host (with or without a port) is this machine.
-pub(crate) fn is_loopback(host: &str) -> bool {
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return ip.is_loopback();
-    }
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(rest),
-        None => host.rsplit_once(':').map_or(host, |(h, port)| {
-            if port.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
-        }),
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Amqp {
@@ -506,30 +486,5 @@ pub(crate) fn session_of(receiver: &Receiver) -> Option<String> {
         },
         Value::String(s) => Some(s.clone()),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_hosts_are_recognised() {
-        for host in [
-            "localhost",
-            "127.0.0.1:5672",
-            "localhost:5673",
-            "[::1]:5672",
-            "::1",
-        ] {
-            assert!(is_loopback(host), "{host}");
-        }
-        for host in [
-            "contoso.servicebus.windows.net",
-            "10.0.0.4:5672",
-            "example.com",
-        ] {
-            assert!(!is_loopback(host), "{host}");
-        }
     }
 }

@@ -19,7 +19,9 @@ use fe2o3_amqp::types::messaging::{
 };
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Uuid, Value};
 
-use super::{COLON_ATTRIBUTE_PREFIX, UNDERSCORE_ATTRIBUTE_PREFIX, UNKEYED_SESSIONS};
+use super::config::{
+    ATTRIBUTE_PREFIX, COLON_ATTRIBUTE_PREFIX, UNDERSCORE_ATTRIBUTE_PREFIX, UNKEYED_SESSIONS,
+};
 
 /// A received (or peeked) message.
 pub(crate) type AmqpMessage = Message<Body<Value>>;
@@ -380,6 +382,32 @@ pub(crate) fn restore(event: &mut Event, typed: Vec<(String, ExtensionValue)>) {
     }
 }
 
+/// Decodes an AMQP message, as Service Bus delivers it (its encoded sections), into
+/// a CloudEvent the way a Service Bus consumer reads it: binary mode under either
+/// binding prefix (typed extensions keep their type), or structured mode by content
+/// type. Bytes that are not an AMQP message, or a message that is not a CloudEvent,
+/// are a typed error. This is what `cloudbus::fuzzing` feeds arbitrary bytes.
+///
+/// ```
+/// let e = cloudbus_azure::servicebus::decode_amqp_message(b"not AMQP").unwrap_err();
+/// assert_eq!(e.kind(), cloudbus_core::ErrorKind::Malformed);
+/// ```
+pub fn decode_amqp_message(bytes: &[u8]) -> Result<cloudbus_core::Event> {
+    use cloudbus_core::ErrorKind;
+    use cloudbus_core::codec::BinaryCodec;
+    use fe2o3_amqp::types::messaging::message::__private::Deserializable;
+    let message = serde_amqp::from_slice::<Deserializable<AmqpMessage>>(bytes)
+        .map_err(|e| Error::with_source(ErrorKind::Malformed, "not an AMQP message", e))?
+        .0;
+    let (raw, typed) = raw_of(&message, ATTRIBUTE_PREFIX);
+    let codec = BinaryCodec::new(ATTRIBUTE_PREFIX).content_type_attribute(CONTENT_TYPE);
+    let mut event = codec
+        .decode(&raw)
+        .map_err(|e| Error::new(ErrorKind::Malformed, format!("not a CloudEvent: {e}")))?;
+    restore(&mut event, typed);
+    Ok(event)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,5 +488,42 @@ mod tests {
             vec![vec![1]],
             "a first message too large starts nothing"
         );
+    }
+
+    /// AMQP messages written by another stack (python-qpid-proton, the committed fuzz
+    /// seeds) read as Service Bus consumers read them: both binding prefixes, typed
+    /// extensions, an AMQP timestamp as the time, structured mode by content type; a
+    /// foreign message is Malformed.
+    #[test]
+    fn amqp_messages_of_another_stack_decode() {
+        use cloudbus_core::AttributesReader;
+        let seed = |name: &str| {
+            std::fs::read(format!(
+                "{}/../../fuzz/corpus/decode_all/servicebus-{name}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .expect("seed")
+        };
+        for name in ["binary-underscore", "binary-colon"] {
+            let e = decode_amqp_message(&seed(name)).expect(name);
+            assert_eq!(e.ty(), "com.example.t");
+            assert_eq!(
+                e.extension("priority"),
+                Some(&cloudbus_core::ExtensionValue::Integer(7))
+            );
+            assert_eq!(
+                e.extension("urgent"),
+                Some(&cloudbus_core::ExtensionValue::Boolean(true))
+            );
+            assert_eq!(
+                e.time().map(|t| t.timestamp_millis()),
+                Some(1_764_500_000_000)
+            );
+            assert_eq!(e.datacontenttype(), Some("application/json"));
+        }
+        let e = decode_amqp_message(&seed("structured")).expect("structured");
+        assert_eq!(e.id(), "2");
+        let e = decode_amqp_message(&seed("foreign")).unwrap_err();
+        assert_eq!(e.kind(), cloudbus_core::ErrorKind::Malformed);
     }
 }

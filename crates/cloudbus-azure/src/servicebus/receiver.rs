@@ -36,6 +36,7 @@ use fe2o3_amqp::types::messaging::{Body, Data, Message, Modified, Properties};
 use fe2o3_amqp::types::primitives::{Array, Symbol, Uuid, Value};
 use tokio::sync::Mutex;
 
+use super::config::{EntityKind, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY};
 use super::connection::{Amqp, Live, ReceiveMode, lock, session_locked_until, session_of};
 use super::error::{self, Scope};
 use super::management::{
@@ -46,7 +47,7 @@ use super::message::{
     AmqpMessage, annotation_time, lock_token_of, message_id_of, raw_of, restore, sequence_of,
     session_id_of, token_text,
 };
-use super::{EntityKind, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY, Shared};
+use super::shared::Shared;
 
 /// The longest one receive call waits on a link before it drains it.
 pub const RECEIVE_SLICE: Duration = Duration::from_millis(200);

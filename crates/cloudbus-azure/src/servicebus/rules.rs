@@ -6,7 +6,7 @@
 
 use cloudbus_core::{Error, Filter, Result};
 
-use super::REDRIVE_PROPERTY;
+use super::config::REDRIVE_PROPERTY;
 
 /// The longest SQL filter Service Bus accepts.
 pub const MAX_SQL_LENGTH: usize = 1024;

@@ -1,0 +1,497 @@
+//! What a Service Bus bus is opened with: the namespace and its credential (connection
+//! string, SAS token or Microsoft Entra ID identity), whether entities are topics or
+//! queues, sessions, the binding's attribute prefix; the service's limits; and the rule
+//! that an identity's token never travels over an unverified connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::credentials::TokenCredential;
+use cloudbus_core::{Capabilities, Error, ErrorKind, FilterSupport, Result};
+
+use crate::Secret;
+
+/// The connection string: `Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…`.
+pub const CONNECTION_STRING_ENV: &str = "SERVICEBUS_CONNECTION_STRING";
+/// Where the management API is, when not at the namespace (the emulators).
+pub const MANAGEMENT_ENDPOINT_ENV: &str = "SERVICEBUS_MANAGEMENT_ENDPOINT";
+/// The prefix of CloudEvent attributes among application properties that the
+/// CloudEvents AMQP binding prefers, and the one written unless another is chosen.
+pub const ATTRIBUTE_PREFIX: &str = UNDERSCORE_ATTRIBUTE_PREFIX;
+/// The binding's preferred prefix (`cloudEvents_`, usable in every AMQP and JMS
+/// selector syntax).
+pub const UNDERSCORE_ATTRIBUTE_PREFIX: &str = "cloudEvents_";
+/// The binding's other prefix (`cloudEvents:`), read always, written when chosen.
+pub const COLON_ATTRIBUTE_PREFIX: &str = "cloudEvents:";
+/// The application property that sends a redriven message back to one subscription.
+pub const REDRIVE_PROPERTY: &str = "cloudbus-redrive";
+/// Largest message (Standard tier; Premium allows up to 100 MB).
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Largest transfer (one message, or a batch of them in the batched message format)
+/// when the link does not say (its max-message-size; Standard tier: 256 KiB).
+pub const MAX_TRANSFER_BYTES: usize = 256 * 1024;
+/// Most bytes of events handed to one send: it goes out as as few full transfers as
+/// fit, filled as they go (each send ends with a part-filled transfer, so sends much
+/// larger than a transfer keep those few; a core batch of one transfer's size would
+/// often need a second, small one, as the AMQP encoding is larger than the events').
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Most messages in one batch; the byte limit binds first for all but tiny events.
+pub const MAX_BATCH_COUNT: usize = 4500;
+/// Deliveries before the service dead-letters, when the spec does not say.
+pub const DEFAULT_MAX_DELIVERY_COUNT: u32 = 10;
+/// The lock duration bounds of Service Bus.
+pub const MIN_LOCK: Duration = Duration::from_secs(5);
+/// The longest lock duration.
+pub const MAX_LOCK: Duration = Duration::from_secs(300);
+/// Session-enabled entities need a session for every message: events without an
+/// ordering key are spread over this many sessions, so that readers can share them.
+pub const UNKEYED_SESSIONS: usize = 16;
+/// The longest opening a link may take (a refused attach can otherwise be retried
+/// for long).
+pub(crate) const LINK_TIMEOUT: Duration = Duration::from_secs(30);
+/// The scope of Microsoft Entra ID tokens for Service Bus.
+pub const TOKEN_SCOPE: &str = "https://servicebus.azure.net/.default";
+/// The port of the emulators' AMQP endpoint when the connection string has none.
+pub(crate) const EMULATOR_AMQP_PORT: u16 = 5672;
+/// The management port of Microsoft's emulator.
+pub(crate) const EMULATOR_MANAGEMENT_PORT: u16 = 5300;
+
+/// How cloudbus topics map onto Service Bus entities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntityKind {
+    /// A cloudbus topic is a Service Bus topic; subscriptions are its subscriptions
+    /// (fan-out, rules).
+    Topics,
+    /// A cloudbus topic is a queue; every subscription name reads the same queue
+    /// (competing consumers, no filters).
+    Queues,
+}
+
+/// How the client authenticates.
+#[derive(Clone, Debug)]
+pub(crate) enum Access {
+    /// A shared access key and its name; tokens are signed here.
+    Key { name: String, key: Secret },
+    /// A SAS token made elsewhere.
+    SasToken(Secret),
+    /// A Microsoft Entra ID identity: bearer tokens for [`TOKEN_SCOPE`] from a token
+    /// credential (its Debug output is the credential's own, which shows no tokens in
+    /// azure_identity).
+    Identity(Arc<dyn TokenCredential>),
+}
+
+/// Where and how to connect. Keys stay out of its Debug output.
+///
+/// ```
+/// use cloudbus_azure::servicebus::{EntityKind, ServiceBusConfig};
+/// let c = ServiceBusConfig::from_connection_string(
+///     "Endpoint=sb://localhost:5673;SharedAccessKeyName=RootManageSharedAccessKey;\
+///      SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;").unwrap();
+/// assert_eq!(c.amqp_host(), "localhost:5673");
+/// assert!(!format!("{c:?}").contains("SAS_KEY_VALUE"));
+/// let c = c.entities(EntityKind::Queues).sessions(true);
+/// assert!(c.capabilities().ordering && !c.capabilities().fan_out);
+/// ```
+#[derive(Clone, Debug)]
+pub struct ServiceBusConfig {
+    pub(crate) namespace: String,
+    pub(crate) access: Access,
+    pub(crate) emulator: bool,
+    pub(crate) management_endpoint: String,
+    pub(crate) entities: EntityKind,
+    pub(crate) sessions: bool,
+    pub(crate) structured: bool,
+    pub(crate) prefix: &'static str,
+}
+
+impl ServiceBusConfig {
+    /// A namespace (`contoso.servicebus.windows.net`) with a shared access key.
+    pub fn namespace(
+        fully_qualified_namespace: impl Into<String>,
+        key_name: impl Into<String>,
+        key: Secret,
+    ) -> Self {
+        let namespace = fully_qualified_namespace.into();
+        ServiceBusConfig {
+            management_endpoint: format!("https://{namespace}"),
+            namespace,
+            access: Access::Key {
+                name: key_name.into(),
+                key,
+            },
+            emulator: false,
+            entities: EntityKind::Topics,
+            sessions: false,
+            structured: false,
+            prefix: ATTRIBUTE_PREFIX,
+        }
+    }
+
+    /// A namespace (`contoso.servicebus.windows.net`) with a Microsoft Entra ID
+    /// identity: any [`TokenCredential`] of `azure_core` 0.25 (re-exported here as
+    /// [`azure_core`]), such as `azure_identity`'s `DefaultAzureCredential` or
+    /// `ManagedIdentityCredential` of the same release. AMQP (CBS) and the management
+    /// API get bearer tokens for [`TOKEN_SCOPE`]; the identity needs the "Azure Service
+    /// Bus Data Owner" role to declare entities, or Sender/Receiver to only use them.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cloudbus_azure::servicebus::azure_core::credentials::{
+    ///     AccessToken, TokenCredential, TokenRequestOptions,
+    /// };
+    /// use cloudbus_azure::servicebus::ServiceBusConfig;
+    ///
+    /// /// A credential that has its token from elsewhere (a real one would fetch and
+    /// /// refresh it, as azure_identity's do).
+    /// #[derive(Debug)]
+    /// struct Fixed(AccessToken);
+    /// #[async_trait::async_trait]
+    /// impl TokenCredential for Fixed {
+    ///     async fn get_token(
+    ///         &self,
+    ///         _scopes: &[&str],
+    ///         _options: Option<TokenRequestOptions>,
+    ///     ) -> cloudbus_azure::servicebus::azure_core::Result<AccessToken> {
+    ///         Ok(self.0.clone())
+    ///     }
+    /// }
+    /// let expires = cloudbus_azure::servicebus::azure_core::date::OffsetDateTime::now_utc();
+    /// let credential = Arc::new(Fixed(AccessToken::new("eyJ0eXAi…", expires)));
+    /// let c = ServiceBusConfig::namespace_with_credential("contoso.servicebus.windows.net", credential);
+    /// assert_eq!(c.amqp_host(), "contoso.servicebus.windows.net");
+    /// ```
+    pub fn namespace_with_credential(
+        fully_qualified_namespace: impl Into<String>,
+        credential: Arc<dyn TokenCredential>,
+    ) -> Self {
+        Self::namespace(fully_qualified_namespace, "", Secret::new("")).token_credential(credential)
+    }
+
+    /// Authenticates with a Microsoft Entra ID identity instead of what the
+    /// configuration had (for example, a connection string's endpoint and emulator
+    /// settings with an identity's tokens). See
+    /// [`namespace_with_credential`](Self::namespace_with_credential).
+    pub fn token_credential(mut self, credential: Arc<dyn TokenCredential>) -> Self {
+        self.access = Access::Identity(credential);
+        self
+    }
+
+    /// Parses a connection string. `UseDevelopmentEmulator=true` means plain AMQP to
+    /// the endpoint's host and port (5672 when none) and a management API at
+    /// `SERVICEBUS_MANAGEMENT_ENDPOINT`, else `http://host:5300` (Microsoft's
+    /// emulator), whose self-signed certificate is accepted.
+    pub fn from_connection_string(text: &str) -> Result<Self> {
+        let mut endpoint = None;
+        let mut key_name = None;
+        let mut key = None;
+        let mut token = None;
+        let mut emulator = false;
+        for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((name, value)) = part.split_once('=') else {
+                return Err(Error::invalid(
+                    "the Service Bus connection string has a part without '='",
+                ));
+            };
+            match name.trim().to_ascii_lowercase().as_str() {
+                "endpoint" => endpoint = Some(value.trim().to_owned()),
+                "sharedaccesskeyname" => key_name = Some(value.trim().to_owned()),
+                "sharedaccesskey" => key = Some(Secret::new(value.trim())),
+                "sharedaccesssignature" => token = Some(Secret::new(value.trim())),
+                "usedevelopmentemulator" => emulator = value.trim().eq_ignore_ascii_case("true"),
+                "entitypath" => {
+                    return Err(Error::invalid(
+                        "the Service Bus connection string names an entity (EntityPath); \
+                         cloudbus needs a namespace-level connection string",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let endpoint =
+            endpoint.ok_or_else(|| Error::invalid("the connection string has no Endpoint"))?;
+        let url = url::Url::parse(&endpoint).map_err(|e| {
+            Error::with_source(
+                ErrorKind::InvalidArgument,
+                format!("the connection string's Endpoint {endpoint:?} is not a URL"),
+                e,
+            )
+        })?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| Error::invalid("the connection string's Endpoint has no host"))?
+            .to_owned();
+        let access = match (key_name, key, token) {
+            (_, _, Some(token)) => Access::SasToken(token),
+            (Some(name), Some(key), None) => Access::Key { name, key },
+            _ => {
+                return Err(Error::invalid(
+                    "the connection string needs SharedAccessKeyName and SharedAccessKey, \
+                     or SharedAccessSignature",
+                ));
+            }
+        };
+        let (namespace, management_endpoint) = if emulator {
+            let port = url.port().unwrap_or(EMULATOR_AMQP_PORT);
+            let management = std::env::var(MANAGEMENT_ENDPOINT_ENV)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| format!("http://{host}:{EMULATOR_MANAGEMENT_PORT}"));
+            (format!("{host}:{port}"), management)
+        } else {
+            (host.clone(), format!("https://{host}"))
+        };
+        Ok(ServiceBusConfig {
+            namespace,
+            access,
+            emulator,
+            management_endpoint,
+            entities: EntityKind::Topics,
+            sessions: false,
+            structured: false,
+            prefix: ATTRIBUTE_PREFIX,
+        })
+    }
+
+    /// From `SERVICEBUS_CONNECTION_STRING`.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(CONNECTION_STRING_ENV) {
+            Ok(text) if !text.is_empty() => Self::from_connection_string(&text),
+            _ => Err(Error::invalid(format!(
+                "{CONNECTION_STRING_ENV} is not set; it names the Service Bus namespace and its key"
+            ))),
+        }
+    }
+
+    /// From a `servicebus://` URL: the connection string from the environment, then
+    /// `entity=queue|topic`, `sessions=true|false`, `mode=structured|binary`,
+    /// `prefix=cloudEvents_|cloudEvents:` (the attribute prefix written),
+    /// `management=URL`.
+    pub fn from_url(url: &url::Url) -> Result<Self> {
+        let mut config = Self::from_env()?;
+        for (k, v) in url.query_pairs() {
+            match (k.as_ref(), v.as_ref()) {
+                ("entity", "queue") => config = config.entities(EntityKind::Queues),
+                ("entity", "topic") => config = config.entities(EntityKind::Topics),
+                ("sessions", v) => config = config.sessions(v == "true"),
+                ("mode", "structured") => config.structured = true,
+                ("mode", "binary") => config.structured = false,
+                ("management", v) => config = config.management_endpoint(v),
+                ("prefix", v) => config = config.attribute_prefix(v)?,
+                (k, v) => {
+                    return Err(Error::invalid(format!(
+                        "unknown servicebus:// URL parameter {k}={v:?} (known: \
+                         entity=queue|topic, sessions=true|false, mode=structured|binary, \
+                         prefix=cloudEvents_|cloudEvents:, management=URL)"
+                    )));
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Topics or queues.
+    pub fn entities(mut self, kind: EntityKind) -> Self {
+        self.entities = kind;
+        self
+    }
+    /// Session-enabled entities: ordering keys become session ids.
+    pub fn sessions(mut self, sessions: bool) -> Self {
+        self.sessions = sessions;
+        self
+    }
+    /// Structured CloudEvents in the body instead of binary mode.
+    pub fn structured(mut self) -> Self {
+        self.structured = true;
+        self
+    }
+    /// The prefix of the CloudEvent attributes written as application properties:
+    /// [`UNDERSCORE_ATTRIBUTE_PREFIX`] (the default, which the CloudEvents AMQP binding
+    /// prefers) or [`COLON_ATTRIBUTE_PREFIX`]. Both are read whatever is chosen;
+    /// subscription rules match the one written.
+    ///
+    /// ```
+    /// use cloudbus_azure::servicebus::{COLON_ATTRIBUTE_PREFIX, ServiceBusConfig};
+    /// let c = ServiceBusConfig::from_connection_string(
+    ///     "Endpoint=sb://localhost;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true")
+    ///     .unwrap();
+    /// assert!(c.clone().attribute_prefix(COLON_ATTRIBUTE_PREFIX).is_ok());
+    /// assert!(c.attribute_prefix("ce-").is_err());
+    /// ```
+    pub fn attribute_prefix(mut self, prefix: &str) -> Result<Self> {
+        self.prefix = match prefix {
+            UNDERSCORE_ATTRIBUTE_PREFIX => UNDERSCORE_ATTRIBUTE_PREFIX,
+            COLON_ATTRIBUTE_PREFIX => COLON_ATTRIBUTE_PREFIX,
+            other => {
+                return Err(Error::invalid(format!(
+                    "the CloudEvents AMQP binding allows the attribute prefixes \
+                     {UNDERSCORE_ATTRIBUTE_PREFIX:?} and {COLON_ATTRIBUTE_PREFIX:?}, not {other:?}"
+                )));
+            }
+        };
+        Ok(self)
+    }
+    /// The management API's base URL.
+    pub fn management_endpoint(mut self, url: impl Into<String>) -> Self {
+        self.management_endpoint = url.into();
+        self
+    }
+    /// The AMQP host (and port, for the emulators).
+    pub fn amqp_host(&self) -> &str {
+        &self.namespace
+    }
+    /// What entities opened with this configuration support.
+    pub fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::broker(MAX_MESSAGE_BYTES, MAX_BATCH_COUNT, MAX_BATCH_BYTES);
+        c.ordering = self.sessions;
+        c.deduplication = true;
+        c.filtering = match self.entities {
+            EntityKind::Topics => FilterSupport::Native,
+            EntityKind::Queues => FilterSupport::None,
+        };
+        c.fan_out = self.entities == EntityKind::Topics;
+        c.replay = false;
+        c.nack_delay = false;
+        c.lease_extension = true;
+        c
+    }
+}
+
+/// Refuses a Microsoft Entra ID identity on a connection that is not verified: the
+/// emulator mode speaks plain AMQP and accepts the management API's self-signed
+/// certificate, so a bearer token (a real credential) may go there only on this
+/// machine.
+pub(crate) fn check_credential_transport(config: &ServiceBusConfig) -> Result<()> {
+    if config.emulator
+        && matches!(config.access, Access::Identity(_))
+        && !is_loopback(&config.namespace)
+    {
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "refusing to send a Microsoft Entra ID token to {} over an unverified \
+                 connection (UseDevelopmentEmulator=true: plain AMQP, any certificate); \
+                 an emulator with a token credential must run on this machine",
+                config.namespace
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a host (with or without a port) is this machine.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An Entra ID token goes over plain AMQP only to this machine.
+    #[test]
+    fn identities_are_refused_over_unverified_remote_connections() {
+        #[derive(Debug)]
+        struct NoToken;
+        #[async_trait::async_trait]
+        impl azure_core::credentials::TokenCredential for NoToken {
+            async fn get_token(
+                &self,
+                _scopes: &[&str],
+                _options: Option<azure_core::credentials::TokenRequestOptions>,
+            ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+                Err(azure_core::Error::message(
+                    azure_core::error::ErrorKind::Credential,
+                    "not in a test",
+                ))
+            }
+        }
+        let remote = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://10.1.2.3;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
+        )
+        .unwrap();
+        assert!(
+            check_credential_transport(&remote).is_ok(),
+            "a SAS key is not refused"
+        );
+        let e = check_credential_transport(&remote.clone().token_credential(Arc::new(NoToken)))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        let local = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
+        )
+        .unwrap()
+        .token_credential(Arc::new(NoToken));
+        assert!(check_credential_transport(&local).is_ok());
+        let real = ServiceBusConfig::namespace_with_credential(
+            "contoso.servicebus.windows.net",
+            Arc::new(NoToken),
+        );
+        assert!(check_credential_transport(&real).is_ok(), "TLS, verified");
+    }
+
+    #[test]
+    fn connection_strings_parse_and_refuse() {
+        let c = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://contoso.servicebus.windows.net/;SharedAccessKeyName=send;SharedAccessKey=abc=",
+        )
+        .unwrap();
+        assert_eq!(c.amqp_host(), "contoso.servicebus.windows.net");
+        assert_eq!(
+            c.management_endpoint,
+            "https://contoso.servicebus.windows.net"
+        );
+        assert!(!c.emulator);
+        match &c.access {
+            Access::Key { name, key } => {
+                assert_eq!(name, "send");
+                assert_eq!(key.expose(), "abc=");
+            }
+            _ => panic!("a key was given"),
+        }
+        let e = ServiceBusConfig::from_connection_string("Endpoint=sb://x/;SharedAccessKey=k")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(!e.message().contains("=k"));
+        let e = ServiceBusConfig::from_connection_string(
+            "Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=k;EntityPath=q",
+        )
+        .unwrap_err();
+        assert!(e.message().contains("EntityPath"));
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for host in [
+            "localhost",
+            "127.0.0.1:5672",
+            "localhost:5673",
+            "[::1]:5672",
+            "::1",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in [
+            "contoso.servicebus.windows.net",
+            "10.0.0.4:5672",
+            "example.com",
+        ] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+}
