@@ -161,7 +161,7 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
 /// ```
 pub struct HandlerRunner {
     name: Arc<str>,
-    metrics: crate::telemetry::ConsumerMetrics,
+    metrics: Arc<crate::telemetry::ConsumerMetrics>,
 }
 
 impl HandlerRunner {
@@ -169,9 +169,18 @@ impl HandlerRunner {
     pub fn new(name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
         HandlerRunner {
-            metrics: crate::telemetry::ConsumerMetrics::new(name.clone()),
+            metrics: Arc::new(crate::telemetry::ConsumerMetrics::new(name.clone())),
             name,
         }
+    }
+
+    /// A runner that counts into a consumer's own metrics (the worker's), so that
+    /// one consumer keeps one set of metric handles.
+    pub(crate) fn with_metrics(
+        name: Arc<str>,
+        metrics: Arc<crate::telemetry::ConsumerMetrics>,
+    ) -> Self {
+        HandlerRunner { name, metrics }
     }
 
     /// The consumer's name.

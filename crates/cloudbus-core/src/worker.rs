@@ -147,7 +147,10 @@ impl Worker {
         let stats = Arc::new(WorkerCounters::default());
         let kib = (options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         let run = WorkerLoop {
-            runner: HandlerRunner::new(consumer.inner.name.clone()),
+            runner: HandlerRunner::with_metrics(
+                consumer.inner.name.clone(),
+                consumer.inner.metrics.clone(),
+            ),
             consumer,
             handler,
             bytes: Arc::new(Semaphore::new(kib)),

@@ -52,9 +52,9 @@ pub(crate) const LINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The scope of Microsoft Entra ID tokens for Service Bus.
 pub const TOKEN_SCOPE: &str = "https://servicebus.azure.net/.default";
 /// The port of the emulators' AMQP endpoint when the connection string has none.
-pub(crate) const EMULATOR_AMQP_PORT: u16 = 5672;
+const EMULATOR_AMQP_PORT: u16 = 5672;
 /// The management port of Microsoft's emulator.
-pub(crate) const EMULATOR_MANAGEMENT_PORT: u16 = 5300;
+const EMULATOR_MANAGEMENT_PORT: u16 = 5300;
 
 /// How cloudbus topics map onto Service Bus entities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

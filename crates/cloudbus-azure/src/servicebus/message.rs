@@ -180,6 +180,11 @@ impl TransferFill {
         }
     }
 
+    /// The largest transfer it fills.
+    pub(crate) fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Places a message of `size` encoded bytes.
     pub(crate) fn place(&mut self, size: usize) -> Placement {
         let cost = size + DATA_SECTION_BYTES;

@@ -24,7 +24,7 @@ impl ServiceBusTopology {
     }
 }
 
-pub(crate) fn entity_properties(
+fn entity_properties(
     config: &ServiceBusConfig,
     spec: Option<&SubscriptionSpec>,
 ) -> EntityProperties {
