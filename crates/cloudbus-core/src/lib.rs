@@ -22,6 +22,7 @@ pub mod event;
 pub mod filter;
 pub mod handler;
 pub mod idempotency;
+mod json_format;
 pub mod publisher;
 pub mod retry;
 pub mod scheme;
