@@ -72,6 +72,10 @@ pub struct PollReport {
     pub dead_lettered: usize,
     /// Partitions read to their end during this poll.
     pub partitions_finished: usize,
+    /// Partitions whose read failed during this poll while others made progress
+    /// (logged; the next poll reads them again from where they were). A poll in
+    /// which reads failed and nothing was handled returns the first error instead.
+    pub partitions_failed: usize,
 }
 
 /// Reads every partition of a stream with checkpoints.
@@ -183,6 +187,10 @@ impl StreamConsumer {
         let partitions = panic_safe("partitions", self.driver.partitions()).await?;
         let known: HashSet<&str> = partitions.iter().map(|p| p.id.as_str()).collect();
         let mut report = PollReport::default();
+        // A partition whose read fails is passed over for this pass (its cursor and
+        // checkpoint stay where they were), so that one failing read does not hold
+        // back the others.
+        let mut first_failure = None;
         for p in &partitions {
             if self.finished.contains(&p.id) {
                 continue;
@@ -195,16 +203,25 @@ impl StreamConsumer {
             if !parents_done {
                 continue;
             }
-            let batch = match self.read_partition(&p.id).await {
+            let read = match self.read_partition(&p.id).await {
                 Err(e) if e.kind() == ErrorKind::LeaseExpired => {
                     // A cursor (Kinesis shard iterator) lives for minutes only; reusing
                     // the dead one would stall the partition for good. Reopen it where
                     // this consumer got to.
                     tracing::info!(partition = %p.id, error = %e, "cursor expired; reopening the partition from its checkpoint");
                     self.cursors.remove(&p.id);
-                    self.read_partition(&p.id).await?
+                    self.read_partition(&p.id).await
                 }
-                other => other?,
+                other => other,
+            };
+            let batch = match read {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(group = %self.group, partition = %p.id, error = %e, "stream read failed; the next poll reads this partition again");
+                    report.partitions_failed += 1;
+                    first_failure.get_or_insert(e);
+                    continue;
+                }
             };
             let mut last = None;
             let mut stopped = false;
@@ -245,7 +262,10 @@ impl StreamConsumer {
                 }
             }
         }
-        Ok((report, false))
+        match first_failure {
+            Some(e) if report.handled + report.dead_lettered == 0 => Err(e),
+            _ => Ok((report, false)),
+        }
     }
 
     /// Reads the next batch of `partition`, opening a cursor where it has none: after
@@ -415,4 +435,86 @@ impl StreamConsumer {
 enum RecordError {
     Halt(Error),
     Failed(Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{PartitionInfo, ReadBatch, StreamRecord};
+    use crate::event::{AttributesReader, Event, EventBuilder};
+    use crate::handler::HandlerContext;
+
+    /// Two partitions: reads of "broken" always fail, "healthy" holds three records.
+    struct OneBrokenPartition;
+
+    #[async_trait::async_trait]
+    impl StreamDriver for OneBrokenPartition {
+        async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
+            Ok(["broken", "healthy"]
+                .into_iter()
+                .map(|id| PartitionInfo {
+                    id: id.into(),
+                    parents: Vec::new(),
+                    closed: false,
+                })
+                .collect())
+        }
+        async fn cursor(&self, partition: &str, _at: &StartPosition) -> Result<String> {
+            Ok(format!("{partition}:0"))
+        }
+        async fn read(&self, cursor: &str, max: usize) -> Result<ReadBatch> {
+            let (partition, from) = cursor.split_once(':').expect("cursor");
+            if partition == "broken" {
+                return Err(Error::new(ErrorKind::Unavailable, "shard unavailable"));
+            }
+            let from: usize = from.parse().expect("position");
+            let records = (from..3.min(from + max))
+                .map(|i| StreamRecord {
+                    partition: partition.into(),
+                    sequence: i.to_string(),
+                    timestamp: chrono::Utc::now(),
+                    event: Ok(Arc::new(
+                        EventBuilder::new("t", "/s")
+                            .id(format!("e-{i}"))
+                            .build()
+                            .expect("event"),
+                    )),
+                })
+                .collect::<Vec<_>>();
+            Ok(ReadBatch {
+                next: Some(format!("{partition}:{}", from + records.len())),
+                records,
+            })
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    /// One partition whose reads fail must not hold back the others (before, the
+    /// first failing read ended the pass: the partitions after it were never read).
+    #[tokio::test]
+    async fn a_failing_partition_does_not_stop_the_others() {
+        let mut consumer = StreamConsumer::new(Arc::new(OneBrokenPartition), "g")
+            .start_at(StartPosition::Earliest);
+        let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = handled.clone();
+        let handler = move |e: Arc<Event>, _c: HandlerContext| {
+            seen.lock().expect("lock").push(e.id().to_owned());
+            async { Ok::<(), HandlerError>(()) }
+        };
+        let report = consumer
+            .poll(&handler)
+            .await
+            .expect("progress despite one failing read");
+        assert_eq!(report.handled, 3);
+        assert_eq!(report.partitions_failed, 1);
+        assert_eq!(*handled.lock().expect("lock"), ["e-0", "e-1", "e-2"]);
+        // Nothing left to handle: the failing read is the poll's error now.
+        let e = consumer
+            .poll(&handler)
+            .await
+            .expect_err("only the failure is left");
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+    }
 }
