@@ -221,7 +221,7 @@ async fn memory_worker(events: Vec<Event>) -> f64 {
         .consumer("bench", "w")
         .await
         .expect("consumer")
-        .subscribe(
+        .start_worker(
             move |_e: Arc<Event>, _c: HandlerContext| {
                 h.fetch_add(1, Ordering::Relaxed);
                 async { Ok::<(), HandlerError>(()) }

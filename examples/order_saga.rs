@@ -159,12 +159,12 @@ async fn main() -> cloudbus::Result<()> {
     let payment_worker = routes
         .consumer(&bus, "payment")
         .await?
-        .subscribe(payment, fast_retry.clone());
+        .start_worker(payment, fast_retry.clone());
 
     // Inventory: reserves stock for paid orders.
     let inventory_worker = {
         let (p, t) = (publisher.clone(), timeline.clone());
-        routes.consumer(&bus, "inventory").await?.subscribe(
+        routes.consumer(&bus, "inventory").await?.start_worker(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let (p, t) = (p.clone(), t.clone());
                 async move {
@@ -182,7 +182,7 @@ async fn main() -> cloudbus::Result<()> {
     // Order: confirms reserved orders, compensates failed payments.
     let order_worker = {
         let (p, t, o) = (publisher.clone(), timeline.clone(), outcomes.clone());
-        routes.consumer(&bus, "order").await?.subscribe(
+        routes.consumer(&bus, "order").await?.start_worker(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let (p, t, o) = (p.clone(), t.clone(), o.clone());
                 async move {
@@ -206,7 +206,7 @@ async fn main() -> cloudbus::Result<()> {
     // Email: told about final outcomes only.
     let email_worker = {
         let (t, o) = (timeline.clone(), outcomes.clone());
-        routes.consumer(&bus, "email").await?.subscribe(
+        routes.consumer(&bus, "email").await?.start_worker(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let (t, o) = (t.clone(), o.clone());
                 async move {
@@ -234,7 +234,7 @@ async fn main() -> cloudbus::Result<()> {
     // Analytics: counts every event of the saga.
     let analytics_worker = {
         let o = outcomes.clone();
-        routes.consumer(&bus, "analytics").await?.subscribe(
+        routes.consumer(&bus, "analytics").await?.start_worker(
             move |e: Arc<Event>, _c: HandlerContext| {
                 let o = o.clone();
                 async move {

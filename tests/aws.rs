@@ -456,7 +456,7 @@ async fn sqs_fifo_order_across_groups() {
     let seen: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u32>>>> = Arc::default();
     let record = seen.clone();
     let consumer = bus.consumer(&name, &name).await.unwrap();
-    let worker = consumer.subscribe(
+    let worker = consumer.start_worker(
         move |e: Arc<Event>, _ctx: HandlerContext| {
             let record = record.clone();
             async move {
@@ -1342,11 +1342,9 @@ async fn sqs_network_faults_lose_nothing_of_10000() {
     let topic = format!("netfault-{:08x}", fastrand::u32(..));
     let sub = format!("netfault-s-{:08x}", fastrand::u32(..));
     bus.ensure_topic(&topic).await.unwrap();
-    bus.ensure_subscription(
-        &SubscriptionSpec::new(&topic, &sub).ack_deadline(Duration::from_secs(5)),
-    )
-    .await
-    .unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub).lease(Duration::from_secs(5)))
+        .await
+        .unwrap();
     let report = fault_proxy::nothing_lost_through(
         proxy,
         bus,

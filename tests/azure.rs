@@ -1351,11 +1351,9 @@ async fn servicebus_session_lock_is_renewed_while_held() {
     };
     let queue = unique("q");
     bus.ensure_topic(&queue).await.expect("queue");
-    bus.ensure_subscription(
-        &SubscriptionSpec::new(&queue, &queue).ack_deadline(Duration::from_secs(5)),
-    )
-    .await
-    .expect("subscription");
+    bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue).lease(Duration::from_secs(5)))
+        .await
+        .expect("subscription");
     let publisher = bus.publisher(&queue).await.expect("publisher");
     let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
     let count = 40;
@@ -1507,11 +1505,9 @@ async fn servicebus_an_ack_after_a_lost_connection_still_completes() {
     .await;
     let queue = unique("q");
     bus.ensure_topic(&queue).await.expect("queue");
-    bus.ensure_subscription(
-        &SubscriptionSpec::new(&queue, &queue).ack_deadline(Duration::from_secs(5)),
-    )
-    .await
-    .expect("subscription");
+    bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue).lease(Duration::from_secs(5)))
+        .await
+        .expect("subscription");
     let sent = event("com.example.order.created", 1);
     bus.publisher(&queue)
         .await
@@ -1815,11 +1811,9 @@ async fn servicebus_network_faults_lose_nothing() {
         .into_bus();
     let topic = format!("netfault-{:08x}", fastrand::u32(..));
     bus.ensure_topic(&topic).await.unwrap();
-    bus.ensure_subscription(
-        &SubscriptionSpec::new(&topic, &topic).ack_deadline(Duration::from_secs(5)),
-    )
-    .await
-    .unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &topic).lease(Duration::from_secs(5)))
+        .await
+        .unwrap();
     let report = fault_proxy::nothing_lost_through(
         proxy,
         bus,

@@ -180,7 +180,7 @@ async fn pubsub_ordering_per_key_under_concurrency() {
     let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
     let record = seen.clone();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
-    let worker = consumer.subscribe(
+    let worker = consumer.start_worker(
         move |e: Arc<Event>, _ctx: HandlerContext| {
             let record = record.clone();
             async move {
@@ -278,7 +278,7 @@ async fn pubsub_exactly_once_acks_are_confirmed() {
     let Some(host) = emulator() else { return };
     let (_, bus, topic, sub) = fixture(
         &host,
-        |s| s.ack_deadline(Duration::from_secs(1)),
+        |s| s.lease(Duration::from_secs(1)),
         SubscriptionOptions::default().exactly_once(),
     )
     .await;
@@ -523,7 +523,7 @@ async fn pubsub_lease_extended_while_handler_runs_long() {
     let Some(host) = emulator() else { return };
     let (_, bus, topic, sub) = fixture(
         &host,
-        |s| s.ack_deadline(Duration::from_secs(1)),
+        |s| s.lease(Duration::from_secs(1)),
         Default::default(),
     )
     .await;
@@ -531,7 +531,7 @@ async fn pubsub_lease_extended_while_handler_runs_long() {
     let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
     let record = attempts.clone();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
-    let worker = consumer.subscribe(
+    let worker = consumer.start_worker(
         move |_e: Arc<Event>, ctx: HandlerContext| {
             let record = record.clone();
             async move {
@@ -730,7 +730,7 @@ async fn pubsub_messages_of_a_cut_connection_come_back_after_the_deadline() {
     direct
         .ensure_subscription(
             &SubscriptionSpec::new(&topic, &sub)
-                .ack_deadline(Duration::from_secs(10))
+                .lease(Duration::from_secs(10))
                 .ordered(false),
         )
         .await
@@ -824,7 +824,7 @@ async fn pubsub_network_faults_lose_nothing_of_10000() {
     bus.ensure_topic(&topic).await.unwrap();
     bus.ensure_subscription(
         &SubscriptionSpec::new(&topic, &sub)
-            .ack_deadline(Duration::from_secs(10))
+            .lease(Duration::from_secs(10))
             .ordered(false),
     )
     .await

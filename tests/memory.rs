@@ -377,7 +377,7 @@ async fn worker_records_the_seed_metrics() {
     p.publish(ev(2)).await.unwrap();
     let c = bus.consumer("m", "metered").await.unwrap();
     c.report_queue_depth().await;
-    let worker = c.subscribe(
+    let worker = c.start_worker(
         |e: Arc<Event>, _c: HandlerContext| async move {
             use cloudbus::AttributesReader;
             if e.subject() == Some("2") {
@@ -445,11 +445,9 @@ async fn worker_records_the_seed_metrics() {
 async fn worker_extends_leases_while_a_handler_runs_long() {
     let bus = MemoryBroker::new().bus();
     bus.ensure_topic("slow").await.unwrap();
-    bus.ensure_subscription(
-        &SubscriptionSpec::new("slow", "s").ack_deadline(Duration::from_millis(500)),
-    )
-    .await
-    .unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("slow", "s").lease(Duration::from_millis(500)))
+        .await
+        .unwrap();
     bus.publisher("slow")
         .await
         .unwrap()
@@ -458,7 +456,7 @@ async fn worker_extends_leases_while_a_handler_runs_long() {
         .unwrap();
     let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
     let a2 = attempts.clone();
-    let worker = bus.consumer("slow", "s").await.unwrap().subscribe(
+    let worker = bus.consumer("slow", "s").await.unwrap().start_worker(
         move |_e: Arc<Event>, c: HandlerContext| {
             let a = a2.clone();
             async move {
@@ -491,7 +489,7 @@ async fn worker_never_holds_more_than_its_concurrency() {
     let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (r2, p2) = (running.clone(), peak.clone());
     let consumer = bus.consumer("fc", "s").await.unwrap();
-    let worker = consumer.subscribe(
+    let worker = consumer.start_worker(
         move |_e: Arc<Event>, _c: HandlerContext| {
             let (r, p) = (r2.clone(), p2.clone());
             async move {
@@ -585,7 +583,7 @@ async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
     let rejecting = failing_on("2", |m| HandlerError::reject(m));
     let worker = consumer()
         .await
-        .subscribe(rejecting, cloudbus::WorkerOptions::default());
+        .start_worker(rejecting, cloudbus::WorkerOptions::default());
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while worker.stats().acked + worker.stats().dead_lettered < 2
         && std::time::Instant::now() < deadline
@@ -775,7 +773,7 @@ async fn worker_flow_control_by_bytes() {
     let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (r2, p2) = (running.clone(), peak.clone());
-    let worker = bus.consumer("bytes", "s").await.unwrap().subscribe(
+    let worker = bus.consumer("bytes", "s").await.unwrap().start_worker(
         move |_e: Arc<Event>, _c: HandlerContext| {
             let (r, p) = (r2.clone(), p2.clone());
             async move {
@@ -1107,7 +1105,7 @@ async fn backoff_is_held_where_the_broker_cannot_delay_a_nack() {
         .unwrap();
     let attempts: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
     let a2 = attempts.clone();
-    let worker = consumer.subscribe(
+    let worker = consumer.start_worker(
         move |_e: Arc<Event>, c: HandlerContext| {
             let a = a2.clone();
             async move {
@@ -1233,7 +1231,7 @@ impl cloudbus::TopicDriver for Scripted<Arc<dyn cloudbus::TopicDriver>> {
 async fn with_events(n: usize) -> Bus {
     let bus = MemoryBroker::new().bus();
     bus.ensure_topic("t").await.unwrap();
-    bus.ensure_subscription(&SubscriptionSpec::new("t", "s").ack_deadline(Duration::from_secs(30)))
+    bus.ensure_subscription(&SubscriptionSpec::new("t", "s").lease(Duration::from_secs(30)))
         .await
         .unwrap();
     let p = bus.publisher("t").await.unwrap();
@@ -1312,7 +1310,7 @@ async fn the_worker_tries_a_transiently_failed_ack_again() {
     let consumer = cloudbus::Consumer::new(scripted.clone(), "s");
     let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let h = handled.clone();
-    let worker = consumer.subscribe(
+    let worker = consumer.start_worker(
         move |_e: Arc<Event>, _c: HandlerContext| {
             let h = h.clone();
             async move {

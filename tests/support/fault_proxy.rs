@@ -285,7 +285,7 @@ pub async fn nothing_lost_through(
         let consumer = bus.consumer(topic, subscription).await.expect("consumer");
         let seen: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
         let s2 = seen.clone();
-        let worker = consumer.subscribe(
+        let worker = consumer.start_worker(
             move |e: Arc<cloudbus::Event>, _c: cloudbus::HandlerContext| {
                 let seen = s2.clone();
                 async move {

@@ -103,18 +103,20 @@ pub fn event_pattern(filter: Option<&Filter>) -> Result<Value> {
     }
 }
 
-struct Shared {
+/// What every EventBridge driver of one bus shares: the EventBridge client, the SQS
+/// context of its target queues and the archive setting.
+struct EventBridgeContext {
     /// Days `ensure_topic` archives events for (0 = for ever); `None`: no archive.
     archive_days: Option<i32>,
     events: aws_sdk_eventbridge::Client,
-    sqs: Arc<sqs::Shared>,
+    sqs: Arc<sqs::SqsContext>,
 }
 
 /// EventBridge with SQS-targeted rules
 /// (`eventbridge://[?region=R][&endpoint=URL][&archive_days=N]`).
 #[derive(Clone)]
 pub struct EventBridgeBus {
-    shared: Arc<Shared>,
+    shared: Arc<EventBridgeContext>,
 }
 
 impl std::fmt::Debug for EventBridgeBus {
@@ -127,10 +129,10 @@ impl EventBridgeBus {
     /// A bus over the EventBridge and SQS clients made from `config`.
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         EventBridgeBus {
-            shared: Arc::new(Shared {
+            shared: Arc::new(EventBridgeContext {
                 archive_days: None,
                 events: aws_sdk_eventbridge::Client::new(config),
-                sqs: Arc::new(sqs::Shared::new(aws_sdk_sqs::Client::new(config))),
+                sqs: Arc::new(sqs::SqsContext::new(aws_sdk_sqs::Client::new(config))),
             }),
         }
     }
@@ -150,7 +152,7 @@ impl EventBridgeBus {
     pub fn with_archive(self, retention_days: u32) -> Self {
         let s = &self.shared;
         EventBridgeBus {
-            shared: Arc::new(Shared {
+            shared: Arc::new(EventBridgeContext {
                 archive_days: Some(retention_days.min(i32::MAX as u32) as i32),
                 events: s.events.clone(),
                 sqs: s.sqs.clone(),
@@ -256,7 +258,7 @@ fn replay_name(subscription: &str, now: DateTime<Utc>) -> String {
 
 /// An event bus as a [`TopicDriver`] (PutEvents).
 pub struct EventBus {
-    shared: Arc<Shared>,
+    shared: Arc<EventBridgeContext>,
     name: String,
     /// Whether the bus exists, asked once (PutEvents does not say it everywhere).
     exists: tokio::sync::OnceCell<()>,
@@ -360,7 +362,7 @@ impl TopicDriver for EventBus {
 }
 
 struct EventBridgeTopology {
-    shared: Arc<Shared>,
+    shared: Arc<EventBridgeContext>,
 }
 
 impl EventBridgeTopology {

@@ -73,7 +73,9 @@ pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
     }
 }
 
-struct Shared {
+/// What every Kinesis driver of one bus shares: the client and the shard count of
+/// streams it makes.
+struct KinesisContext {
     client: aws_sdk_kinesis::Client,
     /// Shards of a stream made by `ensure_topic`.
     shards: i32,
@@ -82,7 +84,7 @@ struct Shared {
 /// Kinesis Data Streams as a cloudbus provider (`kinesis://[?region=R][&endpoint=URL]`).
 #[derive(Clone)]
 pub struct KinesisBus {
-    shared: Arc<Shared>,
+    shared: Arc<KinesisContext>,
 }
 
 impl std::fmt::Debug for KinesisBus {
@@ -100,7 +102,7 @@ impl KinesisBus {
     /// A bus whose `ensure_topic` creates streams with `shards` shards.
     pub fn with_shards(config: &aws_config::SdkConfig, shards: i32) -> Self {
         KinesisBus {
-            shared: Arc::new(Shared {
+            shared: Arc::new(KinesisContext {
                 client: aws_sdk_kinesis::Client::new(config),
                 shards: shards.max(1),
             }),
@@ -198,7 +200,7 @@ impl BusDriver for KinesisBus {
 }
 
 struct KinesisTopology {
-    shared: Arc<Shared>,
+    shared: Arc<KinesisContext>,
 }
 
 #[async_trait]
@@ -232,7 +234,7 @@ impl TopologyDriver for KinesisTopology {
 
 /// One stream: a [`TopicDriver`] (PutRecords) and a [`StreamDriver`] (shards).
 pub struct KinesisStream {
-    shared: Arc<Shared>,
+    shared: Arc<KinesisContext>,
     name: String,
 }
 

@@ -113,15 +113,17 @@ pub fn body_filter_policy(filter: &Filter) -> Result<Value> {
     )
 }
 
-struct Shared {
+/// What every SNS driver of one bus shares: the SNS client, the SQS context of its
+/// subscription queues and the topic ARNs looked up so far.
+struct SnsContext {
     /// Bodies are structured CloudEvents and filter policies use the MessageBody scope.
     structured: bool,
     sns: aws_sdk_sns::Client,
-    sqs: Arc<sqs::Shared>,
+    sqs: Arc<sqs::SqsContext>,
     arns: Mutex<HashMap<String, String>>,
 }
 
-impl Shared {
+impl SnsContext {
     /// The ARN of topic `name` (ListTopics, cached): NotFound when it does not exist.
     async fn arn(&self, name: &str) -> Result<String> {
         if let Some(a) = self
@@ -156,7 +158,7 @@ impl Shared {
 /// (`sns://[?region=R][&endpoint=URL][&mode=structured]`).
 #[derive(Clone)]
 pub struct SnsBus {
-    shared: Arc<Shared>,
+    shared: Arc<SnsContext>,
 }
 
 impl std::fmt::Debug for SnsBus {
@@ -169,10 +171,10 @@ impl SnsBus {
     /// A bus over the SNS and SQS clients made from `config`.
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         SnsBus {
-            shared: Arc::new(Shared {
+            shared: Arc::new(SnsContext {
                 structured: false,
                 sns: aws_sdk_sns::Client::new(config),
-                sqs: Arc::new(sqs::Shared::new(aws_sdk_sqs::Client::new(config))),
+                sqs: Arc::new(sqs::SqsContext::new(aws_sdk_sqs::Client::new(config))),
                 arns: Mutex::new(HashMap::new()),
             }),
         }
@@ -193,7 +195,7 @@ impl SnsBus {
     pub fn structured(self) -> Self {
         let s = &self.shared;
         SnsBus {
-            shared: Arc::new(Shared {
+            shared: Arc::new(SnsContext {
                 structured: true,
                 sns: s.sns.clone(),
                 sqs: s.sqs.clone(),
@@ -274,7 +276,7 @@ impl BusDriver for SnsBus {
 
 /// An SNS topic as a [`TopicDriver`] (PublishBatch).
 pub struct SnsTopic {
-    shared: Arc<Shared>,
+    shared: Arc<SnsContext>,
     name: String,
     codec: BinaryCodec,
     /// The message attributes the topic's subscriptions filter on, and when they were
@@ -457,7 +459,7 @@ impl TopicDriver for SnsTopic {
 }
 
 struct SnsTopology {
-    shared: Arc<Shared>,
+    shared: Arc<SnsContext>,
 }
 
 #[async_trait]

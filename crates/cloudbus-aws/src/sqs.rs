@@ -166,14 +166,16 @@ fn build_error(e: aws_sdk_sqs::error::BuildError) -> Error {
     Error::with_source(ErrorKind::InvalidArgument, "invalid SQS request", e)
 }
 
-pub(crate) struct Shared {
+/// What every SQS driver of one bus shares (and SNS and EventBridge, whose
+/// subscriptions are SQS queues): the client and the queue URLs looked up so far.
+pub(crate) struct SqsContext {
     pub(crate) client: Client,
     urls: Mutex<HashMap<String, String>>,
 }
 
-impl Shared {
+impl SqsContext {
     pub(crate) fn new(client: Client) -> Self {
-        Shared {
+        SqsContext {
             client,
             urls: Mutex::new(HashMap::new()),
         }
@@ -354,7 +356,7 @@ fn sent_at(m: &aws_sdk_sqs::types::Message) -> Option<DateTime<Utc>> {
 /// SQS as a cloudbus provider (`sqs://[?region=R][&endpoint=URL]`).
 #[derive(Clone)]
 pub struct SqsBus {
-    shared: Arc<Shared>,
+    shared: Arc<SqsContext>,
 }
 
 impl std::fmt::Debug for SqsBus {
@@ -372,7 +374,7 @@ impl SqsBus {
     /// A bus over an existing client.
     pub fn from_client(client: Client) -> Self {
         SqsBus {
-            shared: Arc::new(Shared::new(client)),
+            shared: Arc::new(SqsContext::new(client)),
         }
     }
 
@@ -433,7 +435,7 @@ impl BusDriver for SqsBus {
 }
 
 struct SqsTopology {
-    shared: Arc<Shared>,
+    shared: Arc<SqsContext>,
 }
 
 #[async_trait]
@@ -472,7 +474,7 @@ impl TopologyDriver for SqsTopology {
 
 /// Configures the queue `spec.topic` for `spec`: visibility timeout, dead-letter
 /// queue and RedrivePolicy, and a tag admitting `spec.name` when it differs.
-pub(crate) async fn configure_queue(shared: &Shared, spec: &SubscriptionSpec) -> Result<()> {
+pub(crate) async fn configure_queue(shared: &SqsContext, spec: &SubscriptionSpec) -> Result<()> {
     let url = shared.url(&spec.topic).await?;
     let dlq = dead_letter_queue(&spec.topic);
     let dlq_url = shared.create(&dlq).await?;
@@ -481,7 +483,7 @@ pub(crate) async fn configure_queue(shared: &Shared, spec: &SubscriptionSpec) ->
         .max_delivery_attempts
         .unwrap_or(DEFAULT_MAX_RECEIVES)
         .clamp(1, DEFAULT_MAX_RECEIVES);
-    let visibility = spec.ack_deadline.as_secs_f64().ceil().clamp(0.0, 43_200.0) as u64;
+    let visibility = spec.lease.as_secs_f64().ceil().clamp(0.0, 43_200.0) as u64;
     shared
         .client
         .set_queue_attributes()
@@ -517,7 +519,7 @@ pub(crate) async fn configure_queue(shared: &Shared, spec: &SubscriptionSpec) ->
 /// of `source_arn` only, and the SQS configuration of `spec` (lease, dead-letter
 /// queue, redrive policy). Returns the queue's ARN.
 pub(crate) async fn subscription_queue(
-    shared: &Shared,
+    shared: &SqsContext,
     spec: &SubscriptionSpec,
     service: &str,
     source_arn: &str,
@@ -535,7 +537,7 @@ pub(crate) async fn subscription_queue(
 /// Sets the access policy of `queue` (at `url`) so that `service` may send to it on
 /// behalf of `source_arn` only. Returns the queue's ARN.
 pub(crate) async fn allow_sender(
-    shared: &Shared,
+    shared: &SqsContext,
     queue: &str,
     url: &str,
     service: &str,
@@ -577,7 +579,7 @@ const HELD_GRACE: Duration = Duration::from_secs(60);
 
 /// One SQS queue as a [`TopicDriver`] and a [`SubscriptionDriver`].
 pub struct SqsQueue {
-    shared: Arc<Shared>,
+    shared: Arc<SqsContext>,
     queue: String,
     subscription: Option<String>,
     codec: BinaryCodec,
@@ -594,7 +596,7 @@ pub struct SqsQueue {
 type ReceiveTask = tokio::task::JoinHandle<Result<Vec<aws_sdk_sqs::types::Message>>>;
 
 impl SqsQueue {
-    pub(crate) fn new(shared: Arc<Shared>, queue: &str, subscription: Option<&str>) -> Self {
+    pub(crate) fn new(shared: Arc<SqsContext>, queue: &str, subscription: Option<&str>) -> Self {
         SqsQueue {
             shared,
             queue: queue.to_owned(),
@@ -1115,7 +1117,7 @@ impl SubscriptionDriver for SqsQueue {
 /// redrive (`redrive(Some(n))`), each letter is sent back to the source queue and then
 /// deleted: a crash in between gives a duplicate, never a loss.
 pub struct SqsDeadLetters {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<SqsContext>,
     pub(crate) source: String,
     pub(crate) queue: String,
 }
@@ -1486,7 +1488,11 @@ mod tests {
             .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
             .region(aws_sdk_sqs::config::Region::new("us-east-1"))
             .build();
-        let queue = SqsQueue::new(Arc::new(Shared::new(Client::from_conf(config))), "q", None);
+        let queue = SqsQueue::new(
+            Arc::new(SqsContext::new(Client::from_conf(config))),
+            "q",
+            None,
+        );
         let stored = || Stored {
             body: "b".into(),
             attributes: BTreeMap::new(),

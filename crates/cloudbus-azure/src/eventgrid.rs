@@ -159,7 +159,9 @@ pub fn sas_token(endpoint: &str, key: &Secret, expiry: DateTime<Utc>) -> Result<
     )))
 }
 
-struct Shared {
+/// What every Event Grid driver of one bus shares: the configuration and the HTTP
+/// client.
+struct EventGridContext {
     config: EventGridConfig,
     http: reqwest::Client,
 }
@@ -168,7 +170,7 @@ struct Shared {
 /// endpoint; every topic name publishes to it.
 #[derive(Clone)]
 pub struct EventGridBus {
-    shared: Arc<Shared>,
+    shared: Arc<EventGridContext>,
 }
 
 impl std::fmt::Debug for EventGridBus {
@@ -187,7 +189,7 @@ impl EventGridBus {
             .build()
             .map_err(|e| Error::with_source(ErrorKind::Internal, "HTTP client", e))?;
         Ok(EventGridBus {
-            shared: Arc::new(Shared { config, http }),
+            shared: Arc::new(EventGridContext { config, http }),
         })
     }
 
@@ -272,7 +274,7 @@ impl TopologyDriver for EventGridTopology {
 
 /// The topic endpoint as a [`TopicDriver`].
 pub struct EventGridTopic {
-    shared: Arc<Shared>,
+    shared: Arc<EventGridContext>,
 }
 
 impl EventGridTopic {

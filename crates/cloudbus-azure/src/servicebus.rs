@@ -43,12 +43,12 @@ mod admin;
 mod bus;
 mod config;
 mod connection;
+mod context;
 mod error;
 mod management;
 mod message;
 mod receiver;
 mod rules;
-mod shared;
 mod topic;
 mod topology;
 

@@ -450,8 +450,10 @@ pub struct SubscriptionSpec {
     pub filter: Option<Filter>,
     /// Dead-letter after this many deliveries (the provider's policy).
     pub max_delivery_attempts: Option<u32>,
-    /// Lease (ack deadline, visibility timeout, lock duration).
-    pub ack_deadline: Duration,
+    /// How long a delivery is leased to its consumer before the broker offers it
+    /// again (Pub/Sub's ack deadline, SQS's visibility timeout, Service Bus's lock
+    /// duration).
+    pub lease: Duration,
     /// Deliver events with the same ordering key in order.
     pub ordered: bool,
 }
@@ -464,7 +466,7 @@ impl SubscriptionSpec {
             name: name.into(),
             filter: None,
             max_delivery_attempts: None,
-            ack_deadline: Duration::from_secs(30),
+            lease: Duration::from_secs(30),
             ordered: true,
         }
     }
@@ -479,8 +481,8 @@ impl SubscriptionSpec {
         self
     }
     /// Sets the lease length.
-    pub fn ack_deadline(mut self, d: Duration) -> Self {
-        self.ack_deadline = d;
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
         self
     }
     /// Sets ordered delivery.

@@ -1,4 +1,4 @@
-//! The worker loop behind [`Consumer::subscribe`](crate::Consumer::subscribe):
+//! The worker loop behind [`Consumer::start_worker`](crate::Consumer::start_worker):
 //! bounded concurrency, flow control by outstanding deliveries and bytes (nothing is
 //! pulled that cannot be handled at once, so no lease expires in a local buffer),
 //! per-key ordering, retries through nack delays with exponential backoff and jitter,
@@ -115,14 +115,40 @@ impl WorkerCounters {
 }
 
 impl Consumer {
-    /// Runs `handler` over deliveries with the worker loop (concurrency, flow
-    /// control, retries, dead-lettering, lease extension, graceful shutdown).
-    pub fn subscribe<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
+    /// Starts a worker that runs `handler` over this consumer's deliveries
+    /// (concurrency, flow control, retries, dead-lettering, lease extension, graceful
+    /// shutdown). The broker's subscription itself is made by
+    /// [`Bus::ensure_subscription`](crate::Bus::ensure_subscription).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cloudbus_core::{
+    ///     AttributesReader, Consumer, Event, HandlerContext, HandlerError, Worker, WorkerOptions,
+    /// };
+    ///
+    /// fn start(consumer: &Consumer) -> Worker {
+    ///     consumer.start_worker(
+    ///         |event: Arc<Event>, _ctx: HandlerContext| async move {
+    ///             println!("{}", event.id());
+    ///             Ok::<(), HandlerError>(())
+    ///         },
+    ///         WorkerOptions::default().concurrency(8),
+    ///     )
+    /// }
+    /// ```
+    pub fn start_worker<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
         Worker::start(self.clone(), Arc::new(handler), options)
+    }
+
+    /// The name [`start_worker`](Consumer::start_worker) had (the README showed it);
+    /// "subscription" means the broker's entity everywhere else.
+    #[deprecated(since = "0.1.0", note = "renamed to `start_worker`")]
+    pub fn subscribe<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
+        self.start_worker(handler, options)
     }
 }
 
-/// A running subscription. Stop it with [`shutdown`](Worker::shutdown); dropping it
+/// A running worker. Stop it with [`shutdown`](Worker::shutdown); dropping it
 /// stops pulling too, and lets the handlers in flight finish.
 #[must_use = "dropping a Worker stops it"]
 pub struct Worker {
@@ -132,7 +158,8 @@ pub struct Worker {
     stats: Arc<WorkerCounters>,
 }
 
-type Lanes = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Slot)>>>>;
+/// The deliveries waiting behind the one being handled, per ordering key.
+type KeyQueues = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Slot)>>>>;
 /// A concurrency slot held from receipt until settlement.
 type Slot = OwnedSemaphorePermit;
 
@@ -195,7 +222,7 @@ struct WorkerLoop {
     options: WorkerOptions,
     stats: Arc<WorkerCounters>,
     hard_stop: watch::Receiver<bool>,
-    lanes: Lanes,
+    lanes: KeyQueues,
     /// Outstanding bytes, in KiB permits (`max_outstanding_bytes`).
     bytes: Arc<Semaphore>,
     bytes_kib: usize,

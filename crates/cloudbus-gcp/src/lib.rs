@@ -257,7 +257,9 @@ impl std::fmt::Debug for Clients {
     }
 }
 
-pub(crate) struct Shared {
+/// What every Pub/Sub driver of one bus shares: the configuration, the clients, the
+/// publishers per topic, the dead-letter readers and the live streaming pulls.
+pub(crate) struct PubSubContext {
     pub(crate) config: PubSubConfig,
     clients: OnceCell<Clients>,
     /// Publishers by topic path, shared by the topic drivers and the dead-letter paths.
@@ -269,7 +271,7 @@ pub(crate) struct Shared {
     streams: Mutex<HashMap<String, std::sync::Weak<subscription::Inner>>>,
 }
 
-impl Shared {
+impl PubSubContext {
     pub(crate) async fn clients(&self) -> Result<&Clients> {
         self.clients
             .get_or_try_init(|| build_clients(&self.config))
@@ -462,7 +464,7 @@ pub fn capabilities(emulator: bool) -> Capabilities {
 /// ```
 #[derive(Clone)]
 pub struct PubSubBus {
-    shared: Arc<Shared>,
+    shared: Arc<PubSubContext>,
 }
 
 impl std::fmt::Debug for PubSubBus {
@@ -478,7 +480,7 @@ impl PubSubBus {
     /// A bus over `config`; clients are built on first use.
     pub fn new(config: PubSubConfig) -> Self {
         PubSubBus {
-            shared: Arc::new(Shared {
+            shared: Arc::new(PubSubContext {
                 config,
                 clients: OnceCell::new(),
                 publishers: Mutex::new(HashMap::new()),

@@ -29,7 +29,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 use crate::topic::{publish_error, to_message};
 use crate::topology::{REDRIVE_ATTRIBUTE, SubscriptionSettings, dead_letter_name, read_settings};
-use crate::{Shared, capabilities, lock};
+use crate::{PubSubContext, capabilities, lock};
 
 /// Attributes of a dead letter. The first four are the ones Pub/Sub's own
 /// dead-letter policy writes; cloudbus writes them too for an explicit dead-letter.
@@ -66,7 +66,7 @@ type Pulled = google_cloud_pubsub::Result<(Message, Handler)>;
 /// them, so cloudbus opens one stream per subscription and keeps it while any handle
 /// is alive.
 pub(crate) struct Inner {
-    shared: Arc<Shared>,
+    shared: Arc<PubSubContext>,
     name: String,
     path: String,
     codec: BinaryCodec,
@@ -511,7 +511,7 @@ pub struct PubSubSubscription {
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
 impl PubSubSubscription {
-    pub(crate) fn new(shared: Arc<Shared>, name: &str) -> Self {
+    pub(crate) fn new(shared: Arc<PubSubContext>, name: &str) -> Self {
         let inner = shared.stream_of(name, || {
             Arc::new(Inner {
                 path: shared.config.subscription_path(name),
@@ -608,7 +608,7 @@ impl SubscriptionDriver for PubSubSubscription {
 pub struct PubSubDeadLetters {
     source: String,
     reader: Arc<PubSubSubscription>,
-    shared: Arc<Shared>,
+    shared: Arc<PubSubContext>,
 }
 
 /// How long a dead-letter read waits for the first letter, then for each next one.
@@ -616,7 +616,7 @@ const FIRST_LETTER_WAIT: Duration = Duration::from_millis(1500);
 const NEXT_LETTER_WAIT: Duration = Duration::from_millis(300);
 
 impl PubSubDeadLetters {
-    pub(crate) fn new(shared: Arc<Shared>, subscription: &str) -> Self {
+    pub(crate) fn new(shared: Arc<PubSubContext>, subscription: &str) -> Self {
         PubSubDeadLetters {
             source: subscription.to_owned(),
             reader: shared.dead_letter_reader(&dead_letter_name(subscription)),

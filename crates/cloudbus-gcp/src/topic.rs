@@ -16,11 +16,11 @@ use cloudbus_core::{
 use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message;
 
-use crate::{Shared, capabilities, error_detail, error_kind, lock, map_error};
+use crate::{PubSubContext, capabilities, error_detail, error_kind, lock, map_error};
 
 /// A Pub/Sub topic as a cloudbus [`TopicDriver`].
 pub struct PubSubTopic {
-    shared: Arc<Shared>,
+    shared: Arc<PubSubContext>,
     name: String,
     path: String,
     codec: BinaryCodec,
@@ -31,7 +31,7 @@ pub struct PubSubTopic {
 }
 
 impl PubSubTopic {
-    pub(crate) fn new(shared: Arc<Shared>, topic: &str) -> Self {
+    pub(crate) fn new(shared: Arc<PubSubContext>, topic: &str) -> Self {
         PubSubTopic {
             path: shared.config.topic_path(topic),
             codec: shared.config.codec(),

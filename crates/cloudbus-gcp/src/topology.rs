@@ -11,7 +11,7 @@ use cloudbus_core::{Error, ErrorKind, Result, SubscriptionSpec, TopologyDriver};
 use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
 
 use crate::filter::{self, Expr, MAX_FILTER_BYTES};
-use crate::{ATTRIBUTE_PREFIX, Shared, map_error};
+use crate::{ATTRIBUTE_PREFIX, PubSubContext, map_error};
 
 /// The attribute that sends a redriven message back to one subscription only.
 pub(crate) const REDRIVE_ATTRIBUTE: &str = "cloudbus_redrive";
@@ -57,7 +57,7 @@ impl SubscriptionOptions {
 }
 
 pub(crate) struct PubSubTopology {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<PubSubContext>,
 }
 
 #[async_trait]
@@ -120,7 +120,7 @@ fn ignore_kind(
     }
 }
 
-pub(crate) async fn ensure_topic(shared: &Shared, topic: &str) -> Result<()> {
+pub(crate) async fn ensure_topic(shared: &PubSubContext, topic: &str) -> Result<()> {
     let c = shared.clients().await?;
     let r = c
         .topics
@@ -159,7 +159,7 @@ pub(crate) fn subscription_filter(spec: &SubscriptionSpec) -> Result<String> {
 }
 
 pub(crate) async fn ensure_subscription(
-    shared: &Shared,
+    shared: &PubSubContext,
     spec: &SubscriptionSpec,
     options: &SubscriptionOptions,
 ) -> Result<()> {
@@ -188,10 +188,10 @@ pub(crate) async fn ensure_subscription(
 
     let wanted = spec.max_delivery_attempts.unwrap_or(MAX_POLICY_ATTEMPTS);
     let policy_attempts = wanted.clamp(MIN_POLICY_ATTEMPTS, MAX_POLICY_ATTEMPTS);
-    let lease_secs = spec.ack_deadline.as_secs().clamp(10, 600) as i32;
+    let lease_secs = spec.lease.as_secs().clamp(10, 600) as i32;
     let mut labels = vec![(
         LEASE_LABEL.to_owned(),
-        spec.ack_deadline.as_millis().max(1).to_string(),
+        spec.lease.as_millis().max(1).to_string(),
     )];
     if wanted < MIN_POLICY_ATTEMPTS {
         labels.push((MAX_ATTEMPTS_LABEL.to_owned(), wanted.max(1).to_string()));
@@ -233,7 +233,10 @@ pub(crate) struct SubscriptionSettings {
     pub(crate) dead_letter_topic: Option<String>,
 }
 
-pub(crate) async fn read_settings(shared: &Shared, name: &str) -> Result<SubscriptionSettings> {
+pub(crate) async fn read_settings(
+    shared: &PubSubContext,
+    name: &str,
+) -> Result<SubscriptionSettings> {
     let c = shared.clients().await?;
     let s = c
         .subscriptions

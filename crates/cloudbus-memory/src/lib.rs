@@ -570,7 +570,7 @@ impl SubscriptionDriver for MemorySubscription {
             let (taken, lease, next_wake) = {
                 let mut state = self.lock_live()?;
                 let taken = state.take(max, now);
-                (taken, state.spec.ack_deadline, state.next_wake())
+                (taken, state.spec.lease, state.next_wake())
             };
             if !taken.is_empty() {
                 let codec = &self.broker.inner.codec;
@@ -693,8 +693,8 @@ impl TopologyDriver for MemoryTopology {
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
-        if spec.ack_deadline.is_zero() {
-            return Err(Error::invalid("ack_deadline must be positive"));
+        if spec.lease.is_zero() {
+            return Err(Error::invalid("the subscription's lease must be positive"));
         }
         if spec.max_delivery_attempts == Some(0) {
             return Err(Error::invalid("max_delivery_attempts must be at least 1"));

@@ -135,7 +135,7 @@ impl SubState {
     }
 
     fn scan_interval(&self) -> Duration {
-        (self.spec.ack_deadline / 10).clamp(Duration::from_millis(5), Duration::from_millis(250))
+        (self.spec.lease / 10).clamp(Duration::from_millis(5), Duration::from_millis(250))
     }
 
     /// Whether `n` more messages of `bytes` fit.
@@ -255,7 +255,7 @@ impl SubState {
         self.maintain(now);
         let n = max.min(self.ready.len());
         let mut out = Vec::with_capacity(n);
-        let deadline = now + self.spec.ack_deadline;
+        let deadline = now + self.spec.lease;
         for mut msg in self.ready.drain(..n) {
             msg.attempts += 1;
             let token = self.next_token;

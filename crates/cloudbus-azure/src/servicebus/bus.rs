@@ -14,15 +14,15 @@ use cloudbus_core::{Bus, Result};
 use super::admin::Admin;
 use super::config::{ServiceBusConfig, check_credential_transport};
 use super::connection::Amqp;
+use super::context::ServiceBusContext;
 use super::message::CONTENT_TYPE;
 use super::receiver::{ServiceBusDeadLetters, ServiceBusSubscription};
-use super::shared::Shared;
 use super::topic::ServiceBusTopic;
 use super::topology::ServiceBusTopology;
 
 /// A Service Bus namespace as a cloudbus bus.
 pub struct ServiceBusBus {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceBusContext>,
 }
 
 impl std::fmt::Debug for ServiceBusBus {
@@ -46,7 +46,7 @@ impl ServiceBusBus {
         }
         let admin = Admin::new(&config)?;
         Ok(ServiceBusBus {
-            shared: Arc::new(Shared {
+            shared: Arc::new(ServiceBusContext {
                 config,
                 amqp,
                 admin,

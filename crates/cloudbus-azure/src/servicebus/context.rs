@@ -13,7 +13,8 @@ use super::config::{EntityKind, ServiceBusConfig};
 use super::connection::{self, Amqp, Live};
 use super::management::Management;
 
-pub(crate) struct Shared {
+/// What every Service Bus driver of one bus shares (see the module comment).
+pub(crate) struct ServiceBusContext {
     pub(crate) config: ServiceBusConfig,
     pub(crate) amqp: Arc<Amqp>,
     pub(crate) admin: Admin,
@@ -22,7 +23,7 @@ pub(crate) struct Shared {
     pub(crate) managements: std::sync::Mutex<std::collections::HashMap<String, Arc<Management>>>,
 }
 
-impl Shared {
+impl ServiceBusContext {
     /// The `$management` client of an entity (one per entity and bus).
     pub(crate) fn management(&self, path: &str) -> Arc<Management> {
         let mut all = connection::lock(&self.managements);

@@ -38,6 +38,7 @@ use tokio::sync::Mutex;
 
 use super::config::{EntityKind, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY};
 use super::connection::{Amqp, Live, ReceiveMode, lock, session_locked_until, session_of};
+use super::context::ServiceBusContext;
 use super::error::{self, Scope};
 use super::management::{
     self, Management, PeekMessage, ReceiveBySequenceNumber, RenewLock, RenewSessionLock,
@@ -47,7 +48,6 @@ use super::message::{
     AmqpMessage, annotation_time, lock_token_of, message_id_of, raw_of, restore, sequence_of,
     session_id_of, token_text,
 };
-use super::shared::Shared;
 
 /// The longest one receive call waits on a link before it drains it.
 pub const RECEIVE_SLICE: Duration = Duration::from_millis(200);
@@ -229,7 +229,7 @@ impl Action<'_> {
 /// [`defer`](Self::defer) a message and [`fetch_deferred`](Self::fetch_deferred) it
 /// back; reach it with `consumer.driver().as_any().downcast_ref()`.
 pub struct ServiceBusSubscription {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceBusContext>,
     topic: String,
     subscription: String,
     path: String,
@@ -253,7 +253,7 @@ pub struct ServiceBusSubscription {
 }
 
 impl ServiceBusSubscription {
-    pub(crate) fn new(shared: Arc<Shared>, topic: &str, subscription: &str) -> Self {
+    pub(crate) fn new(shared: Arc<ServiceBusContext>, topic: &str, subscription: &str) -> Self {
         let path = shared.path(topic, subscription);
         ServiceBusSubscription {
             management: shared.management(&path),
@@ -817,7 +817,7 @@ fn system_time(ms: i64) -> SystemTime {
 /// [`MAX_SESSIONS`] are held, on a connection of its own: accepting waits for the
 /// service, and must not hold up the bus's other links.
 async fn accept_sessions(
-    shared: Arc<Shared>,
+    shared: Arc<ServiceBusContext>,
     path: String,
     slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
     closed: Arc<AtomicBool>,
@@ -1115,7 +1115,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
 
 /// The dead-letter sub-queue of a queue or subscription.
 pub struct ServiceBusDeadLetters {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceBusContext>,
     topic: String,
     subscription: String,
     path: String,
@@ -1155,7 +1155,7 @@ fn dead_letter_of(
 }
 
 impl ServiceBusDeadLetters {
-    pub(crate) fn new(shared: Arc<Shared>, topic: &str, subscription: &str) -> Self {
+    pub(crate) fn new(shared: Arc<ServiceBusContext>, topic: &str, subscription: &str) -> Self {
         let path = shared.path(topic, subscription);
         ServiceBusDeadLetters {
             queue: format!("{path}/$DeadLetterQueue"),

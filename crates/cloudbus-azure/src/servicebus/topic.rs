@@ -17,13 +17,13 @@ use tokio::sync::Mutex;
 
 use super::config::MAX_TRANSFER_BYTES;
 use super::connection::Live;
+use super::context::ServiceBusContext;
 use super::error;
 use super::message::{self, TransferMessage};
-use super::shared::Shared;
 
 /// Sends to one queue or topic.
 pub struct ServiceBusTopic {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceBusContext>,
     entity: String,
     sender: Mutex<Option<(Arc<Live>, Sender)>>,
     closed: AtomicBool,
@@ -31,7 +31,7 @@ pub struct ServiceBusTopic {
 
 impl ServiceBusTopic {
     /// A publisher of `entity`; its link opens on the first send.
-    pub(crate) fn new(shared: Arc<Shared>, entity: &str) -> Self {
+    pub(crate) fn new(shared: Arc<ServiceBusContext>, entity: &str) -> Self {
         ServiceBusTopic {
             shared,
             entity: entity.to_owned(),

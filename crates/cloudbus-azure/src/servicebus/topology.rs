@@ -11,15 +11,15 @@ use cloudbus_core::{Error, Result};
 
 use super::admin::EntityProperties;
 use super::config::{DEFAULT_MAX_DELIVERY_COUNT, EntityKind, MAX_LOCK, MIN_LOCK, ServiceBusConfig};
+use super::context::ServiceBusContext;
 use super::rules::compile_rule;
-use super::shared::Shared;
 
 pub(crate) struct ServiceBusTopology {
-    shared: Arc<Shared>,
+    shared: Arc<ServiceBusContext>,
 }
 
 impl ServiceBusTopology {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<ServiceBusContext>) -> Self {
         ServiceBusTopology { shared }
     }
 }
@@ -30,7 +30,7 @@ fn entity_properties(
 ) -> EntityProperties {
     EntityProperties {
         lock: spec
-            .map(|s| s.ack_deadline)
+            .map(|s| s.lease)
             .unwrap_or(Duration::from_secs(30))
             .clamp(MIN_LOCK, MAX_LOCK),
         max_delivery_count: spec

@@ -371,7 +371,7 @@ pub async fn double_ack_is_an_error(h: &dyn Harness) -> Result<Outcome> {
 /// Dapr visibility timeout / Watermill no-ack: an unsettled event comes back after its lease.
 pub async fn unacked_is_redelivered_after_lease(h: &dyn Harness) -> Result<Outcome> {
     let lease = h.short_lease();
-    let f = fixture(h, |s| s.ack_deadline(lease)).await?;
+    let f = fixture(h, |s| s.lease(lease)).await?;
     f.publisher.publish(event("conformance.lease", 0)?).await?;
     let first = drain(&f.consumer, 1, h.patience()).await?;
     check!(first.len() == 1, "got {}", first.len());
@@ -393,7 +393,7 @@ pub async fn unacked_is_redelivered_after_lease(h: &dyn Harness) -> Result<Outco
 pub async fn extend_keeps_the_lease(h: &dyn Harness) -> Result<Outcome> {
     need!(h.capabilities().lease_extension, "lease extension");
     let lease = h.short_lease();
-    let f = fixture(h, |s| s.ack_deadline(lease)).await?;
+    let f = fixture(h, |s| s.lease(lease)).await?;
     f.publisher.publish(event("conformance.extend", 0)?).await?;
     let got = drain(&f.consumer, 1, h.patience()).await?;
     check!(got.len() == 1, "got {}", got.len());
@@ -638,7 +638,7 @@ pub async fn ordering_per_key_under_concurrency(h: &dyn Harness) -> Result<Outco
     }
     let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
     let seen2 = seen.clone();
-    let worker = f.consumer.subscribe(
+    let worker = f.consumer.start_worker(
         move |e: Arc<Event>, _ctx: HandlerContext| {
             let seen = seen2.clone();
             async move {
@@ -896,7 +896,7 @@ pub async fn graceful_shutdown_finishes_in_flight(h: &dyn Harness) -> Result<Out
     let started = Arc::new(AtomicU32::new(0));
     let finished = Arc::new(AtomicU32::new(0));
     let (s2, f2) = (started.clone(), finished.clone());
-    let worker = f.consumer.subscribe(
+    let worker = f.consumer.start_worker(
         move |_e: Arc<Event>, _c: HandlerContext| {
             let (s, f) = (s2.clone(), f2.clone());
             async move {
@@ -942,7 +942,7 @@ pub async fn failing_handler_is_retried_then_succeeds(h: &dyn Harness) -> Result
     publish_all(&f.publisher, events("conformance.flaky", 6)?).await?;
     let attempts: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
     let a2 = attempts.clone();
-    let worker = f.consumer.subscribe(
+    let worker = f.consumer.start_worker(
         move |e: Arc<Event>, ctx: HandlerContext| {
             let a = a2.clone();
             async move {
@@ -1000,7 +1000,7 @@ pub async fn worker_dead_letters_after_max_attempts(h: &dyn Harness) -> Result<O
     );
     let f = fixture(h, |s| s).await?;
     f.publisher.publish(event("conformance.poison", 0)?).await?;
-    let worker = f.consumer.subscribe(
+    let worker = f.consumer.start_worker(
         |_e: Arc<Event>, _c: HandlerContext| async {
             Err::<(), _>(HandlerError::retry("always fails"))
         },
@@ -1052,7 +1052,7 @@ pub async fn concurrent_publishers_and_worker(h: &dyn Harness) -> Result<Outcome
     }
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let s2 = seen.clone();
-    let worker = f.consumer.subscribe(
+    let worker = f.consumer.start_worker(
         move |e: Arc<Event>, _c: HandlerContext| {
             let s = s2.clone();
             async move {
@@ -1186,7 +1186,7 @@ pub async fn idempotent_consumer_skips_duplicates(h: &dyn Harness) -> Result<Out
         Arc::new(MemoryDedupStore::new(1000)),
     );
     let dups = handler.duplicates();
-    let worker = f.consumer.subscribe(handler, WorkerOptions::default());
+    let worker = f.consumer.start_worker(handler, WorkerOptions::default());
     let until = Instant::now() + h.patience();
     while worker.stats().acked < 2 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;

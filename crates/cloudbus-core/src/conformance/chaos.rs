@@ -682,14 +682,14 @@ pub async fn nothing_lost_under_faults<H: Harness>(
     let topic = h.unique("chaos-t");
     let sub = h.unique("chaos-s");
     bus.ensure_topic(&topic).await?;
-    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub).ack_deadline(h.short_lease()))
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub).lease(h.short_lease()))
         .await?;
     let publisher = bus.publisher(&topic).await?;
     let consumer = bus.consumer(&topic, &sub).await?;
     let (accepted, refused) = publish_numbered(&publisher, "conformance.chaos", count).await?;
 
     let tally = Tally::default();
-    let worker = consumer.subscribe(
+    let worker = consumer.start_worker(
         tally.handler(),
         WorkerOptions::default()
             .concurrency(8)
