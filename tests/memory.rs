@@ -357,9 +357,14 @@ async fn urls_open_named_brokers_and_name_missing_features() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
-    let err = cloudbus::connect("sqs://queue").await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Unsupported);
-    assert!(err.to_string().contains("`sqs`"), "{err}");
+    // A provider this build left out is named by its feature. (A workspace-wide build
+    // compiles every provider in, through the provider crates' tests; then there is
+    // none to check here, and `cargo test --test memory` checks it.)
+    if !cfg!(feature = "sqs") {
+        let err = cloudbus::connect("sqs://queue").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert!(err.to_string().contains("`sqs`"), "{err}");
+    }
     let err = cloudbus::connect("kafka://x").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(cloudbus::connect("not a url").await.is_err());

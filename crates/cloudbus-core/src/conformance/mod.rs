@@ -46,6 +46,8 @@ macro_rules! need {
 
 pub mod cases;
 pub mod chaos;
+pub mod emulator;
+pub mod network;
 pub mod stream_cases;
 
 /// What a provider gives the suite.

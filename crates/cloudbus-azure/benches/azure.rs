@@ -22,7 +22,7 @@
 //! cloudbus/raw ratios, which cancels the drift between rounds; the medians of each
 //! side's rates are printed too.
 //!
-//! Run: `cargo bench --bench azure` (BENCH_EVENTS=N, default 5,000; BENCH_ROUNDS=R,
+//! Run: `cargo bench -p cloudbus-azure --features emulators --bench azure` (BENCH_EVENTS=N, default 5,000; BENCH_ROUNDS=R,
 //! default 9; BENCH_ONLY=cloudbus or raw for one side alone; BENCH_VERBOSE=1 prints
 //! every round). It
 //! uses SERVICEBUS_CONNECTION_STRING (and SERVICEBUS_MANAGEMENT_ENDPOINT, and
@@ -81,7 +81,10 @@ fn namespace() -> (String, Option<String>, Started) {
         return (cs, management, Started(None));
     }
     let out = std::process::Command::new("bash")
-        .arg("scripts/servicebus-emulator.sh")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/servicebus-emulator.sh"
+        ))
         .output()
         .expect("run scripts/servicebus-emulator.sh");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -1,6 +1,7 @@
-//! A TCP fault proxy for the network-fault tests: it forwards connections to an
-//! emulator and, on command or at random moments, severs every open connection,
-//! stalls them, or adds latency, so that the SDK meets what a real network does.
+//! A TCP fault proxy for the providers' network-fault tests: it forwards connections
+//! to an emulator and, on command or at random moments, severs every open connection,
+//! stalls them, or adds latency, so that the SDK meets what a real network does; and
+//! [`nothing_lost_through`], the case every provider runs through it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,14 +15,20 @@ use tokio::task::AbortHandle;
 /// What the proxy did, for the report.
 #[derive(Debug, Default)]
 pub struct FaultCounts {
+    /// Connections accepted.
     pub connections: AtomicU64,
+    /// Times every open connection was severed.
     pub severs: AtomicU64,
+    /// Connections severed, over all severs.
     pub severed_connections: AtomicU64,
+    /// Spells during which every connection stalled.
     pub stalls: AtomicU64,
+    /// Spells of added latency.
     pub latency_spells: AtomicU64,
 }
 
 impl FaultCounts {
+    /// The counts as one `name=value` line.
     pub fn summary(&self) -> String {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
@@ -100,6 +107,7 @@ impl FaultProxy {
         self.addr
     }
 
+    /// What the proxy did so far.
     pub fn counts(&self) -> &FaultCounts {
         &self.state.counts
     }
@@ -222,11 +230,17 @@ async fn pump(
 /// The report line of a network-fault run.
 #[derive(Debug, Default)]
 pub struct NetReport {
+    /// Events published (each accepted in the end).
     pub published: usize,
+    /// Publishes that failed and were made again.
     pub publish_retries: usize,
+    /// Published events the handler saw.
     pub received: usize,
+    /// Deliveries beyond the first of an event.
     pub duplicates: usize,
+    /// Published events the handler never saw.
     pub lost: usize,
+    /// Events the worker dead-lettered.
     pub dead_lettered: u64,
 }
 
@@ -237,7 +251,7 @@ pub struct NetReport {
 /// all of them accepted. Panics when the run does not end within `deadline` (a hang).
 pub async fn nothing_lost_through(
     proxy: Arc<FaultProxy>,
-    bus: cloudbus::Bus,
+    bus: crate::Bus,
     topic: &str,
     subscription: &str,
     count: usize,
@@ -245,19 +259,19 @@ pub async fn nothing_lost_through(
 ) -> NetReport {
     let label = format!("{}://{topic}", bus.scheme());
     let run = async {
-        use cloudbus::AttributesReader;
+        use crate::AttributesReader;
         let seed = fastrand::u64(..);
         proxy.start_chaos(seed, 300..700);
         let publisher = bus.publisher(topic).await.expect("publisher");
-        let events: Vec<cloudbus::Event> = (0..count)
+        let events: Vec<crate::Event> = (0..count)
             .map(|i| {
-                cloudbus::EventBuilder::new("com.example.netfault", "/tests/netfault")
+                crate::EventBuilder::new("com.example.netfault", "/tests/netfault")
                     .subject(i.to_string())
                     .build()
                     .expect("event")
             })
             .collect();
-        let mut todo: Vec<cloudbus::Event> = events.clone();
+        let mut todo: Vec<crate::Event> = events.clone();
         let mut publish_retries = 0;
         for round in 0..40 {
             let handles: Vec<_> = todo
@@ -286,14 +300,14 @@ pub async fn nothing_lost_through(
         let seen: Arc<Mutex<std::collections::HashMap<String, usize>>> = Arc::default();
         let s2 = seen.clone();
         let worker = consumer.start_worker(
-            move |e: Arc<cloudbus::Event>, _c: cloudbus::HandlerContext| {
+            move |e: Arc<crate::Event>, _c: crate::HandlerContext| {
                 let seen = s2.clone();
                 async move {
                     *seen.lock().unwrap().entry(e.id().to_owned()).or_default() += 1;
-                    Ok::<(), cloudbus::HandlerError>(())
+                    Ok::<(), crate::HandlerError>(())
                 }
             },
-            cloudbus::WorkerOptions::default()
+            crate::WorkerOptions::default()
                 .concurrency(32)
                 .receive_wait(Duration::from_millis(500)),
         );

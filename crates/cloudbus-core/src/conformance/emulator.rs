@@ -1,5 +1,6 @@
 //! What the provider benches share: an emulator found through its environment
-//! variable, or started with the project's script and stopped at the end.
+//! variable, or started with the project's script (`scripts/*.sh` of the cloudbus
+//! repository, given as a path) and stopped at the end.
 
 /// A running emulator.
 pub struct Emulator {

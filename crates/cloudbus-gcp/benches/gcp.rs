@@ -7,12 +7,11 @@
 //! encoded (the same CloudEvent attributes and 1 KiB JSON body cloudbus produces), so
 //! cloudbus's CloudEvent encode and decode count against it.
 //!
-//! Run: `cargo bench --bench gcp` (BENCH_EVENTS=N, default 10,000; BENCH_ROUNDS=R,
+//! Run: `cargo bench -p cloudbus-gcp --features emulators --bench gcp` (BENCH_EVENTS=N, default 10,000; BENCH_ROUNDS=R,
 //! default 3, medians printed). It uses PUBSUB_EMULATOR_HOST, or starts the emulator
 //! with scripts/pubsub-emulator.sh and stops it at the end.
 
-mod common;
-use common::Emulator;
+use cloudbus::conformance::emulator::Emulator;
 use std::time::{Duration, Instant};
 
 use cloudbus::gcp::{PubSubBus, PubSubConfig};
@@ -137,7 +136,10 @@ fn main() {
         .max(1);
     let emulator = Emulator::find_or_start(
         "PUBSUB_EMULATOR_HOST",
-        "scripts/pubsub-emulator.sh",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/pubsub-emulator.sh"
+        ),
         "PUBSUB_EMULATOR_PID",
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -458,7 +458,7 @@ async fn eventgrid_reads_what_the_azure_eventgrid_client_sends() {
     .await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/interop/eventgrid_client.py"
+        "/../../tests/interop/eventgrid_client.py"
     );
     let mut command = std::process::Command::new(python);
     command.arg(script).args([&endpoint, &key, &ty]);
@@ -538,7 +538,7 @@ async fn servicebus_and_the_python_clients_interoperate() {
     let ty = format!("com.example.python.{:08x}", fastrand::u32(..));
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/interop/servicebus_client.py"
+        "/../../tests/interop/servicebus_client.py"
     );
     let run = |args: Vec<String>| {
         let python = python.clone();
@@ -1769,14 +1769,12 @@ async fn servicebus_defer_then_fetch_by_sequence_number() {
 /// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
 #[test]
 fn decoders_survive_the_fuzz_corpus() {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
     let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
     assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
 }
 
-#[path = "support/fault_proxy.rs"]
-#[allow(dead_code)]
-mod fault_proxy;
+use cloudbus::conformance::network as fault_proxy;
 
 /// Issue 12: events through a TCP proxy that severs every connection, stalls them or
 /// adds latency every 300-700 ms, between cloudbus and the Service Bus emulator's AMQP

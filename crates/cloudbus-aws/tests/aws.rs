@@ -1307,14 +1307,12 @@ async fn sqs_throttling_is_retried() {
 /// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
 #[test]
 fn decoders_survive_the_fuzz_corpus() {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
     let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
     assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
 }
 
-#[path = "support/fault_proxy.rs"]
-#[allow(dead_code)]
-mod fault_proxy;
+use cloudbus::conformance::network as fault_proxy;
 
 /// The address behind an `http://host:port` endpoint.
 fn socket_of(endpoint: &str) -> std::net::SocketAddr {

@@ -601,7 +601,7 @@ fn interop_python() -> Option<String> {
 async fn python_clients(python: &str, args: &[&str]) -> Vec<serde_json::Value> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/interop/pubsub_clients.py"
+        "/../../tests/interop/pubsub_clients.py"
     );
     let mut command = std::process::Command::new(python);
     command.arg(script).args(args);
@@ -702,14 +702,12 @@ async fn python_client_and_cloudevents_sdk_interoperate() {
 /// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
 #[test]
 fn decoders_survive_the_fuzz_corpus() {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
     let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
     assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
 }
 
-#[path = "support/fault_proxy.rs"]
-#[allow(dead_code)]
-mod fault_proxy;
+use cloudbus::conformance::network as fault_proxy;
 
 /// The diagnosis of the network-fault test below: a consumer takes 50 messages
 /// through the proxy and then loses its connection for good (the proxy goes away,

@@ -13,11 +13,10 @@
 //!   `ack` (each a DeleteMessage), with the same JSON body as cloudbus's structured
 //!   mode (omniqueue has no message attributes).
 //!
-//! Run: `cargo bench --features aws --bench aws` (BENCH_EVENTS=N, default 5,000). It
+//! Run: `cargo bench -p cloudbus-aws --features emulators --bench aws` (BENCH_EVENTS=N, default 5,000). It
 //! uses AWS_ENDPOINT_URL, or starts LocalStack with scripts/localstack.sh.
 
-mod common;
-use common::Emulator;
+use cloudbus::conformance::emulator::Emulator;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
@@ -127,7 +126,7 @@ fn main() {
         .unwrap_or(5_000);
     let endpoint = Emulator::find_or_start(
         "AWS_ENDPOINT_URL",
-        "scripts/localstack.sh",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/localstack.sh"),
         "LOCALSTACK_PID",
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
