@@ -515,7 +515,7 @@ impl BinaryCodec {
         }
         if !body.is_empty() || content_type.is_some() {
             let ct = content_type.unwrap_or("application/octet-stream");
-            let data = if is_json(ct) {
+            let data = if crate::json_format::is_json(ct) {
                 let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
                     DecodeError::new(
                         DecodeErrorKind::InvalidJson,
@@ -542,14 +542,6 @@ impl Default for BinaryCodec {
     fn default() -> Self {
         BinaryCodec::new("ce-")
     }
-}
-
-/// Whether data of content type `ct` is JSON: the rule of cloudevents-sdk, which
-/// reads and writes the structured format, so that binary and structured mode agree on
-/// every content type (a disagreement turned data into another kind on a round trip:
-/// found by the fuzz corpus with `application/json\`).
-fn is_json(ct: &str) -> bool {
-    ct.starts_with("application/json") || ct.starts_with("text/json") || ct.ends_with("+json")
 }
 
 #[cfg(test)]
