@@ -260,26 +260,12 @@ fn json_codec(events: &[Event]) {
         start.elapsed().as_secs_f64(),
     );
     let bytes: usize = encoded.iter().map(Vec::len).sum();
-    reset_peak_rss();
-    let start = Instant::now();
-    for b in &encoded {
-        let e = codec::from_structured_json(b).expect("decode");
-        std::hint::black_box(e);
-    }
-    report(
-        "cloudevents_json_decode",
-        events.len(),
-        start.elapsed().as_secs_f64(),
-    );
-    reset_peak_rss();
-    let start = Instant::now();
-    for b in &encoded {
-        std::hint::black_box(decode_through_value_tree(b));
-    }
-    report(
+    let decode = |b: &[u8]| codec::from_structured_json(b).expect("decode");
+    time_each("cloudevents_json_decode", &encoded, decode);
+    time_each(
         "baseline_json_decode_through_value_tree",
-        events.len(),
-        start.elapsed().as_secs_f64(),
+        &encoded,
+        decode_through_value_tree,
     );
     println!(
         "# average structured JSON size: {} bytes",
@@ -296,25 +282,11 @@ fn json_codec(events: &[Event]) {
             codec::to_structured_json(&e).expect("encode")
         })
         .collect();
-    reset_peak_rss();
-    let start = Instant::now();
-    for b in &as_json {
-        std::hint::black_box(codec::from_structured_json(b).expect("decode"));
-    }
-    report(
-        "cloudevents_json_decode_json_data",
-        events.len(),
-        start.elapsed().as_secs_f64(),
-    );
-    reset_peak_rss();
-    let start = Instant::now();
-    for b in &as_json {
-        std::hint::black_box(decode_through_value_tree(b));
-    }
-    report(
+    time_each("cloudevents_json_decode_json_data", &as_json, decode);
+    time_each(
         "baseline_json_decode_json_data_through_value_tree",
-        events.len(),
-        start.elapsed().as_secs_f64(),
+        &as_json,
+        decode_through_value_tree,
     );
     // The floor of both: building (and dropping) the `serde_json::Value` tree of the
     // data alone, which a decoded event must hold (`Data::Json`).
@@ -322,17 +294,20 @@ fn json_codec(events: &[Event]) {
         .iter()
         .map(|e| codec::data_bytes(e).expect("data"))
         .collect();
+    time_each("json_value_tree_of_data_only", &data, |d| {
+        serde_json::from_slice::<serde_json::Value>(d).expect("JSON")
+    });
+}
+
+/// Runs `decode` over every input (dropping each result, as a consumer would) and
+/// records the time as scenario `name`.
+fn time_each<T>(name: &str, inputs: &[Vec<u8>], decode: impl Fn(&[u8]) -> T) {
     reset_peak_rss();
     let start = Instant::now();
-    for d in &data {
-        let tree: serde_json::Value = serde_json::from_slice(d).expect("JSON");
-        std::hint::black_box(tree);
+    for input in inputs {
+        std::hint::black_box(decode(input));
     }
-    report(
-        "json_value_tree_of_data_only",
-        events.len(),
-        start.elapsed().as_secs_f64(),
-    );
+    report(name, inputs.len(), start.elapsed().as_secs_f64());
 }
 
 fn main() {
