@@ -10,7 +10,7 @@
 //!
 //! Run: `cargo bench --bench throughput` (BENCH_EVENTS=N to change the event count;
 //! BENCH_PROFILE=e2e or BENCH_PROFILE=worker builds all events first and then runs
-//! only that path, for `perf record -D <ms>`).
+//! only that path (the worker: draining a filled subscription), for `perf record -D <ms>`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,6 +239,27 @@ async fn memory_worker(events: Vec<Event>) -> f64 {
     report("memory_worker_e2e_concurrency_256", n, secs)
 }
 
+/// The worker alone: the subscription is filled first, then a worker drains it
+/// (receive, dispatch to the handler, ack), comparable with `memory_receive_ack_only`.
+async fn memory_worker_drain(events: Vec<Event>) -> f64 {
+    let n = events.len();
+    let (bus, publisher) = bench_bus("d").await;
+    publish_in_chunks(&publisher, events).await;
+    let consumer = bus.consumer("bench", "d").await.expect("consumer");
+    reset_peak_rss();
+    let start = Instant::now();
+    let worker = consumer.start_worker(
+        |_e: Arc<Event>, _c: HandlerContext| async { Ok::<(), HandlerError>(()) },
+        WorkerOptions::default().concurrency(256),
+    );
+    while worker.stats().acked < n as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    worker.shutdown(Duration::from_secs(5)).await;
+    report("memory_worker_drain_concurrency_256", n, secs)
+}
+
 /// The structured JSON decoder before issue 14 (the baseline of the decode
 /// scenarios): a `serde_json::Value` of the whole event, then the cloudevents crate's
 /// deserializer over it (which copies the tree twice more).
@@ -338,7 +359,7 @@ fn main() {
         eprintln!("# events built; profiling window starts");
         for events in sets {
             if which == "worker" {
-                runtime.block_on(memory_worker(events));
+                runtime.block_on(memory_worker_drain(events));
             } else {
                 runtime.block_on(memory_end_to_end("memory_e2e_1_consumer", events, 1));
             }
@@ -362,6 +383,7 @@ fn main() {
         ));
         runtime.block_on(memory_halves(make_events(n)));
         runtime.block_on(memory_worker(make_events(n)));
+        runtime.block_on(memory_worker_drain(make_events(n)));
         json_codec(&make_events(n.min(100_000)));
     }
     let rate = print_medians();
@@ -378,6 +400,13 @@ fn main() {
             r(name) / mpsc
         );
     }
+    println!(
+        "# memory_worker_drain_concurrency_256 (the worker's own path): {:.2} M events/s, \
+         {:.2} x mpsc_baseline (goal >= 0.5); receive+ack without a worker: {:.2} x",
+        r("memory_worker_drain_concurrency_256") / 1e6,
+        r("memory_worker_drain_concurrency_256") / mpsc,
+        r("memory_receive_ack_only") / mpsc,
+    );
     println!(
         "# halves: publish {:.2} M/s, receive+ack {:.2} M/s; json encode {:.2} M/s",
         r("memory_publish_only") / 1e6,

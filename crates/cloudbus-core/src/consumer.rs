@@ -223,6 +223,16 @@ impl Consumer {
         deliveries: &[Delivery],
         settlement: Settlement,
     ) -> Vec<Result<()>> {
+        let deliveries: Vec<&Delivery> = deliveries.iter().collect();
+        self.settle_refs(&deliveries, settlement).await
+    }
+
+    /// [`settle_all`](Self::settle_all) for deliveries held elsewhere (the worker's).
+    pub(crate) async fn settle_refs(
+        &self,
+        deliveries: &[&Delivery],
+        settlement: Settlement,
+    ) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = (0..deliveries.len()).map(|_| None).collect();
         let mut items = Vec::with_capacity(deliveries.len());
         let mut idx = Vec::with_capacity(deliveries.len());

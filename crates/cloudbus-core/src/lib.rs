@@ -23,6 +23,7 @@ pub mod filter;
 pub mod handler;
 pub mod idempotency;
 mod json_format;
+mod lease_keeper;
 pub mod publisher;
 pub mod retry;
 pub mod scheme;

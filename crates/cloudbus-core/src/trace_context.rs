@@ -46,21 +46,10 @@ impl TraceContext {
         if b.len() != 55 || &b[..3] != b"00-" || b[35] != b'-' || b[52] != b'-' {
             return None;
         }
-        fn hex(digits: &[u8]) -> Option<u128> {
-            let mut v: u128 = 0;
-            for d in digits {
-                let n = match d {
-                    b'0'..=b'9' => d - b'0',
-                    b'a'..=b'f' => d - b'a' + 10,
-                    _ => return None,
-                };
-                v = (v << 4) | u128::from(n);
-            }
-            Some(v)
-        }
-        let trace_id = hex(&b[3..35])?;
-        let span_id = u64::try_from(hex(&b[36..52])?).ok()?;
-        let flags = u8::try_from(hex(&b[53..55])?).ok()?;
+        let trace_id =
+            (u128::from(hex_digits(&b[3..19])?) << 64) | u128::from(hex_digits(&b[19..35])?);
+        let span_id = hex_digits(&b[36..52])?;
+        let flags = u8::try_from(hex_digits(&b[53..55])?).ok()?;
         if trace_id == 0 || span_id == 0 {
             return None;
         }
@@ -86,6 +75,35 @@ impl TraceContext {
     pub async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
         CURRENT_TRACE.scope(self, fut).await
     }
+}
+
+/// The value of each lowercase hex digit; `0x80` marks every other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// Up to 16 lowercase hex digits as a number; `None` on any other byte. Branch-free
+/// per digit: `traceparent` is read for every published and handled event.
+fn hex_digits(digits: &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    let mut invalid = 0u8;
+    for &d in digits {
+        let n = HEX_VALUE[usize::from(d)];
+        invalid |= n;
+        value = (value << 4) | u64::from(n & 0x0f);
+    }
+    (invalid & 0x80 == 0).then_some(value)
 }
 
 impl TraceContext {

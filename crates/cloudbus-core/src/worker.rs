@@ -2,20 +2,29 @@
 //! bounded concurrency, flow control by outstanding deliveries and bytes (nothing is
 //! pulled that cannot be handled at once, so no lease expires in a local buffer),
 //! per-key ordering, retries through nack delays with exponential backoff and jitter,
-//! dead-lettering after the last attempt, lease extension while a handler runs, and
+//! dead-lettering after the last attempt, leases kept from receipt to settlement, and
 //! graceful shutdown with a deadline.
+//!
+//! Dispatch is per received batch: the deliveries of a batch that have no ordering key
+//! run as one task that drives their handlers concurrently; each ordering key gets a
+//! task that handles its deliveries one after another. One lease keeper extends the
+//! leases of everything the worker holds.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::consumer::{Consumer, Delivery};
+use crate::event::AttributesReader;
 pub use crate::handler::{Handler, HandlerContext, HandlerError, HandlerRunner};
+use crate::lease_keeper::{KeptLeases, LeaseKeeper};
 use crate::retry::RetryPolicy;
 
 /// Attempts of an ack that fails transiently, the first included (see
@@ -36,7 +45,8 @@ pub struct WorkerOptions {
     /// Attempts and backoff: failed attempts are nacked with the backoff as delay, and
     /// the last one is dead-lettered with the reason.
     pub retry: RetryPolicy,
-    /// Extend the lease while a handler runs (when the provider grants leases).
+    /// Keep the lease of every delivery the worker holds, from receipt until its
+    /// settlement begins (when the provider grants leases and can extend them).
     pub extend_leases: bool,
 }
 
@@ -45,7 +55,7 @@ impl Default for WorkerOptions {
         WorkerOptions {
             concurrency: 16,
             max_outstanding_bytes: 64 * 1024 * 1024,
-            receive_batch: 16,
+            receive_batch: 8,
             receive_wait: Duration::from_millis(500),
             retry: RetryPolicy::default(),
             extend_leases: true,
@@ -54,10 +64,11 @@ impl Default for WorkerOptions {
 }
 
 impl WorkerOptions {
-    /// Sets the concurrency (and the receive batch to match).
+    /// Sets the concurrency, and the receive batch to half of it: the next receive
+    /// then overlaps the handling of the last batch instead of waiting for all of it.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
-        self.receive_batch = self.concurrency;
+        self.receive_batch = self.concurrency.div_ceil(2);
         self
     }
     /// Sets the retry policy.
@@ -159,9 +170,26 @@ pub struct Worker {
 }
 
 /// The deliveries waiting behind the one being handled, per ordering key.
-type KeyQueues = Arc<Mutex<HashMap<String, VecDeque<(Delivery, Slot)>>>>;
+type KeyQueues = Arc<Mutex<HashMap<String, VecDeque<Held>>>>;
 /// A concurrency slot held from receipt until settlement.
 type Slot = OwnedSemaphorePermit;
+
+/// A delivery the worker holds, with what it holds for it until settlement: its
+/// concurrency slot and its lease kept alive.
+struct Held {
+    delivery: Arc<Delivery>,
+    _slot: Slot,
+    _leases: Option<Arc<KeptLeases>>,
+    /// Its share of `max_outstanding_bytes`, once taken.
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// A handler's run on a delivery: its outcome (`Err` when it panicked) and its span,
+/// for the settlement.
+struct Ran {
+    outcome: std::thread::Result<Result<(), HandlerError>>,
+    span: tracing::Span,
+}
 
 impl Worker {
     pub(crate) fn start(
@@ -173,6 +201,8 @@ impl Worker {
         let (hard_stop, hard_rx) = watch::channel(false);
         let stats = Arc::new(WorkerCounters::default());
         let kib = (options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
+        let leases = (options.extend_leases && consumer.capabilities().lease_extension)
+            .then(|| Arc::new(LeaseKeeper::default()));
         let run = WorkerLoop {
             runner: HandlerRunner::with_metrics(
                 consumer.inner.name.clone(),
@@ -186,6 +216,7 @@ impl Worker {
             stats: stats.clone(),
             hard_stop: hard_rx,
             lanes: Arc::new(Mutex::new(HashMap::new())),
+            leases,
         };
         let main = tokio::spawn(run.run(stop_rx));
         Worker {
@@ -214,6 +245,49 @@ impl Worker {
     }
 }
 
+/// How long the worker waits, once a slot is free, for more slots to free up before
+/// it receives (see [`gather_slots`]).
+const RECEIVE_COALESCE: Duration = Duration::from_millis(2);
+
+/// Waits for a free slot, then takes up to `want`. While handlers are finishing, it
+/// waits up to [`RECEIVE_COALESCE`] for half of `want` to be free: receiving for every
+/// slot as it frees up would make batches of one or two, and each receive call costs
+/// a round trip. `None` when the worker is told to stop.
+async fn gather_slots(
+    slots: &Arc<Semaphore>,
+    want: usize,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Vec<Slot>> {
+    let first = tokio::select! {
+        p = slots.clone().acquire_owned() => p.ok()?,
+        _ = stop.changed() => return None,
+    };
+    let mut permits = vec![first];
+    let take_free = |permits: &mut Vec<Slot>| {
+        while permits.len() < want {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+    };
+    take_free(&mut permits);
+    let enough = want.div_ceil(2);
+    if permits.len() < enough {
+        let deadline = tokio::time::sleep(RECEIVE_COALESCE);
+        tokio::pin!(deadline);
+        while permits.len() < enough {
+            tokio::select! {
+                p = slots.clone().acquire_owned() => permits.push(p.ok()?),
+                _ = &mut deadline => break,
+                _ = stop.changed() => return None,
+            }
+        }
+        take_free(&mut permits);
+    }
+    Some(permits)
+}
+
 struct WorkerLoop {
     consumer: Consumer,
     handler: Arc<dyn Handler>,
@@ -223,6 +297,8 @@ struct WorkerLoop {
     stats: Arc<WorkerCounters>,
     hard_stop: watch::Receiver<bool>,
     lanes: KeyQueues,
+    /// Keeps the leases of held deliveries (`None` when they are not extended).
+    leases: Option<Arc<LeaseKeeper>>,
     /// Outstanding bytes, in KiB permits (`max_outstanding_bytes`).
     bytes: Arc<Semaphore>,
     bytes_kib: usize,
@@ -233,6 +309,7 @@ impl WorkerLoop {
         let concurrency = self.options.concurrency.max(1);
         let slots = Arc::new(Semaphore::new(concurrency));
         let this = Arc::new(self);
+        let lease_timer = this.leases.clone().map(|keeper| tokio::spawn(keeper.run()));
         let mut tasks = JoinSet::new();
         let mut failures = 0u32;
         let mut depth_reported = Instant::now() - Duration::from_secs(60);
@@ -240,18 +317,10 @@ impl WorkerLoop {
             if *stop.borrow() {
                 break;
             }
-            let first = tokio::select! {
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                _ = stop.changed() => break,
-            };
-            let mut permits = vec![first];
             let want = this.options.receive_batch.clamp(1, concurrency);
-            while permits.len() < want {
-                match slots.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
+            let Some(mut permits) = gather_slots(&slots, want, &mut stop).await else {
+                break;
+            };
             // Reap finished tasks so the JoinSet does not grow.
             while tasks.try_join_next().is_some() {}
             // The event_queue_depth gauge, at most once a second.
@@ -282,49 +351,112 @@ impl WorkerLoop {
             };
             // The consumer hands out at most as many deliveries as asked for (it gives
             // a driver's surplus back), so every delivery has its slot.
-            for (delivery, permits) in deliveries.into_iter().zip(permits.drain(..)) {
+            let deliveries: Vec<Arc<Delivery>> = deliveries.into_iter().map(Arc::new).collect();
+            let kept = this.leases.as_ref().and_then(|k| k.keep(&deliveries));
+            let mut unordered = Vec::with_capacity(deliveries.len());
+            for (delivery, slot) in deliveries.into_iter().zip(permits.drain(..)) {
+                let held = Held {
+                    delivery,
+                    _slot: slot,
+                    _leases: kept.clone(),
+                    _bytes: None,
+                };
                 let key = if this.consumer.capabilities().ordering {
-                    delivery.ordering_key().map(str::to_owned)
+                    held.delivery.ordering_key().map(str::to_owned)
                 } else {
                     None
                 };
-                match key {
-                    None => {
-                        let w = this.clone();
-                        tasks.spawn(async move { w.process(delivery, permits).await });
-                    }
-                    Some(key) => {
-                        let busy = {
-                            let Ok(mut lanes) = this.lanes.lock() else {
-                                break;
-                            };
-                            match lanes.get_mut(&key) {
-                                Some(q) => {
-                                    q.push_back((delivery, permits));
-                                    None
-                                }
-                                None => {
-                                    lanes.insert(key.clone(), VecDeque::new());
-                                    Some((delivery, permits))
-                                }
-                            }
-                        };
-                        if let Some((delivery, permits)) = busy {
-                            let w = this.clone();
-                            tasks.spawn(async move { w.run_lane(key, delivery, permits).await });
+                let Some(key) = key else {
+                    unordered.push(held);
+                    continue;
+                };
+                let first_of_key = {
+                    let Ok(mut lanes) = this.lanes.lock() else {
+                        break;
+                    };
+                    match lanes.get_mut(&key) {
+                        Some(queue) => {
+                            queue.push_back(held);
+                            None
+                        }
+                        None => {
+                            lanes.insert(key.clone(), VecDeque::new());
+                            Some(held)
                         }
                     }
+                };
+                if let Some(held) = first_of_key {
+                    let w = this.clone();
+                    tasks.spawn(async move { w.run_lane(key, held).await });
                 }
+            }
+            if !unordered.is_empty() {
+                let w = this.clone();
+                tasks.spawn(async move { w.run_batch(unordered).await });
             }
         }
         while tasks.join_next().await.is_some() {}
+        if let Some(timer) = lease_timer {
+            timer.abort();
+        }
+    }
+
+    /// Handles the deliveries of one batch concurrently, in this one task. Those
+    /// handled successfully are acked together (while one group's ack is under way,
+    /// the next group gathers); every other outcome is settled one by one. At the
+    /// shutdown deadline the handlers still running are dropped and their deliveries
+    /// nacked for prompt redelivery.
+    async fn run_batch(self: Arc<Self>, batch: Vec<Held>) {
+        let deliveries: Vec<Arc<Delivery>> = batch.iter().map(|h| h.delivery.clone()).collect();
+        let mut handled = vec![false; batch.len()];
+        let mut handling: FuturesUnordered<_> = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, held)| {
+                let handle = self.handle(held);
+                async move { (i, handle.await) }
+            })
+            .collect();
+        let mut settling = FuturesUnordered::new();
+        let mut to_ack = Vec::new();
+        let mut acking = FuturesUnordered::new();
+        let mut abandoning = FuturesUnordered::new();
+        let hard_stopped = self.hard_stopped();
+        tokio::pin!(hard_stopped);
+        let mut stopped = false;
+        loop {
+            tokio::select! {
+                Some((i, (held, ran))) = handling.next() => {
+                    handled[i] = true;
+                    match ran {
+                        Ran { outcome: Ok(Ok(())), .. } => to_ack.push(held),
+                        ran => settling.push(self.settle(held, ran)),
+                    }
+                }
+                Some(()) = settling.next() => {}
+                Some(()) = acking.next() => {}
+                Some(()) = abandoning.next() => {}
+                () = &mut hard_stopped, if !stopped => {
+                    stopped = true;
+                    handling.clear();
+                    let unhandled = deliveries.iter().zip(&handled).filter(|(_, done)| !**done);
+                    for (delivery, _) in unhandled {
+                        abandoning.push(self.abandon(delivery.clone()));
+                    }
+                }
+                else => break,
+            }
+            if acking.is_empty() && !to_ack.is_empty() {
+                acking.push(self.ack_together(std::mem::take(&mut to_ack)));
+            }
+        }
     }
 
     /// Handles the deliveries of one ordering key one after another.
-    async fn run_lane(self: Arc<Self>, key: String, first: Delivery, permits: Slot) {
-        let mut next = Some((first, permits));
-        while let Some((delivery, permits)) = next.take() {
-            self.process(delivery, permits).await;
+    async fn run_lane(self: Arc<Self>, key: String, first: Held) {
+        let mut next = Some(first);
+        while let Some(held) = next.take() {
+            self.process(held).await;
             let Ok(mut lanes) = self.lanes.lock() else {
                 return;
             };
@@ -345,75 +477,114 @@ impl WorkerLoop {
         }
     }
 
-    /// Takes the delivery's share of `max_outstanding_bytes`, extending its lease while
-    /// it waits, so that a large delivery never sits in the local buffer with a lapsing
-    /// lease. `None` when the shutdown deadline came first.
-    async fn take_bytes(&self, delivery: &Delivery) -> Option<Option<OwnedSemaphorePermit>> {
+    /// Takes the delivery's share of `max_outstanding_bytes` (its lease is kept while
+    /// it waits); `None` only if the semaphore is gone.
+    async fn take_bytes(&self, delivery: &Delivery) -> Option<OwnedSemaphorePermit> {
         let need = (delivery.size() / 1024).clamp(1, self.bytes_kib) as u32;
         if let Ok(permit) = self.bytes.clone().try_acquire_many_owned(need) {
-            return Some(Some(permit));
+            return Some(permit);
         }
+        self.bytes.clone().acquire_many_owned(need).await.ok()
+    }
+
+    /// Handles and settles one delivery; what it holds is let go when this returns.
+    async fn process(&self, held: Held) {
+        let delivery = held.delivery.clone();
         tokio::select! {
-            p = self.bytes.clone().acquire_many_owned(need) => Some(p.ok()),
-            _ = self.extend_while_running(delivery) => None,
-            _ = self.hard_stopped() => None,
+            (held, ran) = self.handle(held) => self.settle(held, ran).await,
+            _ = self.hard_stopped() => self.abandon(delivery).await,
         }
     }
 
-    async fn process(&self, delivery: Delivery, _slot: Slot) {
-        let Some(_bytes) = self.take_bytes(&delivery).await else {
-            tracing::warn!("shutdown deadline reached before handling; nacking for redelivery");
-            match delivery.nack(Duration::ZERO).await {
-                Ok(()) => self.stats.abandoned.fetch_add(1, Ordering::Relaxed),
-                Err(_) => self.stats.settle_errors.fetch_add(1, Ordering::Relaxed),
-            };
-            return;
+    /// Nacks a delivery whose handling the shutdown deadline cut short, for prompt
+    /// redelivery.
+    async fn abandon(&self, delivery: Arc<Delivery>) {
+        tracing::warn!(event_id = %delivery.event().id(), "shutdown deadline reached; nacking for redelivery");
+        match delivery.nack(Duration::ZERO).await {
+            Ok(()) => self.stats.abandoned.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.stats.settle_errors.fetch_add(1, Ordering::Relaxed),
         };
+    }
+
+    /// Runs the handler on one delivery, after taking its share of the outstanding
+    /// bytes. The caller bounds it by the shutdown deadline.
+    async fn handle(&self, mut held: Held) -> (Held, Ran) {
+        let delivery = held.delivery.clone();
+        held._bytes = self.take_bytes(&delivery).await;
         let event = delivery.event_arc();
         let started = Instant::now();
         let (span, handling) =
             self.runner
                 .handle(self.handler.as_ref(), event.clone(), delivery.attempt());
-        let outcome = tokio::select! {
-            r = handling => Some(r),
-            _ = self.extend_while_running(&delivery) => None,
-            _ = self.hard_stopped() => None,
-        };
+        let outcome = handling.await;
         self.runner.processed(&event, started);
+        (held, Ran { outcome, span })
+    }
+
+    /// Settles one handled delivery as its outcome says, and counts it.
+    async fn settle(&self, held: Held, ran: Ran) {
+        let delivery = &*held.delivery;
+        let Ran { outcome, span } = ran;
         let settle = async {
             let (counter, settled) = match outcome {
-                None => {
-                    tracing::warn!("shutdown deadline reached; nacking for redelivery");
-                    (&self.stats.abandoned, delivery.nack(Duration::ZERO).await)
-                }
-                Some(Ok(Ok(()))) => (&self.stats.acked, self.ack_with_retries(&delivery).await),
-                Some(Ok(Err(HandlerError::Reject { reason }))) => {
+                Ok(Ok(())) => (&self.stats.acked, self.ack_with_retries(delivery, 1).await),
+                Ok(Err(HandlerError::Reject { reason })) => {
                     tracing::warn!(%reason, "handler rejected the event; dead-lettering");
                     (
                         &self.stats.dead_lettered,
                         delivery.dead_letter(format!("rejected: {reason}")).await,
                     )
                 }
-                Some(Ok(Err(HandlerError::Retry { message, delay }))) => {
-                    self.retry_or_dead_letter(&delivery, message, delay).await
+                Ok(Err(HandlerError::Retry { message, delay })) => {
+                    self.retry_or_dead_letter(delivery, message, delay).await
                 }
-                Some(Err(_panic)) => {
-                    self.retry_or_dead_letter(&delivery, "handler panicked".into(), None)
+                Err(_panic) => {
+                    self.retry_or_dead_letter(delivery, "handler panicked".into(), None)
                         .await
                 }
             };
-            // Counted once the provider has the settlement.
-            match settled {
-                Ok(()) => {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "settlement failed; the event will come back when its lease expires");
-                }
-            }
+            self.count_settled(counter, settled);
         };
         settle.instrument(span).await;
+    }
+
+    /// Counts a settlement once the provider has it (or its failure).
+    fn count_settled(&self, counter: &AtomicU64, settled: crate::Result<()>) {
+        match settled {
+            Ok(()) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "settlement failed; the event will come back when its lease expires");
+            }
+        }
+    }
+
+    /// Acks handled deliveries together, in as few provider calls as the driver
+    /// allows; those whose ack failed transiently go on alone through
+    /// [`ack_with_retries`](Self::ack_with_retries) from the second attempt on.
+    async fn ack_together(&self, group: Vec<Held>) {
+        let deliveries: Vec<&Delivery> = group.iter().map(|held| &*held.delivery).collect();
+        let results = self
+            .consumer
+            .settle_refs(&deliveries, crate::driver::Settlement::Ack)
+            .await;
+        let mut again = Vec::new();
+        for (delivery, result) in deliveries.iter().zip(results) {
+            match result {
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "ack failed; trying again");
+                    again.push(*delivery);
+                }
+                settled => self.count_settled(&self.stats.acked, settled),
+            }
+        }
+        futures::future::join_all(again.into_iter().map(|delivery| async move {
+            let settled = self.ack_with_retries(delivery, 2).await;
+            self.count_settled(&self.stats.acked, settled);
+        }))
+        .await;
     }
 
     /// Acks, trying again (up to `ACK_ATTEMPTS` in all, backing off) while the
@@ -421,9 +592,16 @@ impl WorkerLoop {
     /// once its lease runs out. An ack whose reply was lost may answer the retry with a
     /// permanent error (already settled); that is counted as a settle error, and the
     /// event is not handled again.
-    async fn ack_with_retries(&self, delivery: &Delivery) -> crate::Result<()> {
+    async fn ack_with_retries(&self, delivery: &Delivery, first: u32) -> crate::Result<()> {
         let backoff = RetryPolicy::default();
-        let mut attempt = 1;
+        let mut attempt = first;
+        if attempt > 1 {
+            let pause = backoff.backoff(attempt - 1);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {},
+                _ = self.hard_stopped() => {},
+            }
+        }
         loop {
             match delivery.ack().await {
                 Err(e) if e.is_retryable() && attempt < ACK_ATTEMPTS => {
@@ -463,38 +641,135 @@ impl WorkerLoop {
                 return (&self.stats.retried, delivery.nack(delay).await);
             }
             // The broker redelivers at once (Service Bus abandon): the backoff would be
-            // lost and every attempt burnt within a second. Hold the delivery, with its
-            // lease extended, for the backoff, then release it.
-            self.hold(delivery, delay).await;
+            // lost and every attempt burnt within a second. Hold the delivery (the lease
+            // keeper keeps its lease) for the backoff, then release it.
+            self.hold(delay).await;
             (&self.stats.retried, delivery.nack(Duration::ZERO).await)
         }
     }
 
-    /// Waits `delay` while keeping the delivery's lease, or until the shutdown deadline.
-    async fn hold(&self, delivery: &Delivery, delay: Duration) {
+    /// Waits `delay`, or until the shutdown deadline.
+    async fn hold(&self, delay: Duration) {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {},
-            _ = self.extend_while_running(delivery) => {},
             _ = self.hard_stopped() => {},
         }
     }
+}
 
-    /// Extends the lease at half its length for as long as the handler runs; never returns.
-    async fn extend_while_running(&self, delivery: &Delivery) {
-        let lease = match delivery.lease() {
-            Some(l)
-                if self.options.extend_leases && self.consumer.capabilities().lease_extension =>
-            {
-                l
+#[cfg(test)]
+mod tests {
+    use std::any::Any;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::capabilities::Capabilities;
+    use crate::driver::{AckToken, BatchResults, ReceivedMessage, Settlement, SubscriptionDriver};
+    use crate::event::{AttributesReader, EventBuilder};
+
+    /// Hands out two events of one ordering key in one receive, with a short lease,
+    /// and records every settlement with its time.
+    struct OneKeyTwice {
+        lease: Duration,
+        handed_out: std::sync::atomic::AtomicBool,
+        settled: Mutex<Vec<(u64, Settlement, Instant)>>,
+    }
+
+    #[async_trait]
+    impl SubscriptionDriver for OneKeyTwice {
+        async fn receive_batch(
+            &self,
+            max: usize,
+            wait: Duration,
+        ) -> crate::Result<Vec<ReceivedMessage>> {
+            if max < 2 || self.handed_out.swap(true, Ordering::AcqRel) {
+                tokio::time::sleep(wait).await;
+                return Ok(Vec::new());
             }
-            _ => return std::future::pending().await,
-        };
-        let every = (lease / 2).max(Duration::from_millis(50));
-        loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = delivery.extend(lease).await {
-                tracing::warn!(error = %e, "lease extension failed");
+            let message = |n: u64| ReceivedMessage {
+                event: Ok(Arc::new(
+                    EventBuilder::new("com.example.step", "/test")
+                        .id(format!("e{n}"))
+                        .build()
+                        .expect("event"),
+                )),
+                token: AckToken::Number(n),
+                attempt: 1,
+                lease: Some(self.lease),
+                published_at: None,
+                ordering_key: Some("k".into()),
+                size: 100,
+            };
+            Ok(vec![message(1), message(2)])
+        }
+        async fn settle_batch(
+            &self,
+            items: &[(AckToken, Settlement)],
+        ) -> crate::Result<BatchResults> {
+            let mut settled = self.settled.lock().expect("lock");
+            for (token, settlement) in items {
+                let AckToken::Number(n) = token else {
+                    unreachable!("numeric tokens only")
+                };
+                settled.push((*n, settlement.clone(), Instant::now()));
+            }
+            Ok(items.iter().map(|_| Ok(())).collect())
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                ordering: true,
+                lease_extension: true,
+                ..Capabilities::default()
             }
         }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    /// A delivery queued behind a slow one of its ordering key keeps its lease while
+    /// it waits (it used to be extended only once its own handler ran, so it lapsed
+    /// and came back as a duplicate).
+    #[tokio::test]
+    async fn a_delivery_queued_behind_its_key_keeps_its_lease() {
+        let driver = Arc::new(OneKeyTwice {
+            lease: Duration::from_millis(200),
+            handed_out: Default::default(),
+            settled: Mutex::new(Vec::new()),
+        });
+        let consumer = Consumer::new(driver.clone(), "queued-lease");
+        let worker = consumer.start_worker(
+            |event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                if event.id() == "e1" {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                }
+                Ok::<(), HandlerError>(())
+            },
+            WorkerOptions::default().concurrency(4),
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while worker.stats().acked < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let report = worker.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(report.acked, 2, "{report:?}");
+        let settled = driver.settled.lock().expect("lock").clone();
+        let first_acked = settled
+            .iter()
+            .find(|(n, s, _)| *n == 1 && matches!(s, Settlement::Ack))
+            .map(|(_, _, at)| *at)
+            .expect("e1 acked");
+        let queued_extensions = settled
+            .iter()
+            .filter(|(n, s, at)| {
+                *n == 2 && matches!(s, Settlement::Extend { .. }) && *at < first_acked
+            })
+            .count();
+        // 700 ms of waiting with a 200 ms lease: an extension every 100 ms or so.
+        assert!(
+            queued_extensions >= 3,
+            "the queued delivery was extended {queued_extensions} times while it waited: {settled:?}"
+        );
     }
 }
