@@ -28,7 +28,7 @@ use cloudbus_core::{
 };
 use serde_json::{Value, json};
 
-use crate::sqs::{self, SqsDeadLetters, SqsQueue};
+use crate::sqs::{self};
 
 /// Retries EventBridge makes to deliver to a rule's queue before the dead-letter
 /// queue (the service's maximum).
@@ -64,7 +64,7 @@ pub fn capabilities() -> Capabilities {
 }
 
 pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
-    if let Some(kind) = crate::common_kind(code) {
+    if let Some(kind) = crate::error::common_kind(code) {
         return kind;
     }
     match code {
@@ -94,7 +94,7 @@ pub fn event_pattern(filter: Option<&Filter>) -> Result<Value> {
         // Every cloudbus event: Detail is a CloudEvent, which has a specversion.
         None => Ok(json!({ "detail": { "specversion": [{ "exists": true }] } })),
         Some(f) => Ok(
-            json!({ "detail": crate::content_pattern(f, &crate::PatternRules {
+            json!({ "detail": crate::filter::content_pattern(f, &crate::filter::PatternRules {
             what: "an EventBridge pattern",
             key_prefix: "",
             numeric: true,
@@ -190,11 +190,10 @@ impl BusDriver for EventBridgeBus {
         _topic: &str,
         subscription: &str,
     ) -> Result<Arc<dyn SubscriptionDriver>> {
-        Ok(Arc::new(SqsQueue::new(
-            self.shared.sqs.clone(),
+        Ok(crate::sqs_subscriptions::subscription(
+            &self.shared.sqs,
             subscription,
-            None,
-        )))
+        ))
     }
 
     async fn dead_letters(
@@ -202,11 +201,10 @@ impl BusDriver for EventBridgeBus {
         _topic: &str,
         subscription: &str,
     ) -> Result<Arc<dyn DeadLetterDriver>> {
-        Ok(Arc::new(SqsDeadLetters {
-            shared: self.shared.sqs.clone(),
-            source: subscription.to_owned(),
-            queue: sqs::dead_letter_queue(subscription),
-        }))
+        Ok(crate::sqs_subscriptions::dead_letters(
+            &self.shared.sqs,
+            subscription,
+        ))
     }
 
     fn topology(&self) -> Arc<dyn TopologyDriver> {
@@ -303,22 +301,16 @@ impl TopicDriver for EventBus {
                     .await
                     .map(|_| ())
                     .map_err(|e| {
-                        crate::sdk_error(e, kind_of_code, &format!("event bus {}", self.name))
+                        crate::error::sdk_error(
+                            e,
+                            kind_of_code,
+                            &format!("event bus {}", self.name),
+                        )
                     })
             })
             .await?;
-        let mut results = crate::slots(batch.len());
-        let mut entries = Vec::new();
-        let mut index = Vec::new();
-        for (i, m) in batch.iter().enumerate() {
-            match entry(&self.name, m) {
-                Ok(e) => {
-                    entries.push(e);
-                    index.push(i);
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+        let (mut results, index, entries) =
+            crate::batch::build_entries(batch, |_, m| entry(&self.name, m));
         if !entries.is_empty() {
             let out = self
                 .shared
@@ -328,7 +320,11 @@ impl TopicDriver for EventBus {
                 .send()
                 .await
                 .map_err(|e| {
-                    crate::sdk_error(e, kind_of_code, &format!("put events on {}", self.name))
+                    crate::error::sdk_error(
+                        e,
+                        kind_of_code,
+                        &format!("put events on {}", self.name),
+                    )
                 })?;
             // One result per entry, in order: an event id, or an error code.
             for (slot, r) in index.iter().zip(out.entries()) {
@@ -349,7 +345,7 @@ impl TopicDriver for EventBus {
                 });
             }
         }
-        Ok(crate::finish(results, "EventBridge"))
+        Ok(crate::batch::finish(results, "EventBridge"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -374,7 +370,7 @@ impl EventBridgeTopology {
             .name(bus)
             .send()
             .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("event bus {bus}")))?;
+            .map_err(|e| crate::error::sdk_error(e, kind_of_code, &format!("event bus {bus}")))?;
         out.arn()
             .map(str::to_owned)
             .ok_or_else(|| Error::not_found(format!("event bus {bus} has no ARN")))
@@ -397,7 +393,7 @@ impl EventBridgeTopology {
         {
             Ok(_) => Ok(()),
             Err(e) => {
-                let e = crate::sdk_error(e, kind_of_code, &format!("create archive {name}"));
+                let e = crate::error::sdk_error(e, kind_of_code, &format!("create archive {name}"));
                 if e.kind() == ErrorKind::AlreadyExists {
                     Ok(())
                 } else {
@@ -421,7 +417,8 @@ impl EventBridgeTopology {
         {
             Ok(_) => Ok(()),
             Err(e) => {
-                let e = crate::sdk_error(e, kind_of_code, &format!("create event bus {topic}"));
+                let e =
+                    crate::error::sdk_error(e, kind_of_code, &format!("create event bus {topic}"));
                 if e.kind() == ErrorKind::AlreadyExists {
                     Ok(())
                 } else {
@@ -456,7 +453,7 @@ impl TopologyDriver for EventBridgeTopology {
         {
             Ok(a) => a.archive_arn().unwrap_or_default().to_owned(),
             Err(e) => {
-                let e = crate::sdk_error(e, kind_of_code, &format!("archive {archive}"));
+                let e = crate::error::sdk_error(e, kind_of_code, &format!("archive {archive}"));
                 return Err(if e.kind() == ErrorKind::NotFound {
                     Error::not_found(format!(
                         "event bus {topic} has no archive {archive} to replay from: declare it \
@@ -475,7 +472,9 @@ impl TopologyDriver for EventBridgeTopology {
             .event_bus_name(topic)
             .send()
             .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}")))?
+            .map_err(|e| {
+                crate::error::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}"))
+            })?
             .arn()
             .unwrap_or_default()
             .to_owned();
@@ -498,7 +497,7 @@ impl TopologyDriver for EventBridgeTopology {
             .destination(destination)
             .send()
             .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("replay of {name}")))?;
+            .map_err(|e| crate::error::sdk_error(e, kind_of_code, &format!("replay of {name}")))?;
         if let Some(aws_sdk_eventbridge::types::ReplayState::Failed) = out.state() {
             return Err(Error::new(
                 ErrorKind::Unavailable,
@@ -524,19 +523,23 @@ impl TopologyDriver for EventBridgeTopology {
             .send()
             .await
             .map_err(|e| {
-                crate::sdk_error(e, kind_of_code, &format!("rule {queue} on {}", spec.topic))
+                crate::error::sdk_error(e, kind_of_code, &format!("rule {queue} on {}", spec.topic))
             })?;
         // The rule, and only it, may send to the queue.
         let rule_arn = rule.rule_arn().unwrap_or_default();
-        let queue_arn =
-            sqs::subscription_queue(&self.shared.sqs, spec, "events.amazonaws.com", rule_arn)
-                .await?;
+        let queue_arn = crate::sqs_subscriptions::create_queue(
+            &self.shared.sqs,
+            spec,
+            "events.amazonaws.com",
+            rule_arn,
+        )
+        .await?;
         // What EventBridge cannot deliver to the queue within its retry window goes to
         // the subscription's dead-letter queue instead of being dropped; the rule may
         // send there too.
         let dlq = sqs::dead_letter_queue(queue);
         let dlq_url = self.shared.sqs.create(&dlq).await?;
-        let dlq_arn = sqs::allow_sender(
+        let dlq_arn = crate::sqs_subscriptions::allow_sender(
             &self.shared.sqs,
             &dlq,
             &dlq_url,
@@ -569,7 +572,9 @@ impl TopologyDriver for EventBridgeTopology {
             .targets(target)
             .send()
             .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("target of rule {queue}")))?;
+            .map_err(|e| {
+                crate::error::sdk_error(e, kind_of_code, &format!("target of rule {queue}"))
+            })?;
         if out.failed_entry_count() > 0 {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -600,7 +605,7 @@ impl TopologyDriver for EventBridgeTopology {
         {
             Ok(_) => Ok(()),
             Err(e) => {
-                let e = crate::sdk_error(e, kind_of_code, &format!("delete rule {name}"));
+                let e = crate::error::sdk_error(e, kind_of_code, &format!("delete rule {name}"));
                 if e.kind() == ErrorKind::NotFound {
                     Ok(())
                 } else {

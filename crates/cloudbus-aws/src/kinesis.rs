@@ -51,7 +51,7 @@ pub fn capabilities() -> Capabilities {
 }
 
 pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
-    if let Some(kind) = crate::common_kind(code) {
+    if let Some(kind) = crate::error::common_kind(code) {
         return kind;
     }
     match code {
@@ -137,7 +137,7 @@ async fn wait_active(
             .stream_name(stream)
             .send()
             .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("stream {stream}")))?;
+            .map_err(|e| crate::error::sdk_error(e, kind_of_code, &format!("stream {stream}")))?;
         if d.stream_description_summary()
             .is_some_and(|s| s.stream_status() == &StreamStatus::Active)
         {
@@ -215,7 +215,7 @@ impl TopologyDriver for KinesisTopology {
             .send()
             .await;
         if let Err(e) = created {
-            let e = crate::sdk_error(e, kind_of_code, &format!("create stream {topic}"));
+            let e = crate::error::sdk_error(e, kind_of_code, &format!("create stream {topic}"));
             if e.kind() != ErrorKind::AlreadyExists {
                 return Err(e);
             }
@@ -257,29 +257,17 @@ fn partition_key(m: &OutgoingMessage) -> String {
 #[async_trait]
 impl TopicDriver for KinesisStream {
     async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<BatchResults> {
-        let mut results = crate::slots(batch.len());
-        let mut entries = Vec::new();
-        let mut index = Vec::new();
-        for (i, m) in batch.iter().enumerate() {
+        let (mut results, index, entries) = crate::batch::build_entries(batch, |_, m| {
             let data = match &m.payload {
                 Payload::Event(e) => to_structured_json(e),
                 Payload::Raw(raw) => Ok(raw.body.clone()),
-            };
-            let entry = data.and_then(|d| {
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(d))
-                    .partition_key(partition_key(m))
-                    .build()
-                    .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "record", e))
-            });
-            match entry {
-                Ok(e) => {
-                    entries.push(e);
-                    index.push(i);
-                }
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+            }?;
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(data))
+                .partition_key(partition_key(m))
+                .build()
+                .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "record", e))
+        });
         if !entries.is_empty() {
             let out = self
                 .shared
@@ -290,7 +278,11 @@ impl TopicDriver for KinesisStream {
                 .send()
                 .await
                 .map_err(|e| {
-                    crate::sdk_error(e, kind_of_code, &format!("put records on {}", self.name))
+                    crate::error::sdk_error(
+                        e,
+                        kind_of_code,
+                        &format!("put records on {}", self.name),
+                    )
                 })?;
             // One result per record, in order; core retries just the failed ones.
             for (slot, r) in index.iter().zip(out.records()) {
@@ -307,7 +299,7 @@ impl TopicDriver for KinesisStream {
                 });
             }
         }
-        Ok(crate::finish(results, "Kinesis"))
+        Ok(crate::batch::finish(results, "Kinesis"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -331,7 +323,7 @@ impl StreamDriver for KinesisStream {
                 None => req.stream_name(&self.name),
             };
             let page = req.send().await.map_err(|e| {
-                crate::sdk_error(e, kind_of_code, &format!("shards of {}", self.name))
+                crate::error::sdk_error(e, kind_of_code, &format!("shards of {}", self.name))
             })?;
             for s in page.shards() {
                 out.push(PartitionInfo {
@@ -376,7 +368,7 @@ impl StreamDriver for KinesisStream {
                 .timestamp(AwsDateTime::from_millis(t.timestamp_millis())),
         };
         let out = req.send().await.map_err(|e| {
-            crate::sdk_error(
+            crate::error::sdk_error(
                 e,
                 kind_of_code,
                 &format!("iterator of {}/{partition}", self.name),
@@ -400,7 +392,9 @@ impl StreamDriver for KinesisStream {
             .limit(max.clamp(1, 10_000) as i32)
             .send()
             .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("read {}", self.name)))?;
+            .map_err(|e| {
+                crate::error::sdk_error(e, kind_of_code, &format!("read {}", self.name))
+            })?;
         let records = out
             .records()
             .iter()

@@ -26,7 +26,7 @@ use cloudbus_core::{
 };
 use serde_json::Value;
 
-use crate::sqs::{self, SqsDeadLetters, SqsQueue};
+use crate::sqs::{self};
 
 /// What an SNS topic with SQS subscriptions supports.
 ///
@@ -43,7 +43,7 @@ pub fn capabilities(topic: &str) -> Capabilities {
 }
 
 pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
-    if let Some(kind) = crate::common_kind(code) {
+    if let Some(kind) = crate::error::common_kind(code) {
         return kind;
     }
     match code {
@@ -76,9 +76,9 @@ pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
 /// }));
 /// ```
 pub fn filter_policy(filter: &Filter) -> Result<Value> {
-    crate::content_pattern(
+    crate::filter::content_pattern(
         filter,
-        &crate::PatternRules {
+        &crate::filter::PatternRules {
             what: "an SNS filter policy",
             key_prefix: sqs::ATTRIBUTE_PREFIX,
             numeric: false,
@@ -103,9 +103,9 @@ pub fn filter_policy(filter: &Filter) -> Result<Value> {
 /// }));
 /// ```
 pub fn body_filter_policy(filter: &Filter) -> Result<Value> {
-    crate::content_pattern(
+    crate::filter::content_pattern(
         filter,
-        &crate::PatternRules {
+        &crate::filter::PatternRules {
             what: "an SNS filter policy",
             key_prefix: "",
             numeric: true,
@@ -137,7 +137,7 @@ impl SnsContext {
         let suffix = format!(":{name}");
         let mut pages = self.sns.list_topics().into_paginator().send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| crate::sdk_error(e, kind_of_code, "list topics"))?;
+            let page = page.map_err(|e| crate::error::sdk_error(e, kind_of_code, "list topics"))?;
             for t in page.topics() {
                 if let Some(arn) = t.topic_arn()
                     && arn.ends_with(&suffix)
@@ -244,11 +244,10 @@ impl BusDriver for SnsBus {
         _topic: &str,
         subscription: &str,
     ) -> Result<Arc<dyn SubscriptionDriver>> {
-        Ok(Arc::new(SqsQueue::new(
-            self.shared.sqs.clone(),
+        Ok(crate::sqs_subscriptions::subscription(
+            &self.shared.sqs,
             subscription,
-            None,
-        )))
+        ))
     }
 
     async fn dead_letters(
@@ -256,11 +255,10 @@ impl BusDriver for SnsBus {
         _topic: &str,
         subscription: &str,
     ) -> Result<Arc<dyn DeadLetterDriver>> {
-        Ok(Arc::new(SqsDeadLetters {
-            shared: self.shared.sqs.clone(),
-            source: subscription.to_owned(),
-            queue: sqs::dead_letter_queue(subscription),
-        }))
+        Ok(crate::sqs_subscriptions::dead_letters(
+            &self.shared.sqs,
+            subscription,
+        ))
     }
 
     fn topology(&self) -> Arc<dyn TopologyDriver> {
@@ -333,7 +331,7 @@ impl SnsTopic {
                 .set_next_token(next.take())
                 .send()
                 .await
-                .map_err(|e| crate::sdk_error(e, kind_of_code, &what))?;
+                .map_err(|e| crate::error::sdk_error(e, kind_of_code, &what))?;
             for sub in page.subscriptions() {
                 let Some(sub_arn) = sub.subscription_arn().filter(|a| a.starts_with("arn:")) else {
                     continue; // "PendingConfirmation"
@@ -345,7 +343,7 @@ impl SnsTopic {
                     .subscription_arn(sub_arn)
                     .send()
                     .await
-                    .map_err(|e| crate::sdk_error(e, kind_of_code, &what))?;
+                    .map_err(|e| crate::error::sdk_error(e, kind_of_code, &what))?;
                 let attrs = attrs.attributes();
                 let body_scope = attrs
                     .and_then(|a| a.get("FilterPolicyScope"))
@@ -414,14 +412,8 @@ impl TopicDriver for SnsTopic {
         } else {
             self.filter_keys().await?
         };
-        let mut results = crate::slots(batch.len());
-        let mut entries = Vec::new();
-        for (i, m) in batch.iter().enumerate() {
-            match self.entry(i, m, &filter_keys) {
-                Ok(e) => entries.push(e),
-                Err(e) => results[i] = Some(Err(e)),
-            }
-        }
+        let (mut results, _, entries) =
+            crate::batch::build_entries(batch, |i, m| self.entry(i, m, &filter_keys));
         if !entries.is_empty() {
             let out = self
                 .shared
@@ -432,21 +424,21 @@ impl TopicDriver for SnsTopic {
                 .send()
                 .await
                 .map_err(|e| {
-                    crate::sdk_error(e, kind_of_code, &format!("publish to {}", self.name))
+                    crate::error::sdk_error(e, kind_of_code, &format!("publish to {}", self.name))
                 })?;
             let what = format!("publish to {}", self.name);
             for ok in out.successful() {
-                crate::report(&mut results, ok.id().unwrap_or_default(), Ok(()));
+                crate::batch::report(&mut results, ok.id().unwrap_or_default(), Ok(()));
             }
             for f in out.failed() {
                 let error = Error::new(
                     kind_of_code(f.code()),
                     format!("{what}: {}: {}", f.code(), f.message().unwrap_or_default()),
                 );
-                crate::report(&mut results, f.id(), Err(error));
+                crate::batch::report(&mut results, f.id(), Err(error));
             }
         }
-        Ok(crate::finish(results, "SNS"))
+        Ok(crate::batch::finish(results, "SNS"))
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -469,10 +461,9 @@ impl TopologyDriver for SnsTopology {
         if topic.ends_with(".fifo") {
             req = req.attributes("FifoTopic", "true");
         }
-        let out = req
-            .send()
-            .await
-            .map_err(|e| crate::sdk_error(e, kind_of_code, &format!("create topic {topic}")))?;
+        let out = req.send().await.map_err(|e| {
+            crate::error::sdk_error(e, kind_of_code, &format!("create topic {topic}"))
+        })?;
         if let Some(arn) = out.topic_arn() {
             self.shared
                 .arns
@@ -493,9 +484,13 @@ impl TopologyDriver for SnsTopology {
         let topic_arn = self.shared.arn(&spec.topic).await?;
         let queue = &spec.name;
         // The topic, and only it, may send to the queue.
-        let queue_arn =
-            sqs::subscription_queue(&self.shared.sqs, spec, "sns.amazonaws.com", &topic_arn)
-                .await?;
+        let queue_arn = crate::sqs_subscriptions::create_queue(
+            &self.shared.sqs,
+            spec,
+            "sns.amazonaws.com",
+            &topic_arn,
+        )
+        .await?;
         let mut req = self
             .shared
             .sns
@@ -511,7 +506,7 @@ impl TopologyDriver for SnsTopology {
                 .attributes("FilterPolicyScope", scope);
         }
         req.send().await.map_err(|e| {
-            crate::sdk_error(
+            crate::error::sdk_error(
                 e,
                 kind_of_code,
                 &format!("subscribe {queue} to {}", spec.topic),
@@ -545,7 +540,8 @@ impl TopologyDriver for SnsTopology {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| crate::sdk_error(e, kind_of_code, "list subscriptions"))?;
+            let page =
+                page.map_err(|e| crate::error::sdk_error(e, kind_of_code, "list subscriptions"))?;
             for s in page.subscriptions() {
                 if s.endpoint() == Some(queue_arn.as_str())
                     && let Some(arn) = s.subscription_arn()
@@ -556,7 +552,7 @@ impl TopologyDriver for SnsTopology {
                         .subscription_arn(arn)
                         .send()
                         .await
-                        .map_err(|e| crate::sdk_error(e, kind_of_code, "unsubscribe"))?;
+                        .map_err(|e| crate::error::sdk_error(e, kind_of_code, "unsubscribe"))?;
                 }
             }
         }

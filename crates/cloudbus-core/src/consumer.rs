@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use crate::batcher::{BatchHandler, BatchLimits, Batcher};
 use crate::capabilities::Capabilities;
 use crate::codec::RawMessage;
 use crate::driver::{
@@ -62,7 +62,8 @@ pub(crate) struct ConsumerInner {
     closed: AtomicBool,
     filter: Option<Filter>,
     dead_letter_sink: Mutex<Option<Arc<dyn DeadLetterSink>>>,
-    settler: Settler,
+    /// Coalesces the settlements of concurrent callers into `settle_batch` calls.
+    settler: Batcher<(AckToken, Settlement), Result<()>>,
 }
 
 impl Consumer {
@@ -83,7 +84,7 @@ impl Consumer {
         let name: Arc<str> = options.name.unwrap_or_else(|| "consumer".into()).into();
         Consumer {
             inner: Arc::new(ConsumerInner {
-                settler: Settler::new(driver.clone(), caps.max_batch_count.max(1)),
+                settler: settler(driver.clone(), caps.max_batch_count),
                 driver,
                 caps,
                 metrics: Arc::new(telemetry::ConsumerMetrics::new(name.clone())),
@@ -361,7 +362,7 @@ impl ConsumerInner {
             }
             other => other,
         };
-        self.settler.settle(token.clone(), settlement).await?;
+        settle_through(&self.settler, token.clone(), settlement).await?;
         if status != "extend" {
             self.metrics.consumed(event.ty(), status, 1);
         }
@@ -425,17 +426,17 @@ impl ConsumerInner {
             };
             let raw = raw.with_attribute(EXT_DEAD_LETTER_REASON, reason.clone());
             sink.put_raw(raw).await?;
-            self.settler.settle(token, Settlement::Ack).await?;
+            settle_through(&self.settler, token, Settlement::Ack).await?;
         } else {
-            self.settler
-                .settle(
-                    token,
-                    Settlement::DeadLetter {
-                        reason: reason.clone(),
-                        description: String::new(),
-                    },
-                )
-                .await?;
+            settle_through(
+                &self.settler,
+                token,
+                Settlement::DeadLetter {
+                    reason: reason.clone(),
+                    description: String::new(),
+                },
+            )
+            .await?;
         }
         self.metrics.dead_lettered(&reason);
         Ok(())
@@ -568,86 +569,49 @@ impl Delivery {
     }
 }
 
-/// Coalesces settlements from concurrent callers into `settle_batch` calls: the first
-/// caller starts a flush task; callers arriving meanwhile join the next batch.
-struct Settler {
+/// The batcher that coalesces settlements from concurrent callers into
+/// `settle_batch` calls of at most `max_batch`.
+fn settler(
     driver: Arc<dyn SubscriptionDriver>,
     max_batch: usize,
-    queue: Arc<Mutex<SettleQueue>>,
-}
-
-#[derive(Default)]
-struct SettleQueue {
-    items: Vec<(AckToken, Settlement, oneshot::Sender<Result<()>>)>,
-    flushing: bool,
-}
-
-impl Settler {
-    fn new(driver: Arc<dyn SubscriptionDriver>, max_batch: usize) -> Self {
-        Settler {
-            driver,
-            max_batch,
-            queue: Arc::new(Mutex::new(SettleQueue::default())),
-        }
-    }
-
-    async fn settle(&self, token: AckToken, settlement: Settlement) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        let start_flush = {
-            let mut q = self
-                .queue
-                .lock()
-                .map_err(|_| Error::new(ErrorKind::Internal, "settler lock poisoned"))?;
-            q.items.push((token, settlement, tx));
-            !std::mem::replace(&mut q.flushing, true)
-        };
-        if start_flush {
-            // A task of its own, so that a caller that is cancelled cannot strand the queue.
-            let driver = self.driver.clone();
-            let queue = self.queue.clone();
-            let max = self.max_batch;
-            tokio::spawn(async move {
-                loop {
-                    let batch: Vec<_> = {
-                        let Ok(mut q) = queue.lock() else { return };
-                        if q.items.is_empty() {
-                            q.flushing = false;
-                            return;
-                        }
-                        let n = q.items.len().min(max);
-                        q.items.drain(..n).collect()
-                    };
-                    let (items, replies): (Vec<_>, Vec<_>) =
-                        batch.into_iter().map(|(t, s, r)| ((t, s), r)).unzip();
-                    let settled =
-                        crate::driver::panic_safe("settle_batch", driver.settle_batch(&items))
-                            .await;
-                    match settled {
-                        Ok(per) if per.len() == replies.len() => {
-                            for (reply, r) in replies.into_iter().zip(per) {
-                                let _ = reply.send(r);
-                            }
-                        }
-                        Ok(_) => {
-                            for reply in replies {
-                                let _ = reply.send(Err(Error::new(
-                                    ErrorKind::Internal,
-                                    "driver returned the wrong number of settlement results",
-                                )));
-                            }
-                        }
-                        Err(e) => {
-                            for reply in replies {
-                                let _ = reply.send(Err(e.clone()));
-                            }
-                        }
-                    }
+) -> Batcher<(AckToken, Settlement), Result<()>> {
+    let handler: BatchHandler<(AckToken, Settlement), Result<()>> =
+        Arc::new(move |items: Vec<(AckToken, Settlement)>| {
+            let driver = driver.clone();
+            Box::pin(async move {
+                let n = items.len();
+                match crate::driver::panic_safe("settle_batch", driver.settle_batch(&items)).await {
+                    Ok(per) if per.len() == n => per,
+                    Ok(_) => (0..n)
+                        .map(|_| {
+                            Err(Error::new(
+                                ErrorKind::Internal,
+                                "driver returned the wrong number of settlement results",
+                            ))
+                        })
+                        .collect(),
+                    Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
                 }
-            });
-        }
-        rx.await
-            .unwrap_or_else(|_| Err(Error::new(ErrorKind::Internal, "settlement task ended")))
-    }
+            })
+        });
+    Batcher::new(
+        BatchLimits::count(max_batch),
+        Duration::ZERO,
+        |_| 1,
+        handler,
+    )
+}
+
+/// Settles one item through the settler and waits for its result.
+async fn settle_through(
+    settler: &Batcher<(AckToken, Settlement), Result<()>>,
+    token: AckToken,
+    settlement: Settlement,
+) -> Result<()> {
+    settler
+        .submit((token, settlement))?
+        .await
+        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Internal, "settlement task ended")))
 }
 
 /// Payload of a dead letter as text, for logs and examples.

@@ -11,6 +11,7 @@
 //! - `conformance` (feature): the suite every provider runs from its tests.
 #![warn(missing_docs)]
 
+mod batcher;
 pub mod bus;
 pub mod capabilities;
 pub mod codec;

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use crate::batcher::{BatchHandler, BatchLimits, Batcher};
 use crate::capabilities::Capabilities;
 use crate::codec::RawMessage;
 use crate::driver::{OutgoingMessage, Payload, PublishOptions, TopicDriver};
@@ -47,14 +47,10 @@ impl Default for PublisherOptions {
     }
 }
 
-struct Job {
-    msg: OutgoingMessage,
-    reply: oneshot::Sender<Result<()>>,
-}
-
+/// The lanes events are sent on: one batcher each (made on first use), so a lane
+/// sends one batch at a time, in order, while lanes go in parallel.
 struct Lanes {
-    senders: Vec<mpsc::UnboundedSender<Job>>,
-    tasks: Vec<JoinHandle<()>>,
+    batchers: Vec<Batcher<OutgoingMessage, Result<()>>>,
     closed: bool,
 }
 
@@ -152,8 +148,7 @@ impl Publisher {
                 caps,
                 options,
                 lanes: Mutex::new(Lanes {
-                    senders: Vec::new(),
-                    tasks: Vec::new(),
+                    batchers: Vec::new(),
                     closed: false,
                 }),
                 pending: Arc::new(AtomicUsize::new(0)),
@@ -214,20 +209,14 @@ impl Publisher {
                 ),
             )));
         }
-        let sender = match self.lane_for(msg.ordering_key.as_deref()) {
-            Ok(s) => s,
+        match self.submit_to_lane(msg) {
+            Ok(rx) => PublishHandle {
+                state: HandleState::Waiting(rx),
+            },
             Err(e) => {
                 self.inner.pending.fetch_sub(1, Ordering::Relaxed);
-                return PublishHandle::ready(Err(e));
+                PublishHandle::ready(Err(e))
             }
-        };
-        let (reply, rx) = oneshot::channel();
-        if sender.send(Job { msg, reply }).is_err() {
-            self.inner.pending.fetch_sub(1, Ordering::Relaxed);
-            return PublishHandle::ready(Err(Error::closed("publisher is closed")));
-        }
-        PublishHandle {
-            state: HandleState::Waiting(rx),
         }
     }
 
@@ -239,33 +228,51 @@ impl Publisher {
         }
     }
 
-    fn lane_for(&self, key: Option<&str>) -> Result<mpsc::UnboundedSender<Job>> {
-        let index = self.lane_index(key);
+    /// Queues `msg` on its lane. Under the lanes' lock, so that [`close`](Self::close)
+    /// either sees it queued or refuses it.
+    fn submit_to_lane(&self, msg: OutgoingMessage) -> Result<oneshot::Receiver<Result<()>>> {
+        let index = self.lane_index(msg.ordering_key.as_deref());
         let mut lanes = self.lock_lanes()?;
         if lanes.closed {
             return Err(Error::closed("publisher is closed"));
         }
-        if lanes.senders.is_empty() {
-            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-                Error::new(
-                    ErrorKind::Internal,
-                    "publishing needs a Tokio runtime (call from async code)",
-                )
-            })?;
-            for _ in 0..self.inner.options.lanes.max(1) {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let lane = LaneWorker {
-                    driver: self.inner.driver.clone(),
-                    caps: self.inner.caps.clone(),
-                    options: self.inner.options.clone(),
-                    pending: self.inner.pending.clone(),
-                    paused: self.inner.paused.clone(),
-                };
-                lanes.senders.push(tx);
-                lanes.tasks.push(runtime.spawn(lane.run(rx)));
-            }
+        if lanes.batchers.is_empty() {
+            lanes.batchers = (0..self.inner.options.lanes.max(1))
+                .map(|_| self.new_lane())
+                .collect();
         }
-        Ok(lanes.senders[index].clone())
+        lanes.batchers[index].submit(msg)
+    }
+
+    /// A lane: batches within the provider's limits (waiting up to the linger for one
+    /// to fill), sent in order with retries, counted and answered.
+    fn new_lane(&self) -> Batcher<OutgoingMessage, Result<()>> {
+        // What the lane needs, not the publisher's Inner (which holds the lanes).
+        let driver = self.inner.driver.clone();
+        let retry = self.inner.options.retry.clone();
+        let paused = self.inner.paused.clone();
+        let pending = self.inner.pending.clone();
+        let ordering = self.inner.caps.ordering;
+        let handler: BatchHandler<OutgoingMessage, Result<()>> =
+            Arc::new(move |msgs: Vec<OutgoingMessage>| {
+                let (driver, retry) = (driver.clone(), retry.clone());
+                let (paused, pending) = (paused.clone(), pending.clone());
+                Box::pin(async move {
+                    let span = tracing::debug_span!("cloudbus.publish", events = msgs.len());
+                    let results = send_in_order(driver.as_ref(), &msgs, &retry, &paused, ordering)
+                        .instrument(span)
+                        .await;
+                    record_published(&msgs, &results);
+                    pending.fetch_sub(msgs.len(), Ordering::Relaxed);
+                    results
+                })
+            });
+        Batcher::new(
+            BatchLimits::of(&self.inner.caps),
+            self.inner.options.linger,
+            |m| m.size,
+            handler,
+        )
     }
 
     /// Publishes many events: chunked by the provider's count and byte limits, lanes
@@ -318,7 +325,7 @@ impl Publisher {
             let paused = &self.inner.paused;
             async move {
                 let mut out = Vec::with_capacity(lane.len());
-                for chunk in chunk_by_limits(lane, caps) {
+                for chunk in BatchLimits::of(caps).chunks(lane, |(_, m)| m.size) {
                     let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) =
                         chunk.into_iter().unzip();
                     let res =
@@ -367,19 +374,16 @@ impl Publisher {
     /// Stops accepting events, sends everything already accepted, then closes the
     /// driver. Later publishes fail with [`ErrorKind::Closed`].
     pub async fn close(&self) -> Result<()> {
-        let tasks = {
+        let lanes = {
             let mut lanes = self.lock_lanes()?;
             if lanes.closed {
                 return Ok(());
             }
             lanes.closed = true;
-            lanes.senders.clear();
-            std::mem::take(&mut lanes.tasks)
+            std::mem::take(&mut lanes.batchers)
         };
-        for t in tasks {
-            if let Err(e) = t.await {
-                tracing::error!(error = %e, "publisher lane task failed");
-            }
+        for lane in lanes {
+            lane.drained().await;
         }
         self.inner.driver.close().await
     }
@@ -412,38 +416,6 @@ fn check(caps: &Capabilities, msg: &OutgoingMessage) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Splits a lane's messages into chunks within the count and byte limits.
-fn chunk_by_limits<T: HasSize>(items: Vec<T>, caps: &Capabilities) -> Vec<Vec<T>> {
-    let max_count = caps.max_batch_count.max(1);
-    let mut chunks = Vec::new();
-    let mut current: Vec<T> = Vec::new();
-    let mut bytes = 0;
-    for item in items {
-        let size = item.size();
-        if !current.is_empty()
-            && (current.len() >= max_count || bytes + size > caps.max_batch_bytes)
-        {
-            chunks.push(std::mem::take(&mut current));
-            bytes = 0;
-        }
-        bytes += size;
-        current.push(item);
-    }
-    if !current.is_empty() {
-        chunks.push(current);
-    }
-    chunks
-}
-
-trait HasSize {
-    fn size(&self) -> usize;
-}
-impl HasSize for (usize, OutgoingMessage) {
-    fn size(&self) -> usize {
-        self.1.size
-    }
 }
 
 /// Sends one chunk, retrying the whole call on a retryable failure and then only the
@@ -621,69 +593,6 @@ fn record_published(msgs: &[OutgoingMessage], results: &[Result<()>]) {
     }
 }
 
-struct LaneWorker {
-    driver: Arc<dyn TopicDriver>,
-    caps: Capabilities,
-    options: PublisherOptions,
-    pending: Arc<AtomicUsize>,
-    paused: Arc<PausedKeys>,
-}
-
-impl LaneWorker {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        let max_count = self.caps.max_batch_count.max(1);
-        let mut carry: Option<Job> = None;
-        loop {
-            let first = match carry.take() {
-                Some(j) => j,
-                None => match rx.recv().await {
-                    Some(j) => j,
-                    None => break,
-                },
-            };
-            let mut bytes = first.msg.size;
-            let mut batch = vec![first];
-            let linger_until = tokio::time::Instant::now() + self.options.linger;
-            while batch.len() < max_count {
-                let next = match rx.try_recv() {
-                    Ok(j) => Some(j),
-                    Err(mpsc::error::TryRecvError::Empty) if !self.options.linger.is_zero() => {
-                        tokio::time::timeout_at(linger_until, rx.recv())
-                            .await
-                            .ok()
-                            .flatten()
-                    }
-                    Err(_) => None,
-                };
-                let Some(job) = next else { break };
-                if bytes + job.msg.size > self.caps.max_batch_bytes {
-                    carry = Some(job);
-                    break;
-                }
-                bytes += job.msg.size;
-                batch.push(job);
-            }
-            let (msgs, replies): (Vec<_>, Vec<_>) =
-                batch.into_iter().map(|j| (j.msg, j.reply)).unzip();
-            let span = tracing::debug_span!("cloudbus.publish", events = msgs.len());
-            let results = send_in_order(
-                self.driver.as_ref(),
-                &msgs,
-                &self.options.retry,
-                &self.paused,
-                self.caps.ordering,
-            )
-            .instrument(span)
-            .await;
-            record_published(&msgs, &results);
-            self.pending.fetch_sub(msgs.len(), Ordering::Relaxed);
-            for (reply, r) in replies.into_iter().zip(results) {
-                let _ = reply.send(r);
-            }
-        }
-    }
-}
-
 /// Resolves when the provider has accepted (or refused) one published event.
 #[must_use = "a publish is only known to have succeeded when its handle resolves Ok"]
 pub struct PublishHandle {
@@ -736,6 +645,7 @@ mod tests {
     use super::*;
     use crate::event::EventBuilder;
 
+    /// publish_batch cuts each lane by the provider's count and byte limits.
     #[test]
     fn chunks_respect_count_and_bytes() {
         let caps = Capabilities {
@@ -755,7 +665,7 @@ mod tests {
                 )
             })
             .collect();
-        let chunks = chunk_by_limits(items, &caps);
+        let chunks = BatchLimits::of(&caps).chunks(items, |(_, m)| m.size);
         assert!(chunks.iter().all(|c| c.len() <= 3));
         assert!(
             chunks

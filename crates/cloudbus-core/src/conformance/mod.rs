@@ -144,15 +144,7 @@ pub async fn run_stream_case<H: StreamHarness>(
 #[macro_export]
 macro_rules! stream_conformance_suite {
     ($make:expr) => {
-        $crate::stream_conformance_suite!($make;
-            stream_round_trip_keeps_every_attribute, stream_order_per_key,
-            stream_checkpoint_resume, stream_groups_are_independent,
-            stream_latest_skips_earlier_records, stream_replay_from_earliest,
-            stream_replay_from_time, stream_failing_handler_is_retried,
-            stream_dead_letters_after_retries, stream_malformed_record_dead_lettered,
-            stream_publisher_close_loses_none, stream_trace_context_propagates,
-            stream_missing_is_not_found
-        );
+        $crate::__stream_conformance_cases! { suite $make }
     };
     ($make:expr; $($case:ident),+ $(,)?) => {
         $(
@@ -177,24 +169,7 @@ macro_rules! stream_conformance_suite {
 #[macro_export]
 macro_rules! conformance_suite {
     ($make:expr) => {
-        $crate::conformance_suite!($make;
-            send_receive_one, publish_subscribe_100, json_text_and_binary_bodies,
-            metadata_round_trip, fan_out_two_subscriptions, competing_consumers_share_work,
-            nack_redelivers_with_next_attempt, nack_delay_is_honoured, double_ack_is_an_error,
-            unacked_is_redelivered_after_lease, extend_keeps_the_lease,
-            closed_publisher_fails, closed_consumer_fails, receive_can_be_cancelled,
-            send_to_missing_topic_is_not_found, receive_from_missing_subscription_is_not_found,
-            explicit_dead_letter_keeps_reason, dead_letter_after_max_attempts,
-            redrive_returns_to_source, purge_empties_dead_letters,
-            ordering_per_key_under_concurrency, filter_routing, delayed_delivery,
-            foreign_message_dead_lettered, broken_json_dead_lettered,
-            missing_required_attributes_dead_lettered, publisher_close_loses_none_of_10000,
-            graceful_shutdown_finishes_in_flight, failing_handler_is_retried_then_succeeds,
-            worker_dead_letters_after_max_attempts, concurrent_publishers_and_worker,
-            topic_isolation,
-            continue_after_consumer_close, batch_reports_per_event_failures,
-            idempotent_consumer_skips_duplicates, trace_context_propagates
-        );
+        $crate::__conformance_cases! { suite $make }
     };
     ($make:expr; $($case:ident),+ $(,)?) => {
         $(
@@ -208,4 +183,93 @@ macro_rules! conformance_suite {
             }
         )+
     };
+}
+
+/// The list of the conformance cases, the only one: the functions of `cases`, in
+/// order. `suite $make` makes a test of each ([`conformance_suite!`]); `names` is the
+/// list of their names (a test of this module checks it against `cases.rs`).
+///
+/// [`conformance_suite!`]: crate::conformance_suite
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    (@with [suite $make:expr] $($case:ident),+) => {
+        $crate::conformance_suite! { $make; $($case),+ }
+    };
+    (@with [names] $($case:ident),+) => {
+        [$(stringify!($case)),+]
+    };
+    ($($mode:tt)+) => {
+        $crate::__conformance_cases! { @with [$($mode)+]
+            send_receive_one, publish_subscribe_100, json_text_and_binary_bodies,
+            metadata_round_trip, fan_out_two_subscriptions, competing_consumers_share_work,
+            nack_redelivers_with_next_attempt, nack_delay_is_honoured, double_ack_is_an_error,
+            unacked_is_redelivered_after_lease, extend_keeps_the_lease,
+            closed_publisher_fails, closed_consumer_fails, receive_can_be_cancelled,
+            send_to_missing_topic_is_not_found, receive_from_missing_subscription_is_not_found,
+            explicit_dead_letter_keeps_reason, dead_letter_after_max_attempts,
+            redrive_returns_to_source, purge_empties_dead_letters,
+            ordering_per_key_under_concurrency, filter_routing, delayed_delivery,
+            foreign_message_dead_lettered, broken_json_dead_lettered,
+            missing_required_attributes_dead_lettered, publisher_close_loses_none_of_10000,
+            graceful_shutdown_finishes_in_flight, failing_handler_is_retried_then_succeeds,
+            worker_dead_letters_after_max_attempts, concurrent_publishers_and_worker,
+            topic_isolation, continue_after_consumer_close, batch_reports_per_event_failures,
+            idempotent_consumer_skips_duplicates, trace_context_propagates
+        }
+    };
+}
+
+/// The list of the stream conformance cases, the only one (see
+/// [`__conformance_cases!`](crate::__conformance_cases)).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __stream_conformance_cases {
+    (@with [suite $make:expr] $($case:ident),+) => {
+        $crate::stream_conformance_suite! { $make; $($case),+ }
+    };
+    (@with [names] $($case:ident),+) => {
+        [$(stringify!($case)),+]
+    };
+    ($($mode:tt)+) => {
+        $crate::__stream_conformance_cases! { @with [$($mode)+]
+            stream_round_trip_keeps_every_attribute, stream_order_per_key,
+            stream_checkpoint_resume, stream_groups_are_independent,
+            stream_latest_skips_earlier_records, stream_replay_from_earliest,
+            stream_replay_from_time, stream_failing_handler_is_retried,
+            stream_dead_letters_after_retries, stream_malformed_record_dead_lettered,
+            stream_publisher_close_loses_none, stream_trace_context_propagates,
+            stream_missing_is_not_found
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    /// The public case functions a source file defines, in order.
+    fn defined(source: &str, parameter: &str) -> Vec<String> {
+        source
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub async fn "))
+            .filter(|rest| rest.contains(parameter))
+            .filter_map(|rest| rest.split('(').next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A case written in `cases.rs` but missing from the list would never run (and
+    /// one listed but not written would not compile in the providers' tests).
+    #[test]
+    fn the_case_lists_name_every_case_function() {
+        let listed: Vec<&str> = crate::__conformance_cases! { names }.to_vec();
+        assert_eq!(
+            listed,
+            defined(include_str!("cases.rs"), "(h: &dyn Harness)")
+        );
+        let listed: Vec<&str> = crate::__stream_conformance_cases! { names }.to_vec();
+        assert_eq!(
+            listed,
+            defined(include_str!("stream_cases.rs"), "(h: &dyn StreamHarness)")
+        );
+    }
 }

@@ -1,0 +1,125 @@
+//! How a bus reaches an Event Grid topic: its endpoint and credential (the topic key,
+//! a ready-made SAS token, or SAS tokens made from the key), from code or the
+//! environment.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cloudbus_core::{Error, Result};
+
+use crate::{Secret, hmac_sha256_base64, sas_encode};
+
+/// The environment variable with the topic endpoint.
+pub const ENDPOINT_ENV: &str = "EVENTGRID_ENDPOINT";
+/// The environment variable with the topic key.
+pub const KEY_ENV: &str = "EVENTGRID_KEY";
+/// The environment variable with a ready-made SAS token (instead of the key).
+pub const SAS_TOKEN_ENV: &str = "EVENTGRID_SAS_TOKEN";
+/// The API version of the publish call.
+pub const API_VERSION: &str = "2018-01-01";
+
+/// What every Event Grid driver of one bus shares: the configuration and the HTTP
+/// client.
+pub(crate) struct EventGridContext {
+    pub(crate) config: EventGridConfig,
+    pub(crate) http: reqwest::Client,
+}
+
+/// How requests are authenticated.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// The topic key, sent as `aeg-sas-key`.
+    Key(Secret),
+    /// A SAS token made from the key for each request, valid for `ttl`
+    /// (`aeg-sas-token`); the key itself never leaves the process.
+    SasFromKey {
+        /// The topic key (base64).
+        key: Secret,
+        /// How long each token is valid.
+        ttl: Duration,
+    },
+    /// A ready-made SAS token (`aeg-sas-token`).
+    SasToken(Secret),
+}
+
+/// Where and how to publish.
+///
+/// ```
+/// use cloudbus_azure::{Secret, eventgrid::{Credential, EventGridConfig}};
+/// let c = EventGridConfig::new(
+///     "https://orders.westeurope-1.eventgrid.azure.net/api/events",
+///     Credential::Key(Secret::new("a2V5")),
+/// );
+/// assert!(!format!("{c:?}").contains("a2V5"));
+/// ```
+#[derive(Clone, Debug)]
+pub struct EventGridConfig {
+    pub(crate) endpoint: String,
+    pub(crate) credential: Credential,
+    pub(crate) timeout: Duration,
+}
+
+impl EventGridConfig {
+    /// Publishes to `endpoint` (the topic's `.../api/events` URL) with `credential`.
+    pub fn new(endpoint: impl Into<String>, credential: Credential) -> Self {
+        EventGridConfig {
+            endpoint: endpoint.into(),
+            credential,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// From `EVENTGRID_ENDPOINT` and `EVENTGRID_KEY` (or `EVENTGRID_SAS_TOKEN`).
+    pub fn from_env() -> Result<Self> {
+        let endpoint = std::env::var(ENDPOINT_ENV)
+            .map_err(|_| Error::invalid(format!("{ENDPOINT_ENV} is not set")))?;
+        let credential = match (std::env::var(KEY_ENV), std::env::var(SAS_TOKEN_ENV)) {
+            (Ok(key), _) if !key.is_empty() => Credential::Key(Secret::new(key)),
+            (_, Ok(token)) if !token.is_empty() => Credential::SasToken(Secret::new(token)),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "neither {KEY_ENV} nor {SAS_TOKEN_ENV} is set"
+                )));
+            }
+        };
+        Ok(EventGridConfig::new(endpoint, credential))
+    }
+
+    /// Replaces the endpoint.
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = endpoint.into();
+        self
+    }
+
+    /// The timeout of one publish request (30 s by default).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// A SAS token for `endpoint` signed with `key` (base64), valid until `expiry`: the
+/// format Event Grid checks in `aeg-sas-token` (and azure-eventgrid's `generate_sas`
+/// makes): `r=<resource>&e=<expiry>&s=<HMAC-SHA256>`, each part URL-encoded.
+///
+/// ```
+/// use cloudbus_azure::{Secret, eventgrid::sas_token};
+/// let expiry = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z").unwrap().to_utc();
+/// let t = sas_token("https://t.westeurope-1.eventgrid.azure.net/api/events",
+///     &Secret::new("a2V5a2V5a2V5"), expiry).unwrap();
+/// assert!(t.expose().starts_with("r=https%3A%2F%2Ft.westeurope-1.eventgrid.azure.net%2Fapi%2Fevents%3FapiVersion%3D2018-01-01&e=01%2F01%2F2030%2012%3A00%3A00%20AM&s="));
+/// ```
+pub fn sas_token(endpoint: &str, key: &Secret, expiry: DateTime<Utc>) -> Result<Secret> {
+    use base64::Engine as _;
+    let resource = sas_encode(&format!("{endpoint}?apiVersion={API_VERSION}"));
+    let expiry = sas_encode(&expiry.format("%m/%d/%Y %I:%M:%S %p").to_string());
+    let unsigned = format!("r={resource}&e={expiry}");
+    let key_bytes = base64::engine::general_purpose::STANDARD
+        .decode(key.expose())
+        .map_err(|_| Error::invalid("the Event Grid key is not base64"))?;
+    let signature = hmac_sha256_base64(&key_bytes, &unsigned)?;
+    Ok(Secret::new(format!(
+        "{unsigned}&s={}",
+        sas_encode(&signature)
+    )))
+}
