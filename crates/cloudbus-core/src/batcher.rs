@@ -144,7 +144,8 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         };
         if start_flush {
             runtime.spawn(Self::flush(self.shared.clone()));
-        } else {
+        } else if !self.shared.linger.is_zero() {
+            // A lingering flush waits for the batch to fill.
             self.shared.changed.notify_waiters();
         }
         Ok(result)
