@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{Notify, oneshot};
 
 use crate::capabilities::Capabilities;
@@ -202,7 +203,16 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                 taken
             };
             let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
-            let results = (shared.handler)(items).await;
+            // A handler that panics must not leave `flushing` set with no flush
+            // running (every later item would wait forever): its callers get a
+            // dropped sender, which they report as an error, and the flush goes on.
+            let results = std::panic::AssertUnwindSafe((shared.handler)(items))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!("a batch handler panicked; its items failed");
+                    Vec::new()
+                });
             // A handler that returned too few results leaves the rest of the callers
             // with a dropped sender, which they report as an error.
             for (reply, result) in replies.into_iter().zip(results) {
@@ -317,6 +327,29 @@ mod tests {
             r.await.expect("answered");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A handler that panics fails its own items; the batcher keeps serving the
+    /// next ones instead of leaving them waiting for a flush that never comes.
+    #[tokio::test]
+    async fn a_panicking_handler_fails_its_batch_only() {
+        let handler: BatchHandler<u32, u32> = Arc::new(|items: Vec<u32>| {
+            Box::pin(async move {
+                if items.contains(&1) {
+                    panic!("handler bug");
+                }
+                items
+            })
+        });
+        let batcher = Batcher::new(BatchLimits::count(1), Duration::ZERO, |_| 1, handler);
+        let first = batcher.submit(1).expect("runtime");
+        assert!(
+            first.await.is_err(),
+            "the panicking batch's caller gets an error"
+        );
+        let second = batcher.submit(2).expect("runtime");
+        let answered = tokio::time::timeout(Duration::from_secs(5), second).await;
+        assert_eq!(answered.expect("answered in time").expect("a result"), 2);
     }
 
     #[test]
