@@ -10,7 +10,8 @@
 //!
 //! Run: `cargo bench --bench throughput` (BENCH_EVENTS=N to change the event count;
 //! BENCH_PROFILE=e2e or BENCH_PROFILE=worker builds all events first and then runs
-//! only that path (the worker: draining a filled subscription), for `perf record -D <ms>`).
+//! only that path (the worker: draining a filled subscription), for `perf record -D <ms>`;
+//! BENCH_PROFILE=json runs only the structured JSON codec scenarios).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -369,6 +370,14 @@ fn main() {
     );
     if let Ok(which) = std::env::var("BENCH_PROFILE") {
         // Profiling aid: build every event first, then run only one path.
+        if which == "json" {
+            // Only the structured JSON codec scenarios (no runtime work at all).
+            for _ in 0..3 {
+                json_codec(&make_events(n.min(100_000)));
+            }
+            print_medians();
+            return;
+        }
         let sets: Vec<Vec<Event>> = (0..5).map(|_| make_events(n)).collect();
         eprintln!("# events built; profiling window starts");
         for events in sets {

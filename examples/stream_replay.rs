@@ -17,6 +17,9 @@ use cloudbus::{
     StartPosition, StreamConsumer,
 };
 
+/// How long a reader owns its partitions without renewing them.
+const LEASE: Duration = Duration::from_millis(300);
+
 #[tokio::main]
 async fn main() -> cloudbus::Result<()> {
     let broker = MemoryBroker::new();
@@ -59,7 +62,10 @@ async fn main() -> cloudbus::Result<()> {
                     .await?
                     .checkpoints(store)
                     .start_at(StartPosition::Earliest)
-                    .batch_size(5),
+                    .batch_size(5)
+                    // A reader owns its partitions for this long without renewing
+                    // them (every poll renews); a crashed reader's pass on after it.
+                    .lease(LEASE),
             )
         }
     };
@@ -72,8 +78,11 @@ async fn main() -> cloudbus::Result<()> {
     }
     println!("reader 1 handled {handled} clicks, then stopped");
 
-    // Second reader of the same group: resumes after the checkpoints.
+    // Second reader of the same group: it gets the partitions once the crashed
+    // reader's leases lapse, and resumes after the checkpoints.
+    drop(first);
     let mut second = reader(checkpoints.clone()).await?;
+    tokio::time::sleep(LEASE).await;
     let rest = second.catch_up(&count_pages).await?.handled;
     println!("reader 2 resumed and handled the remaining {rest}");
 

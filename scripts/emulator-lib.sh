@@ -36,3 +36,8 @@ wait_ready() {
     kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
     return 1
 }
+
+# free_port: prints a TCP port on 127.0.0.1 that nothing listens on now.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}

@@ -13,6 +13,9 @@
 #     proven against Microsoft's azure-eventgrid client, unless EVENTGRID_ENDPOINT is
 #     set; and the project's Service Bus emulator (tests/emulators/servicebus), first
 #     proven against azure-servicebus, unless SERVICEBUS_CONNECTION_STRING is set.
+#   - The durable stores: a throwaway PostgreSQL cluster (scripts/postgres.sh) unless
+#     DATABASE_URL is set, and Redis (scripts/redis.sh, installed from Debian's
+#     packages when missing) unless REDIS_URL is set. SQLite needs no server.
 # Under CI=true an emulator that cannot be started is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,6 +92,19 @@ cargo test --workspace "${providers[@]}" --all-targets
 cargo test --workspace "${providers[@]}" --doc
 
 run_saga "" ""
+
+echo "== durable stores (cloudbus-store) on PostgreSQL, SQLite and Redis"
+if [[ -z "${DATABASE_URL:-}" ]]; then
+    start_emulator "PostgreSQL" scripts/postgres.sh POSTGRES_PID DATABASE_URL
+else
+    echo "using the PostgreSQL database at DATABASE_URL"
+fi
+if [[ -z "${REDIS_URL:-}" ]]; then
+    start_emulator "Redis" scripts/redis.sh REDIS_PID REDIS_URL
+else
+    echo "using the Redis at REDIS_URL"
+fi
+cargo test -p cloudbus-store --all-features
 
 echo "== stream replay example"
 cargo run --quiet --example stream_replay

@@ -41,6 +41,11 @@ pub use cloudbus_azure as azure;
 #[cfg(feature = "pubsub")]
 pub use cloudbus_gcp as gcp;
 
+/// Durable dedup and checkpoint stores on PostgreSQL, SQLite and Redis (features
+/// `postgres`, `sqlite`, `redis`).
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "redis"))]
+pub use cloudbus_store as store;
+
 #[doc(hidden)]
 pub mod fuzzing;
 

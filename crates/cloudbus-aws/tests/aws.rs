@@ -1037,6 +1037,8 @@ async fn kinesis_order_per_key_and_checkpoints() {
         .start_at(cloudbus::StartPosition::Earliest);
     read_until(&mut first, &handler, &seen, 60).await;
     per_key_in_order(&seen, &keys, 20);
+    // The first reader stops and hands its shards to the next one.
+    first.release().await.unwrap();
     put_keyed(&publisher, &["delta"], 0..5).await;
     let mut second = bus
         .stream_consumer(&stream, "g")

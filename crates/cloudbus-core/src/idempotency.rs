@@ -30,7 +30,8 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim>;
     /// Marks `key` processed, remembered for `ttl`.
     async fn complete(&self, key: &str, ttl: Duration) -> Result<()>;
-    /// Releases a claim after a failure, so a redelivery can try again.
+    /// Releases a claim after a failure, so a redelivery can try again. A key already
+    /// completed stays completed.
     async fn release(&self, key: &str) -> Result<()>;
 }
 
@@ -170,7 +171,10 @@ impl DedupStore for MemoryDedupStore {
     }
 
     async fn release(&self, key: &str) -> Result<()> {
-        self.lock()?.entries.remove(key);
+        let mut table = self.lock()?;
+        if matches!(table.entries.get(key), Some((Entry::Claimed(_), _))) {
+            table.entries.remove(key);
+        }
         Ok(())
     }
 }

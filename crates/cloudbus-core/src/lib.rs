@@ -14,6 +14,7 @@
 mod batcher;
 pub mod bus;
 pub mod capabilities;
+pub mod checkpoint;
 pub mod codec;
 pub mod consumer;
 pub mod dead_letters;
@@ -38,6 +39,7 @@ pub mod conformance;
 
 pub use bus::Bus;
 pub use capabilities::{Capabilities, FilterSupport};
+pub use checkpoint::{CheckpointStore, MemoryCheckpointStore};
 pub use codec::{BinaryCodec, DecodeError, DecodeErrorKind, RawMessage};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, describe_payload};
 pub use dead_letters::{DeadLetters, TopicDeadLetters};
@@ -56,6 +58,6 @@ pub use handler::{Handler, HandlerContext, HandlerError, HandlerRunner};
 pub use idempotency::{Claim, DedupStore, Idempotent, MemoryDedupStore};
 pub use publisher::{PublishHandle, Publisher, PublisherOptions};
 pub use retry::RetryPolicy;
-pub use stream::{CheckpointStore, MemoryCheckpointStore, PollReport, StreamConsumer};
+pub use stream::{PollReport, StreamConsumer};
 pub use trace_context::TraceContext;
 pub use worker::{Worker, WorkerOptions, WorkerReport};

@@ -4,13 +4,14 @@
 //! [`StreamConsumer`] hands records to a handler in order per partition, retries
 //! failures with backoff, dead-letters what still fails (never skipping silently),
 //! and checkpoints after each batch. Parents are read to their end before children.
+//! Readers of one group share the partitions: each reads only those it holds a lease
+//! on in its [`CheckpointStore`], so no two readers own a partition at once.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-
+pub use crate::checkpoint::{CheckpointStore, MemoryCheckpointStore};
 use crate::codec::RawMessage;
 use crate::driver::{DeadLetterSink, panic_safe};
 pub use crate::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
@@ -18,50 +19,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::event::EXT_DEAD_LETTER_REASON;
 use crate::handler::{Handler, HandlerError, HandlerRunner};
 use crate::retry::RetryPolicy;
-
-/// Stores the last processed sequence number per (group, partition).
-#[async_trait]
-pub trait CheckpointStore: Send + Sync + 'static {
-    /// The checkpoint, if any.
-    async fn load(&self, group: &str, partition: &str) -> Result<Option<String>>;
-    /// Saves a checkpoint.
-    async fn save(&self, group: &str, partition: &str, sequence: &str) -> Result<()>;
-}
-
-/// Checkpoints in memory (lost with the process).
-#[derive(Default)]
-pub struct MemoryCheckpointStore {
-    map: Mutex<HashMap<(String, String), String>>,
-}
-
-impl MemoryCheckpointStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
-
-#[async_trait]
-impl CheckpointStore for MemoryCheckpointStore {
-    async fn load(&self, group: &str, partition: &str) -> Result<Option<String>> {
-        let map = self
-            .map
-            .lock()
-            .map_err(|_| Error::new(ErrorKind::Internal, "checkpoint lock poisoned"))?;
-        Ok(map.get(&(group.to_owned(), partition.to_owned())).cloned())
-    }
-    async fn save(&self, group: &str, partition: &str, sequence: &str) -> Result<()> {
-        let mut map = self
-            .map
-            .lock()
-            .map_err(|_| Error::new(ErrorKind::Internal, "checkpoint lock poisoned"))?;
-        map.insert(
-            (group.to_owned(), partition.to_owned()),
-            sequence.to_owned(),
-        );
-        Ok(())
-    }
-}
 
 /// Counts of one [`StreamConsumer::poll`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,6 +51,12 @@ pub struct StreamConsumer {
     driver: Arc<dyn StreamDriver>,
     group: String,
     store: Arc<dyn CheckpointStore>,
+    /// This reader's name in the store's leases.
+    owner: String,
+    /// How long a partition stays this reader's without a renewal.
+    lease: Duration,
+    /// The partitions this reader holds a lease on.
+    owned: HashSet<String>,
     start: StartPosition,
     retry: RetryPolicy,
     batch: usize,
@@ -121,6 +84,9 @@ impl StreamConsumer {
             runner,
             group,
             store: Arc::new(MemoryCheckpointStore::new()),
+            owner: uuid::Uuid::new_v4().to_string(),
+            lease: Duration::from_secs(30),
+            owned: HashSet::new(),
             start: StartPosition::Latest,
             retry: RetryPolicy::default().max_attempts(3),
             batch: 500,
@@ -137,10 +103,53 @@ impl StreamConsumer {
         self.start = start;
         self
     }
-    /// The checkpoint store.
+    /// The checkpoint store, shared by every reader of the group (durable ones are in
+    /// `cloudbus-store`).
     pub fn checkpoints(mut self, store: Arc<dyn CheckpointStore>) -> Self {
         self.store = store;
         self
+    }
+    /// This reader's name in the partition leases (default: a random UUID). A reader
+    /// restarted under the same name takes its partitions back at once.
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+    /// How long a partition stays this reader's without a renewal (default 30 s). It is
+    /// renewed on every poll, so it must outlast the handling of one batch; it is also
+    /// how long the partitions of a reader that died wait for another reader.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Gives up every partition this reader holds (their checkpoints stay), so that
+    /// the other readers of the group take them over at once. [`run`](Self::run) does
+    /// it when it stops; a reader driven by [`poll`](Self::poll) calls it itself.
+    pub async fn release(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for partition in std::mem::take(&mut self.owned) {
+            self.cursors.remove(&partition);
+            self.handled_up_to.remove(&partition);
+            if let Err(e) = self
+                .store
+                .release(&self.group, &partition, &self.owner)
+                .await
+            {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Forgets where this reader was in `partition`, which another reader owns now: if
+    /// it gets the partition back, it starts at the store's checkpoint.
+    fn lose(&mut self, partition: &str) {
+        if self.owned.remove(partition) {
+            tracing::info!(group = %self.group, partition, "partition owned by another reader now");
+        }
+        self.cursors.remove(partition);
+        self.handled_up_to.remove(partition);
     }
     /// Attempts per record before it is dead-lettered.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
@@ -203,6 +212,16 @@ impl StreamConsumer {
             if !parents_done {
                 continue;
             }
+            // Take the partition, or renew this reader's lease on it.
+            if !self
+                .store
+                .acquire(&self.group, &p.id, &self.owner, self.lease)
+                .await?
+            {
+                self.lose(&p.id);
+                continue;
+            }
+            self.owned.insert(p.id.clone());
             let read = match self.read_partition(&p.id).await {
                 Err(e) if e.kind() == ErrorKind::LeaseExpired => {
                     // A cursor (Kinesis shard iterator) lives for minutes only; reusing
@@ -242,7 +261,20 @@ impl StreamConsumer {
                 }
             }
             if let Some(seq) = last {
-                self.store.save(&self.group, &p.id, &seq).await?;
+                if !self
+                    .store
+                    .save(&self.group, &p.id, &self.owner, &seq)
+                    .await?
+                {
+                    // The lease lapsed while the batch was handled and another reader
+                    // took the partition: it reads on from the last checkpoint, so
+                    // these records may be handled twice, never lost.
+                    self.lose(&p.id);
+                    if stopped {
+                        return Ok((report, true));
+                    }
+                    continue;
+                }
                 self.handled_up_to.insert(p.id.clone(), seq);
             }
             if stopped {
@@ -303,7 +335,8 @@ impl StreamConsumer {
 
     /// Polls until `shutdown` resolves, pausing `idle` when nothing came. A shutdown
     /// lets the record being handled finish and checkpoints it: nothing handled is
-    /// read again by the next consumer of the group.
+    /// read again by the next consumer of the group. When it stops, the reader gives
+    /// up its partitions ([`release`](Self::release)) for the other readers.
     ///
     /// A failed poll (the stream, the checkpoint store or the dead-letter place away,
     /// a driver panic) is logged and tried again after a backoff that grows with
@@ -312,6 +345,19 @@ impl StreamConsumer {
     /// a record failed for good and no dead-letter place is configured, so that it is
     /// not skipped.
     pub async fn run<H: Handler + ?Sized>(
+        &mut self,
+        handler: &H,
+        idle: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let ended = self.run_until(handler, idle, shutdown).await;
+        if let Err(e) = self.release().await {
+            tracing::warn!(group = %self.group, error = %e, "could not release the partitions; they pass to another reader when their leases lapse");
+        }
+        ended
+    }
+
+    async fn run_until<H: Handler + ?Sized>(
         &mut self,
         handler: &H,
         idle: Duration,

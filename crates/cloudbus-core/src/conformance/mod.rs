@@ -15,16 +15,23 @@
 //! instead (see `stream_cases`): round trip, order per key, checkpoints, consumer
 //! groups, `Latest`, replay from the start and from a time, retries, dead letters,
 //! malformed records, publisher close, trace context and a missing stream.
+//!
+//! Stores (dedup stores for idempotent consumers, checkpoint stores for stream
+//! readers) implement [`StoreHarness`] and run [`store_conformance_suite!`](crate::store_conformance_suite)
+//! (see `store_cases`): the memory stores here, the durable ones in `cloudbus-store`.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::bus::Bus;
 use crate::capabilities::Capabilities;
+use crate::checkpoint::CheckpointStore;
 use crate::error::Result;
+use crate::idempotency::DedupStore;
 
 /// Fails the case with the condition and a message when the condition is false.
 macro_rules! check {
@@ -48,6 +55,7 @@ pub mod cases;
 pub mod chaos;
 pub mod emulator;
 pub mod network;
+pub mod store_cases;
 pub mod stream_cases;
 
 /// What a provider gives the suite.
@@ -94,6 +102,17 @@ pub trait StreamHarness: Send + Sync + 'static {
     }
 }
 
+/// What a store gives the store suite. Each call opens a new handle (a new
+/// connection pool, client or reference) on the same data, as two processes would
+/// have; a store kind it does not offer answers `None` and its cases skip.
+#[async_trait]
+pub trait StoreHarness: Send + Sync + 'static {
+    /// A handle on the dedup store.
+    async fn dedup_store(&self) -> Result<Option<Arc<dyn DedupStore>>>;
+    /// A handle on the checkpoint store.
+    async fn checkpoint_store(&self) -> Result<Option<Arc<dyn CheckpointStore>>>;
+}
+
 /// How a case ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -133,6 +152,40 @@ pub async fn run_stream_case<H: StreamHarness>(
     case: for<'a> fn(&'a dyn StreamHarness) -> CaseFuture<'a>,
 ) {
     report("stream conformance case", name, case(harness).await);
+}
+
+/// Runs one store case and panics with its name and the error when it fails.
+pub async fn run_store_case<H: StoreHarness>(
+    name: &str,
+    harness: &H,
+    case: for<'a> fn(&'a dyn StoreHarness) -> CaseFuture<'a>,
+) {
+    report("store conformance case", name, case(harness).await);
+}
+
+/// Generates one `#[tokio::test]` per store conformance case over the
+/// [`StoreHarness`] that `$make` evaluates to (inside an async fn).
+///
+/// ```ignore
+/// cloudbus_core::store_conformance_suite!(MyStoreHarness::new());
+/// ```
+#[macro_export]
+macro_rules! store_conformance_suite {
+    ($make:expr) => {
+        $crate::__store_conformance_cases! { suite $make }
+    };
+    ($make:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $make;
+                $crate::conformance::run_store_case(stringify!($case), &harness, |h| {
+                    Box::pin($crate::conformance::store_cases::$case(h))
+                })
+                .await;
+            }
+        )+
+    };
 }
 
 /// Generates one `#[tokio::test]` per stream conformance case over the
@@ -234,12 +287,34 @@ macro_rules! __stream_conformance_cases {
     ($($mode:tt)+) => {
         $crate::__stream_conformance_cases! { @with [$($mode)+]
             stream_round_trip_keeps_every_attribute, stream_order_per_key,
-            stream_checkpoint_resume, stream_groups_are_independent,
+            stream_checkpoint_resume, stream_one_owner_per_partition, stream_groups_are_independent,
             stream_latest_skips_earlier_records, stream_replay_from_earliest,
             stream_replay_from_time, stream_failing_handler_is_retried,
             stream_dead_letters_after_retries, stream_malformed_record_dead_lettered,
             stream_publisher_close_loses_none, stream_trace_context_propagates,
             stream_missing_is_not_found
+        }
+    };
+}
+
+/// The list of the store conformance cases, the only one (see
+/// [`__conformance_cases!`](crate::__conformance_cases)).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_conformance_cases {
+    (@with [suite $make:expr] $($case:ident),+) => {
+        $crate::store_conformance_suite! { $make; $($case),+ }
+    };
+    (@with [names] $($case:ident),+) => {
+        [$(stringify!($case)),+]
+    };
+    ($($mode:tt)+) => {
+        $crate::__store_conformance_cases! { @with [$($mode)+]
+            dedup_first_claim_wins, dedup_completed_key_is_done,
+            dedup_release_frees_only_a_claim, dedup_claims_and_keys_expire,
+            dedup_concurrent_claims_one_wins, dedup_idempotent_handler_handles_once,
+            checkpoint_resumes_where_saved, checkpoint_one_owner_at_a_time,
+            checkpoint_lapsed_lease_passes_on, checkpoint_concurrent_acquire_one_wins
         }
     };
 }
@@ -270,6 +345,11 @@ mod tests {
         assert_eq!(
             listed,
             defined(include_str!("stream_cases.rs"), "(h: &dyn StreamHarness)")
+        );
+        let listed: Vec<&str> = crate::__store_conformance_cases! { names }.to_vec();
+        assert_eq!(
+            listed,
+            defined(include_str!("store_cases.rs"), "(h: &dyn StoreHarness)")
         );
     }
 }

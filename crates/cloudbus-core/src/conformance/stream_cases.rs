@@ -285,6 +285,9 @@ pub async fn stream_checkpoint_resume(h: &dyn StreamHarness) -> Result<Outcome> 
         "first consumer handled {}",
         recorder.count()
     );
+    // A graceful stop hands the partitions over; a crashed reader's pass on when
+    // their leases lapse.
+    first.release().await?;
     drop(first);
     let second_batch: Vec<Event> = (20..30)
         .map(|n| event("conformance.stream.resume", n))
@@ -302,6 +305,75 @@ pub async fn stream_checkpoint_resume(h: &dyn StreamHarness) -> Result<Outcome> 
         sorted(recorder.ids()) == want,
         "the resumed consumer handled {} events, wanted the 10 new ones",
         recorder.count()
+    );
+    Ok(Outcome::Passed)
+}
+
+/// Two readers of one group sharing a checkpoint store never both own a partition:
+/// the one that polled first holds them all and the other handles nothing, until the
+/// first releases them; then the second takes over after the first's checkpoints.
+pub async fn stream_one_owner_per_partition(h: &dyn StreamHarness) -> Result<Outcome> {
+    let bus = h.bus().await?;
+    let stream = h.new_stream().await?;
+    let publisher = bus.publisher(&stream).await?;
+    let store = Arc::new(MemoryCheckpointStore::new());
+    let reader = |name: &'static str| {
+        let bus = bus.clone();
+        let store = store.clone();
+        let stream = stream.clone();
+        async move {
+            Ok::<_, Error>(
+                bus.stream_consumer(&stream, "shared")
+                    .await?
+                    .checkpoints(store)
+                    .owner(name)
+                    .start_at(StartPosition::Earliest),
+            )
+        }
+    };
+    let mut a = reader("reader-a").await?;
+    let mut b = reader("reader-b").await?;
+    let (seen_a, seen_b) = (Recorder::new(), Recorder::new());
+    let (handle_a, handle_b) = (seen_a.handler(), seen_b.handler());
+    // a polls first and takes every partition, before anything is readable.
+    a.poll(&handle_a).await?;
+    let first: Vec<Event> = (0..20)
+        .map(|n| event("conformance.stream.owner", n))
+        .collect::<Result<_>>()?;
+    publish_all(&publisher, &first).await?;
+    let until = Instant::now() + h.patience();
+    while seen_a.count() + seen_b.count() < 20 && Instant::now() < until {
+        let ra = a.poll(&handle_a).await?;
+        let rb = b.poll(&handle_b).await?;
+        if ra.handled + rb.handled == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    check!(
+        seen_a.count() == 20 && seen_b.count() == 0,
+        "reader a handled {} and reader b {} of 20: both owned partitions",
+        seen_a.count(),
+        seen_b.count()
+    );
+    a.release().await?;
+    seen_a.clear();
+    let second: Vec<Event> = (20..30)
+        .map(|n| event("conformance.stream.owner", n))
+        .collect::<Result<_>>()?;
+    publish_all(&publisher, &second).await?;
+    let until = Instant::now() + h.patience();
+    while seen_b.count() < 10 && Instant::now() < until {
+        if b.poll(&handle_b).await?.handled == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        a.poll(&handle_a).await?;
+    }
+    let want = sorted(second.iter().map(|e| e.id().to_owned()).collect());
+    check!(
+        sorted(seen_b.ids()) == want && seen_a.count() == 0,
+        "after the hand-over reader b handled {} (wanted the 10 new ones) and reader a {}",
+        seen_b.count(),
+        seen_a.count()
     );
     Ok(Outcome::Passed)
 }

@@ -1,0 +1,154 @@
+//! [`DedupStore`] on SQLite: one row per key in `cloudbus_dedup`, claimed
+//! atomically with `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`, expiring by
+//! the process's clock (Unix milliseconds), and swept of expired rows as it is used.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cloudbus_core::{Claim, DedupStore, Result};
+use sqlx::SqlitePool;
+
+use crate::clock::{millis, unix_millis_now};
+use crate::error::from_sqlx;
+
+/// How often a store deletes the rows that expired.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// Expired rows deleted per statement of a sweep.
+const SWEEP_ROWS: i64 = 5_000;
+
+/// Idempotent consumers' memory on SQLite, shared by every instance of a
+/// service: a key claimed by one is in progress for all, and done for all once
+/// completed, until its TTL ends. Bounded by expiry: expired rows are deleted every
+/// minute by the store in use (or by [`purge_expired`](Self::purge_expired)).
+///
+/// ```no_run
+/// # async fn demo() -> cloudbus_core::Result<()> {
+/// use std::sync::Arc;
+/// use cloudbus_core::{Event, HandlerContext, HandlerError, Idempotent};
+/// use cloudbus_store::sqlite::{SqliteDedupStore, migrate};
+/// let pool = sqlx::SqlitePool::connect("sqlite://app.db?mode=rwc").await.unwrap();
+/// migrate(&pool).await?;
+/// let handler = Idempotent::new(
+///     |_e: Arc<Event>, _c: HandlerContext| async { Ok::<(), HandlerError>(()) },
+///     Arc::new(SqliteDedupStore::new(pool)),
+/// );
+/// # let _ = handler; Ok(()) }
+/// ```
+pub struct SqliteDedupStore {
+    pool: SqlitePool,
+    last_sweep: Mutex<Instant>,
+}
+
+impl SqliteDedupStore {
+    /// A store on `pool` (whose database [`migrate`](super::migrate) has prepared).
+    pub fn new(pool: SqlitePool) -> Self {
+        SqliteDedupStore {
+            pool,
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Deletes every expired key; returns how many.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM cloudbus_dedup WHERE key IN (
+                     SELECT key FROM cloudbus_dedup WHERE expires_at <= ?1 LIMIT ?2)",
+            )
+            .bind(unix_millis_now())
+            .bind(SWEEP_ROWS)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| from_sqlx("dedup store: purge expired", e))?
+            .rows_affected();
+            total += deleted;
+            if deleted < SWEEP_ROWS as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Sweeps expired rows when the last sweep is a minute old (in the background).
+    fn sweep_if_due(&self) {
+        let due = self.last_sweep.lock().is_ok_and(|mut last| {
+            let due = last.elapsed() >= SWEEP_EVERY;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        });
+        if due {
+            let store = SqliteDedupStore::new(self.pool.clone());
+            tokio::spawn(async move {
+                if let Err(e) = store.purge_expired().await {
+                    tracing::warn!(error = %e, "dedup store: sweeping expired keys failed; the next sweep tries again");
+                }
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl DedupStore for SqliteDedupStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
+        self.sweep_if_due();
+        loop {
+            let now = unix_millis_now();
+            let claimed = sqlx::query(
+                "INSERT INTO cloudbus_dedup (key, done, expires_at)
+                 VALUES (?1, 0, ?2 + ?3)
+                 ON CONFLICT (key) DO UPDATE
+                     SET done = 0, expires_at = excluded.expires_at
+                     WHERE cloudbus_dedup.expires_at <= ?2
+                 RETURNING key",
+            )
+            .bind(key)
+            .bind(now)
+            .bind(millis(lease))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| from_sqlx("dedup store: claim", e))?;
+            if claimed.is_some() {
+                return Ok(Claim::Claimed);
+            }
+            let done: Option<bool> =
+                sqlx::query_scalar("SELECT done FROM cloudbus_dedup WHERE key = ?1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| from_sqlx("dedup store: claim", e))?;
+            match done {
+                Some(true) => return Ok(Claim::Done),
+                Some(false) => return Ok(Claim::InProgress),
+                // Released between the two statements: claim again.
+                None => continue,
+            }
+        }
+    }
+
+    async fn complete(&self, key: &str, ttl: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO cloudbus_dedup (key, done, expires_at)
+             VALUES (?1, 1, ?2 + ?3)
+             ON CONFLICT (key) DO UPDATE SET done = 1, expires_at = excluded.expires_at",
+        )
+        .bind(key)
+        .bind(unix_millis_now())
+        .bind(millis(ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| from_sqlx("dedup store: complete", e))?;
+        Ok(())
+    }
+
+    async fn release(&self, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM cloudbus_dedup WHERE key = ?1 AND done = 0")
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| from_sqlx("dedup store: release", e))?;
+        Ok(())
+    }
+}
