@@ -23,6 +23,51 @@ pub mod names {
     pub const DLQ_MESSAGES_TOTAL: &str = "dlq_messages_total";
     /// Histogram: seconds from the event's `time` to its receipt. Label: `consumer`.
     pub const EVENT_LAG_SECONDS: &str = "event_lag_seconds";
+    /// Gauge: events staged in a transactional outbox and not yet published. Label:
+    /// `topic`.
+    pub const OUTBOX_PENDING: &str = "outbox_pending";
+    /// Gauge: age in seconds of the oldest event waiting in an outbox (0 when none).
+    /// Label: `topic`.
+    pub const OUTBOX_OLDEST_AGE_SECONDS: &str = "outbox_oldest_age_seconds";
+    /// Counter: outbox events the broker confirmed. Label: `topic`.
+    pub const OUTBOX_PUBLISHED_TOTAL: &str = "outbox_published_total";
+}
+
+/// The metric handles of one transactional outbox relay (`cloudbus-store`): what waits
+/// and what went out, per topic.
+///
+/// ```
+/// let metrics = cloudbus_core::telemetry::OutboxMetrics::new("orders");
+/// metrics.backlog(12, 3.5);
+/// metrics.published(12);
+/// ```
+#[derive(Clone)]
+pub struct OutboxMetrics {
+    pending: metrics::Gauge,
+    oldest_age: metrics::Gauge,
+    published: metrics::Counter,
+}
+
+impl OutboxMetrics {
+    /// The handles of the outbox of `topic`.
+    pub fn new(topic: &str) -> Self {
+        OutboxMetrics {
+            pending: metrics::gauge!(names::OUTBOX_PENDING, "topic" => topic.to_owned()),
+            oldest_age: metrics::gauge!(names::OUTBOX_OLDEST_AGE_SECONDS, "topic" => topic.to_owned()),
+            published: metrics::counter!(names::OUTBOX_PUBLISHED_TOTAL, "topic" => topic.to_owned()),
+        }
+    }
+
+    /// Records the backlog: `pending` events, the oldest `oldest_age_seconds` old.
+    pub fn backlog(&self, pending: u64, oldest_age_seconds: f64) {
+        self.pending.set(pending as f64);
+        self.oldest_age.set(oldest_age_seconds);
+    }
+
+    /// Counts `n` events the broker confirmed.
+    pub fn published(&self, n: u64) {
+        self.published.increment(n);
+    }
 }
 
 /// Distinct values a label taken from the wire (`event_type`, `source`) may have in

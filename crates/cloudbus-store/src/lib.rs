@@ -29,6 +29,7 @@
 
 mod clock;
 mod error;
+pub mod outbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

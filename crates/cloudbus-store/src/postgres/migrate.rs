@@ -11,8 +11,10 @@ use sqlx::PgPool;
 use crate::error::from_sqlx;
 
 /// The migrations, in order: (version, SQL).
-pub const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/postgres/0001_stores.sql"))];
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_stores.sql")),
+    (2, include_str!("../../migrations/postgres/0002_outbox.sql")),
+];
 
 /// A key of `pg_advisory_xact_lock` that serializes concurrent migrators.
 const MIGRATION_LOCK: i64 = 0x636c_6f75_6462_7573; // "cloudbus"

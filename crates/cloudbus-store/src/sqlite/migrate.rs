@@ -11,8 +11,10 @@ use sqlx::SqlitePool;
 use crate::error::from_sqlx;
 
 /// The migrations, in order: (version, SQL).
-pub const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/sqlite/0001_stores.sql"))];
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_stores.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_outbox.sql")),
+];
 
 /// Creates or updates the stores' tables. Idempotent.
 ///
