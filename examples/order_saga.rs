@@ -7,21 +7,33 @@
 //! OrderCreated shows the idempotent consumer; one poison order ends in Payment's
 //! dead-letter queue, is shown, and is redriven once Payment learns to handle it.
 //!
-//! On a bus without fan-out (SQS queues), each service reads its own queue
-//! (`saga-payment`, ...) and the services' outbox sends each event to every queue whose
-//! filter it matches: the same choreography, routed on the publishing side.
+//! The Order service writes each order row and its OrderCreated event in one database
+//! transaction through the transactional outbox (a SQLite file; PostgreSQL when
+//! `DATABASE_URL` is set and the example is built with the `postgres` feature); relays
+//! publish what the commits staged. Payment deduplicates through a durable store in the
+//! same database, so a redelivery after a restart would still be skipped.
 //!
-//! Run: `cargo run --example order_saga` (memory broker), or point `CLOUDBUS_URL` at a
-//! cloud once its provider is enabled (`sqs://`, `sns://`, `pubsub://PROJECT`, ...).
+//! On a bus without fan-out (SQS queues), each service reads its own queue
+//! (`saga-payment`, ...) and the services send each event to every queue whose filter it
+//! matches: the same choreography, routed on the publishing side (the Order service
+//! stages one outbox row per destination queue).
+//!
+//! Run: `cargo run --features sqlite --example order_saga` (memory broker), or point
+//! `CLOUDBUS_URL` at a cloud once its provider is enabled (`sqs://`, `sns://`,
+//! `pubsub://PROJECT`, ...).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cloudbus::store::outbox::{OutboxRelay, OutboxStorage};
+use cloudbus::store::sqlite::{SqliteDedupStore, SqliteOutbox};
+use cloudbus::store::sqlx;
 use cloudbus::{
-    AttributesReader, Bus, Event, EventBuilder, EventExt, Filter, HandlerContext, HandlerError,
-    Idempotent, MemoryDedupStore, Publisher, RetryPolicy, SubscriptionSpec, WorkerOptions,
+    AttributesReader, Bus, DedupStore, Event, EventBuilder, EventExt, Filter, HandlerContext,
+    HandlerError, Idempotent, PublishOptions, Publisher, RetryPolicy, SubscriptionSpec,
+    WorkerOptions,
 };
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
@@ -103,7 +115,9 @@ async fn main() -> cloudbus::Result<()> {
             "one queue per service, routed by the outbox"
         }
     );
-    let publisher = routes.outbox(&bus).await?;
+    let publisher = routes.destinations(&bus).await?;
+    let orders_db = OrderDb::open().await?;
+    println!("order database: {}", orders_db.describe());
     let outcomes = Arc::new(Outcomes::default());
     let legacy_currency_supported = Arc::new(AtomicBool::new(false));
     let fast_retry = WorkerOptions::default().concurrency(8).retry(
@@ -152,7 +166,7 @@ async fn main() -> cloudbus::Result<()> {
                     Ok(())
                 }
             },
-            Arc::new(MemoryDedupStore::new(10_000)),
+            orders_db.dedup_store(),
         )
     };
     let duplicates = payment.duplicates();
@@ -249,8 +263,23 @@ async fn main() -> cloudbus::Result<()> {
         )
     };
 
-    // The Order service takes orders.
+    // The outbox relays: one per destination of OrderCreated (the topic, or each
+    // queue whose filter it matches).
+    let probe = EventBuilder::new(ty("OrderCreated"), SOURCE_ORDERS).build()?;
+    let stop_relays = Arc::new(tokio::sync::Notify::new());
+    let mut relays = Vec::new();
+    for (topic, p) in publisher.targets(&probe) {
+        let relay = Arc::new(OutboxRelay::new(orders_db.outbox(&topic), p));
+        let task = {
+            let (relay, stop) = (relay.clone(), stop_relays.clone());
+            tokio::spawn(async move { relay.run(stop.notified()).await })
+        };
+        relays.push((topic, relay, task));
+    }
+
+    // The Order service takes orders: the order row and its event in one transaction.
     let mut first_order = None;
+    let mut staged = 0;
     for i in 1..=ORDERS {
         let order = Order {
             order_id: format!("order-{i}"),
@@ -275,7 +304,9 @@ async fn main() -> cloudbus::Result<()> {
                 order.order_id, order.amount_cents, order.currency
             ),
         );
-        publish(&publisher, event.clone()).await?;
+        staged += orders_db
+            .place_order(&order, &event, &publisher.targets(&event))
+            .await?;
         first_order.get_or_insert(event);
     }
     // At-least-once delivery means duplicates happen: send one on purpose.
@@ -283,11 +314,13 @@ async fn main() -> cloudbus::Result<()> {
         timeline.log(
             "order",
             format!(
-                "{} published AGAIN (same id: a duplicate)",
+                "{} staged AGAIN (same id: a duplicate)",
                 dup.subject().unwrap_or("?")
             ),
         );
-        publish(&publisher, dup).await?;
+        staged += orders_db
+            .stage_again(&dup, &publisher.targets(&dup))
+            .await?;
     }
 
     // Wait for every order but the poison one to finish.
@@ -325,7 +358,30 @@ async fn main() -> cloudbus::Result<()> {
         let report = w.shutdown(Duration::from_secs(5)).await;
         dead_lettered += report.dead_lettered;
     }
+    stop_relays.notify_waiters();
+    let mut outbox_lines = Vec::new();
+    let mut relayed = 0;
+    for (topic, relay, task) in relays {
+        match task.await {
+            Ok(result) => result?,
+            Err(e) => {
+                return Err(cloudbus::Error::new(
+                    cloudbus::ErrorKind::Internal,
+                    format!("outbox relay of {topic}: {e}"),
+                ));
+            }
+        }
+        let published = relay.published().load(Ordering::SeqCst);
+        relayed += published;
+        let backlog = relay.backlog().await?;
+        outbox_lines.push(format!(
+            "  {topic:<18} published {published}, pending {}, dead-lettered {}",
+            backlog.pending, backlog.dead_lettered
+        ));
+    }
     publisher.close().await?;
+    let order_rows = orders_db.order_rows().await?;
+    orders_db.close().await;
 
     println!("\n=== summary");
     println!("orders:          {ORDERS}");
@@ -345,6 +401,11 @@ async fn main() -> cloudbus::Result<()> {
         "duplicates skipped by payment: {}",
         duplicates.load(Ordering::SeqCst)
     );
+    println!("outbox staged:   {staged} (order rows committed with them: {order_rows})");
+    println!("outbox relayed:  {relayed}");
+    for line in &outbox_lines {
+        println!("{line}");
+    }
     println!("dead-lettered:   {dead_lettered}");
     println!("redriven:        {redriven}");
     println!("events per type:");
@@ -439,56 +500,274 @@ impl Routes {
             .await
     }
 
-    /// The services' outbox: the topic, or every queue whose filter an event matches.
-    async fn outbox(&self, bus: &Bus) -> cloudbus::Result<Outbox> {
+    /// Where the services' events go: the topic, or every queue whose filter an event
+    /// matches.
+    async fn destinations(&self, bus: &Bus) -> cloudbus::Result<Destinations> {
         if self.fan_out {
-            return Ok(Outbox::Topic(bus.publisher(TOPIC).await?));
+            return Ok(Destinations::Topic(bus.publisher(TOPIC).await?));
         }
         let mut queues = Vec::new();
         for (name, filter) in subscriptions() {
-            queues.push((filter, bus.publisher(&self.topic_of(name)).await?));
+            let topic = self.topic_of(name);
+            let publisher = bus.publisher(&topic).await?;
+            queues.push((topic, filter, publisher));
         }
-        Ok(Outbox::Queues(Arc::new(queues)))
+        Ok(Destinations::Queues(Arc::new(queues)))
     }
 }
 
-/// Sends the saga's events where the services read them.
+/// Sends the saga's events where the services read them: client-side routing for
+/// buses without fan-out (not an outbox: that is [`OrderDb`]).
 #[derive(Clone)]
-enum Outbox {
+enum Destinations {
     Topic(Publisher),
-    Queues(Arc<Vec<(Filter, Publisher)>>),
+    /// Each queue's name, its service's filter and a publisher to it.
+    Queues(Arc<Vec<(String, Filter, Publisher)>>),
 }
 
-impl Outbox {
-    async fn publish(&self, e: Event) -> cloudbus::Result<()> {
+impl Destinations {
+    /// The topics (and their publishers) `e` goes to.
+    fn targets(&self, e: &Event) -> Vec<(String, Publisher)> {
         match self {
-            Outbox::Topic(p) => p.publish(e).await,
-            Outbox::Queues(queues) => {
-                try_join_all(
-                    queues
-                        .iter()
-                        .filter(|(f, _)| f.matches(&e))
-                        .map(|(_, p)| p.publish(e.clone())),
-                )
-                .await?;
-                Ok(())
-            }
+            Destinations::Topic(p) => vec![(TOPIC.to_owned(), p.clone())],
+            Destinations::Queues(queues) => queues
+                .iter()
+                .filter(|(_, filter, _)| filter.matches(e))
+                .map(|(topic, _, p)| (topic.clone(), p.clone()))
+                .collect(),
         }
+    }
+
+    async fn publish(&self, e: Event) -> cloudbus::Result<()> {
+        try_join_all(self.targets(&e).into_iter().map(|(_, p)| {
+            let e = e.clone();
+            async move { p.publish(e).await }
+        }))
+        .await?;
+        Ok(())
     }
 
     async fn close(&self) -> cloudbus::Result<()> {
         match self {
-            Outbox::Topic(p) => p.close().await,
-            Outbox::Queues(queues) => {
-                try_join_all(queues.iter().map(|(_, p)| p.close())).await?;
+            Destinations::Topic(p) => p.close().await,
+            Destinations::Queues(queues) => {
+                try_join_all(queues.iter().map(|(_, _, p)| p.close())).await?;
                 Ok(())
             }
         }
     }
 }
 
-async fn publish(p: &Outbox, e: Event) -> cloudbus::Result<()> {
-    p.publish(e).await
+/// The Order service's own database: its orders table, its transactional outbox and
+/// Payment's dedup store. A SQLite file in the temp dir by default; PostgreSQL when
+/// `DATABASE_URL` is set and the example is built with `--features postgres`.
+struct OrderDb {
+    /// This run's mark on its order rows (a PostgreSQL database outlives runs).
+    run: String,
+    storage: Storage,
+}
+
+enum Storage {
+    Sqlite {
+        pool: sqlx::SqlitePool,
+        path: std::path::PathBuf,
+    },
+    #[cfg(feature = "postgres")]
+    Postgres(sqlx::PgPool),
+}
+
+fn db_error(what: &str, e: sqlx::Error) -> cloudbus::Error {
+    cloudbus::Error::new(cloudbus::ErrorKind::Unavailable, format!("{what}: {e}"))
+}
+
+impl OrderDb {
+    async fn open() -> cloudbus::Result<OrderDb> {
+        let run = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        Ok(OrderDb {
+            run,
+            storage: Self::open_storage().await?,
+        })
+    }
+
+    async fn open_storage() -> cloudbus::Result<Storage> {
+        #[cfg(feature = "postgres")]
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            let pool = sqlx::PgPool::connect(&url)
+                .await
+                .map_err(|e| db_error("connect to DATABASE_URL", e))?;
+            cloudbus::store::postgres::migrate(&pool).await?;
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS saga_orders (
+                     run TEXT, order_id TEXT, customer TEXT, amount_cents BIGINT, currency TEXT)",
+            )
+            .execute(&pool)
+            .await
+            .map_err(|e| db_error("create saga_orders", e))?;
+            return Ok(Storage::Postgres(pool));
+        }
+        let path =
+            std::env::temp_dir().join(format!("cloudbus-order-saga-{}.db", std::process::id()));
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = sqlx::SqlitePool::connect_with(options)
+            .await
+            .map_err(|e| db_error("open the SQLite file", e))?;
+        cloudbus::store::sqlite::migrate(&pool).await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS saga_orders (
+                 run TEXT, order_id TEXT, customer TEXT, amount_cents INTEGER, currency TEXT)",
+        )
+        .execute(&pool)
+        .await
+        .map_err(|e| db_error("create saga_orders", e))?;
+        Ok(Storage::Sqlite { pool, path })
+    }
+
+    fn describe(&self) -> String {
+        match &self.storage {
+            Storage::Sqlite { path, .. } => format!("SQLite {}", path.display()),
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(_) => "PostgreSQL at DATABASE_URL".into(),
+        }
+    }
+
+    /// The outbox of `topic`.
+    fn outbox(&self, topic: &str) -> Arc<dyn OutboxStorage> {
+        match &self.storage {
+            Storage::Sqlite { pool, .. } => Arc::new(SqliteOutbox::new(pool.clone(), topic)),
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pool) => Arc::new(cloudbus::store::postgres::PostgresOutbox::new(
+                pool.clone(),
+                topic,
+            )),
+        }
+    }
+
+    fn dedup_store(&self) -> Arc<dyn DedupStore> {
+        match &self.storage {
+            Storage::Sqlite { pool, .. } => Arc::new(SqliteDedupStore::new(pool.clone())),
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pool) => Arc::new(
+                cloudbus::store::postgres::PostgresDedupStore::new(pool.clone()),
+            ),
+        }
+    }
+
+    /// Writes the order row and stages its event for every target topic, in one
+    /// transaction. Returns the rows staged.
+    async fn place_order(
+        &self,
+        order: &Order,
+        event: &Event,
+        targets: &[(String, Publisher)],
+    ) -> cloudbus::Result<usize> {
+        self.write(Some(order), event, targets).await
+    }
+
+    /// Stages `event` once more (a duplicate, as at-least-once delivery makes them).
+    async fn stage_again(
+        &self,
+        event: &Event,
+        targets: &[(String, Publisher)],
+    ) -> cloudbus::Result<usize> {
+        self.write(None, event, targets).await
+    }
+
+    async fn write(
+        &self,
+        order: Option<&Order>,
+        event: &Event,
+        targets: &[(String, Publisher)],
+    ) -> cloudbus::Result<usize> {
+        match &self.storage {
+            Storage::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await.map_err(|e| db_error("begin", e))?;
+                if let Some(o) = order {
+                    sqlx::query("INSERT INTO saga_orders VALUES (?1, ?2, ?3, ?4, ?5)")
+                        .bind(&self.run)
+                        .bind(&o.order_id)
+                        .bind(&o.customer)
+                        .bind(o.amount_cents as i64)
+                        .bind(&o.currency)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| db_error("insert the order", e))?;
+                }
+                for (topic, _) in targets {
+                    SqliteOutbox::new(pool.clone(), topic)
+                        .stage(&mut tx, event, PublishOptions::default())
+                        .await?;
+                }
+                tx.commit().await.map_err(|e| db_error("commit", e))?;
+            }
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(|e| db_error("begin", e))?;
+                if let Some(o) = order {
+                    sqlx::query("INSERT INTO saga_orders VALUES ($1, $2, $3, $4, $5)")
+                        .bind(&self.run)
+                        .bind(&o.order_id)
+                        .bind(&o.customer)
+                        .bind(o.amount_cents as i64)
+                        .bind(&o.currency)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| db_error("insert the order", e))?;
+                }
+                for (topic, _) in targets {
+                    cloudbus::store::postgres::PostgresOutbox::new(pool.clone(), topic)
+                        .stage(&mut tx, event, PublishOptions::default())
+                        .await?;
+                }
+                tx.commit().await.map_err(|e| db_error("commit", e))?;
+            }
+        }
+        Ok(targets.len())
+    }
+
+    async fn order_rows(&self) -> cloudbus::Result<i64> {
+        match &self.storage {
+            Storage::Sqlite { pool, .. } => {
+                sqlx::query_scalar("SELECT count(*) FROM saga_orders WHERE run = ?1")
+                    .bind(&self.run)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|e| db_error("count orders", e))
+            }
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pool) => {
+                sqlx::query_scalar("SELECT count(*) FROM saga_orders WHERE run = $1")
+                    .bind(&self.run)
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|e| db_error("count orders", e))
+            }
+        }
+    }
+
+    async fn close(&self) {
+        match &self.storage {
+            Storage::Sqlite { pool, path } => {
+                pool.close().await;
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = path.clone().into_os_string();
+                    file.push(suffix);
+                    let _ = std::fs::remove_file(file);
+                }
+            }
+            #[cfg(feature = "postgres")]
+            Storage::Postgres(pool) => pool.close().await,
+        }
+    }
 }
 
 async fn wait_for(outcomes: &Outcomes, finished: u32, patience: Duration) {

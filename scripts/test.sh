@@ -69,15 +69,18 @@ use_python_venv() {
 }
 
 # run_saga URL FEATURES: the order saga example with CLOUDBUS_URL=URL (none: the memory
-# broker), built with FEATURES; it must end with one order redriven from dead letters.
+# broker), built with FEATURES (and sqlite); it must end with one order redriven from
+# dead letters.
 run_saga() {
     local url="$1" features="$2"
     local log="/tmp/cloudbus-order-saga${url:+-${url%%:*}}.log"
     echo "== order saga example on ${url:-the memory broker}"
+    # The Order service's outbox and Payment's dedup store are in SQLite (feature
+    # sqlite), or in PostgreSQL when FEATURES has postgres and DATABASE_URL is set.
     if [[ -n "$url" ]]; then
-        CLOUDBUS_URL="$url" cargo run --quiet --features "$features" --example order_saga > "$log"
+        CLOUDBUS_URL="$url" cargo run --quiet --features "sqlite,$features" --example order_saga > "$log"
     else
-        cargo run --quiet --example order_saga > "$log"
+        cargo run --quiet --features "sqlite${features:+,$features}" --example order_saga > "$log"
     fi
     grep -q "redriven:        1" "$log"
     tail -n 14 "$log"
@@ -105,6 +108,11 @@ else
     echo "using the Redis at REDIS_URL"
 fi
 cargo test -p cloudbus-store --all-features
+if [[ -n "${DATABASE_URL:-}" ]]; then
+    echo "== order saga with its outbox and dedup store in PostgreSQL"
+    run_saga "" postgres
+    grep -q "order database: PostgreSQL" /tmp/cloudbus-order-saga.log
+fi
 
 echo "== stream replay example"
 cargo run --quiet --example stream_replay

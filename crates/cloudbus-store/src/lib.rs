@@ -1,5 +1,8 @@
 //! Durable stores for cloudbus: what must outlive a process.
 //!
+//! - The transactional outbox ([`outbox`]): stage events in the same database
+//!   transaction as the rows they announce; relays publish them after the commit
+//!   (PostgreSQL and SQLite).
 //! - Dedup stores, for idempotent consumers ([`cloudbus_core::Idempotent`]): a key
 //!   claimed by one instance of a service is in progress for every instance, and done
 //!   for every instance once completed, until its TTL ends.
@@ -26,6 +29,17 @@
 //! assert_eq!(store.claim("order-42", Duration::from_secs(30)).await.unwrap(), Claim::Done);
 //! # });
 //! ```
+
+/// The sqlx this crate is built on: the pools and transactions the stores take are its
+/// types, so an application that names them through this re-export cannot get a
+/// mismatched version.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use sqlx;
+
+/// The redis crate this crate is built on (its `ConnectionManager` is what the Redis
+/// stores take).
+#[cfg(feature = "redis")]
+pub use redis as redis_client;
 
 mod clock;
 mod error;

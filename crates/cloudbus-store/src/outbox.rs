@@ -82,6 +82,36 @@ pub trait OutboxStorage: Send + Sync + 'static {
     async fn wait_for_staged(&self, timeout: Duration);
 }
 
+/// A shared outbox is an outbox (so that one storage value can serve several relays,
+/// or be chosen at run time as `Arc<dyn OutboxStorage>`).
+#[async_trait]
+impl<S: OutboxStorage + ?Sized> OutboxStorage for Arc<S> {
+    fn topic(&self) -> &str {
+        (**self).topic()
+    }
+    async fn claim(&self, relay: &str, max: usize, lease: Duration) -> Result<Vec<StagedEvent>> {
+        (**self).claim(relay, max, lease).await
+    }
+    async fn mark_sent(&self, ids: &[i64]) -> Result<()> {
+        (**self).mark_sent(ids).await
+    }
+    async fn retry_later(&self, id: i64, error: &str, after: Duration) -> Result<()> {
+        (**self).retry_later(id, error, after).await
+    }
+    async fn dead_letter(&self, id: i64, reason: &str) -> Result<()> {
+        (**self).dead_letter(id, reason).await
+    }
+    async fn backlog(&self) -> Result<OutboxBacklog> {
+        (**self).backlog().await
+    }
+    async fn purge_sent(&self, older_than: Duration) -> Result<u64> {
+        (**self).purge_sent(older_than).await
+    }
+    async fn wait_for_staged(&self, timeout: Duration) {
+        (**self).wait_for_staged(timeout).await
+    }
+}
+
 /// How a relay works.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {

@@ -290,37 +290,6 @@ impl OutboxStorage for Faulty {
     }
 }
 
-/// Storage behind an `Arc`, for a relay (which takes its storage by value).
-struct Shared(Arc<dyn OutboxStorage>);
-
-#[async_trait]
-impl OutboxStorage for Shared {
-    fn topic(&self) -> &str {
-        self.0.topic()
-    }
-    async fn claim(&self, relay: &str, max: usize, lease: Duration) -> Result<Vec<StagedEvent>> {
-        self.0.claim(relay, max, lease).await
-    }
-    async fn mark_sent(&self, ids: &[i64]) -> Result<()> {
-        self.0.mark_sent(ids).await
-    }
-    async fn retry_later(&self, id: i64, error: &str, after: Duration) -> Result<()> {
-        self.0.retry_later(id, error, after).await
-    }
-    async fn dead_letter(&self, id: i64, reason: &str) -> Result<()> {
-        self.0.dead_letter(id, reason).await
-    }
-    async fn backlog(&self) -> Result<OutboxBacklog> {
-        self.0.backlog().await
-    }
-    async fn purge_sent(&self, older_than: Duration) -> Result<u64> {
-        self.0.purge_sent(older_than).await
-    }
-    async fn wait_for_staged(&self, timeout: Duration) {
-        self.0.wait_for_staged(timeout).await
-    }
-}
-
 fn unique_topic(what: &str) -> String {
     format!("{what}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -411,11 +380,8 @@ async fn commit_publishes_rollback_does_not(db: &dyn Db) {
         .await
         .expect("stage");
     assert_eq!(db.business_rows(&topic).await.unwrap(), 50);
-    let relay = OutboxRelay::new(
-        Shared(db.outbox(&topic)),
-        bus.publisher(&topic).await.unwrap(),
-    )
-    .options(fast_options());
+    let relay = OutboxRelay::new(db.outbox(&topic), bus.publisher(&topic).await.unwrap())
+        .options(fast_options());
     let report = relay.drain().await.expect("drain");
     assert_eq!(report.published, 50, "{report:?}");
     let got = receive_all(&consumer, 50).await;
@@ -461,7 +427,7 @@ async fn relay_death_after_confirmation_redelivers(db: &dyn Db) {
     );
     // A new relay: it waits out the dead one's lease, then publishes the rest and the
     // unmarked ones again.
-    let next = OutboxRelay::new(Shared(db.outbox(&topic)), publisher).options(fast_options());
+    let next = OutboxRelay::new(db.outbox(&topic), publisher).options(fast_options());
     let until = Instant::now() + Duration::from_secs(20);
     while next.backlog().await.unwrap().pending > 0 && Instant::now() < until {
         next.drain().await.unwrap();
@@ -511,7 +477,7 @@ async fn four_writers_two_relays_lose_nothing(db: Arc<dyn Db>) {
     let relays: Vec<_> = (0..2)
         .map(|i| {
             let relay = Arc::new(
-                OutboxRelay::new(Shared(db.outbox(&topic)), publisher.clone())
+                OutboxRelay::new(db.outbox(&topic), publisher.clone())
                     .name(format!("relay-{i}"))
                     .options(fast_options()),
             );
@@ -586,7 +552,7 @@ async fn relay_survives_broker_and_database_outages(db: &dyn Db) {
     let storage = Arc::new(Faulty::new(db.outbox(&topic), 5, 0));
     let publisher = bus.publisher(&topic).await.unwrap();
     let relay = Arc::new(
-        OutboxRelay::new(Shared(storage.clone()), publisher).options(RelayOptions {
+        OutboxRelay::new(storage.clone(), publisher).options(RelayOptions {
             retry: cloudbus_core::RetryPolicy::default()
                 .initial_backoff(Duration::from_millis(20))
                 .max_backoff(Duration::from_millis(200)),
@@ -636,10 +602,7 @@ async fn retention_deletes_only_old_sent_rows(db: &dyn Db) {
     let (bus, _consumer) = broker(&topic).await;
     db.stage(&topic, &events(10, 1, "old"), true).await.unwrap();
     let storage = db.outbox(&topic);
-    let relay = OutboxRelay::new(
-        Shared(storage.clone()),
-        bus.publisher(&topic).await.unwrap(),
-    );
+    let relay = OutboxRelay::new(storage.clone(), bus.publisher(&topic).await.unwrap());
     relay.drain().await.unwrap();
     db.stage(&topic, &events(5, 1, "unsent"), true)
         .await
@@ -723,14 +686,12 @@ mod on_postgres {
         let topic = unique_topic("notify");
         let (bus, consumer) = broker(&topic).await;
         let relay = Arc::new(
-            OutboxRelay::new(
-                Shared(db.outbox(&topic)),
-                bus.publisher(&topic).await.unwrap(),
-            )
-            .options(RelayOptions {
-                poll_interval: Duration::from_secs(60),
-                ..RelayOptions::default()
-            }),
+            OutboxRelay::new(db.outbox(&topic), bus.publisher(&topic).await.unwrap()).options(
+                RelayOptions {
+                    poll_interval: Duration::from_secs(60),
+                    ..RelayOptions::default()
+                },
+            ),
         );
         let stop = Arc::new(tokio::sync::Notify::new());
         let task = {
@@ -813,7 +774,7 @@ async fn expect_dead_lettered_garbage(
     topic: &str,
     consumer: &Consumer,
 ) {
-    let relay = OutboxRelay::new(Shared(storage), bus.publisher(topic).await.unwrap());
+    let relay = OutboxRelay::new(storage, bus.publisher(topic).await.unwrap());
     let report = relay.drain().await.unwrap();
     assert_eq!(
         (report.published, report.dead_lettered),
