@@ -41,7 +41,9 @@ pub use sqlx;
 #[cfg(feature = "redis")]
 pub use redis as redis_client;
 
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "redis"))]
 mod clock;
+#[cfg(any(feature = "postgres", feature = "sqlite", feature = "redis"))]
 mod error;
 pub mod outbox;
 #[cfg(feature = "postgres")]
