@@ -155,3 +155,59 @@ mod on_redis {
         None => return,
     });
 }
+
+/// The SQL dedup stores are bounded by expiry: `purge_expired` deletes the keys whose
+/// TTL or lease ran out, and no other.
+mod expiry_sweep {
+    use super::*;
+    use cloudbus_core::Claim;
+
+    const SHORT: Duration = Duration::from_millis(300);
+
+    fn unique(what: &str) -> String {
+        format!("{what}-{}", uuid::Uuid::new_v4().simple())
+    }
+
+    #[tokio::test]
+    async fn sqlite_purges_only_expired_keys() {
+        let stores = SqliteStores::new();
+        let store = sqlite::SqliteDedupStore::new(stores.pool().await.unwrap());
+        let (done, claimed, kept) = (unique("done"), unique("claimed"), unique("kept"));
+        store.claim(&done, SHORT).await.unwrap();
+        store.complete(&done, SHORT).await.unwrap();
+        store.claim(&claimed, SHORT).await.unwrap();
+        store.claim(&kept, Duration::from_secs(60)).await.unwrap();
+        store.complete(&kept, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(store.purge_expired().await.unwrap(), 0, "nothing had expired yet");
+        tokio::time::sleep(SHORT * 3).await;
+        assert_eq!(store.purge_expired().await.unwrap(), 2);
+        assert_eq!(store.claim(&kept, SHORT).await.unwrap(), Claim::Done);
+    }
+
+    #[tokio::test]
+    async fn postgres_purges_only_expired_keys() {
+        let Some(url) = server("DATABASE_URL", "scripts/postgres.sh") else {
+            return;
+        };
+        let stores = PostgresStores { url };
+        let store = postgres::PostgresDedupStore::new(stores.pool().await.unwrap());
+        let (done, claimed, kept) = (unique("done"), unique("claimed"), unique("kept"));
+        store.claim(&done, SHORT).await.unwrap();
+        store.complete(&done, SHORT).await.unwrap();
+        store.claim(&claimed, SHORT).await.unwrap();
+        store.claim(&kept, Duration::from_secs(60)).await.unwrap();
+        store.complete(&kept, Duration::from_secs(3600)).await.unwrap();
+        tokio::time::sleep(SHORT * 3).await;
+        // Other tests share the database: at least these two went.
+        assert!(store.purge_expired().await.unwrap() >= 2);
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM cloudbus_dedup WHERE key = ANY($1)",
+        )
+        .bind(vec![done.clone(), claimed.clone(), kept.clone()])
+        .fetch_one(&stores.pool().await.unwrap())
+        .await
+        .unwrap();
+        assert_eq!(left, 1, "only the unexpired key stays");
+        assert_eq!(store.claim(&kept, SHORT).await.unwrap(), Claim::Done);
+    }
+}
