@@ -177,8 +177,15 @@ mod expiry_sweep {
         store.complete(&done, SHORT).await.unwrap();
         store.claim(&claimed, SHORT).await.unwrap();
         store.claim(&kept, Duration::from_secs(60)).await.unwrap();
-        store.complete(&kept, Duration::from_secs(3600)).await.unwrap();
-        assert_eq!(store.purge_expired().await.unwrap(), 0, "nothing had expired yet");
+        store
+            .complete(&kept, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.purge_expired().await.unwrap(),
+            0,
+            "nothing had expired yet"
+        );
         tokio::time::sleep(SHORT * 3).await;
         assert_eq!(store.purge_expired().await.unwrap(), 2);
         assert_eq!(store.claim(&kept, SHORT).await.unwrap(), Claim::Done);
@@ -196,17 +203,19 @@ mod expiry_sweep {
         store.complete(&done, SHORT).await.unwrap();
         store.claim(&claimed, SHORT).await.unwrap();
         store.claim(&kept, Duration::from_secs(60)).await.unwrap();
-        store.complete(&kept, Duration::from_secs(3600)).await.unwrap();
+        store
+            .complete(&kept, Duration::from_secs(3600))
+            .await
+            .unwrap();
         tokio::time::sleep(SHORT * 3).await;
         // Other tests share the database: at least these two went.
         assert!(store.purge_expired().await.unwrap() >= 2);
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM cloudbus_dedup WHERE key = ANY($1)",
-        )
-        .bind(vec![done.clone(), claimed.clone(), kept.clone()])
-        .fetch_one(&stores.pool().await.unwrap())
-        .await
-        .unwrap();
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM cloudbus_dedup WHERE key = ANY($1)")
+                .bind(vec![done.clone(), claimed.clone(), kept.clone()])
+                .fetch_one(&stores.pool().await.unwrap())
+                .await
+                .unwrap();
         assert_eq!(left, 1, "only the unexpired key stays");
         assert_eq!(store.claim(&kept, SHORT).await.unwrap(), Claim::Done);
     }
