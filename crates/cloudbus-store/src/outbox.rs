@@ -360,9 +360,10 @@ impl OutboxRelay {
                     failures = 0;
                     None
                 }
+                // Progress: the next round at once, unless the shutdown came.
                 Ok(round) if round.published + round.dead_lettered > 0 => {
                     failures = 0;
-                    continue;
+                    Some(Duration::ZERO)
                 }
                 Ok(_) => {
                     failures = failures.saturating_add(1);
@@ -386,11 +387,13 @@ impl OutboxRelay {
                 }
             };
             tokio::select! {
-                _ = idle => {}
+                // The shutdown first: a relay that always has work must still stop.
+                biased;
                 _ = &mut shutdown => {
                     self.housekeeping(false).await;
                     return Ok(());
                 }
+                _ = idle => {}
             }
         }
     }
@@ -420,4 +423,88 @@ fn is_permanent(kind: ErrorKind) -> bool {
         kind,
         ErrorKind::TooLarge | ErrorKind::InvalidArgument | ErrorKind::Malformed
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use cloudbus_core::codec::to_structured_json;
+    use cloudbus_core::{EventBuilder, Result, SubscriptionSpec};
+
+    use super::{OutboxBacklog, OutboxRelay, OutboxStorage, StagedEvent};
+
+    /// An outbox that always has one more event to relay (a backlog that never ends).
+    struct Endless {
+        next_id: AtomicI64,
+    }
+
+    #[async_trait]
+    impl OutboxStorage for Endless {
+        fn topic(&self) -> &str {
+            "endless"
+        }
+        async fn claim(&self, _: &str, _: usize, _: Duration) -> Result<Vec<StagedEvent>> {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let event = EventBuilder::new("com.example.endless", "/test")
+                .id(id.to_string())
+                .build()?;
+            Ok(vec![StagedEvent {
+                id,
+                event: to_structured_json(&event)?,
+                ordering_key: None,
+                dedup_id: None,
+                delay: None,
+                attempts: 0,
+            }])
+        }
+        async fn mark_sent(&self, _: &[i64]) -> Result<()> {
+            Ok(())
+        }
+        async fn retry_later(&self, _: i64, _: &str, _: Duration) -> Result<()> {
+            Ok(())
+        }
+        async fn dead_letter(&self, _: i64, _: &str) -> Result<()> {
+            Ok(())
+        }
+        async fn backlog(&self) -> Result<OutboxBacklog> {
+            Ok(OutboxBacklog::default())
+        }
+        async fn purge_sent(&self, _: Duration) -> Result<u64> {
+            Ok(0)
+        }
+        async fn wait_for_staged(&self, timeout: Duration) {
+            tokio::time::sleep(timeout).await;
+        }
+    }
+
+    /// A relay that always has work still stops when asked: a busy round must not skip
+    /// the shutdown check. (Before, `run` looked at the shutdown only while idle, so a
+    /// steady backlog kept it running forever.)
+    #[tokio::test]
+    async fn a_busy_relay_stops_at_shutdown() {
+        let bus = cloudbus_memory::MemoryBroker::new().bus();
+        bus.ensure_topic("endless").await.unwrap();
+        bus.ensure_subscription(&SubscriptionSpec::new("endless", "sink"))
+            .await
+            .unwrap();
+        let relay = OutboxRelay::new(
+            Endless {
+                next_id: AtomicI64::new(1),
+            },
+            bus.publisher("endless").await.unwrap(),
+        );
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(5),
+            relay.run(tokio::time::sleep(Duration::from_millis(100))),
+        )
+        .await;
+        assert!(
+            matches!(stopped, Ok(Ok(()))),
+            "the relay did not stop within 5 s of its shutdown: {stopped:?}"
+        );
+        assert!(relay.published().load(Ordering::Relaxed) > 0);
+    }
 }
