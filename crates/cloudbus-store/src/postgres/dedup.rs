@@ -2,8 +2,7 @@
 //! atomically with `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`, expiring by
 //! the database's clock, and swept of expired rows as it is used.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudbus_core::{Claim, DedupStore, Result};
@@ -11,11 +10,10 @@ use sqlx::PgPool;
 
 use crate::clock::millis;
 use crate::error::from_sqlx;
+use crate::sweep::{SweepSchedule, delete_in_chunks};
 
 /// How often a store deletes the rows that expired.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
-/// Expired rows deleted per statement of a sweep.
-const SWEEP_ROWS: i64 = 5_000;
 
 /// Idempotent consumers' memory on PostgreSQL, shared by every instance of a
 /// service: a key claimed by one is in progress for all, and done for all once
@@ -37,7 +35,7 @@ const SWEEP_ROWS: i64 = 5_000;
 /// ```
 pub struct PostgresDedupStore {
     pool: PgPool,
-    last_sweep: Mutex<Instant>,
+    sweeps: SweepSchedule,
 }
 
 impl PostgresDedupStore {
@@ -45,40 +43,29 @@ impl PostgresDedupStore {
     pub fn new(pool: PgPool) -> Self {
         PostgresDedupStore {
             pool,
-            last_sweep: Mutex::new(Instant::now()),
+            sweeps: SweepSchedule::every(SWEEP_EVERY),
         }
     }
 
     /// Deletes every expired key; returns how many.
     pub async fn purge_expired(&self) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(
+        delete_in_chunks(|rows| async move {
+            Ok(sqlx::query(
                 "DELETE FROM cloudbus_dedup WHERE key IN (
-                     SELECT key FROM cloudbus_dedup WHERE expires_at <= now() LIMIT $1)",
+                         SELECT key FROM cloudbus_dedup WHERE expires_at <= now() LIMIT $1)",
             )
-            .bind(SWEEP_ROWS)
+            .bind(rows)
             .execute(&self.pool)
             .await
             .map_err(|e| from_sqlx("dedup store: purge expired", e))?
-            .rows_affected();
-            total += deleted;
-            if deleted < SWEEP_ROWS as u64 {
-                return Ok(total);
-            }
-        }
+            .rows_affected())
+        })
+        .await
     }
 
     /// Sweeps expired rows when the last sweep is a minute old (in the background).
     fn sweep_if_due(&self) {
-        let due = self.last_sweep.lock().is_ok_and(|mut last| {
-            let due = last.elapsed() >= SWEEP_EVERY;
-            if due {
-                *last = Instant::now();
-            }
-            due
-        });
-        if due {
+        if self.sweeps.due() {
             let store = PostgresDedupStore::new(self.pool.clone());
             tokio::spawn(async move {
                 if let Err(e) = store.purge_expired().await {

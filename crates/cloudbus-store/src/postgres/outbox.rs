@@ -17,6 +17,7 @@ use tokio::sync::Mutex;
 use crate::clock::millis;
 use crate::error::from_sqlx;
 use crate::outbox::{OutboxBacklog, OutboxStorage, StagedEvent};
+use crate::sweep::delete_in_chunks;
 
 /// The channel relays listen on; the payload is the topic.
 const CHANNEL: &str = "cloudbus_outbox";
@@ -238,25 +239,22 @@ impl OutboxStorage for PostgresOutbox {
     }
 
     async fn purge_sent(&self, older_than: Duration) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(
+        delete_in_chunks(|rows| async move {
+            Ok(sqlx::query(
                 "DELETE FROM cloudbus_outbox WHERE id IN (
-                     SELECT id FROM cloudbus_outbox
-                     WHERE sent_at IS NOT NULL
-                       AND sent_at < now() - $1 * interval '1 millisecond'
-                     LIMIT 5000)",
+                         SELECT id FROM cloudbus_outbox
+                         WHERE sent_at IS NOT NULL
+                           AND sent_at < now() - $1 * interval '1 millisecond'
+                         LIMIT $2)",
             )
             .bind(millis(older_than))
+            .bind(rows)
             .execute(&self.pool)
             .await
             .map_err(|e| from_sqlx("outbox: purge sent", e))?
-            .rows_affected();
-            total += deleted;
-            if deleted < 5000 {
-                return Ok(total);
-            }
-        }
+            .rows_affected())
+        })
+        .await
     }
 
     async fn wait_for_staged(&self, timeout: Duration) {

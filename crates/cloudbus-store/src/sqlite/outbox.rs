@@ -14,6 +14,7 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use crate::clock::{millis, unix_millis_now};
 use crate::error::from_sqlx;
 use crate::outbox::{OutboxBacklog, OutboxStorage, StagedEvent};
+use crate::sweep::delete_in_chunks;
 
 /// The outbox of one topic in a SQLite database (prepared by
 /// [`migrate`](super::migrate)). Cheap to clone. See
@@ -200,24 +201,21 @@ impl OutboxStorage for SqliteOutbox {
     }
 
     async fn purge_sent(&self, older_than: Duration) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(
+        delete_in_chunks(|rows| async move {
+            Ok(sqlx::query(
                 "DELETE FROM cloudbus_outbox WHERE id IN (
-                     SELECT id FROM cloudbus_outbox
-                     WHERE sent_at IS NOT NULL AND sent_at < ?1
-                     LIMIT 5000)",
+                         SELECT id FROM cloudbus_outbox
+                         WHERE sent_at IS NOT NULL AND sent_at < ?1
+                         LIMIT ?2)",
             )
             .bind(unix_millis_now().saturating_sub(millis(older_than)))
+            .bind(rows)
             .execute(&self.pool)
             .await
             .map_err(|e| from_sqlx("outbox: purge sent", e))?
-            .rows_affected();
-            total += deleted;
-            if deleted < 5000 {
-                return Ok(total);
-            }
-        }
+            .rows_affected())
+        })
+        .await
     }
 
     async fn wait_for_staged(&self, timeout: Duration) {
