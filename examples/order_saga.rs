@@ -326,7 +326,15 @@ async fn main() -> cloudbus::Result<()> {
     // Wait for every order but the poison one to finish.
     wait_for(&outcomes, ORDERS - 1, Duration::from_secs(10)).await;
     let dlq = routes.dead_letters(&bus, "payment").await?;
-    let letters = dlq.peek(10).await?;
+    // The poison order's dead letter lands when Payment's worker settles it, which may
+    // be after the other orders finished: wait for it (peeking first could find none,
+    // redrive nothing and leave that order unfinished).
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut letters = dlq.peek(10).await?;
+    while letters.is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        letters = dlq.peek(10).await?;
+    }
     println!(
         "\n--- payment dead-letter queue: {} message(s)",
         letters.len()
