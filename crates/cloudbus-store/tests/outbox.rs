@@ -67,10 +67,19 @@ impl Postgres {
             .await
             .expect("PostgreSQL at DATABASE_URL");
         postgres::migrate(&pool).await.expect("migrate");
+        // The tests start at once: `CREATE TABLE IF NOT EXISTS` from several sessions
+        // on a new database can collide in the catalog (a unique violation on
+        // pg_type), so they take turns.
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox_test_orders'))")
+            .execute(&mut *tx)
+            .await
+            .expect("lock");
         sqlx::query("CREATE TABLE IF NOT EXISTS outbox_test_orders (topic TEXT, n BIGINT)")
-            .execute(&pool)
+            .execute(&mut *tx)
             .await
             .expect("business table");
+        tx.commit().await.expect("commit");
         Some(Postgres { pool })
     }
 }
