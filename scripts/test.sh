@@ -94,6 +94,8 @@ echo "== cargo test --workspace (unit, conformance on the memory broker, integra
 providers=(--exclude cloudbus-aws --exclude cloudbus-azure --exclude cloudbus-gcp --exclude cloudbus-store)
 cargo test --workspace "${providers[@]}" --all-targets
 cargo test --workspace "${providers[@]}" --doc
+# The router's tests include the HTTP schema registry (feature schema-http).
+cargo test --features schema-http --test router
 
 run_saga "" ""
 

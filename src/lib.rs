@@ -19,11 +19,52 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Typed events, a router of plain async functions, and tower layers:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> cloudbus::Result<()> {
+//! use std::time::Duration;
+//! use cloudbus::router::layers::TimeoutLayer;
+//! use cloudbus::{CloudEvent, Context, HandlerError, Router, SubscriptionSpec, WorkerOptions};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, CloudEvent)]
+//! #[cloudevent(type = "com.example.order.created", version = 2, source = "/orders")]
+//! struct OrderCreated {
+//!     #[cloudevent(subject)]
+//!     order_id: String,
+//!     #[cloudevent(key)]
+//!     customer: String,
+//! }
+//!
+//! async fn on_created(order: OrderCreated, ctx: Context) -> Result<(), HandlerError> {
+//!     println!("{} for {} (attempt {})", order.order_id, order.customer, ctx.attempt());
+//!     Ok(())
+//! }
+//!
+//! let bus = cloudbus::connect("mem://doc-typed").await?;
+//! bus.ensure_topic("orders").await?;
+//! bus.ensure_subscription(&SubscriptionSpec::new("orders", "billing")).await?;
+//! let router = Router::new()
+//!     .route(on_created)
+//!     .layer(TimeoutLayer::new(Duration::from_secs(30)));
+//! let worker = bus.consumer("orders", "billing").await?
+//!     .start_worker(router, WorkerOptions::default());
+//! let order = OrderCreated { order_id: "order-1".into(), customer: "c-7".into() };
+//! bus.publisher("orders").await?.send(&order).await?;
+//! # while worker.stats().acked < 1 { tokio::time::sleep(Duration::from_millis(10)).await; }
+//! let report = worker.shutdown(Duration::from_secs(5)).await;
+//! # assert_eq!(report.acked, 1);
+//! # Ok(()) }
+//! ```
+//!
 //! URLs: `mem://` (or `mem://NAME` for a separate in-process broker). The cloud
 //! schemes (`sqs://`, `sns://`, `eventbridge://`, `kinesis://`, `servicebus://`,
 //! `eventgrid://`, `pubsub://`) need their cargo feature; [`connect`] says which.
 
 pub use cloudbus_core::*;
+
+/// `#[derive(CloudEvent)]` for application event types (see [`CloudEvent`]).
+pub use cloudbus_macros::CloudEvent;
 
 /// The embedded in-memory broker (feature `memory`, on by default).
 #[cfg(feature = "memory")]

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use crate::consumer::Delivery;
 use crate::error::Error;
 use crate::event::{AttributesReader, Event};
 use crate::trace_context::TraceContext;
@@ -25,9 +26,68 @@ pub struct HandlerContext {
     pub consumer: Arc<str>,
     /// The trace context of this handling (a child of the event's `traceparent`).
     pub trace: TraceContext,
+    /// The delivery being handled, when it came from a [`Consumer`](crate::Consumer)
+    /// (a stream record or a webhook call has none).
+    delivery: Option<Arc<Delivery>>,
+}
+
+impl HandlerContext {
+    /// A context for handling outside a consumer (tests, bridges): attempt
+    /// `attempt`, a new trace, no delivery.
+    ///
+    /// ```
+    /// let ctx = cloudbus_core::HandlerContext::new(1, "test");
+    /// assert_eq!(ctx.attempt, 1);
+    /// assert!(ctx.ordering_key().is_none());
+    /// ```
+    pub fn new(attempt: u32, consumer: impl Into<Arc<str>>) -> Self {
+        HandlerContext {
+            attempt,
+            consumer: consumer.into(),
+            trace: TraceContext::new_root(),
+            delivery: None,
+        }
+    }
+
+    /// The delivery's ordering key (as the provider delivered it).
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.delivery.as_deref().and_then(Delivery::ordering_key)
+    }
+
+    /// The delivery being handled, if any.
+    pub fn delivery(&self) -> Option<&Arc<Delivery>> {
+        self.delivery.as_ref()
+    }
+
+    /// Extends the delivery's lease by `lease` (for long handling). Fails with
+    /// [`Unsupported`](crate::ErrorKind::Unsupported) when there is no delivery or
+    /// the provider grants no leases.
+    pub async fn extend(&self, lease: Duration) -> crate::Result<()> {
+        match &self.delivery {
+            Some(delivery) => delivery.extend(lease).await,
+            None => Err(Error::unsupported(
+                "this event was not received through a consumer; it has no lease",
+            )),
+        }
+    }
 }
 
 /// Why a handler did not process an event.
+///
+/// Handlers return any error that converts into it: a cloudbus [`Error`] (by its
+/// kind), an `anyhow::Error` or a `Box<dyn Error>` (retried: a failure of unknown
+/// cause may pass), or a [`Permanent`] (dead-lettered now).
+///
+/// ```
+/// use cloudbus_core::{HandlerError, Permanent};
+/// fn parse(text: &str) -> Result<u32, HandlerError> {
+///     let n: u32 = text.parse().map_err(Permanent)?; // bad data never gets better
+///     Ok(n)
+/// }
+/// assert!(matches!(parse("x"), Err(HandlerError::Reject { .. })));
+/// let io: Box<dyn std::error::Error + Send + Sync> = "connection reset".into();
+/// assert!(matches!(HandlerError::from(io), HandlerError::Retry { .. }));
+/// ```
 #[derive(Debug)]
 pub enum HandlerError {
     /// A transient failure: try again later (after `delay`, or the policy's backoff).
@@ -94,6 +154,49 @@ impl From<Error> for HandlerError {
         }
     }
 }
+
+/// Marks an error as permanent: the event can never be processed, so it is
+/// dead-lettered now with the error as the reason (`Err(Permanent(e))?`, or
+/// `.map_err(Permanent)?`).
+#[derive(Debug)]
+pub struct Permanent<E>(pub E);
+
+impl<E: std::fmt::Display> From<Permanent<E>> for HandlerError {
+    fn from(p: Permanent<E>) -> Self {
+        HandlerError::reject(p.0)
+    }
+}
+
+impl From<anyhow::Error> for HandlerError {
+    /// Retried (a [`HandlerError`] or [`Permanent`] inside keeps its meaning when it
+    /// was wrapped as the error itself).
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<HandlerError>() {
+            Ok(inner) => inner,
+            Err(e) => HandlerError::retry(format!("{e:#}")),
+        }
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync>> for HandlerError {
+    /// Retried, except a boxed [`HandlerError`] (what tower layers such as
+    /// `tower::timeout` hand back), which is unboxed as it was.
+    fn from(e: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        match e.downcast::<HandlerError>() {
+            Ok(inner) => *inner,
+            Err(e) => HandlerError::retry(e),
+        }
+    }
+}
+
+impl From<Box<dyn std::error::Error>> for HandlerError {
+    /// Retried.
+    fn from(e: Box<dyn std::error::Error>) -> Self {
+        HandlerError::retry(e)
+    }
+}
+
+impl std::error::Error for HandlerError {}
 
 impl std::fmt::Display for HandlerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,7 +299,7 @@ impl HandlerRunner {
         attempt: u32,
     ) -> Result<(), HandlerError> {
         let started = Instant::now();
-        let (_span, handling) = self.handle(handler, event.clone(), attempt);
+        let (_span, handling) = self.handle(handler, event.clone(), attempt, None);
         let outcome = handling
             .await
             .unwrap_or_else(|_| Err(HandlerError::retry("handler panicked")));
@@ -218,6 +321,7 @@ impl HandlerRunner {
         handler: &'a H,
         event: Arc<Event>,
         attempt: u32,
+        delivery: Option<Arc<Delivery>>,
     ) -> (
         tracing::Span,
         impl Future<Output = std::thread::Result<Result<(), HandlerError>>> + Send + 'a,
@@ -237,6 +341,7 @@ impl HandlerRunner {
             attempt,
             consumer: self.name.clone(),
             trace,
+            delivery,
         };
         let handling = std::panic::AssertUnwindSafe(trace.scope(handler.handle(event, ctx)))
             .catch_unwind()

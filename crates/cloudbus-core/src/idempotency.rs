@@ -194,10 +194,7 @@ impl DedupStore for MemoryDedupStore {
 /// ```
 pub struct Idempotent<H> {
     inner: H,
-    store: Arc<dyn DedupStore>,
-    ttl: Duration,
-    lease: Duration,
-    duplicates: Arc<AtomicU64>,
+    once: OncePerEvent,
 }
 
 impl<H: Handler> Idempotent<H> {
@@ -205,24 +202,97 @@ impl<H: Handler> Idempotent<H> {
     pub fn new(inner: H, store: Arc<dyn DedupStore>) -> Self {
         Idempotent {
             inner,
+            once: OncePerEvent::new(store),
+        }
+    }
+    /// How long processed keys are remembered.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.once.ttl = ttl;
+        self
+    }
+    /// A counter of duplicates skipped, readable while the worker runs.
+    pub fn duplicates(&self) -> Arc<AtomicU64> {
+        self.once.duplicates.clone()
+    }
+    /// The dedup key of an event: source and id.
+    pub fn key(event: &Event) -> String {
+        OncePerEvent::key(event)
+    }
+}
+
+/// The one implementation of "each (source, id) once" on a [`DedupStore`], shared by
+/// [`Idempotent`] and the router's idempotency layer: claim the key, run the
+/// handling, then mark the key done (success) or free it (failure, panic,
+/// cancellation).
+#[derive(Clone)]
+pub(crate) struct OncePerEvent {
+    store: Arc<dyn DedupStore>,
+    pub(crate) ttl: Duration,
+    lease: Duration,
+    pub(crate) duplicates: Arc<AtomicU64>,
+}
+
+impl OncePerEvent {
+    pub(crate) fn new(store: Arc<dyn DedupStore>) -> Self {
+        OncePerEvent {
             store,
             ttl: Duration::from_secs(24 * 3600),
             lease: Duration::from_secs(300),
             duplicates: Arc::new(AtomicU64::new(0)),
         }
     }
-    /// How long processed keys are remembered.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-    /// A counter of duplicates skipped, readable while the worker runs.
-    pub fn duplicates(&self) -> Arc<AtomicU64> {
-        self.duplicates.clone()
-    }
-    /// The dedup key of an event: source and id.
-    pub fn key(event: &Event) -> String {
+
+    pub(crate) fn key(event: &Event) -> String {
         format!("{}\u{1f}{}", event.source(), event.id())
+    }
+
+    /// Runs `handling` unless `event` was handled already (then `Ok` at once) or is
+    /// being handled by another delivery (then a retry in a moment).
+    pub(crate) async fn run<F>(&self, event: &Event, handling: F) -> Result<(), HandlerError>
+    where
+        F: std::future::Future<Output = Result<(), HandlerError>>,
+    {
+        let key = Self::key(event);
+        let claim = self.store.claim(&key, self.lease).await.map_err(|e| {
+            // The store being away says nothing about the event: try again later.
+            HandlerError::retry(format!("dedup store: {e}"))
+        })?;
+        match claim {
+            Claim::Done => {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(event_id = %event.id(), source = %event.source(), "duplicate event skipped");
+                Ok(())
+            }
+            Claim::InProgress => Err(HandlerError::retry_after(
+                "the same event is being processed by another delivery",
+                Duration::from_millis(500),
+            )),
+            Claim::Claimed => {
+                let guard = ClaimGuard {
+                    store: self.store.clone(),
+                    key: Some(key),
+                };
+                let outcome = handling.await;
+                let key = guard.keep();
+                match outcome {
+                    Ok(()) => {
+                        // The event was handled: ack it whatever the store says. If the
+                        // mark is lost, the claim lapses with its lease, and only a
+                        // redelivery after that would run the handler again.
+                        if let Err(e) = self.store.complete(&key, self.ttl).await {
+                            tracing::warn!(error = %e, "handled, but the dedup store did not record it");
+                        }
+                        Ok(())
+                    }
+                    Err(handler_error) => {
+                        if let Err(e) = self.store.release(&key).await {
+                            tracing::warn!(error = %e, "could not release a dedup claim; it lapses with its lease");
+                        }
+                        Err(handler_error)
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -263,47 +333,8 @@ impl Drop for ClaimGuard {
 #[async_trait]
 impl<H: Handler> Handler for Idempotent<H> {
     async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
-        let key = Self::key(&event);
-        let claim = self.store.claim(&key, self.lease).await.map_err(|e| {
-            // The store being away says nothing about the event: try again later.
-            HandlerError::retry(format!("dedup store: {e}"))
-        })?;
-        match claim {
-            Claim::Done => {
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(event_id = %event.id(), source = %event.source(), "duplicate event skipped");
-                Ok(())
-            }
-            Claim::InProgress => Err(HandlerError::retry_after(
-                "the same event is being processed by another delivery",
-                Duration::from_millis(500),
-            )),
-            Claim::Claimed => {
-                let guard = ClaimGuard {
-                    store: self.store.clone(),
-                    key: Some(key),
-                };
-                let outcome = self.inner.handle(event, ctx).await;
-                let key = guard.keep();
-                match outcome {
-                    Ok(()) => {
-                        // The event was handled: ack it whatever the store says. If the
-                        // mark is lost, the claim lapses with its lease, and only a
-                        // redelivery after that would run the handler again.
-                        if let Err(e) = self.store.complete(&key, self.ttl).await {
-                            tracing::warn!(error = %e, "handled, but the dedup store did not record it");
-                        }
-                        Ok(())
-                    }
-                    Err(handler_error) => {
-                        if let Err(e) = self.store.release(&key).await {
-                            tracing::warn!(error = %e, "could not release a dedup claim; it lapses with its lease");
-                        }
-                        Err(handler_error)
-                    }
-                }
-            }
-        }
+        let handling = self.inner.handle(event.clone(), ctx);
+        self.once.run(&event, handling).await
     }
 }
 
@@ -378,11 +409,7 @@ mod tests {
     }
 
     fn test_ctx() -> HandlerContext {
-        HandlerContext {
-            attempt: 1,
-            consumer: "test".into(),
-            trace: crate::TraceContext::new_root(),
-        }
+        HandlerContext::new(1, "test")
     }
 
     /// Issue 12 item 6: a handler that panicked kept its claim, so every redelivery got

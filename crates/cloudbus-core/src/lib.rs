@@ -7,6 +7,8 @@
 //!   [`StreamConsumer`], [`Bus`]: the portable types users work with, which add
 //!   batching, concurrency, flow control, retries, dead-lettering, metrics and
 //!   tracing once for all providers.
+//! - [`CloudEvent`] (typed events), [`Router`] (handlers by event type, with tower
+//!   layers), `schema` (feature: JSON Schema registry, validation, compatibility).
 //! - [`Filter`], [`Capabilities`], [`Error`].
 //! - `conformance` (feature): the suite every provider runs from its tests.
 #![warn(missing_docs)]
@@ -28,10 +30,15 @@ mod json_format;
 mod lease_keeper;
 pub mod publisher;
 pub mod retry;
+pub mod router;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod scheme;
 pub mod stream;
 pub mod telemetry;
 pub mod trace_context;
+pub mod typed;
+pub mod validation;
 pub mod worker;
 
 #[cfg(feature = "conformance")]
@@ -54,10 +61,13 @@ pub use event::{
     AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventExt, ExtensionValue,
 };
 pub use filter::Filter;
-pub use handler::{Handler, HandlerContext, HandlerError, HandlerRunner};
+pub use handler::{Handler, HandlerContext, HandlerError, HandlerRunner, Permanent};
 pub use idempotency::{Claim, DedupStore, Idempotent, MemoryDedupStore};
 pub use publisher::{PublishHandle, Publisher, PublisherOptions};
 pub use retry::RetryPolicy;
+pub use router::{Context, Router, UnknownTypes};
 pub use stream::{PollReport, StreamConsumer};
 pub use trace_context::TraceContext;
+pub use typed::{CloudEvent, DecodeEventError, DecodeExt, SendEvent};
+pub use validation::{Checked, EventValidator};
 pub use worker::{Worker, WorkerOptions, WorkerReport};

@@ -21,6 +21,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::event::{AttributesReader, Event};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
+use crate::validation::EventValidator;
 
 /// Publisher settings.
 #[derive(Clone, Debug)]
@@ -123,6 +124,8 @@ fn paused_error(key: &str) -> Error {
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
+    /// Checks event data against its schema before it is accepted.
+    validator: Option<Arc<dyn EventValidator>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -155,6 +158,27 @@ impl Publisher {
                 next_lane: AtomicUsize::new(0),
                 paused: Arc::default(),
             }),
+            validator: None,
+        }
+    }
+
+    /// This publisher (sharing its lanes), with every event checked by `validator`
+    /// before it is accepted: an event whose data does not match its schema is
+    /// refused with [`InvalidArgument`](ErrorKind::InvalidArgument) and never sent.
+    /// [`send`](Self::send) fetches a schema not loaded yet; `publish` checks against
+    /// the schemas loaded (a directory registry loads them all at once).
+    pub fn validate_with(&self, validator: Arc<dyn EventValidator>) -> Publisher {
+        Publisher {
+            inner: self.inner.clone(),
+            validator: Some(validator),
+        }
+    }
+
+    /// Checks `event` with the validator, fetching its schema when needed.
+    pub(crate) async fn validated(&self, event: &Event) -> Result<()> {
+        match &self.validator {
+            Some(v) => v.validate(event).await.map(|_| ()),
+            None => Ok(()),
         }
     }
 
@@ -176,6 +200,11 @@ impl Publisher {
 
     /// Publishes one event with options (ordering key, dedup id, delay).
     pub fn publish_with(&self, event: Event, options: PublishOptions) -> PublishHandle {
+        if let Some(validator) = &self.validator
+            && let Err(e) = validator.validate_loaded(&event)
+        {
+            return PublishHandle::ready(Err(e));
+        }
         self.enqueue(OutgoingMessage::prepare(event, options))
     }
 
@@ -309,7 +338,11 @@ impl Publisher {
         let mut per_lane: Vec<Vec<(usize, OutgoingMessage)>> =
             (0..lanes).map(|_| Vec::new()).collect();
         for (i, msg) in msgs.into_iter().enumerate() {
-            match check(&self.inner.caps, &msg) {
+            let valid = match (&self.validator, &msg.payload) {
+                (Some(v), crate::driver::Payload::Event(event)) => v.validate(event).await,
+                _ => Ok(crate::validation::Checked::Valid),
+            };
+            match valid.and_then(|_| check(&self.inner.caps, &msg)) {
                 Err(e) => results[i] = Some(Err(e)),
                 Ok(()) => {
                     let lane = self.lane_index(msg.ordering_key.as_deref());

@@ -513,9 +513,12 @@ impl WorkerLoop {
         held._bytes = self.take_bytes(&delivery).await;
         let event = delivery.event_arc();
         let started = Instant::now();
-        let (span, handling) =
-            self.runner
-                .handle(self.handler.as_ref(), event.clone(), delivery.attempt());
+        let (span, handling) = self.runner.handle(
+            self.handler.as_ref(),
+            event.clone(),
+            delivery.attempt(),
+            Some(delivery.clone()),
+        );
         let outcome = handling.await;
         self.runner.processed(&event, started);
         (held, Ran { outcome, span })

@@ -175,14 +175,7 @@ pub async fn dedup_idempotent_handler_handles_once(h: &dyn StoreHarness) -> Resu
     );
     for handler in [&first, &second, &first] {
         handler
-            .handle(
-                event.clone(),
-                HandlerContext {
-                    attempt: 1,
-                    consumer: "conformance".into(),
-                    trace: crate::trace_context::TraceContext::new_root(),
-                },
-            )
+            .handle(event.clone(), HandlerContext::new(1, "conformance"))
             .await
             .map_err(|e| Error::new(ErrorKind::Internal, format!("{e:?}")))?;
     }

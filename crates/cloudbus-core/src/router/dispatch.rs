@@ -1,0 +1,366 @@
+//! [`Router`]: handlers by event type (exact, by prefix), the policy for types nobody
+//! handles ([`UnknownTypes`]), upcasting of older versions to the version a typed
+//! handler reads, and tower layers over the routes. The router is itself a
+//! [`Handler`] (give it to `Consumer::subscribe`) and a `tower::Service`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::Poll;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+
+use crate::event::{AttributesReader, AttributesWriter, Event, EventExt};
+use crate::handler::{Handler, HandlerContext, HandlerError};
+use crate::publisher::Publisher;
+use crate::router::context::{Context, Shared};
+use crate::router::handler_fn::{
+    ContextHandler, ContextRoute, HandlerFuture, TypedHandler, TypedRoute,
+};
+use crate::typed::{CloudEvent, event_version, split_type_version};
+
+/// A route's service, with any layers applied.
+pub type RouteService = BoxCloneSyncService<Context, (), HandlerError>;
+
+/// What the router does with an event of a type no route handles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UnknownTypes {
+    /// Dead-letter it with the reason "no route for event type …" (the default: an
+    /// event nobody handles is a mistake to look at, not to lose).
+    #[default]
+    DeadLetter,
+    /// Acknowledge it, with a warning in the log.
+    Ack,
+    /// Acknowledge it quietly (a subscription that knowingly receives more types than
+    /// this service handles).
+    Ignore,
+}
+
+/// Turns version `n` of an event's JSON data into version `n + 1`.
+type Upcaster = Arc<dyn Fn(Value) -> Result<Value, String> + Send + Sync>;
+
+/// A typed route's target: the version its handler reads and that version's schema URI.
+#[derive(Clone)]
+struct Target {
+    version: u32,
+    schema: String,
+}
+
+#[derive(Clone)]
+struct Route {
+    service: RouteService,
+    target: Option<Target>,
+}
+
+/// Handlers by event type, with tower layers. An event goes to the route of its type
+/// (a `.vN` suffix of the type is ignored), else to the longest prefix route, else to
+/// the [`UnknownTypes`] policy. A typed route's handler gets older versions upcast to
+/// its version by the registered upcasters; a newer version is dead-lettered.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::sync::Arc;
+/// use cloudbus_core::{CloudEvent, Context, Handler, HandlerContext, HandlerError, Router};
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Ping { n: u32 }
+/// impl CloudEvent for Ping {
+///     const TYPE: &'static str = "com.example.ping";
+///     const SOURCE: &'static str = "/doc";
+/// }
+/// async fn on_ping(ping: Ping, ctx: Context) -> Result<(), HandlerError> {
+///     assert_eq!((ping.n, ctx.attempt()), (7, 1));
+///     Ok(())
+/// }
+/// let router = Router::new().route(on_ping);
+/// let event = Arc::new(Ping { n: 7 }.to_event().unwrap());
+/// assert!(router.handle(event, HandlerContext::new(1, "doc")).await.is_ok());
+/// let other = Arc::new(cloudbus_core::EventBuilder::new("com.example.pong", "/doc").build().unwrap());
+/// // Unknown types are dead-lettered by default.
+/// assert!(matches!(router.handle(other, HandlerContext::new(1, "doc")).await, Err(HandlerError::Reject { .. })));
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Router {
+    exact: Arc<HashMap<String, Route>>,
+    /// Longest prefix first.
+    prefixes: Arc<Vec<(String, Route)>>,
+    upcasters: Arc<HashMap<(String, u32), Upcaster>>,
+    unknown: UnknownTypes,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut types: Vec<&String> = self.exact.keys().collect();
+        types.sort();
+        f.debug_struct("Router")
+            .field("types", &types)
+            .field(
+                "prefixes",
+                &self.prefixes.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .field("unknown", &self.unknown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// A router with no routes; unknown types are dead-lettered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Routes events of `T::TYPE` to `handler`, an `async fn(T, extractors…) ->
+    /// Result<(), E>`.
+    pub fn route<T, Args, H>(self, handler: H) -> Self
+    where
+        T: CloudEvent,
+        Args: 'static,
+        H: TypedHandler<T, Args>,
+    {
+        self.route_typed::<T>(BoxCloneSyncService::new(TypedRoute::new(handler)))
+    }
+
+    /// [`route`](Self::route) with `layer` applied to this route only.
+    pub fn route_with<T, Args, H, L>(self, handler: H, layer: L) -> Self
+    where
+        T: CloudEvent,
+        Args: 'static,
+        H: TypedHandler<T, Args>,
+        L: tower::Layer<RouteService>,
+        L::Service: tower::Service<Context, Response = ()> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Context>>::Error: Into<HandlerError>,
+        <L::Service as tower::Service<Context>>::Future: Send + 'static,
+    {
+        let service = boxed(layer.layer(BoxCloneSyncService::new(TypedRoute::new(handler))));
+        self.route_typed::<T>(service)
+    }
+
+    fn route_typed<T: CloudEvent>(mut self, service: RouteService) -> Self {
+        let route = Route {
+            service,
+            target: Some(Target {
+                version: T::VERSION,
+                schema: T::data_schema(),
+            }),
+        };
+        Arc::make_mut(&mut self.exact).insert(T::TYPE.to_owned(), route);
+        self
+    }
+
+    /// Routes events of type `ty` to `handler`, an `async fn(extractors…) -> Result<(), E>`
+    /// (the event through [`RawEvent`](crate::router::RawEvent) or [`Context`]).
+    pub fn route_type<Args: 'static, H: ContextHandler<Args>>(
+        self,
+        ty: impl Into<String>,
+        handler: H,
+    ) -> Self {
+        self.route_service(ty, ContextRoute::new(handler))
+    }
+
+    /// Routes events of type `ty` to any service (a handler with layers of its own).
+    pub fn route_service<S>(mut self, ty: impl Into<String>, service: S) -> Self
+    where
+        S: tower::Service<Context, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<HandlerError>,
+        S::Future: Send + 'static,
+    {
+        let route = Route {
+            service: boxed(service),
+            target: None,
+        };
+        Arc::make_mut(&mut self.exact).insert(ty.into(), route);
+        self
+    }
+
+    /// Routes events whose type starts with `prefix` (and no exact route) to `handler`.
+    pub fn route_prefix<Args: 'static, H: ContextHandler<Args>>(
+        mut self,
+        prefix: impl Into<String>,
+        handler: H,
+    ) -> Self {
+        let route = Route {
+            service: BoxCloneSyncService::new(ContextRoute::new(handler)),
+            target: None,
+        };
+        let prefixes = Arc::make_mut(&mut self.prefixes);
+        prefixes.push((prefix.into(), route));
+        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        self
+    }
+
+    /// Registers an upcaster of `ty`'s data from version `from` to `from + 1`. A typed
+    /// handler of version n then receives every older version that a chain of
+    /// upcasters reaches, upgraded; an older version with a gap in the chain is
+    /// dead-lettered with the missing step as the reason.
+    pub fn upcast<F>(mut self, ty: impl Into<String>, from: u32, upcaster: F) -> Self
+    where
+        F: Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+    {
+        Arc::make_mut(&mut self.upcasters).insert((ty.into(), from), Arc::new(upcaster));
+        self
+    }
+
+    /// What to do with events of types no route handles (default: dead-letter).
+    pub fn unknown_types(mut self, policy: UnknownTypes) -> Self {
+        self.unknown = policy;
+        self
+    }
+
+    /// Adds shared state, taken by handlers with [`State<T>`](crate::router::State).
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        Arc::make_mut(&mut self.shared).state.insert(value);
+        self
+    }
+
+    /// The publisher of follow-up events ([`Context::send`]).
+    pub fn publisher(mut self, publisher: Publisher) -> Self {
+        Arc::make_mut(&mut self.shared).publisher = Some(publisher);
+        self
+    }
+
+    /// Applies `layer` to every route added so far (as axum does): timeouts, limits,
+    /// idempotency, any tower layer whose service keeps taking a [`Context`] and
+    /// fails with an error that converts into [`HandlerError`].
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<RouteService>,
+        L::Service: tower::Service<Context, Response = ()> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Context>>::Error: Into<HandlerError>,
+        <L::Service as tower::Service<Context>>::Future: Send + 'static,
+    {
+        for route in Arc::make_mut(&mut self.exact).values_mut() {
+            route.service = boxed(layer.layer(route.service.clone()));
+        }
+        for (_, route) in Arc::make_mut(&mut self.prefixes).iter_mut() {
+            route.service = boxed(layer.layer(route.service.clone()));
+        }
+        self
+    }
+
+    /// The route of an event type.
+    fn find<'s>(&'s self, ty: &str) -> Option<&'s Route> {
+        if let Some(route) = self.exact.get(ty) {
+            return Some(route);
+        }
+        let (base, version) = split_type_version(ty);
+        if version.is_some()
+            && let Some(route) = self.exact.get(base)
+        {
+            return Some(route);
+        }
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| ty.starts_with(prefix.as_str()))
+            .map(|(_, route)| route)
+    }
+
+    /// Routes one handling.
+    async fn dispatch(&self, mut ctx: Context) -> Result<(), HandlerError> {
+        let Some(route) = self.find(ctx.event().ty()) else {
+            return self.unrouted(ctx.event());
+        };
+        if let Some(target) = &route.target
+            && let Some(upgraded) = self.upgrade(ctx.event(), target)?
+        {
+            ctx.set_event(Arc::new(upgraded));
+        }
+        route.service.clone().oneshot(ctx).await
+    }
+
+    fn unrouted(&self, event: &Event) -> Result<(), HandlerError> {
+        match self.unknown {
+            UnknownTypes::DeadLetter => Err(HandlerError::reject(format!(
+                "no route for event type {:?}",
+                event.ty()
+            ))),
+            UnknownTypes::Ack => {
+                tracing::warn!(event_type = %event.ty(), event_id = %event.id(), "no route for this event type; acknowledged");
+                Ok(())
+            }
+            UnknownTypes::Ignore => {
+                tracing::debug!(event_type = %event.ty(), event_id = %event.id(), "no route for this event type; ignored");
+                Ok(())
+            }
+        }
+    }
+
+    /// `event` upcast to the target version, or `None` when it is that version.
+    fn upgrade(&self, event: &Event, target: &Target) -> Result<Option<Event>, HandlerError> {
+        let found = event_version(event);
+        if found == target.version {
+            return Ok(None);
+        }
+        let (ty, _) = split_type_version(event.ty());
+        if found > target.version {
+            return Err(HandlerError::reject(format!(
+                "event {} is version {found} of {ty}, newer than version {} that this consumer reads",
+                event.id(),
+                target.version
+            )));
+        }
+        let mut data: Value = event.data_json().map_err(HandlerError::reject)?;
+        for from in found..target.version {
+            let Some(upcaster) = self.upcasters.get(&(ty.to_owned(), from)) else {
+                return Err(HandlerError::reject(format!(
+                    "event {} is version {found} of {ty}; no upcaster from version {from} to {} is registered",
+                    event.id(),
+                    from + 1
+                )));
+            };
+            data = upcaster(data).map_err(|reason| {
+                HandlerError::reject(format!(
+                    "upcasting event {} of {ty} from version {from}: {reason}",
+                    event.id()
+                ))
+            })?;
+        }
+        let mut upgraded = event.clone();
+        upgraded.set_type(ty);
+        upgraded.set_data("application/json", data);
+        let schema = url::Url::parse(&target.schema).map_err(|e| {
+            HandlerError::reject(format!(
+                "the schema URI {:?} is invalid: {e}",
+                target.schema
+            ))
+        })?;
+        upgraded.set_dataschema(Some(schema));
+        tracing::debug!(event_id = %event.id(), %ty, from = found, to = target.version, "event upcast");
+        Ok(Some(upgraded))
+    }
+}
+
+/// Boxes a route service, its error converted into a [`HandlerError`].
+fn boxed<S>(service: S) -> RouteService
+where
+    S: tower::Service<Context, Response = ()> + Clone + Send + Sync + 'static,
+    S::Error: Into<HandlerError>,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(service.map_err(Into::into))
+}
+
+#[async_trait]
+impl Handler for Router {
+    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
+        self.dispatch(Context::with_shared(event, ctx, self.shared.clone()))
+            .await
+    }
+}
+
+impl tower::Service<Context> for Router {
+    type Response = ();
+    type Error = HandlerError;
+    type Future = HandlerFuture;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, ctx: Context) -> HandlerFuture {
+        let router = self.clone();
+        Box::pin(async move { router.dispatch(ctx).await })
+    }
+}

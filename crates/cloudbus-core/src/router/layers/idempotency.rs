@@ -1,0 +1,92 @@
+//! [`IdempotencyLayer`]: each event (source, id) handled once, on any
+//! [`DedupStore`] (memory, PostgreSQL, SQLite, Redis): duplicates are acknowledged
+//! without reaching the handler. The same logic as [`Idempotent`](crate::Idempotent).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::task::Poll;
+use std::time::Duration;
+
+use crate::handler::HandlerError;
+use crate::idempotency::{DedupStore, OncePerEvent};
+use crate::router::context::Context;
+use crate::router::handler_fn::HandlerFuture;
+
+/// Handles each (source, id) once, remembering handled keys in `store`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cloudbus_core::{MemoryDedupStore, Router};
+/// use cloudbus_core::router::layers::IdempotencyLayer;
+/// let router = Router::new().layer(IdempotencyLayer::new(Arc::new(MemoryDedupStore::new(100_000))));
+/// # let _ = router;
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    once: OncePerEvent,
+}
+
+impl std::fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer").finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyLayer {
+    /// Remembers handled keys in `store` for 24 h.
+    pub fn new(store: Arc<dyn DedupStore>) -> Self {
+        IdempotencyLayer {
+            once: OncePerEvent::new(store),
+        }
+    }
+    /// How long handled keys are remembered.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.once.ttl = ttl;
+        self
+    }
+    /// A counter of duplicates skipped.
+    pub fn duplicates(&self) -> Arc<AtomicU64> {
+        self.once.duplicates.clone()
+    }
+}
+
+impl<S> tower::Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+    fn layer(&self, inner: S) -> Idempotency<S> {
+        Idempotency {
+            inner,
+            once: self.once.clone(),
+        }
+    }
+}
+
+/// The service of [`IdempotencyLayer`].
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    once: OncePerEvent,
+}
+
+impl<S> tower::Service<Context> for Idempotency<S>
+where
+    S: tower::Service<Context, Response = (), Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = HandlerError;
+    type Future = HandlerFuture;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, ctx: Context) -> HandlerFuture {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let once = self.once.clone();
+        Box::pin(async move {
+            let event = ctx.event().clone();
+            once.run(&event, inner.call(ctx)).await
+        })
+    }
+}

@@ -1,0 +1,91 @@
+//! [`TraceLayer`]: each routed handling in a `cloudbus.route` span (event type, id,
+//! version, attempt, route outcome), inside the worker's `cloudbus.handle` span and
+//! the event's trace.
+
+use std::task::Poll;
+
+use tracing::Instrument;
+
+use crate::event::AttributesReader;
+use crate::handler::HandlerError;
+use crate::router::context::Context;
+use crate::router::handler_fn::HandlerFuture;
+
+/// Wraps each handling in a `cloudbus.route` span and logs failures.
+///
+/// ```
+/// use cloudbus_core::Router;
+/// use cloudbus_core::router::layers::TraceLayer;
+/// let router = Router::new().layer(TraceLayer::new());
+/// # let _ = router;
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TraceLayer;
+
+impl TraceLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        TraceLayer
+    }
+}
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = Trace<S>;
+    fn layer(&self, inner: S) -> Trace<S> {
+        Trace { inner }
+    }
+}
+
+/// The service of [`TraceLayer`].
+#[derive(Debug, Clone)]
+pub struct Trace<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Context> for Trace<S>
+where
+    S: tower::Service<Context, Response = (), Error = HandlerError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = HandlerError;
+    type Future = HandlerFuture;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, ctx: Context) -> HandlerFuture {
+        let span = tracing::info_span!(
+            "cloudbus.route",
+            event_type = %ctx.event().ty(),
+            event_id = %ctx.event().id(),
+            version = ctx.version(),
+            attempt = ctx.attempt(),
+            outcome = tracing::field::Empty,
+        );
+        let handling = {
+            let _entered = span.enter();
+            self.inner.call(ctx)
+        };
+        Box::pin(
+            async move {
+                let outcome = handling.await;
+                let current = tracing::Span::current();
+                match &outcome {
+                    Ok(()) => current.record("outcome", "ok"),
+                    Err(HandlerError::Retry { message, .. }) => {
+                        tracing::warn!(%message, "handling failed; to be retried");
+                        current.record("outcome", "retry")
+                    }
+                    Err(HandlerError::Reject { reason }) => {
+                        tracing::warn!(%reason, "event rejected");
+                        current.record("outcome", "reject")
+                    }
+                };
+                outcome
+            }
+            .instrument(span),
+        )
+    }
+}

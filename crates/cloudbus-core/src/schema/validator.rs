@@ -1,0 +1,193 @@
+//! [`SchemaValidator`]: checks event data with the `jsonschema` crate against the
+//! schema of the event's type and version, compiled once and kept.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::event::{AttributesReader, Data, Event};
+use crate::schema::registry::{SchemaId, SchemaRegistry};
+use crate::typed::{event_version, split_type_version};
+use crate::validation::{Checked, EventValidator};
+
+/// At most this many violations are named in one error.
+const VIOLATIONS_NAMED: usize = 3;
+
+/// Validates events against the schemas of a [`SchemaRegistry`]: give it to
+/// [`Publisher::validate_with`](crate::Publisher::validate_with) to refuse bad data
+/// before it is sent, and to the router's
+/// [`SchemaValidationLayer`](crate::router::layers::SchemaValidationLayer) to
+/// dead-letter bad data on the way in.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cloudbus_core::{EventBuilder, EventValidator};
+/// use cloudbus_core::schema::{DirectorySchemaRegistry, SchemaValidator};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> cloudbus_core::Result<()> {
+/// let dir = std::env::temp_dir().join(format!("cloudbus-doc-validator-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir).unwrap();
+/// std::fs::write(
+///     dir.join("com.example.ping.v1.json"),
+///     r#"{"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}"#,
+/// ).unwrap();
+/// let validator = SchemaValidator::preloaded(Arc::new(DirectorySchemaRegistry::open(&dir)?)).await?;
+/// let bad = EventBuilder::new("com.example.ping", "/doc")
+///     .json(&serde_json::json!({"n": "seven"}))?.build()?;
+/// let error = validator.validate(&bad).await.unwrap_err();
+/// assert!(error.to_string().contains("/n"), "{error}");
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok(()) }
+/// ```
+pub struct SchemaValidator {
+    registry: Arc<dyn SchemaRegistry>,
+    /// Compiled schemas by id; `None`: the registry has none.
+    compiled: RwLock<HashMap<SchemaId, Option<Arc<jsonschema::Validator>>>>,
+}
+
+impl std::fmt::Debug for SchemaValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loaded = self.compiled.read().map(|c| c.len()).unwrap_or(0);
+        f.debug_struct("SchemaValidator")
+            .field("loaded", &loaded)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SchemaValidator {
+    /// A validator that fetches each schema from `registry` when first needed.
+    pub fn new(registry: Arc<dyn SchemaRegistry>) -> Self {
+        SchemaValidator {
+            registry,
+            compiled: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A validator with every schema of `registry` loaded and compiled, so that the
+    /// publisher's synchronous `publish` checks every type (an invalid schema is an
+    /// error here, not at the first event).
+    pub async fn preloaded(registry: Arc<dyn SchemaRegistry>) -> Result<Self> {
+        let validator = Self::new(registry);
+        for id in validator.registry.list().await? {
+            validator.load(&id).await?;
+        }
+        Ok(validator)
+    }
+
+    /// How many schemas are compiled.
+    pub fn loaded(&self) -> usize {
+        self.compiled
+            .read()
+            .map(|c| c.values().filter(|v| v.is_some()).count())
+            .unwrap_or(0)
+    }
+
+    /// Fetches and compiles the schema of `id` (or learns that there is none).
+    pub async fn load(&self, id: &SchemaId) -> Result<Option<Arc<jsonschema::Validator>>> {
+        let compiled = match self.registry.schema(id).await? {
+            Some(schema) => Some(Arc::new(jsonschema::validator_for(&schema).map_err(
+                |e| {
+                    Error::new(
+                        ErrorKind::Internal,
+                        format!("the schema of {id} is not a valid JSON Schema: {e}"),
+                    )
+                },
+            )?)),
+            None => None,
+        };
+        if let Ok(mut cache) = self.compiled.write() {
+            cache.insert(id.clone(), compiled.clone());
+        }
+        Ok(compiled)
+    }
+
+    fn cached(&self, id: &SchemaId) -> Option<Option<Arc<jsonschema::Validator>>> {
+        self.compiled.read().ok()?.get(id).cloned()
+    }
+
+    /// Checks `event`'s data with `schema`.
+    fn check(id: &SchemaId, schema: &jsonschema::Validator, event: &Event) -> Result<Checked> {
+        let parsed;
+        let data: &Value = match event.data() {
+            Some(Data::Json(v)) => v,
+            Some(Data::String(s)) => {
+                parsed = serde_json::from_str(s).map_err(|e| not_json(id, event, e))?;
+                &parsed
+            }
+            Some(Data::Binary(b)) => {
+                parsed = serde_json::from_slice(b).map_err(|e| not_json(id, event, e))?;
+                &parsed
+            }
+            None => &Value::Null,
+        };
+        let violations: Vec<String> = schema
+            .iter_errors(data)
+            .take(VIOLATIONS_NAMED + 1)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() { "/".to_owned() } else { at };
+                format!("{at}: {e}")
+            })
+            .collect();
+        if violations.is_empty() {
+            return Ok(Checked::Valid);
+        }
+        let more = if violations.len() > VIOLATIONS_NAMED {
+            ", …"
+        } else {
+            ""
+        };
+        let named = violations
+            .iter()
+            .take(VIOLATIONS_NAMED)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(Error::invalid(format!(
+            "event {} does not match the schema of {id}: {named}{more}",
+            event.id()
+        )))
+    }
+}
+
+fn not_json(id: &SchemaId, event: &Event, e: serde_json::Error) -> Error {
+    Error::with_source(
+        ErrorKind::InvalidArgument,
+        format!(
+            "event {} has data that is not JSON; {id} needs JSON",
+            event.id()
+        ),
+        e,
+    )
+}
+
+/// The schema id of an event: its type without version suffix, and its version.
+fn id_of(event: &Event) -> SchemaId {
+    SchemaId::new(split_type_version(event.ty()).0, event_version(event))
+}
+
+#[async_trait]
+impl EventValidator for SchemaValidator {
+    fn validate_loaded(&self, event: &Event) -> Result<Checked> {
+        let id = id_of(event);
+        match self.cached(&id) {
+            Some(Some(schema)) => Self::check(&id, &schema, event),
+            Some(None) => Ok(Checked::NoSchema),
+            None => Ok(Checked::NotLoaded),
+        }
+    }
+
+    async fn validate(&self, event: &Event) -> Result<Checked> {
+        let id = id_of(event);
+        let schema = match self.cached(&id) {
+            Some(schema) => schema,
+            None => self.load(&id).await?,
+        };
+        match schema {
+            Some(schema) => Self::check(&id, &schema, event),
+            None => Ok(Checked::NoSchema),
+        }
+    }
+}
