@@ -56,8 +56,9 @@ pub trait CloudEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
         None
     }
 
-    /// This value as a CloudEvent (type, source, dataschema, subject, key, JSON data).
-    fn to_event(&self) -> Result<Event> {
+    /// A builder of this value as a CloudEvent (type, source, dataschema, subject,
+    /// key, JSON data), for what the builder adds (`caused_by`, extensions).
+    fn builder(&self) -> Result<EventBuilder> {
         let mut builder = EventBuilder::new(Self::TYPE, Self::SOURCE)
             .dataschema(Self::data_schema())
             .json(self)?;
@@ -67,7 +68,12 @@ pub trait CloudEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
         if let Some(key) = self.partition_key() {
             builder = builder.partition_key(key);
         }
-        builder.build()
+        Ok(builder)
+    }
+
+    /// This value as a CloudEvent.
+    fn to_event(&self) -> Result<Event> {
+        self.builder()?.build()
     }
 }
 
@@ -307,15 +313,9 @@ impl<'a, T: CloudEvent> SendEvent<'a, T> {
 
     /// The event that would be sent.
     pub fn to_event(&self) -> Result<Event> {
-        let value = self.value;
-        let mut builder = EventBuilder::new(T::TYPE, T::SOURCE)
-            .dataschema(T::data_schema())
-            .json(value)?;
-        if let Some(subject) = self.subject.clone().or_else(|| value.subject()) {
-            builder = builder.subject(subject);
-        }
-        if let Some(key) = value.partition_key() {
-            builder = builder.partition_key(key);
+        let mut builder = self.value.builder()?;
+        if let Some(subject) = &self.subject {
+            builder = builder.subject(subject.clone());
         }
         if let Some(id) = &self.id {
             builder = builder.id(id.clone());
