@@ -11,7 +11,9 @@
 //! Run: `cargo bench --bench throughput` (BENCH_EVENTS=N to change the event count;
 //! BENCH_PROFILE=e2e or BENCH_PROFILE=worker builds all events first and then runs
 //! only that path (the worker: draining a filled subscription), for `perf record -D <ms>`;
-//! BENCH_PROFILE=json runs only the structured JSON codec scenarios).
+//! BENCH_PROFILE=json runs only the structured JSON codec scenarios;
+//! BENCH_PROFILE=router only the worker drains with a decoding closure and with a
+//! router).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,9 +23,10 @@ mod support;
 
 use cloudbus::memory::MemoryBroker;
 use cloudbus::{
-    Bus, Event, EventBuilder, EventExt, HandlerContext, HandlerError, Publisher, SubscriptionSpec,
-    WorkerOptions, codec,
+    Bus, CloudEvent, Context, DecodeExt, Event, EventBuilder, EventExt, Handler, HandlerContext,
+    HandlerError, Publisher, Router, SubscriptionSpec, WorkerOptions, codec,
 };
+use serde::{Deserialize, Serialize};
 use support::{print_medians, report, reset_peak_rss};
 
 /// An order event carrying about 1 KiB of JSON (`application/json`), held as the
@@ -205,6 +208,81 @@ async fn memory_worker(events: Vec<Event>) -> f64 {
     report("memory_worker_e2e_concurrency_256", n, secs)
 }
 
+/// The bench events as a typed event, for the router scenarios.
+#[derive(Serialize, Deserialize, CloudEvent)]
+#[cloudevent(type = "com.example.order.created", source = "/bench/orders")]
+struct BenchOrder {
+    order_id: u64,
+    customer: String,
+    items: Vec<BenchItem>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BenchItem {
+    sku: String,
+    qty: u32,
+    price_cents: u64,
+    note: String,
+}
+
+/// The worker draining a filled subscription into `handler`.
+async fn drain_into<H: Handler>(name: &str, events: Vec<Event>, handler: H) -> f64 {
+    let n = events.len();
+    let (bus, publisher) = bench_bus("r").await;
+    publish_in_chunks(&publisher, events).await;
+    let consumer = bus.consumer("bench", "r").await.expect("consumer");
+    reset_peak_rss();
+    let start = Instant::now();
+    let worker = consumer.start_worker(handler, WorkerOptions::default().concurrency(256));
+    while worker.stats().acked < n as u64 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let report_ = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        report_.dead_lettered, 0,
+        "{name}: events were dead-lettered"
+    );
+    report(name, n, secs)
+}
+
+/// The routed handler beside the plain one doing the same work (decoding each event
+/// into `BenchOrder`): what the router itself costs.
+fn router_vs_closure(runtime: &tokio::runtime::Runtime, n: usize) {
+    runtime.block_on(drain_into(
+        "memory_worker_drain_decoding_closure",
+        make_events(n),
+        |e: Arc<Event>, _c: HandlerContext| async move {
+            let order = e.decode::<BenchOrder>()?;
+            std::hint::black_box(order);
+            Ok::<(), HandlerError>(())
+        },
+    ));
+    runtime.block_on(drain_into(
+        "memory_worker_drain_router",
+        make_events(n),
+        Router::new().route(|order: BenchOrder, _ctx: Context| async move {
+            std::hint::black_box(order);
+            Ok::<(), HandlerError>(())
+        }),
+    ));
+}
+
+fn print_router_cost(r: &dyn Fn(&str) -> f64) {
+    let (closure, router) = (
+        r("memory_worker_drain_decoding_closure"),
+        r("memory_worker_drain_router"),
+    );
+    println!(
+        "# router: {:.3} M events/s, the decoding closure {:.3} M events/s: the router costs \
+         {:.1}% (goal < 10%); the plain worker without decoding: {:.3} M events/s",
+        router / 1e6,
+        closure / 1e6,
+        (1.0 - router / closure) * 100.0,
+        r("memory_worker_drain_concurrency_256") / 1e6,
+    );
+}
+
 /// The worker alone: the subscription is filled first, then a worker drains it
 /// (receive, dispatch to the handler, ack), comparable with `memory_receive_ack_only`.
 async fn memory_worker_drain(events: Vec<Event>) -> f64 {
@@ -329,6 +407,15 @@ fn main() {
             print_medians();
             return;
         }
+        if which == "router" {
+            for _ in 0..5 {
+                runtime.block_on(memory_worker_drain(make_events(n)));
+                router_vs_closure(&runtime, n);
+            }
+            let rate = print_medians();
+            print_router_cost(&|name: &str| rate.get(name).copied().unwrap_or(f64::NAN));
+            return;
+        }
         let sets: Vec<Vec<Event>> = (0..5).map(|_| make_events(n)).collect();
         eprintln!("# events built; profiling window starts");
         for events in sets {
@@ -359,6 +446,7 @@ fn main() {
         runtime.block_on(memory_publish_each(make_events(n)));
         runtime.block_on(memory_worker(make_events(n)));
         runtime.block_on(memory_worker_drain(make_events(n)));
+        router_vs_closure(&runtime, n);
         json_codec(&make_events(n.min(100_000)));
     }
     let rate = print_medians();
@@ -382,6 +470,7 @@ fn main() {
         r("memory_worker_drain_concurrency_256") / mpsc,
         r("memory_receive_ack_only") / mpsc,
     );
+    print_router_cost(&r);
     println!(
         "# halves: publish {:.2} M/s (one call per event: {:.2} M/s), receive+ack {:.2} M/s; \
          json encode {:.2} M/s",

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::Poll;
 
-use async_trait::async_trait;
 use serde_json::Value;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
@@ -48,9 +47,46 @@ struct Target {
     schema: String,
 }
 
+/// A route without layers is called directly (no service to clone per event); the
+/// first layer turns it into a service.
+type DirectFn = Arc<dyn Fn(Context) -> HandlerFuture + Send + Sync>;
+
+#[derive(Clone)]
+enum Call {
+    Direct(DirectFn),
+    Service(RouteService),
+}
+
+impl Call {
+    fn into_service(self) -> RouteService {
+        match self {
+            Call::Direct(f) => BoxCloneSyncService::new(DirectService(f)),
+            Call::Service(s) => s,
+        }
+    }
+}
+
+/// A direct route as a `tower::Service`, for layers.
+#[derive(Clone)]
+struct DirectService(DirectFn);
+
+impl tower::Service<Context> for DirectService {
+    type Response = ();
+    type Error = HandlerError;
+    type Future = HandlerFuture;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, ctx: Context) -> HandlerFuture {
+        (self.0)(ctx)
+    }
+}
+
 #[derive(Clone)]
 struct Route {
-    service: RouteService,
+    call: Call,
     target: Option<Target>,
 }
 
@@ -120,7 +156,8 @@ impl Router {
         Args: 'static,
         H: TypedHandler<T, Args>,
     {
-        self.route_typed::<T>(BoxCloneSyncService::new(TypedRoute::new(handler)))
+        let route = TypedRoute::new(handler);
+        self.route_typed::<T>(Call::Direct(Arc::new(move |ctx| route.handle(ctx))))
     }
 
     /// [`route`](Self::route) with `layer` applied to this route only.
@@ -135,12 +172,12 @@ impl Router {
         <L::Service as tower::Service<Context>>::Future: Send + 'static,
     {
         let service = boxed(layer.layer(BoxCloneSyncService::new(TypedRoute::new(handler))));
-        self.route_typed::<T>(service)
+        self.route_typed::<T>(Call::Service(service))
     }
 
-    fn route_typed<T: CloudEvent>(mut self, service: RouteService) -> Self {
+    fn route_typed<T: CloudEvent>(mut self, call: Call) -> Self {
         let route = Route {
-            service,
+            call,
             target: Some(Target {
                 version: T::VERSION,
                 schema: T::data_schema(),
@@ -153,11 +190,17 @@ impl Router {
     /// Routes events of type `ty` to `handler`, an `async fn(extractors…) -> Result<(), E>`
     /// (the event through [`RawEvent`](crate::router::RawEvent) or [`Context`]).
     pub fn route_type<Args: 'static, H: ContextHandler<Args>>(
-        self,
+        mut self,
         ty: impl Into<String>,
         handler: H,
     ) -> Self {
-        self.route_service(ty, ContextRoute::new(handler))
+        let route = ContextRoute::new(handler);
+        let route = Route {
+            call: Call::Direct(Arc::new(move |ctx| route.handle(ctx))),
+            target: None,
+        };
+        Arc::make_mut(&mut self.exact).insert(ty.into(), route);
+        self
     }
 
     /// Routes events of type `ty` to any service (a handler with layers of its own).
@@ -168,7 +211,7 @@ impl Router {
         S::Future: Send + 'static,
     {
         let route = Route {
-            service: boxed(service),
+            call: Call::Service(boxed(service)),
             target: None,
         };
         Arc::make_mut(&mut self.exact).insert(ty.into(), route);
@@ -181,8 +224,9 @@ impl Router {
         prefix: impl Into<String>,
         handler: H,
     ) -> Self {
+        let route = ContextRoute::new(handler);
         let route = Route {
-            service: BoxCloneSyncService::new(ContextRoute::new(handler)),
+            call: Call::Direct(Arc::new(move |ctx| route.handle(ctx))),
             target: None,
         };
         let prefixes = Arc::make_mut(&mut self.prefixes);
@@ -231,11 +275,12 @@ impl Router {
         <L::Service as tower::Service<Context>>::Error: Into<HandlerError>,
         <L::Service as tower::Service<Context>>::Future: Send + 'static,
     {
-        for route in Arc::make_mut(&mut self.exact).values_mut() {
-            route.service = boxed(layer.layer(route.service.clone()));
-        }
-        for (_, route) in Arc::make_mut(&mut self.prefixes).iter_mut() {
-            route.service = boxed(layer.layer(route.service.clone()));
+        let routes = Arc::make_mut(&mut self.exact)
+            .values_mut()
+            .chain(Arc::make_mut(&mut self.prefixes).iter_mut().map(|(_, r)| r));
+        for route in routes {
+            let service = route.call.clone().into_service();
+            route.call = Call::Service(boxed(layer.layer(service)));
         }
         self
     }
@@ -257,17 +302,23 @@ impl Router {
             .map(|(_, route)| route)
     }
 
-    /// Routes one handling.
-    async fn dispatch(&self, mut ctx: Context) -> Result<(), HandlerError> {
+    /// Routes one handling: the future of its route (a direct route's own future, so
+    /// that a router without layers adds no allocation to a handling).
+    fn dispatch(&self, mut ctx: Context) -> HandlerFuture {
         let Some(route) = self.find(ctx.event().ty()) else {
-            return self.unrouted(ctx.event());
+            return Box::pin(std::future::ready(self.unrouted(ctx.event())));
         };
-        if let Some(target) = &route.target
-            && let Some(upgraded) = self.upgrade(ctx.event(), target)?
-        {
-            ctx.set_event(Arc::new(upgraded));
+        if let Some(target) = &route.target {
+            match self.upgrade(ctx.event(), target) {
+                Ok(None) => {}
+                Ok(Some(upgraded)) => ctx.set_event(Arc::new(upgraded)),
+                Err(e) => return Box::pin(std::future::ready(Err(e))),
+            }
         }
-        route.service.clone().oneshot(ctx).await
+        match &route.call {
+            Call::Direct(f) => f(ctx),
+            Call::Service(service) => Box::pin(service.clone().oneshot(ctx)),
+        }
     }
 
     fn unrouted(&self, event: &Event) -> Result<(), HandlerError> {
@@ -342,11 +393,21 @@ where
     BoxCloneSyncService::new(service.map_err(Into::into))
 }
 
-#[async_trait]
 impl Handler for Router {
-    async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
+    // Written out (not `async fn` through async_trait), so that the route's future is
+    // returned as it is instead of boxed once more.
+    fn handle<'life0, 'async_trait>(
+        &'life0 self,
+        event: Arc<Event>,
+        ctx: HandlerContext,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), HandlerError>> + Send + 'async_trait>,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
         self.dispatch(Context::with_shared(event, ctx, self.shared.clone()))
-            .await
     }
 }
 
@@ -360,7 +421,6 @@ impl tower::Service<Context> for Router {
     }
 
     fn call(&mut self, ctx: Context) -> HandlerFuture {
-        let router = self.clone();
-        Box::pin(async move { router.dispatch(ctx).await })
+        self.dispatch(ctx)
     }
 }

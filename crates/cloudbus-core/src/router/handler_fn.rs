@@ -124,6 +124,20 @@ where
     }
 }
 
+impl<H, T, Args> TypedRoute<H, T, Args>
+where
+    H: TypedHandler<T, Args>,
+    T: CloudEvent,
+{
+    /// Handles one event (what `call` does, without needing `&mut`).
+    pub fn handle(&self, ctx: Context) -> HandlerFuture {
+        match ctx.event().decode::<T>() {
+            Ok(event) => self.handler.call(event, ctx),
+            Err(e) => failed(e.into()),
+        }
+    }
+}
+
 impl<H, T, Args> tower::Service<Context> for TypedRoute<H, T, Args>
 where
     H: TypedHandler<T, Args>,
@@ -138,10 +152,7 @@ where
     }
 
     fn call(&mut self, ctx: Context) -> HandlerFuture {
-        match ctx.event().decode::<T>() {
-            Ok(event) => self.handler.call(event, ctx),
-            Err(e) => failed(e.into()),
-        }
+        self.handle(ctx)
     }
 }
 
@@ -167,6 +178,13 @@ impl<H: ContextHandler<Args>, Args> ContextRoute<H, Args> {
             handler,
             _types: PhantomData,
         }
+    }
+}
+
+impl<H: ContextHandler<Args>, Args> ContextRoute<H, Args> {
+    /// Handles one event (what `call` does, without needing `&mut`).
+    pub fn handle(&self, ctx: Context) -> HandlerFuture {
+        self.handler.call(ctx)
     }
 }
 
