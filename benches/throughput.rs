@@ -247,25 +247,40 @@ async fn drain_into<H: Handler>(name: &str, events: Vec<Event>, handler: H) -> f
 }
 
 /// The routed handler beside the plain one doing the same work (decoding each event
-/// into `BenchOrder`): what the router itself costs.
+/// into `BenchOrder`): what the router itself costs. Each call runs both twice, in both
+/// orders (closure, router, router, closure), so that neither always runs on the heap
+/// the other left behind; the medians are compared.
 fn router_vs_closure(runtime: &tokio::runtime::Runtime, n: usize) {
-    runtime.block_on(drain_into(
-        "memory_worker_drain_decoding_closure",
-        make_events(n),
-        |e: Arc<Event>, _c: HandlerContext| async move {
-            let order = e.decode::<BenchOrder>()?;
-            std::hint::black_box(order);
-            Ok::<(), HandlerError>(())
-        },
-    ));
-    runtime.block_on(drain_into(
-        "memory_worker_drain_router",
-        make_events(n),
-        Router::new().route(|order: BenchOrder, _ctx: Context| async move {
-            std::hint::black_box(order);
-            Ok::<(), HandlerError>(())
-        }),
-    ));
+    for router_first in [false, true] {
+        let closure = || {
+            runtime.block_on(drain_into(
+                "memory_worker_drain_decoding_closure",
+                make_events(n),
+                |e: Arc<Event>, _c: HandlerContext| async move {
+                    let order = e.decode::<BenchOrder>()?;
+                    std::hint::black_box(order);
+                    Ok::<(), HandlerError>(())
+                },
+            ))
+        };
+        let router = || {
+            runtime.block_on(drain_into(
+                "memory_worker_drain_router",
+                make_events(n),
+                Router::new().route(|order: BenchOrder, _ctx: Context| async move {
+                    std::hint::black_box(order);
+                    Ok::<(), HandlerError>(())
+                }),
+            ))
+        };
+        if router_first {
+            router();
+            closure();
+        } else {
+            closure();
+            router();
+        }
+    }
 }
 
 fn print_router_cost(r: &dyn Fn(&str) -> f64) {

@@ -1150,3 +1150,60 @@ async fn the_plain_subscribe_closure_keeps_working_beside_the_router() {
     until("the closure", || seen.load(Ordering::SeqCst) == 1).await;
     worker.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+#[allow(deprecated)]
+async fn subscribe_with_a_closure_still_works() {
+    let bus = bus_with("legacy", "svc").await;
+    let publisher = bus.publisher("legacy").await.unwrap();
+    let seen = Arc::new(AtomicU32::new(0));
+    let s = seen.clone();
+    let worker = bus.consumer("legacy", "svc").await.unwrap().subscribe(
+        move |_e: Arc<Event>, _c: HandlerContext| {
+            let s = s.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), HandlerError>(())
+            }
+        },
+        WorkerOptions::default(),
+    );
+    publisher
+        .send(&PaymentRequested {
+            order_id: "1".into(),
+        })
+        .await
+        .unwrap();
+    until("the subscribed closure", || {
+        seen.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_nested_router_keeps_its_own_state() {
+    #[derive(Clone)]
+    struct Name(&'static str);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let inner = Router::new().state(Name("inner")).route(
+        move |_: PaymentRequested, State(Name(n)): State<Name>| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(n);
+                Ok::<(), HandlerError>(())
+            }
+        },
+    );
+    let outer = Router::new()
+        .state(Name("outer"))
+        .route_service(PaymentRequested::TYPE, inner);
+    let event = arc(PaymentRequested {
+        order_id: "1".into(),
+    }
+    .to_event()
+    .unwrap());
+    outer.handle(event, ctx()).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), ["inner"]);
+}

@@ -362,3 +362,50 @@ impl Publisher {
         SendEvent::new(self, value)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_schema(uri: &str) -> Event {
+        EventBuilder::new("com.example.a", "/t")
+            .dataschema(uri)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn versions_are_read_from_the_schema_then_the_type() {
+        assert_eq!(
+            event_version(&with_schema("https://s.example/a/v12.json")),
+            12
+        );
+        assert_eq!(event_version(&with_schema("https://s.example/a/V3")), 3);
+        assert_eq!(
+            event_version(&with_schema("urn:cloudbus:schema:com.example.a:v4")),
+            4
+        );
+        // Not a version: v0, no digits, other words.
+        assert_eq!(event_version(&with_schema("https://s.example/a/v0")), 1);
+        assert_eq!(event_version(&with_schema("https://s.example/a/vip")), 1);
+        assert_eq!(
+            event_version(&with_schema("https://s.example/a/schema.json")),
+            1
+        );
+        assert_eq!(
+            split_type_version("com.example.a.v2"),
+            ("com.example.a", Some(2))
+        );
+        assert_eq!(
+            split_type_version("com.example.vip"),
+            ("com.example.vip", None)
+        );
+        assert_eq!(split_type_version("v2"), ("v2", None));
+        // The schema wins over the type suffix.
+        let both = EventBuilder::new("com.example.a.v2", "/t")
+            .dataschema("https://s.example/a/v5")
+            .build()
+            .unwrap();
+        assert_eq!(event_version(&both), 5);
+    }
+}

@@ -94,6 +94,12 @@ impl Context {
         &self.event
     }
 
+    /// Gives the handling a router's state and publisher (a router called as a
+    /// service hands its own to its routes).
+    pub(crate) fn set_shared(&mut self, shared: Arc<Shared>) {
+        self.shared = shared;
+    }
+
     /// Replaces the event (what the router does when it upcasts one).
     pub(crate) fn set_event(&mut self, event: Arc<Event>) {
         self.event = event;

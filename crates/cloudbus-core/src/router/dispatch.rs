@@ -420,7 +420,10 @@ impl tower::Service<Context> for Router {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
+    /// Routes `ctx` with this router's state and publisher (a router nested in
+    /// another one keeps its own).
+    fn call(&mut self, mut ctx: Context) -> HandlerFuture {
+        ctx.set_shared(self.shared.clone());
         self.dispatch(ctx)
     }
 }
