@@ -90,6 +90,17 @@ struct Route {
     target: Option<Target>,
 }
 
+impl Route {
+    /// The direct route of a handler of extractors only.
+    fn of_context_handler<Args: 'static, H: ContextHandler<Args>>(handler: H) -> Route {
+        let route = ContextRoute::new(handler);
+        Route {
+            call: Call::Direct(Arc::new(move |ctx| route.handle(ctx))),
+            target: None,
+        }
+    }
+}
+
 /// Handlers by event type, with tower layers. An event goes to the route of its type
 /// (a `.vN` suffix of the type is ignored), else to the longest prefix route, else to
 /// the [`UnknownTypes`] policy. A typed route's handler gets older versions upcast to
@@ -194,12 +205,7 @@ impl Router {
         ty: impl Into<String>,
         handler: H,
     ) -> Self {
-        let route = ContextRoute::new(handler);
-        let route = Route {
-            call: Call::Direct(Arc::new(move |ctx| route.handle(ctx))),
-            target: None,
-        };
-        Arc::make_mut(&mut self.exact).insert(ty.into(), route);
+        Arc::make_mut(&mut self.exact).insert(ty.into(), Route::of_context_handler(handler));
         self
     }
 
@@ -224,13 +230,8 @@ impl Router {
         prefix: impl Into<String>,
         handler: H,
     ) -> Self {
-        let route = ContextRoute::new(handler);
-        let route = Route {
-            call: Call::Direct(Arc::new(move |ctx| route.handle(ctx))),
-            target: None,
-        };
         let prefixes = Arc::make_mut(&mut self.prefixes);
-        prefixes.push((prefix.into(), route));
+        prefixes.push((prefix.into(), Route::of_context_handler(handler)));
         prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         self
     }

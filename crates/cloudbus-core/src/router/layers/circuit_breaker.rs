@@ -5,7 +5,6 @@
 //! neither open nor close it.
 
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -13,6 +12,7 @@ use tokio::time::Instant;
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
+use crate::router::layers::around::{Middleware, Next, middleware_layer};
 
 /// Opens after `failures` consecutive retryable failures, for `cooldown`.
 ///
@@ -103,37 +103,12 @@ impl CircuitBreakerLayer {
     }
 }
 
-impl<S> tower::Layer<S> for CircuitBreakerLayer {
-    type Service = CircuitBreaker<S>;
-    fn layer(&self, inner: S) -> CircuitBreaker<S> {
-        CircuitBreaker {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
-/// The service of [`CircuitBreakerLayer`].
-#[derive(Debug, Clone)]
-pub struct CircuitBreaker<S> {
-    inner: S,
-    state: Arc<Mutex<Breaker>>,
-}
-
-impl<S> tower::Service<Context> for CircuitBreaker<S>
-where
-    S: tower::Service<Context, Response = (), Error = HandlerError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = HandlerFuture;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
+impl Middleware for CircuitBreakerLayer {
+    fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+    where
+        S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let admission = match self.state.lock() {
             Ok(mut b) => b.admit(Instant::now()),
             Err(_) => Admission::Pass { probe: false },
@@ -147,7 +122,7 @@ where
             }
             Admission::Pass { probe } => probe,
         };
-        let handling = self.inner.call(ctx);
+        let handling = next.run(ctx);
         let state = self.state.clone();
         Box::pin(async move {
             let outcome = handling.await;
@@ -158,3 +133,5 @@ where
         })
     }
 }
+
+middleware_layer!(CircuitBreakerLayer, CircuitBreaker);

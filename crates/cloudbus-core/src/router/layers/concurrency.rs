@@ -3,13 +3,13 @@
 //! waiting their turn.
 
 use std::sync::Arc;
-use std::task::Poll;
 
 use tokio::sync::Semaphore;
 
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
+use crate::router::layers::around::{Middleware, Next, middleware_layer};
 
 /// At most `max` handlings at once, shared by every route the layer is applied to.
 ///
@@ -33,48 +33,21 @@ impl ConcurrencyLimitLayer {
     }
 }
 
-impl<S> tower::Layer<S> for ConcurrencyLimitLayer {
-    type Service = ConcurrencyLimit<S>;
-    fn layer(&self, inner: S) -> ConcurrencyLimit<S> {
-        ConcurrencyLimit {
-            inner,
-            permits: self.permits.clone(),
-        }
-    }
-}
-
-/// The service of [`ConcurrencyLimitLayer`].
-#[derive(Debug, Clone)]
-pub struct ConcurrencyLimit<S> {
-    inner: S,
-    permits: Arc<Semaphore>,
-}
-
-impl<S> tower::Service<Context> for ConcurrencyLimit<S>
-where
-    S: tower::Service<Context, Response = (), Error = HandlerError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = HandlerFuture;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
-        // The service that was made ready handles this call (tower's contract); a clone
-        // stays behind for the next one.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl Middleware for ConcurrencyLimitLayer {
+    fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+    where
+        S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let permits = self.permits.clone();
         Box::pin(async move {
             let _permit = permits
                 .acquire_owned()
                 .await
                 .map_err(|_| HandlerError::retry("concurrency limit closed"))?;
-            inner.call(ctx).await
+            next.run(ctx).await
         })
     }
 }
+
+middleware_layer!(ConcurrencyLimitLayer, ConcurrencyLimit);

@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::task::Poll;
 use std::time::Duration;
 
 use crate::handler::HandlerError;
 use crate::idempotency::{DedupStore, OncePerEvent};
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
+use crate::router::layers::around::{Middleware, Next, middleware_layer};
 
 /// Handles each (source, id) once, remembering handled keys in `store`.
 ///
@@ -50,43 +50,18 @@ impl IdempotencyLayer {
     }
 }
 
-impl<S> tower::Layer<S> for IdempotencyLayer {
-    type Service = Idempotency<S>;
-    fn layer(&self, inner: S) -> Idempotency<S> {
-        Idempotency {
-            inner,
-            once: self.once.clone(),
-        }
-    }
-}
-
-/// The service of [`IdempotencyLayer`].
-#[derive(Clone)]
-pub struct Idempotency<S> {
-    inner: S,
-    once: OncePerEvent,
-}
-
-impl<S> tower::Service<Context> for Idempotency<S>
-where
-    S: tower::Service<Context, Response = (), Error = HandlerError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = HandlerFuture;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl Middleware for IdempotencyLayer {
+    fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+    where
+        S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let once = self.once.clone();
         Box::pin(async move {
             let event = ctx.event().clone();
-            once.run(&event, inner.call(ctx)).await
+            once.run(&event, next.run(ctx)).await
         })
     }
 }
+
+middleware_layer!(IdempotencyLayer, Idempotency);

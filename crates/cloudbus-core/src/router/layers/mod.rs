@@ -1,7 +1,10 @@
 //! The tower layers cloudbus ships for routes: timeout, concurrency limit, rate
 //! limit, circuit breaker, idempotency, schema validation and tracing. Each takes and
-//! gives a `Service<Context, Response = (), Error = HandlerError>`.
+//! gives a `Service<Context, Response = (), Error = HandlerError>`; each is a
+//! [`Middleware`] made a layer by [`Around`], which an application's own layer can be
+//! too.
 
+mod around;
 mod circuit_breaker;
 mod concurrency;
 mod idempotency;
@@ -10,6 +13,7 @@ mod timeout;
 mod trace;
 mod validate;
 
+pub use around::{Around, Middleware, Next};
 pub use circuit_breaker::{CircuitBreaker, CircuitBreakerLayer};
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use idempotency::{Idempotency, IdempotencyLayer};

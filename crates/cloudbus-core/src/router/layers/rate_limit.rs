@@ -3,7 +3,6 @@
 //! rate wait for a token (their leases are kept by the worker meanwhile).
 
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -11,6 +10,7 @@ use tokio::time::Instant;
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
+use crate::router::layers::around::{Middleware, Next, middleware_layer};
 
 /// At most `rate` handlings per `per`, with bursts up to `rate`, shared by every
 /// route the layer is applied to.
@@ -68,39 +68,12 @@ impl RateLimitLayer {
     }
 }
 
-impl<S> tower::Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            inner,
-            bucket: self.bucket.clone(),
-        }
-    }
-}
-
-/// The service of [`RateLimitLayer`].
-#[derive(Debug, Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    bucket: Arc<Mutex<Bucket>>,
-}
-
-impl<S> tower::Service<Context> for RateLimit<S>
-where
-    S: tower::Service<Context, Response = (), Error = HandlerError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = HandlerFuture;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+impl Middleware for RateLimitLayer {
+    fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+    where
+        S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let bucket = self.bucket.clone();
         Box::pin(async move {
             loop {
@@ -113,7 +86,9 @@ where
                     Some(wait) => tokio::time::sleep(wait).await,
                 }
             }
-            inner.call(ctx).await
+            next.run(ctx).await
         })
     }
 }
+
+middleware_layer!(RateLimitLayer, RateLimit);

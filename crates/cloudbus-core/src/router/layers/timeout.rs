@@ -2,12 +2,12 @@
 //! retried later (the worker's backoff), so one stuck call does not hold a delivery
 //! until its lease runs out.
 
-use std::task::Poll;
 use std::time::Duration;
 
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
+use crate::router::layers::around::{Middleware, Next, middleware_layer};
 
 /// Limits each handling to `limit`; past it the event is retried.
 ///
@@ -30,39 +30,14 @@ impl TimeoutLayer {
     }
 }
 
-impl<S> tower::Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(&self, inner: S) -> Timeout<S> {
-        Timeout {
-            inner,
-            limit: self.limit,
-        }
-    }
-}
-
-/// The service of [`TimeoutLayer`].
-#[derive(Debug, Clone)]
-pub struct Timeout<S> {
-    inner: S,
-    limit: Duration,
-}
-
-impl<S> tower::Service<Context> for Timeout<S>
-where
-    S: tower::Service<Context, Response = (), Error = HandlerError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = HandlerFuture;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
+impl Middleware for TimeoutLayer {
+    fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+    where
+        S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let limit = self.limit;
-        let handling = self.inner.call(ctx);
+        let handling = next.run(ctx);
         Box::pin(async move {
             match tokio::time::timeout(limit, handling).await {
                 Ok(outcome) => outcome,
@@ -73,3 +48,5 @@ where
         })
     }
 }
+
+middleware_layer!(TimeoutLayer, Timeout);

@@ -2,14 +2,13 @@
 //! version, attempt, route outcome), inside the worker's `cloudbus.handle` span and
 //! the event's trace.
 
-use std::task::Poll;
-
 use tracing::Instrument;
 
 use crate::event::AttributesReader;
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
+use crate::router::layers::around::{Middleware, Next, middleware_layer};
 
 /// Wraps each handling in a `cloudbus.route` span and logs failures.
 ///
@@ -29,33 +28,12 @@ impl TraceLayer {
     }
 }
 
-impl<S> tower::Layer<S> for TraceLayer {
-    type Service = Trace<S>;
-    fn layer(&self, inner: S) -> Trace<S> {
-        Trace { inner }
-    }
-}
-
-/// The service of [`TraceLayer`].
-#[derive(Debug, Clone)]
-pub struct Trace<S> {
-    inner: S,
-}
-
-impl<S> tower::Service<Context> for Trace<S>
-where
-    S: tower::Service<Context, Response = (), Error = HandlerError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = HandlerFuture;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
+impl Middleware for TraceLayer {
+    fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+    where
+        S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
         let span = tracing::info_span!(
             "cloudbus.route",
             event_type = %ctx.event().ty(),
@@ -66,7 +44,7 @@ where
         );
         let handling = {
             let _entered = span.enter();
-            self.inner.call(ctx)
+            next.run(ctx)
         };
         Box::pin(
             async move {
@@ -89,3 +67,5 @@ where
         )
     }
 }
+
+middleware_layer!(TraceLayer, Trace);

@@ -3,13 +3,13 @@
 //! validation error as the reason (a registry that cannot be reached: retried).
 
 use std::sync::Arc;
-use std::task::Poll;
 
 use crate::error::ErrorKind;
 use crate::event::AttributesReader;
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
+use crate::router::layers::around::{Middleware, Next, middleware_layer};
 use crate::validation::{Checked, EventValidator};
 
 /// Validates each event with `validator` before handling it.
@@ -57,40 +57,13 @@ impl SchemaValidationLayer {
     }
 }
 
-impl<S> tower::Layer<S> for SchemaValidationLayer {
-    type Service = SchemaValidation<S>;
-    fn layer(&self, inner: S) -> SchemaValidation<S> {
-        SchemaValidation {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// The service of [`SchemaValidationLayer`].
-#[derive(Clone)]
-pub struct SchemaValidation<S> {
-    inner: S,
-    layer: SchemaValidationLayer,
-}
-
-impl<S> tower::Service<Context> for SchemaValidation<S>
-where
-    S: tower::Service<Context, Response = (), Error = HandlerError> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = HandlerFuture;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, ctx: Context) -> HandlerFuture {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
+impl Middleware for SchemaValidationLayer {
+    fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+    where
+        S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let layer = self.clone();
         Box::pin(async move {
             match layer.validator.validate(ctx.event()).await {
                 Ok(Checked::Valid) => {}
@@ -107,7 +80,9 @@ where
                 }
                 Err(e) => return Err(HandlerError::retry(e)),
             }
-            inner.call(ctx).await
+            next.run(ctx).await
         })
     }
 }
+
+middleware_layer!(SchemaValidationLayer, SchemaValidation);
