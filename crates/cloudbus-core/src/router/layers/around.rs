@@ -25,7 +25,49 @@ where
     }
 }
 
-/// What a layer does around the rest of a route.
+/// What a layer does around the rest of a route. An application's own is a layer with
+/// `tower::layer::layer_fn(|inner| Around::new(inner, mine.clone()))`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use cloudbus_core::router::layers::{Around, Middleware, Next};
+/// use cloudbus_core::router::{Context, HandlerFuture, RouteService};
+/// use cloudbus_core::{EventBuilder, Handler, HandlerContext, HandlerError, Router};
+///
+/// /// Counts the handlings that failed.
+/// #[derive(Clone, Default)]
+/// struct CountFailures(Arc<AtomicU64>);
+///
+/// impl Middleware for CountFailures {
+///     fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
+///     where
+///         S: tower::Service<Context, Response = (), Error = HandlerError> + Send + 'static,
+///         S::Future: Send + 'static,
+///     {
+///         let failures = self.0.clone();
+///         let handling = next.run(ctx);
+///         Box::pin(async move {
+///             let outcome = handling.await;
+///             if outcome.is_err() {
+///                 failures.fetch_add(1, Ordering::Relaxed);
+///             }
+///             outcome
+///         })
+///     }
+/// }
+///
+/// let count = CountFailures::default();
+/// let mine = count.clone();
+/// let router = Router::new()
+///     .route_type("com.example.ping", |_: Context| async { Err::<(), _>(HandlerError::retry("down")) })
+///     .layer(tower::layer::layer_fn(move |inner: RouteService| Around::new(inner, mine.clone())));
+/// let event = Arc::new(EventBuilder::new("com.example.ping", "/doc").build().unwrap());
+/// assert!(router.handle(event, HandlerContext::new(1, "doc")).await.is_err());
+/// assert_eq!(count.0.load(Ordering::Relaxed), 1);
+/// # }
+/// ```
 pub trait Middleware: Clone + Send + Sync + 'static {
     /// Handles `ctx`, running `next` (or not: a refusal, a duplicate).
     fn call<S>(&self, ctx: Context, next: Next<S>) -> HandlerFuture
