@@ -1207,3 +1207,43 @@ async fn a_nested_router_keeps_its_own_state() {
     outer.handle(event, ctx()).await.unwrap();
     assert_eq!(*seen.lock().unwrap(), ["inner"]);
 }
+
+/// A registry whose schemas can be added while it is used.
+#[derive(Default)]
+struct GrowingRegistry(std::sync::Mutex<std::collections::HashMap<SchemaId, serde_json::Value>>);
+
+#[async_trait::async_trait]
+impl SchemaRegistry for GrowingRegistry {
+    async fn schema(&self, id: &SchemaId) -> cloudbus::Result<Option<serde_json::Value>> {
+        Ok(self.0.lock().unwrap().get(id).cloned())
+    }
+    async fn list(&self) -> cloudbus::Result<Vec<SchemaId>> {
+        Ok(self.0.lock().unwrap().keys().cloned().collect())
+    }
+}
+
+#[tokio::test]
+async fn a_schema_registered_later_is_found_after_the_recheck_interval() {
+    use cloudbus::{Checked, EventValidator};
+    let registry = Arc::new(GrowingRegistry::default());
+    let validator =
+        SchemaValidator::new(registry.clone()).recheck_missing(Duration::from_millis(50));
+    let bad = OrderCreated {
+        order_id: "x".into(),
+        customer: "c".into(),
+        total_cents: 1,
+    }
+    .to_event()
+    .unwrap();
+    assert_eq!(validator.validate(&bad).await.unwrap(), Checked::NoSchema);
+    registry.0.lock().unwrap().insert(
+        SchemaId::new(OrderCreated::TYPE, 2),
+        json!({"properties": {"order_id": {"pattern": "^order-"}}}),
+    );
+    // Still believed missing within the interval...
+    assert_eq!(validator.validate(&bad).await.unwrap(), Checked::NoSchema);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // ...and asked again after it.
+    let e = validator.validate(&bad).await.unwrap_err();
+    assert!(e.to_string().contains("/order_id"), "{e}");
+}

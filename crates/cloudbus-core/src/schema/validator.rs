@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -43,8 +44,16 @@ const VIOLATIONS_NAMED: usize = 3;
 /// ```
 pub struct SchemaValidator {
     registry: Arc<dyn SchemaRegistry>,
-    /// Compiled schemas by id; `None`: the registry has none.
-    compiled: RwLock<HashMap<SchemaId, Option<Arc<jsonschema::Validator>>>>,
+    /// Compiled schemas by id, and the ids the registry had none for (asked again
+    /// after `recheck_missing`, so that a schema registered later is found).
+    compiled: RwLock<HashMap<SchemaId, Cached>>,
+    recheck_missing: Duration,
+}
+
+#[derive(Clone)]
+enum Cached {
+    Schema(Arc<jsonschema::Validator>),
+    Missing(Instant),
 }
 
 impl std::fmt::Debug for SchemaValidator {
@@ -62,7 +71,15 @@ impl SchemaValidator {
         SchemaValidator {
             registry,
             compiled: RwLock::new(HashMap::new()),
+            recheck_missing: Duration::from_secs(60),
         }
+    }
+
+    /// How long the registry's "no schema" for a type and version is believed before
+    /// it is asked again (default 60 s).
+    pub fn recheck_missing(mut self, after: Duration) -> Self {
+        self.recheck_missing = after;
+        self
     }
 
     /// A validator with every schema of `registry` loaded and compiled, so that the
@@ -80,7 +97,11 @@ impl SchemaValidator {
     pub fn loaded(&self) -> usize {
         self.compiled
             .read()
-            .map(|c| c.values().filter(|v| v.is_some()).count())
+            .map(|c| {
+                c.values()
+                    .filter(|v| matches!(v, Cached::Schema(_)))
+                    .count()
+            })
             .unwrap_or(0)
     }
 
@@ -97,14 +118,24 @@ impl SchemaValidator {
             )?)),
             None => None,
         };
+        let entry = match &compiled {
+            Some(schema) => Cached::Schema(schema.clone()),
+            None => Cached::Missing(Instant::now()),
+        };
         if let Ok(mut cache) = self.compiled.write() {
-            cache.insert(id.clone(), compiled.clone());
+            cache.insert(id.clone(), entry);
         }
         Ok(compiled)
     }
 
+    /// What is known of `id`: `Some(Some(schema))`, `Some(None)` (none, recently
+    /// asked), or `None` (to be fetched).
     fn cached(&self, id: &SchemaId) -> Option<Option<Arc<jsonschema::Validator>>> {
-        self.compiled.read().ok()?.get(id).cloned()
+        match self.compiled.read().ok()?.get(id)? {
+            Cached::Schema(schema) => Some(Some(schema.clone())),
+            Cached::Missing(at) if at.elapsed() < self.recheck_missing => Some(None),
+            Cached::Missing(_) => None,
+        }
     }
 
     /// Checks `event`'s data with `schema`.
