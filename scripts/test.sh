@@ -76,6 +76,7 @@ use_python_venv() {
 saga_finished() {
     local log="$1"
     grep -q "redriven:        2" "$log"
+    grep -q "purged:          1" "$log"
     grep -q "order-9 -> OrderConfirmed" "$log"
     grep -q "does not match the schema of com.example.saga.OrderCreated v2: /amount_cents" "$log"
     tail -n 20 "$log"

@@ -248,6 +248,13 @@ async fn main() -> cloudbus::Result<()> {
             Router::new().route_prefix("com.example.saga.", count),
         ),
     ];
+    // Payment's dead-letter queue starts empty: an earlier run on the same emulator
+    // (same queue names) may have left its invalid order there.
+    let dlq = routes.dead_letters(&bus, "payment").await?;
+    let leftover = dlq.purge().await?;
+    if leftover > 0 {
+        println!("payment dead-letter queue: {leftover} letter(s) of an earlier run purged");
+    }
     let mut running = Vec::new();
     for (service, router) in services {
         let consumer = routes.consumer(&bus, service).await?;
@@ -334,7 +341,6 @@ async fn main() -> cloudbus::Result<()> {
 
     // Wait for every order but the poison one (and the invalid one) to finish.
     wait_for(&saga.outcomes, expected - 1, Duration::from_secs(10)).await;
-    let dlq = routes.dead_letters(&bus, "payment").await?;
     // The dead letters land when Payment's worker settles them, which may be after
     // the other orders finished: wait for both.
     let letters = wait_for_letters(&dlq, 2).await?;
@@ -354,6 +360,9 @@ async fn main() -> cloudbus::Result<()> {
         letters.len()
     );
     show_letters(&letters);
+    // Bad data is fixed where it is produced, not by redriving: the operator drops it.
+    let purged = dlq.purge().await?;
+    println!("--- purged: {purged}");
     // Let email and analytics see the last events.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -416,6 +425,7 @@ async fn main() -> cloudbus::Result<()> {
         ),
         ("dead-lettered", dead_lettered.to_string()),
         ("redriven", redriven.to_string()),
+        ("purged", purged.to_string()),
         ("events per type", outcomes.per_type_lines()),
     ]);
     let done = outcomes.finished();
