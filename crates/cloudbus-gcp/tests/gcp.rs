@@ -711,26 +711,31 @@ use cloudbus::conformance::network as fault_proxy;
 
 /// The diagnosis of the network-fault test below: a consumer takes 50 messages
 /// through the proxy and then loses its connection for good (the proxy goes away,
-/// so no nack, ack or lease extension gets through). The emulator must give the 50
-/// to a new consumer once their 10 s ack deadline has passed, as Pub/Sub does.
+/// so no nack, ack or lease extension gets through). Pub/Sub gives the 50 to a new
+/// consumer once their 10 s ack deadline has passed.
+///
+/// Ignored: the emulator (google-cloud-cli-pubsub-emulator 528.0.0, fake 0.8.20) does
+/// not forget a streaming pull whose client went away. Closing the call throws
+/// `NoSuchMethodError: io.grpc.InternalStatus.asRuntimeException` inside the grpc it
+/// bundles (in its log for every cancelled or cut stream), so the stream's pusher
+/// thread (`FakePubsubServer$StreamingPullPusher`) never learns the call ended. It goes
+/// on pulling the subscription every 50 ms and writes what it pulls to the dead
+/// connection, racing the new consumer for every redelivery. Measured on 2026-12-01:
+/// on a fresh emulator the 50 came back in 10 s and 30 s; after one run of this file,
+/// in 80 s twice; in the fresh-clone CI run, 0 of 50 in 90 s twice. `jstack` of an
+/// emulator with no client connected showed 72 pushers still running. Real Pub/Sub
+/// ends a stream with its connection; the proof needs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the emulator keeps pulling for streams whose connection was cut (see the doc comment)"]
 async fn pubsub_messages_of_a_cut_connection_come_back_after_the_deadline() {
     let Some(host) = emulator() else {
         return;
     };
-    // The emulator sometimes keeps the messages of a cut stream leased for good (0 of 50
-    // back in 90 s, in 2 of 3 fresh-clone CI runs on 2026-12-01, with cloudbus-gcp
-    // unchanged), so the scenario gets a second try on new entities; a cloudbus defect
-    // that keeps them leased fails both.
-    let mut outcomes = Vec::new();
-    for _ in 0..2 {
-        let (held, back, total) = cut_connection_scenario(&host).await;
-        if back == total {
-            return;
-        }
-        outcomes.push(format!("held {held}, back {back} of {total}"));
-    }
-    panic!("messages of a cut connection stayed leased: {outcomes:?}");
+    let (held, back, total) = cut_connection_scenario(&host).await;
+    assert_eq!(
+        back, total,
+        "messages of a cut connection stayed leased: held {held}, back {back} of {total}"
+    );
 }
 
 /// One run of the cut-connection scenario: (held through the proxy, back after the
@@ -804,9 +809,11 @@ async fn cut_connection_scenario(host: &str) -> (usize, usize, usize) {
 ///   client (a new client id), brought nothing within 60 s; a new bus straight to the
 ///   emulator after the run drained 1,000 of 1,000 once, 100 of 541 once, and 0 of
 ///   1,000 twice within 40 s.
-/// - A consumer whose connection is cut for good gets its messages back to a new
-///   consumer after about 20 s (`pubsub_messages_of_a_cut_connection_come_back_after_the_deadline`),
-///   so it takes repeated cuts of live streams.
+/// - The cause (found 2026-12-01, see
+///   `pubsub_messages_of_a_cut_connection_come_back_after_the_deadline`): the emulator
+///   never ends a streaming pull whose connection went away (an exception in the grpc
+///   it bundles), and the dead stream's pusher goes on taking the subscription's
+///   messages every 50 ms; each cut adds one such thief.
 ///
 /// - Without cloudbus, Google's official Python client through a proxy that severs
 ///   the same way (`tests/interop/pubsub_network_faults.py`) received 1,400, 1,900
