@@ -13,6 +13,9 @@
 #     proven against Microsoft's azure-eventgrid client, unless EVENTGRID_ENDPOINT is
 #     set; and the project's Service Bus emulator (tests/emulators/servicebus), first
 #     proven against azure-servicebus, unless SERVICEBUS_CONNECTION_STRING is set.
+#   - promtool for the Prometheus alerts under deploy/ (scripts/promtool.sh: Debian's
+#     prometheus package, downloaded and unpacked, not installed), unless PROMTOOL is
+#     set.
 #   - The durable stores: a throwaway PostgreSQL cluster (scripts/postgres.sh) unless
 #     DATABASE_URL is set, and Redis (scripts/redis.sh, installed from Debian's
 #     packages when missing) unless REDIS_URL is set. SQLite needs no server.
@@ -96,18 +99,59 @@ run_saga() {
     saga_finished "$log"
 }
 
+# promtool for the tests of deploy/prometheus (tests/deploy.rs).
+if [[ -z "${PROMTOOL:-}" ]]; then
+    if PROMTOOL="$(bash scripts/promtool.sh)"; then
+        export PROMTOOL
+    elif [[ "${CI:-}" == "true" ]]; then
+        echo "CI=true and promtool could not be fetched (scripts/promtool.sh)" >&2
+        exit 1
+    else
+        echo "SKIPPED: no promtool; tests/deploy.rs will say so" >&2
+    fi
+fi
+
 echo "== cargo test --workspace (unit, conformance on the memory broker, integration, doc tests)"
 # The provider crates run (unit, doc and emulator tests) in their sections below, with
 # their emulators, and the store crate in its own with its servers; left out here, the
 # facade is built with its default features only, as an application that enables none
 # gets it.
-providers=(--exclude cloudbus-aws --exclude cloudbus-azure --exclude cloudbus-gcp --exclude cloudbus-store)
+providers=(--exclude cloudbus-aws --exclude cloudbus-azure --exclude cloudbus-gcp --exclude cloudbus-store --exclude cloudbus-cli)
 cargo test --workspace "${providers[@]}" --all-targets
 cargo test --workspace "${providers[@]}" --doc
 # The router's tests include the HTTP schema registry (feature schema-http).
 cargo test --features schema-http --test router
 
 run_saga "" ""
+
+echo "== metrics_server example: /metrics for Prometheus and the health endpoints"
+cargo build --quiet --features memory --example metrics_server
+metrics_log=/tmp/cloudbus-metrics-server.log
+METRICS_ADDR=127.0.0.1:0 cargo run --quiet --features memory --example metrics_server -- --serve-for 10 > "$metrics_log" 2>&1 &
+metrics_pid=$!
+metrics_url=""
+for _ in $(seq 1 100); do
+    metrics_url="$(sed -n 's/^listening on //p' "$metrics_log")"
+    [[ -n "$metrics_url" ]] && break
+    sleep 0.2
+done
+[[ -n "$metrics_url" ]] || { cat "$metrics_log"; echo "metrics_server did not start" >&2; exit 1; }
+sleep 3 # 30 orders at 10 a second, 3 of them malformed
+curl -fsS "$metrics_url/metrics" > /tmp/cloudbus-metrics.txt
+for want in 'events_published_total{source="/shop",event_type="com.example.order.created"}' \
+    'event_processing_errors_total{consumer="billing",event_type="com.example.order.created",error="reject"}' \
+    'dlq_messages_total{consumer="billing",reason="rejected"}' \
+    'event_lag_seconds_bucket{consumer="billing",le="0.001"}' \
+    'event_processing_duration_seconds_count{consumer="billing",event_type="com.example.order.created"}' \
+    'event_queue_depth{consumer="billing"}'; do
+    grep -qF "$want" /tmp/cloudbus-metrics.txt || { echo "/metrics lacks $want" >&2; cat /tmp/cloudbus-metrics.txt >&2; exit 1; }
+done
+curl -fsS "$metrics_url/health/live" | grep -q '"running":true'
+curl -fsS "$metrics_url/health/ready" | tee /tmp/cloudbus-ready.json | grep -q '"ready":true'
+echo "metrics_server: $(grep -c '^event' /tmp/cloudbus-metrics.txt) series lines; ready: $(cat /tmp/cloudbus-ready.json)"
+# It stops by itself after 10 s: the worker shut down cleanly, the counts printed.
+wait "$metrics_pid"
+grep "^handled: " "$metrics_log"
 
 echo "== durable stores (cloudbus-store) on PostgreSQL, SQLite and Redis"
 if [[ -z "${DATABASE_URL:-}" ]]; then
@@ -164,6 +208,9 @@ if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
         run_saga "$url" aws
     done
 fi
+
+echo "== the cloudbus command-line tool (assert_cmd, on the Pub/Sub emulator and LocalStack)"
+cargo test -p cloudbus-cli
 
 echo "== Azure (the project's emulators, proven against azure-eventgrid and azure-servicebus first)"
 if [[ -z "${EVENTGRID_ENDPOINT:-}" ]]; then

@@ -442,6 +442,7 @@ async fn worker_records_the_seed_metrics() {
         "event_queue_depth",
         "dlq_messages_total",
         "event_lag_seconds",
+        "event_processing_errors_total",
     ] {
         assert!(names.contains(want), "metric {want} missing from {names:?}");
     }
@@ -474,6 +475,75 @@ async fn worker_records_the_seed_metrics() {
         1
     );
     assert_eq!(counter("dlq_messages_total", &[("consumer", "metered")]), 1);
+    // The rejection is a processing error; the success is not.
+    let errors = "event_processing_errors_total";
+    assert_eq!(
+        counter(errors, &[("consumer", "metered"), ("error", "reject")]),
+        1
+    );
+    assert_eq!(counter(errors, &[("consumer", "metered")]), 1);
+    // The lag of every delivery, not of the first of each batch.
+    let lag_samples: usize = snapshot
+        .iter()
+        .filter(|(key, _, _, _)| {
+            key.key().name() == "event_lag_seconds"
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == "consumer" && l.value() == "metered")
+        })
+        .map(|(_, _, _, value)| match value {
+            metrics_util::debugging::DebugValue::Histogram(samples) => samples.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(lag_samples, 2, "one lag sample per delivery");
+
+    // A stream consumer group's lag behind the newest record of each partition (the
+    // memory log reports it as Kinesis reports MillisBehindLatest): behind after a
+    // partial read, zero once caught up.
+    let broker = MemoryBroker::new();
+    broker.ensure_log("metered-log", 1).unwrap();
+    let log = broker.bus();
+    let writer = log.publisher("metered-log").await.unwrap();
+    for n in 0..5 {
+        writer.publish(ev(n)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut reader = log
+        .stream_consumer("metered-log", "metered-group")
+        .await
+        .unwrap()
+        .start_at(cloudbus::StartPosition::Earliest)
+        .batch_size(2);
+    let ok = |_e: Arc<Event>, _c: HandlerContext| async { Ok::<(), HandlerError>(()) };
+    let stream_lag = || -> Vec<f64> {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, _, _, _)| {
+                key.key().name() == "event_stream_lag_seconds"
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "consumer" && l.value() == "metered-group")
+            })
+            .filter_map(|(_, _, _, value)| match value {
+                metrics_util::debugging::DebugValue::Gauge(v) => Some(v.into_inner()),
+                _ => None,
+            })
+            .collect()
+    };
+    reader.poll(&ok).await.unwrap();
+    let behind = stream_lag();
+    assert_eq!(behind.len(), 1, "one partition: {behind:?}");
+    assert!(
+        behind[0] >= 0.01,
+        "3 records behind, 5 ms apart: {behind:?}"
+    );
+    reader.catch_up(&ok).await.unwrap();
+    assert_eq!(stream_lag(), vec![0.0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1600,4 +1670,135 @@ fn decoders_survive_the_fuzz_corpus() {
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
     assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
+}
+
+/// A subscription whose receives fail while `down` is set, as a broker away.
+struct Outage(
+    Arc<dyn cloudbus::SubscriptionDriver>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
+
+#[async_trait]
+impl cloudbus::SubscriptionDriver for Outage {
+    async fn receive_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> cloudbus::Result<Vec<cloudbus::ReceivedMessage>> {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            return Err(cloudbus::Error::new(
+                ErrorKind::Unavailable,
+                "broker unreachable (test outage)",
+            ));
+        }
+        self.0.receive_batch(max, wait).await
+    }
+    async fn settle_batch(
+        &self,
+        items: &[(cloudbus::AckToken, cloudbus::Settlement)],
+    ) -> cloudbus::Result<cloudbus::BatchResults> {
+        self.0.settle_batch(items).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Issue 17: `Worker::health` and `Publisher::health` for probes. A worker is ready
+/// while it receives, not ready with the last error while the broker is away, ready
+/// again when it comes back, and not live once shut down; it counts what it holds. A
+/// publisher is live until closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_and_publisher_health_follow_the_broker() {
+    let bus = bus_with("health", "s").await;
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer = cloudbus::Consumer::new(
+        Arc::new(Outage(
+            bus.driver().subscription("health", "s").await.unwrap(),
+            down.clone(),
+        )),
+        "s",
+    );
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let worker = consumer.start_worker(
+        move |_e: Arc<Event>, _c: HandlerContext| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                Ok::<(), HandlerError>(())
+            }
+        },
+        cloudbus::WorkerOptions {
+            retry: cloudbus::RetryPolicy::default()
+                .initial_backoff(Duration::from_millis(20))
+                .max_backoff(Duration::from_millis(50)),
+            ..Default::default()
+        },
+    );
+    let ready = wait_for(&worker, "ready", |h| {
+        h.is_ready() && h.last_receive.is_some()
+    })
+    .await;
+    assert!(ready.is_live() && ready.last_error.is_none(), "{ready:?}");
+
+    // Two events held by the handler: in flight.
+    let publisher = bus.publisher("health").await.unwrap();
+    publisher.publish(ev(1)).await.unwrap();
+    publisher.publish(ev(2)).await.unwrap();
+    assert!(publisher.health().is_ready());
+    assert!(publisher.health().last_send.is_some());
+    wait_for(&worker, "two in flight", |h| h.in_flight == 2).await;
+
+    // The broker goes away: live, not ready, the error kept.
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let away = wait_for(&worker, "not ready", |h| {
+        !h.is_ready() && h.consecutive_failures >= 2
+    })
+    .await;
+    assert!(
+        away.is_live() && !away.receiving && !away.connected,
+        "{away:?}"
+    );
+    let error = away.last_error.clone().expect("the last error");
+    assert_eq!(error.kind, ErrorKind::Unavailable);
+    assert!(error.message.contains("test outage"), "{error:?}");
+
+    // Back: ready again; the handlers finish and nothing is held.
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for(&worker, "ready again", |h| {
+        h.is_ready() && h.consecutive_failures == 0
+    })
+    .await;
+    release.notify_waiters();
+    release.notify_one();
+    release.notify_one();
+    wait_for(&worker, "nothing held", |h| h.in_flight == 0).await;
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(report.acked, 2);
+
+    publisher.close().await.unwrap();
+    let closed = publisher.health();
+    assert!(!closed.is_live() && !closed.is_ready(), "{closed:?}");
+}
+
+/// Polls `worker.health()` until `ok`, for up to 10 s.
+async fn wait_for(
+    worker: &cloudbus::Worker,
+    what: &str,
+    ok: impl Fn(&cloudbus::WorkerHealth) -> bool,
+) -> cloudbus::WorkerHealth {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = worker.health();
+        if ok(&health) {
+            return health;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {health:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -419,6 +419,10 @@ impl StreamDriver for KinesisStream {
             next: out
                 .next_shard_iterator()
                 .map(|it| format!("{shard}{CURSOR_SEPARATOR}{it}")),
+            behind: out
+                .millis_behind_latest()
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(std::time::Duration::from_millis),
         })
     }
 

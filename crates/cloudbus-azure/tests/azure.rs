@@ -1251,6 +1251,53 @@ async fn servicebus_scheduled_delivery() {
     );
 }
 
+/// `event_queue_depth` on Service Bus: the management API's ActiveMessageCount of the
+/// queue, and of a topic's subscription (issue 17).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_queue_depth_is_the_active_message_count() {
+    if servicebus().is_none() {
+        return;
+    }
+    let (bus, queue) = new_queue().await;
+    let publisher = bus.publisher(&queue).await.expect("publisher");
+    for n in 0..3 {
+        publisher
+            .publish(event("com.example.depth", n))
+            .await
+            .expect("publish");
+    }
+    let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
+    assert_eq!(consumer.report_queue_depth().await, Some(3));
+
+    let topics = ServiceBusHarness {
+        entities: EntityKind::Topics,
+        sessions: false,
+    }
+    .connect()
+    .await;
+    let topic = unique("t");
+    topics.ensure_topic(&topic).await.expect("topic");
+    for sub in ["a", "b"] {
+        topics
+            .ensure_subscription(&SubscriptionSpec::new(&topic, sub))
+            .await
+            .expect("subscription");
+    }
+    let publisher = topics.publisher(&topic).await.expect("publisher");
+    for n in 0..2 {
+        publisher
+            .publish(event("com.example.depth", n))
+            .await
+            .expect("publish");
+    }
+    let a = topics.consumer(&topic, "a").await.expect("consumer");
+    assert_eq!(a.report_queue_depth().await, Some(2));
+    let missing = topics.consumer(&topic, "gone").await;
+    if let Ok(missing) = missing {
+        assert_eq!(missing.report_queue_depth().await, None);
+    }
+}
+
 /// Duplicate detection: MessageId is the CloudEvent id, so publishing the same event
 /// twice delivers it once; a new id is a new message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,6 +54,11 @@ pub struct Capabilities {
     pub max_batch_bytes: usize,
     /// Raw (non-CloudEvent) messages can be injected, for the malformed-message tests.
     pub raw_messages: bool,
+    /// How many sends of one publisher the provider carries at once; a
+    /// [`Publisher`](crate::Publisher) uses no more lanes than this. Service Bus
+    /// sends over one link, one transfer at a time, so lanes beyond one would only
+    /// split a batch into smaller transfers that wait for each other.
+    pub concurrent_sends: usize,
 }
 
 impl Default for Capabilities {
@@ -75,6 +80,7 @@ impl Default for Capabilities {
             max_batch_count: 10,
             max_batch_bytes: 256 * 1024,
             raw_messages: false,
+            concurrent_sends: usize::MAX,
         }
     }
 }
@@ -111,6 +117,7 @@ impl Capabilities {
             max_batch_count,
             max_batch_bytes,
             raw_messages: true,
+            concurrent_sends: usize::MAX,
         }
     }
 }

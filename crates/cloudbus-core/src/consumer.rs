@@ -211,8 +211,8 @@ impl Consumer {
                 )
                 .await;
         }
-        if let Some(first) = out.first() {
-            self.inner.metrics.lag(&first.event);
+        for delivery in &out {
+            self.inner.metrics.lag(&delivery.event);
         }
         Ok(out)
     }

@@ -568,6 +568,9 @@ pub struct ReadBatch {
     pub records: Vec<StreamRecord>,
     /// The cursor to read next; `None` when the partition is closed and fully read.
     pub next: Option<String>,
+    /// How far this read is behind the partition's newest record (Kinesis
+    /// `MillisBehindLatest`; zero when caught up), when the provider tells.
+    pub behind: Option<std::time::Duration>,
 }
 
 /// A partitioned log, as a provider exposes it.

@@ -300,10 +300,9 @@ impl HandlerRunner {
     ) -> Result<(), HandlerError> {
         let started = Instant::now();
         let (_span, handling) = self.handle(handler, event.clone(), attempt, None);
-        let outcome = handling
-            .await
-            .unwrap_or_else(|_| Err(HandlerError::retry("handler panicked")));
-        self.processed(&event, started);
+        let ran = handling.await;
+        self.processed(&event, started, &ran);
+        let outcome = ran.unwrap_or_else(|_| Err(HandlerError::retry("handler panicked")));
         let status = match &outcome {
             Ok(()) => "ack",
             Err(HandlerError::Retry { .. }) => "nack",
@@ -349,10 +348,23 @@ impl HandlerRunner {
         (span, handling)
     }
 
-    /// Counts the processing time of a handling of `event` begun at `started`.
-    pub(crate) fn processed(&self, event: &Event, started: Instant) {
+    /// Counts a handling of `event` begun at `started`: its time, and its failure
+    /// (`Err`: it panicked).
+    pub(crate) fn processed(
+        &self,
+        event: &Event,
+        started: Instant,
+        ran: &std::thread::Result<Result<(), HandlerError>>,
+    ) {
+        use crate::telemetry::RunOutcome;
+        let outcome = match ran {
+            Ok(Ok(())) => RunOutcome::Success,
+            Ok(Err(HandlerError::Retry { .. })) => RunOutcome::Retry,
+            Ok(Err(HandlerError::Reject { .. })) => RunOutcome::Reject,
+            Err(_) => RunOutcome::Panic,
+        };
         self.metrics
-            .processing(event.ty(), started.elapsed().as_secs_f64());
+            .processing(event.ty(), started.elapsed().as_secs_f64(), outcome);
     }
 
     /// Counts a message dead-lettered for `reason` without reaching the handler (a

@@ -25,6 +25,7 @@ pub mod error;
 pub mod event;
 pub mod filter;
 pub mod handler;
+pub mod health;
 pub mod idempotency;
 mod json_format;
 mod lease_keeper;
@@ -62,6 +63,7 @@ pub use event::{
 };
 pub use filter::Filter;
 pub use handler::{Handler, HandlerContext, HandlerError, HandlerRunner, Permanent};
+pub use health::{LastError, PublisherHealth, WorkerHealth};
 pub use idempotency::{Claim, DedupStore, Idempotent, MemoryDedupStore};
 pub use publisher::{PublishHandle, Publisher, PublisherOptions};
 pub use retry::RetryPolicy;

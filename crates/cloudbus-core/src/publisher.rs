@@ -19,6 +19,7 @@ use crate::codec::RawMessage;
 use crate::driver::{OutgoingMessage, Payload, PublishOptions, TopicDriver};
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{AttributesReader, Event};
+use crate::health::{HealthState, PublisherHealth};
 use crate::retry::RetryPolicy;
 use crate::telemetry;
 use crate::validation::EventValidator;
@@ -26,7 +27,9 @@ use crate::validation::EventValidator;
 /// Publisher settings.
 #[derive(Clone, Debug)]
 pub struct PublisherOptions {
-    /// Parallel send lanes; events with one ordering key always share a lane.
+    /// Parallel send lanes; events with one ordering key always share a lane. No more
+    /// are used than the provider carries at once
+    /// ([`Capabilities::concurrent_sends`](crate::Capabilities::concurrent_sends)).
     pub lanes: usize,
     /// How long a lane waits to fill a batch before sending (zero: send what is there).
     pub linger: Duration,
@@ -63,6 +66,8 @@ struct Inner {
     pending: Arc<AtomicUsize>,
     next_lane: AtomicUsize,
     paused: Arc<PausedKeys>,
+    /// What `health` reports.
+    health: Arc<HealthState>,
 }
 
 /// Ordering keys whose last publish failed. As in the Pub/Sub client libraries, later
@@ -157,6 +162,7 @@ impl Publisher {
                 pending: Arc::new(AtomicUsize::new(0)),
                 next_lane: AtomicUsize::new(0),
                 paused: Arc::default(),
+                health: Arc::default(),
             }),
             validator: None,
         }
@@ -249,8 +255,18 @@ impl Publisher {
         }
     }
 
+    /// The lanes this publisher sends on: its option, within what the provider
+    /// carries at once.
+    fn lane_count(&self) -> usize {
+        self.inner
+            .options
+            .lanes
+            .min(self.inner.caps.concurrent_sends)
+            .max(1)
+    }
+
     fn lane_index(&self, key: Option<&str>) -> usize {
-        let n = self.inner.options.lanes.max(1);
+        let n = self.lane_count();
         match key {
             Some(k) => crate::driver::key_slot(k, n),
             None => self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % n,
@@ -266,9 +282,7 @@ impl Publisher {
             return Err(Error::closed("publisher is closed"));
         }
         if lanes.batchers.is_empty() {
-            lanes.batchers = (0..self.inner.options.lanes.max(1))
-                .map(|_| self.new_lane())
-                .collect();
+            lanes.batchers = (0..self.lane_count()).map(|_| self.new_lane()).collect();
         }
         lanes.batchers[index].submit(msg)
     }
@@ -281,17 +295,19 @@ impl Publisher {
         let retry = self.inner.options.retry.clone();
         let paused = self.inner.paused.clone();
         let pending = self.inner.pending.clone();
+        let health = self.inner.health.clone();
         let ordering = self.inner.caps.ordering;
         let handler: BatchHandler<OutgoingMessage, Result<()>> =
             Arc::new(move |msgs: Vec<OutgoingMessage>| {
                 let (driver, retry) = (driver.clone(), retry.clone());
                 let (paused, pending) = (paused.clone(), pending.clone());
+                let health = health.clone();
                 Box::pin(async move {
                     let span = tracing::debug_span!("cloudbus.publish", events = msgs.len());
                     let results = send_in_order(driver.as_ref(), &msgs, &retry, &paused, ordering)
                         .instrument(span)
                         .await;
-                    record_published(&msgs, &results);
+                    record_published(&msgs, &results, &health);
                     pending.fetch_sub(msgs.len(), Ordering::Relaxed);
                     results
                 })
@@ -334,7 +350,7 @@ impl Publisher {
                 .map(|_| Err(Error::closed("publisher is closed")))
                 .collect();
         }
-        let lanes = self.inner.options.lanes.max(1);
+        let lanes = self.lane_count();
         let mut per_lane: Vec<Vec<(usize, OutgoingMessage)>> =
             (0..lanes).map(|_| Vec::new()).collect();
         for (i, msg) in msgs.into_iter().enumerate() {
@@ -356,6 +372,7 @@ impl Publisher {
             let caps = &self.inner.caps;
             let retry = &self.inner.options.retry;
             let paused = &self.inner.paused;
+            let health = &self.inner.health;
             async move {
                 let mut out = Vec::with_capacity(lane.len());
                 for chunk in BatchLimits::of(caps).chunks(lane, |(_, m)| m.size) {
@@ -363,7 +380,7 @@ impl Publisher {
                         chunk.into_iter().unzip();
                     let res =
                         send_in_order(driver.as_ref(), &msgs, retry, paused, caps.ordering).await;
-                    record_published(&msgs, &res);
+                    record_published(&msgs, &res, health);
                     out.extend(indices.into_iter().zip(res));
                 }
                 out
@@ -397,6 +414,18 @@ impl Publisher {
     /// The ordering keys paused by a failed publish.
     pub fn paused_ordering_keys(&self) -> Vec<String> {
         self.inner.paused.list()
+    }
+
+    /// Whether it is open and reaches the provider, for liveness and readiness probes
+    /// (see [`PublisherHealth`]).
+    pub fn health(&self) -> PublisherHealth {
+        PublisherHealth {
+            open: !self.is_closed(),
+            connected: self.inner.health.connected(),
+            last_error: self.inner.health.last_error(),
+            last_send: self.inner.health.last_success(),
+            pending: self.inner.pending.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether [`close`](Self::close) was called.
@@ -607,8 +636,17 @@ async fn send_in_order(
     results
 }
 
-/// Counts published events per (source, type), once per group, not once per event.
-fn record_published(msgs: &[OutgoingMessage], results: &[Result<()>]) {
+/// Counts published events per (source, type), once per group, not once per event,
+/// and records whether the send reached the provider.
+fn record_published(msgs: &[OutgoingMessage], results: &[Result<()>], health: &HealthState) {
+    if results.iter().any(Result::is_ok) {
+        health.succeeded();
+    } else if let Some(Err(e)) = results
+        .iter()
+        .find(|r| r.as_ref().is_err_and(crate::health::is_connection_error))
+    {
+        health.failed(e);
+    }
     let mut groups: Vec<(&Event, u64)> = Vec::new();
     for (m, r) in msgs.iter().zip(results) {
         if let (Payload::Event(e), Ok(())) = (&m.payload, r) {
@@ -706,5 +744,61 @@ mod tests {
                 .all(|c| c.iter().map(|x| x.1.size).sum::<usize>() <= 1000)
         );
         assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 7);
+    }
+
+    /// Records the size of every send.
+    struct RecordingDriver {
+        caps: Capabilities,
+        sends: std::sync::Mutex<Vec<usize>>,
+    }
+
+    #[async_trait::async_trait]
+    impl TopicDriver for RecordingDriver {
+        async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<crate::BatchResults> {
+            self.sends.lock().unwrap().push(batch.len());
+            Ok(batch.iter().map(|_| Ok(())).collect())
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.caps.clone()
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    async fn sends_of_a_batch(concurrent_sends: usize) -> Vec<usize> {
+        let driver = Arc::new(RecordingDriver {
+            caps: Capabilities {
+                max_batch_count: 1000,
+                max_batch_bytes: 10 * 1024 * 1024,
+                concurrent_sends,
+                ..Capabilities::default()
+            },
+            sends: Default::default(),
+        });
+        let publisher = Publisher::new(driver.clone());
+        let events = (0..100)
+            .map(|n| {
+                EventBuilder::new("t", "/s")
+                    .id(format!("e{n}"))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let results = publisher.publish_batch(events).await;
+        assert!(results.iter().all(Result::is_ok));
+        let mut sends = driver.sends.lock().unwrap().clone();
+        sends.sort_unstable();
+        sends
+    }
+
+    /// A provider that carries one send at a time gets one send per chunk, not one
+    /// per lane: four lanes over one Service Bus link made four small transfers that
+    /// waited for each other.
+    #[tokio::test]
+    async fn lanes_are_capped_by_the_providers_concurrent_sends() {
+        assert_eq!(sends_of_a_batch(1).await, vec![100]);
+        assert_eq!(sends_of_a_batch(2).await, vec![50, 50]);
+        assert_eq!(sends_of_a_batch(usize::MAX).await, vec![25, 25, 25, 25]);
     }
 }

@@ -234,7 +234,12 @@ impl StreamConsumer {
                 other => other,
             };
             let batch = match read {
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    if let Some(behind) = batch.behind {
+                        crate::telemetry::record_stream_lag(&self.group, &p.id, behind);
+                    }
+                    batch
+                }
                 Err(e) => {
                     tracing::warn!(group = %self.group, partition = %p.id, error = %e, "stream read failed; the next poll reads this partition again");
                     report.partitions_failed += 1;
@@ -530,6 +535,7 @@ mod tests {
             Ok(ReadBatch {
                 next: Some(format!("{partition}:{}", from + records.len())),
                 records,
+                behind: None,
             })
         }
         fn as_any(&self) -> &dyn std::any::Any {

@@ -18,11 +18,28 @@ pub mod names {
     /// Histogram: handler time in seconds. Labels: `consumer`, `event_type`.
     pub const EVENT_PROCESSING_DURATION_SECONDS: &str = "event_processing_duration_seconds";
     /// Gauge: messages waiting in the queue or subscription. Label: `consumer`.
+    ///
+    /// Where it comes from: SQS `ApproximateNumberOfMessages` (and SNS's and
+    /// EventBridge's queues), Service Bus `ActiveMessageCount` from the management API
+    /// (read at most every 5 s), the memory broker's count. Not recorded for Pub/Sub,
+    /// whose backlog (`num_undelivered_messages`) is only in Cloud Monitoring, nor for
+    /// Event Grid, which pushes: the service holds what it has not delivered and
+    /// retries it, and reports it in Azure Monitor (delivery and dead-letter
+    /// counts). Streams (Kinesis, the memory log) have [`EVENT_STREAM_LAG_SECONDS`]
+    /// instead.
     pub const EVENT_QUEUE_DEPTH: &str = "event_queue_depth";
     /// Counter: messages moved to a dead-letter place. Labels: `consumer`, `reason`.
     pub const DLQ_MESSAGES_TOTAL: &str = "dlq_messages_total";
+    /// Counter: handler runs that did not succeed. Labels: `consumer`, `event_type`,
+    /// `error` (`retry`: the handler asked for another attempt; `reject`: it refused
+    /// the event, which goes to the dead-letter place; `panic`).
+    pub const EVENT_PROCESSING_ERRORS_TOTAL: &str = "event_processing_errors_total";
     /// Histogram: seconds from the event's `time` to its receipt. Label: `consumer`.
     pub const EVENT_LAG_SECONDS: &str = "event_lag_seconds";
+    /// Gauge: how far a stream consumer group's last read of a partition is behind
+    /// the partition's newest record, in seconds (Kinesis `MillisBehindLatest`; the
+    /// queue depth of a stream). Labels: `consumer` (the group), `partition`.
+    pub const EVENT_STREAM_LAG_SECONDS: &str = "event_stream_lag_seconds";
     /// Gauge: events staged in a transactional outbox and not yet published. Label:
     /// `topic`.
     pub const OUTBOX_PENDING: &str = "outbox_pending";
@@ -31,6 +48,25 @@ pub mod names {
     pub const OUTBOX_OLDEST_AGE_SECONDS: &str = "outbox_oldest_age_seconds";
     /// Counter: outbox events the broker confirmed. Label: `topic`.
     pub const OUTBOX_PUBLISHED_TOTAL: &str = "outbox_published_total";
+
+    /// Every metric cloudbus records, for dashboards and alerts to be checked against.
+    pub const ALL: &[&str] = &[
+        EVENTS_PUBLISHED_TOTAL,
+        EVENTS_CONSUMED_TOTAL,
+        EVENT_PROCESSING_DURATION_SECONDS,
+        EVENT_PROCESSING_ERRORS_TOTAL,
+        EVENT_QUEUE_DEPTH,
+        DLQ_MESSAGES_TOTAL,
+        EVENT_LAG_SECONDS,
+        EVENT_STREAM_LAG_SECONDS,
+        OUTBOX_PENDING,
+        OUTBOX_OLDEST_AGE_SECONDS,
+        OUTBOX_PUBLISHED_TOTAL,
+    ];
+
+    /// The histograms among [`ALL`]: a Prometheus exporter with buckets exposes each
+    /// as `NAME_bucket`, `NAME_sum` and `NAME_count`.
+    pub const HISTOGRAMS: &[&str] = &[EVENT_PROCESSING_DURATION_SECONDS, EVENT_LAG_SECONDS];
 }
 
 /// The metric handles of one transactional outbox relay (`cloudbus-store`): what waits
@@ -71,11 +107,35 @@ impl OutboxMetrics {
 }
 
 /// Distinct values a label taken from the wire (`event_type`, `source`) may have in
-/// one process; later new values are counted as [`OTHER_LABEL`]. A producer that puts
-/// ids into types or sources cannot make the metrics backend run out of series.
+/// one process unless [`set_max_label_values`] says otherwise; later new values are
+/// counted as [`OTHER_LABEL`]. A producer that puts ids into types or sources cannot
+/// make the metrics backend run out of series.
 pub const MAX_LABEL_VALUES: usize = 256;
-/// The label value of everything beyond [`MAX_LABEL_VALUES`].
+/// The label value of everything beyond the cap.
 pub const OTHER_LABEL: &str = "other";
+
+static LABEL_VALUES_CAP: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(MAX_LABEL_VALUES);
+
+/// Sets how many distinct values each wire-taken label (`event_type`, `source`) may
+/// have in this process (at least 1); the values seen first keep their own series,
+/// later new ones are counted as [`OTHER_LABEL`]. Call it at start-up, before
+/// publishing or consuming.
+///
+/// ```
+/// use cloudbus_core::telemetry;
+/// telemetry::set_max_label_values(50);
+/// assert_eq!(telemetry::max_label_values(), 50);
+/// # telemetry::set_max_label_values(telemetry::MAX_LABEL_VALUES);
+/// ```
+pub fn set_max_label_values(n: usize) {
+    LABEL_VALUES_CAP.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The cap [`set_max_label_values`] set ([`MAX_LABEL_VALUES`] by default).
+pub fn max_label_values() -> usize {
+    LABEL_VALUES_CAP.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The values seen of one wire-taken label.
 struct LabelValues(std::sync::Mutex<std::collections::BTreeSet<String>>);
@@ -85,16 +145,21 @@ impl LabelValues {
         LabelValues(std::sync::Mutex::new(std::collections::BTreeSet::new()))
     }
 
-    /// `value` while fewer than [`MAX_LABEL_VALUES`] were seen (or it was one of
+    /// `value` while fewer than [`max_label_values`] were seen (or it was one of
     /// them), else [`OTHER_LABEL`].
     fn bounded(&self, value: &str) -> String {
+        self.bounded_within(value, max_label_values())
+    }
+
+    /// [`bounded`](Self::bounded) with the cap `cap`.
+    fn bounded_within(&self, value: &str, cap: usize) -> String {
         let Ok(mut seen) = self.0.lock() else {
             return OTHER_LABEL.to_owned();
         };
         if seen.contains(value) {
             return value.to_owned();
         }
-        if seen.len() < MAX_LABEL_VALUES {
+        if seen.len() < cap {
             seen.insert(value.to_owned());
             return value.to_owned();
         }
@@ -110,6 +175,14 @@ pub(crate) fn record_published_n(event: &Event, n: u64) {
         "source" => PUBLISHED_SOURCES.bounded(event.source().as_str()),
         "event_type" => PUBLISHED_TYPES.bounded(event.ty()))
     .increment(n);
+}
+
+/// Sets how far `group`'s last read of `partition` is behind its newest record.
+pub(crate) fn record_stream_lag(group: &str, partition: &str, behind: std::time::Duration) {
+    metrics::gauge!(names::EVENT_STREAM_LAG_SECONDS,
+        "consumer" => group.to_owned(),
+        "partition" => partition.to_owned())
+    .set(behind.as_secs_f64());
 }
 
 pub(crate) fn record_dead_lettered(consumer: &str, reason: &str) {
@@ -136,6 +209,18 @@ struct TypeMetrics {
     nack: metrics::Counter,
     dead_letter: metrics::Counter,
     processing: metrics::Histogram,
+    retry_errors: metrics::Counter,
+    reject_errors: metrics::Counter,
+    panic_errors: metrics::Counter,
+}
+
+/// How a handler run ended, for [`names::EVENT_PROCESSING_ERRORS_TOTAL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RunOutcome {
+    Success,
+    Retry,
+    Reject,
+    Panic,
 }
 
 impl ConsumerMetrics {
@@ -149,11 +234,11 @@ impl ConsumerMetrics {
     }
 
     fn for_type(&self, event_type: &str) -> Arc<TypeMetrics> {
-        // Beyond MAX_LABEL_VALUES types this consumer counts new ones as "other".
+        // Beyond max_label_values() types this consumer counts new ones as "other".
         let event_type = match self.by_type.read() {
             Ok(m) => match m.get(event_type) {
                 Some(t) => return t.clone(),
-                None if m.len() < MAX_LABEL_VALUES => event_type,
+                None if m.len() < max_label_values() => event_type,
                 None => match m.get(OTHER_LABEL) {
                     Some(t) => return t.clone(),
                     None => OTHER_LABEL,
@@ -167,6 +252,12 @@ impl ConsumerMetrics {
                 "event_type" => event_type.to_owned(),
                 "status" => status)
         };
+        let failed = |error: &'static str| {
+            metrics::counter!(names::EVENT_PROCESSING_ERRORS_TOTAL,
+                "consumer" => self.consumer.to_string(),
+                "event_type" => event_type.to_owned(),
+                "error" => error)
+        };
         let made = Arc::new(TypeMetrics {
             ack: consumed("ack"),
             nack: consumed("nack"),
@@ -174,6 +265,9 @@ impl ConsumerMetrics {
             processing: metrics::histogram!(names::EVENT_PROCESSING_DURATION_SECONDS,
                 "consumer" => self.consumer.to_string(),
                 "event_type" => event_type.to_owned()),
+            retry_errors: failed("retry"),
+            reject_errors: failed("reject"),
+            panic_errors: failed("panic"),
         });
         if let Ok(mut m) = self.by_type.write() {
             m.insert(event_type.to_owned(), made.clone());
@@ -192,9 +286,16 @@ impl ConsumerMetrics {
         }
     }
 
-    /// Records one handler run.
-    pub(crate) fn processing(&self, event_type: &str, seconds: f64) {
-        self.for_type(event_type).processing.record(seconds);
+    /// Records one handler run: its time, and its failure when it failed.
+    pub(crate) fn processing(&self, event_type: &str, seconds: f64, outcome: RunOutcome) {
+        let t = self.for_type(event_type);
+        t.processing.record(seconds);
+        match outcome {
+            RunOutcome::Success => {}
+            RunOutcome::Retry => t.retry_errors.increment(1),
+            RunOutcome::Reject => t.reject_errors.increment(1),
+            RunOutcome::Panic => t.panic_errors.increment(1),
+        }
     }
 
     /// Sets the queue depth gauge.
@@ -202,7 +303,7 @@ impl ConsumerMetrics {
         self.depth.set(depth as f64);
     }
 
-    /// Records the lag of an event: now minus its `time`.
+    /// Records the lag of an event: now minus its `time` (every delivery's).
     pub(crate) fn lag(&self, event: &Event) {
         if let Some(t) = event.time() {
             let lag = (chrono::Utc::now() - *t).num_microseconds().unwrap_or(0) as f64 / 1e6;
@@ -241,6 +342,12 @@ mod tests {
         }
         let cached = consumer.by_type.read().unwrap().len();
         assert!(cached <= MAX_LABEL_VALUES + 1, "{cached} types cached");
+        // A smaller cap, as set_max_label_values gives.
+        let values = LabelValues::new();
+        let kept: Vec<String> = (0..5)
+            .map(|n| values.bounded_within(&format!("t-{n}"), 2))
+            .collect();
+        assert_eq!(kept, ["t-0", "t-1", "other", "other", "other"]);
     }
 
     #[test]

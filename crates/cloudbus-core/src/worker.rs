@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::consumer::{Consumer, Delivery};
 use crate::event::AttributesReader;
 pub use crate::handler::{Handler, HandlerContext, HandlerError, HandlerRunner};
+use crate::health::{HealthState, InFlightToken, WorkerHealth};
 use crate::lease_keeper::{KeptLeases, LeaseKeeper};
 use crate::retry::RetryPolicy;
 
@@ -167,6 +168,7 @@ pub struct Worker {
     hard_stop: watch::Sender<bool>,
     main: tokio::task::JoinHandle<()>,
     stats: Arc<WorkerCounters>,
+    health: Arc<HealthState>,
 }
 
 /// The deliveries waiting behind the one being handled, per ordering key.
@@ -178,6 +180,7 @@ type Slot = OwnedSemaphorePermit;
 /// concurrency slot and its lease kept alive.
 struct Held {
     delivery: Arc<Delivery>,
+    _in_flight: InFlightToken,
     _slot: Slot,
     _leases: Option<Arc<KeptLeases>>,
     /// Its share of `max_outstanding_bytes`, once taken.
@@ -200,6 +203,7 @@ impl Worker {
         let (stop_pulling, stop_rx) = watch::channel(false);
         let (hard_stop, hard_rx) = watch::channel(false);
         let stats = Arc::new(WorkerCounters::default());
+        let health = Arc::new(HealthState::default());
         let kib = (options.max_outstanding_bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
         let leases = (options.extend_leases && consumer.capabilities().lease_extension)
             .then(|| Arc::new(LeaseKeeper::default()));
@@ -214,6 +218,7 @@ impl Worker {
             bytes_kib: kib,
             options,
             stats: stats.clone(),
+            health: health.clone(),
             hard_stop: hard_rx,
             lanes: Arc::new(Mutex::new(HashMap::new())),
             leases,
@@ -224,12 +229,29 @@ impl Worker {
             hard_stop,
             main,
             stats,
+            health,
         }
     }
 
     /// The live counters.
     pub fn stats(&self) -> WorkerReport {
         self.stats.report()
+    }
+
+    /// Whether it runs, reaches the provider and what it holds, for liveness and
+    /// readiness probes (see [`WorkerHealth`]).
+    pub fn health(&self) -> WorkerHealth {
+        let running = !self.main.is_finished() && !*self.stop_pulling.borrow();
+        let failures = self.health.consecutive_failures();
+        WorkerHealth {
+            running,
+            receiving: running && failures == 0,
+            connected: self.health.connected(),
+            consecutive_failures: failures,
+            last_error: self.health.last_error(),
+            last_receive: self.health.last_success(),
+            in_flight: self.health.in_flight(),
+        }
     }
 
     /// Stops pulling, lets handlers in flight finish and settle until `deadline`, then
@@ -295,6 +317,8 @@ struct WorkerLoop {
     runner: HandlerRunner,
     options: WorkerOptions,
     stats: Arc<WorkerCounters>,
+    /// What `Worker::health` reports.
+    health: Arc<HealthState>,
     hard_stop: watch::Receiver<bool>,
     lanes: KeyQueues,
     /// Keeps the leases of held deliveries (`None` when they are not extended).
@@ -335,11 +359,13 @@ impl WorkerLoop {
             let deliveries = match received {
                 Ok(d) => {
                     failures = 0;
+                    this.health.succeeded();
                     d
                 }
                 Err(e) if e.kind() == crate::ErrorKind::Closed => break,
                 Err(e) => {
                     failures += 1;
+                    this.health.failed(&e);
                     let pause = this.options.retry.backoff(failures.min(8));
                     tracing::warn!(consumer = %this.consumer.name(), error = %e, ?pause, "receive failed; pausing");
                     tokio::select! {
@@ -357,6 +383,7 @@ impl WorkerLoop {
             for (delivery, slot) in deliveries.into_iter().zip(permits.drain(..)) {
                 let held = Held {
                     delivery,
+                    _in_flight: this.health.hold(),
                     _slot: slot,
                     _leases: kept.clone(),
                     _bytes: None,
@@ -520,7 +547,7 @@ impl WorkerLoop {
             Some(delivery.clone()),
         );
         let outcome = handling.await;
-        self.runner.processed(&event, started);
+        self.runner.processed(&event, started, &outcome);
         (held, Ran { outcome, span })
     }
 
@@ -559,6 +586,9 @@ impl WorkerLoop {
             }
             Err(e) => {
                 self.stats.settle_errors.fetch_add(1, Ordering::Relaxed);
+                if crate::health::is_connection_error(&e) {
+                    self.health.side_call_failed(&e);
+                }
                 tracing::warn!(error = %e, "settlement failed; the event will come back when its lease expires");
             }
         }

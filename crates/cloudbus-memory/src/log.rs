@@ -121,14 +121,23 @@ impl StreamDriver for LogReader {
             .partitions
             .get(p)
             .ok_or_else(|| Error::not_found(format!("no partition {p}")))?;
-        let taken: Vec<(usize, DateTime<Utc>, Payload)> = {
+        let (taken, behind): (Vec<(usize, DateTime<Utc>, Payload)>, std::time::Duration) = {
             let records = slots
                 .lock()
                 .map_err(|_| Error::new(ErrorKind::Internal, "log lock poisoned"))?;
             let end = records.len().min(offset.saturating_add(max));
-            (offset.min(end)..end)
+            // As Kinesis's MillisBehindLatest: from the last record read (or the read
+            // position) to the newest one; zero when this read reaches the end.
+            let behind = match (records.last(), end < records.len()) {
+                (Some(newest), true) => (newest.timestamp - records[end.max(1) - 1].timestamp)
+                    .to_std()
+                    .unwrap_or_default(),
+                _ => std::time::Duration::ZERO,
+            };
+            let taken = (offset.min(end)..end)
                 .map(|i| (i, records[i].timestamp, records[i].payload.clone()))
-                .collect()
+                .collect();
+            (taken, behind)
         };
         let next = offset + taken.len();
         let records = taken
@@ -149,6 +158,7 @@ impl StreamDriver for LogReader {
         Ok(ReadBatch {
             records,
             next: Some(format!("{p}:{next}")),
+            behind: Some(behind),
         })
     }
 

@@ -1378,6 +1378,7 @@ class Handler(MessagingHandler):
 ATOM = "http://www.w3.org/2005/Atom"
 SB = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
+SB_MESSAGING = "http://schemas.microsoft.com/netservices/2011/06/servicebus"
 QUEUE_FIELDS = {
     "LockDuration": "LockDuration",
     "MaxDeliveryCount": "MaxDeliveryCount",
@@ -1456,7 +1457,9 @@ def rule_of(name, element):
 def entry_xml(base, path, kind, fields, inner=None):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     body = inner if inner is not None else "".join(
-        "<{0}>{1}</{0}>".format(k, v) for k, v in fields.items())
+        ('<CountDetails xmlns:d2p1="{}">{}</CountDetails>'.format(SB_MESSAGING, v)
+         if k == "CountDetails" else "<{0}>{1}</{0}>".format(k, v))
+        for k, v in fields.items())
     return (
         '<entry xmlns="{atom}"><id>{base}/{path}</id><title type="text">{title}</title>'
         "<published>{now}</published><updated>{now}</updated>"
@@ -1467,6 +1470,7 @@ def entry_xml(base, path, kind, fields, inner=None):
 
 
 def entity_fields(entity):
+    active = len(entity.ready) + len(entity.locked) + len(entity.deferred)
     return {
         "LockDuration": "PT{}S".format(int(entity.lock_seconds)),
         "RequiresDuplicateDetection": str(entity.duplicate_detection).lower(),
@@ -1474,6 +1478,16 @@ def entity_fields(entity):
         "DuplicateDetectionHistoryTimeWindow": "PT{}S".format(int(entity.duplicate_window)),
         "MaxDeliveryCount": str(entity.max_delivery_count),
         "UserMetadata": xml.sax.saxutils.escape(entity.user_metadata),
+        # As the service writes them: the messages still in the entity (ready, locked
+        # or deferred), its dead letters and its scheduled messages apart.
+        "MessageCount": str(active + len(entity.dlq.ready) + len(entity.scheduled)),
+        "CountDetails": (
+            '<d2p1:ActiveMessageCount>{}</d2p1:ActiveMessageCount>'
+            '<d2p1:DeadLetterMessageCount>{}</d2p1:DeadLetterMessageCount>'
+            '<d2p1:ScheduledMessageCount>{}</d2p1:ScheduledMessageCount>'
+            '<d2p1:TransferMessageCount>0</d2p1:TransferMessageCount>'
+            '<d2p1:TransferDeadLetterMessageCount>0</d2p1:TransferDeadLetterMessageCount>'
+        ).format(active, len(entity.dlq.ready), len(entity.scheduled)),
     }
 
 

@@ -352,6 +352,8 @@ impl ServiceBusConfig {
         c.replay = false;
         c.nack_delay = false;
         c.lease_extension = true;
+        // One sender link per publisher, one transfer in flight on it.
+        c.concurrent_sends = 1;
         c
     }
 }

@@ -250,7 +250,13 @@ pub struct ServiceBusSubscription {
     /// stopped it from accepting any (a missing entity, a refused key).
     acceptor: SyncMutex<Option<tokio::task::JoinHandle<()>>>,
     acceptor_error: Arc<SyncMutex<Option<Error>>>,
+    /// The last `ActiveMessageCount` read, and when (see `queue_depth`).
+    depth: SyncMutex<Option<(Instant, u64)>>,
 }
+
+/// How long a queue depth read from the management API is reused: the worker asks
+/// every second, and each answer is an HTTP request to the namespace.
+const QUEUE_DEPTH_TTL: Duration = Duration::from_secs(5);
 
 impl ServiceBusSubscription {
     pub(crate) fn new(shared: Arc<ServiceBusContext>, topic: &str, subscription: &str) -> Self {
@@ -270,6 +276,7 @@ impl ServiceBusSubscription {
             rotation: AtomicUsize::new(0),
             acceptor: SyncMutex::new(None),
             acceptor_error: Arc::new(SyncMutex::new(None)),
+            depth: SyncMutex::new(None),
         }
     }
 
@@ -1076,6 +1083,27 @@ impl SubscriptionDriver for ServiceBusSubscription {
 
     fn capabilities(&self) -> Capabilities {
         self.shared.config.capabilities()
+    }
+
+    /// `ActiveMessageCount` from the management API (a key without the Manage right
+    /// cannot read it: then none), reused for [`QUEUE_DEPTH_TTL`].
+    async fn queue_depth(&self) -> Option<u64> {
+        if let Some((at, depth)) = *lock(&self.depth)
+            && at.elapsed() < QUEUE_DEPTH_TTL
+        {
+            return Some(depth);
+        }
+        match self.shared.admin.active_message_count(&self.path).await {
+            Ok(Some(depth)) => {
+                *lock(&self.depth) = Some((Instant::now(), depth));
+                Some(depth)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(path = %self.path, error = %e, "could not read the queue depth");
+                None
+            }
+        }
     }
 
     async fn close(&self) -> Result<()> {

@@ -1,0 +1,383 @@
+//! The `cloudbus` binary, run as a user runs it (assert_cmd): bad input gets one line
+//! and a non-zero exit; `schema check`; and send, tail and the dead-letter commands
+//! against the Pub/Sub emulator (PUBSUB_EMULATOR_HOST) and LocalStack
+//! (AWS_ENDPOINT_URL), which scripts/test.sh starts. Without an emulator its tests
+//! skip loudly; under CI=true they fail.
+
+use std::process::Output;
+
+use assert_cmd::Command;
+
+fn cloudbus() -> Command {
+    let mut command = Command::cargo_bin("cloudbus").expect("the cloudbus binary");
+    command.env("CLOUDBUS_TIMEOUT", "30");
+    command
+}
+
+fn text(output: &[u8]) -> String {
+    String::from_utf8_lossy(output).into_owned()
+}
+
+/// Asserts the run failed with `code` and one `error:` line saying `says`, and no
+/// panic or debug output.
+fn assert_one_line_error(output: &Output, code: i32, says: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(says), "expected {says:?} in {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", fastrand::u32(..))
+}
+
+#[test]
+fn bad_input_gets_one_line_and_a_non_zero_exit() {
+    let unknown = cloudbus()
+        .args(["send", "smoke://hill", "t", "--type", "x", "--source", "/s"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&unknown, 2, "smoke");
+    let malformed = cloudbus()
+        .args(["send", "mem://", "t", "--type", "x", "--source", "/s"])
+        .args(["--data", "{not json"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&malformed, 2, "--data is not JSON");
+    let unreadable = cloudbus()
+        .args(["send", "mem://", "t", "--type", "x", "--source", "/s"])
+        .args(["--data", "@/no/such/file.json"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&unreadable, 2, "cannot read --data file");
+    // Nothing listens there: the tool gives up after --timeout with one line.
+    let unreachable = cloudbus()
+        .args(["--timeout", "3", "send", "sqs://", "orders", "--type", "x"])
+        .args(["--source", "/s"])
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(1), "{unreachable:?}");
+    let stderr = text(&unreachable.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    // Purge asks; with no terminal to ask on and no --yes it refuses.
+    let unconfirmed = cloudbus()
+        .args(["dlq", "purge", "mem://", "t", "s"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&unconfirmed, 2, "--yes");
+    // clap's own usage errors exit 2 too.
+    let usage = cloudbus().args(["send"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}
+
+#[test]
+fn schema_check_exits_by_compatibility() {
+    let dir = std::env::temp_dir().join(unique("cloudbus-cli-schema"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, v: serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(&path, v.to_string()).unwrap();
+        path
+    };
+    let old = write(
+        "old.json",
+        serde_json::json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}}),
+    );
+    let added = write(
+        "added.json",
+        serde_json::json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}, "x": {"type": "string"}}}),
+    );
+    let retyped = write(
+        "retyped.json",
+        serde_json::json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}}),
+    );
+    let run = |new: &std::path::Path| {
+        cloudbus()
+            .args(["schema", "check"])
+            .arg(&old)
+            .arg(new)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&added);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let bad = run(&retyped);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(text(&bad.stdout).contains("/id: type changed"), "{bad:?}");
+    let missing = run(&dir.join("missing.json"));
+    assert_one_line_error(&missing, 2, "cannot read");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The emulator's address in `var`, or None (after saying so) when it is not set
+/// outside CI.
+fn emulator(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and {var} is not set: scripts/test.sh starts the emulator"
+            );
+            eprintln!("SKIPPED: {var} is not set (scripts/test.sh starts the emulator)");
+            None
+        }
+    }
+}
+
+/// Makes `topic` and its `subscriptions` through the SDK, in this process.
+///
+/// Not with `cloudbus tail --create`: the Pub/Sub emulator never ends a streaming pull
+/// whose client went away (see cloudbus-gcp's tests), and that stream goes on taking
+/// messages, so on the emulator each subscription is read by one CLI run only.
+fn declare(url: &str, topic: &str, subscriptions: &[&str]) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let bus = cloudbus::connect(url).await.unwrap();
+        bus.ensure_topic(topic).await.unwrap();
+        for sub in subscriptions {
+            bus.ensure_subscription(&cloudbus::SubscriptionSpec::new(topic, *sub))
+                .await
+                .unwrap();
+        }
+    });
+}
+
+/// `cloudbus send` of `count` order events to `topic`; their ids.
+fn send_orders(url: &str, topic: &str, count: usize) -> Vec<String> {
+    let sent = cloudbus()
+        .args(["send", url, topic, "--type", "com.example.order.created"])
+        .args([
+            "--source",
+            "/cli/test",
+            "--subject",
+            "orders/7",
+            "--key",
+            "k1",
+        ])
+        .args(["--data", r#"{"order": 7, "total_cents": 1250}"#])
+        .args(["--count", &count.to_string()])
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    let out = text(&sent.stdout);
+    assert!(out.starts_with(&format!("sent {count} event(s)")), "{out}");
+    let ids: Vec<String> = out.lines().skip(1).map(str::to_owned).collect();
+    assert_eq!(ids.len(), count, "{out}");
+    ids
+}
+
+/// send, then tail as readable blocks and as JSON lines, on one URL. With fan-out
+/// (Pub/Sub) the JSON tail reads a second subscription of its own; on a queue (SQS)
+/// both read the one queue, one after the other.
+fn send_and_tail(url: &str, fan_out: bool) {
+    let topic = unique("cli-orders");
+    let blocks_sub = if fan_out {
+        unique("cli-tap")
+    } else {
+        topic.clone()
+    };
+    let json_sub = if fan_out {
+        unique("cli-json")
+    } else {
+        topic.clone()
+    };
+    declare(url, &topic, &[&blocks_sub, &json_sub]);
+    let ids = send_orders(url, &topic, 3);
+
+    let tailed = cloudbus()
+        .args([
+            "tail",
+            url,
+            &topic,
+            &blocks_sub,
+            "--max",
+            "3",
+            "--idle",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    assert!(tailed.status.success(), "{tailed:?}");
+    let blocks = text(&tailed.stdout);
+    assert_eq!(
+        blocks.matches("── com.example.order.created").count(),
+        3,
+        "{blocks}"
+    );
+    assert!(blocks.contains("\"total_cents\": 1250"), "{blocks}");
+    assert!(blocks.contains("orders/7"), "{blocks}");
+    for id in &ids {
+        assert!(blocks.contains(id.as_str()), "{id} not tailed: {blocks}");
+    }
+
+    let more = send_orders(url, &topic, 1);
+    let want = if fan_out { 4 } else { 1 };
+    let json = cloudbus()
+        .args(["tail", url, &topic, &json_sub, "--json", "--idle", "60"])
+        .args(["--max", &want.to_string()])
+        .output()
+        .unwrap();
+    assert!(json.status.success(), "{json:?}");
+    let lines = text(&json.stdout);
+    let events: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(events.len(), want, "{lines}");
+    for event in &events {
+        assert_eq!(event["type"], "com.example.order.created");
+        assert_eq!(event["source"], "/cli/test");
+        assert_eq!(event["data"]["order"], 7);
+        assert!(event["delivery"]["attempt"].as_u64().is_some(), "{event}");
+    }
+    assert!(
+        events.iter().any(|e| e["id"] == more[0].as_str()),
+        "{} not in {lines}",
+        more[0]
+    );
+}
+
+#[test]
+fn send_and_tail_on_the_pubsub_emulator() {
+    if emulator("PUBSUB_EMULATOR_HOST").is_none() {
+        return;
+    }
+    send_and_tail(&format!("pubsub://{}", unique("cli-project")), true);
+}
+
+#[test]
+fn send_and_tail_on_localstack_sqs() {
+    if emulator("AWS_ENDPOINT_URL").is_none() {
+        return;
+    }
+    send_and_tail("sqs://", false);
+    // `tail --create` makes the queue when it does not exist, then tails it.
+    let queue = unique("cli-created");
+    let made = cloudbus()
+        .args(["tail", "sqs://", &queue, &queue, "--create", "--idle", "1"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let ids = send_orders("sqs://", &queue, 1);
+    let got = cloudbus()
+        .args([
+            "tail", "sqs://", &queue, &queue, "--max", "1", "--idle", "60",
+        ])
+        .output()
+        .unwrap();
+    assert!(text(&got.stdout).contains(ids[0].as_str()), "{got:?}");
+}
+
+/// peek shows a dead letter's reason and attempts, redrive puts it back, purge (with
+/// --yes) empties the place.
+#[test]
+fn dead_letters_peek_redrive_purge_on_localstack() {
+    if emulator("AWS_ENDPOINT_URL").is_none() {
+        return;
+    }
+    let url = "sqs://";
+    let topic = unique("cli-dlq");
+    let sub = topic.clone();
+    declare(url, &topic, &[&sub]);
+    for n in 0..2 {
+        let sent = cloudbus()
+            .args(["send", url, &topic, "--type", "com.example.poison"])
+            .args([
+                "--source",
+                "/cli/test",
+                "--data",
+                &format!(r#"{{"n": {n}}}"#),
+            ])
+            .output()
+            .unwrap();
+        assert!(sent.status.success(), "{sent:?}");
+    }
+    let empty = cloudbus()
+        .args(["dlq", "peek", url, &topic, &sub])
+        .output()
+        .unwrap();
+    assert!(empty.status.success(), "{empty:?}");
+    // Dead-lettered through the SDK with a reason, as a handler's rejection does.
+    dead_letter_all(url, &topic, &sub, 2);
+    let peek = cloudbus()
+        .args(["dlq", "peek", url, &topic, &sub, "--max", "5"])
+        .output()
+        .unwrap();
+    assert!(peek.status.success(), "{peek:?}");
+    let shown = text(&peek.stdout);
+    assert_eq!(shown.matches("── com.example.poison").count(), 2, "{shown}");
+    assert!(shown.contains("reason"), "{shown}");
+    assert!(shown.contains("poisoned by the CLI test"), "{shown}");
+    assert!(shown.contains("attempts"), "{shown}");
+    let peek_json = cloudbus()
+        .args(["dlq", "peek", url, &topic, &sub, "--json", "--max", "1"])
+        .output()
+        .unwrap();
+    let letter: serde_json::Value =
+        serde_json::from_str(text(&peek_json.stdout).trim()).expect("a JSON line");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("poisoned")),
+        "{letter}"
+    );
+    assert_eq!(letter["event"]["type"], "com.example.poison");
+
+    let redrive = cloudbus()
+        .args(["dlq", "redrive", url, &topic, &sub, "--max", "1"])
+        .output()
+        .unwrap();
+    assert!(redrive.status.success(), "{redrive:?}");
+    assert!(text(&redrive.stdout).contains("redriven 1"), "{redrive:?}");
+    let back = cloudbus()
+        .args(["tail", url, &topic, &sub, "--max", "1", "--idle", "30"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&back.stdout).contains("── com.example.poison"),
+        "{back:?}"
+    );
+
+    let purge = cloudbus()
+        .args(["dlq", "purge", url, &topic, &sub, "--yes"])
+        .output()
+        .unwrap();
+    assert!(purge.status.success(), "{purge:?}");
+    assert!(text(&purge.stdout).contains("purged 1"), "{purge:?}");
+    let after = cloudbus()
+        .args(["dlq", "peek", url, &topic, &sub])
+        .output()
+        .unwrap();
+    assert!(text(&after.stdout).contains("no dead letters"), "{after:?}");
+}
+
+/// Dead-letters `n` events of `sub` through the SDK, with a reason.
+fn dead_letter_all(url: &str, topic: &str, sub: &str, n: usize) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let bus = cloudbus::connect(url).await.unwrap();
+        let consumer = bus.consumer(topic, sub).await.unwrap();
+        let mut done = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while done < n && std::time::Instant::now() < deadline {
+            for d in consumer
+                .receive_batch(n - done, std::time::Duration::from_secs(2))
+                .await
+                .unwrap()
+            {
+                d.dead_letter("poisoned by the CLI test").await.unwrap();
+                done += 1;
+            }
+        }
+        assert_eq!(done, n, "dead-lettered {done} of {n}");
+    });
+}
