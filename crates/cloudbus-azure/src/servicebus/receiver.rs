@@ -1086,7 +1086,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
     }
 
     /// `ActiveMessageCount` from the management API (a key without the Manage right
-    /// cannot read it: then none), reused for [`QUEUE_DEPTH_TTL`].
+    /// cannot read it: then none), reused for `QUEUE_DEPTH_TTL` (5 s).
     async fn queue_depth(&self) -> Option<u64> {
         if let Some((at, depth)) = *lock(&self.depth)
             && at.elapsed() < QUEUE_DEPTH_TTL
