@@ -1251,6 +1251,55 @@ async fn servicebus_scheduled_delivery() {
     );
 }
 
+/// `redrive_all` ends when a letter it sent back is dead-lettered again by a consumer
+/// that refuses it every time, and leaves it in the dead-letter queue: before, it went
+/// round for ever (the order saga hung there on servicebus://).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_redrive_all_ends_when_a_letter_comes_back() {
+    if servicebus().is_none() {
+        return;
+    }
+    let (bus, queue) = new_queue().await;
+    bus.publisher(&queue)
+        .await
+        .expect("publisher")
+        .publish(event("com.example.poison", 1))
+        .await
+        .expect("publish");
+    let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
+    let mut got = Vec::new();
+    while got.is_empty() {
+        got = consumer
+            .receive_batch(1, Duration::from_secs(5))
+            .await
+            .expect("receive");
+    }
+    got[0].dead_letter("poison").await.expect("dead-letter");
+    let worker = consumer.start_worker(
+        |_e: std::sync::Arc<cloudbus::Event>, _c: cloudbus::HandlerContext| async {
+            Err::<(), _>(cloudbus::HandlerError::reject("still poison"))
+        },
+        cloudbus::WorkerOptions::default(),
+    );
+    let dlq = bus
+        .dead_letters(&queue, &queue)
+        .await
+        .expect("dead letters");
+    let moved = tokio::time::timeout(Duration::from_secs(60), dlq.redrive_all())
+        .await
+        .expect("redrive_all went round for ever")
+        .expect("redrive");
+    assert_eq!(moved, 1);
+    let _ = worker.shutdown(Duration::from_secs(5)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut letters = dlq.peek(10).await.expect("peek");
+    while letters.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        letters = dlq.peek(10).await.expect("peek");
+    }
+    assert_eq!(letters.len(), 1, "the refused letter stays dead-lettered");
+}
+
 /// `event_queue_depth` on Service Bus: the management API's ActiveMessageCount of the
 /// queue, and of a topic's subscription (issue 17).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@
 //! reader, as a lapsed message lock would.
 
 use std::any::Any;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -1326,8 +1326,13 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
         };
         let limit = max.unwrap_or(usize::MAX);
         let mut moved = 0;
+        // The MessageIds this call sent back. A letter carrying one was dead-lettered
+        // again since (a consumer that refuses it every time): redriving it once more
+        // would go round for ever, so the redrive ends there.
+        let mut resent_ids: HashSet<String> = HashSet::new();
+        let mut came_back = false;
         let result: Result<()> = async {
-            while moved < limit {
+            while moved < limit && !came_back {
                 let letters = self
                     .page(&mut link, (limit - moved).min(DEAD_LETTER_PAGE))
                     .await?;
@@ -1336,7 +1341,22 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
                 }
                 for letter in letters {
                     let (info, message) = letter.into_parts();
+                    if came_back
+                        || message_id_of(&message).is_some_and(|id| resent_ids.contains(&id))
+                    {
+                        came_back = true;
+                        // Unlocked, left in the dead-letter queue.
+                        let _ = link.receiver.release(info).await;
+                        continue;
+                    }
                     let resent = self.resend(&message);
+                    if let Some(fe2o3_amqp::types::messaging::MessageId::String(id)) = resent
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.message_id.as_ref())
+                    {
+                        resent_ids.insert(id.clone());
+                    }
                     let what = format!("redrive to {}", self.topic);
                     match sender.send(resent).await {
                         Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => {}
