@@ -210,8 +210,7 @@ async fn main() -> cloudbus::Result<()> {
     let out = routes.destinations(&bus).await?;
     let orders_db = OrderDb::open().await?;
     println!("order database: {}", orders_db.describe());
-    let schemas =
-        DirectorySchemaRegistry::open(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/schemas"))?;
+    let schemas = DirectorySchemaRegistry::open(schema_dir())?;
     let validator = Arc::new(SchemaValidator::preloaded(Arc::new(schemas)).await?);
     let saga = Saga {
         out: out.clone(),
@@ -436,4 +435,15 @@ async fn main() -> cloudbus::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// `examples/schemas`, beside this example's directory, whichever package builds it
+/// (the workspace, or tests/app, whose `file!()` starts with `../../`).
+fn schema_dir() -> std::path::PathBuf {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file!());
+    source
+        .parent()
+        .and_then(|saga| saga.parent())
+        .map(|examples| examples.join("schemas"))
+        .unwrap_or_else(|| std::path::PathBuf::from("examples/schemas"))
 }
