@@ -211,8 +211,9 @@ impl Consumer {
                 )
                 .await;
         }
+        let now = chrono::Utc::now();
         for delivery in &out {
-            self.inner.metrics.lag(&delivery.event);
+            self.inner.metrics.lag(&delivery.event, now);
         }
         Ok(out)
     }

@@ -160,15 +160,8 @@ impl HealthState {
 
     /// A call to the provider failed with `error`.
     pub(crate) fn failed(&self, error: &Error) {
-        self.connected.store(false, Ordering::Relaxed);
         self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut last) = self.last_error.lock() {
-            *last = Some(LastError {
-                kind: error.kind(),
-                message: error.to_string(),
-                at: Utc::now(),
-            });
-        }
+        self.side_call_failed(error);
     }
 
     /// A settlement (or another call beside the main one) failed: not connected, but

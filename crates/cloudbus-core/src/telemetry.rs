@@ -303,10 +303,10 @@ impl ConsumerMetrics {
         self.depth.set(depth as f64);
     }
 
-    /// Records the lag of an event: now minus its `time` (every delivery's).
-    pub(crate) fn lag(&self, event: &Event) {
+    /// Records the lag of an event: `now` (the receipt of its batch) minus its `time`.
+    pub(crate) fn lag(&self, event: &Event, now: chrono::DateTime<chrono::Utc>) {
         if let Some(t) = event.time() {
-            let lag = (chrono::Utc::now() - *t).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            let lag = (now - *t).num_microseconds().unwrap_or(0) as f64 / 1e6;
             self.lag.record(lag.max(0.0));
         }
     }
