@@ -121,6 +121,8 @@ cargo test --workspace "${providers[@]}" --all-targets
 cargo test --workspace "${providers[@]}" --doc
 # The router's tests include the HTTP schema registry (feature schema-http).
 cargo test --features schema-http --test router
+# OpenTelemetry: a saga's spans are one trace on the memory broker (feature otel).
+cargo test --features otel --test otel
 
 run_saga "" ""
 
@@ -152,6 +154,31 @@ echo "metrics_server: $(grep -c '^event' /tmp/cloudbus-metrics.txt) series lines
 # It stops by itself after 10 s: the worker shut down cleanly, the counts printed.
 wait "$metrics_pid"
 grep "^handled: " "$metrics_log"
+
+echo "== otel_export example: the saga's spans over OTLP/HTTP to a local sink"
+cargo build --quiet --features otel --example otel_export
+otlp_file=/tmp/cloudbus-otlp-$$.bin
+rm -f "$otlp_file"
+python3 scripts/otlp-sink.py serve "$otlp_file" > /tmp/cloudbus-otlp-sink.log 2>&1 &
+otlp_pid=$!
+started_pids+=("$otlp_pid")
+otlp_url=""
+for _ in $(seq 1 100); do
+    otlp_url="$(sed -n 's/^listening on //p' /tmp/cloudbus-otlp-sink.log)"
+    [[ -n "$otlp_url" ]] && break
+    sleep 0.1
+done
+[[ -n "$otlp_url" ]] || { cat /tmp/cloudbus-otlp-sink.log; echo "the OTLP sink did not start" >&2; exit 1; }
+OTEL_EXPORTER_OTLP_ENDPOINT="$otlp_url" cargo run --quiet --features otel --example otel_export \
+    | tee /tmp/cloudbus-otel-export.log
+kill "$otlp_pid"
+otel_trace="$(sed -n 's/^exported the spans of trace \([0-9a-f]*\) to .*/\1/p' /tmp/cloudbus-otel-export.log)"
+python3 scripts/otlp-sink.py check "$otlp_file" "$otel_trace" "process billing" "process shipping" \
+    "send orders" "receive billing" "ack billing" "cloudbus_memory" "messaging.operation.type" \
+    "messaging.destination.name" "cloudbus-otel-example"
+# Without an endpoint it prints the trace as a tree.
+cargo run --quiet --features otel --example otel_export > /tmp/cloudbus-otel-tree.log
+grep -q "process shipping \[Consumer\]" /tmp/cloudbus-otel-tree.log
 
 echo "== durable stores (cloudbus-store) on PostgreSQL, SQLite and Redis"
 if [[ -z "${DATABASE_URL:-}" ]]; then

@@ -9,6 +9,7 @@ use crate::dead_letters::DeadLetters;
 use crate::driver::{BusDriver, SubscriptionSpec};
 use crate::error::Result;
 use crate::publisher::{Publisher, PublisherOptions};
+use crate::spans::Destination;
 use crate::stream::StreamConsumer;
 
 /// A connection to one provider.
@@ -48,7 +49,8 @@ impl Bus {
     }
     /// A publisher for `topic` with default options.
     pub async fn publisher(&self, topic: &str) -> Result<Publisher> {
-        Ok(Publisher::new(self.driver.topic(topic).await?))
+        self.publisher_with(topic, PublisherOptions::default())
+            .await
     }
     /// A publisher for `topic`.
     pub async fn publisher_with(
@@ -56,17 +58,16 @@ impl Bus {
         topic: &str,
         options: PublisherOptions,
     ) -> Result<Publisher> {
-        Ok(Publisher::with_options(
+        Ok(Publisher::for_destination(
             self.driver.topic(topic).await?,
             options,
+            Destination::new(self.scheme(), topic),
         ))
     }
     /// A consumer of `subscription` on `topic`, named after the subscription.
     pub async fn consumer(&self, topic: &str, subscription: &str) -> Result<Consumer> {
-        Ok(Consumer::new(
-            self.driver.subscription(topic, subscription).await?,
-            subscription,
-        ))
+        self.consumer_with(topic, subscription, ConsumerOptions::default())
+            .await
     }
     /// A consumer with options.
     pub async fn consumer_with(
@@ -76,9 +77,10 @@ impl Bus {
         mut options: ConsumerOptions,
     ) -> Result<Consumer> {
         options.name.get_or_insert_with(|| subscription.to_owned());
-        Ok(Consumer::with_options(
+        Ok(Consumer::for_destination(
             self.driver.subscription(topic, subscription).await?,
             options,
+            Destination::new(self.scheme(), topic).subscription(subscription),
         ))
     }
     /// The dead-letter place of `subscription` on `topic`.

@@ -19,6 +19,7 @@ use crate::driver::{
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event};
 use crate::filter::Filter;
+use crate::spans::{self, Destination};
 use crate::telemetry;
 
 /// Consumer settings.
@@ -59,6 +60,8 @@ pub(crate) struct ConsumerInner {
     pub(crate) caps: Capabilities,
     pub(crate) name: Arc<str>,
     pub(crate) metrics: Arc<telemetry::ConsumerMetrics>,
+    /// What its spans say about where events come from.
+    pub(crate) destination: Destination,
     closed: AtomicBool,
     filter: Option<Filter>,
     dead_letter_sink: Mutex<Option<Arc<dyn DeadLetterSink>>>,
@@ -80,14 +83,30 @@ impl Consumer {
 
     /// A consumer over `driver` with options.
     pub fn with_options(driver: Arc<dyn SubscriptionDriver>, options: ConsumerOptions) -> Self {
+        Self::for_destination(driver, options, Destination::default())
+    }
+
+    /// A consumer over `driver`, whose spans name `destination` (what
+    /// [`Bus::consumer`](crate::Bus::consumer) makes). Without a subscription in
+    /// `destination`, the consumer's name stands for it.
+    pub fn for_destination(
+        driver: Arc<dyn SubscriptionDriver>,
+        options: ConsumerOptions,
+        destination: Destination,
+    ) -> Self {
         let caps = driver.capabilities();
         let name: Arc<str> = options.name.unwrap_or_else(|| "consumer".into()).into();
+        let destination = match destination.subscription_name() {
+            Some(_) => destination,
+            None => destination.subscription(&name),
+        };
         Consumer {
             inner: Arc::new(ConsumerInner {
                 settler: settler(driver.clone(), caps.max_batch_count),
                 driver,
                 caps,
                 metrics: Arc::new(telemetry::ConsumerMetrics::new(name.clone())),
+                destination,
                 name,
                 closed: AtomicBool::new(false),
                 filter: options.filter,
@@ -116,6 +135,11 @@ impl Consumer {
         &self.inner.caps
     }
 
+    /// Where its events come from, as its spans name it.
+    pub fn destination(&self) -> &Destination {
+        &self.inner.destination
+    }
+
     /// The driver, for escape hatches.
     pub fn driver(&self) -> &Arc<dyn SubscriptionDriver> {
         &self.inner.driver
@@ -138,12 +162,19 @@ impl Consumer {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::closed("consumer is closed"));
         }
-        let span = tracing::debug_span!("cloudbus.receive", consumer = %self.inner.name, max);
+        let span = spans::receive(&self.inner.destination, &self.inner.name, max);
         let max = max.max(1);
         let mut received =
             crate::driver::panic_safe("receive_batch", self.inner.driver.receive_batch(max, wait))
                 .instrument(span.clone())
                 .await?;
+        span.record("messaging.batch.message_count", received.len());
+        spans::link_events(
+            &span,
+            received
+                .iter()
+                .filter_map(|m| m.event.as_ref().ok().map(|e| &**e)),
+        );
         tracing::trace!(parent: &span, received = received.len(), "received");
         if received.len() > max {
             // A driver that hands out more than was asked for (a prefetch, a session's
@@ -261,8 +292,12 @@ impl Consumer {
             }
             groups
         };
+        let span = self.inner.settle_span(settlement.status(), items.len());
+        spans::link_events(&span, idx.iter().map(|&i| &*deliveries[i].event));
         let settled =
-            crate::driver::panic_safe("settle_batch", self.inner.driver.settle_batch(&items)).await;
+            crate::driver::panic_safe("settle_batch", self.inner.driver.settle_batch(&items))
+                .instrument(span)
+                .await;
         match settled {
             Ok(per) if per.len() == idx.len() => {
                 let ok: Vec<bool> = per.iter().map(Result::is_ok).collect();
@@ -363,7 +398,11 @@ impl ConsumerInner {
             }
             other => other,
         };
-        settle_through(&self.settler, token.clone(), settlement).await?;
+        let span = self.settle_span(status, 1);
+        spans::link_events(&span, [event]);
+        settle_through(&self.settler, token.clone(), settlement)
+            .instrument(span)
+            .await?;
         if status != "extend" {
             self.metrics.consumed(event.ty(), status, 1);
         }
@@ -371,6 +410,16 @@ impl ConsumerInner {
             self.metrics.dead_lettered(&reason);
         }
         Ok(())
+    }
+
+    /// The span of settling `count` deliveries as `status` says.
+    fn settle_span(&self, status: &str, count: usize) -> tracing::Span {
+        spans::settle(
+            &self.destination,
+            &self.name,
+            spans::settle_operation(status),
+            count,
+        )
     }
 
     /// Gives messages back unprocessed (nack, no delay), for deliveries the caller did

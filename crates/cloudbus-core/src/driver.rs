@@ -109,7 +109,17 @@ impl OutgoingMessage {
     /// one (see [`telemetry::inject`](crate::telemetry::inject)), and the ordering key
     /// and size are resolved, all in one pass over the extensions (this runs for every
     /// published event).
-    pub fn prepare(mut event: Event, options: PublishOptions) -> Self {
+    pub fn prepare(event: Event, options: PublishOptions) -> Self {
+        Self::prepare_for(event, options, &crate::spans::Destination::default())
+    }
+
+    /// [`prepare`](Self::prepare) for a publisher of `destination`: an event without
+    /// a valid `traceparent` gets the context of its `create` span.
+    pub(crate) fn prepare_for(
+        mut event: Event,
+        options: PublishOptions,
+        destination: &crate::spans::Destination,
+    ) -> Self {
         let mut traced = false;
         let mut partition_key = None;
         for (name, value) in event.iter_extensions() {
@@ -126,7 +136,7 @@ impl OutgoingMessage {
             }
         }
         if !traced {
-            crate::event::stamp(&mut event);
+            crate::spans::stamp_created(&mut event, destination);
         }
         let size = crate::event::estimated_size(&event);
         OutgoingMessage {
@@ -429,6 +439,66 @@ pub trait TopologyDriver: Send + Sync + 'static {
             "this provider cannot replay subscription {name:?} of {topic:?} (since {since})"
         )))
     }
+    /// Whether `topic` exists (for [`topology::plan`](crate::topology::plan)).
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot tell whether topic {topic:?} exists"
+        )))
+    }
+    /// Subscription `name` of `topic` as the provider holds it, in the provider's own
+    /// terms (its native filter, its lease and delivery limit); `None` when there is
+    /// none (for [`topology::plan`](crate::topology::plan)).
+    async fn describe_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot describe subscription {name:?} of {topic:?}"
+        )))
+    }
+    /// What [`describe_subscription`](Self::describe_subscription) reads from a
+    /// subscription made by `ensure_subscription(spec)`: the plan's wanted state.
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot describe subscription {:?} of {:?}",
+            spec.name, spec.topic
+        )))
+    }
+    /// Changes an existing subscription to `spec` in place. A setting the provider
+    /// cannot change on an existing subscription is `Unsupported`, naming it.
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot change subscription {:?} of {:?} in place",
+            spec.name, spec.topic
+        )))
+    }
+}
+
+/// A subscription as its provider holds it, in the provider's own terms, so that a
+/// plan compares like with like: the filter as the provider's native text (Pub/Sub
+/// filter, SNS filter policy, Service Bus SQL, ...), the lease and the delivery limit
+/// as the provider rounds them. `None` is a setting the provider does not have.
+///
+/// ```
+/// use std::time::Duration;
+/// use cloudbus_core::SubscriptionState;
+/// let state = SubscriptionState {
+///     lease: Some(Duration::from_secs(30)),
+///     ..SubscriptionState::default()
+/// };
+/// assert_eq!(state.filter, None);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionState {
+    /// The filter in the provider's native form.
+    pub filter: Option<String>,
+    /// Dead-letter after this many deliveries (`Some(0)`: never).
+    pub max_delivery_attempts: Option<u32>,
+    /// The lease (ack deadline, visibility timeout, lock duration).
+    pub lease: Option<Duration>,
+    /// Whether ordering keys are kept in order.
+    pub ordered: Option<bool>,
 }
 
 /// A subscription as a service declares it.

@@ -130,7 +130,9 @@ impl EventBuilder {
         self.extension(EXT_TRACEPARENT, value.into())
     }
     /// Marks this event as caused by `parent`: causation id = parent id, the parent's
-    /// correlation id (or its id) and its trace context carried on.
+    /// correlation id (or its id), and its trace context carried on. While a handler
+    /// runs (see [`TraceContext::current`]), the trace goes on from the handling
+    /// instead: the event becomes a child of it when it is built.
     pub fn caused_by(mut self, parent: &Event) -> Self {
         self = self.causation_id(parent.id());
         let correlation = parent
@@ -138,6 +140,9 @@ impl EventBuilder {
             .map(str::to_owned)
             .unwrap_or_else(|| parent.id().to_owned());
         self = self.correlation_id(correlation);
+        if TraceContext::current().is_some() {
+            return self;
+        }
         if let Some(tp) = parent.traceparent() {
             self = self.traceparent(tp.to_owned());
         }
@@ -434,16 +439,62 @@ impl TraceContext {
     }
 }
 
-/// Gives the event a `traceparent` if it has no valid one: a child of the current
-/// task's context (an event published while handling another continues its trace),
-/// else a new trace. Returns the context the event carries.
+/// Gives the event a `traceparent` if it has no valid one: the context of its
+/// `create` span (with feature `otel` and an OpenTelemetry layer, through the W3C
+/// propagator, `tracestate` included), else a child of the current handler's
+/// context, else a new trace. Returns the context the event carries.
 pub fn inject(event: &mut Event) -> TraceContext {
-    TraceContext::from_event(event).unwrap_or_else(|| stamp(event))
+    TraceContext::from_event(event).unwrap_or_else(|| stamp_created(event, None))
+}
+
+/// Opens the event's `create` span (OpenTelemetry messaging conventions, with the
+/// CloudEvents attributes; `destination` is the messaging system and topic when a
+/// publisher creates it) and gives the event its context: with feature `otel` and an
+/// OpenTelemetry layer recording the span, through the W3C propagator (`traceparent`
+/// and `tracestate`); otherwise a child of the current task's context (an event made
+/// while handling another continues its trace), else a new trace.
+pub(crate) fn stamp_created(
+    event: &mut Event,
+    destination: Option<(&'static str, &str)>,
+) -> TraceContext {
+    let span = tracing::info_span!(
+        "cloudbus.create",
+        otel.name = %match destination {
+            Some((_, topic)) => format!("create {topic}"),
+            None => "create".to_owned(),
+        },
+        otel.kind = "producer",
+        messaging.operation.type = "create",
+        messaging.operation.name = "create",
+        messaging.system = destination.map(|(system, _)| system),
+        messaging.destination.name = destination.map(|(_, topic)| topic),
+        messaging.message.id = %event.id(),
+        cloudevents.event_id = %event.id(),
+        cloudevents.event_source = %event.source(),
+        cloudevents.event_type = %event.ty(),
+        cloudevents.event_spec_version = %event.specversion(),
+        cloudevents.event_subject = event.subject(),
+    );
+    #[cfg(feature = "otel")]
+    if let Some(fields) = crate::otel::inject(&span)
+        && let Some(ctx) = TraceContext::parse(&fields.traceparent)
+    {
+        event.set_extension(EXT_TRACEPARENT, fields.traceparent);
+        match fields.tracestate {
+            Some(state) => event.set_extension(EXT_TRACESTATE, state),
+            None => {
+                event.remove_extension(EXT_TRACESTATE);
+            }
+        }
+        return ctx;
+    }
+    drop(span);
+    stamp(event)
 }
 
 /// Sets a new `traceparent` on the event: a child of the current task's context, else
 /// a new trace.
-pub(crate) fn stamp(event: &mut Event) -> TraceContext {
+fn stamp(event: &mut Event) -> TraceContext {
     let ctx = TraceContext::current()
         .map(|c| c.child())
         .unwrap_or_else(TraceContext::new_root);

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::consumer::Delivery;
 use crate::error::Error;
 use crate::event::{AttributesReader, Event};
+use crate::spans::Destination;
 use crate::trace_context::TraceContext;
 
 /// What a handler knows about the delivery it handles.
@@ -265,6 +266,7 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
 pub struct HandlerRunner {
     name: Arc<str>,
     metrics: Arc<crate::telemetry::ConsumerMetrics>,
+    destination: Destination,
 }
 
 impl HandlerRunner {
@@ -273,17 +275,19 @@ impl HandlerRunner {
         let name = name.into();
         HandlerRunner {
             metrics: Arc::new(crate::telemetry::ConsumerMetrics::new(name.clone())),
+            destination: Destination::default().subscription(&name),
             name,
         }
     }
 
     /// A runner that counts into a consumer's own metrics (the worker's), so that
-    /// one consumer keeps one set of metric handles.
-    pub(crate) fn with_metrics(
-        name: Arc<str>,
-        metrics: Arc<crate::telemetry::ConsumerMetrics>,
-    ) -> Self {
-        HandlerRunner { name, metrics }
+    /// one consumer keeps one set of metric handles, and names its destination.
+    pub(crate) fn for_consumer(consumer: &crate::consumer::ConsumerInner) -> Self {
+        HandlerRunner {
+            name: consumer.name.clone(),
+            metrics: consumer.metrics.clone(),
+            destination: consumer.destination.clone(),
+        }
     }
 
     /// The consumer's name.
@@ -325,17 +329,7 @@ impl HandlerRunner {
         tracing::Span,
         impl Future<Output = std::thread::Result<Result<(), HandlerError>>> + Send + 'a,
     ) {
-        let trace = TraceContext::from_event(&event)
-            .map(|c| c.child())
-            .unwrap_or_else(TraceContext::new_root);
-        let span = tracing::info_span!(
-            "cloudbus.handle",
-            consumer = %self.name,
-            event_type = %event.ty(),
-            event_id = %event.id(),
-            attempt,
-            trace_id = %trace.trace_id(),
-        );
+        let (span, trace) = crate::spans::process(&self.destination, &self.name, &event, attempt);
         let ctx = HandlerContext {
             attempt,
             consumer: self.name.clone(),

@@ -29,14 +29,18 @@ pub mod health;
 pub mod idempotency;
 mod json_format;
 mod lease_keeper;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod publisher;
 pub mod retry;
 pub mod router;
 #[cfg(feature = "schema")]
 pub mod schema;
 pub mod scheme;
+pub mod spans;
 pub mod stream;
 pub mod telemetry;
+pub mod topology;
 pub mod trace_context;
 pub mod typed;
 pub mod validation;
@@ -55,7 +59,7 @@ pub use driver::{
     AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, DeadLetterSink,
     OutgoingMessage, PartitionInfo, Payload, PublishOptions, ReadBatch, ReceivedMessage,
     Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver, SubscriptionSpec,
-    TopicDriver, TopologyDriver,
+    SubscriptionState, TopicDriver, TopologyDriver,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use event::{

@@ -21,6 +21,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::event::{AttributesReader, Event};
 use crate::health::{HealthState, PublisherHealth};
 use crate::retry::RetryPolicy;
+use crate::spans::{self, Destination};
 use crate::telemetry;
 use crate::validation::EventValidator;
 
@@ -68,6 +69,8 @@ struct Inner {
     paused: Arc<PausedKeys>,
     /// What `health` reports.
     health: Arc<HealthState>,
+    /// What its spans say about where events go.
+    destination: Destination,
 }
 
 /// Ordering keys whose last publish failed. As in the Pub/Sub client libraries, later
@@ -149,6 +152,16 @@ impl Publisher {
 
     /// A publisher over `driver`.
     pub fn with_options(driver: Arc<dyn TopicDriver>, options: PublisherOptions) -> Self {
+        Self::for_destination(driver, options, Destination::default())
+    }
+
+    /// A publisher over `driver`, whose spans name `destination` (what
+    /// [`Bus::publisher`](crate::Bus::publisher) makes).
+    pub fn for_destination(
+        driver: Arc<dyn TopicDriver>,
+        options: PublisherOptions,
+        destination: Destination,
+    ) -> Self {
         let caps = driver.capabilities();
         Publisher {
             inner: Arc::new(Inner {
@@ -163,6 +176,7 @@ impl Publisher {
                 next_lane: AtomicUsize::new(0),
                 paused: Arc::default(),
                 health: Arc::default(),
+                destination,
             }),
             validator: None,
         }
@@ -193,6 +207,11 @@ impl Publisher {
         &self.inner.caps
     }
 
+    /// Where its events go, as its spans name it.
+    pub fn destination(&self) -> &Destination {
+        &self.inner.destination
+    }
+
     /// The driver, for escape hatches: `publisher.driver().as_any().downcast_ref::<T>()`.
     pub fn driver(&self) -> &Arc<dyn TopicDriver> {
         &self.inner.driver
@@ -211,7 +230,11 @@ impl Publisher {
         {
             return PublishHandle::ready(Err(e));
         }
-        self.enqueue(OutgoingMessage::prepare(event, options))
+        self.enqueue(OutgoingMessage::prepare_for(
+            event,
+            options,
+            &self.inner.destination,
+        ))
     }
 
     /// Publishes bytes that are not a CloudEvent (bridges, and tests of malformed input).
@@ -296,14 +319,15 @@ impl Publisher {
         let paused = self.inner.paused.clone();
         let pending = self.inner.pending.clone();
         let health = self.inner.health.clone();
+        let destination = self.inner.destination.clone();
         let ordering = self.inner.caps.ordering;
         let handler: BatchHandler<OutgoingMessage, Result<()>> =
             Arc::new(move |msgs: Vec<OutgoingMessage>| {
                 let (driver, retry) = (driver.clone(), retry.clone());
                 let (paused, pending) = (paused.clone(), pending.clone());
                 let health = health.clone();
+                let span = send_span(&destination, &msgs);
                 Box::pin(async move {
-                    let span = tracing::debug_span!("cloudbus.publish", events = msgs.len());
                     let results = send_in_order(driver.as_ref(), &msgs, &retry, &paused, ordering)
                         .instrument(span)
                         .await;
@@ -325,7 +349,7 @@ impl Publisher {
     pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
-            .map(|e| OutgoingMessage::prepare(e, PublishOptions::default()))
+            .map(|e| OutgoingMessage::prepare_for(e, PublishOptions::default(), self.destination()))
             .collect();
         self.publish_messages(msgs).await
     }
@@ -337,7 +361,7 @@ impl Publisher {
     ) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
-            .map(|(e, o)| OutgoingMessage::prepare(e, o))
+            .map(|(e, o)| OutgoingMessage::prepare_for(e, o, self.destination()))
             .collect();
         self.publish_messages(msgs).await
     }
@@ -373,13 +397,16 @@ impl Publisher {
             let retry = &self.inner.options.retry;
             let paused = &self.inner.paused;
             let health = &self.inner.health;
+            let destination = &self.inner.destination;
             async move {
                 let mut out = Vec::with_capacity(lane.len());
                 for chunk in BatchLimits::of(caps).chunks(lane, |(_, m)| m.size) {
                     let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) =
                         chunk.into_iter().unzip();
-                    let res =
-                        send_in_order(driver.as_ref(), &msgs, retry, paused, caps.ordering).await;
+                    let span = send_span(destination, &msgs);
+                    let res = send_in_order(driver.as_ref(), &msgs, retry, paused, caps.ordering)
+                        .instrument(span)
+                        .await;
                     record_published(&msgs, &res, health);
                     out.extend(indices.into_iter().zip(res));
                 }
@@ -634,6 +661,17 @@ async fn send_in_order(
         }
     }
     results
+}
+
+/// The `send` span of one provider call, linked to the creation context each event
+/// carries.
+fn send_span(destination: &Destination, msgs: &[OutgoingMessage]) -> tracing::Span {
+    let span = spans::send(destination, msgs.len());
+    spans::link_events(
+        &span,
+        msgs.iter().filter_map(|m| m.payload.event().map(|e| &**e)),
+    );
+    span
 }
 
 /// Counts published events per (source, type), once per group, not once per event,

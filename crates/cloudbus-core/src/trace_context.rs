@@ -31,6 +31,15 @@ impl TraceContext {
             flags: 1,
         }
     }
+    /// A context from its parts (an OpenTelemetry span's, with feature `otel`).
+    #[cfg_attr(not(feature = "otel"), allow(dead_code))]
+    pub(crate) fn from_parts(trace_id: u128, span_id: u64, flags: u8) -> Self {
+        TraceContext {
+            trace_id,
+            span_id,
+            flags,
+        }
+    }
     /// A new span in the same trace.
     pub fn child(&self) -> Self {
         TraceContext {

@@ -208,10 +208,7 @@ impl Worker {
         let leases = (options.extend_leases && consumer.capabilities().lease_extension)
             .then(|| Arc::new(LeaseKeeper::default()));
         let run = WorkerLoop {
-            runner: HandlerRunner::with_metrics(
-                consumer.inner.name.clone(),
-                consumer.inner.metrics.clone(),
-            ),
+            runner: HandlerRunner::for_consumer(&consumer.inner),
             consumer,
             handler,
             bytes: Arc::new(Semaphore::new(kib)),
@@ -475,6 +472,17 @@ impl WorkerLoop {
             }
             if acking.is_empty() && !to_ack.is_empty() {
                 acking.push(self.ack_together(std::mem::take(&mut to_ack)));
+            }
+            // All handled and settled: the batch is done. (The shutdown branch stays
+            // pending, so `else` alone would keep this task, and its events, until the
+            // shutdown deadline.)
+            if handling.is_empty()
+                && settling.is_empty()
+                && acking.is_empty()
+                && abandoning.is_empty()
+                && to_ack.is_empty()
+            {
+                break;
             }
         }
     }
@@ -759,6 +767,95 @@ mod tests {
         fn as_any(&self) -> &dyn Any {
             self
         }
+    }
+
+    /// Hands out two events without an ordering key once (one batch), keeping only
+    /// weak references to them, and acks every settlement.
+    #[derive(Default)]
+    struct UnorderedOnce {
+        handed_out: std::sync::atomic::AtomicBool,
+        events: Mutex<Vec<std::sync::Weak<crate::Event>>>,
+    }
+
+    #[async_trait]
+    impl SubscriptionDriver for UnorderedOnce {
+        async fn receive_batch(
+            &self,
+            _max: usize,
+            wait: Duration,
+        ) -> crate::Result<Vec<ReceivedMessage>> {
+            if self.handed_out.swap(true, Ordering::AcqRel) {
+                tokio::time::sleep(wait).await;
+                return Ok(Vec::new());
+            }
+            let mut out = Vec::new();
+            for n in 0..2u64 {
+                let event = Arc::new(EventBuilder::new("com.example.step", "/test").build()?);
+                self.events
+                    .lock()
+                    .expect("lock")
+                    .push(Arc::downgrade(&event));
+                out.push(ReceivedMessage {
+                    event: Ok(event),
+                    token: AckToken::Number(n),
+                    attempt: 1,
+                    lease: None,
+                    published_at: None,
+                    ordering_key: None,
+                    size: 100,
+                });
+            }
+            Ok(out)
+        }
+        async fn settle_batch(
+            &self,
+            items: &[(AckToken, Settlement)],
+        ) -> crate::Result<BatchResults> {
+            Ok(items.iter().map(|_| Ok(())).collect())
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    /// A batch's task ends once its deliveries are handled and settled, and lets the
+    /// events go. It used to wait for the shutdown deadline, so a running worker kept
+    /// every event it had handled, and every shutdown took the whole deadline.
+    #[tokio::test]
+    async fn a_handled_batch_lets_its_events_go() {
+        let driver = Arc::new(UnorderedOnce::default());
+        let consumer = Consumer::new(driver.clone(), "lets-go");
+        let worker =
+            consumer.start_worker(
+                |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                    Ok::<(), HandlerError>(())
+                },
+                WorkerOptions::default().concurrency(4),
+            );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while worker.stats().acked < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(worker.stats().acked, 2);
+        let alive = || {
+            driver
+                .events
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|e| e.strong_count() > 0)
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while alive() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(alive(), 0, "the running worker still holds handled events");
+        let report = worker.shutdown(Duration::from_secs(30)).await;
+        assert_eq!(report.acked, 2, "{report:?}");
     }
 
     /// A delivery queued behind a slow one of its ordering key keeps its lease while

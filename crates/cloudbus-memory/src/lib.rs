@@ -36,7 +36,8 @@ use chrono::Utc;
 use cloudbus_core::{
     AckToken, BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetter,
     DeadLetterDriver, Error, ErrorKind, OutgoingMessage, Payload, ReceivedMessage, Result,
-    Settlement, StreamDriver, SubscriptionDriver, SubscriptionSpec, TopicDriver, TopologyDriver,
+    Settlement, StreamDriver, SubscriptionDriver, SubscriptionSpec, SubscriptionState, TopicDriver,
+    TopologyDriver,
 };
 use tokio::sync::Notify;
 
@@ -679,6 +680,20 @@ struct MemoryTopology {
     broker: MemoryBroker,
 }
 
+/// The broker evaluates the portable filter itself, so its native form is the
+/// filter's JSON.
+fn state_of(spec: &SubscriptionSpec) -> SubscriptionState {
+    SubscriptionState {
+        filter: spec
+            .filter
+            .as_ref()
+            .map(|f| serde_json::to_string(f).unwrap_or_else(|_| format!("{f:?}"))),
+        max_delivery_attempts: Some(spec.max_delivery_attempts.unwrap_or(0)),
+        lease: Some(spec.lease),
+        ordered: Some(spec.ordered),
+    }
+}
+
 #[async_trait]
 impl TopologyDriver for MemoryTopology {
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
@@ -715,6 +730,37 @@ impl TopologyDriver for MemoryTopology {
 
     async fn replay(&self, topic: &str, name: &str, since: chrono::DateTime<Utc>) -> Result<()> {
         self.broker.replay(topic, name, since)
+    }
+
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        let topics = self.broker.inner.topics.read().map_err(|_| poisoned())?;
+        Ok(topics.contains_key(topic))
+    }
+
+    async fn describe_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        let topic = match self.broker.topic(topic) {
+            Ok(t) => t,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let subs = topic.subscriptions.read().map_err(|_| poisoned())?;
+        match subs.iter().find(|s| s.name == name) {
+            Some(sub) => Ok(Some(state_of(&sub.lock()?.spec))),
+            None => Ok(None),
+        }
+    }
+
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        Ok(state_of(spec))
+    }
+
+    /// The broker keeps the spec as given: ensuring it again changes it in place.
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        self.ensure_subscription(spec).await
     }
 
     async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {

@@ -1241,3 +1241,111 @@ pub async fn trace_context_propagates(h: &dyn Harness) -> Result<Outcome> {
     ack_all(&f.consumer, &got).await?;
     Ok(Outcome::Passed)
 }
+
+/// Topology as code: a plan of a new topology creates everything; once applied, the
+/// plan is empty (apply is idempotent); a changed lease and delivery limit are planned
+/// as an update of exactly those settings and applied in place; a changed filter is
+/// planned, and applied in place or refused as `Unsupported` naming the filter (Pub/Sub
+/// filters cannot change). Providers that cannot describe a subscription skip.
+pub async fn topology_plan_and_apply(h: &dyn Harness) -> Result<Outcome> {
+    use crate::topology::{self, Change, Topology};
+    let bus = h.bus().await?;
+    let topic = h.unique("t");
+    let (steady, changing) = (h.unique("s"), h.unique("s"));
+    let described = bus
+        .driver()
+        .topology()
+        .describe_subscription(&topic, &steady)
+        .await;
+    need!(
+        !matches!(&described, Err(e) if e.kind() == ErrorKind::Unsupported),
+        "describing subscriptions (cloudbus topology plan)"
+    );
+    check!(
+        matches!(described, Ok(None)),
+        "a missing subscription is described as {described:?}"
+    );
+    let filtered = h.capabilities().filtering != FilterSupport::None;
+    let declare = |lease: &str, attempts: u32, prefix: &str| -> Result<Topology> {
+        let mut changing_sub = serde_json::json!({
+            "name": changing, "lease": lease, "max_delivery_attempts": attempts,
+        });
+        if filtered {
+            changing_sub["filter"] =
+                serde_json::json!({"prefix": {"attribute": "type", "prefix": prefix}});
+        }
+        Ok(serde_json::from_value(serde_json::json!({"topics": [{
+            "name": topic,
+            "subscriptions": [
+                {"name": steady, "lease": "30s", "max_delivery_attempts": 5},
+                changing_sub,
+            ],
+        }]}))?)
+    };
+    let first = declare("30s", 5, "com.example.a.")?;
+    let plan = topology::plan(&bus, &first).await?;
+    check!(
+        plan.change_count() == 3
+            && plan
+                .changes
+                .iter()
+                .filter(|c| matches!(c, Change::CreateSubscription(_)))
+                .count()
+                == 2,
+        "the first plan:\n{plan}"
+    );
+    let applied = topology::apply(&bus, &plan).await?;
+    check!(applied == 3, "applied {applied} of\n{plan}");
+    let again = topology::plan(&bus, &first).await?;
+    check!(again.is_empty(), "the plan after apply:\n{again}");
+    check!(
+        topology::apply(&bus, &again).await? == 0,
+        "applying an empty plan changed something"
+    );
+
+    let longer = declare("60s", 7, "com.example.a.")?;
+    let plan = topology::plan(&bus, &longer).await?;
+    let updated: Vec<Vec<&str>> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::UpdateSubscription { spec, differences } if spec.name == changing => {
+                Some(differences.iter().map(|d| d.setting).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    check!(
+        plan.change_count() == 1 && updated == [vec!["max_delivery_attempts", "lease"]],
+        "the plan of a longer lease and more attempts:\n{plan}"
+    );
+    topology::apply(&bus, &plan).await?;
+    let again = topology::plan(&bus, &longer).await?;
+    check!(again.is_empty(), "the plan after the update:\n{again}");
+
+    if filtered {
+        let refiltered = declare("60s", 7, "com.example.b.")?;
+        let plan = topology::plan(&bus, &refiltered).await?;
+        check!(
+            plan.change_count() == 1
+                && plan.changes.iter().any(|c| matches!(c,
+                    Change::UpdateSubscription { differences, .. }
+                        if differences.len() == 1 && differences[0].setting == "filter")),
+            "the plan of a new filter:\n{plan}"
+        );
+        match topology::apply(&bus, &plan).await {
+            Ok(_) => {
+                let again = topology::plan(&bus, &refiltered).await?;
+                check!(again.is_empty(), "the plan after the new filter:\n{again}");
+            }
+            Err(e) => check!(
+                e.kind() == ErrorKind::Unsupported && e.message().contains("filter"),
+                "a filter the provider cannot change: {e}"
+            ),
+        }
+    }
+    for sub in [&steady, &changing] {
+        bus.delete_subscription(&topic, sub).await?;
+    }
+    Ok(Outcome::Passed)
+}

@@ -55,6 +55,8 @@ pub mod cases;
 pub mod chaos;
 pub mod emulator;
 pub mod network;
+#[cfg(feature = "otel")]
+pub mod otel_cases;
 pub mod store_cases;
 pub mod stream_cases;
 
@@ -268,7 +270,8 @@ macro_rules! __conformance_cases {
             graceful_shutdown_finishes_in_flight, failing_handler_is_retried_then_succeeds,
             worker_dead_letters_after_max_attempts, concurrent_publishers_and_worker,
             topic_isolation, continue_after_consumer_close, batch_reports_per_event_failures,
-            idempotent_consumer_skips_duplicates, trace_context_propagates
+            idempotent_consumer_skips_duplicates, trace_context_propagates,
+            topology_plan_and_apply
         }
     };
 }
