@@ -24,7 +24,7 @@ use cloudbus_core::codec::to_structured_json;
 use cloudbus_core::{
     AttributesReader, BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error,
     ErrorKind, Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver,
-    SubscriptionSpec, TopicDriver, TopologyDriver,
+    SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver,
 };
 use serde_json::{Value, json};
 
@@ -582,6 +582,77 @@ impl TopologyDriver for EventBridgeTopology {
             ));
         }
         Ok(())
+    }
+
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        if topic == DEFAULT_BUS {
+            return Ok(true);
+        }
+        match self
+            .shared
+            .events
+            .describe_event_bus()
+            .name(topic)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let e = crate::error::sdk_error(e, kind_of_code, &format!("event bus {topic}"));
+                if e.kind() == ErrorKind::NotFound {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// The rule's event pattern and its queue's settings.
+    async fn describe_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        let rule = match self
+            .shared
+            .events
+            .describe_rule()
+            .name(name)
+            .event_bus_name(topic)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let e =
+                    crate::error::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}"));
+                return if e.kind() == ErrorKind::NotFound {
+                    Ok(None)
+                } else {
+                    Err(e)
+                };
+            }
+        };
+        let mut state = sqs::queue_state(&self.shared.sqs, name)
+            .await?
+            .unwrap_or_default();
+        state.filter = rule.event_pattern().map(crate::filter::canonical_json);
+        Ok(Some(state))
+    }
+
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        let mut state = sqs::queue_desired(spec);
+        state.filter = Some(crate::filter::canonical_json(
+            &event_pattern(spec.filter.as_ref())?.to_string(),
+        ));
+        Ok(state)
+    }
+
+    /// PutRule, PutTargets and the queue's attributes are upserts: ensuring the
+    /// subscription again changes it in place.
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        self.ensure_subscription(spec).await
     }
 
     async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {

@@ -86,3 +86,28 @@ pub(crate) fn content_pattern(
         }),
     })
 }
+
+/// `text` as JSON with every object's keys sorted, so that a pattern or policy read
+/// back from AWS compares equal to the one cloudbus wrote however AWS orders it; the
+/// text itself when it is not JSON.
+pub(crate) fn canonical_json(text: &str) -> String {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<(String, serde_json::Value)> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                serde_json::Value::Object(
+                    entries.into_iter().map(|(k, v)| (k, sorted(v))).collect(),
+                )
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.into_iter().map(sorted).collect())
+            }
+            other => other,
+        }
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => sorted(v).to_string(),
+        Err(_) => text.to_owned(),
+    }
+}

@@ -20,7 +20,7 @@ use cloudbus_core::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDrive
 use cloudbus_core::{
     BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, EventExt,
     FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
-    TopicDriver, TopologyDriver,
+    SubscriptionState, TopicDriver, TopologyDriver,
 };
 
 /// Most records in one PutRecords call.
@@ -224,6 +224,35 @@ impl TopologyDriver for KinesisTopology {
     }
 
     async fn ensure_subscription(&self, _spec: &SubscriptionSpec) -> Result<()> {
+        Err(not_a_queue("subscriptions"))
+    }
+
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        match self
+            .shared
+            .client
+            .describe_stream_summary()
+            .stream_name(topic)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let e = crate::error::sdk_error(e, kind_of_code, &format!("stream {topic}"));
+                if e.kind() == ErrorKind::NotFound {
+                    Ok(false)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn describe_subscription(
+        &self,
+        _topic: &str,
+        _name: &str,
+    ) -> Result<Option<SubscriptionState>> {
         Err(not_a_queue("subscriptions"))
     }
 

@@ -22,7 +22,7 @@ use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use cloudbus_core::{
     BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind,
     Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
-    TopicDriver, TopologyDriver,
+    SubscriptionState, TopicDriver, TopologyDriver,
 };
 use serde_json::Value;
 
@@ -454,6 +454,60 @@ struct SnsTopology {
     shared: Arc<SnsContext>,
 }
 
+impl SnsTopology {
+    /// The filter policy of `spec` and where it applies (the body in structured mode,
+    /// the message attributes otherwise).
+    fn policy_of(&self, spec: &SubscriptionSpec) -> Result<(&'static str, Option<Value>)> {
+        let (scope, policy) = if self.shared.structured {
+            ("MessageBody", spec.filter.as_ref().map(body_filter_policy))
+        } else {
+            ("MessageAttributes", spec.filter.as_ref().map(filter_policy))
+        };
+        Ok((scope, policy.transpose()?))
+    }
+
+    /// The SNS subscriptions of `topic` that deliver to queue `name` (none when the
+    /// topic or the queue is missing).
+    async fn subscription_arns(&self, topic: &str, name: &str) -> Result<Vec<String>> {
+        let topic_arn = match self.shared.arn(topic).await {
+            Ok(a) => a,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let url = match self.shared.sqs.url(name).await {
+            Ok(u) => u,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let queue_arn = self
+            .shared
+            .sqs
+            .attribute(&url, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .await?
+            .unwrap_or_default();
+        let mut arns = Vec::new();
+        let mut pages = self
+            .shared
+            .sns
+            .list_subscriptions_by_topic()
+            .topic_arn(&topic_arn)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page =
+                page.map_err(|e| crate::error::sdk_error(e, kind_of_code, "list subscriptions"))?;
+            for s in page.subscriptions() {
+                if s.endpoint() == Some(queue_arn.as_str())
+                    && let Some(arn) = s.subscription_arn()
+                {
+                    arns.push(arn.to_owned());
+                }
+            }
+        }
+        Ok(arns)
+    }
+}
+
 #[async_trait]
 impl TopologyDriver for SnsTopology {
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
@@ -475,12 +529,7 @@ impl TopologyDriver for SnsTopology {
     }
 
     async fn ensure_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
-        let (scope, policy) = if self.shared.structured {
-            ("MessageBody", spec.filter.as_ref().map(body_filter_policy))
-        } else {
-            ("MessageAttributes", spec.filter.as_ref().map(filter_policy))
-        };
-        let policy = policy.transpose()?;
+        let (scope, policy) = self.policy_of(spec)?;
         let topic_arn = self.shared.arn(&spec.topic).await?;
         let queue = &spec.name;
         // The topic, and only it, may send to the queue.
@@ -516,47 +565,113 @@ impl TopologyDriver for SnsTopology {
     }
 
     async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
-        let topic_arn = match self.shared.arn(topic).await {
-            Ok(a) => a,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let url = match self.shared.sqs.url(name).await {
-            Ok(u) => u,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let queue_arn = self
-            .shared
-            .sqs
-            .attribute(&url, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-            .await?
-            .unwrap_or_default();
-        let mut pages = self
-            .shared
-            .sns
-            .list_subscriptions_by_topic()
-            .topic_arn(&topic_arn)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page =
-                page.map_err(|e| crate::error::sdk_error(e, kind_of_code, "list subscriptions"))?;
-            for s in page.subscriptions() {
-                if s.endpoint() == Some(queue_arn.as_str())
-                    && let Some(arn) = s.subscription_arn()
-                {
-                    self.shared
-                        .sns
-                        .unsubscribe()
-                        .subscription_arn(arn)
-                        .send()
-                        .await
-                        .map_err(|e| crate::error::sdk_error(e, kind_of_code, "unsubscribe"))?;
-                }
-            }
+        for arn in self.subscription_arns(topic, name).await? {
+            self.shared
+                .sns
+                .unsubscribe()
+                .subscription_arn(arn)
+                .send()
+                .await
+                .map_err(|e| crate::error::sdk_error(e, kind_of_code, "unsubscribe"))?;
         }
         Ok(())
+    }
+
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        match self.shared.arn(topic).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The subscription's filter policy and its queue's settings.
+    async fn describe_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        let Some(arn) = self
+            .subscription_arns(topic, name)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        let Some(mut state) = sqs::queue_state(&self.shared.sqs, name).await? else {
+            return Ok(None);
+        };
+        let attributes = self
+            .shared
+            .sns
+            .get_subscription_attributes()
+            .subscription_arn(&arn)
+            .send()
+            .await
+            .map_err(|e| {
+                crate::error::sdk_error(e, kind_of_code, &format!("subscription {name}"))
+            })?;
+        state.filter = attributes
+            .attributes()
+            .and_then(|a| a.get("FilterPolicy"))
+            .map(|p| crate::filter::canonical_json(p))
+            .filter(|p| p != "{}" && !p.is_empty());
+        Ok(Some(state))
+    }
+
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        let (_, policy) = self.policy_of(spec)?;
+        let mut state = sqs::queue_desired(spec);
+        state.filter = policy.map(|p| crate::filter::canonical_json(&p.to_string()));
+        Ok(state)
+    }
+
+    /// Sets the filter policy of the existing subscription (`{}` removes it) and the
+    /// queue's settings again.
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        let (scope, policy) = self.policy_of(spec)?;
+        let Some(arn) = self
+            .subscription_arns(&spec.topic, &spec.name)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Err(Error::not_found(format!(
+                "queue {} is not subscribed to SNS topic {}",
+                spec.name, spec.topic
+            )));
+        };
+        let set = |name: &'static str, value: String| {
+            self.shared
+                .sns
+                .set_subscription_attributes()
+                .subscription_arn(&arn)
+                .attribute_name(name)
+                .attribute_value(value)
+                .send()
+        };
+        let what = format!("filter policy of subscription {}", spec.name);
+        if policy.is_some() {
+            set("FilterPolicyScope", scope.to_owned())
+                .await
+                .map_err(|e| crate::error::sdk_error(e, kind_of_code, &what))?;
+        }
+        set(
+            "FilterPolicy",
+            policy.map_or_else(|| "{}".to_owned(), |p| p.to_string()),
+        )
+        .await
+        .map_err(|e| crate::error::sdk_error(e, kind_of_code, &what))?;
+        let topic_arn = self.shared.arn(&spec.topic).await?;
+        crate::sqs_subscriptions::create_queue(
+            &self.shared.sqs,
+            spec,
+            "sns.amazonaws.com",
+            &topic_arn,
+        )
+        .await
+        .map(|_| ())
     }
 }
 

@@ -26,7 +26,7 @@ pub(crate) use error::kind_of_code;
 pub use limits::{MAX_BATCH_COUNT, MAX_DELAY, MAX_MESSAGE_BYTES, capabilities, dead_letter_queue};
 pub use queue::SqsQueue;
 #[cfg(any(feature = "sns", feature = "eventbridge"))]
-pub(crate) use topology::configure_queue;
+pub(crate) use topology::{configure_queue, queue_desired, queue_state};
 pub use wire::{ATTRIBUTE_PREFIX, CONTENT_TYPE_ATTRIBUTE, MAX_ATTRIBUTES, decode_message};
 #[cfg(feature = "sns")]
 pub(crate) use wire::{codec, dedup_id_of, group_id, text_body};

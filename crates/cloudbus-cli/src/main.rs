@@ -1,7 +1,8 @@
 //! `cloudbus`: the command-line tool of the SDK. It opens any provider URL cloudbus
 //! opens (`pubsub://project`, `sqs://`, `servicebus://namespace`, `mem://`, ...) and
 //! sends events, tails a subscription, looks into and redrives or purges a
-//! dead-letter place, and checks schema compatibility for CI.
+//! dead-letter place, plans and applies a topology file, and checks schema
+//! compatibility for CI.
 //!
 //! Every failure is one line on stderr (`error: ...`) and a non-zero exit: 1 when the
 //! operation failed (the broker refused or did not answer, a schema is not
@@ -14,6 +15,7 @@ mod render;
 mod schema;
 mod send;
 mod tail;
+mod topology;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -47,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         action: schema::SchemaAction,
     },
+    /// Topics and subscriptions declared in a file: plan the difference, apply it.
+    Topology {
+        #[command(subcommand)]
+        action: topology::TopologyAction,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
             Command::Tail(args) => tail::run(args, timeout).await,
             Command::Dlq { action } => dlq::run(action, timeout).await,
             Command::Schema { action } => schema::run(action),
+            Command::Topology { action } => topology::run(action, timeout).await,
         }
     });
     match outcome {

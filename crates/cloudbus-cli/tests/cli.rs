@@ -381,3 +381,93 @@ fn dead_letter_all(url: &str, topic: &str, sub: &str, n: usize) {
         assert_eq!(done, n, "dead-lettered {done} of {n}");
     });
 }
+
+/// Writes a topology file of `topic` with subscriptions `billing` (filtered on the
+/// order type, 5 deliveries, `lease`) and `audit`; its path.
+fn topology_file(topic: &str, billing: &str, audit: &str, lease: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.yaml", unique("cloudbus-topology")));
+    let yaml = format!(
+        "topics:\n  - name: {topic}\n    subscriptions:\n      - name: {billing}\n        filter:\n          prefix: {{attribute: type, prefix: com.example.order.}}\n        max_delivery_attempts: 5\n        lease: {lease}\n      - name: {audit}\n"
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// `topology plan` shows what is missing, `apply` makes it and a second `apply`
+/// changes nothing; a longer lease is planned as that one change and applied in
+/// place; a malformed file is one line and exit 2.
+fn topology_plan_and_apply(url: &str) {
+    let topic = unique("cli-topology");
+    let (billing, audit) = (unique("billing"), unique("audit"));
+    let file = topology_file(&topic, &billing, &audit, "30s");
+    let run = |action: &str, file: &std::path::Path| {
+        let out = cloudbus()
+            .args(["topology", action, "-f"])
+            .arg(file)
+            .arg(url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{action}: {out:?}");
+        text(&out.stdout)
+    };
+    let plan = run("plan", &file);
+    assert!(plan.contains(&format!("+ topic {topic}")), "{plan}");
+    assert!(
+        plan.contains(&format!("+ subscription {topic}/{billing} (lease 30s")),
+        "{plan}"
+    );
+    assert!(plan.ends_with("3 to apply\n"), "{plan}");
+    let applied = run("apply", &file);
+    assert!(applied.contains("applied 3 change(s)"), "{applied}");
+    let again = run("apply", &file);
+    assert!(
+        again.contains("no changes: the provider holds this topology"),
+        "{again}"
+    );
+    assert!(
+        again.contains(&format!("= subscription {topic}/{audit}")),
+        "{again}"
+    );
+
+    let longer = topology_file(&topic, &billing, &audit, "60s");
+    let plan = run("plan", &longer);
+    assert!(
+        plan.contains(&format!(
+            "~ subscription {topic}/{billing}\n    lease: 30s -> 60s"
+        )),
+        "{plan}"
+    );
+    assert!(plan.ends_with("1 to apply\n"), "{plan}");
+    let applied = run("apply", &longer);
+    assert!(applied.contains("applied 1 change(s)"), "{applied}");
+    assert!(run("plan", &longer).contains("no changes"));
+
+    let broken = std::env::temp_dir().join(format!("{}.yaml", unique("cloudbus-broken")));
+    std::fs::write(&broken, "topics:\n  - name: t\n    subscription: []\n").unwrap();
+    let refused = cloudbus()
+        .args(["topology", "plan", "-f"])
+        .arg(&broken)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert_one_line_error(&refused, 2, "is not a topology");
+    for f in [file, longer, broken] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+#[test]
+fn topology_plan_and_apply_on_localstack_sns() {
+    if emulator("AWS_ENDPOINT_URL").is_none() {
+        return;
+    }
+    topology_plan_and_apply("sns://");
+}
+
+#[test]
+fn topology_plan_and_apply_on_the_pubsub_emulator() {
+    if emulator("PUBSUB_EMULATOR_HOST").is_none() {
+        return;
+    }
+    topology_plan_and_apply("pubsub://cloudbus-test");
+}

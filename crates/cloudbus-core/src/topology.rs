@@ -378,7 +378,10 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Plan> {
             Err(e) if e.kind() == ErrorKind::Unsupported => Change::EnsureTopic(topic.name.clone()),
             Err(e) => return Err(e),
         });
-        for spec in specs.iter().filter(|s| s.topic == topic.name) {
+        let subscriptions: Vec<&SubscriptionSpec> =
+            specs.iter().filter(|s| s.topic == topic.name).collect();
+        shared_settings_agree(bus, &topic.name, &subscriptions).await?;
+        for spec in subscriptions {
             let described = driver.describe_subscription(&spec.topic, &spec.name).await;
             let change = match described {
                 Ok(None) => {
@@ -408,6 +411,35 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Plan> {
         }
     }
     Ok(Plan { changes })
+}
+
+/// Where subscriptions share their topic's queue (no fan-out: SQS, a Service Bus
+/// queue), they share its settings: declaring them differently could never be
+/// applied, so it is an `InvalidArgument`.
+async fn shared_settings_agree(bus: &Bus, topic: &str, subs: &[&SubscriptionSpec]) -> Result<()> {
+    let (Some(first), true) = (subs.first(), subs.len() > 1) else {
+        return Ok(());
+    };
+    let Ok(driver) = bus.driver().topic(topic).await else {
+        return Ok(());
+    };
+    if driver.capabilities().fan_out {
+        return Ok(());
+    }
+    let same = |s: &&&SubscriptionSpec| {
+        s.lease == first.lease
+            && s.max_delivery_attempts == first.max_delivery_attempts
+            && s.filter == first.filter
+            && s.ordered == first.ordered
+    };
+    if subs.iter().all(|s| same(&s)) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "the subscriptions of {topic} share one queue on this provider (no fan-out), \
+             so they must be declared with the same lease, delivery limit, filter and ordering"
+        )))
+    }
 }
 
 /// Makes the provider hold what `plan` was made for: creates what is missing,

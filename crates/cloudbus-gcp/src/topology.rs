@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cloudbus_core::{Error, ErrorKind, Result, SubscriptionSpec, TopologyDriver};
+use cloudbus_core::{
+    Error, ErrorKind, Result, SubscriptionSpec, SubscriptionState, TopologyDriver,
+};
 use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
 
 use crate::filter::{self, Expr, MAX_FILTER_BYTES};
@@ -72,6 +74,30 @@ impl TopologyDriver for PubSubTopology {
 
     /// A seek of the subscription to `since`: acked messages come back only on
     /// subscriptions that keep them ([`SubscriptionOptions::retain_acked`]).
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        topic_exists(&self.shared, topic).await
+    }
+
+    async fn describe_subscription(
+        &self,
+        _topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        Ok(get_subscription(&self.shared, name)
+            .await?
+            .map(|s| state_of(&s)))
+    }
+
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        let mut state = state_of(&subscription_resource(&self.shared, spec));
+        state.filter = Some(subscription_filter(spec)?);
+        Ok(state)
+    }
+
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        update_subscription(&self.shared, spec).await
+    }
+
     async fn replay(&self, _topic: &str, name: &str, since: DateTime<Utc>) -> Result<()> {
         crate::PubSubBus {
             shared: self.shared.clone(),
@@ -186,30 +212,10 @@ pub(crate) async fn ensure_subscription(
         &format!("create dead-letter subscription {dl}"),
     )?;
 
-    let wanted = spec.max_delivery_attempts.unwrap_or(MAX_POLICY_ATTEMPTS);
-    let policy_attempts = wanted.clamp(MIN_POLICY_ATTEMPTS, MAX_POLICY_ATTEMPTS);
-    let lease_secs = spec.lease.as_secs().clamp(10, 600) as i32;
-    let mut labels = vec![(
-        LEASE_LABEL.to_owned(),
-        spec.lease.as_millis().max(1).to_string(),
-    )];
-    if wanted < MIN_POLICY_ATTEMPTS {
-        labels.push((MAX_ATTEMPTS_LABEL.to_owned(), wanted.max(1).to_string()));
-    }
-    let subscription = Subscription::new()
-        .set_name(config.subscription_path(&spec.name))
-        .set_topic(config.topic_path(&spec.topic))
-        .set_ack_deadline_seconds(lease_secs)
-        .set_enable_message_ordering(spec.ordered)
+    let subscription = subscription_resource(shared, spec)
         .set_filter(filter)
-        .set_labels(labels)
         .set_enable_exactly_once_delivery(options.exactly_once)
-        .set_retain_acked_messages(options.retain_acked)
-        .set_dead_letter_policy(
-            DeadLetterPolicy::new()
-                .set_dead_letter_topic(config.topic_path(&dl))
-                .set_max_delivery_attempts(policy_attempts as i32),
-        );
+        .set_retain_acked_messages(options.retain_acked);
     let r = c
         .subscriptions
         .create_subscription()
@@ -224,6 +230,171 @@ pub(crate) async fn ensure_subscription(
 }
 
 /// The portable settings of a subscription, read back from Pub/Sub.
+/// The subscription `spec` declares, without its filter and options: the settings
+/// that can change in place (ack deadline, labels, dead-letter policy) and the rest.
+fn subscription_resource(shared: &PubSubContext, spec: &SubscriptionSpec) -> Subscription {
+    let config = &shared.config;
+    let wanted = spec.max_delivery_attempts.unwrap_or(MAX_POLICY_ATTEMPTS);
+    let policy_attempts = wanted.clamp(MIN_POLICY_ATTEMPTS, MAX_POLICY_ATTEMPTS);
+    let lease_secs = spec.lease.as_secs().clamp(10, 600) as i32;
+    let mut labels = vec![(
+        LEASE_LABEL.to_owned(),
+        spec.lease.as_millis().max(1).to_string(),
+    )];
+    if wanted < MIN_POLICY_ATTEMPTS {
+        labels.push((MAX_ATTEMPTS_LABEL.to_owned(), wanted.max(1).to_string()));
+    }
+    Subscription::new()
+        .set_name(config.subscription_path(&spec.name))
+        .set_topic(config.topic_path(&spec.topic))
+        .set_ack_deadline_seconds(lease_secs)
+        .set_enable_message_ordering(spec.ordered)
+        .set_labels(labels)
+        .set_dead_letter_policy(
+            DeadLetterPolicy::new()
+                .set_dead_letter_topic(config.topic_path(&dead_letter_name(&spec.name)))
+                .set_max_delivery_attempts(policy_attempts as i32),
+        )
+}
+
+/// What `describe_subscription` reads from a subscription: its filter text, its
+/// lease and delivery limit as cloudbus's labels keep them (else the ack deadline and
+/// the dead-letter policy), its ordering.
+fn state_of(s: &Subscription) -> SubscriptionState {
+    // A label that no longer agrees with the setting it refines (the setting was
+    // changed without it) gives way to the setting.
+    let deadline = Duration::from_secs(s.ack_deadline_seconds.max(10) as u64);
+    let lease = s
+        .labels
+        .get(LEASE_LABEL)
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .filter(|l| l.as_secs().clamp(10, 600) == deadline.as_secs())
+        .unwrap_or(deadline);
+    let policy = s
+        .dead_letter_policy
+        .as_ref()
+        .and_then(|p| u32::try_from(p.max_delivery_attempts).ok())
+        .filter(|n| *n > 0);
+    let attempts = s
+        .labels
+        .get(MAX_ATTEMPTS_LABEL)
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|_| policy == Some(MIN_POLICY_ATTEMPTS))
+        .or(policy)
+        .unwrap_or(0);
+    SubscriptionState {
+        filter: Some(s.filter.clone()).filter(|f| !f.is_empty()),
+        max_delivery_attempts: Some(attempts),
+        lease: Some(lease),
+        ordered: Some(s.enable_message_ordering),
+    }
+}
+
+/// Whether `topic` exists.
+async fn topic_exists(shared: &PubSubContext, topic: &str) -> Result<bool> {
+    let c = shared.clients().await?;
+    let r = c
+        .topics
+        .get_topic()
+        .set_topic(shared.config.topic_path(topic))
+        .send()
+        .await;
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            let e = map_error(e, &format!("topic {topic}"));
+            if e.kind() == ErrorKind::NotFound {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The subscription `name` as Pub/Sub holds it; `None` when there is none.
+async fn get_subscription(shared: &PubSubContext, name: &str) -> Result<Option<Subscription>> {
+    let c = shared.clients().await?;
+    let r = c
+        .subscriptions
+        .get_subscription()
+        .set_subscription(shared.config.subscription_path(name))
+        .send()
+        .await;
+    match r {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            let e = map_error(e, &format!("subscription {name}"));
+            if e.kind() == ErrorKind::NotFound {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Changes an existing subscription's ack deadline, labels (lease, delivery limit)
+/// and dead-letter policy. Its filter, topic and message ordering cannot change on
+/// Pub/Sub: a change of those is `Unsupported`, naming them.
+async fn update_subscription(shared: &PubSubContext, spec: &SubscriptionSpec) -> Result<()> {
+    let Some(current) = get_subscription(shared, &spec.name).await? else {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("subscription {} does not exist", spec.name),
+        ));
+    };
+    let mut fixed = Vec::new();
+    if current.filter != subscription_filter(spec)? {
+        fixed.push("the filter");
+    }
+    if current.enable_message_ordering != spec.ordered {
+        fixed.push("message ordering");
+    }
+    if current.topic != shared.config.topic_path(&spec.topic) {
+        fixed.push("the topic");
+    }
+    if !fixed.is_empty() {
+        return Err(Error::unsupported(format!(
+            "Pub/Sub cannot change {} of an existing subscription; delete subscription {} \
+             and apply again (its backlog is lost)",
+            fixed.join(" or "),
+            spec.name
+        )));
+    }
+    ensure_topic(shared, &dead_letter_name(&spec.name)).await?;
+    let c = shared.clients().await?;
+    let update = |paths: &'static [&'static str]| {
+        c.subscriptions
+            .update_subscription()
+            .set_subscription(subscription_resource(shared, spec).set_filter(&current.filter))
+            .set_update_mask(
+                google_cloud_wkt::FieldMask::default().set_paths(paths.iter().copied()),
+            )
+            .send()
+    };
+    let what = format!("update subscription {}", spec.name);
+    match update(&["ack_deadline_seconds", "labels", "dead_letter_policy"]).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let e = map_error(e, &what);
+            // The emulator cannot update labels. Without them, a lease below 10 s or
+            // a delivery limit below 5 is not kept, and the settings themselves win
+            // when the subscription is read (see `state_of`).
+            if e.kind() == ErrorKind::InvalidArgument && e.message().contains("labels") {
+                tracing::debug!(subscription = %spec.name, "the server cannot update labels; updating without them");
+                update(&["ack_deadline_seconds", "dead_letter_policy"])
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| map_error(e, &what))
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct SubscriptionSettings {
     pub(crate) topic_path: String,

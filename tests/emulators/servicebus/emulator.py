@@ -1454,6 +1454,30 @@ def rule_of(name, element):
     return Rule(name, {"FilterType": "Correlation", "CorrelationFilter": corr})
 
 
+def rule_description(rule):
+    """The body of a RuleDescription as the service writes it: a TrueFilter (for
+    1=1), a SqlFilter or a CorrelationFilter with its application properties."""
+    esc = xml.sax.saxutils.escape
+    if rule.sql is not None:
+        if rule.sql.text.strip() == "1=1":
+            flt = '<Filter i:type="TrueFilter"><SqlExpression>1=1</SqlExpression></Filter>'
+        else:
+            flt = '<Filter i:type="SqlFilter"><SqlExpression>{}</SqlExpression></Filter>'.format(
+                esc(rule.sql.text))
+    else:
+        corr = rule.correlation or {}
+        fixed = "".join("<{0}>{1}</{0}>".format(k, esc(str(v)))
+                        for k, v in corr.items() if k != "Properties")
+        pairs = "".join(
+            '<KeyValueOfstringanyType><Key>{}</Key><Value i:type="d6p1:string" '
+            'xmlns:d6p1="http://www.w3.org/2001/XMLSchema">{}</Value></KeyValueOfstringanyType>'
+            .format(esc(str(k)), esc(str(v)))
+            for k, v in (corr.get("Properties") or {}).items())
+        flt = '<Filter i:type="CorrelationFilter">{}<Properties>{}</Properties></Filter>'.format(
+            fixed, pairs)
+    return '{}<Action i:type="EmptyRuleAction"/><Name>{}</Name>'.format(flt, esc(rule.name))
+
+
 def entry_xml(base, path, kind, fields, inner=None):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     body = inner if inner is not None else "".join(
@@ -1546,6 +1570,15 @@ class Management(http.server.BaseHTTPRequestHandler):
                     return self.reply(200, entry_xml(self.base, "/".join(parts),
                                                      "SubscriptionDescription",
                                                      entity_fields(sub[0])))
+            if (len(parts) == 5 and parts[1].lower() == "subscriptions"
+                    and parts[3].lower() == "rules"):
+                t = b.topics.get(parts[0].lower())
+                sub = t and t.subscriptions.get(parts[2].lower())
+                rule = sub and sub[1].get(parts[4])
+                if rule:
+                    return self.reply(200, entry_xml(self.base, "/".join(parts),
+                                                     "RuleDescription", {},
+                                                     inner=rule_description(rule)))
         return self.error(404, "entity {} not found".format("/".join(parts)))
 
     def do_DELETE(self):

@@ -354,6 +354,11 @@ class ServiceBusEmulatorTest(unittest.TestCase):
         admin.delete_rule(topic, "eu", "$Default")
         admin.create_rule(topic, "eu", "corr",
                           filter=CorrelationRuleFilter(label="order", properties={"region": "eu"}))
+        # Rules read back as the service writes them.
+        self.assertEqual(admin.get_rule(topic, "gold", "sql").filter.sql_expression,
+                         "tier = 'gold'")
+        corr = admin.get_rule(topic, "eu", "corr").filter
+        self.assertEqual((corr.label, corr.properties), ("order", {"region": "eu"}))
         with self.client.get_topic_sender(topic) as s:
             s.send_messages([
                 ServiceBusMessage("1", message_id="g-eu", subject="order",

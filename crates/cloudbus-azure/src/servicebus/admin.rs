@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use cloudbus_core::{Error, ErrorKind, Result};
+use cloudbus_core::{Error, ErrorKind, Result, SubscriptionState};
 
 use super::config::{Access, ServiceBusConfig, TOKEN_SCOPE};
 use super::rules::RuleFilter;
@@ -196,6 +196,36 @@ impl Admin {
         }
     }
 
+    /// The description (an Atom entry) of `path`; `None` when it does not exist.
+    pub(crate) async fn description(&self, path: &str) -> Result<Option<String>> {
+        let (status, text) = self.call(reqwest::Method::GET, path, None, false).await?;
+        Ok((status != 404).then_some(text))
+    }
+
+    /// The settings of subscription `name` of `topic` (its lock, delivery limit and
+    /// the filter of cloudbus's rule); `None` when there is no such subscription.
+    pub(crate) async fn subscription_state(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        let path = format!("{topic}/Subscriptions/{name}");
+        let Some(description) = self.description(&path).await? else {
+            return Ok(None);
+        };
+        let mut state = entity_state(&description);
+        state.filter = Some(
+            match self
+                .description(&format!("{path}/Rules/{RULE_NAME}"))
+                .await?
+            {
+                Some(rule) => rule_text_of_description(&rule),
+                None => "no cloudbus rule".to_owned(),
+            },
+        );
+        Ok(Some(state))
+    }
+
     /// Whether `path` exists.
     pub(crate) async fn exists(&self, path: &str) -> Result<bool> {
         Ok(self.call(reqwest::Method::GET, path, None, false).await?.0 != 404)
@@ -311,6 +341,114 @@ impl Admin {
     }
 }
 
+/// The lock duration and delivery limit of an entity description.
+pub(crate) fn entity_state(description: &str) -> SubscriptionState {
+    SubscriptionState {
+        filter: None,
+        max_delivery_attempts: between(description, "<MaxDeliveryCount>", "</MaxDeliveryCount>")
+            .and_then(|n| n.trim().parse().ok()),
+        lease: between(description, "<LockDuration>", "</LockDuration>")
+            .and_then(parse_iso_duration),
+        ordered: None,
+    }
+}
+
+/// How a plan shows a rule's filter: `TrueFilter`, `SqlFilter: <expression>` or
+/// `CorrelationFilter: key=value, ...` (keys sorted).
+pub(crate) fn rule_text(rule: &RuleFilter) -> String {
+    match rule {
+        RuleFilter::True => "TrueFilter".to_owned(),
+        RuleFilter::Sql(expression) if expression.trim() == "1=1" => "TrueFilter".to_owned(),
+        RuleFilter::Sql(expression) => format!("SqlFilter: {expression}"),
+        RuleFilter::Correlation(pairs) => {
+            let mut pairs: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            pairs.sort();
+            format!("CorrelationFilter: {}", pairs.join(", "))
+        }
+    }
+}
+
+/// [`rule_text`] of a RuleDescription as the service writes it.
+fn rule_text_of_description(description: &str) -> String {
+    let filter = if description.contains("type=\"SqlFilter\"") {
+        RuleFilter::Sql(xml_unescape(
+            between(description, "<SqlExpression>", "</SqlExpression>").unwrap_or_default(),
+        ))
+    } else if description.contains("type=\"CorrelationFilter\"") {
+        let mut pairs = Vec::new();
+        let mut rest = description;
+        while let (Some(key), Some(value_at)) = (
+            between(rest, "<Key>", "</Key>"),
+            rest.find("<Key>")
+                .and_then(|k| rest[k..].find("<Value").map(|v| k + v)),
+        ) {
+            let after = &rest[value_at..];
+            let value = after
+                .find('>')
+                .and_then(|open| {
+                    after[open + 1..]
+                        .find("</Value>")
+                        .map(|end| &after[open + 1..open + 1 + end])
+                })
+                .unwrap_or_default();
+            pairs.push((xml_unescape(key), xml_unescape(value)));
+            let Some(next) = after.find("</Value>") else {
+                break;
+            };
+            rest = &after[next + "</Value>".len()..];
+        }
+        RuleFilter::Correlation(pairs)
+    } else if description.contains("type=\"TrueFilter\"") {
+        RuleFilter::True
+    } else {
+        return format!(
+            "an unknown rule: {}",
+            between(description, "<Filter", "</Filter>").unwrap_or(description)
+        );
+    };
+    rule_text(&filter)
+}
+
+fn xml_unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+/// An ISO 8601 duration of hours, minutes and seconds (`PT1M30.5S`, `P1D`).
+fn parse_iso_duration(text: &str) -> Option<Duration> {
+    let text = text.trim().strip_prefix('P')?;
+    let (days, time) = match text.split_once('T') {
+        Some((d, t)) => (d, t),
+        None => (text, ""),
+    };
+    let mut seconds = 0f64;
+    if let Some(d) = days.strip_suffix('D') {
+        seconds += d.parse::<f64>().ok()? * 86_400.0;
+    } else if !days.is_empty() {
+        return None;
+    }
+    let mut number = String::new();
+    for c in time.chars() {
+        match c {
+            '0'..='9' | '.' => number.push(c),
+            'H' | 'M' | 'S' => {
+                let n: f64 = number.parse().ok()?;
+                seconds += n * match c {
+                    'H' => 3600.0,
+                    'M' => 60.0,
+                    _ => 1.0,
+                };
+                number.clear();
+            }
+            _ => return None,
+        }
+    }
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
 /// How a queue's `UserMetadata` lists the subscription names it admits.
 const ADMITTED_PREFIX: &str = "cloudbus-subscriptions:";
 
@@ -417,6 +555,31 @@ fn rule_xml(rule: &RuleFilter) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rules_and_durations_read_back_as_written() {
+        for rule in [
+            RuleFilter::True,
+            RuleFilter::Sql("[cloudEvents_type] LIKE 'a%' AND x <> 'y&z'".into()),
+            RuleFilter::Correlation(vec![("b".into(), "2".into()), ("a".into(), "1 & 2".into())]),
+        ] {
+            let description = format!(
+                "<entry><content><RuleDescription>{}</RuleDescription></content></entry>",
+                rule_xml(&rule)
+            );
+            assert_eq!(rule_text_of_description(&description), rule_text(&rule));
+        }
+        assert_eq!(parse_iso_duration("PT30S"), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_iso_duration("PT1M30.5S"),
+            Some(Duration::from_millis(90_500))
+        );
+        assert_eq!(
+            parse_iso_duration("P1DT1H"),
+            Some(Duration::from_secs(90_000))
+        );
+        assert_eq!(parse_iso_duration("30"), None);
+    }
 
     #[test]
     fn active_message_count_is_read_from_count_details() {

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::driver::{SubscriptionSpec, TopologyDriver};
+use cloudbus_core::driver::{SubscriptionSpec, SubscriptionState, TopologyDriver};
 use cloudbus_core::{Error, Result};
 
-use super::admin::EntityProperties;
+use super::admin::{EntityProperties, entity_state, rule_text};
 use super::config::{DEFAULT_MAX_DELIVERY_COUNT, EntityKind, MAX_LOCK, MIN_LOCK, ServiceBusConfig};
 use super::context::ServiceBusContext;
 use super::rules::compile_rule;
@@ -41,6 +41,13 @@ fn entity_properties(
     }
 }
 
+fn queues_have_no_filters() -> Error {
+    Error::unsupported(
+        "Service Bus queues have no filters; use servicebus:// topics (subscription rules) \
+         or filter in the consumer (ConsumerOptions::filter)",
+    )
+}
+
 #[async_trait]
 impl TopologyDriver for ServiceBusTopology {
     async fn ensure_topic(&self, topic: &str) -> Result<()> {
@@ -68,10 +75,7 @@ impl TopologyDriver for ServiceBusTopology {
             }
             EntityKind::Queues => {
                 if spec.filter.is_some() {
-                    return Err(Error::unsupported(
-                        "Service Bus queues have no filters; use servicebus:// topics \
-                         (subscription rules) or filter in the consumer (ConsumerOptions::filter)",
-                    ));
+                    return Err(queues_have_no_filters());
                 }
                 let Some(mut admitted) = admin.admitted(&spec.topic).await? else {
                     return Err(Error::not_found(format!(
@@ -85,6 +89,55 @@ impl TopologyDriver for ServiceBusTopology {
                 admin.put_queue(&spec.topic, &props, &admitted).await
             }
         }
+    }
+
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        self.shared.admin.exists(topic).await
+    }
+
+    /// A topic subscription's lock, delivery limit and the filter of cloudbus's rule;
+    /// a queue's lock and delivery limit, when it admits the subscription.
+    async fn describe_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        let admin = &self.shared.admin;
+        match self.shared.config.entities {
+            EntityKind::Topics => admin.subscription_state(topic, name).await,
+            EntityKind::Queues => {
+                let admitted = admin.admitted(topic).await?;
+                if !admitted.is_some_and(|names| names.iter().any(|n| n == name)) {
+                    return Ok(None);
+                }
+                Ok(admin.description(topic).await?.map(|d| entity_state(&d)))
+            }
+        }
+    }
+
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        let props = entity_properties(&self.shared.config, Some(spec));
+        let filter = match self.shared.config.entities {
+            EntityKind::Topics => Some(rule_text(&compile_rule(
+                spec.filter.as_ref(),
+                &spec.name,
+                self.shared.config.prefix,
+            )?)),
+            EntityKind::Queues if spec.filter.is_some() => return Err(queues_have_no_filters()),
+            EntityKind::Queues => None,
+        };
+        Ok(SubscriptionState {
+            filter,
+            max_delivery_attempts: Some(props.max_delivery_count),
+            lease: Some(props.lock),
+            ordered: None,
+        })
+    }
+
+    /// The management API's PUT updates an entity that exists (If-Match: *), and the
+    /// rule is put again: ensuring the subscription changes it in place.
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        self.ensure_subscription(spec).await
     }
 
     async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {

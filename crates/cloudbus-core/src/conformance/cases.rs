@@ -1266,6 +1266,9 @@ pub async fn topology_plan_and_apply(h: &dyn Harness) -> Result<Outcome> {
         "a missing subscription is described as {described:?}"
     );
     let filtered = h.capabilities().filtering != FilterSupport::None;
+    // Without fan-out the subscriptions of a topic share its queue and its settings:
+    // one subscription then, and declaring two that differ is refused.
+    let fan_out = h.capabilities().fan_out;
     let declare = |lease: &str, attempts: u32, prefix: &str| -> Result<Topology> {
         let mut changing_sub = serde_json::json!({
             "name": changing, "lease": lease, "max_delivery_attempts": attempts,
@@ -1274,28 +1277,46 @@ pub async fn topology_plan_and_apply(h: &dyn Harness) -> Result<Outcome> {
             changing_sub["filter"] =
                 serde_json::json!({"prefix": {"attribute": "type", "prefix": prefix}});
         }
+        let mut subscriptions = vec![changing_sub];
+        if fan_out {
+            subscriptions.push(
+                serde_json::json!({"name": steady, "lease": "30s", "max_delivery_attempts": 5}),
+            );
+        }
         Ok(serde_json::from_value(serde_json::json!({"topics": [{
             "name": topic,
-            "subscriptions": [
-                {"name": steady, "lease": "30s", "max_delivery_attempts": 5},
-                changing_sub,
-            ],
+            "subscriptions": subscriptions,
         }]}))?)
     };
+    let subs = if fan_out { 2 } else { 1 };
+    if !fan_out {
+        let conflicting: Topology = serde_json::from_value(serde_json::json!({"topics": [{
+            "name": topic,
+            "subscriptions": [
+                {"name": steady, "lease": "30s"},
+                {"name": changing, "lease": "60s"},
+            ],
+        }]}))?;
+        let refused = topology::plan(&bus, &conflicting).await;
+        check!(
+            matches!(&refused, Err(e) if e.kind() == ErrorKind::InvalidArgument),
+            "two subscriptions of one queue declared differently: {refused:?}"
+        );
+    }
     let first = declare("30s", 5, "com.example.a.")?;
     let plan = topology::plan(&bus, &first).await?;
     check!(
-        plan.change_count() == 3
+        plan.change_count() == 1 + subs
             && plan
                 .changes
                 .iter()
                 .filter(|c| matches!(c, Change::CreateSubscription(_)))
                 .count()
-                == 2,
+                == subs,
         "the first plan:\n{plan}"
     );
     let applied = topology::apply(&bus, &plan).await?;
-    check!(applied == 3, "applied {applied} of\n{plan}");
+    check!(applied == 1 + subs, "applied {applied} of\n{plan}");
     let again = topology::plan(&bus, &first).await?;
     check!(again.is_empty(), "the plan after apply:\n{again}");
     check!(
@@ -1344,8 +1365,9 @@ pub async fn topology_plan_and_apply(h: &dyn Harness) -> Result<Outcome> {
             ),
         }
     }
-    for sub in [&steady, &changing] {
-        bus.delete_subscription(&topic, sub).await?;
+    bus.delete_subscription(&topic, &changing).await?;
+    if fan_out {
+        bus.delete_subscription(&topic, &steady).await?;
     }
     Ok(Outcome::Passed)
 }
