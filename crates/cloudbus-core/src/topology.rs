@@ -3,10 +3,11 @@
 //! what the provider holds, and [`apply`], which makes it so and is idempotent. The
 //! `cloudbus topology plan|apply -f topology.yaml` commands are built on it.
 //!
-//! Each provider compares in its own terms ([`TopologyDriver::describe_subscription`]
-//! and [`TopologyDriver::desired_state`]): a filter is compared as the provider's
-//! native filter, a lease as the provider rounds it, so a plan shows what the cloud
-//! really holds.
+//! Each provider compares in its own terms
+//! ([`describe_subscription`](crate::TopologyDriver::describe_subscription) and
+//! [`desired_state`](crate::TopologyDriver::desired_state)): a filter is compared as
+//! the provider's native filter, a lease as the provider rounds it, so a plan shows
+//! what the cloud really holds.
 
 use std::fmt;
 use std::time::Duration;
