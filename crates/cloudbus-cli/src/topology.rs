@@ -124,6 +124,9 @@ mod tests {
             specs[0].filter,
             Some(cloudbus::Filter::prefix("type", "com.example.order."))
         );
+        let example = parse(include_str!("../../../examples/topology.yaml")).unwrap();
+        assert_eq!(example.subscriptions().unwrap().len(), 3);
+        assert_eq!(example.url.as_deref(), Some("sns://"));
         let typo = parse("topics:\n  - name: orders\n    subscription: []\n").unwrap_err();
         assert!(typo.contains("subscription"), "{typo}");
     }
