@@ -23,8 +23,8 @@ use chrono::{DateTime, Utc};
 use cloudbus_core::codec::to_structured_json;
 use cloudbus_core::{
     AttributesReader, BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error,
-    ErrorKind, Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver,
-    SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver,
+    ErrorKind, Filter, FilterSupport, Missing, OutgoingMessage, Payload, Result,
+    SubscriptionDriver, SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver,
 };
 use serde_json::{Value, json};
 
@@ -588,24 +588,17 @@ impl TopologyDriver for EventBridgeTopology {
         if topic == DEFAULT_BUS {
             return Ok(true);
         }
-        match self
+        let bus = self
             .shared
             .events
             .describe_event_bus()
             .name(topic)
             .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let e = crate::error::sdk_error(e, kind_of_code, &format!("event bus {topic}"));
-                if e.kind() == ErrorKind::NotFound {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+            .await;
+        Ok(bus
+            .map_err(|e| crate::error::sdk_error(e, kind_of_code, &format!("event bus {topic}")))
+            .missing_as_none()?
+            .is_some())
     }
 
     /// The rule's event pattern and its queue's settings.
@@ -614,7 +607,7 @@ impl TopologyDriver for EventBridgeTopology {
         topic: &str,
         name: &str,
     ) -> Result<Option<SubscriptionState>> {
-        let rule = match self
+        let rule = self
             .shared
             .events
             .describe_rule()
@@ -622,17 +615,12 @@ impl TopologyDriver for EventBridgeTopology {
             .event_bus_name(topic)
             .send()
             .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let e =
-                    crate::error::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}"));
-                return if e.kind() == ErrorKind::NotFound {
-                    Ok(None)
-                } else {
-                    Err(e)
-                };
-            }
+            .map_err(|e| {
+                crate::error::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}"))
+            })
+            .missing_as_none()?;
+        let Some(rule) = rule else {
+            return Ok(None);
         };
         let mut state = sqs::queue_state(&self.shared.sqs, name)
             .await?

@@ -19,7 +19,7 @@ use cloudbus_core::codec::{RawMessage, from_unlabelled_body, to_structured_json}
 use cloudbus_core::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
 use cloudbus_core::{
     BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, EventExt,
-    FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
+    FilterSupport, Missing, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
     SubscriptionState, TopicDriver, TopologyDriver,
 };
 
@@ -228,24 +228,17 @@ impl TopologyDriver for KinesisTopology {
     }
 
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
-        match self
+        let stream = self
             .shared
             .client
             .describe_stream_summary()
             .stream_name(topic)
             .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let e = crate::error::sdk_error(e, kind_of_code, &format!("stream {topic}"));
-                if e.kind() == ErrorKind::NotFound {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+            .await;
+        Ok(stream
+            .map_err(|e| crate::error::sdk_error(e, kind_of_code, &format!("stream {topic}")))
+            .missing_as_none()?
+            .is_some())
     }
 
     async fn describe_subscription(

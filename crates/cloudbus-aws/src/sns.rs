@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
 use cloudbus_core::{
     BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind,
-    Filter, FilterSupport, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
-    SubscriptionState, TopicDriver, TopologyDriver,
+    Filter, FilterSupport, Missing, OutgoingMessage, Payload, Result, SubscriptionDriver,
+    SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver,
 };
 use serde_json::Value;
 
@@ -469,15 +469,11 @@ impl SnsTopology {
     /// The SNS subscriptions of `topic` that deliver to queue `name` (none when the
     /// topic or the queue is missing).
     async fn subscription_arns(&self, topic: &str, name: &str) -> Result<Vec<String>> {
-        let topic_arn = match self.shared.arn(topic).await {
-            Ok(a) => a,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let url = match self.shared.sqs.url(name).await {
-            Ok(u) => u,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+        let (Some(topic_arn), Some(url)) = (
+            self.shared.arn(topic).await.missing_as_none()?,
+            self.shared.sqs.url(name).await.missing_as_none()?,
+        ) else {
+            return Ok(Vec::new());
         };
         let queue_arn = self
             .shared
@@ -578,11 +574,7 @@ impl TopologyDriver for SnsTopology {
     }
 
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
-        match self.shared.arn(topic).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+        Ok(self.shared.arn(topic).await.missing_as_none()?.is_some())
     }
 
     /// The subscription's filter policy and its queue's settings.

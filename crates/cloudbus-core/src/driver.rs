@@ -238,6 +238,23 @@ pub fn key_slot(key: &str, slots: usize) -> usize {
     (h % slots.max(1) as u64) as usize
 }
 
+/// The source of the error [`panic_safe`] makes of a driver's panic.
+#[derive(Debug)]
+pub(crate) struct DriverPanicked;
+
+impl std::fmt::Display for DriverPanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the provider driver panicked")
+    }
+}
+
+impl std::error::Error for DriverPanicked {}
+
+/// Whether `error` is a driver's panic caught by [`panic_safe`].
+pub(crate) fn panicked(error: &crate::error::Error) -> bool {
+    error.source_as::<DriverPanicked>().is_some()
+}
+
 /// Runs one driver call so that a panic inside the driver becomes an
 /// [`ErrorKind::Internal`](crate::ErrorKind::Internal) error of that call instead of
 /// unwinding through the portable layer (where it would strand a settlement queue or
@@ -256,9 +273,10 @@ pub(crate) async fn panic_safe<T>(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a non-text payload".to_owned());
             tracing::error!(call, panic = %what, "the provider driver panicked");
-            Err(crate::error::Error::new(
+            Err(crate::error::Error::with_source(
                 crate::error::ErrorKind::Internal,
                 format!("the provider driver panicked in {call}: {what}"),
+                DriverPanicked,
             ))
         }
     }

@@ -207,6 +207,32 @@ impl From<serde_json::Error> for Error {
     }
 }
 
+/// Reads the answer of a call that fails with [`ErrorKind::NotFound`] when what it
+/// asks for is missing (a describe, a lookup): missing is `Ok(None)`, any other
+/// failure stays an error.
+///
+/// ```
+/// use cloudbus_core::{Error, Missing, Result};
+/// let missing: Result<u32> = Err(Error::not_found("no such topic"));
+/// assert_eq!(missing.missing_as_none().unwrap(), None);
+/// let refused: Result<u32> = Err(Error::invalid("bad name"));
+/// assert!(refused.missing_as_none().is_err());
+/// ```
+pub trait Missing<T> {
+    /// `Ok(Some(value))`, `Ok(None)` for `NotFound`, else the error.
+    fn missing_as_none(self) -> Result<Option<T>>;
+}
+
+impl<T> Missing<T> for Result<T> {
+    fn missing_as_none(self) -> Result<Option<T>> {
+        match self {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

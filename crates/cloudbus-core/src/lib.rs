@@ -61,7 +61,7 @@ pub use driver::{
     Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver, SubscriptionSpec,
     SubscriptionState, TopicDriver, TopologyDriver,
 };
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, Missing, Result};
 pub use event::{
     AttributesReader, AttributesWriter, Data, Event, EventBuilder, EventExt, ExtensionValue,
 };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cloudbus_core::{
-    Error, ErrorKind, Result, SubscriptionSpec, SubscriptionState, TopologyDriver,
+    Error, ErrorKind, Missing, Result, SubscriptionSpec, SubscriptionState, TopologyDriver,
 };
 use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
 
@@ -300,39 +300,21 @@ async fn topic_exists(shared: &PubSubContext, topic: &str) -> Result<bool> {
         .set_topic(shared.config.topic_path(topic))
         .send()
         .await;
-    match r {
-        Ok(_) => Ok(true),
-        Err(e) => {
-            let e = map_error(e, &format!("topic {topic}"));
-            if e.kind() == ErrorKind::NotFound {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-    }
+    Ok(r.map_err(|e| map_error(e, &format!("topic {topic}")))
+        .missing_as_none()?
+        .is_some())
 }
 
 /// The subscription `name` as Pub/Sub holds it; `None` when there is none.
 async fn get_subscription(shared: &PubSubContext, name: &str) -> Result<Option<Subscription>> {
     let c = shared.clients().await?;
-    let r = c
-        .subscriptions
+    c.subscriptions
         .get_subscription()
         .set_subscription(shared.config.subscription_path(name))
         .send()
-        .await;
-    match r {
-        Ok(s) => Ok(Some(s)),
-        Err(e) => {
-            let e = map_error(e, &format!("subscription {name}"));
-            if e.kind() == ErrorKind::NotFound {
-                Ok(None)
-            } else {
-                Err(e)
-            }
-        }
-    }
+        .await
+        .map_err(|e| map_error(e, &format!("subscription {name}")))
+        .missing_as_none()
 }
 
 /// Changes an existing subscription's ack deadline, labels (lease, delivery limit)

@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use cloudbus_core::{
     AckToken, BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetter,
-    DeadLetterDriver, Error, ErrorKind, OutgoingMessage, Payload, ReceivedMessage, Result,
+    DeadLetterDriver, Error, ErrorKind, Missing, OutgoingMessage, Payload, ReceivedMessage, Result,
     Settlement, StreamDriver, SubscriptionDriver, SubscriptionSpec, SubscriptionState, TopicDriver,
     TopologyDriver,
 };
@@ -742,10 +742,8 @@ impl TopologyDriver for MemoryTopology {
         topic: &str,
         name: &str,
     ) -> Result<Option<SubscriptionState>> {
-        let topic = match self.broker.topic(topic) {
-            Ok(t) => t,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(topic) = self.broker.topic(topic).missing_as_none()? else {
+            return Ok(None);
         };
         let subs = topic.subscriptions.read().map_err(|_| poisoned())?;
         match subs.iter().find(|s| s.name == name) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::QueueAttributeName;
 use cloudbus_core::{
-    Error, ErrorKind, Result, SubscriptionSpec, SubscriptionState, TopologyDriver,
+    Error, ErrorKind, Missing, Result, SubscriptionSpec, SubscriptionState, TopologyDriver,
 };
 
 use super::context::SqsContext;
@@ -38,11 +38,7 @@ impl TopologyDriver for SqsTopology {
     }
 
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
-        match self.shared.url(topic).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
-        }
+        Ok(self.shared.url(topic).await.missing_as_none()?.is_some())
     }
 
     /// The queue's settings, when it carries the subscription's tag (or is named as
@@ -52,10 +48,8 @@ impl TopologyDriver for SqsTopology {
         topic: &str,
         name: &str,
     ) -> Result<Option<SubscriptionState>> {
-        let url = match self.shared.url(topic).await {
-            Ok(u) => u,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(url) = self.shared.url(topic).await.missing_as_none()? else {
+            return Ok(None);
         };
         if name != topic {
             let tags = self
@@ -145,10 +139,8 @@ pub(crate) async fn queue_state(
     shared: &SqsContext,
     name: &str,
 ) -> Result<Option<SubscriptionState>> {
-    let url = match shared.url(name).await {
-        Ok(u) => u,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(url) = shared.url(name).await.missing_as_none()? else {
+        return Ok(None);
     };
     let out = shared
         .client
