@@ -1802,3 +1802,75 @@ async fn wait_for(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The dead-letter polyfill's redrive of everything ends when a letter it sent back
+/// is dead-lettered again at once (a consumer that refuses it every time), and the
+/// letter stays dead-lettered: it read the dead-letter topic until it was empty, so it
+/// went round for ever, as Service Bus's redrive did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polyfill_redrive_ends_when_a_letter_comes_back() {
+    use cloudbus::{DeadLetters, TopicDeadLetters};
+    let bus = MemoryBroker::new().bus();
+    for (topic, sub) in [("orders", "billing"), ("orders-dlq", "inspect")] {
+        bus.ensure_topic(topic).await.unwrap();
+        bus.ensure_subscription(&SubscriptionSpec::new(topic, sub))
+            .await
+            .unwrap();
+    }
+    let consumer = cloudbus::Consumer::new(
+        Arc::new(WithoutNativeDeadLetters(
+            bus.driver()
+                .subscription("orders", "billing")
+                .await
+                .unwrap(),
+        )),
+        "billing",
+    )
+    .dead_letter_to(bus.publisher("orders-dlq").await.unwrap());
+    let worker = consumer.start_worker(
+        |_e: Arc<Event>, _c: HandlerContext| async {
+            Err::<(), _>(HandlerError::reject("still poison"))
+        },
+        cloudbus::WorkerOptions::default(),
+    );
+    let p = bus.publisher("orders").await.unwrap();
+    p.publish(
+        EventBuilder::new("com.example.poison", "/t")
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let dlq = DeadLetters::new(Arc::new(
+        TopicDeadLetters::new(
+            bus.driver()
+                .subscription("orders-dlq", "inspect")
+                .await
+                .unwrap(),
+            bus.publisher("orders").await.unwrap(),
+        )
+        .wait(Duration::from_millis(200)),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while worker.stats().dead_lettered < 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let moved = tokio::time::timeout(Duration::from_secs(20), dlq.redrive_all())
+        .await
+        .expect("redrive_all went round for ever")
+        .unwrap();
+    assert!(moved >= 1, "redrove {moved}");
+    // The redrive may end before the worker refuses the letter again: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut letters = dlq.peek(10).await.unwrap();
+    while letters.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        letters = dlq.peek(10).await.unwrap();
+    }
+    let _ = worker.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(
+        letters.len(),
+        1,
+        "the refused letter stays dead-lettered: {letters:?}"
+    );
+}

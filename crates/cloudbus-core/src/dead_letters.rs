@@ -12,7 +12,7 @@ use crate::driver::{
     DeadLetter, DeadLetterDriver, Payload, ReceivedMessage, Settlement, SubscriptionDriver,
 };
 use crate::error::Result;
-use crate::event::{EXT_DEAD_LETTER_REASON, EventExt};
+use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, EventExt};
 use crate::publisher::Publisher;
 
 /// A dead-letter place (a DLQ, a `$DeadLetterQueue`, a dead-letter topic, or the one
@@ -139,6 +139,15 @@ impl TopicDeadLetters {
     }
 }
 
+/// What a redrive knows a letter by: its event's source and id (the CloudEvents
+/// identity), or the digest of the bytes of a message that is not an event.
+fn identity(m: &ReceivedMessage) -> String {
+    match &m.event {
+        Ok(e) => format!("{}\u{0}{}", e.source(), e.id()),
+        Err((raw, _)) => crate::driver::hex_sha256(&[&raw.body]),
+    }
+}
+
 fn to_dead_letter(m: &ReceivedMessage) -> DeadLetter {
     let (payload, reason) = match &m.event {
         Ok(e) => (
@@ -175,14 +184,21 @@ impl DeadLetterDriver for TopicDeadLetters {
         Ok(letters)
     }
 
+    /// Reads the dead-letter topic and publishes each letter back to its source. A
+    /// letter this redrive has already sent back (the same event, or the same bytes)
+    /// was dead-lettered again: it is released, stays a dead letter, and the redrive
+    /// ends, where reading until the topic is empty would go round for ever.
     async fn redrive(&self, max: Option<usize>) -> Result<usize> {
         let mut moved = 0;
         let limit = max.unwrap_or(usize::MAX);
+        let mut sent = std::collections::HashSet::new();
         while moved < limit {
             let msgs = self.take((limit - moved).min(100)).await?;
             if msgs.is_empty() {
                 break;
             }
+            let (back, msgs): (Vec<ReceivedMessage>, Vec<ReceivedMessage>) =
+                msgs.into_iter().partition(|m| sent.contains(&identity(m)));
             for m in &msgs {
                 // Publish first, then ack: a crash in between duplicates, never loses.
                 match &m.event {
@@ -199,7 +215,22 @@ impl DeadLetterDriver for TopicDeadLetters {
                 }
                 self.settle_all(std::slice::from_ref(m), Settlement::Ack)
                     .await?;
+                sent.insert(identity(m));
                 moved += 1;
+            }
+            if !back.is_empty() {
+                tracing::warn!(
+                    letters = back.len(),
+                    "dead letters redriven in this run came back dead-lettered; they stay"
+                );
+                self.settle_all(
+                    &back,
+                    Settlement::Nack {
+                        delay: Duration::ZERO,
+                    },
+                )
+                .await?;
+                break;
             }
         }
         Ok(moved)

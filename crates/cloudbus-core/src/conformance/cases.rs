@@ -593,6 +593,56 @@ pub async fn redrive_returns_to_source(h: &dyn Harness) -> Result<Outcome> {
     Ok(Outcome::Passed)
 }
 
+/// A redrive of everything ends when a letter it sent back is dead-lettered again at
+/// once by a consumer that refuses it every time, and the letter stays dead-lettered.
+/// (Service Bus's redrive went round for ever on such a letter, which hung the order
+/// saga; this holds every provider to it.)
+pub async fn redrive_ends_when_a_letter_comes_back(h: &dyn Harness) -> Result<Outcome> {
+    need!(
+        h.capabilities().native_dead_letter,
+        "a native dead-letter place"
+    );
+    let f = fixture(h, |s| s).await?;
+    let e = event("conformance.poison", 0)?;
+    f.publisher.publish(e.clone()).await?;
+    let got = drain(&f.consumer, 1, h.patience()).await?;
+    check!(got.len() == 1, "got {}", got.len());
+    got[0].dead_letter("poison").await?;
+    check!(
+        dead_letters_of(&f, 1, h.patience()).await?.len() == 1,
+        "the letter was not dead-lettered"
+    );
+    let worker = f.consumer.clone().start_worker(
+        |_e: Arc<Event>, _c: HandlerContext| async {
+            Err::<(), _>(HandlerError::reject("still poison"))
+        },
+        WorkerOptions::default(),
+    );
+    let dlq = f.bus.dead_letters(&f.topic, &f.sub).await?;
+    let limit = (h.patience() * 3).max(Duration::from_secs(60));
+    let moved = tokio::time::timeout(limit, dlq.redrive_all()).await;
+    // The redrive may end before the consumer refuses the letter again: wait for
+    // it to come back before stopping the consumer.
+    let letters = dead_letters_of(&f, 1, h.patience()).await;
+    let _ = worker.shutdown(Duration::from_secs(5)).await;
+    let Ok(moved) = moved else {
+        check!(
+            false,
+            "redrive_all went round for {limit:?} and did not end"
+        );
+        return Ok(Outcome::Passed);
+    };
+    let moved = moved?;
+    check!(moved >= 1, "redrove {moved}");
+    let letters = letters?;
+    check!(
+        letters.len() == 1 && letters[0].payload.event().is_some_and(|d| d.id() == e.id()),
+        "the refused letter is not dead-lettered once: {} letters",
+        letters.len()
+    );
+    Ok(Outcome::Passed)
+}
+
 /// Purge deletes every dead letter.
 pub async fn purge_empties_dead_letters(h: &dyn Harness) -> Result<Outcome> {
     need!(
