@@ -403,6 +403,24 @@ impl EventBridgeTopology {
         }
     }
 
+    /// The rule of subscription `name` on bus `topic` (NotFound when there is none).
+    async fn describe_rule(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<aws_sdk_eventbridge::operation::describe_rule::DescribeRuleOutput> {
+        self.shared
+            .events
+            .describe_rule()
+            .name(name)
+            .event_bus_name(topic)
+            .send()
+            .await
+            .map_err(|e| {
+                crate::error::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}"))
+            })
+    }
+
     async fn ensure_bus(&self, topic: &str) -> Result<()> {
         if topic == DEFAULT_BUS {
             return Ok(());
@@ -465,16 +483,8 @@ impl TopologyDriver for EventBridgeTopology {
             }
         };
         let rule_arn = self
-            .shared
-            .events
-            .describe_rule()
-            .name(name)
-            .event_bus_name(topic)
-            .send()
-            .await
-            .map_err(|e| {
-                crate::error::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}"))
-            })?
+            .describe_rule(topic, name)
+            .await?
             .arn()
             .unwrap_or_default()
             .to_owned();
@@ -607,19 +617,7 @@ impl TopologyDriver for EventBridgeTopology {
         topic: &str,
         name: &str,
     ) -> Result<Option<SubscriptionState>> {
-        let rule = self
-            .shared
-            .events
-            .describe_rule()
-            .name(name)
-            .event_bus_name(topic)
-            .send()
-            .await
-            .map_err(|e| {
-                crate::error::sdk_error(e, kind_of_code, &format!("rule {name} on {topic}"))
-            })
-            .missing_as_none()?;
-        let Some(rule) = rule else {
+        let Some(rule) = self.describe_rule(topic, name).await.missing_as_none()? else {
             return Ok(None);
         };
         let mut state = sqs::queue_state(&self.shared.sqs, name)

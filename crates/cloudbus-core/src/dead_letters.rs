@@ -197,9 +197,12 @@ impl DeadLetterDriver for TopicDeadLetters {
             if msgs.is_empty() {
                 break;
             }
-            let (back, msgs): (Vec<ReceivedMessage>, Vec<ReceivedMessage>) =
-                msgs.into_iter().partition(|m| sent.contains(&identity(m)));
-            for m in &msgs {
+            let (back, msgs): (Vec<_>, Vec<_>) = msgs
+                .into_iter()
+                .map(|m| (identity(&m), m))
+                .partition(|(id, _)| sent.contains(id));
+            let back: Vec<ReceivedMessage> = back.into_iter().map(|(_, m)| m).collect();
+            for (id, m) in msgs {
                 // Publish first, then ack: a crash in between duplicates, never loses.
                 match &m.event {
                     Ok(e) => {
@@ -213,9 +216,9 @@ impl DeadLetterDriver for TopicDeadLetters {
                         self.source.publish_raw(raw).await?;
                     }
                 }
-                self.settle_all(std::slice::from_ref(m), Settlement::Ack)
+                self.settle_all(std::slice::from_ref(&m), Settlement::Ack)
                     .await?;
-                sent.insert(identity(m));
+                sent.insert(id);
                 moved += 1;
             }
             if !back.is_empty() {

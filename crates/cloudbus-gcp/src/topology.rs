@@ -261,34 +261,43 @@ fn subscription_resource(shared: &PubSubContext, spec: &SubscriptionSpec) -> Sub
 /// lease and delivery limit as cloudbus's labels keep them (else the ack deadline and
 /// the dead-letter policy), its ordering.
 fn state_of(s: &Subscription) -> SubscriptionState {
-    // A label that no longer agrees with the setting it refines (the setting was
-    // changed without it) gives way to the setting.
+    SubscriptionState {
+        filter: Some(s.filter.clone()).filter(|f| !f.is_empty()),
+        max_delivery_attempts: Some(attempts_label(s).or(policy_attempts(s)).unwrap_or(0)),
+        lease: Some(lease_of(s)),
+        ordered: Some(s.enable_message_ordering),
+    }
+}
+
+/// The lease: cloudbus's label (which keeps leases below Pub/Sub's 10 s minimum),
+/// else the ack deadline. A label that no longer agrees with the ack deadline (the
+/// deadline was changed without it) gives way to the deadline.
+fn lease_of(s: &Subscription) -> Duration {
     let deadline = Duration::from_secs(s.ack_deadline_seconds.max(10) as u64);
-    let lease = s
-        .labels
+    s.labels
         .get(LEASE_LABEL)
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_millis)
         .filter(|l| l.as_secs().clamp(10, 600) == deadline.as_secs())
-        .unwrap_or(deadline);
-    let policy = s
-        .dead_letter_policy
+        .unwrap_or(deadline)
+}
+
+/// The dead-letter policy's delivery limit, if it has one.
+fn policy_attempts(s: &Subscription) -> Option<u32> {
+    s.dead_letter_policy
         .as_ref()
         .and_then(|p| u32::try_from(p.max_delivery_attempts).ok())
-        .filter(|n| *n > 0);
-    let attempts = s
-        .labels
+        .filter(|n| *n > 0)
+}
+
+/// A delivery limit below Pub/Sub's minimum of 5, which cloudbus keeps in a label
+/// and enforces itself; only while the policy holds that minimum (a label left
+/// behind by a change of the policy gives way to it).
+fn attempts_label(s: &Subscription) -> Option<u32> {
+    s.labels
         .get(MAX_ATTEMPTS_LABEL)
         .and_then(|v| v.parse::<u32>().ok())
-        .filter(|_| policy == Some(MIN_POLICY_ATTEMPTS))
-        .or(policy)
-        .unwrap_or(0);
-    SubscriptionState {
-        filter: Some(s.filter.clone()).filter(|f| !f.is_empty()),
-        max_delivery_attempts: Some(attempts),
-        lease: Some(lease),
-        ordered: Some(s.enable_message_ordering),
-    }
+        .filter(|_| policy_attempts(s) == Some(MIN_POLICY_ATTEMPTS))
 }
 
 /// Whether `topic` exists.
@@ -390,28 +399,13 @@ pub(crate) async fn read_settings(
     shared: &PubSubContext,
     name: &str,
 ) -> Result<SubscriptionSettings> {
-    let c = shared.clients().await?;
-    let s = c
-        .subscriptions
-        .get_subscription()
-        .set_subscription(shared.config.subscription_path(name))
-        .send()
-        .await
-        .map_err(|e| map_error(e, &format!("subscription {name}")))?;
-    let lease = s
-        .labels
-        .get(LEASE_LABEL)
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis)
-        .unwrap_or_else(|| Duration::from_secs(s.ack_deadline_seconds.max(10) as u64));
-    let max_attempts = s
-        .labels
-        .get(MAX_ATTEMPTS_LABEL)
-        .and_then(|v| v.parse::<u32>().ok());
+    let s = get_subscription(shared, name)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("subscription {name} does not exist")))?;
     Ok(SubscriptionSettings {
         topic_path: s.topic.clone(),
-        lease,
-        max_attempts,
+        lease: lease_of(&s),
+        max_attempts: attempts_label(&s),
         filter: filter::parse(&s.filter)?,
         dead_letter_topic: s
             .dead_letter_policy

@@ -22,7 +22,7 @@ use cloudbus_core::{
 use super::context::SqsContext;
 use super::error::{build_error, kind_of_code, report_batch};
 use super::limits::{MAX_BATCH_COUNT, MAX_DELAY, capabilities, dead_letter_queue, is_fifo};
-use super::topology::SUBSCRIPTION_TAG;
+use super::topology::admits;
 use super::wire::{
     DL_DESCRIPTION, DL_REASON, Stored, UNORDERED_GROUP, codec, dedup_id_of, group_id, sent_at,
     stored, string_attribute, text_body, unwrap_envelope,
@@ -83,30 +83,13 @@ impl SqsQueue {
             .get_or_try_init(|| async {
                 let url = self.shared.url(&self.queue).await?;
                 if let Some(sub) = &self.subscription
-                    && sub != &self.queue
+                    && !admits(&self.shared, &self.queue, &url, sub).await?
                 {
-                    let tags = self
-                        .shared
-                        .client
-                        .list_queue_tags()
-                        .queue_url(&url)
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            crate::error::sdk_error(
-                                e,
-                                kind_of_code,
-                                &format!("tags of {}", self.queue),
-                            )
-                        })?;
-                    let key = format!("{SUBSCRIPTION_TAG}{sub}");
-                    if !tags.tags().is_some_and(|t| t.contains_key(&key)) {
-                        return Err(Error::not_found(format!(
-                            "queue {} has no subscription {sub} (make it with \
-                             ensure_subscription, or use the queue name)",
-                            self.queue
-                        )));
-                    }
+                    return Err(Error::not_found(format!(
+                        "queue {} has no subscription {sub} (make it with \
+                         ensure_subscription, or use the queue name)",
+                        self.queue
+                    )));
                 }
                 let lease = self
                     .shared

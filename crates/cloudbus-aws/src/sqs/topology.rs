@@ -51,21 +51,8 @@ impl TopologyDriver for SqsTopology {
         let Some(url) = self.shared.url(topic).await.missing_as_none()? else {
             return Ok(None);
         };
-        if name != topic {
-            let tags = self
-                .shared
-                .client
-                .list_queue_tags()
-                .queue_url(&url)
-                .send()
-                .await
-                .map_err(|e| {
-                    crate::error::sdk_error(e, kind_of_code, &format!("tags of queue {topic}"))
-                })?;
-            let tag = format!("{SUBSCRIPTION_TAG}{name}");
-            if !tags.tags().is_some_and(|t| t.contains_key(&tag)) {
-                return Ok(None);
-            }
+        if !admits(&self.shared, topic, &url, name).await? {
+            return Ok(None);
         }
         queue_state(&self.shared, topic).await
     }
@@ -104,6 +91,28 @@ impl TopologyDriver for SqsTopology {
 
 /// Configures the queue `spec.topic` for `spec`: visibility timeout, dead-letter
 /// queue and RedrivePolicy, and a tag admitting `spec.name` when it differs.
+/// Whether queue `queue` (at `url`) serves subscription `name`: the queue's own name,
+/// or a name it carries the subscription tag of.
+pub(crate) async fn admits(
+    shared: &SqsContext,
+    queue: &str,
+    url: &str,
+    name: &str,
+) -> Result<bool> {
+    if name == queue {
+        return Ok(true);
+    }
+    let tags = shared
+        .client
+        .list_queue_tags()
+        .queue_url(url)
+        .send()
+        .await
+        .map_err(|e| crate::error::sdk_error(e, kind_of_code, &format!("tags of {queue}")))?;
+    let tag = format!("{SUBSCRIPTION_TAG}{name}");
+    Ok(tags.tags().is_some_and(|t| t.contains_key(&tag)))
+}
+
 fn no_filters() -> Error {
     Error::unsupported(
         "SQS queues have no filters; filter in the consumer (ConsumerOptions::filter) \
