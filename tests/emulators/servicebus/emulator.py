@@ -580,8 +580,13 @@ class Entity:
         """Locks `session_id` (None: the next one with messages and no owner) for
         `link`; returns the session id, or None when none can be locked."""
         owners = self.session_owners
+        # An owner whose link is gone lets its session go here. One whose lock ran out
+        # but whose link is still attached keeps it until the timer detaches that link
+        # with session-lock-lost (expired_session_links) and gives its messages back
+        # once: forgetting it here left the link attached with the session, and its
+        # message was given back by its own lock and delivered to it again.
         for sid, owner in list(owners.items()):
-            if owner not in self.consumers or self.session_locked_until.get(sid, 0) < now_ms():
+            if owner not in self.consumers:
                 owners.pop(sid, None)
         if session_id is None:
             session_id = next((sid for sid in self.sessions_ready() if sid not in owners), None)
@@ -888,6 +893,10 @@ def deliver(broker, entity, link):
     session_id = getattr(link, "cloudbus_session", None)
     credit = link.credit
     if credit <= 0 or not entity.ready:
+        return
+    if session_id is not None and entity.session_locked_until.get(session_id, 0) <= now_ms():
+        # The session's lock ran out: its link is about to be detached, and what it
+        # was sent now would be lost with it.
         return
     if session_id is None:
         taken = entity.ready[:credit]
