@@ -55,8 +55,8 @@ pub struct Place {
     pub subscription: String,
 }
 
-/// How many dead letters one redrive call moves, between updates of the bar.
-const REDRIVE_STEP: usize = 100;
+/// How many dead letters one redrive or purge call takes, between updates of the bar.
+const STEP: usize = 100;
 
 /// Runs the action.
 pub async fn run(action: DlqAction, timeout: Duration) -> Result<(), Failure> {
@@ -74,28 +74,10 @@ pub async fn run(action: DlqAction, timeout: Duration) -> Result<(), Failure> {
         }
         DlqAction::Redrive { place, max } => {
             let dlq = dead_letters(&place, timeout).await?;
-            let bar = progress(max, "redriven");
-            let mut moved = 0;
-            loop {
-                let step = max.map_or(REDRIVE_STEP, |m| (m - moved).min(REDRIVE_STEP));
-                if step == 0 {
-                    break;
-                }
-                let n = match bounded("redrive failed", timeout, dlq.redrive(step)).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        bar.abandon();
-                        eprintln!("{moved} redriven before the failure");
-                        return Err(e);
-                    }
-                };
-                moved += n;
-                bar.set_position(moved as u64);
-                if n < step {
-                    break;
-                }
-            }
-            bar.finish_and_clear();
+            let moved = in_steps(max, "redriven", |step| {
+                bounded("redrive failed", timeout, dlq.redrive(step))
+            })
+            .await?;
             println!(
                 "redriven {moved} dead letter(s) to {}/{}",
                 place.topic, place.subscription
@@ -107,12 +89,10 @@ pub async fn run(action: DlqAction, timeout: Duration) -> Result<(), Failure> {
                 return Err(Failure::failed("purge not confirmed; nothing deleted"));
             }
             let dlq = dead_letters(&place, timeout).await?;
-            let bar = progress(None, "purging");
-            // A purge is one call; the bar shows that it runs.
-            bar.enable_steady_tick(Duration::from_millis(100));
-            let purged = bounded("purge failed", timeout * 10, dlq.purge()).await;
-            bar.finish_and_clear();
-            let purged = purged?;
+            let purged = in_steps(None, "purged", |step| {
+                bounded("purge failed", timeout, dlq.purge_up_to(step))
+            })
+            .await?;
             println!(
                 "purged {purged} dead letter(s) of {}/{}",
                 place.topic, place.subscription
@@ -133,6 +113,40 @@ async fn dead_letters(place: &Place, timeout: Duration) -> Result<cloudbus::Dead
         bus.dead_letters(&place.topic, &place.subscription),
     )
     .await
+}
+
+/// Runs `call` for [`STEP`] letters at a time (fewer for the last step of `max`) until
+/// it takes less than it was asked or `max` is reached, counting up on a bar; returns
+/// how many it took. A failure names how many were taken before it.
+async fn in_steps<F, Fut>(max: Option<usize>, what: &str, mut call: F) -> Result<usize, Failure>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<usize, Failure>>,
+{
+    let bar = progress(max, what);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let mut taken = 0;
+    loop {
+        let step = max.map_or(STEP, |m| (m - taken).min(STEP));
+        if step == 0 {
+            break;
+        }
+        let n = match call(step).await {
+            Ok(n) => n,
+            Err(e) => {
+                bar.abandon();
+                eprintln!("{taken} {what} before the failure");
+                return Err(e);
+            }
+        };
+        taken += n;
+        bar.set_position(taken as u64);
+        if n < step {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(taken)
 }
 
 /// A bar on stderr (hidden when it is not a terminal), of `total` when known.
@@ -170,4 +184,55 @@ fn confirm(place: &Place) -> Result<bool, Failure> {
         .read_line(&mut answer)
         .map_err(|e| Failure::input(format!("cannot read the answer: {e}")))?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A place holding `held` letters; records the steps it was asked for.
+    async fn run_on(held: usize, max: Option<usize>) -> (usize, Vec<usize>) {
+        let left = std::cell::Cell::new(held);
+        let asked = std::cell::RefCell::new(Vec::new());
+        let taken = in_steps(max, "purged", |step| {
+            asked.borrow_mut().push(step);
+            let n = step.min(left.get());
+            left.set(left.get() - n);
+            async move { Ok(n) }
+        })
+        .await
+        .unwrap_or(usize::MAX);
+        (taken, asked.into_inner())
+    }
+
+    #[tokio::test]
+    async fn steps_until_the_place_runs_empty() {
+        assert_eq!(run_on(250, None).await, (250, vec![100, 100, 100]));
+        assert_eq!(run_on(200, None).await, (200, vec![100, 100, 100]));
+        assert_eq!(run_on(0, None).await, (0, vec![100]));
+    }
+
+    #[tokio::test]
+    async fn takes_no_more_than_max() {
+        assert_eq!(run_on(500, Some(150)).await, (150, vec![100, 50]));
+        assert_eq!(run_on(20, Some(150)).await, (20, vec![100]));
+    }
+
+    #[tokio::test]
+    async fn a_failure_ends_the_steps() {
+        let mut calls = 0;
+        let result = in_steps(None, "purged", |_| {
+            calls += 1;
+            async move {
+                if calls == 1 {
+                    Ok(100)
+                } else {
+                    Err(Failure::failed("purge failed: gone"))
+                }
+            }
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls, 2);
+    }
 }

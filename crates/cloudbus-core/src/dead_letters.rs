@@ -58,9 +58,34 @@ impl DeadLetters {
         tracing::info!(redriven = n, "dead letters redriven");
         Ok(n)
     }
-    /// Deletes all dead letters.
+    /// Deletes all dead letters; returns how many.
     pub async fn purge(&self) -> Result<usize> {
-        self.driver.purge().await
+        let n = self.driver.purge(None).await?;
+        tracing::info!(purged = n, "dead letters purged");
+        Ok(n)
+    }
+    /// Deletes up to `max` dead letters, oldest first; returns how many (fewer than
+    /// `max` when the place ran empty). A caller purging a large place step by step
+    /// (to show progress, or to stay within a time limit) calls it until it returns
+    /// less than it asked for.
+    ///
+    /// ```
+    /// # async fn demo(dlq: cloudbus_core::DeadLetters) -> cloudbus_core::Result<()> {
+    /// let mut purged = 0;
+    /// loop {
+    ///     let n = dlq.purge_up_to(100).await?;
+    ///     purged += n;
+    ///     println!("{purged} purged");
+    ///     if n < 100 {
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn purge_up_to(&self, max: usize) -> Result<usize> {
+        let n = self.driver.purge(Some(max)).await?;
+        tracing::info!(purged = n, "dead letters purged");
+        Ok(n)
     }
     /// The driver, for escape hatches.
     pub fn driver(&self) -> &Arc<dyn DeadLetterDriver> {
@@ -239,10 +264,11 @@ impl DeadLetterDriver for TopicDeadLetters {
         Ok(moved)
     }
 
-    async fn purge(&self) -> Result<usize> {
+    async fn purge(&self, max: Option<usize>) -> Result<usize> {
+        let max = max.unwrap_or(usize::MAX);
         let mut purged = 0;
         loop {
-            let msgs = self.take(100).await?;
+            let msgs = self.take((max - purged).min(100)).await?;
             if msgs.is_empty() {
                 return Ok(purged);
             }

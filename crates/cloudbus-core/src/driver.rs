@@ -432,8 +432,9 @@ pub trait DeadLetterDriver: Send + Sync + 'static {
     async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>>;
     /// Moves up to `max` (all when `None`) back to their source; returns how many.
     async fn redrive(&self, max: Option<usize>) -> Result<usize>;
-    /// Deletes all dead letters; returns how many.
-    async fn purge(&self) -> Result<usize>;
+    /// Deletes up to `max` dead letters (all when `None`), oldest first; returns how
+    /// many.
+    async fn purge(&self, max: Option<usize>) -> Result<usize>;
     /// The underlying client.
     fn as_any(&self) -> &dyn Any;
 }

@@ -768,8 +768,8 @@ impl DeadLetterDriver for PubSubDeadLetters {
         }
     }
 
-    async fn purge(&self) -> Result<usize> {
-        let held = self.collect(usize::MAX).await?;
+    async fn purge(&self, max: Option<usize>) -> Result<usize> {
+        let held = self.collect(max.unwrap_or(usize::MAX)).await?;
         self.release(&held, Settlement::Ack).await?;
         Ok(held.len())
     }

@@ -668,8 +668,8 @@ impl DeadLetterDriver for MemoryDeadLetters {
         }
         Ok(n)
     }
-    async fn purge(&self) -> Result<usize> {
-        Ok(self.sub.lock()?.purge_dead())
+    async fn purge(&self, max: Option<usize>) -> Result<usize> {
+        Ok(self.sub.lock()?.purge_dead(max))
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -431,9 +431,10 @@ impl SubState {
         Ok((moved, woke))
     }
 
-    pub fn purge_dead(&mut self) -> usize {
-        let n = self.dead.len();
-        self.dead.clear();
+    /// Deletes up to `max` dead letters (all when `None`), oldest first.
+    pub fn purge_dead(&mut self, max: Option<usize>) -> usize {
+        let n = max.map_or(self.dead.len(), |m| m.min(self.dead.len()));
+        self.dead.drain(..n);
         n
     }
 }

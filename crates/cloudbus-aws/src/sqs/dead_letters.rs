@@ -308,9 +308,9 @@ impl DeadLetterDriver for SqsDeadLetters {
         Ok(moved_by_task + moved)
     }
 
-    async fn purge(&self) -> Result<usize> {
+    async fn purge(&self, max: Option<usize>) -> Result<usize> {
         let url = self.shared.url(&self.queue).await?;
-        self.drain(usize::MAX, |letter| {
+        self.drain(max.unwrap_or(usize::MAX), |letter| {
             let url = &url;
             async move { self.shared.delete(url, &letter.receipt).await }
         })

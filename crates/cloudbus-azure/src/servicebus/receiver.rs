@@ -1391,17 +1391,21 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
     }
 
     /// Receives and deletes page by page: memory holds one page at a time.
-    async fn purge(&self) -> Result<usize> {
+    async fn purge(&self, max: Option<usize>) -> Result<usize> {
+        let max = max.unwrap_or(usize::MAX);
         let mut link = self.receiver(ReceiveMode::ReceiveAndDelete).await?;
         let mut purged = 0;
         let result: Result<()> = async {
-            loop {
-                let page = self.page(&mut link, DEAD_LETTER_PAGE).await?;
+            while purged < max {
+                let page = self
+                    .page(&mut link, (max - purged).min(DEAD_LETTER_PAGE))
+                    .await?;
                 if page.is_empty() {
                     return Ok(());
                 }
                 purged += page.len();
             }
+            Ok(())
         }
         .await;
         let _ = link.receiver.close().await;

@@ -643,7 +643,7 @@ pub async fn redrive_ends_when_a_letter_comes_back(h: &dyn Harness) -> Result<Ou
     Ok(Outcome::Passed)
 }
 
-/// Purge deletes every dead letter.
+/// Purge deletes every dead letter; a bounded purge deletes no more than it is given.
 pub async fn purge_empties_dead_letters(h: &dyn Harness) -> Result<Outcome> {
     need!(
         h.capabilities().native_dead_letter,
@@ -658,8 +658,13 @@ pub async fn purge_empties_dead_letters(h: &dyn Harness) -> Result<Outcome> {
     }
     dead_letters_of(&f, 3, h.patience()).await?;
     let dlq = f.bus.dead_letters(&f.topic, &f.sub).await?;
+    let purged = dlq.purge_up_to(1).await?;
+    check!(purged == 1, "a purge of up to 1 purged {purged}");
+    // What the bounded purge looked at and left is there again (not hidden, not lost).
+    let left = dead_letters_of(&f, 2, h.patience()).await?;
+    check!(left.len() == 2, "{} dead letters left, not 2", left.len());
     let purged = dlq.purge().await?;
-    check!(purged == 3, "purged {purged}");
+    check!(purged == 2, "purged {purged}");
     check!(
         dlq.peek(10).await?.is_empty(),
         "dead letters left after purge"
