@@ -1581,6 +1581,38 @@ async fn servicebus_survives_forced_connection_close() {
     }
 }
 
+/// A publisher whose sends all went through closes cleanly after the service closed
+/// its connection: the link is gone already, so there is nothing left to fail. (Its
+/// close answered Unavailable, "close the sender of …", which failed a chaos case
+/// whose events had all been published.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_publisher_closes_after_its_connection_was_closed() {
+    if servicebus().is_none() {
+        return;
+    }
+    let Some(pid) = servicebus_emulator_pid() else {
+        return;
+    };
+    let bus = ServiceBusHarness {
+        entities: EntityKind::Queues,
+        sessions: false,
+    }
+    .connect()
+    .await;
+    let queue = declare_queue(&bus).await;
+    let publisher = bus.publisher(&queue).await.expect("publisher");
+    let sent = event("com.example.order.created", 1);
+    publisher.publish(sent.clone()).await.expect("publish");
+    close_every_connection(&pid);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    publisher
+        .close()
+        .await
+        .expect("close after the connection was closed");
+    let got = take_all(&bus, &queue, &queue, 1, Duration::from_secs(20)).await;
+    assert_eq!(got, vec![sent]);
+}
+
 /// A message whose connection the service closed is still settled (issue 13): the ack
 /// goes through the management node by lock token while the lock holds, and the
 /// message is not delivered again. (On the azservicebus driver the ack failed and its

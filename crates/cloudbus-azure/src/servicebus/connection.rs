@@ -83,6 +83,21 @@ pub(crate) fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What closing a link answered. A close that fails leaves the link gone all the
+/// same (its session or connection stopped, or the service detached it): nothing is
+/// lost with it, since every send on it was answered before, and what it had
+/// unsettled goes back when its locks lapse. So a failed close is logged, not
+/// returned: a publisher whose events all went through must not fail its `close`
+/// because the service closed the connection meanwhile.
+pub(crate) fn link_closed(
+    what: impl FnOnce() -> String,
+    closed: std::result::Result<(), fe2o3_amqp::link::DetachError>,
+) {
+    if let Err(e) = closed {
+        tracing::debug!(error = %e, "{}: the link was gone already", what());
+    }
+}
+
 impl Amqp {
     pub(crate) fn new(config: ServiceBusConfig) -> Self {
         Amqp {

@@ -37,7 +37,9 @@ use fe2o3_amqp::types::primitives::{Array, Symbol, Uuid, Value};
 use tokio::sync::Mutex;
 
 use super::config::{EntityKind, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY};
-use super::connection::{Amqp, Live, ReceiveMode, lock, session_locked_until, session_of};
+use super::connection::{
+    Amqp, Live, ReceiveMode, link_closed, lock, session_locked_until, session_of,
+};
 use super::context::ServiceBusContext;
 use super::error::{self, Scope};
 use super::management::{
@@ -1112,20 +1114,13 @@ impl SubscriptionDriver for ServiceBusSubscription {
             self.closed.store(true, Ordering::Release);
             held.drain(..).collect()
         };
-        let mut first_error = None;
         for slot in slots {
             let link = slot.link.lock().await.take();
-            if let Some(link) = link
-                && let Err(e) = link.receiver.close().await
-                // Session links go down with the acceptor's connection anyway.
-                && slot.session.is_none()
-                && first_error.is_none()
-            {
-                first_error = Some(Error::with_source(
-                    ErrorKind::Unavailable,
-                    format!("close the receiver of {}", self.path),
-                    e,
-                ));
+            if let Some(link) = link {
+                link_closed(
+                    || format!("close the receiver of {}", self.path),
+                    link.receiver.close().await,
+                );
             }
         }
         lock(&self.inflight).clear();
@@ -1133,7 +1128,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
         self.management.close().await;
         // The acceptor sees `closed` and closes its connection.
         lock(&self.acceptor).take();
-        first_error.map_or(Ok(()), Err)
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -16,7 +16,7 @@ use fe2o3_amqp::types::primitives::SimpleValue;
 use tokio::sync::Mutex;
 
 use super::config::MAX_TRANSFER_BYTES;
-use super::connection::Live;
+use super::connection::{Live, link_closed};
 use super::context::ServiceBusContext;
 use super::error;
 use super::message::{self, TransferMessage};
@@ -326,13 +326,10 @@ impl TopicDriver for ServiceBusTopic {
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
         if let Some((_, sender)) = self.sender.lock().await.take() {
-            sender.close().await.map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Unavailable,
-                    format!("close the sender of {}", self.entity),
-                    e,
-                )
-            })?;
+            link_closed(
+                || format!("close the sender of {}", self.entity),
+                sender.close().await,
+            );
         }
         Ok(())
     }
