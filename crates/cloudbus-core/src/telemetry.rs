@@ -233,19 +233,27 @@ impl ConsumerMetrics {
         }
     }
 
-    fn for_type(&self, event_type: &str) -> Arc<TypeMetrics> {
+    /// Runs `f` on the handles of `event_type`, registering them on its first use.
+    /// The common case (known type) borrows them under the read lock: cloning an
+    /// `Arc` per call made every handled event bounce its count between cores.
+    fn with_type<R>(&self, event_type: &str, f: impl FnOnce(&TypeMetrics) -> R) -> R {
         // Beyond max_label_values() types this consumer counts new ones as "other".
-        let event_type = match self.by_type.read() {
+        let label = match self.by_type.read() {
             Ok(m) => match m.get(event_type) {
-                Some(t) => return t.clone(),
+                Some(t) => return f(t),
                 None if m.len() < max_label_values() => event_type,
                 None => match m.get(OTHER_LABEL) {
-                    Some(t) => return t.clone(),
+                    Some(t) => return f(t),
                     None => OTHER_LABEL,
                 },
             },
             Err(_) => OTHER_LABEL,
         };
+        f(&self.register(label))
+    }
+
+    /// Registers the handles of `event_type` (a label already bounded).
+    fn register(&self, event_type: &str) -> Arc<TypeMetrics> {
         let consumed = |status: &'static str| {
             metrics::counter!(names::EVENTS_CONSUMED_TOTAL,
                 "consumer" => self.consumer.to_string(),
@@ -270,32 +278,33 @@ impl ConsumerMetrics {
             panic_errors: failed("panic"),
         });
         if let Ok(mut m) = self.by_type.write() {
-            m.insert(event_type.to_owned(), made.clone());
+            m.entry(event_type.to_owned())
+                .or_insert_with(|| made.clone());
         }
         made
     }
 
     /// Counts `n` settlements of `status` (`ack`, `nack`, `dead_letter`).
     pub(crate) fn consumed(&self, event_type: &str, status: &'static str, n: u64) {
-        let t = self.for_type(event_type);
-        match status {
+        self.with_type(event_type, |t| match status {
             "ack" => t.ack.increment(n),
             "nack" => t.nack.increment(n),
             "dead_letter" => t.dead_letter.increment(n),
             _ => {}
-        }
+        });
     }
 
     /// Records one handler run: its time, and its failure when it failed.
     pub(crate) fn processing(&self, event_type: &str, seconds: f64, outcome: RunOutcome) {
-        let t = self.for_type(event_type);
-        t.processing.record(seconds);
-        match outcome {
-            RunOutcome::Success => {}
-            RunOutcome::Retry => t.retry_errors.increment(1),
-            RunOutcome::Reject => t.reject_errors.increment(1),
-            RunOutcome::Panic => t.panic_errors.increment(1),
-        }
+        self.with_type(event_type, |t| {
+            t.processing.record(seconds);
+            match outcome {
+                RunOutcome::Success => {}
+                RunOutcome::Retry => t.retry_errors.increment(1),
+                RunOutcome::Reject => t.reject_errors.increment(1),
+                RunOutcome::Panic => t.panic_errors.increment(1),
+            }
+        });
     }
 
     /// Sets the queue depth gauge.
