@@ -925,6 +925,13 @@ async fn a_schema_registry_directory_with_a_misnamed_file_is_an_error() {
 
 /// A registry speaking the Confluent REST paths, on a local port.
 async fn serve_registry() -> (String, tokio::task::JoinHandle<()>) {
+    serve_guarded_registry(None).await
+}
+
+/// [`serve_registry`] answering 401 to a request without `Authorization: {required}`.
+async fn serve_guarded_registry(
+    required: Option<&'static str>,
+) -> (String, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/registry", listener.local_addr().unwrap());
@@ -938,7 +945,17 @@ async fn serve_registry() -> (String, tokio::task::JoinHandle<()>) {
                 let n = socket.read(&mut buf).await.unwrap_or(0);
                 let request = String::from_utf8_lossy(&buf[..n]).to_string();
                 let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let authorized = required.is_none_or(|want| {
+                    request.lines().any(|line| {
+                        line.split_once(':').is_some_and(|(name, value)| {
+                            name.eq_ignore_ascii_case("authorization") && value.trim() == want
+                        })
+                    })
+                });
                 let (status, body) = match path.as_str() {
+                    _ if !authorized => {
+                        ("401 Unauthorized", json!({"error_code": 401}).to_string())
+                    }
                     "/registry/subjects" => {
                         ("200 OK", json!(["com.example.order.created"]).to_string())
                     }
@@ -1002,6 +1019,72 @@ async fn the_http_registry_reads_confluent_paths() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
     assert!(HttpSchemaRegistry::new("ftp://x").is_err());
+}
+
+/// Credentials go with every request (Basic, from the builder or the URL, and
+/// bearer tokens), only over HTTPS or loopback, and never into `Debug` or errors.
+#[tokio::test]
+async fn the_http_registry_sends_credentials_and_never_shows_them() {
+    let subject = [SchemaId::new("com.example.order.created", 2)];
+    // alice:p@ss
+    let (url, server) = serve_guarded_registry(Some("Basic YWxpY2U6cEBzcw==")).await;
+    let e = HttpSchemaRegistry::new(&url)
+        .unwrap()
+        .list()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    let registry = HttpSchemaRegistry::new(&url)
+        .unwrap()
+        .basic_auth("alice", "p@ss")
+        .unwrap();
+    assert_eq!(registry.list().await.unwrap(), subject);
+    // In the URL, percent-encoded, as Confluent's clients take it.
+    let in_url = url.replacen("http://", "http://alice:p%40ss@", 1);
+    let registry = HttpSchemaRegistry::new(&in_url).unwrap();
+    assert_eq!(registry.list().await.unwrap(), subject);
+    let shown = format!("{registry:?}");
+    assert!(
+        shown.contains("alice") && !shown.contains("p%40ss") && !shown.contains("p@ss"),
+        "{shown}"
+    );
+    server.abort();
+    let e = registry.list().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    let told = format!("{e} {e:?}");
+    assert!(
+        !told.contains("p%40ss") && !told.contains("p@ss") && !told.contains("YWxp"),
+        "{told}"
+    );
+
+    let (url, server) = serve_guarded_registry(Some("Bearer t0ken")).await;
+    let registry = HttpSchemaRegistry::new(&url)
+        .unwrap()
+        .bearer_token("t0ken")
+        .unwrap();
+    assert_eq!(registry.list().await.unwrap(), subject);
+    assert!(!format!("{registry:?}").contains("t0ken"));
+    server.abort();
+
+    // Never over plain HTTP to another machine; over HTTPS, yes.
+    for refused in [
+        HttpSchemaRegistry::new("http://registry.example.com")
+            .unwrap()
+            .basic_auth("alice", "p@ss"),
+        HttpSchemaRegistry::new("http://registry.example.com")
+            .unwrap()
+            .bearer_token("t0ken"),
+        HttpSchemaRegistry::new("http://alice:secret@10.0.0.8:8081"),
+    ] {
+        let e = refused.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("https://"), "{e}");
+        assert!(!format!("{e} {e:?}").contains("secret"), "{e:?}");
+    }
+    HttpSchemaRegistry::new("https://registry.example.com")
+        .unwrap()
+        .bearer_token("t0ken")
+        .unwrap();
 }
 
 #[test]

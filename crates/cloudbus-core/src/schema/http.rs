@@ -2,6 +2,10 @@
 //! Confluent Schema Registry REST paths, with the event type as the subject:
 //! `GET /subjects`, `GET /subjects/{type}/versions`,
 //! `GET /subjects/{type}/versions/{version}/schema`.
+//!
+//! Credentials (HTTP Basic, as Confluent's `basic.auth.user.info`, or a bearer token)
+//! go with every request, only over HTTPS (or to this machine's loopback), and never
+//! into `Debug` output or error messages.
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -12,24 +16,44 @@ use crate::schema::registry::{SchemaId, SchemaRegistry};
 /// A schema registry over HTTP(S) (certificates verified).
 ///
 /// ```
-/// let registry = cloudbus_core::schema::HttpSchemaRegistry::new("http://127.0.0.1:8081").unwrap();
+/// use cloudbus_core::schema::HttpSchemaRegistry;
+/// let registry = HttpSchemaRegistry::new("http://127.0.0.1:8081")?;
+/// // Confluent Cloud: the API key and secret as HTTP Basic credentials.
+/// let cloud = HttpSchemaRegistry::new("https://psrc-123.eu-west-1.aws.confluent.cloud")?
+///     .basic_auth("API_KEY", "API_SECRET")?;
+/// assert!(!format!("{cloud:?}").contains("API_SECRET"));
+/// // Credentials never go over plain HTTP to another machine.
+/// assert!(HttpSchemaRegistry::new("http://registry.example.com")?.bearer_token("t").is_err());
 /// # let _ = registry;
+/// # Ok::<(), cloudbus_core::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpSchemaRegistry {
     base: url::Url,
     client: reqwest::Client,
+    /// The `Authorization` header sent with every request (marked sensitive).
+    authorization: Option<reqwest::header::HeaderValue>,
+    /// What `Debug` says of the credentials: their kind and user, never the secret.
+    credentials: Option<String>,
+}
+
+impl std::fmt::Debug for HttpSchemaRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSchemaRegistry")
+            .field("base", &self.base.as_str())
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpSchemaRegistry {
-    /// A registry at `base` (`http://` or `https://`).
+    /// A registry at `base` (`http://` or `https://`). Credentials written into the
+    /// URL (`https://user:password@host`) are taken out of it and sent as HTTP Basic
+    /// credentials, as [`basic_auth`](Self::basic_auth) does.
     pub fn new(base: &str) -> Result<Self> {
         let mut base = url::Url::parse(base).map_err(|e| {
-            Error::with_source(
-                ErrorKind::InvalidArgument,
-                format!("bad registry URL {base:?}"),
-                e,
-            )
+            // The URL may hold a password: the message names neither it nor the URL.
+            Error::with_source(ErrorKind::InvalidArgument, "bad registry URL", e)
         })?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(Error::invalid(format!(
@@ -37,6 +61,11 @@ impl HttpSchemaRegistry {
                 base.scheme()
             )));
         }
+        let user = percent_decoded(base.username());
+        let password = base.password().map(percent_decoded);
+        // Cannot fail on an http(s) URL; both are cleared before the URL is kept.
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
             base.set_path(&path);
@@ -45,7 +74,52 @@ impl HttpSchemaRegistry {
             .timeout(std::time::Duration::from_secs(10))
             .build()
             .map_err(|e| Error::with_source(ErrorKind::Internal, "building the HTTP client", e))?;
-        Ok(HttpSchemaRegistry { base, client })
+        let registry = HttpSchemaRegistry {
+            base,
+            client,
+            authorization: None,
+            credentials: None,
+        };
+        if user.is_empty() && password.is_none() {
+            return Ok(registry);
+        }
+        registry.basic_auth(user, password.unwrap_or_default())
+    }
+
+    /// Sends `user` and `password` as HTTP Basic credentials with every request
+    /// (Confluent Cloud: the API key and its secret). Refused unless the registry is
+    /// reached over HTTPS or on this machine's loopback.
+    pub fn basic_auth(self, user: impl Into<String>, password: impl Into<String>) -> Result<Self> {
+        use base64::Engine as _;
+        let user = user.into();
+        let pair = format!("{user}:{}", password.into());
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+        self.authorized(format!("Basic {encoded}"), format!("basic (user {user})"))
+    }
+
+    /// Sends `token` as `Authorization: Bearer <token>` with every request. Refused
+    /// unless the registry is reached over HTTPS or on this machine's loopback.
+    pub fn bearer_token(self, token: impl Into<String>) -> Result<Self> {
+        self.authorized(
+            format!("Bearer {}", token.into()),
+            "bearer token".to_owned(),
+        )
+    }
+
+    fn authorized(mut self, header: String, described: String) -> Result<Self> {
+        if !carries_credentials_safely(&self.base) {
+            return Err(Error::invalid(format!(
+                "credentials for the schema registry at {} would travel unencrypted: use https://",
+                self.base
+            )));
+        }
+        let mut value = reqwest::header::HeaderValue::from_str(&header).map_err(|_| {
+            Error::invalid("schema registry credentials hold characters a header cannot carry")
+        })?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        self.credentials = Some(described);
+        Ok(self)
     }
 
     /// GETs `path` (segments percent-encoded) as JSON; `None` on 404.
@@ -55,13 +129,14 @@ impl HttpSchemaRegistry {
             .map_err(|_| Error::invalid("the registry URL cannot have a path"))?
             .pop_if_empty()
             .extend(segments);
-        let response = self
-            .client
-            .get(url.clone())
-            .header(
-                "accept",
-                "application/vnd.schemaregistry.v1+json, application/json",
-            )
+        let mut request = self.client.get(url.clone()).header(
+            "accept",
+            "application/vnd.schemaregistry.v1+json, application/json",
+        );
+        if let Some(authorization) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| Error::with_source(ErrorKind::Unavailable, format!("GET {url}"), e))?;
@@ -72,6 +147,8 @@ impl HttpSchemaRegistry {
         if !status.is_success() {
             let kind = if status.is_server_error() || status.as_u16() == 429 {
                 ErrorKind::Unavailable
+            } else if matches!(status.as_u16(), 401 | 403) {
+                ErrorKind::PermissionDenied
             } else {
                 ErrorKind::InvalidArgument
             };
@@ -89,6 +166,45 @@ impl HttpSchemaRegistry {
             )
         })
     }
+}
+
+/// Whether credentials may be sent to `base`: over HTTPS (certificates verified), or
+/// over plain HTTP to this machine's loopback, where they do not travel.
+fn carries_credentials_safely(base: &url::Url) -> bool {
+    match base.scheme() {
+        "https" => true,
+        "http" => match base.host() {
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// A URL's user or password as written before percent-encoding (`%40` is `@`).
+fn percent_decoded(part: &str) -> String {
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[async_trait]
