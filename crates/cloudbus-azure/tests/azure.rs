@@ -1507,6 +1507,20 @@ fn servicebus_emulator_pid() -> Option<String> {
 
 /// Has the emulator close every client connection, as the service does for
 /// maintenance.
+/// A bus on plain queues and the emulator's pid (to close its connections), or
+/// `None` when the tests may skip.
+async fn plain_queues_and_emulator_pid() -> Option<(Bus, String)> {
+    servicebus()?;
+    let pid = servicebus_emulator_pid()?;
+    let bus = ServiceBusHarness {
+        entities: EntityKind::Queues,
+        sessions: false,
+    }
+    .connect()
+    .await;
+    Some((bus, pid))
+}
+
 fn close_every_connection(pid: &str) {
     let killed = std::process::Command::new("kill")
         .args(["-USR2", pid])
@@ -1587,18 +1601,9 @@ async fn servicebus_survives_forced_connection_close() {
 /// whose events had all been published.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servicebus_publisher_closes_after_its_connection_was_closed() {
-    if servicebus().is_none() {
-        return;
-    }
-    let Some(pid) = servicebus_emulator_pid() else {
+    let Some((bus, pid)) = plain_queues_and_emulator_pid().await else {
         return;
     };
-    let bus = ServiceBusHarness {
-        entities: EntityKind::Queues,
-        sessions: false,
-    }
-    .connect()
-    .await;
     let queue = declare_queue(&bus).await;
     let publisher = bus.publisher(&queue).await.expect("publisher");
     let sent = event("com.example.order.created", 1);
@@ -1619,18 +1624,9 @@ async fn servicebus_publisher_closes_after_its_connection_was_closed() {
 /// retry answered AlreadySettled, as the failed settle had forgotten the lock token.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servicebus_an_ack_after_a_lost_connection_still_completes() {
-    if servicebus().is_none() {
-        return;
-    }
-    let Some(pid) = servicebus_emulator_pid() else {
+    let Some((bus, pid)) = plain_queues_and_emulator_pid().await else {
         return;
     };
-    let bus = ServiceBusHarness {
-        entities: EntityKind::Queues,
-        sessions: false,
-    }
-    .connect()
-    .await;
     let queue = unique("q");
     bus.ensure_topic(&queue).await.expect("queue");
     bus.ensure_subscription(&SubscriptionSpec::new(&queue, &queue).lease(Duration::from_secs(5)))
