@@ -4,41 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use async_trait::async_trait;
-use cloudbus::conformance::Harness;
 use cloudbus::memory::{BrokerConfig, MemoryBroker};
 use cloudbus::{
     Bus, Capabilities, ErrorKind, Event, EventBuilder, HandlerContext, HandlerError,
     MemoryCheckpointStore, RetryPolicy, StartPosition, SubscriptionSpec,
 };
-
-struct MemoryHarness {
-    broker: MemoryBroker,
-}
-
-impl MemoryHarness {
-    fn new() -> Self {
-        MemoryHarness {
-            broker: MemoryBroker::new(),
-        }
-    }
-}
-
-#[async_trait]
-impl Harness for MemoryHarness {
-    async fn bus(&self) -> cloudbus::Result<Bus> {
-        Ok(self.broker.bus())
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.broker.capabilities()
-    }
-    fn patience(&self) -> Duration {
-        Duration::from_secs(5)
-    }
-    fn short_lease(&self) -> Duration {
-        Duration::from_millis(400)
-    }
-}
+use common::MemoryHarness;
 
 /// The in-memory stores, against the store conformance suite: one process, so every
 /// handle is the same store.

@@ -4,35 +4,15 @@
 //! it too, in cloudbus-gcp's tests/otel.rs). Its own test binary: the case installs
 //! the process-wide tracing subscriber.
 
-use std::time::Duration;
+mod common;
 
-use async_trait::async_trait;
-use cloudbus::conformance::{Harness, Outcome, otel_cases};
-use cloudbus::memory::MemoryBroker;
-use cloudbus::{Bus, Capabilities, EventBuilder, EventExt};
-
-struct MemoryHarness {
-    broker: MemoryBroker,
-}
-
-#[async_trait]
-impl Harness for MemoryHarness {
-    async fn bus(&self) -> cloudbus::Result<Bus> {
-        Ok(self.broker.bus())
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.broker.capabilities()
-    }
-    fn patience(&self) -> Duration {
-        Duration::from_secs(5)
-    }
-}
+use cloudbus::conformance::{Outcome, otel_cases};
+use cloudbus::{EventBuilder, EventExt};
+use common::MemoryHarness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_is_one_trace_on_the_memory_broker() {
-    let harness = MemoryHarness {
-        broker: MemoryBroker::new(),
-    };
+    let harness = MemoryHarness::new();
     let outcome = otel_cases::saga_is_one_trace(&harness).await;
     assert_eq!(outcome.map_err(|e| e.to_string()), Ok(Outcome::Passed));
 }
