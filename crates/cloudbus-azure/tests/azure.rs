@@ -17,6 +17,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use async_trait::async_trait;
 use cloudbus::azure::Secret;
 use cloudbus::azure::eventgrid::push::PushEndpoint;
@@ -26,69 +28,11 @@ use cloudbus::azure::servicebus::azure_core::credentials::{
     AccessToken, TokenCredential, TokenRequestOptions,
 };
 use cloudbus::azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
-use cloudbus::conformance::Harness;
 use cloudbus::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, Filter, HandlerContext, HandlerError,
 };
-use cloudbus::{Capabilities, Payload, PublishOptions, SubscriptionSpec};
-
-/// The Service Bus connection string, or `None` after a loud message.
-fn servicebus() -> Option<String> {
-    match std::env::var("SERVICEBUS_CONNECTION_STRING") {
-        Ok(c) if !c.is_empty() => Some(c),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "CI=true but SERVICEBUS_CONNECTION_STRING is not set (scripts/test.sh starts the Service Bus emulator)"
-            )
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: SERVICEBUS_CONNECTION_STRING is not set, so the Service Bus tests did not run (bash scripts/test.sh starts the emulator)"
-            );
-            None
-        }
-    }
-}
-
-/// One way of mapping cloudbus onto Service Bus.
-#[derive(Clone, Copy)]
-struct ServiceBusHarness {
-    entities: EntityKind,
-    sessions: bool,
-}
-
-impl ServiceBusHarness {
-    fn config(&self) -> ServiceBusConfig {
-        let text = std::env::var("SERVICEBUS_CONNECTION_STRING").unwrap_or_default();
-        ServiceBusConfig::from_connection_string(&text)
-            .expect("connection string")
-            .entities(self.entities)
-            .sessions(self.sessions)
-    }
-    async fn connect(&self) -> Bus {
-        ServiceBusBus::connect(self.config())
-            .await
-            .expect("connect to Service Bus")
-            .into_bus()
-    }
-}
-
-#[async_trait]
-impl Harness for ServiceBusHarness {
-    async fn bus(&self) -> cloudbus::Result<Bus> {
-        Ok(ServiceBusBus::connect(self.config()).await?.into_bus())
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.config().capabilities()
-    }
-    fn patience(&self) -> Duration {
-        Duration::from_secs(20)
-    }
-    /// Service Bus locks last at least 5 s.
-    fn short_lease(&self) -> Duration {
-        Duration::from_secs(5)
-    }
-}
+use cloudbus::{Payload, PublishOptions, SubscriptionSpec};
+use common::{ServiceBusHarness, servicebus};
 
 /// A bus on the Service Bus namespace, or `None` (after a loud message) without one.
 async fn servicebus_bus(entities: EntityKind, sessions: bool) -> Option<Bus> {

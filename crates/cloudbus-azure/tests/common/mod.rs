@@ -1,0 +1,70 @@
+//! What the Service Bus emulator tests share: the connection string (a loud skip
+//! outside CI, a failure under CI=true) and the conformance harness, one per way of
+//! mapping cloudbus onto Service Bus.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cloudbus::azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
+use cloudbus::conformance::Harness;
+use cloudbus::{Bus, Capabilities};
+
+/// The Service Bus connection string, or `None` after a loud message.
+pub fn servicebus() -> Option<String> {
+    match std::env::var("SERVICEBUS_CONNECTION_STRING") {
+        Ok(c) if !c.is_empty() => Some(c),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!(
+                "CI=true but SERVICEBUS_CONNECTION_STRING is not set (scripts/test.sh starts the Service Bus emulator)"
+            )
+        }
+        _ => {
+            eprintln!(
+                "SKIPPED: SERVICEBUS_CONNECTION_STRING is not set, so the Service Bus tests did not run (bash scripts/test.sh starts the emulator)"
+            );
+            None
+        }
+    }
+}
+
+/// One way of mapping cloudbus onto Service Bus.
+#[derive(Clone, Copy)]
+pub struct ServiceBusHarness {
+    pub entities: EntityKind,
+    pub sessions: bool,
+}
+
+impl ServiceBusHarness {
+    pub fn config(&self) -> ServiceBusConfig {
+        let text = std::env::var("SERVICEBUS_CONNECTION_STRING").unwrap_or_default();
+        ServiceBusConfig::from_connection_string(&text)
+            .expect("connection string")
+            .entities(self.entities)
+            .sessions(self.sessions)
+    }
+    /// A bus of this mapping (the otel test binary opens its own through `bus`).
+    #[allow(dead_code)]
+    pub async fn connect(&self) -> Bus {
+        ServiceBusBus::connect(self.config())
+            .await
+            .expect("connect to Service Bus")
+            .into_bus()
+    }
+}
+
+#[async_trait]
+impl Harness for ServiceBusHarness {
+    async fn bus(&self) -> cloudbus::Result<Bus> {
+        Ok(ServiceBusBus::connect(self.config()).await?.into_bus())
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.config().capabilities()
+    }
+    fn patience(&self) -> Duration {
+        Duration::from_secs(20)
+    }
+    /// Service Bus locks last at least 5 s.
+    fn short_lease(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+}
