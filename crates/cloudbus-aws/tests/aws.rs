@@ -12,33 +12,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use cloudbus::aws::eventbridge::EventBridgeBus;
-use cloudbus::aws::sns::SnsBus;
-use cloudbus::aws::sqs::SqsBus;
-use cloudbus::conformance::Harness;
-use cloudbus::{
-    AttributesReader, Bus, Capabilities, ErrorKind, Event, EventBuilder, HandlerContext,
-    HandlerError, PublishOptions, SubscriptionSpec, WorkerOptions,
-};
+mod common;
 
-/// The AWS endpoint, or `None` (after a loud message) when the tests may skip.
-fn endpoint() -> Option<String> {
-    match std::env::var(cloudbus::aws::ENDPOINT_ENV) {
-        Ok(e) if !e.trim().is_empty() => Some(e),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "CI=true but AWS_ENDPOINT_URL is not set: the AWS tests need LocalStack (scripts/test.sh starts it)"
-            )
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: AWS_ENDPOINT_URL is not set, so the AWS emulator tests did not run (bash scripts/test.sh starts LocalStack)"
-            );
-            None
-        }
-    }
-}
+use async_trait::async_trait;
+use cloudbus::{
+    AttributesReader, Bus, ErrorKind, Event, EventBuilder, HandlerContext, HandlerError,
+    PublishOptions, SubscriptionSpec, WorkerOptions,
+};
+use common::{SqsHarness, config, endpoint, eventbridge, sns, sqs};
 
 /// The moto endpoint for the EventBridge replay test (LocalStack 2026.3 answers
 /// StartReplay with a 500 once the archive holds an event), or `None` after a loud
@@ -54,85 +35,6 @@ fn moto_endpoint() -> Option<String> {
                 "SKIPPED: MOTO_ENDPOINT_URL is not set, so the EventBridge replay test did not run (bash scripts/test.sh starts moto)"
             );
             None
-        }
-    }
-}
-
-/// An SQS bus on the emulator with dummy credentials (real ones are never needed).
-async fn sqs(endpoint: &str) -> SqsBus {
-    SqsBus::new(&config(endpoint).await)
-}
-
-async fn sns(endpoint: &str) -> SnsBus {
-    SnsBus::new(&config(endpoint).await)
-}
-
-async fn eventbridge(endpoint: &str) -> EventBridgeBus {
-    EventBridgeBus::new(&config(endpoint).await)
-}
-
-async fn config(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "cloudbus-tests",
-        ))
-        .load()
-        .await
-}
-
-struct SqsHarness {
-    endpoint: String,
-    fifo: bool,
-    sns: bool,
-    eventbridge: bool,
-    /// SNS in structured mode (MessageBody-scope filter policies).
-    structured: bool,
-}
-
-#[async_trait]
-impl Harness for SqsHarness {
-    async fn bus(&self) -> cloudbus::Result<Bus> {
-        Ok(if self.eventbridge {
-            eventbridge(&self.endpoint).await.into_bus()
-        } else if self.sns && self.structured {
-            sns(&self.endpoint).await.structured().into_bus()
-        } else if self.sns {
-            sns(&self.endpoint).await.into_bus()
-        } else {
-            sqs(&self.endpoint).await.into_bus()
-        })
-    }
-    fn capabilities(&self) -> Capabilities {
-        let name = if self.fifo { "q.fifo" } else { "q" };
-        if self.eventbridge {
-            cloudbus::aws::eventbridge::capabilities()
-        } else if self.sns {
-            cloudbus::aws::sns::capabilities(name)
-        } else {
-            cloudbus::aws::sqs::capabilities(name)
-        }
-    }
-    fn patience(&self) -> Duration {
-        Duration::from_secs(30)
-    }
-    /// 2 s: with 1 s (SQS visibility timeouts are whole seconds), an extend that
-    /// LocalStack answered late on a loaded machine let the message go
-    /// (`eventbridge_with_sqs::extend_keeps_the_lease` failed once in CI).
-    fn short_lease(&self) -> Duration {
-        Duration::from_secs(2)
-    }
-    fn unique(&self, prefix: &str) -> String {
-        let name = format!("{prefix}-{:08x}", fastrand::u32(..));
-        if self.fifo {
-            format!("{name}.fifo")
-        } else {
-            name
         }
     }
 }
