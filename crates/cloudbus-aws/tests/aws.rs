@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use async_trait::async_trait;
+use cloudbus::conformance::emulator::required_env;
 use cloudbus::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, HandlerContext, HandlerError,
     PublishOptions, SubscriptionSpec, WorkerOptions,
@@ -25,18 +26,11 @@ use common::{SqsHarness, config, endpoint, eventbridge, sns, sqs};
 /// StartReplay with a 500 once the archive holds an event), or `None` after a loud
 /// message when the test may skip.
 fn moto_endpoint() -> Option<String> {
-    match std::env::var("MOTO_ENDPOINT_URL") {
-        Ok(e) if !e.trim().is_empty() => Some(e),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but MOTO_ENDPOINT_URL is not set (scripts/test.sh starts moto)")
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: MOTO_ENDPOINT_URL is not set, so the EventBridge replay test did not run (bash scripts/test.sh starts moto)"
-            );
-            None
-        }
-    }
+    required_env(
+        "MOTO_ENDPOINT_URL",
+        "the EventBridge replay test",
+        "bash scripts/test.sh starts moto",
+    )
 }
 
 mod sqs_standard {

@@ -28,6 +28,7 @@ use cloudbus::azure::servicebus::azure_core::credentials::{
     AccessToken, TokenCredential, TokenRequestOptions,
 };
 use cloudbus::azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
+use cloudbus::conformance::emulator::required_env;
 use cloudbus::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, Filter, HandlerContext, HandlerError,
 };
@@ -365,18 +366,11 @@ async fn eventgrid_nothing_lost_under_publish_faults() {
 /// The python of Microsoft's clients (`scripts/azure-venv.sh`, which scripts/test.sh
 /// runs), or `None` after a loud message.
 fn interop_python() -> Option<String> {
-    match std::env::var("CLOUDBUS_AZURE_PYTHON") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but CLOUDBUS_AZURE_PYTHON is not set (scripts/test.sh sets it)")
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: CLOUDBUS_AZURE_PYTHON is not set, so the azure-eventgrid interoperability test did not run (CLOUDBUS_AZURE_PYTHON=$(bash scripts/azure-venv.sh))"
-            );
-            None
-        }
-    }
+    required_env(
+        "CLOUDBUS_AZURE_PYTHON",
+        "the azure-eventgrid interoperability test",
+        "CLOUDBUS_AZURE_PYTHON=$(bash scripts/azure-venv.sh); scripts/test.sh sets it",
+    )
 }
 
 /// What Microsoft's official client sends reads correctly (issue 12): azure-eventgrid
@@ -1434,23 +1428,13 @@ async fn servicebus_session_lock_is_renewed_while_held() {
 /// The PID of the project's Service Bus emulator, which closes every client
 /// connection with `amqp:connection:forced` on SIGUSR2; `None` after a loud message.
 fn servicebus_emulator_pid() -> Option<String> {
-    match std::env::var("SERVICEBUS_EMULATOR_PID") {
-        Ok(pid) => Some(pid),
-        Err(_) => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true but SERVICEBUS_EMULATOR_PID is not set (scripts/test.sh starts the emulator)"
-            );
-            eprintln!(
-                "SKIPPED: SERVICEBUS_EMULATOR_PID is not set (the emulator closes connections on SIGUSR2)"
-            );
-            None
-        }
-    }
+    required_env(
+        "SERVICEBUS_EMULATOR_PID",
+        "the tests that close the emulator's connections (on SIGUSR2)",
+        "bash scripts/test.sh starts the emulator",
+    )
 }
 
-/// Has the emulator close every client connection, as the service does for
-/// maintenance.
 /// A bus on plain queues and the emulator's pid (to close its connections), or
 /// `None` when the tests may skip.
 async fn plain_queues_and_emulator_pid() -> Option<(Bus, String)> {
@@ -1465,6 +1449,8 @@ async fn plain_queues_and_emulator_pid() -> Option<(Bus, String)> {
     Some((bus, pid))
 }
 
+/// Has the emulator close every client connection, as the service does for
+/// maintenance.
 fn close_every_connection(pid: &str) {
     let killed = std::process::Command::new("kill")
         .args(["-USR2", pid])

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cloudbus::conformance::emulator::required_env;
 use cloudbus::gcp::{PubSubBus, PubSubConfig, SubscriptionOptions};
 use cloudbus::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, EventExt, HandlerContext, HandlerError,
@@ -538,18 +539,11 @@ async fn pubsub_url_and_structured_mode_round_trip() {
 /// The python of Google's Pub/Sub client and the CloudEvents SDK
 /// (`scripts/gcp-venv.sh`, which scripts/test.sh runs), or `None` after a loud message.
 fn interop_python() -> Option<String> {
-    match std::env::var("CLOUDBUS_GCP_PYTHON") {
-        Ok(p) if !p.is_empty() => Some(p),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but CLOUDBUS_GCP_PYTHON is not set (scripts/test.sh sets it)")
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: CLOUDBUS_GCP_PYTHON is not set, so the Python client interoperability test did not run (CLOUDBUS_GCP_PYTHON=$(bash scripts/gcp-venv.sh))"
-            );
-            None
-        }
-    }
+    required_env(
+        "CLOUDBUS_GCP_PYTHON",
+        "the Python client interoperability test",
+        "CLOUDBUS_GCP_PYTHON=$(bash scripts/gcp-venv.sh); scripts/test.sh sets it",
+    )
 }
 
 /// Runs tests/interop/pubsub_clients.py with `args`; its JSON lines.

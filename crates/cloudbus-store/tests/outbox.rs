@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use cloudbus_core::conformance::emulator::required_env;
 use cloudbus_core::{
     AttributesReader, Bus, Consumer, Error, ErrorKind, Event, EventBuilder, EventExt,
     PublishOptions, Result, SubscriptionSpec,
@@ -47,20 +48,11 @@ struct Postgres {
 
 impl Postgres {
     async fn open() -> Option<Self> {
-        let url = match std::env::var("DATABASE_URL") {
-            Ok(url) if !url.trim().is_empty() => url,
-            _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                panic!(
-                    "CI=true but DATABASE_URL is not set: scripts/test.sh starts PostgreSQL (scripts/postgres.sh)"
-                )
-            }
-            _ => {
-                eprintln!(
-                    "SKIPPED: DATABASE_URL is not set, so this PostgreSQL outbox test did not run (scripts/postgres.sh starts one)"
-                );
-                return None;
-            }
-        };
+        let url = required_env(
+            "DATABASE_URL",
+            "this PostgreSQL outbox test",
+            "scripts/test.sh starts PostgreSQL with scripts/postgres.sh",
+        )?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(16)
             .connect(&url)

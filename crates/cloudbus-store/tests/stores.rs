@@ -9,23 +9,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudbus_core::conformance::StoreHarness;
+use cloudbus_core::conformance::emulator::required_env;
 use cloudbus_core::{CheckpointStore, DedupStore, Result};
 use cloudbus_store::{postgres, redis, sqlite};
 
 /// The value of `var`, or `None` after a loud message when the tests may skip.
 fn server(var: &str, script: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but {var} is not set: scripts/test.sh starts the server ({script})")
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: {var} is not set, so this store test did not run ({script} starts a server)"
-            );
-            None
-        }
-    }
+    required_env(
+        var,
+        "this store test",
+        &format!("scripts/test.sh starts the server with {script}"),
+    )
 }
 
 struct PostgresStores {

@@ -10,24 +10,16 @@ use cloudbus::aws::eventbridge::EventBridgeBus;
 use cloudbus::aws::sns::SnsBus;
 use cloudbus::aws::sqs::SqsBus;
 use cloudbus::conformance::Harness;
+use cloudbus::conformance::emulator::required_env;
 use cloudbus::{Bus, Capabilities};
 
 /// The AWS endpoint, or `None` (after a loud message) when the tests may skip.
 pub fn endpoint() -> Option<String> {
-    match std::env::var(cloudbus::aws::ENDPOINT_ENV) {
-        Ok(e) if !e.trim().is_empty() => Some(e),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "CI=true but AWS_ENDPOINT_URL is not set: the AWS tests need LocalStack (scripts/test.sh starts it)"
-            )
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: AWS_ENDPOINT_URL is not set, so the AWS emulator tests did not run (bash scripts/test.sh starts LocalStack)"
-            );
-            None
-        }
-    }
+    required_env(
+        cloudbus::aws::ENDPOINT_ENV,
+        "the AWS emulator tests",
+        "bash scripts/test.sh starts LocalStack",
+    )
 }
 
 /// An SQS bus on the emulator with dummy credentials (real ones are never needed).

@@ -7,24 +7,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cloudbus::azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
 use cloudbus::conformance::Harness;
+use cloudbus::conformance::emulator::required_env;
 use cloudbus::{Bus, Capabilities};
 
 /// The Service Bus connection string, or `None` after a loud message.
 pub fn servicebus() -> Option<String> {
-    match std::env::var("SERVICEBUS_CONNECTION_STRING") {
-        Ok(c) if !c.is_empty() => Some(c),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "CI=true but SERVICEBUS_CONNECTION_STRING is not set (scripts/test.sh starts the Service Bus emulator)"
-            )
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: SERVICEBUS_CONNECTION_STRING is not set, so the Service Bus tests did not run (bash scripts/test.sh starts the emulator)"
-            );
-            None
-        }
-    }
+    required_env(
+        "SERVICEBUS_CONNECTION_STRING",
+        "the Service Bus tests",
+        "bash scripts/test.sh starts the emulator",
+    )
 }
 
 /// One way of mapping cloudbus onto Service Bus.

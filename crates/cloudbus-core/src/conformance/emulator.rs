@@ -1,6 +1,31 @@
-//! What the provider benches share: an emulator found through its environment
-//! variable, or started with the project's script (`scripts/*.sh` of the cloudbus
-//! repository, given as a path) and stopped at the end.
+//! What the provider tests and benches share: a required environment variable (an
+//! emulator's address, a server's URL) that the tests skip loudly without, except
+//! under `CI=true`; and, for benches, an emulator found through its variable or
+//! started with the project's script (`scripts/*.sh` of the cloudbus repository,
+//! given as a path) and stopped at the end.
+
+/// The value of `var`, which `tests` need (an emulator's address, a server's URL, a
+/// python with the clients they run), or `None` after a loud `SKIPPED:` line when it
+/// is unset or blank. Under `CI=true` a missing one panics instead: CI never passes
+/// by skipping. `starter` says what provides it (`"scripts/test.sh starts it"`).
+///
+/// ```
+/// use cloudbus_core::conformance::emulator::required_env;
+/// let path = required_env("PATH", "this example", "the shell sets it");
+/// assert!(path.is_some());
+/// ```
+pub fn required_env(var: &str, tests: &str, starter: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.trim().is_empty() => Some(value),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but {var} is not set: {tests} need it ({starter})")
+        }
+        _ => {
+            eprintln!("SKIPPED: {var} is not set, so {tests} did not run ({starter})");
+            None
+        }
+    }
+}
 
 /// A running emulator.
 pub struct Emulator {

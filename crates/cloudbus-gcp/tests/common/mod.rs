@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cloudbus::conformance::Harness;
+use cloudbus::conformance::emulator::required_env;
 use cloudbus::gcp::{PubSubBus, PubSubConfig};
 use cloudbus::{Bus, Capabilities};
 
@@ -12,20 +13,11 @@ pub const PROJECT: &str = "cloudbus-test";
 
 /// The emulator's `host:port`, or `None` (after a loud message) when the tests may skip.
 pub fn emulator() -> Option<String> {
-    match std::env::var(cloudbus::gcp::EMULATOR_HOST_ENV) {
-        Ok(h) if !h.trim().is_empty() => Some(h),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!(
-                "CI=true but PUBSUB_EMULATOR_HOST is not set: the Pub/Sub tests need the emulator (scripts/test.sh starts it)"
-            )
-        }
-        _ => {
-            eprintln!(
-                "SKIPPED: PUBSUB_EMULATOR_HOST is not set, so the Pub/Sub emulator tests did not run (bash scripts/test.sh starts the emulator)"
-            );
-            None
-        }
-    }
+    required_env(
+        cloudbus::gcp::EMULATOR_HOST_ENV,
+        "the Pub/Sub emulator tests",
+        "bash scripts/test.sh starts the emulator",
+    )
 }
 
 pub fn pubsub(host: &str) -> PubSubBus {
