@@ -635,9 +635,9 @@ impl cloudbus::SubscriptionDriver for WithoutNativeDeadLetters {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
-    use cloudbus::{DeadLetters, Payload, TopicDeadLetters};
+/// A broker with `orders`/`billing` and the dead-letter topic `orders-dlq`/`inspect`
+/// the polyfill keeps for it.
+async fn polyfill_bus() -> Bus {
     let bus = MemoryBroker::new().bus();
     for (topic, sub) in [("orders", "billing"), ("orders-dlq", "inspect")] {
         bus.ensure_topic(topic).await.unwrap();
@@ -645,18 +645,44 @@ async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
             .await
             .unwrap();
     }
-    let consumer = || async {
-        cloudbus::Consumer::new(
-            Arc::new(WithoutNativeDeadLetters(
-                bus.driver()
-                    .subscription("orders", "billing")
-                    .await
-                    .unwrap(),
-            )),
-            "billing",
+    bus
+}
+
+/// The consumer of `orders`/`billing` as on a provider without a native dead-letter
+/// place: it dead-letters to `orders-dlq`.
+async fn polyfill_consumer(bus: &Bus) -> cloudbus::Consumer {
+    cloudbus::Consumer::new(
+        Arc::new(WithoutNativeDeadLetters(
+            bus.driver()
+                .subscription("orders", "billing")
+                .await
+                .unwrap(),
+        )),
+        "billing",
+    )
+    .dead_letter_to(bus.publisher("orders-dlq").await.unwrap())
+}
+
+/// The polyfill's dead-letter place of `orders`: read through `orders-dlq`/`inspect`,
+/// redriven to `orders`.
+async fn polyfill_dead_letters(bus: &Bus) -> cloudbus::DeadLetters {
+    cloudbus::DeadLetters::new(Arc::new(
+        cloudbus::TopicDeadLetters::new(
+            bus.driver()
+                .subscription("orders-dlq", "inspect")
+                .await
+                .unwrap(),
+            bus.publisher("orders").await.unwrap(),
         )
-        .dead_letter_to(bus.publisher("orders-dlq").await.unwrap())
-    };
+        .wait(Duration::from_millis(200)),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
+    use cloudbus::Payload;
+    let bus = polyfill_bus().await;
+    let consumer = || polyfill_consumer(&bus);
     let p = bus.publisher("orders").await.unwrap();
     publish_event_raw_event(&p, "junk").await;
     let rejecting = failing_on("2", |m| HandlerError::reject(m));
@@ -675,16 +701,7 @@ async fn dead_letter_polyfill_keeps_reasons_and_redrives() {
         (1, 1, 0)
     );
 
-    let dlq = DeadLetters::new(Arc::new(
-        TopicDeadLetters::new(
-            bus.driver()
-                .subscription("orders-dlq", "inspect")
-                .await
-                .unwrap(),
-            bus.publisher("orders").await.unwrap(),
-        )
-        .wait(Duration::from_millis(200)),
-    ));
+    let dlq = polyfill_dead_letters(&bus).await;
     let letters = dlq.peek(10).await.unwrap();
     assert_eq!(letters.len(), 2, "{letters:?}");
     let reasons: Vec<String> = letters
@@ -1783,24 +1800,8 @@ async fn wait_for(
 /// went round for ever, as Service Bus's redrive did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polyfill_redrive_ends_when_a_letter_comes_back() {
-    use cloudbus::{DeadLetters, TopicDeadLetters};
-    let bus = MemoryBroker::new().bus();
-    for (topic, sub) in [("orders", "billing"), ("orders-dlq", "inspect")] {
-        bus.ensure_topic(topic).await.unwrap();
-        bus.ensure_subscription(&SubscriptionSpec::new(topic, sub))
-            .await
-            .unwrap();
-    }
-    let consumer = cloudbus::Consumer::new(
-        Arc::new(WithoutNativeDeadLetters(
-            bus.driver()
-                .subscription("orders", "billing")
-                .await
-                .unwrap(),
-        )),
-        "billing",
-    )
-    .dead_letter_to(bus.publisher("orders-dlq").await.unwrap());
+    let bus = polyfill_bus().await;
+    let consumer = polyfill_consumer(&bus).await;
     let worker = consumer.start_worker(
         |_e: Arc<Event>, _c: HandlerContext| async {
             Err::<(), _>(HandlerError::reject("still poison"))
@@ -1815,16 +1816,7 @@ async fn polyfill_redrive_ends_when_a_letter_comes_back() {
     )
     .await
     .unwrap();
-    let dlq = DeadLetters::new(Arc::new(
-        TopicDeadLetters::new(
-            bus.driver()
-                .subscription("orders-dlq", "inspect")
-                .await
-                .unwrap(),
-            bus.publisher("orders").await.unwrap(),
-        )
-        .wait(Duration::from_millis(200)),
-    ));
+    let dlq = polyfill_dead_letters(&bus).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while worker.stats().dead_lettered < 1 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

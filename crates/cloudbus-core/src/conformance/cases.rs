@@ -504,6 +504,21 @@ async fn dead_letters_of(
     }
 }
 
+/// Publishes one event of type `ty`, receives it and dead-letters it as "poison";
+/// returns it once it is in the dead-letter place.
+async fn poison_one(h: &dyn Harness, f: &Fixture, ty: &str) -> Result<Event> {
+    let e = event(ty, 0)?;
+    f.publisher.publish(e.clone()).await?;
+    let got = drain(&f.consumer, 1, h.patience()).await?;
+    check!(got.len() == 1, "got {}", got.len());
+    got[0].dead_letter("poison").await?;
+    check!(
+        dead_letters_of(f, 1, h.patience()).await?.len() == 1,
+        "the letter was not dead-lettered"
+    );
+    Ok(e)
+}
+
 /// Dapr dead letter: an explicit dead-letter keeps the event and the reason.
 pub async fn explicit_dead_letter_keeps_reason(h: &dyn Harness) -> Result<Outcome> {
     need!(
@@ -571,13 +586,8 @@ pub async fn redrive_returns_to_source(h: &dyn Harness) -> Result<Outcome> {
         "a native dead-letter place"
     );
     let f = fixture(h, |s| s).await?;
-    let e = event("conformance.redrive", 0)?;
-    f.publisher.publish(e.clone()).await?;
-    let got = drain(&f.consumer, 1, h.patience()).await?;
-    check!(got.len() == 1, "got {}", got.len());
-    got[0].dead_letter("poison").await?;
+    let e = poison_one(h, &f, "conformance.redrive").await?;
     let dlq = f.bus.dead_letters(&f.topic, &f.sub).await?;
-    dead_letters_of(&f, 1, h.patience()).await?;
     let moved = dlq.redrive_all().await?;
     check!(moved == 1, "redrove {moved}");
     let back = drain(&f.consumer, 1, h.patience()).await?;
@@ -603,15 +613,7 @@ pub async fn redrive_ends_when_a_letter_comes_back(h: &dyn Harness) -> Result<Ou
         "a native dead-letter place"
     );
     let f = fixture(h, |s| s).await?;
-    let e = event("conformance.poison", 0)?;
-    f.publisher.publish(e.clone()).await?;
-    let got = drain(&f.consumer, 1, h.patience()).await?;
-    check!(got.len() == 1, "got {}", got.len());
-    got[0].dead_letter("poison").await?;
-    check!(
-        dead_letters_of(&f, 1, h.patience()).await?.len() == 1,
-        "the letter was not dead-lettered"
-    );
+    let e = poison_one(h, &f, "conformance.poison").await?;
     let worker = f.consumer.clone().start_worker(
         |_e: Arc<Event>, _c: HandlerContext| async {
             Err::<(), _>(HandlerError::reject("still poison"))
