@@ -7,7 +7,9 @@
 #
 # The recipe (pins, settings) is the one measured in ../shared/EMULATORS.md.
 # Port: $LOCALSTACK_PORT, else 4566. Venv and state: $LOCALSTACK_HOME, else
-# ~/.cache/cloudbus/localstack.
+# ~/.cache/cloudbus/localstack. With CLOUDBUS_INSTALL_ONLY=1 it installs (LocalStack,
+# kinesis-mock: what needs the network) and exits; scripts/test.sh does that before it
+# starts LocalStack in a namespace with no network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/emulator-lib.sh
@@ -40,11 +42,26 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import localstack' 
         'localstack-core[runtime]==2026.3.0' 'cbor2>=5.5,<6' 'pyopenssl>=25,<26' \
         'cryptography>=45.0.7,<47' service-identity >&2
 fi
-if [[ ! -e "$home/kinesis-mock-installed" ]]; then
-    (cd "$home" && FILESYSTEM_ROOT="$home/fs" CONFIG_DIR="$home/config" HOME="$home" \
-        "$venv/bin/python" -m localstack.cli.lpm install kinesis-mock >&2) &&
-        touch "$home/kinesis-mock-installed" ||
-        echo "could not preinstall kinesis-mock; LocalStack fetches it at first use" >&2
+# Kinesis (the npm package kinesis-local) into the static libs of host mode under
+# $home/fs, which every run below links into its own filesystem root. Without
+# OVERRIDE_IN_DOCKER=0, lpm in a container installs into the container's
+# /usr/lib/localstack, where host mode never looks: the runtime then fetched it from
+# npm at every start, which fails in a namespace with no network.
+static_libs="$home/fs/usr/lib/localstack"
+if [[ ! -e "$home/kinesis-mock-in-static-libs" ]]; then
+    if (cd "$home" && OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$home/fs" CONFIG_DIR="$home/config" \
+        HOME="$home" "$venv/bin/python" -m localstack.cli.lpm install --target static_libs \
+        kinesis-mock >&2) && [[ -d "$static_libs" ]]; then
+        touch "$home/kinesis-mock-in-static-libs"
+    elif [[ "${CLOUDBUS_INSTALL_ONLY:-}" == 1 ]]; then
+        echo "could not preinstall kinesis-mock (LocalStack's Kinesis)" >&2
+        exit 1
+    else
+        echo "could not preinstall kinesis-mock; LocalStack fetches it at first use, which fails without the network" >&2
+    fi
+fi
+if [[ "${CLOUDBUS_INSTALL_ONLY:-}" == 1 ]]; then
+    exit 0
 fi
 
 require_free_port "$port" "LOCALSTACK_PORT or AWS_ENDPOINT_URL"
@@ -63,7 +80,10 @@ JS
 
 state="$home/run-$port"
 rm -rf "$state"
-mkdir -p "$state/fs" "$state/config" "$state/home"
+mkdir -p "$state/fs/usr/lib" "$state/config" "$state/home"
+if [[ -d "$static_libs" ]]; then
+    ln -s "$static_libs" "$state/fs/usr/lib/localstack"
+fi
 log="${LOCALSTACK_LOG:-/tmp/cloudbus-localstack-$port.log}"
 GATEWAY_LISTEN="127.0.0.1:$port" GATEWAY_SERVER=hypercorn LOCALSTACK_HOST="127.0.0.1:$port" \
     OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$state/fs" CONFIG_DIR="$state/config" HOME="$state/home" \

@@ -7,7 +7,9 @@
 #
 #   eval "$(bash scripts/moto.sh)"
 #
-# Port: $MOTO_PORT, else 4567. Venv: $MOTO_HOME, else ~/.cache/cloudbus/moto.
+# Port: $MOTO_PORT, else 4567. Venv: $MOTO_HOME, else ~/.cache/cloudbus/moto. With
+# CLOUDBUS_INSTALL_ONLY=1 it only installs (scripts/test.sh, before its namespace with no
+# network).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/emulator-lib.sh
@@ -21,6 +23,9 @@ if [[ ! -x "$venv/bin/moto_server" ]]; then
     echo "installing moto into $venv (once)" >&2
     python3 -m venv "$venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.2.5' >&2
+fi
+if [[ "${CLOUDBUS_INSTALL_ONLY:-}" == 1 ]]; then
+    exit 0
 fi
 
 require_free_port "$port" "MOTO_PORT or MOTO_ENDPOINT_URL"

@@ -8,7 +8,8 @@
 #
 #   eval "$(bash scripts/redis.sh)"
 #
-# Port: $REDIS_PORT, else a free one.
+# Port: $REDIS_PORT, else a free one. With CLOUDBUS_INSTALL_ONLY=1 it only installs
+# (scripts/test.sh, before its namespace with no network).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/emulator-lib.sh
@@ -23,6 +24,9 @@ if ! command -v redis-server > /dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -q redis-server >&2 ||
         { apt-get update -q >&2 && apt-get install -y -q redis-server >&2; }
+fi
+if [[ "${CLOUDBUS_INSTALL_ONLY:-}" == 1 ]]; then
+    exit 0
 fi
 port="${REDIS_PORT:-$(free_port)}"
 require_free_port "$port" "REDIS_PORT or REDIS_URL"

@@ -20,10 +20,29 @@
 #     DATABASE_URL is set, and Redis (scripts/redis.sh, installed from Debian's
 #     packages when missing) unless REDIS_URL is set. SQLite needs no server.
 # Under CI=true an emulator that cannot be started is a failure, never a skip.
+#
+# Nothing leaves the machine, by construction (issue 28): first an install phase, with
+# the network, fetches everything the run needs (the crates of the workspace and of
+# tests/app, the venvs, LocalStack's kinesis-mock, promtool, redis-server); then, as
+# root, the script runs again inside a network namespace that has only loopback
+# (`unshare --net`), where everything else happens: the servers and emulators it
+# starts, every cargo command (offline). An attempt to reach any other address (a
+# cloud metadata server, a registry, a real cloud) fails at once there instead of
+# leaving the machine. Under CI=true that namespace is required; elsewhere, without
+# it (not root, no `unshare`, or an endpoint variable above that points outside), the
+# script says so loudly and runs with the network. CLOUDBUS_ALLOW_NETWORK=1 accepts
+# that under CI=true too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Google's client libraries look for the cloud metadata server to find credentials or
+# a project, even with PUBSUB_EMULATOR_HOST set (the Node client did): tell each there
+# is none (METADATA_SERVER_DETECTION: Node; NO_GCE_CHECK: Python) and point the probes
+# that still run at a closed port of loopback (GCE_METADATA_HOST: Rust, Python and
+# Node; GCE_METADATA_IP: Python's ping).
+export METADATA_SERVER_DETECTION=none NO_GCE_CHECK=true
+export GCE_METADATA_HOST=127.0.0.1:1 GCE_METADATA_IP=127.0.0.1:1
 started_pids=()
 cleanup() {
     for pid in "${started_pids[@]}"; do
@@ -99,17 +118,111 @@ run_saga() {
     saga_finished "$log"
 }
 
-# promtool for the tests of deploy/prometheus (tests/deploy.rs).
-if [[ -z "${PROMTOOL:-}" ]]; then
-    if PROMTOOL="$(bash scripts/promtool.sh)"; then
-        export PROMTOOL
-    elif [[ "${CI:-}" == "true" ]]; then
-        echo "CI=true and promtool could not be fetched (scripts/promtool.sh)" >&2
+# install_step WHAT COMMAND...: runs COMMAND, which installs WHAT (with the network).
+# Under CI=true a failure ends the run; otherwise the tests that need WHAT skip loudly.
+install_step() {
+    local what="$1"
+    shift
+    if ! "$@" > /dev/null; then
+        if [[ "${CI:-}" == "true" ]]; then
+            echo "CI=true and $what could not be installed" >&2
+            exit 1
+        fi
+        echo "SKIPPED: $what could not be installed; the tests that need it will say so" >&2
+    fi
+}
+
+# netns_blocker: why this run cannot go into a namespace with only loopback (empty when
+# it can). An endpoint given from outside would be out of reach there: the namespace
+# has its own loopback.
+netns_blocker() {
+    local var
+    for var in PUBSUB_EMULATOR_HOST AWS_ENDPOINT_URL MOTO_ENDPOINT_URL EVENTGRID_ENDPOINT \
+        SERVICEBUS_CONNECTION_STRING DATABASE_URL REDIS_URL; do
+        if [[ -n "${!var:-}" ]]; then
+            echo "$var is set, and what it names is out of reach from a namespace with only loopback"
+            return
+        fi
+    done
+    if [[ "$(id -u)" != 0 ]]; then
+        echo "not root"
+    elif ! command -v unshare > /dev/null || ! command -v ip > /dev/null; then
+        echo "no unshare or no ip (util-linux, iproute2)"
+    elif ! unshare --net true 2> /dev/null; then
+        echo "unshare --net fails here"
+    fi
+}
+
+if [[ "${CLOUDBUS_TEST_NETNS:-}" != inside ]]; then
+    echo "== installs (with the network): crates, venvs, emulators, tools"
+    # The crates of the workspace and of tests/app (its own workspace and Cargo.lock),
+    # with the cargo (toolchain) that builds them below: the builds run offline.
+    cargo fetch
+    cargo fetch --manifest-path tests/app/Cargo.toml
+    # promtool for the tests of deploy/prometheus (tests/deploy.rs).
+    if [[ -z "${PROMTOOL:-}" ]]; then
+        if PROMTOOL="$(bash scripts/promtool.sh)"; then
+            export PROMTOOL
+        elif [[ "${CI:-}" == "true" ]]; then
+            echo "CI=true and promtool could not be fetched (scripts/promtool.sh)" >&2
+            exit 1
+        else
+            echo "SKIPPED: no promtool; tests/deploy.rs will say so" >&2
+        fi
+    fi
+    # Google's Python client and the CloudEvents Python SDK, and Microsoft's Python
+    # clients, for the interoperability tests.
+    use_python_venv CLOUDBUS_GCP_PYTHON scripts/gcp-venv.sh
+    use_python_venv CLOUDBUS_AZURE_PYTHON scripts/azure-venv.sh
+    # What the emulator scripts would otherwise install when they start (each script
+    # installs and exits under CLOUDBUS_INSTALL_ONLY=1). PostgreSQL and the Pub/Sub
+    # emulator are preinstalled packages.
+    if [[ -z "${REDIS_URL:-}" ]]; then
+        install_step "Redis (scripts/redis.sh)" env CLOUDBUS_INSTALL_ONLY=1 bash scripts/redis.sh
+    fi
+    if [[ -z "${AWS_ENDPOINT_URL:-}" ]]; then
+        install_step "LocalStack (scripts/localstack.sh)" env CLOUDBUS_INSTALL_ONLY=1 bash scripts/localstack.sh
+    fi
+    if [[ -z "${MOTO_ENDPOINT_URL:-}" ]]; then
+        install_step "moto (scripts/moto.sh)" env CLOUDBUS_INSTALL_ONLY=1 bash scripts/moto.sh
+    fi
+    if [[ -z "${EVENTGRID_ENDPOINT:-}" ]]; then
+        install_step "the Event Grid emulator's venv (scripts/eventgrid-emulator.sh)" \
+            env CLOUDBUS_INSTALL_ONLY=1 bash scripts/eventgrid-emulator.sh
+    fi
+    if [[ -z "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
+        install_step "the Service Bus emulator's venv (scripts/servicebus-emulator.sh)" \
+            env CLOUDBUS_INSTALL_ONLY=1 bash scripts/servicebus-emulator.sh
+    fi
+
+    blocker="$(netns_blocker)"
+    if [[ -z "$blocker" ]]; then
+        echo "== the tests, in a network namespace with only loopback: nothing leaves the machine"
+        # exec: the same process, so its output and exit status are the run's. The
+        # variables exported above (PROMTOOL, the venvs' pythons) go in with it.
+        exec unshare --net -- env CLOUDBUS_TEST_NETNS=inside bash scripts/test.sh "$@"
+    elif [[ "${CI:-}" == "true" && "${CLOUDBUS_ALLOW_NETWORK:-}" != 1 ]]; then
+        echo "CI=true and the tests cannot run in a network namespace with only loopback: $blocker" >&2
+        echo "(CLOUDBUS_ALLOW_NETWORK=1 runs them with the network)" >&2
         exit 1
     else
-        echo "SKIPPED: no promtool; tests/deploy.rs will say so" >&2
+        echo "WARNING: the tests run WITH THE NETWORK: $blocker. Run scripts/test.sh as root (with unshare and ip) and no endpoint variables for a run in which nothing can leave the machine." >&2
     fi
+else
+    # The namespace's loopback starts down; nothing else is in it.
+    ip link set lo up
+    # The proof: another address (the metadata server's) is unreachable at once, not
+    # after a timeout.
+    reached=0
+    timeout 5 bash -c 'exec 3<>/dev/tcp/169.254.169.254/80' 2> /dev/null || reached=$?
+    if [[ "$reached" == 0 || "$reached" == 124 ]]; then
+        echo "the network namespace does not refuse 169.254.169.254 at once" >&2
+        exit 1
+    fi
+    echo "in a network namespace with only loopback ($(ip -brief address | xargs))"
 fi
+# The crates were fetched above.
+export CARGO_NET_OFFLINE=true
 
 echo "== cargo test --workspace (unit, conformance on the memory broker, integration, doc tests)"
 # The provider crates run (unit, doc and emulator tests) in their sections below, with
@@ -207,8 +320,6 @@ if [[ -z "${PUBSUB_EMULATOR_HOST:-}" ]]; then
 else
     echo "using the Pub/Sub emulator at $PUBSUB_EMULATOR_HOST"
 fi
-# Google's Python client and the CloudEvents Python SDK, for the interoperability test.
-use_python_venv CLOUDBUS_GCP_PYTHON scripts/gcp-venv.sh
 cargo test -p cloudbus-gcp --features emulators
 if [[ -n "${PUBSUB_EMULATOR_HOST:-}" ]]; then
     run_saga "pubsub://saga-$$-$RANDOM" gcp
@@ -252,8 +363,6 @@ else
 fi
 # One test at a time: many cases time leases of 5 s, and one single-threaded Python
 # emulator serves them all.
-# Microsoft's Python clients, for the interoperability test.
-use_python_venv CLOUDBUS_AZURE_PYTHON scripts/azure-venv.sh
 cargo test -p cloudbus-azure --features emulators -- --test-threads=1
 if [[ -n "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
     run_saga servicebus:// azure

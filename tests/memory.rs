@@ -51,6 +51,13 @@ mod chaos {
     use super::*;
     cloudbus::chaos_suite!(MemoryHarness::new(), 2_000);
     cloudbus::stream_chaos_suite!(MemoryHarness::new(), 2_000);
+
+    /// Issue 28: every router layer around a handler that panics, is cancelled by
+    /// the timeout or fails, at random; nothing lost, no layer left refusing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn router_layers_keep_the_promise_under_cancellation_and_panics() {
+        cloudbus::conformance::chaos::run_layer_sweep_case(MemoryHarness::new(), 500).await;
+    }
 }
 
 /// The memory broker's partitioned logs under the stream suite; dead letters go to a

@@ -981,6 +981,57 @@ async fn serve_guarded_registry(
     (url, task)
 }
 
+/// A registry that answers every request with `status`, `content_type` and `body`.
+async fn serve_canned(
+    status: &'static str,
+    content_type: &'static str,
+    body: &'static str,
+) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/registry", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(response.as_bytes()).await.ok();
+            });
+        }
+    });
+    (url, task)
+}
+
+/// Issue 28 item 5: a registry's 408, 400 or 409, or a proxy's HTML page with 200,
+/// was InvalidArgument, the event's fault, so the schema layer dead-lettered every
+/// good event (and an outbox relay its rows). Only "no such schema" or a schema the
+/// data breaks is the event's fault; the rest is Unavailable, and retried.
+#[tokio::test]
+async fn registry_faults_are_never_blamed_on_the_event() {
+    let answers = [
+        ("408 Request Timeout", "application/json", r#"{"error_code": 408}"#),
+        ("400 Bad Request", "application/json", r#"{"error_code": 400}"#),
+        ("409 Conflict", "application/json", r#"{"error_code": 409}"#),
+        ("200 OK", "text/html", "<html><body>proxy login</body></html>"),
+    ];
+    for (status, content_type, body) in answers {
+        let (url, server) = serve_canned(status, content_type, body).await;
+        let validator = SchemaValidator::new(Arc::new(HttpSchemaRegistry::new(&url).unwrap()));
+        use cloudbus::EventValidator;
+        let e = validator
+            .validate(&order(3).to_event().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{status}: {e}");
+        assert!(e.is_retryable(), "{status}: {e}");
+        server.abort();
+    }
+}
+
 #[tokio::test]
 async fn the_http_registry_reads_confluent_paths() {
     let (url, server) = serve_registry().await;

@@ -5,7 +5,8 @@
 //! `content-type: application/cloudevents-batch+json; charset=utf-8`, the events in
 //! structured JSON, batches cut by core at 1 MB, and either the topic key
 //! (`aeg-sas-key`) or a SAS token (`aeg-sas-token`, made from the key by
-//! [`sas_token`] or given ready-made). Event Grid accepts or refuses a batch as a whole:
+//! [`sas_token`] or given ready-made), to an `https://` endpoint or a loopback
+//! `http://` one (an emulator) only. Event Grid accepts or refuses a batch as a whole:
 //! 401 and 403 are `PermissionDenied`, 404 `NotFound`, 413 `TooLarge`, 400
 //! `InvalidArgument`, 429 `Throttled`, 5xx and network failures `Unavailable`, with the
 //! service's message (never the key). Event Grid has no pull: subscriptions are made in
@@ -48,10 +49,23 @@ impl std::fmt::Debug for EventGridBus {
 }
 
 impl EventGridBus {
-    /// A bus publishing with `config`.
+    /// A bus publishing with `config`. Refused (InvalidArgument) when the endpoint is
+    /// neither `https://` nor `http://` on this machine's loopback: the key would
+    /// travel in clear text.
     pub fn new(config: EventGridConfig) -> Result<Self> {
-        let http = reqwest::Client::builder()
+        let endpoint = config::check_endpoint(&config.endpoint)?;
+        // No redirects: reqwest re-sends custom headers such as `aeg-sas-key` to
+        // wherever a redirect points (it strips only Authorization and cookies), and
+        // Event Grid's publish API never redirects.
+        let mut http = reqwest::Client::builder()
             .timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none());
+        if endpoint.scheme() == "http" {
+            // A loopback emulator: an HTTP_PROXY from the environment would carry the
+            // key off the machine in clear text.
+            http = http.no_proxy();
+        }
+        let http = http
             .build()
             .map_err(|e| Error::with_source(ErrorKind::Internal, "HTTP client", e))?;
         Ok(EventGridBus {

@@ -1,13 +1,18 @@
-//! `cloudbus tail URL TOPIC SUBSCRIPTION [--json] [--max N]`: prints the events of a
-//! subscription as they arrive, one readable block each or one JSON line each, and
-//! acknowledges each once printed (tail a subscription of its own: `--create` makes
-//! it). It runs until `--max` events, `--idle` seconds without one, or Ctrl-C.
+//! `cloudbus tail URL TOPIC SUBSCRIPTION [--json] [--max N] [--ack]`: prints the
+//! events of a subscription as they arrive, one readable block each or one JSON line
+//! each. It runs until `--max` events, `--idle` seconds without one, or Ctrl-C.
+//!
+//! By default it takes nothing away from the subscription's real consumer: what it
+//! printed it holds until it ends, then gives back (each event's delivery count grows
+//! by one). `--ack` acknowledges each event once printed, and so does `--create`,
+//! which makes a subscription of its own to tail.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Args;
-use cloudbus::SubscriptionSpec;
+use cloudbus::{AttributesReader, Delivery, Settlement, SubscriptionSpec};
 
 use crate::failure::{Failure, bounded, open};
 use crate::render;
@@ -19,7 +24,8 @@ pub struct TailArgs {
     pub url: String,
     /// The topic.
     pub topic: String,
-    /// The subscription to read (it is consumed: each event printed is acknowledged).
+    /// The subscription to read. Events printed are given back when tail ends,
+    /// unless `--ack` (or `--create`) is given.
     pub subscription: String,
     /// One JSON line per event (the CloudEvents JSON format, plus `delivery`).
     #[arg(long)]
@@ -30,9 +36,14 @@ pub struct TailArgs {
     /// Stop after this many seconds without an event.
     #[arg(long)]
     pub idle: Option<u64>,
-    /// Create the topic and the subscription first when they do not exist.
+    /// Create the topic and the subscription first when they do not exist; the
+    /// subscription is tail's own, so this implies `--ack`.
     #[arg(long)]
     pub create: bool,
+    /// Acknowledge each event once printed: it is consumed, and the subscription's
+    /// other consumers never see it. Only for a subscription of tail's own.
+    #[arg(long)]
+    pub ack: bool,
 }
 
 /// Prints what arrives until told to stop.
@@ -59,6 +70,10 @@ pub async fn run(args: TailArgs, timeout: Duration) -> Result<(), Failure> {
     )
     .await?;
     let receive_what = format!("cannot receive from {}/{}", args.topic, args.subscription);
+    let acknowledge = args.ack || args.create;
+    // Without --ack: what was printed, held until the end and then given back.
+    let mut held: Vec<Delivery> = Vec::new();
+    let mut printed_ids: HashSet<(String, String)> = HashSet::new();
     let mut printed = 0usize;
     let mut last_event = tokio::time::Instant::now();
     let stdout = std::io::stdout();
@@ -80,23 +95,45 @@ pub async fn run(args: TailArgs, timeout: Duration) -> Result<(), Failure> {
                 &receive_what,
                 timeout + Duration::from_secs(1),
                 consumer.receive_batch(want, Duration::from_secs(1)),
-            ) => r?,
+            ) => r,
             _ = &mut interrupted => break,
         };
-        if !received.is_empty() {
-            last_event = tokio::time::Instant::now();
-        }
+        let received = match received {
+            Ok(received) => received,
+            Err(failure) => {
+                give_back(&consumer, &held).await;
+                return Err(failure);
+            }
+        };
+        let mut pipe_closed = false;
         for delivery in &received {
+            // A held event whose lease ran out comes back: printed already.
+            let id = (
+                delivery.event().source().to_string(),
+                delivery.event().id().to_owned(),
+            );
+            if !acknowledge && !printed_ids.insert(id) {
+                continue;
+            }
+            last_event = tokio::time::Instant::now();
             let text = render::delivery(delivery, args.json);
             {
                 let mut out = stdout.lock();
-                // A closed pipe (`| head`) ends the tail; what was not printed is
-                // not acknowledged, so it comes back.
+                // A closed pipe (`| head`) ends the tail; the batch is given back.
                 if writeln!(out, "{}", text.trim_end()).is_err() || out.flush().is_err() {
-                    return Ok(());
+                    pipe_closed = true;
+                    break;
                 }
             }
             printed += 1;
+        }
+        if pipe_closed {
+            held.extend(received);
+            break;
+        }
+        if !acknowledge {
+            held.extend(received);
+            continue;
         }
         for result in consumer.ack_all(&received).await {
             if let Err(e) = result {
@@ -104,6 +141,30 @@ pub async fn run(args: TailArgs, timeout: Duration) -> Result<(), Failure> {
             }
         }
     }
+    give_back(&consumer, &held).await;
     let _ = tokio::time::timeout(timeout, consumer.close()).await;
     Ok(())
+}
+
+/// Gives the events tail held back to the subscription, for its real consumer.
+async fn give_back(consumer: &cloudbus::Consumer, held: &[Delivery]) {
+    let back = Settlement::Nack {
+        delay: Duration::ZERO,
+    };
+    for chunk in held.chunks(100) {
+        for result in consumer.settle_all(chunk, back.clone()).await {
+            match result {
+                Ok(()) => {}
+                // Its lease ran out while held: it is back already.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        cloudbus::ErrorKind::AlreadySettled | cloudbus::ErrorKind::LeaseExpired
+                    ) => {}
+                Err(e) => eprintln!(
+                    "warning: an event could not be given back ({e}); it comes back when its lease runs out"
+                ),
+            }
+        }
+    }
 }

@@ -203,6 +203,7 @@ fn send_and_tail(url: &str, fan_out: bool) {
             "3",
             "--idle",
             "60",
+            "--ack",
         ])
         .output()
         .unwrap();
@@ -222,7 +223,7 @@ fn send_and_tail(url: &str, fan_out: bool) {
     let more = send_orders(url, &topic, 1);
     let want = if fan_out { 4 } else { 1 };
     let json = cloudbus()
-        .args(["tail", url, &topic, &json_sub, "--json", "--idle", "60"])
+        .args(["tail", url, &topic, &json_sub, "--json", "--idle", "60", "--ack"])
         .args(["--max", &want.to_string()])
         .output()
         .unwrap();
@@ -275,6 +276,18 @@ fn send_and_tail_on_localstack_sqs() {
         .output()
         .unwrap();
     assert!(text(&got.stdout).contains(ids[0].as_str()), "{got:?}");
+    // Issue 28 item 18: without --ack, tail gives back what it printed, so the
+    // queue's real consumer still gets it (it used to acknowledge it away).
+    let again = cloudbus()
+        .args([
+            "tail", "sqs://", &queue, &queue, "--max", "1", "--idle", "60", "--ack",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        text(&again.stdout).contains(ids[0].as_str()),
+        "the event tail printed without --ack was taken away: {again:?}"
+    );
 }
 
 /// peek shows a dead letter's reason and attempts, redrive puts it back, purge (with
@@ -339,7 +352,7 @@ fn dead_letters_peek_redrive_purge_on_localstack() {
     assert!(redrive.status.success(), "{redrive:?}");
     assert!(text(&redrive.stdout).contains("redriven 1"), "{redrive:?}");
     let back = cloudbus()
-        .args(["tail", url, &topic, &sub, "--max", "1", "--idle", "30"])
+        .args(["tail", url, &topic, &sub, "--max", "1", "--idle", "30", "--ack"])
         .output()
         .unwrap();
     assert!(

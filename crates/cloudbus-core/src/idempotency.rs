@@ -24,27 +24,35 @@ pub enum Claim {
 }
 
 /// Remembers which events were processed.
+///
+/// A claim belongs to an owner (a token unique to one delivery's handling): only its
+/// owner renews or releases it, and a claim whose lease passed (its owner crashed or
+/// hangs) is taken over by the next claimant, so a stale owner's late `release`
+/// never frees a claim another delivery holds now.
 #[async_trait]
 pub trait DedupStore: Send + Sync + 'static {
-    /// Claims `key` for processing for at most `lease`.
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim>;
-    /// Marks `key` processed, remembered for `ttl`.
+    /// Claims `key` for `owner` for at most `lease`. A key `owner` holds already is
+    /// claimed again (its lease starts anew: a renewal); a key another owner holds
+    /// with a lease still running is [`Claim::InProgress`]; a claim whose lease
+    /// passed is taken over.
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim>;
+    /// Marks `key` processed, remembered for `ttl`, whoever holds its claim.
     async fn complete(&self, key: &str, ttl: Duration) -> Result<()>;
-    /// Releases a claim after a failure, so a redelivery can try again. A key already
-    /// completed stays completed.
-    async fn release(&self, key: &str) -> Result<()>;
+    /// Releases `owner`'s claim after a failure, so a redelivery can try again. A key
+    /// already completed stays completed, and a claim held by another owner stays.
+    async fn release(&self, key: &str, owner: &str) -> Result<()>;
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Entry {
-    Claimed(Instant),
+    Claimed { until: Instant, owner: String },
     Done(Instant),
 }
 
 impl Entry {
-    fn until(self) -> Instant {
+    fn until(&self) -> Instant {
         match self {
-            Entry::Claimed(t) | Entry::Done(t) => t,
+            Entry::Claimed { until, .. } | Entry::Done(until) => *until,
         }
     }
 }
@@ -103,9 +111,9 @@ impl DedupTable {
 /// use std::time::Duration;
 /// use cloudbus_core::{Claim, DedupStore, MemoryDedupStore};
 /// let store = MemoryDedupStore::new(10_000);
-/// assert_eq!(store.claim("k", Duration::from_secs(30)).await.unwrap(), Claim::Claimed);
+/// assert_eq!(store.claim("k", "owner-1", Duration::from_secs(30)).await.unwrap(), Claim::Claimed);
 /// store.complete("k", Duration::from_secs(3600)).await.unwrap();
-/// assert_eq!(store.claim("k", Duration::from_secs(30)).await.unwrap(), Claim::Done);
+/// assert_eq!(store.claim("k", "owner-2", Duration::from_secs(30)).await.unwrap(), Claim::Done);
 /// # });
 /// ```
 pub struct MemoryDedupStore {
@@ -141,12 +149,14 @@ impl MemoryDedupStore {
 
 #[async_trait]
 impl DedupStore for MemoryDedupStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim> {
         let now = Instant::now();
         let mut table = self.lock()?;
-        match table.entries.get(key).map(|(e, _)| *e) {
-            Some(Entry::Done(until)) if until > now => return Ok(Claim::Done),
-            Some(Entry::Claimed(until)) if until > now => return Ok(Claim::InProgress),
+        match table.entries.get(key).map(|(e, _)| e) {
+            Some(Entry::Done(until)) if *until > now => return Ok(Claim::Done),
+            Some(Entry::Claimed { until, owner: held }) if *until > now && held != owner => {
+                return Ok(Claim::InProgress);
+            }
             _ => {}
         }
         if !table.entries.contains_key(key) && table.entries.len() >= self.max_entries {
@@ -155,7 +165,13 @@ impl DedupStore for MemoryDedupStore {
                 table.evict_oldest();
             }
         }
-        table.put(key, Entry::Claimed(now + lease));
+        table.put(
+            key,
+            Entry::Claimed {
+                until: now + lease,
+                owner: owner.to_owned(),
+            },
+        );
         table.compact();
         Ok(Claim::Claimed)
     }
@@ -170,9 +186,10 @@ impl DedupStore for MemoryDedupStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str) -> Result<()> {
+    async fn release(&self, key: &str, owner: &str) -> Result<()> {
         let mut table = self.lock()?;
-        if matches!(table.entries.get(key), Some((Entry::Claimed(_), _))) {
+        if matches!(table.entries.get(key), Some((Entry::Claimed { owner: held, .. }, _)) if held == owner)
+        {
             table.entries.remove(key);
         }
         Ok(())
@@ -210,6 +227,14 @@ impl<H: Handler> Idempotent<H> {
         self.once.ttl = ttl;
         self
     }
+    /// How long a claim outlives a process that crashed while handling (default
+    /// 5 minutes): a live handler renews its claim every third of it, and a
+    /// redelivery of the same event waits up to one lease for the claim to be
+    /// completed, released or taken over, without spending a delivery attempt.
+    pub fn claim_lease(mut self, lease: Duration) -> Self {
+        self.once.set_lease(lease);
+        self
+    }
     /// A counter of duplicates skipped, readable while the worker runs.
     pub fn duplicates(&self) -> Arc<AtomicU64> {
         self.once.duplicates.clone()
@@ -220,15 +245,22 @@ impl<H: Handler> Idempotent<H> {
     }
 }
 
+/// How long a claim is held before another delivery may take it over, unless its
+/// owner renews it (it does, while its handler runs).
+const DEFAULT_CLAIM_LEASE: Duration = Duration::from_secs(300);
+
 /// The one implementation of "each (source, id) once" on a [`DedupStore`], shared by
 /// [`Idempotent`] and the router's idempotency layer: claim the key, run the
-/// handling, then mark the key done (success) or free it (failure, panic,
-/// cancellation).
+/// handling while renewing the claim, then mark the key done (success) or free it
+/// (failure, panic, cancellation). A key another delivery holds is waited out (up to
+/// the claim lease: a live holder finishes, a dead one's claim lapses and is taken
+/// over) instead of answered with a retry, which would spend the delivery's attempts
+/// and dead-letter an event nobody handled.
 #[derive(Clone)]
 pub(crate) struct OncePerEvent {
     store: Arc<dyn DedupStore>,
     pub(crate) ttl: Duration,
-    lease: Duration,
+    pub(crate) lease: Duration,
     pub(crate) duplicates: Arc<AtomicU64>,
 }
 
@@ -237,7 +269,7 @@ impl OncePerEvent {
         OncePerEvent {
             store,
             ttl: Duration::from_secs(24 * 3600),
-            lease: Duration::from_secs(300),
+            lease: DEFAULT_CLAIM_LEASE,
             duplicates: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -246,34 +278,91 @@ impl OncePerEvent {
         format!("{}\u{1f}{}", event.source(), event.id())
     }
 
-    /// Runs `handling` unless `event` was handled already (then `Ok` at once) or is
-    /// being handled by another delivery (then a retry in a moment).
+    /// Sets the claim lease; a zero lease would make every claim lapse at once.
+    pub(crate) fn set_lease(&mut self, lease: Duration) {
+        self.lease = lease.max(Duration::from_millis(10));
+    }
+
+    /// How often a waiting delivery asks again, and a holder renews its claim.
+    fn poll_period(&self) -> Duration {
+        (self.lease / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+
+    /// Claims `key` for `owner`, waiting while another delivery holds it (its
+    /// delivery's lease is kept by the worker meanwhile). After a whole lease of
+    /// waiting the holder is alive and renewing: a retry, later, is all that is left.
+    async fn claim_or_wait(&self, key: &str, owner: &str) -> Result<Claim, HandlerError> {
+        let deadline = tokio::time::Instant::now() + self.lease + self.poll_period();
+        loop {
+            let claim = self.store.claim(key, owner, self.lease).await.map_err(|e| {
+                // The store being away says nothing about the event: try again later.
+                HandlerError::retry(format!("dedup store: {e}"))
+            })?;
+            if claim != Claim::InProgress {
+                return Ok(claim);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HandlerError::retry_after(
+                    "the same event is being processed by another delivery",
+                    self.poll_period(),
+                ));
+            }
+            tokio::time::sleep(self.poll_period()).await;
+        }
+    }
+
+    /// Renews `owner`'s claim on `key` every third of the lease, for as long as the
+    /// handling runs (the caller drops this future when it ends).
+    async fn renew_claim(&self, key: &str, owner: &str) {
+        let period = (self.lease / 3).max(Duration::from_millis(5));
+        loop {
+            tokio::time::sleep(period).await;
+            match self.store.claim(key, owner, self.lease).await {
+                Ok(Claim::Claimed) => {}
+                Ok(other) => {
+                    tracing::warn!(state = ?other, "a dedup claim was lost while its handler ran; another delivery may run the event too");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew a dedup claim; it lapses with its lease unless a later renewal succeeds")
+                }
+            }
+        }
+    }
+
+    /// Runs `handling` unless `event` was handled already (then `Ok` at once); waits
+    /// while another delivery handles it.
     pub(crate) async fn run<F>(&self, event: &Event, handling: F) -> Result<(), HandlerError>
     where
         F: std::future::Future<Output = Result<(), HandlerError>>,
     {
         let key = Self::key(event);
-        let claim = self.store.claim(&key, self.lease).await.map_err(|e| {
-            // The store being away says nothing about the event: try again later.
-            HandlerError::retry(format!("dedup store: {e}"))
-        })?;
-        match claim {
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        match self.claim_or_wait(&key, &owner).await? {
+            // claim_or_wait answers a retry rather than this.
+            Claim::InProgress => Err(HandlerError::retry_after(
+                "the same event is being processed by another delivery",
+                self.poll_period(),
+            )),
             Claim::Done => {
                 self.duplicates.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(event_id = %event.id(), source = %event.source(), "duplicate event skipped");
                 Ok(())
             }
-            Claim::InProgress => Err(HandlerError::retry_after(
-                "the same event is being processed by another delivery",
-                Duration::from_millis(500),
-            )),
             Claim::Claimed => {
                 let guard = ClaimGuard {
                     store: self.store.clone(),
-                    key: Some(key),
+                    claim: Some((key.clone(), owner.clone())),
                 };
-                let outcome = handling.await;
-                let key = guard.keep();
+                let outcome = {
+                    let renewal = self.renew_claim(&key, &owner);
+                    tokio::pin!(renewal, handling);
+                    tokio::select! {
+                        outcome = &mut handling => outcome,
+                        () = &mut renewal => handling.await,
+                    }
+                };
+                guard.keep();
                 match outcome {
                     Ok(()) => {
                         // The event was handled: ack it whatever the store says. If the
@@ -285,7 +374,7 @@ impl OncePerEvent {
                         Ok(())
                     }
                     Err(handler_error) => {
-                        if let Err(e) = self.store.release(&key).await {
+                        if let Err(e) = self.store.release(&key, &owner).await {
                             tracing::warn!(error = %e, "could not release a dedup claim; it lapses with its lease");
                         }
                         Err(handler_error)
@@ -298,27 +387,30 @@ impl OncePerEvent {
 
 /// Releases a claim when dropped before [`ClaimGuard::keep`]: a handler that panicked
 /// or was cancelled (a shutdown deadline, a lost lease) must not leave its event
-/// "in progress" until the lease runs out, or every redelivery would be refused.
+/// "in progress" until the lease runs out, or every redelivery would wait for it.
 struct ClaimGuard {
     store: Arc<dyn DedupStore>,
-    key: Option<String>,
+    /// (key, owner)
+    claim: Option<(String, String)>,
 }
 
 impl ClaimGuard {
     /// The claim is settled by the caller (completed or released); do nothing on drop.
-    fn keep(mut self) -> String {
-        self.key.take().unwrap_or_default()
+    fn keep(mut self) {
+        self.claim = None;
     }
 }
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else { return };
+        let Some((key, owner)) = self.claim.take() else {
+            return;
+        };
         let store = self.store.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    if let Err(e) = store.release(&key).await {
+                    if let Err(e) = store.release(&key, &owner).await {
                         tracing::warn!(error = %e, "could not release a dedup claim; it lapses with its lease");
                     }
                 });
@@ -346,23 +438,42 @@ mod tests {
     async fn claims_expire_and_in_progress_is_reported() {
         let s = MemoryDedupStore::new(2);
         assert_eq!(
-            s.claim("a", Duration::from_millis(1)).await.unwrap(),
+            s.claim("a", "o1", Duration::from_millis(1)).await.unwrap(),
             Claim::Claimed
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert_eq!(
-            s.claim("a", Duration::from_secs(9)).await.unwrap(),
+            s.claim("a", "o2", Duration::from_secs(9)).await.unwrap(),
             Claim::Claimed
         );
         assert_eq!(
-            s.claim("a", Duration::from_secs(9)).await.unwrap(),
+            s.claim("a", "o3", Duration::from_secs(9)).await.unwrap(),
             Claim::InProgress
         );
-        s.release("a").await.unwrap();
+        s.release("a", "o2").await.unwrap();
         assert_eq!(
-            s.claim("a", Duration::from_secs(9)).await.unwrap(),
+            s.claim("a", "o3", Duration::from_secs(9)).await.unwrap(),
             Claim::Claimed
         );
+    }
+
+    /// Issue 28 item 20: a stale owner's release (its lease passed, another delivery
+    /// took the claim over) freed the new owner's claim, so a third delivery ran the
+    /// event at the same time. Only the owner releases; the owner renews.
+    #[tokio::test]
+    async fn only_the_owner_releases_or_renews_a_claim() {
+        let s = MemoryDedupStore::new(10);
+        let short = Duration::from_millis(5);
+        assert_eq!(s.claim("k", "a", short).await.unwrap(), Claim::Claimed);
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        let long = Duration::from_secs(30);
+        assert_eq!(s.claim("k", "b", long).await.unwrap(), Claim::Claimed);
+        s.release("k", "a").await.unwrap();
+        assert_eq!(s.claim("k", "c", long).await.unwrap(), Claim::InProgress);
+        // b renews its own claim.
+        assert_eq!(s.claim("k", "b", long).await.unwrap(), Claim::Claimed);
+        s.release("k", "b").await.unwrap();
+        assert_eq!(s.claim("k", "c", long).await.unwrap(), Claim::Claimed);
     }
 
     /// Issue 12 item 7: at capacity the store refused every new key (ResourceExhausted),
@@ -372,7 +483,7 @@ mod tests {
         let s = MemoryDedupStore::new(3);
         for k in ["a", "b", "c"] {
             assert_eq!(
-                s.claim(k, Duration::from_secs(9)).await.unwrap(),
+                s.claim(k, "o", Duration::from_secs(9)).await.unwrap(),
                 Claim::Claimed
             );
             s.complete(k, Duration::from_secs(3600)).await.unwrap();
@@ -380,7 +491,7 @@ mod tests {
         for n in 0..100 {
             let key = format!("new-{n}");
             assert_eq!(
-                s.claim(&key, Duration::from_secs(9)).await.unwrap(),
+                s.claim(&key, "o", Duration::from_secs(9)).await.unwrap(),
                 Claim::Claimed,
                 "key {key} refused"
             );
@@ -389,11 +500,11 @@ mod tests {
         }
         // The newest are remembered, the oldest forgotten.
         assert_eq!(
-            s.claim("new-99", Duration::from_secs(9)).await.unwrap(),
+            s.claim("new-99", "o", Duration::from_secs(9)).await.unwrap(),
             Claim::Done
         );
         assert_eq!(
-            s.claim("a", Duration::from_secs(9)).await.unwrap(),
+            s.claim("a", "o", Duration::from_secs(9)).await.unwrap(),
             Claim::Claimed
         );
         let order_len = s.lock().unwrap().order.len();
@@ -477,14 +588,14 @@ mod tests {
 
     #[async_trait]
     impl DedupStore for ForgetfulStore {
-        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
-            self.0.claim(key, lease).await
+        async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim> {
+            self.0.claim(key, owner, lease).await
         }
         async fn complete(&self, _key: &str, _ttl: Duration) -> Result<()> {
             Err(Error::new(ErrorKind::Unavailable, "store is down"))
         }
-        async fn release(&self, key: &str) -> Result<()> {
-            self.0.release(key).await
+        async fn release(&self, key: &str, owner: &str) -> Result<()> {
+            self.0.release(key, owner).await
         }
     }
 
@@ -497,5 +608,103 @@ mod tests {
             Arc::new(ForgetfulStore(MemoryDedupStore::new(10))),
         );
         assert!(handler.handle(test_event(), test_ctx()).await.is_ok());
+    }
+
+    /// Issue 28 item 2: a claim left by a process that crashed while handling made
+    /// every redelivery answer "being processed by another delivery" (a retry after
+    /// 500 ms, an attempt spent each time) until the event was dead-lettered with the
+    /// handler never run. The redelivery now waits the claim out and takes it over.
+    #[tokio::test]
+    async fn a_claim_left_by_a_crashed_process_is_taken_over_without_spending_attempts() {
+        let store = Arc::new(MemoryDedupStore::new(100));
+        let lease = Duration::from_millis(200);
+        let event = test_event();
+        // The crashed process: claimed, never completed nor released.
+        store
+            .claim(&OncePerEvent::key(&event), "crashed", lease)
+            .await
+            .unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let handler = Idempotent::new(
+            move |_e: Arc<Event>, _c: HandlerContext| {
+                let c = c.clone();
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            },
+            store.clone(),
+        )
+        .claim_lease(lease);
+        handler.handle(event.clone(), test_ctx()).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+        // Handled: a later duplicate is skipped.
+        handler.handle(event, test_ctx()).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(handler.duplicates().load(Ordering::SeqCst), 1);
+    }
+
+    /// A handler that runs longer than the claim lease renews its claim: after the
+    /// first lease has passed, another delivery still finds it in progress.
+    #[tokio::test]
+    async fn a_long_handler_renews_its_claim() {
+        let store = Arc::new(MemoryDedupStore::new(100));
+        let handler = Arc::new(
+            Idempotent::new(
+                |_e: Arc<Event>, _c: HandlerContext| async move {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    Ok::<(), HandlerError>(())
+                },
+                store.clone(),
+            )
+            .claim_lease(Duration::from_millis(120)),
+        );
+        let event = test_event();
+        let first = tokio::spawn({
+            let (h, e) = (handler.clone(), event.clone());
+            async move { h.handle(e, test_ctx()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let probe = store
+            .claim(&OncePerEvent::key(&event), "probe", Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(probe, Claim::InProgress, "the claim lapsed while its handler ran");
+        assert!(first.await.unwrap().is_ok());
+    }
+
+    /// A redelivery that arrives while the event is being handled waits for it and
+    /// is acknowledged as a duplicate, instead of spending an attempt on a retry.
+    #[tokio::test]
+    async fn a_redelivery_during_handling_waits_and_is_a_duplicate() {
+        let store = Arc::new(MemoryDedupStore::new(100));
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let handler = Arc::new(
+            Idempotent::new(
+                move |_e: Arc<Event>, _c: HandlerContext| {
+                    let c = c.clone();
+                    async move {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok::<(), HandlerError>(())
+                    }
+                },
+                store.clone(),
+            )
+            .claim_lease(Duration::from_secs(2)),
+        );
+        let event = test_event();
+        let first = tokio::spawn({
+            let (h, e) = (handler.clone(), event.clone());
+            async move { h.handle(e, test_ctx()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = handler.handle(event, test_ctx()).await;
+        assert!(first.await.unwrap().is_ok());
+        assert!(second.is_ok(), "the redelivery waited: {second:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once");
+        assert_eq!(handler.duplicates().load(Ordering::SeqCst), 1);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::batcher::{BatchHandler, BatchLimits, Batcher};
@@ -23,7 +23,7 @@ use crate::health::{HealthState, PublisherHealth};
 use crate::retry::RetryPolicy;
 use crate::spans::{self, Destination};
 use crate::telemetry;
-use crate::validation::EventValidator;
+use crate::validation::{Checked, EventValidator};
 
 /// Publisher settings.
 #[derive(Clone, Debug)]
@@ -133,7 +133,25 @@ fn paused_error(key: &str) -> Error {
 pub struct Publisher {
     inner: Arc<Inner>,
     /// Checks event data against its schema before it is accepted.
-    validator: Option<Arc<dyn EventValidator>>,
+    validator: Option<Arc<Validation>>,
+}
+
+/// A publisher's validator, and the events that wait for their schema to be fetched
+/// before they are checked and queued. While any waits, later events wait behind
+/// it, so that events keep their publish order (an ordering key's above all).
+struct Validation {
+    validator: Arc<dyn EventValidator>,
+    /// The queue of waiting events, served by one task made at the first of them.
+    waiting: Mutex<Option<mpsc::UnboundedSender<Waiting>>>,
+    /// How many events are in that queue.
+    queued: Arc<AtomicUsize>,
+}
+
+/// An event waiting for its schema.
+struct Waiting {
+    event: Event,
+    options: PublishOptions,
+    reply: oneshot::Sender<Result<()>>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -185,20 +203,89 @@ impl Publisher {
     /// This publisher (sharing its lanes), with every event checked by `validator`
     /// before it is accepted: an event whose data does not match its schema is
     /// refused with [`InvalidArgument`](ErrorKind::InvalidArgument) and never sent.
-    /// [`send`](Self::send) fetches a schema not loaded yet; `publish` checks against
-    /// the schemas loaded (a directory registry loads them all at once).
+    /// An event whose schema is not loaded yet is accepted at once too: its handle
+    /// resolves once the schema was fetched, the event checked and sent (or
+    /// refused), and the events published after it stay behind it.
     pub fn validate_with(&self, validator: Arc<dyn EventValidator>) -> Publisher {
         Publisher {
             inner: self.inner.clone(),
-            validator: Some(validator),
+            validator: Some(Arc::new(Validation {
+                validator,
+                waiting: Mutex::new(None),
+                queued: Arc::new(AtomicUsize::new(0)),
+            })),
         }
     }
 
     /// Checks `event` with the validator, fetching its schema when needed.
     pub(crate) async fn validated(&self, event: &Event) -> Result<()> {
         match &self.validator {
-            Some(v) => v.validate(event).await.map(|_| ()),
+            Some(v) => v.validator.validate(event).await.map(|_| ()),
             None => Ok(()),
+        }
+    }
+
+    /// Queues `event` behind the events waiting for their schema; a task fetches
+    /// the schema, checks the event and queues it for sending, in publish order.
+    fn publish_after_loading(
+        &self,
+        validation: &Validation,
+        event: Event,
+        options: PublishOptions,
+    ) -> PublishHandle {
+        if validation.queued.load(Ordering::SeqCst) >= self.inner.options.max_pending {
+            return PublishHandle::ready(Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "{} events are waiting for their schema (max_pending)",
+                    self.inner.options.max_pending
+                ),
+            )));
+        }
+        let Ok(mut waiting) = validation.waiting.lock() else {
+            return PublishHandle::ready(Err(Error::new(
+                ErrorKind::Internal,
+                "the publisher's schema queue lock is poisoned",
+            )));
+        };
+        if waiting.as_ref().is_none_or(|tx| tx.is_closed()) {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return PublishHandle::ready(Err(Error::new(
+                    ErrorKind::Internal,
+                    "fetching a schema to validate a published event needs a Tokio runtime",
+                )));
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            // The task holds no sender: it ends when the last publisher handle goes.
+            let unvalidated = Publisher {
+                inner: self.inner.clone(),
+                validator: None,
+            };
+            runtime.spawn(load_check_and_queue(
+                unvalidated,
+                validation.validator.clone(),
+                validation.queued.clone(),
+                rx,
+            ));
+            *waiting = Some(tx);
+        }
+        let (reply, answer) = oneshot::channel();
+        validation.queued.fetch_add(1, Ordering::SeqCst);
+        let sent = waiting.as_ref().map(|tx| {
+            tx.send(Waiting {
+                event,
+                options,
+                reply,
+            })
+        });
+        if !matches!(sent, Some(Ok(()))) {
+            validation.queued.fetch_sub(1, Ordering::SeqCst);
+            return PublishHandle::ready(Err(Error::closed(
+                "the publisher's schema queue stopped",
+            )));
+        }
+        PublishHandle {
+            state: HandleState::Waiting(answer),
         }
     }
 
@@ -225,10 +312,18 @@ impl Publisher {
 
     /// Publishes one event with options (ordering key, dedup id, delay).
     pub fn publish_with(&self, event: Event, options: PublishOptions) -> PublishHandle {
-        if let Some(validator) = &self.validator
-            && let Err(e) = validator.validate_loaded(&event)
-        {
-            return PublishHandle::ready(Err(e));
+        if let Some(validation) = &self.validator {
+            // Behind events that wait for their schema, or waiting for its own.
+            if validation.queued.load(Ordering::SeqCst) > 0 {
+                return self.publish_after_loading(validation, event, options);
+            }
+            match validation.validator.validate_loaded(&event) {
+                Err(e) => return PublishHandle::ready(Err(e)),
+                Ok(Checked::NotLoaded) => {
+                    return self.publish_after_loading(validation, event, options);
+                }
+                Ok(Checked::Valid | Checked::NoSchema) => {}
+            }
         }
         self.enqueue(OutgoingMessage::prepare_for(
             event,
@@ -379,8 +474,10 @@ impl Publisher {
             (0..lanes).map(|_| Vec::new()).collect();
         for (i, msg) in msgs.into_iter().enumerate() {
             let valid = match (&self.validator, &msg.payload) {
-                (Some(v), crate::driver::Payload::Event(event)) => v.validate(event).await,
-                _ => Ok(crate::validation::Checked::Valid),
+                (Some(v), crate::driver::Payload::Event(event)) => {
+                    v.validator.validate(event).await
+                }
+                _ => Ok(Checked::Valid),
             };
             match valid.and_then(|_| check(&self.inner.caps, &msg)) {
                 Err(e) => results[i] = Some(Err(e)),
@@ -746,6 +843,32 @@ impl Future for PublishHandle {
     }
 }
 
+/// Serves a publisher's events that wait for their schema, one after another: fetch
+/// the schema, check the event, queue it for sending (so it keeps its place), and
+/// answer its handle when the send is answered.
+async fn load_check_and_queue(
+    publisher: Publisher,
+    validator: Arc<dyn EventValidator>,
+    queued: Arc<AtomicUsize>,
+    mut waiting: mpsc::UnboundedReceiver<Waiting>,
+) {
+    while let Some(Waiting {
+        event,
+        options,
+        reply,
+    }) = waiting.recv().await
+    {
+        let handle = match validator.validate(&event).await {
+            Err(e) => PublishHandle::ready(Err(e)),
+            Ok(_) => publisher.publish_with(event, options),
+        };
+        queued.fetch_sub(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let _ = reply.send(handle.await);
+        });
+    }
+}
+
 /// A publisher to a topic of dead letters is a consumer's dead-letter place.
 #[async_trait::async_trait]
 impl crate::driver::DeadLetterSink for Publisher {
@@ -895,5 +1018,108 @@ mod tests {
         assert_eq!(sends_of_a_batch(1).await, vec![100]);
         assert_eq!(sends_of_a_batch(2).await, vec![50, 50]);
         assert_eq!(sends_of_a_batch(usize::MAX).await, vec![25, 25, 25, 25]);
+    }
+
+    /// Records the ids of the events it is sent, in order.
+    #[derive(Default)]
+    struct IdRecorder {
+        ids: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl TopicDriver for IdRecorder {
+        async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<crate::BatchResults> {
+            let mut ids = self.ids.lock().unwrap();
+            for m in batch {
+                if let Payload::Event(e) = &m.payload {
+                    ids.push(e.id().to_owned());
+                }
+            }
+            Ok(batch.iter().map(|_| Ok(())).collect())
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                ordering: true,
+                ..Capabilities::default()
+            }
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    /// A validator whose schemas of type "lazy" are not loaded until asked for (20 ms
+    /// of fetching); the data `"bad"` breaks every schema.
+    struct LazySchemas;
+
+    #[async_trait::async_trait]
+    impl EventValidator for LazySchemas {
+        fn validate_loaded(&self, event: &Event) -> Result<Checked> {
+            if event.ty() == "lazy" {
+                return Ok(Checked::NotLoaded);
+            }
+            Self::check(event)
+        }
+        async fn validate(&self, event: &Event) -> Result<Checked> {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Self::check(event)
+        }
+    }
+
+    impl LazySchemas {
+        fn check(event: &Event) -> Result<Checked> {
+            match event.data() {
+                Some(crate::event::Data::String(s)) if s == "bad" => {
+                    Err(Error::invalid("does not match the schema"))
+                }
+                _ => Ok(Checked::Valid),
+            }
+        }
+    }
+
+    fn keyed(ty: &str, id: &str, data: &str) -> (Event, PublishOptions) {
+        let event = EventBuilder::new(ty, "/s")
+            .id(id)
+            .data("text/plain", data.to_owned())
+            .build()
+            .unwrap();
+        let options = PublishOptions {
+            ordering_key: Some("k".into()),
+            ..PublishOptions::default()
+        };
+        (event, options)
+    }
+
+    /// Issue 28 item 17: `publish` sent an event unvalidated while its schema was not
+    /// loaded yet (a validator made with `SchemaValidator::new`, not `preloaded`). It
+    /// loads the schema first; the events published after it keep their order.
+    #[tokio::test]
+    async fn publish_validates_an_event_whose_schema_is_not_loaded_yet() {
+        let driver = Arc::new(IdRecorder::default());
+        let publisher = Publisher::new(driver.clone()).validate_with(Arc::new(LazySchemas));
+        let (bad, o) = keyed("lazy", "bad-1", "bad");
+        let refused = publisher.publish_with(bad, o).await;
+        assert_eq!(
+            refused.map_err(|e| e.kind()),
+            Err(ErrorKind::InvalidArgument),
+            "an event that breaks its schema was sent"
+        );
+        let handles: Vec<_> = [
+            keyed("lazy", "1", "ok"),
+            keyed("loaded", "2", "ok"),
+            keyed("lazy", "3", "ok"),
+            keyed("loaded", "4", "ok"),
+        ]
+        .into_iter()
+        .map(|(e, o)| publisher.publish_with(e, o))
+        .collect();
+        for h in handles {
+            h.await.unwrap();
+        }
+        assert_eq!(*driver.ids.lock().unwrap(), ["1", "2", "3", "4"]);
+        // Once nothing waits, a loaded type is checked at once again.
+        let (bad, o) = keyed("loaded", "bad-2", "bad");
+        assert!(publisher.publish_with(bad, o).await.is_err());
+        assert_eq!(driver.ids.lock().unwrap().len(), 4);
     }
 }

@@ -325,15 +325,40 @@ struct WorkerLoop {
     bytes_kib: usize,
 }
 
+/// How often the `event_queue_depth` gauge is read while reads succeed.
+const DEPTH_PERIOD: Duration = Duration::from_secs(1);
+/// How long one read of the depth may take.
+const DEPTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest pause between reads after failures (they double up to it).
+const DEPTH_MOST_PAUSE: Duration = Duration::from_secs(60);
+
+/// Reads the queue depth for the `event_queue_depth` gauge once a second, in its own
+/// task, each read bounded by [`DEPTH_TIMEOUT`]; a read that fails or times out
+/// doubles the pause before the next (up to [`DEPTH_MOST_PAUSE`]), so an endpoint
+/// that is away costs a request a minute, not one per receive.
+async fn report_queue_depth(consumer: Consumer) {
+    let mut pause = DEPTH_PERIOD;
+    loop {
+        match tokio::time::timeout(DEPTH_TIMEOUT, consumer.report_queue_depth()).await {
+            Ok(Some(_)) => pause = DEPTH_PERIOD,
+            // No depth (the provider cannot tell, or the read failed), or too slow.
+            Ok(None) | Err(_) => pause = (pause * 2).min(DEPTH_MOST_PAUSE),
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
 impl WorkerLoop {
     async fn run(self, mut stop: watch::Receiver<bool>) {
         let concurrency = self.options.concurrency.max(1);
         let slots = Arc::new(Semaphore::new(concurrency));
         let this = Arc::new(self);
         let lease_timer = this.leases.clone().map(|keeper| tokio::spawn(keeper.run()));
+        // Off the receive path: a depth that is slow to read (an HTTPS call, a
+        // management endpoint that is away) must never slow receiving or shutdown.
+        let depth_reporter = tokio::spawn(report_queue_depth(this.consumer.clone()));
         let mut tasks = JoinSet::new();
         let mut failures = 0u32;
-        let mut depth_reported = Instant::now() - Duration::from_secs(60);
         loop {
             if *stop.borrow() {
                 break;
@@ -344,11 +369,6 @@ impl WorkerLoop {
             };
             // Reap finished tasks so the JoinSet does not grow.
             while tasks.try_join_next().is_some() {}
-            // The event_queue_depth gauge, at most once a second.
-            if depth_reported.elapsed() >= Duration::from_secs(1) {
-                depth_reported = Instant::now();
-                this.consumer.report_queue_depth().await;
-            }
             let received = this
                 .consumer
                 .receive_batch(permits.len(), this.options.receive_wait)
@@ -419,6 +439,7 @@ impl WorkerLoop {
                 tasks.spawn(async move { w.run_batch(unordered).await });
             }
         }
+        depth_reporter.abort();
         while tasks.join_next().await.is_some() {}
         if let Some(timer) = lease_timer {
             timer.abort();
@@ -901,5 +922,75 @@ mod tests {
             queued_extensions >= 3,
             "the queued delivery was extended {queued_extensions} times while it waited: {settled:?}"
         );
+    }
+
+    /// Hands out one event per receive, for ever, and takes 30 s to tell its depth
+    /// (a management endpoint that does not answer).
+    #[derive(Default)]
+    struct SlowDepth {
+        received: AtomicU64,
+        depth_reads: AtomicU64,
+    }
+
+    #[async_trait]
+    impl SubscriptionDriver for SlowDepth {
+        async fn receive_batch(
+            &self,
+            _max: usize,
+            _wait: Duration,
+        ) -> crate::Result<Vec<ReceivedMessage>> {
+            let n = self.received.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![ReceivedMessage {
+                event: Ok(Arc::new(EventBuilder::new("com.example.step", "/test").build()?)),
+                token: AckToken::Number(n),
+                attempt: 1,
+                lease: None,
+                published_at: None,
+                ordering_key: None,
+                size: 100,
+            }])
+        }
+        async fn settle_batch(
+            &self,
+            items: &[(AckToken, Settlement)],
+        ) -> crate::Result<BatchResults> {
+            Ok(items.iter().map(|_| Ok(())).collect())
+        }
+        async fn queue_depth(&self) -> Option<u64> {
+            self.depth_reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Some(0)
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    /// Issue 28 item 9: the worker read the queue depth inline on its receive loop,
+    /// so a depth that took 30 s to answer let it receive one batch per 30 s and shut
+    /// down 30 s late.
+    #[tokio::test]
+    async fn a_slow_queue_depth_never_slows_receiving_or_shutdown() {
+        let driver = Arc::new(SlowDepth::default());
+        let consumer = Consumer::new(driver.clone(), "slow-depth");
+        let worker = consumer.start_worker(
+            |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                Ok::<(), HandlerError>(())
+            },
+            WorkerOptions::default().concurrency(2),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        let report = worker.shutdown(Duration::from_secs(5)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "shutdown took {:?}",
+            started.elapsed()
+        );
+        assert!(report.acked >= 20, "{report:?}");
+        assert!(driver.depth_reads.load(Ordering::SeqCst) >= 1);
     }
 }

@@ -5,7 +5,9 @@
 //!   (PostgreSQL and SQLite).
 //! - Dedup stores, for idempotent consumers ([`cloudbus_core::Idempotent`]): a key
 //!   claimed by one instance of a service is in progress for every instance, and done
-//!   for every instance once completed, until its TTL ends.
+//!   for every instance once completed, until its TTL ends. A claim belongs to its
+//!   owner: only the owner renews or releases it, and a claim whose lease passed is
+//!   taken over by the next claimant.
 //! - Checkpoint stores, for stream readers ([`cloudbus_core::StreamConsumer`]): a
 //!   restarted reader resumes where the group's last one saved, and the readers of a
 //!   group lease the partitions so that no two own one at once.
@@ -24,9 +26,11 @@
 //! let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
 //! migrate(&pool).await.unwrap();
 //! let store = SqliteDedupStore::new(pool);
-//! assert_eq!(store.claim("order-42", Duration::from_secs(30)).await.unwrap(), Claim::Claimed);
+//! let lease = Duration::from_secs(30);
+//! assert_eq!(store.claim("order-42", "delivery-1", lease).await.unwrap(), Claim::Claimed);
+//! assert_eq!(store.claim("order-42", "delivery-2", lease).await.unwrap(), Claim::InProgress);
 //! store.complete("order-42", Duration::from_secs(3600)).await.unwrap();
-//! assert_eq!(store.claim("order-42", Duration::from_secs(30)).await.unwrap(), Claim::Done);
+//! assert_eq!(store.claim("order-42", "delivery-2", lease).await.unwrap(), Claim::Done);
 //! # });
 //! ```
 

@@ -13,19 +13,36 @@
 //! lease lapses, so consumers deduplicate (`Idempotent` over a durable dedup store;
 //! brokers with duplicate detection see the same message id, the event id).
 //!
+//! A round keeps its claim while it runs: it renews the lease every third of it, and
+//! publishes only rows it surely still holds, so a slow round (a busy database, a slow
+//! broker) does not let another relay publish the same rows meanwhile. A publish that
+//! does not finish within [`RelayOptions::publish_timeout`] gives its rows back.
+//!
+//! Delays: a row staged with a delay the publisher cannot give (over its
+//! [`max_delay`](cloudbus_core::Capabilities::max_delay), or none at all) is held in
+//! the outbox until it is due and then published without a delay; it does not hold
+//! back the later rows of its ordering key (a delayed event is delivered after them
+//! anyway).
+//!
 //! Order: rows of one ordering key are published in the order they were staged (their
-//! ids); a row that failed holds back the later rows of its key until it is sent.
-//! Several relays share one outbox without claiming a row twice.
+//! ids); a row that failed, or that a relay's unfinished round still holds, holds back
+//! the later rows of its key until it is sent. Several relays share one outbox without
+//! claiming a row twice; give each its own name (the default is random).
 
+use std::collections::HashSet;
+use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cloudbus_core::codec::from_structured_json;
 use cloudbus_core::telemetry::OutboxMetrics;
-use cloudbus_core::{ErrorKind, PublishOptions, Publisher, Result, RetryPolicy};
+use cloudbus_core::{Error, ErrorKind, Event, PublishOptions, Publisher, Result, RetryPolicy};
 
 /// A staged event as a relay claimed it.
 #[derive(Debug, Clone)]
@@ -64,10 +81,21 @@ pub trait OutboxStorage: Send + Sync + 'static {
     /// The topic whose staged events this outbox holds.
     fn topic(&self) -> &str;
     /// Claims up to `max` publishable rows for `relay` for `lease`, in id order: rows
-    /// not sent, not claimed by a running lease, not waiting for a retry, and with no
-    /// earlier row of their ordering key that is claimed by another relay or waiting
-    /// for a retry.
+    /// not sent, not claimed by a running lease, not waiting for a retry or their
+    /// delivery time, and with no earlier row of their ordering key that is claimed
+    /// (by any relay, `relay` too: an unfinished round of its own) or waiting for a
+    /// retry (a row held until its delivery time does not hold back the later ones).
+    /// The lease starts when the database takes the rows. A row that cannot be read
+    /// is dead-lettered with the reason, not returned.
     async fn claim(&self, relay: &str, max: usize, lease: Duration) -> Result<Vec<StagedEvent>>;
+    /// Renews for `lease` from now the claim of those of `ids` that `relay` still
+    /// holds (claimed by it, neither sent nor dead-lettered), even when its lease ran
+    /// out meanwhile (nobody else took them); answers their ids.
+    async fn extend_claim(&self, relay: &str, ids: &[i64], lease: Duration) -> Result<Vec<i64>>;
+    /// Gives a claimed row back until its delivery time (`delay` from now when the row
+    /// has none recorded), without counting an attempt: the relay publishes it without
+    /// a delay once it is due. It does not hold back the later rows of its key.
+    async fn hold_until_due(&self, id: i64, delay: Duration) -> Result<()>;
     /// Marks rows sent (the broker confirmed them).
     async fn mark_sent(&self, ids: &[i64]) -> Result<()>;
     /// Gives a row back after a failed publish, to be tried again after `after`.
@@ -91,6 +119,12 @@ impl<S: OutboxStorage + ?Sized> OutboxStorage for Arc<S> {
     }
     async fn claim(&self, relay: &str, max: usize, lease: Duration) -> Result<Vec<StagedEvent>> {
         (**self).claim(relay, max, lease).await
+    }
+    async fn extend_claim(&self, relay: &str, ids: &[i64], lease: Duration) -> Result<Vec<i64>> {
+        (**self).extend_claim(relay, ids, lease).await
+    }
+    async fn hold_until_due(&self, id: i64, delay: Duration) -> Result<()> {
+        (**self).hold_until_due(id, delay).await
     }
     async fn mark_sent(&self, ids: &[i64]) -> Result<()> {
         (**self).mark_sent(ids).await
@@ -117,9 +151,14 @@ impl<S: OutboxStorage + ?Sized> OutboxStorage for Arc<S> {
 pub struct RelayOptions {
     /// Rows per claim and per publish (default 100).
     pub batch_size: usize,
-    /// How long a claim is the relay's (default 30 s): a relay that dies holds its rows
-    /// this long, then another relay publishes them.
+    /// How long a claim is the relay's (default 30 s, at least 100 ms): a relay that
+    /// dies holds its rows this long, then another relay publishes them. A running
+    /// round renews it every third of it.
     pub lease: Duration,
+    /// How long one publish of a batch may take (default 2 min) before its rows are
+    /// given back to be published again (at least once): a broker call that never
+    /// returns must not hold its rows, or the relay's shutdown, for ever.
+    pub publish_timeout: Duration,
     /// The longest wait between two looks at an idle outbox (default 250 ms; on
     /// PostgreSQL a notification wakes the relay at once).
     pub poll_interval: Duration,
@@ -137,6 +176,7 @@ impl Default for RelayOptions {
         RelayOptions {
             batch_size: 100,
             lease: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(120),
             poll_interval: Duration::from_millis(250),
             retention: Duration::from_secs(24 * 3600),
             retry: RetryPolicy::default()
@@ -158,6 +198,17 @@ pub struct RelayReport {
     pub retried: usize,
     /// Events given up on for good (kept in the outbox with the reason).
     pub dead_lettered: usize,
+    /// Events held back until their delivery time: the publisher cannot delay them
+    /// that long, so they are published without a delay once due.
+    pub held: usize,
+}
+
+impl RelayReport {
+    /// Whether the round settled any row (sent, dead-lettered or held until due):
+    /// the outbox moved on.
+    fn progressed(&self) -> bool {
+        self.published + self.dead_lettered + self.held > 0
+    }
 }
 
 /// Publishes what an outbox holds. Run one or several per topic (in one process or
@@ -240,87 +291,185 @@ impl OutboxRelay {
     /// One round: claims a batch, publishes it, marks what the broker confirmed.
     /// An error means the database failed (the claimed rows go to another round when
     /// their lease lapses); failed publishes are counted in the report, not errors.
+    /// The claim is renewed while the round runs; a round that is dropped (cancelled)
+    /// stops renewing it, and its rows go to another round when the lease lapses.
     pub async fn relay_once(&self) -> Result<RelayReport> {
+        let lease = self.lease();
+        // The database starts the lease once it takes the rows, after this instant.
+        let asked_at = Instant::now();
         let rows = self
             .storage
-            .claim(
-                &self.name,
-                self.options.batch_size.max(1),
-                self.options.lease,
-            )
+            .claim(&self.name, self.options.batch_size.max(1), lease)
             .await?;
+        if rows.is_empty() {
+            return Ok(RelayReport::default());
+        }
+        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        let held = HeldRows::new(later(asked_at, lease));
+        // Issue 28 item 14: a round that outlived its lease let another relay claim
+        // and publish the same rows. The renewals run beside the round and end with it.
+        tokio::select! {
+            biased;
+            report = self.settle(rows, &held) => report,
+            never = self.keep_claimed(&ids, &held) => match never {},
+        }
+    }
+
+    /// Renews the claim of `ids` every third of the lease, for as long as it is polled.
+    async fn keep_claimed(&self, ids: &[i64], held: &HeldRows) -> Infallible {
+        let lease = self.lease();
+        let every = (lease / 3).max(MIN_RENEWAL_INTERVAL);
+        loop {
+            tokio::time::sleep(every).await;
+            let asked_at = Instant::now();
+            match self.storage.extend_claim(&self.name, ids, lease).await {
+                Ok(kept) => held.renewed(asked_at, lease, ids, &kept),
+                Err(e) => {
+                    tracing::warn!(topic = self.storage.topic(), error = %e, "could not renew the outbox claim; rows are published only while it surely runs")
+                }
+            }
+        }
+    }
+
+    /// The lease of a claim: the option, at least [`MIN_LEASE`].
+    fn lease(&self) -> Duration {
+        self.options.lease.max(MIN_LEASE)
+    }
+
+    /// Publishes the claimed `rows` and records each outcome.
+    async fn settle(&self, rows: Vec<StagedEvent>, held: &HeldRows) -> Result<RelayReport> {
         let mut report = RelayReport {
             claimed: rows.len(),
             ..RelayReport::default()
         };
-        if rows.is_empty() {
-            return Ok(report);
-        }
-        let mut batch = Vec::with_capacity(rows.len());
+        let max_delay = self.publisher.capabilities().max_delay;
+        let mut batch: Vec<(Event, PublishOptions)> = Vec::with_capacity(rows.len());
         let mut batch_rows = Vec::with_capacity(rows.len());
         for row in rows {
-            match from_structured_json(&row.event) {
-                Ok(event) => {
-                    let options = PublishOptions {
-                        ordering_key: row.ordering_key.clone(),
-                        dedup_id: row.dedup_id.clone(),
-                        delay: row.delay,
-                    };
-                    batch.push((event, options));
-                    batch_rows.push(row);
-                }
+            let event = match from_structured_json(&row.event) {
+                Ok(event) => event,
                 Err(e) => {
                     let reason = format!("the staged event is not a CloudEvent: {e}");
                     tracing::error!(topic = self.storage.topic(), row = row.id, %reason, "outbox row dead-lettered");
                     self.storage.dead_letter(row.id, &reason).await?;
                     report.dead_lettered += 1;
+                    continue;
                 }
+            };
+            // Issue 28 item 7: a delay over the publisher's maximum was refused as
+            // InvalidArgument and the row dead-lettered. Decided from the
+            // capabilities (what the publisher checks against), not from its error.
+            if let Some(delay) = row.delay
+                && max_delay.is_none_or(|max| delay > max)
+            {
+                tracing::debug!(
+                    topic = self.storage.topic(),
+                    row = row.id,
+                    ?delay,
+                    ?max_delay,
+                    "outbox row held until it is due: the publisher cannot delay it that long"
+                );
+                self.storage.hold_until_due(row.id, delay).await?;
+                report.held += 1;
+                continue;
             }
+            batch.push((
+                event,
+                PublishOptions {
+                    ordering_key: row.ordering_key.clone(),
+                    dedup_id: row.dedup_id.clone(),
+                    delay: row.delay,
+                },
+            ));
+            batch_rows.push(row);
         }
-        let results = self.publisher.publish_batch_with(batch).await;
+        // A claim that came back, or a round that got here, after the lease as the
+        // last claim or renewal surely gave it (the database slower than the lease)
+        // may have lost rows to another relay: make sure of them first, and publish
+        // only those still held.
+        if batch_rows.iter().any(|row| !held.holds(row.id)) {
+            let ids: Vec<i64> = batch_rows.iter().map(|row| row.id).collect();
+            let asked_at = Instant::now();
+            let kept = self
+                .storage
+                .extend_claim(&self.name, &ids, self.lease())
+                .await?;
+            held.renewed(asked_at, self.lease(), &ids, &kept);
+            let (keep, lost): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .zip(batch_rows)
+                .partition(|(_, row)| held.holds(row.id));
+            if !lost.is_empty() {
+                tracing::warn!(topic = self.storage.topic(), rows = lost.len(), lease = ?self.options.lease, "outbox rows not published: their claim lapsed before the publish (the database is slower than the lease); another round publishes them");
+            }
+            (batch, batch_rows) = keep.into_iter().unzip();
+        }
+        if batch.is_empty() {
+            return Ok(report);
+        }
+        let timeout = self.options.publish_timeout;
+        let results =
+            match tokio::time::timeout(timeout, self.publisher.publish_batch_with(batch)).await {
+                Ok(results) => results,
+                // Whether the broker has them is unknown: they go back, to be
+                // published again (at least once).
+                Err(_) => batch_rows
+                    .iter()
+                    .map(|_| {
+                        Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!("the publish did not finish within {timeout:?}"),
+                        ))
+                    })
+                    .collect(),
+            };
         let mut sent = Vec::new();
-        let mut failed_keys = Vec::new();
+        let mut refused = Vec::new();
+        let mut failed = Vec::new();
         for (row, result) in batch_rows.iter().zip(results) {
             match result {
                 Ok(()) => sent.push(row.id),
-                Err(e) if is_permanent(e.kind()) => {
-                    let reason = format!("the broker refuses it: {e}");
-                    tracing::error!(topic = self.storage.topic(), row = row.id, %reason, "outbox row dead-lettered");
-                    self.storage.dead_letter(row.id, &reason).await?;
-                    report.dead_lettered += 1;
-                }
-                Err(e) => {
-                    let after = self.options.retry.backoff(row.attempts.saturating_add(1));
-                    tracing::warn!(topic = self.storage.topic(), row = row.id, error = %e, ?after, "outbox publish failed; trying again later");
-                    self.storage
-                        .retry_later(row.id, &e.to_string(), after)
-                        .await?;
-                    if let Some(key) = &row.ordering_key {
-                        failed_keys.push(key.clone());
-                    }
-                    report.retried += 1;
-                }
+                Err(e) if is_permanent(e.kind()) => refused.push((row, e)),
+                Err(e) => failed.push((row, e)),
             }
         }
-        // The publisher paused the keys that failed; the outbox holds their later rows
-        // back itself, so the next round may send them again.
-        for key in failed_keys {
-            self.publisher.resume_ordering_key(&key);
-        }
         if !sent.is_empty() {
-            // Published: if this mark fails, the rows are published again after their
-            // lease (at least once, never lost).
+            // Published, and marked before anything else is written: if this mark
+            // fails, the rows are published again after their lease (at least once,
+            // never lost); if a later statement fails, they stay sent.
             self.storage.mark_sent(&sent).await?;
             report.published = sent.len();
             self.metrics.published(sent.len() as u64);
             self.published
                 .fetch_add(sent.len() as u64, Ordering::Relaxed);
         }
+        // The publisher paused the keys that failed; the outbox holds their later rows
+        // back itself (a failed row is held while claimed, then waits for its retry),
+        // so the next round may send them again.
+        for (row, _) in &failed {
+            if let Some(key) = &row.ordering_key {
+                self.publisher.resume_ordering_key(key);
+            }
+        }
+        for (row, e) in refused {
+            let reason = format!("the broker refuses it: {e}");
+            tracing::error!(topic = self.storage.topic(), row = row.id, %reason, "outbox row dead-lettered");
+            self.storage.dead_letter(row.id, &reason).await?;
+            report.dead_lettered += 1;
+        }
+        for (row, e) in failed {
+            let after = self.options.retry.backoff(row.attempts.saturating_add(1));
+            tracing::warn!(topic = self.storage.topic(), row = row.id, error = %e, ?after, "outbox publish failed; trying again later");
+            self.storage
+                .retry_later(row.id, &e.to_string(), after)
+                .await?;
+            report.retried += 1;
+        }
         Ok(report)
     }
 
     /// Relays until a round finds nothing to claim; returns the totals. A round that
-    /// published nothing although it claimed rows (the broker away) ends it too, so
+    /// settled nothing although it claimed rows (the broker away) ends it too, so
     /// that the caller decides when to try again.
     pub async fn drain(&self) -> Result<RelayReport> {
         let mut total = RelayReport::default();
@@ -330,7 +479,8 @@ impl OutboxRelay {
             total.published += round.published;
             total.retried += round.retried;
             total.dead_lettered += round.dead_lettered;
-            if round.claimed == 0 || round.published + round.dead_lettered == 0 {
+            total.held += round.held;
+            if round.claimed == 0 || !round.progressed() {
                 return Ok(total);
             }
         }
@@ -340,7 +490,10 @@ impl OutboxRelay {
     /// notifications) or every poll interval, backing off while the database or the
     /// broker is away (no busy loop), and resuming when they are back. Updates the
     /// backlog metrics and deletes sent rows past their retention as it goes. A round
-    /// in progress at shutdown finishes first.
+    /// in progress at shutdown finishes first (bounded by the publish timeout). A
+    /// round that panics (a storage or publisher bug) is logged and counted as a
+    /// failure: its rows go to another round when their lease lapses, and the relay
+    /// goes on.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failures = 0u32;
@@ -355,24 +508,30 @@ impl OutboxRelay {
                 }
                 self.housekeeping(purge_due).await;
             }
-            let wait = match self.relay_once().await {
-                Ok(round) if round.claimed == 0 => {
+            let wait = match CatchPanic::new(self.relay_once()).await {
+                Ok(Ok(round)) if round.claimed == 0 => {
                     failures = 0;
                     None
                 }
                 // Progress: the next round at once, unless the shutdown came.
-                Ok(round) if round.published + round.dead_lettered > 0 => {
+                Ok(Ok(round)) if round.progressed() => {
                     failures = 0;
                     Some(Duration::ZERO)
                 }
-                Ok(_) => {
+                Ok(Ok(_)) => {
                     failures = failures.saturating_add(1);
                     Some(self.options.retry.backoff(failures.min(16)))
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     failures = failures.saturating_add(1);
                     let pause = self.options.retry.backoff(failures.min(16));
                     tracing::warn!(topic = self.storage.topic(), error = %e, ?pause, "outbox relay round failed; pausing");
+                    Some(pause)
+                }
+                Err(panic) => {
+                    failures = failures.saturating_add(1);
+                    let pause = self.options.retry.backoff(failures.min(16));
+                    tracing::error!(topic = self.storage.topic(), panic = %panic_message(&*panic), ?pause, "outbox relay round panicked; its rows are relayed again after their lease");
                     Some(pause)
                 }
             };
@@ -425,20 +584,131 @@ fn is_permanent(kind: ErrorKind) -> bool {
     )
 }
 
+/// The shortest lease a relay takes, whatever its options say: a round publishes only
+/// rows whose lease surely runs, and with no lease at all it would publish none.
+const MIN_LEASE: Duration = Duration::from_millis(100);
+
+/// The shortest interval between two renewals of a round's claim.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// `at + by`, or far in the future when that overflows.
+fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by)
+        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
+}
+
+/// The rows of a round, and until when they are surely still this relay's by the
+/// local clock: a lease the database started after a claim or renewal was asked for
+/// ends no sooner than that instant plus the lease (whatever the clocks of the
+/// database and of other relays say). Rows a renewal did not find held are lost.
+struct HeldRows {
+    state: Mutex<HeldState>,
+}
+
+struct HeldState {
+    until: Instant,
+    lost: HashSet<i64>,
+}
+
+impl HeldRows {
+    fn new(until: Instant) -> Self {
+        HeldRows {
+            state: Mutex::new(HeldState {
+                until,
+                lost: HashSet::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, HeldState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A renewal of `asked`, asked for at `asked_at`, found `kept` still held.
+    fn renewed(&self, asked_at: Instant, lease: Duration, asked: &[i64], kept: &[i64]) {
+        let kept: HashSet<i64> = kept.iter().copied().collect();
+        let mut state = self.state();
+        state.until = state.until.max(later(asked_at, lease));
+        state
+            .lost
+            .extend(asked.iter().copied().filter(|id| !kept.contains(id)));
+    }
+
+    /// Whether row `id` is surely still held.
+    fn holds(&self, id: i64) -> bool {
+        let state = self.state();
+        Instant::now() < state.until && !state.lost.contains(&id)
+    }
+}
+
+/// A future whose panic becomes an `Err` with the payload (boxed, so that it needs no
+/// pinning of its own).
+struct CatchPanic<F> {
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> CatchPanic<F> {
+    fn new(inner: F) -> Self {
+        CatchPanic {
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.inner.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(move || inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// The message of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message
+    } else {
+        "a non-text payload"
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
     use std::time::Duration;
 
     use async_trait::async_trait;
     use cloudbus_core::codec::to_structured_json;
-    use cloudbus_core::{EventBuilder, Result, SubscriptionSpec};
+    use cloudbus_core::driver::{BatchResults, OutgoingMessage, TopicDriver};
+    use cloudbus_core::{Capabilities, EventBuilder, Publisher, Result, SubscriptionSpec};
 
-    use super::{OutboxBacklog, OutboxRelay, OutboxStorage, StagedEvent};
+    use super::{OutboxBacklog, OutboxRelay, OutboxStorage, RelayOptions, StagedEvent};
 
-    /// An outbox that always has one more event to relay (a backlog that never ends).
+    /// An outbox that always has one more event to relay (a backlog that never ends);
+    /// its first `panics` claims panic.
     struct Endless {
         next_id: AtomicI64,
+        panics: AtomicU32,
+        retried: AtomicU32,
+    }
+
+    impl Endless {
+        fn new(panics: u32) -> Self {
+            Endless {
+                next_id: AtomicI64::new(1),
+                panics: AtomicU32::new(panics),
+                retried: AtomicU32::new(0),
+            }
+        }
     }
 
     #[async_trait]
@@ -447,6 +717,13 @@ mod tests {
             "endless"
         }
         async fn claim(&self, _: &str, _: usize, _: Duration) -> Result<Vec<StagedEvent>> {
+            if self
+                .panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                panic!("injected: the storage panics in a claim");
+            }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let event = EventBuilder::new("com.example.endless", "/test")
                 .id(id.to_string())
@@ -460,10 +737,17 @@ mod tests {
                 attempts: 0,
             }])
         }
+        async fn extend_claim(&self, _: &str, ids: &[i64], _: Duration) -> Result<Vec<i64>> {
+            Ok(ids.to_vec())
+        }
+        async fn hold_until_due(&self, _: i64, _: Duration) -> Result<()> {
+            Ok(())
+        }
         async fn mark_sent(&self, _: &[i64]) -> Result<()> {
             Ok(())
         }
         async fn retry_later(&self, _: i64, _: &str, _: Duration) -> Result<()> {
+            self.retried.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
         async fn dead_letter(&self, _: i64, _: &str) -> Result<()> {
@@ -490,12 +774,7 @@ mod tests {
         bus.ensure_subscription(&SubscriptionSpec::new("endless", "sink"))
             .await
             .unwrap();
-        let relay = OutboxRelay::new(
-            Endless {
-                next_id: AtomicI64::new(1),
-            },
-            bus.publisher("endless").await.unwrap(),
-        );
+        let relay = OutboxRelay::new(Endless::new(0), bus.publisher("endless").await.unwrap());
         let stopped = tokio::time::timeout(
             Duration::from_secs(5),
             relay.run(tokio::time::sleep(Duration::from_millis(100))),
@@ -506,5 +785,75 @@ mod tests {
             "the relay did not stop within 5 s of its shutdown: {stopped:?}"
         );
         assert!(relay.published().load(Ordering::Relaxed) > 0);
+    }
+
+    /// Failure modes (issue 28): a round that panics (a storage or publisher bug) ended
+    /// `run` with the panic, and the relay published nothing more. Now the panic is
+    /// logged, the round's rows lapse with their lease, and the relay goes on.
+    #[tokio::test]
+    async fn a_panicking_round_does_not_stop_the_relay() {
+        let bus = cloudbus_memory::MemoryBroker::new().bus();
+        bus.ensure_topic("endless").await.unwrap();
+        let relay = OutboxRelay::new(Endless::new(1), bus.publisher("endless").await.unwrap())
+            .options(RelayOptions {
+                retry: cloudbus_core::RetryPolicy::default()
+                    .initial_backoff(Duration::from_millis(10))
+                    .max_backoff(Duration::from_millis(20)),
+                ..RelayOptions::default()
+            });
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(5),
+            relay.run(tokio::time::sleep(Duration::from_millis(300))),
+        )
+        .await;
+        assert!(
+            matches!(stopped, Ok(Ok(()))),
+            "the relay did not stop within 5 s of its shutdown: {stopped:?}"
+        );
+        assert!(
+            relay.published().load(Ordering::Relaxed) > 0,
+            "nothing was published after the panicking round"
+        );
+    }
+
+    /// A provider call that never returns.
+    struct Hung;
+
+    #[async_trait]
+    impl TopicDriver for Hung {
+        async fn send_batch(&self, _: &[OutgoingMessage]) -> Result<BatchResults> {
+            std::future::pending().await
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::broker(256 * 1024, 10, 256 * 1024)
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    /// Failure modes (issue 28): a publish that never returns held its round (and the
+    /// relay's shutdown, which lets a round finish) for ever; with claims renewed while
+    /// a round runs, it would also hold its rows for ever. Now it gives them back
+    /// after the publish timeout, to be tried again.
+    #[tokio::test]
+    async fn a_hung_publish_gives_its_rows_back() {
+        let storage = Arc::new(Endless::new(0));
+        let relay = OutboxRelay::new(storage.clone(), Publisher::new(Arc::new(Hung))).options(
+            RelayOptions {
+                publish_timeout: Duration::from_millis(200),
+                ..RelayOptions::default()
+            },
+        );
+        let round = tokio::time::timeout(Duration::from_secs(5), relay.relay_once()).await;
+        let report = match round {
+            Ok(Ok(report)) => report,
+            other => panic!("the round did not end within 5 s: {other:?}"),
+        };
+        assert_eq!(
+            (report.claimed, report.published, report.retried),
+            (1, 0, 1)
+        );
+        assert_eq!(storage.retried.load(Ordering::SeqCst), 1);
     }
 }

@@ -22,8 +22,12 @@ What it does, as Service Bus does over AMQP:
   com.microsoft:dead-letter = dead-letter with DeadLetterReason and
   DeadLetterErrorDescription. A lock that expires counts as an abandon.
   Receive-and-delete (sender-settle-mode settled) too.
-- `$management`: peek-message, renew-lock, schedule-message, cancel-scheduled-message,
-  receive-by-sequence-number (deferred messages), update-disposition.
+- `$management`: peek-message, renew-lock (several lock tokens at once),
+  schedule-message, cancel-scheduled-message, receive-by-sequence-number (deferred
+  messages), update-disposition.
+- Deferred messages: one taken back by sequence number and then abandoned (or whose
+  lock expires) goes back among the deferred ones, counted, as the service does; no
+  receive returns it.
 - Scheduled messages (x-opt-scheduled-enqueue-time), duplicate detection by
   MessageId within the entity's window.
 - Subscription rules: correlation filters and a SQL filter subset (comparisons, AND,
@@ -44,6 +48,13 @@ What it does, as Service Bus does over AMQP:
   link with com.microsoft:session-lock-lost and gives the messages back.
 - Links: a detach without close (a client recovering a link) is answered with a
   detach; a closed connection ends its links.
+
+Test faults, asked for by a message's application property `cloudbus-emulator-fault`
+(or the CloudEvent extension `emulatorfault`, as `cloudEvents_emulatorfault` or
+`cloudEvents:emulatorfault`): `undecodable` delivers it as bytes no AMQP decoder
+reads (a data section with an invalid constructor); `no-lock-token` delivers it
+without the x-opt-lock-token annotation and with an 8-byte delivery tag. The lock is
+held and settled by link disposition as for any message.
 
 What the Rust client (azservicebus on fe2o3-amqp) needs and the Python one does not:
 `$management` answers carry AMQP arrays (renew-lock expirations, schedule sequence
@@ -485,6 +496,8 @@ class Stored:
         self.locked_until = 0
         self.link = None
         self.delivery = None
+        # Taken back by sequence number: an abandon puts it back among the deferred.
+        self.from_deferred = False
 
 
 class DuplicateHistory:
@@ -645,6 +658,13 @@ class Entity:
         self.locked.pop(stored.lock_token, None)
         if count:
             stored.deliveries += 1
+        if stored.from_deferred and not (
+            self.dead_letter_of is None and stored.deliveries >= self.max_delivery_count
+        ):
+            # A deferred message taken back by sequence number stays deferred when it
+            # is abandoned or its lock expires: only receive-by-sequence-number sees it.
+            self.deferred[stored.seq] = stored
+            return
         if self.dead_letter_of is None and stored.deliveries >= self.max_delivery_count:
             self.dead_letter(
                 stored,
@@ -888,6 +908,40 @@ def encode_with_header(message):
     return header + body
 
 
+def fault_of(stored):
+    """The test fault a message asks for (see the module comment), or None."""
+    props = stored.message.properties or {}
+    for key in ("cloudbus-emulator-fault", "cloudEvents_emulatorfault", "cloudEvents:emulatorfault"):
+        value = props.get(key)
+        if value:
+            return str(value)
+    return None
+
+
+# A data section whose value has no valid constructor (0xee is none of AMQP's format
+# codes): no decoder can read the message.
+UNDECODABLE_SECTION = b"\x00\x53\x75\xee"
+
+
+def delivery_of(stored, entity, peek_lock):
+    """The delivery tag and the bytes of a delivery of `stored` (locked first when
+    `peek_lock`), with the test fault it asks for."""
+    # Dead letters are delivered as they are: a redrive must be able to read them.
+    fault = fault_of(stored) if entity.dead_letter_of is None else None
+    tag = stored.lock_token.bytes_le if peek_lock else uuid.uuid4().bytes_le
+    message = encode_message(stored, entity, lock=peek_lock)
+    if fault == "no-lock-token" and peek_lock:
+        tag = tag[:8]
+        annotations = dict(message.annotations or {})
+        annotations.pop(symbol("x-opt-lock-token"), None)
+        message.annotations = annotations
+    wire = encode_with_header(message)
+    if fault == "undecodable":
+        # The header section (its list8 size byte says how long), then the bad section.
+        wire = wire[: 5 + wire[4]] + UNDECODABLE_SECTION
+    return tag, wire
+
+
 def deliver(broker, entity, link):
     """Sends ready messages to a consumer link while it has credit."""
     session_id = getattr(link, "cloudbus_session", None)
@@ -915,12 +969,9 @@ def deliver(broker, entity, link):
         peek_lock = link.remote_snd_settle_mode != 1  # 1 = settled: receive-and-delete
         if peek_lock:
             entity.lock(stored, link)
-            tag = stored.lock_token.bytes_le
-        else:
-            tag = uuid.uuid4().bytes_le
-        message = encode_message(stored, entity, lock=peek_lock)
+        tag, wire = delivery_of(stored, entity, peek_lock)
         delivery = link.delivery(tag)
-        link.stream(encode_with_header(message))
+        link.stream(wire)
         link.advance()
         if peek_lock:
             stored.delivery = delivery
@@ -1283,6 +1334,7 @@ class Handler(MessagingHandler):
                         return status_response(
                             request, 410, "message {} not found".format(seq), None
                         )
+                    stored.from_deferred = True
                     entity.lock(stored, None)
                     out.append(
                         {

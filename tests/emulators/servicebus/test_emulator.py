@@ -108,6 +108,59 @@ class SessionLockExpiryTest(unittest.TestCase):
         self.assertEqual(entity.expired_session_links(), [("S", held)])
 
 
+class TestFaultTest(unittest.TestCase):
+    """The faults a message can ask the emulator for (cloudbus's tests of malformed
+    deliveries, issue 28 item 22), on the bytes the emulator would send."""
+
+    def stored(self, fault):
+        sys.path.insert(0, HERE)
+        import emulator
+        from proton import Message
+
+        entity = emulator.Entity("q", {"LockDuration": "PT5S"}, SessionLockExpiryTest.Broker())
+        stored = emulator.Stored(
+            Message(body=b"x", properties={"cloudEvents_emulatorfault": fault} if fault else None), 1
+        )
+        entity.lock(stored, None)
+        return emulator, entity, stored
+
+    def test_a_plain_message_decodes_with_its_lock_token(self):
+        emulator, entity, stored = self.stored(None)
+        tag, wire = emulator.delivery_of(stored, entity, True)
+        self.assertEqual(tag, stored.lock_token.bytes_le)
+        from proton import Message
+
+        decoded = Message()
+        decoded.decode(wire)
+        self.assertEqual(decoded.annotations[emulator.symbol("x-opt-lock-token")], stored.lock_token)
+
+    def test_undecodable_bytes_are_the_header_then_a_bad_section(self):
+        """The header section as always (so a decoder gets past it), then a data
+        section whose value has no valid AMQP constructor. (Proton's decoder stops
+        quietly at what it cannot read; fe2o3's fails, which the Rust test of this
+        fault proves.)"""
+        emulator, entity, stored = self.stored("undecodable")
+        tag, wire = emulator.delivery_of(stored, entity, True)
+        self.assertEqual(tag, stored.lock_token.bytes_le)
+        plain = emulator.encode_with_header(emulator.encode_message(stored, entity))
+        header = plain[: 5 + plain[4]]
+        self.assertTrue(header.startswith(b"\x00\x53\x70\xc0"))
+        self.assertEqual(wire, header + emulator.UNDECODABLE_SECTION)
+        # 0xee: none of AMQP 1.0's format codes (types.xml, section 1.6).
+        self.assertEqual(emulator.UNDECODABLE_SECTION[-1], 0xEE)
+
+    def test_no_lock_token_has_a_short_tag_and_no_annotation(self):
+        emulator, entity, stored = self.stored("no-lock-token")
+        tag, wire = emulator.delivery_of(stored, entity, True)
+        self.assertEqual(len(tag), 8)
+        from proton import Message
+
+        decoded = Message()
+        decoded.decode(wire)
+        self.assertNotIn(emulator.symbol("x-opt-lock-token"), decoded.annotations)
+        self.assertIn(emulator.symbol("x-opt-locked-until"), decoded.annotations)
+
+
 class ServiceBusEmulatorTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -228,6 +281,46 @@ class ServiceBusEmulatorTest(unittest.TestCase):
             self.assertEqual(len(deferred), 1)
             self.assertEqual(deferred[0].message_id, "def")
             r.complete_message(deferred[0])
+
+    def test_an_abandoned_deferred_message_stays_deferred(self):
+        """As the service does: a deferred message taken back by sequence number and
+        abandoned goes back among the deferred ones (counted), where no receive sees
+        it; only receive-by-sequence-number does (cloudbus sends such a message again
+        on a nack, issue 28 item 6)."""
+        with self.client.get_queue_sender("proof-queue") as s:
+            s.send_messages(ServiceBusMessage("deferred", message_id="ab-def"))
+        with self.client.get_queue_receiver("proof-queue") as r:
+            got = self.drain(r, 1)
+            seq = got[0].sequence_number
+            r.defer_message(got[0])
+            deferred = r.receive_deferred_messages([seq])
+            self.assertEqual(len(deferred), 1)
+            count = deferred[0].delivery_count
+            r.abandon_message(deferred[0])
+            self.assertEqual(r.receive_messages(max_wait_time=1), [])
+            again = r.receive_deferred_messages([seq])
+            self.assertEqual([m.message_id for m in again], ["ab-def"])
+            self.assertGreater(again[0].delivery_count, count)
+            r.complete_message(again[0])
+
+    def test_renew_lock_takes_several_lock_tokens(self):
+        """One renew-lock request for several messages (cloudbus renews in batches,
+        issue 28 item 10), through the client's own array request: each lock is
+        renewed, the expirations answered in order."""
+        with self.client.get_queue_sender("proof-queue") as s:
+            s.send_messages([ServiceBusMessage(str(i), message_id="rl-{}".format(i)) for i in range(3)])
+        with self.client.get_queue_receiver("proof-queue") as r:
+            got = self.drain(r, 3)
+            self.assertEqual(len(got), 3)
+            before = [m.locked_until_utc.timestamp() * 1000 for m in got]
+            time.sleep(1)
+            answer = r._renew_locks(*[m.lock_token for m in got])
+            expirations = list(answer[b"expirations"])
+            self.assertEqual(len(expirations), 3)
+            for was, now in zip(before, expirations):
+                self.assertGreater(now, was)
+            for m in got:
+                r.complete_message(m)
 
     def test_peek_renew_and_lock_expiry(self):
         with self.client.get_queue_sender("proof-queue") as s:

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use cloudbus_core::{Error, Result};
+use cloudbus_core::{Error, ErrorKind, Result};
 
 use crate::{Secret, hmac_sha256_base64, sas_encode};
 
@@ -61,6 +61,10 @@ pub struct EventGridConfig {
 
 impl EventGridConfig {
     /// Publishes to `endpoint` (the topic's `.../api/events` URL) with `credential`.
+    /// The endpoint must be `https://`, or `http://` on this machine's loopback (an
+    /// emulator): the credential goes nowhere else, and
+    /// [`EventGridBus::new`](super::EventGridBus::new) refuses any other endpoint
+    /// (InvalidArgument).
     pub fn new(endpoint: impl Into<String>, credential: Credential) -> Self {
         EventGridConfig {
             endpoint: endpoint.into(),
@@ -96,6 +100,44 @@ impl EventGridConfig {
         self.timeout = timeout;
         self
     }
+}
+
+/// Refuses an endpoint the credential must not travel to, before anything is sent:
+/// the topic key, and a SAS token (as good as the key until it expires), go over
+/// HTTPS only, or over plain HTTP to this machine's loopback (an emulator), where
+/// they never leave the machine. The error names the scheme and host only. `Ok` with
+/// the parsed endpoint.
+///
+/// (cloudbus-core's HTTP schema registry applies the same rule, but in a private
+/// function, and Service Bus's host check sits behind the `servicebus` feature, so
+/// neither is reachable from an Event-Grid-only build.)
+pub(crate) fn check_endpoint(endpoint: &str) -> Result<url::Url> {
+    let url = url::Url::parse(endpoint).map_err(|e| {
+        Error::with_source(
+            ErrorKind::InvalidArgument,
+            "the Event Grid endpoint is not a URL (https://<topic>.<region>-1.eventgrid.azure.net/api/events)",
+            e,
+        )
+    })?;
+    let safe = match url.scheme() {
+        "https" => url.host().is_some(),
+        "http" => match url.host() {
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        },
+        _ => false,
+    };
+    if safe {
+        return Ok(url);
+    }
+    Err(Error::invalid(format!(
+        "refusing to send the Event Grid credential to {}://{}: it goes over https://, \
+         or over http:// only to this machine (an emulator on localhost, 127.0.0.1 or [::1])",
+        url.scheme(),
+        url.host_str().unwrap_or_default()
+    )))
 }
 
 /// A SAS token for `endpoint` signed with `key` (base64), valid until `expiry`: the

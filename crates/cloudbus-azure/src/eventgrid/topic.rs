@@ -1,6 +1,7 @@
 //! Publishing to the topic endpoint: each batch one HTTPS POST of the events in
 //! structured JSON (`application/cloudevents-batch+json`), accepted or refused as a
-//! whole, its HTTP status mapped onto the portable error kinds.
+//! whole, its HTTP status mapped onto the portable error kinds. The credential goes to
+//! an `https://` endpoint, or to a loopback `http://` one (an emulator), never elsewhere.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub struct EventGridTopic {
 impl EventGridTopic {
     async fn post(&self, body: Vec<u8>) -> Result<()> {
         let config = &self.shared.config;
+        // `EventGridBus::new` checked it already; this is where the key goes out, so
+        // the rule is kept here too (HTTPS, or loopback HTTP), whoever built the topic.
+        super::config::check_endpoint(&config.endpoint)?;
         let url = format!("{}?api-version={API_VERSION}", config.endpoint);
         let mut request = self
             .shared
@@ -148,5 +152,98 @@ impl TopicDriver for EventGridTopic {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use cloudbus_core::{EventBuilder, PublishOptions};
+
+    use super::super::{EventGridBus, EventGridConfig};
+    use super::*;
+    use crate::Secret;
+
+    const KEY: &str = "dG9wLXNlY3JldC10b3BpYy1rZXk=";
+
+    fn credentials() -> Vec<Credential> {
+        vec![
+            Credential::Key(Secret::new(KEY)),
+            Credential::SasToken(Secret::new(KEY)),
+            Credential::SasFromKey {
+                key: Secret::new(KEY),
+                ttl: Duration::from_secs(60),
+            },
+        ]
+    }
+
+    /// Issue 28 item 16: the topic key went to any endpoint, `http://` included, in
+    /// clear text. Now a bus on a remote plain-HTTP endpoint (or one that is not a
+    /// URL) is refused as InvalidArgument when it is made; HTTPS anywhere and plain
+    /// HTTP on loopback (emulators) are accepted. Nothing is sent: `.invalid` never
+    /// resolves, and making a bus connects nowhere. Before the fix every one of these
+    /// buses was made.
+    #[tokio::test]
+    async fn the_key_goes_only_to_https_or_loopback_endpoints() {
+        for credential in credentials() {
+            for refused in [
+                "http://eventgrid.invalid/api/events",
+                "HTTP://EVENTGRID.INVALID/api/events",
+                "http://0.0.0.0:8080/api/events",
+                "http://localhost.invalid/api/events",
+                "ftp://eventgrid.invalid/api/events",
+                "eventgrid.invalid/api/events",
+                "",
+            ] {
+                let err = EventGridBus::new(EventGridConfig::new(refused, credential.clone()))
+                    .expect_err(refused);
+                assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{refused}: {err}");
+                assert!(
+                    !format!("{err} {err:?}").contains(KEY),
+                    "the key leaked into the error"
+                );
+            }
+            for accepted in [
+                "https://eventgrid.invalid/api/events",
+                "http://127.0.0.1:9/topics/t/api/events",
+                "http://127.8.9.10:9/api/events",
+                "http://localhost:9/api/events",
+                "http://LOCALHOST:9/api/events",
+                "http://[::1]:9/api/events",
+            ] {
+                EventGridBus::new(EventGridConfig::new(accepted, credential.clone()))
+                    .expect(accepted);
+            }
+        }
+    }
+
+    /// Issue 28 item 16, at the place the key goes out: a topic whose context was
+    /// made without `EventGridBus::new` still refuses a remote `http://` endpoint
+    /// with InvalidArgument before any request. Before the fix the request was
+    /// attempted and failed on the name lookup (Unavailable).
+    #[tokio::test]
+    async fn publishing_refuses_a_remote_plain_http_endpoint_before_sending() {
+        for credential in credentials() {
+            let topic = EventGridTopic {
+                shared: Arc::new(EventGridContext {
+                    config: EventGridConfig::new("http://eventgrid.invalid/api/events", credential),
+                    http: reqwest::Client::new(),
+                }),
+            };
+            let event = EventBuilder::new("com.example.refused", "/tests/eventgrid")
+                .build()
+                .unwrap();
+            let results = topic
+                .send_batch(&[OutgoingMessage::new(
+                    Arc::new(event),
+                    PublishOptions::default(),
+                )])
+                .await
+                .unwrap();
+            let err = results[0].as_ref().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+            assert!(!format!("{err} {err:?}").contains(KEY), "the key leaked");
+        }
     }
 }

@@ -238,9 +238,7 @@ impl Admin {
         if status == 404 {
             return Ok(None);
         }
-        Ok(Some(parse_admitted(
-            between(&text, "<UserMetadata>", "</UserMetadata>").unwrap_or_default(),
-        )))
+        Ok(Some(admitted_of(&text)))
     }
 
     /// The messages of `path` (a queue, or `topic/Subscriptions/name`) still in it:
@@ -447,6 +445,11 @@ fn parse_iso_duration(text: &str) -> Option<Duration> {
         }
     }
     Duration::try_from_secs_f64(seconds).ok()
+}
+
+/// The names a queue's description admits as subscriptions (see `admitted`).
+pub(crate) fn admitted_of(description: &str) -> Vec<String> {
+    parse_admitted(between(description, "<UserMetadata>", "</UserMetadata>").unwrap_or_default())
 }
 
 /// How a queue's `UserMetadata` lists the subscription names it admits.

@@ -1,7 +1,8 @@
 //! What a Service Bus bus is opened with: the namespace and its credential (connection
 //! string, SAS token or Microsoft Entra ID identity), whether entities are topics or
 //! queues, sessions, the binding's attribute prefix; the service's limits; and the rule
-//! that an identity's token never travels over an unverified connection.
+//! that a credential (a SAS token or an identity's token) never travels over an
+//! unverified connection to another machine.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,7 +180,10 @@ impl ServiceBusConfig {
     /// Parses a connection string. `UseDevelopmentEmulator=true` means plain AMQP to
     /// the endpoint's host and port (5672 when none) and a management API at
     /// `SERVICEBUS_MANAGEMENT_ENDPOINT`, else `http://host:5300` (Microsoft's
-    /// emulator), whose self-signed certificate is accepted.
+    /// emulator), whose self-signed certificate is accepted. Plain AMQP and unchecked
+    /// certificates carry credentials, so both endpoints must then be on this machine
+    /// (loopback); [`ServiceBusBus::connect`](super::ServiceBusBus::connect) refuses
+    /// any other with PermissionDenied before sending anything.
     pub fn from_connection_string(text: &str) -> Result<Self> {
         let mut endpoint = None;
         let mut key_name = None;
@@ -330,7 +334,9 @@ impl ServiceBusConfig {
         };
         Ok(self)
     }
-    /// The management API's base URL.
+    /// The management API's base URL. It gets the credential with every request, so
+    /// it must be `https://` (with a verified certificate: not in the emulator mode)
+    /// or on this machine; `connect` refuses any other.
     pub fn management_endpoint(mut self, url: impl Into<String>) -> Self {
         self.management_endpoint = url.into();
         self
@@ -358,22 +364,51 @@ impl ServiceBusConfig {
     }
 }
 
-/// Refuses a Microsoft Entra ID identity on a connection that is not verified: the
-/// emulator mode speaks plain AMQP and accepts the management API's self-signed
-/// certificate, so a bearer token (a real credential) may go there only on this
-/// machine.
+/// Refuses to send a credential where it could be read on the way or go to a host that
+/// proves nothing (issue 28 item 15). A credential goes to two endpoints: the AMQP host
+/// (CBS put-token: a SAS token, or a Microsoft Entra ID bearer token) and the
+/// management API (a SAS token or the bearer token on every request). Each must be
+/// reached over TLS with a verified certificate, or be this machine: the emulator mode
+/// (`UseDevelopmentEmulator=true`) speaks plain AMQP and accepts any certificate on
+/// the management API, so there both must be loopback; elsewhere a management
+/// endpoint that is not `https://` must be loopback. Checked before anything is sent.
 pub(crate) fn check_credential_transport(config: &ServiceBusConfig) -> Result<()> {
-    if config.emulator
-        && matches!(config.access, Access::Identity(_))
-        && !is_loopback(&config.namespace)
-    {
+    let credential = match config.access {
+        Access::Identity(_) => "a Microsoft Entra ID token",
+        Access::Key { .. } => "a SAS token signed with the shared access key",
+        Access::SasToken(_) => "the SAS token",
+    };
+    if config.emulator && !is_loopback(&config.namespace) {
         return Err(Error::new(
             ErrorKind::PermissionDenied,
             format!(
-                "refusing to send a Microsoft Entra ID token to {} over an unverified \
-                 connection (UseDevelopmentEmulator=true: plain AMQP, any certificate); \
-                 an emulator with a token credential must run on this machine",
+                "refusing to send {credential} to {} over plain AMQP \
+                 (UseDevelopmentEmulator=true); an emulator must run on this machine",
                 config.namespace
+            ),
+        ));
+    }
+    let endpoint = &config.management_endpoint;
+    let url = url::Url::parse(endpoint).map_err(|e| {
+        Error::with_source(
+            ErrorKind::InvalidArgument,
+            format!("the Service Bus management endpoint {endpoint:?} is not a URL"),
+            e,
+        )
+    })?;
+    let host = url.host_str().unwrap_or_default();
+    let verified = url.scheme() == "https" && !config.emulator;
+    if !verified && !is_loopback(host) {
+        let why = if url.scheme() != "https" {
+            format!("over {}://, which is not encrypted", url.scheme())
+        } else {
+            "with certificate checks off (UseDevelopmentEmulator=true)".to_owned()
+        };
+        return Err(Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "refusing to send {credential} to the management endpoint {host} {why}; \
+                 use https:// with a verified certificate, or an endpoint on this machine"
             ),
         ));
     }
@@ -405,46 +440,104 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// An Entra ID token goes over plain AMQP only to this machine.
+    /// A credential that proves nothing: its tokens are never asked for.
+    #[derive(Debug)]
+    struct NoToken;
+    #[async_trait::async_trait]
+    impl azure_core::credentials::TokenCredential for NoToken {
+        async fn get_token(
+            &self,
+            _scopes: &[&str],
+            _options: Option<azure_core::credentials::TokenRequestOptions>,
+        ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+            Err(azure_core::Error::message(
+                azure_core::error::ErrorKind::Credential,
+                "not in a test",
+            ))
+        }
+    }
+
+    /// An emulator connection string for `host`, with a key.
+    fn emulator(host: &str) -> ServiceBusConfig {
+        ServiceBusConfig::from_connection_string(&format!(
+            "Endpoint=sb://{host};SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
+        ))
+        .unwrap()
+    }
+
+    /// Any credential goes over plain AMQP only to this machine (the emulator mode).
     #[test]
     fn identities_are_refused_over_unverified_remote_connections() {
-        #[derive(Debug)]
-        struct NoToken;
-        #[async_trait::async_trait]
-        impl azure_core::credentials::TokenCredential for NoToken {
-            async fn get_token(
-                &self,
-                _scopes: &[&str],
-                _options: Option<azure_core::credentials::TokenRequestOptions>,
-            ) -> azure_core::Result<azure_core::credentials::AccessToken> {
-                Err(azure_core::Error::message(
-                    azure_core::error::ErrorKind::Credential,
-                    "not in a test",
-                ))
-            }
-        }
-        let remote = ServiceBusConfig::from_connection_string(
-            "Endpoint=sb://10.1.2.3;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
-        )
-        .unwrap();
-        assert!(
-            check_credential_transport(&remote).is_ok(),
-            "a SAS key is not refused"
-        );
+        let remote = emulator("bus.invalid").management_endpoint("http://127.0.0.1:5300");
+        let e = check_credential_transport(&remote).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
         let e = check_credential_transport(&remote.clone().token_credential(Arc::new(NoToken)))
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::PermissionDenied);
-        let local = ServiceBusConfig::from_connection_string(
-            "Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true",
-        )
-        .unwrap()
-        .token_credential(Arc::new(NoToken));
+        let local = emulator("127.0.0.1:5673")
+            .management_endpoint("https://127.0.0.1:5674")
+            .token_credential(Arc::new(NoToken));
         assert!(check_credential_transport(&local).is_ok());
         let real = ServiceBusConfig::namespace_with_credential(
             "contoso.servicebus.windows.net",
             Arc::new(NoToken),
         );
         assert!(check_credential_transport(&real).is_ok(), "TLS, verified");
+    }
+
+    /// Issue 28 item 15: the check looked only at the AMQP host, so a management
+    /// endpoint override got the bearer token (or a SAS token) over plain HTTP, or over
+    /// HTTPS with certificate checks off (the emulator mode). Every endpoint a credential
+    /// goes to is checked now: HTTPS with verified certificates, or loopback.
+    #[test]
+    fn every_endpoint_a_credential_goes_to_is_checked() {
+        let identity = || -> Arc<dyn TokenCredential> { Arc::new(NoToken) };
+        let verified_amqp = |management: &str| {
+            ServiceBusConfig::namespace_with_credential("bus.invalid", identity())
+                .management_endpoint(management)
+        };
+        for refused in [
+            // A bearer token over plain HTTP.
+            verified_amqp("http://management.invalid"),
+            // A key's SAS token over plain HTTP.
+            ServiceBusConfig::namespace("bus.invalid", "k", Secret::new("v"))
+                .management_endpoint("http://management.invalid:8080/"),
+            // HTTPS, but any certificate is accepted in the emulator mode.
+            emulator("127.0.0.1:5672")
+                .management_endpoint("https://management.invalid")
+                .token_credential(identity()),
+            emulator("localhost").management_endpoint("https://management.invalid:5300"),
+        ] {
+            let e = check_credential_transport(&refused).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+            assert!(e.message().contains("management.invalid"), "{e}");
+            assert!(!e.message().contains("=v"), "{e}");
+        }
+        for allowed in [
+            verified_amqp("https://management.invalid"),
+            verified_amqp("http://127.0.0.1:5300"),
+            emulator("127.0.0.1:5672").management_endpoint("http://localhost:5300"),
+            emulator("[::1]:5672")
+                .management_endpoint("https://[::1]:5673")
+                .token_credential(identity()),
+        ] {
+            check_credential_transport(&allowed).unwrap();
+        }
+        let e = check_credential_transport(&verified_amqp("not a url")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+
+    /// The refusal comes before anything is sent: connecting with a refused
+    /// management endpoint is PermissionDenied, not the Unavailable that trying to
+    /// reach a `.invalid` host would give.
+    #[tokio::test]
+    async fn a_refused_endpoint_is_refused_before_connecting() {
+        let config = ServiceBusConfig::namespace_with_credential("bus.invalid", Arc::new(NoToken))
+            .management_endpoint("http://management.invalid");
+        let e = super::super::bus::ServiceBusBus::connect(config)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! the codec; and the checks and paths they all use.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cloudbus_core::codec::BinaryCodec;
 use cloudbus_core::{Error, ErrorKind, Result};
 use fe2o3_amqp::Sender;
 
-use super::admin::Admin;
+use super::admin::{Admin, admitted_of, entity_state};
 use super::config::{EntityKind, ServiceBusConfig};
 use super::connection::{self, Amqp, Live};
 use super::management::Management;
@@ -68,6 +69,36 @@ impl ServiceBusContext {
             }));
         }
         Ok(())
+    }
+
+    /// [`check`](Self::check) for a subscription (or a queue read as one), which also
+    /// answers the lock duration of the entity, read from the same description: the
+    /// lease of its messages (`None` when it cannot be read, as with a key without the
+    /// Manage right).
+    pub(crate) async fn check_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> Result<Option<Duration>> {
+        let path = self.path(topic, subscription);
+        let description = match self.admin.description(&path).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let missing = match (&description, self.config.entities) {
+            (None, _) => true,
+            (Some(d), EntityKind::Queues) => {
+                subscription != topic && !admitted_of(d).iter().any(|n| n == subscription)
+            }
+            (Some(_), EntityKind::Topics) => false,
+        };
+        if missing {
+            return Err(Error::not_found(format!(
+                "Service Bus has no subscription {subscription:?} of {topic:?}"
+            )));
+        }
+        Ok(description.and_then(|d| entity_state(&d).lease))
     }
 
     /// The entity path of `subscription` of `topic`: the subscription, or the queue.

@@ -6,6 +6,7 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message};
@@ -186,6 +187,8 @@ pub(crate) struct Management {
     amqp: Arc<Amqp>,
     path: String,
     client: Mutex<Option<(Arc<Live>, MgmtClient)>>,
+    /// Requests sent (a diagnostic).
+    requests: AtomicU64,
 }
 
 impl Management {
@@ -194,10 +197,20 @@ impl Management {
             amqp,
             path: path.into(),
             client: Mutex::new(None),
+            requests: AtomicU64::new(0),
         }
     }
 
-    /// Sends `operation` with `body` and returns the answer (200 or 204).
+    /// How many requests were sent.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Sends `operation` with `body` and returns the answer (200 or 204). One request
+    /// at a time per entity (the client reads answers in order). The client is lent
+    /// out for the request: a request dropped half-way (its caller cancelled) takes
+    /// the client with it, since the answer may still come and would be read as the
+    /// next request's; the next request opens a new one.
     pub(crate) async fn call<O: Operation>(
         &self,
         body: OrderedMap<Value, Value>,
@@ -205,26 +218,35 @@ impl Management {
     ) -> Result<ServiceBusResponse> {
         let what = format!("{} on {}", O::NAME, self.path);
         let mut guard = self.client.lock().await;
-        let (live, client) = match guard.as_mut() {
+        let (live, client) = match guard.take() {
             Some(c) => c,
-            None => {
-                let opened = self
-                    .amqp
-                    .management(&self.path)
-                    .await
-                    .map_err(|f| f.error)?;
-                guard.insert(opened)
-            }
+            None => self
+                .amqp
+                .management(&self.path)
+                .await
+                .map_err(|f| f.error)?,
+        };
+        let mut lent = Lent(Some(client));
+        let Some(client) = lent.0.as_mut() else {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("{what}: no client"),
+            ));
         };
         let request = ServiceBusRequest::<O> {
             body,
             link_name,
             operation: PhantomData,
         };
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, client.call(request)).await;
         let failure: Failure = match answer {
-            Ok(Ok(response)) if matches!(response.status, 200 | 204) => return Ok(response),
             Ok(Ok(response)) => {
+                // Answered: the client is in step, and serves the next request.
+                *guard = lent.0.take().map(|c| (live, c));
+                if matches!(response.status, 200 | 204) {
+                    return Ok(response);
+                }
                 // The condition says more than the status, when the service sends one.
                 let kind = match &response.condition {
                     Some(c) => error::kind_of_condition(c),
@@ -247,14 +269,12 @@ impl Management {
             Ok(Err(e)) => error::from_management(e, &what),
             Err(_) => error::timed_out(&what, REQUEST_TIMEOUT),
         };
-        if failure.scope != error::Scope::Operation {
-            self.amqp.failed(live, &failure);
-            // The link may be gone, or an answer may still come: a new client.
-            if let Some((_, client)) = guard.take() {
-                tokio::spawn(async move {
-                    let _ = client.close().await;
-                });
-            }
+        if failure.scope == error::Scope::Operation {
+            *guard = lent.0.take().map(|c| (live, c));
+        } else {
+            // The link may be gone, or an answer may still come: the client is closed
+            // (as `lent` drops) and the next request opens a new one.
+            self.amqp.failed(&live, &failure);
         }
         Err(failure.error)
     }
@@ -263,6 +283,22 @@ impl Management {
     pub(crate) async fn close(&self) {
         if let Some((_, client)) = self.client.lock().await.take() {
             let _ = client.close().await;
+        }
+    }
+}
+
+/// A management client lent out for one request; closed on a task of its own when
+/// it is dropped without being given back.
+struct Lent(Option<MgmtClient>);
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = client.close().await;
+            });
         }
     }
 }

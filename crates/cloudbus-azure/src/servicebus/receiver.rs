@@ -15,6 +15,19 @@
 //! extending a message renews it too. A message left past its lease lets the session
 //! lock run out, and the service gives the session (and the message) to the next
 //! reader, as a lapsed message lock would.
+//!
+//! An unsettled message stays in the map of unsettled ones until its settlement is
+//! done (marked as being settled meanwhile): a lock renewal running at the same time
+//! still finds it, a second settlement is refused, and a settlement cancelled half-way
+//! leaves it settleable. Lock renewals go as one `$management` request per
+//! [`RENEW_BATCH`] lock tokens (a session's messages: one renewal of the session lock).
+//! Leases come from the entity's lock duration, not from the service's lock time read
+//! on this machine's clock, which may be skewed. A delivery that cannot be decoded, or
+//! that has no lock token, is dead-lettered at once as malformed. A nack of a deferred
+//! message sends it again (the service would keep it deferred). After `close`, what
+//! was received can still be settled: a plain entity's messages by lock token through
+//! the management node, a session's on its link, which stays open (without credit)
+//! until they are settled or the session lock is gone.
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -30,6 +43,7 @@ use cloudbus_core::driver::{
 };
 use cloudbus_core::{Capabilities, Delivery, Error, ErrorKind, Result};
 use fe2o3_amqp::Receiver;
+use fe2o3_amqp::link::RecvError;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::types::definitions::{self, ErrorCondition};
 use fe2o3_amqp::types::messaging::{Body, Data, Message, Modified, Properties};
@@ -70,6 +84,16 @@ const DEAD_LETTER_PROPERTIES: [&str; 2] = ["DeadLetterReason", "DeadLetterErrorD
 const DEAD_LETTER_CONDITION: &str = "com.microsoft:dead-letter";
 /// How many dead letters one page holds.
 const DEAD_LETTER_PAGE: usize = 100;
+/// Most lock tokens in one RenewLock request.
+pub const RENEW_BATCH: usize = 100;
+/// The dead-letter reason of a delivery that cannot be decoded as an AMQP message (the
+/// consumer's reason for an event that cannot be decoded starts the same way).
+const UNDECODABLE_REASON: &str = "malformed: the AMQP message cannot be decoded";
+/// The dead-letter reason of a delivery without a lock token (it cannot be settled
+/// by the management node, nor renewed).
+const NO_LOCK_TOKEN_REASON: &str = "malformed: the message has no lock token";
+/// How often the session acceptor looks at the sessions kept open after `close`.
+const LINGER_TICK: Duration = Duration::from_millis(50);
 
 /// A receiver link and what the service said on attach.
 struct Link {
@@ -100,20 +124,41 @@ impl Link {
                 scope: Scope::Link,
             })?;
         let mut out = Vec::new();
-        match tokio::time::timeout(wait, self.receiver.recv::<Body<Value>>()).await {
-            Ok(Ok(d)) => out.push(d),
-            Ok(Err(e)) => return Err(error::from_recv(e, what)),
-            Err(_) => {
-                // Nothing within the slice: take the credit back, keeping what the
-                // service sent before it saw the drain.
-                self.receiver.drain().await.map_err(|e| error::Failure {
-                    error: Error::with_source(ErrorKind::Unavailable, format!("{what}: drain"), e),
-                    scope: Scope::Link,
-                })?;
-                if let Ok(Ok(d)) =
-                    tokio::time::timeout(DRAIN_WAIT, self.receiver.recv::<Body<Value>>()).await
-                {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.receiver.recv::<Body<Value>>()).await {
+                Ok(Ok(d)) => {
                     out.push(d);
+                    break;
+                }
+                Ok(Err(RecvError::MessageDecode(e))) => {
+                    self.dead_letter_undecodable(e.info, e.source.to_string(), what)
+                        .await;
+                }
+                Ok(Err(e)) => return Err(error::from_recv(e, what)),
+                Err(_) => {
+                    // Nothing within the slice: take the credit back, keeping what the
+                    // service sent before it saw the drain.
+                    self.receiver.drain().await.map_err(|e| error::Failure {
+                        error: Error::with_source(
+                            ErrorKind::Unavailable,
+                            format!("{what}: drain"),
+                            e,
+                        ),
+                        scope: Scope::Link,
+                    })?;
+                    match tokio::time::timeout(DRAIN_WAIT, self.receiver.recv::<Body<Value>>())
+                        .await
+                    {
+                        Ok(Ok(d)) => out.push(d),
+                        Ok(Err(RecvError::MessageDecode(e))) => {
+                            self.dead_letter_undecodable(e.info, e.source.to_string(), what)
+                                .await;
+                        }
+                        _ => {}
+                    }
+                    break;
                 }
             }
         }
@@ -124,6 +169,10 @@ impl Link {
         while out.len() < max as usize {
             match tokio::time::timeout(Duration::ZERO, self.receiver.recv::<Body<Value>>()).await {
                 Ok(Ok(d)) => out.push(d),
+                Ok(Err(RecvError::MessageDecode(e))) => {
+                    self.dead_letter_undecodable(e.info, e.source.to_string(), what)
+                        .await;
+                }
                 Ok(Err(e)) => {
                     let failure = error::from_recv(e, what);
                     if failure.scope != Scope::Operation {
@@ -137,6 +186,21 @@ impl Link {
         }
         Ok(out)
     }
+
+    /// Dead-letters a delivery fe2o3 could not decode (issue 28 item 22). Left
+    /// unsettled, it came back at every lock expiry until the service dead-lettered it
+    /// as MaxDeliveryCountExceeded, which says nothing of why, and no consumer ever saw
+    /// it meanwhile.
+    async fn dead_letter_undecodable(&self, info: DeliveryInfo, why: String, what: &str) {
+        tracing::warn!(%what, error = %why, "dead-lettering a Service Bus message that cannot be decoded");
+        if let Err(e) = self
+            .receiver
+            .reject(info, dead_letter_error(UNDECODABLE_REASON, &why))
+            .await
+        {
+            tracing::warn!(%what, error = %e, "could not dead-letter a message that cannot be decoded; it comes back when its lock lapses");
+        }
+    }
 }
 
 /// A link and how many of its messages are unsettled (a session is only let go when
@@ -149,28 +213,61 @@ struct Slot {
     idle_since: SyncMutex<Option<Instant>>,
     /// Sessions: when the session lock is to be renewed.
     renew_at: SyncMutex<Option<Instant>>,
+    /// Sessions: when the session lock ends, unless renewed.
+    lock_ends: SyncMutex<Option<Instant>>,
 }
 
 impl Slot {
-    fn new(link: Link, session: Option<String>) -> Self {
-        Slot {
-            renew_at: SyncMutex::new(link.locked_until.map(renewal_time)),
+    /// A slot for `link`; `lock` is the entity's lock duration, when known.
+    fn new(link: Link, session: Option<String>, lock: Option<Duration>) -> Self {
+        let locked_until = link.locked_until;
+        let slot = Slot {
             link: Mutex::new(Some(link)),
             unsettled: AtomicUsize::new(0),
             session,
             idle_since: SyncMutex::new(None),
+            renew_at: SyncMutex::new(None),
+            lock_ends: SyncMutex::new(None),
+        };
+        if let Some(until) = locked_until {
+            slot.renewed(until, lock);
         }
+        slot
+    }
+
+    /// Records that the session lock runs until `until` (the service's clock): renewed
+    /// at half its life. `duration` is the entity's lock duration, when known.
+    fn renewed(&self, until: SystemTime, duration: Option<Duration>) {
+        let by_clock = until
+            .duration_since(SystemTime::now())
+            .ok()
+            .filter(|d| !d.is_zero());
+        let left = lease_of(by_clock, duration);
+        let now = Instant::now();
+        *lock(&self.renew_at) = Some(now + left / 2);
+        *lock(&self.lock_ends) = Some(now + left);
     }
 }
 
-/// Half the remaining life of a lock that runs until `locked_until` (half the
-/// shortest lock Service Bus allows when the time is unknown or past).
-fn renewal_time(locked_until: SystemTime) -> Instant {
-    let remaining = locked_until
-        .duration_since(SystemTime::now())
-        .unwrap_or(MIN_LOCK)
-        .min(MAX_LOCK);
-    Instant::now() + remaining / 2
+/// The lease of a message (or a session) whose lock the service says runs `by_clock`
+/// longer, read on this machine's clock (`None`: over already by it, or not said), on
+/// an entity whose lock duration is `lock` (`None`: unknown). The service's clock and
+/// this machine's differ by any skew: read alone, a clock ahead by more than the lock
+/// duration gave no lease at all, no renewal, and acks refused here as LeaseExpired
+/// (issue 28 item 21). The service grants the whole lock duration at each delivery, so
+/// that is the lease; the local reading only shortens it, when it is within half the
+/// lock duration (a message that waited in the link's buffer has less left). Without
+/// the lock duration, the reading bounded by Service Bus's limits, and the shortest
+/// lock when the reading is implausible.
+fn lease_of(by_clock: Option<Duration>, lock: Option<Duration>) -> Duration {
+    match lock {
+        Some(lock) => by_clock
+            .filter(|d| *d >= lock / 2)
+            .map_or(lock, |d| d.min(lock)),
+        None => by_clock
+            .filter(|d| *d >= MIN_LOCK / 2)
+            .map_or(MIN_LOCK, |d| d.min(MAX_LOCK)),
+    }
 }
 
 /// How an unsettled message is settled.
@@ -191,6 +288,128 @@ struct InFlight {
     slot: Arc<Slot>,
     /// Until when the consumer may hold it (its lock, or the last extend).
     lease_until: Instant,
+    /// A final settlement of it is under way (see [`Settling`]).
+    settling: bool,
+    /// A deferred message taken back by sequence number: the message, sent again on a
+    /// nack (see `redeliver`).
+    redeliver: Option<Arc<AmqpMessage>>,
+}
+
+/// What a final settlement needs of an unsettled message: a copy, as the entry stays in
+/// the map (marked as being settled) while the settlement runs.
+struct Target {
+    key: String,
+    lock_token: Uuid,
+    sequence: Option<i64>,
+    origin: Origin,
+    slot: Arc<Slot>,
+    redeliver: Option<Arc<AmqpMessage>>,
+}
+
+/// The error of a settlement of a message that is not (or no longer) unsettled here.
+fn already_settled(key: &str, path: &str) -> Error {
+    Error::new(
+        ErrorKind::AlreadySettled,
+        format!("no unsettled message with lock token {key} on {path}"),
+    )
+}
+
+/// The unsettled messages of one settlement call, each marked as being settled in the
+/// map while it runs. The entries stay in the map: one whose settlement is done is
+/// removed with [`done`](Self::done); those still held when this is dropped (by a
+/// settlement that failed and may be tried again, or one cancelled half-way) are
+/// marked unsettled again, so that nothing received is lost from the map (issue 28
+/// item 22: a cancelled `settle_batch` lost the entries it had taken out, and their
+/// settlements said AlreadySettled while the messages came back).
+struct Settling<'a> {
+    owner: &'a ServiceBusSubscription,
+    keys: HashSet<String>,
+}
+
+impl<'a> Settling<'a> {
+    fn new(owner: &'a ServiceBusSubscription) -> Self {
+        Settling {
+            owner,
+            keys: HashSet::new(),
+        }
+    }
+
+    /// Marks the unsettled message of `key` as being settled, and answers what its
+    /// settlement needs: AlreadySettled when there is none, or one is being settled
+    /// already; LeaseExpired (the message forgotten) when its lease has passed.
+    fn mark(
+        &mut self,
+        inflight: &mut HashMap<String, InFlight>,
+        key: &str,
+        label: &str,
+    ) -> Result<Target> {
+        let path = &self.owner.path;
+        let Some(entry) = inflight.get_mut(key) else {
+            return Err(already_settled(key, path));
+        };
+        if entry.settling {
+            return Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!("the message with lock token {key} on {path} is being settled already"),
+            ));
+        }
+        if Instant::now() > entry.lease_until {
+            if let Some(entry) = inflight.remove(key) {
+                entry.slot.unsettled.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Err(Error::new(
+                ErrorKind::LeaseExpired,
+                format!("the lock of {key} on {path} ran out before the {label}"),
+            ));
+        }
+        entry.settling = true;
+        self.keys.insert(key.to_owned());
+        Ok(Target {
+            key: key.to_owned(),
+            lock_token: entry.lock_token.clone(),
+            sequence: entry.sequence,
+            origin: entry.origin.clone(),
+            slot: entry.slot.clone(),
+            redeliver: entry.redeliver.clone(),
+        })
+    }
+
+    /// The settlement of `key` is over: the message is forgotten.
+    fn done(&mut self, key: &str) {
+        if !self.keys.remove(key) {
+            return;
+        }
+        let removed = lock(&self.owner.inflight).remove(key);
+        if let Some(entry) = removed {
+            entry.slot.unsettled.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The settlement of `key` failed and may be tried again: the message stays
+    /// unsettled, settled next by way of `origin`.
+    fn keep(&mut self, key: &str, origin: Origin) {
+        if !self.keys.remove(key) {
+            return;
+        }
+        if let Some(entry) = lock(&self.owner.inflight).get_mut(key) {
+            entry.settling = false;
+            entry.origin = origin;
+        }
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut inflight = lock(&self.owner.inflight);
+        for key in self.keys.drain() {
+            if let Some(entry) = inflight.get_mut(&key) {
+                entry.settling = false;
+            }
+        }
+    }
 }
 
 /// What is done with an unsettled message: a portable settlement, or Service Bus's
@@ -254,6 +473,12 @@ pub struct ServiceBusSubscription {
     acceptor_error: Arc<SyncMutex<Option<Error>>>,
     /// The last `ActiveMessageCount` read, and when (see `queue_depth`).
     depth: SyncMutex<Option<(Instant, u64)>>,
+    /// The entity's lock duration, read with the check that it exists (`None`: it
+    /// could not be read).
+    lock_duration: SyncMutex<Option<Duration>>,
+    /// Sessions kept open after `close` while messages of them are unsettled (the
+    /// acceptor closes them once they are settled or their lock is gone).
+    lingering: Arc<SyncMutex<Vec<Arc<Slot>>>>,
 }
 
 /// How long a queue depth read from the management API is reused: the worker asks
@@ -279,18 +504,36 @@ impl ServiceBusSubscription {
             acceptor: SyncMutex::new(None),
             acceptor_error: Arc::new(SyncMutex::new(None)),
             depth: SyncMutex::new(None),
+            lock_duration: SyncMutex::new(None),
+            lingering: Arc::new(SyncMutex::new(Vec::new())),
         }
     }
 
-    /// Fails with NotFound once, before the first link, when the entity is missing.
+    /// Fails with NotFound once, before the first link, when the entity is missing;
+    /// reads its lock duration on the way.
     async fn check(&self) -> Result<()> {
         if !self.checked.load(Ordering::Acquire) {
-            self.shared
-                .check(&self.topic, Some(&self.subscription))
+            let duration = self
+                .shared
+                .check_subscription(&self.topic, &self.subscription)
                 .await?;
+            *lock(&self.lock_duration) = duration;
             self.checked.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// The entity's lock duration, when known.
+    fn lock_duration(&self) -> Option<Duration> {
+        *lock(&self.lock_duration)
+    }
+
+    /// How many requests the `$management` node of this entity was sent by this bus
+    /// (renewals, settlements by lock token, deferred messages): a diagnostic, for
+    /// tests of how renewals are batched.
+    #[doc(hidden)]
+    pub fn management_requests(&self) -> u64 {
+        self.management.requests()
     }
 
     /// Opens the plain (session-less) receiver.
@@ -307,7 +550,7 @@ impl ServiceBusSubscription {
             live,
             locked_until: None,
         };
-        let slot = Arc::new(Slot::new(link, None));
+        let slot = Arc::new(Slot::new(link, None, self.lock_duration()));
         lock(&self.slots).push(slot.clone());
         Ok(slot)
     }
@@ -351,6 +594,12 @@ impl ServiceBusSubscription {
     pub async fn fetch_deferred(&self, sequence_numbers: &[i64]) -> Result<usize> {
         if sequence_numbers.is_empty() {
             return Ok(0);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(format!(
+                "the consumer of {} is closed",
+                self.path
+            )));
         }
         let links = self.links().await?;
         let Some(slot) = links.first() else {
@@ -411,7 +660,9 @@ impl ServiceBusSubscription {
         let count = found.len();
         let received: Vec<ReceivedMessage> = found
             .into_iter()
-            .filter_map(|(message, token)| self.convert(message, token, Origin::Management, slot))
+            .filter_map(|(message, token)| {
+                self.convert(message, token, Origin::Management, slot, true)
+            })
             .collect();
         lock(&self.pending).extend(received);
         Ok(count)
@@ -430,6 +681,8 @@ impl ServiceBusSubscription {
                     self.slots.clone(),
                     self.closed.clone(),
                     self.acceptor_error.clone(),
+                    self.lingering.clone(),
+                    self.lock_duration(),
                 )));
             }
             drop(acceptor);
@@ -486,7 +739,7 @@ impl ServiceBusSubscription {
         };
         if due && leases_hold() {
             let until = self.renew_session_lock(session).await?;
-            *lock(&slot.renew_at) = Some(renewal_time(until));
+            slot.renewed(until, self.lock_duration());
         }
         Ok(())
     }
@@ -536,7 +789,8 @@ impl ServiceBusSubscription {
     }
 
     /// The deliveries of received messages; those redriven to another subscription
-    /// of the topic are completed here (they are not for this one).
+    /// of the topic are completed here (they are not for this one), and those without
+    /// a lock token dead-lettered as malformed.
     async fn accept(
         &self,
         deliveries: Vec<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>,
@@ -544,16 +798,45 @@ impl ServiceBusSubscription {
     ) -> Vec<ReceivedMessage> {
         let mut out = Vec::with_capacity(deliveries.len());
         let mut foreign = Vec::new();
+        let mut malformed = Vec::new();
         for d in deliveries {
             let tag = d.delivery_tag().to_vec();
             let (info, message) = d.into_parts();
             let Some(token) = lock_token_of(&message, Some(&tag)) else {
-                tracing::warn!(path = %self.path, "a Service Bus message without a lock token");
+                malformed.push(info);
                 continue;
             };
-            match self.convert(message, token.clone(), Origin::Link(info), slot) {
+            match self.convert(message, token.clone(), Origin::Link(info), slot, false) {
                 Some(r) => out.push(r),
                 None => foreign.push(token_text(&token)),
+            }
+        }
+        if !malformed.is_empty() {
+            // Without a lock token it can be neither renewed nor settled by the
+            // management node, and left alone it would come back at every lock expiry
+            // until MaxDeliveryCountExceeded (issue 28 item 22): dead-lettered now, on
+            // its link.
+            let guard = slot.link.lock().await;
+            for info in malformed {
+                tracing::warn!(path = %self.path, "dead-lettering a Service Bus message without a lock token");
+                let rejected = match guard.as_ref() {
+                    Some(link) => link
+                        .receiver
+                        .reject(
+                            info,
+                            dead_letter_error(
+                                NO_LOCK_TOKEN_REASON,
+                                "the delivery has neither an x-opt-lock-token annotation \
+                                 nor a 16-byte delivery tag",
+                            ),
+                        )
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => Err("its link is closed".to_owned()),
+                };
+                if let Err(e) = rejected {
+                    tracing::warn!(path = %self.path, error = %e, "could not dead-letter a message without a lock token; it comes back when its lock lapses");
+                }
             }
         }
         for token in foreign {
@@ -569,12 +852,14 @@ impl ServiceBusSubscription {
 
     /// A received message as a delivery, remembered until it is settled; `None` for a
     /// message redriven to another subscription (remembered too, to be completed).
+    /// `keep`: the message is kept, to be sent again on a nack (a deferred message).
     fn convert(
         &self,
         message: AmqpMessage,
         lock_token: Uuid,
         origin: Origin,
         slot: &Arc<Slot>,
+        keep: bool,
     ) -> Option<ReceivedMessage> {
         let (mut raw, typed) = raw_of(&message, self.shared.config.prefix);
         let foreign = raw
@@ -588,24 +873,30 @@ impl ServiceBusSubscription {
             .header
             .as_ref()
             .map_or(1, |h| h.delivery_count.saturating_add(1));
-        let lease = annotation_time(&message, "x-opt-locked-until")
-            .and_then(|until| (until - Utc::now()).to_std().ok());
+        let by_clock = annotation_time(&message, "x-opt-locked-until")
+            .and_then(|until| (until - Utc::now()).to_std().ok())
+            .filter(|d| !d.is_zero());
+        let lease = lease_of(by_clock, self.lock_duration());
         slot.unsettled.fetch_add(1, Ordering::AcqRel);
+        let published_at = annotation_time(&message, "x-opt-enqueued-time");
+        let ordering_key = session_id_of(&message);
+        let sequence = sequence_of(&message);
+        let redeliver = keep.then(|| Arc::new(message));
         lock(&self.inflight).insert(
             token.clone(),
             InFlight {
                 lock_token,
-                sequence: sequence_of(&message),
+                sequence,
                 origin,
                 slot: slot.clone(),
-                lease_until: Instant::now() + lease.unwrap_or(MIN_LOCK),
+                lease_until: Instant::now() + lease,
+                settling: false,
+                redeliver,
             },
         );
         if foreign {
             return None;
         }
-        let published_at = annotation_time(&message, "x-opt-enqueued-time");
-        let ordering_key = session_id_of(&message);
         let size = raw.size();
         let event = match self.shared.codec.decode(&raw) {
             Ok(mut event) => {
@@ -618,7 +909,7 @@ impl ServiceBusSubscription {
             event,
             token: AckToken::Text(token),
             attempt,
-            lease,
+            lease: Some(lease),
             published_at,
             ordering_key,
             size,
@@ -630,7 +921,7 @@ impl ServiceBusSubscription {
     fn forget_expired(&self) {
         let now = Instant::now();
         lock(&self.inflight).retain(|_, i| {
-            let keep = i.lease_until + FORGET_AFTER > now;
+            let keep = i.settling || i.lease_until + FORGET_AFTER > now;
             if !keep {
                 i.slot.unsettled.fetch_sub(1, Ordering::AcqRel);
             }
@@ -640,118 +931,306 @@ impl ServiceBusSubscription {
 
     /// Does `action` with the unsettled message of `token`: on the link it came from,
     /// or through the management node. A settlement that failed and may succeed when
-    /// tried again leaves the message unsettled (its lock token is kept).
+    /// tried again leaves the message unsettled (its lock token is kept), and so does
+    /// one that was cancelled.
     async fn act(&self, token: &AckToken, action: Action<'_>) -> Result<()> {
-        let key = token.as_text().unwrap_or_default().to_owned();
-        let Some(mut inflight) = lock(&self.inflight).remove(&key) else {
-            return Err(Error::new(
-                ErrorKind::AlreadySettled,
-                format!(
-                    "no unsettled message with lock token {key} on {}",
-                    self.path
-                ),
-            ));
+        let key = token.as_text().unwrap_or_default();
+        if let Action::Settle(Settlement::Extend { lease }) = action {
+            return match self.renew(&[(0, key, *lease)]).await.pop() {
+                Some((_, result)) => result,
+                None => Err(already_settled(key, &self.path)),
+            };
+        }
+        let mut settling = Settling::new(self);
+        let marked = {
+            let mut inflight = lock(&self.inflight);
+            settling.mark(&mut inflight, key, action.label())
         };
-        let slot = inflight.slot.clone();
-        let result = if Instant::now() > inflight.lease_until {
-            Err(Error::new(
-                ErrorKind::LeaseExpired,
-                format!(
-                    "the lock of {key} on {} ran out before the {}",
-                    self.path,
-                    action.label()
-                ),
-            ))
-        } else {
-            self.apply(&mut inflight, action).await
-        };
-        let keep = match &result {
-            Ok(()) => !action.is_final(),
-            Err(e) => e.is_retryable(),
-        };
-        if keep {
-            lock(&self.inflight).insert(key, inflight);
-        } else {
-            slot.unsettled.fetch_sub(1, Ordering::AcqRel);
+        let mut target = marked?;
+        let result = self.apply(&mut target, action).await;
+        match &result {
+            Err(e) if e.is_retryable() => settling.keep(key, target.origin.clone()),
+            _ => settling.done(key),
         }
         result
     }
 
-    async fn apply(&self, inflight: &mut InFlight, action: Action<'_>) -> Result<()> {
+    /// Renews the locks of unsettled messages, `(index, key, lease)`; answers a result
+    /// per item with its index. A plain entity's lock tokens go [`RENEW_BATCH`] to a
+    /// RenewLock request (one at a time per message took 15 s for 500 messages at a
+    /// 30 ms round trip, longer than the locks held: issue 28 item 10); a session's
+    /// messages share the session lock, renewed once. The entries stay in the map
+    /// meanwhile, so that a settlement of one of them goes ahead (issue 28 item 11: it
+    /// was taken out of the map while its renewal ran, and an ack then said
+    /// AlreadySettled and the message came back).
+    async fn renew(&self, items: &[(usize, &str, Duration)]) -> Vec<(usize, Result<()>)> {
+        let mut out = Vec::with_capacity(items.len());
+        let mut plain: Vec<(usize, String, Uuid, Duration)> = Vec::new();
+        let mut sessions: Vec<(Arc<Slot>, String, Vec<(usize, String, Duration)>)> = Vec::new();
+        {
+            let now = Instant::now();
+            let inflight = lock(&self.inflight);
+            for &(i, key, lease) in items {
+                let Some(entry) = inflight.get(key) else {
+                    out.push((i, Err(already_settled(key, &self.path))));
+                    continue;
+                };
+                if now > entry.lease_until {
+                    out.push((
+                        i,
+                        Err(Error::new(
+                            ErrorKind::LeaseExpired,
+                            format!(
+                                "the lock of {key} on {} ran out before the extend",
+                                self.path
+                            ),
+                        )),
+                    ));
+                    continue;
+                }
+                match &entry.slot.session {
+                    Some(session) => {
+                        let item = (i, key.to_owned(), lease);
+                        match sessions
+                            .iter_mut()
+                            .find(|(slot, _, _)| Arc::ptr_eq(slot, &entry.slot))
+                        {
+                            Some((_, _, group)) => group.push(item),
+                            None => {
+                                sessions.push((entry.slot.clone(), session.clone(), vec![item]))
+                            }
+                        }
+                    }
+                    None => plain.push((i, key.to_owned(), entry.lock_token.clone(), lease)),
+                }
+            }
+        }
+        let duration = self.lock_duration();
+        for (slot, session, group) in sessions {
+            let started = Instant::now();
+            match self.renew_session_lock(&session).await {
+                Ok(until) => {
+                    slot.renewed(until, duration);
+                    let ends = *lock(&slot.lock_ends);
+                    let granted = ends.map(|ends| ends.saturating_duration_since(started));
+                    let mut inflight = lock(&self.inflight);
+                    for (i, key, lease) in group {
+                        if let Some(entry) = inflight.get_mut(&key) {
+                            let lease = granted.map_or(lease, |g| lease.min(g));
+                            entry.lease_until = entry.lease_until.max(started + lease);
+                        }
+                        out.push((i, Ok(())));
+                    }
+                }
+                Err(e) => out.extend(group.into_iter().map(|(i, _, _)| (i, Err(e.clone())))),
+            }
+        }
+        for chunk in plain.chunks(RENEW_BATCH) {
+            let started = Instant::now();
+            let results = self.renew_locks(chunk).await;
+            let mut inflight = lock(&self.inflight);
+            for ((i, key, _, lease), result) in chunk.iter().zip(results) {
+                match &result {
+                    Ok(()) => {
+                        if let Some(entry) = inflight.get_mut(key) {
+                            // A renewal holds for the lock duration, whatever was asked.
+                            let lease = duration.map_or(*lease, |d| (*lease).min(d));
+                            entry.lease_until = entry.lease_until.max(started + lease);
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::LeaseExpired => {
+                        // The lock is lost: a settlement says so too, now.
+                        if let Some(entry) = inflight.get_mut(key) {
+                            entry.lease_until = entry.lease_until.min(Instant::now());
+                        }
+                    }
+                    Err(_) => {}
+                }
+                out.push((*i, result));
+            }
+        }
+        out
+    }
+
+    /// One RenewLock for `chunk` (`(index, key, lock token, lease)`), a result per
+    /// item. When the service answers that a lock is lost (most often, a message
+    /// settled while the renewal was on its way), the others are renewed again
+    /// without those settled or being settled since, and, if that fails too, one by
+    /// one, to tell which lock is lost.
+    async fn renew_locks(&self, chunk: &[(usize, String, Uuid, Duration)]) -> Vec<Result<()>> {
+        let request = |tokens: Vec<Uuid>| async move {
+            let body = management::body([("lock-tokens", management::lock_tokens(&tokens))]);
+            self.management
+                .call::<RenewLock>(body, None)
+                .await
+                .map(|_| ())
+        };
+        let lost = match request(chunk.iter().map(|c| c.2.clone()).collect()).await {
+            Err(e) if e.kind() == ErrorKind::LeaseExpired && chunk.len() > 1 => e,
+            other => return chunk.iter().map(|_| other.clone()).collect(),
+        };
+        // Those settled (or being settled) since: nothing more to renew.
+        let live: Vec<bool> = {
+            let inflight = lock(&self.inflight);
+            chunk
+                .iter()
+                .map(|(_, key, _, _)| inflight.get(key).is_some_and(|e| !e.settling))
+                .collect()
+        };
+        let mut results: Vec<Option<Result<()>>> =
+            live.iter().map(|l| (!*l).then_some(Ok(()))).collect();
+        let left: Vec<Uuid> = chunk
+            .iter()
+            .zip(&live)
+            .filter(|(_, live)| **live)
+            .map(|(c, _)| c.2.clone())
+            .collect();
+        let again = if left.is_empty() {
+            Ok(())
+        } else if left.len() < chunk.len() {
+            request(left).await
+        } else {
+            Err(lost)
+        };
+        match again {
+            Err(e) if e.kind() == ErrorKind::LeaseExpired => {
+                for (c, result) in chunk.iter().zip(results.iter_mut()) {
+                    if result.is_none() {
+                        *result = Some(request(vec![c.2.clone()]).await);
+                    }
+                }
+            }
+            other => {
+                for result in results.iter_mut().filter(|r| r.is_none()) {
+                    *result = Some(other.clone());
+                }
+            }
+        }
+        results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect()
+    }
+
+    /// Completions and abandons of messages received on a link that is open: one
+    /// disposition per link and outcome (fe2o3's `accept_all` and `modify_all`, a
+    /// disposition frame per run of consecutive deliveries) instead of one per
+    /// message. Answers a result per item it settled; the rest (dead-letters, deferred
+    /// messages, messages whose link is closed) are settled one by one after.
+    async fn settle_on_links(&self, items: &[(AckToken, Settlement)]) -> Vec<(usize, Result<()>)> {
+        let mut settling = Settling::new(self);
+        let mut groups: Vec<(Arc<Slot>, bool, Vec<(usize, String, DeliveryInfo)>)> = Vec::new();
+        {
+            let now = Instant::now();
+            let mut inflight = lock(&self.inflight);
+            for (i, (token, settlement)) in items.iter().enumerate() {
+                let complete = match settlement {
+                    Settlement::Ack => true,
+                    Settlement::Nack { .. } => false,
+                    _ => continue,
+                };
+                let key = token.as_text().unwrap_or_default();
+                let Some(entry) = inflight.get(key) else {
+                    continue;
+                };
+                if entry.settling
+                    || entry.lease_until <= now
+                    || entry.redeliver.is_some()
+                    || !matches!(entry.origin, Origin::Link(_))
+                {
+                    continue;
+                }
+                let Ok(target) = settling.mark(&mut inflight, key, "settle") else {
+                    continue;
+                };
+                let Origin::Link(info) = target.origin else {
+                    continue;
+                };
+                let item = (i, target.key, info);
+                match groups
+                    .iter_mut()
+                    .find(|(slot, c, _)| *c == complete && Arc::ptr_eq(slot, &target.slot))
+                {
+                    Some((_, _, group)) => group.push(item),
+                    None => groups.push((target.slot, complete, vec![item])),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (slot, complete, group) in groups {
+            let settled = {
+                let guard = slot.link.lock().await;
+                match guard.as_ref() {
+                    Some(link) => {
+                        let infos = group.iter().map(|(_, _, info)| info.clone());
+                        let disposed = if complete {
+                            link.receiver.accept_all(infos).await
+                        } else {
+                            link.receiver.modify_all(infos, abandoned()).await
+                        };
+                        disposed.is_ok()
+                    }
+                    None => false,
+                }
+            };
+            // Not settled (the link is gone): marked unsettled again as `settling`
+            // drops, and settled one by one (through the management node).
+            if settled {
+                for (i, key, _) in group {
+                    settling.done(&key);
+                    out.push((i, Ok(())));
+                }
+            }
+        }
+        out
+    }
+
+    /// Does a final `action` with the message of `target`.
+    async fn apply(&self, target: &mut Target, action: Action<'_>) -> Result<()> {
         let what = format!(
             "{} {} on {}",
             action.label(),
-            token_text(&inflight.lock_token),
+            token_text(&target.lock_token),
             self.path
         );
-        if let Action::Settle(Settlement::Extend { lease }) = action {
-            let lease = *lease;
-            match &inflight.slot.session {
-                // A session message's lock is the session lock.
-                Some(session) => {
-                    let until = self.renew_session_lock(session).await?;
-                    *lock(&inflight.slot.renew_at) = Some(renewal_time(until));
-                }
-                None => {
-                    let body = management::body([(
-                        "lock-tokens",
-                        management::lock_tokens(std::slice::from_ref(&inflight.lock_token)),
-                    )]);
-                    self.management.call::<RenewLock>(body, None).await?;
-                }
-            }
-            inflight.lease_until = Instant::now() + lease;
-            return Ok(());
+        if let (Action::Settle(Settlement::Nack { .. }), Some(message)) =
+            (action, target.redeliver.clone())
+        {
+            return self.redeliver(target, &message).await;
         }
-        if let Origin::Link(info) = inflight.origin.clone() {
-            let mut guard = inflight.slot.link.lock().await;
-            if let Some(link) = guard.as_mut() {
-                {
-                    let disposed = match action {
-                        Action::Settle(Settlement::Ack) => link.receiver.accept(info).await,
-                        Action::Settle(Settlement::DeadLetter {
-                            reason,
-                            description,
-                        }) => {
-                            link.receiver
-                                .reject(info, dead_letter_error(reason, description))
-                                .await
-                        }
-                        Action::Defer => {
-                            link.receiver
-                                .modify(
-                                    info,
-                                    Modified {
-                                        delivery_failed: None,
-                                        undeliverable_here: Some(true),
-                                        message_annotations: None,
-                                    },
-                                )
-                                .await
-                        }
-                        Action::Settle(_) => {
-                            link.receiver
-                                .modify(
-                                    info,
-                                    Modified {
-                                        delivery_failed: Some(true),
-                                        undeliverable_here: None,
-                                        message_annotations: None,
-                                    },
-                                )
-                                .await
-                        }
-                    };
-                    match disposed {
-                        Ok(()) => return Ok(()),
-                        Err(e) => {
-                            tracing::debug!(error = %e, %what, "the receiving link is gone");
-                        }
+        if let Origin::Link(info) = target.origin.clone() {
+            let guard = target.slot.link.lock().await;
+            if let Some(link) = guard.as_ref() {
+                let disposed = match action {
+                    Action::Settle(Settlement::Ack) => link.receiver.accept(info).await,
+                    Action::Settle(Settlement::DeadLetter {
+                        reason,
+                        description,
+                    }) => {
+                        link.receiver
+                            .reject(info, dead_letter_error(reason, description))
+                            .await
+                    }
+                    Action::Defer => {
+                        link.receiver
+                            .modify(
+                                info,
+                                Modified {
+                                    delivery_failed: None,
+                                    undeliverable_here: Some(true),
+                                    message_annotations: None,
+                                },
+                            )
+                            .await
+                    }
+                    Action::Settle(_) => link.receiver.modify(info, abandoned()).await,
+                };
+                match disposed {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::debug!(error = %e, %what, "the receiving link is gone");
                     }
                 }
             }
             drop(guard);
-            if inflight.slot.session.is_some() {
+            if target.slot.session.is_some() {
                 // A session's messages can only be settled on the session's link.
                 return Err(Error::new(
                     ErrorKind::LeaseExpired,
@@ -759,12 +1238,17 @@ impl ServiceBusSubscription {
                 ));
             }
             // The link is gone; the lock may still hold: settle by lock token.
-            inflight.origin = Origin::Management;
+            target.origin = Origin::Management;
         }
+        self.dispose_by_token(target, action).await
+    }
+
+    /// Settles by lock token through the management node (update-disposition).
+    async fn dispose_by_token(&self, target: &Target, action: Action<'_>) -> Result<()> {
         let mut body = management::body([
             (
                 "lock-tokens",
-                management::lock_tokens(std::slice::from_ref(&inflight.lock_token)),
+                management::lock_tokens(std::slice::from_ref(&target.lock_token)),
             ),
             (
                 "disposition-status",
@@ -785,7 +1269,7 @@ impl ServiceBusSubscription {
                 Value::String(description.clone()),
             );
         }
-        if let Some(session) = &inflight.slot.session {
+        if let Some(session) = &target.slot.session {
             body.insert(
                 Value::String("session-id".to_owned()),
                 Value::String(session.clone()),
@@ -796,6 +1280,96 @@ impl ServiceBusSubscription {
             .await
             .map(|_| ())
     }
+
+    /// A nack of a deferred message taken back by sequence number. Service Bus puts an
+    /// abandoned deferred message back among the deferred ones, where no receive sees
+    /// it again, while the consumer counts it as retried (issue 28 item 6). So it is
+    /// sent again, as a new message for this subscription only, and the deferred one
+    /// is completed. The copy's MessageId is made from the deferred message's sequence
+    /// number: a nack tried again after the send went through is dropped by duplicate
+    /// detection, not delivered twice. Its delivery count starts anew.
+    async fn redeliver(&self, target: &Target, message: &AmqpMessage) -> Result<()> {
+        let original = message_id_of(message).unwrap_or_default();
+        let id = match target.sequence {
+            Some(sequence) => format!("nack-{sequence}-{original}"),
+            None => format!("nack-{}-{original}", token_text(&target.lock_token)),
+        };
+        let for_subscription = (self.shared.config.entities == EntityKind::Topics)
+            .then_some(self.subscription.as_str());
+        let copy = resend_copy(message, for_subscription, id);
+        let what = format!(
+            "send the deferred message {} of {} again",
+            target.key, self.path
+        );
+        let (live, mut sender) = self.shared.sender(&self.topic).await?;
+        let sent = sender.send(copy).await;
+        let _ = sender.close().await;
+        match sent {
+            Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => {}
+            Ok(other) => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{what}: the service did not take it ({other:?})"),
+                ));
+            }
+            Err(e) => {
+                let f = error::from_send(e, &what);
+                self.shared.amqp.failed(&live, &f);
+                return Err(f.error);
+            }
+        }
+        self.dispose_by_token(target, Action::Settle(&Settlement::Ack))
+            .await
+    }
+}
+
+/// The outcome of an abandon: the delivery failed (counted), the message is to be
+/// delivered again.
+fn abandoned() -> Modified {
+    Modified {
+        delivery_failed: Some(true),
+        undeliverable_here: None,
+        message_annotations: None,
+    }
+}
+
+/// A message that sends `message` again: the same body and application properties
+/// (without the dead-letter reason), MessageId `id` (duplicate detection would drop a
+/// copy with the old one), the content type and session; on a topic, the
+/// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
+fn resend_copy(message: &AmqpMessage, subscription: Option<&str>, id: String) -> Message<Data> {
+    let mut application = fe2o3_amqp::types::messaging::ApplicationProperties::builder();
+    if let Some(existing) = &message.application_properties {
+        for (k, v) in existing.0.iter() {
+            if !DEAD_LETTER_PROPERTIES.contains(&k.as_str()) && k != REDRIVE_PROPERTY {
+                application = application.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    if let Some(subscription) = subscription {
+        application = application.insert(
+            REDRIVE_PROPERTY.to_owned(),
+            fe2o3_amqp::types::primitives::SimpleValue::String(subscription.to_owned()),
+        );
+    }
+    let properties = Properties {
+        message_id: Some(fe2o3_amqp::types::messaging::MessageId::String(
+            id.chars().take(128).collect(),
+        )),
+        content_type: message
+            .properties
+            .as_ref()
+            .and_then(|p| p.content_type.clone()),
+        group_id: session_id_of(message),
+        ..Default::default()
+    };
+    Message::builder()
+        .properties(properties)
+        .application_properties(application.build())
+        .data(fe2o3_amqp::types::primitives::Binary::from(
+            super::message::body_bytes(message),
+        ))
+        .build()
 }
 
 /// The rejection that dead-letters, with the reason and description as the service
@@ -824,13 +1398,17 @@ fn system_time(ms: i64) -> SystemTime {
 
 /// Accepts sessions of a session-enabled queue or subscription while fewer than
 /// [`MAX_SESSIONS`] are held, on a connection of its own: accepting waits for the
-/// service, and must not hold up the bus's other links.
+/// service, and must not hold up the bus's other links. Once the consumer is closed,
+/// it closes the sessions kept open for their unsettled messages (`lingering`) as
+/// they are done, then its connection. `duration`: the entity's lock duration.
 async fn accept_sessions(
     shared: Arc<ServiceBusContext>,
     path: String,
     slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
     closed: Arc<AtomicBool>,
     error: Arc<SyncMutex<Option<Error>>>,
+    lingering: Arc<SyncMutex<Vec<Arc<Slot>>>>,
+    duration: Option<Duration>,
 ) {
     let amqp = Amqp::new(shared.config.clone());
     while !closed.load(Ordering::Acquire) {
@@ -853,7 +1431,7 @@ async fn accept_sessions(
                     receiver,
                     live,
                 };
-                let slot = Arc::new(Slot::new(link, Some(session)));
+                let slot = Arc::new(Slot::new(link, Some(session), duration));
                 // `close` sets `closed` and takes the slots under the same lock, so a
                 // session accepted meanwhile is either taken by it or closed here.
                 let late = {
@@ -891,7 +1469,38 @@ async fn accept_sessions(
             }
         }
     }
+    close_lingering(&lingering).await;
     amqp.close().await;
+}
+
+/// Waits until every session kept open after `close` has nothing unsettled or has
+/// lost its lock, closing each then.
+async fn close_lingering(lingering: &SyncMutex<Vec<Arc<Slot>>>) {
+    loop {
+        let done: Vec<Arc<Slot>> = {
+            let mut held = lock(lingering);
+            let now = Instant::now();
+            let (done, kept): (Vec<_>, Vec<_>) = held.drain(..).partition(|slot| {
+                let ends = *lock(&slot.lock_ends);
+                slot.unsettled.load(Ordering::Acquire) == 0 || ends.is_none_or(|at| at <= now)
+            });
+            *held = kept;
+            done
+        };
+        for slot in done {
+            let link = slot.link.lock().await.take();
+            if let Some(link) = link {
+                link_closed(
+                    || "close a session kept open after close".to_owned(),
+                    link.receiver.close().await,
+                );
+            }
+        }
+        if lock(lingering).is_empty() {
+            return;
+        }
+        tokio::time::sleep(LINGER_TICK).await;
+    }
 }
 
 impl Drop for ServiceBusSubscription {
@@ -1011,66 +1620,29 @@ impl SubscriptionDriver for ServiceBusSubscription {
         }
     }
 
-    /// Completions of messages of one link go as one disposition per run of
-    /// consecutive deliveries (fe2o3's `accept_all`); everything else one by one.
+    /// Renewals go in batches of lock tokens (see `renew`) while completions and
+    /// abandons of messages of one link go as one disposition per run of consecutive
+    /// deliveries (see `settle_on_links`); the rest one by one. Nothing is taken out
+    /// of the map of unsettled messages before its settlement is done, so a call that
+    /// is cancelled leaves every message it had not settled settleable.
     async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        self.forget_expired();
         let mut results: Vec<Option<Result<()>>> = items.iter().map(|_| None).collect();
-        // Acks of messages received on a link, by link, taken out of the map (so that
-        // no other settlement races them) while their locks hold.
-        let mut by_link: Vec<(Arc<Slot>, Vec<(usize, String, InFlight, DeliveryInfo)>)> =
-            Vec::new();
-        {
-            let now = Instant::now();
-            let mut inflight = lock(&self.inflight);
-            for (i, (token, settlement)) in items.iter().enumerate() {
-                if !matches!(settlement, Settlement::Ack) {
-                    continue;
+        let renewals: Vec<(usize, &str, Duration)> = items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (token, settlement))| match settlement {
+                Settlement::Extend { lease } => {
+                    Some((i, token.as_text().unwrap_or_default(), *lease))
                 }
-                let key = token.as_text().unwrap_or_default();
-                let Some(entry) = inflight.get(key) else {
-                    continue;
-                };
-                let Origin::Link(info) = entry.origin.clone() else {
-                    continue;
-                };
-                if entry.lease_until <= now {
-                    continue;
-                }
-                let Some(entry) = inflight.remove(key) else {
-                    continue;
-                };
-                let slot = entry.slot.clone();
-                let item = (i, key.to_owned(), entry, info);
-                match by_link.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &slot)) {
-                    Some((_, group)) => group.push(item),
-                    None => by_link.push((slot, vec![item])),
-                }
-            }
-        }
-        for (slot, group) in by_link {
-            let accepted = {
-                let guard = slot.link.lock().await;
-                match guard.as_ref() {
-                    Some(link) => link
-                        .receiver
-                        .accept_all(group.iter().map(|(_, _, _, info)| info.clone()))
-                        .await
-                        .is_ok(),
-                    None => false,
-                }
-            };
-            if accepted {
-                slot.unsettled.fetch_sub(group.len(), Ordering::AcqRel);
-                for (i, _, _, _) in group {
-                    results[i] = Some(Ok(()));
-                }
-            } else {
-                // The link is gone: back into the map, settled one by one below
-                // (through the management node).
-                let mut inflight = lock(&self.inflight);
-                for (_, key, entry, _) in group {
-                    inflight.insert(key, entry);
-                }
+                _ => None,
+            })
+            .collect();
+        let (renewed, on_links) =
+            futures::join!(self.renew(&renewals), self.settle_on_links(items));
+        for (i, result) in renewed.into_iter().chain(on_links) {
+            if let Some(slot) = results.get_mut(i) {
+                *slot = Some(result);
             }
         }
         let mut out = Vec::with_capacity(items.len());
@@ -1108,12 +1680,57 @@ impl SubscriptionDriver for ServiceBusSubscription {
         }
     }
 
+    /// Stops receiving. What was received and not settled stays settleable, as
+    /// [`Consumer::close`](cloudbus_core::Consumer::close) promises (issue 28 item 19:
+    /// the map of unsettled messages was cleared, so a settlement after `close` said
+    /// AlreadySettled and the message came back): a plain entity's messages are settled
+    /// by lock token through the management node once their link is closed; a
+    /// session's link (the only place its messages can be settled) stays open, with no
+    /// credit, until they are settled or the session lock is gone. Messages received
+    /// and never handed out are given back at once.
     async fn close(&self) -> Result<()> {
-        let slots: Vec<Arc<Slot>> = {
+        // Sessions with unsettled messages are kept open; handed to the acceptor in the
+        // same step as `closed` is set, so that it never closes its connection (and
+        // their links with it) before it has them.
+        let (kept, slots): (Vec<Arc<Slot>>, Vec<Arc<Slot>>) = {
             let mut held = lock(&self.slots);
             self.closed.store(true, Ordering::Release);
-            held.drain(..).collect()
+            let (kept, slots): (Vec<_>, Vec<_>) = held.drain(..).partition(|slot| {
+                slot.session.is_some() && slot.unsettled.load(Ordering::Acquire) > 0
+            });
+            lock(&self.lingering).extend(kept.iter().cloned());
+            (kept, slots)
         };
+        let pending: Vec<ReceivedMessage> = lock(&self.pending).drain(..).collect();
+        let nack = Settlement::Nack {
+            delay: Duration::ZERO,
+        };
+        for message in pending {
+            // A deferred message taken back and never handed out goes back to the
+            // deferred ones; any other is abandoned.
+            let deferred = message.token.as_text().is_some_and(|key| {
+                lock(&self.inflight)
+                    .get(key)
+                    .is_some_and(|e| e.redeliver.is_some())
+            });
+            let action = if deferred {
+                Action::Defer
+            } else {
+                Action::Settle(&nack)
+            };
+            if let Err(e) = self.act(&message.token, action).await {
+                tracing::debug!(path = %self.path, error = %e, "giving back a message never handed out; it comes back when its lock lapses");
+            }
+        }
+        for slot in kept {
+            // No more deliveries on it: only its settlements.
+            let mut guard = slot.link.lock().await;
+            if let Some(link) = guard.as_mut()
+                && let Err(e) = link.receiver.drain().await
+            {
+                tracing::debug!(path = %self.path, error = %e, "draining a session kept open after close");
+            }
+        }
         for slot in slots {
             let link = slot.link.lock().await.take();
             if let Some(link) = link {
@@ -1123,10 +1740,11 @@ impl SubscriptionDriver for ServiceBusSubscription {
                 );
             }
         }
-        lock(&self.inflight).clear();
-        lock(&self.pending).clear();
-        self.management.close().await;
-        // The acceptor sees `closed` and closes its connection.
+        if lock(&self.inflight).is_empty() {
+            self.management.close().await;
+        }
+        // The acceptor sees `closed`, closes the sessions kept open once they are done,
+        // and then its connection.
         lock(&self.acceptor).take();
         Ok(())
     }
@@ -1229,42 +1847,15 @@ impl ServiceBusDeadLetters {
     /// MessageId (duplicate detection would drop the old one), and on a topic the
     /// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
     fn resend(&self, letter: &AmqpMessage) -> Message<Data> {
-        let mut application = fe2o3_amqp::types::messaging::ApplicationProperties::builder();
-        if let Some(existing) = &letter.application_properties {
-            for (k, v) in existing.0.iter() {
-                if !DEAD_LETTER_PROPERTIES.contains(&k.as_str()) && k != REDRIVE_PROPERTY {
-                    application = application.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        if self.shared.config.entities == EntityKind::Topics {
-            application = application.insert(
-                REDRIVE_PROPERTY.to_owned(),
-                fe2o3_amqp::types::primitives::SimpleValue::String(self.subscription.clone()),
-            );
-        }
         let original = message_id_of(letter).unwrap_or_default();
         let sequence = sequence_of(letter).unwrap_or_default();
-        let id: String = format!("redrive-{sequence}-{original}")
-            .chars()
-            .take(128)
-            .collect();
-        let properties = Properties {
-            message_id: Some(fe2o3_amqp::types::messaging::MessageId::String(id)),
-            content_type: letter
-                .properties
-                .as_ref()
-                .and_then(|p| p.content_type.clone()),
-            group_id: session_id_of(letter),
-            ..Default::default()
-        };
-        Message::builder()
-            .properties(properties)
-            .application_properties(application.build())
-            .data(fe2o3_amqp::types::primitives::Binary::from(
-                super::message::body_bytes(letter),
-            ))
-            .build()
+        let subscription = (self.shared.config.entities == EntityKind::Topics)
+            .then_some(self.subscription.as_str());
+        resend_copy(
+            letter,
+            subscription,
+            format!("redrive-{sequence}-{original}"),
+        )
     }
 }
 
@@ -1414,7 +2005,233 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
 
 #[cfg(test)]
 mod tests {
+    use super::super::admin::Admin;
+    use super::super::config::ServiceBusConfig;
     use super::*;
+    use cloudbus_core::codec::BinaryCodec;
+    use fe2o3_amqp::types::messaging::{Batch, MessageAnnotations};
+    use fe2o3_amqp::types::primitives::Timestamp;
+
+    /// A consumer of queue `q` of an emulator namespace at `host`; nothing is opened
+    /// until it is used.
+    fn subscription(host: &str) -> ServiceBusSubscription {
+        let config = ServiceBusConfig::from_connection_string(&format!(
+            "Endpoint=sb://{host};SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
+        ))
+        .unwrap()
+        .management_endpoint("http://127.0.0.1:1")
+        .entities(EntityKind::Queues);
+        let shared = Arc::new(ServiceBusContext {
+            amqp: Arc::new(Amqp::new(config.clone())),
+            admin: Admin::new(&config).unwrap(),
+            codec: BinaryCodec::new(config.prefix),
+            managements: Default::default(),
+            config,
+        });
+        ServiceBusSubscription::new(shared, "q", "q")
+    }
+
+    /// A plain entity's slot whose link is gone: its messages are settled and renewed
+    /// through the management node.
+    fn detached_slot() -> Arc<Slot> {
+        Arc::new(Slot {
+            link: Mutex::new(None),
+            unsettled: AtomicUsize::new(0),
+            session: None,
+            idle_since: SyncMutex::new(None),
+            renew_at: SyncMutex::new(None),
+            lock_ends: SyncMutex::new(None),
+        })
+    }
+
+    /// Remembers an unsettled message of `slot`, leased for `lease`; answers its key.
+    fn remember(sub: &ServiceBusSubscription, slot: &Arc<Slot>, lease: Duration) -> String {
+        let lock_token = Uuid::from(*uuid::Uuid::new_v4().as_bytes());
+        let key = token_text(&lock_token);
+        slot.unsettled.fetch_add(1, Ordering::AcqRel);
+        lock(&sub.inflight).insert(
+            key.clone(),
+            InFlight {
+                lock_token,
+                sequence: Some(1),
+                origin: Origin::Management,
+                slot: slot.clone(),
+                lease_until: Instant::now() + lease,
+                settling: false,
+                redeliver: None,
+            },
+        );
+        key
+    }
+
+    /// A server that takes connections and never answers: an AMQP connection to it
+    /// waits for the server's protocol header (until `LINK_TIMEOUT`).
+    async fn silent_server() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn leases_follow_the_lock_duration_whatever_the_clock() {
+        let thirty = Some(Duration::from_secs(30));
+        // This clock is ahead by more than the lock duration: none left by it.
+        assert_eq!(lease_of(None, thirty), Duration::from_secs(30));
+        // Ahead by 27 s: implausibly little left.
+        assert_eq!(
+            lease_of(Some(Duration::from_secs(3)), thirty),
+            Duration::from_secs(30)
+        );
+        // 10 s in the link's buffer (or a clock 10 s ahead): the reading, shorter.
+        assert_eq!(
+            lease_of(Some(Duration::from_secs(20)), thirty),
+            Duration::from_secs(20)
+        );
+        // A clock behind the service's: never more than the lock duration.
+        assert_eq!(
+            lease_of(Some(Duration::from_secs(90)), thirty),
+            Duration::from_secs(30)
+        );
+        assert_eq!(lease_of(None, None), MIN_LOCK);
+        assert_eq!(
+            lease_of(Some(Duration::from_secs(45)), None),
+            Duration::from_secs(45)
+        );
+        assert_eq!(lease_of(Some(Duration::from_secs(900)), None), MAX_LOCK);
+    }
+
+    /// Issue 28 item 21: the lease was `x-opt-locked-until` minus this machine's clock,
+    /// so with this clock a minute ahead of the service's (and a 30 s lock) a message
+    /// came with no lease (so no renewal) and was held here for the shortest lock only,
+    /// its ack refused as LeaseExpired after 5 s. The lease is the lock duration now.
+    #[test]
+    fn a_clock_ahead_of_the_service_still_gets_the_lock_duration() {
+        let sub = subscription("127.0.0.1:1");
+        *lock(&sub.lock_duration) = Some(Duration::from_secs(30));
+        let slot = detached_slot();
+        // Locked for 30 s from the service's now, which is a minute behind this clock.
+        let locked_until_ms = Utc::now().timestamp_millis() + 30_000 - 60_000;
+        let message: AmqpMessage = Message::builder()
+            .message_annotations(Some(
+                MessageAnnotations::builder()
+                    .insert(
+                        Symbol::from("x-opt-locked-until"),
+                        Value::Timestamp(Timestamp::from_milliseconds(locked_until_ms)),
+                    )
+                    .build(),
+            ))
+            .body(Body::Data(Batch::from(vec![Data::from(b"x".to_vec())])))
+            .build();
+        let token = Uuid::from([7u8; 16]);
+        let received = sub
+            .convert(message, token.clone(), Origin::Management, &slot, false)
+            .expect("a delivery");
+        assert_eq!(received.lease, Some(Duration::from_secs(30)));
+        let until = lock(&sub.inflight)[&token_text(&token)].lease_until;
+        assert!(
+            until > Instant::now() + Duration::from_secs(25),
+            "held here for less than the lock"
+        );
+    }
+
+    /// Issue 28 item 11: a renewal took its message out of the map while it ran, and
+    /// an ack at that moment said AlreadySettled (and the handled event came back).
+    /// Here the renewal hangs on a server that never answers: its message stays in the
+    /// map, and an ack meanwhile waits for the management node instead of failing.
+    #[tokio::test]
+    async fn an_ack_during_a_renewal_is_not_already_settled() {
+        let port = silent_server().await;
+        let sub = subscription(&format!("127.0.0.1:{port}"));
+        let slot = detached_slot();
+        let key = remember(&sub, &slot, Duration::from_secs(60));
+        let token = AckToken::Text(key.clone());
+        let extend = [(
+            token.clone(),
+            Settlement::Extend {
+                lease: Duration::from_secs(30),
+            },
+        )];
+        let mut renewal = std::pin::pin!(sub.settle_batch(&extend));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), renewal.as_mut())
+                .await
+                .is_err(),
+            "the silent server answered"
+        );
+        assert!(
+            lock(&sub.inflight).contains_key(&key),
+            "the renewal took the message out of the map"
+        );
+        let ack = [(token, Settlement::Ack)];
+        if let Ok(results) =
+            tokio::time::timeout(Duration::from_millis(300), sub.settle_batch(&ack)).await
+        {
+            let results = results.unwrap();
+            assert!(
+                !matches!(&results[0], Err(e) if e.kind() == ErrorKind::AlreadySettled),
+                "{results:?}"
+            );
+        }
+        // (Timed out: it waited for the management node, which the renewal holds.)
+        // The ack was cancelled: the message is still there, settleable.
+        assert!(lock(&sub.inflight).get(&key).is_some_and(|e| !e.settling));
+    }
+
+    /// Issue 28 item 19: `close` cleared the map of unsettled messages, so a settlement
+    /// after it said AlreadySettled (and the message came back), while
+    /// `Consumer::close` promises that received deliveries can still be settled. After
+    /// `close` the message is still known: settling it goes to the service (refused
+    /// here, with nothing listening: Unavailable, and kept for a retry).
+    #[tokio::test]
+    async fn a_closed_consumer_still_knows_what_it_received() {
+        let sub = subscription("127.0.0.1:1");
+        let slot = detached_slot();
+        let key = remember(&sub, &slot, Duration::from_secs(60));
+        sub.close().await.unwrap();
+        assert!(lock(&sub.inflight).contains_key(&key), "forgotten by close");
+        let results = sub
+            .settle_batch(&[(AckToken::Text(key.clone()), Settlement::Ack)])
+            .await
+            .unwrap();
+        let e = results[0].as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(lock(&sub.inflight).get(&key).is_some_and(|e| !e.settling));
+    }
+
+    /// Issue 28 item 22: a `settle_batch` that was cancelled (its caller timed out or
+    /// shut down) had taken its messages out of the map, so their settlements then
+    /// said AlreadySettled while the messages came back. Cancelled now, it leaves
+    /// every one of them settleable.
+    #[tokio::test]
+    async fn a_cancelled_settlement_leaves_its_messages_settleable() {
+        let port = silent_server().await;
+        let sub = subscription(&format!("127.0.0.1:{port}"));
+        let slot = detached_slot();
+        let keys: Vec<String> = (0..3)
+            .map(|_| remember(&sub, &slot, Duration::from_secs(60)))
+            .collect();
+        let items: Vec<(AckToken, Settlement)> = keys
+            .iter()
+            .map(|k| (AckToken::Text(k.clone()), Settlement::Ack))
+            .collect();
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(200), sub.settle_batch(&items)).await;
+        assert!(cancelled.is_err(), "the silent server answered");
+        let inflight = lock(&sub.inflight);
+        for key in &keys {
+            assert!(
+                inflight.get(key).is_some_and(|e| !e.settling),
+                "{key} is lost from the map, or left marked as being settled"
+            );
+        }
+        assert_eq!(slot.unsettled.load(Ordering::Acquire), 3);
+    }
 
     #[test]
     fn settlements_map_to_disposition_statuses() {

@@ -906,3 +906,190 @@ macro_rules! chaos_suite {
         )+
     };
 }
+
+/// What one layer sweep saw ([`layers_keep_the_promise_under_faults`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerSweepReport {
+    /// Events published and accepted (faulty handlings first, then healthy ones).
+    pub published: usize,
+    /// Distinct accepted events handled to success.
+    pub handled: usize,
+    /// Accepted events never handled (must be 0).
+    pub lost: usize,
+    /// Events dead-lettered (must be 0: every fault was on an early attempt).
+    pub dead_lettered: usize,
+    /// Faults injected: (panics, handlings cancelled by the timeout, failures).
+    pub injected: (u64, u64, u64),
+}
+
+/// FNV-1a of `text`: a hash that is the same in every run, for seeded choices.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// An always-valid [`EventValidator`](crate::validation::EventValidator), so that the
+/// schema layer runs (and is cancelled) without a schema feature.
+struct EverythingValid;
+
+#[async_trait]
+impl crate::validation::EventValidator for EverythingValid {
+    fn validate_loaded(&self, _event: &Event) -> Result<crate::validation::Checked> {
+        Ok(crate::validation::Checked::Valid)
+    }
+    async fn validate(&self, _event: &Event) -> Result<crate::validation::Checked> {
+        tokio::task::yield_now().await;
+        Ok(crate::validation::Checked::Valid)
+    }
+}
+
+/// The cancellation and panic sweep of the router's layers (issue 28): a route
+/// wrapped in every layer (`Trace`, `Timeout`, `ConcurrencyLimit`, `RateLimit`,
+/// `CircuitBreaker`, `Idempotency`, `SchemaValidation`) whose handler, on its first
+/// two runs of an event, panics, hangs past the timeout (so the timeout layer cancels
+/// everything inside it) or fails, by seed; later runs succeed. Then a second
+/// round of `count` events meets a healthy handler. Every accepted event must be
+/// handled and none dead-lettered: a layer left refusing (a breaker stuck "probing",
+/// a claim never released, a permit never given back) loses the second round.
+pub async fn layers_keep_the_promise_under_faults<H: Harness>(
+    h: &H,
+    count: usize,
+    seed: u64,
+) -> Result<LayerSweepReport> {
+    use crate::idempotency::MemoryDedupStore;
+    use crate::router::layers::{
+        CircuitBreakerLayer, ConcurrencyLimitLayer, IdempotencyLayer, RateLimitLayer,
+        SchemaValidationLayer, TimeoutLayer, TraceLayer,
+    };
+    use crate::router::{Context, Router};
+
+    let bus = h.bus().await?;
+    let topic = h.unique("sweep-t");
+    let sub = h.unique("sweep-s");
+    bus.ensure_topic(&topic).await?;
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &sub).lease(h.short_lease()))
+        .await?;
+    let publisher = bus.publisher(&topic).await?;
+    let consumer = bus.consumer(&topic, &sub).await?;
+
+    let tally = Tally::default();
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let injected = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+    let timeout = Duration::from_millis(50);
+    // How many times the handler ran on each event: its first two runs may fail
+    // (an open breaker refuses some attempts without running it).
+    let runs: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let handler = {
+        let (seen, healthy, injected) = (tally.0.clone(), healthy.clone(), injected.clone());
+        move |ctx: Context| {
+            let (seen, healthy, injected) = (seen.clone(), healthy.clone(), injected.clone());
+            let run = runs
+                .lock()
+                .map(|mut r| {
+                    let n = r.entry(ctx.event().id().to_owned()).or_default();
+                    *n += 1;
+                    *n
+                })
+                .unwrap_or(u64::MAX);
+            async move {
+                let faulty = !healthy.load(Ordering::SeqCst) && run <= 2;
+                if faulty {
+                    let mut rng =
+                        fastrand::Rng::with_seed(seed ^ fnv1a(ctx.event().id()) ^ run);
+                    match rng.u8(0..10) {
+                        0 | 1 => {
+                            injected[0].fetch_add(1, Ordering::Relaxed);
+                            panic!("layer sweep: an injected panic");
+                        }
+                        2 | 3 => {
+                            injected[1].fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(timeout * 20).await;
+                        }
+                        4 => {
+                            injected[2].fetch_add(1, Ordering::Relaxed);
+                            return Err(HandlerError::retry("layer sweep: an injected failure"));
+                        }
+                        _ => {}
+                    }
+                }
+                if let Ok(mut m) = seen.lock() {
+                    *m.entry(ctx.event().id().to_owned()).or_default() += 1;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }
+    };
+    // Innermost first: the timeout wraps idempotency, the breaker and the limits, so
+    // its cancellation reaches each of them.
+    let router = Router::new()
+        .route_type("conformance.sweep", handler)
+        .layer(IdempotencyLayer::new(Arc::new(MemoryDedupStore::new(100_000))))
+        .layer(SchemaValidationLayer::new(Arc::new(EverythingValid)))
+        .layer(CircuitBreakerLayer::new(5, Duration::from_millis(20)))
+        .layer(ConcurrencyLimitLayer::new(4))
+        .layer(RateLimitLayer::new(100_000, Duration::from_secs(1)))
+        .layer(TimeoutLayer::new(timeout))
+        .layer(TraceLayer::new());
+    // Refusals of an open breaker spend attempts too; enough of them that only a
+    // breaker that never closes again runs them out.
+    let retry = crate::retry::RetryPolicy {
+        max_attempts: 30,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(100),
+        ..crate::retry::RetryPolicy::default()
+    };
+    let worker = consumer.start_worker(
+        router,
+        WorkerOptions::default()
+            .concurrency(8)
+            .retry(retry)
+            .receive_wait(Duration::from_millis(200)),
+    );
+    let (mut accepted, _) = publish_numbered(&publisher, "conformance.sweep", count).await?;
+    let stall_window = h.patience() * 2 + h.short_lease() * 4;
+    tally
+        .until_all_or_stalled(&accepted, stall_window, Duration::from_secs(300))
+        .await;
+    healthy.store(true, Ordering::SeqCst);
+    let publisher = bus.publisher(&topic).await?;
+    let (second, _) = publish_numbered(&publisher, "conformance.sweep", count).await?;
+    accepted.extend(second);
+    tally
+        .until_all_or_stalled(&accepted, stall_window, Duration::from_secs(300))
+        .await;
+    let worker_report = worker.shutdown(Duration::from_secs(10)).await;
+    consumer.close().await.ok();
+    let handled = tally.handled_of(&accepted);
+    let report = LayerSweepReport {
+        published: accepted.len(),
+        handled,
+        lost: accepted.len() - handled,
+        dead_lettered: worker_report.dead_lettered as usize,
+        injected: (
+            injected[0].load(Ordering::Relaxed),
+            injected[1].load(Ordering::Relaxed),
+            injected[2].load(Ordering::Relaxed),
+        ),
+    };
+    eprintln!(
+        "LAYER SWEEP scheme={} seed={seed} {report:?}",
+        bus.scheme()
+    );
+    Ok(report)
+}
+
+/// Runs [`layers_keep_the_promise_under_faults`] with the seed of
+/// `CLOUDBUS_CHAOS_SEED` (or a random one) and fails, naming the seed, when anything
+/// was lost or dead-lettered, or no fault was injected.
+pub async fn run_layer_sweep_case<H: Harness>(harness: H, count: usize) {
+    let seed = std::env::var("CLOUDBUS_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    match layers_keep_the_promise_under_faults(&harness, count, seed).await {
+        Ok(r) if r.lost == 0 && r.dead_lettered == 0 && r.injected.0 > 0 && r.injected.1 > 0 => {}
+        Ok(r) => panic!("layer sweep (CLOUDBUS_CHAOS_SEED={seed}): {r:?}"),
+        Err(e) => panic!("layer sweep (CLOUDBUS_CHAOS_SEED={seed}) failed: {e}"),
+    }
+}

@@ -315,7 +315,8 @@ macro_rules! __store_conformance_cases {
     ($($mode:tt)+) => {
         $crate::__store_conformance_cases! { @with [$($mode)+]
             dedup_first_claim_wins, dedup_completed_key_is_done,
-            dedup_release_frees_only_a_claim, dedup_claims_and_keys_expire,
+            dedup_release_frees_only_a_claim, dedup_release_and_renewal_are_by_owner,
+            dedup_claims_and_keys_expire,
             dedup_concurrent_claims_one_wins, dedup_idempotent_handler_handles_once,
             checkpoint_resumes_where_saved, checkpoint_one_owner_at_a_time,
             checkpoint_lapsed_lease_passes_on, checkpoint_concurrent_acquire_one_wins

@@ -46,13 +46,13 @@ pub async fn dedup_first_claim_wins(h: &dyn StoreHarness) -> Result<Outcome> {
         return Ok(Outcome::Skipped("a dedup store".into()));
     };
     let key = unique("first");
-    check!(a.claim(&key, LONG).await? == Claim::Claimed, "first claim");
-    let second = b.claim(&key, LONG).await?;
+    check!(a.claim(&key, "a", LONG).await? == Claim::Claimed, "first claim");
+    let second = b.claim(&key, "b", LONG).await?;
     check!(
         second == Claim::InProgress,
         "second claim answered {second:?}"
     );
-    let other = b.claim(&unique("other"), LONG).await?;
+    let other = b.claim(&unique("other"), "b", LONG).await?;
     check!(other == Claim::Claimed, "another key answered {other:?}");
     Ok(Outcome::Passed)
 }
@@ -63,10 +63,10 @@ pub async fn dedup_completed_key_is_done(h: &dyn StoreHarness) -> Result<Outcome
         return Ok(Outcome::Skipped("a dedup store".into()));
     };
     let key = unique("done");
-    check!(a.claim(&key, LONG).await? == Claim::Claimed, "claim");
+    check!(a.claim(&key, "a", LONG).await? == Claim::Claimed, "claim");
     a.complete(&key, LONG).await?;
     for store in [&a, &b] {
-        let again = store.claim(&key, LONG).await?;
+        let again = store.claim(&key, "later", LONG).await?;
         check!(
             again == Claim::Done,
             "claim after complete answered {again:?}"
@@ -82,20 +82,56 @@ pub async fn dedup_release_frees_only_a_claim(h: &dyn StoreHarness) -> Result<Ou
         return Ok(Outcome::Skipped("a dedup store".into()));
     };
     let key = unique("release");
-    check!(a.claim(&key, LONG).await? == Claim::Claimed, "claim");
-    a.release(&key).await?;
-    let again = b.claim(&key, LONG).await?;
+    check!(a.claim(&key, "a", LONG).await? == Claim::Claimed, "claim");
+    a.release(&key, "a").await?;
+    let again = b.claim(&key, "b", LONG).await?;
     check!(
         again == Claim::Claimed,
         "claim after release answered {again:?}"
     );
     b.complete(&key, LONG).await?;
-    a.release(&key).await?;
-    let after = a.claim(&key, LONG).await?;
+    b.release(&key, "b").await?;
+    let after = a.claim(&key, "a", LONG).await?;
     check!(
         after == Claim::Done,
         "a release forgot a completed key: {after:?}"
     );
+    Ok(Outcome::Passed)
+}
+
+/// Only a claim's owner releases it, and its owner renews it: a stale owner whose
+/// lease passed and whose claim another delivery took over cannot free the new
+/// claim with a late release (issue 28 item 20: the event ran twice at once).
+pub async fn dedup_release_and_renewal_are_by_owner(h: &dyn StoreHarness) -> Result<Outcome> {
+    let Some([a, b]) = two_dedup(h).await? else {
+        return Ok(Outcome::Skipped("a dedup store".into()));
+    };
+    let (renewed, key) = (unique("renewed"), unique("owner"));
+    check!(a.claim(&renewed, "stale", SHORT).await? == Claim::Claimed, "claim");
+    let renewal = a.claim(&renewed, "stale", LONG).await?;
+    check!(renewal == Claim::Claimed, "the owner's renewal answered {renewal:?}");
+    check!(a.claim(&key, "stale", SHORT).await? == Claim::Claimed, "claim");
+    tokio::time::sleep(PAST_SHORT).await;
+    let held = b.claim(&renewed, "new", LONG).await?;
+    check!(held == Claim::InProgress, "a renewed claim lapsed with its first lease: {held:?}");
+    let taken = b.claim(&key, "new", LONG).await?;
+    check!(taken == Claim::Claimed, "the lapsed claim was not taken over: {taken:?}");
+    a.release(&key, "stale").await?;
+    let third = a.claim(&key, "third", LONG).await?;
+    check!(
+        third == Claim::InProgress,
+        "a stale owner's release freed another's claim: {third:?}"
+    );
+    let stale = a.claim(&key, "stale", LONG).await?;
+    check!(stale == Claim::InProgress, "a stale owner renewed a claim it lost: {stale:?}");
+    let renewed_by_new = a.claim(&key, "new", LONG).await?;
+    check!(
+        renewed_by_new == Claim::Claimed,
+        "the owner's renewal answered {renewed_by_new:?}"
+    );
+    b.release(&key, "new").await?;
+    let after = a.claim(&key, "third", LONG).await?;
+    check!(after == Claim::Claimed, "released by its owner, the key answered {after:?}");
     Ok(Outcome::Passed)
 }
 
@@ -107,20 +143,20 @@ pub async fn dedup_claims_and_keys_expire(h: &dyn StoreHarness) -> Result<Outcom
     };
     let claimed = unique("lapse");
     let done = unique("ttl");
-    check!(a.claim(&claimed, SHORT).await? == Claim::Claimed, "claim");
-    check!(a.claim(&done, LONG).await? == Claim::Claimed, "claim");
+    check!(a.claim(&claimed, "a", SHORT).await? == Claim::Claimed, "claim");
+    check!(a.claim(&done, "a", LONG).await? == Claim::Claimed, "claim");
     a.complete(&done, SHORT).await?;
     check!(
-        b.claim(&claimed, LONG).await? == Claim::InProgress,
+        b.claim(&claimed, "b", LONG).await? == Claim::InProgress,
         "before the lease ran out"
     );
     tokio::time::sleep(PAST_SHORT).await;
-    let lapsed = b.claim(&claimed, LONG).await?;
+    let lapsed = b.claim(&claimed, "b", LONG).await?;
     check!(
         lapsed == Claim::Claimed,
         "after its lease the claim answered {lapsed:?}"
     );
-    let expired = b.claim(&done, LONG).await?;
+    let expired = b.claim(&done, "b", LONG).await?;
     check!(
         expired == Claim::Claimed,
         "after its TTL the key answered {expired:?}"
@@ -137,7 +173,7 @@ pub async fn dedup_concurrent_claims_one_wins(h: &dyn StoreHarness) -> Result<Ou
     let claims = (0..16).map(|i| {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
         let key = key.clone();
-        tokio::spawn(async move { store.claim(&key, LONG).await })
+        tokio::spawn(async move { store.claim(&key, &format!("racer-{i}"), LONG).await })
     });
     let mut won = 0;
     for claim in futures::future::join_all(claims).await {

@@ -145,12 +145,13 @@ impl HttpSchemaRegistry {
             return Ok(None);
         }
         if !status.is_success() {
-            let kind = if status.is_server_error() || status.as_u16() == 429 {
-                ErrorKind::Unavailable
-            } else if matches!(status.as_u16(), 401 | 403) {
+            // Only "no such schema" (404, above) says something about the event; any
+            // other answer is the registry's or the path's trouble (a timeout, a
+            // proxy, a bad request of ours), and must not dead-letter good events.
+            let kind = if matches!(status.as_u16(), 401 | 403) {
                 ErrorKind::PermissionDenied
             } else {
-                ErrorKind::InvalidArgument
+                ErrorKind::Unavailable
             };
             return Err(Error::new(kind, format!("GET {url}: HTTP {status}")));
         }
@@ -158,12 +159,9 @@ impl HttpSchemaRegistry {
             .bytes()
             .await
             .map_err(|e| Error::with_source(ErrorKind::Unavailable, format!("GET {url}"), e))?;
+        // A body that is not JSON (a proxy's HTML page) is the path's fault too.
         serde_json::from_slice(&body).map(Some).map_err(|e| {
-            Error::with_source(
-                ErrorKind::InvalidArgument,
-                format!("GET {url}: not JSON"),
-                e,
-            )
+            Error::with_source(ErrorKind::Unavailable, format!("GET {url}: not JSON"), e)
         })
     }
 }
@@ -218,11 +216,7 @@ impl SchemaRegistry for HttpSchemaRegistry {
     async fn list(&self) -> Result<Vec<SchemaId>> {
         let subjects: Vec<String> = match self.get(&["subjects"]).await? {
             Some(v) => serde_json::from_value(v).map_err(|e| {
-                Error::with_source(
-                    ErrorKind::InvalidArgument,
-                    "GET /subjects: not a list of names",
-                    e,
-                )
+                Error::with_source(ErrorKind::Unavailable, "GET /subjects: not a list of names", e)
             })?,
             None => return Ok(Vec::new()),
         };
@@ -231,7 +225,7 @@ impl SchemaRegistry for HttpSchemaRegistry {
             let versions: Vec<u32> = match self.get(&["subjects", &subject, "versions"]).await? {
                 Some(v) => serde_json::from_value(v).map_err(|e| {
                     Error::with_source(
-                        ErrorKind::InvalidArgument,
+                        ErrorKind::Unavailable,
                         format!("GET /subjects/{subject}/versions: not a list of versions"),
                         e,
                     )

@@ -1,7 +1,9 @@
 //! [`SchemaValidator`]: checks event data with the `jsonschema` crate against the
-//! schema of the event's type and version, compiled once and kept.
+//! schema of the event's type and version, compiled once and kept in a bounded
+//! cache (least recently used out first; a registry's "no schema" for a while).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,9 @@ use crate::validation::{Checked, EventValidator};
 
 /// At most this many violations are named in one error.
 const VIOLATIONS_NAMED: usize = 3;
+
+/// How many types and versions a validator keeps by default.
+const DEFAULT_MAX_CACHED: usize = 1024;
 
 /// Validates events against the schemas of a [`SchemaRegistry`]: give it to
 /// [`Publisher::validate_with`](crate::Publisher::validate_with) to refuse bad data
@@ -45,15 +50,25 @@ const VIOLATIONS_NAMED: usize = 3;
 pub struct SchemaValidator {
     registry: Arc<dyn SchemaRegistry>,
     /// Compiled schemas by id, and the ids the registry had none for (asked again
-    /// after `recheck_missing`, so that a schema registered later is found).
-    compiled: RwLock<HashMap<SchemaId, Cached>>,
+    /// after `recheck_missing`, so that a schema registered later is found). At most
+    /// `max_cached`: types and versions come off the wire, and a producer that
+    /// varies them must not grow it without bound.
+    compiled: RwLock<HashMap<SchemaId, CacheEntry>>,
     recheck_missing: Duration,
+    max_cached: usize,
+    /// A counter that orders uses, for evicting the least recently used.
+    uses: AtomicU64,
 }
 
 #[derive(Clone)]
 enum Cached {
     Schema(Arc<jsonschema::Validator>),
     Missing(Instant),
+}
+
+struct CacheEntry {
+    cached: Cached,
+    last_used: AtomicU64,
 }
 
 impl std::fmt::Debug for SchemaValidator {
@@ -72,7 +87,21 @@ impl SchemaValidator {
             registry,
             compiled: RwLock::new(HashMap::new()),
             recheck_missing: Duration::from_secs(60),
+            max_cached: DEFAULT_MAX_CACHED,
+            uses: AtomicU64::new(0),
         }
+    }
+
+    /// How many types and versions (schemas and "no schema" answers) are kept at
+    /// most (default 1024); the least recently used goes first.
+    pub fn max_cached(mut self, max: usize) -> Self {
+        self.max_cached = max.max(1);
+        self
+    }
+
+    /// How many types and versions are kept now (schemas and "no schema" answers).
+    pub fn cached_entries(&self) -> usize {
+        self.compiled.read().map(|c| c.len()).unwrap_or(0)
     }
 
     /// How long the registry's "no schema" for a type and version is believed before
@@ -99,7 +128,7 @@ impl SchemaValidator {
             .read()
             .map(|c| {
                 c.values()
-                    .filter(|v| matches!(v, Cached::Schema(_)))
+                    .filter(|v| matches!(v.cached, Cached::Schema(_)))
                     .count()
             })
             .unwrap_or(0)
@@ -122,16 +151,49 @@ impl SchemaValidator {
             Some(schema) => Cached::Schema(schema.clone()),
             None => Cached::Missing(Instant::now()),
         };
-        if let Ok(mut cache) = self.compiled.write() {
-            cache.insert(id.clone(), entry);
-        }
+        self.keep(id, entry);
         Ok(compiled)
+    }
+
+    /// Keeps `cached` for `id`, making room first: "no schema" answers past their
+    /// time, then the least recently used.
+    fn keep(&self, id: &SchemaId, cached: Cached) {
+        let Ok(mut cache) = self.compiled.write() else {
+            return;
+        };
+        if !cache.contains_key(id) && cache.len() >= self.max_cached {
+            let recheck = self.recheck_missing;
+            cache.retain(|_, e| !matches!(e.cached, Cached::Missing(at) if at.elapsed() >= recheck));
+            while cache.len() >= self.max_cached {
+                let Some(oldest) = cache
+                    .iter()
+                    .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                cache.remove(&oldest);
+            }
+        }
+        let used = self.uses.fetch_add(1, Ordering::Relaxed);
+        cache.insert(
+            id.clone(),
+            CacheEntry {
+                cached,
+                last_used: AtomicU64::new(used),
+            },
+        );
     }
 
     /// What is known of `id`: `Some(Some(schema))`, `Some(None)` (none, recently
     /// asked), or `None` (to be fetched).
     fn cached(&self, id: &SchemaId) -> Option<Option<Arc<jsonschema::Validator>>> {
-        match self.compiled.read().ok()?.get(id)? {
+        let cache = self.compiled.read().ok()?;
+        let entry = cache.get(id)?;
+        entry
+            .last_used
+            .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        match &entry.cached {
             Cached::Schema(schema) => Some(Some(schema.clone())),
             Cached::Missing(at) if at.elapsed() < self.recheck_missing => Some(None),
             Cached::Missing(_) => None,
@@ -220,5 +282,78 @@ impl EventValidator for SchemaValidator {
             Some(schema) => Self::check(&id, &schema, event),
             None => Ok(Checked::NoSchema),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::atomic::AtomicUsize;
+
+    use crate::event::EventBuilder;
+
+    /// A registry with one schema (com.example.known v1) that counts its lookups.
+    #[derive(Default)]
+    struct CountingRegistry {
+        lookups: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl SchemaRegistry for CountingRegistry {
+        async fn schema(&self, id: &SchemaId) -> Result<Option<Value>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            Ok((id.ty == "com.example.known").then(|| serde_json::json!({"type": "object"})))
+        }
+        async fn list(&self) -> Result<Vec<SchemaId>> {
+            Ok(vec![SchemaId::new("com.example.known", 1)])
+        }
+    }
+
+    fn event(ty: &str) -> Event {
+        EventBuilder::new(ty, "/test")
+            .json(&serde_json::json!({}))
+            .unwrap()
+            .build()
+            .unwrap()
+    }
+
+    /// Issue 28 item 12: every type and version seen on the wire was kept for ever,
+    /// misses included, so a producer varying `type` grew the map without bound.
+    #[tokio::test]
+    async fn the_cache_is_bounded_and_keeps_what_is_used() {
+        let registry = Arc::new(CountingRegistry::default());
+        let validator = SchemaValidator::new(registry.clone()).max_cached(8);
+        let known = event("com.example.known");
+        assert_eq!(validator.validate(&known).await.unwrap(), Checked::Valid);
+        for n in 0..1_000 {
+            let ty = format!("com.example.random-{n}");
+            assert_eq!(
+                validator.validate(&event(&ty)).await.unwrap(),
+                Checked::NoSchema
+            );
+            // The known type stays in use, so it stays cached.
+            assert_eq!(validator.validate_loaded(&known).unwrap(), Checked::Valid);
+            assert!(validator.cached_entries() <= 8, "{} kept", validator.cached_entries());
+        }
+        assert_eq!(validator.loaded(), 1);
+        // One lookup per distinct id, the known one's once.
+        assert_eq!(registry.lookups.load(Ordering::SeqCst), 1_001);
+    }
+
+    /// A "no schema" answer is believed for `recheck_missing`, then asked again.
+    #[tokio::test]
+    async fn misses_are_asked_again_after_their_time() {
+        let registry = Arc::new(CountingRegistry::default());
+        let validator =
+            SchemaValidator::new(registry.clone()).recheck_missing(Duration::from_millis(30));
+        let unknown = event("com.example.unknown");
+        validator.validate(&unknown).await.unwrap();
+        validator.validate(&unknown).await.unwrap();
+        assert_eq!(registry.lookups.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(validator.validate_loaded(&unknown).unwrap(), Checked::NotLoaded);
+        validator.validate(&unknown).await.unwrap();
+        assert_eq!(registry.lookups.load(Ordering::SeqCst), 2);
     }
 }

@@ -14,6 +14,10 @@ use crate::error::from_sqlx;
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_stores.sql")),
     (2, include_str!("../../migrations/postgres/0002_outbox.sql")),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_dedup_owner.sql"),
+    ),
 ];
 
 /// A key of `pg_advisory_xact_lock` that serializes concurrent migrators.

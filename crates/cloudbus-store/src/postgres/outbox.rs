@@ -3,9 +3,18 @@
 //! (`NOTIFY cloudbus_outbox`, delivered only if the transaction commits); claims take
 //! rows `FOR UPDATE SKIP LOCKED` under a lease, one claimer of a topic at a time (a
 //! transaction-scoped advisory lock), so that the per-key order check sees every
-//! earlier claim.
+//! earlier claim. Every time is the database's (`now()`), so relays whose clocks
+//! disagree still agree on leases.
+//!
+//! The LISTEN connection is read while a relay waits, and drained at every claim: a
+//! relay that never waits (a backlog that never ends) would otherwise leave its
+//! notifications unread, and PostgreSQL keeps every notification in its cluster-wide
+//! queue (8 GB) until every listener has read it; once full, every `NOTIFY`, and so
+//! every `stage`, fails.
 
-use std::time::Duration;
+use std::future::Future;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cloudbus_core::codec::to_structured_json;
@@ -21,6 +30,10 @@ use crate::sweep::delete_in_chunks;
 
 /// The channel relays listen on; the payload is the topic.
 const CHANNEL: &str = "cloudbus_outbox";
+
+/// The longest a claim spends draining notifications: they come faster than they are
+/// read only under a storm, and the next claim drains again.
+const DRAIN_AT_MOST: Duration = Duration::from_millis(50);
 
 /// The outbox of one topic in a PostgreSQL database (prepared by
 /// [`migrate`](super::migrate)). Cheap to clone.
@@ -96,6 +109,57 @@ impl PostgresOutbox {
     }
 }
 
+impl PostgresOutbox {
+    /// Reads and drops the notifications the LISTEN connection holds, without
+    /// waiting for more: the claim that follows sees every row they announce. Skipped
+    /// while another relay on this outbox waits on the connection (it reads them).
+    async fn drain_notifications(&self) {
+        let Ok(mut guard) = self.listener.try_lock() else {
+            return;
+        };
+        let started = Instant::now();
+        let mut drained = 0u64;
+        let mut yielded = false;
+        while started.elapsed() < DRAIN_AT_MOST {
+            let Some(listener) = guard.as_mut() else {
+                return;
+            };
+            // One poll: a notification already on the socket is read, and an empty
+            // socket answers Pending at once. Cancel-safe (sqlx keeps a partly read
+            // message in its buffer).
+            let next = {
+                let mut receiving = std::pin::pin!(listener.try_recv());
+                std::future::poll_fn(|cx| Poll::Ready(receiving.as_mut().poll(cx))).await
+            };
+            match next {
+                Poll::Ready(Ok(Some(_))) => {
+                    drained += 1;
+                    yielded = false;
+                }
+                // Nothing more on the socket, or Tokio's budget for this task ran out
+                // (its I/O answers Pending then, to make it yield): yielding once
+                // tells which.
+                Poll::Pending if !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                }
+                // Nothing more now, or the connection was lost (`None`: sqlx listens
+                // again on a new one).
+                Poll::Pending | Poll::Ready(Ok(None)) => break,
+                // A new listener is made at the next wait.
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, "outbox: the LISTEN connection failed; reconnecting");
+                    *guard = None;
+                    break;
+                }
+            }
+        }
+        if drained > 0 {
+            tracing::trace!(topic = %self.topic, drained, "outbox: notifications drained");
+        }
+    }
+}
+
 fn staged(row: &PgRow) -> std::result::Result<StagedEvent, sqlx::Error> {
     let delay_ms: Option<i64> = row.try_get("delay_ms")?;
     let attempts: i32 = row.try_get("attempts")?;
@@ -118,6 +182,8 @@ impl OutboxStorage for PostgresOutbox {
     }
 
     async fn claim(&self, relay: &str, max: usize, lease: Duration) -> Result<Vec<StagedEvent>> {
+        // Before the claim: a notification read now announced a commit this claim sees.
+        self.drain_notifications().await;
         let mut tx = self
             .pool
             .begin()
@@ -138,8 +204,9 @@ impl OutboxStorage for PostgresOutbox {
                        SELECT 1 FROM cloudbus_outbox e
                        WHERE e.topic = o.topic AND e.ordering_key = o.ordering_key
                          AND e.id < o.id AND e.sent_at IS NULL AND e.dead_reason IS NULL
-                         AND ((e.claimed_until > now() AND e.claimed_by <> $2)
-                              OR e.available_at > now())))
+                         AND (e.claimed_until > now()
+                            OR (e.available_at > now()
+                                AND e.available_at IS DISTINCT FROM e.deliver_at))))
                  ORDER BY o.id
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
@@ -159,13 +226,54 @@ impl OutboxStorage for PostgresOutbox {
         tx.commit()
             .await
             .map_err(|e| from_sqlx("outbox: claim", e))?;
-        let mut claimed = rows
-            .iter()
-            .map(staged)
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| from_sqlx("outbox: claim", e))?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match staged(row) {
+                Ok(event) => claimed.push(event),
+                // A row that cannot be read must not fail every claim of the topic.
+                Err(e) => {
+                    let id: i64 = row
+                        .try_get("id")
+                        .map_err(|e| from_sqlx("outbox: claim", e))?;
+                    let reason = format!("the staged row cannot be read: {e}");
+                    tracing::error!(topic = %self.topic, row = id, %reason, "outbox row dead-lettered");
+                    self.dead_letter(id, &reason).await?;
+                }
+            }
+        }
         claimed.sort_by_key(|row| row.id);
         Ok(claimed)
+    }
+
+    async fn extend_claim(&self, relay: &str, ids: &[i64], lease: Duration) -> Result<Vec<i64>> {
+        sqlx::query_scalar::<_, i64>(
+            "UPDATE cloudbus_outbox
+             SET claimed_until = now() + $3 * interval '1 millisecond'
+             WHERE id = ANY($1) AND claimed_by = $2
+               AND sent_at IS NULL AND dead_reason IS NULL
+             RETURNING id",
+        )
+        .bind(ids)
+        .bind(relay)
+        .bind(millis(lease))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| from_sqlx("outbox: extend claim", e))
+    }
+
+    async fn hold_until_due(&self, id: i64, delay: Duration) -> Result<()> {
+        sqlx::query(
+            "UPDATE cloudbus_outbox
+             SET available_at = COALESCE(deliver_at, now() + $2 * interval '1 millisecond'),
+                 claimed_by = NULL, claimed_until = NULL
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(millis(delay))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| from_sqlx("outbox: hold until due", e))?;
+        Ok(())
     }
 
     async fn mark_sent(&self, ids: &[i64]) -> Result<()> {

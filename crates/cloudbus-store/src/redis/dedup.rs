@@ -1,6 +1,9 @@
-//! [`DedupStore`] on Redis: one key per event, `claimed` or `done`, with Redis's own
-//! expiry (`PX`) as the lease and the TTL; a claim is one Lua script (`SET NX PX` with
-//! the answer read in the same step).
+//! [`DedupStore`] on Redis: one key per event, holding `claimed:<owner>` or `done`,
+//! with Redis's own expiry (`PX`) as the lease and the TTL (Redis's clock, so
+//! instances whose clocks disagree still agree on leases). Claiming is one Lua script
+//! (read, then set if absent or ours: a compare-or-set), and so is releasing (delete
+//! only if ours: a compare-and-delete), so that a stale owner never frees a claim
+//! another delivery holds now.
 
 use std::time::Duration;
 
@@ -12,22 +15,31 @@ use redis::aio::ConnectionManager;
 use crate::clock::millis;
 use crate::error::from_redis;
 
-/// Claims `KEYS[1]` for `ARGV[1]` ms unless it exists: 0 claimed, 1 in progress, 2 done.
+/// Claims `KEYS[1]` as `ARGV[2]` (the owner's claim value) for `ARGV[1]` ms unless it
+/// is done or another owner's: 0 claimed (or renewed), 1 in progress, 2 done. A
+/// `claimed` value written before claims had owners is nobody's: in progress until
+/// its expiry.
 const CLAIM: &str = r"
 local state = redis.call('GET', KEYS[1])
 if state == 'done' then return 2 end
-if state then return 1 end
-redis.call('SET', KEYS[1], 'claimed', 'PX', ARGV[1])
+if state and state ~= ARGV[2] then return 1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
 return 0
 ";
 
-/// Deletes `KEYS[1]` only while it is a claim (a completed key stays).
+/// Deletes `KEYS[1]` only while it is the claim `ARGV[1]` (a completed key, and a
+/// claim another owner took over, stay).
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == 'claimed' then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0
 ";
+
+/// The value of `owner`'s claim: never `done`, whatever the owner.
+fn claim_value(owner: &str) -> String {
+    format!("claimed:{owner}")
+}
 
 /// Idempotent consumers' memory on Redis, shared by every instance of a service, and
 /// bounded by Redis's expiry: a completed key vanishes after its TTL.
@@ -91,12 +103,13 @@ fn px(d: Duration) -> i64 {
 
 #[async_trait]
 impl DedupStore for RedisDedupStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim> {
         let mut connection = self.connection.clone();
         let state: i64 = self
             .claim
             .key(self.key(key))
             .arg(px(lease))
+            .arg(claim_value(owner))
             .invoke_async(&mut connection)
             .await
             .map_err(|e| from_redis("dedup store: claim", e))?;
@@ -119,10 +132,11 @@ impl DedupStore for RedisDedupStore {
             .map_err(|e| from_redis("dedup store: complete", e))
     }
 
-    async fn release(&self, key: &str) -> Result<()> {
+    async fn release(&self, key: &str, owner: &str) -> Result<()> {
         let mut connection = self.connection.clone();
         self.release
             .key(self.key(key))
+            .arg(claim_value(owner))
             .invoke_async::<i64>(&mut connection)
             .await
             .map_err(|e| from_redis("dedup store: release", e))?;

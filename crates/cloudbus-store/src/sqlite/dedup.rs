@@ -1,6 +1,7 @@
 //! [`DedupStore`] on SQLite: one row per key in `cloudbus_dedup`, claimed
-//! atomically with `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`, expiring by
-//! the process's clock (Unix milliseconds), and swept of expired rows as it is used.
+//! atomically with `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired OR ours`,
+//! expiring by the process's clock (Unix milliseconds), and swept of expired rows as
+//! it is used. A claim row names its owner: only the owner renews or releases it.
 
 use std::time::Duration;
 
@@ -79,21 +80,26 @@ impl SqliteDedupStore {
 
 #[async_trait]
 impl DedupStore for SqliteDedupStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim> {
+    async fn claim(&self, key: &str, owner: &str, lease: Duration) -> Result<Claim> {
         self.sweep_if_due();
         loop {
             let now = unix_millis_now();
+            // A new key, an expired one (done or claimed: taken over), or our own
+            // running claim (renewed); a row claimed before migration 3 has no owner
+            // and is nobody's to renew.
             let claimed = sqlx::query(
-                "INSERT INTO cloudbus_dedup (key, done, expires_at)
-                 VALUES (?1, 0, ?2 + ?3)
+                "INSERT INTO cloudbus_dedup (key, done, expires_at, owner)
+                 VALUES (?1, 0, ?2 + ?3, ?4)
                  ON CONFLICT (key) DO UPDATE
-                     SET done = 0, expires_at = excluded.expires_at
+                     SET done = 0, expires_at = excluded.expires_at, owner = excluded.owner
                      WHERE cloudbus_dedup.expires_at <= ?2
+                        OR (cloudbus_dedup.done = 0 AND cloudbus_dedup.owner = excluded.owner)
                  RETURNING key",
             )
             .bind(key)
             .bind(now)
             .bind(millis(lease))
+            .bind(owner)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| from_sqlx("dedup store: claim", e))?;
@@ -130,9 +136,10 @@ impl DedupStore for SqliteDedupStore {
         Ok(())
     }
 
-    async fn release(&self, key: &str) -> Result<()> {
-        sqlx::query("DELETE FROM cloudbus_dedup WHERE key = ?1 AND done = 0")
+    async fn release(&self, key: &str, owner: &str) -> Result<()> {
+        sqlx::query("DELETE FROM cloudbus_dedup WHERE key = ?1 AND done = 0 AND owner = ?2")
             .bind(key)
+            .bind(owner)
             .execute(&self.pool)
             .await
             .map_err(|e| from_sqlx("dedup store: release", e))?;

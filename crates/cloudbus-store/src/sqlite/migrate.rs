@@ -1,6 +1,8 @@
 //! The tables of the SQLite stores, created by numbered migrations recorded in
 //! `cloudbus_migrations` (its own table, so that it never meets the application's
-//! migration tool), each in one transaction.
+//! migration tool), each in one write transaction taken at its start (`BEGIN
+//! IMMEDIATE`), so that processes migrating at once take turns and a migration that
+//! is not idempotent by itself (`ALTER TABLE ... ADD COLUMN`) runs once.
 
 use cloudbus_core::Result;
 // Executor::execute rather than RawSql::execute: the latter's future is not provably
@@ -14,6 +16,10 @@ use crate::error::from_sqlx;
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_stores.sql")),
     (2, include_str!("../../migrations/sqlite/0002_outbox.sql")),
+    (
+        3,
+        include_str!("../../migrations/sqlite/0003_dedup_owner.sql"),
+    ),
 ];
 
 /// Creates or updates the stores' tables. Idempotent.
@@ -35,8 +41,10 @@ pub async fn migrate(pool: &SqlitePool) -> Result<()> {
         .await
         .map_err(|e| from_sqlx("migrate: cloudbus_migrations", e))?;
     for (version, sql) in MIGRATIONS {
+        // The write lock before the version is read: a deferred transaction would
+        // read "not applied" beside another migrator and then fail to upgrade.
         let mut tx = pool
-            .begin()
+            .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(|e| from_sqlx("migrate: begin", e))?;
         let applied: Option<i64> =

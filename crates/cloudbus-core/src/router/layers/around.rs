@@ -19,6 +19,12 @@ where
     S: tower::Service<Context, Response = (), Error = HandlerError>,
     S::Future: Send + 'static,
 {
+    /// The rest of a route made of `inner` (the layers' own tests build one).
+    #[cfg(test)]
+    pub(crate) fn new(inner: S) -> Self {
+        Next { inner }
+    }
+
     /// Runs the rest of the route on `ctx`.
     pub fn run(mut self, ctx: Context) -> S::Future {
         self.inner.call(ctx)

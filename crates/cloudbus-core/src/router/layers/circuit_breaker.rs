@@ -123,14 +123,126 @@ impl Middleware for CircuitBreakerLayer {
             Admission::Pass { probe } => probe,
         };
         let handling = next.run(ctx);
-        let state = self.state.clone();
+        let mut verdict = Verdict {
+            state: self.state.clone(),
+            probe,
+            recorded: false,
+        };
         Box::pin(async move {
             let outcome = handling.await;
-            if let Ok(mut b) = state.lock() {
-                b.record(&outcome, probe, Instant::now());
-            }
+            verdict.record(&outcome);
             outcome
         })
+    }
+}
+
+/// Records a handling's outcome in the breaker, also when it has none: a handling
+/// dropped before it ended (cancelled by an outer timeout or a shutdown) gives its
+/// probe back, and one that panicked counts as a failure. Without this a dropped or
+/// panicking probe left `probing` set, and the breaker refused every later event.
+struct Verdict {
+    state: Arc<Mutex<Breaker>>,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Verdict {
+    fn record(&mut self, outcome: &Result<(), HandlerError>) {
+        self.recorded = true;
+        if let Ok(mut b) = self.state.lock() {
+            b.record(outcome, self.probe, Instant::now());
+        }
+    }
+}
+
+impl Drop for Verdict {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        if std::thread::panicking() {
+            self.record(&Err(HandlerError::retry("the handler panicked")));
+        } else if self.probe {
+            // Cancelled: no verdict on the downstream; let the next event probe.
+            if let Ok(mut b) = self.state.lock() {
+                b.probing = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use futures::FutureExt;
+
+    use crate::event::EventBuilder;
+    use crate::handler::HandlerContext;
+
+    fn ctx() -> Context {
+        let event = EventBuilder::new("com.example.test", "/test")
+            .build()
+            .expect("event");
+        Context::new(std::sync::Arc::new(event), HandlerContext::new(1, "test"))
+    }
+
+    /// Opens the breaker (one failure, cool-down 10 ms) and waits out the cool-down,
+    /// so the next handling is the probe.
+    async fn opened_and_cooled(breaker: &CircuitBreakerLayer) {
+        let failing = tower::service_fn(|_ctx: Context| async {
+            Err::<(), _>(HandlerError::retry("down"))
+        });
+        let _ = breaker.call(ctx(), Next::new(failing)).await;
+        assert!(breaker.is_open());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    async fn succeeds(breaker: &CircuitBreakerLayer) -> Result<(), HandlerError> {
+        let ok = tower::service_fn(|_ctx: Context| async { Ok::<(), HandlerError>(()) });
+        breaker.call(ctx(), Next::new(ok)).await
+    }
+
+    /// Issue 28 item 1: a probe cancelled by an outer timeout left the breaker
+    /// refusing every later event ("circuit open") for ever.
+    #[tokio::test]
+    async fn a_cancelled_probe_lets_the_next_event_probe() {
+        let breaker = CircuitBreakerLayer::new(1, Duration::from_millis(10));
+        opened_and_cooled(&breaker).await;
+        let hanging = tower::service_fn(|_ctx: Context| async {
+            std::future::pending::<()>().await;
+            Ok::<(), HandlerError>(())
+        });
+        let probe = breaker.call(ctx(), Next::new(hanging));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), probe)
+                .await
+                .is_err()
+        );
+        assert!(succeeds(&breaker).await.is_ok(), "the next event was refused");
+        assert!(!breaker.is_open());
+    }
+
+    /// Issue 28 item 1: a probe that panicked left the breaker refusing for ever; it
+    /// counts as a failure (the circuit opens again for a cool-down), then probes.
+    #[tokio::test]
+    async fn a_panicking_probe_counts_as_a_failure() {
+        let breaker = CircuitBreakerLayer::new(1, Duration::from_millis(10));
+        opened_and_cooled(&breaker).await;
+        let panicking = tower::service_fn(|_ctx: Context| async {
+            if true {
+                panic!("handler bug");
+            }
+            Ok::<(), HandlerError>(())
+        });
+        let probe = std::panic::AssertUnwindSafe(breaker.call(ctx(), Next::new(panicking)))
+            .catch_unwind()
+            .await;
+        assert!(probe.is_err(), "the panic unwinds to the worker");
+        assert!(breaker.is_open(), "a panic is a failure");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(succeeds(&breaker).await.is_ok(), "the next probe was refused");
+        assert!(!breaker.is_open());
     }
 }
 

@@ -44,6 +44,12 @@ impl IdempotencyLayer {
         self.once.ttl = ttl;
         self
     }
+    /// How long a claim outlives a process that crashed while handling (default
+    /// 5 minutes); see [`Idempotent::claim_lease`](crate::Idempotent::claim_lease).
+    pub fn claim_lease(mut self, lease: Duration) -> Self {
+        self.once.set_lease(lease);
+        self
+    }
     /// A counter of duplicates skipped.
     pub fn duplicates(&self) -> Arc<AtomicU64> {
         self.once.duplicates.clone()
