@@ -1013,10 +1013,22 @@ async fn serve_canned(
 #[tokio::test]
 async fn registry_faults_are_never_blamed_on_the_event() {
     let answers = [
-        ("408 Request Timeout", "application/json", r#"{"error_code": 408}"#),
-        ("400 Bad Request", "application/json", r#"{"error_code": 400}"#),
+        (
+            "408 Request Timeout",
+            "application/json",
+            r#"{"error_code": 408}"#,
+        ),
+        (
+            "400 Bad Request",
+            "application/json",
+            r#"{"error_code": 400}"#,
+        ),
         ("409 Conflict", "application/json", r#"{"error_code": 409}"#),
-        ("200 OK", "text/html", "<html><body>proxy login</body></html>"),
+        (
+            "200 OK",
+            "text/html",
+            "<html><body>proxy login</body></html>",
+        ),
     ];
     for (status, content_type, body) in answers {
         let (url, server) = serve_canned(status, content_type, body).await;

@@ -223,7 +223,9 @@ fn send_and_tail(url: &str, fan_out: bool) {
     let more = send_orders(url, &topic, 1);
     let want = if fan_out { 4 } else { 1 };
     let json = cloudbus()
-        .args(["tail", url, &topic, &json_sub, "--json", "--idle", "60", "--ack"])
+        .args([
+            "tail", url, &topic, &json_sub, "--json", "--idle", "60", "--ack",
+        ])
         .args(["--max", &want.to_string()])
         .output()
         .unwrap();
@@ -352,7 +354,9 @@ fn dead_letters_peek_redrive_purge_on_localstack() {
     assert!(redrive.status.success(), "{redrive:?}");
     assert!(text(&redrive.stdout).contains("redriven 1"), "{redrive:?}");
     let back = cloudbus()
-        .args(["tail", url, &topic, &sub, "--max", "1", "--idle", "30", "--ack"])
+        .args([
+            "tail", url, &topic, &sub, "--max", "1", "--idle", "30", "--ack",
+        ])
         .output()
         .unwrap();
     assert!(

@@ -294,10 +294,14 @@ impl OncePerEvent {
     async fn claim_or_wait(&self, key: &str, owner: &str) -> Result<Claim, HandlerError> {
         let deadline = tokio::time::Instant::now() + self.lease + self.poll_period();
         loop {
-            let claim = self.store.claim(key, owner, self.lease).await.map_err(|e| {
-                // The store being away says nothing about the event: try again later.
-                HandlerError::retry(format!("dedup store: {e}"))
-            })?;
+            let claim = self
+                .store
+                .claim(key, owner, self.lease)
+                .await
+                .map_err(|e| {
+                    // The store being away says nothing about the event: try again later.
+                    HandlerError::retry(format!("dedup store: {e}"))
+                })?;
             if claim != Claim::InProgress {
                 return Ok(claim);
             }
@@ -500,7 +504,9 @@ mod tests {
         }
         // The newest are remembered, the oldest forgotten.
         assert_eq!(
-            s.claim("new-99", "o", Duration::from_secs(9)).await.unwrap(),
+            s.claim("new-99", "o", Duration::from_secs(9))
+                .await
+                .unwrap(),
             Claim::Done
         );
         assert_eq!(
@@ -670,7 +676,11 @@ mod tests {
             .claim(&OncePerEvent::key(&event), "probe", Duration::from_secs(1))
             .await
             .unwrap();
-        assert_eq!(probe, Claim::InProgress, "the claim lapsed while its handler ran");
+        assert_eq!(
+            probe,
+            Claim::InProgress,
+            "the claim lapsed while its handler ran"
+        );
         assert!(first.await.unwrap().is_ok());
     }
 

@@ -42,6 +42,7 @@ pub mod stream;
 pub mod telemetry;
 pub mod topology;
 pub mod trace_context;
+pub mod transport;
 pub mod typed;
 pub mod validation;
 pub mod worker;

@@ -941,7 +941,9 @@ mod tests {
         ) -> crate::Result<Vec<ReceivedMessage>> {
             let n = self.received.fetch_add(1, Ordering::SeqCst);
             Ok(vec![ReceivedMessage {
-                event: Ok(Arc::new(EventBuilder::new("com.example.step", "/test").build()?)),
+                event: Ok(Arc::new(
+                    EventBuilder::new("com.example.step", "/test").build()?,
+                )),
                 token: AckToken::Number(n),
                 attempt: 1,
                 lease: None,
@@ -976,12 +978,13 @@ mod tests {
     async fn a_slow_queue_depth_never_slows_receiving_or_shutdown() {
         let driver = Arc::new(SlowDepth::default());
         let consumer = Consumer::new(driver.clone(), "slow-depth");
-        let worker = consumer.start_worker(
-            |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
-                Ok::<(), HandlerError>(())
-            },
-            WorkerOptions::default().concurrency(2),
-        );
+        let worker =
+            consumer.start_worker(
+                |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                    Ok::<(), HandlerError>(())
+                },
+                WorkerOptions::default().concurrency(2),
+            );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let started = Instant::now();
         let report = worker.shutdown(Duration::from_secs(5)).await;

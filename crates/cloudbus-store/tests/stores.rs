@@ -267,7 +267,10 @@ mod owner_tokens {
         let key = unique("after-upgrade");
         assert_eq!(store.claim(&key, "A", LONG).await.unwrap(), Claim::Claimed);
         store.release(&key, "B").await.unwrap();
-        assert_eq!(store.claim(&key, "B", LONG).await.unwrap(), Claim::InProgress);
+        assert_eq!(
+            store.claim(&key, "B", LONG).await.unwrap(),
+            Claim::InProgress
+        );
         store.release(&key, "A").await.unwrap();
         assert_eq!(store.claim(&key, "B", LONG).await.unwrap(), Claim::Claimed);
     }

@@ -487,7 +487,10 @@ impl Outcome {
         match (self.again, self.refused.is_empty()) {
             (Some(first), _) if self.again_count > 1 => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("{first} (and {} more to deliver again)", self.again_count - 1),
+                format!(
+                    "{first} (and {} more to deliver again)",
+                    self.again_count - 1
+                ),
             ),
             (Some(first), _) => text(StatusCode::SERVICE_UNAVAILABLE, first),
             (None, false) => text(StatusCode::BAD_REQUEST, self.refused.join("; ")),
@@ -508,7 +511,10 @@ async fn deliver(
     let json: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(_) if validation => {
-            return text(StatusCode::BAD_REQUEST, "a validation request that is not JSON");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "a validation request that is not JSON",
+            );
         }
         Err(e) => {
             let reason = format!("malformed: invalid JSON: {e}");
@@ -840,7 +846,10 @@ mod tests {
         }
         let reasons = state.reasons();
         assert_eq!(reasons.len(), 3, "{reasons:?}");
-        assert!(reasons[0].starts_with("malformed: invalid JSON"), "{reasons:?}");
+        assert!(
+            reasons[0].starts_with("malformed: invalid JSON"),
+            "{reasons:?}"
+        );
         assert!(reasons[1].contains("source"), "{reasons:?}");
         assert_eq!(reasons[2], "rejected: poison");
     }
@@ -870,7 +879,10 @@ mod tests {
             assert_eq!(status, 503, "attempt {count}: {text}");
             assert!(text.contains("not yet"), "{text}");
         }
-        assert!(state.reasons().is_empty(), "dead-lettered before the last attempt");
+        assert!(
+            state.reasons().is_empty(),
+            "dead-lettered before the last attempt"
+        );
         // The last attempt, and one past it (Event Grid may skip retries).
         for count in ["2", "7"] {
             let (status, text) = call(
@@ -885,7 +897,10 @@ mod tests {
             .iter()
             .filter_map(|l| l.event().map(|e| e.id()))
             .collect();
-        assert_eq!(ids, [flaky.id(), panicking.id(), flaky.id(), panicking.id()]);
+        assert_eq!(
+            ids,
+            [flaky.id(), panicking.id(), flaky.id(), panicking.id()]
+        );
         let reasons = state.reasons();
         assert_eq!(reasons[0], "max delivery attempts (3) exceeded: not yet");
         assert!(
@@ -999,7 +1014,10 @@ mod tests {
         let streamed = Body::from_stream(futures::stream::iter(chunks));
         let (status, text) = call(&endpoint, push(Some("0"), streamed)).await;
         assert_eq!(status, 413, "{text}");
-        assert!(!seen.load(Ordering::SeqCst), "a handler ran for a refused body");
+        assert!(
+            !seen.load(Ordering::SeqCst),
+            "a handler ran for a refused body"
+        );
     }
 
     /// The push endpoint's failure modes (the request dropped mid-handling, as when

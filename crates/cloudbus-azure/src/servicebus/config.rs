@@ -373,6 +373,7 @@ impl ServiceBusConfig {
 /// the management API, so there both must be loopback; elsewhere a management
 /// endpoint that is not `https://` must be loopback. Checked before anything is sent.
 pub(crate) fn check_credential_transport(config: &ServiceBusConfig) -> Result<()> {
+    use cloudbus_core::transport::is_loopback_host as is_loopback;
     let credential = match config.access {
         Access::Identity(_) => "a Microsoft Entra ID token",
         Access::Key { .. } => "a SAS token signed with the shared access key",
@@ -413,27 +414,6 @@ pub(crate) fn check_credential_transport(config: &ServiceBusConfig) -> Result<()
         ));
     }
     Ok(())
-}
-
-/// Whether a host (with or without a port) is this machine.
-pub(crate) fn is_loopback(host: &str) -> bool {
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return ip.is_loopback();
-    }
-    let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(rest),
-        None => host.rsplit_once(':').map_or(host, |(h, port)| {
-            if port.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                host
-            }
-        }),
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -568,25 +548,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message().contains("EntityPath"));
-    }
-
-    #[test]
-    fn loopback_hosts_are_recognised() {
-        for host in [
-            "localhost",
-            "127.0.0.1:5672",
-            "localhost:5673",
-            "[::1]:5672",
-            "::1",
-        ] {
-            assert!(is_loopback(host), "{host}");
-        }
-        for host in [
-            "contoso.servicebus.windows.net",
-            "10.0.0.4:5672",
-            "example.com",
-        ] {
-            assert!(!is_loopback(host), "{host}");
-        }
     }
 }

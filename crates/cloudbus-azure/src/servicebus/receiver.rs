@@ -421,13 +421,6 @@ enum Action<'a> {
 }
 
 impl Action<'_> {
-    /// Whether the message leaves the consumer's hands (all but extend).
-    fn is_final(self) -> bool {
-        match self {
-            Action::Settle(s) => s.is_final(),
-            Action::Defer => true,
-        }
-    }
     fn label(self) -> &'static str {
         match self {
             Action::Settle(s) => s.status(),

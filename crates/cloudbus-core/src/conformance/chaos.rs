@@ -995,8 +995,7 @@ pub async fn layers_keep_the_promise_under_faults<H: Harness>(
             async move {
                 let faulty = !healthy.load(Ordering::SeqCst) && run <= 2;
                 if faulty {
-                    let mut rng =
-                        fastrand::Rng::with_seed(seed ^ fnv1a(ctx.event().id()) ^ run);
+                    let mut rng = fastrand::Rng::with_seed(seed ^ fnv1a(ctx.event().id()) ^ run);
                     match rng.u8(0..10) {
                         0 | 1 => {
                             injected[0].fetch_add(1, Ordering::Relaxed);
@@ -1024,7 +1023,9 @@ pub async fn layers_keep_the_promise_under_faults<H: Harness>(
     // its cancellation reaches each of them.
     let router = Router::new()
         .route_type("conformance.sweep", handler)
-        .layer(IdempotencyLayer::new(Arc::new(MemoryDedupStore::new(100_000))))
+        .layer(IdempotencyLayer::new(Arc::new(MemoryDedupStore::new(
+            100_000,
+        ))))
         .layer(SchemaValidationLayer::new(Arc::new(EverythingValid)))
         .layer(CircuitBreakerLayer::new(5, Duration::from_millis(20)))
         .layer(ConcurrencyLimitLayer::new(4))
@@ -1072,10 +1073,7 @@ pub async fn layers_keep_the_promise_under_faults<H: Harness>(
             injected[2].load(Ordering::Relaxed),
         ),
     };
-    eprintln!(
-        "LAYER SWEEP scheme={} seed={seed} {report:?}",
-        bus.scheme()
-    );
+    eprintln!("LAYER SWEEP scheme={} seed={seed} {report:?}", bus.scheme());
     Ok(report)
 }
 

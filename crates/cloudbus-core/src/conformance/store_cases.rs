@@ -46,7 +46,10 @@ pub async fn dedup_first_claim_wins(h: &dyn StoreHarness) -> Result<Outcome> {
         return Ok(Outcome::Skipped("a dedup store".into()));
     };
     let key = unique("first");
-    check!(a.claim(&key, "a", LONG).await? == Claim::Claimed, "first claim");
+    check!(
+        a.claim(&key, "a", LONG).await? == Claim::Claimed,
+        "first claim"
+    );
     let second = b.claim(&key, "b", LONG).await?;
     check!(
         second == Claim::InProgress,
@@ -107,15 +110,30 @@ pub async fn dedup_release_and_renewal_are_by_owner(h: &dyn StoreHarness) -> Res
         return Ok(Outcome::Skipped("a dedup store".into()));
     };
     let (renewed, key) = (unique("renewed"), unique("owner"));
-    check!(a.claim(&renewed, "stale", SHORT).await? == Claim::Claimed, "claim");
+    check!(
+        a.claim(&renewed, "stale", SHORT).await? == Claim::Claimed,
+        "claim"
+    );
     let renewal = a.claim(&renewed, "stale", LONG).await?;
-    check!(renewal == Claim::Claimed, "the owner's renewal answered {renewal:?}");
-    check!(a.claim(&key, "stale", SHORT).await? == Claim::Claimed, "claim");
+    check!(
+        renewal == Claim::Claimed,
+        "the owner's renewal answered {renewal:?}"
+    );
+    check!(
+        a.claim(&key, "stale", SHORT).await? == Claim::Claimed,
+        "claim"
+    );
     tokio::time::sleep(PAST_SHORT).await;
     let held = b.claim(&renewed, "new", LONG).await?;
-    check!(held == Claim::InProgress, "a renewed claim lapsed with its first lease: {held:?}");
+    check!(
+        held == Claim::InProgress,
+        "a renewed claim lapsed with its first lease: {held:?}"
+    );
     let taken = b.claim(&key, "new", LONG).await?;
-    check!(taken == Claim::Claimed, "the lapsed claim was not taken over: {taken:?}");
+    check!(
+        taken == Claim::Claimed,
+        "the lapsed claim was not taken over: {taken:?}"
+    );
     a.release(&key, "stale").await?;
     let third = a.claim(&key, "third", LONG).await?;
     check!(
@@ -123,7 +141,10 @@ pub async fn dedup_release_and_renewal_are_by_owner(h: &dyn StoreHarness) -> Res
         "a stale owner's release freed another's claim: {third:?}"
     );
     let stale = a.claim(&key, "stale", LONG).await?;
-    check!(stale == Claim::InProgress, "a stale owner renewed a claim it lost: {stale:?}");
+    check!(
+        stale == Claim::InProgress,
+        "a stale owner renewed a claim it lost: {stale:?}"
+    );
     let renewed_by_new = a.claim(&key, "new", LONG).await?;
     check!(
         renewed_by_new == Claim::Claimed,
@@ -131,7 +152,10 @@ pub async fn dedup_release_and_renewal_are_by_owner(h: &dyn StoreHarness) -> Res
     );
     b.release(&key, "new").await?;
     let after = a.claim(&key, "third", LONG).await?;
-    check!(after == Claim::Claimed, "released by its owner, the key answered {after:?}");
+    check!(
+        after == Claim::Claimed,
+        "released by its owner, the key answered {after:?}"
+    );
     Ok(Outcome::Passed)
 }
 
@@ -143,7 +167,10 @@ pub async fn dedup_claims_and_keys_expire(h: &dyn StoreHarness) -> Result<Outcom
     };
     let claimed = unique("lapse");
     let done = unique("ttl");
-    check!(a.claim(&claimed, "a", SHORT).await? == Claim::Claimed, "claim");
+    check!(
+        a.claim(&claimed, "a", SHORT).await? == Claim::Claimed,
+        "claim"
+    );
     check!(a.claim(&done, "a", LONG).await? == Claim::Claimed, "claim");
     a.complete(&done, SHORT).await?;
     check!(

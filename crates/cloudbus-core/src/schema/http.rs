@@ -107,7 +107,7 @@ impl HttpSchemaRegistry {
     }
 
     fn authorized(mut self, header: String, described: String) -> Result<Self> {
-        if !carries_credentials_safely(&self.base) {
+        if !crate::transport::credentials_may_go_to(&self.base, true) {
             return Err(Error::invalid(format!(
                 "credentials for the schema registry at {} would travel unencrypted: use https://",
                 self.base
@@ -166,21 +166,6 @@ impl HttpSchemaRegistry {
     }
 }
 
-/// Whether credentials may be sent to `base`: over HTTPS (certificates verified), or
-/// over plain HTTP to this machine's loopback, where they do not travel.
-fn carries_credentials_safely(base: &url::Url) -> bool {
-    match base.scheme() {
-        "https" => true,
-        "http" => match base.host() {
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            None => false,
-        },
-        _ => false,
-    }
-}
-
 /// A URL's user or password as written before percent-encoding (`%40` is `@`).
 fn percent_decoded(part: &str) -> String {
     let bytes = part.as_bytes();
@@ -216,7 +201,11 @@ impl SchemaRegistry for HttpSchemaRegistry {
     async fn list(&self) -> Result<Vec<SchemaId>> {
         let subjects: Vec<String> = match self.get(&["subjects"]).await? {
             Some(v) => serde_json::from_value(v).map_err(|e| {
-                Error::with_source(ErrorKind::Unavailable, "GET /subjects: not a list of names", e)
+                Error::with_source(
+                    ErrorKind::Unavailable,
+                    "GET /subjects: not a list of names",
+                    e,
+                )
             })?,
             None => return Ok(Vec::new()),
         };

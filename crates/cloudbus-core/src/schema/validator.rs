@@ -163,7 +163,8 @@ impl SchemaValidator {
         };
         if !cache.contains_key(id) && cache.len() >= self.max_cached {
             let recheck = self.recheck_missing;
-            cache.retain(|_, e| !matches!(e.cached, Cached::Missing(at) if at.elapsed() >= recheck));
+            cache
+                .retain(|_, e| !matches!(e.cached, Cached::Missing(at) if at.elapsed() >= recheck));
             while cache.len() >= self.max_cached {
                 let Some(oldest) = cache
                     .iter()
@@ -334,7 +335,11 @@ mod tests {
             );
             // The known type stays in use, so it stays cached.
             assert_eq!(validator.validate_loaded(&known).unwrap(), Checked::Valid);
-            assert!(validator.cached_entries() <= 8, "{} kept", validator.cached_entries());
+            assert!(
+                validator.cached_entries() <= 8,
+                "{} kept",
+                validator.cached_entries()
+            );
         }
         assert_eq!(validator.loaded(), 1);
         // One lookup per distinct id, the known one's once.
@@ -352,7 +357,10 @@ mod tests {
         validator.validate(&unknown).await.unwrap();
         assert_eq!(registry.lookups.load(Ordering::SeqCst), 1);
         tokio::time::sleep(Duration::from_millis(40)).await;
-        assert_eq!(validator.validate_loaded(&unknown).unwrap(), Checked::NotLoaded);
+        assert_eq!(
+            validator.validate_loaded(&unknown).unwrap(),
+            Checked::NotLoaded
+        );
         validator.validate(&unknown).await.unwrap();
         assert_eq!(registry.lookups.load(Ordering::SeqCst), 2);
     }

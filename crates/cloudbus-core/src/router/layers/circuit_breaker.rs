@@ -190,9 +190,8 @@ mod tests {
     /// Opens the breaker (one failure, cool-down 10 ms) and waits out the cool-down,
     /// so the next handling is the probe.
     async fn opened_and_cooled(breaker: &CircuitBreakerLayer) {
-        let failing = tower::service_fn(|_ctx: Context| async {
-            Err::<(), _>(HandlerError::retry("down"))
-        });
+        let failing =
+            tower::service_fn(|_ctx: Context| async { Err::<(), _>(HandlerError::retry("down")) });
         let _ = breaker.call(ctx(), Next::new(failing)).await;
         assert!(breaker.is_open());
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -219,7 +218,10 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert!(succeeds(&breaker).await.is_ok(), "the next event was refused");
+        assert!(
+            succeeds(&breaker).await.is_ok(),
+            "the next event was refused"
+        );
         assert!(!breaker.is_open());
     }
 
@@ -241,7 +243,10 @@ mod tests {
         assert!(probe.is_err(), "the panic unwinds to the worker");
         assert!(breaker.is_open(), "a panic is a failure");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(succeeds(&breaker).await.is_ok(), "the next probe was refused");
+        assert!(
+            succeeds(&breaker).await.is_ok(),
+            "the next probe was refused"
+        );
         assert!(!breaker.is_open());
     }
 }
