@@ -52,6 +52,29 @@ mod chaos {
     cloudbus::chaos_suite!(MemoryHarness::new(), 2_000);
     cloudbus::stream_chaos_suite!(MemoryHarness::new(), 2_000);
 
+    /// Issue 28 item 8: the seed of the memory chaos run that once counted 304 events
+    /// lost (see `worker_stall_window`), kept as regression cases of the kinds that
+    /// fail receives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chaos_seed_4104343704268071995_transient_errors() {
+        use cloudbus::conformance::chaos::{FaultKind, run_chaos_case_with_seed};
+        let seed = 4_104_343_704_268_071_995;
+        run_chaos_case_with_seed(
+            MemoryHarness::new(),
+            FaultKind::TransientErrors,
+            seed,
+            2_000,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chaos_seed_4104343704268071995_mixed() {
+        use cloudbus::conformance::chaos::{FaultKind, run_chaos_case_with_seed};
+        let seed = 4_104_343_704_268_071_995;
+        run_chaos_case_with_seed(MemoryHarness::new(), FaultKind::Mixed, seed, 2_000).await;
+    }
+
     /// Issue 28: every router layer around a handler that panics, is cancelled by
     /// the timeout or fails, at random; nothing lost, no layer left refusing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

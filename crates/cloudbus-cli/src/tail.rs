@@ -4,8 +4,10 @@
 //!
 //! By default it takes nothing away from the subscription's real consumer: what it
 //! printed it holds until it ends, then gives back (each event's delivery count grows
-//! by one). `--ack` acknowledges each event once printed, and so does `--create`,
-//! which makes a subscription of its own to tail.
+//! by one). It ends when a held event comes back (its lease ran out: receiving it
+//! again would spend another of its delivery attempts) or when it holds
+//! [`MOST_HELD`] events. `--ack` acknowledges each event once printed: for a
+//! subscription of tail's own (`--create` makes one).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -17,6 +19,9 @@ use cloudbus::{AttributesReader, Delivery, Settlement, SubscriptionSpec};
 use crate::failure::{Failure, bounded, open};
 use crate::render;
 
+/// Without `--ack`, tail holds at most this many printed events, then ends.
+pub const MOST_HELD: usize = 10_000;
+
 /// `cloudbus tail`.
 #[derive(Args, Debug)]
 pub struct TailArgs {
@@ -25,7 +30,7 @@ pub struct TailArgs {
     /// The topic.
     pub topic: String,
     /// The subscription to read. Events printed are given back when tail ends,
-    /// unless `--ack` (or `--create`) is given.
+    /// unless `--ack` is given.
     pub subscription: String,
     /// One JSON line per event (the CloudEvents JSON format, plus `delivery`).
     #[arg(long)]
@@ -36,12 +41,12 @@ pub struct TailArgs {
     /// Stop after this many seconds without an event.
     #[arg(long)]
     pub idle: Option<u64>,
-    /// Create the topic and the subscription first when they do not exist; the
-    /// subscription is tail's own, so this implies `--ack`.
+    /// Create the topic and the subscription first when they do not exist.
     #[arg(long)]
     pub create: bool,
     /// Acknowledge each event once printed: it is consumed, and the subscription's
-    /// other consumers never see it. Only for a subscription of tail's own.
+    /// other consumers never see it. Only for a subscription of tail's own
+    /// (`--create` makes one).
     #[arg(long)]
     pub ack: bool,
 }
@@ -70,7 +75,7 @@ pub async fn run(args: TailArgs, timeout: Duration) -> Result<(), Failure> {
     )
     .await?;
     let receive_what = format!("cannot receive from {}/{}", args.topic, args.subscription);
-    let acknowledge = args.ack || args.create;
+    let acknowledge = args.ack;
     // Without --ack: what was printed, held until the end and then given back.
     let mut held: Vec<Delivery> = Vec::new();
     let mut printed_ids: HashSet<(String, String)> = HashSet::new();
@@ -106,13 +111,15 @@ pub async fn run(args: TailArgs, timeout: Duration) -> Result<(), Failure> {
             }
         };
         let mut pipe_closed = false;
+        let mut came_back = false;
         for delivery in &received {
-            // A held event whose lease ran out comes back: printed already.
+            // A held event whose lease ran out came back: printed already.
             let id = (
                 delivery.event().source().to_string(),
                 delivery.event().id().to_owned(),
             );
             if !acknowledge && !printed_ids.insert(id) {
+                came_back = true;
                 continue;
             }
             last_event = tokio::time::Instant::now();
@@ -133,6 +140,18 @@ pub async fn run(args: TailArgs, timeout: Duration) -> Result<(), Failure> {
         }
         if !acknowledge {
             held.extend(received);
+            if came_back {
+                eprintln!(
+                    "tail: an event it holds came back (its lease ran out); stopping, so as not to spend its delivery attempts (--ack consumes instead)"
+                );
+                break;
+            }
+            if held.len() >= MOST_HELD {
+                eprintln!(
+                    "tail: holding {MOST_HELD} events; stopping (--max bounds a tail, --ack consumes instead)"
+                );
+                break;
+            }
             continue;
         }
         for result in consumer.ack_all(&received).await {

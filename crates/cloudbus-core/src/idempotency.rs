@@ -228,9 +228,11 @@ impl<H: Handler> Idempotent<H> {
         self
     }
     /// How long a claim outlives a process that crashed while handling (default
-    /// 5 minutes): a live handler renews its claim every third of it, and a
-    /// redelivery of the same event waits up to one lease for the claim to be
-    /// completed, released or taken over, without spending a delivery attempt.
+    /// 30 s): a live handler renews its claim every third of it, and a redelivery of
+    /// the same event waits up to one lease for the claim to be completed, released
+    /// or taken over, without spending a delivery attempt. In a router, apply
+    /// [`TimeoutLayer`](crate::router::layers::TimeoutLayer) before the idempotency
+    /// layer (so that this one wraps it), or the wait counts against the timeout.
     pub fn claim_lease(mut self, lease: Duration) -> Self {
         self.once.set_lease(lease);
         self
@@ -247,7 +249,7 @@ impl<H: Handler> Idempotent<H> {
 
 /// How long a claim is held before another delivery may take it over, unless its
 /// owner renews it (it does, while its handler runs).
-const DEFAULT_CLAIM_LEASE: Duration = Duration::from_secs(300);
+const DEFAULT_CLAIM_LEASE: Duration = Duration::from_secs(30);
 
 /// The one implementation of "each (source, id) once" on a [`DedupStore`], shared by
 /// [`Idempotent`] and the router's idempotency layer: claim the key, run the

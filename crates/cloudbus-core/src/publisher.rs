@@ -18,7 +18,7 @@ use crate::capabilities::Capabilities;
 use crate::codec::RawMessage;
 use crate::driver::{OutgoingMessage, Payload, PublishOptions, TopicDriver};
 use crate::error::{Error, ErrorKind, Result};
-use crate::event::{AttributesReader, Event};
+use crate::event::{AttributesReader, Event, EventExt};
 use crate::health::{HealthState, PublisherHealth};
 use crate::retry::RetryPolicy;
 use crate::spans::{self, Destination};
@@ -152,6 +152,26 @@ struct Waiting {
     event: Event,
     options: PublishOptions,
     reply: oneshot::Sender<Result<()>>,
+    /// Its place in [`Validation::queued`], given up when it is queued for sending,
+    /// refused, or dropped with the queue (its handle then says the publisher
+    /// stopped).
+    _place: QueuedPlace,
+}
+
+/// One event counted in [`Validation::queued`]; dropping it uncounts the event.
+struct QueuedPlace(Arc<AtomicUsize>);
+
+impl QueuedPlace {
+    fn take(queued: &Arc<AtomicUsize>) -> Self {
+        queued.fetch_add(1, Ordering::SeqCst);
+        QueuedPlace(queued.clone())
+    }
+}
+
+impl Drop for QueuedPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -264,22 +284,20 @@ impl Publisher {
             runtime.spawn(load_check_and_queue(
                 unvalidated,
                 validation.validator.clone(),
-                validation.queued.clone(),
                 rx,
             ));
             *waiting = Some(tx);
         }
         let (reply, answer) = oneshot::channel();
-        validation.queued.fetch_add(1, Ordering::SeqCst);
         let sent = waiting.as_ref().map(|tx| {
             tx.send(Waiting {
                 event,
                 options,
                 reply,
+                _place: QueuedPlace::take(&validation.queued),
             })
         });
         if !matches!(sent, Some(Ok(()))) {
-            validation.queued.fetch_sub(1, Ordering::SeqCst);
             return PublishHandle::ready(Err(Error::closed(
                 "the publisher's schema queue stopped",
             )));
@@ -560,6 +578,13 @@ impl Publisher {
     /// Stops accepting events, sends everything already accepted, then closes the
     /// driver. Later publishes fail with [`ErrorKind::Closed`].
     pub async fn close(&self) -> Result<()> {
+        // Events accepted while their schema was not loaded are checked and queued
+        // first: close sends everything already accepted.
+        if let Some(validation) = &self.validator {
+            while validation.queued.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         let lanes = {
             let mut lanes = self.lock_lanes()?;
             if lanes.closed {
@@ -843,26 +868,58 @@ impl Future for PublishHandle {
     }
 }
 
+/// How long a schema fetch that failed answers for the events of the same type and
+/// schema behind it, instead of each of them waiting for its own fetch to fail.
+const FAILED_FETCH_HOLDS: Duration = Duration::from_secs(2);
+
 /// Serves a publisher's events that wait for their schema, one after another: fetch
 /// the schema, check the event, queue it for sending (so it keeps its place), and
-/// answer its handle when the send is answered.
+/// answer its handle when the send is answered. A fetch that failed (the registry is
+/// away) answers for the events of the same type behind it for a moment, and pauses
+/// the event's ordering key, as a failed send does, so that a later event of the key
+/// cannot overtake it.
 async fn load_check_and_queue(
     publisher: Publisher,
     validator: Arc<dyn EventValidator>,
-    queued: Arc<AtomicUsize>,
     mut waiting: mpsc::UnboundedReceiver<Waiting>,
 ) {
+    let mut failed_fetch: Option<((String, Option<String>), tokio::time::Instant, Error)> = None;
     while let Some(Waiting {
         event,
         options,
         reply,
+        _place,
     }) = waiting.recv().await
     {
-        let handle = match validator.validate(&event).await {
-            Err(e) => PublishHandle::ready(Err(e)),
+        let schema_of = (
+            event.ty().to_owned(),
+            event.dataschema().map(|u| u.to_string()),
+        );
+        let recent_failure = failed_fetch
+            .as_ref()
+            .filter(|(of, at, _)| *of == schema_of && at.elapsed() < FAILED_FETCH_HOLDS)
+            .map(|(_, _, e)| e.clone());
+        let checked = match recent_failure {
+            Some(e) => Err(e),
+            None => validator.validate(&event).await,
+        };
+        let handle = match checked {
+            Err(e) => {
+                if e.is_retryable() {
+                    failed_fetch = Some((schema_of, tokio::time::Instant::now(), e.clone()));
+                    let key = options
+                        .ordering_key
+                        .as_deref()
+                        .or_else(|| event.partition_key());
+                    if let Some(key) = key {
+                        publisher.inner.paused.pause(key);
+                    }
+                }
+                PublishHandle::ready(Err(e))
+            }
             Ok(_) => publisher.publish_with(event, options),
         };
-        queued.fetch_sub(1, Ordering::SeqCst);
+        drop(_place);
         tokio::spawn(async move {
             let _ = reply.send(handle.await);
         });

@@ -348,6 +348,16 @@ async fn report_queue_depth(consumer: Consumer) {
     }
 }
 
+/// A task that ends with its owner, however the owner ends (returned, panicked or
+/// dropped).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl WorkerLoop {
     async fn run(self, mut stop: watch::Receiver<bool>) {
         let concurrency = self.options.concurrency.max(1);
@@ -356,7 +366,7 @@ impl WorkerLoop {
         let lease_timer = this.leases.clone().map(|keeper| tokio::spawn(keeper.run()));
         // Off the receive path: a depth that is slow to read (an HTTPS call, a
         // management endpoint that is away) must never slow receiving or shutdown.
-        let depth_reporter = tokio::spawn(report_queue_depth(this.consumer.clone()));
+        let depth_reporter = AbortOnDrop(tokio::spawn(report_queue_depth(this.consumer.clone())));
         let mut tasks = JoinSet::new();
         let mut failures = 0u32;
         loop {
@@ -439,7 +449,7 @@ impl WorkerLoop {
                 tasks.spawn(async move { w.run_batch(unordered).await });
             }
         }
-        depth_reporter.abort();
+        drop(depth_reporter);
         while tasks.join_next().await.is_some() {}
         if let Some(timer) = lease_timer {
             timer.abort();

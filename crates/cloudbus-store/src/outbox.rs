@@ -108,6 +108,10 @@ pub trait OutboxStorage: Send + Sync + 'static {
     async fn purge_sent(&self, older_than: Duration) -> Result<u64>;
     /// Resolves when events may have been staged (a notification), or after `timeout`.
     async fn wait_for_staged(&self, timeout: Duration);
+    /// The relay stopped (shut down, or its future dropped): let go of what only its
+    /// waiting needs (PostgreSQL's LISTEN connection, whose unread notifications would
+    /// fill the cluster's queue while the application goes on staging).
+    fn relay_stopped(&self) {}
 }
 
 /// A shared outbox is an outbox (so that one storage value can serve several relays,
@@ -143,6 +147,9 @@ impl<S: OutboxStorage + ?Sized> OutboxStorage for Arc<S> {
     }
     async fn wait_for_staged(&self, timeout: Duration) {
         (**self).wait_for_staged(timeout).await
+    }
+    fn relay_stopped(&self) {
+        (**self).relay_stopped()
     }
 }
 
@@ -495,6 +502,7 @@ impl OutboxRelay {
     /// failure: its rows go to another round when their lease lapses, and the relay
     /// goes on.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let _stopped = RelayStopped(&*self.storage);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failures = 0u32;
         let mut last_housekeeping: Option<Instant> = None;
@@ -677,6 +685,15 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         message
     } else {
         "a non-text payload"
+    }
+}
+
+/// Tells the storage its relay stopped, however `run` ends (returned, or dropped).
+struct RelayStopped<'a>(&'a dyn OutboxStorage);
+
+impl Drop for RelayStopped<'_> {
+    fn drop(&mut self) {
+        self.0.relay_stopped();
     }
 }
 

@@ -1473,6 +1473,70 @@ mod on_postgres {
         );
     }
 
+    /// A relay that stopped left its LISTEN connection listening (the audit of issue 28
+    /// item 13): the application goes on staging with the same outbox, every commit
+    /// notifies, nobody reads, and the cluster's notification queue fills. The relay
+    /// lets go of it when it stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_relay_stops_listening() {
+        let Some(db) = db().await else { return };
+        let app = format!(
+            "stopped-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let listening = || {
+            let (pool, app) = (db.pool.clone(), app.clone());
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+                )
+                .bind(app)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        let topic = unique_topic("stopped");
+        let bus = MemoryBroker::new().bus();
+        bus.ensure_topic(&topic).await.unwrap();
+        let outbox = postgres::PostgresOutbox::new(named_pool(&app).await, topic.clone());
+        let relay = Arc::new(
+            OutboxRelay::new(outbox.clone(), bus.publisher(&topic).await.unwrap())
+                .options(fast_options()),
+        );
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let (relay, stop) = (relay.clone(), stop.clone());
+            tokio::spawn(async move { relay.run(stop.notified()).await })
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while listening().await == 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            listening().await,
+            1,
+            "the relay never listened: the test tests nothing"
+        );
+        stop.notify_waiters();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while listening().await > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            listening().await,
+            0,
+            "the stopped relay's connection still listens; the outbox is still in use"
+        );
+        drop(outbox);
+    }
+
     /// A relay waiting on an idle outbox is woken by the notification of a commit, long
     /// before its poll interval.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

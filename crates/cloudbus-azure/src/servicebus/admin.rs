@@ -73,6 +73,16 @@ impl Admin {
             // only a connection string with UseDevelopmentEmulator=true gets here.
             builder = builder.tls_danger_accept_invalid_certs(true);
         }
+        let on_this_machine = url::Url::parse(&config.management_endpoint)
+            .ok()
+            .and_then(|u| u.host_str().map(cloudbus_core::transport::is_loopback_host))
+            .unwrap_or(false);
+        if on_this_machine {
+            // Reached directly: an HTTP(S)_PROXY from the environment would carry the
+            // token off this machine, over a connection whose certificate may not be
+            // checked.
+            builder = builder.no_proxy();
+        }
         let http = builder.build().map_err(|e| {
             Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e)
         })?;

@@ -70,8 +70,16 @@ impl HttpSchemaRegistry {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
-        let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
+        let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
+        if base
+            .host_str()
+            .is_some_and(crate::transport::is_loopback_host)
+        {
+            // A registry on this machine is reached directly: an HTTP_PROXY from the
+            // environment would carry its credentials off it in clear text.
+            client = client.no_proxy();
+        }
+        let client = client
             .build()
             .map_err(|e| Error::with_source(ErrorKind::Internal, "building the HTTP client", e))?;
         let registry = HttpSchemaRegistry {
@@ -148,10 +156,13 @@ impl HttpSchemaRegistry {
             // Only "no such schema" (404, above) says something about the event; any
             // other answer is the registry's or the path's trouble (a timeout, a
             // proxy, a bad request of ours), and must not dead-letter good events.
-            let kind = if matches!(status.as_u16(), 401 | 403) {
-                ErrorKind::PermissionDenied
-            } else {
-                ErrorKind::Unavailable
+            let kind = match status.as_u16() {
+                401 | 403 => ErrorKind::PermissionDenied,
+                // The path is the event's type and version: a registry that refuses
+                // them (Confluent: 422 for a version it cannot read; 414 for a type
+                // too long) says the event names no schema it can have.
+                414 | 422 => ErrorKind::InvalidArgument,
+                _ => ErrorKind::Unavailable,
             };
             return Err(Error::new(kind, format!("GET {url}: HTTP {status}")));
         }
@@ -193,6 +204,10 @@ fn percent_decoded(part: &str) -> String {
 #[async_trait]
 impl SchemaRegistry for HttpSchemaRegistry {
     async fn schema(&self, id: &SchemaId) -> Result<Option<Value>> {
+        // Confluent's versions are 32-bit signed: a larger one is no schema at all.
+        if i32::try_from(id.version).is_err() {
+            return Ok(None);
+        }
         let version = id.version.to_string();
         self.get(&["subjects", &id.ty, "versions", &version, "schema"])
             .await

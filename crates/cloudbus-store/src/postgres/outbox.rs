@@ -365,6 +365,15 @@ impl OutboxStorage for PostgresOutbox {
         .await
     }
 
+    fn relay_stopped(&self) {
+        // Nobody reads the notifications any more: close the LISTEN connection (a
+        // wait being cancelled has let go of the lock by now; if not, the next
+        // relay's wait reuses it).
+        if let Ok(mut listener) = self.listener.try_lock() {
+            *listener = None;
+        }
+    }
+
     async fn wait_for_staged(&self, timeout: Duration) {
         let mut guard = self.listener.lock().await;
         if guard.is_none() {

@@ -122,12 +122,14 @@ impl Middleware for CircuitBreakerLayer {
             }
             Admission::Pass { probe } => probe,
         };
-        let handling = next.run(ctx);
+        // Before the handling is made: a handler that panics while making its future
+        // (a closure's synchronous part) must give its probe back too.
         let mut verdict = Verdict {
             state: self.state.clone(),
             probe,
             recorded: false,
         };
+        let handling = next.run(ctx);
         Box::pin(async move {
             let outcome = handling.await;
             verdict.record(&outcome);

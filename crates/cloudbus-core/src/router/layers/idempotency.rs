@@ -45,7 +45,9 @@ impl IdempotencyLayer {
         self
     }
     /// How long a claim outlives a process that crashed while handling (default
-    /// 5 minutes); see [`Idempotent::claim_lease`](crate::Idempotent::claim_lease).
+    /// 30 s); see [`Idempotent::claim_lease`](crate::Idempotent::claim_lease). Apply
+    /// a `TimeoutLayer` before this layer, so that a redelivery's wait for a claim
+    /// does not count against the handler's timeout.
     pub fn claim_lease(mut self, lease: Duration) -> Self {
         self.once.set_lease(lease);
         self
