@@ -289,15 +289,16 @@ impl Publisher {
             *waiting = Some(tx);
         }
         let (reply, answer) = oneshot::channel();
-        let sent = waiting.as_ref().map(|tx| {
+        let sent = waiting.as_ref().is_some_and(|tx| {
             tx.send(Waiting {
                 event,
                 options,
                 reply,
                 _place: QueuedPlace::take(&validation.queued),
             })
+            .is_ok()
         });
-        if !matches!(sent, Some(Ok(()))) {
+        if !sent {
             return PublishHandle::ready(Err(Error::closed(
                 "the publisher's schema queue stopped",
             )));

@@ -828,7 +828,10 @@ mod tests {
             let poison = json(&event("com.example.poison"));
             [
                 ("not JSON", push(Some("0"), Body::from("not json"))),
-                ("malformed", push(Some("0"), batch(&[no_source.clone()]))),
+                (
+                    "malformed",
+                    push(Some("0"), batch(std::slice::from_ref(&no_source))),
+                ),
                 ("rejected", push(Some("0"), batch(&[poison]))),
             ]
         };

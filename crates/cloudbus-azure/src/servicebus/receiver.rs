@@ -95,6 +95,14 @@ const NO_LOCK_TOKEN_REASON: &str = "malformed: the message has no lock token";
 /// How often the session acceptor looks at the sessions kept open after `close`.
 const LINGER_TICK: Duration = Duration::from_millis(50);
 
+/// A session's messages whose locks one session-lock renewal keeps: the session's
+/// slot, its id, and the items `(index, key, lease)`.
+type SessionRenewal = (Arc<Slot>, String, Vec<(usize, String, Duration)>);
+
+/// Messages settled on one open link in one disposition: the link's slot, whether
+/// they are completed (else abandoned), and the items `(index, key, delivery)`.
+type LinkSettlement = (Arc<Slot>, bool, Vec<(usize, String, DeliveryInfo)>);
+
 /// A receiver link and what the service said on attach.
 struct Link {
     receiver: Receiver,
@@ -959,7 +967,7 @@ impl ServiceBusSubscription {
     async fn renew(&self, items: &[(usize, &str, Duration)]) -> Vec<(usize, Result<()>)> {
         let mut out = Vec::with_capacity(items.len());
         let mut plain: Vec<(usize, String, Uuid, Duration)> = Vec::new();
-        let mut sessions: Vec<(Arc<Slot>, String, Vec<(usize, String, Duration)>)> = Vec::new();
+        let mut sessions: Vec<SessionRenewal> = Vec::new();
         {
             let now = Instant::now();
             let inflight = lock(&self.inflight);
@@ -1109,7 +1117,7 @@ impl ServiceBusSubscription {
     /// messages, messages whose link is closed) are settled one by one after.
     async fn settle_on_links(&self, items: &[(AckToken, Settlement)]) -> Vec<(usize, Result<()>)> {
         let mut settling = Settling::new(self);
-        let mut groups: Vec<(Arc<Slot>, bool, Vec<(usize, String, DeliveryInfo)>)> = Vec::new();
+        let mut groups: Vec<LinkSettlement> = Vec::new();
         {
             let now = Instant::now();
             let mut inflight = lock(&self.inflight);
