@@ -677,6 +677,30 @@ impl<F: Future> Future for CatchPanic<F> {
     }
 }
 
+/// The claimed rows a storage can read, in the order given. A row that cannot be read
+/// (a column holding what a hand-written INSERT put there) must not fail every claim
+/// of its topic: it is dead-lettered with the reason, and the others go on.
+pub(crate) async fn readable_claims<R, E: std::fmt::Display>(
+    storage: &dyn OutboxStorage,
+    rows: &[R],
+    staged: impl Fn(&R) -> std::result::Result<StagedEvent, E>,
+    id_of: impl Fn(&R) -> Result<i64>,
+) -> Result<Vec<StagedEvent>> {
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in rows {
+        match staged(row) {
+            Ok(event) => claimed.push(event),
+            Err(e) => {
+                let id = id_of(row)?;
+                let reason = format!("the staged row cannot be read: {e}");
+                tracing::error!(topic = storage.topic(), row = id, %reason, "outbox row dead-lettered");
+                storage.dead_letter(id, &reason).await?;
+            }
+        }
+    }
+    Ok(claimed)
+}
+
 /// The message of a panic payload.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     if let Some(message) = panic.downcast_ref::<&str>() {

@@ -1305,20 +1305,7 @@ impl ServiceBusSubscription {
         let (live, mut sender) = self.shared.sender(&self.topic).await?;
         let sent = sender.send(copy).await;
         let _ = sender.close().await;
-        match sent {
-            Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => {}
-            Ok(other) => {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    format!("{what}: the service did not take it ({other:?})"),
-                ));
-            }
-            Err(e) => {
-                let f = error::from_send(e, &what);
-                self.shared.amqp.failed(&live, &f);
-                return Err(f.error);
-            }
-        }
+        taken(&self.shared.amqp, &live, sent, &what)?;
         self.dispose_by_token(target, Action::Settle(&Settlement::Ack))
             .await
     }
@@ -1945,20 +1932,7 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
                         resent_ids.insert(id.clone());
                     }
                     let what = format!("redrive to {}", self.topic);
-                    match sender.send(resent).await {
-                        Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => {}
-                        Ok(other) => {
-                            return Err(Error::new(
-                                ErrorKind::Unavailable,
-                                format!("{what}: the service did not take it ({other:?})"),
-                            ));
-                        }
-                        Err(e) => {
-                            let f = error::from_send(e, &what);
-                            self.shared.amqp.failed(&live, &f);
-                            return Err(f.error);
-                        }
-                    }
+                    taken(&self.shared.amqp, &live, sender.send(resent).await, &what)?;
                     link.receiver.accept(info).await.map_err(|e| {
                         Error::with_source(
                             ErrorKind::Unavailable,
@@ -2001,6 +1975,29 @@ impl DeadLetterDriver for ServiceBusDeadLetters {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// Whether the service took a message a receiver sent itself (a nacked deferred
+/// message's copy, a redriven letter): anything but `Accepted` is `Unavailable`, and a
+/// failed send marks its connection failed.
+fn taken(
+    amqp: &Amqp,
+    live: &Live,
+    sent: std::result::Result<fe2o3_amqp::types::messaging::Outcome, fe2o3_amqp::link::SendError>,
+    what: &str,
+) -> Result<()> {
+    match sent {
+        Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => Ok(()),
+        Ok(other) => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("{what}: the service did not take it ({other:?})"),
+        )),
+        Err(e) => {
+            let f = error::from_send(e, what);
+            amqp.failed(live, &f);
+            Err(f.error)
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use crate::clock::{millis, unix_millis_now};
 use crate::error::from_sqlx;
-use crate::outbox::{OutboxBacklog, OutboxStorage, StagedEvent};
+use crate::outbox::{OutboxBacklog, OutboxStorage, StagedEvent, readable_claims};
 use crate::sweep::delete_in_chunks;
 
 /// Now in Unix milliseconds, as a statement reads it when it runs (holding its locks,
@@ -168,22 +168,10 @@ impl OutboxStorage for SqliteOutbox {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| from_sqlx("outbox: claim", e))?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match staged(row) {
-                Ok(event) => claimed.push(event),
-                // A row that cannot be read (SQLite keeps whatever a hand-written
-                // INSERT put in a column) must not fail every claim of the topic.
-                Err(e) => {
-                    let id: i64 = row
-                        .try_get("id")
-                        .map_err(|e| from_sqlx("outbox: claim", e))?;
-                    let reason = format!("the staged row cannot be read: {e}");
-                    tracing::error!(topic = %self.topic, row = id, %reason, "outbox row dead-lettered");
-                    self.dead_letter(id, &reason).await?;
-                }
-            }
-        }
+        let mut claimed = readable_claims(self, &rows, staged, |row| {
+            row.try_get("id").map_err(|e| from_sqlx("outbox: claim", e))
+        })
+        .await?;
         claimed.sort_by_key(|row| row.id);
         Ok(claimed)
     }
