@@ -196,7 +196,8 @@ async fn memory_worker(events: Vec<Event>) -> f64 {
                 async { Ok::<(), HandlerError>(()) }
             },
             WorkerOptions::default().concurrency(256),
-        );
+        )
+        .expect("the router's wiring");
     for r in publisher.publish_batch(events).await {
         r.expect("publish");
     }
@@ -233,7 +234,9 @@ async fn drain_into<H: Handler>(name: &str, events: Vec<Event>, handler: H) -> f
     let consumer = bus.consumer("bench", "r").await.expect("consumer");
     reset_peak_rss();
     let start = Instant::now();
-    let worker = consumer.start_worker(handler, WorkerOptions::default().concurrency(256));
+    let worker = consumer
+        .start_worker(handler, WorkerOptions::default().concurrency(256))
+        .expect("the router's wiring");
     while worker.stats().acked < n as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -307,10 +310,12 @@ async fn memory_worker_drain(events: Vec<Event>) -> f64 {
     let consumer = bus.consumer("bench", "d").await.expect("consumer");
     reset_peak_rss();
     let start = Instant::now();
-    let worker = consumer.start_worker(
-        |_e: Arc<Event>, _c: HandlerContext| async { Ok::<(), HandlerError>(()) },
-        WorkerOptions::default().concurrency(256),
-    );
+    let worker = consumer
+        .start_worker(
+            |_e: Arc<Event>, _c: HandlerContext| async { Ok::<(), HandlerError>(()) },
+            WorkerOptions::default().concurrency(256),
+        )
+        .expect("the router's wiring");
     while worker.stats().acked < n as u64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

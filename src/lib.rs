@@ -48,7 +48,7 @@
 //!     .route(on_created)
 //!     .layer(TimeoutLayer::new(Duration::from_secs(30)));
 //! let worker = bus.consumer("orders", "billing").await?
-//!     .start_worker(router, WorkerOptions::default());
+//!     .start_worker(router, WorkerOptions::default())?; // checks the router's wiring first
 //! let order = OrderCreated { order_id: "order-1".into(), customer: "c-7".into() };
 //! bus.publisher("orders").await?.send(&order).await?;
 //! # while worker.stats().acked < 1 { tokio::time::sleep(Duration::from_millis(10)).await; }
@@ -61,7 +61,34 @@
 //! schemes (`sqs://`, `sns://`, `eventbridge://`, `kinesis://`, `servicebus://`,
 //! `eventgrid://`, `pubsub://`) need their cargo feature; [`connect`] says which.
 
-pub use cloudbus_core::*;
+// What a service writes against: the portable layer's types, chosen (the README and
+// the examples use these). What a provider implements is under [`driver`].
+#[cfg(feature = "otel")]
+pub use cloudbus_core::otel;
+#[cfg(feature = "schema")]
+pub use cloudbus_core::schema;
+pub use cloudbus_core::{
+    AttributesReader, AttributesWriter, CheckpointStore, Payload, RawMessage, Settlement,
+    TopicDeadLetters, describe_payload,
+};
+pub use cloudbus_core::{
+    Bus, Capabilities, Checked, Claim, CloudEvent, Consumer, ConsumerOptions, Context, Data,
+    DeadLetter, DeadLetters, DecodeError, DecodeEventError, DecodeExt, DedupStore, Delivery, Error,
+    ErrorKind, Event, EventBuilder, EventExt, EventValidator, ExtensionValue, Filter,
+    FilterSupport, Handler, HandlerContext, HandlerError, Idempotent, LastError,
+    MemoryCheckpointStore, MemoryDedupStore, Permanent, PollReport, PublishHandle, PublishOptions,
+    Publisher, PublisherHealth, PublisherOptions, Result, RetryPolicy, Router, SendEvent,
+    StartPosition, StreamConsumer, SubscriptionSpec, TraceContext, UnknownTypes, Worker,
+    WorkerHealth, WorkerOptions, WorkerReport,
+};
+pub use cloudbus_core::{codec, router, telemetry, topology, typed};
+
+/// The provider-facing contract (`cloudbus-driver`): the driver traits, the messages
+/// they carry, the URL scheme registry and the parameters' parser. For writing or
+/// wrapping a provider; a service does not need these.
+pub mod driver {
+    pub use cloudbus_driver::*;
+}
 
 /// `#[derive(CloudEvent)]` for application event types (see [`CloudEvent`]).
 pub use cloudbus_macros::CloudEvent;
@@ -109,7 +136,7 @@ const FEATURE_OF_SCHEME: &[(&str, &str)] = &[
 
 /// The URL schemes of the providers built in (their cargo features on), each as its
 /// provider crate registers it.
-pub fn schemes() -> Vec<scheme::Scheme> {
+pub fn schemes() -> Vec<driver::scheme::Scheme> {
     #[allow(unused_mut)]
     let mut schemes = Vec::new();
     #[cfg(feature = "memory")]
@@ -131,16 +158,16 @@ pub fn schemes() -> Vec<scheme::Scheme> {
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// let bus = cloudbus::connect("mem://docs").await.unwrap();
-/// assert_eq!(bus.driver().scheme(), "mem");
+/// assert_eq!(bus.scheme(), "mem");
 /// let e = cloudbus::connect("smoke-signals://hill").await.unwrap_err();
 /// assert_eq!(e.kind(), cloudbus::ErrorKind::InvalidArgument);
 /// # });
 /// ```
 pub async fn connect(url: &str) -> Result<Bus> {
-    let parsed = scheme::parse(url)?;
+    let parsed = driver::scheme::parse(url)?;
     let name = parsed.scheme();
-    if let Some(scheme) = scheme::find(&schemes(), name) {
-        return (scheme.open)(parsed).await;
+    if let Some(scheme) = driver::scheme::find(&schemes(), name) {
+        return Ok(Bus::new((scheme.open)(parsed).await?));
     }
     match FEATURE_OF_SCHEME.iter().find(|(s, _)| *s == name) {
         Some((_, feature)) => Err(Error::unsupported(format!(

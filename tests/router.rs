@@ -10,7 +10,7 @@ use cloudbus::router::layers::{
     CircuitBreakerLayer, ConcurrencyLimitLayer, IdempotencyLayer, RateLimitLayer,
     SchemaValidationLayer, TimeoutLayer, TraceLayer,
 };
-use cloudbus::router::{FromContext, RawEvent, State};
+use cloudbus::router::{FromContext, RawEvent, Sender, State};
 use cloudbus::schema::{
     DirectorySchemaRegistry, HttpSchemaRegistry, SchemaId, SchemaRegistry, SchemaValidator,
     check_compatibility,
@@ -249,7 +249,8 @@ async fn typed_events_go_from_send_through_the_router_to_async_fn_handlers() {
         .consumer("orders", "billing")
         .await
         .unwrap()
-        .start_worker(router, WorkerOptions::default());
+        .start_worker(router, WorkerOptions::default())
+        .expect("the router's wiring");
     for n in 0..5 {
         publisher.send(&order(n)).await.unwrap();
     }
@@ -313,7 +314,8 @@ async fn unknown_types_are_dead_lettered_by_default_or_acked_or_ignored() {
         .consumer("mixed", "svc")
         .await
         .unwrap()
-        .start_worker(router, fast_retries());
+        .start_worker(router, fast_retries())
+        .expect("the router's wiring");
     publisher.publish((*stray).clone()).await.unwrap();
     publisher
         .send(&PaymentRequested {
@@ -882,7 +884,8 @@ async fn schemas_are_checked_on_publish_and_on_consume() {
         .consumer("orders", "billing")
         .await
         .unwrap()
-        .start_worker(router, fast_retries());
+        .start_worker(router, fast_retries())
+        .expect("the router's wiring");
     let dead_letters = bus.dead_letters("orders", "billing").await.unwrap();
     let mut letters = Vec::new();
     for _ in 0..500 {
@@ -1231,18 +1234,23 @@ async fn the_plain_subscribe_closure_keeps_working_beside_the_router() {
     let publisher = bus.publisher("pings").await.unwrap();
     let seen = Arc::new(AtomicU32::new(0));
     let s = seen.clone();
-    let worker = bus.consumer("pings", "svc").await.unwrap().start_worker(
-        move |e: Arc<Event>, _c: HandlerContext| {
-            let s = s.clone();
-            async move {
-                let p = e.decode::<PaymentRequested>()?;
-                assert_eq!(p.order_id, "7");
-                s.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), HandlerError>(())
-            }
-        },
-        WorkerOptions::default(),
-    );
+    let worker = bus
+        .consumer("pings", "svc")
+        .await
+        .unwrap()
+        .start_worker(
+            move |e: Arc<Event>, _c: HandlerContext| {
+                let s = s.clone();
+                async move {
+                    let p = e.decode::<PaymentRequested>()?;
+                    assert_eq!(p.order_id, "7");
+                    s.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            },
+            WorkerOptions::default(),
+        )
+        .expect("the router's wiring");
     publisher
         .send(&PaymentRequested {
             order_id: "7".into(),
@@ -1260,16 +1268,21 @@ async fn subscribe_with_a_closure_still_works() {
     let publisher = bus.publisher("legacy").await.unwrap();
     let seen = Arc::new(AtomicU32::new(0));
     let s = seen.clone();
-    let worker = bus.consumer("legacy", "svc").await.unwrap().subscribe(
-        move |_e: Arc<Event>, _c: HandlerContext| {
-            let s = s.clone();
-            async move {
-                s.fetch_add(1, Ordering::SeqCst);
-                Ok::<(), HandlerError>(())
-            }
-        },
-        WorkerOptions::default(),
-    );
+    let worker = bus
+        .consumer("legacy", "svc")
+        .await
+        .unwrap()
+        .subscribe(
+            move |_e: Arc<Event>, _c: HandlerContext| {
+                let s = s.clone();
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            },
+            WorkerOptions::default(),
+        )
+        .expect("the router's wiring");
     publisher
         .send(&PaymentRequested {
             order_id: "1".into(),
@@ -1348,4 +1361,319 @@ async fn a_schema_registered_later_is_found_after_the_recheck_interval() {
     // ...and asked again after it.
     let e = validator.validate(&bad).await.unwrap_err();
     assert!(e.to_string().contains("/order_id"), "{e}");
+}
+
+// Issue 30: the router's wiring is checked when its worker starts, not per event.
+
+/// The application's database: a state of the router.
+#[derive(Clone)]
+struct Db;
+
+/// The start error of a worker that must not start.
+fn start_error(started: cloudbus::Result<cloudbus::Worker>) -> cloudbus::Error {
+    match started {
+        Ok(_) => panic!("a miswired router started"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test]
+async fn a_missing_state_fails_the_start_and_leaves_the_event_for_a_wired_worker() {
+    let bus = bus_with("orders", "billing").await;
+    bus.publisher("orders")
+        .await
+        .unwrap()
+        .send(&order(1))
+        .await
+        .unwrap();
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = attempts.clone();
+    let on_created = move |_: OrderCreated, ctx: Context, State(_db): State<Db>| {
+        let a = a.clone();
+        async move {
+            a.lock().unwrap().push(ctx.attempt());
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let consumer = bus.consumer("orders", "billing").await.unwrap();
+
+    let e =
+        start_error(consumer.start_worker(Router::new().route(on_created.clone()), fast_retries()));
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    let expected = format!(
+        r#"route "com.example.order.created" takes State<{db}> but the router has no .state({db})"#,
+        db = std::any::type_name::<Db>()
+    );
+    assert!(e.to_string().contains(&expected), "{e}");
+
+    // Nothing was received: the event waits, at its first attempt, for a wired worker.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let worker = consumer
+        .start_worker(Router::new().route(on_created).state(Db), fast_retries())
+        .expect("the router's wiring");
+    until("the order", || !attempts.lock().unwrap().is_empty()).await;
+    let report = worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(*attempts.lock().unwrap(), [1]);
+    assert_eq!(report.acked, 1, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_sender_without_a_publisher_fails_the_start() {
+    let bus = bus_with("orders", "billing").await;
+    bus.ensure_topic("payments").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("payments", "audit"))
+        .await
+        .unwrap();
+    let created = order(1).to_event().unwrap();
+    bus.publisher("orders")
+        .await
+        .unwrap()
+        .publish(created.clone())
+        .await
+        .unwrap();
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = attempts.clone();
+    let on_created = move |order: OrderCreated, ctx: Context, sender: Sender| {
+        let a = a.clone();
+        async move {
+            a.lock().unwrap().push(ctx.attempt());
+            sender
+                .send(&PaymentRequested {
+                    order_id: order.order_id,
+                })
+                .await?;
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let consumer = bus.consumer("orders", "billing").await.unwrap();
+
+    let e =
+        start_error(consumer.start_worker(Router::new().route(on_created.clone()), fast_retries()));
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(
+        e.to_string().contains(
+            r#"route "com.example.order.created" takes Sender but the router has no .publisher(..)"#
+        ),
+        "{e}"
+    );
+
+    // Nothing was received; with a publisher the same route starts and sends.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let payments = bus.publisher("payments").await.unwrap();
+    let worker = consumer
+        .start_worker(
+            Router::new().route(on_created).publisher(payments),
+            fast_retries(),
+        )
+        .expect("the router's wiring");
+    until("the order", || worker.stats().acked == 1).await;
+    worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(*attempts.lock().unwrap(), [1]);
+    let delivery = bus
+        .consumer("payments", "audit")
+        .await
+        .unwrap()
+        .receive()
+        .await
+        .unwrap();
+    let follow_up = delivery.event();
+    assert_eq!(follow_up.ty(), PaymentRequested::TYPE);
+    assert_eq!(follow_up.causation_id(), Some(created.id()));
+    assert_eq!(follow_up.correlation_id(), Some(created.id()));
+    delivery.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_routes_for_one_type_fail_the_start_with_every_problem_named() {
+    let bus = bus_with("payments", "svc").await;
+    bus.publisher("payments")
+        .await
+        .unwrap()
+        .send(&PaymentRequested {
+            order_id: "1".into(),
+        })
+        .await
+        .unwrap();
+    let typed = |_: PaymentRequested| async { Ok::<(), HandlerError>(()) };
+    let by_name = |RawEvent(_): RawEvent| async { Ok::<(), HandlerError>(()) };
+    let router = Router::new()
+        .route(typed)
+        // The same type by name: it used to replace the typed route silently.
+        .route_type(PaymentRequested::TYPE, by_name)
+        .route_prefix("com.example.", by_name)
+        .route_prefix("com.example.", by_name)
+        .route(|_: OrderCreated, State(_db): State<Db>| async { Ok::<(), HandlerError>(()) });
+    let checked = router.check().unwrap_err();
+    let consumer = bus.consumer("payments", "svc").await.unwrap();
+
+    let e = start_error(consumer.start_worker(router, fast_retries()));
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(e.to_string(), checked.to_string());
+    let message = e.to_string();
+    for problem in [
+        r#"two routes for "com.example.payment.requested""#,
+        r#"two routes for prefix "com.example.""#,
+        r#"route "com.example.order.created" takes State<"#,
+    ] {
+        assert!(message.contains(problem), "{problem:?} not in {message}");
+    }
+
+    // Nothing was received: one route for the type, and the event comes at attempt 1.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let attempts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = attempts.clone();
+    let worker = consumer
+        .start_worker(
+            Router::new().route(move |_: PaymentRequested, ctx: Context| {
+                let a = a.clone();
+                async move {
+                    a.lock().unwrap().push(ctx.attempt());
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            fast_retries(),
+        )
+        .expect("the router's wiring");
+    until("the payment", || !attempts.lock().unwrap().is_empty()).await;
+    worker.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(*attempts.lock().unwrap(), [1]);
+}
+
+#[tokio::test]
+async fn a_wired_router_with_state_publisher_layers_and_wrappers_starts() {
+    #[derive(Clone)]
+    struct Name(&'static str);
+    let bus = bus_with("orders", "billing").await;
+    bus.ensure_topic("payments").await.unwrap();
+    bus.ensure_subscription(&SubscriptionSpec::new("payments", "audit"))
+        .await
+        .unwrap();
+    let payments = bus.publisher("payments").await.unwrap();
+    let nested = || {
+        Router::new().route(
+            |_: PaymentRequested, State(Name(name)): State<Name>| async move {
+                assert_eq!(name, "inner");
+                Ok::<(), HandlerError>(())
+            },
+        )
+    };
+    let router = Router::new()
+        .route_with(
+            |order: OrderCreated, State(_db): State<Db>, sender: Sender| async move {
+                sender
+                    .send(&PaymentRequested {
+                        order_id: order.order_id,
+                    })
+                    .await?;
+                Ok::<(), HandlerError>(())
+            },
+            ConcurrencyLimitLayer::new(4),
+        )
+        // A router routed to keeps (and is checked with) its own state.
+        .route_service(PaymentRequested::TYPE, nested().state(Name("inner")))
+        .layer(TimeoutLayer::new(Duration::from_secs(5)))
+        .layer(IdempotencyLayer::new(Arc::new(MemoryDedupStore::new(100))))
+        .state(Db)
+        .publisher(payments);
+    router.check().expect("the router's wiring");
+
+    // Wrappers forward the check: an Arc of an Idempotent of the router starts.
+    let wrapped = Arc::new(cloudbus::Idempotent::new(
+        router,
+        Arc::new(MemoryDedupStore::new(100)),
+    ));
+    let consumer = bus.consumer("orders", "billing").await.unwrap();
+    let worker = consumer
+        .start_worker(wrapped, fast_retries())
+        .expect("the router's wiring");
+    bus.publisher("orders")
+        .await
+        .unwrap()
+        .send(&order(3))
+        .await
+        .unwrap();
+    until("the order", || worker.stats().acked == 1).await;
+    worker.shutdown(Duration::from_secs(5)).await;
+    let delivery = bus
+        .consumer("payments", "audit")
+        .await
+        .unwrap()
+        .receive()
+        .await
+        .unwrap();
+    assert_eq!(
+        delivery
+            .event()
+            .decode::<PaymentRequested>()
+            .unwrap()
+            .order_id,
+        "order-3"
+    );
+    delivery.ack().await.unwrap();
+
+    // ...and so does a miswired one, nested router included, through the wrappers.
+    let miswired = Router::new().route_service(PaymentRequested::TYPE, nested());
+    let wrapped = Arc::new(cloudbus::Idempotent::new(
+        miswired,
+        Arc::new(MemoryDedupStore::new(100)),
+    ));
+    let e = start_error(consumer.start_worker(wrapped, fast_retries()));
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(
+        e.to_string().contains(
+            r#"route "com.example.payment.requested" is a router of its own, whose route "com.example.payment.requested" takes State<"#
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_reader_checks_the_router_before_it_reads() {
+    let broker = MemoryBroker::new();
+    broker.ensure_log("orders-log", 1).unwrap();
+    let bus = broker.bus();
+    bus.publisher("orders-log")
+        .await
+        .unwrap()
+        .send(&order(1))
+        .await
+        .unwrap();
+    let seen = Arc::new(AtomicU32::new(0));
+    let s = seen.clone();
+    let on_created = move |_: OrderCreated, State(_db): State<Db>| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), HandlerError>(())
+        }
+    };
+    let mut reader = bus
+        .stream_consumer("orders-log", "analytics")
+        .await
+        .unwrap()
+        .start_at(cloudbus::StartPosition::Earliest);
+    let miswired = Router::new().route(on_created.clone());
+    let ran = tokio::time::timeout(
+        Duration::from_secs(5),
+        reader.run(&miswired, Duration::from_millis(10), std::future::pending()),
+    )
+    .await
+    .expect("run returns at once");
+    let e = ran.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(
+        e.to_string()
+            .contains(r#"route "com.example.order.created" takes State<"#),
+        "{e}"
+    );
+    let e = reader.poll(&miswired).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(seen.load(Ordering::SeqCst), 0);
+
+    let report = reader
+        .catch_up(&Router::new().route(on_created).state(Db))
+        .await
+        .unwrap();
+    assert_eq!(report.handled, 1);
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
 }

@@ -257,7 +257,7 @@ async fn main() -> cloudbus::Result<()> {
     let mut running = Vec::new();
     for (service, router) in services {
         let consumer = routes.consumer(&bus, service).await?;
-        running.push(consumer.start_worker(router.state(saga.clone()), workers.clone()));
+        running.push(consumer.start_worker(router.state(saga.clone()), workers.clone())?);
     }
 
     // The outbox relays: one per destination of OrderCreated (the topic, or each

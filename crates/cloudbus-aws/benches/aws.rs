@@ -16,12 +16,12 @@
 //! Run: `cargo bench -p cloudbus-aws --features emulators --bench aws` (BENCH_EVENTS=N, default 5,000). It
 //! uses AWS_ENDPOINT_URL, or starts LocalStack with scripts/localstack.sh.
 
-use cloudbus::conformance::emulator::Emulator;
+use cloudbus_conformance::emulator::Emulator;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
-use cloudbus::aws::sqs::SqsBus;
-use cloudbus::{BinaryCodec, Event, EventBuilder, SubscriptionSpec};
+use cloudbus_aws::sqs::SqsBus;
+use cloudbus_core::{BinaryCodec, Event, EventBuilder, SubscriptionSpec};
 use futures::StreamExt;
 use omniqueue::QueueProducer;
 
@@ -51,7 +51,7 @@ async fn config(endpoint: &str) -> aws_config::SdkConfig {
 
 /// A fresh queue made by cloudbus; returns its name and URL.
 async fn fresh_queue(
-    bus: &cloudbus::Bus,
+    bus: &cloudbus_core::Bus,
     client: &aws_sdk_sqs::Client,
     tag: &str,
 ) -> (String, String) {
@@ -142,8 +142,8 @@ fn main() {
         let config = config(&endpoint.address).await;
         let client = aws_sdk_sqs::Client::new(&config);
         let bus = SqsBus::new(&config).into_bus();
-        let codec = BinaryCodec::new(cloudbus::aws::sqs::ATTRIBUTE_PREFIX)
-            .content_type_attribute(cloudbus::aws::sqs::CONTENT_TYPE_ATTRIBUTE)
+        let codec = BinaryCodec::new(cloudbus_aws::sqs::ATTRIBUTE_PREFIX)
+            .content_type_attribute(cloudbus_aws::sqs::CONTENT_TYPE_ATTRIBUTE)
             .max_attributes(10, 2);
         let mut results = Vec::new();
 
@@ -173,7 +173,7 @@ fn main() {
 
         // raw, same batching
         let (_, url) = fresh_queue(&bus, &client, "raw").await;
-        let encoded: Vec<cloudbus::RawMessage> = events(n)
+        let encoded: Vec<cloudbus_core::RawMessage> = events(n)
             .iter()
             .map(|e| codec.encode(e).expect("encode").0)
             .collect();

@@ -2,7 +2,7 @@
 //! PutEvents, PutRecords, DeleteMessageBatch, ...): one slot per entry, filled in by
 //! the entry ids the service reports, an unreported entry being an error.
 
-use cloudbus_core::{BatchResults, Error, ErrorKind, Result};
+use cloudbus_driver::{BatchResults, Error, ErrorKind, Result};
 
 /// The per-entry results of one batch call, filled in as the service reports them.
 pub(crate) type Slots = Vec<Option<Result<()>>>;

@@ -1,45 +1,24 @@
 //! The shared AWS configuration a URL opens: the SDKs' credential chain and region,
-//! `?region=` and `?endpoint=` (or `AWS_ENDPOINT_URL`), and the URL's own parameters.
+//! `?region=` and `?endpoint=` (or `AWS_ENDPOINT_URL`).
 
-use cloudbus_core::{Error, Result};
+#[cfg(any(feature = "sqs", feature = "kinesis"))]
+use cloudbus_driver::config::UrlParams;
 
 /// The environment variable of the AWS SDKs that points every service at one
 /// endpoint (LocalStack: `http://127.0.0.1:4566`).
 pub const ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL";
 
-/// Loads the shared AWS configuration: credentials chain, region (`?region=` wins),
-/// and endpoint (`?endpoint=` wins over `AWS_ENDPOINT_URL`). `service_params` are
-/// the other parameters the scheme knows (read by its caller); any other parameter is
-/// an `InvalidArgument`.
-pub(crate) async fn load_config(
-    url: &url::Url,
-    service_params: &[&str],
-) -> Result<aws_config::SdkConfig> {
+/// Loads the shared AWS configuration of a URL's parameters (parsed by its scheme,
+/// which names `region` and `endpoint` among those it knows): credentials chain,
+/// region (`?region=` wins), and endpoint (`?endpoint=` wins over `AWS_ENDPOINT_URL`).
+#[cfg(any(feature = "sqs", feature = "kinesis"))]
+pub(crate) async fn load_config(params: &UrlParams) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    for (k, v) in url.query_pairs() {
-        match k.as_ref() {
-            "region" => loader = loader.region(aws_config::Region::new(v.into_owned())),
-            "endpoint" => loader = loader.endpoint_url(v.into_owned()),
-            known if service_params.contains(&known) => {}
-            other => {
-                return Err(Error::invalid(format!(
-                    "unknown {}:// URL parameter {other:?} (known: region, endpoint{})",
-                    url.scheme(),
-                    service_params
-                        .iter()
-                        .map(|p| format!(", {p}"))
-                        .collect::<String>()
-                )));
-            }
-        }
+    if let Some(region) = params.get("region") {
+        loader = loader.region(aws_config::Region::new(region.to_owned()));
     }
-    Ok(loader.load().await)
-}
-
-/// The value of URL parameter `name`, if given.
-#[allow(dead_code)]
-pub(crate) fn url_param(url: &url::Url, name: &str) -> Option<String> {
-    url.query_pairs()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+    if let Some(endpoint) = params.get("endpoint") {
+        loader = loader.endpoint_url(endpoint);
+    }
+    loader.load().await
 }

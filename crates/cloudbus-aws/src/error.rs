@@ -4,7 +4,7 @@
 
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-use cloudbus_core::{Error, ErrorKind};
+use cloudbus_driver::{Error, ErrorKind};
 
 /// Maps an error of any AWS SDK call onto the portable kinds, keeping it as the
 /// source; `kind_of_code` reads the service's error code (each service names its

@@ -14,17 +14,17 @@
 //! `ensure_topic`, and `Bus::replay(bus, subscription, since)` starts an EventBridge
 //! replay (StartReplay) from that archive to the bus, limited to the subscription's rule.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_eventbridge::types::{PutEventsRequestEntry, Target};
 use chrono::{DateTime, Utc};
-use cloudbus_core::codec::to_structured_json;
-use cloudbus_core::{
-    AttributesReader, BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error,
-    ErrorKind, Filter, FilterSupport, Missing, OutgoingMessage, Payload, Result,
-    SubscriptionDriver, SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver,
+use cloudbus_core::Bus;
+use cloudbus_driver::codec::to_structured_json;
+use cloudbus_driver::{
+    AttributesReader, BatchResults, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind,
+    Filter, FilterSupport, Missing, OutgoingMessage, Payload, Result, SubscriptionDriver,
+    SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
 };
 use serde_json::{Value, json};
 
@@ -85,7 +85,7 @@ pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
 /// structured CloudEvent), where attribute `a` is `detail.a`.
 ///
 /// ```
-/// use cloudbus_core::Filter;
+/// use cloudbus_driver::Filter;
 /// let p = cloudbus_aws::eventbridge::event_pattern(Some(&Filter::prefix("type", "order."))).unwrap();
 /// assert_eq!(p, serde_json::json!({"detail": {"type": [{"prefix": "order."}]}}));
 /// ```
@@ -142,7 +142,7 @@ impl EventBridgeBus {
     /// ([`Bus::replay`]). The archive of bus `b` is named [`archive_name`]`(b)`.
     ///
     /// ```no_run
-    /// # async fn run() -> cloudbus_core::Result<()> {
+    /// # async fn run() -> cloudbus_driver::Result<()> {
     /// let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     /// let bus = cloudbus_aws::eventbridge::EventBridgeBus::new(&config).with_archive(30).into_bus();
     /// bus.ensure_topic("orders").await?;
@@ -211,10 +211,6 @@ impl BusDriver for EventBridgeBus {
         Arc::new(EventBridgeTopology {
             shared: self.shared.clone(),
         })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -350,10 +346,6 @@ impl TopicDriver for EventBus {
 
     fn capabilities(&self) -> Capabilities {
         capabilities()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -594,6 +586,44 @@ impl TopologyDriver for EventBridgeTopology {
         Ok(())
     }
 
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        let _ = self
+            .shared
+            .events
+            .remove_targets()
+            .rule(name)
+            .event_bus_name(topic)
+            .ids("cloudbus")
+            .send()
+            .await;
+        match self
+            .shared
+            .events
+            .delete_rule()
+            .name(name)
+            .event_bus_name(topic)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = crate::error::sdk_error(e, kind_of_code, &format!("delete rule {name}"));
+                if e.kind() == ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn planning(&self) -> Option<&dyn TopologyPlanning> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl TopologyPlanning for EventBridgeTopology {
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
         if topic == DEFAULT_BUS {
             return Ok(true);
@@ -639,37 +669,6 @@ impl TopologyDriver for EventBridgeTopology {
     /// subscription again changes it in place.
     async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
         self.ensure_subscription(spec).await
-    }
-
-    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
-        let _ = self
-            .shared
-            .events
-            .remove_targets()
-            .rule(name)
-            .event_bus_name(topic)
-            .ids("cloudbus")
-            .send()
-            .await;
-        match self
-            .shared
-            .events
-            .delete_rule()
-            .name(name)
-            .event_bus_name(topic)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let e = crate::error::sdk_error(e, kind_of_code, &format!("delete rule {name}"));
-                if e.kind() == ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            }
-        }
     }
 }
 

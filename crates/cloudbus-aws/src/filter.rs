@@ -1,7 +1,7 @@
 //! Portable filters as AWS content patterns, the grammar EventBridge event patterns
 //! and SNS filter policies share.
 
-use cloudbus_core::{Error, Result};
+use cloudbus_driver::{Error, Result};
 
 /// How a portable filter becomes an AWS content pattern: the grammar EventBridge event
 /// patterns and SNS filter policies (both scopes) share (`prefix`, `exists`,
@@ -19,10 +19,10 @@ pub(crate) struct PatternRules<'a> {
 /// Compiles a portable filter to an AWS content pattern by `rules`. Two conditions on
 /// one attribute inside an AND have no pattern form: a typed `Unsupported` error.
 pub(crate) fn content_pattern(
-    filter: &cloudbus_core::Filter,
+    filter: &cloudbus_driver::Filter,
     rules: &PatternRules<'_>,
 ) -> Result<serde_json::Value> {
-    use cloudbus_core::Filter;
+    use cloudbus_driver::Filter;
     use serde_json::{Map, Value, json};
     let key = |a: &str| format!("{}{a}", rules.key_prefix);
     Ok(match filter {

@@ -7,7 +7,6 @@
 //! end before their children after a reshard, retries and dead-lettering (into an SQS
 //! queue with `dead_letter_to`).
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +14,15 @@ use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::{Blob, DateTime as AwsDateTime};
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
 use chrono::{DateTime, Utc};
-use cloudbus_core::codec::{RawMessage, from_unlabelled_body, to_structured_json};
-use cloudbus_core::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
-use cloudbus_core::{
-    BatchResults, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, EventExt,
+use cloudbus_core::Bus;
+use cloudbus_driver::codec::{RawMessage, from_unlabelled_body, to_structured_json};
+use cloudbus_driver::driver::{
+    PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord,
+};
+use cloudbus_driver::{
+    BatchResults, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, EventExt,
     FilterSupport, Missing, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
-    SubscriptionState, TopicDriver, TopologyDriver,
+    SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
 };
 
 /// Most records in one PutRecords call.
@@ -193,10 +195,6 @@ impl BusDriver for KinesisBus {
             name: stream.to_owned(),
         }))
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 struct KinesisTopology {
@@ -227,6 +225,17 @@ impl TopologyDriver for KinesisTopology {
         Err(not_a_queue("subscriptions"))
     }
 
+    async fn delete_subscription(&self, _topic: &str, _name: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn planning(&self) -> Option<&dyn TopologyPlanning> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl TopologyPlanning for KinesisTopology {
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
         let stream = self
             .shared
@@ -247,10 +256,6 @@ impl TopologyDriver for KinesisTopology {
         _name: &str,
     ) -> Result<Option<SubscriptionState>> {
         Err(not_a_queue("subscriptions"))
-    }
-
-    async fn delete_subscription(&self, _topic: &str, _name: &str) -> Result<()> {
-        Ok(())
     }
 }
 
@@ -326,10 +331,6 @@ impl TopicDriver for KinesisStream {
 
     fn capabilities(&self) -> Capabilities {
         capabilities()
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -446,10 +447,6 @@ impl StreamDriver for KinesisStream {
                 .and_then(|ms| u64::try_from(ms).ok())
                 .map(std::time::Duration::from_millis),
         })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

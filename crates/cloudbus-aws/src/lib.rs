@@ -6,8 +6,8 @@
 //! `eventbridge`), and Kinesis Data Streams (feature `kinesis`).
 //!
 //! ```no_run
-//! # async fn run() -> cloudbus_core::Result<()> {
-//! use cloudbus_core::{EventBuilder, SubscriptionSpec};
+//! # async fn run() -> cloudbus_driver::Result<()> {
+//! use cloudbus_driver::{EventBuilder, SubscriptionSpec};
 //! let bus = cloudbus_aws::connect("sqs://").await?;
 //! bus.ensure_topic("orders").await?;
 //! bus.ensure_subscription(&SubscriptionSpec::new("orders", "orders").max_delivery_attempts(5)).await?;
@@ -34,25 +34,28 @@ mod filter;
 #[cfg(any(feature = "sns", feature = "eventbridge"))]
 mod sqs_subscriptions;
 
-#[cfg(any(feature = "sns", feature = "eventbridge"))]
-use cloudbus_core::Error;
-use cloudbus_core::{Bus, Result};
+#[cfg(any(feature = "sqs", feature = "kinesis"))]
+use std::sync::Arc;
+
+use cloudbus_core::Bus;
+#[cfg(any(feature = "sqs", feature = "kinesis"))]
+use cloudbus_driver::BusDriver;
+use cloudbus_driver::Result;
+#[cfg(any(feature = "sqs", feature = "kinesis"))]
+use cloudbus_driver::config::UrlParams;
+use cloudbus_driver::scheme::Scheme;
 pub use config::ENDPOINT_ENV;
+#[cfg(any(feature = "sqs", feature = "kinesis"))]
 use config::load_config;
-#[cfg(any(feature = "sns", feature = "eventbridge"))]
-use config::url_param;
 
 /// The schemes this crate opens, those of its enabled features: `sqs://`, `sns://`
 /// (`?mode=structured`), `eventbridge://` (`?archive_days=N`) and `kinesis://`.
-pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
-    use cloudbus_core::scheme::Scheme;
+pub fn schemes() -> Vec<Scheme> {
     let mut schemes = Vec::new();
     #[cfg(feature = "sqs")]
     schemes.push(Scheme {
         name: "sqs",
-        open: |url| {
-            Box::pin(async move { Ok(sqs::SqsBus::new(&load_config(&url, &[]).await?).into_bus()) })
-        },
+        open: |url| Box::pin(open_sqs(url)),
     });
     #[cfg(feature = "sns")]
     schemes.push(Scheme {
@@ -62,11 +65,7 @@ pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
     #[cfg(feature = "kinesis")]
     schemes.push(Scheme {
         name: "kinesis",
-        open: |url| {
-            Box::pin(async move {
-                Ok(kinesis::KinesisBus::new(&load_config(&url, &[]).await?).into_bus())
-            })
-        },
+        open: |url| Box::pin(open_kinesis(url)),
     });
     #[cfg(feature = "eventbridge")]
     schemes.push(Scheme {
@@ -78,33 +77,40 @@ pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
 
 /// Opens an AWS URL (one of [`schemes`]) as a [`Bus`].
 pub async fn connect(url: &str) -> Result<Bus> {
-    cloudbus_core::scheme::open(&schemes(), url).await
+    Ok(Bus::new(
+        cloudbus_driver::scheme::open(&schemes(), url).await?,
+    ))
+}
+
+#[cfg(feature = "sqs")]
+async fn open_sqs(url: url::Url) -> Result<Arc<dyn BusDriver>> {
+    let params = UrlParams::parse(&url, &["region", "endpoint"])?;
+    Ok(Arc::new(sqs::SqsBus::new(&load_config(&params).await)))
 }
 
 #[cfg(feature = "sns")]
-async fn open_sns(url: url::Url) -> Result<Bus> {
-    let bus = sns::SnsBus::new(&load_config(&url, &["mode"]).await?);
-    match url_param(&url, "mode").as_deref() {
-        None | Some("binary") => Ok(bus.into_bus()),
-        Some("structured") => Ok(bus.structured().into_bus()),
-        Some(other) => Err(Error::invalid(format!(
-            "sns:// mode must be binary or structured, not {other:?}"
-        ))),
-    }
+async fn open_sns(url: url::Url) -> Result<Arc<dyn BusDriver>> {
+    let params = UrlParams::parse(&url, &["region", "endpoint", "mode"])?;
+    let structured = params.choice("mode", &["binary", "structured"])? == Some("structured");
+    let bus = sns::SnsBus::new(&load_config(&params).await);
+    Ok(Arc::new(if structured { bus.structured() } else { bus }))
+}
+
+#[cfg(feature = "kinesis")]
+async fn open_kinesis(url: url::Url) -> Result<Arc<dyn BusDriver>> {
+    let params = UrlParams::parse(&url, &["region", "endpoint"])?;
+    Ok(Arc::new(kinesis::KinesisBus::new(
+        &load_config(&params).await,
+    )))
 }
 
 #[cfg(feature = "eventbridge")]
-async fn open_eventbridge(url: url::Url) -> Result<Bus> {
-    let bus = eventbridge::EventBridgeBus::new(&load_config(&url, &["archive_days"]).await?);
-    match url_param(&url, "archive_days") {
-        None => Ok(bus.into_bus()),
-        Some(days) => {
-            let days = days.parse::<u32>().map_err(|_| {
-                Error::invalid(format!(
-                    "eventbridge:// archive_days must be a number of days, not {days:?}"
-                ))
-            })?;
-            Ok(bus.with_archive(days).into_bus())
-        }
-    }
+async fn open_eventbridge(url: url::Url) -> Result<Arc<dyn BusDriver>> {
+    let params = UrlParams::parse(&url, &["region", "endpoint", "archive_days"])?;
+    let archive_days = params.parsed::<u32>("archive_days")?;
+    let bus = eventbridge::EventBridgeBus::new(&load_config(&params).await);
+    Ok(Arc::new(match archive_days {
+        Some(days) => bus.with_archive(days),
+        None => bus,
+    }))
 }

@@ -13,16 +13,16 @@
 //! - structured: the body is the whole CloudEvent in JSON and filter policies use the
 //!   MessageBody scope ([`body_filter_policy`]), which also compares numbers.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_sdk_sns::types::{MessageAttributeValue, PublishBatchRequestEntry};
-use cloudbus_core::{
-    BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind,
-    Filter, FilterSupport, Missing, OutgoingMessage, Payload, Result, SubscriptionDriver,
-    SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver,
+use cloudbus_core::Bus;
+use cloudbus_driver::{
+    BatchResults, BinaryCodec, BusDriver, Capabilities, DeadLetterDriver, Error, ErrorKind, Filter,
+    FilterSupport, Missing, OutgoingMessage, Payload, Result, SubscriptionDriver, SubscriptionSpec,
+    SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
 };
 use serde_json::Value;
 
@@ -65,7 +65,7 @@ pub(crate) fn kind_of_code(code: &str) -> ErrorKind {
 /// attribute inside an AND have no FilterPolicy form: typed `Unsupported` errors.
 ///
 /// ```
-/// use cloudbus_core::Filter;
+/// use cloudbus_driver::Filter;
 /// let p = cloudbus_aws::sns::filter_policy(&Filter::and([
 ///     Filter::prefix("type", "order."),
 ///     Filter::one_of("tier", ["gold", "vip"]),
@@ -92,7 +92,7 @@ pub fn filter_policy(filter: &Filter) -> Result<Value> {
 /// attribute inside an AND are a typed `Unsupported` error.
 ///
 /// ```
-/// use cloudbus_core::Filter;
+/// use cloudbus_driver::Filter;
 /// let p = cloudbus_aws::sns::body_filter_policy(&Filter::and([
 ///     Filter::prefix("type", "order."),
 ///     Filter::range("amount", Some(10.0), None),
@@ -187,7 +187,7 @@ impl SnsBus {
     /// subscriptions they feed should agree on the mode.
     ///
     /// ```no_run
-    /// # async fn run() -> cloudbus_core::Result<()> {
+    /// # async fn run() -> cloudbus_driver::Result<()> {
     /// let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     /// let bus = cloudbus_aws::sns::SnsBus::new(&config).structured().into_bus();
     /// # Ok(()) }
@@ -265,10 +265,6 @@ impl BusDriver for SnsBus {
         Arc::new(SnsTopology {
             shared: self.shared.clone(),
         })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -444,10 +440,6 @@ impl TopicDriver for SnsTopic {
     fn capabilities(&self) -> Capabilities {
         capabilities(&self.name)
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 struct SnsTopology {
@@ -573,6 +565,13 @@ impl TopologyDriver for SnsTopology {
         Ok(())
     }
 
+    fn planning(&self) -> Option<&dyn TopologyPlanning> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl TopologyPlanning for SnsTopology {
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
         Ok(self.shared.arn(topic).await.missing_as_none()?.is_some())
     }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use aws_sdk_sqs::types::QueueAttributeName;
-use cloudbus_core::{DeadLetterDriver, Result, SubscriptionDriver, SubscriptionSpec};
+use cloudbus_driver::{DeadLetterDriver, Result, SubscriptionDriver, SubscriptionSpec};
 
 use crate::sqs::{SqsContext, SqsDeadLetters, SqsQueue};
 

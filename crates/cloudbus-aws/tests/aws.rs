@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use async_trait::async_trait;
-use cloudbus::conformance::emulator::required_env;
-use cloudbus::{
+use cloudbus_conformance::emulator::required_env;
+use cloudbus_core::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, HandlerContext, HandlerError,
     PublishOptions, SubscriptionSpec, WorkerOptions,
 };
-use common::{SqsHarness, config, endpoint, eventbridge, sns, sqs};
+use common::{endpoint, eventbridge, kinesis, sns, sqs};
 
 /// The moto endpoint for the EventBridge replay test (LocalStack 2026.3 answers
 /// StartReplay with a 500 once the archive holds an event), or `None` after a loud
@@ -31,211 +30,6 @@ fn moto_endpoint() -> Option<String> {
         "the EventBridge replay test",
         "bash scripts/test.sh starts moto",
     )
-}
-
-mod sqs_standard {
-    use super::*;
-    cloudbus::conformance_suite!(match endpoint() {
-        Some(endpoint) => SqsHarness {
-            endpoint,
-            fifo: false,
-            sns: false,
-            eventbridge: false,
-            structured: false,
-        },
-        None => return,
-    });
-}
-
-/// The "nothing lost" promise under injected faults on an SQS queue (issue 12).
-mod sqs_chaos {
-    use super::*;
-    cloudbus::chaos_suite!(
-        match endpoint() {
-            Some(endpoint) => SqsHarness {
-                endpoint,
-                fifo: false,
-                sns: false,
-                eventbridge: false,
-                structured: false,
-            },
-            None => return,
-        },
-        200
-    );
-}
-
-/// The "nothing lost" promise under injected faults on an SQS FIFO queue (issue 12).
-mod sqs_fifo_chaos {
-    use super::*;
-    cloudbus::chaos_suite!(
-        match endpoint() {
-            Some(endpoint) => SqsHarness {
-                endpoint,
-                fifo: true,
-                sns: false,
-                eventbridge: false,
-                structured: false,
-            },
-            None => return,
-        },
-        200
-    );
-}
-
-/// The "nothing lost" promise under injected faults through an SNS topic into SQS (issue 12).
-mod sns_chaos {
-    use super::*;
-    cloudbus::chaos_suite!(
-        match endpoint() {
-            Some(endpoint) => SqsHarness {
-                endpoint,
-                fifo: false,
-                sns: true,
-                eventbridge: false,
-                structured: false,
-            },
-            None => return,
-        },
-        200
-    );
-}
-
-/// The "nothing lost" promise under injected faults through an EventBridge bus into SQS (issue 12).
-mod eventbridge_chaos {
-    use super::*;
-    cloudbus::chaos_suite!(
-        match endpoint() {
-            Some(endpoint) => SqsHarness {
-                endpoint,
-                fifo: false,
-                sns: false,
-                eventbridge: true,
-                structured: false,
-            },
-            None => return,
-        },
-        200
-    );
-}
-
-mod sqs_fifo {
-    use super::*;
-    cloudbus::conformance_suite!(match endpoint() {
-        Some(endpoint) => SqsHarness {
-            endpoint,
-            fifo: true,
-            sns: false,
-            eventbridge: false,
-            structured: false,
-        },
-        None => return,
-    });
-}
-
-mod sns_with_sqs {
-    use super::*;
-    cloudbus::conformance_suite!(match endpoint() {
-        Some(endpoint) => SqsHarness {
-            endpoint,
-            fifo: false,
-            sns: true,
-            eventbridge: false,
-            structured: false,
-        },
-        None => return,
-    });
-}
-
-mod sns_fifo_with_sqs_fifo {
-    use super::*;
-    cloudbus::conformance_suite!(match endpoint() {
-        Some(endpoint) => SqsHarness {
-            endpoint,
-            fifo: true,
-            sns: true,
-            eventbridge: false,
-            structured: false,
-        },
-        None => return,
-    });
-}
-
-mod sns_structured_with_sqs {
-    use super::*;
-    cloudbus::conformance_suite!(match endpoint() {
-        Some(endpoint) => SqsHarness {
-            endpoint,
-            fifo: false,
-            sns: true,
-            eventbridge: false,
-            structured: true,
-        },
-        None => return,
-    });
-}
-
-mod eventbridge_with_sqs {
-    use super::*;
-    cloudbus::conformance_suite!(match endpoint() {
-        Some(endpoint) => SqsHarness {
-            endpoint,
-            fifo: false,
-            sns: false,
-            eventbridge: true,
-            structured: false,
-        },
-        None => return,
-    });
-}
-
-/// Kinesis streams (two shards each) under the stream suite; dead letters go to SQS.
-struct KinesisHarness {
-    endpoint: String,
-}
-
-#[async_trait]
-impl cloudbus::conformance::StreamHarness for KinesisHarness {
-    async fn bus(&self) -> cloudbus::Result<Bus> {
-        Ok(kinesis(&self.endpoint, 2).await.into_bus())
-    }
-    async fn new_stream(&self) -> cloudbus::Result<String> {
-        let name = format!("stream-{:08x}", fastrand::u32(..));
-        self.bus().await?.ensure_topic(&name).await?;
-        Ok(name)
-    }
-    async fn dead_letter_bus(&self) -> cloudbus::Result<Bus> {
-        Ok(sqs(&self.endpoint).await.into_bus())
-    }
-    async fn dead_letter_place(&self) -> cloudbus::Result<String> {
-        let name = format!("stream-dl-{:08x}", fastrand::u32(..));
-        let bus = self.dead_letter_bus().await?;
-        bus.ensure_topic(&name).await?;
-        bus.ensure_subscription(&SubscriptionSpec::new(&name, &name))
-            .await?;
-        Ok(name)
-    }
-}
-
-mod kinesis_streams {
-    use super::*;
-    cloudbus::stream_conformance_suite!(match endpoint() {
-        Some(endpoint) => KinesisHarness { endpoint },
-        None => return,
-    });
-}
-
-/// The "nothing lost" promise under injected faults on a Kinesis stream: the
-/// publisher's PutRecords and the consumer's reads (issue 12).
-mod kinesis_chaos {
-    use super::*;
-    cloudbus::stream_chaos_suite!(
-        match endpoint() {
-            Some(endpoint) => KinesisHarness { endpoint },
-            None => return,
-        },
-        300
-    );
 }
 
 fn ev(ty: &str, subject: &str) -> Event {
@@ -267,7 +61,7 @@ async fn sns_binary_keeps_the_attributes_subscriptions_filter_on() {
     let sub = format!("zeta-{:08x}", fastrand::u32(..));
     bus.ensure_topic(&topic).await.unwrap();
     bus.ensure_subscription(
-        &SubscriptionSpec::new(&topic, &sub).filter(cloudbus::Filter::eq("zeta", "yes")),
+        &SubscriptionSpec::new(&topic, &sub).filter(cloudbus_core::Filter::eq("zeta", "yes")),
     )
     .await
     .unwrap();
@@ -352,23 +146,25 @@ async fn sqs_fifo_order_across_groups() {
     let seen: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u32>>>> = Arc::default();
     let record = seen.clone();
     let consumer = bus.consumer(&name, &name).await.unwrap();
-    let worker = consumer.start_worker(
-        move |e: Arc<Event>, _ctx: HandlerContext| {
-            let record = record.clone();
-            async move {
-                let subject = e.subject().unwrap_or_default().to_owned();
-                let (g, n) = subject.split_once(':').unwrap_or_default();
-                record
-                    .lock()
-                    .unwrap()
-                    .entry(g.to_owned())
-                    .or_default()
-                    .push(n.parse().unwrap_or(u32::MAX));
-                Ok::<(), HandlerError>(())
-            }
-        },
-        WorkerOptions::default().concurrency(8),
-    );
+    let worker = consumer
+        .start_worker(
+            move |e: Arc<Event>, _ctx: HandlerContext| {
+                let record = record.clone();
+                async move {
+                    let subject = e.subject().unwrap_or_default().to_owned();
+                    let (g, n) = subject.split_once(':').unwrap_or_default();
+                    record
+                        .lock()
+                        .unwrap()
+                        .entry(g.to_owned())
+                        .or_default()
+                        .push(n.parse().unwrap_or(u32::MAX));
+                    Ok::<(), HandlerError>(())
+                }
+            },
+            WorkerOptions::default().concurrency(8),
+        )
+        .expect("the router's wiring");
     let until = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until && seen.lock().unwrap().values().map(Vec::len).sum::<usize>() < 60
     {
@@ -397,7 +193,7 @@ async fn eventbridge_archive_replay_redelivers_to_the_subscription() {
     bus.ensure_topic(&topic).await.unwrap(); // idempotent, archive included
     let archive = client
         .describe_archive()
-        .archive_name(cloudbus::aws::eventbridge::archive_name(&topic))
+        .archive_name(cloudbus_aws::eventbridge::archive_name(&topic))
         .send()
         .await
         .unwrap();
@@ -474,13 +270,13 @@ async fn sns_structured_filters_on_the_body_with_numbers() {
     let topic = format!("body-{:08x}", fastrand::u32(..));
     bus.ensure_topic(&topic).await.unwrap();
     let big = format!("{topic}-big");
-    bus.ensure_subscription(
-        &SubscriptionSpec::new(&topic, &big).filter(cloudbus::Filter::and([
-            cloudbus::Filter::prefix("type", "com.example.order."),
-            cloudbus::Filter::range("amount", Some(100.0), None),
-            cloudbus::Filter::eq("x11", "eleven"),
-        ])),
-    )
+    bus.ensure_subscription(&SubscriptionSpec::new(&topic, &big).filter(
+        cloudbus_core::Filter::and([
+            cloudbus_core::Filter::prefix("type", "com.example.order."),
+            cloudbus_core::Filter::range("amount", Some(100.0), None),
+            cloudbus_core::Filter::eq("x11", "eleven"),
+        ]),
+    ))
     .await
     .unwrap();
     let mk = |ty: &str, amount: i64| {
@@ -583,7 +379,7 @@ async fn sqs_redrive_policy_moves_after_max_receives() {
         Some("max delivery attempts (2) exceeded")
     );
     match &letters[0].payload {
-        cloudbus::Payload::Event(x) => assert_eq!(x.id(), e.id()),
+        cloudbus_core::Payload::Event(x) => assert_eq!(x.id(), e.id()),
         other => panic!("{other:?}"),
     }
     assert_eq!(dlq.redrive_all().await.unwrap(), 1);
@@ -702,8 +498,8 @@ async fn sqs_missing_queue_is_not_found() {
     let publisher = bus
         .publisher_with(
             &name,
-            cloudbus::PublisherOptions {
-                retry: cloudbus::RetryPolicy::none(),
+            cloudbus_core::PublisherOptions {
+                retry: cloudbus_core::RetryPolicy::none(),
                 ..Default::default()
             },
         )
@@ -849,14 +645,10 @@ async fn sns_both_envelopes_are_unwrapped() {
     }
 }
 
-async fn kinesis(endpoint: &str, shards: i32) -> cloudbus::aws::kinesis::KinesisBus {
-    cloudbus::aws::kinesis::KinesisBus::with_shards(&config(endpoint).await, shards)
-}
-
 type Seen = Arc<std::sync::Mutex<Vec<(String, u32)>>>;
 
 /// A handler that records (key, n) from subjects "key:n".
-fn recorder(seen: Seen) -> impl cloudbus::Handler {
+fn recorder(seen: Seen) -> impl cloudbus_core::Handler {
     move |e: Arc<Event>, _ctx: HandlerContext| {
         let seen = seen.clone();
         async move {
@@ -872,8 +664,8 @@ fn recorder(seen: Seen) -> impl cloudbus::Handler {
 
 /// Reads until `count` records were handled or patience ran out.
 async fn read_until(
-    consumer: &mut cloudbus::StreamConsumer,
-    handler: &dyn cloudbus::Handler,
+    consumer: &mut cloudbus_core::StreamConsumer,
+    handler: &dyn cloudbus_core::Handler,
     seen: &Seen,
     count: usize,
 ) {
@@ -896,7 +688,7 @@ fn per_key_in_order(seen: &Seen, keys: &[&str], per_key: u32) {
     }
 }
 
-async fn put_keyed(p: &cloudbus::Publisher, keys: &[&str], range: std::ops::Range<u32>) {
+async fn put_keyed(p: &cloudbus_core::Publisher, keys: &[&str], range: std::ops::Range<u32>) {
     let mut handles = Vec::new();
     for n in range {
         for k in keys {
@@ -922,7 +714,7 @@ async fn kinesis_order_per_key_and_checkpoints() {
     let publisher = bus.publisher(&stream).await.unwrap();
     let keys = ["alpha", "beta", "gamma"];
     put_keyed(&publisher, &keys, 0..20).await;
-    let store = Arc::new(cloudbus::MemoryCheckpointStore::new());
+    let store = Arc::new(cloudbus_core::MemoryCheckpointStore::new());
     let seen: Seen = Arc::default();
     let handler = recorder(seen.clone());
     let mut first = bus
@@ -930,7 +722,7 @@ async fn kinesis_order_per_key_and_checkpoints() {
         .await
         .unwrap()
         .checkpoints(store.clone())
-        .start_at(cloudbus::StartPosition::Earliest);
+        .start_at(cloudbus_core::StartPosition::Earliest);
     read_until(&mut first, &handler, &seen, 60).await;
     per_key_in_order(&seen, &keys, 20);
     // The first reader stops and hands its shards to the next one.
@@ -941,7 +733,7 @@ async fn kinesis_order_per_key_and_checkpoints() {
         .await
         .unwrap()
         .checkpoints(store)
-        .start_at(cloudbus::StartPosition::Earliest);
+        .start_at(cloudbus_core::StartPosition::Earliest);
     read_until(&mut second, &handler, &seen, 65).await;
     assert_eq!(seen.lock().unwrap().len(), 65, "re-read or lost records");
     per_key_in_order(&seen, &["delta"], 5);
@@ -988,7 +780,7 @@ async fn kinesis_resharding_reads_parent_before_child() {
         .stream_consumer(&stream, "g")
         .await
         .unwrap()
-        .start_at(cloudbus::StartPosition::Earliest);
+        .start_at(cloudbus_core::StartPosition::Earliest);
     let partitions = bus
         .driver()
         .stream(&stream)
@@ -1022,11 +814,11 @@ async fn kinesis_replay_from_a_time() {
         .stream_consumer(&stream, "g")
         .await
         .unwrap()
-        .start_at(cloudbus::StartPosition::Earliest);
+        .start_at(cloudbus_core::StartPosition::Earliest);
     read_until(&mut reader, &handler, &seen, 10).await;
     assert_eq!(seen.lock().unwrap().len(), 10);
     seen.lock().unwrap().clear();
-    reader.replay(cloudbus::StartPosition::AtTime(since));
+    reader.replay(cloudbus_core::StartPosition::AtTime(since));
     read_until(&mut reader, &handler, &seen, 5).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     reader.poll(&handler).await.unwrap();
@@ -1066,9 +858,9 @@ async fn kinesis_failing_record_dead_lettered_into_sqs() {
         .stream_consumer(&stream, "g")
         .await
         .unwrap()
-        .start_at(cloudbus::StartPosition::Earliest)
+        .start_at(cloudbus_core::StartPosition::Earliest)
         .retry(
-            cloudbus::RetryPolicy::default()
+            cloudbus_core::RetryPolicy::default()
                 .max_attempts(3)
                 .initial_backoff(Duration::from_millis(10)),
         )
@@ -1090,7 +882,7 @@ async fn kinesis_failing_record_dead_lettered_into_sqs() {
     assert_eq!(got[0].event().subject(), Some("k:1"));
     let reason = got[0]
         .event()
-        .extension(cloudbus::event::EXT_DEAD_LETTER_REASON)
+        .extension(cloudbus_core::event::EXT_DEAD_LETTER_REASON)
         .map(|v| v.to_string())
         .unwrap_or_default();
     assert!(reason.contains("poison record"), "reason {reason:?}");
@@ -1184,8 +976,8 @@ async fn sqs_throttling_is_retried() {
     let publisher = bus
         .publisher_with(
             "q",
-            cloudbus::PublisherOptions {
-                retry: cloudbus::RetryPolicy::default()
+            cloudbus_core::PublisherOptions {
+                retry: cloudbus_core::RetryPolicy::default()
                     .max_attempts(5)
                     .initial_backoff(Duration::from_millis(20)),
                 ..Default::default()
@@ -1201,16 +993,7 @@ async fn sqs_throttling_is_retried() {
     assert!(calls >= 5, "SendMessageBatch calls: {calls}");
 }
 
-/// The wire decoders (those of this build's features) on the committed fuzz corpus
-/// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
-#[test]
-fn decoders_survive_the_fuzz_corpus() {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
-    let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
-    assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
-}
-
-use cloudbus::conformance::network as fault_proxy;
+use cloudbus_conformance::network as fault_proxy;
 
 /// The address behind an `http://host:port` endpoint.
 fn socket_of(endpoint: &str) -> std::net::SocketAddr {

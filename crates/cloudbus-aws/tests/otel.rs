@@ -1,12 +1,12 @@
 //! OpenTelemetry on LocalStack (feature `otel` of the facade): a two-hop saga's
 //! spans, exported by `opentelemetry_sdk`'s in-memory exporter, form one trace across
-//! publish and process (`cloudbus::conformance::otel_cases`), on SQS alone and on SNS
+//! publish and process (`cloudbus_conformance::otel_cases`), on SQS alone and on SNS
 //! into SQS, with the context carried in the messages' attributes. Its own test
 //! binary: the case installs the process-wide tracing subscriber.
 
 mod common;
 
-use cloudbus::conformance::{Outcome, otel_cases};
+use cloudbus_conformance::{Outcome, otel_cases};
 use common::{SqsHarness, endpoint};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

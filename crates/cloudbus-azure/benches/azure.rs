@@ -31,11 +31,11 @@
 
 use std::time::{Duration, Instant};
 
-use cloudbus::azure::Secret;
-use cloudbus::azure::servicebus::{
+use cloudbus_azure::Secret;
+use cloudbus_azure::servicebus::{
     EntityKind, ServiceBusBus, ServiceBusConfig, service_bus_sas_token,
 };
-use cloudbus::{AttributesReader, BinaryCodec, Event, EventBuilder, SubscriptionSpec};
+use cloudbus_core::{AttributesReader, BinaryCodec, Event, EventBuilder, SubscriptionSpec};
 use fe2o3_amqp::link::CreditMode;
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::sasl_profile::SaslProfile;
@@ -326,7 +326,7 @@ fn encoded(codec: &BinaryCodec, event: &Event) -> Message<Data> {
     let properties = Properties {
         content_type: raw.attributes.remove("content-type").map(Symbol::from),
         // cloudbus's MessageId: the digest of source and id, for duplicate detection.
-        message_id: Some(MessageId::String(cloudbus::driver::dedup_digest(
+        message_id: Some(MessageId::String(cloudbus_core::hashing::dedup_digest(
             event.source(),
             event.id(),
         ))),
@@ -376,7 +376,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let codec = BinaryCodec::new(cloudbus::azure::servicebus::ATTRIBUTE_PREFIX);
+    let codec = BinaryCodec::new(cloudbus_azure::servicebus::ATTRIBUTE_PREFIX);
     println!(
         "(the azservicebus-based driver this one replaces: 2,395 events/s end to end on \
          this emulator, measured before issue 13)"

@@ -44,15 +44,18 @@ mod bus;
 mod config;
 mod connection;
 mod context;
+mod dead_letters;
 mod error;
+mod link;
 mod management;
 mod message;
 mod receiver;
 mod rules;
+mod sessions;
 mod topic;
 mod topology;
 
-pub use admin::service_bus_sas_token;
+pub use crate::auth::service_bus_sas_token;
 /// The `azure_core` release whose `credentials::TokenCredential` gives Microsoft Entra
 /// ID tokens: implement it, or pass an `azure_identity` credential of the same release,
 /// to [`ServiceBusConfig::namespace_with_credential`].

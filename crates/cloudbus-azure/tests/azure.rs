@@ -22,73 +22,25 @@ use std::time::{Duration, Instant};
 mod common;
 
 use async_trait::async_trait;
-use cloudbus::azure::Secret;
-use cloudbus::azure::eventgrid::push::PushEndpoint;
-use cloudbus::azure::eventgrid::{Credential, EventGridBus, EventGridConfig};
-use cloudbus::azure::servicebus::azure_core;
-use cloudbus::azure::servicebus::azure_core::credentials::{
+use cloudbus_azure::Secret;
+use cloudbus_azure::eventgrid::push::PushEndpoint;
+use cloudbus_azure::eventgrid::{Credential, EventGridBus, EventGridConfig};
+use cloudbus_azure::servicebus::azure_core;
+use cloudbus_azure::servicebus::azure_core::credentials::{
     AccessToken, TokenCredential, TokenRequestOptions,
 };
-use cloudbus::azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
-use cloudbus::conformance::emulator::required_env;
-use cloudbus::{
+use cloudbus_azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
+use cloudbus_conformance::emulator::required_env;
+use cloudbus_core::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, Filter, HandlerContext, HandlerError,
 };
-use cloudbus::{Payload, PublishOptions, SubscriptionSpec};
+use cloudbus_core::{Payload, PublishOptions, SubscriptionSpec};
 use common::{ServiceBusHarness, servicebus};
 
 /// A bus on the Service Bus namespace, or `None` (after a loud message) without one.
 async fn servicebus_bus(entities: EntityKind, sessions: bool) -> Option<Bus> {
     servicebus()?;
     Some(ServiceBusHarness { entities, sessions }.connect().await)
-}
-
-mod servicebus_queue {
-    use super::*;
-    cloudbus::conformance_suite!(match servicebus() {
-        Some(_) => ServiceBusHarness {
-            entities: EntityKind::Queues,
-            sessions: false,
-        },
-        None => return,
-    });
-}
-
-/// The "nothing lost" promise under injected faults on a Service Bus queue (issue 12).
-mod servicebus_chaos {
-    use super::*;
-    cloudbus::chaos_suite!(
-        match servicebus() {
-            Some(_) => ServiceBusHarness {
-                entities: EntityKind::Queues,
-                sessions: false,
-            },
-            None => return,
-        },
-        200
-    );
-}
-
-mod servicebus_topic_subscription {
-    use super::*;
-    cloudbus::conformance_suite!(match servicebus() {
-        Some(_) => ServiceBusHarness {
-            entities: EntityKind::Topics,
-            sessions: false,
-        },
-        None => return,
-    });
-}
-
-mod servicebus_session_queue {
-    use super::*;
-    cloudbus::conformance_suite!(match servicebus() {
-        Some(_) => ServiceBusHarness {
-            entities: EntityKind::Queues,
-            sessions: true,
-        },
-        None => return,
-    });
 }
 
 /// The emulator's preset topic: (endpoint, key), or `None` after a loud message.
@@ -284,7 +236,7 @@ async fn eventgrid_publish_is_pushed_to_the_handler() {
 /// resolved `Ok` must arrive (duplicates counted); refused ones are the signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eventgrid_nothing_lost_under_publish_faults() {
-    use cloudbus::conformance::chaos::{ChaosBus, FaultKind, Faults};
+    use cloudbus_conformance::chaos::{ChaosBus, FaultKind, Faults};
     let Some((endpoint, key)) = eventgrid() else {
         return;
     };
@@ -436,15 +388,15 @@ async fn eventgrid_reads_what_the_azure_eventgrid_client_sends() {
             "{want}"
         );
         match (e.data(), &want["data_base64"]) {
-            (Some(cloudbus::Data::Binary(b)), serde_json::Value::String(b64)) => {
+            (Some(cloudbus_core::Data::Binary(b)), serde_json::Value::String(b64)) => {
                 use base64::Engine;
                 let want_bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64)
                     .unwrap();
                 assert_eq!(b, &want_bytes, "binary data changed");
             }
-            (Some(cloudbus::Data::Json(v)), _) => assert_eq!(v, &want["data"]),
-            (Some(cloudbus::Data::String(s)), _) => {
+            (Some(cloudbus_core::Data::Json(v)), _) => assert_eq!(v, &want["data"]),
+            (Some(cloudbus_core::Data::String(s)), _) => {
                 assert_eq!(Some(s.as_str()), want["data"].as_str())
             }
             (other, _) => panic!("{want}: data read as {other:?}"),
@@ -455,9 +407,9 @@ async fn eventgrid_reads_what_the_azure_eventgrid_client_sends() {
 /// An event's data as JSON, whatever form it was read in.
 fn json_of(e: &Event) -> Option<serde_json::Value> {
     match e.data()? {
-        cloudbus::Data::Json(v) => Some(v.clone()),
-        cloudbus::Data::String(s) => serde_json::from_str(s).ok(),
-        cloudbus::Data::Binary(b) => serde_json::from_slice(b).ok(),
+        cloudbus_core::Data::Json(v) => Some(v.clone()),
+        cloudbus_core::Data::String(s) => serde_json::from_str(s).ok(),
+        cloudbus_core::Data::Binary(b) => serde_json::from_slice(b).ok(),
     }
 }
 
@@ -538,7 +490,7 @@ async fn servicebus_and_the_python_clients_interoperate() {
         );
         assert_eq!(
             e.extension("priority"),
-            Some(&cloudbus::ExtensionValue::Integer(7)),
+            Some(&cloudbus_core::ExtensionValue::Integer(7)),
             "{want}"
         );
         assert_eq!(json_of(e), Some(want["data"].clone()));
@@ -556,7 +508,7 @@ async fn servicebus_and_the_python_clients_interoperate() {
         (
             "binary",
             base.clone()
-                .attribute_prefix(cloudbus::azure::servicebus::COLON_ATTRIBUTE_PREFIX)
+                .attribute_prefix(cloudbus_azure::servicebus::COLON_ATTRIBUTE_PREFIX)
                 .expect("prefix"),
         ),
         ("structured", base.clone().structured()),
@@ -768,7 +720,7 @@ async fn eventgrid_push_is_secure_by_default_and_handles_batches_event_by_event(
     };
     let one = |n: u32| {
         serde_json::from_slice::<serde_json::Value>(
-            &cloudbus::codec::to_structured_json(&event("com.example.created", n)).unwrap(),
+            &cloudbus_core::codec::to_structured_json(&event("com.example.created", n)).unwrap(),
         )
         .unwrap()
     };
@@ -817,7 +769,7 @@ async fn eventgrid_push_is_secure_by_default_and_handles_batches_event_by_event(
         "both good events were handled"
     );
     // With a dead-letter sink the bad one goes there with its reason and the batch is done.
-    let broker = cloudbus::memory::MemoryBroker::new().bus();
+    let broker = cloudbus_memory::MemoryBroker::new().bus();
     broker.ensure_topic("push-dlq").await.unwrap();
     broker
         .ensure_subscription(&SubscriptionSpec::new("push-dlq", "push-dlq"))
@@ -966,7 +918,7 @@ async fn eventgrid_malformed_and_filtered_pushes() {
                 "content-type",
                 "application/cloudevents+json; charset=utf-8",
             )
-            .body(cloudbus::codec::to_structured_json(e).unwrap())
+            .body(cloudbus_core::codec::to_structured_json(e).unwrap())
             .send()
             .await
             .unwrap();
@@ -989,7 +941,7 @@ async fn eventgrid_push_dead_letters_to_its_sink_on_event_grids_last_attempt() {
     let Some((endpoint, key)) = eventgrid() else {
         return;
     };
-    let broker = cloudbus::memory::MemoryBroker::new().bus();
+    let broker = cloudbus_memory::MemoryBroker::new().bus();
     broker.ensure_topic("push-dlq").await.unwrap();
     broker
         .ensure_subscription(&SubscriptionSpec::new("push-dlq", "push-dlq"))
@@ -1200,20 +1152,20 @@ async fn servicebus_rules_route_by_correlation_and_sql() {
         Filter::range("amount", Some(100.0), None),
     ]);
     assert!(matches!(
-        cloudbus::azure::servicebus::compile_rule(
+        cloudbus_azure::servicebus::compile_rule(
             Some(&exact_filter),
             &exact,
-            cloudbus::azure::servicebus::ATTRIBUTE_PREFIX
+            cloudbus_azure::servicebus::ATTRIBUTE_PREFIX
         ),
-        Ok(cloudbus::azure::servicebus::RuleFilter::Correlation(_))
+        Ok(cloudbus_azure::servicebus::RuleFilter::Correlation(_))
     ));
     assert!(matches!(
-        cloudbus::azure::servicebus::compile_rule(
+        cloudbus_azure::servicebus::compile_rule(
             Some(&ranged_filter),
             &ranged,
-            cloudbus::azure::servicebus::ATTRIBUTE_PREFIX
+            cloudbus_azure::servicebus::ATTRIBUTE_PREFIX
         ),
-        Ok(cloudbus::azure::servicebus::RuleFilter::Sql(_))
+        Ok(cloudbus_azure::servicebus::RuleFilter::Sql(_))
     ));
     bus.ensure_subscription(&SubscriptionSpec::new(&topic, &exact).filter(exact_filter.clone()))
         .await
@@ -1250,7 +1202,7 @@ async fn servicebus_rules_route_by_correlation_and_sql() {
         for e in &got {
             assert!(matches!(
                 e.extension("amount"),
-                Some(cloudbus::ExtensionValue::Integer(_))
+                Some(cloudbus_core::ExtensionValue::Integer(_))
             ));
         }
     }
@@ -1314,12 +1266,14 @@ async fn servicebus_redrive_all_ends_when_a_letter_comes_back() {
             .expect("receive");
     }
     got[0].dead_letter("poison").await.expect("dead-letter");
-    let worker = consumer.start_worker(
-        |_e: std::sync::Arc<cloudbus::Event>, _c: cloudbus::HandlerContext| async {
-            Err::<(), _>(cloudbus::HandlerError::reject("still poison"))
-        },
-        cloudbus::WorkerOptions::default(),
-    );
+    let worker = consumer
+        .start_worker(
+            |_e: std::sync::Arc<cloudbus_core::Event>, _c: cloudbus_core::HandlerContext| async {
+                Err::<(), _>(cloudbus_core::HandlerError::reject("still poison"))
+            },
+            cloudbus_core::WorkerOptions::default(),
+        )
+        .expect("the router's wiring");
     let dlq = bus
         .dead_letters(&queue, &queue)
         .await
@@ -1415,7 +1369,7 @@ async fn servicebus_has_no_streams() {
     let Err(e) = bus.driver().stream("orders").await else {
         panic!("Service Bus opened a stream");
     };
-    assert_eq!(e.kind(), cloudbus::ErrorKind::Unsupported, "{e}");
+    assert_eq!(e.kind(), cloudbus_core::ErrorKind::Unsupported, "{e}");
     assert!(e.message().contains("servicebus://"), "{e}");
     assert!(e.message().contains("kinesis://"), "{e}");
 }
@@ -1865,7 +1819,7 @@ async fn servicebus_defer_then_fetch_by_sequence_number() {
     let service_bus = consumer
         .driver()
         .as_any()
-        .downcast_ref::<cloudbus::azure::servicebus::ServiceBusSubscription>()
+        .downcast_ref::<cloudbus_azure::servicebus::ServiceBusSubscription>()
         .expect("a Service Bus consumer");
     let mut got = Vec::new();
     let until = Instant::now() + Duration::from_secs(10);
@@ -1933,10 +1887,10 @@ async fn queue_with_lease(bus: &Bus, lease: Duration) -> String {
 
 /// Receives until `want` deliveries came or `patience` ran out (nothing settled).
 async fn receive_n(
-    consumer: &cloudbus::Consumer,
+    consumer: &cloudbus_core::Consumer,
     want: usize,
     patience: Duration,
-) -> Vec<cloudbus::Delivery> {
+) -> Vec<cloudbus_core::Delivery> {
     let until = Instant::now() + patience;
     let mut got = Vec::new();
     while got.len() < want && Instant::now() < until {
@@ -1952,12 +1906,12 @@ async fn receive_n(
 
 /// The Service Bus driver of a consumer.
 fn service_bus_of(
-    consumer: &cloudbus::Consumer,
-) -> &cloudbus::azure::servicebus::ServiceBusSubscription {
+    consumer: &cloudbus_core::Consumer,
+) -> &cloudbus_azure::servicebus::ServiceBusSubscription {
     consumer
         .driver()
         .as_any()
-        .downcast_ref::<cloudbus::azure::servicebus::ServiceBusSubscription>()
+        .downcast_ref::<cloudbus_azure::servicebus::ServiceBusSubscription>()
         .expect("a Service Bus consumer")
 }
 
@@ -2254,16 +2208,7 @@ async fn servicebus_a_nacked_deferred_message_is_received_again() {
     }
 }
 
-/// The wire decoders (those of this build's features) on the committed fuzz corpus
-/// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
-#[test]
-fn decoders_survive_the_fuzz_corpus() {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
-    let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
-    assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
-}
-
-use cloudbus::conformance::network as fault_proxy;
+use cloudbus_conformance::network as fault_proxy;
 
 /// Issue 12: events through a TCP proxy that severs every connection, stalls them or
 /// adds latency every 300-700 ms, between cloudbus and the Service Bus emulator's AMQP

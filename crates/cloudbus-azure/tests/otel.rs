@@ -1,14 +1,14 @@
 //! OpenTelemetry on the Service Bus emulator (feature `otel` of the facade): a
 //! two-hop saga's spans, exported by `opentelemetry_sdk`'s in-memory exporter, form
-//! one trace across publish and process (`cloudbus::conformance::otel_cases`), with
+//! one trace across publish and process (`cloudbus_conformance::otel_cases`), with
 //! the context carried in the AMQP message's `cloudEvents_traceparent` application
 //! property. Its own test binary: the case installs the process-wide tracing
 //! subscriber.
 
 mod common;
 
-use cloudbus::azure::servicebus::EntityKind;
-use cloudbus::conformance::{Outcome, otel_cases};
+use cloudbus_azure::servicebus::EntityKind;
+use cloudbus_conformance::{Outcome, otel_cases};
 use common::{ServiceBusHarness, servicebus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

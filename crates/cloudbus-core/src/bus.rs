@@ -137,4 +137,30 @@ impl Bus {
     pub fn driver(&self) -> &Arc<dyn BusDriver> {
         &self.driver
     }
+
+    /// The bus driver as its own type `D`, when it is one (an escape hatch to the
+    /// provider's client); `None` for another driver.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # struct Client;
+    /// # #[async_trait::async_trait]
+    /// # impl cloudbus_core::driver::TopologyDriver for Client {
+    /// #     async fn ensure_topic(&self, _: &str) -> cloudbus_core::Result<()> { Ok(()) }
+    /// #     async fn ensure_subscription(&self, _: &cloudbus_core::SubscriptionSpec) -> cloudbus_core::Result<()> { Ok(()) }
+    /// #     async fn delete_subscription(&self, _: &str, _: &str) -> cloudbus_core::Result<()> { Ok(()) }
+    /// # }
+    /// # #[async_trait::async_trait]
+    /// # impl cloudbus_core::BusDriver for Client {
+    /// #     fn scheme(&self) -> &str { "doc" }
+    /// #     async fn topic(&self, t: &str) -> cloudbus_core::Result<Arc<dyn cloudbus_core::TopicDriver>> { Err(cloudbus_core::Error::not_found(t)) }
+    /// #     fn topology(&self) -> Arc<dyn cloudbus_core::TopologyDriver> { Arc::new(Client) }
+    /// # }
+    /// let bus = cloudbus_core::Bus::new(Arc::new(Client));
+    /// assert!(bus.downcast::<Client>().is_some());
+    /// assert!(bus.downcast::<String>().is_none());
+    /// ```
+    pub fn downcast<D: std::any::Any>(&self) -> Option<&D> {
+        self.driver.as_ref().as_any().downcast_ref::<D>()
+    }
 }

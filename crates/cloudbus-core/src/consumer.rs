@@ -145,6 +145,12 @@ impl Consumer {
         &self.inner.driver
     }
 
+    /// The subscription driver as its own type `D`, when it is one (an escape hatch to the
+    /// provider's client); `None` for another driver.
+    pub fn downcast<D: std::any::Any>(&self) -> Option<&D> {
+        self.inner.driver.as_ref().as_any().downcast_ref::<D>()
+    }
+
     /// Waits for the next delivery.
     pub async fn receive(&self) -> Result<Delivery> {
         loop {
@@ -164,10 +170,12 @@ impl Consumer {
         }
         let span = spans::receive(&self.inner.destination, &self.inner.name, max);
         let max = max.max(1);
-        let mut received =
-            crate::driver::panic_safe("receive_batch", self.inner.driver.receive_batch(max, wait))
-                .instrument(span.clone())
-                .await?;
+        let mut received = crate::driver_call::panic_safe(
+            "receive_batch",
+            self.inner.driver.receive_batch(max, wait),
+        )
+        .instrument(span.clone())
+        .await?;
         span.record("messaging.batch.message_count", received.len());
         spans::link_events(
             &span,
@@ -295,7 +303,7 @@ impl Consumer {
         let span = self.inner.settle_span(settlement.status(), items.len());
         spans::link_events(&span, idx.iter().map(|&i| &*deliveries[i].event));
         let settled =
-            crate::driver::panic_safe("settle_batch", self.inner.driver.settle_batch(&items))
+            crate::driver_call::panic_safe("settle_batch", self.inner.driver.settle_batch(&items))
                 .instrument(span)
                 .await;
         match settled {
@@ -448,7 +456,7 @@ impl ConsumerInner {
     /// failure is logged with `failed`, nothing is returned.
     async fn settle_or_log(&self, items: &[(AckToken, Settlement)], failed: &str) {
         let settled =
-            crate::driver::panic_safe("settle_batch", self.driver.settle_batch(items)).await;
+            crate::driver_call::panic_safe("settle_batch", self.driver.settle_batch(items)).await;
         let error = match settled {
             Ok(per) => per.into_iter().find_map(Result::err),
             Err(e) => Some(e),
@@ -630,7 +638,9 @@ fn settler(
             let driver = driver.clone();
             Box::pin(async move {
                 let n = items.len();
-                match crate::driver::panic_safe("settle_batch", driver.settle_batch(&items)).await {
+                match crate::driver_call::panic_safe("settle_batch", driver.settle_batch(&items))
+                    .await
+                {
                     Ok(per) if per.len() == n => per,
                     Ok(_) => (0..n)
                         .map(|_| {

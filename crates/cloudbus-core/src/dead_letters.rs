@@ -2,7 +2,6 @@
 //! [`TopicDeadLetters`], the dead-letter place cloudbus keeps on an ordinary topic and
 //! subscription for providers that have none.
 
-use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,7 +168,7 @@ impl TopicDeadLetters {
 fn identity(m: &ReceivedMessage) -> String {
     match &m.event {
         Ok(e) => format!("{}\u{0}{}", e.source(), e.id()),
-        Err((raw, _)) => crate::driver::hex_sha256(&[&raw.body]),
+        Err((raw, _)) => crate::hashing::hex_sha256(&[&raw.body]),
     }
 }
 
@@ -275,9 +274,5 @@ impl DeadLetterDriver for TopicDeadLetters {
             self.settle_all(&msgs, Settlement::Ack).await?;
             purged += msgs.len();
         }
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -224,6 +224,33 @@ impl std::fmt::Display for HandlerError {
 pub trait Handler: Send + Sync + 'static {
     /// Processes `event`; `Ok` acks it.
     async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError>;
+
+    /// Checks, before any event is received, that the handler has what it needs to
+    /// run: [`Consumer::start_worker`](crate::Consumer::start_worker) and
+    /// [`StreamConsumer::run`](crate::StreamConsumer::run) call it and fail with its
+    /// error, so that a mistake of wiring stops the start instead of failing every
+    /// event. A [`Router`](crate::Router) checks its routes ([`Router::check`](crate::Router::check));
+    /// a handler that wraps another one (as [`Idempotent`](crate::Idempotent) does)
+    /// must forward it to the inner handler. Default: nothing to check.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cloudbus_core::{Event, Handler, HandlerContext, HandlerError};
+    /// /// Counts the events it hands on to `inner`.
+    /// struct Counted<H>(H);
+    /// #[async_trait::async_trait]
+    /// impl<H: Handler> Handler for Counted<H> {
+    ///     async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
+    ///         self.0.handle(event, ctx).await
+    ///     }
+    ///     fn check_wiring(&self) -> cloudbus_core::Result<()> {
+    ///         self.0.check_wiring()
+    ///     }
+    /// }
+    /// ```
+    fn check_wiring(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -241,6 +268,10 @@ where
 impl<H: Handler + ?Sized> Handler for Arc<H> {
     async fn handle(&self, event: Arc<Event>, ctx: HandlerContext) -> Result<(), HandlerError> {
         (**self).handle(event, ctx).await
+    }
+
+    fn check_wiring(&self) -> crate::Result<()> {
+        (**self).check_wiring()
     }
 }
 

@@ -36,7 +36,7 @@ pub struct LastError {
 ///         Ok::<(), cloudbus_core::HandlerError>(())
 ///     },
 ///     cloudbus_core::WorkerOptions::default(),
-/// );
+/// )?;
 /// let health = worker.health();
 /// assert!(health.is_live());
 /// if !health.is_ready() {

@@ -434,6 +434,11 @@ impl<H: Handler> Handler for Idempotent<H> {
         let handling = self.inner.handle(event.clone(), ctx);
         self.once.run(&event, handling).await
     }
+
+    /// The inner handler's ([`Handler::check_wiring`]).
+    fn check_wiring(&self) -> Result<()> {
+        self.inner.check_wiring()
+    }
 }
 
 #[cfg(test)]

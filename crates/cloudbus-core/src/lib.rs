@@ -1,8 +1,8 @@
-//! cloudbus-core: the parts every cloudbus provider plugs into.
+//! cloudbus-core: the portable layer over the driver contract of `cloudbus-driver`.
 //!
-//! - [`event`]: the CloudEvents 1.0 envelope ([`Event`], [`EventBuilder`], [`EventExt`]).
-//! - [`codec`]: structured JSON and binary (attribute) modes with an attribute budget.
-//! - [`driver`]: the small, batch-first traits a provider implements.
+//! - [`event`], [`codec`], [`driver`], [`error`], [`filter`], [`capabilities`],
+//!   [`scheme`]: the contract, re-exported from `cloudbus-driver` (the CloudEvents
+//!   envelope, its codecs, the batch-first traits a provider implements).
 //! - [`Publisher`], [`Consumer`], [`Delivery`], [`Worker`], [`DeadLetters`],
 //!   [`StreamConsumer`], [`Bus`]: the portable types users work with, which add
 //!   batching, concurrency, flow control, retries, dead-lettering, metrics and
@@ -10,45 +10,44 @@
 //! - [`CloudEvent`] (typed events), [`Router`] (handlers by event type, with tower
 //!   layers), `schema` (feature: JSON Schema registry, validation, compatibility).
 //! - [`Filter`], [`Capabilities`], [`Error`].
-//! - `conformance` (feature): the suite every provider runs from its tests.
+//!
+//! The router and the schemas stay here rather than in crates of their own: they are
+//! what a service writes against, next to the publisher and worker they drive, and
+//! no provider needs them; a crate each would add two names to learn and save the
+//! first build nothing (`schema` is a feature already).
 #![warn(missing_docs)]
 
 mod batcher;
 pub mod bus;
-pub mod capabilities;
 pub mod checkpoint;
-pub mod codec;
 pub mod consumer;
 pub mod dead_letters;
-pub mod driver;
-pub mod error;
-pub mod event;
-pub mod filter;
+mod driver_call;
 pub mod handler;
 pub mod health;
 pub mod idempotency;
-mod json_format;
 mod lease_keeper;
-#[cfg(feature = "otel")]
-pub mod otel;
 pub mod publisher;
 pub mod retry;
 pub mod router;
 #[cfg(feature = "schema")]
 pub mod schema;
-pub mod scheme;
 pub mod spans;
 pub mod stream;
 pub mod telemetry;
 pub mod topology;
-pub mod trace_context;
-pub mod transport;
 pub mod typed;
 pub mod validation;
 pub mod worker;
 
-#[cfg(feature = "conformance")]
-pub mod conformance;
+// The driver contract lives in `cloudbus-driver`; its modules are this crate's too, so
+// the portable layer and its users name them as before (`cloudbus_core::event`).
+#[cfg(feature = "otel")]
+pub use cloudbus_driver::otel;
+pub use cloudbus_driver::{
+    capabilities, codec, config, driver, error, event, filter, hashing, scheme, trace_context,
+    transport,
+};
 
 pub use bus::Bus;
 pub use capabilities::{Capabilities, FilterSupport};
@@ -57,10 +56,10 @@ pub use codec::{BinaryCodec, DecodeError, DecodeErrorKind, RawMessage};
 pub use consumer::{Consumer, ConsumerOptions, Delivery, describe_payload};
 pub use dead_letters::{DeadLetters, TopicDeadLetters};
 pub use driver::{
-    AckToken, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, DeadLetterSink,
+    AckToken, AsAny, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, DeadLetterSink,
     OutgoingMessage, PartitionInfo, Payload, PublishOptions, ReadBatch, ReceivedMessage,
     Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver, SubscriptionSpec,
-    SubscriptionState, TopicDriver, TopologyDriver,
+    SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
 };
 pub use error::{Error, ErrorKind, Missing, Result};
 pub use event::{

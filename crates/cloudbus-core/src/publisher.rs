@@ -318,9 +318,15 @@ impl Publisher {
         &self.inner.destination
     }
 
-    /// The driver, for escape hatches: `publisher.driver().as_any().downcast_ref::<T>()`.
+    /// The driver (to reach the provider's own type, use [`downcast`](Self::downcast)).
     pub fn driver(&self) -> &Arc<dyn TopicDriver> {
         &self.inner.driver
+    }
+
+    /// The topic driver as its own type `D`, when it is one (an escape hatch to the
+    /// provider's client); `None` for another driver.
+    pub fn downcast<D: std::any::Any>(&self) -> Option<&D> {
+        self.inner.driver.as_ref().as_any().downcast_ref::<D>()
     }
 
     /// Publishes one event. The event is accepted at once (validated, given a
@@ -344,11 +350,10 @@ impl Publisher {
                 Ok(Checked::Valid | Checked::NoSchema) => {}
             }
         }
-        self.enqueue(OutgoingMessage::prepare_for(
-            event,
-            options,
-            &self.inner.destination,
-        ))
+        let destination = &self.inner.destination;
+        self.enqueue(OutgoingMessage::prepare_with(event, options, |event| {
+            crate::spans::stamp_created(event, destination)
+        }))
     }
 
     /// Publishes bytes that are not a CloudEvent (bridges, and tests of malformed input).
@@ -405,7 +410,7 @@ impl Publisher {
     fn lane_index(&self, key: Option<&str>) -> usize {
         let n = self.lane_count();
         match key {
-            Some(k) => crate::driver::key_slot(k, n),
+            Some(k) => crate::hashing::key_slot(k, n),
             None => self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % n,
         }
     }
@@ -463,7 +468,11 @@ impl Publisher {
     pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
-            .map(|e| OutgoingMessage::prepare_for(e, PublishOptions::default(), self.destination()))
+            .map(|e| {
+                OutgoingMessage::prepare_with(e, PublishOptions::default(), |event| {
+                    crate::spans::stamp_created(event, self.destination())
+                })
+            })
             .collect();
         self.publish_messages(msgs).await
     }
@@ -475,7 +484,11 @@ impl Publisher {
     ) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
-            .map(|(e, o)| OutgoingMessage::prepare_for(e, o, self.destination()))
+            .map(|(e, o)| {
+                OutgoingMessage::prepare_with(e, o, |event| {
+                    crate::spans::stamp_created(event, self.destination())
+                })
+            })
             .collect();
         self.publish_messages(msgs).await
     }
@@ -648,7 +661,7 @@ pub(crate) async fn send_with_retry(
             todo.iter().map(|&i| msgs[i].clone()).collect()
         };
         let slice: &[OutgoingMessage] = if batch.is_empty() { msgs } else { &batch };
-        let outcome = crate::driver::panic_safe("send_batch", driver.send_batch(slice)).await;
+        let outcome = crate::driver_call::panic_safe("send_batch", driver.send_batch(slice)).await;
         let mut again = Vec::new();
         match outcome {
             Ok(per) if per.len() == todo.len() => {
@@ -714,7 +727,7 @@ pub(crate) async fn send_with_retry(
             // failure is), so that one panic does not refuse the whole batch. At worst a
             // duplicate, which consumers tolerate; a refusal would be the caller's loss.
             Err(e)
-                if (e.is_retryable() || crate::driver::panicked(&e))
+                if (e.is_retryable() || crate::driver_call::panicked(&e))
                     && retry.should_retry(attempt) =>
             {
                 again = todo.clone()
@@ -946,10 +959,11 @@ mod tests {
     /// publish_batch cuts each lane by the provider's count and byte limits.
     #[test]
     fn chunks_respect_count_and_bytes() {
-        let caps = Capabilities {
-            max_batch_count: 3,
-            max_batch_bytes: 1000,
-            ..Capabilities::default()
+        let caps = {
+            let mut caps = Capabilities::default();
+            caps.max_batch_count = 3;
+            caps.max_batch_bytes = 1000;
+            caps
         };
         let items: Vec<(usize, OutgoingMessage)> = (0..7)
             .map(|i| {
@@ -988,9 +1002,6 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             self.caps.clone()
         }
-        fn as_any(&self) -> &dyn std::any::Any {
-            self
-        }
     }
 
     /// Panics in its first send, then accepts everything.
@@ -1008,13 +1019,11 @@ mod tests {
             Ok(batch.iter().map(|_| Ok(())).collect())
         }
         fn capabilities(&self) -> Capabilities {
-            Capabilities {
-                concurrent_sends: 1,
-                ..Capabilities::default()
+            {
+                let mut caps = Capabilities::default();
+                caps.concurrent_sends = 1;
+                caps
             }
-        }
-        fn as_any(&self) -> &dyn std::any::Any {
-            self
         }
     }
 
@@ -1044,11 +1053,12 @@ mod tests {
 
     async fn sends_of_a_batch(concurrent_sends: usize) -> Vec<usize> {
         let driver = Arc::new(RecordingDriver {
-            caps: Capabilities {
-                max_batch_count: 1000,
-                max_batch_bytes: 10 * 1024 * 1024,
-                concurrent_sends,
-                ..Capabilities::default()
+            caps: {
+                let mut caps = Capabilities::default();
+                caps.max_batch_count = 1000;
+                caps.max_batch_bytes = 10 * 1024 * 1024;
+                caps.concurrent_sends = concurrent_sends;
+                caps
             },
             sends: Default::default(),
         });
@@ -1096,13 +1106,11 @@ mod tests {
             Ok(batch.iter().map(|_| Ok(())).collect())
         }
         fn capabilities(&self) -> Capabilities {
-            Capabilities {
-                ordering: true,
-                ..Capabilities::default()
+            {
+                let mut caps = Capabilities::default();
+                caps.ordering = true;
+                caps
             }
-        }
-        fn as_any(&self) -> &dyn std::any::Any {
-            self
         }
     }
 

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 pub use crate::checkpoint::{CheckpointStore, MemoryCheckpointStore};
 use crate::codec::RawMessage;
-use crate::driver::{DeadLetterSink, panic_safe};
+use crate::driver::DeadLetterSink;
 pub use crate::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
+use crate::driver_call::panic_safe;
 use crate::error::{Error, ErrorKind, Result};
 use crate::event::EXT_DEAD_LETTER_REASON;
 use crate::handler::{Handler, HandlerError, HandlerRunner};
@@ -178,8 +179,11 @@ impl StreamConsumer {
         self.replaying = Some(from);
     }
 
-    /// One pass: reads one batch from every readable partition and handles it.
+    /// One pass: reads one batch from every readable partition and handles it. The
+    /// handler's wiring is checked first ([`Handler::check_wiring`]): a miswired
+    /// [`Router`](crate::Router) is an error before anything is read.
     pub async fn poll<H: Handler + ?Sized>(&mut self, handler: &H) -> Result<PollReport> {
+        handler.check_wiring()?;
         let mut never = std::pin::pin!(std::future::pending::<()>());
         Ok(self.poll_until(handler, &mut never).await?.0)
     }
@@ -348,13 +352,16 @@ impl StreamConsumer {
     /// consecutive failures, as the worker does with receives; records handled before
     /// it are read again (at least once, never lost). `run` returns an error only when
     /// a record failed for good and no dead-letter place is configured, so that it is
-    /// not skipped.
+    /// not skipped, or at once when the handler's wiring is wrong
+    /// ([`Handler::check_wiring`], [`Router::check`](crate::Router::check)), before
+    /// anything is read.
     pub async fn run<H: Handler + ?Sized>(
         &mut self,
         handler: &H,
         idle: Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
+        handler.check_wiring()?;
         let ended = self.run_until(handler, idle, shutdown).await;
         if let Err(e) = self.release().await {
             tracing::warn!(group = %self.group, error = %e, "could not release the partitions; they pass to another reader when their leases lapse");
@@ -537,9 +544,6 @@ mod tests {
                 records,
                 behind: None,
             })
-        }
-        fn as_any(&self) -> &dyn std::any::Any {
-            self
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::Bus;
-use crate::driver::{SubscriptionSpec, SubscriptionState};
+use crate::driver::{SubscriptionSpec, SubscriptionState, TopologyPlanning};
 use crate::error::{Error, ErrorKind, Result};
 use crate::filter::Filter;
 
@@ -355,6 +355,12 @@ pub fn differences(current: &SubscriptionState, wanted: &SubscriptionState) -> V
     out
 }
 
+/// The reading of a provider without [`TopologyPlanning`]: every question is
+/// `Unsupported` (the trait's defaults), so the plan ensures instead of comparing.
+struct CannotDescribe;
+
+impl TopologyPlanning for CannotDescribe {}
+
 /// Compares `topology` with what the provider behind `bus` holds.
 ///
 /// ```no_run
@@ -371,6 +377,7 @@ pub fn differences(current: &SubscriptionState, wanted: &SubscriptionState) -> V
 pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Plan> {
     let specs = topology.subscriptions()?;
     let driver = bus.driver().topology();
+    let driver = driver.planning().unwrap_or(&CannotDescribe);
     let mut changes = Vec::new();
     for topic in &topology.topics {
         changes.push(match driver.topic_exists(&topic.name).await {
@@ -449,6 +456,7 @@ async fn shared_settings_agree(bus: &Bus, topic: &str, subs: &[&SubscriptionSpec
 /// it). Returns how many entries it applied.
 pub async fn apply(bus: &Bus, plan: &Plan) -> Result<usize> {
     let driver = bus.driver().topology();
+    let planning = driver.planning().unwrap_or(&CannotDescribe);
     let mut applied = 0;
     for change in &plan.changes {
         match change {
@@ -457,7 +465,7 @@ pub async fn apply(bus: &Bus, plan: &Plan) -> Result<usize> {
                 driver.ensure_subscription(spec).await?
             }
             Change::UpdateSubscription { spec, differences } => {
-                driver.update_subscription(spec).await.map_err(|e| {
+                planning.update_subscription(spec).await.map_err(|e| {
                     let settings: Vec<&str> = differences.iter().map(|d| d.setting).collect();
                     Error::new(
                         e.kind(),

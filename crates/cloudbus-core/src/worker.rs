@@ -132,13 +132,19 @@ impl Consumer {
     /// shutdown). The broker's subscription itself is made by
     /// [`Bus::ensure_subscription`](crate::Bus::ensure_subscription).
     ///
+    /// The handler's wiring is checked first ([`Handler::check_wiring`]; for a
+    /// [`Router`](crate::Router), [`Router::check`](crate::Router::check)): a route
+    /// that takes a state or a publisher the router was not given, or two routes for
+    /// one event type, are an [`InvalidArgument`](crate::ErrorKind::InvalidArgument)
+    /// error naming each route and what it misses, and nothing is received.
+    ///
     /// ```
     /// use std::sync::Arc;
     /// use cloudbus_core::{
     ///     AttributesReader, Consumer, Event, HandlerContext, HandlerError, Worker, WorkerOptions,
     /// };
     ///
-    /// fn start(consumer: &Consumer) -> Worker {
+    /// fn start(consumer: &Consumer) -> cloudbus_core::Result<Worker> {
     ///     consumer.start_worker(
     ///         |event: Arc<Event>, _ctx: HandlerContext| async move {
     ///             println!("{}", event.id());
@@ -148,14 +154,24 @@ impl Consumer {
     ///     )
     /// }
     /// ```
-    pub fn start_worker<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
-        Worker::start(self.clone(), Arc::new(handler), options)
+    pub fn start_worker<H: Handler>(
+        &self,
+        handler: H,
+        options: WorkerOptions,
+    ) -> crate::Result<Worker> {
+        handler.check_wiring()?;
+        Ok(Worker::start(self.clone(), Arc::new(handler), options))
     }
 
     /// The name [`start_worker`](Consumer::start_worker) had (the README showed it);
-    /// "subscription" means the broker's entity everywhere else.
+    /// "subscription" means the broker's entity everywhere else. Checks the handler's
+    /// wiring as `start_worker` does.
     #[deprecated(since = "0.1.0", note = "renamed to `start_worker`")]
-    pub fn subscribe<H: Handler>(&self, handler: H, options: WorkerOptions) -> Worker {
+    pub fn subscribe<H: Handler>(
+        &self,
+        handler: H,
+        options: WorkerOptions,
+    ) -> crate::Result<Worker> {
         self.start_worker(handler, options)
     }
 }
@@ -731,7 +747,6 @@ impl WorkerLoop {
 
 #[cfg(test)]
 mod tests {
-    use std::any::Any;
 
     use async_trait::async_trait;
 
@@ -789,14 +804,12 @@ mod tests {
             Ok(items.iter().map(|_| Ok(())).collect())
         }
         fn capabilities(&self) -> Capabilities {
-            Capabilities {
-                ordering: true,
-                lease_extension: true,
-                ..Capabilities::default()
+            {
+                let mut caps = Capabilities::default();
+                caps.ordering = true;
+                caps.lease_extension = true;
+                caps
             }
-        }
-        fn as_any(&self) -> &dyn Any {
-            self
         }
     }
 
@@ -847,9 +860,6 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             Capabilities::default()
         }
-        fn as_any(&self) -> &dyn Any {
-            self
-        }
     }
 
     /// A batch's task ends once its deliveries are handled and settled, and lets the
@@ -859,13 +869,14 @@ mod tests {
     async fn a_handled_batch_lets_its_events_go() {
         let driver = Arc::new(UnorderedOnce::default());
         let consumer = Consumer::new(driver.clone(), "lets-go");
-        let worker =
-            consumer.start_worker(
+        let worker = consumer
+            .start_worker(
                 |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
                     Ok::<(), HandlerError>(())
                 },
                 WorkerOptions::default().concurrency(4),
-            );
+            )
+            .expect("the router's wiring");
         let deadline = Instant::now() + Duration::from_secs(5);
         while worker.stats().acked < 2 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -900,15 +911,17 @@ mod tests {
             settled: Mutex::new(Vec::new()),
         });
         let consumer = Consumer::new(driver.clone(), "queued-lease");
-        let worker = consumer.start_worker(
-            |event: Arc<crate::Event>, _ctx: HandlerContext| async move {
-                if event.id() == "e1" {
-                    tokio::time::sleep(Duration::from_millis(700)).await;
-                }
-                Ok::<(), HandlerError>(())
-            },
-            WorkerOptions::default().concurrency(4),
-        );
+        let worker = consumer
+            .start_worker(
+                |event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                    if event.id() == "e1" {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                    }
+                    Ok::<(), HandlerError>(())
+                },
+                WorkerOptions::default().concurrency(4),
+            )
+            .expect("the router's wiring");
         let deadline = Instant::now() + Duration::from_secs(5);
         while worker.stats().acked < 2 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -976,9 +989,6 @@ mod tests {
         fn capabilities(&self) -> Capabilities {
             Capabilities::default()
         }
-        fn as_any(&self) -> &dyn Any {
-            self
-        }
     }
 
     /// Issue 28 item 9: the worker read the queue depth inline on its receive loop,
@@ -988,13 +998,14 @@ mod tests {
     async fn a_slow_queue_depth_never_slows_receiving_or_shutdown() {
         let driver = Arc::new(SlowDepth::default());
         let consumer = Consumer::new(driver.clone(), "slow-depth");
-        let worker =
-            consumer.start_worker(
+        let worker = consumer
+            .start_worker(
                 |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
                     Ok::<(), HandlerError>(())
                 },
                 WorkerOptions::default().concurrency(2),
-            );
+            )
+            .expect("the router's wiring");
         tokio::time::sleep(Duration::from_millis(500)).await;
         let started = Instant::now();
         let report = worker.shutdown(Duration::from_secs(5)).await;
@@ -1005,5 +1016,82 @@ mod tests {
         );
         assert!(report.acked >= 20, "{report:?}");
         assert!(driver.depth_reads.load(Ordering::SeqCst) >= 1);
+    }
+
+    /// Counts receive calls and hands out nothing.
+    #[derive(Default)]
+    struct CountsReceives {
+        receives: AtomicU64,
+    }
+
+    #[async_trait]
+    impl SubscriptionDriver for CountsReceives {
+        async fn receive_batch(
+            &self,
+            _max: usize,
+            wait: Duration,
+        ) -> crate::Result<Vec<ReceivedMessage>> {
+            self.receives.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(wait).await;
+            Ok(Vec::new())
+        }
+        async fn settle_batch(
+            &self,
+            items: &[(AckToken, Settlement)],
+        ) -> crate::Result<BatchResults> {
+            Ok(items.iter().map(|_| Ok(())).collect())
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+    }
+
+    /// Issue 30: a router that lacks what a route takes does not start and receives
+    /// nothing, wrapped (in an `Idempotent`, in an `Arc`) or not; wired, it starts.
+    #[tokio::test]
+    async fn a_miswired_router_neither_starts_nor_receives() {
+        use crate::router::State;
+        #[derive(Clone)]
+        struct Db;
+        let driver = Arc::new(CountsReceives::default());
+        let consumer = Consumer::new(driver.clone(), "miswired");
+        let route = |State(_db): State<Db>| async { Ok::<(), HandlerError>(()) };
+        let router = crate::Router::new().route_type("com.example.step", route);
+        let wrapped = Arc::new(crate::Idempotent::new(
+            router.clone(),
+            Arc::new(crate::MemoryDedupStore::new(10)),
+        ));
+        for started in [
+            consumer.start_worker(router, WorkerOptions::default()),
+            consumer.start_worker(wrapped, WorkerOptions::default()),
+        ] {
+            let Err(e) = started else {
+                panic!("a miswired router started")
+            };
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+            assert!(
+                e.message()
+                    .contains("route \"com.example.step\" takes State<"),
+                "{e}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(driver.receives.load(Ordering::SeqCst), 0);
+
+        let wired = crate::Router::new()
+            .state(Db)
+            .route_type("com.example.step", route);
+        let worker = consumer
+            .start_worker(
+                wired,
+                WorkerOptions::default().receive_wait(Duration::from_millis(10)),
+            )
+            .expect("the router's wiring");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while driver.receives.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(driver.receives.load(Ordering::SeqCst) > 0);
+        worker.shutdown(Duration::from_secs(1)).await;
     }
 }

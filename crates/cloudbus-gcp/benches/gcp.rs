@@ -11,11 +11,11 @@
 //! default 3, medians printed). It uses PUBSUB_EMULATOR_HOST, or starts the emulator
 //! with scripts/pubsub-emulator.sh and stops it at the end.
 
-use cloudbus::conformance::emulator::Emulator;
+use cloudbus_conformance::emulator::Emulator;
 use std::time::{Duration, Instant};
 
-use cloudbus::gcp::{PubSubBus, PubSubConfig};
-use cloudbus::{BinaryCodec, Event, EventBuilder, SubscriptionSpec};
+use cloudbus_core::{BinaryCodec, Event, EventBuilder, SubscriptionSpec};
+use cloudbus_gcp::{PubSubBus, PubSubConfig};
 use google_cloud_pubsub::client::{Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 
@@ -147,8 +147,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let codec = BinaryCodec::new(cloudbus::gcp::ATTRIBUTE_PREFIX)
-        .content_type_attribute(cloudbus::gcp::CONTENT_TYPE_ATTRIBUTE);
+    let codec = BinaryCodec::new(cloudbus_gcp::ATTRIBUTE_PREFIX)
+        .content_type_attribute(cloudbus_gcp::CONTENT_TYPE_ATTRIBUTE);
     let driver = PubSubBus::new(PubSubConfig::new(PROJECT).emulator(&emulator.address));
     println!(
         "Pub/Sub emulator at {}: {n} events of ~1 KiB JSON, {rounds} rounds, medians",

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use cloudbus_core::{Error, Filter, Result};
+use cloudbus_driver::{Error, Filter, Result};
 
 /// Longest filter Pub/Sub accepts, in bytes.
 pub const MAX_FILTER_BYTES: usize = 256;
@@ -127,10 +127,10 @@ fn literal(v: &str) -> String {
 /// Compiles a portable filter over CloudEvent attributes to a Pub/Sub expression over
 /// message attributes, where a CloudEvent attribute `a` travels as `{prefix}a`
 /// (binary mode). A numeric range has no Pub/Sub form: that is a typed
-/// [`Unsupported`](cloudbus_core::ErrorKind::Unsupported) error.
+/// [`Unsupported`](cloudbus_driver::ErrorKind::Unsupported) error.
 ///
 /// ```
-/// use cloudbus_core::Filter;
+/// use cloudbus_driver::Filter;
 /// use cloudbus_gcp::filter::compile;
 /// let e = compile(&Filter::prefix("type", "com.example."), "ce-").unwrap();
 /// assert_eq!(e.to_text(), r#"hasPrefix(attributes."ce-type", "com.example.")"#);
@@ -489,13 +489,13 @@ mod tests {
     #[test]
     fn range_is_a_typed_unsupported_error() {
         let err = compile(&Filter::range("amount", Some(1.0), None), "ce-").unwrap_err();
-        assert_eq!(err.kind(), cloudbus_core::ErrorKind::Unsupported);
+        assert_eq!(err.kind(), cloudbus_driver::ErrorKind::Unsupported);
     }
 
     /// The compiled expression decides exactly as the portable evaluator does.
     #[test]
     fn compiled_expression_agrees_with_the_portable_filter() {
-        use cloudbus_core::{AttributesReader, EventBuilder};
+        use cloudbus_driver::{AttributesReader, EventBuilder};
         let filters = [
             Filter::eq("type", "t.a"),
             Filter::one_of("type", ["t.a", "t.b"]),
@@ -521,7 +521,7 @@ mod tests {
                 .build()
                 .unwrap(),
         ];
-        let codec = crate::codec();
+        let codec = crate::config::codec();
         for f in &filters {
             let e = compile(f, "ce-").unwrap();
             for ev in &events {

@@ -8,7 +8,6 @@
 //! message comes back, and how `nack(delay)` waits before its redelivery. Acks on
 //! exactly-once subscriptions are confirmed by the service.
 
-use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -16,20 +15,21 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cloudbus_core::codec::RawMessage;
-use cloudbus_core::{
-    AckToken, BatchResults, BinaryCodec, Capabilities, DeadLetter, DeadLetterDriver, Error,
-    ErrorKind, Payload, ReceivedMessage, Result, Settlement, SubscriptionDriver,
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::{
+    AckToken, BatchResults, BinaryCodec, Capabilities, DeadLetter, DeadLetterDriver, DecodeError,
+    Error, ErrorKind, Event, Payload, ReceivedMessage, Result, Settlement, SubscriptionDriver,
 };
-use google_cloud_pubsub::error::AckError;
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::handler::Handler;
 use google_cloud_pubsub::subscriber::{ShutdownBehavior, ShutdownToken};
 use tokio::sync::{OnceCell, mpsc};
 
-use crate::topic::{publish_error, to_message};
+use crate::capabilities::capabilities;
+use crate::context::{PubSubContext, lock};
+use crate::error::{ack_error, map_error, publish_error};
+use crate::topic::to_message;
 use crate::topology::{REDRIVE_ATTRIBUTE, SubscriptionSettings, dead_letter_name, read_settings};
-use crate::{PubSubContext, capabilities, lock};
 
 /// Attributes of a dead letter. The first four are the ones Pub/Sub's own
 /// dead-letter policy writes; cloudbus writes them too for an explicit dead-letter.
@@ -226,7 +226,7 @@ impl Inner {
                 }
             };
             let (message, handler) =
-                item.map_err(|e| crate::map_error(e, &format!("pull {}", self.name)))?;
+                item.map_err(|e| map_error(e, &format!("pull {}", self.name)))?;
             if let Some(held) = self.admit(owner, settings, message, handler).await {
                 got.push(held);
             }
@@ -330,10 +330,7 @@ impl Inner {
             .map_err(|e| publish_error(e, &format!("dead-letter to {topic}")))
     }
 
-    fn decode(
-        &self,
-        message: &Message,
-    ) -> std::result::Result<cloudbus_core::Event, (RawMessage, cloudbus_core::DecodeError)> {
+    fn decode(&self, message: &Message) -> std::result::Result<Event, (RawMessage, DecodeError)> {
         let raw = RawMessage {
             body: message.data.to_vec(),
             attributes: message
@@ -454,19 +451,6 @@ async fn ack(handler: Handler) -> Result<()> {
     }
 }
 
-fn ack_error(e: AckError) -> Error {
-    match e {
-        AckError::LeaseExpired => Error::new(
-            ErrorKind::LeaseExpired,
-            "the lease expired before the ack; the message will be redelivered",
-        ),
-        AckError::ShutdownBeforeAck => {
-            Error::closed("the subscriber shut down before the ack was sent")
-        }
-        other => Error::with_source(ErrorKind::Unavailable, "the ack was not confirmed", other),
-    }
-}
-
 fn message_size(m: &Message) -> usize {
     m.data.len()
         + m.attributes
@@ -500,6 +484,46 @@ async fn reap(inner: Weak<Inner>) {
     }
 }
 
+/// The streaming pulls of one bus: the emulator keeps streams that went away alive
+/// for a while and may deliver to them, so a bus opens one stream per subscription
+/// and keeps it while any handle on it is alive, and one reader per dead-letter
+/// subscription.
+pub(crate) struct Pulls {
+    shared: Arc<PubSubContext>,
+    /// One reader per dead-letter subscription, so that peek, redrive and purge share
+    /// one stream (a stream dropped at the emulator keeps its messages leased).
+    dead_letter_readers: Mutex<HashMap<String, Arc<PubSubSubscription>>>,
+    /// The streaming pull of each subscription, while a handle on it is alive.
+    streams: Mutex<HashMap<String, Weak<Inner>>>,
+}
+
+impl Pulls {
+    pub(crate) fn new(shared: Arc<PubSubContext>) -> Self {
+        Pulls {
+            shared,
+            dead_letter_readers: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn stream_of(&self, name: &str, open: impl FnOnce() -> Arc<Inner>) -> Arc<Inner> {
+        let mut map = lock(&self.streams);
+        if let Some(inner) = map.get(name).and_then(|w| w.upgrade()) {
+            return inner;
+        }
+        let inner = open();
+        map.insert(name.to_owned(), Arc::downgrade(&inner));
+        inner
+    }
+
+    fn dead_letter_reader(&self, name: &str) -> Arc<PubSubSubscription> {
+        lock(&self.dead_letter_readers)
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(PubSubSubscription::new(self, name)))
+            .clone()
+    }
+}
+
 /// A Pub/Sub subscription as a cloudbus [`SubscriptionDriver`]: one handle on the
 /// subscription's shared streaming pull.
 pub struct PubSubSubscription {
@@ -511,8 +535,9 @@ pub struct PubSubSubscription {
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
 impl PubSubSubscription {
-    pub(crate) fn new(shared: Arc<PubSubContext>, name: &str) -> Self {
-        let inner = shared.stream_of(name, || {
+    pub(crate) fn new(pulls: &Pulls, name: &str) -> Self {
+        let shared = &pulls.shared;
+        let inner = pulls.stream_of(name, || {
             Arc::new(Inner {
                 path: shared.config.subscription_path(name),
                 codec: shared.config.codec(),
@@ -595,10 +620,6 @@ impl SubscriptionDriver for PubSubSubscription {
         self.inner.release_owner(self.id);
         Ok(())
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 /// The dead-letter place of a subscription: its dead-letter topic, read through the
@@ -616,11 +637,11 @@ const FIRST_LETTER_WAIT: Duration = Duration::from_millis(1500);
 const NEXT_LETTER_WAIT: Duration = Duration::from_millis(300);
 
 impl PubSubDeadLetters {
-    pub(crate) fn new(shared: Arc<PubSubContext>, subscription: &str) -> Self {
+    pub(crate) fn new(pulls: &Pulls, subscription: &str) -> Self {
         PubSubDeadLetters {
             source: subscription.to_owned(),
-            reader: shared.dead_letter_reader(&dead_letter_name(subscription)),
-            shared,
+            reader: pulls.dead_letter_reader(&dead_letter_name(subscription)),
+            shared: pulls.shared.clone(),
         }
     }
 
@@ -772,9 +793,5 @@ impl DeadLetterDriver for PubSubDeadLetters {
         let held = self.collect(max.unwrap_or(usize::MAX)).await?;
         self.release(&held, Settlement::Ack).await?;
         Ok(held.len())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

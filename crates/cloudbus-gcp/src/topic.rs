@@ -1,22 +1,21 @@
 //! Publishing: one batch from cloudbus core becomes one flush of the crate's
 //! publisher, with per-event results and ordering keys that resume when core does.
 
-use std::any::Any;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use cloudbus_core::codec::RawMessage;
-use cloudbus_core::{
-    BatchResults, BinaryCodec, Capabilities, Error, ErrorKind, OutgoingMessage, Payload, Result,
-    TopicDriver,
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::{
+    BatchResults, BinaryCodec, Capabilities, Error, OutgoingMessage, Payload, Result, TopicDriver,
 };
-use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message;
 
-use crate::{PubSubContext, capabilities, error_detail, error_kind, lock, map_error};
+use crate::capabilities::capabilities;
+use crate::context::{PubSubContext, lock};
+use crate::error::publish_error;
 
 /// A Pub/Sub topic as a cloudbus [`TopicDriver`].
 pub struct PubSubTopic {
@@ -57,25 +56,6 @@ pub(crate) fn to_message(raw: RawMessage, ordering_key: Option<&str>) -> Message
         m = m.set_ordering_key(k.to_owned());
     }
     m
-}
-
-pub(crate) fn publish_error(e: PublishError, what: &str) -> Error {
-    match e {
-        // The crate shares one error among the messages of a failed request.
-        PublishError::Rpc(inner) => match Arc::try_unwrap(inner) {
-            Ok(owned) => map_error(owned, what),
-            Err(shared) => Error::new(
-                error_kind(&shared),
-                format!("{what}: {}", error_detail(&shared)),
-            ),
-        },
-        PublishError::OrderingKeyPaused => Error::new(
-            ErrorKind::OrderingKeyPaused,
-            format!("{what}: publishing is paused for the ordering key"),
-        ),
-        PublishError::Shutdown => Error::closed(format!("{what}: the publisher has shut down")),
-        other => Error::with_source(ErrorKind::Internal, what.to_owned(), other),
-    }
 }
 
 #[async_trait]
@@ -136,9 +116,5 @@ impl TopicDriver for PubSubTopic {
             p.flush().await;
         }
         Ok(())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cloudbus_core::{
+use cloudbus_driver::{
     Error, ErrorKind, Missing, Result, SubscriptionSpec, SubscriptionState, TopologyDriver,
+    TopologyPlanning,
 };
 use google_cloud_pubsub::model::{DeadLetterPolicy, Subscription, Topic};
 
+use crate::config::ATTRIBUTE_PREFIX;
+use crate::context::PubSubContext;
+use crate::error::map_error;
 use crate::filter::{self, Expr, MAX_FILTER_BYTES};
-use crate::{ATTRIBUTE_PREFIX, PubSubContext, map_error};
+use crate::replay;
 
 /// The attribute that sends a redriven message back to one subscription only.
 pub(crate) const REDRIVE_ATTRIBUTE: &str = "cloudbus_redrive";
@@ -74,36 +78,8 @@ impl TopologyDriver for PubSubTopology {
 
     /// A seek of the subscription to `since`: acked messages come back only on
     /// subscriptions that keep them ([`SubscriptionOptions::retain_acked`]).
-    async fn topic_exists(&self, topic: &str) -> Result<bool> {
-        topic_exists(&self.shared, topic).await
-    }
-
-    async fn describe_subscription(
-        &self,
-        _topic: &str,
-        name: &str,
-    ) -> Result<Option<SubscriptionState>> {
-        Ok(get_subscription(&self.shared, name)
-            .await?
-            .map(|s| state_of(&s)))
-    }
-
-    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
-        let mut state = state_of(&subscription_resource(&self.shared, spec));
-        state.filter = Some(subscription_filter(spec)?);
-        Ok(state)
-    }
-
-    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
-        update_subscription(&self.shared, spec).await
-    }
-
     async fn replay(&self, _topic: &str, name: &str, since: DateTime<Utc>) -> Result<()> {
-        crate::PubSubBus {
-            shared: self.shared.clone(),
-        }
-        .seek_to_time(name, since)
-        .await
+        replay::seek_to_time(&self.shared, name, since).await
     }
 
     async fn delete_subscription(&self, _topic: &str, name: &str) -> Result<()> {
@@ -129,6 +105,38 @@ impl TopologyDriver for PubSubTopology {
             ErrorKind::NotFound,
             "delete dead-letter topic",
         )
+    }
+
+    /// Pub/Sub describes its subscriptions and changes some settings in place.
+    fn planning(&self) -> Option<&dyn TopologyPlanning> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl TopologyPlanning for PubSubTopology {
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        topic_exists(&self.shared, topic).await
+    }
+
+    async fn describe_subscription(
+        &self,
+        _topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        Ok(get_subscription(&self.shared, name)
+            .await?
+            .map(|s| state_of(&s)))
+    }
+
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        let mut state = state_of(&subscription_resource(&self.shared, spec));
+        state.filter = Some(subscription_filter(spec)?);
+        Ok(state)
+    }
+
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        update_subscription(&self.shared, spec).await
     }
 }
 
@@ -418,7 +426,7 @@ pub(crate) async fn read_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloudbus_core::Filter;
+    use cloudbus_driver::Filter;
 
     #[test]
     fn every_subscription_filter_keeps_other_subscriptions_redrives_away() {

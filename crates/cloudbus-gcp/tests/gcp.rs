@@ -13,37 +13,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cloudbus::conformance::emulator::required_env;
-use cloudbus::gcp::{PubSubBus, PubSubConfig, SubscriptionOptions};
-use cloudbus::{
+use cloudbus_conformance::emulator::required_env;
+use cloudbus_core::{
     AttributesReader, Bus, ErrorKind, Event, EventBuilder, EventExt, HandlerContext, HandlerError,
     PublishOptions, SubscriptionSpec, WorkerOptions,
 };
+use cloudbus_gcp::{PubSubBus, PubSubConfig, SubscriptionOptions};
 
 mod common;
-use common::{PROJECT, PubSubHarness, emulator, pubsub};
-
-mod conformance {
-    use super::*;
-    // Without an emulator (and outside CI) each case returns at once after the loud
-    // message; under CI=true `emulator()` panics instead.
-    cloudbus::conformance_suite!(match emulator() {
-        Some(host) => PubSubHarness { host },
-        None => return,
-    });
-}
-
-/// The "nothing lost" promise under injected faults on the emulator (issue 12).
-mod chaos {
-    use super::*;
-    cloudbus::chaos_suite!(
-        match emulator() {
-            Some(host) => PubSubHarness { host },
-            None => return,
-        },
-        300
-    );
-}
+use common::{PROJECT, emulator, pubsub};
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", fastrand::u32(..))
@@ -77,10 +55,10 @@ async fn fixture(
 
 /// Receives until `count` deliveries arrived or `patience` ran out.
 async fn drain(
-    consumer: &cloudbus::Consumer,
+    consumer: &cloudbus_core::Consumer,
     count: usize,
     patience: Duration,
-) -> Vec<cloudbus::Delivery> {
+) -> Vec<cloudbus_core::Delivery> {
     let until = Instant::now() + patience;
     let mut out = Vec::new();
     while out.len() < count && Instant::now() < until {
@@ -99,7 +77,7 @@ async fn publish_one(bus: &Bus, topic: &str, event: Event) {
     publisher.publish(event).await.unwrap();
 }
 
-fn subject(d: &cloudbus::Delivery) -> String {
+fn subject(d: &cloudbus_core::Delivery) -> String {
     d.event().subject().unwrap_or_default().to_owned()
 }
 
@@ -136,23 +114,25 @@ async fn pubsub_ordering_per_key_under_concurrency() {
     let seen: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
     let record = seen.clone();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
-    let worker = consumer.start_worker(
-        move |e: Arc<Event>, _ctx: HandlerContext| {
-            let record = record.clone();
-            async move {
-                let (key, n) = e
-                    .subject()
-                    .unwrap_or_default()
-                    .split_once(':')
-                    .unwrap_or_default();
-                let (key, n) = (key.to_owned(), n.parse().unwrap_or(usize::MAX));
-                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..3))).await;
-                record.lock().unwrap().entry(key).or_default().push(n);
-                Ok::<(), HandlerError>(())
-            }
-        },
-        WorkerOptions::default().concurrency(16),
-    );
+    let worker = consumer
+        .start_worker(
+            move |e: Arc<Event>, _ctx: HandlerContext| {
+                let record = record.clone();
+                async move {
+                    let (key, n) = e
+                        .subject()
+                        .unwrap_or_default()
+                        .split_once(':')
+                        .unwrap_or_default();
+                    let (key, n) = (key.to_owned(), n.parse().unwrap_or(usize::MAX));
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..3))).await;
+                    record.lock().unwrap().entry(key).or_default().push(n);
+                    Ok::<(), HandlerError>(())
+                }
+            },
+            WorkerOptions::default().concurrency(16),
+        )
+        .expect("the router's wiring");
     let until = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until {
         let total: usize = seen.lock().unwrap().values().map(Vec::len).sum();
@@ -209,7 +189,7 @@ async fn pubsub_dead_letter_policy_after_five_attempts() {
     assert_eq!(letters.len(), 1, "dead letters of {sub}");
     let letter = &letters[0];
     match &letter.payload {
-        cloudbus::Payload::Event(x) => assert_eq!(x.id(), e.id()),
+        cloudbus_core::Payload::Event(x) => assert_eq!(x.id(), e.id()),
         other => panic!("dead letter is not the event: {other:?}"),
     }
     assert_eq!(letter.attempts, 5);
@@ -371,7 +351,7 @@ async fn pubsub_foreign_message_dead_lettered_with_reason() {
         "reason {reason:?}"
     );
     match &letters[0].payload {
-        cloudbus::Payload::Raw(m) => {
+        cloudbus_core::Payload::Raw(m) => {
             assert_eq!(m.body, b"hello from elsewhere");
             assert_eq!(
                 m.attributes.get("origin").map(String::as_str),
@@ -436,8 +416,8 @@ async fn pubsub_ordering_key_resumes_after_failed_publish() {
     let publisher = bus
         .publisher_with(
             &topic,
-            cloudbus::PublisherOptions {
-                retry: cloudbus::RetryPolicy::none(),
+            cloudbus_core::PublisherOptions {
+                retry: cloudbus_core::RetryPolicy::none(),
                 ..Default::default()
             },
         )
@@ -487,17 +467,19 @@ async fn pubsub_lease_extended_while_handler_runs_long() {
     let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
     let record = attempts.clone();
     let consumer = bus.consumer(&topic, &sub).await.unwrap();
-    let worker = consumer.start_worker(
-        move |_e: Arc<Event>, ctx: HandlerContext| {
-            let record = record.clone();
-            async move {
-                record.lock().unwrap().push(ctx.attempt);
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                Ok::<(), HandlerError>(())
-            }
-        },
-        WorkerOptions::default(),
-    );
+    let worker = consumer
+        .start_worker(
+            move |_e: Arc<Event>, ctx: HandlerContext| {
+                let record = record.clone();
+                async move {
+                    record.lock().unwrap().push(ctx.attempt);
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok::<(), HandlerError>(())
+                }
+            },
+            WorkerOptions::default(),
+        )
+        .expect("the router's wiring");
     tokio::time::sleep(Duration::from_secs(6)).await;
     let report = worker.shutdown(Duration::from_secs(5)).await;
     assert_eq!(*attempts.lock().unwrap(), vec![1], "report {report:?}");
@@ -508,7 +490,7 @@ async fn pubsub_lease_extended_while_handler_runs_long() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_url_and_structured_mode_round_trip() {
     let Some(_host) = emulator() else { return };
-    let bus = cloudbus::connect(&format!("pubsub://{PROJECT}?mode=structured"))
+    let bus = cloudbus_gcp::connect(&format!("pubsub://{PROJECT}?mode=structured"))
         .await
         .unwrap();
     assert_eq!(bus.scheme(), "pubsub");
@@ -615,7 +597,7 @@ async fn python_client_and_cloudevents_sdk_interoperate() {
         (format!("pubsub://{PROJECT}"), "binary"),
         (format!("pubsub://{PROJECT}?mode=structured"), "structured"),
     ] {
-        let bus = cloudbus::connect(&url).await.unwrap();
+        let bus = cloudbus_gcp::connect(&url).await.unwrap();
         let topic = unique("topic");
         let sub = unique("sub");
         bus.ensure_topic(&topic).await.unwrap();
@@ -647,16 +629,7 @@ async fn python_client_and_cloudevents_sdk_interoperate() {
     }
 }
 
-/// The wire decoders (those of this build's features) on the committed fuzz corpus
-/// and 20,000 seeded mutations of it: the stable, bounded run of `fuzz/` (issue 12).
-#[test]
-fn decoders_survive_the_fuzz_corpus() {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
-    let ran = cloudbus::fuzzing::run_corpus(&corpus, 20_000, 12);
-    assert!(ran > 20_000, "the corpus is missing: {ran} inputs");
-}
-
-use cloudbus::conformance::network as fault_proxy;
+use cloudbus_conformance::network as fault_proxy;
 
 /// The diagnosis of the network-fault test below: a consumer takes 50 messages
 /// through the proxy and then loses its connection for good (the proxy goes away,

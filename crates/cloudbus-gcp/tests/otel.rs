@@ -1,11 +1,11 @@
 //! OpenTelemetry on the Pub/Sub emulator (feature `otel` of the facade): a two-hop
 //! saga's spans, exported by `opentelemetry_sdk`'s in-memory exporter, form one
-//! trace across publish and process (`cloudbus::conformance::otel_cases`). Its own
+//! trace across publish and process (`cloudbus_conformance::otel_cases`). Its own
 //! test binary: the case installs the process-wide tracing subscriber.
 
 mod common;
 
-use cloudbus::conformance::{Outcome, otel_cases};
+use cloudbus_conformance::{Outcome, otel_cases};
 use common::{PubSubHarness, emulator};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! use cloudbus_core::{EventBuilder, SubscriptionSpec};
+//! use cloudbus_driver::{EventBuilder, SubscriptionSpec};
 //! use cloudbus_memory::MemoryBroker;
 //! let bus = MemoryBroker::new().bus();
 //! bus.ensure_topic("orders").await.unwrap();
@@ -26,22 +26,24 @@
 mod log;
 mod queue;
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
-use cloudbus_core::{
-    AckToken, BatchResults, BinaryCodec, Bus, BusDriver, Capabilities, DeadLetter,
-    DeadLetterDriver, Error, ErrorKind, Missing, OutgoingMessage, Payload, ReceivedMessage, Result,
-    Settlement, StreamDriver, SubscriptionDriver, SubscriptionSpec, SubscriptionState, TopicDriver,
-    TopologyDriver,
+use cloudbus_core::Bus;
+use cloudbus_driver::config::UrlParams;
+use cloudbus_driver::scheme::Scheme;
+use cloudbus_driver::{
+    AckToken, BatchResults, BinaryCodec, BusDriver, Capabilities, DeadLetter, DeadLetterDriver,
+    Error, ErrorKind, Missing, OutgoingMessage, Payload, ReceivedMessage, Result, Settlement,
+    StreamDriver, SubscriptionDriver, SubscriptionSpec, SubscriptionState, TopicDriver,
+    TopologyDriver, TopologyPlanning,
 };
 use tokio::sync::Notify;
 
-pub use cloudbus_core::Filter;
+pub use cloudbus_driver::Filter;
 
 use crate::log::{Log, LogReader};
 use crate::queue::{Limits, Msg, SubState};
@@ -118,22 +120,28 @@ struct BrokerInner {
 
 /// The scheme this crate opens: `mem://NAME` is the broker called NAME (`mem://` the
 /// one called `default`), shared by every bus of the process opened with that name.
-pub fn schemes() -> Vec<cloudbus_core::scheme::Scheme> {
-    vec![cloudbus_core::scheme::Scheme {
+/// It takes no parameters.
+pub fn schemes() -> Vec<Scheme> {
+    vec![Scheme {
         name: "mem",
         open: |url| {
             Box::pin(async move {
+                UrlParams::parse(&url, &[])?;
                 let name = url
                     .host_str()
                     .filter(|h| !h.is_empty())
                     .unwrap_or("default");
-                Ok(MemoryBroker::named(name).bus())
+                Ok(Arc::new(MemoryBroker::named(name)) as Arc<dyn BusDriver>)
             })
         },
     }]
 }
 
 /// An in-process broker. Cheap to clone; clones share state.
+///
+/// It is the bus driver of the buses over it, so a [`Bus`] reaches it with
+/// `(**bus.driver()).as_any().downcast_ref::<MemoryBroker>()` (with
+/// `cloudbus_driver::AsAny` in scope).
 #[derive(Clone)]
 pub struct MemoryBroker {
     inner: Arc<BrokerInner>,
@@ -194,9 +202,7 @@ impl MemoryBroker {
 
     /// A [`Bus`] over this broker.
     pub fn bus(&self) -> Bus {
-        Bus::new(Arc::new(MemoryBus {
-            broker: self.clone(),
-        }))
+        Bus::new(Arc::new(self.clone()))
     }
 
     /// What the broker supports.
@@ -221,7 +227,7 @@ impl MemoryBroker {
         Ok(())
     }
 
-    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+    fn find_topic(&self, name: &str) -> Result<Arc<Topic>> {
         self.inner
             .topics
             .read()
@@ -241,8 +247,8 @@ impl MemoryBroker {
             .cloned())
     }
 
-    fn subscription(&self, topic: &str, name: &str) -> Result<Arc<Subscription>> {
-        let t = self.topic(topic)?;
+    fn find_subscription(&self, topic: &str, name: &str) -> Result<Arc<Subscription>> {
+        let t = self.find_topic(topic)?;
         let subs = t.subscriptions.read().map_err(|_| poisoned())?;
         subs.iter()
             .find(|s| s.name == name)
@@ -270,7 +276,7 @@ impl MemoryBroker {
         if let Some(log) = self.log(topic)? {
             return Ok(log.append(batch));
         }
-        let topic = self.topic(topic)?;
+        let topic = self.find_topic(topic)?;
         let max = self.inner.config.max_message_bytes;
         let results: Vec<Result<()>> = batch
             .iter()
@@ -361,7 +367,7 @@ impl MemoryBroker {
     /// Delivers again to subscription `name` the retained events of `topic` published
     /// from `since` on that its filter matches.
     fn replay(&self, topic: &str, name: &str, since: chrono::DateTime<Utc>) -> Result<()> {
-        let topic_ref = self.topic(topic)?;
+        let topic_ref = self.find_topic(topic)?;
         let sub = topic_ref
             .subscriptions
             .read()
@@ -426,18 +432,14 @@ fn matches_filter(spec: &SubscriptionSpec, m: &OutgoingMessage) -> bool {
     }
 }
 
-struct MemoryBus {
-    broker: MemoryBroker,
-}
-
 #[async_trait]
-impl BusDriver for MemoryBus {
+impl BusDriver for MemoryBroker {
     fn scheme(&self) -> &str {
         "mem"
     }
     async fn topic(&self, topic: &str) -> Result<Arc<dyn TopicDriver>> {
         Ok(Arc::new(MemoryTopic {
-            broker: self.broker.clone(),
+            broker: self.clone(),
             name: topic.to_owned(),
             closed: std::sync::atomic::AtomicBool::new(false),
         }))
@@ -448,7 +450,7 @@ impl BusDriver for MemoryBus {
         subscription: &str,
     ) -> Result<Arc<dyn SubscriptionDriver>> {
         Ok(Arc::new(MemorySubscription {
-            broker: self.broker.clone(),
+            broker: self.clone(),
             topic: topic.to_owned(),
             name: subscription.to_owned(),
             resolved: OnceLock::new(),
@@ -461,27 +463,23 @@ impl BusDriver for MemoryBus {
         subscription: &str,
     ) -> Result<Arc<dyn DeadLetterDriver>> {
         Ok(Arc::new(MemoryDeadLetters {
-            sub: self.broker.subscription(topic, subscription)?,
+            sub: self.find_subscription(topic, subscription)?,
             source: format!("{topic}/{subscription}"),
         }))
     }
     fn topology(&self) -> Arc<dyn TopologyDriver> {
         Arc::new(MemoryTopology {
-            broker: self.broker.clone(),
+            broker: self.clone(),
         })
     }
     async fn stream(&self, stream: &str) -> Result<Arc<dyn StreamDriver>> {
         let log = self
-            .broker
             .log(stream)?
             .ok_or_else(|| Error::not_found(format!("log {stream:?} does not exist")))?;
         Ok(Arc::new(LogReader {
             log,
-            codec: self.broker.inner.codec.clone(),
+            codec: self.inner.codec.clone(),
         }))
-    }
-    fn as_any(&self) -> &dyn Any {
-        &self.broker
     }
 }
 
@@ -508,9 +506,6 @@ impl TopicDriver for MemoryTopic {
             .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 impl MemoryTopic {
@@ -534,7 +529,7 @@ impl MemorySubscription {
         if let Some(s) = self.resolved.get() {
             return Ok(s);
         }
-        let s = self.broker.subscription(&self.topic, &self.name)?;
+        let s = self.broker.find_subscription(&self.topic, &self.name)?;
         Ok(self.resolved.get_or_init(|| s))
     }
 
@@ -645,10 +640,6 @@ impl SubscriptionDriver for MemorySubscription {
         }
         Ok(())
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 struct MemoryDeadLetters {
@@ -670,9 +661,6 @@ impl DeadLetterDriver for MemoryDeadLetters {
     }
     async fn purge(&self, max: Option<usize>) -> Result<usize> {
         Ok(self.sub.lock()?.purge_dead(max))
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -714,7 +702,7 @@ impl TopologyDriver for MemoryTopology {
         if spec.max_delivery_attempts == Some(0) {
             return Err(Error::invalid("max_delivery_attempts must be at least 1"));
         }
-        let topic = self.broker.topic(&spec.topic)?;
+        let topic = self.broker.find_topic(&spec.topic)?;
         let mut subs = topic.subscriptions.write().map_err(|_| poisoned())?;
         if let Some(existing) = subs.iter().find(|s| s.name == spec.name) {
             existing.lock()?.spec = spec.clone();
@@ -732,6 +720,25 @@ impl TopologyDriver for MemoryTopology {
         self.broker.replay(topic, name, since)
     }
 
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        let topic = self.broker.find_topic(topic)?;
+        let mut subs = topic.subscriptions.write().map_err(|_| poisoned())?;
+        if let Some(pos) = subs.iter().position(|s| s.name == name) {
+            let sub = subs.remove(pos);
+            sub.lock()?.deleted = true;
+            sub.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// The broker describes its subscriptions and changes them in place.
+    fn planning(&self) -> Option<&dyn TopologyPlanning> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl TopologyPlanning for MemoryTopology {
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
         let topics = self.broker.inner.topics.read().map_err(|_| poisoned())?;
         Ok(topics.contains_key(topic))
@@ -742,7 +749,7 @@ impl TopologyDriver for MemoryTopology {
         topic: &str,
         name: &str,
     ) -> Result<Option<SubscriptionState>> {
-        let Some(topic) = self.broker.topic(topic).missing_as_none()? else {
+        let Some(topic) = self.broker.find_topic(topic).missing_as_none()? else {
             return Ok(None);
         };
         let subs = topic.subscriptions.read().map_err(|_| poisoned())?;
@@ -759,16 +766,5 @@ impl TopologyDriver for MemoryTopology {
     /// The broker keeps the spec as given: ensuring it again changes it in place.
     async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
         self.ensure_subscription(spec).await
-    }
-
-    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
-        let topic = self.broker.topic(topic)?;
-        let mut subs = topic.subscriptions.write().map_err(|_| poisoned())?;
-        if let Some(pos) = subs.iter().position(|s| s.name == name) {
-            let sub = subs.remove(pos);
-            sub.lock()?.deleted = true;
-            sub.notify.notify_waiters();
-        }
-        Ok(())
     }
 }

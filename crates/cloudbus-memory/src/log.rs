@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cloudbus_core::{
+use cloudbus_driver::{
     BinaryCodec, Error, ErrorKind, OutgoingMessage, PartitionInfo, Payload, ReadBatch, Result,
     StartPosition, StreamDriver, StreamRecord,
 };
@@ -33,7 +33,7 @@ impl Log {
 
     fn partition_for(&self, msg: &OutgoingMessage) -> usize {
         let key = msg.ordering_key.as_deref().unwrap_or(msg.id());
-        cloudbus_core::driver::key_slot(key, self.partitions.len())
+        cloudbus_driver::hashing::key_slot(key, self.partitions.len())
     }
 
     pub fn append(&self, batch: &[OutgoingMessage]) -> Vec<Result<()>> {
@@ -160,9 +160,5 @@ impl StreamDriver for LogReader {
             next: Some(format!("{p}:{next}")),
             behind: Some(behind),
         })
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use cloudbus_core::{DeadLetter, Error, ErrorKind, Payload, Result, Settlement, SubscriptionSpec};
+use cloudbus_driver::{
+    DeadLetter, Error, ErrorKind, Payload, Result, Settlement, SubscriptionSpec,
+};
 
 /// One message as the subscription keeps it.
 #[derive(Clone, Debug)]

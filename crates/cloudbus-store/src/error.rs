@@ -4,7 +4,7 @@
 //! Classified by the drivers' error types and the databases' error codes, never by
 //! message text.
 
-use cloudbus_core::{Error, ErrorKind};
+use cloudbus_driver::{Error, ErrorKind};
 
 /// A sqlx error from `what` (an operation, named in the message).
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -73,7 +73,7 @@ pub(crate) fn from_redis(what: &str, e: redis::RedisError) -> Error {
 #[cfg(all(test, any(feature = "postgres", feature = "sqlite")))]
 mod tests {
     use super::database_kind;
-    use cloudbus_core::ErrorKind;
+    use cloudbus_driver::ErrorKind;
 
     #[test]
     fn database_codes_are_classified() {

@@ -15,7 +15,7 @@
 //! On PostgreSQL (feature `postgres`) and SQLite (feature `sqlite`), both through sqlx
 //! pools the application owns, and on Redis (feature `redis`). They pass the same
 //! store conformance suite as the in-memory stores of `cloudbus-core`
-//! (`cloudbus_core::conformance::store_cases`).
+//! (`cloudbus_conformance::STORE_CASES`).
 //!
 //! ```
 //! # #[cfg(feature = "sqlite")]

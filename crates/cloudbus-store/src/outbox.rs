@@ -19,7 +19,7 @@
 //! does not finish within [`RelayOptions::publish_timeout`] gives its rows back.
 //!
 //! Delays: a row staged with a delay the publisher cannot give (over its
-//! [`max_delay`](cloudbus_core::Capabilities::max_delay), or none at all) is held in
+//! [`max_delay`](cloudbus_driver::Capabilities::max_delay), or none at all) is held in
 //! the outbox until it is due and then published without a delay; it does not hold
 //! back the later rows of its ordering key (a delayed event is delivered after them
 //! anyway).
@@ -40,9 +40,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cloudbus_core::codec::from_structured_json;
 use cloudbus_core::telemetry::OutboxMetrics;
-use cloudbus_core::{Error, ErrorKind, Event, PublishOptions, Publisher, Result, RetryPolicy};
+use cloudbus_core::{Publisher, RetryPolicy};
+use cloudbus_driver::codec::from_structured_json;
+use cloudbus_driver::{Error, ErrorKind, Event, PublishOptions, Result};
 
 /// A staged event as a relay claimed it.
 #[derive(Debug, Clone)]
@@ -224,7 +225,7 @@ impl RelayReport {
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// # #[cfg(feature = "sqlite")] {
-/// use cloudbus_core::{EventBuilder, PublishOptions, SubscriptionSpec};
+/// use cloudbus_driver::{EventBuilder, PublishOptions, SubscriptionSpec};
 /// use cloudbus_store::outbox::OutboxRelay;
 /// use cloudbus_store::sqlite::{SqliteOutbox, migrate};
 /// let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
@@ -728,9 +729,10 @@ mod tests {
     use std::time::Duration;
 
     use async_trait::async_trait;
-    use cloudbus_core::codec::to_structured_json;
-    use cloudbus_core::driver::{BatchResults, OutgoingMessage, TopicDriver};
-    use cloudbus_core::{Capabilities, EventBuilder, Publisher, Result, SubscriptionSpec};
+    use cloudbus_core::Publisher;
+    use cloudbus_driver::codec::to_structured_json;
+    use cloudbus_driver::driver::{BatchResults, OutgoingMessage, TopicDriver};
+    use cloudbus_driver::{Capabilities, EventBuilder, Result, SubscriptionSpec};
 
     use super::{OutboxBacklog, OutboxRelay, OutboxStorage, RelayOptions, StagedEvent};
 
@@ -867,9 +869,6 @@ mod tests {
         }
         fn capabilities(&self) -> Capabilities {
             Capabilities::broker(256 * 1024, 10, 256 * 1024)
-        }
-        fn as_any(&self) -> &dyn std::any::Any {
-            self
         }
     }
 

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cloudbus_core::Result;
+use cloudbus_driver::Result;
 
 /// Rows one delete statement removes at most.
 pub(crate) const CHUNK_ROWS: i64 = 5_000;

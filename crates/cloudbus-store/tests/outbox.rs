@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cloudbus_core::conformance::emulator::required_env;
+use cloudbus_conformance::emulator::required_env;
 use cloudbus_core::driver::{BatchResults, OutgoingMessage, TopicDriver};
 use cloudbus_core::{
     AttributesReader, Bus, Capabilities, Consumer, Error, ErrorKind, Event, EventBuilder, EventExt,
@@ -441,9 +441,6 @@ impl TopicDriver for MaxDelay {
         caps.max_delay = self.max_delay;
         caps
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
 }
 
 /// A provider that refuses (retryably) every event whose id ends with `suffix`, over
@@ -477,9 +474,6 @@ impl TopicDriver for FailSome {
     }
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

@@ -1,13 +1,13 @@
 //! SQS as a cloudbus provider: the bus that hands out queues as topics and
 //! subscriptions, their dead-letter queues, and the topology.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
-use cloudbus_core::{
-    Bus, BusDriver, DeadLetterDriver, Result, SubscriptionDriver, TopicDriver, TopologyDriver,
+use cloudbus_core::Bus;
+use cloudbus_driver::{
+    BusDriver, DeadLetterDriver, Result, SubscriptionDriver, TopicDriver, TopologyDriver,
 };
 
 use super::context::SqsContext;
@@ -90,9 +90,5 @@ impl BusDriver for SqsBus {
         Arc::new(SqsTopology {
             shared: self.shared.clone(),
         })
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

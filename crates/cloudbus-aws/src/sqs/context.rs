@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::QueueAttributeName;
-use cloudbus_core::{Error, ErrorKind, Result};
+use cloudbus_driver::{Error, ErrorKind, Result};
 
 use super::error::kind_of_code;
 use super::limits::is_fifo;

@@ -1,7 +1,6 @@
 //! The dead-letter queue of a queue: peek (reasons and attempts), redrive (SQS's
 //! message move task, or moving message by message where it is unavailable) and purge.
 
-use std::any::Any;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use chrono::{DateTime, Utc};
-use cloudbus_core::codec::RawMessage;
-use cloudbus_core::{DeadLetter, DeadLetterDriver, Error, ErrorKind, Payload, Result};
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::{DeadLetter, DeadLetterDriver, Error, ErrorKind, Payload, Result};
 
 use super::context::SqsContext;
 use super::error::kind_of_code;
@@ -315,10 +314,6 @@ impl DeadLetterDriver for SqsDeadLetters {
             async move { self.shared.delete(url, &letter.receipt).await }
         })
         .await
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -1,7 +1,7 @@
 //! SQS errors as portable kinds: the service's error codes (after the codes every AWS
 //! service shares), and the per-entry failures of batch calls.
 
-use cloudbus_core::{Error, ErrorKind};
+use cloudbus_driver::{Error, ErrorKind};
 
 /// The portable kind of an SQS error code.
 pub(crate) fn kind_of_code(code: &str) -> ErrorKind {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cloudbus_core::{Capabilities, FilterSupport};
+use cloudbus_driver::{Capabilities, FilterSupport};
 
 /// Largest message (body and attributes) SQS accepts.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;

@@ -2,7 +2,6 @@
 //! long polls, settle with DeleteMessageBatch and ChangeMessageVisibilityBatch,
 //! dead-letter to `<queue>-dlq` with the reason as message attributes).
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,8 +12,8 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
 };
-use cloudbus_core::codec::RawMessage;
-use cloudbus_core::{
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::{
     AckToken, BatchResults, BinaryCodec, Capabilities, Error, ErrorKind, OutgoingMessage, Payload,
     ReceivedMessage, Result, Settlement, SubscriptionDriver, TopicDriver,
 };
@@ -286,10 +285,6 @@ impl TopicDriver for SqsQueue {
     fn capabilities(&self) -> Capabilities {
         capabilities(&self.queue)
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 #[async_trait]
@@ -491,10 +486,6 @@ impl SubscriptionDriver for SqsQueue {
             self.settle_batch(&items).await?;
         }
         Ok(())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::types::QueueAttributeName;
-use cloudbus_core::{
+use cloudbus_driver::{
     Error, ErrorKind, Missing, Result, SubscriptionSpec, SubscriptionState, TopologyDriver,
+    TopologyPlanning,
 };
 
 use super::context::SqsContext;
@@ -37,6 +38,32 @@ impl TopologyDriver for SqsTopology {
         configure_queue(&self.shared, spec).await
     }
 
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        let url = match self.shared.url(topic).await {
+            Ok(u) => u,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.shared
+            .client
+            .untag_queue()
+            .queue_url(url)
+            .tag_keys(format!("{SUBSCRIPTION_TAG}{name}"))
+            .send()
+            .await
+            .map_err(|e| {
+                crate::error::sdk_error(e, kind_of_code, &format!("untag queue {topic}"))
+            })?;
+        Ok(())
+    }
+
+    fn planning(&self) -> Option<&dyn TopologyPlanning> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl TopologyPlanning for SqsTopology {
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
         Ok(self.shared.url(topic).await.missing_as_none()?.is_some())
     }
@@ -67,25 +94,6 @@ impl TopologyDriver for SqsTopology {
     /// Setting the queue's attributes again changes them in place.
     async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
         self.ensure_subscription(spec).await
-    }
-
-    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
-        let url = match self.shared.url(topic).await {
-            Ok(u) => u,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        self.shared
-            .client
-            .untag_queue()
-            .queue_url(url)
-            .tag_keys(format!("{SUBSCRIPTION_TAG}{name}"))
-            .send()
-            .await
-            .map_err(|e| {
-                crate::error::sdk_error(e, kind_of_code, &format!("untag queue {topic}"))
-            })?;
-        Ok(())
     }
 }
 

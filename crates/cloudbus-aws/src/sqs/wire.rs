@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
 use chrono::{DateTime, Utc};
-use cloudbus_core::AttributesReader as _;
-use cloudbus_core::codec::RawMessage;
-use cloudbus_core::{BinaryCodec, OutgoingMessage, Payload, Result};
+use cloudbus_driver::AttributesReader as _;
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::{BinaryCodec, OutgoingMessage, Payload, Result};
 
 use super::error::build_error;
 
@@ -81,7 +81,7 @@ pub(crate) fn sent_at(m: &aws_sdk_sqs::types::Message) -> Option<DateTime<Utc>> 
 /// binary data as `data_base64`).
 pub(crate) fn text_body(
     codec: &BinaryCodec,
-    event: &cloudbus_core::Event,
+    event: &cloudbus_driver::Event,
     filter_keys: &[String],
 ) -> Result<RawMessage> {
     let (raw, _) = codec.encode_keeping(event, filter_keys)?;
@@ -106,7 +106,7 @@ pub(crate) fn group_id(m: &OutgoingMessage) -> String {
         None => match &m.payload {
             Payload::Event(e) => format!(
                 "{UNORDERED_GROUP}{}",
-                cloudbus_core::driver::dedup_digest(e.source(), e.id())
+                cloudbus_driver::hashing::dedup_digest(e.source(), e.id())
             ),
             Payload::Raw(_) => format!("{UNORDERED_GROUP}{}", dedup_id_of(m)),
         },
@@ -121,7 +121,7 @@ pub(crate) fn dedup_id(id: &str) -> String {
     if (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()) {
         id.to_owned()
     } else {
-        cloudbus_core::driver::hex_sha256(&[id.as_bytes()])
+        cloudbus_driver::hashing::hex_sha256(&[id.as_bytes()])
     }
 }
 
@@ -132,16 +132,16 @@ pub(crate) fn dedup_id_of(m: &OutgoingMessage) -> String {
 
 /// Decodes a message as an SQS consumer reads it: inside an SNS notification or
 /// EventBridge envelope when it is one, in binary mode (`ce-` message attributes) or
-/// structured mode. Never panics: anything else is a [`cloudbus_core::DecodeError`].
+/// structured mode. Never panics: anything else is a [`cloudbus_driver::DecodeError`].
 ///
 /// ```
-/// use cloudbus_core::codec::RawMessage;
+/// use cloudbus_driver::codec::RawMessage;
 /// let foreign = RawMessage::new("hello");
 /// assert!(cloudbus_aws::sqs::decode_message(foreign).is_err());
 /// ```
 pub fn decode_message(
     raw: RawMessage,
-) -> std::result::Result<cloudbus_core::Event, cloudbus_core::DecodeError> {
+) -> std::result::Result<cloudbus_driver::Event, cloudbus_driver::DecodeError> {
     codec().decode(&unwrap_envelope(raw))
 }
 
@@ -202,7 +202,7 @@ mod tests {
         let from = |source: &str| {
             OutgoingMessage::new(
                 std::sync::Arc::new(
-                    cloudbus_core::EventBuilder::new("t", source)
+                    cloudbus_driver::EventBuilder::new("t", source)
                         .id("same-id")
                         .build()
                         .unwrap(),

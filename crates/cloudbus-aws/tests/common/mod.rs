@@ -6,17 +6,17 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus::aws::eventbridge::EventBridgeBus;
-use cloudbus::aws::sns::SnsBus;
-use cloudbus::aws::sqs::SqsBus;
-use cloudbus::conformance::Harness;
-use cloudbus::conformance::emulator::required_env;
-use cloudbus::{Bus, Capabilities};
+use cloudbus_aws::eventbridge::EventBridgeBus;
+use cloudbus_aws::sns::SnsBus;
+use cloudbus_aws::sqs::SqsBus;
+use cloudbus_conformance::Harness;
+use cloudbus_conformance::emulator::required_env;
+use cloudbus_core::{Bus, SubscriptionSpec};
 
 /// The AWS endpoint, or `None` (after a loud message) when the tests may skip.
 pub fn endpoint() -> Option<String> {
     required_env(
-        cloudbus::aws::ENDPOINT_ENV,
+        cloudbus_aws::ENDPOINT_ENV,
         "the AWS emulator tests",
         "bash scripts/test.sh starts LocalStack",
     )
@@ -63,7 +63,7 @@ pub struct SqsHarness {
 
 #[async_trait]
 impl Harness for SqsHarness {
-    async fn bus(&self) -> cloudbus::Result<Bus> {
+    async fn bus(&self) -> cloudbus_core::Result<Bus> {
         Ok(if self.eventbridge {
             eventbridge(&self.endpoint).await.into_bus()
         } else if self.sns && self.structured {
@@ -73,16 +73,6 @@ impl Harness for SqsHarness {
         } else {
             sqs(&self.endpoint).await.into_bus()
         })
-    }
-    fn capabilities(&self) -> Capabilities {
-        let name = if self.fifo { "q.fifo" } else { "q" };
-        if self.eventbridge {
-            cloudbus::aws::eventbridge::capabilities()
-        } else if self.sns {
-            cloudbus::aws::sns::capabilities(name)
-        } else {
-            cloudbus::aws::sqs::capabilities(name)
-        }
     }
     fn patience(&self) -> Duration {
         Duration::from_secs(30)
@@ -100,5 +90,38 @@ impl Harness for SqsHarness {
         } else {
             name
         }
+    }
+}
+
+/// A Kinesis bus on the emulator whose new streams get `shards` shards.
+pub async fn kinesis(endpoint: &str, shards: i32) -> cloudbus_aws::kinesis::KinesisBus {
+    cloudbus_aws::kinesis::KinesisBus::with_shards(&config(endpoint).await, shards)
+}
+
+/// Kinesis streams (two shards each) under the stream suite; dead letters go to SQS.
+pub struct KinesisHarness {
+    pub endpoint: String,
+}
+
+#[async_trait]
+impl cloudbus_conformance::StreamHarness for KinesisHarness {
+    async fn bus(&self) -> cloudbus_core::Result<Bus> {
+        Ok(kinesis(&self.endpoint, 2).await.into_bus())
+    }
+    async fn new_stream(&self) -> cloudbus_core::Result<String> {
+        let name = format!("stream-{:08x}", fastrand::u32(..));
+        self.bus().await?.ensure_topic(&name).await?;
+        Ok(name)
+    }
+    async fn dead_letter_bus(&self) -> cloudbus_core::Result<Bus> {
+        Ok(sqs(&self.endpoint).await.into_bus())
+    }
+    async fn dead_letter_place(&self) -> cloudbus_core::Result<String> {
+        let name = format!("stream-dl-{:08x}", fastrand::u32(..));
+        let bus = self.dead_letter_bus().await?;
+        bus.ensure_topic(&name).await?;
+        bus.ensure_subscription(&SubscriptionSpec::new(&name, &name))
+            .await?;
+        Ok(name)
     }
 }

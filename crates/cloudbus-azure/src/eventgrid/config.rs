@@ -1,13 +1,14 @@
 //! How a bus reaches an Event Grid topic: its endpoint and credential (the topic key,
-//! a ready-made SAS token, or SAS tokens made from the key), from code or the
-//! environment.
+//! a ready-made SAS token, or SAS tokens made from the key), from code, the
+//! environment or an `eventgrid://` URL.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use cloudbus_core::{Error, ErrorKind, Result};
+use cloudbus_driver::config::{UrlParams, env_var};
+use cloudbus_driver::{Error, ErrorKind, Result};
 
-use crate::{Secret, hmac_sha256_base64, sas_encode};
+use crate::auth::{Secret, hmac_sha256_base64, sas_encode};
 
 /// The environment variable with the topic endpoint.
 pub const ENDPOINT_ENV: &str = "EVENTGRID_ENDPOINT";
@@ -73,20 +74,33 @@ impl EventGridConfig {
         }
     }
 
-    /// From `EVENTGRID_ENDPOINT` and `EVENTGRID_KEY` (or `EVENTGRID_SAS_TOKEN`).
+    /// From `EVENTGRID_ENDPOINT` and `EVENTGRID_KEY` (or `EVENTGRID_SAS_TOKEN`); a
+    /// variable counts when it is set and not blank.
     pub fn from_env() -> Result<Self> {
-        let endpoint = std::env::var(ENDPOINT_ENV)
-            .map_err(|_| Error::invalid(format!("{ENDPOINT_ENV} is not set")))?;
-        let credential = match (std::env::var(KEY_ENV), std::env::var(SAS_TOKEN_ENV)) {
-            (Ok(key), _) if !key.is_empty() => Credential::Key(Secret::new(key)),
-            (_, Ok(token)) if !token.is_empty() => Credential::SasToken(Secret::new(token)),
-            _ => {
+        let endpoint = env_var(ENDPOINT_ENV)
+            .ok_or_else(|| Error::invalid(format!("{ENDPOINT_ENV} is not set")))?;
+        let credential = match (env_var(KEY_ENV), env_var(SAS_TOKEN_ENV)) {
+            (Some(key), _) => Credential::Key(Secret::new(key)),
+            (None, Some(token)) => Credential::SasToken(Secret::new(token)),
+            (None, None) => {
                 return Err(Error::invalid(format!(
                     "neither {KEY_ENV} nor {SAS_TOKEN_ENV} is set"
                 )));
             }
         };
         Ok(EventGridConfig::new(endpoint, credential))
+    }
+
+    /// From an `eventgrid://` URL: the environment ([`from_env`](Self::from_env)),
+    /// then `endpoint=URL`, which replaces the endpoint. Any other parameter is
+    /// InvalidArgument.
+    pub fn from_url(url: &url::Url) -> Result<Self> {
+        let config = Self::from_env()?;
+        let params = UrlParams::parse(url, &["endpoint"])?;
+        Ok(match params.get("endpoint") {
+            Some(endpoint) => config.endpoint(endpoint),
+            None => config,
+        })
     }
 
     /// Replaces the endpoint.
@@ -119,7 +133,7 @@ pub(crate) fn check_endpoint(endpoint: &str) -> Result<url::Url> {
             e,
         )
     })?;
-    let safe = cloudbus_core::transport::credentials_may_go_to(&url, true);
+    let safe = cloudbus_driver::transport::credentials_may_go_to(&url, true);
     if safe {
         return Ok(url);
     }
@@ -155,4 +169,21 @@ pub fn sas_token(endpoint: &str, key: &Secret, expiry: DateTime<Utc>) -> Result<
         "{unsigned}&s={}",
         sas_encode(&signature)
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let c = EventGridConfig::new(
+            "http://x/api/events",
+            Credential::SasFromKey {
+                key: Secret::new("c2VjcmV0"),
+                ttl: Duration::from_secs(60),
+            },
+        );
+        assert!(!format!("{c:?}").contains("c2VjcmV0"));
+    }
 }

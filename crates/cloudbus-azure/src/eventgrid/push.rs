@@ -56,14 +56,13 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use cloudbus_core::codec::from_structured_value;
 use cloudbus_core::worker::HandlerRunner;
-use cloudbus_core::{
-    AttributesReader, Error, ErrorKind, Event, Filter, Handler, HandlerError, Publisher, Result,
-};
+use cloudbus_core::{Handler, HandlerError, Publisher};
+use cloudbus_driver::codec::from_structured_value;
+use cloudbus_driver::{AttributesReader, Error, ErrorKind, Event, Filter, Result};
 use tokio::sync::Semaphore;
 
-use crate::Secret;
+use crate::auth::Secret;
 
 /// The largest request body read (Event Grid delivers at most 1 MB per request).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024 + 64 * 1024;
@@ -413,7 +412,7 @@ fn validation_code(body: &serde_json::Value) -> Option<&str> {
 pub fn decode_push_body(
     body: &[u8],
 ) -> std::result::Result<
-    Vec<std::result::Result<Event, cloudbus_core::DecodeError>>,
+    Vec<std::result::Result<Event, cloudbus_driver::DecodeError>>,
     serde_json::Error,
 > {
     Ok(push_values(serde_json::from_slice(body)?)
@@ -629,7 +628,7 @@ async fn dead_letter(
         inner.runner.dead_lettered(reason);
         return Err(NotDeadLettered::NoSink(reason.to_owned()));
     };
-    let attribute = cloudbus_core::event::EXT_DEAD_LETTER_REASON;
+    let attribute = cloudbus_driver::event::EXT_DEAD_LETTER_REASON;
     let sent = match refused {
         Refused::Event(event) => {
             let mut copy = event.clone();
@@ -638,13 +637,14 @@ async fn dead_letter(
         }
         Refused::Raw(value) => {
             sink.publish_raw(
-                cloudbus_core::RawMessage::new(value.to_string()).with_attribute(attribute, reason),
+                cloudbus_driver::RawMessage::new(value.to_string())
+                    .with_attribute(attribute, reason),
             )
             .await
         }
         Refused::Body(body) => {
             sink.publish_raw(
-                cloudbus_core::RawMessage::new(body.to_vec()).with_attribute(attribute, reason),
+                cloudbus_driver::RawMessage::new(body.to_vec()).with_attribute(attribute, reason),
             )
             .await
         }
@@ -665,16 +665,15 @@ async fn dead_letter(
 
 #[cfg(test)]
 mod tests {
-    use std::any::Any;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use async_trait::async_trait;
     use axum::body::Body;
-    use cloudbus_core::event::EXT_DEAD_LETTER_REASON;
-    use cloudbus_core::{
-        BatchResults, Capabilities, EventBuilder, EventExt, HandlerContext, OutgoingMessage,
-        Payload, PublisherOptions, RetryPolicy, TopicDriver,
+    use cloudbus_core::{HandlerContext, PublisherOptions, RetryPolicy};
+    use cloudbus_driver::event::EXT_DEAD_LETTER_REASON;
+    use cloudbus_driver::{
+        BatchResults, Capabilities, EventBuilder, EventExt, OutgoingMessage, Payload, TopicDriver,
     };
 
     use super::*;
@@ -743,10 +742,6 @@ mod tests {
             c.max_batch_bytes = 2 * MAX_BODY_BYTES;
             c
         }
-
-        fn as_any(&self) -> &dyn Any {
-            self
-        }
     }
 
     /// A sink publisher that does not retry (a failure is answered at once).
@@ -770,7 +765,7 @@ mod tests {
     }
 
     fn json(event: &Event) -> serde_json::Value {
-        serde_json::from_slice(&cloudbus_core::codec::to_structured_json(event).unwrap()).unwrap()
+        serde_json::from_slice(&cloudbus_driver::codec::to_structured_json(event).unwrap()).unwrap()
     }
 
     /// A push of `body` at delivery count `count` (`None`: no header).

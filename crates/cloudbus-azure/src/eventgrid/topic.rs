@@ -3,19 +3,18 @@
 //! whole, its HTTP status mapped onto the portable error kinds. The credential goes to
 //! an `https://` endpoint, or to a loopback `http://` one (an emulator), never elsewhere.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use cloudbus_core::codec::to_structured_json;
-use cloudbus_core::{
+use cloudbus_driver::codec::to_structured_json;
+use cloudbus_driver::{
     BatchResults, Capabilities, Error, ErrorKind, FilterSupport, OutgoingMessage, Payload, Result,
     TopicDriver,
 };
 
-use super::config::{API_VERSION, Credential, EventGridContext, sas_token};
-use crate::kind_of_status;
+use super::config::{API_VERSION, Credential, EventGridContext, check_endpoint, sas_token};
+use crate::error::kind_of_status;
 
 /// Most bytes in one publish request (and so in one event).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -49,7 +48,7 @@ impl EventGridTopic {
         let config = &self.shared.config;
         // `EventGridBus::new` checked it already; this is where the key goes out, so
         // the rule is kept here too (HTTPS, or loopback HTTP), whoever built the topic.
-        super::config::check_endpoint(&config.endpoint)?;
+        check_endpoint(&config.endpoint)?;
         let url = format!("{}?api-version={API_VERSION}", config.endpoint);
         let mut request = self
             .shared
@@ -149,21 +148,17 @@ impl TopicDriver for EventGridTopic {
     fn capabilities(&self) -> Capabilities {
         capabilities()
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use cloudbus_core::{EventBuilder, PublishOptions};
+    use cloudbus_driver::{EventBuilder, PublishOptions};
 
-    use super::super::{EventGridBus, EventGridConfig};
+    use super::super::config::EventGridConfig;
     use super::*;
-    use crate::Secret;
+    use crate::auth::Secret;
 
     const KEY: &str = "dG9wLXNlY3JldC10b3BpYy1rZXk=";
 
@@ -176,46 +171,6 @@ mod tests {
                 ttl: Duration::from_secs(60),
             },
         ]
-    }
-
-    /// Issue 28 item 16: the topic key went to any endpoint, `http://` included, in
-    /// clear text. Now a bus on a remote plain-HTTP endpoint (or one that is not a
-    /// URL) is refused as InvalidArgument when it is made; HTTPS anywhere and plain
-    /// HTTP on loopback (emulators) are accepted. Nothing is sent: `.invalid` never
-    /// resolves, and making a bus connects nowhere. Before the fix every one of these
-    /// buses was made.
-    #[tokio::test]
-    async fn the_key_goes_only_to_https_or_loopback_endpoints() {
-        for credential in credentials() {
-            for refused in [
-                "http://eventgrid.invalid/api/events",
-                "HTTP://EVENTGRID.INVALID/api/events",
-                "http://0.0.0.0:8080/api/events",
-                "http://localhost.invalid/api/events",
-                "ftp://eventgrid.invalid/api/events",
-                "eventgrid.invalid/api/events",
-                "",
-            ] {
-                let err = EventGridBus::new(EventGridConfig::new(refused, credential.clone()))
-                    .expect_err(refused);
-                assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{refused}: {err}");
-                assert!(
-                    !format!("{err} {err:?}").contains(KEY),
-                    "the key leaked into the error"
-                );
-            }
-            for accepted in [
-                "https://eventgrid.invalid/api/events",
-                "http://127.0.0.1:9/topics/t/api/events",
-                "http://127.8.9.10:9/api/events",
-                "http://localhost:9/api/events",
-                "http://LOCALHOST:9/api/events",
-                "http://[::1]:9/api/events",
-            ] {
-                EventGridBus::new(EventGridConfig::new(accepted, credential.clone()))
-                    .expect(accepted);
-            }
-        }
     }
 
     /// Issue 28 item 16, at the place the key goes out: a topic whose context was

@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use cloudbus_core::{Error, ErrorKind, Result, SubscriptionState};
+use cloudbus_driver::{Error, ErrorKind, Result, SubscriptionState};
 
 use super::config::{Access, ServiceBusConfig, TOKEN_SCOPE};
 use super::rules::RuleFilter;
-use crate::{Secret, hmac_sha256_base64, kind_of_status, sas_encode};
+use crate::auth::{Secret, service_bus_sas_token};
+use crate::error::kind_of_status;
 
 const ATOM: &str = "http://www.w3.org/2005/Atom";
 const SB: &str = "http://schemas.microsoft.com/netservices/2010/10/servicebus/connect";
@@ -30,34 +31,6 @@ pub(crate) struct EntityProperties {
     pub requires_session: bool,
 }
 
-/// A Service Bus SAS token for `resource` (`SharedAccessSignature sr=&sig=&se=&skn=`),
-/// as the Azure SDKs' `generate_sas_token` makes it.
-///
-/// ```
-/// use cloudbus_azure::{Secret, servicebus::service_bus_sas_token};
-/// let t = service_bus_sas_token("https://ns.servicebus.windows.net/orders", "RootManageSharedAccessKey",
-///     &Secret::new("c2VjcmV0"), 1_900_000_000).unwrap();
-/// assert!(t.expose().starts_with("SharedAccessSignature sr=https%3A%2F%2Fns.servicebus.windows.net%2Forders&sig="));
-/// assert!(t.expose().ends_with("&se=1900000000&skn=RootManageSharedAccessKey"));
-/// ```
-pub fn service_bus_sas_token(
-    resource: &str,
-    key_name: &str,
-    key: &Secret,
-    expiry_unix_seconds: i64,
-) -> Result<Secret> {
-    let encoded = sas_encode(resource);
-    let signature = hmac_sha256_base64(
-        key.expose().as_bytes(),
-        &format!("{encoded}\n{expiry_unix_seconds}"),
-    )?;
-    Ok(Secret::new(format!(
-        "SharedAccessSignature sr={encoded}&sig={}&se={expiry_unix_seconds}&skn={}",
-        sas_encode(&signature),
-        sas_encode(key_name)
-    )))
-}
-
 /// The management client of one namespace.
 pub(crate) struct Admin {
     http: reqwest::Client,
@@ -75,7 +48,10 @@ impl Admin {
         }
         let on_this_machine = url::Url::parse(&config.management_endpoint)
             .ok()
-            .and_then(|u| u.host_str().map(cloudbus_core::transport::is_loopback_host))
+            .and_then(|u| {
+                u.host_str()
+                    .map(cloudbus_driver::transport::is_loopback_host)
+            })
             .unwrap_or(false);
         if on_this_machine {
             // Reached directly: an HTTP(S)_PROXY from the environment would carry the

@@ -1,22 +1,23 @@
 //! The Service Bus bus: what its publishers, consumers and topology share (the AMQP
 //! connection, the management client, the codec), and the `BusDriver` that opens them.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use cloudbus_core::codec::BinaryCodec;
-use cloudbus_core::driver::{
+use cloudbus_core::Bus;
+use cloudbus_driver::Result;
+use cloudbus_driver::codec::BinaryCodec;
+use cloudbus_driver::driver::{
     BusDriver, DeadLetterDriver, SubscriptionDriver, TopicDriver, TopologyDriver,
 };
-use cloudbus_core::{Bus, Result};
 
 use super::admin::Admin;
 use super::config::{ServiceBusConfig, check_credential_transport};
 use super::connection::Amqp;
 use super::context::ServiceBusContext;
+use super::dead_letters::ServiceBusDeadLetters;
 use super::message::CONTENT_TYPE;
-use super::receiver::{ServiceBusDeadLetters, ServiceBusSubscription};
+use super::receiver::ServiceBusSubscription;
 use super::topic::ServiceBusTopic;
 use super::topology::ServiceBusTopology;
 
@@ -98,9 +99,5 @@ impl BusDriver for ServiceBusBus {
 
     fn topology(&self) -> Arc<dyn TopologyDriver> {
         Arc::new(ServiceBusTopology::new(self.shared.clone()))
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

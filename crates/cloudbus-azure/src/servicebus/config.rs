@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
-use cloudbus_core::{Capabilities, Error, ErrorKind, FilterSupport, Result};
+use cloudbus_driver::config::{UrlParams, env_var};
+use cloudbus_driver::{Capabilities, Error, ErrorKind, FilterSupport, Result};
 
-use crate::Secret;
+use crate::auth::Secret;
 
 /// The connection string: `Endpoint=sb://…;SharedAccessKeyName=…;SharedAccessKey=…`.
 pub const CONNECTION_STRING_ENV: &str = "SERVICEBUS_CONNECTION_STRING";
@@ -236,9 +237,7 @@ impl ServiceBusConfig {
         };
         let (namespace, management_endpoint) = if emulator {
             let port = url.port().unwrap_or(EMULATOR_AMQP_PORT);
-            let management = std::env::var(MANAGEMENT_ENDPOINT_ENV)
-                .ok()
-                .filter(|v| !v.is_empty())
+            let management = env_var(MANAGEMENT_ENDPOINT_ENV)
                 .unwrap_or_else(|| format!("http://{host}:{EMULATOR_MANAGEMENT_PORT}"));
             (format!("{host}:{port}"), management)
         } else {
@@ -256,11 +255,11 @@ impl ServiceBusConfig {
         })
     }
 
-    /// From `SERVICEBUS_CONNECTION_STRING`.
+    /// From `SERVICEBUS_CONNECTION_STRING` (when set and not blank).
     pub fn from_env() -> Result<Self> {
-        match std::env::var(CONNECTION_STRING_ENV) {
-            Ok(text) if !text.is_empty() => Self::from_connection_string(&text),
-            _ => Err(Error::invalid(format!(
+        match env_var(CONNECTION_STRING_ENV) {
+            Some(text) => Self::from_connection_string(&text),
+            None => Err(Error::invalid(format!(
                 "{CONNECTION_STRING_ENV} is not set; it names the Service Bus namespace and its key"
             ))),
         }
@@ -269,26 +268,27 @@ impl ServiceBusConfig {
     /// From a `servicebus://` URL: the connection string from the environment, then
     /// `entity=queue|topic`, `sessions=true|false`, `mode=structured|binary`,
     /// `prefix=cloudEvents_|cloudEvents:` (the attribute prefix written),
-    /// `management=URL`.
+    /// `management=URL`. Any other parameter, or another value, is InvalidArgument.
     pub fn from_url(url: &url::Url) -> Result<Self> {
         let mut config = Self::from_env()?;
-        for (k, v) in url.query_pairs() {
-            match (k.as_ref(), v.as_ref()) {
-                ("entity", "queue") => config = config.entities(EntityKind::Queues),
-                ("entity", "topic") => config = config.entities(EntityKind::Topics),
-                ("sessions", v) => config = config.sessions(v == "true"),
-                ("mode", "structured") => config.structured = true,
-                ("mode", "binary") => config.structured = false,
-                ("management", v) => config = config.management_endpoint(v),
-                ("prefix", v) => config = config.attribute_prefix(v)?,
-                (k, v) => {
-                    return Err(Error::invalid(format!(
-                        "unknown servicebus:// URL parameter {k}={v:?} (known: \
-                         entity=queue|topic, sessions=true|false, mode=structured|binary, \
-                         prefix=cloudEvents_|cloudEvents:, management=URL)"
-                    )));
-                }
-            }
+        let params =
+            UrlParams::parse(url, &["entity", "sessions", "mode", "prefix", "management"])?;
+        match params.choice("entity", &["queue", "topic"])? {
+            Some("queue") => config = config.entities(EntityKind::Queues),
+            Some(_) => config = config.entities(EntityKind::Topics),
+            None => {}
+        }
+        if let Some(sessions) = params.flag("sessions")? {
+            config = config.sessions(sessions);
+        }
+        if let Some(mode) = params.choice("mode", &["structured", "binary"])? {
+            config.structured = mode == "structured";
+        }
+        if let Some(management) = params.get("management") {
+            config = config.management_endpoint(management);
+        }
+        if let Some(prefix) = params.get("prefix") {
+            config = config.attribute_prefix(prefix)?;
         }
         Ok(config)
     }
@@ -373,7 +373,7 @@ impl ServiceBusConfig {
 /// the management API, so there both must be loopback; elsewhere a management
 /// endpoint that is not `https://` must be loopback. Checked before anything is sent.
 pub(crate) fn check_credential_transport(config: &ServiceBusConfig) -> Result<()> {
-    use cloudbus_core::transport::is_loopback_host as is_loopback;
+    use cloudbus_driver::transport::is_loopback_host as is_loopback;
     let credential = match config.access {
         Access::Identity(_) => "a Microsoft Entra ID token",
         Access::Key { .. } => "a SAS token signed with the shared access key",

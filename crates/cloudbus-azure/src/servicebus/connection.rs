@@ -2,8 +2,9 @@
 //! one session, opened on first use and opened anew when the service (or the network)
 //! ends them; CBS authorization of every entity a link is opened on (a SAS token
 //! signed here, a SAS token given, or a Microsoft Entra ID bearer token from any
-//! `azure_core` token credential), put again before it expires; and the opening of
-//! senders, receivers and `$management` clients with a time limit.
+//! `azure_core` token credential), put again before it expires; the opening of
+//! senders, receivers and `$management` clients with a time limit; and what closing a
+//! link, or a send of a message a receiver makes itself, answered.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,11 +27,11 @@ use serde_amqp::described::Described;
 use serde_amqp::descriptor::Descriptor;
 use tokio::sync::Mutex;
 
-use cloudbus_core::{Error, ErrorKind};
+use cloudbus_driver::{Error, ErrorKind};
 
-use super::admin::service_bus_sas_token;
 use super::config::{Access, LINK_TIMEOUT, ServiceBusConfig, TOKEN_SCOPE};
 use super::error::{self, Failure, Scope};
+use crate::auth::{Secret, service_bus_sas_token};
 
 /// The filter that names the session a receiver is for (`null`: the next free one).
 pub(crate) const SESSION_FILTER: &str = "com.microsoft:session-filter";
@@ -95,6 +96,29 @@ pub(crate) fn link_closed(
 ) {
     if let Err(e) = closed {
         tracing::debug!(error = %e, "{}: the link was gone already", what());
+    }
+}
+
+/// Whether the service took a message a receiver sent itself (a nacked deferred
+/// message's copy, a redriven letter): anything but `Accepted` is `Unavailable`, and a
+/// failed send marks its connection failed.
+pub(crate) fn taken(
+    amqp: &Amqp,
+    live: &Live,
+    sent: std::result::Result<fe2o3_amqp::types::messaging::Outcome, fe2o3_amqp::link::SendError>,
+    what: &str,
+) -> cloudbus_driver::Result<()> {
+    match sent {
+        Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => Ok(()),
+        Ok(other) => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("{what}: the service did not take it ({other:?})"),
+        )),
+        Err(e) => {
+            let f = error::from_send(e, what);
+            amqp.failed(live, &f);
+            Err(f.error)
+        }
     }
 }
 
@@ -367,7 +391,7 @@ impl Amqp {
 async fn token_for(
     config: &ServiceBusConfig,
     audience: &str,
-) -> Result<(crate::Secret, &'static str, Option<SystemTime>), Failure> {
+) -> Result<(Secret, &'static str, Option<SystemTime>), Failure> {
     const SAS: &str = "servicebus.windows.net:sastoken";
     match &config.access {
         Access::Key { name, key } => {
@@ -404,11 +428,7 @@ async fn token_for(
                 + Duration::from_secs(
                     u64::try_from(token.expires_on.unix_timestamp()).unwrap_or(0),
                 );
-            Ok((
-                crate::Secret::new(token.token.secret()),
-                "jwt",
-                Some(expires),
-            ))
+            Ok((Secret::new(token.token.secret()), "jwt", Some(expires)))
         }
     }
 }

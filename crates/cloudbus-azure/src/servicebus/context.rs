@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudbus_core::codec::BinaryCodec;
-use cloudbus_core::{Error, ErrorKind, Result};
+use cloudbus_driver::codec::BinaryCodec;
+use cloudbus_driver::{Error, ErrorKind, Result};
 use fe2o3_amqp::Sender;
 
 use super::admin::{Admin, admitted_of, entity_state};

@@ -12,7 +12,7 @@ use fe2o3_amqp::types::definitions::{self, ErrorCondition};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp_management::error::Error as ManagementError;
 
-use cloudbus_core::{Error, ErrorKind};
+use cloudbus_driver::{Error, ErrorKind};
 
 /// What a failed operation means for the AMQP objects under it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

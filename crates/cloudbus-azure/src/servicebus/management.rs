@@ -18,7 +18,7 @@ use fe2o3_amqp_management::request::Request;
 use fe2o3_amqp_management::response::Response;
 use tokio::sync::Mutex;
 
-use cloudbus_core::{Error, ErrorKind, Result};
+use cloudbus_driver::{Error, ErrorKind, Result};
 
 use super::connection::{Amqp, Live};
 use super::error::{self, Failure};

@@ -4,13 +4,15 @@
 //! boolean extensions as AMQP `long` and `boolean`, `datacontenttype` as the AMQP
 //! `content-type`, structured mode recognised by an `application/cloudevents` content
 //! type. Also the Service Bus parts: MessageId, SessionId (the AMQP `group-id`),
-//! scheduled enqueue time, lock tokens and sequence numbers, and the batched message
-//! format that carries several messages in one transfer.
+//! scheduled enqueue time, lock tokens and sequence numbers, the batched message
+//! format that carries several messages in one transfer, and the copy of a received
+//! message that is sent again (a nacked deferred message, a redriven dead letter).
 
 use chrono::{DateTime, Utc};
-use cloudbus_core::codec::RawMessage;
-use cloudbus_core::driver::{OutgoingMessage, key_slot};
-use cloudbus_core::{Error, Event, ExtensionValue, Result};
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::driver::OutgoingMessage;
+use cloudbus_driver::hashing::{key_slot, lower_hex};
+use cloudbus_driver::{Error, Event, ExtensionValue, Result};
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::types::messaging::annotations::AnnotationKey;
 use fe2o3_amqp::types::messaging::message::__private::Serializable;
@@ -20,7 +22,8 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Symbol, Timestamp, Uuid, Value};
 
 use super::config::{
-    ATTRIBUTE_PREFIX, COLON_ATTRIBUTE_PREFIX, UNDERSCORE_ATTRIBUTE_PREFIX, UNKEYED_SESSIONS,
+    ATTRIBUTE_PREFIX, COLON_ATTRIBUTE_PREFIX, REDRIVE_PROPERTY, UNDERSCORE_ATTRIBUTE_PREFIX,
+    UNKEYED_SESSIONS,
 };
 
 /// A received (or peeked) message.
@@ -282,7 +285,7 @@ pub(crate) fn lock_token_of(message: &AmqpMessage, delivery_tag: Option<&[u8]>) 
 
 /// A lock token as text (the settlement key).
 pub(crate) fn token_text(token: &Uuid) -> String {
-    cloudbus_core::driver::lower_hex(token.as_inner())
+    lower_hex(token.as_inner())
 }
 
 /// A message's MessageId as text.
@@ -291,7 +294,7 @@ pub(crate) fn message_id_of(message: &AmqpMessage) -> Option<String> {
         MessageId::String(s) => s.clone(),
         MessageId::Ulong(n) => n.to_string(),
         MessageId::Uuid(u) => uuid::Uuid::from_bytes(*u.as_inner()).to_string(),
-        MessageId::Binary(b) => cloudbus_core::driver::lower_hex(b),
+        MessageId::Binary(b) => lower_hex(b),
     })
 }
 
@@ -314,6 +317,53 @@ pub(crate) fn body_bytes(message: &AmqpMessage) -> Vec<u8> {
         },
         _ => Vec::new(),
     }
+}
+
+/// Application properties a redrive leaves behind.
+pub(crate) const DEAD_LETTER_PROPERTIES: [&str; 2] =
+    ["DeadLetterReason", "DeadLetterErrorDescription"];
+
+/// A message that sends `message` again: the same body and application properties
+/// (without the dead-letter reason), MessageId `id` (duplicate detection would drop a
+/// copy with the old one), the content type and session; on a topic, the
+/// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
+pub(crate) fn resend_copy(
+    message: &AmqpMessage,
+    subscription: Option<&str>,
+    id: String,
+) -> Message<Data> {
+    let mut application = fe2o3_amqp::types::messaging::ApplicationProperties::builder();
+    if let Some(existing) = &message.application_properties {
+        for (k, v) in existing.0.iter() {
+            if !DEAD_LETTER_PROPERTIES.contains(&k.as_str()) && k != REDRIVE_PROPERTY {
+                application = application.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    if let Some(subscription) = subscription {
+        application = application.insert(
+            REDRIVE_PROPERTY.to_owned(),
+            fe2o3_amqp::types::primitives::SimpleValue::String(subscription.to_owned()),
+        );
+    }
+    let properties = Properties {
+        message_id: Some(fe2o3_amqp::types::messaging::MessageId::String(
+            id.chars().take(128).collect(),
+        )),
+        content_type: message
+            .properties
+            .as_ref()
+            .and_then(|p| p.content_type.clone()),
+        group_id: session_id_of(message),
+        ..Default::default()
+    };
+    Message::builder()
+        .properties(properties)
+        .application_properties(application.build())
+        .data(fe2o3_amqp::types::primitives::Binary::from(body_bytes(
+            message,
+        )))
+        .build()
 }
 
 /// A received message as a raw message for the codec: body, text attributes (both
@@ -397,9 +447,9 @@ pub(crate) fn restore(event: &mut Event, typed: Vec<(String, ExtensionValue)>) {
 /// let e = cloudbus_azure::servicebus::decode_amqp_message(b"not AMQP").unwrap_err();
 /// assert_eq!(e.kind(), cloudbus_core::ErrorKind::Malformed);
 /// ```
-pub fn decode_amqp_message(bytes: &[u8]) -> Result<cloudbus_core::Event> {
-    use cloudbus_core::ErrorKind;
-    use cloudbus_core::codec::BinaryCodec;
+pub fn decode_amqp_message(bytes: &[u8]) -> Result<Event> {
+    use cloudbus_driver::ErrorKind;
+    use cloudbus_driver::codec::BinaryCodec;
     use fe2o3_amqp::types::messaging::message::__private::Deserializable;
     let message = serde_amqp::from_slice::<Deserializable<AmqpMessage>>(bytes)
         .map_err(|e| Error::with_source(ErrorKind::Malformed, "not an AMQP message", e))?
@@ -428,7 +478,7 @@ mod tests {
     /// system maps Integer to long).
     #[test]
     fn integer_extensions_are_amqp_longs() {
-        let event = cloudbus_core::EventBuilder::new("t", "/s")
+        let event = cloudbus_driver::EventBuilder::new("t", "/s")
             .extension("priority", ExtensionValue::Integer(3))
             .extension("urgent", ExtensionValue::Boolean(true))
             .build()
@@ -501,7 +551,7 @@ mod tests {
     /// foreign message is Malformed.
     #[test]
     fn amqp_messages_of_another_stack_decode() {
-        use cloudbus_core::AttributesReader;
+        use cloudbus_driver::AttributesReader;
         let seed = |name: &str| {
             std::fs::read(format!(
                 "{}/../../fuzz/corpus/decode_all/servicebus-{name}",
@@ -512,14 +562,8 @@ mod tests {
         for name in ["binary-underscore", "binary-colon"] {
             let e = decode_amqp_message(&seed(name)).expect(name);
             assert_eq!(e.ty(), "com.example.t");
-            assert_eq!(
-                e.extension("priority"),
-                Some(&cloudbus_core::ExtensionValue::Integer(7))
-            );
-            assert_eq!(
-                e.extension("urgent"),
-                Some(&cloudbus_core::ExtensionValue::Boolean(true))
-            );
+            assert_eq!(e.extension("priority"), Some(&ExtensionValue::Integer(7)));
+            assert_eq!(e.extension("urgent"), Some(&ExtensionValue::Boolean(true)));
             assert_eq!(
                 e.time().map(|t| t.timestamp_millis()),
                 Some(1_764_500_000_000)
@@ -529,6 +573,6 @@ mod tests {
         let e = decode_amqp_message(&seed("structured")).expect("structured");
         assert_eq!(e.id(), "2");
         let e = decode_amqp_message(&seed("foreign")).unwrap_err();
-        assert_eq!(e.kind(), cloudbus_core::ErrorKind::Malformed);
+        assert_eq!(e.kind(), cloudbus_driver::ErrorKind::Malformed);
     }
 }

@@ -1,20 +1,13 @@
-//! Receiving from Service Bus: the peek-lock subscription driver (plain entities and
-//! session-enabled ones, where it holds up to [`MAX_SESSIONS`] sessions at a time) and
-//! the dead-letter sub-queue.
+//! Receiving from Service Bus: the peek-lock subscription driver of plain entities and
+//! session-enabled ones (whose sessions [`sessions`](super::sessions) accepts and
+//! renews): receive, settle, lock renewal, and Service Bus's defer.
 //!
-//! Each receiver link is an fe2o3-amqp receiver with manual credit: a receive grants
-//! credit for what it asks, takes what arrives, and drains the link when nothing came
-//! within its slice, so that an idle consumer holds no locks. Settlements are AMQP
-//! dispositions on the link the message came from (complete = accepted, abandon =
-//! modified, dead-letter = rejected with `com.microsoft:dead-letter`, defer = modified
-//! undeliverable-here); lock renewal, deferred messages and settlements without their
-//! link go through the entity's `$management` node.
-//!
-//! A session's messages are locked by the session lock. A held session's lock is
-//! renewed at half its life while every unsettled message of it is within its lease;
-//! extending a message renews it too. A message left past its lease lets the session
-//! lock run out, and the service gives the session (and the message) to the next
-//! reader, as a lapsed message lock would.
+//! Each receive reads the entity's links ([`Link`]s: manual credit, drained when
+//! nothing comes within the slice). Settlements are AMQP dispositions on the link the
+//! message came from (complete = accepted, abandon = modified, dead-letter = rejected
+//! with `com.microsoft:dead-letter`, defer = modified undeliverable-here); lock
+//! renewal, deferred messages and settlements without their link go through the
+//! entity's `$management` node.
 //!
 //! An unsettled message stays in the map of unsettled ones until its settlement is
 //! done (marked as being settled meanwhile): a lock renewal running at the same time
@@ -29,71 +22,45 @@
 //! the management node, a session's on its link, which stays open (without credit)
 //! until they are settled or the session lock is gone.
 
-use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
-use cloudbus_core::driver::{
-    AckToken, BatchResults, DeadLetter, DeadLetterDriver, Payload, ReceivedMessage, Settlement,
-    SubscriptionDriver,
+use cloudbus_core::Delivery;
+use cloudbus_driver::driver::{
+    AckToken, BatchResults, ReceivedMessage, Settlement, SubscriptionDriver,
 };
-use cloudbus_core::{Capabilities, Delivery, Error, ErrorKind, Result};
-use fe2o3_amqp::Receiver;
-use fe2o3_amqp::link::RecvError;
+use cloudbus_driver::{Capabilities, Error, ErrorKind, Result};
 use fe2o3_amqp::link::delivery::DeliveryInfo;
-use fe2o3_amqp::types::definitions::{self, ErrorCondition};
-use fe2o3_amqp::types::messaging::{Body, Data, Message, Modified, Properties};
-use fe2o3_amqp::types::primitives::{Array, Symbol, Uuid, Value};
+use fe2o3_amqp::types::messaging::{Body, Modified};
+use fe2o3_amqp::types::primitives::{Array, Uuid, Value};
 use tokio::sync::Mutex;
 
-use super::config::{EntityKind, MAX_LOCK, MIN_LOCK, REDRIVE_PROPERTY};
-use super::connection::{
-    Amqp, Live, ReceiveMode, link_closed, lock, session_locked_until, session_of,
-};
+use super::config::{EntityKind, REDRIVE_PROPERTY};
+use super::connection::{ReceiveMode, link_closed, lock, taken};
 use super::context::ServiceBusContext;
 use super::error::{self, Scope};
-use super::management::{
-    self, Management, PeekMessage, ReceiveBySequenceNumber, RenewLock, RenewSessionLock,
-    UpdateDisposition,
-};
+use super::link::{Link, Slot, dead_letter_error, lease_of};
+use super::management::{self, Management, ReceiveBySequenceNumber, RenewLock, UpdateDisposition};
 use super::message::{
-    AmqpMessage, annotation_time, lock_token_of, message_id_of, raw_of, restore, sequence_of,
-    session_id_of, token_text,
+    AmqpMessage, annotation_time, lock_token_of, message_id_of, raw_of, resend_copy, restore,
+    sequence_of, session_id_of, token_text,
 };
+use super::sessions::{self, SESSION_SLICE, accept_sessions};
 
 /// The longest one receive call waits on a link before it drains it.
 pub const RECEIVE_SLICE: Duration = Duration::from_millis(200);
-/// How long a session must find nothing before it is let go.
-pub const SESSION_IDLE: Duration = Duration::from_millis(500);
-/// How long a receive waits for the session acceptor when it holds none.
-pub const SESSION_SLICE: Duration = Duration::from_millis(30);
-/// Most sessions one subscription driver holds at once.
-pub const MAX_SESSIONS: usize = 32;
-/// How long a receive waits for deliveries the service sent in answer to a drain.
-const DRAIN_WAIT: Duration = Duration::from_millis(20);
 /// How long past its lease an unsettled message is remembered (to answer a late
 /// settle with LeaseExpired) before it is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
-/// Application properties a redrive leaves behind.
-const DEAD_LETTER_PROPERTIES: [&str; 2] = ["DeadLetterReason", "DeadLetterErrorDescription"];
-/// The condition of a rejection that dead-letters.
-const DEAD_LETTER_CONDITION: &str = "com.microsoft:dead-letter";
-/// How many dead letters one page holds.
-const DEAD_LETTER_PAGE: usize = 100;
 /// Most lock tokens in one RenewLock request.
 pub const RENEW_BATCH: usize = 100;
-/// The dead-letter reason of a delivery that cannot be decoded as an AMQP message (the
-/// consumer's reason for an event that cannot be decoded starts the same way).
-const UNDECODABLE_REASON: &str = "malformed: the AMQP message cannot be decoded";
 /// The dead-letter reason of a delivery without a lock token (it cannot be settled
 /// by the management node, nor renewed).
 const NO_LOCK_TOKEN_REASON: &str = "malformed: the message has no lock token";
-/// How often the session acceptor looks at the sessions kept open after `close`.
-const LINGER_TICK: Duration = Duration::from_millis(50);
 
 /// A session's messages whose locks one session-lock renewal keeps: the session's
 /// slot, its id, and the items `(index, key, lease)`.
@@ -102,181 +69,6 @@ type SessionRenewal = (Arc<Slot>, String, Vec<(usize, String, Duration)>);
 /// Messages settled on one open link in one disposition: the link's slot, whether
 /// they are completed (else abandoned), and the items `(index, key, delivery)`.
 type LinkSettlement = (Arc<Slot>, bool, Vec<(usize, String, DeliveryInfo)>);
-
-/// A receiver link and what the service said on attach.
-struct Link {
-    receiver: Receiver,
-    /// The connection it is on.
-    live: Arc<Live>,
-    /// Sessions: until when the session is locked.
-    locked_until: Option<SystemTime>,
-}
-
-impl Link {
-    /// Receives up to `max`, waiting up to `wait` for the first; drains the link when
-    /// none came (what the drain brings is returned too).
-    async fn receive(
-        &mut self,
-        max: u32,
-        wait: Duration,
-        what: &str,
-    ) -> std::result::Result<Vec<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>, error::Failure>
-    {
-        // Always a new flow: it ends a drain the last receive began, and the credit
-        // the link thinks it has may have been drained by the service meanwhile.
-        self.receiver
-            .set_credit(max)
-            .await
-            .map_err(|e| error::Failure {
-                error: Error::with_source(ErrorKind::Unavailable, format!("{what}: credit"), e),
-                scope: Scope::Link,
-            })?;
-        let mut out = Vec::new();
-        let until = Instant::now() + wait;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.receiver.recv::<Body<Value>>()).await {
-                Ok(Ok(d)) => {
-                    out.push(d);
-                    break;
-                }
-                Ok(Err(RecvError::MessageDecode(e))) => {
-                    self.dead_letter_undecodable(e.info, e.source.to_string(), what)
-                        .await;
-                }
-                Ok(Err(e)) => return Err(error::from_recv(e, what)),
-                Err(_) => {
-                    // Nothing within the slice: take the credit back, keeping what the
-                    // service sent before it saw the drain.
-                    self.receiver.drain().await.map_err(|e| error::Failure {
-                        error: Error::with_source(
-                            ErrorKind::Unavailable,
-                            format!("{what}: drain"),
-                            e,
-                        ),
-                        scope: Scope::Link,
-                    })?;
-                    match tokio::time::timeout(DRAIN_WAIT, self.receiver.recv::<Body<Value>>())
-                        .await
-                    {
-                        Ok(Ok(d)) => out.push(d),
-                        Ok(Err(RecvError::MessageDecode(e))) => {
-                            self.dead_letter_undecodable(e.info, e.source.to_string(), what)
-                                .await;
-                        }
-                        _ => {}
-                    }
-                    break;
-                }
-            }
-        }
-        if out.is_empty() {
-            return Ok(out);
-        }
-        // What arrived with the first, without waiting.
-        while out.len() < max as usize {
-            match tokio::time::timeout(Duration::ZERO, self.receiver.recv::<Body<Value>>()).await {
-                Ok(Ok(d)) => out.push(d),
-                Ok(Err(RecvError::MessageDecode(e))) => {
-                    self.dead_letter_undecodable(e.info, e.source.to_string(), what)
-                        .await;
-                }
-                Ok(Err(e)) => {
-                    let failure = error::from_recv(e, what);
-                    if failure.scope != Scope::Operation {
-                        // The link failed after these arrived: hand them over; their
-                        // settlements go through the management node.
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        Ok(out)
-    }
-
-    /// Dead-letters a delivery fe2o3 could not decode (issue 28 item 22). Left
-    /// unsettled, it came back at every lock expiry until the service dead-lettered it
-    /// as MaxDeliveryCountExceeded, which says nothing of why, and no consumer ever saw
-    /// it meanwhile.
-    async fn dead_letter_undecodable(&self, info: DeliveryInfo, why: String, what: &str) {
-        tracing::warn!(%what, error = %why, "dead-lettering a Service Bus message that cannot be decoded");
-        if let Err(e) = self
-            .receiver
-            .reject(info, dead_letter_error(UNDECODABLE_REASON, &why))
-            .await
-        {
-            tracing::warn!(%what, error = %e, "could not dead-letter a message that cannot be decoded; it comes back when its lock lapses");
-        }
-    }
-}
-
-/// A link and how many of its messages are unsettled (a session is only let go when
-/// none are).
-struct Slot {
-    link: Mutex<Option<Link>>,
-    unsettled: AtomicUsize,
-    session: Option<String>,
-    /// Since when reads of this session found nothing.
-    idle_since: SyncMutex<Option<Instant>>,
-    /// Sessions: when the session lock is to be renewed.
-    renew_at: SyncMutex<Option<Instant>>,
-    /// Sessions: when the session lock ends, unless renewed.
-    lock_ends: SyncMutex<Option<Instant>>,
-}
-
-impl Slot {
-    /// A slot for `link`; `lock` is the entity's lock duration, when known.
-    fn new(link: Link, session: Option<String>, lock: Option<Duration>) -> Self {
-        let locked_until = link.locked_until;
-        let slot = Slot {
-            link: Mutex::new(Some(link)),
-            unsettled: AtomicUsize::new(0),
-            session,
-            idle_since: SyncMutex::new(None),
-            renew_at: SyncMutex::new(None),
-            lock_ends: SyncMutex::new(None),
-        };
-        if let Some(until) = locked_until {
-            slot.renewed(until, lock);
-        }
-        slot
-    }
-
-    /// Records that the session lock runs until `until` (the service's clock): renewed
-    /// at half its life. `duration` is the entity's lock duration, when known.
-    fn renewed(&self, until: SystemTime, duration: Option<Duration>) {
-        let by_clock = until
-            .duration_since(SystemTime::now())
-            .ok()
-            .filter(|d| !d.is_zero());
-        let left = lease_of(by_clock, duration);
-        let now = Instant::now();
-        *lock(&self.renew_at) = Some(now + left / 2);
-        *lock(&self.lock_ends) = Some(now + left);
-    }
-}
-
-/// The lease of a message (or a session) whose lock the service says runs `by_clock`
-/// longer, read on this machine's clock (`None`: over already by it, or not said), on
-/// an entity whose lock duration is `lock` (`None`: unknown). The service's clock and
-/// this machine's differ by any skew: read alone, a clock ahead by more than the lock
-/// duration gave no lease at all, no renewal, and acks refused here as LeaseExpired
-/// (issue 28 item 21). The service grants the whole lock duration at each delivery, so
-/// that is the lease; the local reading only shortens it, when it is within half the
-/// lock duration (a message that waited in the link's buffer has less left). Without
-/// the lock duration, the reading bounded by Service Bus's limits, and the shortest
-/// lock when the reading is implausible.
-fn lease_of(by_clock: Option<Duration>, lock: Option<Duration>) -> Duration {
-    match lock {
-        Some(lock) => by_clock
-            .filter(|d| *d >= lock / 2)
-            .map_or(lock, |d| d.min(lock)),
-        None => by_clock
-            .filter(|d| *d >= MIN_LOCK / 2)
-            .map_or(MIN_LOCK, |d| d.min(MAX_LOCK)),
-    }
-}
 
 /// How an unsettled message is settled.
 #[derive(Clone)]
@@ -449,7 +241,7 @@ impl Action<'_> {
 /// Receives from a queue or subscription in peek-lock mode: the driver of a Service
 /// Bus [`Consumer`](cloudbus_core::Consumer). Beyond the portable settlements it can
 /// [`defer`](Self::defer) a message and [`fetch_deferred`](Self::fetch_deferred) it
-/// back; reach it with `consumer.driver().as_any().downcast_ref()`.
+/// back; reach it with `consumer.downcast::<ServiceBusSubscription>()`.
 pub struct ServiceBusSubscription {
     shared: Arc<ServiceBusContext>,
     topic: String,
@@ -565,8 +357,7 @@ impl ServiceBusSubscription {
     /// # async fn demo(consumer: cloudbus_core::Consumer) -> cloudbus_core::Result<()> {
     /// use cloudbus_azure::servicebus::ServiceBusSubscription;
     /// let delivery = consumer.receive().await?;
-    /// let Some(service_bus) = consumer.driver().as_any().downcast_ref::<ServiceBusSubscription>()
-    /// else {
+    /// let Some(service_bus) = consumer.downcast::<ServiceBusSubscription>() else {
     ///     return Ok(()); // not a Service Bus consumer
     /// };
     /// let sequence = service_bus.defer(&delivery).await?;
@@ -707,75 +498,17 @@ impl ServiceBusSubscription {
         Ok(vec![self.open().await?])
     }
 
-    /// Lets a session go once it has been idle for [`SESSION_IDLE`] with nothing of it
-    /// unsettled.
-    async fn release_idle(&self, slot: &Arc<Slot>) {
-        if slot.session.is_none() {
-            return;
-        }
-        {
-            let mut idle = lock(&slot.idle_since);
-            let since = *idle.get_or_insert_with(Instant::now);
-            if since.elapsed() < SESSION_IDLE || slot.unsettled.load(Ordering::Acquire) > 0 {
-                return;
-            }
-        }
-        self.release(slot).await;
-    }
-
-    /// Renews a held session's lock when it is due, unless a message of it is past
-    /// its lease (then the lock runs out, and the service gives the message to the
-    /// next reader).
+    /// Renews a held session's lock when it is due (see [`sessions::renew_if_due`]),
+    /// unless a message of it is past its lease (then the lock runs out, and the
+    /// service gives the message to the next reader).
     async fn renew_session_if_due(&self, slot: &Arc<Slot>) -> Result<()> {
-        let Some(session) = &slot.session else {
-            return Ok(());
-        };
-        let now = Instant::now();
-        let due = lock(&slot.renew_at).is_some_and(|at| at <= now);
-        let leases_hold = || {
+        sessions::renew_if_due(&self.management, slot, self.lock_duration(), |now| {
             lock(&self.inflight)
                 .values()
                 .filter(|i| Arc::ptr_eq(&i.slot, slot))
                 .all(|i| i.lease_until > now)
-        };
-        if due && leases_hold() {
-            let until = self.renew_session_lock(session).await?;
-            slot.renewed(until, self.lock_duration());
-        }
-        Ok(())
-    }
-
-    /// Renews the lock of a session; returns until when it holds.
-    async fn renew_session_lock(&self, session: &str) -> Result<SystemTime> {
-        let response = self
-            .management
-            .call::<RenewSessionLock>(
-                management::body([("session-id", Value::String(session.to_owned()))]),
-                None,
-            )
-            .await?;
-        let until = response
-            .body
-            .as_ref()
-            .and_then(|b| management::field(b, "expiration"))
-            .and_then(management::timestamp)
-            .ok_or_else(|| management::malformed("renew-session-lock"))?;
-        Ok(system_time(until.milliseconds()))
-    }
-
-    /// Lets a session go: its link is closed (the service gives back any message of
-    /// it still locked).
-    async fn release(&self, slot: &Arc<Slot>) {
-        if slot.session.is_none() {
-            return;
-        }
-        let link = slot.link.lock().await.take();
-        lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
-        if let Some(link) = link
-            && let Err(e) = link.receiver.close().await
-        {
-            tracing::debug!(error = %e, "closing a drained Service Bus session");
-        }
+        })
+        .await
     }
 
     /// Drops a plain link that failed; the next receive opens a new one.
@@ -1009,7 +742,7 @@ impl ServiceBusSubscription {
         let duration = self.lock_duration();
         for (slot, session, group) in sessions {
             let started = Instant::now();
-            match self.renew_session_lock(&session).await {
+            match sessions::renew_session_lock(&self.management, &session).await {
                 Ok(until) => {
                     slot.renewed(until, duration);
                     let ends = *lock(&slot.lock_ends);
@@ -1321,176 +1054,6 @@ fn abandoned() -> Modified {
     }
 }
 
-/// A message that sends `message` again: the same body and application properties
-/// (without the dead-letter reason), MessageId `id` (duplicate detection would drop a
-/// copy with the old one), the content type and session; on a topic, the
-/// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
-fn resend_copy(message: &AmqpMessage, subscription: Option<&str>, id: String) -> Message<Data> {
-    let mut application = fe2o3_amqp::types::messaging::ApplicationProperties::builder();
-    if let Some(existing) = &message.application_properties {
-        for (k, v) in existing.0.iter() {
-            if !DEAD_LETTER_PROPERTIES.contains(&k.as_str()) && k != REDRIVE_PROPERTY {
-                application = application.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    if let Some(subscription) = subscription {
-        application = application.insert(
-            REDRIVE_PROPERTY.to_owned(),
-            fe2o3_amqp::types::primitives::SimpleValue::String(subscription.to_owned()),
-        );
-    }
-    let properties = Properties {
-        message_id: Some(fe2o3_amqp::types::messaging::MessageId::String(
-            id.chars().take(128).collect(),
-        )),
-        content_type: message
-            .properties
-            .as_ref()
-            .and_then(|p| p.content_type.clone()),
-        group_id: session_id_of(message),
-        ..Default::default()
-    };
-    Message::builder()
-        .properties(properties)
-        .application_properties(application.build())
-        .data(fe2o3_amqp::types::primitives::Binary::from(
-            super::message::body_bytes(message),
-        ))
-        .build()
-}
-
-/// The rejection that dead-letters, with the reason and description as the service
-/// reads them.
-fn dead_letter_error(reason: &str, description: &str) -> definitions::Error {
-    let mut info = fe2o3_amqp::types::definitions::Fields::new();
-    info.insert(
-        Symbol::from("DeadLetterReason"),
-        Value::String(reason.to_owned()),
-    );
-    info.insert(
-        Symbol::from("DeadLetterErrorDescription"),
-        Value::String(description.to_owned()),
-    );
-    definitions::Error::new(
-        ErrorCondition::Custom(Symbol::from(DEAD_LETTER_CONDITION)),
-        None,
-        info,
-    )
-}
-
-/// A time from Unix milliseconds.
-fn system_time(ms: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-/// Accepts sessions of a session-enabled queue or subscription while fewer than
-/// [`MAX_SESSIONS`] are held, on a connection of its own: accepting waits for the
-/// service, and must not hold up the bus's other links. Once the consumer is closed,
-/// it closes the sessions kept open for their unsettled messages (`lingering`) as
-/// they are done, then its connection. `duration`: the entity's lock duration.
-async fn accept_sessions(
-    shared: Arc<ServiceBusContext>,
-    path: String,
-    slots: Arc<SyncMutex<Vec<Arc<Slot>>>>,
-    closed: Arc<AtomicBool>,
-    error: Arc<SyncMutex<Option<Error>>>,
-    lingering: Arc<SyncMutex<Vec<Arc<Slot>>>>,
-    duration: Option<Duration>,
-) {
-    let amqp = Amqp::new(shared.config.clone());
-    while !closed.load(Ordering::Acquire) {
-        if lock(&slots).len() >= MAX_SESSIONS {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        match amqp
-            .receiver(&path, ReceiveMode::PeekLock, Some(None))
-            .await
-        {
-            Ok((live, receiver)) => {
-                let Some(session) = session_of(&receiver) else {
-                    tracing::warn!(%path, "the service gave a session receiver without its session");
-                    let _ = receiver.close().await;
-                    continue;
-                };
-                let link = Link {
-                    locked_until: session_locked_until(&receiver),
-                    receiver,
-                    live,
-                };
-                let slot = Arc::new(Slot::new(link, Some(session), duration));
-                // `close` sets `closed` and takes the slots under the same lock, so a
-                // session accepted meanwhile is either taken by it or closed here.
-                let late = {
-                    let mut held = lock(&slots);
-                    if closed.load(Ordering::Acquire) {
-                        Some(slot)
-                    } else {
-                        held.push(slot);
-                        None
-                    }
-                };
-                if let Some(slot) = late {
-                    if let Some(link) = slot.link.lock().await.take() {
-                        let _ = link.receiver.close().await;
-                    }
-                    break;
-                }
-            }
-            Err(f) => {
-                let pause = match f.error.kind() {
-                    ErrorKind::NotFound | ErrorKind::PermissionDenied => {
-                        *lock(&error) = Some(f.error);
-                        Duration::from_secs(1)
-                    }
-                    // No session has messages now (the service answers after its
-                    // timeout, the emulators at once), or the connection is being
-                    // opened anew.
-                    ErrorKind::Timeout | ErrorKind::Unavailable => Duration::from_millis(50),
-                    _ => {
-                        tracing::debug!(error = %f.error, %path, "accepting a session");
-                        Duration::from_millis(200)
-                    }
-                };
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
-    close_lingering(&lingering).await;
-    amqp.close().await;
-}
-
-/// Waits until every session kept open after `close` has nothing unsettled or has
-/// lost its lock, closing each then.
-async fn close_lingering(lingering: &SyncMutex<Vec<Arc<Slot>>>) {
-    loop {
-        let done: Vec<Arc<Slot>> = {
-            let mut held = lock(lingering);
-            let now = Instant::now();
-            let (done, kept): (Vec<_>, Vec<_>) = held.drain(..).partition(|slot| {
-                let ends = *lock(&slot.lock_ends);
-                slot.unsettled.load(Ordering::Acquire) == 0 || ends.is_none_or(|at| at <= now)
-            });
-            *held = kept;
-            done
-        };
-        for slot in done {
-            let link = slot.link.lock().await.take();
-            if let Some(link) = link {
-                link_closed(
-                    || "close a session kept open after close".to_owned(),
-                    link.receiver.close().await,
-                );
-            }
-        }
-        if lock(lingering).is_empty() {
-            return;
-        }
-        tokio::time::sleep(LINGER_TICK).await;
-    }
-}
-
 impl Drop for ServiceBusSubscription {
     /// A consumer dropped without `close` still ends its session acceptor; its links
     /// close as they are dropped.
@@ -1575,7 +1138,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
                         *lock(&slot.idle_since) = None;
                         out.extend(self.accept(deliveries, slot).await);
                     }
-                    Ok(_) => self.release_idle(slot).await,
+                    Ok(_) => sessions::release_idle(&self.slots, slot).await,
                     Err(f) => {
                         if slot.session.is_none() {
                             if f.scope != Scope::Operation {
@@ -1591,7 +1154,7 @@ impl SubscriptionDriver for ServiceBusSubscription {
                             continue;
                         }
                         tracing::debug!(error = %f.error, "a Service Bus session ended");
-                        self.release(slot).await;
+                        sessions::release(&self.slots, slot).await;
                     }
                 }
             }
@@ -1736,279 +1299,17 @@ impl SubscriptionDriver for ServiceBusSubscription {
         lock(&self.acceptor).take();
         Ok(())
     }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-/// The dead-letter sub-queue of a queue or subscription.
-pub struct ServiceBusDeadLetters {
-    shared: Arc<ServiceBusContext>,
-    topic: String,
-    subscription: String,
-    path: String,
-    /// `<path>/$DeadLetterQueue`.
-    queue: String,
-}
-
-/// What a dead letter looks like, from a received or a peeked message.
-fn dead_letter_of(
-    message: &AmqpMessage,
-    source: &str,
-    codec: &cloudbus_core::BinaryCodec,
-    prefix: &str,
-) -> DeadLetter {
-    let (mut raw, typed) = raw_of(message, prefix);
-    let reason = raw.attributes.remove(DEAD_LETTER_PROPERTIES[0]);
-    let description = raw.attributes.remove(DEAD_LETTER_PROPERTIES[1]);
-    raw.attributes.remove(REDRIVE_PROPERTY);
-    let payload = match codec.decode(&raw) {
-        Ok(mut event) => {
-            restore(&mut event, typed);
-            Payload::Event(Arc::new(event))
-        }
-        Err(_) => Payload::Raw(raw),
-    };
-    DeadLetter {
-        payload,
-        reason,
-        description,
-        source_entity: Some(source.to_owned()),
-        attempts: message
-            .header
-            .as_ref()
-            .map_or(0, |h| h.delivery_count.saturating_add(1)),
-        dead_lettered_at: None,
-    }
-}
-
-impl ServiceBusDeadLetters {
-    pub(crate) fn new(shared: Arc<ServiceBusContext>, topic: &str, subscription: &str) -> Self {
-        let path = shared.path(topic, subscription);
-        ServiceBusDeadLetters {
-            queue: format!("{path}/$DeadLetterQueue"),
-            shared,
-            topic: topic.to_owned(),
-            subscription: subscription.to_owned(),
-            path,
-        }
-    }
-
-    async fn receiver(&self, mode: ReceiveMode) -> Result<Link> {
-        let (live, receiver) = self
-            .shared
-            .amqp
-            .receiver(&self.queue, mode, None)
-            .await
-            .map_err(|f| f.error)?;
-        Ok(Link {
-            receiver,
-            live,
-            locked_until: None,
-        })
-    }
-
-    /// One page of dead letters (up to `max`), waiting at most half a second.
-    async fn page(
-        &self,
-        link: &mut Link,
-        max: usize,
-    ) -> Result<Vec<fe2o3_amqp::link::delivery::Delivery<Body<Value>>>> {
-        let what = format!("receive dead letters of {}", self.path);
-        let mut out = Vec::new();
-        while out.len() < max {
-            let want = u32::try_from(max - out.len()).unwrap_or(u32::MAX);
-            let got = link
-                .receive(want, Duration::from_millis(500), &what)
-                .await
-                .map_err(|f| f.error)?;
-            if got.is_empty() {
-                break;
-            }
-            out.extend(got);
-        }
-        Ok(out)
-    }
-
-    /// The message that sends a dead letter back: the same body and properties, a new
-    /// MessageId (duplicate detection would drop the old one), and on a topic the
-    /// [`REDRIVE_PROPERTY`] naming the one subscription it is for.
-    fn resend(&self, letter: &AmqpMessage) -> Message<Data> {
-        let original = message_id_of(letter).unwrap_or_default();
-        let sequence = sequence_of(letter).unwrap_or_default();
-        let subscription = (self.shared.config.entities == EntityKind::Topics)
-            .then_some(self.subscription.as_str());
-        resend_copy(
-            letter,
-            subscription,
-            format!("redrive-{sequence}-{original}"),
-        )
-    }
-}
-
-#[async_trait]
-impl DeadLetterDriver for ServiceBusDeadLetters {
-    async fn peek(&self, max: usize) -> Result<Vec<DeadLetter>> {
-        let management = self.shared.management(&self.queue);
-        let mut out = Vec::new();
-        let mut from: i64 = 0;
-        while out.len() < max {
-            let want = i32::try_from((max - out.len()).min(DEAD_LETTER_PAGE)).unwrap_or(100);
-            let response = management
-                .call::<PeekMessage>(
-                    management::body([
-                        ("from-sequence-number", Value::Long(from)),
-                        ("message-count", Value::Int(want)),
-                    ]),
-                    None,
-                )
-                .await?;
-            let messages: Vec<AmqpMessage> = response
-                .body
-                .as_ref()
-                .and_then(|b| management::field(b, "messages"))
-                .map(|m| {
-                    management::items(m)
-                        .into_iter()
-                        .filter_map(|item| {
-                            management::field(item, "message").and_then(management::decode_message)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let Some(last) = messages.last().and_then(sequence_of) else {
-                break;
-            };
-            from = last + 1;
-            out.extend(messages.iter().map(|m| {
-                dead_letter_of(m, &self.path, &self.shared.codec, self.shared.config.prefix)
-            }));
-        }
-        out.truncate(max);
-        Ok(out)
-    }
-
-    async fn redrive(&self, max: Option<usize>) -> Result<usize> {
-        let mut link = self.receiver(ReceiveMode::PeekLock).await?;
-        let (live, mut sender) = match self.shared.sender(&self.topic).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = link.receiver.close().await;
-                return Err(e);
-            }
-        };
-        let limit = max.unwrap_or(usize::MAX);
-        let mut moved = 0;
-        // The MessageIds this call sent back. A letter carrying one was dead-lettered
-        // again since (a consumer that refuses it every time): redriving it once more
-        // would go round for ever, so the redrive ends there.
-        let mut resent_ids: HashSet<String> = HashSet::new();
-        let mut came_back = false;
-        let result: Result<()> = async {
-            while moved < limit && !came_back {
-                let letters = self
-                    .page(&mut link, (limit - moved).min(DEAD_LETTER_PAGE))
-                    .await?;
-                if letters.is_empty() {
-                    break;
-                }
-                for letter in letters {
-                    let (info, message) = letter.into_parts();
-                    if came_back
-                        || message_id_of(&message).is_some_and(|id| resent_ids.contains(&id))
-                    {
-                        came_back = true;
-                        // Unlocked, left in the dead-letter queue.
-                        let _ = link.receiver.release(info).await;
-                        continue;
-                    }
-                    let resent = self.resend(&message);
-                    if let Some(fe2o3_amqp::types::messaging::MessageId::String(id)) = resent
-                        .properties
-                        .as_ref()
-                        .and_then(|p| p.message_id.as_ref())
-                    {
-                        resent_ids.insert(id.clone());
-                    }
-                    let what = format!("redrive to {}", self.topic);
-                    taken(&self.shared.amqp, &live, sender.send(resent).await, &what)?;
-                    link.receiver.accept(info).await.map_err(|e| {
-                        Error::with_source(
-                            ErrorKind::Unavailable,
-                            format!("complete a dead letter of {}", self.path),
-                            e,
-                        )
-                    })?;
-                    moved += 1;
-                }
-            }
-            Ok(())
-        }
-        .await;
-        let _ = sender.close().await;
-        let _ = link.receiver.close().await;
-        result.map(|()| moved)
-    }
-
-    /// Receives and deletes page by page: memory holds one page at a time.
-    async fn purge(&self, max: Option<usize>) -> Result<usize> {
-        let max = max.unwrap_or(usize::MAX);
-        let mut link = self.receiver(ReceiveMode::ReceiveAndDelete).await?;
-        let mut purged = 0;
-        let result: Result<()> = async {
-            while purged < max {
-                let page = self
-                    .page(&mut link, (max - purged).min(DEAD_LETTER_PAGE))
-                    .await?;
-                if page.is_empty() {
-                    return Ok(());
-                }
-                purged += page.len();
-            }
-            Ok(())
-        }
-        .await;
-        let _ = link.receiver.close().await;
-        result.map(|()| purged)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-}
-
-/// Whether the service took a message a receiver sent itself (a nacked deferred
-/// message's copy, a redriven letter): anything but `Accepted` is `Unavailable`, and a
-/// failed send marks its connection failed.
-fn taken(
-    amqp: &Amqp,
-    live: &Live,
-    sent: std::result::Result<fe2o3_amqp::types::messaging::Outcome, fe2o3_amqp::link::SendError>,
-    what: &str,
-) -> Result<()> {
-    match sent {
-        Ok(fe2o3_amqp::types::messaging::Outcome::Accepted(_)) => Ok(()),
-        Ok(other) => Err(Error::new(
-            ErrorKind::Unavailable,
-            format!("{what}: the service did not take it ({other:?})"),
-        )),
-        Err(e) => {
-            let f = error::from_send(e, what);
-            amqp.failed(live, &f);
-            Err(f.error)
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::admin::Admin;
     use super::super::config::ServiceBusConfig;
+    use super::super::connection::Amqp;
     use super::*;
-    use cloudbus_core::codec::BinaryCodec;
-    use fe2o3_amqp::types::messaging::{Batch, MessageAnnotations};
-    use fe2o3_amqp::types::primitives::Timestamp;
+    use cloudbus_driver::codec::BinaryCodec;
+    use fe2o3_amqp::types::messaging::{Batch, Data, Message, MessageAnnotations};
+    use fe2o3_amqp::types::primitives::{Symbol, Timestamp};
 
     /// A consumer of queue `q` of an emulator namespace at `host`; nothing is opened
     /// until it is used.
@@ -2074,34 +1375,6 @@ mod tests {
             }
         });
         port
-    }
-
-    #[test]
-    fn leases_follow_the_lock_duration_whatever_the_clock() {
-        let thirty = Some(Duration::from_secs(30));
-        // This clock is ahead by more than the lock duration: none left by it.
-        assert_eq!(lease_of(None, thirty), Duration::from_secs(30));
-        // Ahead by 27 s: implausibly little left.
-        assert_eq!(
-            lease_of(Some(Duration::from_secs(3)), thirty),
-            Duration::from_secs(30)
-        );
-        // 10 s in the link's buffer (or a clock 10 s ahead): the reading, shorter.
-        assert_eq!(
-            lease_of(Some(Duration::from_secs(20)), thirty),
-            Duration::from_secs(20)
-        );
-        // A clock behind the service's: never more than the lock duration.
-        assert_eq!(
-            lease_of(Some(Duration::from_secs(90)), thirty),
-            Duration::from_secs(30)
-        );
-        assert_eq!(lease_of(None, None), MIN_LOCK);
-        assert_eq!(
-            lease_of(Some(Duration::from_secs(45)), None),
-            Duration::from_secs(45)
-        );
-        assert_eq!(lease_of(Some(Duration::from_secs(900)), None), MAX_LOCK);
     }
 
     /// Issue 28 item 21: the lease was `x-opt-locked-until` minus this machine's clock,
@@ -2243,10 +1516,5 @@ mod tests {
             description: "d".into(),
         };
         assert_eq!(Action::Settle(&dl).disposition_status(), "suspended");
-        let e = dead_letter_error("r", "d");
-        assert_eq!(
-            super::super::error::condition_symbol(&e.condition),
-            DEAD_LETTER_CONDITION
-        );
     }
 }

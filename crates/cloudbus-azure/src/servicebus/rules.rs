@@ -4,7 +4,7 @@
 //! the CloudEvents AMQP binding, under the prefix the bus writes (`cloudEvents_` or
 //! `cloudEvents:`).
 
-use cloudbus_core::{Error, Filter, Result};
+use cloudbus_driver::{Error, Filter, Result};
 
 use super::config::REDRIVE_PROPERTY;
 

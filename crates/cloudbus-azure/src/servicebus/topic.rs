@@ -2,14 +2,13 @@
 //! filled into batched-format transfers up to the link's max-message-size, one
 //! transfer in flight while the next is encoded, each outcome classified.
 
-use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::driver::{BatchResults, OutgoingMessage, Payload, TopicDriver};
-use cloudbus_core::{Capabilities, Error, ErrorKind, Result};
+use cloudbus_driver::driver::{BatchResults, OutgoingMessage, Payload, TopicDriver};
+use cloudbus_driver::{Capabilities, Error, ErrorKind, Result};
 use fe2o3_amqp::Sender;
 use fe2o3_amqp::types::messaging::{Data, Message, Outcome};
 use fe2o3_amqp::types::primitives::SimpleValue;
@@ -52,7 +51,7 @@ impl ServiceBusTopic {
             Payload::Event(event) => {
                 let (raw, mode) = shared.codec.encode(event)?;
                 let typed: Vec<(String, SimpleValue)> =
-                    if mode == cloudbus_core::codec::Mode::Binary {
+                    if mode == cloudbus_driver::codec::Mode::Binary {
                         message::typed_extensions(event, shared.config.prefix)
                     } else {
                         Vec::new()
@@ -332,9 +331,5 @@ impl TopicDriver for ServiceBusTopic {
             );
         }
         Ok(())
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }

@@ -1,13 +1,16 @@
 //! Declaring Service Bus entities through the management API: topics (or queues),
-//! subscriptions with their rules, dead-lettering and lock settings; replay is not a
-//! Service Bus feature.
+//! subscriptions with their rules, dead-lettering and lock settings; and a plan's
+//! reading of them (`TopologyPlanning`: what exists, as the service holds it, and what
+//! `ensure_subscription` would make). Replay is not a Service Bus feature.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::driver::{SubscriptionSpec, SubscriptionState, TopologyDriver};
-use cloudbus_core::{Error, Result};
+use cloudbus_driver::driver::{
+    SubscriptionSpec, SubscriptionState, TopologyDriver, TopologyPlanning,
+};
+use cloudbus_driver::{Error, Result};
 
 use super::admin::{EntityProperties, entity_state, rule_text};
 use super::config::{DEFAULT_MAX_DELIVERY_COUNT, EntityKind, MAX_LOCK, MIN_LOCK, ServiceBusConfig};
@@ -91,6 +94,38 @@ impl TopologyDriver for ServiceBusTopology {
         }
     }
 
+    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
+        match self.shared.config.entities {
+            EntityKind::Topics => {
+                self.shared
+                    .admin
+                    .delete(&format!("{topic}/Subscriptions/{name}"))
+                    .await
+            }
+            // Every subscription of a queue reads the queue itself; it is only no
+            // longer admitted.
+            EntityKind::Queues => {
+                let admin = &self.shared.admin;
+                let Some(mut admitted) = admin.admitted(topic).await? else {
+                    return Ok(());
+                };
+                if !admitted.iter().any(|n| n == name) {
+                    return Ok(());
+                }
+                admitted.retain(|n| n != name);
+                let props = entity_properties(&self.shared.config, None);
+                admin.put_queue(topic, &props, &admitted).await
+            }
+        }
+    }
+
+    fn planning(&self) -> Option<&dyn TopologyPlanning> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl TopologyPlanning for ServiceBusTopology {
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
         self.shared.admin.exists(topic).await
     }
@@ -137,31 +172,6 @@ impl TopologyDriver for ServiceBusTopology {
     /// The management API's PUT updates an entity that exists (If-Match: *), and the
     /// rule is put again: ensuring the subscription changes it in place.
     async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
-        self.ensure_subscription(spec).await
-    }
-
-    async fn delete_subscription(&self, topic: &str, name: &str) -> Result<()> {
-        match self.shared.config.entities {
-            EntityKind::Topics => {
-                self.shared
-                    .admin
-                    .delete(&format!("{topic}/Subscriptions/{name}"))
-                    .await
-            }
-            // Every subscription of a queue reads the queue itself; it is only no
-            // longer admitted.
-            EntityKind::Queues => {
-                let admin = &self.shared.admin;
-                let Some(mut admitted) = admin.admitted(topic).await? else {
-                    return Ok(());
-                };
-                if !admitted.iter().any(|n| n == name) {
-                    return Ok(());
-                }
-                admitted.retain(|n| n != name);
-                let props = entity_properties(&self.shared.config, None);
-                admin.put_queue(topic, &props, &admitted).await
-            }
-        }
+        TopologyDriver::ensure_subscription(self, spec).await
     }
 }

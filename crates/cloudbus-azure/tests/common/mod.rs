@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus::azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
-use cloudbus::conformance::Harness;
-use cloudbus::conformance::emulator::required_env;
-use cloudbus::{Bus, Capabilities};
+use cloudbus_azure::servicebus::{EntityKind, ServiceBusBus, ServiceBusConfig};
+use cloudbus_conformance::Harness;
+use cloudbus_conformance::emulator::required_env;
+use cloudbus_core::Bus;
 
 /// The Service Bus connection string, or `None` after a loud message.
 pub fn servicebus() -> Option<String> {
@@ -46,11 +46,8 @@ impl ServiceBusHarness {
 
 #[async_trait]
 impl Harness for ServiceBusHarness {
-    async fn bus(&self) -> cloudbus::Result<Bus> {
+    async fn bus(&self) -> cloudbus_core::Result<Bus> {
         Ok(ServiceBusBus::connect(self.config()).await?.into_bus())
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.config().capabilities()
     }
     fn patience(&self) -> Duration {
         Duration::from_secs(20)

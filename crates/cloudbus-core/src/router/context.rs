@@ -34,6 +34,11 @@ impl Extensions {
             .get(&TypeId::of::<T>())
             .and_then(|v| v.downcast_ref())
     }
+    /// Whether a value of the type `type_id` was added (what
+    /// [`Router::check`](crate::Router::check) asks).
+    pub(crate) fn contains(&self, type_id: TypeId) -> bool {
+        self.values.contains_key(&type_id)
+    }
 }
 
 /// What a router gives every handling: its state and its publisher of follow-ups.
@@ -152,9 +157,18 @@ impl Context {
         self.shared.state.get::<T>()
     }
 
+    /// The router's publisher of follow-up events, if it was given one.
+    pub(crate) fn publisher(&self) -> Option<&Publisher> {
+        self.shared.publisher.as_ref()
+    }
+
     /// Sends `value` through the router's publisher as a follow-up of this event:
     /// causation id = this event's id, correlation id and trace carried on.
-    /// Fails when the router was given no publisher ([`Router::publisher`](crate::Router::publisher)).
+    ///
+    /// Fails when the router was given no publisher ([`Router::publisher`](crate::Router::publisher)),
+    /// and that is found per event (a handler's calls cannot be seen before it runs).
+    /// A handler that takes a [`Sender`](crate::router::Sender) instead has it checked
+    /// once, when its worker starts.
     pub fn send<'a, T: CloudEvent>(&'a self, value: &'a T) -> Result<SendEvent<'a, T>> {
         match &self.shared.publisher {
             Some(publisher) => Ok(self.send_to(publisher, value)),

@@ -1,7 +1,8 @@
 //! [`Router`]: handlers by event type (exact, by prefix), the policy for types nobody
 //! handles ([`UnknownTypes`]), upcasting of older versions to the version a typed
 //! handler reads, and tower layers over the routes. The router is itself a
-//! [`Handler`] (give it to `Consumer::subscribe`) and a `tower::Service`.
+//! [`Handler`] (give it to `Consumer::start_worker`, which checks its wiring first:
+//! [`Router::check`]) and a `tower::Service`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,10 +12,12 @@ use serde_json::Value;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
+use crate::error::Error;
 use crate::event::{AttributesReader, AttributesWriter, Event, EventExt};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::publisher::Publisher;
 use crate::router::context::{Context, Shared};
+use crate::router::extract::Requirement;
 use crate::router::handler_fn::{
     ContextHandler, ContextRoute, HandlerFuture, TypedHandler, TypedRoute,
 };
@@ -84,21 +87,59 @@ impl tower::Service<Context> for DirectService {
     }
 }
 
+/// What a route's handler takes that the router must provide: each extractor's
+/// type name with its [`Requirement`].
+type Needs = Vec<(&'static str, Requirement)>;
+
 #[derive(Clone)]
 struct Route {
     call: Call,
     target: Option<Target>,
+    /// What its extractors need from the router, checked by [`Router::check`].
+    needs: Needs,
+    /// The router it is, when a router was routed to as a service (its wiring is
+    /// checked with its own state and publisher, which it keeps).
+    nested: Option<Router>,
 }
 
 impl Route {
     /// The direct route of a handler of extractors only.
     fn of_context_handler<Args: 'static, H: ContextHandler<Args>>(handler: H) -> Route {
+        let needs = <H as ContextHandler<Args>>::requirements();
         let route = ContextRoute::new(handler);
         Route {
             call: Call::Direct(Arc::new(move |ctx| route.handle(ctx))),
             target: None,
+            needs,
+            nested: None,
         }
     }
+}
+
+/// A route's key as the errors of [`Router::check`] name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RouteKey {
+    /// A route of one event type.
+    Exact(String),
+    /// A route of every type with this prefix.
+    Prefix(String),
+}
+
+impl std::fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteKey::Exact(ty) => write!(f, "{ty:?}"),
+            RouteKey::Prefix(prefix) => write!(f, "prefix {prefix:?}"),
+        }
+    }
+}
+
+/// The last segment of a type's path, its generic arguments kept as they are:
+/// `cloudbus_core::router::State<app::Db>` is `State<app::Db>`.
+fn short_type_name(name: &str) -> &str {
+    let outer = name.find('<').unwrap_or(name.len());
+    let start = name[..outer].rfind("::").map_or(0, |i| i + 2);
+    &name[start..]
 }
 
 /// Handlers by event type, with tower layers. An event goes to the route of its type
@@ -128,6 +169,11 @@ impl Route {
 /// assert!(matches!(router.handle(other, HandlerContext::new(1, "doc")).await, Err(HandlerError::Reject { .. })));
 /// # }
 /// ```
+///
+/// Its wiring is checked before a worker runs it ([`check`](Self::check), called by
+/// `Consumer::start_worker`): a route whose extractors need a state or a publisher
+/// the router was not given, or two routes for one type, fail the start instead of
+/// every event.
 #[derive(Clone, Default)]
 pub struct Router {
     exact: Arc<HashMap<String, Route>>,
@@ -136,6 +182,10 @@ pub struct Router {
     upcasters: Arc<HashMap<(String, u32), Upcaster>>,
     unknown: UnknownTypes,
     shared: Arc<Shared>,
+    /// Routes added for a type (or prefix) that had one already, one entry per extra
+    /// route: the last one added replaces the earlier for an exact type, the first
+    /// one added wins for a prefix, and [`check`](Self::check) reports both.
+    duplicates: Arc<Vec<RouteKey>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -167,8 +217,9 @@ impl Router {
         Args: 'static,
         H: TypedHandler<T, Args>,
     {
+        let needs = <H as TypedHandler<T, Args>>::requirements();
         let route = TypedRoute::new(handler);
-        self.route_typed::<T>(Call::Direct(Arc::new(move |ctx| route.handle(ctx))))
+        self.route_typed::<T>(Call::Direct(Arc::new(move |ctx| route.handle(ctx))), needs)
     }
 
     /// [`route`](Self::route) with `layer` applied to this route only.
@@ -182,46 +233,64 @@ impl Router {
         <L::Service as tower::Service<Context>>::Error: Into<HandlerError>,
         <L::Service as tower::Service<Context>>::Future: Send + 'static,
     {
+        let needs = <H as TypedHandler<T, Args>>::requirements();
         let service = boxed(layer.layer(BoxCloneSyncService::new(TypedRoute::new(handler))));
-        self.route_typed::<T>(Call::Service(service))
+        self.route_typed::<T>(Call::Service(service), needs)
     }
 
-    fn route_typed<T: CloudEvent>(mut self, call: Call) -> Self {
+    fn route_typed<T: CloudEvent>(self, call: Call, needs: Needs) -> Self {
         let route = Route {
             call,
             target: Some(Target {
                 version: T::VERSION,
                 schema: T::data_schema(),
             }),
+            needs,
+            nested: None,
         };
-        Arc::make_mut(&mut self.exact).insert(T::TYPE.to_owned(), route);
+        self.insert_exact(T::TYPE.to_owned(), route)
+    }
+
+    /// Adds the route of `ty`, recording a duplicate when `ty` had one.
+    fn insert_exact(mut self, ty: String, route: Route) -> Self {
+        let exact = Arc::make_mut(&mut self.exact);
+        if exact.contains_key(&ty) {
+            Arc::make_mut(&mut self.duplicates).push(RouteKey::Exact(ty.clone()));
+        }
+        exact.insert(ty, route);
         self
     }
 
     /// Routes events of type `ty` to `handler`, an `async fn(extractors…) -> Result<(), E>`
     /// (the event through [`RawEvent`](crate::router::RawEvent) or [`Context`]).
     pub fn route_type<Args: 'static, H: ContextHandler<Args>>(
-        mut self,
+        self,
         ty: impl Into<String>,
         handler: H,
     ) -> Self {
-        Arc::make_mut(&mut self.exact).insert(ty.into(), Route::of_context_handler(handler));
-        self
+        self.insert_exact(ty.into(), Route::of_context_handler(handler))
     }
 
     /// Routes events of type `ty` to any service (a handler with layers of its own).
-    pub fn route_service<S>(mut self, ty: impl Into<String>, service: S) -> Self
+    /// Its extractors cannot be seen through the service, so [`check`](Self::check)
+    /// checks nothing of it, except when the service is a `Router` itself (checked
+    /// against its own state and publisher, which it keeps).
+    pub fn route_service<S>(self, ty: impl Into<String>, service: S) -> Self
     where
         S: tower::Service<Context, Response = ()> + Clone + Send + Sync + 'static,
         S::Error: Into<HandlerError>,
         S::Future: Send + 'static,
     {
+        let nested = (&service as &dyn std::any::Any)
+            .downcast_ref::<Router>()
+            .cloned();
         let route = Route {
             call: Call::Service(boxed(service)),
             target: None,
+            needs: Needs::new(),
+            nested,
         };
-        Arc::make_mut(&mut self.exact).insert(ty.into(), route);
-        self
+        self.insert_exact(ty.into(), route)
     }
 
     /// Routes events whose type starts with `prefix` (and no exact route) to `handler`.
@@ -230,8 +299,12 @@ impl Router {
         prefix: impl Into<String>,
         handler: H,
     ) -> Self {
+        let prefix = prefix.into();
         let prefixes = Arc::make_mut(&mut self.prefixes);
-        prefixes.push((prefix.into(), Route::of_context_handler(handler)));
+        if prefixes.iter().any(|(p, _)| *p == prefix) {
+            Arc::make_mut(&mut self.duplicates).push(RouteKey::Prefix(prefix.clone()));
+        }
+        prefixes.push((prefix, Route::of_context_handler(handler)));
         prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         self
     }
@@ -260,10 +333,117 @@ impl Router {
         self
     }
 
-    /// The publisher of follow-up events ([`Context::send`]).
+    /// The publisher of follow-up events ([`Sender`](crate::router::Sender),
+    /// [`Context::send`]).
     pub fn publisher(mut self, publisher: Publisher) -> Self {
         Arc::make_mut(&mut self.shared).publisher = Some(publisher);
         self
+    }
+
+    /// Checks the router's wiring, as `Consumer::start_worker` does before the first
+    /// event: every route's extractors find what they need (a [`State<T>`](crate::router::State)
+    /// its [`state`](Self::state), a [`Sender`](crate::router::Sender) the
+    /// [`publisher`](Self::publisher)), and no event type (or prefix) has two routes.
+    /// The error, [`InvalidArgument`](crate::ErrorKind::InvalidArgument), names every
+    /// problem with its route. A router routed to with [`route_service`](Self::route_service)
+    /// is checked too; what a handler calls ([`Context::send`], [`Context::state`])
+    /// cannot be seen, and is found per event.
+    ///
+    /// ```
+    /// use cloudbus_core::{CloudEvent, ErrorKind, HandlerError, Router};
+    /// use cloudbus_core::router::State;
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct OrderCreated { order_id: String }
+    /// impl CloudEvent for OrderCreated {
+    ///     const TYPE: &'static str = "com.example.order.created";
+    ///     const SOURCE: &'static str = "/orders";
+    /// }
+    /// #[derive(Clone)]
+    /// struct Db;
+    /// async fn on_created(_: OrderCreated, State(_db): State<Db>) -> Result<(), HandlerError> {
+    ///     Ok(())
+    /// }
+    /// let e = Router::new().route(on_created).check().unwrap_err();
+    /// assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    /// assert!(e.message().contains(r#"route "com.example.order.created" takes State<"#), "{e}");
+    /// assert!(e.message().contains(".state("), "{e}");
+    /// // Given its state (before or after the route), it is wired.
+    /// assert!(Router::new().route(on_created).state(Db).check().is_ok());
+    /// ```
+    pub fn check(&self) -> crate::Result<()> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "the router is not wired for its routes: {}",
+            problems.join("; ")
+        )))
+    }
+
+    /// What [`check`](Self::check) reports, one sentence each.
+    fn problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = Vec::new();
+        let mut exact: Vec<(&String, &Route)> = self.exact.iter().collect();
+        exact.sort_by(|a, b| a.0.cmp(b.0));
+        let routes = exact
+            .into_iter()
+            .map(|(ty, route)| (RouteKey::Exact(ty.clone()), route))
+            .chain(
+                self.prefixes
+                    .iter()
+                    .map(|(prefix, route)| (RouteKey::Prefix(prefix.clone()), route)),
+            );
+        for (key, route) in routes {
+            for (argument, need) in &route.needs {
+                if self.provides(need) {
+                    continue;
+                }
+                let problem = format!(
+                    "route {key} takes {} but the router has no {}",
+                    short_type_name(argument),
+                    need.provided_by()
+                );
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
+            }
+            if let Some(nested) = &route.nested {
+                for inner in nested.problems() {
+                    problems.push(format!("route {key} is a router of its own, whose {inner}"));
+                }
+            }
+        }
+        let mut counted: Vec<(&RouteKey, usize)> = Vec::new();
+        for key in self.duplicates.iter() {
+            match counted.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => counted.push((key, 2)),
+            }
+        }
+        for (key, n) in counted {
+            let how_many = if n == 2 {
+                "two".to_owned()
+            } else {
+                n.to_string()
+            };
+            let kept = match key {
+                RouteKey::Exact(_) => "the last one added",
+                RouteKey::Prefix(_) => "the first one added",
+            };
+            problems.push(format!(
+                "{how_many} routes for {key} (only {kept} would run)"
+            ));
+        }
+        problems
+    }
+
+    /// Whether the router has what `need` asks for.
+    fn provides(&self, need: &Requirement) -> bool {
+        match need {
+            Requirement::State { type_id, .. } => self.shared.state.contains(*type_id),
+            Requirement::Publisher => self.shared.publisher.is_some(),
+        }
     }
 
     /// Applies `layer` to every route added so far (as axum does): timeouts, limits,
@@ -410,6 +590,11 @@ impl Handler for Router {
     {
         self.dispatch(Context::with_shared(event, ctx, self.shared.clone()))
     }
+
+    /// [`Router::check`].
+    fn check_wiring(&self) -> crate::Result<()> {
+        self.check()
+    }
 }
 
 impl tower::Service<Context> for Router {
@@ -426,5 +611,65 @@ impl tower::Service<Context> for Router {
     fn call(&mut self, mut ctx: Context) -> HandlerFuture {
         ctx.set_shared(self.shared.clone());
         self.dispatch(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::{RawEvent, Sender, State};
+
+    #[test]
+    fn short_type_names_keep_their_generic_arguments() {
+        assert_eq!(
+            short_type_name("cloudbus_core::router::extract::State<app::Db>"),
+            "State<app::Db>"
+        );
+        assert_eq!(
+            short_type_name("cloudbus_core::router::extract::Sender"),
+            "Sender"
+        );
+        assert_eq!(short_type_name("Tenant"), "Tenant");
+    }
+
+    #[derive(Clone)]
+    struct Db;
+
+    /// Every problem is listed once, with its route; a router given what its routes
+    /// need (in any order) is wired.
+    #[test]
+    fn check_lists_each_problem_once_with_its_route() {
+        let twice = |_: State<Db>, _: State<Db>, _: Sender| async { Ok::<(), HandlerError>(()) };
+        let raw = |_: RawEvent| async { Ok::<(), HandlerError>(()) };
+        let router = Router::new()
+            .route_type("com.example.b", twice)
+            .route_prefix("com.example.", twice)
+            .route_type("com.example.a", raw)
+            .route_type("com.example.a", raw)
+            .route_type("com.example.a", raw);
+        let e = router.check().expect_err("miswired");
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        let db = std::any::type_name::<Db>();
+        let state =
+            format!("route \"com.example.b\" takes State<{db}> but the router has no .state({db})");
+        let message = e.message();
+        assert_eq!(message.matches(&state).count(), 1, "{message}");
+        for problem in [
+            "route \"com.example.b\" takes Sender but the router has no .publisher(..)",
+            "route prefix \"com.example.\" takes Sender",
+            "3 routes for \"com.example.a\"",
+        ] {
+            assert!(message.contains(problem), "{problem:?} not in {message}");
+        }
+        assert!(
+            Router::new()
+                .state(Db)
+                .route_type("com.example.b", raw)
+                .route_type("com.example.c", |_: State<Db>| async {
+                    Ok::<(), HandlerError>(())
+                })
+                .check()
+                .is_ok()
+        );
     }
 }

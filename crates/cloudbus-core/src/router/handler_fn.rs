@@ -12,7 +12,7 @@ use std::task::Poll;
 
 use crate::handler::HandlerError;
 use crate::router::context::Context;
-use crate::router::extract::FromContext;
+use crate::router::extract::{FromContext, Requirement};
 use crate::typed::{CloudEvent, DecodeExt};
 
 /// The future of one handling.
@@ -22,6 +22,14 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> +
 pub trait TypedHandler<T, Args>: Clone + Send + Sync + 'static {
     /// Runs the handler on `event`, taking its other arguments from `ctx`.
     fn call(&self, event: T, ctx: Context) -> HandlerFuture;
+
+    /// What its extractors need from the router ([`FromContext::requirements`]),
+    /// each with the extractor's type name (`std::any::type_name`): what the router
+    /// records when the route is added and [`Router::check`](crate::Router::check)
+    /// verifies. Default: nothing.
+    fn requirements() -> Vec<(&'static str, Requirement)> {
+        Vec::new()
+    }
 }
 
 /// An async function of extractors only (the event itself through
@@ -29,6 +37,12 @@ pub trait TypedHandler<T, Args>: Clone + Send + Sync + 'static {
 pub trait ContextHandler<Args>: Clone + Send + Sync + 'static {
     /// Runs the handler, taking its arguments from `ctx`.
     fn call(&self, ctx: Context) -> HandlerFuture;
+
+    /// What its extractors need from the router, as
+    /// [`TypedHandler::requirements`]. Default: nothing.
+    fn requirements() -> Vec<(&'static str, Requirement)> {
+        Vec::new()
+    }
 }
 
 fn failed(e: HandlerError) -> HandlerFuture {
@@ -54,6 +68,17 @@ macro_rules! handler_impls {
                 )*
                 let running = (self)(event, $($arg,)*);
                 Box::pin(async move { running.await.map_err(Into::into) })
+            }
+
+            fn requirements() -> Vec<(&'static str, Requirement)> {
+                #[allow(unused_mut)]
+                let mut needs = Vec::new();
+                $(
+                    for need in <$arg as FromContext>::requirements() {
+                        needs.push((std::any::type_name::<$arg>(), need));
+                    }
+                )*
+                needs
             }
         }
     };
@@ -84,6 +109,16 @@ macro_rules! context_handler_impls {
                 )+
                 let running = (self)($($arg,)+);
                 Box::pin(async move { running.await.map_err(Into::into) })
+            }
+
+            fn requirements() -> Vec<(&'static str, Requirement)> {
+                let mut needs = Vec::new();
+                $(
+                    for need in <$arg as FromContext>::requirements() {
+                        needs.push((std::any::type_name::<$arg>(), need));
+                    }
+                )+
+                needs
             }
         }
     };

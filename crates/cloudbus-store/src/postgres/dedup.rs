@@ -10,7 +10,8 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::{Claim, DedupStore, Result};
+use cloudbus_core::{Claim, DedupStore};
+use cloudbus_driver::Result;
 use sqlx::PgPool;
 
 use crate::clock::millis;
@@ -35,7 +36,7 @@ fn stored_key(key: &str) -> Cow<'_, str> {
     } else {
         Cow::Owned(format!(
             "\u{1f}sha256:{}",
-            cloudbus_core::driver::hex_sha256(&[key.as_bytes()])
+            cloudbus_driver::hashing::hex_sha256(&[key.as_bytes()])
         ))
     }
 }
@@ -46,9 +47,10 @@ fn stored_key(key: &str) -> Cow<'_, str> {
 /// minute by the store in use (or by [`purge_expired`](Self::purge_expired)).
 ///
 /// ```no_run
-/// # async fn demo() -> cloudbus_core::Result<()> {
+/// # async fn demo() -> cloudbus_driver::Result<()> {
 /// use std::sync::Arc;
-/// use cloudbus_core::{Event, HandlerContext, HandlerError, Idempotent};
+/// use cloudbus_core::{HandlerContext, HandlerError, Idempotent};
+/// use cloudbus_driver::Event;
 /// use cloudbus_store::postgres::{PostgresDedupStore, migrate};
 /// let pool = sqlx::PgPool::connect("postgres://app@127.0.0.1/app").await.unwrap();
 /// migrate(&pool).await?;

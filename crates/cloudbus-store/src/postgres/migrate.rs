@@ -2,7 +2,7 @@
 //! `cloudbus_migrations` (its own table, so that it never meets the application's
 //! migration tool), applied under an advisory lock.
 
-use cloudbus_core::Result;
+use cloudbus_driver::Result;
 // Executor::execute rather than RawSql::execute: the latter's future is not provably
 // `Send` for callers in generic contexts (async_trait, spawned tasks).
 use sqlx::Executor as _;
@@ -27,7 +27,7 @@ const MIGRATION_LOCK: i64 = 0x636c_6f75_6462_7573; // "cloudbus"
 /// each other.
 ///
 /// ```no_run
-/// # async fn demo() -> cloudbus_core::Result<()> {
+/// # async fn demo() -> cloudbus_driver::Result<()> {
 /// let pool = sqlx::PgPool::connect("postgres://app@127.0.0.1/app").await.unwrap();
 /// cloudbus_store::postgres::migrate(&pool).await?;
 /// # Ok(()) }

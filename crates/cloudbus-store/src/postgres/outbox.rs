@@ -17,8 +17,8 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cloudbus_core::codec::to_structured_json;
-use cloudbus_core::{Event, EventExt, PublishOptions, Result};
+use cloudbus_driver::codec::to_structured_json;
+use cloudbus_driver::{Event, EventExt, PublishOptions, Result};
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::Mutex;
@@ -39,8 +39,8 @@ const DRAIN_AT_MOST: Duration = Duration::from_millis(50);
 /// [`migrate`](super::migrate)). Cheap to clone.
 ///
 /// ```no_run
-/// # async fn demo(publisher: cloudbus_core::Publisher) -> cloudbus_core::Result<()> {
-/// use cloudbus_core::{EventBuilder, PublishOptions};
+/// # async fn demo(publisher: cloudbus_core::Publisher) -> cloudbus_driver::Result<()> {
+/// use cloudbus_driver::{EventBuilder, PublishOptions};
 /// use cloudbus_store::outbox::OutboxRelay;
 /// use cloudbus_store::postgres::{PostgresOutbox, migrate};
 /// let pool = sqlx::PgPool::connect("postgres://app@127.0.0.1/app").await.unwrap();

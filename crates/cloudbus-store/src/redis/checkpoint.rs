@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::{CheckpointStore, Error, ErrorKind, Result};
+use cloudbus_core::CheckpointStore;
+use cloudbus_driver::{Error, ErrorKind, Result};
 use redis::Script;
 use redis::aio::ConnectionManager;
 
@@ -39,7 +40,7 @@ return 0
 /// Stream readers' checkpoints and partition leases on Redis.
 ///
 /// ```no_run
-/// # async fn demo(driver: std::sync::Arc<dyn cloudbus_core::StreamDriver>) -> cloudbus_core::Result<()> {
+/// # async fn demo(driver: std::sync::Arc<dyn cloudbus_driver::StreamDriver>) -> cloudbus_driver::Result<()> {
 /// use std::sync::Arc;
 /// use cloudbus_core::StreamConsumer;
 /// use cloudbus_store::redis::RedisCheckpointStore;

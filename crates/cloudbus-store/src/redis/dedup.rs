@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::{Claim, DedupStore, Error, ErrorKind, Result};
+use cloudbus_core::{Claim, DedupStore};
+use cloudbus_driver::{Error, ErrorKind, Result};
 use redis::Script;
 use redis::aio::ConnectionManager;
 
@@ -45,9 +46,10 @@ fn claim_value(owner: &str) -> String {
 /// bounded by Redis's expiry: a completed key vanishes after its TTL.
 ///
 /// ```no_run
-/// # async fn demo() -> cloudbus_core::Result<()> {
+/// # async fn demo() -> cloudbus_driver::Result<()> {
 /// use std::sync::Arc;
-/// use cloudbus_core::{Event, HandlerContext, HandlerError, Idempotent};
+/// use cloudbus_core::{HandlerContext, HandlerError, Idempotent};
+/// use cloudbus_driver::Event;
 /// use cloudbus_store::redis::RedisDedupStore;
 /// let store = RedisDedupStore::connect("redis://127.0.0.1:6379/").await?;
 /// let handler = Idempotent::new(

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::{CheckpointStore, Result};
+use cloudbus_core::CheckpointStore;
+use cloudbus_driver::Result;
 use sqlx::SqlitePool;
 
 use crate::clock::{millis, unix_millis_now};
@@ -17,7 +18,7 @@ use crate::error::from_sqlx;
 /// partitions without both owning one.
 ///
 /// ```no_run
-/// # async fn demo(driver: std::sync::Arc<dyn cloudbus_core::StreamDriver>) -> cloudbus_core::Result<()> {
+/// # async fn demo(driver: std::sync::Arc<dyn cloudbus_driver::StreamDriver>) -> cloudbus_driver::Result<()> {
 /// use std::sync::Arc;
 /// use cloudbus_core::StreamConsumer;
 /// use cloudbus_store::sqlite::{SqliteCheckpointStore, migrate};

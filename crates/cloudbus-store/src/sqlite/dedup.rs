@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::{Claim, DedupStore, Result};
+use cloudbus_core::{Claim, DedupStore};
+use cloudbus_driver::Result;
 use sqlx::SqlitePool;
 
 use crate::clock::{millis, unix_millis_now};
@@ -22,9 +23,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// minute by the store in use (or by [`purge_expired`](Self::purge_expired)).
 ///
 /// ```no_run
-/// # async fn demo() -> cloudbus_core::Result<()> {
+/// # async fn demo() -> cloudbus_driver::Result<()> {
 /// use std::sync::Arc;
-/// use cloudbus_core::{Event, HandlerContext, HandlerError, Idempotent};
+/// use cloudbus_core::{HandlerContext, HandlerError, Idempotent};
+/// use cloudbus_driver::Event;
 /// use cloudbus_store::sqlite::{SqliteDedupStore, migrate};
 /// let pool = sqlx::SqlitePool::connect("sqlite://app.db?mode=rwc").await.unwrap();
 /// migrate(&pool).await?;

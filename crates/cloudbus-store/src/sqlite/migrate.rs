@@ -4,7 +4,7 @@
 //! IMMEDIATE`), so that processes migrating at once take turns and a migration that
 //! is not idempotent by itself (`ALTER TABLE ... ADD COLUMN`) runs once.
 
-use cloudbus_core::Result;
+use cloudbus_driver::Result;
 // Executor::execute rather than RawSql::execute: the latter's future is not provably
 // `Send` for callers in generic contexts (async_trait, spawned tasks).
 use sqlx::Executor as _;

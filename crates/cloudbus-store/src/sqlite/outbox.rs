@@ -10,8 +10,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cloudbus_core::codec::to_structured_json;
-use cloudbus_core::{Event, EventExt, PublishOptions, Result};
+use cloudbus_driver::codec::to_structured_json;
+use cloudbus_driver::{Event, EventExt, PublishOptions, Result};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
