@@ -234,15 +234,15 @@ cargo test --workspace "${providers[@]}" --all-targets
 cargo test --workspace "${providers[@]}" --doc
 # The router's tests include the HTTP schema registry (feature schema-http).
 cargo test --features schema-http --test router
-# OpenTelemetry: a saga's spans are one trace on the memory broker (feature otel).
-cargo test --features otel --test otel
+# (OpenTelemetry: a saga's spans are one trace on the memory broker: cloudbus-memory's
+# tests/otel.rs, in the workspace run above.)
 
 run_saga "" ""
 
 echo "== metrics_server example: /metrics for Prometheus and the health endpoints"
-cargo build --quiet --features memory --example metrics_server
+cargo build --quiet -p cloudbus-telemetry-examples --example metrics_server
 metrics_log=/tmp/cloudbus-metrics-server.log
-METRICS_ADDR=127.0.0.1:0 cargo run --quiet --features memory --example metrics_server -- --serve-for 10 > "$metrics_log" 2>&1 &
+METRICS_ADDR=127.0.0.1:0 cargo run --quiet -p cloudbus-telemetry-examples --example metrics_server -- --serve-for 10 > "$metrics_log" 2>&1 &
 metrics_pid=$!
 metrics_url=""
 for _ in $(seq 1 100); do
@@ -269,7 +269,7 @@ wait "$metrics_pid"
 grep "^handled: " "$metrics_log"
 
 echo "== otel_export example: the saga's spans over OTLP/HTTP to a local sink"
-cargo build --quiet --features otel --example otel_export
+cargo build --quiet -p cloudbus-telemetry-examples --example otel_export
 otlp_file=/tmp/cloudbus-otlp-$$.bin
 rm -f "$otlp_file"
 python3 scripts/otlp-sink.py serve "$otlp_file" > /tmp/cloudbus-otlp-sink.log 2>&1 &
@@ -282,7 +282,7 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 [[ -n "$otlp_url" ]] || { cat /tmp/cloudbus-otlp-sink.log; echo "the OTLP sink did not start" >&2; exit 1; }
-OTEL_EXPORTER_OTLP_ENDPOINT="$otlp_url" cargo run --quiet --features otel --example otel_export \
+OTEL_EXPORTER_OTLP_ENDPOINT="$otlp_url" cargo run --quiet -p cloudbus-telemetry-examples --example otel_export \
     | tee /tmp/cloudbus-otel-export.log
 kill "$otlp_pid"
 otel_trace="$(sed -n 's/^exported the spans of trace \([0-9a-f]*\) to .*/\1/p' /tmp/cloudbus-otel-export.log)"
@@ -290,7 +290,7 @@ python3 scripts/otlp-sink.py check "$otlp_file" "$otel_trace" "process billing" 
     "send orders" "receive billing" "ack billing" "cloudbus_memory" "messaging.operation.type" \
     "messaging.destination.name" "cloudbus-otel-example"
 # Without an endpoint it prints the trace as a tree.
-cargo run --quiet --features otel --example otel_export > /tmp/cloudbus-otel-tree.log
+cargo run --quiet -p cloudbus-telemetry-examples --example otel_export > /tmp/cloudbus-otel-tree.log
 grep -q "process shipping \[Consumer\]" /tmp/cloudbus-otel-tree.log
 
 echo "== durable stores (cloudbus-store) on PostgreSQL, SQLite and Redis"
@@ -349,6 +349,9 @@ fi
 
 echo "== the cloudbus command-line tool (assert_cmd, on the Pub/Sub emulator and LocalStack)"
 cargo test -p cloudbus-cli
+# Every provider's decoder against the fuzz corpus (the facade with the providers the
+# CLI has just built).
+cargo test -p cloudbus --features aws,azure,gcp --test fuzz_corpus
 
 echo "== Azure (the project's emulators, proven against azure-eventgrid and azure-servicebus first)"
 if [[ -z "${EVENTGRID_ENDPOINT:-}" ]]; then

@@ -7,7 +7,7 @@
 //! publishes an order every 100 ms; one order in ten is malformed and dead-lettered, so
 //! `dlq_messages_total` and `event_processing_errors_total` move.
 //!
-//! Run: `cargo run --example metrics_server` and open http://127.0.0.1:9898/metrics.
+//! Run: `cargo run -p cloudbus-telemetry-examples --example metrics_server` and open http://127.0.0.1:9898/metrics.
 //! `METRICS_ADDR` sets the address (port 0: any free one; the first line printed
 //! names it), `--serve-for SECONDS` stops it after that long.
 

@@ -8,8 +8,8 @@
 //! as a tree.
 //!
 //! ```text
-//! cargo run --features otel --example otel_export
-//! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 cargo run --features otel --example otel_export
+//! cargo run -p cloudbus-telemetry-examples --example otel_export
+//! OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 cargo run -p cloudbus-telemetry-examples --example otel_export
 //! ```
 
 use std::sync::Arc;

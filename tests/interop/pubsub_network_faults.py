@@ -1,6 +1,6 @@
 """The Pub/Sub network-fault run without cloudbus: Google's official Python client
 (google-cloud-pubsub) reads N messages through a TCP proxy that severs every open
-connection every 300-700 ms, as cloudbus_core::conformance::network does for cloudbus
+connection every 300-700 ms, as cloudbus_conformance::network does for cloudbus
 (issue 12). Prints `PYFAULT received=... of N`. With NO_SEVER=1 the proxy only
 forwards (the control run).
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Harness, Outcome};
+use crate::harness::{Harness, Outcome};
 use cloudbus_core::Bus;
 use cloudbus_core::capabilities::FilterSupport;
 use cloudbus_core::codec::RawMessage;
@@ -51,10 +51,13 @@ async fn fixture(
 }
 
 /// What the drivers under test declare they can do, read from a new topic and
-/// subscription of the harness (see [`declared_capabilities`](crate::declared_capabilities)).
+/// subscription of the harness (see [`declared_capabilities`](crate::harness::declared_capabilities)).
 async fn declared(h: &dyn Harness) -> Result<cloudbus_core::Capabilities> {
     let f = fixture(h, |spec| spec).await?;
-    Ok(crate::declared_capabilities(&f.publisher, &f.consumer))
+    Ok(crate::harness::declared_capabilities(
+        &f.publisher,
+        &f.consumer,
+    ))
 }
 
 fn event(ty: &str, n: usize) -> Result<Event> {
@@ -1435,7 +1438,7 @@ async fn topology_plan_and_apply(h: &dyn Harness) -> Result<Outcome> {
 
 /// The cases of this module, in order: the only list (a case function missing here
 /// is dead code, an error).
-pub const CASES: &[crate::Case<dyn Harness>] = crate::registry![
+pub const CASES: &[crate::harness::Case<dyn Harness>] = registry![
     send_receive_one,
     publish_subscribe_100,
     json_text_and_binary_bodies,

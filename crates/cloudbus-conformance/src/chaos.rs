@@ -3,12 +3,12 @@
 //! produce: transient errors, replies lost after the work was done, per-entry
 //! failures, panics, slow calls, deliveries beyond what was asked for, and duplicate
 //! sends and deliveries. [`ChaosHarness`] wraps a provider's [`Harness`] so that
-//! [`nothing_lost_under_faults`] runs through it; [`chaos_suite!`](crate::chaos_suite)
+//! [`nothing_lost_under_faults`] runs through it; [`Suite::chaos`](crate::Suite::chaos)
 //! generates one test per [`FaultKind`].
 //!
 //! [`nothing_lost_in_a_stream_under_faults`] does the same for a provider's streams
 //! (the reads of a [`StreamConsumer::run`](cloudbus_core::StreamConsumer::run) and the
-//! stream's publisher), and [`stream_chaos_suite!`](crate::stream_chaos_suite)
+//! stream's publisher), and [`Suite::stream_chaos`](crate::Suite::stream_chaos)
 //! generates its tests.
 //!
 //! The promise checked: every event whose `publish` resolved `Ok` is handled at least
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Harness, StreamHarness};
+use crate::harness::{Harness, StreamHarness};
 use cloudbus_core::bus::Bus;
 use cloudbus_core::capabilities::Capabilities;
 use cloudbus_core::driver::{

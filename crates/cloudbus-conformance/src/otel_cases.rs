@@ -15,7 +15,7 @@ use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use tracing_subscriber::layer::SubscriberExt;
 
-use super::{Harness, Outcome};
+use crate::harness::{Harness, Outcome};
 use cloudbus_core::driver::SubscriptionSpec;
 use cloudbus_core::error::{Error, ErrorKind, Result};
 use cloudbus_core::event::{AttributesReader, Event, EventBuilder};

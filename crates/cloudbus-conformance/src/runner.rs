@@ -9,7 +9,7 @@ use std::sync::Arc;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 use crate::chaos::{FaultKind, run_chaos_case, run_stream_chaos_case};
-use crate::{Harness, StoreHarness, StreamHarness, verdict};
+use crate::harness::{Harness, StoreHarness, StreamHarness, verdict};
 
 /// The tests of one provider's test target: the case registries over its harnesses.
 /// A harness maker that answers `None` (no emulator reachable, after its loud message;
@@ -54,7 +54,7 @@ impl Suite {
         F: Future<Output = Option<H>>,
     {
         let make = Arc::new(make);
-        for case in crate::BUS_CASES {
+        for case in crate::cases::CASES {
             let make = Arc::clone(&make);
             self.trials
                 .push(Trial::test(format!("{prefix}::{}", case.name), move || {
@@ -79,7 +79,7 @@ impl Suite {
         F: Future<Output = Option<H>>,
     {
         let make = Arc::new(make);
-        for case in crate::STREAM_CASES {
+        for case in crate::stream_cases::CASES {
             let make = Arc::clone(&make);
             self.trials
                 .push(Trial::test(format!("{prefix}::{}", case.name), move || {
@@ -108,7 +108,7 @@ impl Suite {
         F: Future<Output = Option<H>>,
     {
         let make = Arc::new(make);
-        for case in crate::STORE_CASES {
+        for case in crate::store_cases::CASES {
             let make = Arc::clone(&make);
             self.trials
                 .push(Trial::test(format!("{prefix}::{}", case.name), move || {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::{Outcome, StoreHarness};
+use crate::harness::{Outcome, StoreHarness};
 use cloudbus_core::checkpoint::CheckpointStore;
 use cloudbus_core::error::{Error, ErrorKind, Result};
 use cloudbus_core::event::EventBuilder;
@@ -394,7 +394,7 @@ async fn checkpoint_concurrent_acquire_one_wins(h: &dyn StoreHarness) -> Result<
 
 /// The cases of this module, in order: the only list (a case function missing here
 /// is dead code, an error).
-pub const CASES: &[crate::Case<dyn StoreHarness>] = crate::registry![
+pub const CASES: &[crate::harness::Case<dyn StoreHarness>] = registry![
     dedup_first_claim_wins,
     dedup_completed_key_is_done,
     dedup_release_frees_only_a_claim,

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Outcome, StreamHarness};
+use crate::harness::{Outcome, StreamHarness};
 use cloudbus_core::codec::RawMessage;
 use cloudbus_core::consumer::Delivery;
 use cloudbus_core::driver::{Payload, PublishOptions};
@@ -578,8 +578,11 @@ async fn stream_dead_letters_after_retries(h: &dyn StreamHarness) -> Result<Outc
 /// A record that is not a CloudEvent never reaches the handler: it goes to the
 /// dead-letter place with the reason, and reading goes on past it.
 async fn stream_malformed_record_dead_lettered(h: &dyn StreamHarness) -> Result<Outcome> {
-    need!(h.raw_records(), "raw (non-CloudEvent) records");
     let (_, publisher, consumer) = stream_fixture(h).await?;
+    need!(
+        publisher.capabilities().raw_messages,
+        "raw (non-CloudEvent) records"
+    );
     let place = h.dead_letter_place().await?;
     let dl_bus = h.dead_letter_bus().await?;
     let mut consumer = consumer.dead_letter_to(dl_bus.publisher(&place).await?);
@@ -701,7 +704,7 @@ async fn stream_missing_is_not_found(h: &dyn StreamHarness) -> Result<Outcome> {
 
 /// The cases of this module, in order: the only list (a case function missing here
 /// is dead code, an error).
-pub const CASES: &[crate::Case<dyn StreamHarness>] = crate::registry![
+pub const CASES: &[crate::harness::Case<dyn StreamHarness>] = registry![
     stream_round_trip_keeps_every_attribute,
     stream_order_per_key,
     stream_checkpoint_resume,

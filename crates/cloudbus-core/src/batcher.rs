@@ -13,8 +13,8 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::sync::{Notify, oneshot};
 
-use crate::capabilities::Capabilities;
-use crate::error::{Error, ErrorKind, Result};
+use cloudbus_driver::capabilities::Capabilities;
+use cloudbus_driver::error::{Error, ErrorKind, Result};
 
 /// How many items, and how many bytes of them, one call may carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

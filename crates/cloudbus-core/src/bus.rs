@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use crate::consumer::{Consumer, ConsumerOptions};
 use crate::dead_letters::DeadLetters;
-use crate::driver::{BusDriver, SubscriptionSpec};
-use crate::error::Result;
 use crate::publisher::{Publisher, PublisherOptions};
 use crate::spans::Destination;
 use crate::stream::StreamConsumer;
+use cloudbus_driver::driver::{BusDriver, SubscriptionSpec};
+use cloudbus_driver::error::Result;
 
 /// A connection to one provider.
 ///
@@ -114,7 +114,7 @@ impl Bus {
     /// Delivers again to `subscription` of `topic` the events published since `since`
     /// (Pub/Sub seek, EventBridge archive replay); they arrive asynchronously as new
     /// deliveries. `Unsupported` where the provider has no such thing: see
-    /// [`Capabilities::replay`](crate::Capabilities::replay).
+    /// [`Capabilities::replay`](cloudbus_driver::Capabilities::replay).
     ///
     /// ```no_run
     /// # async fn run(bus: cloudbus_core::Bus) -> cloudbus_core::Result<()> {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::error::{Error, ErrorKind, Result};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
 
 /// Stores the last processed sequence number per (group, partition) and the lease of
 /// the reader that owns the partition.

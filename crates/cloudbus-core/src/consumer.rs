@@ -11,16 +11,16 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use crate::batcher::{BatchHandler, BatchLimits, Batcher};
-use crate::capabilities::Capabilities;
-use crate::codec::RawMessage;
-use crate::driver::{
-    AckToken, DeadLetterSink, Payload, ReceivedMessage, Settlement, SubscriptionDriver,
-};
-use crate::error::{Error, ErrorKind, Result};
-use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event};
-use crate::filter::Filter;
 use crate::spans::{self, Destination};
 use crate::telemetry;
+use cloudbus_driver::capabilities::Capabilities;
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::driver::{
+    AckToken, DeadLetterSink, Payload, ReceivedMessage, Settlement, SubscriptionDriver,
+};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
+use cloudbus_driver::event::{AttributesReader, EXT_DEAD_LETTER_REASON, Event};
+use cloudbus_driver::filter::Filter;
 
 /// Consumer settings.
 #[derive(Clone, Debug, Default)]

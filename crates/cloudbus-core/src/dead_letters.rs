@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::driver::{
+use crate::publisher::Publisher;
+use cloudbus_driver::driver::{
     DeadLetter, DeadLetterDriver, Payload, ReceivedMessage, Settlement, SubscriptionDriver,
 };
-use crate::error::Result;
-use crate::event::{AttributesReader, EXT_DEAD_LETTER_REASON, EventExt};
-use crate::publisher::Publisher;
+use cloudbus_driver::error::Result;
+use cloudbus_driver::event::{AttributesReader, EXT_DEAD_LETTER_REASON, EventExt};
 
 /// A dead-letter place (a DLQ, a `$DeadLetterQueue`, a dead-letter topic, or the one
 /// cloudbus keeps where the cloud has none).
@@ -168,7 +168,7 @@ impl TopicDeadLetters {
 fn identity(m: &ReceivedMessage) -> String {
     match &m.event {
         Ok(e) => format!("{}\u{0}{}", e.source(), e.id()),
-        Err((raw, _)) => crate::hashing::hex_sha256(&[&raw.body]),
+        Err((raw, _)) => cloudbus_driver::hashing::hex_sha256(&[&raw.body]),
     }
 }
 

@@ -13,10 +13,10 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use crate::consumer::Delivery;
-use crate::error::Error;
-use crate::event::{AttributesReader, Event};
 use crate::spans::Destination;
-use crate::trace_context::TraceContext;
+use cloudbus_driver::error::Error;
+use cloudbus_driver::event::{AttributesReader, Event};
+use cloudbus_driver::trace_context::TraceContext;
 
 /// What a handler knows about the delivery it handles.
 #[derive(Clone, Debug)]
@@ -61,9 +61,9 @@ impl HandlerContext {
     }
 
     /// Extends the delivery's lease by `lease` (for long handling). Fails with
-    /// [`Unsupported`](crate::ErrorKind::Unsupported) when there is no delivery or
+    /// [`Unsupported`](cloudbus_driver::ErrorKind::Unsupported) when there is no delivery or
     /// the provider grants no leases.
-    pub async fn extend(&self, lease: Duration) -> crate::Result<()> {
+    pub async fn extend(&self, lease: Duration) -> cloudbus_driver::Result<()> {
         match &self.delivery {
             Some(delivery) => delivery.extend(lease).await,
             None => Err(Error::unsupported(
@@ -131,10 +131,10 @@ impl HandlerError {
 impl From<Error> for HandlerError {
     /// A cloudbus error met while handling (publishing a follow-up event, reading the
     /// data) is retried, unless its kind says that the same event can never succeed:
-    /// [`Malformed`](crate::ErrorKind::Malformed),
-    /// [`InvalidArgument`](crate::ErrorKind::InvalidArgument),
-    /// [`TooLarge`](crate::ErrorKind::TooLarge) and
-    /// [`Unsupported`](crate::ErrorKind::Unsupported) reject (dead-letter now). A closed
+    /// [`Malformed`](cloudbus_driver::ErrorKind::Malformed),
+    /// [`InvalidArgument`](cloudbus_driver::ErrorKind::InvalidArgument),
+    /// [`TooLarge`](cloudbus_driver::ErrorKind::TooLarge) and
+    /// [`Unsupported`](cloudbus_driver::ErrorKind::Unsupported) reject (dead-letter now). A closed
     /// publisher during shutdown, a paused ordering key, a lost lease or an internal
     /// error are not the event's fault and must not dead-letter it on the first try.
     ///
@@ -146,7 +146,7 @@ impl From<Error> for HandlerError {
     /// assert!(matches!(bad, HandlerError::Reject { .. }));
     /// ```
     fn from(e: Error) -> Self {
-        use crate::ErrorKind as K;
+        use cloudbus_driver::ErrorKind as K;
         match e.kind() {
             K::Malformed | K::InvalidArgument | K::TooLarge | K::Unsupported => {
                 HandlerError::reject(e)
@@ -248,7 +248,7 @@ pub trait Handler: Send + Sync + 'static {
     ///     }
     /// }
     /// ```
-    fn check_wiring(&self) -> crate::Result<()> {
+    fn check_wiring(&self) -> cloudbus_driver::Result<()> {
         Ok(())
     }
 }
@@ -270,7 +270,7 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
         (**self).handle(event, ctx).await
     }
 
-    fn check_wiring(&self) -> crate::Result<()> {
+    fn check_wiring(&self) -> cloudbus_driver::Result<()> {
         (**self).check_wiring()
     }
 }

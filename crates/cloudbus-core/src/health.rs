@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use chrono::{DateTime, Utc};
 
-use crate::error::{Error, ErrorKind};
+use cloudbus_driver::error::{Error, ErrorKind};
 
 /// The last failure of a call to the provider.
 #[derive(Clone, Debug, PartialEq, Eq)]

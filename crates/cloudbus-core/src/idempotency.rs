@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::event::{AttributesReader, Event};
 use crate::worker::{Handler, HandlerContext, HandlerError};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
+use cloudbus_driver::event::{AttributesReader, Event};
 
 /// The state of a key in a [`DedupStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -526,7 +526,7 @@ mod tests {
 
     fn test_event() -> Arc<Event> {
         Arc::new(
-            crate::EventBuilder::new("com.example.test", "/test")
+            cloudbus_driver::EventBuilder::new("com.example.test", "/test")
                 .build()
                 .unwrap(),
         )

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::consumer::Delivery;
-use crate::error::ErrorKind;
-use crate::event::AttributesReader;
+use cloudbus_driver::error::ErrorKind;
+use cloudbus_driver::event::AttributesReader;
 
 /// Extensions come at half the lease, and never more often than this.
 const SHORTEST_PERIOD: Duration = Duration::from_millis(50);

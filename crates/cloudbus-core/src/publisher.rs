@@ -14,23 +14,23 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::batcher::{BatchHandler, BatchLimits, Batcher};
-use crate::capabilities::Capabilities;
-use crate::codec::RawMessage;
-use crate::driver::{OutgoingMessage, Payload, PublishOptions, TopicDriver};
-use crate::error::{Error, ErrorKind, Result};
-use crate::event::{AttributesReader, Event, EventExt};
 use crate::health::{HealthState, PublisherHealth};
 use crate::retry::RetryPolicy;
 use crate::spans::{self, Destination};
 use crate::telemetry;
 use crate::validation::{Checked, EventValidator};
+use cloudbus_driver::capabilities::Capabilities;
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::driver::{OutgoingMessage, Payload, PublishOptions, TopicDriver};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
+use cloudbus_driver::event::{AttributesReader, Event, EventExt};
 
 /// Publisher settings.
 #[derive(Clone, Debug)]
 pub struct PublisherOptions {
     /// Parallel send lanes; events with one ordering key always share a lane. No more
     /// are used than the provider carries at once
-    /// ([`Capabilities::concurrent_sends`](crate::Capabilities::concurrent_sends)).
+    /// ([`Capabilities::concurrent_sends`](cloudbus_driver::Capabilities::concurrent_sends)).
     pub lanes: usize,
     /// How long a lane waits to fill a batch before sending (zero: send what is there).
     pub linger: Duration,
@@ -410,7 +410,7 @@ impl Publisher {
     fn lane_index(&self, key: Option<&str>) -> usize {
         let n = self.lane_count();
         match key {
-            Some(k) => crate::hashing::key_slot(k, n),
+            Some(k) => cloudbus_driver::hashing::key_slot(k, n),
             None => self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % n,
         }
     }
@@ -506,7 +506,7 @@ impl Publisher {
             (0..lanes).map(|_| Vec::new()).collect();
         for (i, msg) in msgs.into_iter().enumerate() {
             let valid = match (&self.validator, &msg.payload) {
-                (Some(v), crate::driver::Payload::Event(event)) => {
+                (Some(v), cloudbus_driver::driver::Payload::Event(event)) => {
                     v.validator.validate(event).await
                 }
                 _ => Ok(Checked::Valid),
@@ -942,7 +942,7 @@ async fn load_check_and_queue(
 
 /// A publisher to a topic of dead letters is a consumer's dead-letter place.
 #[async_trait::async_trait]
-impl crate::driver::DeadLetterSink for Publisher {
+impl cloudbus_driver::driver::DeadLetterSink for Publisher {
     async fn put_event(&self, event: Event) -> Result<()> {
         self.publish(event).await
     }
@@ -954,7 +954,7 @@ impl crate::driver::DeadLetterSink for Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventBuilder;
+    use cloudbus_driver::event::EventBuilder;
 
     /// publish_batch cuts each lane by the provider's count and byte limits.
     #[test]
@@ -1135,7 +1135,7 @@ mod tests {
     impl LazySchemas {
         fn check(event: &Event) -> Result<Checked> {
             match event.data() {
-                Some(crate::event::Data::String(s)) if s == "bad" => {
+                Some(cloudbus_driver::event::Data::String(s)) if s == "bad" => {
                     Err(Error::invalid("does not match the schema"))
                 }
                 _ => Ok(Checked::Valid),

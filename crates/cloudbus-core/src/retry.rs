@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::error::Result;
+use cloudbus_driver::error::Result;
 
 /// Exponential backoff with jitter and an attempt limit.
 ///
@@ -117,7 +117,7 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{Error, ErrorKind};
+    use cloudbus_driver::error::{Error, ErrorKind};
 
     #[test]
     fn backoff_grows_and_caps_with_bounded_jitter() {

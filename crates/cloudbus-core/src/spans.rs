@@ -14,9 +14,9 @@ use std::sync::Arc;
 use tracing::Span;
 
 #[cfg(feature = "otel")]
-use crate::event::EventExt;
-use crate::event::{AttributesReader, Event};
-use crate::trace_context::TraceContext;
+use cloudbus_driver::event::EventExt;
+use cloudbus_driver::event::{AttributesReader, Event};
+use cloudbus_driver::trace_context::TraceContext;
 
 /// What the spans of one publisher or consumer say about where events go: the
 /// messaging system (from the provider's URL scheme), the topic and the subscription.
@@ -194,7 +194,7 @@ pub(crate) fn settle_operation(status: &str) -> &'static str {
 /// `dest` (for an event that came without a valid `traceparent`).
 pub(crate) fn stamp_created(event: &mut Event, dest: &Destination) {
     let destination = (!dest.topic.is_empty()).then(|| (dest.system(), dest.topic()));
-    crate::event::stamp_created(event, destination);
+    cloudbus_driver::event::stamp_created(event, destination);
 }
 
 /// Links `span` to the creation context each event carries (a send or receive of
@@ -203,7 +203,7 @@ pub(crate) fn link_events<'a>(span: &Span, events: impl IntoIterator<Item = &'a 
     #[cfg(feature = "otel")]
     if !span.is_disabled() {
         for event in events {
-            crate::otel::link(span, event.traceparent(), event.tracestate());
+            cloudbus_driver::otel::link(span, event.traceparent(), event.tracestate());
         }
     }
     #[cfg(not(feature = "otel"))]
@@ -215,7 +215,9 @@ pub(crate) fn link_events<'a>(span: &Span, events: impl IntoIterator<Item = &'a 
 /// event's); otherwise a child of the event's `traceparent`, or a new trace.
 fn continue_trace(span: &Span, event: &Event) -> TraceContext {
     #[cfg(feature = "otel")]
-    if let Some(ctx) = crate::otel::continue_trace(span, event.traceparent(), event.tracestate()) {
+    if let Some(ctx) =
+        cloudbus_driver::otel::continue_trace(span, event.traceparent(), event.tracestate())
+    {
         return ctx;
     }
     let _ = span;

@@ -12,14 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::checkpoint::{CheckpointStore, MemoryCheckpointStore};
-use crate::codec::RawMessage;
-use crate::driver::DeadLetterSink;
-pub use crate::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord};
 use crate::driver_call::panic_safe;
-use crate::error::{Error, ErrorKind, Result};
-use crate::event::EXT_DEAD_LETTER_REASON;
 use crate::handler::{Handler, HandlerError, HandlerRunner};
 use crate::retry::RetryPolicy;
+use cloudbus_driver::codec::RawMessage;
+use cloudbus_driver::driver::DeadLetterSink;
+pub use cloudbus_driver::driver::{
+    PartitionInfo, ReadBatch, StartPosition, StreamDriver, StreamRecord,
+};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
+use cloudbus_driver::event::EXT_DEAD_LETTER_REASON;
 
 /// Counts of one [`StreamConsumer::poll`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -498,9 +500,9 @@ enum RecordError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::{PartitionInfo, ReadBatch, StreamRecord};
-    use crate::event::{AttributesReader, Event, EventBuilder};
     use crate::handler::HandlerContext;
+    use cloudbus_driver::driver::{PartitionInfo, ReadBatch, StreamRecord};
+    use cloudbus_driver::event::{AttributesReader, Event, EventBuilder};
 
     /// Two partitions: reads of "broken" always fail, "healthy" holds three records.
     struct OneBrokenPartition;

@@ -1,13 +1,13 @@
 //! Observability in one place: the metric names of the seed (recorded through the
 //! `metrics` facade, so any exporter works). The W3C trace context each event carries
-//! lives in [`trace_context`](crate::trace_context) and is re-exported here with
+//! lives in [`trace_context`](cloudbus_driver::trace_context) and is re-exported here with
 //! [`inject`]. Consumers keep their metric handles per event type; install the
 //! metrics exporter before consuming.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use crate::event::{AttributesReader, Event};
+use cloudbus_driver::event::{AttributesReader, Event};
 
 /// Metric names, as the seed defines them.
 pub mod names {
@@ -327,13 +327,13 @@ impl ConsumerMetrics {
     }
 }
 
-pub use crate::event::inject;
-pub use crate::trace_context::TraceContext;
+pub use cloudbus_driver::event::inject;
+pub use cloudbus_driver::trace_context::TraceContext;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EXT_TRACEPARENT, EventBuilder};
+    use cloudbus_driver::event::{EXT_TRACEPARENT, EventBuilder};
 
     /// Issue 12 item 15: labels taken from the wire had no cardinality cap.
     #[test]

@@ -4,8 +4,8 @@
 //! `cloudbus topology plan|apply -f topology.yaml` commands are built on it.
 //!
 //! Each provider compares in its own terms
-//! ([`describe_subscription`](crate::TopologyDriver::describe_subscription) and
-//! [`desired_state`](crate::TopologyDriver::desired_state)): a filter is compared as
+//! ([`describe_subscription`](crate::TopologyPlanning::describe_subscription) and
+//! [`desired_state`](crate::TopologyPlanning::desired_state)): a filter is compared as
 //! the provider's native filter, a lease as the provider rounds it, so a plan shows
 //! what the cloud really holds.
 
@@ -15,9 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::Bus;
-use crate::driver::{SubscriptionSpec, SubscriptionState, TopologyPlanning};
-use crate::error::{Error, ErrorKind, Result};
-use crate::filter::Filter;
+use cloudbus_driver::driver::{SubscriptionSpec, SubscriptionState, TopologyPlanning};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
+use cloudbus_driver::filter::Filter;
 
 /// The declared topology: what the YAML (or JSON) file holds.
 ///

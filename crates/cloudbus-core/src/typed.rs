@@ -13,10 +13,10 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::driver::PublishOptions;
-use crate::error::{Error, ErrorKind, Result};
-use crate::event::{AttributesReader, Data, Event, EventBuilder};
 use crate::publisher::Publisher;
+use cloudbus_driver::driver::PublishOptions;
+use cloudbus_driver::error::{Error, ErrorKind, Result};
+use cloudbus_driver::event::{AttributesReader, Data, Event, EventBuilder};
 
 /// An application event type: serde data with its CloudEvents `type`, version,
 /// `source` and `dataschema`. Derive it:

@@ -5,8 +5,8 @@
 
 use async_trait::async_trait;
 
-use crate::error::Result;
-use crate::event::Event;
+use cloudbus_driver::error::Result;
+use cloudbus_driver::event::Event;
 
 /// What a validator knows about an event without waiting for anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,9 +20,9 @@ pub enum Checked {
 }
 
 /// Checks events against their schemas. A violation is an error of kind
-/// [`InvalidArgument`](crate::ErrorKind::InvalidArgument) whose message says what
+/// [`InvalidArgument`](cloudbus_driver::ErrorKind::InvalidArgument) whose message says what
 /// did not match; a registry that cannot be reached is
-/// [`Unavailable`](crate::ErrorKind::Unavailable).
+/// [`Unavailable`](cloudbus_driver::ErrorKind::Unavailable).
 #[async_trait]
 pub trait EventValidator: Send + Sync + 'static {
     /// Checks `event` against the schemas already loaded, without waiting.

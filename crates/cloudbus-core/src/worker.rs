@@ -22,11 +22,11 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::consumer::{Consumer, Delivery};
-use crate::event::AttributesReader;
 pub use crate::handler::{Handler, HandlerContext, HandlerError, HandlerRunner};
 use crate::health::{HealthState, InFlightToken, WorkerHealth};
 use crate::lease_keeper::{KeptLeases, LeaseKeeper};
 use crate::retry::RetryPolicy;
+use cloudbus_driver::event::AttributesReader;
 
 /// Attempts of an ack that fails transiently, the first included (see
 /// `WorkerLoop::ack_with_retries`).
@@ -135,7 +135,7 @@ impl Consumer {
     /// The handler's wiring is checked first ([`Handler::check_wiring`]; for a
     /// [`Router`](crate::Router), [`Router::check`](crate::Router::check)): a route
     /// that takes a state or a publisher the router was not given, or two routes for
-    /// one event type, are an [`InvalidArgument`](crate::ErrorKind::InvalidArgument)
+    /// one event type, are an [`InvalidArgument`](cloudbus_driver::ErrorKind::InvalidArgument)
     /// error naming each route and what it misses, and nothing is received.
     ///
     /// ```
@@ -158,7 +158,7 @@ impl Consumer {
         &self,
         handler: H,
         options: WorkerOptions,
-    ) -> crate::Result<Worker> {
+    ) -> cloudbus_driver::Result<Worker> {
         handler.check_wiring()?;
         Ok(Worker::start(self.clone(), Arc::new(handler), options))
     }
@@ -171,7 +171,7 @@ impl Consumer {
         &self,
         handler: H,
         options: WorkerOptions,
-    ) -> crate::Result<Worker> {
+    ) -> cloudbus_driver::Result<Worker> {
         self.start_worker(handler, options)
     }
 }
@@ -405,7 +405,7 @@ impl WorkerLoop {
                     this.health.succeeded();
                     d
                 }
-                Err(e) if e.kind() == crate::ErrorKind::Closed => break,
+                Err(e) if e.kind() == cloudbus_driver::ErrorKind::Closed => break,
                 Err(e) => {
                     failures += 1;
                     this.health.failed(&e);
@@ -634,7 +634,7 @@ impl WorkerLoop {
     }
 
     /// Counts a settlement once the provider has it (or its failure).
-    fn count_settled(&self, counter: &AtomicU64, settled: crate::Result<()>) {
+    fn count_settled(&self, counter: &AtomicU64, settled: cloudbus_driver::Result<()>) {
         match settled {
             Ok(()) => {
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -656,7 +656,7 @@ impl WorkerLoop {
         let deliveries: Vec<&Delivery> = group.iter().map(|held| &*held.delivery).collect();
         let results = self
             .consumer
-            .settle_refs(&deliveries, crate::driver::Settlement::Ack)
+            .settle_refs(&deliveries, cloudbus_driver::driver::Settlement::Ack)
             .await;
         let mut again = Vec::new();
         for (delivery, result) in deliveries.iter().zip(results) {
@@ -680,7 +680,11 @@ impl WorkerLoop {
     /// once its lease runs out. An ack whose reply was lost may answer the retry with a
     /// permanent error (already settled); that is counted as a settle error, and the
     /// event is not handled again.
-    async fn ack_with_retries(&self, delivery: &Delivery, first: u32) -> crate::Result<()> {
+    async fn ack_with_retries(
+        &self,
+        delivery: &Delivery,
+        first: u32,
+    ) -> cloudbus_driver::Result<()> {
         let backoff = RetryPolicy::default();
         let mut attempt = first;
         if attempt > 1 {
@@ -713,7 +717,7 @@ impl WorkerLoop {
         delivery: &Delivery,
         message: String,
         delay: Option<Duration>,
-    ) -> (&AtomicU64, crate::Result<()>) {
+    ) -> (&AtomicU64, cloudbus_driver::Result<()>) {
         let attempt = delivery.attempt();
         let max = self.options.retry.max_attempts;
         if attempt >= max {
@@ -751,9 +755,11 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::capabilities::Capabilities;
-    use crate::driver::{AckToken, BatchResults, ReceivedMessage, Settlement, SubscriptionDriver};
-    use crate::event::{AttributesReader, EventBuilder};
+    use cloudbus_driver::capabilities::Capabilities;
+    use cloudbus_driver::driver::{
+        AckToken, BatchResults, ReceivedMessage, Settlement, SubscriptionDriver,
+    };
+    use cloudbus_driver::event::{AttributesReader, EventBuilder};
 
     /// Hands out two events of one ordering key in one receive, with a short lease,
     /// and records every settlement with its time.
@@ -769,7 +775,7 @@ mod tests {
             &self,
             max: usize,
             wait: Duration,
-        ) -> crate::Result<Vec<ReceivedMessage>> {
+        ) -> cloudbus_driver::Result<Vec<ReceivedMessage>> {
             if max < 2 || self.handed_out.swap(true, Ordering::AcqRel) {
                 tokio::time::sleep(wait).await;
                 return Ok(Vec::new());
@@ -793,7 +799,7 @@ mod tests {
         async fn settle_batch(
             &self,
             items: &[(AckToken, Settlement)],
-        ) -> crate::Result<BatchResults> {
+        ) -> cloudbus_driver::Result<BatchResults> {
             let mut settled = self.settled.lock().expect("lock");
             for (token, settlement) in items {
                 let AckToken::Number(n) = token else {
@@ -818,7 +824,7 @@ mod tests {
     #[derive(Default)]
     struct UnorderedOnce {
         handed_out: std::sync::atomic::AtomicBool,
-        events: Mutex<Vec<std::sync::Weak<crate::Event>>>,
+        events: Mutex<Vec<std::sync::Weak<cloudbus_driver::Event>>>,
     }
 
     #[async_trait]
@@ -827,7 +833,7 @@ mod tests {
             &self,
             _max: usize,
             wait: Duration,
-        ) -> crate::Result<Vec<ReceivedMessage>> {
+        ) -> cloudbus_driver::Result<Vec<ReceivedMessage>> {
             if self.handed_out.swap(true, Ordering::AcqRel) {
                 tokio::time::sleep(wait).await;
                 return Ok(Vec::new());
@@ -854,7 +860,7 @@ mod tests {
         async fn settle_batch(
             &self,
             items: &[(AckToken, Settlement)],
-        ) -> crate::Result<BatchResults> {
+        ) -> cloudbus_driver::Result<BatchResults> {
             Ok(items.iter().map(|_| Ok(())).collect())
         }
         fn capabilities(&self) -> Capabilities {
@@ -871,7 +877,7 @@ mod tests {
         let consumer = Consumer::new(driver.clone(), "lets-go");
         let worker = consumer
             .start_worker(
-                |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                |_event: Arc<cloudbus_driver::Event>, _ctx: HandlerContext| async move {
                     Ok::<(), HandlerError>(())
                 },
                 WorkerOptions::default().concurrency(4),
@@ -913,7 +919,7 @@ mod tests {
         let consumer = Consumer::new(driver.clone(), "queued-lease");
         let worker = consumer
             .start_worker(
-                |event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                |event: Arc<cloudbus_driver::Event>, _ctx: HandlerContext| async move {
                     if event.id() == "e1" {
                         tokio::time::sleep(Duration::from_millis(700)).await;
                     }
@@ -961,7 +967,7 @@ mod tests {
             &self,
             _max: usize,
             _wait: Duration,
-        ) -> crate::Result<Vec<ReceivedMessage>> {
+        ) -> cloudbus_driver::Result<Vec<ReceivedMessage>> {
             let n = self.received.fetch_add(1, Ordering::SeqCst);
             Ok(vec![ReceivedMessage {
                 event: Ok(Arc::new(
@@ -978,7 +984,7 @@ mod tests {
         async fn settle_batch(
             &self,
             items: &[(AckToken, Settlement)],
-        ) -> crate::Result<BatchResults> {
+        ) -> cloudbus_driver::Result<BatchResults> {
             Ok(items.iter().map(|_| Ok(())).collect())
         }
         async fn queue_depth(&self) -> Option<u64> {
@@ -1000,7 +1006,7 @@ mod tests {
         let consumer = Consumer::new(driver.clone(), "slow-depth");
         let worker = consumer
             .start_worker(
-                |_event: Arc<crate::Event>, _ctx: HandlerContext| async move {
+                |_event: Arc<cloudbus_driver::Event>, _ctx: HandlerContext| async move {
                     Ok::<(), HandlerError>(())
                 },
                 WorkerOptions::default().concurrency(2),
@@ -1030,7 +1036,7 @@ mod tests {
             &self,
             _max: usize,
             wait: Duration,
-        ) -> crate::Result<Vec<ReceivedMessage>> {
+        ) -> cloudbus_driver::Result<Vec<ReceivedMessage>> {
             self.receives.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(wait).await;
             Ok(Vec::new())
@@ -1038,7 +1044,7 @@ mod tests {
         async fn settle_batch(
             &self,
             items: &[(AckToken, Settlement)],
-        ) -> crate::Result<BatchResults> {
+        ) -> cloudbus_driver::Result<BatchResults> {
             Ok(items.iter().map(|_| Ok(())).collect())
         }
         fn capabilities(&self) -> Capabilities {
@@ -1068,7 +1074,7 @@ mod tests {
             let Err(e) = started else {
                 panic!("a miswired router started")
             };
-            assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+            assert_eq!(e.kind(), cloudbus_driver::ErrorKind::InvalidArgument);
             assert!(
                 e.message()
                     .contains("route \"com.example.step\" takes State<"),

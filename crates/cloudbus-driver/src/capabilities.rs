@@ -37,8 +37,8 @@ pub struct Capabilities {
     pub max_delivery_attempts: bool,
     /// How filters are applied.
     pub filtering: FilterSupport,
-    /// Subscriptions can be replayed from a time ([`Bus::replay`](crate::Bus::replay)).
-    /// Streams always can ([`StreamConsumer::replay`](crate::StreamConsumer::replay)).
+    /// Subscriptions can be replayed from a time (`Bus::replay` (cloudbus-core)).
+    /// Streams always can (`StreamConsumer::replay` (cloudbus-core)).
     pub replay: bool,
     /// Several subscriptions each get every event (fan-out).
     pub fan_out: bool,
@@ -55,7 +55,7 @@ pub struct Capabilities {
     /// Raw (non-CloudEvent) messages can be injected, for the malformed-message tests.
     pub raw_messages: bool,
     /// How many sends of one publisher the provider carries at once; a
-    /// [`Publisher`](crate::Publisher) uses no more lanes than this. Service Bus
+    /// `Publisher` (cloudbus-core) uses no more lanes than this. Service Bus
     /// sends over one link, one transfer at a time, so lanes beyond one would only
     /// split a batch into smaller transfers that wait for each other.
     pub concurrent_sends: usize,

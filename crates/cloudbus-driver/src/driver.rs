@@ -1,7 +1,7 @@
 //! The provider-facing driver traits: small and batch-first (send a batch, receive a
 //! batch, settle a batch). Providers implement these; users work with the portable
-//! [`Publisher`](crate::Publisher), [`Consumer`](crate::Consumer),
-//! [`DeadLetters`](crate::DeadLetters) and [`StreamConsumer`](crate::StreamConsumer),
+//! `Publisher` (cloudbus-core), `Consumer` (cloudbus-core),
+//! `DeadLetters` (cloudbus-core) and `StreamConsumer` (cloudbus-core),
 //! which add batching, concurrency, retries, dead-lettering, metrics and tracing once.
 
 use std::any::Any;
@@ -361,7 +361,7 @@ pub trait TopologyDriver: Send + Sync + 'static {
     /// `since` on (Pub/Sub: seek to a time; EventBridge: a replay from the bus's
     /// archive to the subscription's rule). Replayed events arrive asynchronously, as
     /// new deliveries of the same CloudEvents. Providers without it answer
-    /// `Unsupported` (streams replay through [`crate::StreamConsumer::replay`]).
+    /// `Unsupported` (streams replay through `StreamConsumer::replay` (cloudbus-core)).
     async fn replay(&self, topic: &str, name: &str, since: DateTime<Utc>) -> Result<()> {
         Err(crate::error::Error::unsupported(format!(
             "this provider cannot replay subscription {name:?} of {topic:?} (since {since})"
@@ -379,7 +379,7 @@ pub trait TopologyDriver: Send + Sync + 'static {
 /// their entities (optional: see [`TopologyDriver::planning`]).
 #[async_trait]
 pub trait TopologyPlanning: Send + Sync {
-    /// Whether `topic` exists (for [`topology::plan`](crate::topology::plan)).
+    /// Whether `topic` exists (for `topology::plan` (cloudbus-core)).
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
         Err(crate::error::Error::unsupported(format!(
             "this provider cannot tell whether topic {topic:?} exists"
@@ -387,7 +387,7 @@ pub trait TopologyPlanning: Send + Sync {
     }
     /// Subscription `name` of `topic` as the provider holds it, in the provider's own
     /// terms (its native filter, its lease and delivery limit); `None` when there is
-    /// none (for [`topology::plan`](crate::topology::plan)).
+    /// none (for `topology::plan` (cloudbus-core)).
     async fn describe_subscription(
         &self,
         topic: &str,
@@ -505,7 +505,7 @@ impl SubscriptionSpec {
 /// Where a consumer sends what it dead-letters when its provider has no dead-letter
 /// place of its own (and where a stream consumer always does): the event with a
 /// `deadletterreason` extension, or an undecodable message as it came with a
-/// `deadletterreason` attribute. A [`Publisher`](crate::Publisher) to a topic of
+/// `deadletterreason` attribute. A `Publisher` (cloudbus-core) to a topic of
 /// dead letters is one; a store or a log of your own can be another.
 ///
 /// ```

@@ -234,8 +234,12 @@ impl PushEndpoint {
 
     /// The endpoint as an axum [`Router`] answering on every path; mount it with
     /// `Router::nest("/events", endpoint.router()?)`. Refused (InvalidArgument) with
-    /// neither a secret nor [`allow_unauthenticated`](Self::allow_unauthenticated).
+    /// neither a secret nor [`allow_unauthenticated`](Self::allow_unauthenticated), and
+    /// when the handler's wiring is incomplete (a cloudbus router route that takes a
+    /// state or a `Sender` the router was not given, two routes for one type), as
+    /// `start_worker` refuses it.
     pub fn router(&self) -> Result<Router> {
+        self.inner.handler.check_wiring()?;
         if self.inner.secrets.is_empty() && !self.inner.unauthenticated {
             return Err(Error::invalid(
                 "a push endpoint needs a secret (PushEndpoint::secret), or an explicit allow_unauthenticated()",
@@ -1085,5 +1089,35 @@ mod tests {
         assert!(endpoint.inner.dead_letter.is_some());
         assert_eq!(endpoint.inner.max_attempts, 5);
         assert!(endpoint.router().is_ok());
+    }
+
+    /// Issue 30: a router missing its state is refused when the endpoint is made,
+    /// not answered with a retry for every delivery.
+    #[test]
+    fn a_router_missing_its_state_is_refused_when_the_endpoint_is_made() {
+        #[derive(Clone)]
+        struct Db;
+        let router = cloudbus_core::Router::new().route_type(
+            "com.example.order.created",
+            |_: cloudbus_core::router::State<Db>| async { Ok::<(), HandlerError>(()) },
+        );
+        let endpoint = PushEndpoint::new("orders", router).allow_unauthenticated();
+        let Err(e) = endpoint.router() else {
+            panic!("an endpoint whose router lacks its state was made");
+        };
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.message().contains("com.example.order.created"), "{e}");
+        let wired = cloudbus_core::Router::new()
+            .route_type(
+                "com.example.order.created",
+                |_: cloudbus_core::router::State<Db>| async { Ok::<(), HandlerError>(()) },
+            )
+            .state(Db);
+        assert!(
+            PushEndpoint::new("orders", wired)
+                .allow_unauthenticated()
+                .router()
+                .is_ok()
+        );
     }
 }

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::error::{Error, Result};
-use crate::event::{AttributesReader, Event, EventBuilder, EventExt};
 use crate::handler::HandlerContext;
 use crate::publisher::Publisher;
-use crate::trace_context::TraceContext;
 use crate::typed::{CloudEvent, SendEvent, event_version};
+use cloudbus_driver::error::{Error, Result};
+use cloudbus_driver::event::{AttributesReader, Event, EventBuilder, EventExt};
+use cloudbus_driver::trace_context::TraceContext;
 
 /// Values shared by every handler of a router, found by type (see
 /// [`State`](crate::router::State)).

@@ -12,8 +12,6 @@ use serde_json::Value;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
-use crate::error::Error;
-use crate::event::{AttributesReader, AttributesWriter, Event, EventExt};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::publisher::Publisher;
 use crate::router::context::{Context, Shared};
@@ -22,6 +20,8 @@ use crate::router::handler_fn::{
     ContextHandler, ContextRoute, HandlerFuture, TypedHandler, TypedRoute,
 };
 use crate::typed::{CloudEvent, event_version, split_type_version};
+use cloudbus_driver::error::Error;
+use cloudbus_driver::event::{AttributesReader, AttributesWriter, Event, EventExt};
 
 /// A route's service, with any layers applied.
 pub type RouteService = BoxCloneSyncService<Context, (), HandlerError>;
@@ -344,7 +344,7 @@ impl Router {
     /// event: every route's extractors find what they need (a [`State<T>`](crate::router::State)
     /// its [`state`](Self::state), a [`Sender`](crate::router::Sender) the
     /// [`publisher`](Self::publisher)), and no event type (or prefix) has two routes.
-    /// The error, [`InvalidArgument`](crate::ErrorKind::InvalidArgument), names every
+    /// The error, [`InvalidArgument`](cloudbus_driver::ErrorKind::InvalidArgument), names every
     /// problem with its route. A router routed to with [`route_service`](Self::route_service)
     /// is checked too; what a handler calls ([`Context::send`], [`Context::state`])
     /// cannot be seen, and is found per event.
@@ -370,7 +370,7 @@ impl Router {
     /// // Given its state (before or after the route), it is wired.
     /// assert!(Router::new().route(on_created).state(Db).check().is_ok());
     /// ```
-    pub fn check(&self) -> crate::Result<()> {
+    pub fn check(&self) -> cloudbus_driver::Result<()> {
         let problems = self.problems();
         if problems.is_empty() {
             return Ok(());
@@ -592,7 +592,7 @@ impl Handler for Router {
     }
 
     /// [`Router::check`].
-    fn check_wiring(&self) -> crate::Result<()> {
+    fn check_wiring(&self) -> cloudbus_driver::Result<()> {
         self.check()
     }
 }
@@ -648,7 +648,7 @@ mod tests {
             .route_type("com.example.a", raw)
             .route_type("com.example.a", raw);
         let e = router.check().expect_err("miswired");
-        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        assert_eq!(e.kind(), cloudbus_driver::ErrorKind::InvalidArgument);
         let db = std::any::type_name::<Db>();
         let state =
             format!("route \"com.example.b\" takes State<{db}> but the router has no .state({db})");

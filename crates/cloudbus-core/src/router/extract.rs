@@ -8,11 +8,11 @@
 use std::any::TypeId;
 use std::sync::Arc;
 
-use crate::event::{Event, EventBuilder};
 use crate::handler::HandlerError;
 use crate::publisher::Publisher;
 use crate::router::context::Context;
 use crate::typed::{CloudEvent, SendEvent};
+use cloudbus_driver::event::{Event, EventBuilder};
 
 /// Something an extractor needs from the router it runs in, declared by
 /// [`FromContext::requirements`] and checked by [`Router::check`](crate::Router::check)
@@ -182,7 +182,7 @@ pub struct Sender {
 
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::event::AttributesReader;
+        use cloudbus_driver::event::AttributesReader;
         f.debug_struct("Sender")
             .field("cause", &self.cause.id())
             .finish_non_exhaustive()

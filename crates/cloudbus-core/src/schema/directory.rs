@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::error::{Error, ErrorKind, Result};
 use crate::schema::registry::{SchemaId, SchemaRegistry};
 use crate::typed::split_type_version;
+use cloudbus_driver::error::{Error, ErrorKind, Result};
 
 /// Schemas from the files of one directory, named `TYPE.vVERSION.json`.
 ///

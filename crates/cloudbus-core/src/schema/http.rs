@@ -10,8 +10,8 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::error::{Error, ErrorKind, Result};
 use crate::schema::registry::{SchemaId, SchemaRegistry};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
 
 /// A schema registry over HTTP(S) (certificates verified).
 ///
@@ -73,7 +73,7 @@ impl HttpSchemaRegistry {
         let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
         if base
             .host_str()
-            .is_some_and(crate::transport::is_loopback_host)
+            .is_some_and(cloudbus_driver::transport::is_loopback_host)
         {
             // A registry on this machine is reached directly: an HTTP_PROXY from the
             // environment would carry its credentials off it in clear text.
@@ -115,7 +115,7 @@ impl HttpSchemaRegistry {
     }
 
     fn authorized(mut self, header: String, described: String) -> Result<Self> {
-        if !crate::transport::credentials_may_go_to(&self.base, true) {
+        if !cloudbus_driver::transport::credentials_may_go_to(&self.base, true) {
             return Err(Error::invalid(format!(
                 "credentials for the schema registry at {} would travel unencrypted: use https://",
                 self.base

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::error::Result;
+use cloudbus_driver::error::Result;
 
 /// Names one schema: an event type (without version suffix) and a version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,7 +34,7 @@ impl std::fmt::Display for SchemaId {
 #[async_trait]
 pub trait SchemaRegistry: Send + Sync + 'static {
     /// The schema of `id`, or `None` when none is registered. An error means the
-    /// registry could not answer (kind [`Unavailable`](crate::ErrorKind::Unavailable)
+    /// registry could not answer (kind [`Unavailable`](cloudbus_driver::ErrorKind::Unavailable)
     /// when it may answer later).
     async fn schema(&self, id: &SchemaId) -> Result<Option<Value>>;
 

@@ -1,6 +1,7 @@
-//! [`SchemaValidator`]: checks event data with the `jsonschema` crate against the
-//! schema of the event's type and version, compiled once and kept in a bounded
-//! cache (least recently used out first; a registry's "no schema" for a while).
+//! [`SchemaValidator`]: checks event data against the JSON Schema of the event's type
+//! and version ([`CompiledSchema`], on the `boon` validator: every draft from 4 to
+//! 2020-12, format assertions on), compiled once and kept in a bounded cache (least
+//! recently used out first; a registry's "no schema" for a while).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,17 +11,99 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::event::{AttributesReader, Data, Event};
 use crate::schema::registry::{SchemaId, SchemaRegistry};
 use crate::typed::{event_version, split_type_version};
 use crate::validation::{Checked, EventValidator};
+use cloudbus_driver::error::{Error, ErrorKind, Result};
+use cloudbus_driver::event::{AttributesReader, Data, Event};
 
 /// At most this many violations are named in one error.
 const VIOLATIONS_NAMED: usize = 3;
 
 /// How many types and versions a validator keeps by default.
 const DEFAULT_MAX_CACHED: usize = 1024;
+
+/// One JSON Schema, compiled: what [`SchemaValidator`] keeps per type and version.
+/// Any draft from 4 to 2020-12 (`$schema` names it; 2020-12 when it does not), with
+/// `format` asserted (a `date-time` that is not one is a violation), and no `$ref`
+/// fetched from the network or the disk: a schema is self-contained, as the
+/// registry holds it.
+pub struct CompiledSchema {
+    schemas: boon::Schemas,
+    index: boon::SchemaIndex,
+}
+
+impl std::fmt::Debug for CompiledSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledSchema").finish_non_exhaustive()
+    }
+}
+
+/// Where the schema being compiled lives, for the resolver of its own `$ref`s (a
+/// name: nothing is fetched from it).
+const SCHEMA_LOCATION: &str = "http://cloudbus.invalid/schema.json";
+
+/// The loader of `$ref`s to other documents: none is fetched.
+struct NoRemoteRefs;
+
+impl boon::UrlLoader for NoRemoteRefs {
+    fn load(&self, url: &str) -> std::result::Result<Value, Box<dyn std::error::Error>> {
+        Err(format!(
+            "{url}: schemas are self-contained here; references to other documents are not fetched"
+        )
+        .into())
+    }
+}
+
+impl CompiledSchema {
+    /// Compiles `schema` (the schema of `id`); a text that is not a valid JSON
+    /// Schema is an `Internal` error naming `id`.
+    pub fn compile(id: &SchemaId, schema: Value) -> Result<Self> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("the schema of {id} is not a valid JSON Schema: {e}"),
+            )
+        };
+        let mut compiler = boon::Compiler::new();
+        compiler.use_loader(Box::new(NoRemoteRefs));
+        compiler.enable_format_assertions();
+        compiler
+            .add_resource(SCHEMA_LOCATION, schema)
+            .map_err(|e| invalid(&e))?;
+        let mut schemas = boon::Schemas::new();
+        let index = compiler
+            .compile(SCHEMA_LOCATION, &mut schemas)
+            .map_err(|e| invalid(&e))?;
+        Ok(CompiledSchema { schemas, index })
+    }
+
+    /// Up to `most` violations of `data`, each as `POINTER: what is wrong` (`/` for
+    /// the whole value); none when it is valid.
+    pub fn violations(&self, data: &Value, most: usize) -> Vec<String> {
+        let mut found = Vec::new();
+        if let Err(error) = self.schemas.validate(data, self.index) {
+            leaf_violations(&error, most, &mut found);
+        }
+        found
+    }
+}
+
+/// The leaves of boon's error tree (the keywords that failed), in order.
+fn leaf_violations(error: &boon::ValidationError<'_, '_>, most: usize, found: &mut Vec<String>) {
+    if found.len() >= most {
+        return;
+    }
+    if error.causes.is_empty() {
+        let at = error.instance_location.to_string();
+        let at = if at.is_empty() { "/".to_owned() } else { at };
+        found.push(format!("{at}: {}", error.kind));
+        return;
+    }
+    for cause in &error.causes {
+        leaf_violations(cause, most, found);
+    }
+}
 
 /// Validates events against the schemas of a [`SchemaRegistry`]: give it to
 /// [`Publisher::validate_with`](crate::Publisher::validate_with) to refuse bad data
@@ -62,7 +145,7 @@ pub struct SchemaValidator {
 
 #[derive(Clone)]
 enum Cached {
-    Schema(Arc<jsonschema::Validator>),
+    Schema(Arc<CompiledSchema>),
     Missing(Instant),
 }
 
@@ -135,16 +218,9 @@ impl SchemaValidator {
     }
 
     /// Fetches and compiles the schema of `id` (or learns that there is none).
-    pub async fn load(&self, id: &SchemaId) -> Result<Option<Arc<jsonschema::Validator>>> {
+    pub async fn load(&self, id: &SchemaId) -> Result<Option<Arc<CompiledSchema>>> {
         let compiled = match self.registry.schema(id).await? {
-            Some(schema) => Some(Arc::new(jsonschema::validator_for(&schema).map_err(
-                |e| {
-                    Error::new(
-                        ErrorKind::Internal,
-                        format!("the schema of {id} is not a valid JSON Schema: {e}"),
-                    )
-                },
-            )?)),
+            Some(schema) => Some(Arc::new(CompiledSchema::compile(id, schema)?)),
             None => None,
         };
         let entry = match &compiled {
@@ -188,7 +264,7 @@ impl SchemaValidator {
 
     /// What is known of `id`: `Some(Some(schema))`, `Some(None)` (none, recently
     /// asked), or `None` (to be fetched).
-    fn cached(&self, id: &SchemaId) -> Option<Option<Arc<jsonschema::Validator>>> {
+    fn cached(&self, id: &SchemaId) -> Option<Option<Arc<CompiledSchema>>> {
         let cache = self.compiled.read().ok()?;
         let entry = cache.get(id)?;
         entry
@@ -202,7 +278,7 @@ impl SchemaValidator {
     }
 
     /// Checks `event`'s data with `schema`.
-    fn check(id: &SchemaId, schema: &jsonschema::Validator, event: &Event) -> Result<Checked> {
+    fn check(id: &SchemaId, schema: &CompiledSchema, event: &Event) -> Result<Checked> {
         let parsed;
         let data: &Value = match event.data() {
             Some(Data::Json(v)) => v,
@@ -216,15 +292,7 @@ impl SchemaValidator {
             }
             None => &Value::Null,
         };
-        let violations: Vec<String> = schema
-            .iter_errors(data)
-            .take(VIOLATIONS_NAMED + 1)
-            .map(|e| {
-                let at = e.instance_path().to_string();
-                let at = if at.is_empty() { "/".to_owned() } else { at };
-                format!("{at}: {e}")
-            })
-            .collect();
+        let violations = schema.violations(data, VIOLATIONS_NAMED + 1);
         if violations.is_empty() {
             return Ok(Checked::Valid);
         }
@@ -292,7 +360,7 @@ mod tests {
 
     use std::sync::atomic::AtomicUsize;
 
-    use crate::event::EventBuilder;
+    use cloudbus_driver::event::EventBuilder;
 
     /// A registry with one schema (com.example.known v1) that counts its lookups.
     #[derive(Default)]
@@ -363,5 +431,64 @@ mod tests {
         );
         validator.validate(&unknown).await.unwrap();
         assert_eq!(registry.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    fn id() -> SchemaId {
+        SchemaId::new("com.example.t", 1)
+    }
+
+    /// A schema that points at another document is refused when it is compiled: no
+    /// `$ref` is fetched from the network or read from the disk.
+    #[test]
+    fn references_to_other_documents_are_never_fetched() {
+        for reference in [
+            "http://127.0.0.1:9/other.json",
+            "file:///etc/passwd",
+            "other.json",
+        ] {
+            let schema = serde_json::json!({"$ref": reference});
+            let e = CompiledSchema::compile(&id(), schema).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
+            assert!(e.message().contains("com.example.t"), "{e}");
+        }
+        // A reference inside the schema itself resolves.
+        let own = serde_json::json!({
+            "$defs": {"n": {"type": "integer"}},
+            "properties": {"n": {"$ref": "#/$defs/n"}}
+        });
+        let compiled = CompiledSchema::compile(&id(), own).unwrap();
+        assert_eq!(
+            compiled.violations(&serde_json::json!({"n": "x"}), 3),
+            ["/n: want integer, but got string"]
+        );
+    }
+
+    /// `format` is asserted, every failing keyword is named at its place, and at
+    /// most the asked number.
+    #[test]
+    fn violations_name_their_place_and_formats_are_asserted() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "required": ["at", "n"],
+            "properties": {
+                "at": {"type": "string", "format": "date-time"},
+                "n": {"type": "integer", "minimum": 1}
+            }
+        });
+        let compiled = CompiledSchema::compile(&id(), schema).unwrap();
+        assert!(
+            compiled
+                .violations(
+                    &serde_json::json!({"at": "2026-12-07T06:00:00Z", "n": 1}),
+                    3
+                )
+                .is_empty()
+        );
+        let found = compiled.violations(&serde_json::json!({"at": "yesterday", "n": 0}), 3);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("/at: "), "{found:?}");
+        assert!(found[1].starts_with("/n: "), "{found:?}");
+        assert_eq!(compiled.violations(&serde_json::json!([]), 1).len(), 1);
+        assert!(compiled.violations(&serde_json::json!([]), 1)[0].starts_with("/: "));
     }
 }

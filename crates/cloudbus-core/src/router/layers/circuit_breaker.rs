@@ -179,8 +179,8 @@ mod tests {
 
     use futures::FutureExt;
 
-    use crate::event::EventBuilder;
     use crate::handler::HandlerContext;
+    use cloudbus_driver::event::EventBuilder;
 
     fn ctx() -> Context {
         let event = EventBuilder::new("com.example.test", "/test")

@@ -4,11 +4,11 @@
 
 use tracing::Instrument;
 
-use crate::event::AttributesReader;
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
 use crate::router::layers::around::{Middleware, Next, middleware_layer};
+use cloudbus_driver::event::AttributesReader;
 
 /// Wraps each handling in a `cloudbus.route` span and logs failures.
 ///

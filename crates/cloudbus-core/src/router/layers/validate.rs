@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use crate::error::ErrorKind;
-use crate::event::AttributesReader;
 use crate::handler::HandlerError;
 use crate::router::context::Context;
 use crate::router::handler_fn::HandlerFuture;
 use crate::router::layers::around::{Middleware, Next, middleware_layer};
 use crate::validation::{Checked, EventValidator};
+use cloudbus_driver::error::ErrorKind;
+use cloudbus_driver::event::AttributesReader;
 
 /// Validates each event with `validator` before handling it.
 ///
