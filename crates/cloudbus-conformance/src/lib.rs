@@ -1,7 +1,7 @@
 //! cloudbus-conformance: the suite every provider runs from its tests, as a
 //! dev-dependency (the `cloudbus` facade does not ship it).
 //!
-//! A provider implements [`Harness`] (a [`Bus`] on which the suite may create
+//! A provider implements [`Harness`] (a [`Bus`](cloudbus_core::Bus) on which the suite may create
 //! uniquely named topics and subscriptions, and its timings) and runs the cases from a
 //! test target of its own with `harness = false`, through [`Suite`]: one test per
 //! case, named `PREFIX::case`, filtered and listed like any other test (`cargo test`,
