@@ -38,7 +38,7 @@ async fn urls_open_named_brokers_and_name_missing_features() {
     assert_eq!(err.kind(), ErrorKind::NotFound);
     // A provider this build left out is named by its feature. (A workspace-wide build
     // compiles every provider in, through the provider crates' tests; then there is
-    // none to check here, and `cargo test --test memory` checks it.)
+    // none to check here, and `cargo test -p cloudbus --test connect` checks it.)
     if !cfg!(feature = "sqs") {
         let err = cloudbus::connect("sqs://queue").await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Unsupported);

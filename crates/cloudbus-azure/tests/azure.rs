@@ -1817,9 +1817,7 @@ async fn servicebus_defer_then_fetch_by_sequence_number() {
     }
     let consumer = bus.consumer(&queue, &queue).await.expect("consumer");
     let service_bus = consumer
-        .driver()
-        .as_any()
-        .downcast_ref::<cloudbus_azure::servicebus::ServiceBusSubscription>()
+        .downcast::<cloudbus_azure::servicebus::ServiceBusSubscription>()
         .expect("a Service Bus consumer");
     let mut got = Vec::new();
     let until = Instant::now() + Duration::from_secs(10);
@@ -1909,9 +1907,7 @@ fn service_bus_of(
     consumer: &cloudbus_core::Consumer,
 ) -> &cloudbus_azure::servicebus::ServiceBusSubscription {
     consumer
-        .driver()
-        .as_any()
-        .downcast_ref::<cloudbus_azure::servicebus::ServiceBusSubscription>()
+        .downcast::<cloudbus_azure::servicebus::ServiceBusSubscription>()
         .expect("a Service Bus consumer")
 }
 

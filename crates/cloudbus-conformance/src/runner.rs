@@ -9,7 +9,7 @@ use std::sync::Arc;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 use crate::chaos::{FaultKind, run_chaos_case, run_stream_chaos_case};
-use crate::harness::{Harness, StoreHarness, StreamHarness, verdict};
+use crate::harness::{Case, Harness, StoreHarness, StreamHarness, verdict};
 
 /// The tests of one provider's test target: the case registries over its harnesses.
 /// A harness maker that answers `None` (no emulator reachable, after its loud message;
@@ -47,68 +47,69 @@ impl Suite {
 
     /// The conformance cases ([`BUS_CASES`](crate::BUS_CASES)) over the harness
     /// `make` opens, named `PREFIX::case`.
-    pub fn bus<H, M, F>(mut self, prefix: &str, make: M) -> Self
+    pub fn bus<H, M, F>(self, prefix: &str, make: M) -> Self
     where
         H: Harness,
         M: Fn() -> F + Send + Sync + 'static,
         F: Future<Output = Option<H>>,
     {
-        let make = Arc::new(make);
-        for case in crate::cases::CASES {
-            let make = Arc::clone(&make);
-            self.trials
-                .push(Trial::test(format!("{prefix}::{}", case.name), move || {
-                    on_runtime(async move {
-                        let Some(harness) = make().await else {
-                            return Ok(());
-                        };
-                        let harness: &dyn Harness = &harness;
-                        verdict("conformance case", case.name, (case.run)(harness).await)
-                    })
-                }));
-        }
-        self
+        self.cases(prefix, "conformance case", crate::cases::CASES, make, |h| {
+            h as &dyn Harness
+        })
     }
 
     /// The stream conformance cases ([`STREAM_CASES`](crate::STREAM_CASES)) over the
     /// harness `make` opens, named `PREFIX::case`.
-    pub fn stream<H, M, F>(mut self, prefix: &str, make: M) -> Self
+    pub fn stream<H, M, F>(self, prefix: &str, make: M) -> Self
     where
         H: StreamHarness,
         M: Fn() -> F + Send + Sync + 'static,
         F: Future<Output = Option<H>>,
     {
-        let make = Arc::new(make);
-        for case in crate::stream_cases::CASES {
-            let make = Arc::clone(&make);
-            self.trials
-                .push(Trial::test(format!("{prefix}::{}", case.name), move || {
-                    on_runtime(async move {
-                        let Some(harness) = make().await else {
-                            return Ok(());
-                        };
-                        let harness: &dyn StreamHarness = &harness;
-                        verdict(
-                            "stream conformance case",
-                            case.name,
-                            (case.run)(harness).await,
-                        )
-                    })
-                }));
-        }
-        self
+        self.cases(
+            prefix,
+            "stream conformance case",
+            crate::stream_cases::CASES,
+            make,
+            |h| h as &dyn StreamHarness,
+        )
     }
 
     /// The store conformance cases ([`STORE_CASES`](crate::STORE_CASES)) over the
     /// harness `make` opens, named `PREFIX::case`.
-    pub fn store<H, M, F>(mut self, prefix: &str, make: M) -> Self
+    pub fn store<H, M, F>(self, prefix: &str, make: M) -> Self
     where
         H: StoreHarness,
         M: Fn() -> F + Send + Sync + 'static,
         F: Future<Output = Option<H>>,
     {
+        self.cases(
+            prefix,
+            "store conformance case",
+            crate::store_cases::CASES,
+            make,
+            |h| h as &dyn StoreHarness,
+        )
+    }
+
+    /// A test per case of `cases`, each running the case on the harness `make` opens
+    /// (seen as the cases' harness type `K` through `view`).
+    fn cases<H, K, M, F>(
+        mut self,
+        prefix: &str,
+        kind: &'static str,
+        cases: &'static [Case<K>],
+        make: M,
+        view: fn(&H) -> &K,
+    ) -> Self
+    where
+        H: 'static,
+        K: ?Sized + 'static,
+        M: Fn() -> F + Send + Sync + 'static,
+        F: Future<Output = Option<H>>,
+    {
         let make = Arc::new(make);
-        for case in crate::store_cases::CASES {
+        for case in cases {
             let make = Arc::clone(&make);
             self.trials
                 .push(Trial::test(format!("{prefix}::{}", case.name), move || {
@@ -116,12 +117,7 @@ impl Suite {
                         let Some(harness) = make().await else {
                             return Ok(());
                         };
-                        let harness: &dyn StoreHarness = &harness;
-                        verdict(
-                            "store conformance case",
-                            case.name,
-                            (case.run)(harness).await,
-                        )
+                        verdict(kind, case.name, (case.run)(view(&harness)).await)
                     })
                 }));
         }

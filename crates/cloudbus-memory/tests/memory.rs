@@ -838,13 +838,18 @@ async fn drivers_expose_the_memory_broker_as_escape_hatch() {
     let bus = MemoryBroker::new().bus();
     bus.ensure_topic("x").await.unwrap();
     let p = bus.publisher("x").await.unwrap();
-    let topic = p
-        .driver()
-        .as_any()
-        .downcast_ref::<cloudbus_memory::MemoryTopic>();
-    assert!(topic.is_some());
+    assert!(p.downcast::<cloudbus_memory::MemoryTopic>().is_some());
+    assert!(bus.downcast::<MemoryBroker>().is_some());
+    // What `downcast` saves a caller from: `as_any` on the `Arc` reaches the `Arc`.
+    use cloudbus_core::AsAny as _;
     assert!(
         bus.driver()
+            .as_any()
+            .downcast_ref::<MemoryBroker>()
+            .is_none()
+    );
+    assert!(
+        (**bus.driver())
             .as_any()
             .downcast_ref::<MemoryBroker>()
             .is_some()

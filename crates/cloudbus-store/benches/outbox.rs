@@ -13,9 +13,12 @@
 //!   is published: the end-to-end rate of a service with an outbox.
 //!
 //! Prints `scenario=NAME events=N secs=S events_per_sec=R peak_rss_mb=M` per scenario
-//! (the median of 3 rounds) and the ratios. Run: `cargo bench --bench outbox`
+//! (the median of 3 rounds) and the ratios. Run: `cargo bench -p cloudbus-store
+//! --features postgres,sqlite --bench outbox`
 //! (BENCH_EVENTS=N, default 10,000).
 
+// The bench report helpers the facade's throughput bench uses too.
+#[path = "../../../benches/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;

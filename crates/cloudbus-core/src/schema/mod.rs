@@ -19,4 +19,4 @@ pub use directory::DirectorySchemaRegistry;
 #[cfg(feature = "schema-http")]
 pub use http::HttpSchemaRegistry;
 pub use registry::{SchemaId, SchemaRegistry};
-pub use validator::SchemaValidator;
+pub use validator::{CompiledSchema, SchemaValidator};

@@ -1,7 +1,7 @@
 //! [`SchemaValidator`]: checks event data against the JSON Schema of the event's type
 //! and version ([`CompiledSchema`], on the `boon` validator: every draft from 4 to
-//! 2020-12, format assertions on), compiled once and kept in a bounded cache (least
-//! recently used out first; a registry's "no schema" for a while).
+//! 2020-12), compiled once and kept in a bounded cache (least recently used out
+//! first; a registry's "no schema" for a while).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +24,12 @@ const VIOLATIONS_NAMED: usize = 3;
 const DEFAULT_MAX_CACHED: usize = 1024;
 
 /// One JSON Schema, compiled: what [`SchemaValidator`] keeps per type and version.
-/// Any draft from 4 to 2020-12 (`$schema` names it; 2020-12 when it does not), with
-/// `format` asserted (a `date-time` that is not one is a violation), and no `$ref`
-/// fetched from the network or the disk: a schema is self-contained, as the
-/// registry holds it.
+/// Any draft from 4 to 2020-12 (`$schema` names it; 2020-12 when it does not).
+/// `format` is asserted under drafts 4, 6 and 7 (a `date-time` that is not one is a
+/// violation) and an annotation under 2019-09 and 2020-12, as those drafts have it.
+/// `pattern` is a Rust `regex` (no look-around, no backreferences: such a schema
+/// does not compile). No `$ref` is fetched from the network or the disk: a schema is
+/// self-contained, as the registry holds it.
 pub struct CompiledSchema {
     schemas: boon::Schemas,
     index: boon::SchemaIndex,
@@ -67,7 +69,13 @@ impl CompiledSchema {
         };
         let mut compiler = boon::Compiler::new();
         compiler.use_loader(Box::new(NoRemoteRefs));
-        compiler.enable_format_assertions();
+        let declared = schema.get("$schema").and_then(Value::as_str).unwrap_or("");
+        if ["draft-04", "draft-06", "draft-07"]
+            .iter()
+            .any(|draft| declared.contains(draft))
+        {
+            compiler.enable_format_assertions();
+        }
         compiler
             .add_resource(SCHEMA_LOCATION, schema)
             .map_err(|e| invalid(&e))?;
@@ -463,11 +471,12 @@ mod tests {
         );
     }
 
-    /// `format` is asserted, every failing keyword is named at its place, and at
-    /// most the asked number.
+    /// `format` is asserted under draft 7, every failing keyword is named at its
+    /// place, and at most the asked number.
     #[test]
     fn violations_name_their_place_and_formats_are_asserted() {
         let schema = serde_json::json!({
+            "$schema": "http://json-schema.org/draft-07/schema#",
             "type": "object",
             "required": ["at", "n"],
             "properties": {
@@ -490,5 +499,22 @@ mod tests {
         assert!(found[1].starts_with("/n: "), "{found:?}");
         assert_eq!(compiled.violations(&serde_json::json!([]), 1).len(), 1);
         assert!(compiled.violations(&serde_json::json!([]), 1)[0].starts_with("/: "));
+    }
+
+    /// Under 2020-12 (the default) `format` is an annotation, as the draft has it; a
+    /// `pattern` outside Rust's `regex` (look-around) is a schema that does not
+    /// compile, not a silently passing one.
+    #[test]
+    fn formats_are_annotations_under_2020_12_and_patterns_are_rust_regexes() {
+        let schema = serde_json::json!({"type": "string", "format": "date-time"});
+        let compiled = CompiledSchema::compile(&id(), schema).unwrap();
+        assert!(
+            compiled
+                .violations(&serde_json::json!("yesterday"), 3)
+                .is_empty()
+        );
+        let lookahead = serde_json::json!({"type": "string", "pattern": "^(?!test-)"});
+        let e = CompiledSchema::compile(&id(), lookahead).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
     }
 }
