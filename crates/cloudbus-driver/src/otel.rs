@@ -72,9 +72,9 @@ impl Injector for Written {
 ///
 /// ```
 /// let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-/// let cx = cloudbus_core::otel::extract(Some(tp), Some("vendor=1")).unwrap();
+/// let cx = cloudbus_driver::otel::extract(Some(tp), Some("vendor=1")).unwrap();
 /// assert_eq!(cx.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
-/// assert!(cloudbus_core::otel::extract(Some("00-zz"), None).is_none());
+/// assert!(cloudbus_driver::otel::extract(Some("00-zz"), None).is_none());
 /// ```
 pub fn extract(traceparent: Option<&str>, tracestate: Option<&str>) -> Option<SpanContext> {
     traceparent?;
