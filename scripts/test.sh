@@ -19,19 +19,23 @@
 #   - The durable stores: a throwaway PostgreSQL cluster (scripts/postgres.sh) unless
 #     DATABASE_URL is set, and Redis (scripts/redis.sh, installed from Debian's
 #     packages when missing) unless REDIS_URL is set. SQLite needs no server.
+#   - Kafka: tansu, a Kafka-compatible broker (one static binary, fetched in a venv by
+#     scripts/kafka.sh), unless KAFKA_BOOTSTRAP_SERVERS already points at brokers; and
+#     a venv with Confluent's Python client and the CloudEvents Python SDK
+#     (scripts/kafka-venv.sh), unless CLOUDBUS_KAFKA_PYTHON is set.
 # Under CI=true an emulator that cannot be started is a failure, never a skip.
 #
 # Nothing leaves the machine, by construction (issue 28): first an install phase, with
 # the network, fetches everything the run needs (the crates of the workspace and of
-# tests/app, the venvs, LocalStack's kinesis-mock, promtool, redis-server); then, as
-# root, the script runs again inside a network namespace that has only loopback
-# (`unshare --net`), where everything else happens: the servers and emulators it
-# starts, every cargo command (offline). An attempt to reach any other address (a
-# cloud metadata server, a registry, a real cloud) fails at once there instead of
-# leaving the machine. Under CI=true that namespace is required; elsewhere, without
-# it (not root, no `unshare`, or an endpoint variable above that points outside), the
-# script says so loudly and runs with the network. CLOUDBUS_ALLOW_NETWORK=1 accepts
-# that under CI=true too.
+# tests/app, the venvs, LocalStack's kinesis-mock, promtool, redis-server, tansu); then,
+# as root, the script runs again inside a network namespace that has only loopback
+# (`unshare --net`), where everything else happens: the servers and emulators it starts,
+# every cargo command (offline). An attempt to reach any other address (a cloud metadata
+# server, a registry, a real cloud) fails at once there instead of leaving the machine.
+# Under CI=true that namespace is required; elsewhere, without it (not root, no
+# `unshare`, or an endpoint variable above that points outside), the script says so
+# loudly and runs with the network. CLOUDBUS_ALLOW_NETWORK=1 accepts that under CI=true
+# too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -138,7 +142,7 @@ install_step() {
 netns_blocker() {
     local var
     for var in PUBSUB_EMULATOR_HOST AWS_ENDPOINT_URL MOTO_ENDPOINT_URL EVENTGRID_ENDPOINT \
-        SERVICEBUS_CONNECTION_STRING DATABASE_URL REDIS_URL; do
+        SERVICEBUS_CONNECTION_STRING DATABASE_URL REDIS_URL KAFKA_BOOTSTRAP_SERVERS; do
         if [[ -n "${!var:-}" ]]; then
             echo "$var is set, and what it names is out of reach from a namespace with only loopback"
             return
@@ -170,10 +174,11 @@ if [[ "${CLOUDBUS_TEST_NETNS:-}" != inside ]]; then
             echo "SKIPPED: no promtool; tests/deploy.rs will say so" >&2
         fi
     fi
-    # Google's Python client and the CloudEvents Python SDK, and Microsoft's Python
-    # clients, for the interoperability tests.
+    # Google's Python client and the CloudEvents Python SDK, Microsoft's Python
+    # clients, and Confluent's Kafka client, for the interoperability tests.
     use_python_venv CLOUDBUS_GCP_PYTHON scripts/gcp-venv.sh
     use_python_venv CLOUDBUS_AZURE_PYTHON scripts/azure-venv.sh
+    use_python_venv CLOUDBUS_KAFKA_PYTHON scripts/kafka-venv.sh
     # What the emulator scripts would otherwise install when they start (each script
     # installs and exits under CLOUDBUS_INSTALL_ONLY=1). PostgreSQL and the Pub/Sub
     # emulator are preinstalled packages.
@@ -193,6 +198,9 @@ if [[ "${CLOUDBUS_TEST_NETNS:-}" != inside ]]; then
     if [[ -z "${SERVICEBUS_CONNECTION_STRING:-}" ]]; then
         install_step "the Service Bus emulator's venv (scripts/servicebus-emulator.sh)" \
             env CLOUDBUS_INSTALL_ONLY=1 bash scripts/servicebus-emulator.sh
+    fi
+    if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
+        install_step "tansu (scripts/kafka.sh)" env CLOUDBUS_INSTALL_ONLY=1 bash scripts/kafka.sh
     fi
 
     blocker="$(netns_blocker)"
@@ -229,7 +237,7 @@ echo "== cargo test --workspace (unit, conformance on the memory broker, integra
 # their emulators, and the store crate in its own with its servers; left out here, the
 # facade is built with its default features only, as an application that enables none
 # gets it.
-providers=(--exclude cloudbus-aws --exclude cloudbus-azure --exclude cloudbus-gcp --exclude cloudbus-store --exclude cloudbus-cli)
+providers=(--exclude cloudbus-aws --exclude cloudbus-azure --exclude cloudbus-gcp --exclude cloudbus-kafka --exclude cloudbus-store --exclude cloudbus-cli)
 cargo test --workspace "${providers[@]}" --all-targets
 cargo test --workspace "${providers[@]}" --doc
 # The router's tests include the HTTP schema registry (feature schema-http).
@@ -323,6 +331,17 @@ fi
 cargo test -p cloudbus-gcp --features emulators
 if [[ -n "${PUBSUB_EMULATOR_HOST:-}" ]]; then
     run_saga "pubsub://saga-$$-$RANDOM" gcp
+fi
+
+echo "== Kafka (tansu, a Kafka-compatible broker)"
+if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
+    start_emulator "tansu (Kafka)" scripts/kafka.sh KAFKA_PID KAFKA_BOOTSTRAP_SERVERS
+else
+    echo "using the Kafka brokers at $KAFKA_BOOTSTRAP_SERVERS"
+fi
+cargo test -p cloudbus-kafka --features emulators
+if [[ -n "${KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
+    run_saga "kafka://$KAFKA_BOOTSTRAP_SERVERS" kafka
 fi
 
 echo "== AWS (LocalStack in host mode)"

@@ -109,6 +109,10 @@ pub use cloudbus_azure as azure;
 #[cfg(feature = "pubsub")]
 pub use cloudbus_gcp as gcp;
 
+/// Kafka and Azure Event Hubs' Kafka endpoint (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub use cloudbus_kafka as kafka;
+
 /// Durable dedup and checkpoint stores on PostgreSQL, SQLite and Redis (features
 /// `postgres`, `sqlite`, `redis`).
 #[cfg(any(feature = "postgres", feature = "sqlite", feature = "redis"))]
@@ -132,6 +136,8 @@ const FEATURE_OF_SCHEME: &[(&str, &str)] = &[
     ("servicebus", "servicebus"),
     ("eventgrid", "eventgrid"),
     ("pubsub", "pubsub"),
+    ("kafka", "kafka"),
+    ("eventhubs", "kafka"),
 ];
 
 /// The URL schemes of the providers built in (their cargo features on), each as its
@@ -147,6 +153,8 @@ pub fn schemes() -> Vec<driver::scheme::Scheme> {
     schemes.extend(azure::schemes());
     #[cfg(feature = "pubsub")]
     schemes.extend(gcp::schemes());
+    #[cfg(feature = "kafka")]
+    schemes.extend(kafka::schemes());
     schemes
 }
 

@@ -48,14 +48,68 @@ impl std::fmt::Debug for Scheme {
 }
 
 /// Parses `url`; a text that is not a URL is InvalidArgument.
+///
+/// A list of servers as the authority (`kafka://a:9092,b:9092`, the form Kafka's
+/// `bootstrap.servers` takes) is not a URL host, so its colons are percent-encoded
+/// (`a%3A9092,b%3A9092`, an opaque host): the provider reads the list back with
+/// [`host_list`].
+///
+/// ```
+/// use cloudbus_driver::scheme;
+/// let url = scheme::parse("kafka://a:9092,b:9093?mode=structured").unwrap();
+/// assert_eq!(scheme::host_list(&url), vec!["a:9092", "b:9093"]);
+/// assert_eq!(url.query(), Some("mode=structured"));
+/// let one = scheme::parse("kafka://a:9092").unwrap();
+/// assert_eq!(scheme::host_list(&one), vec!["a:9092"]);
+/// ```
 pub fn parse(url: &str) -> Result<url::Url> {
-    url::Url::parse(url).map_err(|e| {
-        Error::with_source(
-            ErrorKind::InvalidArgument,
-            format!("{url:?} is not a URL (try mem://)"),
-            e,
-        )
-    })
+    url::Url::parse(url)
+        .or_else(|e| match encode_host_list(url) {
+            Some(encoded) => url::Url::parse(&encoded).map_err(|_| e),
+            None => Err(e),
+        })
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::InvalidArgument,
+                format!("{url:?} is not a URL (try mem://)"),
+                e,
+            )
+        })
+}
+
+/// `scheme://h1:p1,h2:p2/rest` with the authority's colons percent-encoded, when the
+/// authority is a comma-separated list; `None` otherwise.
+fn encode_host_list(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if !authority.contains(',') || authority.contains(['@', '[', '%']) {
+        return None;
+    }
+    Some(format!(
+        "{scheme}://{}{tail}",
+        authority.replace(':', "%3A")
+    ))
+}
+
+/// The `host:port` entries of `url`'s authority: the list [`parse`] encoded, or the
+/// one host and its port (the host alone when it has none); empty without a host.
+pub fn host_list(url: &url::Url) -> Vec<String> {
+    let Some(host) = url.host_str() else {
+        return Vec::new();
+    };
+    if host.contains(',') {
+        return host
+            .replace("%3A", ":")
+            .replace("%3a", ":")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+    }
+    match url.port() {
+        Some(port) => vec![format!("{host}:{port}")],
+        None => vec![host.to_owned()],
+    }
 }
 
 /// Opens `url` with the one of `schemes` that serves its scheme; a scheme none of

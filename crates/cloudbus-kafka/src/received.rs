@@ -1,0 +1,50 @@
+//! A record as a consumer read it: where it sits (topic, partition, offset), when the
+//! broker or its producer stamped it, and its key, headers and value in the binding's
+//! terms, copied out of librdkafka's buffer.
+
+use chrono::{DateTime, Utc};
+use rdkafka::Message;
+use rdkafka::message::{Headers, Timestamp};
+
+use crate::binding::KafkaRecord;
+
+/// One record read from a partition.
+#[derive(Clone, Debug)]
+pub(crate) struct Received {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) timestamp: Option<DateTime<Utc>>,
+    pub(crate) record: KafkaRecord,
+}
+
+impl Received {
+    /// Copies `message` out of the client's buffer.
+    pub(crate) fn of<M: Message>(message: &M) -> Self {
+        let headers = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let timestamp = match message.timestamp() {
+            Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) => {
+                DateTime::from_timestamp_millis(ms)
+            }
+            Timestamp::NotAvailable => None,
+        };
+        Received {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp,
+            record: KafkaRecord {
+                key: message.key().map(<[u8]>::to_vec),
+                headers,
+                payload: message.payload().map(<[u8]>::to_vec),
+            },
+        }
+    }
+}

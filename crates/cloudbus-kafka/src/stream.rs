@@ -1,0 +1,256 @@
+//! A Kafka topic read as a partitioned log (the stream API): partitions are the
+//! topic's, a sequence number is an offset, a cursor is `partition:offset`, and a
+//! start at a time is found with `offsets_for_times`. Which reader holds which
+//! partition and where it checkpoints is the `StreamConsumer`'s (cloudbus-core) and
+//! its checkpoint store's.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use cloudbus_driver::{
+    Error, PartitionInfo, ReadBatch, Result, StartPosition, StreamDriver, StreamRecord,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::binding;
+use crate::bus::{METADATA_TIMEOUT, Shared, blocking, client_config};
+use crate::error::kafka_error;
+use crate::received::Received;
+
+/// How long a read waits for its first record.
+const READ_WAIT: Duration = Duration::from_millis(200);
+
+/// One partition's reader and the offset it reads next.
+struct PartitionReader {
+    consumer: BaseConsumer,
+    next: i64,
+}
+
+/// Reads one topic's partitions.
+pub struct KafkaStream {
+    shared: Arc<Shared>,
+    topic: String,
+    readers: Arc<Mutex<HashMap<i32, PartitionReader>>>,
+}
+
+/// A reader of assigned partitions: it joins no group and commits nothing (librdkafka
+/// wants a group id all the same).
+fn reader_settings(shared: &Shared) -> Vec<(String, String)> {
+    let mut settings = shared.config.client_settings();
+    settings.push(("group.id".into(), "cloudbus-stream-reader".into()));
+    settings.push(("enable.auto.commit".into(), "false".into()));
+    settings.push(("auto.offset.reset".into(), "earliest".into()));
+    settings
+}
+
+/// `partition:offset`, or `partition:offset@millis` for a start at a time: records
+/// stamped before `millis` are passed over until the first one at or after it (a
+/// broker may answer a time with the first offset of the record batch holding it:
+/// tansu does).
+fn cursor_of(partition: i32, offset: i64, not_before: Option<i64>) -> String {
+    match not_before {
+        Some(ms) => format!("{partition}:{offset}@{ms}"),
+        None => format!("{partition}:{offset}"),
+    }
+}
+
+fn parse_cursor(cursor: &str) -> Result<(i32, i64, Option<i64>)> {
+    let (position, not_before) = match cursor.split_once('@') {
+        Some((position, ms)) => (position, Some(ms)),
+        None => (cursor, None),
+    };
+    let bad = || Error::invalid(format!("{cursor:?} is not a Kafka stream cursor"));
+    let (p, o) = position.split_once(':').ok_or_else(bad)?;
+    let not_before = match not_before {
+        Some(ms) => Some(ms.parse().map_err(|_| bad())?),
+        None => None,
+    };
+    Ok((
+        p.parse().map_err(|_| bad())?,
+        o.parse().map_err(|_| bad())?,
+        not_before,
+    ))
+}
+
+fn offset_of(sequence: &str) -> Result<i64> {
+    sequence
+        .parse()
+        .map_err(|_| Error::invalid(format!("{sequence:?} is not a Kafka offset")))
+}
+
+impl KafkaStream {
+    /// Opens `topic` as a stream; NotFound when it does not exist.
+    pub(crate) async fn open(shared: Arc<Shared>, topic: &str) -> Result<Self> {
+        shared.partition_count(topic).await?;
+        Ok(KafkaStream {
+            shared,
+            topic: topic.to_owned(),
+            readers: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+}
+
+#[async_trait]
+impl StreamDriver for KafkaStream {
+    async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
+        let count = self.shared.partition_count(&self.topic).await?;
+        Ok((0..count)
+            .map(|p| PartitionInfo {
+                id: p.to_string(),
+                parents: Vec::new(),
+                closed: false,
+            })
+            .collect())
+    }
+
+    async fn cursor(&self, partition: &str, at: &StartPosition) -> Result<String> {
+        let p: i32 = partition.parse().map_err(|_| {
+            Error::not_found(format!("partition {partition:?} of {:?}", self.topic))
+        })?;
+        let shared = Arc::clone(&self.shared);
+        let topic = self.topic.clone();
+        let at = at.clone();
+        let not_before = match at {
+            StartPosition::AtTime(time) => Some(time.timestamp_millis()),
+            _ => None,
+        };
+        let offset = blocking(move || {
+            let watermarks = || {
+                shared
+                    .metadata
+                    .fetch_watermarks(&topic, p, METADATA_TIMEOUT)
+                    .map_err(|e| kafka_error(e, &format!("read the watermarks of {topic:?}/{p}")))
+            };
+            Ok(match at {
+                StartPosition::Earliest => watermarks()?.0,
+                StartPosition::Latest => watermarks()?.1,
+                StartPosition::AtSequence(s) => offset_of(&s)?,
+                StartPosition::AfterSequence(s) => offset_of(&s)? + 1,
+                StartPosition::AtTime(time) => {
+                    let mut wanted = TopicPartitionList::new();
+                    let _ = wanted.add_partition_offset(
+                        &topic,
+                        p,
+                        Offset::Offset(time.timestamp_millis()),
+                    );
+                    let found = shared
+                        .metadata
+                        .offsets_for_times(wanted, METADATA_TIMEOUT)
+                        .map_err(|e| {
+                            kafka_error(e, &format!("find the offset of {topic:?}/{p} at {time}"))
+                        })?;
+                    match found.elements().first().map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        // No record at or after that time: from the end.
+                        _ => watermarks()?.1,
+                    }
+                }
+            })
+        })
+        .await?;
+        Ok(cursor_of(p, offset, not_before))
+    }
+
+    async fn read(&self, cursor: &str, max: usize) -> Result<ReadBatch> {
+        let (partition, offset, mut not_before) = parse_cursor(cursor)?;
+        let shared = Arc::clone(&self.shared);
+        let topic = self.topic.clone();
+        let readers = Arc::clone(&self.readers);
+        let max = max.max(1);
+        let (received, high) = blocking(move || {
+            let taken = readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&partition);
+            let mut reader = match taken {
+                Some(r) => r,
+                None => PartitionReader {
+                    consumer: client_config(reader_settings(&shared))
+                        .create()
+                        .map_err(|e| kafka_error(e, "create a Kafka stream reader"))?,
+                    next: -1,
+                },
+            };
+            if reader.next != offset {
+                let mut at = TopicPartitionList::new();
+                let _ = at.add_partition_offset(&topic, partition, Offset::Offset(offset));
+                reader
+                    .consumer
+                    .assign(&at)
+                    .map_err(|e| kafka_error(e, &format!("read {topic:?}/{partition}")))?;
+                reader.next = offset;
+            }
+            let mut out = Vec::new();
+            let until = Instant::now() + READ_WAIT;
+            while out.len() < max {
+                let wait = if out.is_empty() {
+                    until.saturating_duration_since(Instant::now())
+                } else {
+                    Duration::ZERO
+                };
+                match reader.consumer.poll(wait) {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "Kafka stream read");
+                        if out.is_empty() && Instant::now() < until {
+                            continue;
+                        }
+                        break;
+                    }
+                    Some(Ok(m)) => {
+                        let r = Received::of(&m);
+                        reader.next = r.offset + 1;
+                        out.push(r);
+                    }
+                }
+            }
+            let high = reader
+                .consumer
+                .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
+                .map(|(_, h)| h)
+                .ok();
+            readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(partition, reader);
+            Ok((out, high))
+        })
+        .await?;
+        let next = received.last().map_or(offset, |r| r.offset + 1);
+        let received: Vec<Received> = received
+            .into_iter()
+            .filter(|r| match (not_before, r.timestamp) {
+                (Some(ms), Some(t)) if t.timestamp_millis() < ms => false,
+                _ => {
+                    not_before = None;
+                    true
+                }
+            })
+            .collect();
+        let behind = match (high, received.last()) {
+            (Some(h), _) if next >= h => Some(Duration::ZERO),
+            (Some(_), Some(last)) => last
+                .timestamp
+                .map(|t| (Utc::now() - t).to_std().unwrap_or_default()),
+            _ => None,
+        };
+        let records = received
+            .into_iter()
+            .map(|r| StreamRecord {
+                partition: partition.to_string(),
+                sequence: r.offset.to_string(),
+                timestamp: r.timestamp.unwrap_or_else(Utc::now),
+                event: binding::decode(&r.record).map(Arc::new),
+            })
+            .collect();
+        Ok(ReadBatch {
+            records,
+            next: Some(cursor_of(partition, next, not_before)),
+            behind,
+        })
+    }
+}

@@ -1,0 +1,615 @@
+//! A subscription (the queue-style API) on Kafka: a consumer group per subscription,
+//! reading the topic and the subscription's retry topic, with settlement per record
+//! on top of offsets.
+//!
+//! - An ack marks a record done; the committed offset of each partition only ever
+//!   advances over the contiguous done prefix of what was read, so a crash redelivers
+//!   from the first record not settled, never skips one.
+//! - A nack without delay and an expired lease deliver the record again from memory
+//!   (attempt + 1; its offset stays uncommitted, so a crash redelivers it too).
+//! - A nack with a delay writes the record to `<topic>.<subscription>.retry` with the
+//!   attempt count, the time it is due and its origin in headers, then marks it done;
+//!   a retried record is held until due (its offset uncommitted meanwhile).
+//! - A dead-letter, or a nack past the delivery limit, writes it to
+//!   `<topic>.<subscription>.dlq` with the reason, then marks it done.
+//! - A revoked partition (a rebalance) commits its done prefix and forgets what was in
+//!   flight there: the new owner delivers it again from the committed offset.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use cloudbus_driver::{
+    AckToken, BatchResults, Capabilities, Error, ErrorKind, ReceivedMessage, Result, Settlement,
+    SubscriptionDriver, SubscriptionSpec,
+};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::binding::{self, KafkaRecord};
+use crate::bus::{Shared, client_config, dead_letter_topic, retry_topic};
+use crate::error::kafka_error;
+use crate::headers::{self, Origin};
+use crate::producer::{capabilities, send_records};
+use crate::received::Received;
+
+/// A topic and partition.
+type Partition = (String, i32);
+
+/// How long one wait on the consumer lasts before leases and due retries are checked.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+
+/// How long the first receives of a new member wait for its group's assignment.
+const JOIN_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A record read but not finished, with its delivery count.
+#[derive(Clone, Debug)]
+struct Held {
+    received: Received,
+    /// Deliveries so far (the next one is `attempt + 1`).
+    delivered: u32,
+}
+
+struct InFlight {
+    held: Held,
+    lease_until: Instant,
+}
+
+/// One partition's records read and not yet committed, by offset: `true` once done.
+#[derive(Default)]
+struct Track {
+    pending: BTreeMap<i64, bool>,
+}
+
+#[derive(Default)]
+struct State {
+    next_token: u64,
+    in_flight: HashMap<u64, InFlight>,
+    tracks: HashMap<Partition, Track>,
+    /// Records to deliver again (nacked without delay, lease expired).
+    ready: VecDeque<Held>,
+    /// Retried records not due yet.
+    delayed: Vec<(chrono::DateTime<Utc>, Held)>,
+}
+
+impl State {
+    fn partition_of(received: &Received) -> Partition {
+        (received.topic.clone(), received.partition)
+    }
+
+    fn mark_done(&mut self, received: &Received) {
+        if let Some(track) = self.tracks.get_mut(&Self::partition_of(received))
+            && let Some(done) = track.pending.get_mut(&received.offset)
+        {
+            *done = true;
+        }
+    }
+
+    /// The offsets to commit: past each partition's contiguous done prefix.
+    fn advance(&mut self) -> TopicPartitionList {
+        let mut commits = TopicPartitionList::new();
+        for ((topic, partition), track) in &mut self.tracks {
+            let mut last = None;
+            while let Some((&offset, &done)) = track.pending.first_key_value() {
+                if !done {
+                    break;
+                }
+                track.pending.remove(&offset);
+                last = Some(offset);
+            }
+            if let Some(offset) = last {
+                // Adding to a list cannot fail for a valid offset.
+                let _ = commits.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
+            }
+        }
+        commits
+    }
+
+    /// Forgets the partitions in `revoked`; returns their done prefixes to commit.
+    fn revoke(&mut self, revoked: &TopicPartitionList) -> TopicPartitionList {
+        let commits = self.advance();
+        let gone: Vec<Partition> = revoked
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let mine = |r: &Received| gone.contains(&Self::partition_of(r));
+        self.in_flight.retain(|_, f| !mine(&f.held.received));
+        self.ready.retain(|h| !mine(&h.received));
+        self.delayed.retain(|(_, h)| !mine(&h.received));
+        for p in &gone {
+            self.tracks.remove(p);
+        }
+        let mut out = TopicPartitionList::new();
+        for e in commits.elements() {
+            if gone.contains(&(e.topic().to_owned(), e.partition())) {
+                let _ = out.add_partition_offset(e.topic(), e.partition(), e.offset());
+            }
+        }
+        out
+    }
+}
+
+/// Commits what a rebalance takes away, and forgets it.
+struct Context {
+    state: Arc<Mutex<State>>,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(revoked) = rebalance {
+            let commits = lock(&self.state).revoke(revoked);
+            if commits.count() > 0
+                && let Err(e) = consumer.commit(&commits, CommitMode::Sync)
+            {
+                tracing::warn!(error = %e, "commit before a rebalance failed; the new owner reads those records again");
+            }
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Receives and settles the records of one subscription.
+pub struct KafkaSubscription {
+    shared: Arc<Shared>,
+    topic: String,
+    retry_topic: String,
+    dead_letter_topic: String,
+    spec: SubscriptionSpec,
+    consumer: StreamConsumer<Context>,
+    state: Arc<Mutex<State>>,
+    /// One receive at a time reads the consumer.
+    receiving: tokio::sync::Mutex<()>,
+    /// Set once the group was joined.
+    joined: tokio::sync::OnceCell<()>,
+    /// Set once the group assigned this member a partition.
+    assigned: AtomicBool,
+    /// Until when a first receive waits for the group's assignment.
+    joined_by: Instant,
+    closed: AtomicBool,
+}
+
+impl KafkaSubscription {
+    /// The subscription's consumer. Opening is lazy, as on every provider: the first
+    /// receive checks that the topic and the subscription (its retry topic) exist
+    /// (NotFound otherwise) and joins the group.
+    pub(crate) async fn open(shared: Arc<Shared>, topic: &str, name: &str) -> Result<Self> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let consumer: StreamConsumer<Context> =
+            client_config(shared.config.consumer_settings(name))
+                .create_with_context(Context {
+                    state: Arc::clone(&state),
+                })
+                .map_err(|e| kafka_error(e, &format!("create the consumer of group {name:?}")))?;
+        Ok(KafkaSubscription {
+            spec: shared.spec(topic, name),
+            dead_letter_topic: dead_letter_topic(topic, name),
+            retry_topic: retry_topic(topic, name),
+            topic: topic.to_owned(),
+            shared,
+            consumer,
+            state,
+            receiving: tokio::sync::Mutex::new(()),
+            joined: tokio::sync::OnceCell::new(),
+            assigned: AtomicBool::new(false),
+            joined_by: Instant::now() + JOIN_PATIENCE,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Checks that the topic and the subscription exist, and joins the group (once).
+    async fn join(&self) -> Result<()> {
+        self.joined
+            .get_or_try_init(|| async {
+                let (topic, name, retry) = (&self.topic, &self.spec.name, &self.retry_topic);
+                self.shared.partition_count(topic).await?;
+                self.shared.partition_count(retry).await.map_err(|e| {
+                    if e.kind() == ErrorKind::NotFound {
+                        Error::not_found(format!(
+                            "subscription {name:?} of Kafka topic {topic:?} does not exist (its retry topic {retry:?} is missing; ensure the subscription first)"
+                        ))
+                    } else {
+                        e
+                    }
+                })?;
+                self.consumer
+                    .subscribe(&[topic.as_str(), retry.as_str()])
+                    .map_err(|e| kafka_error(e, &format!("subscribe group {name:?} to {topic:?}")))
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed(format!(
+                "the consumer of subscription {:?} of {:?} is closed",
+                self.spec.name, self.topic
+            )));
+        }
+        Ok(())
+    }
+
+    fn exhausted(&self, delivered: u32) -> bool {
+        self.spec
+            .max_delivery_attempts
+            .is_some_and(|max| max > 0 && delivered >= max)
+    }
+
+    /// Takes a record the consumer returned into the books; `Some` when it is to be
+    /// delivered now.
+    fn admit(&self, state: &mut State, received: Received) -> Option<Held> {
+        state
+            .tracks
+            .entry(State::partition_of(&received))
+            .or_default()
+            .pending
+            .insert(received.offset, false);
+        if received.topic == self.retry_topic {
+            let delivered = headers::number::<u32>(&received.record, headers::ATTEMPT).unwrap_or(1);
+            let held = Held {
+                received,
+                delivered,
+            };
+            if let Some(due) = headers::not_before(&held.received.record)
+                && due > Utc::now()
+            {
+                state.delayed.push((due, held));
+                return None;
+            }
+            return Some(held);
+        }
+        Some(Held {
+            received,
+            delivered: 0,
+        })
+    }
+
+    /// Moves due retries and expired leases to `ready`; returns the records whose
+    /// lease expired at their last allowed delivery (to dead-letter).
+    fn sweep(&self, state: &mut State) -> Vec<Held> {
+        let now = Utc::now();
+        let mut i = 0;
+        while i < state.delayed.len() {
+            if state.delayed[i].0 <= now {
+                let (_, held) = state.delayed.swap_remove(i);
+                state.ready.push_back(held);
+            } else {
+                i += 1;
+            }
+        }
+        let instant = Instant::now();
+        let expired: Vec<u64> = state
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.lease_until <= instant)
+            .map(|(t, _)| *t)
+            .collect();
+        let mut exhausted = Vec::new();
+        for token in expired {
+            if let Some(f) = state.in_flight.remove(&token) {
+                if self.exhausted(f.held.delivered) {
+                    exhausted.push(f.held);
+                } else {
+                    state.ready.push_back(f.held);
+                }
+            }
+        }
+        exhausted
+    }
+
+    /// Turns a held record into a delivery, or `None` when the subscription's filter
+    /// drops it (it is done at once).
+    fn deliver(&self, state: &mut State, mut held: Held) -> Option<ReceivedMessage> {
+        let event = binding::decode(&held.received.record).map(Arc::new);
+        if let (Ok(e), Some(filter)) = (&event, &self.spec.filter)
+            && !filter.matches(e)
+        {
+            state.mark_done(&held.received);
+            return None;
+        }
+        held.delivered += 1;
+        let token = state.next_token;
+        state.next_token += 1;
+        let size = held.received.record.payload.as_ref().map_or(0, Vec::len);
+        let message = ReceivedMessage {
+            event,
+            token: AckToken::Number(token),
+            attempt: held.delivered,
+            lease: Some(self.spec.lease),
+            published_at: held.received.timestamp,
+            ordering_key: held
+                .received
+                .record
+                .key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .map(str::to_owned),
+            size,
+        };
+        state.in_flight.insert(
+            token,
+            InFlight {
+                held,
+                lease_until: Instant::now() + self.spec.lease,
+            },
+        );
+        Some(message)
+    }
+
+    /// Writes `held` to the dead-letter topic with `reason`; Ok once it is there.
+    async fn dead_letter(&self, held: &Held, reason: &str, description: &str) -> Result<()> {
+        let record = self.moved(
+            held,
+            &[
+                (headers::DEAD_LETTER_REASON, reason.to_owned()),
+                (headers::DEAD_LETTER_DESCRIPTION, description.to_owned()),
+                (headers::DEAD_LETTERED_AT, Utc::now().to_rfc3339()),
+            ],
+        );
+        let mut sent = send_records(&self.shared, &self.dead_letter_topic, &[record]).await;
+        sent.pop().unwrap_or(Ok(()))
+    }
+
+    /// `held`'s record with its attempt count, origin and `set`.
+    fn moved(&self, held: &Held, set: &[(&str, String)]) -> KafkaRecord {
+        let origin = Origin {
+            topic: &held.received.topic,
+            partition: held.received.partition,
+            offset: held.received.offset,
+        };
+        let mut all = vec![(headers::ATTEMPT, held.delivered.to_string())];
+        all.extend(set.iter().map(|(k, v)| (*k, v.clone())));
+        headers::with_headers(&held.received.record, &origin, &all)
+    }
+
+    /// Commits past the done prefixes (asynchronously: a lost commit only redelivers).
+    fn commit(&self) {
+        let commits = lock(&self.state).advance();
+        if commits.count() > 0
+            && let Err(e) = self.consumer.commit(&commits, CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "Kafka commit failed; the records stay uncommitted");
+        }
+    }
+
+    /// Dead-letters records whose lease ran out at their last delivery; those that
+    /// cannot be written go back to be delivered again.
+    async fn dead_letter_exhausted(&self, exhausted: Vec<Held>) {
+        for held in exhausted {
+            let reason = format!(
+                "not settled within its lease at delivery {} (the limit)",
+                held.delivered
+            );
+            match self
+                .dead_letter(&held, "max delivery attempts", &reason)
+                .await
+            {
+                Ok(()) => lock(&self.state).mark_done(&held.received),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-lettering a record failed; it is delivered again");
+                    lock(&self.state).ready.push_back(held);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl SubscriptionDriver for KafkaSubscription {
+    async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
+        self.check_open()?;
+        self.join().await?;
+        let max = max.max(1);
+        let _reader = self.receiving.lock().await;
+        let mut until = Instant::now() + wait;
+        let mut out = Vec::new();
+        loop {
+            let exhausted = {
+                let mut state = lock(&self.state);
+                let exhausted = self.sweep(&mut state);
+                while out.len() < max {
+                    let Some(held) = state.ready.pop_front() else {
+                        break;
+                    };
+                    out.extend(self.deliver(&mut state, held));
+                }
+                exhausted
+            };
+            if !exhausted.is_empty() {
+                self.dead_letter_exhausted(exhausted).await;
+            }
+            // Read what the consumer has: wait for the first record only while
+            // nothing is to be returned yet.
+            while out.len() < max {
+                let slice = if out.is_empty() {
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .min(POLL_SLICE)
+                } else {
+                    Duration::ZERO
+                };
+                let next = if slice.is_zero() {
+                    futures::FutureExt::now_or_never(self.consumer.recv())
+                } else {
+                    tokio::time::timeout(slice, self.consumer.recv()).await.ok()
+                };
+                let message = match next {
+                    None => break,
+                    Some(Ok(m)) => Received::of(&m),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, topic = %self.topic, "Kafka consumer error");
+                        break;
+                    }
+                };
+                let mut state = lock(&self.state);
+                if let Some(held) = self.admit(&mut state, message) {
+                    out.extend(self.deliver(&mut state, held));
+                }
+            }
+            if !out.is_empty() {
+                break;
+            }
+            if Instant::now() >= until {
+                // A new member's first receive waits for its group's assignment
+                // (seconds: Kafka delays a new group's first rebalance), so that a
+                // receive with a short wait does not end before the member could
+                // have been given a partition.
+                let joining =
+                    !self.assigned.load(Ordering::Acquire) && Instant::now() < self.joined_by;
+                if !joining {
+                    break;
+                }
+            }
+            if !self.assigned.load(Ordering::Acquire)
+                && self.consumer.assignment().is_ok_and(|a| a.count() > 0)
+            {
+                self.assigned.store(true, Ordering::Release);
+                // Assigned just now: the first fetch gets its time too.
+                until = until.max(Instant::now() + wait.max(Duration::from_millis(500)));
+            }
+        }
+        self.commit();
+        Ok(out)
+    }
+
+    async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
+        let mut results: Vec<Result<()>> = Vec::with_capacity(items.len());
+        // Settlements that write a record first: (slot, token, held, target).
+        let mut moves: Vec<(usize, u64, Held, Move)> = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            for (slot, (token, settlement)) in items.iter().enumerate() {
+                let Some(n) = token.as_number() else {
+                    results.push(Err(Error::invalid(format!(
+                        "{token:?} is not a Kafka delivery"
+                    ))));
+                    continue;
+                };
+                if let Settlement::Extend { lease } = settlement {
+                    results.push(match state.in_flight.get_mut(&n) {
+                        Some(f) => {
+                            f.lease_until = Instant::now() + *lease;
+                            Ok(())
+                        }
+                        None => Err(gone(n)),
+                    });
+                    continue;
+                }
+                let Some(f) = state.in_flight.remove(&n) else {
+                    results.push(Err(gone(n)));
+                    continue;
+                };
+                results.push(Ok(()));
+                match settlement {
+                    Settlement::Ack => state.mark_done(&f.held.received),
+                    Settlement::Nack { .. } if self.exhausted(f.held.delivered) => {
+                        let description = format!(
+                            "nacked at delivery {} of at most {}",
+                            f.held.delivered,
+                            self.spec.max_delivery_attempts.unwrap_or(0)
+                        );
+                        moves.push((
+                            slot,
+                            n,
+                            f.held,
+                            Move::DeadLetter("max delivery attempts".into(), description),
+                        ));
+                    }
+                    Settlement::Nack { delay } if delay.is_zero() => state.ready.push_back(f.held),
+                    Settlement::Nack { delay } => {
+                        moves.push((slot, n, f.held, Move::Retry(*delay)))
+                    }
+                    Settlement::DeadLetter {
+                        reason,
+                        description,
+                    } => moves.push((
+                        slot,
+                        n,
+                        f.held,
+                        Move::DeadLetter(reason.clone(), description.clone()),
+                    )),
+                    Settlement::Extend { .. } => {}
+                }
+            }
+        }
+        for (slot, token, held, target) in moves {
+            let written = match &target {
+                Move::DeadLetter(reason, description) => {
+                    self.dead_letter(&held, reason, description).await
+                }
+                Move::Retry(delay) => {
+                    let due = Utc::now()
+                        + chrono::Duration::from_std(*delay).unwrap_or(chrono::Duration::MAX);
+                    let record = self.moved(
+                        &held,
+                        &[(headers::NOT_BEFORE, due.timestamp_millis().to_string())],
+                    );
+                    let mut sent = send_records(&self.shared, &self.retry_topic, &[record]).await;
+                    sent.pop().unwrap_or(Ok(()))
+                }
+            };
+            let mut state = lock(&self.state);
+            match written {
+                Ok(()) => state.mark_done(&held.received),
+                Err(e) => {
+                    // Not written: the delivery stays as it was, so that the settlement
+                    // can be tried again or the lease runs out and it comes back.
+                    state.in_flight.insert(
+                        token,
+                        InFlight {
+                            held,
+                            lease_until: Instant::now() + self.spec.lease,
+                        },
+                    );
+                    results[slot] = Err(e);
+                }
+            }
+        }
+        self.commit();
+        Ok(results)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        capabilities(self.shared.config.max_message_bytes())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let commits = lock(&self.state).advance();
+        if commits.count() > 0 {
+            self.consumer
+                .commit(&commits, CommitMode::Sync)
+                .map_err(|e| kafka_error(e, "commit at close"))?;
+        }
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+}
+
+/// Where a settlement moves a record.
+enum Move {
+    Retry(Duration),
+    DeadLetter(String, String),
+}
+
+fn gone(token: u64) -> Error {
+    Error::new(
+        ErrorKind::LeaseExpired,
+        format!(
+            "Kafka delivery {token} is not held any more: settled already, its lease ran out, or its partition moved to another consumer"
+        ),
+    )
+}

@@ -1,0 +1,355 @@
+//! Kafka-specific tests: librdkafka's mock cluster under faults (brokers down and up,
+//! request errors injected per API: nothing lost), and against tansu
+//! (KAFKA_BOOTSTRAP_SERVERS): a rebalance between two members losing nothing, retry
+//! and dead-letter topics with their headers, and the CloudEvents Kafka binding both
+//! ways with Python's confluent-kafka and the CloudEvents Python SDK
+//! (CLOUDBUS_KAFKA_PYTHON).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cloudbus_core::worker::{HandlerContext, HandlerError, WorkerOptions};
+use cloudbus_core::{AttributesReader, Event, EventBuilder, SubscriptionSpec};
+
+fn events(ty: &str, count: usize) -> Vec<Event> {
+    (0..count)
+        .map(|n| {
+            EventBuilder::new(ty, "/kafka-tests")
+                .partition_key(format!("key-{}", n % 7))
+                .json(&serde_json::json!({ "n": n }))
+                .expect("json data")
+                .build()
+                .expect("an event")
+        })
+        .collect()
+}
+
+/// Ids handled, with how often each was.
+type Seen = Arc<Mutex<HashMap<String, usize>>>;
+
+fn handler(
+    seen: Seen,
+) -> impl Fn(Arc<Event>, HandlerContext) -> std::future::Ready<std::result::Result<(), HandlerError>>
++ Send
++ Sync
++ 'static {
+    move |e: Arc<Event>, _c: HandlerContext| {
+        *seen
+            .lock()
+            .expect("seen")
+            .entry(e.id().to_owned())
+            .or_default() += 1;
+        std::future::ready(Ok(()))
+    }
+}
+
+async fn wait_for(seen: &Seen, count: usize, patience: Duration) {
+    let until = Instant::now() + patience;
+    while seen.lock().expect("seen").len() < count && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+mod mock_cluster {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// 10,000 events published while brokers go down and up and produce, fetch and
+    /// commit requests fail: every id is received, none is dead-lettered, and the
+    /// run ends (librdkafka's in-process mock cluster: tansu cannot inject faults).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_lost_while_brokers_go_down_and_requests_fail() {
+        let cluster = MockCluster::new(3).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        for topic in ["orders", "orders.work.retry", "orders.work.dlq"] {
+            cluster.create_topic(topic, 4, 3).expect("a mock topic");
+        }
+        let bus = common::bus(&bootstrap, "partitions=4&replication=3")
+            .await
+            .expect("a bus");
+        bus.ensure_subscription(&SubscriptionSpec::new("orders", "work").max_delivery_attempts(50))
+            .await
+            .expect("the subscription");
+        let seen: Seen = Arc::default();
+        let worker = bus
+            .consumer("orders", "work")
+            .await
+            .expect("a consumer")
+            .start_worker(handler(Arc::clone(&seen)), WorkerOptions::default())
+            .expect("a worker");
+        let publisher = bus.publisher("orders").await.expect("a publisher");
+
+        let all = events("com.example.mock", 10_000);
+        let ids: Vec<String> = all.iter().map(|e| e.id().to_owned()).collect();
+        // Publishing runs in its own task; the faults are injected here (the mock
+        // cluster's handle stays on the test's thread) until it is done.
+        let publishing = tokio::spawn(async move {
+            let mut refused = 0;
+            for chunk in all.chunks(500) {
+                for result in publisher.publish_batch(chunk.to_vec()).await {
+                    if let Err(e) = result {
+                        refused += 1;
+                        eprintln!("publish refused: {e}");
+                    }
+                }
+            }
+            refused
+        });
+        let mut rounds = 0u32;
+        let mut injected = 0u32;
+        while !publishing.is_finished() {
+            let broker = (rounds % 3) as i32 + 1;
+            let _ = cluster.broker_down(broker);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let _ = cluster.broker_up(broker);
+            cluster.request_errors(
+                RDKafkaApiKey::Produce,
+                &[
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+                    RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                ],
+            );
+            cluster.request_errors(
+                RDKafkaApiKey::OffsetCommit,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT],
+            );
+            cluster.request_errors(
+                RDKafkaApiKey::Fetch,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION],
+            );
+            let rtt = if rounds % 2 == 0 { 50 } else { 0 };
+            let _ = cluster.broker_round_trip_time(broker, Duration::from_millis(rtt));
+            injected += 5;
+            rounds += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for broker in 1..=3 {
+            let _ = cluster.broker_up(broker);
+            let _ = cluster.broker_round_trip_time(broker, Duration::ZERO);
+        }
+        let refused = publishing.await.expect("the publishing task");
+        wait_for(&seen, ids.len(), Duration::from_secs(120)).await;
+        let report = worker.shutdown(Duration::from_secs(10)).await;
+        let seen = seen.lock().expect("seen").clone();
+        let lost: Vec<&String> = ids.iter().filter(|id| !seen.contains_key(*id)).collect();
+        let duplicates: usize = seen.values().map(|n| n - 1).sum();
+        let letters = bus
+            .dead_letters("orders", "work")
+            .await
+            .expect("dead letters")
+            .peek(10)
+            .await
+            .expect("peek");
+        println!(
+            "mock cluster: {} published ({refused} refused), {} received, {} lost, {duplicates} duplicates, {} dead-lettered; {rounds} rounds of faults ({injected} injected); {report:?}",
+            ids.len(),
+            seen.len(),
+            lost.len(),
+            letters.len()
+        );
+        assert_eq!(refused, 0, "the publisher gave up on events under faults");
+        assert!(
+            lost.is_empty(),
+            "{} events lost, e.g. {:?}",
+            lost.len(),
+            lost.first()
+        );
+        assert!(
+            letters.is_empty(),
+            "{} events dead-lettered wrongly",
+            letters.len()
+        );
+    }
+}
+
+mod tansu {
+    use super::*;
+
+    /// Two members of one subscription: the second joins while the first works and
+    /// the first leaves half way; every event is handled, none lost (duplicates are
+    /// at-least-once's and printed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebalance_between_two_members_loses_nothing() {
+        let Some(bootstrap) = common::bootstrap() else {
+            return;
+        };
+        let topic = common::unique("rebalance");
+        let bus = common::bus(&bootstrap, "partitions=4")
+            .await
+            .expect("a bus");
+        bus.ensure_topic(&topic).await.expect("the topic");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "members"))
+            .await
+            .expect("the subscription");
+        let seen: Seen = Arc::default();
+        let first = bus
+            .consumer(&topic, "members")
+            .await
+            .expect("a consumer")
+            .start_worker(handler(Arc::clone(&seen)), WorkerOptions::default())
+            .expect("a worker");
+        let publisher = bus.publisher(&topic).await.expect("a publisher");
+        let all = events("com.example.rebalance", 400);
+        for r in publisher.publish_batch(all[..200].to_vec()).await {
+            r.expect("published");
+        }
+        wait_for(&seen, 100, Duration::from_secs(30)).await;
+        let other = common::bus(&bootstrap, "").await.expect("a second bus");
+        let second = other
+            .consumer(&topic, "members")
+            .await
+            .expect("a second consumer")
+            .start_worker(handler(Arc::clone(&seen)), WorkerOptions::default())
+            .expect("a second worker");
+        for r in publisher.publish_batch(all[200..300].to_vec()).await {
+            r.expect("published");
+        }
+        wait_for(&seen, 250, Duration::from_secs(30)).await;
+        first.shutdown(Duration::from_secs(10)).await;
+        for r in publisher.publish_batch(all[300..].to_vec()).await {
+            r.expect("published");
+        }
+        wait_for(&seen, 400, Duration::from_secs(60)).await;
+        second.shutdown(Duration::from_secs(10)).await;
+        let seen = seen.lock().expect("seen").clone();
+        let lost = all.iter().filter(|e| !seen.contains_key(e.id())).count();
+        let duplicates: usize = seen.values().map(|n| n - 1).sum();
+        println!(
+            "rebalance: 400 published, {} received, {lost} lost, {duplicates} duplicates",
+            seen.len()
+        );
+        assert_eq!(lost, 0, "events lost in the rebalance");
+    }
+
+    /// A nack with a delay goes through the retry topic, a dead-letter through the
+    /// dead-letter topic: both with the attempt count, the origin and (for the dead
+    /// letter) the reason in headers; redrive brings the letter back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retry_and_dead_letter_topics_carry_their_headers() {
+        let Some(bootstrap) = common::bootstrap() else {
+            return;
+        };
+        let topic = common::unique("headers");
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        bus.ensure_topic(&topic).await.expect("the topic");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "s"))
+            .await
+            .expect("the subscription");
+        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        let e = events("com.example.retry", 1).remove(0);
+        bus.publisher(&topic)
+            .await
+            .expect("a publisher")
+            .publish(e.clone())
+            .await
+            .expect("published");
+        let first = consumer.receive().await.expect("a delivery");
+        let nacked_at = Instant::now();
+        first.nack(Duration::from_secs(2)).await.expect("nacked");
+        let second = consumer.receive().await.expect("the retry");
+        assert!(
+            nacked_at.elapsed() >= Duration::from_millis(1900),
+            "retried after {:?}",
+            nacked_at.elapsed()
+        );
+        assert_eq!(second.event().id(), e.id());
+        assert_eq!(second.attempt(), 2);
+        second
+            .dead_letter_with("bad-data", "field x is missing")
+            .await
+            .expect("dead-lettered");
+        let dlq = bus.dead_letters(&topic, "s").await.expect("dead letters");
+        let mut letters = Vec::new();
+        let until = Instant::now() + Duration::from_secs(20);
+        while letters.is_empty() && Instant::now() < until {
+            letters = dlq.peek(10).await.expect("peek");
+        }
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].reason.as_deref(), Some("bad-data"));
+        assert_eq!(
+            letters[0].description.as_deref(),
+            Some("field x is missing")
+        );
+        assert_eq!(letters[0].attempts, 2);
+        assert_eq!(
+            letters[0].source_entity.as_deref(),
+            Some(format!("{topic}/s").as_str())
+        );
+        // The raw record on the dead-letter topic names where it came from.
+        let raw = raw_records(
+            &bootstrap,
+            &cloudbus_kafka::dead_letter_topic(&topic, "s"),
+            1,
+        )
+        .await;
+        let header = |name: &str| {
+            raw[0]
+                .headers
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.clone())
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        assert_eq!(header("cloudbus-original-topic"), Some(topic.clone()));
+        assert_eq!(header("cloudbus-original-offset").as_deref(), Some("0"));
+        assert_eq!(
+            header("cloudbus-dead-letter-reason").as_deref(),
+            Some("bad-data")
+        );
+        assert_eq!(header("ce_id").as_deref(), Some(e.id()));
+        assert_eq!(dlq.redrive_all().await.expect("redrive"), 1);
+        let back = consumer.receive().await.expect("redriven");
+        assert_eq!(back.event().id(), e.id());
+        assert_eq!(
+            back.attempt(),
+            1,
+            "a redriven letter starts its attempts afresh"
+        );
+        back.ack().await.expect("acked");
+        assert!(dlq.peek(10).await.expect("peek").is_empty());
+    }
+
+    /// The first `count` records of `topic`, as a plain Kafka consumer sees them.
+    async fn raw_records(
+        bootstrap: &str,
+        topic: &str,
+        count: usize,
+    ) -> Vec<cloudbus_kafka::KafkaRecord> {
+        use rdkafka::Message;
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::Headers;
+        let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", common::unique("raw"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("a consumer");
+        consumer.subscribe(&[topic]).expect("subscribed");
+        let mut out = Vec::new();
+        while out.len() < count {
+            let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+                .await
+                .expect("a record in time")
+                .expect("a record");
+            out.push(cloudbus_kafka::KafkaRecord {
+                key: m.key().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                payload: m.payload().map(<[u8]>::to_vec),
+            });
+        }
+        out
+    }
+}
