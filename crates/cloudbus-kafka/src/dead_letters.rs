@@ -28,7 +28,7 @@ use crate::received::Received;
 
 /// How long a read waits for the first dead letter, and then for each next one.
 const FIRST_WAIT: Duration = Duration::from_millis(1500);
-const IDLE_WAIT: Duration = Duration::from_millis(300);
+const IDLE_WAIT: Duration = Duration::from_millis(700);
 /// Letters handled per round of an unbounded redrive or purge.
 const CHUNK: usize = 500;
 
@@ -59,10 +59,13 @@ impl KafkaDeadLetters {
     async fn read(&self, max: usize, before: Option<DateTime<Utc>>) -> Result<Read> {
         let dlq = dead_letter_topic(&self.topic, &self.name);
         let partitions = self.shared.partition_count(&dlq).await?;
-        let settings = self
+        let mut settings = self
             .shared
             .config
             .consumer_settings(&dead_letter_group(&self.topic, &self.name));
+        // A fetch with nothing to return comes back at once, so that the idle wait
+        // below means "nothing more", not "the broker held the fetch".
+        settings.push(("fetch.wait.max.ms".into(), "50".into()));
         blocking(move || {
             let reader: BaseConsumer = client_config(settings)
                 .create()

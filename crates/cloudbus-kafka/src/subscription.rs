@@ -256,7 +256,8 @@ impl KafkaSubscription {
             .pending
             .insert(received.offset, false);
         if received.topic == self.retry_topic {
-            let delivered = headers::number::<u32>(&received.record, headers::ATTEMPT).unwrap_or(1);
+            // A redriven dead letter carries no count: it starts afresh.
+            let delivered = headers::number::<u32>(&received.record, headers::ATTEMPT).unwrap_or(0);
             let held = Held {
                 received,
                 delivered,

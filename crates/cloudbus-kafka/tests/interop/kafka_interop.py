@@ -14,8 +14,10 @@ mode. Run with the python of scripts/kafka-venv.sh (CLOUDBUS_KAFKA_PYTHON).
         earliest offset), reads each with the SDK's from_structured when its
         content-type header is application/cloudevents+... and from_binary otherwise,
         and prints each as a JSON line: id, type, source, partitionkey, key (the
-        record's, as text, or null), data, mode, headers (name: value as text), and
-        topic, partition, offset, specversion, datacontenttype, time. Exits 1 when
+        record's, as text, or null), data, mode, headers (name: value as text),
+        extensions (every attribute that is not a context attribute of the spec,
+        partitionkey included: name: value), and topic, partition, offset,
+        specversion, datacontenttype, time. Exits 1 when
         fewer than N arrive within TIMEOUT_S seconds, or when a record is not a
         CloudEvent.
     python kafka_interop.py produce-foreign BOOTSTRAP TOPIC
@@ -45,6 +47,12 @@ from confluent_kafka import Consumer, KafkaError, Producer
 # librdkafka's default session timeout (45 s) makes tansu hold the first JoinGroup of
 # a group for about half of it (23 s); 6 s (Kafka's smallest by default) makes it 3 s.
 SESSION_TIMEOUT_MS = 6000
+
+# The context attributes of CloudEvents 1.0 (required and optional); every other
+# attribute of an event is an extension.
+CONTEXT_ATTRIBUTES = frozenset(
+    ("id", "source", "specversion", "type", "datacontenttype", "dataschema", "subject", "time")
+)
 
 
 def text(value):
@@ -139,6 +147,9 @@ def described(record):
         "data": jsonable(event.get_data()),
         "mode": mode,
         "headers": headers,
+        "extensions": {
+            name: value for name, value in attributes.items() if name not in CONTEXT_ATTRIBUTES
+        },
         "topic": record.topic(),
         "partition": record.partition(),
         "offset": record.offset(),
