@@ -338,8 +338,11 @@ async fn main() -> cloudbus::Result<()> {
     }
     let expected = u64::from(ORDERS) + 1;
 
-    // Wait for every order but the poison one (and the invalid one) to finish.
-    wait_for(&saga.outcomes, expected - 1, Duration::from_secs(10)).await;
+    // Wait for every order but the poison one (and the invalid one) to finish. The
+    // waits end as soon as the saga is there; their length is for brokers whose new
+    // consumers take a while to get their first events (a new Kafka consumer group's
+    // first join: over 20 s on tansu when five groups join at once).
+    wait_for(&saga.outcomes, expected - 1, Duration::from_secs(60)).await;
     // The dead letters land when Payment's worker settles them, which may be after
     // the other orders finished: wait for both.
     let letters = wait_for_letters(&dlq, 2).await?;
@@ -351,7 +354,7 @@ async fn main() -> cloudbus::Result<()> {
     println!("--- deploying Payment with XTS support, then redriving\n");
     saga.xts_supported.store(true, Ordering::SeqCst);
     let redriven = dlq.redrive_all().await?;
-    wait_for(&saga.outcomes, expected, Duration::from_secs(10)).await;
+    wait_for(&saga.outcomes, expected, Duration::from_secs(60)).await;
     // The invalid order is dead-lettered again: redriving does not fix data.
     let letters = wait_for_letters(&dlq, 1).await?;
     println!(

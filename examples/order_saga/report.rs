@@ -54,12 +54,12 @@ pub fn summary(lines: &[(&str, String)]) {
     }
 }
 
-/// Peeks at the dead-letter queue until it holds `n` letters or more (at most 10 s).
+/// Peeks at the dead-letter queue until it holds `n` letters or more (at most 60 s).
 pub async fn wait_for_letters(
     dlq: &cloudbus::DeadLetters,
     n: usize,
 ) -> cloudbus::Result<Vec<cloudbus::DeadLetter>> {
-    let until = Instant::now() + Duration::from_secs(10);
+    let until = Instant::now() + Duration::from_secs(60);
     let mut letters = dlq.peek(10).await?;
     while letters.len() < n && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -991,7 +991,7 @@ fn parse_connection_string(text: &str) -> Result<String> {
             "{env} has no Endpoint=sb://NAMESPACE.servicebus.windows.net/"
         )));
     };
-    if !(key_name && key) && !signature {
+    if !(signature || key_name && key) {
         return Err(Error::invalid(format!(
             "{env} has neither SharedAccessKeyName and SharedAccessKey nor SharedAccessSignature"
         )));

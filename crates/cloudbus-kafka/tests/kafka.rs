@@ -220,7 +220,7 @@ mod mock_cluster {
                 );
             }
             if on("rtt") {
-                let rtt = if rounds % 2 == 0 { 50 } else { 0 };
+                let rtt = if rounds.is_multiple_of(2) { 50 } else { 0 };
                 let _ = cluster.broker_round_trip_time(broker, Duration::from_millis(rtt));
             }
             injected += 5;
