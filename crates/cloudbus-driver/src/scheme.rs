@@ -61,6 +61,9 @@ impl std::fmt::Debug for Scheme {
 /// assert_eq!(url.query(), Some("mode=structured"));
 /// let one = scheme::parse("kafka://a:9092").unwrap();
 /// assert_eq!(scheme::host_list(&one), vec!["a:9092"]);
+/// // A password in a URL that does not parse stays out of the error.
+/// let e = scheme::parse("kafka://user:secret@a:1,b:2").unwrap_err();
+/// assert!(!e.to_string().contains("secret"), "{e}");
 /// ```
 pub fn parse(url: &str) -> Result<url::Url> {
     url::Url::parse(url)
@@ -71,10 +74,23 @@ pub fn parse(url: &str) -> Result<url::Url> {
         .map_err(|e| {
             Error::with_source(
                 ErrorKind::InvalidArgument,
-                format!("{url:?} is not a URL (try mem://)"),
+                format!("{:?} is not a URL (try mem://)", without_userinfo(url)),
                 e,
             )
         })
+}
+
+/// `url` with what stands before an `@` in its authority (a user and password)
+/// replaced, for error messages.
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]).into(),
+        None => url.into(),
+    }
 }
 
 /// `scheme://h1:p1,h2:p2/rest` with the authority's colons percent-encoded, when the

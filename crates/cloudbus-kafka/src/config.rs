@@ -650,6 +650,9 @@ impl KafkaConfig {
             setting("bootstrap.servers", &self.bootstrap_servers),
             setting("client.id", &self.client_id),
             setting("security.protocol", self.security_protocol.as_setting()),
+            // Topics are made by the topology, never by a send or a subscribe
+            // (librdkafka's producer would ask the broker to create them).
+            setting("allow.auto.create.topics", "false"),
         ];
         match &self.sasl {
             None => {}
@@ -1088,6 +1091,7 @@ mod tests {
                 ),
                 ("client.id", "cloudbus"),
                 ("security.protocol", "PLAINTEXT"),
+                ("allow.auto.create.topics", "false"),
             ]
         );
         assert_eq!(c.content_mode(), ContentMode::Binary);
@@ -1099,7 +1103,7 @@ mod tests {
         assert!(c.admin_api());
         assert_eq!(c.max_message_bytes(), 1_000_000);
         assert_eq!(
-            pairs(&c.producer_settings().unwrap())[3..],
+            pairs(&c.producer_settings().unwrap())[4..],
             [
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
@@ -1110,7 +1114,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            pairs(&c.consumer_settings("orders-billing"))[3..],
+            pairs(&c.consumer_settings("orders-billing"))[4..],
             [
                 ("group.id", "orders-billing"),
                 ("enable.auto.commit", "false"),
@@ -1238,6 +1242,7 @@ mod tests {
                 ("bootstrap.servers", "a:9092"),
                 ("client.id", "orders-svc"),
                 ("security.protocol", "SSL"),
+                ("allow.auto.create.topics", "false"),
                 ("ssl.ca.location", "/etc/kafka/ca.pem"),
             ]
         );
@@ -1299,6 +1304,7 @@ mod tests {
                 ("bootstrap.servers", "contoso.servicebus.windows.net:9093"),
                 ("client.id", "cloudbus"),
                 ("security.protocol", "SASL_SSL"),
+                ("allow.auto.create.topics", "false"),
                 ("sasl.mechanism", "PLAIN"),
                 ("sasl.username", "$ConnectionString"),
                 ("sasl.password", cs.as_str()),
@@ -1308,7 +1314,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            pairs(&c.producer_settings().unwrap())[9..],
+            pairs(&c.producer_settings().unwrap())[10..],
             [
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
@@ -1441,6 +1447,7 @@ mod tests {
                 ("bootstrap.servers", "contoso.servicebus.windows.net:9093"),
                 ("client.id", "cloudbus"),
                 ("security.protocol", "SASL_SSL"),
+                ("allow.auto.create.topics", "false"),
                 ("sasl.mechanism", "OAUTHBEARER"),
                 ("socket.keepalive.enable", "true"),
                 ("metadata.max.age.ms", "180000"),
@@ -1477,6 +1484,7 @@ mod tests {
                 ),
                 ("client.id", "cloudbus"),
                 ("security.protocol", "SASL_SSL"),
+                ("allow.auto.create.topics", "false"),
                 ("sasl.mechanism", "SCRAM-SHA-512"),
                 ("sasl.username", "alice"),
                 ("sasl.password", PASSWORD),

@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::binding;
-use crate::bus::{
+use crate::connection::{
     METADATA_TIMEOUT, Shared, blocking, client_config, dead_letter_group, dead_letter_topic,
     retry_topic,
 };
@@ -89,6 +89,7 @@ impl KafkaDeadLetters {
                 .assign(&start)
                 .map_err(|e| kafka_error(e, &format!("read {dlq:?}")))?;
             let mut letters = Vec::new();
+            let mut stopped = std::collections::HashSet::new();
             let mut wait = FIRST_WAIT;
             let mut until = Instant::now() + wait;
             while letters.len() < max {
@@ -103,10 +104,16 @@ impl KafkaDeadLetters {
                     }
                     Some(Ok(m)) => {
                         let r = Received::of(&m);
+                        if stopped.contains(&r.partition) {
+                            continue;
+                        }
                         if let (Some(limit), Some(at)) = (before, r.timestamp)
                             && at > limit
                         {
-                            // Written after the redrive began: not this round's.
+                            // Written after the redrive began (a letter that came
+                            // back): this round ends in its partition there, so that
+                            // nothing after it is committed past unseen.
+                            stopped.insert(r.partition);
                             continue;
                         }
                         letters.push(r);

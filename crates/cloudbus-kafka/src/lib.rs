@@ -25,6 +25,7 @@
 mod binding;
 mod bus;
 mod config;
+mod connection;
 mod dead_letters;
 mod error;
 mod headers;
@@ -41,8 +42,9 @@ use cloudbus_driver::scheme::Scheme;
 use cloudbus_driver::{BusDriver, Result};
 
 pub use binding::{ContentMode, KafkaRecord};
-pub use bus::{KafkaBus, dead_letter_topic, retry_topic};
+pub use bus::KafkaBus;
 pub use config::{Flavor, KafkaConfig, is_secret_setting};
+pub use connection::{dead_letter_topic, retry_topic};
 pub use dead_letters::KafkaDeadLetters;
 pub use producer::{KafkaTopic, MAX_BATCH_COUNT, capabilities};
 pub use stream::KafkaStream;

@@ -17,7 +17,7 @@ use rdkafka::producer::FutureRecord;
 use tokio::sync::OnceCell;
 
 use crate::binding::{self, KafkaRecord};
-use crate::bus::Shared;
+use crate::connection::Shared;
 use crate::error::kafka_error;
 
 /// Most records cloudbus hands the producer in one `send_batch`.

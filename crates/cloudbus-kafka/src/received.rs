@@ -8,6 +8,9 @@ use rdkafka::message::{Headers, Timestamp};
 
 use crate::binding::KafkaRecord;
 
+/// The header a record gets in place of headers that could not be read.
+pub(crate) const UNREADABLE_HEADERS: &str = "cloudbus-unreadable-headers";
+
 /// One record read from a partition.
 #[derive(Clone, Debug)]
 pub(crate) struct Received {
@@ -21,14 +24,26 @@ pub(crate) struct Received {
 impl Received {
     /// Copies `message` out of the client's buffer.
     pub(crate) fn of<M: Message>(message: &M) -> Self {
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // rdkafka's header iterator panics on a header name that is not UTF-8 (Kafka
+        // names are bytes; other clients write such names): the record is then kept
+        // with one header saying so, and is dead-lettered as malformed rather than
+        // lost or failing every read of its partition.
+        let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            message
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        }))
+        .unwrap_or_else(|_| {
+            vec![(
+                UNREADABLE_HEADERS.to_owned(),
+                Some(b"a header name is not UTF-8; the headers were dropped".to_vec()),
+            )]
+        });
         let timestamp = match message.timestamp() {
             Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) => {
                 DateTime::from_timestamp_millis(ms)

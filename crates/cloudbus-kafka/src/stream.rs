@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::binding;
-use crate::bus::{METADATA_TIMEOUT, Shared, blocking, client_config};
+use crate::connection::{METADATA_TIMEOUT, Shared, blocking, client_config};
 use crate::error::kafka_error;
 use crate::received::Received;
 

@@ -32,7 +32,7 @@ use rdkafka::consumer::{
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::binding::{self, KafkaRecord};
-use crate::bus::{Shared, client_config, dead_letter_topic, retry_topic};
+use crate::connection::{Shared, client_config, dead_letter_topic, retry_topic};
 use crate::error::kafka_error;
 use crate::headers::{self, Origin};
 use crate::producer::{capabilities, send_records};
@@ -164,7 +164,7 @@ pub struct KafkaSubscription {
     shared: Arc<Shared>,
     topic: String,
     retry_topic: String,
-    dead_letter_topic: String,
+    mover: Arc<Mover>,
     spec: SubscriptionSpec,
     consumer: StreamConsumer<Context>,
     state: Arc<Mutex<State>>,
@@ -191,9 +191,17 @@ impl KafkaSubscription {
                     state: Arc::clone(&state),
                 })
                 .map_err(|e| kafka_error(e, &format!("create the consumer of group {name:?}")))?;
-        Ok(KafkaSubscription {
-            spec: shared.spec(topic, name),
+        let spec = shared.spec(topic, name);
+        let mover = Arc::new(Mover {
+            shared: Arc::clone(&shared),
+            state: Arc::clone(&state),
+            retry_topic: retry_topic(topic, name),
             dead_letter_topic: dead_letter_topic(topic, name),
+            lease: spec.lease,
+        });
+        Ok(KafkaSubscription {
+            spec,
+            mover,
             retry_topic: retry_topic(topic, name),
             topic: topic.to_owned(),
             shared,
@@ -262,8 +270,15 @@ impl KafkaSubscription {
                 received,
                 delivered,
             };
+            // A due time past the longest nack delay is not one cloudbus wrote: the
+            // record is delivered now rather than held (and its partition's commits
+            // with it) for ever.
+            let now = Utc::now();
+            let latest = now
+                + chrono::Duration::from_std(MAX_NACK_DELAY).unwrap_or(chrono::Duration::zero());
             if let Some(due) = headers::not_before(&held.received.record)
-                && due > Utc::now()
+                && due > now
+                && due <= latest
             {
                 state.delayed.push((due, held));
                 return None;
@@ -319,7 +334,7 @@ impl KafkaSubscription {
             state.mark_done(&held.received);
             return None;
         }
-        held.delivered += 1;
+        held.delivered = held.delivered.saturating_add(1);
         let token = state.next_token;
         state.next_token += 1;
         let size = held.received.record.payload.as_ref().map_or(0, Vec::len);
@@ -342,26 +357,51 @@ impl KafkaSubscription {
             token,
             InFlight {
                 held,
-                lease_until: Instant::now() + self.spec.lease,
+                lease_until: lease_end(self.spec.lease),
             },
         );
         Some(message)
     }
 
-    /// Writes `held` to the dead-letter topic with `reason`; Ok once it is there.
-    async fn dead_letter(&self, held: &Held, reason: &str, description: &str) -> Result<()> {
-        let record = self.moved(
-            held,
-            &[
-                (headers::DEAD_LETTER_REASON, reason.to_owned()),
-                (headers::DEAD_LETTER_DESCRIPTION, description.to_owned()),
-                (headers::DEAD_LETTERED_AT, Utc::now().to_rfc3339()),
-            ],
-        );
-        let mut sent = send_records(&self.shared, &self.dead_letter_topic, &[record]).await;
-        sent.pop().unwrap_or(Ok(()))
+    /// Commits past the done prefixes (asynchronously: a lost commit only redelivers).
+    fn commit(&self) {
+        let commits = lock(&self.state).advance();
+        if commits.count() > 0
+            && let Err(e) = self.consumer.commit(&commits, CommitMode::Async)
+        {
+            tracing::debug!(error = %e, "Kafka commit failed; the records stay uncommitted");
+        }
     }
+}
 
+/// Writes records to the retry and dead-letter topics. Each settlement's writes run
+/// in a task of their own, so that a caller who stops waiting (a cancelled settle or
+/// receive) does not leave a record neither in flight nor done: the task finishes
+/// the move and books it.
+struct Mover {
+    shared: Arc<Shared>,
+    state: Arc<Mutex<State>>,
+    retry_topic: String,
+    dead_letter_topic: String,
+    lease: Duration,
+}
+
+/// Longest reason and description kept on a dead letter, in bytes.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+impl Mover {
     /// `held`'s record with its attempt count, origin and `set`.
     fn moved(&self, held: &Held, set: &[(&str, String)]) -> KafkaRecord {
         let origin = Origin {
@@ -374,36 +414,157 @@ impl KafkaSubscription {
         headers::with_headers(&held.received.record, &origin, &all)
     }
 
-    /// Commits past the done prefixes (asynchronously: a lost commit only redelivers).
-    fn commit(&self) {
-        let commits = lock(&self.state).advance();
-        if commits.count() > 0
-            && let Err(e) = self.consumer.commit(&commits, CommitMode::Async)
-        {
-            tracing::debug!(error = %e, "Kafka commit failed; the records stay uncommitted");
+    async fn send(&self, topic: &str, record: KafkaRecord) -> Result<()> {
+        let mut sent = send_records(&self.shared, topic, &[record]).await;
+        sent.pop().unwrap_or(Ok(()))
+    }
+
+    /// Writes `held` to the dead-letter topic with `reason`; Ok once it is there. A
+    /// record the broker refuses as too large (a foreign record near the limit, now
+    /// with cloudbus's headers) is written without its value, the reason saying so,
+    /// rather than coming back forever.
+    async fn dead_letter(&self, held: &Held, reason: &str, description: &str) -> Result<()> {
+        let reason = clip(reason, MAX_REASON_BYTES);
+        let description = clip(description, MAX_REASON_BYTES);
+        let headers_of = |reason: &str| {
+            vec![
+                (headers::DEAD_LETTER_REASON, reason.to_owned()),
+                (headers::DEAD_LETTER_DESCRIPTION, description.clone()),
+                (headers::DEAD_LETTERED_AT, Utc::now().to_rfc3339()),
+            ]
+        };
+        let record = self.moved(held, &headers_of(&reason));
+        match self.send(&self.dead_letter_topic, record).await {
+            Err(e) if e.kind() == ErrorKind::TooLarge => {
+                let size = held.received.record.payload.as_ref().map_or(0, Vec::len);
+                let mut stub = self.moved(
+                    held,
+                    &headers_of(&format!(
+                        "{reason} (its value of {size} bytes was dropped: over the broker's limit with the dead-letter headers)"
+                    )),
+                );
+                stub.payload = None;
+                self.send(&self.dead_letter_topic, stub).await
+            }
+            other => other,
         }
     }
 
-    /// Dead-letters records whose lease ran out at their last delivery; those that
-    /// cannot be written go back to be delivered again.
-    async fn dead_letter_exhausted(&self, exhausted: Vec<Held>) {
-        for held in exhausted {
-            let reason = format!(
-                "not settled within its lease at delivery {} (the limit)",
-                held.delivered
-            );
-            match self
-                .dead_letter(&held, "max delivery attempts", &reason)
-                .await
-            {
-                Ok(()) => lock(&self.state).mark_done(&held.received),
-                Err(e) => {
-                    tracing::warn!(error = %e, "dead-lettering a record failed; it is delivered again");
-                    lock(&self.state).ready.push_back(held);
-                }
+    /// Writes `held` to the retry topic, due `delay` from now (capped at
+    /// [`MAX_NACK_DELAY`]); a record too large for it is dead-lettered instead.
+    async fn retry(&self, held: &Held, delay: Duration) -> Result<()> {
+        let delay = chrono::Duration::from_std(delay.min(MAX_NACK_DELAY))
+            .unwrap_or(chrono::Duration::zero());
+        let due = Utc::now()
+            .checked_add_signed(delay)
+            .unwrap_or_else(Utc::now);
+        let record = self.moved(
+            held,
+            &[(headers::NOT_BEFORE, due.timestamp_millis().to_string())],
+        );
+        match self.send(&self.retry_topic, record).await {
+            Err(e) if e.kind() == ErrorKind::TooLarge => {
+                self.dead_letter(held, "too large to retry", &e.to_string())
+                    .await
             }
+            other => other,
         }
     }
+
+    /// Carries out `moves` and books each: done when written; when not, the delivery
+    /// is held again under its token (a retried settlement finds it) until its lease
+    /// runs out. Answers each move's result, by slot.
+    async fn run(
+        self: Arc<Self>,
+        moves: Vec<(usize, u64, Held, Move)>,
+    ) -> Vec<(usize, Result<()>)> {
+        let writes = moves.into_iter().map(|(slot, token, held, target)| {
+            let mover = Arc::clone(&self);
+            async move {
+                let written = match &target {
+                    Move::DeadLetter(reason, description) => {
+                        mover.dead_letter(&held, reason, description).await
+                    }
+                    Move::Retry(delay) => mover.retry(&held, *delay).await,
+                    Move::Exhausted => {
+                        let description = format!(
+                            "not settled within its lease at delivery {} (the limit)",
+                            held.delivered
+                        );
+                        mover
+                            .dead_letter(&held, "max delivery attempts", &description)
+                            .await
+                    }
+                };
+                let mut state = lock(&mover.state);
+                let result = match written {
+                    Ok(()) => {
+                        state.mark_done(&held.received);
+                        Ok(())
+                    }
+                    Err(e) if matches!(target, Move::Exhausted) => {
+                        tracing::warn!(error = %e, "dead-lettering a record failed; it is delivered again");
+                        state.ready.push_back(held);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Only if its partition is still this member's.
+                        if state.tracks.contains_key(&State::partition_of(&held.received)) {
+                            state.in_flight.insert(
+                                token,
+                                InFlight {
+                                    held,
+                                    lease_until: lease_end(mover.lease),
+                                },
+                            );
+                        }
+                        Err(e)
+                    }
+                };
+                (slot, result)
+            }
+        });
+        futures::future::join_all(writes).await
+    }
+
+    /// [`run`](Self::run) in a task of its own, awaited: the moves finish even when
+    /// the caller stops waiting.
+    async fn run_detached(
+        self: &Arc<Self>,
+        moves: Vec<(usize, u64, Held, Move)>,
+    ) -> Vec<(usize, Result<()>)> {
+        if moves.is_empty() {
+            return Vec::new();
+        }
+        let count: Vec<usize> = moves.iter().map(|(slot, ..)| *slot).collect();
+        match tokio::spawn(Arc::clone(self).run(moves)).await {
+            Ok(results) => results,
+            Err(e) => count
+                .into_iter()
+                .map(|slot| {
+                    (
+                        slot,
+                        Err(Error::new(
+                            ErrorKind::Internal,
+                            format!("moving a Kafka record failed: {e}"),
+                        )),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Longest delay a nack writes on a retry record (Kafka's default retention is 7 days:
+/// a retry due later could be deleted before it is delivered).
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Now plus `lease`, saturating far in the future instead of overflowing.
+fn lease_end(lease: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(lease)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 #[async_trait]
@@ -428,15 +589,25 @@ impl SubscriptionDriver for KafkaSubscription {
                 exhausted
             };
             if !exhausted.is_empty() {
-                self.dead_letter_exhausted(exhausted).await;
+                let moves = exhausted
+                    .into_iter()
+                    .map(|held| (0, 0, held, Move::Exhausted))
+                    .collect();
+                self.mover.run_detached(moves).await;
             }
             // Read what the consumer has: wait for the first record only while
             // nothing is to be returned yet.
             while out.len() < max {
-                let slice = if out.is_empty() {
+                let slice = if !out.is_empty() {
+                    Duration::ZERO
+                } else if Instant::now() < until {
                     until
                         .saturating_duration_since(Instant::now())
                         .min(POLL_SLICE)
+                } else if !self.assigned.load(Ordering::Acquire) && Instant::now() < self.joined_by
+                {
+                    // Still waiting for the group's assignment: wait, do not spin.
+                    POLL_SLICE
                 } else {
                     Duration::ZERO
                 };
@@ -500,7 +671,7 @@ impl SubscriptionDriver for KafkaSubscription {
                 if let Settlement::Extend { lease } = settlement {
                     results.push(match state.in_flight.get_mut(&n) {
                         Some(f) => {
-                            f.lease_until = Instant::now() + *lease;
+                            f.lease_until = lease_end(*lease);
                             Ok(())
                         }
                         None => Err(gone(n)),
@@ -544,37 +715,9 @@ impl SubscriptionDriver for KafkaSubscription {
                 }
             }
         }
-        for (slot, token, held, target) in moves {
-            let written = match &target {
-                Move::DeadLetter(reason, description) => {
-                    self.dead_letter(&held, reason, description).await
-                }
-                Move::Retry(delay) => {
-                    let due = Utc::now()
-                        + chrono::Duration::from_std(*delay).unwrap_or(chrono::Duration::MAX);
-                    let record = self.moved(
-                        &held,
-                        &[(headers::NOT_BEFORE, due.timestamp_millis().to_string())],
-                    );
-                    let mut sent = send_records(&self.shared, &self.retry_topic, &[record]).await;
-                    sent.pop().unwrap_or(Ok(()))
-                }
-            };
-            let mut state = lock(&self.state);
-            match written {
-                Ok(()) => state.mark_done(&held.received),
-                Err(e) => {
-                    // Not written: the delivery stays as it was, so that the settlement
-                    // can be tried again or the lease runs out and it comes back.
-                    state.in_flight.insert(
-                        token,
-                        InFlight {
-                            held,
-                            lease_until: Instant::now() + self.spec.lease,
-                        },
-                    );
-                    results[slot] = Err(e);
-                }
+        for (slot, result) in self.mover.run_detached(moves).await {
+            if let Err(e) = result {
+                results[slot] = Err(e);
             }
         }
         self.commit();
@@ -602,8 +745,12 @@ impl SubscriptionDriver for KafkaSubscription {
 
 /// Where a settlement moves a record.
 enum Move {
+    /// To the retry topic, due after the delay.
     Retry(Duration),
+    /// To the dead-letter topic, with the reason and the description.
     DeadLetter(String, String),
+    /// To the dead-letter topic: its lease ran out at its last allowed delivery.
+    Exhausted,
 }
 
 fn gone(token: u64) -> Error {

@@ -19,7 +19,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::bus::{
+use crate::connection::{
     METADATA_TIMEOUT, Shared, blocking, client_config, dead_letter_group, dead_letter_topic,
     retry_topic,
 };
