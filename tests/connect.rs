@@ -44,7 +44,12 @@ async fn urls_open_named_brokers_and_name_missing_features() {
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.to_string().contains("`sqs`"), "{err}");
     }
-    let err = cloudbus::connect("kafka://x").await.unwrap_err();
+    if !cfg!(feature = "kafka") {
+        let err = cloudbus::connect("kafka://broker:9092").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert!(err.to_string().contains("`kafka`"), "{err}");
+    }
+    let err = cloudbus::connect("nats://x").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(cloudbus::connect("not a url").await.is_err());
 }
