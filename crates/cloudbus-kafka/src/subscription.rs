@@ -761,3 +761,62 @@ fn gone(token: u64) -> Error {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(topic: &str, partition: i32, offset: i64) -> Received {
+        Received {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp: None,
+            record: KafkaRecord::default(),
+        }
+    }
+
+    /// The committed offset only advances over the contiguous done prefix.
+    #[test]
+    fn commits_advance_over_the_done_prefix_only() {
+        let mut state = State::default();
+        for offset in [5, 6, 9] {
+            state
+                .tracks
+                .entry(("t".into(), 0))
+                .or_default()
+                .pending
+                .insert(offset, false);
+        }
+        state.mark_done(&received("t", 0, 6));
+        state.mark_done(&received("t", 0, 9));
+        assert_eq!(
+            state.advance().count(),
+            0,
+            "5 is not done: nothing to commit"
+        );
+        state.mark_done(&received("t", 0, 5));
+        let commits = state.advance();
+        let elements = commits.elements();
+        assert_eq!(elements.len(), 1);
+        // Past 9: the gap at 7 and 8 holds no record read here.
+        assert_eq!(elements[0].offset(), Offset::Offset(10));
+        assert!(state.tracks[&("t".to_owned(), 0)].pending.is_empty());
+        assert_eq!(state.advance().count(), 0, "committed once");
+    }
+
+    /// Leases and delays from users never overflow (Duration::MAX panicked before).
+    #[test]
+    fn huge_leases_saturate() {
+        assert!(lease_end(Duration::MAX) > Instant::now());
+        assert!(lease_end(Duration::from_secs(1)) > Instant::now());
+    }
+
+    #[test]
+    fn reasons_are_clipped_on_a_character_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        let clipped = clip(&"é".repeat(10), 5);
+        assert!(clipped.len() <= 5 + "…".len(), "{clipped}");
+        assert!(clipped.ends_with('…'));
+    }
+}
