@@ -429,6 +429,7 @@ impl StreamDriver for KinesisStream {
                 StreamRecord {
                     partition: shard.clone(),
                     sequence: r.sequence_number().to_owned(),
+                    offset: None,
                     timestamp: r
                         .approximate_arrival_timestamp()
                         .and_then(|t| DateTime::<Utc>::from_timestamp_millis(t.to_millis().ok()?))

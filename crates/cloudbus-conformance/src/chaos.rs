@@ -28,7 +28,9 @@ use cloudbus_core::driver::{
     AckToken, BatchResults, BusDriver, DeadLetterDriver, OutgoingMessage, ReceivedMessage,
     Settlement, SubscriptionDriver, SubscriptionSpec, TopicDriver, TopologyDriver,
 };
-use cloudbus_core::driver::{PartitionInfo, ReadBatch, StartPosition, StreamDriver};
+use cloudbus_core::driver::{
+    CheckpointStore, PartitionInfo, ReadBatch, StartPosition, StreamDriver,
+};
 use cloudbus_core::error::{Error, ErrorKind, Result};
 use cloudbus_core::event::{AttributesReader, Event, EventBuilder};
 use cloudbus_core::worker::{HandlerContext, HandlerError, WorkerOptions};
@@ -420,6 +422,9 @@ impl StreamDriver for ChaosStream {
         let read = self.inner.read(cursor, max).await;
         self.dice.after("read", read)
     }
+    fn checkpoints(&self) -> Option<Arc<dyn CheckpointStore>> {
+        self.inner.checkpoints()
+    }
 }
 
 struct ChaosSubscription {
@@ -436,6 +441,8 @@ fn copy_of(m: &ReceivedMessage) -> ReceivedMessage {
         published_at: m.published_at,
         ordering_key: m.ordering_key.clone(),
         size: m.size,
+        partition: m.partition.clone(),
+        offset: m.offset,
     }
 }
 

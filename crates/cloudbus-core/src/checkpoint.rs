@@ -18,29 +18,7 @@ use async_trait::async_trait;
 
 use cloudbus_driver::error::{Error, ErrorKind, Result};
 
-/// Stores the last processed sequence number per (group, partition) and the lease of
-/// the reader that owns the partition.
-#[async_trait]
-pub trait CheckpointStore: Send + Sync + 'static {
-    /// The checkpoint, if any.
-    async fn load(&self, group: &str, partition: &str) -> Result<Option<String>>;
-    /// Saves `sequence` as the checkpoint for `owner`. Answers `false` (and saves
-    /// nothing) when another reader holds an unexpired lease on the partition.
-    async fn save(&self, group: &str, partition: &str, owner: &str, sequence: &str)
-    -> Result<bool>;
-    /// Takes the partition for `owner` for `lease`, or renews `owner`'s lease.
-    /// Answers `false` when another reader holds an unexpired lease.
-    async fn acquire(
-        &self,
-        group: &str,
-        partition: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<bool>;
-    /// Ends `owner`'s lease (the checkpoint stays), so that another reader can take
-    /// the partition at once. Does nothing when `owner` does not hold it.
-    async fn release(&self, group: &str, partition: &str, owner: &str) -> Result<()>;
-}
+pub use cloudbus_driver::driver::CheckpointStore;
 
 #[derive(Default)]
 struct PartitionState {

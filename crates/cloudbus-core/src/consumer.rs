@@ -203,6 +203,8 @@ impl Consumer {
                 lease,
                 ordering_key,
                 size,
+                partition,
+                offset,
                 ..
             } = msg;
             match event {
@@ -223,6 +225,8 @@ impl Consumer {
                         lease,
                         ordering_key,
                         size,
+                        partition,
+                        offset,
                         settled: AtomicBool::new(false),
                         consumer: self.inner.clone(),
                         received_at,
@@ -511,6 +515,8 @@ pub struct Delivery {
     lease: Option<Duration>,
     ordering_key: Option<String>,
     size: usize,
+    partition: Option<String>,
+    offset: Option<i64>,
     settled: AtomicBool,
     consumer: Arc<ConsumerInner>,
     received_at: Instant,
@@ -551,6 +557,15 @@ impl Delivery {
     /// Estimated size in bytes.
     pub fn size(&self) -> usize {
         self.size
+    }
+    /// The partition it was read from, where the provider has partitions (Kafka).
+    pub fn partition(&self) -> Option<&str> {
+        self.partition.as_deref()
+    }
+    /// Its offset within [`partition`](Self::partition), where the provider numbers
+    /// messages (Kafka).
+    pub fn offset(&self) -> Option<i64> {
+        self.offset
     }
     /// How long ago it was received.
     pub fn age(&self) -> Duration {

@@ -30,6 +30,10 @@ pub struct HandlerContext {
     /// The delivery being handled, when it came from a [`Consumer`](crate::Consumer)
     /// (a stream record or a webhook call has none).
     delivery: Option<Arc<Delivery>>,
+    /// The partition the message was read from, if the provider has partitions.
+    partition: Option<Arc<str>>,
+    /// Its offset in that partition, if the provider numbers messages.
+    offset: Option<i64>,
 }
 
 impl HandlerContext {
@@ -47,6 +51,8 @@ impl HandlerContext {
             consumer: consumer.into(),
             trace: TraceContext::new_root(),
             delivery: None,
+            partition: None,
+            offset: None,
         }
     }
 
@@ -58,6 +64,23 @@ impl HandlerContext {
     /// The delivery being handled, if any.
     pub fn delivery(&self) -> Option<&Arc<Delivery>> {
         self.delivery.as_ref()
+    }
+
+    /// The partition the message was read from, where the provider has partitions
+    /// (a Kafka delivery, a stream record); `None` elsewhere.
+    ///
+    /// ```
+    /// let ctx = cloudbus_core::HandlerContext::new(1, "test");
+    /// assert!(ctx.partition().is_none() && ctx.offset().is_none());
+    /// ```
+    pub fn partition(&self) -> Option<&str> {
+        self.partition.as_deref()
+    }
+
+    /// The message's offset within [`partition`](Self::partition), where the
+    /// provider numbers messages (Kafka); `None` elsewhere.
+    pub fn offset(&self) -> Option<i64> {
+        self.offset
     }
 
     /// Extends the delivery's lease by `lease` (for long handling). Fails with
@@ -333,8 +356,39 @@ impl HandlerRunner {
         event: Arc<Event>,
         attempt: u32,
     ) -> Result<(), HandlerError> {
+        self.run_at(handler, event, attempt, None, None).await
+    }
+
+    /// [`run`](Self::run) for a message read at `offset` of `partition` of a
+    /// partitioned log (a stream record): the `cloudbus.handle` span reports them
+    /// (`messaging.destination.partition.id`, `messaging.kafka.offset`) and the
+    /// handler sees them in its [`HandlerContext`]. `None` leaves either out.
+    ///
+    /// ```
+    /// # async fn demo() {
+    /// use std::sync::Arc;
+    /// use cloudbus_core::{EventBuilder, HandlerContext, HandlerError};
+    /// use cloudbus_core::worker::HandlerRunner;
+    /// let handler = |_e: Arc<cloudbus_core::Event>, ctx: HandlerContext| async move {
+    ///     assert_eq!((ctx.partition(), ctx.offset()), (Some("3"), Some(42)));
+    ///     Ok::<(), HandlerError>(())
+    /// };
+    /// let runner = HandlerRunner::new("orders-stream");
+    /// let event = Arc::new(EventBuilder::new("com.example.ping", "/demo").build().unwrap());
+    /// assert!(runner.run_at(&handler, event, 1, Some("3"), Some(42)).await.is_ok());
+    /// # }
+    /// ```
+    pub async fn run_at<H: Handler + ?Sized>(
+        &self,
+        handler: &H,
+        event: Arc<Event>,
+        attempt: u32,
+        partition: Option<&str>,
+        offset: Option<i64>,
+    ) -> Result<(), HandlerError> {
         let started = Instant::now();
-        let (_span, handling) = self.handle(handler, event.clone(), attempt, None);
+        let (_span, handling) =
+            self.handle(handler, event.clone(), attempt, None, partition, offset);
         let ran = handling.await;
         self.processed(&event, started, &ran);
         let outcome = ran.unwrap_or_else(|_| Err(HandlerError::retry("handler panicked")));
@@ -350,22 +404,34 @@ impl HandlerRunner {
     /// One handling, for callers that settle by themselves (the worker): the event's
     /// trace continued as the current context and in a `cloudbus.handle` span (also
     /// returned, for the settlement that follows), a panic caught as `Err`.
+    /// `partition` and `offset` say where the message was read from, if known.
     pub(crate) fn handle<'a, H: Handler + ?Sized>(
         &self,
         handler: &'a H,
         event: Arc<Event>,
         attempt: u32,
         delivery: Option<Arc<Delivery>>,
+        partition: Option<&str>,
+        offset: Option<i64>,
     ) -> (
         tracing::Span,
         impl Future<Output = std::thread::Result<Result<(), HandlerError>>> + Send + 'a,
     ) {
-        let (span, trace) = crate::spans::process(&self.destination, &self.name, &event, attempt);
+        let (span, trace) = crate::spans::process(
+            &self.destination,
+            &self.name,
+            &event,
+            attempt,
+            partition,
+            offset,
+        );
         let ctx = HandlerContext {
             attempt,
             consumer: self.name.clone(),
             trace,
             delivery,
+            partition: partition.map(Arc::from),
+            offset,
         };
         let handling = std::panic::AssertUnwindSafe(trace.scope(handler.handle(event, ctx)))
             .catch_unwind()

@@ -73,12 +73,13 @@ impl Destination {
 
 /// The `messaging.system` of a provider's URL scheme: the semantic conventions'
 /// well-known value where there is one (`aws_sqs`, `gcp_pubsub`, `servicebus`,
-/// `eventgrid`), else `aws_` or `cloudbus_` and the scheme.
+/// `eventgrid`, `kafka`, `eventhubs`), else `aws_` or `cloudbus_` and the scheme.
 ///
 /// ```
 /// use cloudbus_core::spans::messaging_system;
 /// assert_eq!(messaging_system("sqs"), "aws_sqs");
 /// assert_eq!(messaging_system("kinesis"), "aws_kinesis");
+/// assert_eq!(messaging_system("kafka"), "kafka");
 /// assert_eq!(messaging_system("mem"), "cloudbus_memory");
 /// ```
 pub fn messaging_system(scheme: &str) -> &'static str {
@@ -90,6 +91,8 @@ pub fn messaging_system(scheme: &str) -> &'static str {
         "pubsub" => "gcp_pubsub",
         "servicebus" => "servicebus",
         "eventgrid" => "eventgrid",
+        "kafka" => "kafka",
+        "eventhubs" => "eventhubs",
         "mem" | "memory" => "cloudbus_memory",
         _ => "cloudbus",
     }
@@ -130,11 +133,25 @@ pub(crate) fn receive(dest: &Destination, consumer: &str, max: usize) -> Span {
 
 /// The `process` span of one handling (kind consumer), and the trace context the
 /// handler runs in: a child of the event's `traceparent`, or a new trace.
+///
+/// `partition` and `offset` say where the message was read from, when the provider
+/// reads partitioned logs (Kafka, streams): they become
+/// `messaging.destination.partition.id` (the generic attribute, a string) and
+/// `messaging.kafka.offset` (an int), and are left out when `None`. The offset has
+/// no generic attribute; Kafka's is the only one the conventions define, and only
+/// a Kafka driver reports an offset with a delivery (see
+/// <https://opentelemetry.io/docs/specs/semconv/messaging/kafka/> and
+/// <https://opentelemetry.io/docs/specs/semconv/registry/attributes/messaging/>;
+/// `opentelemetry-semantic-conventions` 0.27 spells them `MESSAGING_KAFKA_OFFSET`
+/// and `MESSAGING_DESTINATION_PARTITION_ID`, which replaced the older
+/// `messaging.kafka.message.offset` and `messaging.kafka.destination.partition`).
 pub(crate) fn process(
     dest: &Destination,
     consumer: &str,
     event: &Event,
     attempt: u32,
+    partition: Option<&str>,
+    offset: Option<i64>,
 ) -> (Span, TraceContext) {
     let span = tracing::info_span!(
         "cloudbus.handle",
@@ -147,6 +164,8 @@ pub(crate) fn process(
         messaging.destination.subscription.name = dest.subscription_name(),
         messaging.consumer.group.name = consumer,
         messaging.message.id = %event.id(),
+        messaging.destination.partition.id = partition,
+        messaging.kafka.offset = offset,
         cloudevents.event_type = %event.ty(),
         // The names cloudbus's logs have always used.
         consumer,

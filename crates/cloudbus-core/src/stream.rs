@@ -78,15 +78,20 @@ pub struct StreamConsumer {
 
 impl StreamConsumer {
     /// A consumer group `group` over `driver`, starting at `Latest` where it has no
-    /// checkpoint, with in-memory checkpoints.
+    /// checkpoint. Its checkpoints are the ones the log keeps itself
+    /// ([`StreamDriver::checkpoints`]: a Kafka consumer group's committed offsets),
+    /// else in memory, until [`checkpoints`](Self::checkpoints) gives a store.
     pub fn new(driver: Arc<dyn StreamDriver>, group: impl Into<String>) -> Self {
         let group = group.into();
         let runner = HandlerRunner::new(group.clone());
+        let store = driver
+            .checkpoints()
+            .unwrap_or_else(|| Arc::new(MemoryCheckpointStore::new()));
         StreamConsumer {
             driver,
             runner,
             group,
-            store: Arc::new(MemoryCheckpointStore::new()),
+            store,
             owner: uuid::Uuid::new_v4().to_string(),
             lease: Duration::from_secs(30),
             owned: HashSet::new(),
@@ -107,7 +112,8 @@ impl StreamConsumer {
         self
     }
     /// The checkpoint store, shared by every reader of the group (durable ones are in
-    /// `cloudbus-store`).
+    /// `cloudbus-store`). It wins over the checkpoints the log keeps itself: on Kafka,
+    /// a reader given a store joins no consumer group and commits no offsets.
     pub fn checkpoints(mut self, store: Arc<dyn CheckpointStore>) -> Self {
         self.store = store;
         self
@@ -430,7 +436,17 @@ impl StreamConsumer {
         };
         let mut attempt = 1;
         loop {
-            let reason = match self.runner.run(handler, event.clone(), attempt).await {
+            let reason = match self
+                .runner
+                .run_at(
+                    handler,
+                    event.clone(),
+                    attempt,
+                    Some(&record.partition),
+                    record.offset,
+                )
+                .await
+            {
                 Ok(()) => return Ok(true),
                 Err(HandlerError::Reject { reason }) => format!("rejected: {reason}"),
                 Err(HandlerError::Retry { message, delay }) => {
@@ -532,6 +548,7 @@ mod tests {
                 .map(|i| StreamRecord {
                     partition: partition.into(),
                     sequence: i.to_string(),
+                    offset: None,
                     timestamp: chrono::Utc::now(),
                     event: Ok(Arc::new(
                         EventBuilder::new("t", "/s")

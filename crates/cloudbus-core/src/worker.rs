@@ -600,6 +600,8 @@ impl WorkerLoop {
             event.clone(),
             delivery.attempt(),
             Some(delivery.clone()),
+            delivery.partition(),
+            delivery.offset(),
         );
         let outcome = handling.await;
         self.runner.processed(&event, started, &outcome);
@@ -793,6 +795,8 @@ mod tests {
                 published_at: None,
                 ordering_key: Some("k".into()),
                 size: 100,
+                partition: None,
+                offset: None,
             };
             Ok(vec![message(1), message(2)])
         }
@@ -853,6 +857,8 @@ mod tests {
                     published_at: None,
                     ordering_key: None,
                     size: 100,
+                    partition: None,
+                    offset: None,
                 });
             }
             Ok(out)
@@ -979,6 +985,8 @@ mod tests {
                 published_at: None,
                 ordering_key: None,
                 size: 100,
+                partition: None,
+                offset: None,
             }])
         }
         async fn settle_batch(

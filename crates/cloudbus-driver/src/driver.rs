@@ -298,6 +298,14 @@ pub struct ReceivedMessage {
     pub ordering_key: Option<String>,
     /// Estimated size in bytes, for flow control.
     pub size: usize,
+    /// The partition the message was read from, where the provider's entities have
+    /// partitions (Kafka); `None` elsewhere. Reported on the consumer's `process`
+    /// span as `messaging.destination.partition.id`.
+    pub partition: Option<String>,
+    /// The message's offset (sequence) within [`partition`](Self::partition), where
+    /// the provider numbers them (Kafka); `None` elsewhere. Reported on the
+    /// consumer's `process` span as `messaging.kafka.offset`.
+    pub offset: Option<i64>,
 }
 
 /// Receives and settles messages of one subscription or queue.
@@ -565,6 +573,9 @@ pub struct StreamRecord {
     pub partition: String,
     /// Its sequence number (ordered within the partition).
     pub sequence: String,
+    /// Its offset, where the provider numbers a partition's records by offset
+    /// (Kafka); traces report it as `messaging.kafka.offset`.
+    pub offset: Option<i64>,
     /// When the stream accepted it.
     pub timestamp: DateTime<Utc>,
     /// The event, or the raw record and why it is not a CloudEvent.
@@ -583,6 +594,30 @@ pub struct ReadBatch {
     pub behind: Option<std::time::Duration>,
 }
 
+/// Stores the last processed sequence number per (group, partition) and the lease of
+/// the reader that owns the partition.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// The checkpoint, if any.
+    async fn load(&self, group: &str, partition: &str) -> Result<Option<String>>;
+    /// Saves `sequence` as the checkpoint for `owner`. Answers `false` (and saves
+    /// nothing) when another reader holds an unexpired lease on the partition.
+    async fn save(&self, group: &str, partition: &str, owner: &str, sequence: &str)
+    -> Result<bool>;
+    /// Takes the partition for `owner` for `lease`, or renews `owner`'s lease.
+    /// Answers `false` when another reader holds an unexpired lease.
+    async fn acquire(
+        &self,
+        group: &str,
+        partition: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool>;
+    /// Ends `owner`'s lease (the checkpoint stays), so that another reader can take
+    /// the partition at once. Does nothing when `owner` does not hold it.
+    async fn release(&self, group: &str, partition: &str, owner: &str) -> Result<()>;
+}
+
 /// A partitioned log, as a provider exposes it.
 #[async_trait]
 pub trait StreamDriver: AsAny {
@@ -592,6 +627,14 @@ pub trait StreamDriver: AsAny {
     async fn cursor(&self, partition: &str, at: &StartPosition) -> Result<String>;
     /// Up to `max` records from `cursor`.
     async fn read(&self, cursor: &str, max: usize) -> Result<ReadBatch>;
+    /// The checkpoints this log keeps itself for its reader groups (Kafka: a consumer
+    /// group's committed offsets, with the group coordinator deciding which reader
+    /// holds which partition), if it keeps any. A stream consumer given no
+    /// [`CheckpointStore`] uses these, else checkpoints in memory; a store it is given
+    /// wins over these. By default a log keeps none.
+    fn checkpoints(&self) -> Option<Arc<dyn CheckpointStore>> {
+        None
+    }
 }
 
 /// A connection to one provider: opens its entities by name.

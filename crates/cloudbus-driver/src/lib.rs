@@ -44,10 +44,10 @@ pub mod transport;
 pub use capabilities::{Capabilities, FilterSupport};
 pub use codec::{BinaryCodec, DecodeError, DecodeErrorKind, RawMessage};
 pub use driver::{
-    AckToken, AsAny, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, DeadLetterSink,
-    OutgoingMessage, PartitionInfo, Payload, PublishOptions, ReadBatch, ReceivedMessage,
-    Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver, SubscriptionSpec,
-    SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
+    AckToken, AsAny, BatchResults, BusDriver, CheckpointStore, DeadLetter, DeadLetterDriver,
+    DeadLetterSink, OutgoingMessage, PartitionInfo, Payload, PublishOptions, ReadBatch,
+    ReceivedMessage, Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver,
+    SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
 };
 pub use error::{Error, ErrorKind, Missing, Result};
 pub use event::{

@@ -597,6 +597,8 @@ impl SubscriptionDriver for PubSubSubscription {
                     published_at: h.message.publish_time.as_ref().map(timestamp),
                     ordering_key: Some(h.message.ordering_key.clone()).filter(|k| !k.is_empty()),
                     size,
+                    partition: None,
+                    offset: None,
                 }
             })
             .collect())

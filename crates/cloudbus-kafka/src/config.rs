@@ -628,6 +628,12 @@ impl KafkaConfig {
         self.lease
     }
 
+    /// How long a consumer group member may go without a heartbeat before the
+    /// coordinator gives its partitions to the others (`?session_timeout_ms=`).
+    pub fn session_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.session_timeout_ms))
+    }
+
     /// Whether topics can be created and configured with Kafka's admin API: not on
     /// Event Hubs, where topology only checks that an event hub exists.
     pub fn admin_api(&self) -> bool {

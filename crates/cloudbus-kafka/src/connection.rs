@@ -29,6 +29,14 @@ pub fn dead_letter_topic(topic: &str, name: &str) -> String {
     format!("{topic}.{name}.dlq")
 }
 
+/// The Kafka consumer group of stream reader group `group` on `topic`, whose committed
+/// offsets are the group's checkpoints. Named per topic, so that readers of other
+/// topics under the same group name neither share its offsets nor set off its
+/// rebalances.
+pub fn stream_group(topic: &str, group: &str) -> String {
+    format!("{topic}.{group}")
+}
+
 /// The consumer group whose committed offsets mark how far the dead letters of a
 /// subscription were redriven or purged.
 pub(crate) fn dead_letter_group(topic: &str, name: &str) -> String {
@@ -82,16 +90,21 @@ impl Shared {
     /// The spec of subscription `name` of `topic`: as declared here, else the URL's
     /// defaults.
     pub(crate) fn spec(&self, topic: &str, name: &str) -> SubscriptionSpec {
-        let declared = DECLARED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&self.spec_key(topic, name))
-            .cloned();
-        declared.unwrap_or_else(|| {
+        self.declared(topic, name).unwrap_or_else(|| {
             let mut spec = SubscriptionSpec::new(topic, name).lease(self.config.lease());
             spec.max_delivery_attempts = self.config.max_delivery_attempts();
             spec
         })
+    }
+
+    /// The spec of subscription `name` of `topic` as this process declared it
+    /// (`ensure_subscription`), or `None` when it did not.
+    pub(crate) fn declared(&self, topic: &str, name: &str) -> Option<SubscriptionSpec> {
+        DECLARED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.spec_key(topic, name))
+            .cloned()
     }
 
     fn spec_key(&self, topic: &str, name: &str) -> SpecKey {

@@ -8,7 +8,9 @@
 //!   `eventhubs://` with `EVENTHUBS_CONNECTION_STRING`).
 //! - Topics are Kafka topics, the ordering key is the record key, a subscription is a
 //!   consumer group with per-record settlement, a retry topic and a dead-letter topic
-//!   ([`retry_topic`], [`dead_letter_topic`]); a stream reads a topic's partitions.
+//!   ([`retry_topic`], [`dead_letter_topic`]); a stream reads a topic's partitions,
+//!   and a stream reader group is a consumer group whose committed offsets are its
+//!   checkpoints ([`GroupCheckpoints`]).
 //!
 //! ```no_run
 //! # async fn run() -> cloudbus_driver::Result<()> {
@@ -24,6 +26,7 @@
 
 mod binding;
 mod bus;
+mod checkpoints;
 mod config;
 mod connection;
 mod dead_letters;
@@ -43,8 +46,9 @@ use cloudbus_driver::{BusDriver, Result};
 
 pub use binding::{ContentMode, KafkaRecord};
 pub use bus::KafkaBus;
+pub use checkpoints::GroupCheckpoints;
 pub use config::{Flavor, KafkaConfig, is_secret_setting};
-pub use connection::{dead_letter_topic, retry_topic};
+pub use connection::{dead_letter_topic, retry_topic, stream_group};
 pub use dead_letters::KafkaDeadLetters;
 pub use producer::{KafkaTopic, MAX_BATCH_COUNT, capabilities};
 pub use stream::KafkaStream;

@@ -1,8 +1,9 @@
 //! A Kafka topic read as a partitioned log (the stream API): partitions are the
 //! topic's, a sequence number is an offset, a cursor is `partition:offset`, and a
 //! start at a time is found with `offsets_for_times`. Which reader holds which
-//! partition and where it checkpoints is the `StreamConsumer`'s (cloudbus-core) and
-//! its checkpoint store's.
+//! partition and where it checkpoints is the consumer group's
+//! ([`GroupCheckpoints`]: the group coordinator's assignment and the committed
+//! offsets) unless the `StreamConsumer` is given a checkpoint store of its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -11,12 +12,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::Utc;
 use cloudbus_driver::{
-    Error, PartitionInfo, ReadBatch, Result, StartPosition, StreamDriver, StreamRecord,
+    CheckpointStore, Error, PartitionInfo, ReadBatch, Result, StartPosition, StreamDriver,
+    StreamRecord,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::binding;
+use crate::checkpoints::GroupCheckpoints;
 use crate::connection::{METADATA_TIMEOUT, Shared, blocking, client_config};
 use crate::error::kafka_error;
 use crate::received::Received;
@@ -35,6 +38,7 @@ pub struct KafkaStream {
     shared: Arc<Shared>,
     topic: String,
     readers: Arc<Mutex<HashMap<i32, PartitionReader>>>,
+    checkpoints: Arc<GroupCheckpoints>,
 }
 
 /// A reader of assigned partitions: it joins no group and commits nothing (librdkafka
@@ -87,6 +91,7 @@ impl KafkaStream {
     pub(crate) async fn open(shared: Arc<Shared>, topic: &str) -> Result<Self> {
         shared.partition_count(topic).await?;
         Ok(KafkaStream {
+            checkpoints: Arc::new(GroupCheckpoints::new(Arc::clone(&shared), topic)),
             shared,
             topic: topic.to_owned(),
             readers: Arc::new(Mutex::new(HashMap::new())),
@@ -96,6 +101,11 @@ impl KafkaStream {
 
 #[async_trait]
 impl StreamDriver for KafkaStream {
+    /// The committed offsets of the consumer group named like the reader group.
+    fn checkpoints(&self) -> Option<Arc<dyn CheckpointStore>> {
+        Some(self.checkpoints.clone())
+    }
+
     async fn partitions(&self) -> Result<Vec<PartitionInfo>> {
         let count = self.shared.partition_count(&self.topic).await?;
         Ok((0..count)
@@ -243,6 +253,7 @@ impl StreamDriver for KafkaStream {
             .map(|r| StreamRecord {
                 partition: partition.to_string(),
                 sequence: r.offset.to_string(),
+                offset: Some(r.offset),
                 timestamp: r.timestamp.unwrap_or_else(Utc::now),
                 event: binding::decode(&r.record).map(Arc::new),
             })

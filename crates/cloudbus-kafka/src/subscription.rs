@@ -352,6 +352,8 @@ impl KafkaSubscription {
                 .and_then(|k| std::str::from_utf8(k).ok())
                 .map(str::to_owned),
             size,
+            partition: Some(held.received.partition.to_string()),
+            offset: Some(held.received.offset),
         };
         state.in_flight.insert(
             token,

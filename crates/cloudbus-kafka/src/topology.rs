@@ -4,6 +4,18 @@
 //! subscription is new, as a new subscription of any other provider sees only what
 //! is published after it). Event Hubs has no admin API for topics: there the hubs
 //! must exist and `ensure` only checks them.
+//!
+//! A topology plan (`cloudbus topology plan`, [`TopologyPlanning`]) reads a topic as
+//! existing when the metadata lists it, and a subscription as existing when its
+//! retry and dead-letter topics both exist (what `ensure_subscription` makes; its
+//! consumer group is the subscription's name). Kafka keeps none of a subscription's
+//! settings on the broker: its filter, lease and delivery limit are the consumer's,
+//! as the process declared them with `ensure_subscription`. So a plan compares
+//! them only with what this process declared; a subscription declared by another
+//! process (the CLI's plan of a service's topology) has settings the plan cannot
+//! know, and they are not compared (not drift): it shows as `=` when it exists.
+//! `ordered` is never compared: a Kafka subscription always keeps a key's records in
+//! partition order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +23,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cloudbus_driver::{
-    Error, ErrorKind, Result, SubscriptionSpec, TopologyDriver, TopologyPlanning,
+    Error, ErrorKind, Result, SubscriptionSpec, SubscriptionState, TopologyDriver, TopologyPlanning,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -300,22 +312,157 @@ impl TopologyDriver for KafkaTopology {
 #[async_trait]
 impl TopologyPlanning for KafkaTopology {
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        self.exists(topic).await
+    }
+
+    /// The subscription exists when its retry and dead-letter topics both do (a
+    /// half-made one is missing: `ensure_subscription` makes the rest). Its settings
+    /// are those this process declared: Kafka keeps none on the broker, so those of
+    /// a subscription declared elsewhere are unknown, `None`.
+    async fn describe_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+    ) -> Result<Option<SubscriptionState>> {
+        for part in [retry_topic(topic, name), dead_letter_topic(topic, name)] {
+            if !self.exists(&part).await? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(held_state(self.shared.declared(topic, name).as_ref())))
+    }
+
+    /// The spec's settings where this process declared the subscription, else
+    /// nothing to compare (see `describe_subscription`).
+    fn desired_state(&self, spec: &SubscriptionSpec) -> Result<SubscriptionState> {
+        let declared_here = self.shared.declared(&spec.topic, &spec.name).is_some();
+        Ok(wanted_state(spec, declared_here))
+    }
+
+    /// Kafka holds none of these settings: the subscription is declared again in
+    /// this process (and its topics made if missing). Consumers opened from now on
+    /// use the new settings; one already open keeps those it opened with.
+    async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
+        self.ensure_subscription(spec).await
+    }
+}
+
+impl KafkaTopology {
+    /// Whether `topic` is in the metadata (NotFound is `false`).
+    async fn exists(&self, topic: &str) -> Result<bool> {
         match self.shared.partition_count(topic).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }
+}
 
-    /// Kafka holds no subscription settings (a filter, a lease and a delivery limit
-    /// are the consumer's, see the README): Unsupported, so a plan says so.
-    async fn describe_subscription(
-        &self,
-        topic: &str,
-        name: &str,
-    ) -> Result<Option<cloudbus_driver::SubscriptionState>> {
-        Err(Error::unsupported(format!(
-            "Kafka keeps no settings of subscription {name:?} of {topic:?} on the broker (its filter, lease and delivery limit are the consumer's), so a plan cannot compare them"
-        )))
+/// What a plan reads of an existing subscription: the settings of `declared`, the
+/// spec this process declared for it; `None` (not declared here) is nothing known,
+/// as Kafka keeps no subscription settings on the broker. The filter is the
+/// portable filter's JSON (it runs in the consumer), a delivery limit of `None` is
+/// `0` (unlimited, as the consumer reads it), the lease is exact (in-process, no
+/// rounding), and ordering is not a setting (always in partition order).
+fn held_state(declared: Option<&SubscriptionSpec>) -> SubscriptionState {
+    match declared {
+        Some(spec) => SubscriptionState {
+            filter: spec
+                .filter
+                .as_ref()
+                .map(|f| serde_json::to_string(f).unwrap_or_else(|_| format!("{f:?}"))),
+            max_delivery_attempts: Some(spec.max_delivery_attempts.unwrap_or(0)),
+            lease: Some(spec.lease),
+            ordered: None,
+        },
+        None => SubscriptionState::default(),
+    }
+}
+
+/// What a plan wants of subscription `spec`: its settings when this process declared
+/// the subscription (`declared_here`), so that a change of them is planned; else
+/// nothing, as [`held_state`] knows nothing to compare them with (a plan compares
+/// the filter even when one side has none, so an unknown filter must be `None` on
+/// both sides, not drift).
+fn wanted_state(spec: &SubscriptionSpec, declared_here: bool) -> SubscriptionState {
+    held_state(declared_here.then_some(spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use cloudbus_core::topology::differences;
+    use cloudbus_driver::Filter;
+
+    use super::*;
+
+    fn spec() -> SubscriptionSpec {
+        SubscriptionSpec::new("orders", "billing")
+            .filter(Filter::prefix("type", "com.example.order."))
+            .max_delivery_attempts(5)
+            .lease(Duration::from_secs(45))
+    }
+
+    fn settings(current: &SubscriptionState, wanted: &SubscriptionState) -> Vec<&'static str> {
+        differences(current, wanted)
+            .iter()
+            .map(|d| d.setting)
+            .collect()
+    }
+
+    #[test]
+    fn a_declared_subscription_reads_as_its_spec() {
+        let state = held_state(Some(&spec()));
+        assert_eq!(
+            state,
+            SubscriptionState {
+                filter: Some(
+                    r#"{"prefix":{"attribute":"type","prefix":"com.example.order."}}"#.to_owned()
+                ),
+                max_delivery_attempts: Some(5),
+                lease: Some(Duration::from_secs(45)),
+                ordered: None,
+            }
+        );
+        assert_eq!(state, wanted_state(&spec(), true));
+        assert!(differences(&state, &wanted_state(&spec(), true)).is_empty());
+    }
+
+    #[test]
+    fn settings_declared_here_are_compared() {
+        let current = held_state(Some(&spec()));
+        let changed = SubscriptionSpec::new("orders", "billing")
+            .filter(Filter::prefix("type", "com.example.payment."))
+            .max_delivery_attempts(7)
+            .lease(Duration::from_secs(60));
+        assert_eq!(
+            settings(&current, &wanted_state(&changed, true)),
+            ["filter", "max_delivery_attempts", "lease"]
+        );
+        let unfiltered = SubscriptionSpec {
+            filter: None,
+            ..spec()
+        };
+        let d = differences(&current, &wanted_state(&unfiltered, true));
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].wanted, "none");
+    }
+
+    #[test]
+    fn settings_of_a_subscription_declared_elsewhere_are_unknown_not_drift() {
+        let current = held_state(None);
+        assert_eq!(current, SubscriptionState::default());
+        assert_eq!(wanted_state(&spec(), false), SubscriptionState::default());
+        assert!(differences(&current, &wanted_state(&spec(), false)).is_empty());
+    }
+
+    #[test]
+    fn no_delivery_limit_is_unlimited_and_ordering_is_not_a_setting() {
+        let unlimited = SubscriptionSpec::new("orders", "billing");
+        let zero = SubscriptionSpec::new("orders", "billing")
+            .max_delivery_attempts(0)
+            .ordered(false);
+        assert_eq!(held_state(Some(&unlimited)).max_delivery_attempts, Some(0));
+        assert!(differences(&held_state(Some(&unlimited)), &wanted_state(&zero, true)).is_empty());
+        assert_eq!(held_state(Some(&zero)).ordered, None);
     }
 }

@@ -111,6 +111,155 @@ async fn rebalance_loses_nothing(bootstrap: &str, make_topic: impl Fn(&str)) {
     assert_eq!(lost, 0, "events lost in the rebalance");
 }
 
+/// The committed offsets of consumer `group` on `topic`'s partitions `0..partitions`
+/// (`None` where it committed nothing), read with a plain librdkafka consumer.
+fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .expect("an offsets reader");
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        wanted.add_partition(topic, p);
+    }
+    let got = reader
+        .committed_offsets(wanted, Duration::from_secs(10))
+        .expect("the committed offsets");
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls `reader` until `seen` holds `count` ids or `patience` runs out.
+async fn stream_until(
+    reader: &mut cloudbus_core::StreamConsumer,
+    seen: &Seen,
+    count: usize,
+    patience: Duration,
+) {
+    let handle = handler(Arc::clone(seen));
+    let until = Instant::now() + patience;
+    while seen.lock().expect("seen").len() < count && Instant::now() < until {
+        if reader.poll(&handle).await.expect("a poll").handled == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A stream reader group's checkpoints are the Kafka consumer group's committed
+/// offsets: after a reader handled 20 records the group has committed 20 offsets
+/// (any Kafka tool shows them), a reader of another process resumes there and handles
+/// only the 10 new ones, and a reader given a checkpoint store of its own commits
+/// nothing to Kafka (the given store wins).
+async fn stream_checkpoints_are_committed_offsets(bootstrap: &str, make_topic: impl Fn(&str)) {
+    use cloudbus_core::{MemoryCheckpointStore, StartPosition};
+    let topic = &common::unique("checkpoints");
+    make_topic(topic);
+    let group = common::unique("readers");
+    let bus = common::bus(bootstrap, "partitions=2").await.expect("a bus");
+    bus.ensure_topic(topic).await.expect("the topic");
+    let publisher = bus.publisher(topic).await.expect("a publisher");
+    let all = events("com.example.checkpoint", 30);
+    for r in publisher.publish_batch(all[..20].to_vec()).await {
+        r.expect("published");
+    }
+    assert_eq!(
+        committed(
+            bootstrap,
+            &cloudbus_kafka::stream_group(topic, &group),
+            topic,
+            2
+        ),
+        vec![None, None],
+        "a new group has no offsets"
+    );
+    let first_seen: Seen = Arc::default();
+    let mut first = bus
+        .stream_consumer(topic, &group)
+        .await
+        .expect("a reader")
+        .start_at(StartPosition::Earliest);
+    stream_until(&mut first, &first_seen, 20, Duration::from_secs(30)).await;
+    assert_eq!(first_seen.lock().expect("seen").len(), 20, "first reader");
+    let offsets = committed(
+        bootstrap,
+        &cloudbus_kafka::stream_group(topic, &group),
+        topic,
+        2,
+    );
+    assert_eq!(
+        offsets.iter().map(|o| o.unwrap_or(0)).sum::<i64>(),
+        20,
+        "the group's committed offsets after 20 records: {offsets:?}"
+    );
+    first.release().await.expect("released");
+    drop(first);
+
+    for r in publisher.publish_batch(all[20..].to_vec()).await {
+        r.expect("published");
+    }
+    let other = common::bus(bootstrap, "").await.expect("a second bus");
+    let second_seen: Seen = Arc::default();
+    let mut second = other
+        .stream_consumer(topic, &group)
+        .await
+        .expect("a second reader")
+        .start_at(StartPosition::Earliest);
+    stream_until(&mut second, &second_seen, 10, Duration::from_secs(30)).await;
+    // Anything beyond the 10 new ones would show within another poll.
+    second
+        .poll(&handler(Arc::clone(&second_seen)))
+        .await
+        .expect("a poll");
+    let mut got: Vec<String> = second_seen.lock().expect("seen").keys().cloned().collect();
+    got.sort();
+    let mut want: Vec<String> = all[20..].iter().map(|e| e.id().to_owned()).collect();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the resumed reader handled other than the 10 new records"
+    );
+    second.release().await.expect("released");
+    assert_eq!(
+        committed(
+            bootstrap,
+            &cloudbus_kafka::stream_group(topic, &group),
+            topic,
+            2
+        )
+        .iter()
+        .map(|o| o.unwrap_or(0))
+        .sum::<i64>(),
+        30
+    );
+
+    let own_store = common::unique("own-store");
+    let third_seen: Seen = Arc::default();
+    let mut third = bus
+        .stream_consumer(topic, &own_store)
+        .await
+        .expect("a reader with its own store")
+        .checkpoints(Arc::new(MemoryCheckpointStore::new()))
+        .start_at(StartPosition::Earliest);
+    stream_until(&mut third, &third_seen, 30, Duration::from_secs(30)).await;
+    assert_eq!(third_seen.lock().expect("seen").len(), 30);
+    assert_eq!(
+        committed(
+            bootstrap,
+            &cloudbus_kafka::stream_group(topic, &own_store),
+            topic,
+            2
+        ),
+        vec![None, None],
+        "a reader given a checkpoint store committed offsets to Kafka"
+    );
+}
+
 mod mock_cluster {
     use super::*;
     use rdkafka::mocking::MockCluster;
@@ -128,6 +277,130 @@ mod mock_cluster {
             cluster.create_topic(topic, 4, 1).expect("a mock topic");
         })
         .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_checkpoints_are_the_groups_committed_offsets() {
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        stream_checkpoints_are_committed_offsets(&bootstrap, |topic| {
+            cluster.create_topic(topic, 2, 1).expect("a mock topic");
+        })
+        .await;
+    }
+
+    /// Two stream readers of one group share the partitions as the group coordinator
+    /// assigns them: a reader that joins a busy group is given some, and when the
+    /// first stops the second takes them all; nothing is lost. On the mock cluster:
+    /// tansu does not tell a working member to rejoin (see above).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_readers_of_a_group_share_its_partitions() {
+        use cloudbus_core::StartPosition;
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let topic = common::unique("shared-stream");
+        cluster.create_topic(&topic, 4, 1).expect("a mock topic");
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        let publisher = bus.publisher(&topic).await.expect("a publisher");
+        let all = events("com.example.share", 300);
+        let reader = |seen: Seen| {
+            let bus = bus.clone();
+            let topic = topic.clone();
+            async move {
+                let mut reader = bus
+                    .stream_consumer(&topic, "sharing")
+                    .await
+                    .expect("a reader")
+                    .start_at(StartPosition::Earliest);
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(async move {
+                    let handle = handler(seen);
+                    reader
+                        .run(&handle, Duration::from_millis(50), async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                });
+                (stop, task)
+            }
+        };
+        let (first_seen, second_seen): (Seen, Seen) = (Arc::default(), Arc::default());
+        let total = |a: &Seen, b: &Seen| {
+            let a = a.lock().expect("seen");
+            let b = b.lock().expect("seen");
+            all.iter()
+                .filter(|e| a.contains_key(e.id()) || b.contains_key(e.id()))
+                .count()
+        };
+        for r in publisher.publish_batch(all[..100].to_vec()).await {
+            r.expect("published");
+        }
+        let (stop_first, first) = reader(Arc::clone(&first_seen)).await;
+        wait_for(&first_seen, 100, Duration::from_secs(30)).await;
+        let (stop_second, second) = reader(Arc::clone(&second_seen)).await;
+        // The second reader joins; the group hands it some partitions.
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut sent = 100;
+        while second_seen.lock().expect("seen").is_empty() && Instant::now() < until && sent < 200 {
+            for r in publisher.publish_batch(all[sent..sent + 10].to_vec()).await {
+                r.expect("published");
+            }
+            sent += 10;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for r in publisher.publish_batch(all[sent..200].to_vec()).await {
+            r.expect("published");
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        while total(&first_seen, &second_seen) < 200 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let shared = second_seen.lock().expect("seen").len();
+        let _ = stop_first.send(());
+        first
+            .await
+            .expect("the first reader's task")
+            .expect("the first reader");
+        for r in publisher.publish_batch(all[200..].to_vec()).await {
+            r.expect("published");
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        while total(&first_seen, &second_seen) < 300 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = stop_second.send(());
+        second
+            .await
+            .expect("the second reader's task")
+            .expect("the second reader");
+        let handled = total(&first_seen, &second_seen);
+        let duplicates: usize = [&first_seen, &second_seen]
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .expect("seen")
+                    .values()
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .sum::<usize>()
+            - handled;
+        println!(
+            "stream group: 300 published, {handled} handled, {shared} by the second reader while both ran, {duplicates} duplicates"
+        );
+        assert_eq!(handled, 300, "records lost");
+        assert!(
+            shared > 0,
+            "the reader that joined a busy group was given no partition"
+        );
+        let after: usize = all[200..]
+            .iter()
+            .filter(|e| second_seen.lock().expect("seen").contains_key(e.id()))
+            .count();
+        assert_eq!(
+            after, 100,
+            "the second reader did not take over every partition"
+        );
     }
 
     /// 10,000 events published while brokers go down and up and produce, fetch and
@@ -269,6 +542,14 @@ mod mock_cluster {
 mod tansu {
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_checkpoints_are_the_groups_committed_offsets() {
+        let Some(bootstrap) = common::bootstrap() else {
+            return;
+        };
+        stream_checkpoints_are_committed_offsets(&bootstrap, |_| {}).await;
+    }
+
     /// A nack with a delay goes through the retry topic, a dead-letter through the
     /// dead-letter topic: both with the attempt count, the origin and (for the dead
     /// letter) the reason in headers; redrive brings the letter back.
@@ -356,6 +637,147 @@ mod tansu {
         );
         back.ack().await.expect("acked");
         assert!(dlq.peek(10).await.expect("peek").is_empty());
+    }
+
+    /// `cloudbus topology plan` on Kafka (`cloudbus_core::topology::plan`, what the
+    /// CLI calls): a topic and a subscription not made yet are to create; once
+    /// ensured, the same declaration plans no change; a subscription missing beside
+    /// them (or with only its retry topic) is to create; a lease changed against what
+    /// this process declared is an update of the lease, applied in place; and a
+    /// subscription whose topics another process made has settings Kafka does not
+    /// keep, so they are not compared (no drift).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn topology_plan_reads_topics_and_subscriptions() {
+        use cloudbus_core::topology::{self, Change, Topology};
+        let Some(bootstrap) = common::bootstrap() else {
+            return;
+        };
+        let topic = common::unique("plan");
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        let declare = |subscriptions: serde_json::Value| -> Topology {
+            serde_json::from_value(serde_json::json!({"topics": [{
+                "name": topic,
+                "subscriptions": subscriptions,
+            }]}))
+            .expect("a topology")
+        };
+        let billing = serde_json::json!({
+            "name": "billing",
+            "lease": "45s",
+            "max_delivery_attempts": 4,
+            "filter": {"prefix": {"attribute": "type", "prefix": "com.example.order."}},
+        });
+        let declared = declare(serde_json::json!([billing.clone()]));
+        let spec = declared.subscriptions().expect("specs").remove(0);
+
+        let plan = topology::plan(&bus, &declared)
+            .await
+            .expect("the first plan");
+        assert_eq!(
+            plan.changes,
+            [
+                Change::CreateTopic(topic.clone()),
+                Change::CreateSubscription(spec.clone()),
+            ],
+            "the first plan:\n{plan}"
+        );
+
+        bus.ensure_topic(&topic).await.expect("the topic");
+        bus.ensure_subscription(&spec)
+            .await
+            .expect("the subscription");
+        let plan = topology::plan(&bus, &declared)
+            .await
+            .expect("the plan once ensured");
+        assert_eq!(
+            plan.changes,
+            [
+                Change::TopicUnchanged(topic.clone()),
+                Change::SubscriptionUnchanged(spec.clone()),
+            ],
+            "the plan once ensured:\n{plan}"
+        );
+        assert!(plan.is_empty(), "{plan}");
+        assert_eq!(topology::apply(&bus, &plan).await.expect("apply"), 0);
+
+        // A subscription not ensured beside it, and one with only its retry topic.
+        bus.ensure_topic(&cloudbus_kafka::retry_topic(&topic, "half"))
+            .await
+            .expect("a retry topic alone");
+        let wider =
+            declare(serde_json::json!([billing.clone(), {"name": "audit"}, {"name": "half"}]));
+        let specs = wider.subscriptions().expect("specs");
+        let plan = topology::plan(&bus, &wider).await.expect("the wider plan");
+        assert_eq!(
+            plan.changes,
+            [
+                Change::TopicUnchanged(topic.clone()),
+                Change::SubscriptionUnchanged(spec.clone()),
+                Change::CreateSubscription(specs[1].clone()),
+                Change::CreateSubscription(specs[2].clone()),
+            ],
+            "the plan with subscriptions to add:\n{plan}"
+        );
+        assert_eq!(plan.change_count(), 2, "{plan}");
+
+        // What this process declared is compared: a longer lease is an update of it.
+        let mut longer = billing.clone();
+        longer["lease"] = serde_json::json!("60s");
+        let longer = declare(serde_json::json!([longer]));
+        let plan = topology::plan(&bus, &longer)
+            .await
+            .expect("the longer plan");
+        let differences = plan.changes.iter().find_map(|c| match c {
+            Change::UpdateSubscription { spec, differences } if spec.name == "billing" => {
+                Some(differences.clone())
+            }
+            _ => None,
+        });
+        let differences = differences.unwrap_or_else(|| panic!("no update in\n{plan}"));
+        assert_eq!(differences.len(), 1, "{plan}");
+        assert_eq!(
+            (
+                differences[0].setting,
+                differences[0].current.as_str(),
+                differences[0].wanted.as_str()
+            ),
+            ("lease", "45s", "60s"),
+            "{plan}"
+        );
+        assert_eq!(plan.change_count(), 1, "{plan}");
+        assert_eq!(topology::apply(&bus, &plan).await.expect("apply"), 1);
+        let again = topology::plan(&bus, &longer)
+            .await
+            .expect("the plan after the update");
+        assert!(again.is_empty(), "the plan after the update:\n{again}");
+
+        // Made by another process (its topics exist, nothing declared here): its
+        // settings are unknown to Kafka, so the subscription is as declared.
+        for t in [
+            cloudbus_kafka::retry_topic(&topic, "elsewhere"),
+            cloudbus_kafka::dead_letter_topic(&topic, "elsewhere"),
+        ] {
+            bus.ensure_topic(&t)
+                .await
+                .expect("a topic of the subscription");
+        }
+        let elsewhere = declare(serde_json::json!([{
+            "name": "elsewhere",
+            "lease": "90s",
+            "max_delivery_attempts": 3,
+            "filter": {"prefix": {"attribute": "type", "prefix": "com.example.other."}},
+        }]));
+        let plan = topology::plan(&bus, &elsewhere)
+            .await
+            .expect("the plan of a subscription made elsewhere");
+        assert_eq!(
+            plan.changes,
+            [
+                Change::TopicUnchanged(topic.clone()),
+                Change::SubscriptionUnchanged(elsewhere.subscriptions().expect("specs").remove(0)),
+            ],
+            "the plan of a subscription made elsewhere:\n{plan}"
+        );
     }
 
     /// The first `count` records of `topic`, as a plain Kafka consumer sees them.

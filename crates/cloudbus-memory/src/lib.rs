@@ -586,6 +586,8 @@ impl SubscriptionDriver for MemorySubscription {
                         published_at: Some(t.published_at),
                         ordering_key: t.key.map(|k| k.to_string()),
                         size: t.size,
+                        partition: None,
+                        offset: None,
                     })
                     .collect());
             }

@@ -145,6 +145,7 @@ impl StreamDriver for LogReader {
             .map(|(i, timestamp, payload)| StreamRecord {
                 partition: p.to_string(),
                 sequence: i.to_string(),
+                offset: None,
                 timestamp,
                 event: match payload {
                     Payload::Event(e) => Ok(e),

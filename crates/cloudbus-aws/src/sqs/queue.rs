@@ -318,6 +318,8 @@ impl SubscriptionDriver for SqsQueue {
                     .clone()
                     .filter(|g| is_fifo(&self.queue) && !g.starts_with(UNORDERED_GROUP)),
                 size,
+                partition: None,
+                offset: None,
             });
             self.keep(receipt, s, opened.lease);
         }

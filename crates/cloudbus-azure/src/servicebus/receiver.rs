@@ -647,6 +647,8 @@ impl ServiceBusSubscription {
             published_at,
             ordering_key,
             size,
+            partition: None,
+            offset: None,
         })
     }
 
