@@ -163,6 +163,13 @@ if [[ "${CLOUDBUS_TEST_NETNS:-}" != inside ]]; then
     # with the cargo (toolchain) that builds them below: the builds run offline.
     cargo fetch
     cargo fetch --manifest-path tests/app/Cargo.toml
+    # libcurl's headers, before anything builds librdkafka: its configure compiles in
+    # OIDC token retrieval (Microsoft Entra ID on Event Hubs) only when it finds them.
+    if ! pkg-config --exists libcurl; then
+        install_step "libcurl's headers (Debian's libcurl4-openssl-dev)" bash -c \
+            'export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q libcurl4-openssl-dev >&2 ||
+             { apt-get update -q >&2 && apt-get install -y -q libcurl4-openssl-dev >&2; }'
+    fi
     # promtool for the tests of deploy/prometheus (tests/deploy.rs).
     if [[ -z "${PROMTOOL:-}" ]]; then
         if PROMTOOL="$(bash scripts/promtool.sh)"; then

@@ -4,9 +4,12 @@
 //! producer and the consumers that follow from it; and the rule that credentials
 //! never travel unencrypted nor to a broker whose certificate is not verified.
 //!
-//! Secrets (a SASL password, an Event Hubs connection string) come from the
-//! environment only, never from the URL, and never appear in Debug or Display
-//! output or in error messages.
+//! Secrets (a SASL password, an Event Hubs connection string, an OAuth client secret)
+//! come from the environment only, never from the URL, and never appear in Debug or
+//! Display output or in error messages. OAUTHBEARER tokens (Microsoft Entra ID on
+//! Event Hubs, any OpenID Connect provider on Kafka) are fetched by librdkafka itself
+//! (`sasl.oauthbearer.method=oidc`, the OAuth 2.0 client-credentials grant) from an
+//! https token endpoint only.
 
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -27,6 +30,24 @@ pub const SASL_PASSWORD_ENV: &str = "KAFKA_SASL_PASSWORD";
 /// The Event Hubs namespace's connection string
 /// (`Endpoint=sb://NAMESPACE.servicebus.windows.net/;SharedAccessKeyName=…;SharedAccessKey=…`).
 pub const EVENTHUBS_CONNECTION_STRING_ENV: &str = "EVENTHUBS_CONNECTION_STRING";
+/// The OAuth 2.0 token endpoint of `kafka://…?sasl_mechanism=OAUTHBEARER` (https only).
+pub const KAFKA_OAUTH_TOKEN_ENDPOINT_ENV: &str = "KAFKA_OAUTH_TOKEN_ENDPOINT";
+/// The OAuth client ID of `kafka://…?sasl_mechanism=OAUTHBEARER`.
+pub const KAFKA_OAUTH_CLIENT_ID_ENV: &str = "KAFKA_OAUTH_CLIENT_ID";
+/// The OAuth client secret of `kafka://…?sasl_mechanism=OAUTHBEARER`.
+pub const KAFKA_OAUTH_CLIENT_SECRET_ENV: &str = "KAFKA_OAUTH_CLIENT_SECRET";
+/// The Microsoft Entra ID tenant (directory) of `eventhubs://…?auth=entra`: a GUID or
+/// a domain, as azure-identity's EnvironmentCredential reads it.
+pub const AZURE_TENANT_ID_ENV: &str = "AZURE_TENANT_ID";
+/// The client (application) ID of the service principal of `?auth=entra`.
+pub const AZURE_CLIENT_ID_ENV: &str = "AZURE_CLIENT_ID";
+/// The client secret of the service principal of `?auth=entra`.
+pub const AZURE_CLIENT_SECRET_ENV: &str = "AZURE_CLIENT_SECRET";
+/// The Microsoft Entra ID authority of `?auth=entra` (https only), for sovereign
+/// clouds; [`DEFAULT_AZURE_AUTHORITY_HOST`] when unset.
+pub const AZURE_AUTHORITY_HOST_ENV: &str = "AZURE_AUTHORITY_HOST";
+/// The authority of the Azure public cloud.
+pub const DEFAULT_AZURE_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
 /// The port of the Event Hubs Kafka endpoint.
 pub const EVENTHUBS_KAFKA_PORT: u16 = 9093;
 /// Event Hubs closes the connection of a request larger than this (Microsoft's
@@ -79,6 +100,7 @@ const KAFKA_PARAMS: &[&str] = &[
     "sasl_mechanism",
     "tls_ca",
     "session_timeout_ms",
+    "oauth_scope",
 ];
 /// The parameters of an `eventhubs://` URL: no topic settings (Event Hubs has no
 /// admin API for them) and no security choices (always SASL_SSL).
@@ -214,14 +236,22 @@ enum Sasl {
         username: String,
         password: Secret,
     },
-    /// OAUTHBEARER: the token comes from a token refresh callback of the client.
-    OAuthBearer,
+    /// OAUTHBEARER with tokens librdkafka fetches and renews itself
+    /// (`sasl.oauthbearer.method=oidc`): the OAuth 2.0 client-credentials grant of
+    /// `client_id` and `client_secret` at `token_endpoint` (https), for `scope`.
+    Oidc {
+        client_id: String,
+        client_secret: Secret,
+        token_endpoint: String,
+        scope: Option<String>,
+    },
 }
 
 /// Connection settings from a URL, for Kafka, Azure Event Hubs and Amazon MSK.
 ///
-/// Its Debug output shows `<redacted>` in place of a SASL password or connection
-/// string; Display shows the flavour, the servers and the security in one line.
+/// Its Debug output shows `<redacted>` in place of a SASL password, connection
+/// string or OAuth client secret; Display shows the flavour, the servers and the
+/// security in one line.
 /// [`client_settings`](Self::client_settings) and the settings built on it do hold
 /// the secret (librdkafka needs it): never log them as they are (see
 /// [`is_secret_setting`]).
@@ -255,18 +285,23 @@ impl KafkaConfig {
     /// `tls_ca` (a CA file for `ssl.ca.location`), `session_timeout_ms`. Of
     /// `kafka://` only: `partitions`, `replication`, `retention_ms`,
     /// `cleanup_policy=delete|compact`, `security_protocol=plaintext|ssl|sasl_plaintext|sasl_ssl`,
-    /// `sasl_mechanism=PLAIN|SCRAM-SHA-256|SCRAM-SHA-512|OAUTHBEARER`. Of
-    /// `eventhubs://` only: `auth=connection_string|entra`. Any other parameter is
-    /// `InvalidArgument`.
+    /// `sasl_mechanism=PLAIN|SCRAM-SHA-256|SCRAM-SHA-512|OAUTHBEARER`, `oauth_scope`
+    /// (with OAUTHBEARER only). Of `eventhubs://` only: `auth=connection_string|entra`.
+    /// Any other parameter is `InvalidArgument`.
     ///
     /// **Kafka security.** `security_protocol` defaults to `sasl_ssl` when a
     /// `sasl_mechanism` is given (Amazon MSK with SCRAM:
     /// `kafka://b-1.x.kafka.us-east-1.amazonaws.com:9096?sasl_mechanism=SCRAM-SHA-512`),
     /// else to `ssl` with a `tls_ca`, else `plaintext`. PLAIN and SCRAM take
     /// `KAFKA_SASL_USERNAME` and `KAFKA_SASL_PASSWORD` (PermissionDenied when one is
-    /// missing); OAUTHBEARER takes neither (its token comes from a callback the
-    /// client sets). Credentials in the URL (`user:pass@`, or any `@`: write `%40` in
-    /// a parameter value) are refused, and so are credentials or a SASL mechanism
+    /// missing). OAUTHBEARER takes neither: librdkafka fetches its tokens itself
+    /// (`sasl.oauthbearer.method=oidc`, the OAuth 2.0 client-credentials grant) from
+    /// the token endpoint of `KAFKA_OAUTH_TOKEN_ENDPOINT` (https only, else
+    /// `InvalidArgument`) with `KAFKA_OAUTH_CLIENT_ID` and `KAFKA_OAUTH_CLIENT_SECRET`
+    /// (PermissionDenied naming the ones missing), for the scopes of `?oauth_scope=`
+    /// if given (space-separated: `?oauth_scope=kafka+profile`). Credentials in the
+    /// URL (`user:pass@`, or any `@`: write `%40` in a parameter value) are refused,
+    /// and so are credentials or a SASL mechanism
     /// over `plaintext`/`sasl_plaintext`: credentials never travel unencrypted. No
     /// parameter turns certificate verification off.
     ///
@@ -274,10 +309,22 @@ impl KafkaConfig {
     /// Hubs"): bootstrap `NAMESPACE:9093`, SASL_SSL, PLAIN with user name
     /// `$ConnectionString` and the connection string of `EVENTHUBS_CONNECTION_STRING`
     /// as the password (PermissionDenied when it is not set); its Endpoint must name
-    /// the URL's namespace. `?auth=entra` selects OAUTHBEARER instead (a Microsoft
-    /// Entra ID token for `https://NAMESPACE/.default`, from a token callback the
-    /// client wires); no connection string is then needed, but the namespace must be
-    /// in the URL or the connection string's Endpoint.
+    /// the URL's namespace.
+    ///
+    /// **Event Hubs with Microsoft Entra ID** (`?auth=entra`): OAUTHBEARER with
+    /// tokens librdkafka fetches itself (`sasl.oauthbearer.method=oidc`) with the
+    /// client-credentials grant of a service principal, read from the variables
+    /// azure-identity's EnvironmentCredential reads: `AZURE_TENANT_ID` (a GUID or a
+    /// domain), `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET` (PermissionDenied naming the
+    /// ones missing), and `AZURE_AUTHORITY_HOST` (default
+    /// `https://login.microsoftonline.com`; https only, else `InvalidArgument`). The
+    /// token endpoint is `{AZURE_AUTHORITY_HOST}/{AZURE_TENANT_ID}/oauth2/v2.0/token`
+    /// and the scope `https://NAMESPACE.servicebus.windows.net/.default` (for Kafka
+    /// clients the token's resource is the namespace, not `https://eventhubs.azure.net/`).
+    /// The principal needs an Event Hubs data role (Azure Event Hubs Data Sender /
+    /// Receiver / Owner). No connection string is needed, but the namespace must be in
+    /// the URL or the Endpoint of `EVENTHUBS_CONNECTION_STRING` (whose key is then not
+    /// used). Client certificates and managed identities are not read.
     pub fn from_url(url: &str) -> Result<Self> {
         Self::from_url_with_env(url, &env_var)
     }
@@ -387,6 +434,12 @@ impl KafkaConfig {
             )));
         }
         self.security_protocol = protocol;
+        let scope = params.get("oauth_scope");
+        if scope.is_some() && mechanism != Some(SaslMechanism::OAuthBearer) {
+            return Err(Error::invalid(
+                "kafka:// URL parameter oauth_scope needs sasl_mechanism=OAUTHBEARER",
+            ));
+        }
         self.sasl = match (protocol.sasl(), mechanism) {
             (false, None) => {
                 if username.is_some() || password.is_some() {
@@ -416,7 +469,7 @@ impl KafkaConfig {
                         "sasl_mechanism=OAUTHBEARER authenticates with tokens, not {SASL_USERNAME_ENV}/{SASL_PASSWORD_ENV}: unset them"
                     )));
                 }
-                Some(Sasl::OAuthBearer)
+                Some(kafka_oidc(scope, env)?)
             }
             (true, Some(mechanism)) => match (username, password) {
                 (Some(username), Some(password)) => Some(Sasl::Password {
@@ -476,9 +529,8 @@ impl KafkaConfig {
         let connection_string = env(EVENTHUBS_CONNECTION_STRING_ENV);
         let entra = params.choice("auth", &["connection_string", "entra"])? == Some("entra");
         let namespace = if entra {
-            // Microsoft Entra ID: OAUTHBEARER with a token from the client's callback.
-            self.sasl = Some(Sasl::OAuthBearer);
-            match (url_namespace, connection_string) {
+            // Microsoft Entra ID: OAUTHBEARER with tokens librdkafka fetches (OIDC).
+            let namespace = match (url_namespace, connection_string) {
                 (Some(namespace), _) => namespace,
                 (None, Some(text)) => parse_connection_string(&text)?,
                 (None, None) => {
@@ -486,7 +538,9 @@ impl KafkaConfig {
                         "eventhubs://?auth=entra needs the namespace: use eventhubs://NAMESPACE.servicebus.windows.net?auth=entra (or set {EVENTHUBS_CONNECTION_STRING_ENV})"
                     )));
                 }
-            }
+            };
+            self.sasl = Some(entra_oidc(&namespace, env)?);
+            namespace
         } else {
             let Some(text) = connection_string else {
                 return Err(Error::new(
@@ -649,8 +703,11 @@ impl KafkaConfig {
 
     /// librdkafka properties common to every client: bootstrap.servers, client.id, security, and the flavour's settings.
     ///
-    /// They hold the SASL password or connection string: do not log them as they
-    /// are ([`is_secret_setting`]).
+    /// They hold the SASL password, connection string or OAuth client secret: do not
+    /// log them as they are ([`is_secret_setting`]). With OAUTHBEARER they are
+    /// `sasl.oauthbearer.method=oidc` and its client ID, client secret, token
+    /// endpoint and scope: librdkafka (built with libcurl) fetches and renews the
+    /// tokens on its background thread.
     pub fn client_settings(&self) -> Vec<(String, String)> {
         let mut settings = vec![
             setting("bootstrap.servers", &self.bootstrap_servers),
@@ -662,11 +719,29 @@ impl KafkaConfig {
         ];
         match &self.sasl {
             None => {}
-            Some(Sasl::OAuthBearer) => {
+            Some(Sasl::Oidc {
+                client_id,
+                client_secret,
+                token_endpoint,
+                scope,
+            }) => {
                 settings.push(setting(
                     "sasl.mechanism",
                     SaslMechanism::OAuthBearer.as_setting(),
                 ));
+                settings.push(setting("sasl.oauthbearer.method", "oidc"));
+                settings.push(setting("sasl.oauthbearer.client.id", client_id));
+                settings.push(setting(
+                    "sasl.oauthbearer.client.secret",
+                    client_secret.expose(),
+                ));
+                settings.push(setting(
+                    "sasl.oauthbearer.token.endpoint.url",
+                    token_endpoint,
+                ));
+                if let Some(scope) = scope {
+                    settings.push(setting("sasl.oauthbearer.scope", scope));
+                }
             }
             Some(Sasl::Password {
                 mechanism,
@@ -752,7 +827,7 @@ impl fmt::Display for KafkaConfig {
         )?;
         match &self.sasl {
             None => {}
-            Some(Sasl::OAuthBearer) => write!(f, " {}", SaslMechanism::OAuthBearer.as_setting())?,
+            Some(Sasl::Oidc { .. }) => write!(f, " {}", SaslMechanism::OAuthBearer.as_setting())?,
             Some(Sasl::Password { mechanism, .. }) => write!(f, " {}", mechanism.as_setting())?,
         }
         f.write_str(")")
@@ -766,8 +841,12 @@ pub fn is_secret_setting(name: &str) -> bool {
         name,
         "sasl.password"
             | "ssl.key.password"
+            | "ssl.key.pem"
             | "ssl.keystore.password"
             | "sasl.oauthbearer.client.secret"
+            | "sasl.oauthbearer.client.credentials.client.secret"
+            | "sasl.oauthbearer.assertion.private.key.passphrase"
+            | "sasl.oauthbearer.assertion.private.key.pem"
     )
 }
 
@@ -1030,12 +1109,219 @@ fn parse_connection_string(text: &str) -> Result<String> {
     Ok(host.to_ascii_lowercase())
 }
 
+/// The OIDC client credentials of `kafka://…?sasl_mechanism=OAUTHBEARER`: the
+/// token endpoint, client ID and secret of `KAFKA_OAUTH_*`, and the scope of
+/// `?oauth_scope=`, if given.
+fn kafka_oidc(scope: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> Result<Sasl> {
+    let endpoint = env(KAFKA_OAUTH_TOKEN_ENDPOINT_ENV);
+    let client_id = env(KAFKA_OAUTH_CLIENT_ID_ENV);
+    let client_secret = env(KAFKA_OAUTH_CLIENT_SECRET_ENV);
+    let (Some(endpoint), Some(client_id), Some(client_secret)) =
+        (&endpoint, &client_id, &client_secret)
+    else {
+        return Err(missing_credentials(
+            "sasl_mechanism=OAUTHBEARER (tokens from an OAuth 2.0 client-credentials grant)",
+            &[
+                (KAFKA_OAUTH_TOKEN_ENDPOINT_ENV, endpoint.is_none()),
+                (KAFKA_OAUTH_CLIENT_ID_ENV, client_id.is_none()),
+                (KAFKA_OAUTH_CLIENT_SECRET_ENV, client_secret.is_none()),
+            ],
+        ));
+    };
+    let token_endpoint = https_url(endpoint, KAFKA_OAUTH_TOKEN_ENDPOINT_ENV)?;
+    let scope = match scope {
+        Some(scope) if valid_scope(scope) => Some(scope.to_owned()),
+        Some(_) => {
+            return Err(Error::invalid(
+                "kafka:// URL parameter oauth_scope must be OAuth scopes separated by single spaces (written + in the URL), of printable ASCII other than '\"', '\\', '&', '+' and '%'",
+            ));
+        }
+        None => None,
+    };
+    Ok(Sasl::Oidc {
+        client_id: oauth_client_id(client_id, KAFKA_OAUTH_CLIENT_ID_ENV)?,
+        client_secret: Secret(client_secret.clone()),
+        token_endpoint: token_endpoint.into(),
+        scope,
+    })
+}
+
+/// The Microsoft Entra ID client credentials of `eventhubs://NAMESPACE?auth=entra`,
+/// from the variables of azure-identity's EnvironmentCredential: the token endpoint
+/// of the tenant at the authority, and the scope of the namespace's Kafka endpoint.
+fn entra_oidc(namespace: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Sasl> {
+    let tenant = env(AZURE_TENANT_ID_ENV);
+    let client_id = env(AZURE_CLIENT_ID_ENV);
+    let client_secret = env(AZURE_CLIENT_SECRET_ENV);
+    let (Some(tenant), Some(client_id), Some(client_secret)) =
+        (&tenant, &client_id, &client_secret)
+    else {
+        return Err(missing_credentials(
+            "eventhubs://?auth=entra (a Microsoft Entra ID service principal's client credentials, as azure-identity's EnvironmentCredential reads them)",
+            &[
+                (AZURE_TENANT_ID_ENV, tenant.is_none()),
+                (AZURE_CLIENT_ID_ENV, client_id.is_none()),
+                (AZURE_CLIENT_SECRET_ENV, client_secret.is_none()),
+            ],
+        ));
+    };
+    // A GUID or a domain (contoso.onmicrosoft.com): it goes into the token
+    // endpoint's path, so nothing that could leave its segment ('/', '?', '%', "..").
+    let tenant = tenant.trim();
+    let valid_tenant = tenant.len() <= 253
+        && tenant.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && tenant.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !tenant.contains("..")
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+    if !valid_tenant {
+        return Err(Error::invalid(format!(
+            "{AZURE_TENANT_ID_ENV} is not a Microsoft Entra ID tenant: expected a directory ID (a GUID) or a domain such as contoso.onmicrosoft.com"
+        )));
+    }
+    let authority = env(AZURE_AUTHORITY_HOST_ENV);
+    let authority = https_url(
+        authority.as_deref().unwrap_or(DEFAULT_AZURE_AUTHORITY_HOST),
+        AZURE_AUTHORITY_HOST_ENV,
+    )?;
+    if authority.query().is_some() {
+        return Err(Error::invalid(format!(
+            "{AZURE_AUTHORITY_HOST_ENV} takes no query: expected https://HOST, as {DEFAULT_AZURE_AUTHORITY_HOST}"
+        )));
+    }
+    Ok(Sasl::Oidc {
+        client_id: oauth_client_id(client_id, AZURE_CLIENT_ID_ENV)?,
+        client_secret: Secret(client_secret.clone()),
+        token_endpoint: format!(
+            "{}/{tenant}/oauth2/v2.0/token",
+            authority.as_str().trim_end_matches('/')
+        ),
+        // For Kafka clients the token's resource is the namespace (Microsoft's
+        // "Authenticate an application with Microsoft Entra ID to access Event Hubs
+        // resources"); `.default` asks for the roles the principal was given.
+        scope: Some(format!("https://{namespace}/.default")),
+    })
+}
+
+/// PermissionDenied for client credentials `what` needs: names the variables whose
+/// flag is set (the missing ones), never a value.
+fn missing_credentials(what: &str, vars: &[(&str, bool)]) -> Error {
+    let missing: Vec<&str> = vars
+        .iter()
+        .filter(|(_, missing)| *missing)
+        .map(|(name, _)| *name)
+        .collect();
+    Error::new(
+        ErrorKind::PermissionDenied,
+        format!(
+            "{what} needs {}: set {}",
+            missing.join(", "),
+            if missing.len() == 1 { "it" } else { "them" }
+        ),
+    )
+}
+
+/// An OAuth client ID from `origin`, trimmed: non-empty, without ':' (it goes into
+/// an HTTP Basic `client_id:client_secret`) nor control characters. Not echoed.
+fn oauth_client_id(text: &str, origin: &str) -> Result<String> {
+    let id = text.trim();
+    if id.is_empty() || id.contains(':') || id.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "{origin} is not an OAuth client ID (no ':' nor control characters)"
+        )));
+    }
+    Ok(id.to_owned())
+}
+
+/// The https URL of `origin` (a token endpoint or an authority): client credentials
+/// never travel over a connection that is not TLS (libcurl verifies the
+/// certificate). No user information and no fragment; the value is not echoed.
+fn https_url(text: &str, origin: &str) -> Result<url::Url> {
+    let url = url::Url::parse(text.trim()).map_err(|_| {
+        Error::invalid(format!(
+            "{origin} is not a URL: expected https://HOST[/PATH]"
+        ))
+    })?;
+    if url.scheme() != "https" {
+        return Err(Error::invalid(format!(
+            "{origin} must be an https:// URL, not {}://: client credentials never travel over a connection without TLS",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::invalid(format!(
+            "{origin} names no host: expected https://HOST[/PATH]"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::invalid(format!(
+            "{origin} must not contain credentials ('@'): the client secret has its own variable"
+        )));
+    }
+    if url.fragment().is_some() {
+        return Err(Error::invalid(format!("{origin} takes no fragment ('#')")));
+    }
+    Ok(url)
+}
+
+/// Whether `scope` is OAuth scopes (RFC 6749, 3.3: `%x21 / %x23-5B / %x5D-7E`)
+/// separated by single spaces, without '&', '+' and '%': librdkafka puts the scope
+/// into the token request's form body as it is, where they would change its meaning.
+fn valid_scope(scope: &str) -> bool {
+    scope.split(' ').all(|token| {
+        !token.is_empty()
+            && token.bytes().all(|b| {
+                matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E) && !matches!(b, b'&' | b'+' | b'%')
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const KEY: &str = "c2VjcmV0LWtleS1kby1ub3QtcHJpbnQ=";
     const PASSWORD: &str = "hunter2-scram-password";
+    const CLIENT_SECRET: &str = "oidc-client-secret-do-not-print";
+    const TENANT: &str = "8c3f0b4e-6d2a-4f1e-9b7c-2a5d1e0f3c4b";
+    const APP_ID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    const IDP_TOKEN_URL: &str =
+        "https://idp.example.com/realms/kafka/protocol/openid-connect/token";
+
+    /// A service principal in the variables of azure-identity's EnvironmentCredential.
+    fn entra_vars() -> Vec<(&'static str, &'static str)> {
+        vec![
+            (AZURE_TENANT_ID_ENV, TENANT),
+            (AZURE_CLIENT_ID_ENV, APP_ID),
+            (AZURE_CLIENT_SECRET_ENV, CLIENT_SECRET),
+        ]
+    }
+
+    /// An OIDC client of a plain Kafka cluster.
+    fn kafka_oauth_vars() -> Vec<(&'static str, &'static str)> {
+        vec![
+            (KAFKA_OAUTH_TOKEN_ENDPOINT_ENV, IDP_TOKEN_URL),
+            (KAFKA_OAUTH_CLIENT_ID_ENV, "orders-svc"),
+            (KAFKA_OAUTH_CLIENT_SECRET_ENV, CLIENT_SECRET),
+        ]
+    }
+
+    /// `vars` with `name` set to `value` (replaced or added).
+    fn with<'a>(
+        vars: &[(&'a str, &'a str)],
+        name: &'a str,
+        value: &'a str,
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut vars: Vec<_> = vars.iter().copied().filter(|(n, _)| *n != name).collect();
+        vars.push((name, value));
+        vars
+    }
+
+    /// `vars` without `name`.
+    fn without<'a>(vars: &[(&'a str, &'a str)], name: &str) -> Vec<(&'a str, &'a str)> {
+        vars.iter().copied().filter(|(n, _)| *n != name).collect()
+    }
 
     fn connection_string(namespace: &str) -> String {
         format!(
@@ -1076,6 +1362,7 @@ mod tests {
     fn assert_no_secret(text: &str) {
         assert!(!text.contains(KEY), "{text}");
         assert!(!text.contains(PASSWORD), "{text}");
+        assert!(!text.contains(CLIENT_SECRET), "{text}");
         assert!(!text.contains("SharedAccessKey="), "{text}");
     }
 
@@ -1211,6 +1498,7 @@ mod tests {
             "partitions=6",
             "security_protocol=plaintext",
             "sasl_mechanism=PLAIN",
+            "oauth_scope=x",
         ] {
             let e = invalid(&format!("eventhubs://?{param}"), &vars);
             assert!(e.message().contains("unknown"), "{e}");
@@ -1446,7 +1734,13 @@ mod tests {
 
     #[test]
     fn event_hubs_with_entra_id() {
-        let c = config("eventhubs://contoso.servicebus.windows.net?auth=entra", &[]).unwrap();
+        let vars = entra_vars();
+        let c = config(
+            "eventhubs://contoso.servicebus.windows.net?auth=entra",
+            &vars,
+        )
+        .unwrap();
+        let endpoint = format!("https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token");
         assert_eq!(
             pairs(&c.client_settings()),
             vec![
@@ -1455,22 +1749,337 @@ mod tests {
                 ("security.protocol", "SASL_SSL"),
                 ("allow.auto.create.topics", "false"),
                 ("sasl.mechanism", "OAUTHBEARER"),
+                ("sasl.oauthbearer.method", "oidc"),
+                ("sasl.oauthbearer.client.id", APP_ID),
+                ("sasl.oauthbearer.client.secret", CLIENT_SECRET),
+                ("sasl.oauthbearer.token.endpoint.url", endpoint.as_str()),
+                (
+                    "sasl.oauthbearer.scope",
+                    "https://contoso.servicebus.windows.net/.default"
+                ),
                 ("socket.keepalive.enable", "true"),
                 ("metadata.max.age.ms", "180000"),
                 ("connections.max.idle.ms", "180000"),
             ]
         );
+        assert_eq!(
+            c.to_string(),
+            "eventhubs://contoso.servicebus.windows.net:9093 (SASL_SSL OAUTHBEARER)"
+        );
+        let debug = format!("{c:?}");
+        assert!(debug.contains("<redacted>"), "{debug}");
+        assert_no_secret(&debug);
+        assert_no_secret(&format!("{c:#?}"));
+        assert_no_secret(&c.to_string());
+
         // The namespace may come from a connection string, whose key is not used.
         let cs = connection_string("contoso.servicebus.windows.net");
         let c = config(
             "eventhubs://?auth=entra",
-            &[(EVENTHUBS_CONNECTION_STRING_ENV, cs.as_str())],
+            &with(&vars, EVENTHUBS_CONNECTION_STRING_ENV, &cs),
         )
         .unwrap();
         assert_eq!(c.bootstrap_servers(), "contoso.servicebus.windows.net:9093");
         assert_eq!(value(&c.client_settings(), "sasl.password"), None);
-        invalid("eventhubs://?auth=entra", &[]);
-        invalid("eventhubs://contoso.servicebus.windows.net?auth=sas", &[]);
+        assert_eq!(
+            value(&c.client_settings(), "sasl.oauthbearer.scope"),
+            Some("https://contoso.servicebus.windows.net/.default")
+        );
+        invalid("eventhubs://?auth=entra", &vars);
+        invalid("eventhubs://contoso.servicebus.windows.net?auth=sas", &vars);
+
+        // A sovereign cloud: its authority host and its namespaces' domain; a domain
+        // tenant and a trailing slash are fine.
+        let vars = with(
+            &with(
+                &vars,
+                AZURE_AUTHORITY_HOST_ENV,
+                "https://login.chinacloudapi.cn/",
+            ),
+            AZURE_TENANT_ID_ENV,
+            "contoso.partner.onmschina.cn",
+        );
+        let c = config(
+            "eventhubs://Contoso.servicebus.chinacloudapi.cn?auth=entra",
+            &vars,
+        )
+        .unwrap();
+        let settings = c.client_settings();
+        assert_eq!(
+            value(&settings, "sasl.oauthbearer.token.endpoint.url"),
+            Some("https://login.chinacloudapi.cn/contoso.partner.onmschina.cn/oauth2/v2.0/token")
+        );
+        assert_eq!(
+            value(&settings, "sasl.oauthbearer.scope"),
+            Some("https://contoso.servicebus.chinacloudapi.cn/.default")
+        );
+    }
+
+    #[test]
+    fn entra_missing_variables_are_named() {
+        let url = "eventhubs://contoso.servicebus.windows.net?auth=entra";
+        let all = [
+            AZURE_TENANT_ID_ENV,
+            AZURE_CLIENT_ID_ENV,
+            AZURE_CLIENT_SECRET_ENV,
+        ];
+        for name in all {
+            for vars in [
+                without(&entra_vars(), name),
+                with(&entra_vars(), name, "  "),
+            ] {
+                let e = config(url, &vars).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{name}: {e}");
+                assert!(e.message().contains(name), "{name}: {e}");
+                for other in all.iter().filter(|other| **other != name) {
+                    assert!(!e.message().contains(*other), "{name}: {e}");
+                }
+                assert_no_secret(&e.to_string());
+                assert_no_secret(&format!("{e:?}"));
+            }
+        }
+        let e = config(url, &[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        for name in all {
+            assert!(e.message().contains(name), "{e}");
+        }
+        // A connection string does not stand in for them.
+        let cs = connection_string("contoso.servicebus.windows.net");
+        let e = config(url, &[(EVENTHUBS_CONNECTION_STRING_ENV, cs.as_str())]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        assert_no_secret(&e.to_string());
+    }
+
+    #[test]
+    fn entra_authority_must_be_https() {
+        let url = "eventhubs://contoso.servicebus.windows.net?auth=entra";
+        for authority in [
+            "http://login.microsoftonline.com",
+            "http://127.0.0.1:9",
+            "HTTP://login.microsoftonline.com",
+            "ftp://login.microsoftonline.com",
+            "login.microsoftonline.com",
+            "https://alice:hunter2-scram-password@login.microsoftonline.com",
+            "https://login.microsoftonline.com/?x=1",
+            "https://login.microsoftonline.com/#x",
+        ] {
+            let e = invalid(
+                url,
+                &with(&entra_vars(), AZURE_AUTHORITY_HOST_ENV, authority),
+            );
+            assert!(
+                e.message().contains(AZURE_AUTHORITY_HOST_ENV),
+                "{authority}: {e}"
+            );
+            assert_no_secret(&e.to_string());
+            assert_no_secret(&format!("{e:?}"));
+        }
+        let e = invalid(
+            url,
+            &with(
+                &entra_vars(),
+                AZURE_AUTHORITY_HOST_ENV,
+                "http://login.microsoftonline.com",
+            ),
+        );
+        assert!(e.message().contains("https://"), "{e}");
+    }
+
+    #[test]
+    fn entra_tenant_cannot_leave_its_path_segment() {
+        let url = "eventhubs://contoso.servicebus.windows.net?auth=entra";
+        for tenant in [
+            "x/../y",
+            "..",
+            "../common",
+            "a..b",
+            "contoso.onmicrosoft.com/x",
+            "a?b",
+            "a#b",
+            "a b",
+            "%2e%2e",
+            "-x",
+            "x.",
+            "t@x",
+        ] {
+            let e = invalid(url, &with(&entra_vars(), AZURE_TENANT_ID_ENV, tenant));
+            assert!(e.message().contains(AZURE_TENANT_ID_ENV), "{tenant}: {e}");
+            assert_no_secret(&e.to_string());
+        }
+        for tenant in ["contoso.onmicrosoft.com", "organizations", TENANT] {
+            let c = config(url, &with(&entra_vars(), AZURE_TENANT_ID_ENV, tenant)).unwrap();
+            let expected = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token");
+            assert_eq!(
+                value(&c.client_settings(), "sasl.oauthbearer.token.endpoint.url"),
+                Some(expected.as_str())
+            );
+        }
+        // A client ID goes into HTTP Basic authentication: no ':'.
+        let e = invalid(url, &with(&entra_vars(), AZURE_CLIENT_ID_ENV, "a:b"));
+        assert!(e.message().contains(AZURE_CLIENT_ID_ENV), "{e}");
+    }
+
+    #[test]
+    fn kafka_oauthbearer_with_oidc() {
+        let vars = kafka_oauth_vars();
+        let c = config(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER&oauth_scope=kafka",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            pairs(&c.client_settings()),
+            vec![
+                ("bootstrap.servers", "a:9093"),
+                ("client.id", "cloudbus"),
+                ("security.protocol", "SASL_SSL"),
+                ("allow.auto.create.topics", "false"),
+                ("sasl.mechanism", "OAUTHBEARER"),
+                ("sasl.oauthbearer.method", "oidc"),
+                ("sasl.oauthbearer.client.id", "orders-svc"),
+                ("sasl.oauthbearer.client.secret", CLIENT_SECRET),
+                ("sasl.oauthbearer.token.endpoint.url", IDP_TOKEN_URL),
+                ("sasl.oauthbearer.scope", "kafka"),
+            ]
+        );
+        assert_eq!(c.to_string(), "kafka://a:9093 (SASL_SSL OAUTHBEARER)");
+        assert_no_secret(&format!("{c:?}"));
+        // Without a scope there is none; several are space-separated (`+`).
+        let c = config(
+            "kafka://a:9093?security_protocol=sasl_ssl&sasl_mechanism=OAUTHBEARER",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(value(&c.client_settings(), "sasl.oauthbearer.scope"), None);
+        assert_eq!(
+            value(&c.client_settings(), "sasl.oauthbearer.method"),
+            Some("oidc")
+        );
+        let c = config(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER&oauth_scope=kafka+api%3A%2F%2Forders%2F.default",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            value(&c.client_settings(), "sasl.oauthbearer.scope"),
+            Some("kafka api://orders/.default")
+        );
+        for scope in ["", "a%26b%3Dc", "a%2Bb", "a%25", "a++b", "a%0Ab", "%22a%22"] {
+            invalid(
+                &format!("kafka://a:9093?sasl_mechanism=OAUTHBEARER&oauth_scope={scope}"),
+                &vars,
+            );
+        }
+        // A scope without OAUTHBEARER has nothing to go with.
+        let e = invalid(
+            "kafka://a:9093?security_protocol=ssl&oauth_scope=kafka",
+            &vars,
+        );
+        assert!(e.message().contains("OAUTHBEARER"), "{e}");
+        // The KAFKA_OAUTH_* variables are used by OAUTHBEARER only.
+        let c = config("kafka://a:9092", &vars).unwrap();
+        assert_eq!(
+            value(&c.client_settings(), "sasl.oauthbearer.client.secret"),
+            None
+        );
+
+        // Each missing variable is named.
+        let all = [
+            KAFKA_OAUTH_TOKEN_ENDPOINT_ENV,
+            KAFKA_OAUTH_CLIENT_ID_ENV,
+            KAFKA_OAUTH_CLIENT_SECRET_ENV,
+        ];
+        for name in all {
+            let e = config(
+                "kafka://a:9093?sasl_mechanism=OAUTHBEARER",
+                &without(&vars, name),
+            )
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{name}: {e}");
+            assert!(e.message().contains(name), "{name}: {e}");
+            assert_no_secret(&e.to_string());
+            assert_no_secret(&format!("{e:?}"));
+        }
+        let e = config("kafka://a:9093?sasl_mechanism=OAUTHBEARER", &[]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+        for name in all {
+            assert!(e.message().contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn kafka_oidc_token_endpoint_must_be_https() {
+        for endpoint in [
+            "http://idp.example.com/token",
+            "http://127.0.0.1:8080/token",
+            "idp.example.com/token",
+            "file:///etc/token",
+            "https://alice:hunter2-scram-password@idp.example.com/token",
+            "https://oidc-client-secret-do-not-print@idp.example.com/token",
+            "https://idp.example.com/token#x",
+        ] {
+            let e = invalid(
+                "kafka://a:9093?sasl_mechanism=OAUTHBEARER",
+                &with(
+                    &kafka_oauth_vars(),
+                    KAFKA_OAUTH_TOKEN_ENDPOINT_ENV,
+                    endpoint,
+                ),
+            );
+            assert!(
+                e.message().contains(KAFKA_OAUTH_TOKEN_ENDPOINT_ENV),
+                "{endpoint}: {e}"
+            );
+            assert_no_secret(&e.to_string());
+            assert_no_secret(&format!("{e:?}"));
+        }
+        let e = invalid(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER",
+            &with(
+                &kafka_oauth_vars(),
+                KAFKA_OAUTH_TOKEN_ENDPOINT_ENV,
+                "http://idp.example.com/token",
+            ),
+        );
+        assert!(e.message().contains("https://"), "{e}");
+    }
+
+    /// librdkafka takes the OIDC settings: built without libcurl it refuses
+    /// `sasl.oauthbearer.method=oidc` ("OIDC not supported") when the client is
+    /// created. The authority and the broker are 127.0.0.1:9, so nothing leaves the
+    /// machine: the token fetch fails locally, on librdkafka's background thread.
+    #[test]
+    fn oidc_settings_are_accepted_by_librdkafka() {
+        use rdkafka::ClientConfig;
+        use rdkafka::consumer::BaseConsumer;
+
+        let vars = with(
+            &entra_vars(),
+            AZURE_AUTHORITY_HOST_ENV,
+            "https://127.0.0.1:9",
+        );
+        let c = config(
+            "eventhubs://contoso.servicebus.windows.net?auth=entra",
+            &vars,
+        )
+        .unwrap();
+        let mut client = ClientConfig::new();
+        for (name, value) in c.client_settings() {
+            if name == "bootstrap.servers" {
+                client.set(name, "127.0.0.1:9");
+            } else {
+                client.set(name, value);
+            }
+        }
+        client.set("group.id", "cloudbus-oidc-settings");
+        assert_eq!(
+            client.get("sasl.oauthbearer.token.endpoint.url"),
+            Some(format!("https://127.0.0.1:9/{TENANT}/oauth2/v2.0/token").as_str())
+        );
+        let consumer: rdkafka::error::KafkaResult<BaseConsumer> = client.create();
+        if let Err(e) = consumer {
+            panic!("librdkafka refused the OIDC settings: {e}");
+        }
     }
 
     #[test]
@@ -1504,14 +2113,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(value(&c.client_settings(), "sasl.mechanism"), Some("PLAIN"));
-        // OAUTHBEARER takes no password.
-        let c = config("kafka://a:9093?sasl_mechanism=OAUTHBEARER", &[]).unwrap();
+        // OAUTHBEARER takes no password, but OIDC client credentials.
+        let c = config(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER",
+            &kafka_oauth_vars(),
+        )
+        .unwrap();
         assert_eq!(
             value(&c.client_settings(), "sasl.mechanism"),
             Some("OAUTHBEARER")
         );
         assert_eq!(value(&c.client_settings(), "sasl.username"), None);
         invalid("kafka://a:9093?sasl_mechanism=OAUTHBEARER", &vars);
+        let mut both = kafka_oauth_vars();
+        both.extend(vars);
+        invalid("kafka://a:9093?sasl_mechanism=OAUTHBEARER", &both);
     }
 
     #[test]
@@ -1576,7 +2192,17 @@ mod tests {
             &[(SASL_USERNAME_ENV, "alice"), (SASL_PASSWORD_ENV, PASSWORD)],
         )
         .unwrap();
-        for c in [&eventhubs, &kafka] {
+        let entra = config(
+            "eventhubs://contoso.servicebus.windows.net?auth=entra",
+            &entra_vars(),
+        )
+        .unwrap();
+        let oidc = config(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER",
+            &kafka_oauth_vars(),
+        )
+        .unwrap();
+        for c in [&eventhubs, &kafka, &entra, &oidc] {
             let debug = format!("{c:?}");
             assert!(debug.contains("<redacted>"), "{debug}");
             assert_no_secret(&debug);

@@ -64,6 +64,9 @@ struct InFlight {
 #[derive(Default)]
 struct Track {
     pending: BTreeMap<i64, bool>,
+    /// The offset after the contiguous done prefix: what the group's committed offset
+    /// is to be (kept after the prefix leaves `pending`).
+    done_up_to: Option<i64>,
 }
 
 #[derive(Default)]
@@ -90,7 +93,8 @@ impl State {
         }
     }
 
-    /// The offsets to commit: past each partition's contiguous done prefix.
+    /// The offsets to commit now: past each partition's contiguous done prefix,
+    /// where it moved since the last call.
     fn advance(&mut self) -> TopicPartitionList {
         let mut commits = TopicPartitionList::new();
         for ((topic, partition), track) in &mut self.tracks {
@@ -103,8 +107,24 @@ impl State {
                 last = Some(offset);
             }
             if let Some(offset) = last {
+                let next = offset.saturating_add(1);
+                track.done_up_to = Some(next);
                 // Adding to a list cannot fail for a valid offset.
-                let _ = commits.add_partition_offset(topic, *partition, Offset::Offset(offset + 1));
+                let _ = commits.add_partition_offset(topic, *partition, Offset::Offset(next));
+            }
+        }
+        commits
+    }
+
+    /// Every partition's position past its done prefix, moved or not: what a close or
+    /// a rebalance commits synchronously, so that an earlier asynchronous commit that
+    /// failed (one refused during a rebalance) is made good rather than forgotten.
+    fn positions(&mut self) -> TopicPartitionList {
+        self.advance();
+        let mut commits = TopicPartitionList::new();
+        for ((topic, partition), track) in &self.tracks {
+            if let Some(next) = track.done_up_to {
+                let _ = commits.add_partition_offset(topic, *partition, Offset::Offset(next));
             }
         }
         commits
@@ -112,7 +132,7 @@ impl State {
 
     /// Forgets the partitions in `revoked`; returns their done prefixes to commit.
     fn revoke(&mut self, revoked: &TopicPartitionList) -> TopicPartitionList {
-        let commits = self.advance();
+        let commits = self.positions();
         let gone: Vec<Partition> = revoked
             .elements()
             .iter()
@@ -138,11 +158,22 @@ impl State {
 /// Commits what a rebalance takes away, and forgets it.
 struct Context {
     state: Arc<Mutex<State>>,
+    /// Set when an asynchronous commit failed.
+    recommit: Arc<AtomicBool>,
 }
 
 impl ClientContext for Context {}
 
 impl ConsumerContext for Context {
+    /// An asynchronous commit that failed (one refused during a rebalance) is made
+    /// good by the next: it commits every partition's position, not only those that
+    /// moved.
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "Kafka commit failed; the next commit repeats it");
+            self.recommit.store(true, Ordering::Release);
+        }
+    }
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
             let commits = lock(&self.state).revoke(revoked);
@@ -168,6 +199,8 @@ pub struct KafkaSubscription {
     spec: SubscriptionSpec,
     consumer: StreamConsumer<Context>,
     state: Arc<Mutex<State>>,
+    /// Set when an asynchronous commit failed: the next commits every position.
+    recommit: Arc<AtomicBool>,
     /// One receive at a time reads the consumer.
     receiving: tokio::sync::Mutex<()>,
     /// Set once the group was joined.
@@ -185,10 +218,12 @@ impl KafkaSubscription {
     /// (NotFound otherwise) and joins the group.
     pub(crate) async fn open(shared: Arc<Shared>, topic: &str, name: &str) -> Result<Self> {
         let state = Arc::new(Mutex::new(State::default()));
+        let recommit = Arc::new(AtomicBool::new(false));
         let consumer: StreamConsumer<Context> =
             client_config(shared.config.consumer_settings(name))
                 .create_with_context(Context {
                     state: Arc::clone(&state),
+                    recommit: Arc::clone(&recommit),
                 })
                 .map_err(|e| kafka_error(e, &format!("create the consumer of group {name:?}")))?;
         let spec = shared.spec(topic, name);
@@ -207,6 +242,7 @@ impl KafkaSubscription {
             shared,
             consumer,
             state,
+            recommit,
             receiving: tokio::sync::Mutex::new(()),
             joined: tokio::sync::OnceCell::new(),
             assigned: AtomicBool::new(false),
@@ -367,7 +403,11 @@ impl KafkaSubscription {
 
     /// Commits past the done prefixes (asynchronously: a lost commit only redelivers).
     fn commit(&self) {
-        let commits = lock(&self.state).advance();
+        let commits = if self.recommit.swap(false, Ordering::AcqRel) {
+            lock(&self.state).positions()
+        } else {
+            lock(&self.state).advance()
+        };
         if commits.count() > 0
             && let Err(e) = self.consumer.commit(&commits, CommitMode::Async)
         {
@@ -734,7 +774,7 @@ impl SubscriptionDriver for KafkaSubscription {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let commits = lock(&self.state).advance();
+        let commits = lock(&self.state).positions();
         if commits.count() > 0 {
             self.consumer
                 .commit(&commits, CommitMode::Sync)
@@ -742,6 +782,25 @@ impl SubscriptionDriver for KafkaSubscription {
         }
         self.consumer.unsubscribe();
         Ok(())
+    }
+}
+
+impl Drop for KafkaSubscription {
+    /// A consumer dropped without [`close`](SubscriptionDriver::close) (a worker that
+    /// shut down) still commits what was settled: asynchronously, and librdkafka's
+    /// close of the consumer, which follows, waits for that commit before it leaves
+    /// the group. Otherwise the partitions' next owner would deliver those records
+    /// again.
+    fn drop(&mut self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let commits = lock(&self.state).positions();
+        if commits.count() > 0
+            && let Err(e) = self.consumer.commit(&commits, CommitMode::Async)
+        {
+            tracing::warn!(error = %e, topic = %self.topic, "commit when the consumer was dropped failed; the partitions' next owner delivers those records again");
+        }
     }
 }
 

@@ -85,16 +85,37 @@ async fn rebalance_loses_nothing(bootstrap: &str, make_topic: impl Fn(&str)) {
     }
     wait_for(&seen, 100, Duration::from_secs(30)).await;
     let other = common::bus(bootstrap, "").await.expect("a second bus");
+    let by_second: Seen = Arc::default();
+    let both = {
+        let (all, second) = (handler(Arc::clone(&seen)), handler(Arc::clone(&by_second)));
+        move |e: Arc<Event>, c: HandlerContext| {
+            // Records the id at once (a ready future).
+            drop(second(Arc::clone(&e), c.clone()));
+            all(e, c)
+        }
+    };
     let second = other
         .consumer(topic, &group)
         .await
         .expect("a second consumer")
-        .start_worker(handler(Arc::clone(&seen)), WorkerOptions::default())
+        .start_worker(both, WorkerOptions::default())
         .expect("a second worker");
-    for r in publisher.publish_batch(all[200..300].to_vec()).await {
+    // The group gives the new member some partitions once it joined (seconds).
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut sent = 200;
+    while by_second.lock().expect("seen").is_empty() && Instant::now() < until && sent < 298 {
+        for r in publisher.publish_batch(all[sent..sent + 2].to_vec()).await {
+            r.expect("published");
+        }
+        sent += 2;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for r in publisher.publish_batch(all[sent..300].to_vec()).await {
         r.expect("published");
     }
     wait_for(&seen, 300, Duration::from_secs(30)).await;
+    let shared = by_second.lock().expect("seen").len();
+    let joining_duplicates: usize = seen.lock().expect("seen").values().map(|n| n - 1).sum();
     first.shutdown(Duration::from_secs(10)).await;
     for r in publisher.publish_batch(all[300..].to_vec()).await {
         r.expect("published");
@@ -105,10 +126,14 @@ async fn rebalance_loses_nothing(bootstrap: &str, make_topic: impl Fn(&str)) {
     let lost = all.iter().filter(|e| !seen.contains_key(e.id())).count();
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     println!(
-        "rebalance: 400 published, {} received, {lost} lost, {duplicates} duplicates",
+        "rebalance: 400 published, {} received, {shared} by the second member while both ran, {lost} lost, {duplicates} duplicates ({joining_duplicates} when the second joined)",
         seen.len()
     );
     assert_eq!(lost, 0, "events lost in the rebalance");
+    assert!(
+        shared > 0,
+        "the member that joined a busy group was given no partition"
+    );
 }
 
 /// The committed offsets of consumer `group` on `topic`'s partitions `0..partitions`
@@ -401,6 +426,75 @@ mod mock_cluster {
             after, 100,
             "the second reader did not take over every partition"
         );
+    }
+
+    /// A stream reader whose group's commits fail and whose broker goes down and comes
+    /// back: its polls fail (they do not hang or panic), and once the broker is back it
+    /// reads on from the last commit: nothing lost, duplicates counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_checkpoints_survive_failing_commits_and_a_broker_down() {
+        use cloudbus_core::StartPosition;
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let topic = common::unique("stream-faults");
+        cluster.create_topic(&topic, 2, 1).expect("a mock topic");
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        let publisher = bus.publisher(&topic).await.expect("a publisher");
+        let all = events("com.example.stream-faults", 30);
+        for r in publisher.publish_batch(all[..20].to_vec()).await {
+            r.expect("published");
+        }
+        let seen: Seen = Arc::default();
+        let mut reader = bus
+            .stream_consumer(&topic, "faults")
+            .await
+            .expect("a reader")
+            .start_at(StartPosition::Earliest);
+        stream_until(&mut reader, &seen, 20, Duration::from_secs(30)).await;
+        assert_eq!(seen.lock().expect("seen").len(), 20);
+        for r in publisher.publish_batch(all[20..25].to_vec()).await {
+            r.expect("published");
+        }
+        cluster.request_errors(
+            RDKafkaApiKey::OffsetCommit,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            ],
+        );
+        let handle = handler(Arc::clone(&seen));
+        let mut failed = 0;
+        for _ in 0..3 {
+            let started = Instant::now();
+            if reader.poll(&handle).await.is_err() {
+                failed += 1;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "a poll hung");
+        }
+        cluster.broker_down(1).expect("broker down");
+        for _ in 0..2 {
+            let started = Instant::now();
+            if reader.poll(&handle).await.is_err() {
+                failed += 1;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "a poll with the broker down hung"
+            );
+        }
+        cluster.broker_up(1).expect("broker up");
+        for r in publisher.publish_batch(all[25..].to_vec()).await {
+            r.expect("published");
+        }
+        stream_until(&mut reader, &seen, 30, Duration::from_secs(60)).await;
+        let seen = seen.lock().expect("seen").clone();
+        let lost = all.iter().filter(|e| !seen.contains_key(e.id())).count();
+        let duplicates: usize = seen.values().map(|n| n - 1).sum();
+        println!(
+            "stream faults: 30 published, {lost} lost, {duplicates} duplicates, {failed} polls failed"
+        );
+        assert!(failed > 0, "no poll saw the broker down");
+        assert_eq!(lost, 0, "records lost");
     }
 
     /// 10,000 events published while brokers go down and up and produce, fetch and
