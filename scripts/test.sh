@@ -375,7 +375,7 @@ if [[ -n "${AWS_ENDPOINT_URL:-}" ]]; then
     done
 fi
 
-echo "== the cloudbus command-line tool (assert_cmd, on the Pub/Sub emulator and LocalStack)"
+echo "== the cloudbus command-line tool (assert_cmd, on the Pub/Sub emulator, LocalStack and tansu)"
 cargo test -p cloudbus-cli
 # Every provider's decoder against the fuzz corpus (the facade with the providers the
 # CLI has just built).

@@ -1,7 +1,7 @@
 //! The `cloudbus` binary, run as a user runs it (assert_cmd): bad input gets one line
 //! and a non-zero exit; `schema check`; and send, tail and the dead-letter commands
-//! against the Pub/Sub emulator (PUBSUB_EMULATOR_HOST) and LocalStack
-//! (AWS_ENDPOINT_URL), which scripts/test.sh starts. Without an emulator its tests
+//! against the Pub/Sub emulator (PUBSUB_EMULATOR_HOST), LocalStack (AWS_ENDPOINT_URL)
+//! and a Kafka broker (KAFKA_BOOTSTRAP_SERVERS: tansu), which scripts/test.sh starts. Without an emulator its tests
 //! skip loudly; under CI=true they fail.
 
 use std::process::Output;
@@ -299,7 +299,33 @@ fn dead_letters_peek_redrive_purge_on_localstack() {
     if emulator("AWS_ENDPOINT_URL").is_none() {
         return;
     }
-    let url = "sqs://";
+    dead_letters_peek_redrive_purge("sqs://");
+}
+
+/// The URL of the Kafka broker scripts/test.sh starts (tansu), with the short session
+/// timeout its group joins need (it holds a new group's first join for half of it).
+fn kafka_url() -> Option<String> {
+    emulator("KAFKA_BOOTSTRAP_SERVERS").map(|b| format!("kafka://{b}?session_timeout_ms=6000"))
+}
+
+#[test]
+fn send_and_tail_on_kafka() {
+    let Some(url) = kafka_url() else {
+        return;
+    };
+    // Two subscriptions are two consumer groups: each reads every event.
+    send_and_tail(&url, true);
+}
+
+#[test]
+fn dead_letters_peek_redrive_purge_on_kafka() {
+    let Some(url) = kafka_url() else {
+        return;
+    };
+    dead_letters_peek_redrive_purge(&url);
+}
+
+fn dead_letters_peek_redrive_purge(url: &str) {
     let topic = unique("cli-dlq");
     let sub = topic.clone();
     declare(url, &topic, &[&sub]);

@@ -56,11 +56,21 @@ impl ConsumerContext for MemberContext {
     }
 }
 
+/// How often a member's events (rebalances) are served between its reader's calls.
+const SERVE_EVERY: Duration = Duration::from_millis(100);
+
 /// One reader of a group: a member of the Kafka consumer group.
 struct Member {
     consumer: BaseConsumer<MemberContext>,
     /// The partitions this reader acquired and has not released or lost.
     held: Mutex<HashSet<i32>>,
+    /// When the reader last acquired or saved, and how long it may go without.
+    touched: Mutex<Instant>,
+    lease: Duration,
+    /// One thread serves the member's events at a time.
+    serving: Mutex<()>,
+    /// The last error the member's client reported.
+    last_error: Mutex<Option<String>>,
 }
 
 impl Member {
@@ -68,16 +78,44 @@ impl Member {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Serves the group's events (rebalances) and answers whether `partition` of
-    /// `topic` is assigned to this member now.
-    fn holds(&self, topic: &str, partition: i32) -> Result<bool> {
-        // A paused member gets no records; one that slipped through before the pause
-        // is dropped here (the stream's readers read it).
-        while let Some(event) = self.consumer.poll(Duration::ZERO) {
-            if let Err(e) = event {
-                tracing::debug!(error = %e, "Kafka stream group member");
+    fn touch(&self) {
+        *self.touched.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// Whether the reader called within its lease: while it does, the member's events
+    /// are served between its calls; once it stops, they are not, and the group drops
+    /// the member after `max.poll.interval.ms`.
+    fn reader_alive(&self) -> bool {
+        self.touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            <= self.lease
+    }
+
+    /// Serves the group's events (rebalances, commit results). A paused member gets
+    /// no records; one that slipped through before the pause is dropped here (the
+    /// stream's readers read it).
+    fn serve(&self) {
+        let _one = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded: a zero-timeout poll returns after each event it served.
+        for _ in 0..64 {
+            match self.consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "Kafka stream group member");
+                    *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(e.to_string());
+                }
             }
         }
+    }
+
+    /// Serves the group's events and answers whether `partition` of `topic` is
+    /// assigned to this member now.
+    fn holds(&self, topic: &str, partition: i32) -> Result<bool> {
+        self.serve();
         let assignment = self
             .consumer
             .assignment()
@@ -135,13 +173,35 @@ impl GroupCheckpoints {
             .shared
             .config
             .consumer_settings(&stream_group(&self.topic, group));
-        // librdkafka wants max.poll.interval.ms >= session.timeout.ms.
-        let interval = lease.max(self.shared.config.session_timeout()).as_millis();
-        settings.push((
-            "max.poll.interval.ms".into(),
-            interval.min(i32::MAX as u128).to_string(),
-        ));
+        // librdkafka wants session.timeout.ms <= max.poll.interval.ms <= 86400000.
+        let interval = lease
+            .max(self.shared.config.session_timeout())
+            .as_millis()
+            .min(86_400_000);
+        settings.push(("max.poll.interval.ms".into(), interval.to_string()));
         settings
+    }
+}
+
+/// Serves `member`'s events every [`SERVE_EVERY`] while its reader is alive, so that a
+/// rebalance does not wait for the reader's next call; ends with the member.
+fn serve_in_background(member: &Arc<Member>) {
+    let member = Arc::downgrade(member);
+    let spawned = std::thread::Builder::new()
+        .name("cloudbus-kafka-member".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(SERVE_EVERY);
+                let Some(member) = member.upgrade() else {
+                    return;
+                };
+                if member.reader_alive() {
+                    member.serve();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start a thread to serve a Kafka group member; its rebalances wait for its reader's calls");
     }
 }
 
@@ -256,6 +316,7 @@ impl CheckpointStore for GroupCheckpoints {
         let topic = self.topic.clone();
         let group = stream_group(&self.topic, group);
         blocking(move || {
+            member.touch();
             if !member.holds(&topic, p)? {
                 member.held().remove(&p);
                 return Ok(false);
@@ -306,6 +367,10 @@ impl CheckpointStore for GroupCheckpoints {
                     Ok(Arc::new(Member {
                         consumer,
                         held: Mutex::new(HashSet::new()),
+                        touched: Mutex::new(Instant::now()),
+                        lease,
+                        serving: Mutex::new(()),
+                        last_error: Mutex::new(None),
                     }))
                 })
                 .await?;
@@ -321,20 +386,39 @@ impl CheckpointStore for GroupCheckpoints {
                     }
                     None => {
                         members.insert(key, member.clone());
+                        serve_in_background(&member);
                         (member, true)
                     }
                 }
             }
         };
+        let group = stream_group(&self.topic, group);
         blocking(move || {
+            member.touch();
             if joined_now {
                 let until = Instant::now() + JOIN_PATIENCE;
                 while !member.consumer.context().joined.load(Ordering::Acquire)
                     && Instant::now() < until
                 {
-                    if let Some(Err(e)) = member.consumer.poll(Duration::from_millis(100)) {
-                        tracing::debug!(error = %e, "Kafka stream group member joining");
-                    }
+                    member.serve();
+                    std::thread::sleep(SERVE_EVERY);
+                }
+                if !member.consumer.context().joined.load(Ordering::Acquire) {
+                    // Not "held by another reader": the group did not answer (brokers
+                    // down, rights or credentials refused). The member stays and
+                    // keeps trying; the next acquire asks again without waiting.
+                    let last = member
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                        .unwrap_or_else(|| "no answer".into());
+                    return Err(Error::new(
+                        cloudbus_driver::ErrorKind::Unavailable,
+                        format!(
+                            "consumer group {group:?} gave no assignment within {JOIN_PATIENCE:?} ({last})"
+                        ),
+                    ));
                 }
             }
             let holds = member.holds(&topic, p)?;

@@ -44,6 +44,14 @@ pub(crate) fn kind_of_code(code: RDKafkaErrorCode) -> ErrorKind {
 /// Maps an rdkafka error onto the portable kinds, keeping it as the source; `what`
 /// says which call failed (it never holds a credential: settings are not in it).
 pub(crate) fn kafka_error(e: KafkaError, what: &str) -> Error {
+    // librdkafka's refusal of a setting quotes its value: never a secret's.
+    if let KafkaError::ClientConfig(_, _, key, _) = &e
+        && crate::config::is_secret_setting(key)
+    {
+        return Error::invalid(format!(
+            "{what}: librdkafka refused the value of {key} (not shown: it is a secret)"
+        ));
+    }
     let kind = match &e {
         KafkaError::ClientConfig(..) => ErrorKind::InvalidArgument,
         KafkaError::ClientCreation(_) => ErrorKind::InvalidArgument,
@@ -65,6 +73,30 @@ pub(crate) fn kafka_error(e: KafkaError, what: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_secret_setting_is_not_quoted() {
+        let refused = KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value \"hunter2\" for configuration property".into(),
+            "sasl.oauthbearer.client.secret".into(),
+            "hunter2".into(),
+        );
+        let e = kafka_error(refused, "create the Kafka producer");
+        assert!(!format!("{e} {e:?}").contains("hunter2"), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        let plain = KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value".into(),
+            "linger.ms".into(),
+            "x".into(),
+        );
+        assert!(
+            kafka_error(plain, "create")
+                .to_string()
+                .contains("linger.ms")
+        );
+    }
 
     #[test]
     fn codes_map_onto_portable_kinds() {

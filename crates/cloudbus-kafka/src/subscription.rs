@@ -411,7 +411,8 @@ impl KafkaSubscription {
         if commits.count() > 0
             && let Err(e) = self.consumer.commit(&commits, CommitMode::Async)
         {
-            tracing::debug!(error = %e, "Kafka commit failed; the records stay uncommitted");
+            tracing::debug!(error = %e, "Kafka commit failed; the next commit repeats it");
+            self.recommit.store(true, Ordering::Release);
         }
     }
 }
@@ -618,6 +619,10 @@ impl SubscriptionDriver for KafkaSubscription {
         let _reader = self.receiving.lock().await;
         let mut until = Instant::now() + wait;
         let mut out = Vec::new();
+        // A consumer error (brokers down, a topic gone) ends the wait; a receive that
+        // got nothing else reports it rather than an empty batch, so that the worker
+        // backs off and the error is seen.
+        let mut failure = None;
         loop {
             let exhausted = {
                 let mut state = lock(&self.state);
@@ -663,6 +668,9 @@ impl SubscriptionDriver for KafkaSubscription {
                     Some(Ok(m)) => Received::of(&m),
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, topic = %self.topic, "Kafka consumer error");
+                        if reportable(&e) {
+                            failure = Some(e);
+                        }
                         break;
                     }
                 };
@@ -671,7 +679,7 @@ impl SubscriptionDriver for KafkaSubscription {
                     out.extend(self.deliver(&mut state, held));
                 }
             }
-            if !out.is_empty() {
+            if !out.is_empty() || failure.is_some() {
                 break;
             }
             if Instant::now() >= until {
@@ -694,7 +702,16 @@ impl SubscriptionDriver for KafkaSubscription {
             }
         }
         self.commit();
-        Ok(out)
+        match failure {
+            Some(e) if out.is_empty() => Err(kafka_error(
+                e,
+                &format!(
+                    "receive from subscription {:?} of {:?}",
+                    self.spec.name, self.topic
+                ),
+            )),
+            _ => Ok(out),
+        }
     }
 
     async fn settle_batch(&self, items: &[(AckToken, Settlement)]) -> Result<BatchResults> {
@@ -812,6 +829,27 @@ enum Move {
     DeadLetter(String, String),
     /// To the dead-letter topic: its lease ran out at its last allowed delivery.
     Exhausted,
+}
+
+/// Whether a consumer error is one a receive reports (brokers all down, the topic
+/// gone, credentials or rights refused, a fatal client error), rather than one
+/// librdkafka recovers from by itself (a dropped connection, a name to resolve again).
+fn reportable(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(e, rdkafka::error::KafkaError::MessageConsumptionFatal(_))
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                C::AllBrokersDown
+                    | C::UnknownTopicOrPartition
+                    | C::UnknownTopic
+                    | C::TopicAuthorizationFailed
+                    | C::GroupAuthorizationFailed
+                    | C::SaslAuthenticationFailed
+                    | C::Authentication
+                    | C::Fatal
+            )
+        )
 }
 
 fn gone(token: u64) -> Error {

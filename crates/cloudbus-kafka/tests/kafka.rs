@@ -428,6 +428,66 @@ mod mock_cluster {
         );
     }
 
+    /// With every broker down a receive fails (Unavailable) rather than returning
+    /// empty batches as if nothing were published; once the broker is back the
+    /// consumer reads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receive_reports_all_brokers_down() {
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let topic = common::unique("down");
+        for t in [
+            topic.clone(),
+            cloudbus_kafka::retry_topic(&topic, "s"),
+            cloudbus_kafka::dead_letter_topic(&topic, "s"),
+        ] {
+            cluster.create_topic(&t, 1, 1).expect("a mock topic");
+        }
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "s"))
+            .await
+            .expect("the subscription");
+        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        let publisher = bus.publisher(&topic).await.expect("a publisher");
+        let sent = events("com.example.down", 2);
+        publisher.publish(sent[0].clone()).await.expect("published");
+        let first = consumer
+            .receive_batch(1, Duration::from_secs(20))
+            .await
+            .expect("a receive");
+        assert_eq!(first.len(), 1);
+        for r in consumer.ack_all(&first).await {
+            r.expect("acked");
+        }
+        cluster.broker_down(1).expect("broker down");
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut reported = None;
+        while reported.is_none() && Instant::now() < until {
+            match consumer.receive_batch(1, Duration::from_secs(1)).await {
+                Err(e) => reported = Some(e),
+                Ok(got) => assert!(got.is_empty(), "a record with every broker down"),
+            }
+        }
+        let e = reported.expect("no receive reported the brokers down within 60 s");
+        assert_eq!(e.kind(), cloudbus_core::ErrorKind::Unavailable, "{e}");
+        cluster.broker_up(1).expect("broker up");
+        publisher
+            .publish(sent[1].clone())
+            .await
+            .expect("published after");
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < until {
+            if let Ok(batch) = consumer.receive_batch(1, Duration::from_secs(1)).await {
+                got = batch;
+            }
+        }
+        assert_eq!(
+            got.first().map(|d| d.event().id().to_owned()),
+            Some(sent[1].id().to_owned())
+        );
+    }
+
     /// A stream reader whose group's commits fail and whose broker goes down and comes
     /// back: its polls fail (they do not hang or panic), and once the broker is back it
     /// reads on from the last commit: nothing lost, duplicates counted.
