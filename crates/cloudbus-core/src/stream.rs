@@ -137,9 +137,12 @@ impl StreamConsumer {
     /// it when it stops; a reader driven by [`poll`](Self::poll) calls it itself.
     pub async fn release(&mut self) -> Result<()> {
         let mut first_error = None;
-        for partition in std::mem::take(&mut self.owned) {
+        let owned: Vec<String> = self.owned.iter().cloned().collect();
+        for partition in owned {
             self.cursors.remove(&partition);
             self.handled_up_to.remove(&partition);
+            // Forgotten only once given up: a release cancelled half way gives up the
+            // rest when called again.
             if let Err(e) = self
                 .store
                 .release(&self.group, &partition, &self.owner)
@@ -147,6 +150,10 @@ impl StreamConsumer {
             {
                 first_error.get_or_insert(e);
             }
+            self.owned.remove(&partition);
+        }
+        if let Err(e) = self.store.release_owner(&self.group, &self.owner).await {
+            first_error.get_or_insert(e);
         }
         first_error.map_or(Ok(()), Err)
     }

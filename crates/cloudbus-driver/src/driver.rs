@@ -616,6 +616,13 @@ pub trait CheckpointStore: Send + Sync + 'static {
     /// Ends `owner`'s lease (the checkpoint stays), so that another reader can take
     /// the partition at once. Does nothing when `owner` does not hold it.
     async fn release(&self, group: &str, partition: &str, owner: &str) -> Result<()>;
+    /// Called when `owner` stops reading `group` (after releasing each partition it
+    /// held), for a store that keeps something per reader besides its leases (Kafka: a
+    /// group member, which leaves the group even when it held no partition). By
+    /// default nothing.
+    async fn release_owner(&self, _group: &str, _owner: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A partitioned log, as a provider exposes it.

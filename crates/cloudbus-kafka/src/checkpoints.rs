@@ -226,6 +226,35 @@ fn leave_in_background(members: Vec<Arc<Member>>) {
     }
 }
 
+/// How long a release waits for its member to leave the group (with the broker down,
+/// librdkafka's close waits for the coordinator): after that the member leaves on its
+/// own thread.
+const LEAVE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Drops `member` (it leaves its group) off the async threads, waiting up to
+/// [`LEAVE_PATIENCE`] so that the next reader finds the partitions free.
+async fn leave(member: Arc<Member>) {
+    let (left, leaving) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("cloudbus-kafka-leave".into())
+        .spawn(move || {
+            drop(member);
+            let _ = left.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if tokio::time::timeout(LEAVE_PATIENCE, leaving).await.is_err() {
+                tracing::warn!(
+                    "a Kafka stream group member is still leaving its group after {LEAVE_PATIENCE:?}; it goes on in the background"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start a thread to leave a Kafka consumer group; the coordinator drops the member after its session timeout");
+        }
+    }
+}
+
 fn partition_of(partition: &str) -> Result<i32> {
     partition
         .parse()
@@ -454,13 +483,17 @@ impl CheckpointStore for GroupCheckpoints {
             }
         };
         if let Some(member) = leaving {
-            // Leaving waits for the coordinator: off the async threads, and awaited so
-            // that the next reader finds the partitions free.
-            blocking(move || {
-                drop(member);
-                Ok(())
-            })
-            .await?;
+            leave(member).await;
+        }
+        Ok(())
+    }
+
+    /// The reader stops: its member leaves the group even when it held nothing (more
+    /// readers than partitions), so that it does not hold up the group's rebalances.
+    async fn release_owner(&self, group: &str, owner: &str) -> Result<()> {
+        let member = self.members().remove(&(group.to_owned(), owner.to_owned()));
+        if let Some(member) = member {
+            leave(member).await;
         }
         Ok(())
     }

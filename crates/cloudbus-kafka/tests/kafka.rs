@@ -428,6 +428,61 @@ mod mock_cluster {
         );
     }
 
+    /// A stream reader that held no partition (more readers than partitions) leaves
+    /// the group when it releases, even while its value lives on: the partition goes
+    /// to the next reader at once, not to the stopped reader's member.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_reader_that_held_nothing_leaves_the_group() {
+        use cloudbus_core::StartPosition;
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let topic = common::unique("one-partition");
+        cluster.create_topic(&topic, 1, 1).expect("a mock topic");
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        let publisher = bus.publisher(&topic).await.expect("a publisher");
+        let all = events("com.example.idle", 2);
+        let reader = || async {
+            bus.stream_consumer(&topic, "idle")
+                .await
+                .expect("a reader")
+                .start_at(StartPosition::Earliest)
+        };
+        let (first_seen, idle_seen, next_seen): (Seen, Seen, Seen) =
+            (Arc::default(), Arc::default(), Arc::default());
+        let mut first = reader().await;
+        publisher.publish(all[0].clone()).await.expect("published");
+        stream_until(&mut first, &first_seen, 1, Duration::from_secs(30)).await;
+        assert_eq!(first_seen.lock().expect("seen").len(), 1);
+        // The second reader joins and is given nothing: the one partition stays the
+        // first's (range assignment to the first member).
+        let mut idle = reader().await;
+        let idle_handler = handler(Arc::clone(&idle_seen));
+        let first_handler = handler(Arc::clone(&first_seen));
+        for _ in 0..20 {
+            let _ = idle.poll(&idle_handler).await;
+            let _ = first.poll(&first_handler).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        idle.release().await.expect("released");
+        first.release().await.expect("released");
+        // `idle` lives on (not dropped) but stopped reading.
+        publisher.publish(all[1].clone()).await.expect("published");
+        let mut next = reader().await;
+        let started = Instant::now();
+        stream_until(&mut next, &next_seen, 1, Duration::from_secs(30)).await;
+        let took = started.elapsed();
+        println!("the next reader handled the new record after {took:?}");
+        assert!(
+            next_seen.lock().expect("seen").contains_key(all[1].id()),
+            "the next reader did not get the partition"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "the partition waited {took:?} for a stopped reader's member"
+        );
+        drop(idle);
+    }
+
     /// With every broker down a receive fails (Unavailable) rather than returning
     /// empty batches as if nothing were published; once the broker is back the
     /// consumer reads again.
