@@ -211,18 +211,27 @@ impl Drop for GroupCheckpoints {
     fn drop(&mut self) {
         let members: Vec<Arc<Member>> = self.members().drain().map(|(_, m)| m).collect();
         if !members.is_empty() {
-            leave_in_background(members);
+            let _ = leave_in_background(members);
         }
     }
 }
 
-/// Drops members (each leaves its group) on a thread of their own.
-fn leave_in_background(members: Vec<Arc<Member>>) {
+/// Drops members (each leaves its group) on a thread of their own; the answer fires
+/// once they have left (`None` when no thread could be started).
+fn leave_in_background(members: Vec<Arc<Member>>) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let (left, leaving) = tokio::sync::oneshot::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("cloudbus-kafka-leave".into())
-        .spawn(move || drop(members));
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "could not start a thread to leave Kafka consumer groups; the coordinator drops the members after their session timeout");
+        .spawn(move || {
+            drop(members);
+            let _ = left.send(());
+        });
+    match spawned {
+        Ok(_) => Some(leaving),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start a thread to leave Kafka consumer groups; the coordinator drops the members after their session timeout");
+            None
+        }
     }
 }
 
@@ -234,24 +243,12 @@ const LEAVE_PATIENCE: Duration = Duration::from_secs(10);
 /// Drops `member` (it leaves its group) off the async threads, waiting up to
 /// [`LEAVE_PATIENCE`] so that the next reader finds the partitions free.
 async fn leave(member: Arc<Member>) {
-    let (left, leaving) = tokio::sync::oneshot::channel::<()>();
-    let spawned = std::thread::Builder::new()
-        .name("cloudbus-kafka-leave".into())
-        .spawn(move || {
-            drop(member);
-            let _ = left.send(());
-        });
-    match spawned {
-        Ok(_) => {
-            if tokio::time::timeout(LEAVE_PATIENCE, leaving).await.is_err() {
-                tracing::warn!(
-                    "a Kafka stream group member is still leaving its group after {LEAVE_PATIENCE:?}; it goes on in the background"
-                );
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not start a thread to leave a Kafka consumer group; the coordinator drops the member after its session timeout");
-        }
+    if let Some(leaving) = leave_in_background(vec![member])
+        && tokio::time::timeout(LEAVE_PATIENCE, leaving).await.is_err()
+    {
+        tracing::warn!(
+            "a Kafka stream group member is still leaving its group after {LEAVE_PATIENCE:?}; it goes on in the background"
+        );
     }
 }
 
@@ -410,7 +407,7 @@ impl CheckpointStore for GroupCheckpoints {
                     Some(first) => {
                         let first = first.clone();
                         drop(members);
-                        leave_in_background(vec![member]);
+                        let _ = leave_in_background(vec![member]);
                         (first, false)
                     }
                     None => {
