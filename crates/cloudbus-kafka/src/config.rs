@@ -48,6 +48,10 @@ pub const AZURE_CLIENT_SECRET_ENV: &str = "AZURE_CLIENT_SECRET";
 pub const AZURE_AUTHORITY_HOST_ENV: &str = "AZURE_AUTHORITY_HOST";
 /// The authority of the Azure public cloud.
 pub const DEFAULT_AZURE_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
+/// How long a consumer's fetch waits at the broker for records (`fetch.wait.max.ms`,
+/// librdkafka's default made explicit): a fetch sent before a consumer stopped comes
+/// back within this.
+pub const FETCH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// The port of the Event Hubs Kafka endpoint.
 pub const EVENTHUBS_KAFKA_PORT: u16 = 9093;
 /// Event Hubs closes the connection of a request larger than this (Microsoft's
@@ -796,7 +800,7 @@ impl KafkaConfig {
         Ok(settings)
     }
 
-    /// For a consumer of `group`: client_settings + group.id, enable.auto.commit=false, enable.auto.offset.store=false, auto.offset.reset=earliest, session.timeout.ms, isolation.level=read_committed, enable.partition.eof=false.
+    /// For a consumer of `group`: client_settings + group.id, enable.auto.commit=false, enable.auto.offset.store=false, auto.offset.reset=earliest, session.timeout.ms, isolation.level=read_committed, enable.partition.eof=false, fetch.wait.max.ms ([`FETCH_WAIT`]).
     ///
     /// `session.timeout.ms` is `?session_timeout_ms=`, else 45000 on Kafka
     /// (librdkafka's default) and 30000 on Event Hubs (Microsoft's recommendation).
@@ -810,6 +814,7 @@ impl KafkaConfig {
             setting("session.timeout.ms", &self.session_timeout_ms.to_string()),
             setting("isolation.level", "read_committed"),
             setting("enable.partition.eof", "false"),
+            setting("fetch.wait.max.ms", &FETCH_WAIT.as_millis().to_string()),
         ]);
         settings
     }
@@ -1416,6 +1421,7 @@ mod tests {
                 ("session.timeout.ms", "45000"),
                 ("isolation.level", "read_committed"),
                 ("enable.partition.eof", "false"),
+                ("fetch.wait.max.ms", "500"),
             ]
         );
         assert_eq!(

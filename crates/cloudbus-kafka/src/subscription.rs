@@ -32,6 +32,7 @@ use rdkafka::consumer::{
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::binding::{self, KafkaRecord};
+use crate::config::FETCH_WAIT;
 use crate::connection::{Shared, client_config, dead_letter_topic, retry_topic};
 use crate::error::kafka_error;
 use crate::headers::{self, Origin};
@@ -46,6 +47,48 @@ const POLL_SLICE: Duration = Duration::from_millis(100);
 
 /// How long the first receives of a new member wait for its group's assignment.
 const JOIN_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long a close waits for the group to take its partitions back.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The subscription's librdkafka consumer. Dropping a consumer of a group blocks
+/// (librdkafka leaves the group and waits for outstanding commits, up to seconds on
+/// a slow broker): the drop runs on a blocking thread when a tokio runtime is there.
+struct OwnedConsumer(Option<Arc<StreamConsumer<Context>>>);
+
+impl OwnedConsumer {
+    /// A handle for a blocking call that outlives the borrow.
+    fn shared(&self) -> Arc<StreamConsumer<Context>> {
+        Arc::clone(
+            self.0
+                .as_ref()
+                .expect("the consumer is present until dropped"),
+        )
+    }
+}
+
+impl std::ops::Deref for OwnedConsumer {
+    type Target = StreamConsumer<Context>;
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("the consumer is present until dropped")
+    }
+}
+
+impl Drop for OwnedConsumer {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn_blocking(move || drop(consumer));
+            }
+            Err(_) => drop(consumer),
+        }
+    }
+}
 
 /// A record read but not finished, with its delivery count.
 #[derive(Clone, Debug)]
@@ -174,11 +217,15 @@ impl ConsumerContext for Context {
             self.recommit.store(true, Ordering::Release);
         }
     }
+    /// Runs inside a receive (on an async thread): the commit of what a revocation
+    /// takes away is asynchronous. librdkafka still finishes it before the member
+    /// rejoins or leaves (an assignment change waits for outstanding commits), so the
+    /// partition's next owner starts from it.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
             let commits = lock(&self.state).revoke(revoked);
             if commits.count() > 0
-                && let Err(e) = consumer.commit(&commits, CommitMode::Sync)
+                && let Err(e) = consumer.commit(&commits, CommitMode::Async)
             {
                 tracing::warn!(error = %e, "commit before a rebalance failed; the new owner reads those records again");
             }
@@ -197,7 +244,7 @@ pub struct KafkaSubscription {
     retry_topic: String,
     mover: Arc<Mover>,
     spec: SubscriptionSpec,
-    consumer: StreamConsumer<Context>,
+    consumer: OwnedConsumer,
     state: Arc<Mutex<State>>,
     /// Set when an asynchronous commit failed: the next commits every position.
     recommit: Arc<AtomicBool>,
@@ -240,7 +287,7 @@ impl KafkaSubscription {
             retry_topic: retry_topic(topic, name),
             topic: topic.to_owned(),
             shared,
-            consumer,
+            consumer: OwnedConsumer(Some(Arc::new(consumer))),
             state,
             recommit,
             receiving: tokio::sync::Mutex::new(()),
@@ -624,6 +671,13 @@ impl SubscriptionDriver for KafkaSubscription {
         // backs off and the error is seen.
         let mut failure = None;
         loop {
+            // A close ends a waiting receive (the close waits for it).
+            if self.closed.load(Ordering::Acquire) {
+                if out.is_empty() {
+                    self.check_open()?;
+                }
+                break;
+            }
             let exhausted = {
                 let mut state = lock(&self.state);
                 let exhausted = self.sweep(&mut state);
@@ -787,18 +841,44 @@ impl SubscriptionDriver for KafkaSubscription {
         capabilities(self.shared.config.max_message_bytes())
     }
 
+    /// Commits what was settled (a synchronous commit, on a blocking thread: its
+    /// error is the caller's), then leaves the subscription, serves the revocation
+    /// (at most [`CLOSE_PATIENCE`]) and waits out a fetch already sent: once `close`
+    /// returns, the consumer fetches nothing more, so deleting the subscription's
+    /// topics next is safe. The member
+    /// leaves the group when the consumer is dropped.
     async fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // No receive reads the consumer meanwhile (a receive's wait is bounded).
+        let _reader = self.receiving.lock().await;
         let commits = lock(&self.state).positions();
-        if commits.count() > 0 {
-            self.consumer
-                .commit(&commits, CommitMode::Sync)
-                .map_err(|e| kafka_error(e, "commit at close"))?;
-        }
+        let committed = if commits.count() > 0 {
+            let consumer = self.consumer.shared();
+            crate::connection::blocking(move || {
+                consumer
+                    .commit(&commits, CommitMode::Sync)
+                    .map_err(|e| kafka_error(e, "commit at close"))
+            })
+            .await
+        } else {
+            Ok(())
+        };
+        let fetching = self.consumer.assignment().is_ok_and(|a| a.count() > 0);
         self.consumer.unsubscribe();
-        Ok(())
+        let until = Instant::now() + CLOSE_PATIENCE;
+        while self.consumer.assignment().is_ok_and(|a| a.count() > 0) && Instant::now() < until {
+            // Serves the revocation (and drops what was fetched but not delivered:
+            // its offsets are not committed, the next owner reads it).
+            let _ = tokio::time::timeout(POLL_SLICE, self.consumer.recv()).await;
+        }
+        // A fetch sent before the revocation still comes back (and is parsed) within
+        // the fetch wait: a topic deleted meanwhile would be in its answer.
+        if fetching {
+            tokio::time::sleep(FETCH_WAIT + POLL_SLICE).await;
+        }
+        committed
     }
 }
 

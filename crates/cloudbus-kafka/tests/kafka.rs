@@ -759,6 +759,74 @@ mod tansu {
         stream_checkpoints_are_committed_offsets(&bootstrap, |_| {}).await;
     }
 
+    /// Once a consumer's close returns it fetches nothing more, so the subscription
+    /// can be deleted right after it while the consumer object lives on. Before, close
+    /// only unsubscribed: the member kept its partitions (the revocation waits for a
+    /// receive to serve it) and went on fetching the deleted retry topic; tansu answers
+    /// such a fetch with a null topic id and a current leader, and librdkafka 2.12.1
+    /// crashed the process on it (a NULL topic name in `rd_kafka_metadata_update_op`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_consumer_fetches_nothing_after_its_subscription_is_deleted() {
+        let Some(bootstrap) = common::bootstrap() else {
+            return;
+        };
+        let topic = common::unique("closed");
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        bus.ensure_topic(&topic).await.expect("the topic");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "s"))
+            .await
+            .expect("the subscription");
+        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        let publisher = bus.publisher(&topic).await.expect("a publisher");
+        for r in publisher
+            .publish_batch(events("com.example.closed", 20))
+            .await
+        {
+            r.expect("published");
+        }
+        let mut got = 0;
+        let until = Instant::now() + Duration::from_secs(60);
+        while got < 20 && Instant::now() < until {
+            let batch = consumer
+                .receive_batch(20, Duration::from_secs(1))
+                .await
+                .expect("a receive");
+            got += batch.len();
+            for r in consumer.ack_all(&batch).await {
+                r.expect("acked");
+            }
+        }
+        assert_eq!(got, 20);
+        consumer.close().await.expect("closed");
+        bus.delete_subscription(&topic, "s")
+            .await
+            .expect("the subscription deleted");
+        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create()
+                .expect("an admin client");
+        let options =
+            rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        for r in admin
+            .delete_topics(&[topic.as_str()], &options)
+            .await
+            .expect("delete the topic")
+        {
+            r.expect("the topic deleted");
+        }
+        // The consumer is still alive: were it fetching, its fetches of the deleted
+        // topics would come back within librdkafka's fetch wait (500 ms).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            consumer.receive_batch(1, Duration::ZERO).await.is_err(),
+            "a closed consumer receives nothing"
+        );
+        // Dropped: the member leaves the group (on a blocking thread).
+        drop(consumer);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+
     /// A nack with a delay goes through the retry topic, a dead-letter through the
     /// dead-letter topic: both with the attempt count, the origin and (for the dead
     /// letter) the reason in headers; redrive brings the letter back.
