@@ -25,6 +25,7 @@
 //!
 //! Run: `cargo bench -p cloudbus-kafka --features emulators --bench kafka`
 //! (KAFKA_BENCH_EVENTS=N, default 20,000 per measure; KAFKA_BENCH_ROUNDS=R, default 5;
+//! KAFKA_BENCH_MEASURES=publish or consume for one of them, e.g. under a profiler;
 //! medians and min–max spreads printed). It uses KAFKA_BOOTSTRAP_SERVERS, or, when
 //! that is unset, starts tansu with scripts/kafka.sh and stops it at the end.
 
@@ -371,6 +372,13 @@ fn report(measure: &str, cloudbus: &[f64], raw: &[f64]) {
 fn main() {
     let n = env_number("KAFKA_BENCH_EVENTS", 20_000).max(2);
     let rounds = env_number("KAFKA_BENCH_ROUNDS", 5).max(1);
+    let measures = std::env::var("KAFKA_BENCH_MEASURES").unwrap_or_default();
+    let (do_publish, do_consume) = match measures.as_str() {
+        "" | "publish,consume" | "consume,publish" => (true, true),
+        "publish" => (true, false),
+        "consume" => (false, true),
+        other => panic!("KAFKA_BENCH_MEASURES={other:?}: publish, consume or both"),
+    };
     let given = std::env::var("KAFKA_BOOTSTRAP_SERVERS").is_ok();
     // Kept to the end: dropping it stops the broker the script started.
     let broker = Emulator::find_or_start(
@@ -429,6 +437,9 @@ fn main() {
             // Alternate who goes first, so that neither always meets a warmer broker.
             let cloudbus_first = round % 2 == 0;
             for cloudbus in [cloudbus_first, !cloudbus_first] {
+                if !do_publish {
+                    break;
+                }
                 if cloudbus {
                     publish.0.push(bench.publish_cloudbus(n).await);
                 } else {
@@ -436,25 +447,33 @@ fn main() {
                 }
             }
             for cloudbus in [cloudbus_first, !cloudbus_first] {
+                if !do_consume {
+                    break;
+                }
                 if cloudbus {
                     consume.0.push(bench.consume_cloudbus(n).await);
                 } else {
                     consume.1.push(bench.consume_raw(n).await);
                 }
             }
+            let last = |v: &Vec<f64>| v.last().map_or_else(|| "-".to_owned(), |x| thousands(*x));
             eprintln!(
                 "round {}/{rounds}: publish cloudbus {} raw {}, consume cloudbus {} raw {} ev/s",
                 round + 1,
-                thousands(publish.0[round]),
-                thousands(publish.1[round]),
-                thousands(consume.0[round]),
-                thousands(consume.1[round]),
+                last(&publish.0),
+                last(&publish.1),
+                last(&consume.0),
+                last(&consume.1),
             );
         }
         (publish, consume)
     });
-    report("publish", &publish.0, &publish.1);
-    report("consume", &consume.0, &consume.1);
+    if do_publish {
+        report("publish", &publish.0, &publish.1);
+    }
+    if do_consume {
+        report("consume", &consume.0, &consume.1);
+    }
     println!("goal: ratio >= 0.95 for publish and for consume");
     drop(rt);
     drop(broker);
