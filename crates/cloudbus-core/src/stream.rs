@@ -118,8 +118,12 @@ impl StreamConsumer {
         self.store = store;
         self
     }
-    /// This reader's name in the partition leases (default: a random UUID). A reader
-    /// restarted under the same name takes its partitions back at once.
+    /// This reader's name in the partition leases (default: a random UUID). With a
+    /// lease-based store (memory, the durable stores) a reader restarted under the
+    /// same name takes its partitions back at once. On Kafka's own checkpoints the
+    /// name only tells this process's group members apart: a restarted reader joins
+    /// the group as a new member and is given partitions at the group's next
+    /// rebalance (once the old member left, or its session timed out).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = owner.into();
         self

@@ -105,6 +105,7 @@ const KAFKA_PARAMS: &[&str] = &[
     "tls_ca",
     "session_timeout_ms",
     "oauth_scope",
+    "oauth_ca",
 ];
 /// The parameters of an `eventhubs://` URL: no topic settings (Event Hubs has no
 /// admin API for them) and no security choices (always SASL_SSL).
@@ -119,6 +120,7 @@ const EVENTHUBS_PARAMS: &[&str] = &[
     "tls_ca",
     "session_timeout_ms",
     "auth",
+    "oauth_ca",
 ];
 
 /// Which service a configuration talks to.
@@ -266,6 +268,8 @@ pub struct KafkaConfig {
     security_protocol: SecurityProtocol,
     sasl: Option<Sasl>,
     tls_ca: Option<String>,
+    /// A CA file for the OAuth token endpoint (`https.ca.location`).
+    oauth_ca: Option<String>,
     client_id: String,
     content_mode: ContentMode,
     topic_partitions: i32,
@@ -286,7 +290,9 @@ impl KafkaConfig {
     ///
     /// Parameters of both: `mode=binary|structured`, `max_delivery_attempts`,
     /// `lease_ms`, `linger_ms`, `compression`, `max_message_bytes`, `client_id`,
-    /// `tls_ca` (a CA file for `ssl.ca.location`), `session_timeout_ms`. Of
+    /// `tls_ca` (a CA file for `ssl.ca.location`), `session_timeout_ms`, `oauth_ca` (a CA
+    /// file for the OAuth token endpoint, `https.ca.location`; with OAUTHBEARER or
+    /// `auth=entra` only, else the system's CAs). Of
     /// `kafka://` only: `partitions`, `replication`, `retention_ms`,
     /// `cleanup_policy=delete|compact`, `security_protocol=plaintext|ssl|sasl_plaintext|sasl_ssl`,
     /// `sasl_mechanism=PLAIN|SCRAM-SHA-256|SCRAM-SHA-512|OAUTHBEARER`, `oauth_scope`
@@ -352,6 +358,7 @@ impl KafkaConfig {
             security_protocol: SecurityProtocol::Plaintext,
             sasl: None,
             tls_ca: None,
+            oauth_ca: None,
             client_id: DEFAULT_CLIENT_ID.to_owned(),
             content_mode: ContentMode::Binary,
             topic_partitions: DEFAULT_TOPIC_PARTITIONS,
@@ -376,9 +383,26 @@ impl KafkaConfig {
             }
             config.tls_ca = Some(path.to_owned());
         }
+        if let Some(path) = params.get("oauth_ca") {
+            if path.trim().is_empty() {
+                return Err(Error::invalid(format!(
+                    "{scheme}:// URL parameter oauth_ca must name a CA certificate file"
+                )));
+            }
+            config.oauth_ca = Some(path.to_owned());
+        }
         match flavor {
             Flavor::Kafka => config.read_kafka(parts.authority, &params, &env)?,
             Flavor::EventHubs => config.read_eventhubs(parts.authority, &params, &env)?,
+        }
+        if config.oauth_ca.is_some() && !matches!(config.sasl, Some(Sasl::Oidc { .. })) {
+            return Err(Error::invalid(format!(
+                "{scheme}:// URL parameter oauth_ca is the CA of an OAuth token endpoint: it needs {}",
+                match flavor {
+                    Flavor::Kafka => "sasl_mechanism=OAUTHBEARER",
+                    Flavor::EventHubs => "auth=entra",
+                }
+            )));
         }
         config.read_common(&params)?;
         Ok(config)
@@ -745,6 +769,12 @@ impl KafkaConfig {
                 ));
                 if let Some(scope) = scope {
                     settings.push(setting("sasl.oauthbearer.scope", scope));
+                }
+                // The token endpoint is verified against the system's CAs unless
+                // `?oauth_ca=` names one (a private identity provider); the broker's
+                // `tls_ca` is not used for it.
+                if let Some(path) = &self.oauth_ca {
+                    settings.push(setting("https.ca.location", path));
                 }
             }
             Some(Sasl::Password {
@@ -1793,6 +1823,25 @@ mod tests {
         );
         invalid("eventhubs://?auth=entra", &vars);
         invalid("eventhubs://contoso.servicebus.windows.net?auth=sas", &vars);
+        // A private authority's CA, for the token endpoint only; not without Entra ID.
+        let c = config(
+            "eventhubs://contoso.servicebus.windows.net?auth=entra&oauth_ca=/idp-ca.pem",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            value(&c.client_settings(), "https.ca.location"),
+            Some("/idp-ca.pem")
+        );
+        let e = invalid(
+            "eventhubs://contoso.servicebus.windows.net?oauth_ca=/idp-ca.pem",
+            &with(
+                &vars,
+                EVENTHUBS_CONNECTION_STRING_ENV,
+                &connection_string("contoso.servicebus.windows.net"),
+            ),
+        );
+        assert!(e.message().contains("auth=entra"), "{e}");
 
         // A sovereign cloud: its authority host and its namespaces' domain; a domain
         // tenant and a trailing slash are fine.
@@ -1982,6 +2031,32 @@ mod tests {
             &vars,
         );
         assert!(e.message().contains("OAUTHBEARER"), "{e}");
+        // The token endpoint's CA is its own (the broker's tls_ca is not used for it);
+        // it goes with OAUTHBEARER only, and must name a file.
+        let c = config(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER&tls_ca=/broker-ca.pem",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(value(&c.client_settings(), "https.ca.location"), None);
+        let c = config(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER&oauth_ca=/idp-ca.pem",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            value(&c.client_settings(), "https.ca.location"),
+            Some("/idp-ca.pem")
+        );
+        let e = invalid(
+            "kafka://a:9093?security_protocol=ssl&oauth_ca=/idp-ca.pem",
+            &vars,
+        );
+        assert!(e.message().contains("OAUTHBEARER"), "{e}");
+        invalid(
+            "kafka://a:9093?sasl_mechanism=OAUTHBEARER&oauth_ca=",
+            &vars,
+        );
         // The KAFKA_OAUTH_* variables are used by OAUTHBEARER only.
         let c = config("kafka://a:9092", &vars).unwrap();
         assert_eq!(
