@@ -370,11 +370,14 @@ impl Consumer {
     }
 
     /// Stops receiving; later receives fail with [`ErrorKind::Closed`]. Deliveries
-    /// already received can still be settled.
+    /// already received can still be settled, except where the provider hands them
+    /// back at close (Kafka: the partitions go back to the group, so a later
+    /// settlement is `Closed` and the group delivers them again).
+    ///
+    /// Every call reaches the provider (its close is idempotent): a close cancelled
+    /// half way is finished, or awaited, by the next call rather than reported done.
     pub async fn close(&self) -> Result<()> {
-        if self.inner.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
+        self.inner.closed.store(true, Ordering::Release);
         self.inner.driver.close().await
     }
 }

@@ -2053,10 +2053,7 @@ mod tests {
             &vars,
         );
         assert!(e.message().contains("OAUTHBEARER"), "{e}");
-        invalid(
-            "kafka://a:9093?sasl_mechanism=OAUTHBEARER&oauth_ca=",
-            &vars,
-        );
+        invalid("kafka://a:9093?sasl_mechanism=OAUTHBEARER&oauth_ca=", &vars);
         // The KAFKA_OAUTH_* variables are used by OAUTHBEARER only.
         let c = config("kafka://a:9092", &vars).unwrap();
         assert_eq!(

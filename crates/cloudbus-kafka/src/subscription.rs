@@ -78,16 +78,81 @@ impl std::ops::Deref for OwnedConsumer {
 
 impl Drop for OwnedConsumer {
     fn drop(&mut self) {
-        let Some(consumer) = self.0.take() else {
-            return;
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn_blocking(move || drop(consumer));
-            }
-            Err(_) => drop(consumer),
+        if let Some(consumer) = self.0.take() {
+            release(consumer);
         }
     }
+}
+
+/// Drops a handle of the consumer where blocking is allowed: on a blocking thread
+/// when a tokio runtime is there (the last handle's drop closes the consumer).
+fn release(consumer: Arc<StreamConsumer<Context>>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || drop(consumer));
+        }
+        Err(_) => drop(consumer),
+    }
+}
+
+/// How long a close waits for its commit (brokers down: librdkafka would wait up to
+/// the session timeout, or retry a silent coordinator for minutes); the revocation
+/// that follows commits the same positions again.
+const CLOSE_COMMIT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A close's work, in a task of its own so that a caller who stops waiting does not
+/// leave it half done: commit what was settled (a synchronous commit on a blocking
+/// thread, at most [`CLOSE_COMMIT_PATIENCE`]; its error is the answer), unsubscribe
+/// (the member leaves the group once its partitions are unassigned), serve the
+/// revocation (at least one slice, at most [`CLOSE_PATIENCE`]) and wait out a fetch
+/// already sent.
+async fn close_consumer(
+    consumer: Arc<StreamConsumer<Context>>,
+    state: Arc<Mutex<State>>,
+    receiving: Arc<tokio::sync::Mutex<()>>,
+    what: String,
+) -> Result<()> {
+    // No receive reads the consumer meanwhile (a waiting receive ends within a slice
+    // once `closed` is set).
+    let _reader = receiving.lock_owned().await;
+    let commits = lock(&state).positions();
+    let committed = if commits.count() > 0 {
+        let handle = Arc::clone(&consumer);
+        let commit = crate::connection::blocking(move || {
+            handle
+                .commit(&commits, CommitMode::Sync)
+                .map_err(|e| kafka_error(e, "commit at close"))
+        });
+        match tokio::time::timeout(CLOSE_COMMIT_PATIENCE, commit).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "the commit at the close of {what} took over {CLOSE_COMMIT_PATIENCE:?}; the revocation commits again, else the next owner delivers those records again"
+                ),
+            )),
+        }
+    } else {
+        Ok(())
+    };
+    let fetching = consumer.assignment().is_ok_and(|a| a.count() > 0);
+    consumer.unsubscribe();
+    let until = Instant::now() + CLOSE_PATIENCE;
+    loop {
+        // Serves the revocation (and drops what was fetched but not delivered: its
+        // offsets are not committed, the next owner reads it).
+        let _ = tokio::time::timeout(POLL_SLICE, consumer.recv()).await;
+        if consumer.assignment().is_ok_and(|a| a.count() == 0) || Instant::now() >= until {
+            break;
+        }
+    }
+    // A fetch sent before the revocation still comes back (and is parsed) within the
+    // fetch wait: a topic deleted meanwhile would be in its answer.
+    if fetching {
+        tokio::time::sleep(FETCH_WAIT + POLL_SLICE).await;
+    }
+    release(consumer);
+    committed
 }
 
 /// A record read but not finished, with its delivery count.
@@ -248,8 +313,11 @@ pub struct KafkaSubscription {
     state: Arc<Mutex<State>>,
     /// Set when an asynchronous commit failed: the next commits every position.
     recommit: Arc<AtomicBool>,
-    /// One receive at a time reads the consumer.
-    receiving: tokio::sync::Mutex<()>,
+    /// One receive at a time reads the consumer (and a close waits for it).
+    receiving: Arc<tokio::sync::Mutex<()>>,
+    /// The close, once started: every call awaits the same run.
+    closing:
+        Mutex<Option<futures::future::Shared<futures::future::BoxFuture<'static, Result<()>>>>>,
     /// Set once the group was joined.
     joined: tokio::sync::OnceCell<()>,
     /// Set once the group assigned this member a partition.
@@ -290,7 +358,8 @@ impl KafkaSubscription {
             consumer: OwnedConsumer(Some(Arc::new(consumer))),
             state,
             recommit,
-            receiving: tokio::sync::Mutex::new(()),
+            receiving: Arc::new(tokio::sync::Mutex::new(())),
+            closing: Mutex::new(None),
             joined: tokio::sync::OnceCell::new(),
             assigned: AtomicBool::new(false),
             joined_by: Instant::now() + JOIN_PATIENCE,
@@ -329,6 +398,20 @@ impl KafkaSubscription {
             )));
         }
         Ok(())
+    }
+
+    /// The error of settling delivery `n`, no longer in flight: after a close, its
+    /// partition went back to the group (`Closed`), else its lease ran out or its
+    /// partition was revoked.
+    fn missing(&self, n: u64) -> Error {
+        if self.closed.load(Ordering::Acquire) {
+            Error::closed(format!(
+                "the consumer of subscription {:?} of {:?} is closed: its partitions went back to the group, which delivers delivery {n} again",
+                self.spec.name, self.topic
+            ))
+        } else {
+            gone(n)
+        }
     }
 
     fn exhausted(&self, delivered: u32) -> bool {
@@ -661,9 +744,11 @@ fn lease_end(lease: Duration) -> Instant {
 impl SubscriptionDriver for KafkaSubscription {
     async fn receive_batch(&self, max: usize, wait: Duration) -> Result<Vec<ReceivedMessage>> {
         self.check_open()?;
-        self.join().await?;
         let max = max.max(1);
         let _reader = self.receiving.lock().await;
+        // A close that came first has unsubscribed: do not join again.
+        self.check_open()?;
+        self.join().await?;
         let mut until = Instant::now() + wait;
         let mut out = Vec::new();
         // A consumer error (brokers down, a topic gone) ends the wait; a receive that
@@ -787,12 +872,12 @@ impl SubscriptionDriver for KafkaSubscription {
                             f.lease_until = lease_end(*lease);
                             Ok(())
                         }
-                        None => Err(gone(n)),
+                        None => Err(self.missing(n)),
                     });
                     continue;
                 }
                 let Some(f) = state.in_flight.remove(&n) else {
-                    results.push(Err(gone(n)));
+                    results.push(Err(self.missing(n)));
                     continue;
                 };
                 results.push(Ok(()));
@@ -841,44 +926,42 @@ impl SubscriptionDriver for KafkaSubscription {
         capabilities(self.shared.config.max_message_bytes())
     }
 
-    /// Commits what was settled (a synchronous commit, on a blocking thread: its
-    /// error is the caller's), then leaves the subscription, serves the revocation
-    /// (at most [`CLOSE_PATIENCE`]) and waits out a fetch already sent: once `close`
+    /// Commits what was settled, leaves the subscription and serves the revocation,
+    /// then waits out a fetch already sent (see [`close_consumer`]): once `close`
     /// returns, the consumer fetches nothing more, so deleting the subscription's
-    /// topics next is safe. The member
-    /// leaves the group when the consumer is dropped.
+    /// topics next is safe. The work runs in a task of its own: a close cancelled half
+    /// way still finishes, and a second close awaits the same result. Deliveries not
+    /// settled by then go back to the group (a later settlement is `Closed`).
     async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        // No receive reads the consumer meanwhile (a receive's wait is bounded).
-        let _reader = self.receiving.lock().await;
-        let commits = lock(&self.state).positions();
-        let committed = if commits.count() > 0 {
-            let consumer = self.consumer.shared();
-            crate::connection::blocking(move || {
-                consumer
-                    .commit(&commits, CommitMode::Sync)
-                    .map_err(|e| kafka_error(e, "commit at close"))
-            })
-            .await
-        } else {
-            Ok(())
+        use futures::FutureExt;
+        let run = {
+            let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+            match &*closing {
+                Some(run) => run.clone(),
+                None => {
+                    self.closed.store(true, Ordering::Release);
+                    let task = tokio::spawn(close_consumer(
+                        self.consumer.shared(),
+                        Arc::clone(&self.state),
+                        Arc::clone(&self.receiving),
+                        format!("subscription {:?} of {:?}", self.spec.name, self.topic),
+                    ));
+                    let run = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(Error::new(
+                                ErrorKind::Internal,
+                                format!("closing a Kafka consumer failed: {e}"),
+                            ))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    *closing = Some(run.clone());
+                    run
+                }
+            }
         };
-        let fetching = self.consumer.assignment().is_ok_and(|a| a.count() > 0);
-        self.consumer.unsubscribe();
-        let until = Instant::now() + CLOSE_PATIENCE;
-        while self.consumer.assignment().is_ok_and(|a| a.count() > 0) && Instant::now() < until {
-            // Serves the revocation (and drops what was fetched but not delivered:
-            // its offsets are not committed, the next owner reads it).
-            let _ = tokio::time::timeout(POLL_SLICE, self.consumer.recv()).await;
-        }
-        // A fetch sent before the revocation still comes back (and is parsed) within
-        // the fetch wait: a topic deleted meanwhile would be in its answer.
-        if fetching {
-            tokio::time::sleep(FETCH_WAIT + POLL_SLICE).await;
-        }
-        committed
+        run.await
     }
 }
 

@@ -760,7 +760,9 @@ mod tansu {
     }
 
     /// Once a consumer's close returns it fetches nothing more, so the subscription
-    /// can be deleted right after it while the consumer object lives on. Before, close
+    /// can be deleted right after it while the consumer object lives on, also when
+    /// the first close was cancelled half way; a delivery not settled by the close
+    /// cannot be settled after it (`Closed`: the group delivers it again). Before, close
     /// only unsubscribed: the member kept its partitions (the revocation waits for a
     /// receive to serve it) and went on fetching the deleted retry topic; tansu answers
     /// such a fetch with a null topic id and a current leader, and librdkafka 2.12.1
@@ -779,25 +781,36 @@ mod tansu {
         let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
         let publisher = bus.publisher(&topic).await.expect("a publisher");
         for r in publisher
-            .publish_batch(events("com.example.closed", 20))
+            .publish_batch(events("com.example.closed", 21))
             .await
         {
             r.expect("published");
         }
-        let mut got = 0;
+        let mut received = Vec::new();
         let until = Instant::now() + Duration::from_secs(60);
-        while got < 20 && Instant::now() < until {
-            let batch = consumer
-                .receive_batch(20, Duration::from_secs(1))
-                .await
-                .expect("a receive");
-            got += batch.len();
-            for r in consumer.ack_all(&batch).await {
-                r.expect("acked");
-            }
+        while received.len() < 21 && Instant::now() < until {
+            received.extend(
+                consumer
+                    .receive_batch(21, Duration::from_secs(1))
+                    .await
+                    .expect("a receive"),
+            );
         }
-        assert_eq!(got, 20);
+        assert_eq!(received.len(), 21);
+        // All but one acked; that one is still in flight at the close.
+        let unsettled = received.pop().expect("21 deliveries");
+        for r in consumer.ack_all(&received).await {
+            r.expect("acked");
+        }
+        // A close given up by its caller half way is finished by the next call (which
+        // before returned Ok at once, with the consumer still fetching).
+        let cancelled = tokio::time::timeout(Duration::from_millis(5), consumer.close()).await;
+        assert!(cancelled.is_err(), "the first close was to be cancelled");
         consumer.close().await.expect("closed");
+        // Its partitions went back to the group: the delivery still in flight cannot
+        // be settled any more (the group delivers it again).
+        let late = unsettled.ack().await.expect_err("an ack after close");
+        assert_eq!(late.kind(), cloudbus_core::ErrorKind::Closed, "{late}");
         bus.delete_subscription(&topic, "s")
             .await
             .expect("the subscription deleted");
