@@ -28,7 +28,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::connection::{METADATA_TIMEOUT, Shared, blocking, client_config, stream_group};
+use crate::connection::{
+    METADATA_TIMEOUT, Shared, blocking, client_config, drop_in_background, stream_group,
+};
 use crate::error::kafka_error;
 
 /// How long the first `acquire` of a reader waits for the group's first assignment.
@@ -211,26 +213,7 @@ impl Drop for GroupCheckpoints {
     fn drop(&mut self) {
         let members: Vec<Arc<Member>> = self.members().drain().map(|(_, m)| m).collect();
         if !members.is_empty() {
-            let _ = leave_in_background(members);
-        }
-    }
-}
-
-/// Drops members (each leaves its group) on a thread of their own; the answer fires
-/// once they have left (`None` when no thread could be started).
-fn leave_in_background(members: Vec<Arc<Member>>) -> Option<tokio::sync::oneshot::Receiver<()>> {
-    let (left, leaving) = tokio::sync::oneshot::channel::<()>();
-    let spawned = std::thread::Builder::new()
-        .name("cloudbus-kafka-leave".into())
-        .spawn(move || {
-            drop(members);
-            let _ = left.send(());
-        });
-    match spawned {
-        Ok(_) => Some(leaving),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not start a thread to leave Kafka consumer groups; the coordinator drops the members after their session timeout");
-            None
+            let _ = drop_in_background(members);
         }
     }
 }
@@ -243,7 +226,7 @@ const LEAVE_PATIENCE: Duration = Duration::from_secs(10);
 /// Drops `member` (it leaves its group) off the async threads, waiting up to
 /// [`LEAVE_PATIENCE`] so that the next reader finds the partitions free.
 async fn leave(member: Arc<Member>) {
-    if let Some(leaving) = leave_in_background(vec![member])
+    if let Some(leaving) = drop_in_background(member)
         && tokio::time::timeout(LEAVE_PATIENCE, leaving).await.is_err()
     {
         tracing::warn!(
@@ -407,7 +390,7 @@ impl CheckpointStore for GroupCheckpoints {
                     Some(first) => {
                         let first = first.clone();
                         drop(members);
-                        let _ = leave_in_background(vec![member]);
+                        let _ = drop_in_background(member);
                         (first, false)
                     }
                     None => {

@@ -174,3 +174,27 @@ pub(crate) async fn blocking<T: Send + 'static>(
         )
     })?
 }
+
+/// Drops `value` (a librdkafka consumer of a group, whose drop leaves the group and
+/// waits for its coordinator, for ever when the brokers are gone) on a thread of its
+/// own: not an async thread, and not the runtime's blocking pool, whose shutdown would
+/// wait for it. The answer fires once it is dropped; `None` when no thread could be
+/// started (then it was dropped here).
+pub(crate) fn drop_in_background<T: Send + 'static>(
+    value: T,
+) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let (dropped, dropping) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("cloudbus-kafka-close".into())
+        .spawn(move || {
+            drop(value);
+            let _ = dropped.send(());
+        });
+    match spawned {
+        Ok(_) => Some(dropping),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start a thread to close a Kafka consumer; it was closed on the caller's thread");
+            None
+        }
+    }
+}

@@ -33,7 +33,9 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::binding::{self, KafkaRecord};
 use crate::config::FETCH_WAIT;
-use crate::connection::{Shared, client_config, dead_letter_topic, retry_topic};
+use crate::connection::{
+    Shared, client_config, dead_letter_topic, drop_in_background, retry_topic,
+};
 use crate::error::kafka_error;
 use crate::headers::{self, Origin};
 use crate::producer::{capabilities, send_records};
@@ -52,8 +54,8 @@ const JOIN_PATIENCE: Duration = Duration::from_secs(10);
 const CLOSE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The subscription's librdkafka consumer. Dropping a consumer of a group blocks
-/// (librdkafka leaves the group and waits for outstanding commits, up to seconds on
-/// a slow broker): the drop runs on a blocking thread when a tokio runtime is there.
+/// (librdkafka leaves the group and waits for outstanding commits and its
+/// coordinator): the drop runs on a thread of its own.
 struct OwnedConsumer(Option<Arc<StreamConsumer<Context>>>);
 
 impl OwnedConsumer {
@@ -84,15 +86,10 @@ impl Drop for OwnedConsumer {
     }
 }
 
-/// Drops a handle of the consumer where blocking is allowed: on a blocking thread
-/// when a tokio runtime is there (the last handle's drop closes the consumer).
+/// Drops a handle of the consumer off the async threads (the last handle's drop
+/// closes the consumer, which blocks): see [`drop_in_background`].
 fn release(consumer: Arc<StreamConsumer<Context>>) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn_blocking(move || drop(consumer));
-        }
-        Err(_) => drop(consumer),
-    }
+    let _ = drop_in_background(consumer);
 }
 
 /// How long a close waits for its commit (brokers down: librdkafka would wait up to
