@@ -830,7 +830,7 @@ impl KafkaConfig {
         Ok(settings)
     }
 
-    /// For a consumer of `group`: client_settings + group.id, enable.auto.commit=false, enable.auto.offset.store=false, auto.offset.reset=earliest, session.timeout.ms, isolation.level=read_committed, enable.partition.eof=false, fetch.wait.max.ms ([`FETCH_WAIT`]).
+    /// For a consumer of `group`: client_settings + group.id, enable.auto.commit=false, enable.auto.offset.store=false, auto.offset.reset=earliest, session.timeout.ms, isolation.level=read_committed, enable.partition.eof=false, fetch.wait.max.ms (500 ms, librdkafka's default made explicit).
     ///
     /// `session.timeout.ms` is `?session_timeout_ms=`, else 45000 on Kafka
     /// (librdkafka's default) and 30000 on Event Hubs (Microsoft's recommendation).

@@ -924,7 +924,7 @@ impl SubscriptionDriver for KafkaSubscription {
     }
 
     /// Commits what was settled, leaves the subscription and serves the revocation,
-    /// then waits out a fetch already sent (see [`close_consumer`]): once `close`
+    /// then waits out a fetch already sent: once `close`
     /// returns, the consumer fetches nothing more, so deleting the subscription's
     /// topics next is safe. The work runs in a task of its own: a close cancelled half
     /// way still finishes, and a second close awaits the same result. Deliveries not
