@@ -375,22 +375,8 @@ impl KafkaConfig {
                 Flavor::EventHubs => EVENTHUBS_SESSION_TIMEOUT_MS,
             },
         };
-        if let Some(path) = params.get("tls_ca") {
-            if path.trim().is_empty() {
-                return Err(Error::invalid(format!(
-                    "{scheme}:// URL parameter tls_ca must name a CA certificate file"
-                )));
-            }
-            config.tls_ca = Some(path.to_owned());
-        }
-        if let Some(path) = params.get("oauth_ca") {
-            if path.trim().is_empty() {
-                return Err(Error::invalid(format!(
-                    "{scheme}:// URL parameter oauth_ca must name a CA certificate file"
-                )));
-            }
-            config.oauth_ca = Some(path.to_owned());
-        }
+        config.tls_ca = ca_file(&params, "tls_ca", scheme)?;
+        config.oauth_ca = ca_file(&params, "oauth_ca", scheme)?;
         match flavor {
             Flavor::Kafka => config.read_kafka(parts.authority, &params, &env)?,
             Flavor::EventHubs => config.read_eventhubs(parts.authority, &params, &env)?,
@@ -883,6 +869,17 @@ pub fn is_secret_setting(name: &str) -> bool {
             | "sasl.oauthbearer.assertion.private.key.passphrase"
             | "sasl.oauthbearer.assertion.private.key.pem"
     )
+}
+
+/// The CA certificate file URL parameter `name` names, if given; an empty one is
+/// `InvalidArgument`.
+fn ca_file(params: &UrlParams, name: &str, scheme: &str) -> Result<Option<String>> {
+    match params.get(name) {
+        Some(path) if path.trim().is_empty() => Err(Error::invalid(format!(
+            "{scheme}:// URL parameter {name} must name a CA certificate file"
+        ))),
+        other => Ok(other.map(str::to_owned)),
+    }
 }
 
 fn setting(name: &str, value: &str) -> (String, String) {

@@ -924,11 +924,11 @@ impl SubscriptionDriver for KafkaSubscription {
     }
 
     /// Commits what was settled, leaves the subscription and serves the revocation,
-    /// then waits out a fetch already sent: once `close`
-    /// returns, the consumer fetches nothing more, so deleting the subscription's
-    /// topics next is safe. The work runs in a task of its own: a close cancelled half
-    /// way still finishes, and a second close awaits the same result. Deliveries not
-    /// settled by then go back to the group (a later settlement is `Closed`).
+    /// then waits out a fetch already sent: once `close` returns, the consumer fetches
+    /// nothing more, so deleting the subscription's topics next is safe. The work runs
+    /// in a task of its own: a close cancelled half way still finishes, and a second
+    /// close awaits the same result. Deliveries not settled by then go back to the
+    /// group (a later settlement is `Closed`).
     async fn close(&self) -> Result<()> {
         use futures::FutureExt;
         let run = {
