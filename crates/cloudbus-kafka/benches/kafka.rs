@@ -25,6 +25,7 @@
 //!
 //! Run: `cargo bench -p cloudbus-kafka --features emulators --bench kafka`
 //! (KAFKA_BENCH_EVENTS=N, default 20,000 per measure; KAFKA_BENCH_ROUNDS=R, default 5;
+//! KAFKA_BENCH_BATCH=B records per receive and per raw commit, default 500;
 //! KAFKA_BENCH_MEASURES=publish or consume for one of them, e.g. under a profiler;
 //! medians and min–max spreads printed). It uses KAFKA_BOOTSTRAP_SERVERS, or, when
 //! that is unset, starts tansu with scripts/kafka.sh and stops it at the end.
@@ -45,7 +46,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 /// Events per `publish_batch` call, and per group of delivery reports on the raw side.
 const CHUNK: usize = 1000;
-/// Records per receive (cloudbus) and per commit (raw).
+/// Records per receive (cloudbus) and per commit (raw), unless KAFKA_BENCH_BATCH says.
 const RECEIVE_MAX: usize = 500;
 /// How long a receive waits for its first record.
 const RECEIVE_WAIT: Duration = Duration::from_secs(1);
@@ -98,6 +99,8 @@ fn client_config(settings: Vec<(String, String)>) -> ClientConfig {
 struct Bench {
     bus: Bus,
     config: KafkaConfig,
+    /// Records per receive (cloudbus) and per commit (raw).
+    batch: usize,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
 }
@@ -237,7 +240,7 @@ impl Bench {
         last_progress = Instant::now();
         while got < n {
             let batch = consumer
-                .receive_batch(RECEIVE_MAX, RECEIVE_WAIT)
+                .receive_batch(self.batch, RECEIVE_WAIT)
                 .await
                 .expect("cloudbus receive");
             if batch.is_empty() {
@@ -293,7 +296,7 @@ impl Bench {
             if start.is_none() {
                 start = Some(Instant::now());
             }
-            if since_commit == RECEIVE_MAX || got == n {
+            if since_commit == self.batch || got == n {
                 let mut commits = TopicPartitionList::new();
                 for (partition, offset) in read.drain() {
                     commits
@@ -372,6 +375,7 @@ fn report(measure: &str, cloudbus: &[f64], raw: &[f64]) {
 fn main() {
     let n = env_number("KAFKA_BENCH_EVENTS", 20_000).max(2);
     let rounds = env_number("KAFKA_BENCH_ROUNDS", 5).max(1);
+    let batch = env_number("KAFKA_BENCH_BATCH", RECEIVE_MAX).max(1);
     let measures = std::env::var("KAFKA_BENCH_MEASURES").unwrap_or_default();
     let (do_publish, do_consume) = match measures.as_str() {
         "" | "publish,consume" | "consume,publish" => (true, true),
@@ -424,6 +428,7 @@ fn main() {
         let bench = Bench {
             bus,
             config,
+            batch,
             producer,
             admin,
         };

@@ -103,7 +103,7 @@ impl KafkaDeadLetters {
                         tracing::debug!(error = %e, "reading dead letters");
                     }
                     Some(Ok(m)) => {
-                        let r = Received::of(&m);
+                        let r = Received::of(&m, &[]);
                         if stopped.contains(&r.partition) {
                             continue;
                         }
@@ -134,7 +134,7 @@ impl KafkaDeadLetters {
     async fn commit_past(&self, read: Read, letters: &[Received]) -> Result<()> {
         let mut next: std::collections::BTreeMap<(String, i32), i64> = Default::default();
         for r in letters {
-            let e = next.entry((r.topic.clone(), r.partition)).or_insert(0);
+            let e = next.entry((r.topic.to_string(), r.partition)).or_insert(0);
             *e = (*e).max(r.offset + 1);
         }
         if next.is_empty() {

@@ -2,6 +2,8 @@
 //! broker or its producer stamped it, and its key, headers and value in the binding's
 //! terms, copied out of librdkafka's buffer.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use rdkafka::Message;
 use rdkafka::message::{Headers, Timestamp};
@@ -14,7 +16,8 @@ pub(crate) const UNREADABLE_HEADERS: &str = "cloudbus-unreadable-headers";
 /// One record read from a partition.
 #[derive(Clone, Debug)]
 pub(crate) struct Received {
-    pub(crate) topic: String,
+    /// Shared with the reader's other records of the topic (see [`Received::of`]).
+    pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     pub(crate) timestamp: Option<DateTime<Utc>>,
@@ -22,8 +25,10 @@ pub(crate) struct Received {
 }
 
 impl Received {
-    /// Copies `message` out of the client's buffer.
-    pub(crate) fn of<M: Message>(message: &M) -> Self {
+    /// Copies `message` out of the client's buffer. Its topic name is taken from
+    /// `topics` when it is one of them (a reader reads a few topics: no allocation per
+    /// record for the name).
+    pub(crate) fn of<M: Message>(message: &M, topics: &[Arc<str>]) -> Self {
         // rdkafka's header iterator panics on a header name that is not UTF-8 (Kafka
         // names are bytes; other clients write such names): the record is then kept
         // with one header saying so, and is dead-lettered as malformed rather than
@@ -50,8 +55,13 @@ impl Received {
             }
             Timestamp::NotAvailable => None,
         };
+        let topic = message.topic();
+        let topic = topics
+            .iter()
+            .find(|t| ***t == *topic)
+            .map_or_else(|| Arc::from(topic), Arc::clone);
         Received {
-            topic: message.topic().to_owned(),
+            topic,
             partition: message.partition(),
             offset: message.offset(),
             timestamp,

@@ -195,6 +195,7 @@ impl StreamDriver for KafkaStream {
                 reader.next = offset;
             }
             let mut out = Vec::new();
+            let names = [Arc::<str>::from(topic.as_str())];
             let until = Instant::now() + READ_WAIT;
             while out.len() < max {
                 let wait = if out.is_empty() {
@@ -212,7 +213,7 @@ impl StreamDriver for KafkaStream {
                         break;
                     }
                     Some(Ok(m)) => {
-                        let r = Received::of(&m);
+                        let r = Received::of(&m, &names);
                         reader.next = r.offset + 1;
                         out.push(r);
                     }

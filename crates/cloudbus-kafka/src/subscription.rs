@@ -15,7 +15,7 @@
 //! - A revoked partition (a rebalance) commits its done prefix and forgets what was in
 //!   flight there: the new owner delivers it again from the committed offset.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rustc_hash::FxHashMap;
 
 use crate::binding::{self, KafkaRecord};
 use crate::config::FETCH_WAIT;
@@ -41,8 +42,8 @@ use crate::headers::{self, Origin};
 use crate::producer::{capabilities, send_records};
 use crate::received::Received;
 
-/// A topic and partition.
-type Partition = (String, i32);
+/// A topic and partition (the name shared with the records read from it).
+type Partition = (Arc<str>, i32);
 
 /// How long one wait on the consumer lasts before leases and due retries are checked.
 const POLL_SLICE: Duration = Duration::from_millis(100);
@@ -177,8 +178,9 @@ struct Track {
 #[derive(Default)]
 struct State {
     next_token: u64,
-    in_flight: HashMap<u64, InFlight>,
-    tracks: HashMap<Partition, Track>,
+    /// By token (a counter: the fast hash is enough, and it is per record).
+    in_flight: FxHashMap<u64, InFlight>,
+    tracks: FxHashMap<Partition, Track>,
     /// Records to deliver again (nacked without delay, lease expired).
     ready: VecDeque<Held>,
     /// Retried records not due yet.
@@ -241,7 +243,7 @@ impl State {
         let gone: Vec<Partition> = revoked
             .elements()
             .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
+            .map(|e| (Arc::from(e.topic()), e.partition()))
             .collect();
         let mine = |r: &Received| gone.contains(&Self::partition_of(r));
         self.in_flight.retain(|_, f| !mine(&f.held.received));
@@ -252,7 +254,10 @@ impl State {
         }
         let mut out = TopicPartitionList::new();
         for e in commits.elements() {
-            if gone.contains(&(e.topic().to_owned(), e.partition())) {
+            if gone
+                .iter()
+                .any(|(t, p)| **t == *e.topic() && *p == e.partition())
+            {
                 let _ = out.add_partition_offset(e.topic(), e.partition(), e.offset());
             }
         }
@@ -304,6 +309,8 @@ pub struct KafkaSubscription {
     shared: Arc<Shared>,
     topic: String,
     retry_topic: String,
+    /// The topic and the retry topic, the names its records share.
+    topic_names: [Arc<str>; 2],
     mover: Arc<Mover>,
     spec: SubscriptionSpec,
     consumer: OwnedConsumer,
@@ -350,6 +357,7 @@ impl KafkaSubscription {
             spec,
             mover,
             retry_topic: retry_topic(topic, name),
+            topic_names: [Arc::from(topic), Arc::from(retry_topic(topic, name))],
             topic: topic.to_owned(),
             shared,
             consumer: OwnedConsumer(Some(Arc::new(consumer))),
@@ -426,7 +434,7 @@ impl KafkaSubscription {
             .or_default()
             .pending
             .insert(received.offset, false);
-        if received.topic == self.retry_topic {
+        if *received.topic == *self.retry_topic {
             // A redriven dead letter carries no count: it starts afresh.
             let delivered = headers::number::<u32>(&received.record, headers::ATTEMPT).unwrap_or(0);
             let held = Held {
@@ -801,7 +809,7 @@ impl SubscriptionDriver for KafkaSubscription {
                 };
                 let message = match next {
                     None => break,
-                    Some(Ok(m)) => Received::of(&m),
+                    Some(Ok(m)) => Received::of(&m, &self.topic_names),
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, topic = %self.topic, "Kafka consumer error");
                         if reportable(&e) {
@@ -1060,7 +1068,7 @@ mod tests {
         assert_eq!(elements.len(), 1);
         // Past 9: the gap at 7 and 8 holds no record read here.
         assert_eq!(elements[0].offset(), Offset::Offset(10));
-        assert!(state.tracks[&("t".to_owned(), 0)].pending.is_empty());
+        assert!(state.tracks[&(Arc::from("t"), 0)].pending.is_empty());
         assert_eq!(state.advance().count(), 0, "committed once");
     }
 
