@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -51,6 +52,11 @@ impl Default for PublisherOptions {
         }
     }
 }
+
+/// Most batches of events without an ordering key that one
+/// [`Publisher::publish_batch`] call has in flight at once (within
+/// [`Capabilities::concurrent_sends`]).
+const MAX_UNKEYED_BATCHES_AT_ONCE: usize = 16;
 
 /// The lanes events are sent on: one batcher each (made on first use), so a lane
 /// sends one batch at a time, in order, while lanes go in parallel.
@@ -463,8 +469,13 @@ impl Publisher {
         )
     }
 
-    /// Publishes many events: chunked by the provider's count and byte limits, lanes
-    /// sent in parallel, failed events retried alone. One result per event, in order.
+    /// Publishes many events: chunked by the provider's count and byte limits, failed
+    /// events retried alone. Events with an ordering key go on their key's lane (a
+    /// lane sends one batch after another; lanes go in parallel); events without one
+    /// are batched together and up to 16 of their batches are in flight at once
+    /// (fewer where the provider carries fewer, see
+    /// [`Capabilities::concurrent_sends`](cloudbus_driver::Capabilities::concurrent_sends)).
+    /// One result per event, in order.
     pub async fn publish_batch(&self, events: Vec<Event>) -> Vec<Result<()>> {
         let msgs = events
             .into_iter()
@@ -504,6 +515,10 @@ impl Publisher {
         let lanes = self.lane_count();
         let mut per_lane: Vec<Vec<(usize, OutgoingMessage)>> =
             (0..lanes).map(|_| Vec::new()).collect();
+        // Events without an ordering key have no order to keep: they are batched
+        // together (full batches) and the batches go out at once, a few at a time,
+        // rather than one batch after another on a lane.
+        let mut unkeyed: Vec<(usize, OutgoingMessage)> = Vec::new();
         for (i, msg) in msgs.into_iter().enumerate() {
             let valid = match (&self.validator, &msg.payload) {
                 (Some(v), cloudbus_driver::driver::Payload::Event(event)) => {
@@ -513,6 +528,7 @@ impl Publisher {
             };
             match valid.and_then(|_| check(&self.inner.caps, &msg)) {
                 Err(e) => results[i] = Some(Err(e)),
+                Ok(()) if msg.ordering_key.is_none() => unkeyed.push((i, msg)),
                 Ok(()) => {
                     let lane = self.lane_index(msg.ordering_key.as_deref());
                     per_lane[lane].push((i, msg));
@@ -520,32 +536,45 @@ impl Publisher {
             }
         }
         let span = tracing::debug_span!("cloudbus.publish_batch", events = total);
-        let sends = per_lane.into_iter().filter(|l| !l.is_empty()).map(|lane| {
+        let caps = &self.inner.caps;
+        let send_chunk = |chunk: Vec<(usize, OutgoingMessage)>| {
             let driver = self.inner.driver.clone();
-            let caps = &self.inner.caps;
             let retry = &self.inner.options.retry;
             let paused = &self.inner.paused;
             let health = &self.inner.health;
             let destination = &self.inner.destination;
             async move {
+                let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) = chunk.into_iter().unzip();
+                let span = send_span(destination, &msgs);
+                let res = send_in_order(driver.as_ref(), &msgs, retry, paused, caps.ordering)
+                    .instrument(span)
+                    .await;
+                record_published(&msgs, &res, health);
+                indices.into_iter().zip(res).collect::<Vec<_>>()
+            }
+        };
+        let keyed = per_lane.into_iter().filter(|l| !l.is_empty()).map(|lane| {
+            let send_chunk = &send_chunk;
+            async move {
                 let mut out = Vec::with_capacity(lane.len());
                 for chunk in BatchLimits::of(caps).chunks(lane, |(_, m)| m.size) {
-                    let (indices, msgs): (Vec<usize>, Vec<OutgoingMessage>) =
-                        chunk.into_iter().unzip();
-                    let span = send_span(destination, &msgs);
-                    let res = send_in_order(driver.as_ref(), &msgs, retry, paused, caps.ordering)
-                        .instrument(span)
-                        .await;
-                    record_published(&msgs, &res, health);
-                    out.extend(indices.into_iter().zip(res));
+                    out.extend(send_chunk(chunk).await);
                 }
                 out
             }
         });
-        for lane_results in futures::future::join_all(sends).instrument(span).await {
-            for (i, r) in lane_results {
-                results[i] = Some(r);
-            }
+        let at_once = MAX_UNKEYED_BATCHES_AT_ONCE
+            .min(caps.concurrent_sends)
+            .max(1);
+        let unkeyed = futures::stream::iter(BatchLimits::of(caps).chunks(unkeyed, |(_, m)| m.size))
+            .map(&send_chunk)
+            .buffer_unordered(at_once)
+            .collect::<Vec<_>>();
+        let (keyed, unkeyed) = futures::future::join(futures::future::join_all(keyed), unkeyed)
+            .instrument(span)
+            .await;
+        for (i, r) in keyed.into_iter().chain(unkeyed).flatten() {
+            results[i] = Some(r);
         }
         results
             .into_iter()
@@ -991,12 +1020,19 @@ mod tests {
     struct RecordingDriver {
         caps: Capabilities,
         sends: std::sync::Mutex<Vec<usize>>,
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
     }
 
     #[async_trait::async_trait]
     impl TopicDriver for RecordingDriver {
         async fn send_batch(&self, batch: &[OutgoingMessage]) -> Result<crate::BatchResults> {
             self.sends.lock().unwrap().push(batch.len());
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            // A network call: the other sends of the batch start meanwhile.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             Ok(batch.iter().map(|_| Ok(())).collect())
         }
         fn capabilities(&self) -> Capabilities {
@@ -1051,41 +1087,78 @@ mod tests {
         assert!(one.is_ok(), "{one:?}");
     }
 
-    async fn sends_of_a_batch(concurrent_sends: usize) -> Vec<usize> {
+    /// The sizes of the sends of one `publish_batch` of 100 events (with 100
+    /// ordering keys when `keyed`), and the most sends in flight at once.
+    async fn sends_of_a_batch(
+        concurrent_sends: usize,
+        max_batch_count: usize,
+        keyed: bool,
+    ) -> (Vec<usize>, usize) {
         let driver = Arc::new(RecordingDriver {
             caps: {
                 let mut caps = Capabilities::default();
-                caps.max_batch_count = 1000;
+                caps.max_batch_count = max_batch_count;
                 caps.max_batch_bytes = 10 * 1024 * 1024;
                 caps.concurrent_sends = concurrent_sends;
                 caps
             },
             sends: Default::default(),
+            in_flight: Default::default(),
+            most_in_flight: Default::default(),
         });
         let publisher = Publisher::new(driver.clone());
         let events = (0..100)
             .map(|n| {
-                EventBuilder::new("t", "/s")
-                    .id(format!("e{n}"))
-                    .build()
-                    .unwrap()
+                let e = EventBuilder::new("t", "/s").id(format!("e{n}"));
+                if keyed {
+                    e.partition_key(format!("k{n}"))
+                } else {
+                    e
+                }
+                .build()
+                .unwrap()
             })
             .collect();
         let results = publisher.publish_batch(events).await;
         assert!(results.iter().all(Result::is_ok));
         let mut sends = driver.sends.lock().unwrap().clone();
         sends.sort_unstable();
-        sends
+        (sends, driver.most_in_flight.load(Ordering::SeqCst))
     }
 
-    /// A provider that carries one send at a time gets one send per chunk, not one
-    /// per lane: four lanes over one Service Bus link made four small transfers that
+    /// Keyed events go on their keys' lanes, no more lanes than the provider carries
+    /// at once: four lanes over one Service Bus link made four small transfers that
     /// waited for each other.
     #[tokio::test]
     async fn lanes_are_capped_by_the_providers_concurrent_sends() {
-        assert_eq!(sends_of_a_batch(1).await, vec![100]);
-        assert_eq!(sends_of_a_batch(2).await, vec![50, 50]);
-        assert_eq!(sends_of_a_batch(usize::MAX).await, vec![25, 25, 25, 25]);
+        for (concurrent, lanes) in [(1, 1), (2, 2), (usize::MAX, 4)] {
+            let (sends, most) = sends_of_a_batch(concurrent, 1000, true).await;
+            assert_eq!(sends.len(), lanes, "{sends:?}");
+            assert_eq!(sends.iter().sum::<usize>(), 100);
+            assert!(most <= lanes, "{most} sends at once over {lanes} lanes");
+        }
+    }
+
+    /// Events without an ordering key go in full batches, not split over the lanes,
+    /// and their batches are in flight together: 16 at most, and no more than the
+    /// provider carries at once (Pub/Sub's publish ran at 0.6x of its raw client when
+    /// four lanes sent one batch after another).
+    #[tokio::test]
+    async fn unkeyed_events_go_in_full_batches_in_flight_together() {
+        assert_eq!(
+            sends_of_a_batch(usize::MAX, 1000, false).await,
+            (vec![100], 1)
+        );
+        assert_eq!(sends_of_a_batch(1, 1000, false).await, (vec![100], 1));
+        let (sends, most) = sends_of_a_batch(usize::MAX, 10, false).await;
+        assert_eq!(sends, vec![10; 10]);
+        assert_eq!(most, 10, "the ten batches should be in flight together");
+        let (sends, most) = sends_of_a_batch(usize::MAX, 5, false).await;
+        assert_eq!(sends, vec![5; 20]);
+        assert_eq!(most, MAX_UNKEYED_BATCHES_AT_ONCE);
+        let (sends, most) = sends_of_a_batch(3, 10, false).await;
+        assert_eq!(sends, vec![10; 10]);
+        assert_eq!(most, 3);
     }
 
     /// Records the ids of the events it is sent, in order.

@@ -106,13 +106,17 @@ impl From<DecodeError> for Error {
 /// assert_eq!(codec::from_structured_json(&json).unwrap(), e);
 /// ```
 pub fn to_structured_json(event: &Event) -> Result<Vec<u8>> {
-    serde_json::to_vec(event).map_err(|e| {
-        Error::with_source(
-            ErrorKind::InvalidArgument,
-            format!("event {} cannot be encoded as JSON", event.id()),
-            e,
-        )
-    })
+    // Sized once from the estimate (an upper bound): no regrowth while writing.
+    let mut out = Vec::with_capacity(crate::event::estimated_size(event));
+    serde_json::to_writer(&mut out, event)
+        .map(|()| out)
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::InvalidArgument,
+                format!("event {} cannot be encoded as JSON", event.id()),
+                e,
+            )
+        })
 }
 
 /// Decodes structured-mode JSON into an event, telling broken JSON, JSON that is not a
@@ -211,7 +215,12 @@ pub fn data_bytes(event: &Event) -> Result<Vec<u8>> {
         None => Vec::new(),
         Some(Data::Binary(b)) => b.clone(),
         Some(Data::String(s)) => s.clone().into_bytes(),
-        Some(Data::Json(v)) => serde_json::to_vec(v)?,
+        Some(Data::Json(v)) => {
+            // Sized once: no regrowth while writing (unless strings need escapes).
+            let mut out = Vec::with_capacity(crate::event::json_len_hint(v));
+            serde_json::to_writer(&mut out, v)?;
+            out
+        }
     })
 }
 
@@ -241,6 +250,8 @@ pub enum Mode {
 #[derive(Clone, Debug)]
 pub struct BinaryCodec {
     prefix: String,
+    /// The context attributes' names with the prefix, made once (not per event).
+    names: ContextNames,
     content_type_attribute: String,
     max_attributes: Option<usize>,
     reserved_attributes: usize,
@@ -251,8 +262,10 @@ impl BinaryCodec {
     /// A codec with `prefix` (`ce-` for Pub/Sub and HTTP-like attributes,
     /// `cloudEvents:` for AMQP), content type in `content-type`, no attribute budget.
     pub fn new(prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
         BinaryCodec {
-            prefix: prefix.into(),
+            names: ContextNames::with_prefix(&prefix),
+            prefix,
             content_type_attribute: "content-type".into(),
             max_attributes: None,
             reserved_attributes: 0,
@@ -306,25 +319,28 @@ impl BinaryCodec {
     /// ```
     pub fn encode_keeping(&self, event: &Event, keep: &[String]) -> Result<(RawMessage, Mode)> {
         let mut attributes = BTreeMap::new();
-        let p = &self.prefix;
-        attributes.insert(format!("{p}specversion"), event.specversion().to_string());
-        attributes.insert(format!("{p}id"), event.id().to_owned());
-        attributes.insert(format!("{p}source"), event.source().to_string());
-        attributes.insert(format!("{p}type"), event.ty().to_owned());
+        let names = &self.names;
+        attributes.insert(names.specversion.clone(), event.specversion().to_string());
+        attributes.insert(names.id.clone(), event.id().to_owned());
+        attributes.insert(names.source.clone(), event.source().to_string());
+        attributes.insert(names.ty.clone(), event.ty().to_owned());
         if let Some(s) = event.subject() {
-            attributes.insert(format!("{p}subject"), s.to_owned());
+            attributes.insert(names.subject.clone(), s.to_owned());
         }
         if let Some(t) = event.time() {
             attributes.insert(
-                format!("{p}time"),
+                names.time.clone(),
                 t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
             );
         }
         if let Some(s) = event.dataschema() {
-            attributes.insert(format!("{p}dataschema"), s.to_string());
+            attributes.insert(names.dataschema.clone(), s.to_string());
         }
-        for (name, value) in crate::event::extension_map(event) {
-            attributes.insert(format!("{p}{name}"), value);
+        for (name, value) in event.iter_extensions() {
+            let mut key = String::with_capacity(self.prefix.len() + name.len());
+            key.push_str(&self.prefix);
+            key.push_str(name);
+            attributes.insert(key, value.to_string());
         }
         if let Some(ct) = event.datacontenttype() {
             attributes.insert(self.content_type_attribute.clone(), ct.to_owned());
@@ -534,6 +550,33 @@ impl BinaryCodec {
             event.set_data(ct.to_owned(), data);
         }
         Ok(event)
+    }
+}
+
+/// The names of the context attributes a [`BinaryCodec`] writes, with its prefix.
+#[derive(Clone, Debug)]
+struct ContextNames {
+    specversion: String,
+    id: String,
+    source: String,
+    ty: String,
+    subject: String,
+    time: String,
+    dataschema: String,
+}
+
+impl ContextNames {
+    fn with_prefix(prefix: &str) -> Self {
+        let name = |n: &str| format!("{prefix}{n}");
+        ContextNames {
+            specversion: name("specversion"),
+            id: name("id"),
+            source: name("source"),
+            ty: name("type"),
+            subject: name("subject"),
+            time: name("time"),
+            dataschema: name("dataschema"),
+        }
     }
 }
 

@@ -4,8 +4,6 @@
 //! The event type itself is `cloudevents::Event` from the official `cloudevents-sdk`
 //! crate, re-exported as [`Event`], so events interoperate with every CloudEvents SDK.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 pub use cloudevents::event::{Data, ExtensionValue};
 pub use cloudevents::{AttributesReader, AttributesWriter, Event};
@@ -347,6 +345,25 @@ fn json_size(v: &serde_json::Value) -> usize {
     }
 }
 
+/// About `v`'s JSON length, for sizing a buffer: like the size estimate but with
+/// strings at their raw length (not scanned for escapes, which costs as much as
+/// writing them), so a string with escapes makes the buffer grow once.
+pub(crate) fn json_len_hint(v: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    match v {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(|x| json_len_hint(x) + 1).sum::<usize>(),
+        Value::Object(o) => {
+            2 + o
+                .iter()
+                .map(|(k, x)| k.len() + 4 + json_len_hint(x))
+                .sum::<usize>()
+        }
+    }
+}
+
 /// Reads the cloudbus extensions and data of an [`Event`].
 pub trait EventExt {
     /// A string extension by name (other extension types are rendered as text by the caller).
@@ -430,14 +447,6 @@ pub fn attribute_text(event: &Event, name: &str) -> Option<String> {
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
         other => event.extension(other).map(|v| v.to_string()),
     }
-}
-
-/// Extensions as a map (used by codecs).
-pub(crate) fn extension_map(event: &Event) -> HashMap<String, String> {
-    event
-        .iter_extensions()
-        .map(|(k, v)| (k.to_owned(), v.to_string()))
-        .collect()
 }
 
 impl TraceContext {

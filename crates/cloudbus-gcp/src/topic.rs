@@ -1,5 +1,6 @@
-//! Publishing: one batch from cloudbus core becomes one flush of the crate's
-//! publisher, with per-event results and ordering keys that resume when core does.
+//! Publishing: one batch from cloudbus core becomes one Publish request of the crate's
+//! publisher (a full batch by the crate's count threshold, a smaller one by a
+//! flush), with per-event results and ordering keys that resume when core does.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use cloudbus_driver::{
 };
 use google_cloud_pubsub::model::Message;
 
-use crate::capabilities::capabilities;
+use crate::capabilities::{MAX_BATCH_COUNT, capabilities};
 use crate::context::{PubSubContext, lock};
 use crate::error::publish_error;
 
@@ -86,7 +87,17 @@ impl TopicDriver for PubSubTopic {
                 publisher.publish(to_message(raw, m.ordering_key.as_deref()))
             ));
         }
-        publisher.flush().await;
+        // A full batch without ordering keys went out when its last message reached
+        // the crate's count threshold. A flush would also wait for every other batch
+        // in flight, and the crate's actor takes no message meanwhile: the lanes of
+        // core (and other publishers of the topic) would send one batch at a time.
+        // Anything else (a smaller batch; keyed messages, batched per key) is flushed
+        // so that it goes now rather than after the crate's delay.
+        let published = pending.iter().filter(|p| p.is_ok()).count();
+        let keyed = batch.iter().any(|m| m.ordering_key.is_some());
+        if keyed || published < MAX_BATCH_COUNT {
+            publisher.flush().await;
+        }
         let mut results = Vec::with_capacity(batch.len());
         for (m, p) in batch.iter().zip(pending) {
             results.push(match p {
