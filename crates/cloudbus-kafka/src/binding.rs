@@ -6,7 +6,6 @@
 //! It works on [`KafkaRecord`], not on a client library's types, so that it is
 //! tested without a broker; the producer and consumers convert at their edge.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use cloudbus_driver::codec::{
@@ -218,40 +217,29 @@ impl<'a> HeaderValue<'a> {
 }
 
 fn decode_event(record: &KafkaRecord) -> std::result::Result<Event, DecodeError> {
-    // Lowercase names; a later header of the same name replaces an earlier one. A
-    // record has a few headers: a list searched in place, and a name already in
-    // lowercase (what every binding writes) borrowed, not copied.
-    let mut headers: Vec<(Cow<'_, str>, HeaderValue<'_>)> =
-        Vec::with_capacity(record.headers.len());
+    // Lowercase names; a later header of the same name replaces an earlier one. A map,
+    // not a list searched per header: a record can carry a great many headers.
+    let mut headers: BTreeMap<String, HeaderValue<'_>> = BTreeMap::new();
     for (name, value) in &record.headers {
-        let lower = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(name.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(name.as_str())
-        };
-        let header = HeaderValue {
-            name,
-            value: value.as_deref(),
-        };
-        match headers.iter_mut().find(|(l, _)| *l == lower) {
-            Some(slot) => slot.1 = header,
-            None => headers.push((lower, header)),
-        }
+        headers.insert(
+            name.to_ascii_lowercase(),
+            HeaderValue {
+                name,
+                value: value.as_deref(),
+            },
+        );
     }
-    let header = |lower: &str| headers.iter().find(|(l, _)| l == lower).map(|(_, h)| h);
-    let content_type = header(CONTENT_TYPE_HEADER);
+    let content_type = headers.get(CONTENT_TYPE_HEADER);
     // A null or non-UTF-8 content-type cannot name an event format: not structured.
     if let Some(ct) = content_type.and_then(|h| h.text().ok())
         && is_cloudevents_media_type(ct)
     {
         return decode_structured(ct, record.payload.as_deref());
     }
-    if header(SPECVERSION_HEADER).is_none() {
-        // The first by name, so that the message does not depend on header order.
+    if !headers.contains_key(SPECVERSION_HEADER) {
         if let Some(header) = headers
             .iter()
-            .filter(|(lower, _)| lower.starts_with(HEADER_PREFIX))
-            .min_by(|a, b| a.0.cmp(&b.0))
+            .find(|(lower, _)| lower.starts_with(HEADER_PREFIX))
             .map(|(_, h)| h)
         {
             return Err(invalid(format!(
@@ -266,7 +254,7 @@ fn decode_event(record: &KafkaRecord) -> std::result::Result<Event, DecodeError>
     let mut attributes = BTreeMap::new();
     for (lower, header) in &headers {
         if lower.starts_with(HEADER_PREFIX) || lower == CONTENT_TYPE_HEADER {
-            attributes.insert(lower.clone().into_owned(), header.text()?.to_owned());
+            attributes.insert(lower.clone(), header.text()?.to_owned());
         }
     }
     match &record.payload {
