@@ -931,6 +931,41 @@ impl SubscriptionDriver for KafkaSubscription {
         capabilities(self.shared.config.max_message_bytes())
     }
 
+    /// The group's lag: over every partition of the topic and of the subscription's
+    /// retry topic, the high watermark minus the group's committed offset (minus the
+    /// low watermark where the group committed nothing, or committed below it). A
+    /// record counts until it is acked and its offset committed: deliveries in
+    /// flight count, and so does a record acked while an earlier one of its partition
+    /// is not (the committed offset waits for that one). `None` when the broker could
+    /// not tell within 5 s (a metadata, offset or watermark request failed or was
+    /// slow) or the consumer is closed. On tansu the watermarks count record batches,
+    /// not records, so its depth there is not a record count.
+    async fn queue_depth(&self) -> Option<u64> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let shared = Arc::clone(&self.shared);
+        let consumer = self.consumer.shared();
+        let topics = [self.topic.clone(), self.retry_topic.clone()];
+        let depth = crate::connection::blocking(move || {
+            let depth = group_lag(&shared, &consumer, &topics);
+            // The subscription closed meanwhile: this was the last handle, and its
+            // drop leaves the group, which blocks.
+            if let Some(last) = Arc::into_inner(consumer) {
+                let _ = drop_in_background(last);
+            }
+            depth
+        })
+        .await;
+        match depth {
+            Ok(depth) => Some(depth),
+            Err(e) => {
+                tracing::debug!(error = %e, topic = %self.topic, "the depth of a Kafka subscription could not be read");
+                None
+            }
+        }
+    }
+
     /// Commits what was settled, leaves the subscription and serves the revocation,
     /// then waits out a fetch already sent: once `close` returns, the consumer fetches
     /// nothing more, so deleting the subscription's topics next is safe. The work runs
@@ -987,6 +1022,67 @@ impl Drop for KafkaSubscription {
             tracing::warn!(error = %e, topic = %self.topic, "commit when the consumer was dropped failed; the partitions' next owner delivers those records again");
         }
     }
+}
+
+/// How long reading a subscription's depth may take in all (its requests share it):
+/// a read cancelled by the worker's timeout still runs on its blocking thread, and
+/// with the brokers gone each request would wait its own timeout.
+const DEPTH_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Records of `topics` that the group of `consumer` has not committed past: see
+/// [`KafkaSubscription::queue_depth`]. Blocking: a metadata request per topic, an
+/// offset fetch from the group's coordinator, and a watermark request per partition,
+/// all within [`DEPTH_PATIENCE`].
+fn group_lag(
+    shared: &Shared,
+    consumer: &StreamConsumer<Context>,
+    topics: &[String],
+) -> Result<u64> {
+    let until = Instant::now() + DEPTH_PATIENCE;
+    let left = || {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                format!("reading the group's lag took over {DEPTH_PATIENCE:?}"),
+            ))
+        } else {
+            Ok(left)
+        }
+    };
+    let mut wanted = TopicPartitionList::new();
+    for topic in topics {
+        let metadata = shared
+            .metadata
+            .fetch_metadata(Some(topic), left()?)
+            .map_err(|e| kafka_error(e, &format!("read the metadata of topic {topic:?}")))?;
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                wanted.add_partition(topic, p.id());
+            }
+        }
+    }
+    let committed = consumer
+        .committed_offsets(wanted, left()?)
+        .map_err(|e| kafka_error(e, "read the committed offsets of the group"))?;
+    let mut depth = 0u64;
+    for e in committed.elements() {
+        let (low, high) = shared
+            .metadata
+            .fetch_watermarks(e.topic(), e.partition(), left()?)
+            .map_err(|err| {
+                kafka_error(
+                    err,
+                    &format!("read the watermarks of {:?}/{}", e.topic(), e.partition()),
+                )
+            })?;
+        let from = match e.offset() {
+            Offset::Offset(o) => o.max(low),
+            _ => low,
+        };
+        depth = depth.saturating_add(u64::try_from(high.saturating_sub(from)).unwrap_or(0));
+    }
+    Ok(depth)
 }
 
 /// Where a settlement moves a record.

@@ -483,6 +483,91 @@ mod mock_cluster {
         drop(idle);
     }
 
+    /// A subscription's queue depth (`event_queue_depth`) is its group's lag: what
+    /// was published and not yet acked and committed, deliveries in flight included;
+    /// with the broker down it is unknown (`None`), not a hang or a stale number; a
+    /// closed consumer reports none. On the mock cluster: tansu's high watermark
+    /// counts record batches, not records.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_depth_is_the_groups_lag() {
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let topic = common::unique("depth");
+        cluster.create_topic(&topic, 2, 1).expect("a mock topic");
+        for t in [
+            cloudbus_kafka::retry_topic(&topic, "s"),
+            cloudbus_kafka::dead_letter_topic(&topic, "s"),
+        ] {
+            cluster.create_topic(&t, 1, 1).expect("a mock topic");
+        }
+        let bus = common::bus(&bootstrap, "").await.expect("a bus");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "s"))
+            .await
+            .expect("the subscription");
+        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        assert_eq!(
+            consumer.report_queue_depth().await,
+            Some(0),
+            "nothing published"
+        );
+        let publisher = bus.publisher(&topic).await.expect("a publisher");
+        for r in publisher
+            .publish_batch(events("com.example.depth", 10))
+            .await
+        {
+            r.expect("published");
+        }
+        assert_eq!(consumer.report_queue_depth().await, Some(10));
+        // Four in hand: in flight, not committed, so still waiting in the group's eyes.
+        let mut held = Vec::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        while held.len() < 4 && Instant::now() < until {
+            held.extend(
+                consumer
+                    .receive_batch(4 - held.len(), Duration::from_secs(1))
+                    .await
+                    .expect("a receive"),
+            );
+        }
+        assert_eq!(held.len(), 4, "four deliveries within 30 s");
+        assert_eq!(
+            consumer.report_queue_depth().await,
+            Some(10),
+            "in flight counts"
+        );
+        for r in consumer.ack_all(&held).await {
+            r.expect("acked");
+        }
+        // The commit after the acks is asynchronous.
+        let until = Instant::now() + Duration::from_secs(15);
+        let mut depth = consumer.report_queue_depth().await;
+        while depth != Some(6) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            depth = consumer.report_queue_depth().await;
+        }
+        assert_eq!(depth, Some(6), "four acked and committed of ten");
+        consumer.close().await.expect("closed");
+        assert_eq!(consumer.report_queue_depth().await, None, "closed");
+        // Another member of the subscription, with the broker gone.
+        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        assert_eq!(
+            consumer.report_queue_depth().await,
+            Some(6),
+            "the group's, not the member's"
+        );
+        cluster.broker_down(1).expect("broker down");
+        let started = Instant::now();
+        let down = tokio::time::timeout(Duration::from_secs(60), consumer.report_queue_depth())
+            .await
+            .expect("the depth read ends with the broker down");
+        assert_eq!(down, None, "the depth is unknown with the broker down");
+        eprintln!(
+            "depth read with the broker down ended in {:?}",
+            started.elapsed()
+        );
+        cluster.broker_up(1).expect("broker up");
+    }
+
     /// With every broker down a receive fails (Unavailable) rather than returning
     /// empty batches as if nothing were published; once the broker is back the
     /// consumer reads again.
