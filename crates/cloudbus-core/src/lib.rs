@@ -59,7 +59,7 @@ pub use driver::{
     AckToken, AsAny, BatchResults, BusDriver, DeadLetter, DeadLetterDriver, DeadLetterSink,
     OutgoingMessage, PartitionInfo, Payload, PublishOptions, ReadBatch, ReceivedMessage,
     Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver, SubscriptionSpec,
-    SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
+    SubscriptionState, TopicDriver, TopicState, TopologyDriver, TopologyPlanning,
 };
 pub use error::{Error, ErrorKind, Missing, Result};
 pub use event::{

@@ -7,7 +7,10 @@
 //! ([`describe_subscription`](crate::TopologyPlanning::describe_subscription) and
 //! [`desired_state`](crate::TopologyPlanning::desired_state)): a filter is compared as
 //! the provider's native filter, a lease as the provider rounds it, so a plan shows
-//! what the cloud really holds.
+//! what the cloud really holds. Where topics have settings of their own (Kafka's
+//! partitions, replication, retention and cleanup policy), a plan compares those the
+//! connection declares ([`describe_topic`](crate::TopologyPlanning::describe_topic)
+//! and [`desired_topic_state`](crate::TopologyPlanning::desired_topic_state)) too.
 
 use std::fmt;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::Bus;
-use cloudbus_driver::driver::{SubscriptionSpec, SubscriptionState, TopologyPlanning};
+use cloudbus_driver::driver::{SubscriptionSpec, SubscriptionState, TopicState, TopologyPlanning};
 use cloudbus_driver::error::{Error, ErrorKind, Result};
 use cloudbus_driver::filter::Filter;
 
@@ -168,7 +171,8 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 /// One setting that differs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Difference {
-    /// The setting: `filter`, `max_delivery_attempts`, `lease` or `ordered`.
+    /// The setting: `filter`, `max_delivery_attempts`, `lease` or `ordered` of a
+    /// subscription; a topic's by its provider's name (`partitions`, `retention.ms`).
     pub setting: &'static str,
     /// What the provider holds.
     pub current: String,
@@ -183,8 +187,15 @@ pub enum Change {
     CreateTopic(String),
     /// The provider cannot tell whether the topic exists: ensure it.
     EnsureTopic(String),
-    /// The topic exists.
+    /// The topic exists (with the settings declared, where the provider has any).
     TopicUnchanged(String),
+    /// The topic exists with settings that differ: change it in place.
+    UpdateTopic {
+        /// The topic.
+        name: String,
+        /// What differs.
+        differences: Vec<Difference>,
+    },
     /// The subscription is missing: create it.
     CreateSubscription(SubscriptionSpec),
     /// The subscription differs: change it in place.
@@ -281,6 +292,12 @@ impl fmt::Display for Plan {
                     "? topic {t} (the provider cannot tell; apply ensures it)"
                 )?,
                 Change::TopicUnchanged(t) => writeln!(f, "= topic {t}")?,
+                Change::UpdateTopic { name, differences } => {
+                    writeln!(f, "~ topic {name}")?;
+                    for d in differences {
+                        writeln!(f, "    {}: {} -> {}", d.setting, d.current, d.wanted)?;
+                    }
+                }
                 Change::CreateSubscription(s) => writeln!(
                     f,
                     "+ subscription {}/{} ({})",
@@ -355,6 +372,52 @@ pub fn differences(current: &SubscriptionState, wanted: &SubscriptionState) -> V
     out
 }
 
+/// The settings of `wanted` that `current` holds otherwise (one `current` lacks is
+/// shown as `default`: the broker's default applies there).
+pub fn topic_differences(current: &TopicState, wanted: &TopicState) -> Vec<Difference> {
+    wanted
+        .settings
+        .iter()
+        .filter(|(name, value)| current.settings.get(*name) != Some(*value))
+        .map(|(name, value)| Difference {
+            setting: name,
+            current: current
+                .settings
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| "default".to_owned()),
+            wanted: value.clone(),
+        })
+        .collect()
+}
+
+/// The plan's entry for `topic`: described and compared where the provider can,
+/// else whether it exists, else to be ensured.
+async fn plan_topic(driver: &dyn TopologyPlanning, topic: &str) -> Result<Change> {
+    match driver.describe_topic(topic).await {
+        Ok(None) => return Ok(Change::CreateTopic(topic.to_owned())),
+        Ok(Some(current)) => {
+            let differences = topic_differences(&current, &driver.desired_topic_state(topic)?);
+            return Ok(if differences.is_empty() {
+                Change::TopicUnchanged(topic.to_owned())
+            } else {
+                Change::UpdateTopic {
+                    name: topic.to_owned(),
+                    differences,
+                }
+            });
+        }
+        Err(e) if e.kind() == ErrorKind::Unsupported => {}
+        Err(e) => return Err(e),
+    }
+    Ok(match driver.topic_exists(topic).await {
+        Ok(true) => Change::TopicUnchanged(topic.to_owned()),
+        Ok(false) => Change::CreateTopic(topic.to_owned()),
+        Err(e) if e.kind() == ErrorKind::Unsupported => Change::EnsureTopic(topic.to_owned()),
+        Err(e) => return Err(e),
+    })
+}
+
 /// The reading of a provider without [`TopologyPlanning`]: every question is
 /// `Unsupported` (the trait's defaults), so the plan ensures instead of comparing.
 struct CannotDescribe;
@@ -380,12 +443,7 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Plan> {
     let driver = driver.planning().unwrap_or(&CannotDescribe);
     let mut changes = Vec::new();
     for topic in &topology.topics {
-        changes.push(match driver.topic_exists(&topic.name).await {
-            Ok(true) => Change::TopicUnchanged(topic.name.clone()),
-            Ok(false) => Change::CreateTopic(topic.name.clone()),
-            Err(e) if e.kind() == ErrorKind::Unsupported => Change::EnsureTopic(topic.name.clone()),
-            Err(e) => return Err(e),
-        });
+        changes.push(plan_topic(driver, &topic.name).await?);
         let subscriptions: Vec<&SubscriptionSpec> =
             specs.iter().filter(|s| s.topic == topic.name).collect();
         shared_settings_agree(bus, &topic.name, &subscriptions).await?;
@@ -461,6 +519,19 @@ pub async fn apply(bus: &Bus, plan: &Plan) -> Result<usize> {
     for change in &plan.changes {
         match change {
             Change::CreateTopic(t) | Change::EnsureTopic(t) => driver.ensure_topic(t).await?,
+            Change::UpdateTopic { name, differences } => {
+                planning.update_topic(name).await.map_err(|e| {
+                    let settings: Vec<&str> = differences.iter().map(|d| d.setting).collect();
+                    Error::new(
+                        e.kind(),
+                        format!(
+                            "changing {} of topic {name}: {}",
+                            settings.join(", "),
+                            e.message()
+                        ),
+                    )
+                })?
+            }
             Change::CreateSubscription(spec) | Change::EnsureSubscription { spec, .. } => {
                 driver.ensure_subscription(spec).await?
             }
@@ -522,6 +593,43 @@ mod tests {
         assert!(e.message().contains("\"s\""), "{e}");
         assert!(
             serde_json::from_str::<Topology>(r#"{"topics": [{"name": "t", "sub": []}]}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn topic_differences_compare_what_is_declared() {
+        let state = |pairs: &[(&'static str, &str)]| TopicState {
+            settings: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+        };
+        let current = state(&[("partitions", "4"), ("retention.ms", "3600000")]);
+        // Declared: partitions (same), retention (other), cleanup (not held: default).
+        let wanted = state(&[
+            ("partitions", "4"),
+            ("retention.ms", "7200000"),
+            ("cleanup.policy", "compact"),
+        ]);
+        let d = topic_differences(&current, &wanted);
+        let settings: Vec<&str> = d.iter().map(|d| d.setting).collect();
+        assert_eq!(settings, ["cleanup.policy", "retention.ms"]);
+        assert_eq!(
+            (d[0].current.as_str(), d[0].wanted.as_str()),
+            ("default", "compact")
+        );
+        assert_eq!(
+            (d[1].current.as_str(), d[1].wanted.as_str()),
+            ("3600000", "7200000")
+        );
+        // What the connection does not declare is not compared.
+        assert!(topic_differences(&current, &state(&[])).is_empty());
+        let plan = Plan {
+            changes: vec![Change::UpdateTopic {
+                name: "orders".into(),
+                differences: d,
+            }],
+        };
+        assert_eq!(
+            plan.to_string(),
+            "~ topic orders\n    cleanup.policy: default -> compact\n    retention.ms: 3600000 -> 7200000\n1 to apply"
         );
     }
 

@@ -421,6 +421,49 @@ pub trait TopologyPlanning: Send + Sync {
             spec.name, spec.topic
         )))
     }
+    /// `topic`'s settings as the provider holds them (those
+    /// [`desired_topic_state`](Self::desired_topic_state) can name); `None` when
+    /// there is no such topic. `Unsupported` (the default) where topics have no
+    /// settings a plan compares: the plan then asks
+    /// [`topic_exists`](Self::topic_exists).
+    async fn describe_topic(&self, topic: &str) -> Result<Option<TopicState>> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot describe topic {topic:?}"
+        )))
+    }
+    /// The settings this connection declares for `topic` (what `ensure_topic` would
+    /// create it with), those a plan compares with
+    /// [`describe_topic`](Self::describe_topic)'s; a setting it does not declare is
+    /// not compared.
+    fn desired_topic_state(&self, topic: &str) -> Result<TopicState> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot describe topic {topic:?}"
+        )))
+    }
+    /// Changes an existing topic to [`desired_topic_state`](Self::desired_topic_state)
+    /// in place. A setting the provider cannot (or will not) change on an existing
+    /// topic is `Unsupported`, naming it and what to do instead.
+    async fn update_topic(&self, topic: &str) -> Result<()> {
+        Err(crate::error::Error::unsupported(format!(
+            "this provider cannot change topic {topic:?} in place"
+        )))
+    }
+}
+
+/// A topic's settings as its provider holds them, by the provider's names for them
+/// (Kafka: `partitions`, `replication`, `retention.ms`, `cleanup.policy`), each as
+/// text, so that a plan shows and compares them like with like.
+///
+/// ```
+/// use cloudbus_driver::TopicState;
+/// let mut state = TopicState::default();
+/// state.settings.insert("partitions", "4".to_owned());
+/// assert_eq!(state.settings.get("partitions").map(String::as_str), Some("4"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopicState {
+    /// Each setting by name.
+    pub settings: std::collections::BTreeMap<&'static str, String>,
 }
 
 /// A subscription as its provider holds it, in the provider's own terms, so that a

@@ -47,7 +47,7 @@ pub use driver::{
     AckToken, AsAny, BatchResults, BusDriver, CheckpointStore, DeadLetter, DeadLetterDriver,
     DeadLetterSink, OutgoingMessage, PartitionInfo, Payload, PublishOptions, ReadBatch,
     ReceivedMessage, Settlement, StartPosition, StreamDriver, StreamRecord, SubscriptionDriver,
-    SubscriptionSpec, SubscriptionState, TopicDriver, TopologyDriver, TopologyPlanning,
+    SubscriptionSpec, SubscriptionState, TopicDriver, TopicState, TopologyDriver, TopologyPlanning,
 };
 pub use error::{Error, ErrorKind, Missing, Result};
 pub use event::{

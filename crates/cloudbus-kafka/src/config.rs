@@ -64,6 +64,10 @@ pub const EVENTHUBS_MAX_REQUEST_BYTES: usize = 1_046_528;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
 /// The `client.id` unless `?client_id=` says otherwise.
 pub const DEFAULT_CLIENT_ID: &str = "cloudbus";
+/// The topic configs (Kafka's `DescribeConfigs` names) the URL can declare:
+/// `?retention_ms=` and `?cleanup_policy=`.
+pub const TOPIC_CONFIG_NAMES: [&str; 2] = ["retention.ms", "cleanup.policy"];
+
 /// Partitions of the topics topology creates, unless `?partitions=` says otherwise.
 pub const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
 /// The in-process lease of a delivery, unless `?lease_ms=` says otherwise.
@@ -273,6 +277,8 @@ pub struct KafkaConfig {
     client_id: String,
     content_mode: ContentMode,
     topic_partitions: i32,
+    /// Whether the URL set `partitions` (a plan compares it only then).
+    topic_partitions_given: bool,
     topic_replication: i32,
     retention_ms: Option<i64>,
     cleanup_policy: Option<&'static str>,
@@ -362,6 +368,7 @@ impl KafkaConfig {
             client_id: DEFAULT_CLIENT_ID.to_owned(),
             content_mode: ContentMode::Binary,
             topic_partitions: DEFAULT_TOPIC_PARTITIONS,
+            topic_partitions_given: false,
             topic_replication: -1,
             retention_ms: None,
             cleanup_policy: None,
@@ -514,6 +521,7 @@ impl KafkaConfig {
 
         if let Some(partitions) = ranged(params, "kafka", "partitions", 1..=i32::MAX)? {
             self.topic_partitions = partitions;
+            self.topic_partitions_given = true;
         }
         if let Some(replication) = params.parsed::<i32>("replication")? {
             if replication != -1 && replication < 1 {
@@ -675,14 +683,43 @@ impl KafkaConfig {
     /// without value, a tombstone (CloudEvents Kafka binding, 3.2.2), and that
     /// compacted topics refuse records without a key.
     pub fn topic_configs(&self) -> Vec<(String, String)> {
-        let mut configs = Vec::new();
+        self.declared_topic_settings()
+            .into_iter()
+            .filter(|(name, _)| TOPIC_CONFIG_NAMES.contains(name))
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect()
+    }
+
+    /// The topic settings the URL declares, as a topology plan compares them with a
+    /// topic's (Kafka's names): `partitions` when `?partitions=` is given,
+    /// `replication` when `?replication=` is at least 1, and the topic configs of
+    /// [`topic_configs`](Self::topic_configs). What the URL leaves to the broker is
+    /// not compared.
+    ///
+    /// ```
+    /// use cloudbus_kafka::KafkaConfig;
+    /// let c = KafkaConfig::from_url("kafka://127.0.0.1:9092?partitions=6&retention_ms=3600000").unwrap();
+    /// assert_eq!(
+    ///     c.declared_topic_settings(),
+    ///     [("partitions", "6".to_owned()), ("retention.ms", "3600000".to_owned())]
+    /// );
+    /// assert!(KafkaConfig::from_url("kafka://127.0.0.1:9092").unwrap().declared_topic_settings().is_empty());
+    /// ```
+    pub fn declared_topic_settings(&self) -> Vec<(&'static str, String)> {
+        let mut settings = Vec::new();
+        if self.topic_partitions_given {
+            settings.push(("partitions", self.topic_partitions.to_string()));
+        }
+        if self.topic_replication >= 1 {
+            settings.push(("replication", self.topic_replication.to_string()));
+        }
         if let Some(ms) = self.retention_ms {
-            configs.push(("retention.ms".to_owned(), ms.to_string()));
+            settings.push(("retention.ms", ms.to_string()));
         }
         if let Some(policy) = self.cleanup_policy {
-            configs.push(("cleanup.policy".to_owned(), policy.to_owned()));
+            settings.push(("cleanup.policy", policy.to_owned()));
         }
-        configs
+        settings
     }
 
     /// `?max_delivery_attempts=N`: the default for subscriptions this process did not

@@ -52,6 +52,12 @@ pub(crate) fn client_config(settings: Vec<(String, String)>) -> ClientConfig {
     config
 }
 
+/// A topic's partitions and replication factor (the most replicas of a partition).
+pub(crate) struct TopicLayout {
+    pub(crate) partitions: usize,
+    pub(crate) replication: usize,
+}
+
 /// What every entity of one connection shares.
 pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
@@ -133,6 +139,12 @@ impl Shared {
 
     /// The partition count of `topic`, or NotFound.
     pub(crate) async fn partition_count(self: &Arc<Self>, topic: &str) -> Result<usize> {
+        Ok(self.layout(topic).await?.partitions)
+    }
+
+    /// `topic`'s partitions and replication factor as the metadata has them, or
+    /// NotFound.
+    pub(crate) async fn layout(self: &Arc<Self>, topic: &str) -> Result<TopicLayout> {
         let shared = Arc::clone(self);
         let name = topic.to_owned();
         blocking(move || {
@@ -157,7 +169,15 @@ impl Shared {
                     "Kafka topic {name:?} does not exist"
                 )));
             }
-            Ok(t.partitions().len())
+            Ok(TopicLayout {
+                partitions: t.partitions().len(),
+                replication: t
+                    .partitions()
+                    .iter()
+                    .map(|p| p.replicas().len())
+                    .max()
+                    .unwrap_or(0),
+            })
         })
         .await
     }

@@ -32,6 +32,7 @@ mod connection;
 mod dead_letters;
 mod error;
 mod headers;
+mod incremental_configs;
 mod producer;
 mod received;
 mod stream;

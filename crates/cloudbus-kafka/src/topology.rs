@@ -23,14 +23,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cloudbus_driver::{
-    Error, ErrorKind, Result, SubscriptionSpec, SubscriptionState, TopologyDriver, TopologyPlanning,
+    Error, ErrorKind, Result, SubscriptionSpec, SubscriptionState, TopicState, TopologyDriver,
+    TopologyPlanning,
 };
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::config::TOPIC_CONFIG_NAMES;
 use crate::connection::{
     METADATA_TIMEOUT, Shared, blocking, client_config, dead_letter_group, dead_letter_topic,
     retry_topic,
@@ -344,6 +346,130 @@ impl TopologyPlanning for KafkaTopology {
     /// use the new settings; one already open keeps those it opened with.
     async fn update_subscription(&self, spec: &SubscriptionSpec) -> Result<()> {
         self.ensure_subscription(spec).await
+    }
+
+    /// The topic's `partitions` and `replication` from the metadata, and, where the
+    /// URL declares them and the broker has the admin API (not Event Hubs), its
+    /// `retention.ms` and `cleanup.policy` from `DescribeConfigs` (a config the
+    /// broker does not report is left out: the plan shows it as `default`).
+    async fn describe_topic(&self, topic: &str) -> Result<Option<TopicState>> {
+        let layout = match self.shared.layout(topic).await {
+            Ok(layout) => layout,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut state = TopicState::default();
+        state
+            .settings
+            .insert("partitions", layout.partitions.to_string());
+        state
+            .settings
+            .insert("replication", layout.replication.to_string());
+        let declared = self.shared.config.declared_topic_settings();
+        let configs_declared = declared
+            .iter()
+            .any(|(name, _)| TOPIC_CONFIG_NAMES.contains(name));
+        if configs_declared && self.shared.config.admin_api() {
+            let admin = self.admin()?;
+            let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
+            let described = admin
+                .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+                .await
+                .map_err(|e| kafka_error(e, &format!("describe the configs of topic {topic:?}")))?;
+            for resource in described {
+                let resource = resource.map_err(|code| {
+                    Error::new(
+                        crate::error::kind_of_code(code),
+                        format!("describe the configs of topic {topic:?}: {code}"),
+                    )
+                })?;
+                for name in TOPIC_CONFIG_NAMES {
+                    if let Some(value) = resource.get(name).and_then(|e| e.value.clone()) {
+                        state.settings.insert(name, value);
+                    }
+                }
+            }
+        }
+        Ok(Some(state))
+    }
+
+    /// What the URL declares ([`KafkaConfig::declared_topic_settings`]).
+    fn desired_topic_state(&self, _topic: &str) -> Result<TopicState> {
+        Ok(TopicState {
+            settings: self
+                .shared
+                .config
+                .declared_topic_settings()
+                .into_iter()
+                .collect(),
+        })
+    }
+
+    /// Sets the declared `retention.ms` and `cleanup.policy` that differ
+    /// (`IncrementalAlterConfigs`: the topic's other configs stay). Partitions and
+    /// replication are not changed, and nothing is when they differ: `Unsupported`,
+    /// saying what to do. Kafka cannot take partitions away, and adding some moves
+    /// keys to other partitions (a key's order breaks across the change, and its
+    /// consumers see it), which is for an operator to decide with the consumers
+    /// drained; replication is changed by reassigning partitions.
+    async fn update_topic(&self, topic: &str) -> Result<()> {
+        let current = self
+            .describe_topic(topic)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("Kafka topic {topic:?} does not exist")))?;
+        let wanted = self.desired_topic_state(topic)?;
+        let differ = |name: &str| {
+            wanted
+                .settings
+                .get(name)
+                .is_some_and(|w| current.settings.get(name) != Some(w))
+        };
+        if differ("partitions") {
+            return Err(Error::unsupported(format!(
+                "Kafka topic {topic:?} has {} partitions, the URL declares {}: cloudbus does not change a topic's partitions (Kafka cannot take partitions away, and adding some moves keys to other partitions, breaking their order across the change); with its consumers drained, run `kafka-topics.sh --alter --topic {topic} --partitions N`, or declare the count the topic has",
+                current
+                    .settings
+                    .get("partitions")
+                    .map_or("?", String::as_str),
+                wanted
+                    .settings
+                    .get("partitions")
+                    .map_or("?", String::as_str),
+            )));
+        }
+        if differ("replication") {
+            return Err(Error::unsupported(format!(
+                "Kafka topic {topic:?} has replication {}, the URL declares {}: cloudbus does not reassign partitions (use `kafka-reassign-partitions.sh`), or declare the factor the topic has",
+                current
+                    .settings
+                    .get("replication")
+                    .map_or("?", String::as_str),
+                wanted
+                    .settings
+                    .get("replication")
+                    .map_or("?", String::as_str),
+            )));
+        }
+        let configs: Vec<(&str, String)> = TOPIC_CONFIG_NAMES
+            .into_iter()
+            .filter(|name| differ(name))
+            .filter_map(|name| wanted.settings.get(name).map(|v| (name, v.clone())))
+            .collect();
+        if configs.is_empty() {
+            return Ok(());
+        }
+        if !self.shared.config.admin_api() {
+            return Err(Error::unsupported(format!(
+                "Event Hubs has no Kafka admin API: change the retention of event hub {topic:?} in the portal, the CLI or a template"
+            )));
+        }
+        let admin = self.admin()?;
+        let name = topic.to_owned();
+        blocking(move || {
+            let pairs: Vec<(&str, &str)> = configs.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            crate::incremental_configs::set_topic_configs(&admin, &name, &pairs, METADATA_TIMEOUT)
+        })
+        .await
     }
 }
 

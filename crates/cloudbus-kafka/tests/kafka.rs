@@ -568,6 +568,46 @@ mod mock_cluster {
         cluster.broker_up(1).expect("broker up");
     }
 
+    /// A plan that cannot read a declared topic config (the mock cluster has no
+    /// DescribeConfigs) fails naming it, rather than calling the topic unchanged; a
+    /// URL that declares only partitions is planned from the metadata alone, which
+    /// every broker has.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plan_that_cannot_read_a_declared_config_fails() {
+        use cloudbus_core::topology::{self, Change, Topology};
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let topic = common::unique("no-configs");
+        cluster.create_topic(&topic, 2, 1).expect("a mock topic");
+        let declared: Topology =
+            serde_json::from_value(serde_json::json!({"topics": [{"name": topic}]}))
+                .expect("a topology");
+        let bus = common::bus(&bootstrap, "partitions=2")
+            .await
+            .expect("a bus");
+        let plan = topology::plan(&bus, &declared).await.expect("a plan");
+        assert_eq!(
+            plan.changes,
+            [Change::TopicUnchanged(topic.clone())],
+            "{plan}"
+        );
+        let bus = common::bus(&bootstrap, "partitions=2&retention_ms=60000")
+            .await
+            .expect("a bus");
+        let failed = topology::plan(&bus, &declared)
+            .await
+            .expect_err("the retention cannot be read");
+        assert!(
+            failed.message().contains("describe the configs"),
+            "{failed}"
+        );
+        assert_ne!(
+            failed.kind(),
+            cloudbus_core::ErrorKind::Unsupported,
+            "{failed}"
+        );
+    }
+
     /// With every broker down a receive fails (Unavailable) rather than returning
     /// empty batches as if nothing were published; once the broker is back the
     /// consumer reads again.
@@ -1012,6 +1052,102 @@ mod tansu {
         );
         back.ack().await.expect("acked");
         assert!(dlq.peek(10).await.expect("peek").is_empty());
+    }
+
+    /// A plan describes a Kafka topic's settings the URL declares: partitions,
+    /// replication, `retention.ms`, `cleanup.policy`. The same URL plans no change;
+    /// another retention plans `~ topic` with the old and new values, which apply
+    /// sets (IncrementalAlterConfigs, so the topic's cleanup policy stays) and the
+    /// next plan finds; other partitions plan a change that apply refuses
+    /// (`Unsupported`, naming the setting) without changing the retention with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn topology_plan_compares_the_topic_settings_the_url_declares() {
+        use cloudbus_core::topology::{self, Change, Difference, Topology};
+        let Some(bootstrap) = common::bootstrap() else {
+            return;
+        };
+        let topic = common::unique("topic-settings");
+        let declared: Topology =
+            serde_json::from_value(serde_json::json!({"topics": [{"name": topic}]}))
+                .expect("a topology");
+        let made = common::bus(
+            &bootstrap,
+            "partitions=2&replication=1&retention_ms=3600000&cleanup_policy=delete",
+        )
+        .await
+        .expect("a bus");
+        let plan = topology::plan(&made, &declared).await.expect("a plan");
+        assert_eq!(plan.changes, [Change::CreateTopic(topic.clone())], "{plan}");
+        topology::apply(&made, &plan).await.expect("applied");
+        let plan = topology::plan(&made, &declared).await.expect("a plan");
+        assert_eq!(
+            plan.changes,
+            [Change::TopicUnchanged(topic.clone())],
+            "{plan}"
+        );
+
+        // Another retention: planned, applied, then found.
+        let longer = common::bus(&bootstrap, "partitions=2&retention_ms=7200000")
+            .await
+            .expect("a bus");
+        let plan = topology::plan(&longer, &declared).await.expect("a plan");
+        assert_eq!(
+            plan.changes,
+            [Change::UpdateTopic {
+                name: topic.clone(),
+                differences: vec![Difference {
+                    setting: "retention.ms",
+                    current: "3600000".into(),
+                    wanted: "7200000".into(),
+                }],
+            }],
+            "{plan}"
+        );
+        assert!(
+            plan.to_string()
+                .contains("retention.ms: 3600000 -> 7200000"),
+            "{plan}"
+        );
+        assert_eq!(topology::apply(&longer, &plan).await.expect("applied"), 1);
+        let plan = topology::plan(&longer, &declared).await.expect("a plan");
+        assert_eq!(
+            plan.changes,
+            [Change::TopicUnchanged(topic.clone())],
+            "{plan}"
+        );
+        // The cleanup policy set at creation is still there.
+        let plan = topology::plan(&made, &declared).await.expect("a plan");
+        let Change::UpdateTopic { differences, .. } = &plan.changes[0] else {
+            panic!("the first URL's retention differs now: {plan}");
+        };
+        let settings: Vec<&str> = differences.iter().map(|d| d.setting).collect();
+        assert_eq!(settings, ["retention.ms"], "{plan}");
+
+        // Other partitions: planned, refused by apply, nothing changed.
+        let wider = common::bus(&bootstrap, "partitions=4&retention_ms=60000")
+            .await
+            .expect("a bus");
+        let plan = topology::plan(&wider, &declared).await.expect("a plan");
+        let Change::UpdateTopic { differences, .. } = &plan.changes[0] else {
+            panic!("partitions and retention differ: {plan}");
+        };
+        let settings: Vec<&str> = differences.iter().map(|d| d.setting).collect();
+        assert_eq!(settings, ["partitions", "retention.ms"], "{plan}");
+        let refused = topology::apply(&wider, &plan)
+            .await
+            .expect_err("partitions are not changed");
+        assert_eq!(
+            refused.kind(),
+            cloudbus_core::ErrorKind::Unsupported,
+            "{refused}"
+        );
+        assert!(refused.message().contains("partitions"), "{refused}");
+        let plan = topology::plan(&longer, &declared).await.expect("a plan");
+        assert_eq!(
+            plan.changes,
+            [Change::TopicUnchanged(topic.clone())],
+            "the retention is unchanged: {plan}"
+        );
     }
 
     /// `cloudbus topology plan` on Kafka (`cloudbus_core::topology::plan`, what the
