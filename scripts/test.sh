@@ -169,6 +169,13 @@ if [[ "${CLOUDBUS_TEST_NETNS:-}" != inside ]]; then
         install_step "libcurl's headers (Debian's libcurl4-openssl-dev)" bash -c \
             'export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q libcurl4-openssl-dev >&2 ||
              { apt-get update -q >&2 && apt-get install -y -q libcurl4-openssl-dev >&2; }'
+        # A librdkafka built before the headers were here (a reused target
+        # directory) was configured without OIDC, and cargo does not run its build
+        # again for a system header: build it again (only if the headers came).
+        if pkg-config --exists libcurl; then
+            cargo clean -q -p rdkafka-sys
+            cargo clean -q -p rdkafka-sys --release
+        fi
     fi
     # promtool for the tests of deploy/prometheus (tests/deploy.rs).
     if [[ -z "${PROMTOOL:-}" ]]; then

@@ -182,6 +182,7 @@ pub struct Difference {
 
 /// What the plan does for one topic or subscription.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum Change {
     /// The topic is missing: create it.
     CreateTopic(String),

@@ -52,7 +52,7 @@ pub(crate) fn client_config(settings: Vec<(String, String)>) -> ClientConfig {
     config
 }
 
-/// A topic's partitions and replication factor (the most replicas of a partition).
+/// A topic's partitions and replication factor (the fewest replicas of a partition).
 pub(crate) struct TopicLayout {
     pub(crate) partitions: usize,
     pub(crate) replication: usize,
@@ -147,39 +147,45 @@ impl Shared {
     pub(crate) async fn layout(self: &Arc<Self>, topic: &str) -> Result<TopicLayout> {
         let shared = Arc::clone(self);
         let name = topic.to_owned();
-        blocking(move || {
-            let metadata = shared
-                .metadata
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-                .map_err(|e| kafka_error(e, &format!("read the metadata of topic {name:?}")))?;
-            let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
-                return Err(Error::not_found(format!(
-                    "Kafka topic {name:?} does not exist"
-                )));
-            };
-            if let Some(e) = t.error() {
-                let code = rdkafka::error::RDKafkaErrorCode::from(e);
-                return Err(Error::new(
-                    crate::error::kind_of_code(code),
-                    format!("Kafka topic {name:?}: {code}"),
-                ));
-            }
-            if t.partitions().is_empty() {
-                return Err(Error::not_found(format!(
-                    "Kafka topic {name:?} does not exist"
-                )));
-            }
-            Ok(TopicLayout {
-                partitions: t.partitions().len(),
-                replication: t
-                    .partitions()
-                    .iter()
-                    .map(|p| p.replicas().len())
-                    .max()
-                    .unwrap_or(0),
-            })
+        blocking(move || shared.read_layout(&name, METADATA_TIMEOUT)).await
+    }
+
+    /// [`layout`](Self::layout), blocking up to `timeout`: a topic the metadata does
+    /// not list, or lists with no partitions, is NotFound; one it lists with an
+    /// error (rights refused, a leader missing) is that error.
+    pub(crate) fn read_layout(&self, name: &str, timeout: Duration) -> Result<TopicLayout> {
+        let metadata = self
+            .metadata
+            .fetch_metadata(Some(name), timeout)
+            .map_err(|e| kafka_error(e, &format!("read the metadata of topic {name:?}")))?;
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
+            return Err(Error::not_found(format!(
+                "Kafka topic {name:?} does not exist"
+            )));
+        };
+        if let Some(e) = t.error() {
+            let code = rdkafka::error::RDKafkaErrorCode::from(e);
+            return Err(Error::new(
+                crate::error::kind_of_code(code),
+                format!("Kafka topic {name:?}: {code}"),
+            ));
+        }
+        if t.partitions().is_empty() {
+            return Err(Error::not_found(format!(
+                "Kafka topic {name:?} does not exist"
+            )));
+        }
+        Ok(TopicLayout {
+            partitions: t.partitions().len(),
+            // The fewest replicas of a partition: a partition being reassigned lists
+            // its old and new replicas together for a while.
+            replication: t
+                .partitions()
+                .iter()
+                .map(|p| p.replicas().len())
+                .min()
+                .unwrap_or(0),
         })
-        .await
     }
 }
 

@@ -29,10 +29,11 @@ pub(crate) fn kind_of_code(code: RDKafkaErrorCode) -> ErrorKind {
         | C::InvalidPartitions
         | C::InvalidReplicationFactor
         | C::PolicyViolation
-        | C::UnsupportedVersion
         | C::InvalidRecord
         | C::InvalidMessageSize
         | C::InvalidMessage => ErrorKind::InvalidArgument,
+        // A call the broker does not have: asking again does not help.
+        C::UnsupportedFeature | C::UnsupportedVersion => ErrorKind::Unsupported,
         C::Fatal | C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch => ErrorKind::Internal,
         // Leaders moving, brokers down, coordinators loading, rebalances, transport
         // errors: what librdkafka reports as retriable, and what the idempotent

@@ -27,10 +27,33 @@ use crate::received::Received;
 /// How long a read waits for its first record.
 const READ_WAIT: Duration = Duration::from_millis(200);
 
-/// One partition's reader and the offset it reads next.
+/// How long a partition's reader is kept unused before it is closed: a reader is a
+/// librdkafka client (its threads, its connections), and a partition this process
+/// stopped reading (another member of the group holds it now) needs none.
+const READER_IDLE: Duration = Duration::from_secs(120);
+
+/// One partition's reader, the offset it reads next, and when it last read.
 struct PartitionReader {
     consumer: BaseConsumer,
     next: i64,
+    used: Instant,
+}
+
+/// Takes the readers unused since `idle` before `now` out of `readers`.
+fn idle_readers(
+    readers: &mut HashMap<i32, PartitionReader>,
+    now: Instant,
+    idle: Duration,
+) -> Vec<PartitionReader> {
+    let stale: Vec<i32> = readers
+        .iter()
+        .filter(|(_, r)| now.saturating_duration_since(r.used) >= idle)
+        .map(|(p, _)| *p)
+        .collect();
+    stale
+        .into_iter()
+        .filter_map(|p| readers.remove(&p))
+        .collect()
 }
 
 /// Reads one topic's partitions.
@@ -84,6 +107,17 @@ fn offset_of(sequence: &str) -> Result<i64> {
     sequence
         .parse()
         .map_err(|_| Error::invalid(format!("{sequence:?} is not a Kafka offset")))
+}
+
+impl Drop for KafkaStream {
+    /// The readers are closed off the async threads (closing a librdkafka client
+    /// waits for its threads and, with the brokers gone, for its requests).
+    fn drop(&mut self) {
+        let readers = std::mem::take(&mut *self.readers.lock().unwrap_or_else(|p| p.into_inner()));
+        if !readers.is_empty() {
+            let _ = crate::connection::drop_in_background(readers);
+        }
+    }
 }
 
 impl KafkaStream {
@@ -183,6 +217,7 @@ impl StreamDriver for KafkaStream {
                         .create()
                         .map_err(|e| kafka_error(e, "create a Kafka stream reader"))?,
                     next: -1,
+                    used: Instant::now(),
                 },
             };
             if reader.next != offset {
@@ -224,10 +259,19 @@ impl StreamDriver for KafkaStream {
                 .fetch_watermarks(&topic, partition, METADATA_TIMEOUT)
                 .map(|(_, h)| h)
                 .ok();
-            readers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(partition, reader);
+            reader.used = Instant::now();
+            let mut idle = {
+                let mut readers = readers.lock().unwrap_or_else(|p| p.into_inner());
+                let displaced = readers.insert(partition, reader);
+                let mut idle = idle_readers(&mut readers, Instant::now(), READER_IDLE);
+                idle.extend(displaced);
+                idle
+            };
+            // Closing a client waits for its threads: off this read, on a thread of
+            // its own.
+            if !idle.is_empty() {
+                let _ = crate::connection::drop_in_background(std::mem::take(&mut idle));
+            }
             Ok((out, high))
         })
         .await?;
@@ -264,5 +308,38 @@ impl StreamDriver for KafkaStream {
             next: Some(cursor_of(partition, next, not_before)),
             behind,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(used: Instant) -> PartitionReader {
+        PartitionReader {
+            consumer: rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", "127.0.0.1:1")
+                .set("group.id", "cloudbus-stream-reader")
+                .create()
+                .expect("a reader"),
+            next: 0,
+            used,
+        }
+    }
+
+    /// Readers of partitions not read for `READER_IDLE` are closed (they were kept
+    /// for the stream's life before: a librdkafka client each, its threads too);
+    /// those in use stay.
+    #[test]
+    fn idle_readers_are_taken_out_and_busy_ones_stay() {
+        let then = Instant::now();
+        let now = then + READER_IDLE + Duration::from_secs(1);
+        let mut readers = HashMap::new();
+        readers.insert(0, reader(then));
+        readers.insert(1, reader(now));
+        let idle = idle_readers(&mut readers, now, READER_IDLE);
+        assert_eq!(idle.len(), 1);
+        assert_eq!(readers.keys().copied().collect::<Vec<_>>(), [1]);
+        assert!(idle_readers(&mut readers, now, READER_IDLE).is_empty());
     }
 }

@@ -937,8 +937,8 @@ impl SubscriptionDriver for KafkaSubscription {
     /// record counts until it is acked and its offset committed: deliveries in
     /// flight count, and so does a record acked while an earlier one of its partition
     /// is not (the committed offset waits for that one). `None` when the broker could
-    /// not tell within 5 s (a metadata, offset or watermark request failed or was
-    /// slow) or the consumer is closed. On tansu the watermarks count record batches,
+    /// not tell within 1.5 s (a request failed or was slow, a topic is gone or
+    /// refused) or the consumer is closed. On tansu the watermarks count record batches,
     /// not records, so its depth there is not a record count.
     async fn queue_depth(&self) -> Option<u64> {
         if self.closed.load(Ordering::Acquire) {
@@ -1025,14 +1025,14 @@ impl Drop for KafkaSubscription {
 }
 
 /// How long reading a subscription's depth may take in all (its requests share it):
-/// a read cancelled by the worker's timeout still runs on its blocking thread, and
-/// with the brokers gone each request would wait its own timeout.
-const DEPTH_PATIENCE: Duration = Duration::from_secs(5);
+/// under the worker's 2 s wait for it, and a read the worker stopped waiting for
+/// still runs on its blocking thread, at most this long.
+const DEPTH_PATIENCE: Duration = Duration::from_millis(1500);
 
 /// Records of `topics` that the group of `consumer` has not committed past: see
-/// [`KafkaSubscription::queue_depth`]. Blocking: a metadata request per topic, an
-/// offset fetch from the group's coordinator, and a watermark request per partition,
-/// all within [`DEPTH_PATIENCE`].
+/// [`KafkaSubscription::queue_depth`]. Blocking, within [`DEPTH_PATIENCE`]: a metadata
+/// request per topic, an offset fetch from the group's coordinator, and the
+/// partitions' first and next offsets (two ListOffsets per partition leader).
 fn group_lag(
     shared: &Shared,
     consumer: &StreamConsumer<Context>,
@@ -1052,35 +1052,52 @@ fn group_lag(
     };
     let mut wanted = TopicPartitionList::new();
     for topic in topics {
-        let metadata = shared
-            .metadata
-            .fetch_metadata(Some(topic), left()?)
-            .map_err(|e| kafka_error(e, &format!("read the metadata of topic {topic:?}")))?;
-        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-            for p in t.partitions() {
-                wanted.add_partition(topic, p.id());
-            }
+        // A topic gone or refused is an error, not a depth of 0.
+        let layout = shared.read_layout(topic, left()?)?;
+        for p in 0..i32::try_from(layout.partitions).unwrap_or(i32::MAX) {
+            wanted.add_partition(topic, p);
         }
     }
-    let committed = consumer
-        .committed_offsets(wanted, left()?)
-        .map_err(|e| kafka_error(e, "read the committed offsets of the group"))?;
-    let mut depth = 0u64;
-    for e in committed.elements() {
-        let (low, high) = shared
+    // Kafka's ListOffsets reads a partition's end at time -1 and its start at -2.
+    let at = |time: Offset| -> Result<TopicPartitionList> {
+        let mut asked = TopicPartitionList::new();
+        for e in wanted.elements() {
+            let _ = asked.add_partition_offset(e.topic(), e.partition(), time);
+        }
+        shared
             .metadata
-            .fetch_watermarks(e.topic(), e.partition(), left()?)
-            .map_err(|err| {
-                kafka_error(
-                    err,
-                    &format!("read the watermarks of {:?}/{}", e.topic(), e.partition()),
-                )
-            })?;
-        let from = match e.offset() {
-            Offset::Offset(o) => o.max(low),
-            _ => low,
+            .offsets_for_times(asked, left()?)
+            .map_err(|e| kafka_error(e, "read the partitions' offsets"))
+    };
+    let (ends, starts) = (at(Offset::End)?, at(Offset::Beginning)?);
+    let committed = consumer
+        .committed_offsets(wanted.clone(), left()?)
+        .map_err(|e| kafka_error(e, "read the committed offsets of the group"))?;
+    let offset_in = |list: &TopicPartitionList, topic: &str, partition: i32| match list
+        .find_partition(topic, partition)
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(o)) => Ok(o),
+        other => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!("no offset of {topic:?}/{partition} in the broker's answer ({other:?})"),
+        )),
+    };
+    let mut depth = 0u64;
+    for e in wanted.elements() {
+        let (topic, partition) = (e.topic(), e.partition());
+        let (start, end) = (
+            offset_in(&starts, topic, partition)?,
+            offset_in(&ends, topic, partition)?,
+        );
+        let from = match committed
+            .find_partition(topic, partition)
+            .map(|c| c.offset())
+        {
+            Some(Offset::Offset(o)) => o.max(start),
+            _ => start,
         };
-        depth = depth.saturating_add(u64::try_from(high.saturating_sub(from)).unwrap_or(0));
+        depth = depth.saturating_add(u64::try_from(end.saturating_sub(from)).unwrap_or(0));
     }
     Ok(depth)
 }

@@ -35,7 +35,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::TOPIC_CONFIG_NAMES;
 use crate::connection::{
     METADATA_TIMEOUT, Shared, blocking, client_config, dead_letter_group, dead_letter_topic,
-    retry_topic,
+    drop_in_background, retry_topic,
 };
 use crate::error::kafka_error;
 
@@ -374,15 +374,35 @@ impl TopologyPlanning for KafkaTopology {
             let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
             let described = admin
                 .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
-                .await
-                .map_err(|e| kafka_error(e, &format!("describe the configs of topic {topic:?}")))?;
+                .await;
+            // Dropping a client joins its threads: not on an async thread.
+            let _ = drop_in_background(admin);
+            // A broker without DescribeConfigs cannot tell what the URL declares: the
+            // plan fails naming it (an `Unsupported` here would have the plan call
+            // the topic unchanged).
+            let cannot_tell = |e: Error| {
+                if e.kind() == ErrorKind::Unsupported {
+                    Error::invalid(format!(
+                        "the URL declares {:?} for topic {topic:?}, but the broker cannot describe topic configs: {}",
+                        TOPIC_CONFIG_NAMES,
+                        e.message()
+                    ))
+                } else {
+                    e
+                }
+            };
+            let described = described
+                .map_err(|e| kafka_error(e, &format!("describe the configs of topic {topic:?}")))
+                .map_err(cannot_tell)?;
             for resource in described {
-                let resource = resource.map_err(|code| {
-                    Error::new(
-                        crate::error::kind_of_code(code),
-                        format!("describe the configs of topic {topic:?}: {code}"),
-                    )
-                })?;
+                let resource = resource
+                    .map_err(|code| {
+                        Error::new(
+                            crate::error::kind_of_code(code),
+                            format!("describe the configs of topic {topic:?}: {code}"),
+                        )
+                    })
+                    .map_err(cannot_tell)?;
                 for name in TOPIC_CONFIG_NAMES {
                     if let Some(value) = resource.get(name).and_then(|e| e.value.clone()) {
                         state.settings.insert(name, value);
@@ -407,8 +427,8 @@ impl TopologyPlanning for KafkaTopology {
 
     /// Sets the declared `retention.ms` and `cleanup.policy` that differ
     /// (`IncrementalAlterConfigs`: the topic's other configs stay). Partitions and
-    /// replication are not changed, and nothing is when they differ: `Unsupported`,
-    /// saying what to do. Kafka cannot take partitions away, and adding some moves
+    /// replication are not changed: when they differ, the configs are set and then
+    /// the answer is `Unsupported`, saying what to do. Kafka cannot take partitions away, and adding some moves
     /// keys to other partitions (a key's order breaks across the change, and its
     /// consumers see it), which is for an operator to decide with the consumers
     /// drained; replication is changed by reassigning partitions.
@@ -424,6 +444,32 @@ impl TopologyPlanning for KafkaTopology {
                 .get(name)
                 .is_some_and(|w| current.settings.get(name) != Some(w))
         };
+        let configs: Vec<(&str, String)> = TOPIC_CONFIG_NAMES
+            .into_iter()
+            .filter(|name| differ(name))
+            .filter_map(|name| wanted.settings.get(name).map(|v| (name, v.clone())))
+            .collect();
+        if !configs.is_empty() {
+            if !self.shared.config.admin_api() {
+                return Err(Error::unsupported(format!(
+                    "Event Hubs has no Kafka admin API: change the retention of event hub {topic:?} in the portal, the CLI or a template"
+                )));
+            }
+            let admin = self.admin()?;
+            let name = topic.to_owned();
+            blocking(move || {
+                let pairs: Vec<(&str, &str)> =
+                    configs.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                crate::incremental_configs::set_topic_configs(
+                    &admin,
+                    &name,
+                    &pairs,
+                    METADATA_TIMEOUT,
+                )
+            })
+            .await?;
+        }
+        // Then what apply does not change (the configs above are set all the same).
         if differ("partitions") {
             return Err(Error::unsupported(format!(
                 "Kafka topic {topic:?} has {} partitions, the URL declares {}: cloudbus does not change a topic's partitions (Kafka cannot take partitions away, and adding some moves keys to other partitions, breaking their order across the change); with its consumers drained, run `kafka-topics.sh --alter --topic {topic} --partitions N`, or declare the count the topic has",
@@ -450,26 +496,7 @@ impl TopologyPlanning for KafkaTopology {
                     .map_or("?", String::as_str),
             )));
         }
-        let configs: Vec<(&str, String)> = TOPIC_CONFIG_NAMES
-            .into_iter()
-            .filter(|name| differ(name))
-            .filter_map(|name| wanted.settings.get(name).map(|v| (name, v.clone())))
-            .collect();
-        if configs.is_empty() {
-            return Ok(());
-        }
-        if !self.shared.config.admin_api() {
-            return Err(Error::unsupported(format!(
-                "Event Hubs has no Kafka admin API: change the retention of event hub {topic:?} in the portal, the CLI or a template"
-            )));
-        }
-        let admin = self.admin()?;
-        let name = topic.to_owned();
-        blocking(move || {
-            let pairs: Vec<(&str, &str)> = configs.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            crate::incremental_configs::set_topic_configs(&admin, &name, &pairs, METADATA_TIMEOUT)
-        })
-        .await
+        Ok(())
     }
 }
 
