@@ -509,6 +509,19 @@ async fn shared_settings_agree(bus: &Bus, topic: &str, subs: &[&SubscriptionSpec
     }
 }
 
+/// `e`, the failure of changing `differences` of `what`, saying which settings.
+fn changing(e: Error, differences: &[Difference], what: &str) -> Error {
+    let settings: Vec<&str> = differences.iter().map(|d| d.setting).collect();
+    Error::new(
+        e.kind(),
+        format!(
+            "changing {} of {what}: {}",
+            settings.join(", "),
+            e.message()
+        ),
+    )
+}
+
 /// Makes the provider hold what `plan` was made for: creates what is missing,
 /// changes what differs, ensures what could not be described. Stops at the first
 /// failure (a setting the provider cannot change in place is `Unsupported`, naming
@@ -520,34 +533,19 @@ pub async fn apply(bus: &Bus, plan: &Plan) -> Result<usize> {
     for change in &plan.changes {
         match change {
             Change::CreateTopic(t) | Change::EnsureTopic(t) => driver.ensure_topic(t).await?,
-            Change::UpdateTopic { name, differences } => {
-                planning.update_topic(name).await.map_err(|e| {
-                    let settings: Vec<&str> = differences.iter().map(|d| d.setting).collect();
-                    Error::new(
-                        e.kind(),
-                        format!(
-                            "changing {} of topic {name}: {}",
-                            settings.join(", "),
-                            e.message()
-                        ),
-                    )
-                })?
-            }
+            Change::UpdateTopic { name, differences } => planning
+                .update_topic(name)
+                .await
+                .map_err(|e| changing(e, differences, &format!("topic {name}")))?,
             Change::CreateSubscription(spec) | Change::EnsureSubscription { spec, .. } => {
                 driver.ensure_subscription(spec).await?
             }
             Change::UpdateSubscription { spec, differences } => {
                 planning.update_subscription(spec).await.map_err(|e| {
-                    let settings: Vec<&str> = differences.iter().map(|d| d.setting).collect();
-                    Error::new(
-                        e.kind(),
-                        format!(
-                            "changing {} of subscription {}/{}: {}",
-                            settings.join(", "),
-                            spec.topic,
-                            spec.name,
-                            e.message()
-                        ),
+                    changing(
+                        e,
+                        differences,
+                        &format!("subscription {}/{}", spec.topic, spec.name),
                     )
                 })?
             }

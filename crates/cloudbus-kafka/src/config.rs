@@ -70,6 +70,12 @@ pub const TOPIC_CONFIG_NAMES: [&str; 2] = ["retention.ms", "cleanup.policy"];
 
 /// Partitions of the topics topology creates, unless `?partitions=` says otherwise.
 pub const DEFAULT_TOPIC_PARTITIONS: i32 = 3;
+/// Retried records not due yet that a subscription's consumer holds in memory before
+/// it pauses its retry topic, unless `?retry_hold=` says otherwise.
+pub const DEFAULT_RETRY_HOLD: usize = 10_000;
+/// The most payload bytes of retried records not due yet a subscription's consumer
+/// holds in memory before it pauses its retry topic.
+pub const RETRY_HOLD_BYTES: usize = 64 * 1024 * 1024;
 /// The in-process lease of a delivery, unless `?lease_ms=` says otherwise.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
@@ -94,6 +100,7 @@ const IDEMPOTENT_MAX_IN_FLIGHT: &str = "5";
 /// The parameters of a `kafka://` URL.
 const KAFKA_PARAMS: &[&str] = &[
     "mode",
+    "retry_hold",
     "partitions",
     "replication",
     "retention_ms",
@@ -115,6 +122,7 @@ const KAFKA_PARAMS: &[&str] = &[
 /// admin API for them) and no security choices (always SASL_SSL).
 const EVENTHUBS_PARAMS: &[&str] = &[
     "mode",
+    "retry_hold",
     "max_delivery_attempts",
     "lease_ms",
     "linger_ms",
@@ -288,6 +296,7 @@ pub struct KafkaConfig {
     compression: &'static str,
     max_message_bytes: usize,
     session_timeout_ms: u32,
+    retry_hold: usize,
 }
 
 impl KafkaConfig {
@@ -295,7 +304,8 @@ impl KafkaConfig {
     /// `eventhubs://NAMESPACE.servicebus.windows.net[?params]` / `eventhubs://` (namespace from EVENTHUBS_CONNECTION_STRING's Endpoint).
     ///
     /// Parameters of both: `mode=binary|structured`, `max_delivery_attempts`,
-    /// `lease_ms`, `linger_ms`, `compression`, `max_message_bytes`, `client_id`,
+    /// `lease_ms`, `retry_hold` (retries held in memory before the retry topic is
+    /// paused), `linger_ms`, `compression`, `max_message_bytes`, `client_id`,
     /// `tls_ca` (a CA file for `ssl.ca.location`), `session_timeout_ms`, `oauth_ca` (a CA
     /// file for the OAuth token endpoint, `https.ca.location`; with OAUTHBEARER or
     /// `auth=entra` only, else the system's CAs). Of
@@ -381,6 +391,7 @@ impl KafkaConfig {
                 Flavor::Kafka => KAFKA_SESSION_TIMEOUT_MS,
                 Flavor::EventHubs => EVENTHUBS_SESSION_TIMEOUT_MS,
             },
+            retry_hold: DEFAULT_RETRY_HOLD,
         };
         config.tls_ca = ca_file(&params, "tls_ca", scheme)?;
         config.oauth_ca = ca_file(&params, "oauth_ca", scheme)?;
@@ -605,6 +616,9 @@ impl KafkaConfig {
         if let Some(ms) = ranged(params, scheme, "lease_ms", 1..=u64::MAX)? {
             self.lease = Duration::from_millis(ms);
         }
+        if let Some(n) = ranged(params, scheme, "retry_hold", 1..=1_000_000)? {
+            self.retry_hold = n;
+        }
         if let Some(ms) = ranged(params, scheme, "linger_ms", 0..=900_000)? {
             self.linger_ms = ms;
         }
@@ -731,6 +745,13 @@ impl KafkaConfig {
     /// The in-process lease of a delivery (`?lease_ms=N`, default 30000).
     pub fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// How many retried records not due yet a subscription's consumer holds in
+    /// memory (at most [`RETRY_HOLD_BYTES`] of them) before it pauses its retry
+    /// topic until half are due (`?retry_hold=N`, default 10,000).
+    pub fn retry_hold(&self) -> usize {
+        self.retry_hold
     }
 
     /// How long a consumer group member may go without a heartbeat before the
@@ -1462,6 +1483,13 @@ mod tests {
         assert!(c.topic_configs().is_empty());
         assert_eq!(c.max_delivery_attempts(), None);
         assert_eq!(c.lease(), Duration::from_millis(30_000));
+        assert_eq!(c.retry_hold(), DEFAULT_RETRY_HOLD);
+        assert_eq!(
+            KafkaConfig::from_url("kafka://a:9092?retry_hold=5")
+                .expect("a config")
+                .retry_hold(),
+            5
+        );
         assert!(c.admin_api());
         assert_eq!(c.max_message_bytes(), 1_000_000);
         assert_eq!(
@@ -1639,6 +1667,8 @@ mod tests {
             "cleanup_policy=compact,delete",
             "max_delivery_attempts=0",
             "lease_ms=0",
+            "retry_hold=0",
+            "retry_hold=1000001",
             "linger_ms=900001",
             "compression=brotli",
             "max_message_bytes=10",

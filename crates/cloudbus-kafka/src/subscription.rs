@@ -33,7 +33,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 
 use crate::binding::{self, KafkaRecord};
-use crate::config::FETCH_WAIT;
+use crate::config::{FETCH_WAIT, RETRY_HOLD_BYTES};
 use crate::connection::{
     Shared, client_config, dead_letter_topic, drop_in_background, retry_topic,
 };
@@ -183,8 +183,13 @@ struct State {
     tracks: FxHashMap<Partition, Track>,
     /// Records to deliver again (nacked without delay, lease expired).
     ready: VecDeque<Held>,
-    /// Retried records not due yet.
+    /// Retried records not due yet (at most the URL's `retry_hold` and
+    /// [`RETRY_HOLD_BYTES`]: past either the retry topic is paused).
     delayed: Vec<(chrono::DateTime<Utc>, Held)>,
+    /// The payload bytes in `delayed`.
+    delayed_bytes: usize,
+    /// Whether this member paused its retry topic's partitions (too many held).
+    retry_paused: bool,
 }
 
 impl State {
@@ -249,6 +254,9 @@ impl State {
         self.in_flight.retain(|_, f| !mine(&f.held.received));
         self.ready.retain(|h| !mine(&h.received));
         self.delayed.retain(|(_, h)| !mine(&h.received));
+        self.delayed_bytes = self.delayed.iter().map(|(_, h)| payload_size(h)).sum();
+        // librdkafka forgets a pause with the assignment: the next hold pauses again.
+        self.retry_paused = false;
         for p in &gone {
             self.tracks.remove(p);
         }
@@ -263,6 +271,11 @@ impl State {
         }
         out
     }
+}
+
+/// The payload bytes of a held record.
+fn payload_size(held: &Held) -> usize {
+    held.received.record.payload.as_ref().map_or(0, Vec::len)
 }
 
 /// Commits what a rebalance takes away, and forgets it.
@@ -329,6 +342,8 @@ pub struct KafkaSubscription {
     /// Until when a first receive waits for the group's assignment.
     joined_by: Instant,
     closed: AtomicBool,
+    /// The URL's `retry_hold`.
+    retry_hold: usize,
 }
 
 impl KafkaSubscription {
@@ -346,6 +361,7 @@ impl KafkaSubscription {
                 })
                 .map_err(|e| kafka_error(e, &format!("create the consumer of group {name:?}")))?;
         let spec = shared.spec(topic, name);
+        let retry_hold = shared.config.retry_hold();
         let mover = Arc::new(Mover {
             shared: Arc::clone(&shared),
             state: Arc::clone(&state),
@@ -369,6 +385,7 @@ impl KafkaSubscription {
             assigned: AtomicBool::new(false),
             joined_by: Instant::now() + JOIN_PATIENCE,
             closed: AtomicBool::new(false),
+            retry_hold,
         })
     }
 
@@ -451,7 +468,14 @@ impl KafkaSubscription {
                 && due > now
                 && due <= latest
             {
+                state.delayed_bytes = state.delayed_bytes.saturating_add(payload_size(&held));
                 state.delayed.push((due, held));
+                if !state.retry_paused
+                    && (state.delayed.len() >= self.retry_hold
+                        || state.delayed_bytes >= RETRY_HOLD_BYTES)
+                {
+                    self.pause_retries(state, true);
+                }
                 return None;
             }
             return Some(held);
@@ -462,6 +486,44 @@ impl KafkaSubscription {
         })
     }
 
+    /// Pauses (or resumes) fetching this member's partitions of the retry topic: too
+    /// many retried records not due yet are held (or half of them came due). While
+    /// paused, librdkafka drops what it fetched of them ahead and reads on from the
+    /// first record not taken once resumed, so nothing is skipped; the topic's other
+    /// partitions are read as before. A retry due soon can wait behind held ones
+    /// due later (the records of a partition are read in order).
+    fn pause_retries(&self, state: &mut State, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut retries = TopicPartitionList::new();
+        for e in assignment.elements() {
+            if e.topic() == self.retry_topic {
+                retries.add_partition(e.topic(), e.partition());
+            }
+        }
+        if retries.count() == 0 {
+            return;
+        }
+        let done = if pause {
+            self.consumer.pause(&retries)
+        } else {
+            self.consumer.resume(&retries)
+        };
+        match done {
+            Ok(()) => state.retry_paused = pause,
+            Err(e) => {
+                tracing::warn!(error = %e, pause, topic = %self.retry_topic, "pausing or resuming the retry topic failed; the next receive tries again")
+            }
+        }
+    }
+
+    /// Retried records read and not due yet, held in memory (at most the URL's
+    /// `retry_hold`, then the retry topic is paused until half are due).
+    pub fn held_retries(&self) -> usize {
+        lock(&self.state).delayed.len()
+    }
+
     /// Moves due retries and expired leases to `ready`; returns the records whose
     /// lease expired at their last allowed delivery (to dead-letter).
     fn sweep(&self, state: &mut State) -> Vec<Held> {
@@ -470,10 +532,17 @@ impl KafkaSubscription {
         while i < state.delayed.len() {
             if state.delayed[i].0 <= now {
                 let (_, held) = state.delayed.swap_remove(i);
+                state.delayed_bytes = state.delayed_bytes.saturating_sub(payload_size(&held));
                 state.ready.push_back(held);
             } else {
                 i += 1;
             }
+        }
+        if state.retry_paused
+            && state.delayed.len() <= self.retry_hold / 2
+            && state.delayed_bytes <= RETRY_HOLD_BYTES / 2
+        {
+            self.pause_retries(state, false);
         }
         let instant = Instant::now();
         let expired: Vec<u64> = state

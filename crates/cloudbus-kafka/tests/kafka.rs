@@ -483,6 +483,34 @@ mod mock_cluster {
         drop(idle);
     }
 
+    /// A new topic of `partitions` on `cluster` (named from `prefix`) with its
+    /// subscription "s" (the mock cluster has no CreateTopics: its retry and dlq
+    /// topics are made here), a bus and a consumer of it.
+    async fn subscribed(
+        cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        prefix: &str,
+        partitions: i32,
+    ) -> (String, cloudbus_core::Bus, cloudbus_core::Consumer) {
+        let topic = common::unique(prefix);
+        cluster
+            .create_topic(&topic, partitions, 1)
+            .expect("a mock topic");
+        for t in [
+            cloudbus_kafka::retry_topic(&topic, "s"),
+            cloudbus_kafka::dead_letter_topic(&topic, "s"),
+        ] {
+            cluster.create_topic(&t, 1, 1).expect("a mock topic");
+        }
+        let bus = common::bus(&cluster.bootstrap_servers(), "")
+            .await
+            .expect("a bus");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "s"))
+            .await
+            .expect("the subscription");
+        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        (topic, bus, consumer)
+    }
+
     /// A subscription's queue depth (`event_queue_depth`) is its group's lag: what
     /// was published and not yet acked and committed, deliveries in flight included;
     /// with the broker down it is unknown (`None`), not a hang or a stale number; a
@@ -491,20 +519,7 @@ mod mock_cluster {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queue_depth_is_the_groups_lag() {
         let cluster = MockCluster::new(1).expect("a mock cluster");
-        let bootstrap = cluster.bootstrap_servers();
-        let topic = common::unique("depth");
-        cluster.create_topic(&topic, 2, 1).expect("a mock topic");
-        for t in [
-            cloudbus_kafka::retry_topic(&topic, "s"),
-            cloudbus_kafka::dead_letter_topic(&topic, "s"),
-        ] {
-            cluster.create_topic(&t, 1, 1).expect("a mock topic");
-        }
-        let bus = common::bus(&bootstrap, "").await.expect("a bus");
-        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "s"))
-            .await
-            .expect("the subscription");
-        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        let (topic, bus, consumer) = subscribed(&cluster, "depth", 2).await;
         assert_eq!(
             consumer.report_queue_depth().await,
             Some(0),
@@ -614,20 +629,7 @@ mod mock_cluster {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_receive_reports_all_brokers_down() {
         let cluster = MockCluster::new(1).expect("a mock cluster");
-        let bootstrap = cluster.bootstrap_servers();
-        let topic = common::unique("down");
-        for t in [
-            topic.clone(),
-            cloudbus_kafka::retry_topic(&topic, "s"),
-            cloudbus_kafka::dead_letter_topic(&topic, "s"),
-        ] {
-            cluster.create_topic(&t, 1, 1).expect("a mock topic");
-        }
-        let bus = common::bus(&bootstrap, "").await.expect("a bus");
-        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "s"))
-            .await
-            .expect("the subscription");
-        let consumer = bus.consumer(&topic, "s").await.expect("a consumer");
+        let (topic, bus, consumer) = subscribed(&cluster, "down", 1).await;
         let publisher = bus.publisher(&topic).await.expect("a publisher");
         let sent = events("com.example.down", 2);
         publisher.publish(sent[0].clone()).await.expect("published");
@@ -1060,6 +1062,80 @@ mod tansu {
         );
         back.ack().await.expect("acked");
         assert!(dlq.peek(10).await.expect("peek").is_empty());
+    }
+
+    /// Retried records not due yet are held in memory up to the URL's `retry_hold`;
+    /// then the retry topic is paused until half of them are due, and read on from
+    /// where it stopped: 20 events nacked with a delay, a hold of 5, never more than
+    /// 5 held, every one delivered again, none twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retries_held_in_memory_are_bounded() {
+        let Some(bootstrap) = common::bootstrap() else {
+            return;
+        };
+        let topic = common::unique("hold");
+        let bus = common::bus(&bootstrap, "retry_hold=5&partitions=1")
+            .await
+            .expect("a bus");
+        bus.ensure_topic(&topic).await.expect("the topic");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, "hold"))
+            .await
+            .expect("the subscription");
+        let consumer = bus.consumer(&topic, "hold").await.expect("a consumer");
+        let sent = events("com.example.hold", 20);
+        for r in bus
+            .publisher(&topic)
+            .await
+            .expect("a publisher")
+            .publish_batch(sent.clone())
+            .await
+        {
+            r.expect("published");
+        }
+        let mut first = Vec::new();
+        let until = Instant::now() + Duration::from_secs(60);
+        while first.len() < sent.len() && Instant::now() < until {
+            first.extend(
+                consumer
+                    .receive_batch(20, Duration::from_secs(1))
+                    .await
+                    .expect("a receive"),
+            );
+        }
+        assert_eq!(first.len(), sent.len(), "every event delivered once first");
+        for d in &first {
+            d.nack(Duration::from_secs(3))
+                .await
+                .expect("nacked with a delay");
+        }
+        let held = || {
+            consumer
+                .downcast::<cloudbus_kafka::KafkaSubscription>()
+                .expect("a Kafka subscription")
+                .held_retries()
+        };
+        let mut again: HashMap<String, usize> = HashMap::new();
+        let mut most_held = 0;
+        let until = Instant::now() + Duration::from_secs(90);
+        while again.len() < sent.len() && Instant::now() < until {
+            let batch = consumer
+                .receive_batch(20, Duration::from_secs(1))
+                .await
+                .expect("a receive");
+            most_held = most_held.max(held());
+            for d in &batch {
+                assert_eq!(d.attempt(), 2, "a retry is the second delivery");
+                *again.entry(d.event().id().to_owned()).or_default() += 1;
+            }
+            for r in consumer.ack_all(&batch).await {
+                r.expect("acked");
+            }
+        }
+        assert_eq!(again.len(), sent.len(), "every retry delivered within 90 s");
+        assert!(again.values().all(|n| *n == 1), "none twice: {again:?}");
+        assert!(most_held >= 1, "retries were held before they were due");
+        assert!(most_held <= 5, "held {most_held} retries, the hold is 5");
+        consumer.close().await.expect("closed");
     }
 
     /// A plan describes a Kafka topic's settings the URL declares: partitions,
