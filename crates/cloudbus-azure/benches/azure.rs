@@ -35,6 +35,7 @@ use cloudbus_azure::Secret;
 use cloudbus_azure::servicebus::{
     EntityKind, ServiceBusBus, ServiceBusConfig, service_bus_sas_token,
 };
+use cloudbus_conformance::emulator::cpu_seconds;
 use cloudbus_core::{AttributesReader, BinaryCodec, Event, EventBuilder, SubscriptionSpec};
 use fe2o3_amqp::link::CreditMode;
 use fe2o3_amqp::link::delivery::Sendable;
@@ -61,17 +62,6 @@ impl Drop for Started {
                 .status();
         }
     }
-}
-
-/// CPU seconds the process `pid` has used so far (user + system, from /proc), to
-/// show how much of the emulator's work each side causes.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
 }
 
 /// (connection string, management endpoint, the emulator to stop).

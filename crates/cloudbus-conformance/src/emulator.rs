@@ -36,6 +36,11 @@ pub struct Emulator {
 }
 
 impl Emulator {
+    /// The process (group) this bench started, if it started one.
+    pub fn pid(&self) -> Option<&str> {
+        self.pid.as_deref()
+    }
+
     /// Uses `env` when set; otherwise runs `script`, which prints `env=...` and
     /// `pid_key=...` lines (scripts/pubsub-emulator.sh, scripts/localstack.sh).
     pub fn find_or_start(env: &str, script: &str, pid_key: &str) -> Emulator {
@@ -73,4 +78,17 @@ impl Drop for Emulator {
                 .status();
         }
     }
+}
+
+/// CPU seconds the process `pid` (`"self"` for this one) has used so far, user plus
+/// system, all its threads, from /proc: what a bench reports per event beside its
+/// rates, as it varies less from run to run than they do on a shared machine.
+/// `None` where /proc does not have it.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }

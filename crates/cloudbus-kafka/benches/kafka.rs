@@ -23,6 +23,11 @@
 //!   is in hand and stops at the last ack / commit, and the rate counts the N - 1
 //!   records after the first.
 //!
+//! Beside the rates it prints the CPU each side cost per event while its clock
+//! ran: this process (every thread, librdkafka's too) and the broker (tansu started
+//! here, or KAFKA_PID), from /proc in 10 ms ticks (use enough events for them).
+//! CPU varies less than rates on a shared 2-core machine.
+//!
 //! Run: `cargo bench -p cloudbus-kafka --features emulators --bench kafka`
 //! (KAFKA_BENCH_EVENTS=N, default 20,000 per measure; KAFKA_BENCH_ROUNDS=R, default 5;
 //! KAFKA_BENCH_BATCH=B records per receive and per raw commit, default 500;
@@ -33,7 +38,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use cloudbus_conformance::emulator::Emulator;
+use cloudbus_conformance::emulator::{Emulator, cpu_seconds};
 use cloudbus_core::{Bus, Event, EventBuilder, SubscriptionSpec};
 use cloudbus_driver::codec::{from_structured_json, to_structured_json};
 use cloudbus_kafka::KafkaConfig;
@@ -98,6 +103,8 @@ fn client_config(settings: Vec<(String, String)>) -> ClientConfig {
 /// client to drop the topics of a measure once it is done.
 struct Bench {
     bus: Bus,
+    /// The broker's process, when known: its CPU is reported too.
+    broker_pid: Option<String>,
     config: KafkaConfig,
     /// Records per receive (cloudbus) and per commit (raw).
     batch: usize,
@@ -145,7 +152,7 @@ impl Bench {
         }
     }
 
-    async fn publish_cloudbus(&self, n: usize) -> f64 {
+    async fn publish_cloudbus(&self, n: usize) -> (f64, Option<CpuCost>) {
         let topic = self.fresh_topic("pub-cb").await;
         let publisher = self
             .bus
@@ -153,6 +160,7 @@ impl Bench {
             .await
             .expect("cloudbus publisher");
         let batches = chunks(events(n));
+        let cpu = Cpu::start(self.broker_pid.as_deref());
         let start = Instant::now();
         for chunk in batches {
             for r in publisher.publish_batch(chunk).await {
@@ -160,17 +168,19 @@ impl Bench {
             }
         }
         let elapsed = start.elapsed();
+        let cpu = cpu.stop(n);
         publisher
             .close()
             .await
             .expect("close the cloudbus publisher");
         self.drop_topics(&[&topic]).await;
-        n as f64 / elapsed.as_secs_f64()
+        (n as f64 / elapsed.as_secs_f64(), cpu)
     }
 
-    async fn publish_raw(&self, n: usize) -> f64 {
+    async fn publish_raw(&self, n: usize) -> (f64, Option<CpuCost>) {
         let topic = self.fresh_topic("pub-raw").await;
         let evs = events(n);
+        let cpu = Cpu::start(self.broker_pid.as_deref());
         let start = Instant::now();
         for (c, chunk) in evs.chunks(CHUNK).enumerate() {
             // Encoded inside the timed loop, as cloudbus encodes inside publish_batch.
@@ -199,11 +209,12 @@ impl Bench {
             }
         }
         let elapsed = start.elapsed();
+        let cpu = cpu.stop(n);
         self.drop_topics(&[&topic]).await;
-        n as f64 / elapsed.as_secs_f64()
+        (n as f64 / elapsed.as_secs_f64(), cpu)
     }
 
-    async fn consume_cloudbus(&self, n: usize) -> f64 {
+    async fn consume_cloudbus(&self, n: usize) -> (f64, Option<CpuCost>) {
         let topic = self.fresh_topic("con-cb").await;
         let sub = format!("{topic}-sub");
         // Before the fill: a new subscription starts at the topic's end.
@@ -232,6 +243,7 @@ impl Bench {
                 "cloudbus consumer got nothing in {STALL:?}"
             );
         };
+        let cpu = Cpu::start(self.broker_pid.as_deref());
         let start = Instant::now();
         let mut got = first.len();
         for r in consumer.ack_all(&first).await {
@@ -257,15 +269,16 @@ impl Bench {
             last_progress = Instant::now();
         }
         let elapsed = start.elapsed();
+        let cpu = cpu.stop(n - 1);
         consumer.close().await.expect("close the cloudbus consumer");
         if let Err(e) = self.bus.delete_subscription(&topic, &sub).await {
             eprintln!("note: subscription {sub} not deleted: {e}");
         }
         self.drop_topics(&[&topic]).await;
-        (n - 1) as f64 / elapsed.as_secs_f64()
+        ((n - 1) as f64 / elapsed.as_secs_f64(), cpu)
     }
 
-    async fn consume_raw(&self, n: usize) -> f64 {
+    async fn consume_raw(&self, n: usize) -> (f64, Option<CpuCost>) {
         let topic = self.fresh_topic("con-raw").await;
         self.fill(&topic, n).await;
         let group = format!("{topic}-raw");
@@ -280,6 +293,7 @@ impl Bench {
         let mut since_commit = 0;
         let mut got = 0;
         let mut start = None;
+        let mut cpu = None;
         while got < n {
             let message = tokio::time::timeout(STALL, consumer.recv())
                 .await
@@ -294,6 +308,7 @@ impl Bench {
             since_commit += 1;
             // The clock starts once the first record is in hand, as for cloudbus.
             if start.is_none() {
+                cpu = Some(Cpu::start(self.broker_pid.as_deref()));
                 start = Some(Instant::now());
             }
             if since_commit == self.batch || got == n {
@@ -310,13 +325,14 @@ impl Bench {
             }
         }
         let elapsed = start.expect("at least one record").elapsed();
+        let cpu = cpu.and_then(|c| c.stop(n - 1));
         consumer.unsubscribe();
         // Closing a consumer blocks (it leaves the group): off the runtime's workers.
         tokio::task::spawn_blocking(move || drop(consumer))
             .await
             .expect("close the raw consumer");
         self.drop_topics(&[&topic]).await;
-        (n - 1) as f64 / elapsed.as_secs_f64()
+        ((n - 1) as f64 / elapsed.as_secs_f64(), cpu)
     }
 }
 
@@ -372,6 +388,56 @@ fn report(measure: &str, cloudbus: &[f64], raw: &[f64]) {
     );
 }
 
+/// CPU microseconds per event of one measure: (this process, the broker).
+type CpuCost = (f64, Option<f64>);
+
+/// The CPU counters at the start of a measure's clock (read again when it stops:
+/// the CPU of the timed work, of every thread of this process, librdkafka's too).
+struct Cpu {
+    own: Option<f64>,
+    broker: Option<(String, f64)>,
+}
+
+impl Cpu {
+    fn start(broker_pid: Option<&str>) -> Cpu {
+        Cpu {
+            own: cpu_seconds("self"),
+            broker: broker_pid.and_then(|p| cpu_seconds(p).map(|s| (p.to_owned(), s))),
+        }
+    }
+
+    fn stop(self, events: usize) -> Option<CpuCost> {
+        let per_event = |before: f64, after: f64| (after - before) * 1e6 / events as f64;
+        let own = self.own.zip(cpu_seconds("self"))?;
+        let broker = self
+            .broker
+            .and_then(|(pid, before)| cpu_seconds(&pid).map(|after| per_event(before, after)));
+        Some((per_event(own.0, own.1), broker))
+    }
+}
+
+fn report_cpu(measure: &str, cloudbus: &[CpuCost], raw: &[CpuCost]) {
+    let own = |v: &[CpuCost]| median(&v.iter().map(|c| c.0).collect::<Vec<_>>());
+    let broker = |v: &[CpuCost]| {
+        let b: Vec<f64> = v.iter().filter_map(|c| c.1).collect();
+        if b.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", median(&b))
+        }
+    };
+    if cloudbus.is_empty() || raw.is_empty() {
+        return;
+    }
+    println!(
+        "{measure:<8} CPU µs per event while timed (median): bench process cloudbus {:.1} raw {:.1}, broker cloudbus {} raw {}",
+        own(cloudbus),
+        own(raw),
+        broker(cloudbus),
+        broker(raw),
+    );
+}
+
 fn main() {
     let n = env_number("KAFKA_BENCH_EVENTS", 20_000).max(2);
     let rounds = env_number("KAFKA_BENCH_ROUNDS", 5).max(1);
@@ -415,7 +481,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (publish, consume) = rt.block_on(async {
+    // CPU of each measure (this process; the broker when its PID is known).
+    let broker_pid = std::env::var("KAFKA_PID")
+        .ok()
+        .or_else(|| broker.pid().map(str::to_owned));
+    let (publish, consume, publish_cpu, consume_cpu) = rt.block_on(async {
         let config = KafkaConfig::from_url(&url).expect("bench URL");
         let producer: FutureProducer =
             client_config(config.producer_settings().expect("producer settings"))
@@ -427,6 +497,7 @@ fn main() {
         let bus = cloudbus_kafka::connect(&url).await.expect("cloudbus bus");
         let bench = Bench {
             bus,
+            broker_pid,
             config,
             batch,
             producer,
@@ -438,6 +509,8 @@ fn main() {
 
         let mut publish = (Vec::new(), Vec::new());
         let mut consume = (Vec::new(), Vec::new());
+        let mut publish_cpu = (Vec::new(), Vec::new());
+        let mut consume_cpu = (Vec::new(), Vec::new());
         for round in 0..rounds {
             // Alternate who goes first, so that neither always meets a warmer broker.
             let cloudbus_first = round % 2 == 0;
@@ -446,9 +519,13 @@ fn main() {
                     break;
                 }
                 if cloudbus {
-                    publish.0.push(bench.publish_cloudbus(n).await);
+                    let (rate, cpu) = bench.publish_cloudbus(n).await;
+                    publish.0.push(rate);
+                    publish_cpu.0.extend(cpu);
                 } else {
-                    publish.1.push(bench.publish_raw(n).await);
+                    let (rate, cpu) = bench.publish_raw(n).await;
+                    publish.1.push(rate);
+                    publish_cpu.1.extend(cpu);
                 }
             }
             for cloudbus in [cloudbus_first, !cloudbus_first] {
@@ -456,9 +533,13 @@ fn main() {
                     break;
                 }
                 if cloudbus {
-                    consume.0.push(bench.consume_cloudbus(n).await);
+                    let (rate, cpu) = bench.consume_cloudbus(n).await;
+                    consume.0.push(rate);
+                    consume_cpu.0.extend(cpu);
                 } else {
-                    consume.1.push(bench.consume_raw(n).await);
+                    let (rate, cpu) = bench.consume_raw(n).await;
+                    consume.1.push(rate);
+                    consume_cpu.1.extend(cpu);
                 }
             }
             let last = |v: &Vec<f64>| v.last().map_or_else(|| "-".to_owned(), |x| thousands(*x));
@@ -471,13 +552,15 @@ fn main() {
                 last(&consume.1),
             );
         }
-        (publish, consume)
+        (publish, consume, publish_cpu, consume_cpu)
     });
     if do_publish {
         report("publish", &publish.0, &publish.1);
+        report_cpu("publish", &publish_cpu.0, &publish_cpu.1);
     }
     if do_consume {
         report("consume", &consume.0, &consume.1);
+        report_cpu("consume", &consume_cpu.0, &consume_cpu.1);
     }
     println!("goal: ratio >= 0.95 for publish and for consume");
     drop(rt);
