@@ -748,7 +748,7 @@ impl KafkaConfig {
     }
 
     /// How many retried records not due yet a subscription's consumer holds in
-    /// memory (at most [`RETRY_HOLD_BYTES`] of them) before it pauses its retry
+    /// memory (and at most 64 MiB of them) before it pauses its retry
     /// topic until half are due (`?retry_hold=N`, default 10,000).
     pub fn retry_hold(&self) -> usize {
         self.retry_hold

@@ -186,7 +186,7 @@ struct State {
     /// Retried records not due yet (at most the URL's `retry_hold` and
     /// [`RETRY_HOLD_BYTES`]: past either the retry topic is paused).
     delayed: Vec<(chrono::DateTime<Utc>, Held)>,
-    /// The payload bytes in `delayed`.
+    /// The bytes in `delayed` (values, keys, headers).
     delayed_bytes: usize,
     /// Whether this member paused its retry topic's partitions (too many held).
     retry_paused: bool,
@@ -254,8 +254,9 @@ impl State {
         self.in_flight.retain(|_, f| !mine(&f.held.received));
         self.ready.retain(|h| !mine(&h.received));
         self.delayed.retain(|(_, h)| !mine(&h.received));
-        self.delayed_bytes = self.delayed.iter().map(|(_, h)| payload_size(h)).sum();
-        // librdkafka forgets a pause with the assignment: the next hold pauses again.
+        self.delayed_bytes = self.delayed.iter().map(|(_, h)| held_size(h)).sum();
+        // The held retries are gone: the partitions given back are resumed (see
+        // `Context::post_rebalance`), and the next full hold pauses again.
         self.retry_paused = false;
         for p in &gone {
             self.tracks.remove(p);
@@ -273,9 +274,16 @@ impl State {
     }
 }
 
-/// The payload bytes of a held record.
-fn payload_size(held: &Held) -> usize {
-    held.received.record.payload.as_ref().map_or(0, Vec::len)
+/// The bytes a held record keeps: its value, key and headers.
+fn held_size(held: &Held) -> usize {
+    let record = &held.received.record;
+    record.payload.as_ref().map_or(0, Vec::len)
+        + record.key.as_ref().map_or(0, Vec::len)
+        + record
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
 }
 
 /// Commits what a rebalance takes away, and forgets it.
@@ -283,6 +291,8 @@ struct Context {
     state: Arc<Mutex<State>>,
     /// Set when an asynchronous commit failed.
     recommit: Arc<AtomicBool>,
+    /// The subscription's retry topic, whose partitions a hold may have paused.
+    retry_topic: String,
 }
 
 impl ClientContext for Context {}
@@ -311,6 +321,31 @@ impl ConsumerContext for Context {
             }
         }
     }
+    /// A partition the application paused stays paused through a rebalance that
+    /// gives it back (librdkafka clears only its own pauses), while the revocation
+    /// dropped the held retries that would have resumed it: the retry partitions
+    /// assigned are resumed (resuming one not paused does nothing).
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            let retries = partitions_of(assigned, &self.retry_topic);
+            if retries.count() > 0
+                && let Err(e) = consumer.resume(&retries)
+            {
+                tracing::warn!(error = %e, topic = %self.retry_topic, "resuming the retry topic after a rebalance failed");
+            }
+        }
+    }
+}
+
+/// The partitions of `topic` in `list`.
+fn partitions_of(list: &TopicPartitionList, topic: &str) -> TopicPartitionList {
+    let mut out = TopicPartitionList::new();
+    for e in list.elements() {
+        if e.topic() == topic {
+            out.add_partition(e.topic(), e.partition());
+        }
+    }
+    out
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -358,6 +393,7 @@ impl KafkaSubscription {
                 .create_with_context(Context {
                     state: Arc::clone(&state),
                     recommit: Arc::clone(&recommit),
+                    retry_topic: retry_topic(topic, name),
                 })
                 .map_err(|e| kafka_error(e, &format!("create the consumer of group {name:?}")))?;
         let spec = shared.spec(topic, name);
@@ -468,7 +504,7 @@ impl KafkaSubscription {
                 && due > now
                 && due <= latest
             {
-                state.delayed_bytes = state.delayed_bytes.saturating_add(payload_size(&held));
+                state.delayed_bytes = state.delayed_bytes.saturating_add(held_size(&held));
                 state.delayed.push((due, held));
                 if !state.retry_paused
                     && (state.delayed.len() >= self.retry_hold
@@ -496,12 +532,7 @@ impl KafkaSubscription {
         let Ok(assignment) = self.consumer.assignment() else {
             return;
         };
-        let mut retries = TopicPartitionList::new();
-        for e in assignment.elements() {
-            if e.topic() == self.retry_topic {
-                retries.add_partition(e.topic(), e.partition());
-            }
-        }
+        let retries = partitions_of(&assignment, &self.retry_topic);
         if retries.count() == 0 {
             return;
         }
@@ -510,10 +541,19 @@ impl KafkaSubscription {
         } else {
             self.consumer.resume(&retries)
         };
-        match done {
-            Ok(()) => state.retry_paused = pause,
-            Err(e) => {
+        // librdkafka answers each partition in the list (the call itself does not
+        // fail for one): all of them, or the next receive tries again.
+        let refused = retries
+            .elements()
+            .iter()
+            .find_map(|e| e.error().err().map(|err| (e.partition(), err)));
+        match (done, refused) {
+            (Ok(()), None) => state.retry_paused = pause,
+            (Err(e), _) => {
                 tracing::warn!(error = %e, pause, topic = %self.retry_topic, "pausing or resuming the retry topic failed; the next receive tries again")
+            }
+            (Ok(()), Some((partition, e))) => {
+                tracing::warn!(error = %e, partition, pause, topic = %self.retry_topic, "pausing or resuming a retry partition failed; the next receive tries again")
             }
         }
     }
@@ -532,7 +572,7 @@ impl KafkaSubscription {
         while i < state.delayed.len() {
             if state.delayed[i].0 <= now {
                 let (_, held) = state.delayed.swap_remove(i);
-                state.delayed_bytes = state.delayed_bytes.saturating_sub(payload_size(&held));
+                state.delayed_bytes = state.delayed_bytes.saturating_sub(held_size(&held));
                 state.ready.push_back(held);
             } else {
                 i += 1;

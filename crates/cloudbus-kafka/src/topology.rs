@@ -413,7 +413,7 @@ impl TopologyPlanning for KafkaTopology {
         Ok(Some(state))
     }
 
-    /// What the URL declares ([`KafkaConfig::declared_topic_settings`]).
+    /// What the URL declares ([`crate::KafkaConfig::declared_topic_settings`]).
     fn desired_topic_state(&self, _topic: &str) -> Result<TopicState> {
         Ok(TopicState {
             settings: self

@@ -583,6 +583,121 @@ mod mock_cluster {
         cluster.broker_up(1).expect("broker up");
     }
 
+    /// A retry partition paused by a full hold is resumed when a rebalance gives it
+    /// back: librdkafka keeps an application's pause through a rebalance, and the
+    /// revocation dropped the held retries whose coming due would have resumed it.
+    /// A member holding retries past its hold of 2 sees a second member join and
+    /// leave; every retry comes back to it. On the mock cluster: tansu does not tell
+    /// a working member to rejoin.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_retry_partition_is_resumed_after_a_rebalance() {
+        let cluster = MockCluster::new(1).expect("a mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        let topic = common::unique("paused");
+        let group = "paused";
+        for t in [
+            topic.clone(),
+            cloudbus_kafka::retry_topic(&topic, group),
+            cloudbus_kafka::dead_letter_topic(&topic, group),
+        ] {
+            cluster.create_topic(&t, 1, 1).expect("a mock topic");
+        }
+        let bus = common::bus(&bootstrap, "retry_hold=2")
+            .await
+            .expect("a bus");
+        bus.ensure_subscription(&SubscriptionSpec::new(&topic, group))
+            .await
+            .expect("the subscription");
+        let first = bus.consumer(&topic, group).await.expect("a consumer");
+        let sent = events("com.example.paused", 6);
+        for r in bus
+            .publisher(&topic)
+            .await
+            .expect("a publisher")
+            .publish_batch(sent.clone())
+            .await
+        {
+            r.expect("published");
+        }
+        let mut delivered = Vec::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        while delivered.len() < sent.len() && Instant::now() < until {
+            delivered.extend(
+                first
+                    .receive_batch(6, Duration::from_secs(1))
+                    .await
+                    .expect("a receive"),
+            );
+        }
+        assert_eq!(delivered.len(), sent.len(), "every event delivered first");
+        let delay = Duration::from_secs(20);
+        for d in &delivered {
+            d.nack(delay).await.expect("nacked with a delay");
+        }
+        let held = |c: &cloudbus_core::Consumer| {
+            c.downcast::<cloudbus_kafka::KafkaSubscription>()
+                .expect("a Kafka subscription")
+                .held_retries()
+        };
+        // The first member reads the retry topic until its hold is full: paused.
+        let until = Instant::now() + Duration::from_secs(10);
+        while held(&first) < 2 && Instant::now() < until {
+            let got = first
+                .receive_batch(6, Duration::from_millis(500))
+                .await
+                .expect("a receive");
+            assert!(got.is_empty(), "nothing is due yet");
+        }
+        assert_eq!(held(&first), 2, "the hold is full");
+        // A second member joins (the first serves the rebalance inside its
+        // receives, which drops what it held), then leaves: the first is given
+        // everything back, its retry partition still paused by librdkafka.
+        let other = common::bus(&bootstrap, "retry_hold=2")
+            .await
+            .expect("a second bus");
+        let second = other
+            .consumer(&topic, group)
+            .await
+            .expect("a second consumer");
+        let until = Instant::now() + Duration::from_secs(15);
+        while held(&first) > 0 && Instant::now() < until {
+            let (a, b) = tokio::join!(
+                first.receive_batch(6, Duration::from_millis(300)),
+                second.receive_batch(6, Duration::from_millis(300)),
+            );
+            assert!(
+                a.expect("a receive").is_empty() && b.expect("a receive").is_empty(),
+                "nothing is due yet"
+            );
+        }
+        assert_eq!(
+            held(&first),
+            0,
+            "the rebalance took back what the first held"
+        );
+        second.close().await.expect("the second member leaves");
+        // Every retry comes back (due 20 s after its nack), to the first member.
+        let mut again: HashMap<String, usize> = HashMap::new();
+        let until = Instant::now() + Duration::from_secs(60);
+        while again.len() < sent.len() && Instant::now() < until {
+            let batch = first
+                .receive_batch(6, Duration::from_secs(1))
+                .await
+                .expect("a receive");
+            for d in &batch {
+                *again.entry(d.event().id().to_owned()).or_default() += 1;
+            }
+            for r in first.ack_all(&batch).await {
+                r.expect("acked");
+            }
+        }
+        assert_eq!(
+            again.len(),
+            sent.len(),
+            "every retry delivered again after the rebalance: {again:?}"
+        );
+    }
+
     /// A plan that cannot read a declared topic config (the mock cluster has no
     /// DescribeConfigs) fails naming it, rather than calling the topic unchanged; a
     /// URL that declares only partitions is planned from the metadata alone, which
