@@ -377,9 +377,7 @@ pub fn differences(current: &SubscriptionState, wanted: &SubscriptionState) -> V
 /// shown as `default`: the broker's default applies there).
 pub fn topic_differences(current: &TopicState, wanted: &TopicState) -> Vec<Difference> {
     wanted
-        .settings
-        .iter()
-        .filter(|(name, value)| current.settings.get(*name) != Some(*value))
+        .differing_from(current)
         .map(|(name, value)| Difference {
             setting: name,
             current: current
@@ -387,7 +385,7 @@ pub fn topic_differences(current: &TopicState, wanted: &TopicState) -> Vec<Diffe
                 .get(name)
                 .cloned()
                 .unwrap_or_else(|| "default".to_owned()),
-            wanted: value.clone(),
+            wanted: value.to_owned(),
         })
         .collect()
 }

@@ -466,6 +466,32 @@ pub struct TopicState {
     pub settings: std::collections::BTreeMap<&'static str, String>,
 }
 
+impl TopicState {
+    /// The settings of this (wanted) state that `current` holds otherwise or not at
+    /// all, by name, with the wanted value, in name order: what a plan shows and an
+    /// update changes. A setting this state does not name is not compared.
+    ///
+    /// ```
+    /// use cloudbus_driver::TopicState;
+    /// let state = |pairs: &[(&'static str, &str)]| TopicState {
+    ///     settings: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+    /// };
+    /// let wanted = state(&[("partitions", "4"), ("retention.ms", "60000")]);
+    /// let current = state(&[("partitions", "4"), ("replication", "3")]);
+    /// let differing: Vec<_> = wanted.differing_from(&current).collect();
+    /// assert_eq!(differing, [("retention.ms", "60000")]);
+    /// ```
+    pub fn differing_from<'a>(
+        &'a self,
+        current: &'a TopicState,
+    ) -> impl Iterator<Item = (&'static str, &'a str)> + 'a {
+        self.settings
+            .iter()
+            .filter(|(name, value)| current.settings.get(*name) != Some(*value))
+            .map(|(name, value)| (*name, value.as_str()))
+    }
+}
+
 /// A subscription as its provider holds it, in the provider's own terms, so that a
 /// plan compares like with like: the filter as the provider's native text (Pub/Sub
 /// filter, SNS filter policy, Service Bus SQL, ...), the lease and the delivery limit

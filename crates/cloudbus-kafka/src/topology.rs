@@ -438,16 +438,12 @@ impl TopologyPlanning for KafkaTopology {
             .await?
             .ok_or_else(|| Error::not_found(format!("Kafka topic {topic:?} does not exist")))?;
         let wanted = self.desired_topic_state(topic)?;
-        let differ = |name: &str| {
-            wanted
-                .settings
-                .get(name)
-                .is_some_and(|w| current.settings.get(name) != Some(w))
-        };
-        let configs: Vec<(&str, String)> = TOPIC_CONFIG_NAMES
-            .into_iter()
-            .filter(|name| differ(name))
-            .filter_map(|name| wanted.settings.get(name).map(|v| (name, v.clone())))
+        let differing: Vec<(&str, &str)> = wanted.differing_from(&current).collect();
+        let differ = |name: &str| differing.iter().any(|(n, _)| *n == name);
+        let configs: Vec<(&str, String)> = differing
+            .iter()
+            .filter(|(name, _)| TOPIC_CONFIG_NAMES.contains(name))
+            .map(|(name, value)| (*name, (*value).to_owned()))
             .collect();
         if !configs.is_empty() {
             if !self.shared.config.admin_api() {
@@ -473,27 +469,15 @@ impl TopologyPlanning for KafkaTopology {
         if differ("partitions") {
             return Err(Error::unsupported(format!(
                 "Kafka topic {topic:?} has {} partitions, the URL declares {}: cloudbus does not change a topic's partitions (Kafka cannot take partitions away, and adding some moves keys to other partitions, breaking their order across the change); with its consumers drained, run `kafka-topics.sh --alter --topic {topic} --partitions N`, or declare the count the topic has",
-                current
-                    .settings
-                    .get("partitions")
-                    .map_or("?", String::as_str),
-                wanted
-                    .settings
-                    .get("partitions")
-                    .map_or("?", String::as_str),
+                shown(&current, "partitions"),
+                shown(&wanted, "partitions"),
             )));
         }
         if differ("replication") {
             return Err(Error::unsupported(format!(
                 "Kafka topic {topic:?} has replication {}, the URL declares {}: cloudbus does not reassign partitions (use `kafka-reassign-partitions.sh`), or declare the factor the topic has",
-                current
-                    .settings
-                    .get("replication")
-                    .map_or("?", String::as_str),
-                wanted
-                    .settings
-                    .get("replication")
-                    .map_or("?", String::as_str),
+                shown(&current, "replication"),
+                shown(&wanted, "replication"),
             )));
         }
         Ok(())
@@ -509,6 +493,11 @@ impl KafkaTopology {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Setting `name` of `state` for a message, `?` when it has none.
+fn shown<'a>(state: &'a TopicState, name: &str) -> &'a str {
+    state.settings.get(name).map_or("?", String::as_str)
 }
 
 /// What a plan reads of an existing subscription: the settings of `declared`, the
