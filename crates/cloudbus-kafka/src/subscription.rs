@@ -190,6 +190,9 @@ struct State {
     delayed_bytes: usize,
     /// Whether this member paused its retry topic's partitions (too many held).
     retry_paused: bool,
+    /// Assignments this member was given (one per rebalance it took part in, even
+    /// an empty one).
+    assignments: u64,
 }
 
 impl State {
@@ -327,6 +330,10 @@ impl ConsumerContext for Context {
     /// assigned are resumed (resuming one not paused does nothing).
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(assigned) = rebalance {
+            {
+                let mut state = lock(&self.state);
+                state.assignments = state.assignments.saturating_add(1);
+            }
             let retries = partitions_of(assigned, &self.retry_topic);
             if retries.count() > 0
                 && let Err(e) = consumer.resume(&retries)
@@ -562,6 +569,12 @@ impl KafkaSubscription {
     /// `retry_hold`, then the retry topic is paused until half are due).
     pub fn held_retries(&self) -> usize {
         lock(&self.state).delayed.len()
+    }
+
+    /// How many assignments the group gave this member since it was opened: one per
+    /// rebalance it took part in (its join included), even one that gave it nothing.
+    pub fn assignments(&self) -> u64 {
+        lock(&self.state).assignments
     }
 
     /// Moves due retries and expired leases to `ready`; returns the records whose

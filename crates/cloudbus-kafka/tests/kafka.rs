@@ -53,6 +53,47 @@ async fn wait_for(seen: &Seen, count: usize, patience: Duration) {
     }
 }
 
+/// Publishes `sent` to `topic`, receives every one on `consumer` (within
+/// `patience`) and nacks each with `delay`, so that each goes to the subscription's
+/// retry topic; returns `sent`.
+async fn publish_receive_and_nack(
+    bus: &cloudbus_core::Bus,
+    topic: &str,
+    consumer: &cloudbus_core::Consumer,
+    sent: Vec<Event>,
+    patience: Duration,
+    delay: Duration,
+) -> Vec<Event> {
+    for r in bus
+        .publisher(topic)
+        .await
+        .expect("a publisher")
+        .publish_batch(sent.clone())
+        .await
+    {
+        r.expect("published");
+    }
+    let mut delivered = Vec::new();
+    let until = Instant::now() + patience;
+    while delivered.len() < sent.len() && Instant::now() < until {
+        delivered.extend(
+            consumer
+                .receive_batch(sent.len(), Duration::from_secs(1))
+                .await
+                .expect("a receive"),
+        );
+    }
+    assert_eq!(
+        delivered.len(),
+        sent.len(),
+        "every event delivered once first"
+    );
+    for d in &delivered {
+        d.nack(delay).await.expect("nacked with a delay");
+    }
+    sent
+}
+
 /// Two members of one subscription on `bootstrap`: the second joins while the first
 /// works and the first leaves half way; every event is handled, none lost
 /// (duplicates are at-least-once's and printed).
@@ -609,35 +650,24 @@ mod mock_cluster {
             .await
             .expect("the subscription");
         let first = bus.consumer(&topic, group).await.expect("a consumer");
-        let sent = events("com.example.paused", 6);
-        for r in bus
-            .publisher(&topic)
-            .await
-            .expect("a publisher")
-            .publish_batch(sent.clone())
-            .await
-        {
-            r.expect("published");
-        }
-        let mut delivered = Vec::new();
-        let until = Instant::now() + Duration::from_secs(30);
-        while delivered.len() < sent.len() && Instant::now() < until {
-            delivered.extend(
-                first
-                    .receive_batch(6, Duration::from_secs(1))
-                    .await
-                    .expect("a receive"),
-            );
-        }
-        assert_eq!(delivered.len(), sent.len(), "every event delivered first");
-        let delay = Duration::from_secs(20);
-        for d in &delivered {
-            d.nack(delay).await.expect("nacked with a delay");
-        }
+        let sent = publish_receive_and_nack(
+            &bus,
+            &topic,
+            &first,
+            events("com.example.paused", 6),
+            Duration::from_secs(30),
+            Duration::from_secs(45),
+        )
+        .await;
         let held = |c: &cloudbus_core::Consumer| {
             c.downcast::<cloudbus_kafka::KafkaSubscription>()
                 .expect("a Kafka subscription")
                 .held_retries()
+        };
+        let assignments = |c: &cloudbus_core::Consumer| {
+            c.downcast::<cloudbus_kafka::KafkaSubscription>()
+                .expect("a Kafka subscription")
+                .assignments()
         };
         // The first member reads the retry topic until its hold is full: paused.
         let until = Instant::now() + Duration::from_secs(10);
@@ -650,8 +680,8 @@ mod mock_cluster {
         }
         assert_eq!(held(&first), 2, "the hold is full");
         // A second member joins (the first serves the rebalance inside its
-        // receives, which drops what it held), then leaves: the first is given
-        // everything back, its retry partition still paused by librdkafka.
+        // receives: the revocation drops what it held), then leaves: the first is
+        // given everything back, its retry partition still paused by librdkafka.
         let other = common::bus(&bootstrap, "retry_hold=2")
             .await
             .expect("a second bus");
@@ -659,8 +689,9 @@ mod mock_cluster {
             .consumer(&topic, group)
             .await
             .expect("a second consumer");
-        let until = Instant::now() + Duration::from_secs(15);
-        while held(&first) > 0 && Instant::now() < until {
+        let alone = assignments(&first);
+        let until = Instant::now() + Duration::from_secs(20);
+        while assignments(&first) == alone && Instant::now() < until {
             let (a, b) = tokio::join!(
                 first.receive_batch(6, Duration::from_millis(300)),
                 second.receive_batch(6, Duration::from_millis(300)),
@@ -670,13 +701,22 @@ mod mock_cluster {
                 "nothing is due yet"
             );
         }
-        assert_eq!(
-            held(&first),
-            0,
-            "the rebalance took back what the first held"
-        );
+        let joined = assignments(&first);
+        assert!(joined > alone, "the second member's join was served");
         second.close().await.expect("the second member leaves");
-        // Every retry comes back (due 20 s after its nack), to the first member.
+        let until = Instant::now() + Duration::from_secs(20);
+        while assignments(&first) == joined && Instant::now() < until {
+            let got = first
+                .receive_batch(6, Duration::from_millis(300))
+                .await
+                .expect("a receive");
+            assert!(got.is_empty(), "nothing is due yet");
+        }
+        assert!(
+            assignments(&first) > joined,
+            "the second member's leaving was served"
+        );
+        // Every retry comes back (due 45 s after its nack), to the first member.
         let mut again: HashMap<String, usize> = HashMap::new();
         let until = Instant::now() + Duration::from_secs(60);
         while again.len() < sent.len() && Instant::now() < until {
@@ -1197,32 +1237,15 @@ mod tansu {
             .await
             .expect("the subscription");
         let consumer = bus.consumer(&topic, "hold").await.expect("a consumer");
-        let sent = events("com.example.hold", 20);
-        for r in bus
-            .publisher(&topic)
-            .await
-            .expect("a publisher")
-            .publish_batch(sent.clone())
-            .await
-        {
-            r.expect("published");
-        }
-        let mut first = Vec::new();
-        let until = Instant::now() + Duration::from_secs(60);
-        while first.len() < sent.len() && Instant::now() < until {
-            first.extend(
-                consumer
-                    .receive_batch(20, Duration::from_secs(1))
-                    .await
-                    .expect("a receive"),
-            );
-        }
-        assert_eq!(first.len(), sent.len(), "every event delivered once first");
-        for d in &first {
-            d.nack(Duration::from_secs(3))
-                .await
-                .expect("nacked with a delay");
-        }
+        let sent = publish_receive_and_nack(
+            &bus,
+            &topic,
+            &consumer,
+            events("com.example.hold", 20),
+            Duration::from_secs(60),
+            Duration::from_secs(3),
+        )
+        .await;
         let held = || {
             consumer
                 .downcast::<cloudbus_kafka::KafkaSubscription>()
